@@ -1,0 +1,1 @@
+"""The `layerchain` command line (typer + rich)."""
