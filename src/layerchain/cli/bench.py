@@ -13,6 +13,28 @@ import typer
 bench_app = typer.Typer(help="Measure layerchain; prints JSON with --json.", invoke_without_command=True)
 
 
+@bench_app.callback()
+def bench_swarm(
+    ctx: typer.Context,
+    nodes: int = typer.Option(3, help="Nodes in the local swarm."),
+    model: str = typer.Option("smollm2", help="Model reference."),
+    max_new_tokens: int = typer.Option(64, help="Tokens decoded in each run."),
+    threads: int = typer.Option(0, help="Torch threads for every process (0 = torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Single process vs a local swarm: single_process_tps, swarm_tps, ratio, hop overhead."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from layerchain.bench.swarm import run_swarm_bench
+
+    result = run_swarm_bench(model=model, nodes=nodes, max_new_tokens=max_new_tokens, threads=threads or None)
+    _print(result, as_json)
+
+
+def _print(result: dict, as_json: bool) -> None:
+    typer.echo(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
 @bench_app.command("routing")
 def bench_routing(
     peers: int = typer.Option(10_000, help="Peers in each random swarm."),
@@ -24,7 +46,7 @@ def bench_routing(
     from layerchain.bench.routing import run_routing_bench
 
     result = run_routing_bench(peers=peers, blocks=blocks, trials=trials)
-    typer.echo(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    _print(result, as_json)
 
 
 def register(app: typer.Typer) -> None:

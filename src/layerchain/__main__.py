@@ -1,0 +1,5 @@
+"""`python -m layerchain` runs the CLI."""
+
+from layerchain.cli.main import main
+
+main()

@@ -1,0 +1,95 @@
+"""Benchmark: the same model decoding in one process and through a local swarm, side by side.
+
+Both runs use the same torch thread count, the same prompt and greedy decoding, so the
+ratio ``swarm_tps / single_process_tps`` isolates what the network adds. Per-token times
+are measured for both; ``hop_overhead_ms_p50`` is the difference of their medians divided
+by the number of hops: the time each hop adds to a decode step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from layerchain.types import even_spans
+
+PROMPT = "Write a short story about a lighthouse keeper."
+
+
+def _p50(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def local_token_times(model: str, max_new_tokens: int, threads: int) -> tuple[list[float], list[int]]:
+    """Greedy decode in this process through one span [0, L); seconds per decode token."""
+    from layerchain.model import encode_prompt, load_head, load_span, load_tokenizer, resolve_model
+
+    torch.set_num_threads(threads)
+    spec = resolve_model(model)
+    span, head, tok = load_span(spec, 0, spec.num_blocks), load_head(spec), load_tokenizer(spec)
+    ids = encode_prompt(tok, PROMPT)
+    cache = span.new_cache()
+    times, tokens = [], []
+    with torch.inference_mode():
+        x = head.embed(torch.tensor([ids]))
+        for _ in range(max_new_tokens):
+            t0 = time.perf_counter()
+            hidden = span.forward(x, cache)
+            token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
+            x = head.embed(torch.tensor([[token]]))
+            times.append(time.perf_counter() - t0)
+            tokens.append(token)
+    return times[1:], tokens  # the first step is the prefill
+
+
+def swarm_token_times(
+    model: str, nodes: int, max_new_tokens: int, threads: int
+) -> tuple[list[float], list[int], float, int]:
+    """Greedy decode through a fresh local swarm; seconds per decode token, ttft, hops."""
+    from layerchain.client import Swarm
+    from layerchain.localswarm import swarm_down, swarm_up
+    from layerchain.model import SamplingParams, resolve_model
+
+    torch.set_num_threads(threads)
+    spec = resolve_model(model)
+    state = Path(tempfile.mkdtemp(prefix="layerchain-bench-"))
+    try:
+        local = swarm_up(state, even_spans(spec.num_blocks, nodes), model=model, threads=threads)
+        with Swarm(local.initial_peers, model=model) as client:
+            stamps: list[float] = []
+            result: list = []
+            # stop strings off, EOS honoured: same tokens as the local loop until EOS
+            params = SamplingParams(max_new_tokens=max_new_tokens)
+            client.generate("warm up", SamplingParams(max_new_tokens=4))
+            for _ in client.stream(PROMPT, params, result=result):
+                stamps.append(time.perf_counter())
+        res = result[0]
+        times = [b - a for a, b in zip(stamps, stamps[1:])]
+        return times, res.token_ids, res.ttft_s, len(res.route)
+    finally:
+        swarm_down(state, quiet=True)
+
+
+def run_swarm_bench(model: str = "smollm2", nodes: int = 3, max_new_tokens: int = 64, threads: int | None = None) -> dict:
+    threads = threads or torch.get_num_threads()
+    local_times, local_tokens = local_token_times(model, max_new_tokens, threads)
+    swarm_times, swarm_tokens, ttft, hops = swarm_token_times(model, nodes, max_new_tokens, threads)
+    single_tps = 1.0 / _p50(local_times)
+    swarm_tps = 1.0 / _p50(swarm_times)
+    n = min(len(local_tokens), len(swarm_tokens))
+    return {
+        "single_process_tps": round(single_tps, 2),
+        "swarm_tps": round(swarm_tps, 2),
+        "ratio": round(swarm_tps / single_tps, 3),
+        "hop_overhead_ms_p50": round(1000 * (_p50(swarm_times) - _p50(local_times)) / hops, 3),
+        "ttft_s": round(ttft, 3),
+        "threads": threads,
+        "nodes": nodes,
+        "hops": hops,
+        "tokens": len(swarm_times) + 1,
+        "identical_tokens": local_tokens[:n] == swarm_tokens[:n],
+    }

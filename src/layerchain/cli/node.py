@@ -1,0 +1,64 @@
+"""CLI: `layerchain node start` serves a span of blocks to the swarm."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from layerchain.node.config import NodeConfig
+from layerchain.types import Span
+
+node_app = typer.Typer(help="Serve blocks of a model to the swarm.", no_args_is_help=True)
+_D = NodeConfig()
+
+
+@node_app.command("start")
+def start(
+    model: str = typer.Option(_D.model, help="Model: smollm2, a .gguf path, a HF dir or a shard dir."),
+    blocks: str = typer.Option(..., help="Blocks to serve, START:END (end exclusive)."),
+    host: str = typer.Option(_D.host, help="Address to listen on."),
+    port: int = typer.Option(_D.port, help="Inference TCP port (0 = any free port)."),
+    dht_port: int = typer.Option(_D.dht_port, help="DHT TCP port (0 = any free port)."),
+    initial_peers: Optional[List[str]] = typer.Option(None, help="DHT multiaddr to join through (repeatable)."),
+    new_swarm: bool = typer.Option(False, help="Start a new DHT instead of joining one."),
+    data_dir: Path = typer.Option(_D.data_dir, help="Where the node keeps its keys and state."),
+    max_cache_tokens: int = typer.Option(_D.max_cache_tokens, help="KV-cache budget in tokens."),
+    price: int = typer.Option(_D.price_per_block, help="Price per block per token, ledger units."),
+    emulate_latency_ms: float = typer.Option(
+        _D.emulate_latency_ms, help="Testing aid: delay every reply by this many ms."
+    ),
+    threads: int = typer.Option(_D.threads, help="Torch threads (0 = torch's default)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+) -> None:
+    """Load a span of blocks, join the DHT and serve inference sessions until Ctrl-C."""
+    from layerchain.errors import ConfigError
+    from layerchain.node.runner import run_node
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    span = Span.parse(blocks)
+    if not initial_peers and not new_swarm:
+        raise ConfigError("a node needs --initial-peers to join a swarm, or --new-swarm")
+    config = NodeConfig(
+        model=model, start=span.start, end=span.end, host=host, port=port, dht_port=dht_port,
+        initial_peers=tuple(initial_peers or ()), new_swarm=new_swarm, data_dir=data_dir,
+        max_cache_tokens=max_cache_tokens, price_per_block=price,
+        emulate_latency_ms=emulate_latency_ms, threads=threads,
+    )
+
+    def ready(node, addresses):  # noqa: ANN001
+        typer.echo(f"node {node.peer_id} serves blocks {node.span.start}:{node.span.end} "
+                   f"at {node.endpoint} ({node.ms_per_block:.2f} ms/block)")
+        for address in addresses:
+            typer.echo(f"join with: --initial-peers {address}")
+
+    asyncio.run(run_node(config, on_ready=ready))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `node` to the app."""
+    app.add_typer(node_app, name="node")

@@ -1,0 +1,194 @@
+"""An inference session through a chain of peers, with failover that keeps the answer.
+
+Each hop keeps the inputs it was sent (``[1, T_i, H]`` per step). When a hop fails — it
+dies, times out, answers with an error, or returns output of the wrong shape or with
+non-finite values — the session bans the peer, re-plans only that hop's blocks (possibly
+over several peers), opens sessions there, replays the kept inputs to rebuild their KV
+caches, and carries on with the step that failed. Greedy output is therefore identical to
+an undisturbed run. Each recovery is recorded as a ``Recovery``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from layerchain.client.peers import PeerView
+from layerchain.errors import InvalidOutput, NoRoute, PeerError, ProtocolError
+from layerchain.types import Hop
+from layerchain.wire import messages as m
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One failover: which peer failed, at which step, what replaced it and how long it took."""
+
+    peer_id: str
+    start: int
+    end: int
+    step: int
+    reason: str
+    seconds: float
+    replacement: tuple[Hop, ...]
+
+
+@dataclass
+class HopSession:
+    """One hop's session on one peer, with the inputs kept for replay."""
+
+    hop: Hop
+    session_id: str
+    next_step: int = 0
+    inputs: list[torch.Tensor] = field(default_factory=list)  # [1, T_i, H] per step
+    receipts: list[bytes] = field(default_factory=list)
+
+
+class InferenceSession:
+    """Pushes hidden states through a route of hops; one call of ``step`` per decode step."""
+
+    def __init__(self, peers: PeerView, hidden_size: int, max_length: int, timeout_s: float):
+        self.peers = peers
+        self.hidden_size = hidden_size
+        self.max_length = max_length
+        self.timeout_s = timeout_s
+        self.hops: list[HopSession] = []
+        self.recoveries: list[Recovery] = []
+        self.steps = 0
+        self.hop_seconds = 0.0  # wall time spent waiting on hops, all steps
+
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self.hops]
+
+    async def open(self) -> None:
+        plan = self.peers.plan()
+        self.hops = await self._open_hops(plan.hops)
+
+    async def _open_hops(self, hops: tuple[Hop, ...] | list[Hop]) -> list[HopSession]:
+        opened = []
+        try:
+            for hop in hops:
+                opened.append(await self._open_hop(hop))
+        except BaseException:
+            for h in opened:
+                await self._close_hop(h)
+            raise
+        return opened
+
+    async def _open_hop(self, hop: Hop) -> HopSession:
+        rpc = await self.peers.client(hop.peer_id)
+        session_id = uuid.uuid4().hex
+        await rpc.call(
+            m.OpenSession(
+                rid=0,
+                session_id=session_id,
+                model_id=self.peers.model_id,
+                start=hop.start,
+                end=hop.end,
+                max_length=self.max_length,
+            ),
+            timeout=self.timeout_s,
+        )
+        return HopSession(hop, session_id)
+
+    async def _close_hop(self, hs: HopSession) -> None:
+        try:
+            rpc = await self.peers.client(hs.hop.peer_id)
+            await rpc.call(m.CloseSession(rid=0, session_id=hs.session_id), timeout=1.0)
+        except (PeerError, ProtocolError, KeyError):
+            pass  # a dead peer frees its cache on its own (idle timeout or exit)
+
+    async def close(self) -> None:
+        for hs in self.hops:
+            await self._close_hop(hs)
+        self.hops = []
+
+    # ---------------------------------------------------------------- steps
+
+    async def _call(self, hs: HopSession, hidden: torch.Tensor) -> torch.Tensor:
+        rpc = await self.peers.client(hs.hop.peer_id)
+        reply = await rpc.call(
+            m.Step(rid=0, session_id=hs.session_id, step=hs.next_step, hidden=hidden),
+            timeout=self.timeout_s,
+        )
+        out = reply.hidden
+        if out.shape != hidden.shape or out.dtype != hidden.dtype:
+            raise InvalidOutput(
+                f"peer {hs.hop.peer_id} returned {list(out.shape)} {out.dtype}, "
+                f"expected {list(hidden.shape)} {hidden.dtype}"
+            )
+        if not torch.isfinite(out).all():
+            raise InvalidOutput(f"peer {hs.hop.peer_id} returned non-finite values")
+        hs.next_step += 1
+        hs.inputs.append(hidden)
+        hs.receipts.append(reply.receipt)
+        return out
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run ``hidden`` [1, T, H] through every hop; return the last hop's output."""
+        t0 = time.perf_counter()
+        i = 0
+        while i < len(self.hops):
+            hs = self.hops[i]
+            try:
+                hidden = await self._call(hs, hidden)
+                i += 1
+            except (PeerError, ProtocolError) as error:
+                await self._recover(i, error)
+        self.steps += 1
+        self.hop_seconds += time.perf_counter() - t0
+        return hidden
+
+    async def _recover(self, index: int, error: Exception) -> None:
+        """Replace hop ``index`` by a freshly planned chain; rebuild its caches by replay."""
+        t0 = time.perf_counter()
+        failed = self.hops[index]
+        self.peers.ban(failed.hop.peer_id, str(error))
+        if len(self.recoveries) >= self.peers.config.max_recoveries:
+            raise NoRoute(
+                f"gave up after {len(self.recoveries)} failovers; last: {error}"
+            ) from error
+        history = torch.cat(failed.inputs, dim=1) if failed.inputs else None
+        exclude = {h.hop.peer_id for j, h in enumerate(self.hops) if j != index}
+        for attempt in range(1, 5):
+            await self.peers.refresh(force=attempt > 1)
+            plan = self.peers.plan(failed.hop.start, failed.hop.end, exclude=exclude)
+            replacement: list[HopSession] = []
+            current = plan.hops[0]
+            try:
+                x = history
+                for current in plan.hops:
+                    replacement.append(await self._open_hop(current))
+                    if x is not None:
+                        x = await self._call(replacement[-1], x)
+                break
+            except (PeerError, ProtocolError) as again:
+                log.warning("recovery attempt %d failed at %s: %s", attempt, current.peer_id, again)
+                self.peers.ban(current.peer_id, str(again))
+                for hs in replacement:
+                    await self._close_hop(hs)
+                if attempt == 4:
+                    raise
+        await self._close_hop(failed)
+        self.hops[index : index + 1] = replacement
+        rec = Recovery(
+            peer_id=failed.hop.peer_id,
+            start=failed.hop.start,
+            end=failed.hop.end,
+            step=self.steps,
+            reason=str(error),
+            seconds=time.perf_counter() - t0,
+            replacement=tuple(h.hop for h in replacement),
+        )
+        self.recoveries.append(rec)
+        log.warning(
+            "recovered from peer %s at step %d in %.2f s: blocks %d:%d now on %s",
+            rec.peer_id, rec.step, rec.seconds, rec.start, rec.end,
+            ", ".join(h.peer_id for h in rec.replacement),
+        )

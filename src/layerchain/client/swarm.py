@@ -1,0 +1,237 @@
+"""The Python API: ``Swarm(initial_peers=...)`` generates text through a swarm of peers.
+
+``AsyncSwarm`` is the asyncio core; ``Swarm`` is its thin synchronous wrapper, running the
+core on an event loop in one background thread. The client holds the model's head
+(embeddings, final norm, LM head) and tokenizer, so peers never see token ids or text; the
+decode loop is the same as ``layerchain.model.generate_local``'s: embed, push through the
+hops, logits of the last position, sample, check stop conditions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import torch
+
+from layerchain.client.config import ClientConfig
+from layerchain.client.peers import PeerView
+from layerchain.client.session import InferenceSession, Recovery
+from layerchain.discovery import Discovery
+from layerchain.model import SamplingParams, Sampler, StopChecker, encode_prompt, load_head, load_tokenizer, resolve_model
+from layerchain.types import Hop
+from layerchain.wire.transport import Transport
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it completed (may be empty mid-character)."""
+
+    index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids only
+    prompt_tokens: int
+    route: tuple[Hop, ...]  # the route at the end (after any failover)
+    tokens_per_s: float  # decode tokens per second, first token excluded
+    ttft_s: float  # seconds from the request to the first token
+    recoveries: tuple[Recovery, ...] = ()
+    finish_reason: str = "length"  # "stop" (EOS or stop string) or "length"
+    hop_ms_per_token: float = 0.0  # time spent in the hop chain per decode token, ms
+
+
+@dataclass
+class _Progress:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+
+
+class AsyncSwarm:
+    """A client of one model on one swarm."""
+
+    def __init__(
+        self,
+        *,
+        spec: Any,
+        head: Any,
+        tokenizer: Any,
+        discovery: Discovery,
+        transport: Transport,
+        config: ClientConfig,
+    ) -> None:
+        self.spec = spec
+        self.head = head
+        self.tokenizer = tokenizer
+        self.discovery = discovery
+        self.transport = transport
+        self.config = config
+        self.peers = PeerView(discovery, transport, spec.model_id, spec.num_blocks, config)
+        self.last_route: tuple[Hop, ...] = ()
+
+    @classmethod
+    async def create(
+        cls,
+        initial_peers: Sequence[str] = (),
+        *,
+        model: str = "smollm2",
+        config: ClientConfig | None = None,
+        discovery: Discovery | None = None,
+        transport: Transport | None = None,
+        **limits: Any,
+    ) -> AsyncSwarm:
+        """Join the swarm through ``initial_peers`` (DHT multiaddrs) and load the head."""
+        config = replace(config or ClientConfig(), **limits)
+        spec = await asyncio.to_thread(resolve_model, model)
+        head = await asyncio.to_thread(load_head, spec)
+        tokenizer = await asyncio.to_thread(load_tokenizer, spec)
+        if discovery is None:
+            from layerchain.discovery import HivemindDiscovery
+
+            discovery = await HivemindDiscovery.create(initial_peers=list(initial_peers))
+        if transport is None:
+            from layerchain.wire.transport import TcpTransport
+
+            transport = TcpTransport()
+        return cls(
+            spec=spec, head=head, tokenizer=tokenizer, discovery=discovery,
+            transport=transport, config=config,
+        )
+
+    async def close(self) -> None:
+        await self.peers.close()
+        await self.discovery.close()
+
+    async def generate_stream(
+        self,
+        prompt: str | list[dict[str, str]],
+        params: SamplingParams | None = None,
+        *,
+        raw: bool = False,
+        result: list[GenerationResult] | None = None,
+    ) -> AsyncIterator[TokenEvent]:
+        """Yield tokens as they are generated; append the final result to ``result``."""
+        params = params or SamplingParams()
+        prompt_ids = encode_prompt(self.tokenizer, prompt, raw=raw)
+        t0 = time.perf_counter()
+        await self.peers.wait_for_coverage()
+        session = InferenceSession(
+            self.peers,
+            self.spec.hidden_size,
+            max_length=len(prompt_ids) + params.max_new_tokens,
+            timeout_s=self.config.step_timeout_s,
+        )
+        sampler, stop = Sampler(params), StopChecker(self.tokenizer, params)
+        progress = _Progress()
+        ttft = 0.0
+        t_first = t0
+        try:
+            await session.open()
+            self.last_route = tuple(session.route)
+            history = list(prompt_ids)
+            x = self._embed(prompt_ids)  # [1, T, H]
+            for index in range(params.max_new_tokens):
+                hidden = await session.step(x)
+                token = self._sample(sampler, hidden, history)
+                history.append(token)
+                progress.token_ids.append(token)
+                if index == 0:
+                    t_first = time.perf_counter()
+                    ttft = t_first - t0
+                text, done = stop.feed(token)
+                progress.text += text
+                if text or not done:
+                    yield TokenEvent(index, token, text)
+                if done:
+                    progress.finish_reason = "stop"
+                    break
+                x = self._embed([token])
+        finally:
+            self.last_route = tuple(session.route)
+            await session.close()
+        decode_tokens = len(progress.token_ids) - 1
+        elapsed = time.perf_counter() - t_first
+        if result is not None:
+            result.append(
+                GenerationResult(
+                    text=progress.text,
+                    token_ids=progress.token_ids,
+                    prompt_tokens=len(prompt_ids),
+                    route=tuple(session.route),
+                    tokens_per_s=decode_tokens / elapsed if decode_tokens > 0 and elapsed > 0 else 0.0,
+                    ttft_s=ttft,
+                    recoveries=tuple(session.recoveries),
+                    finish_reason=progress.finish_reason,
+                    hop_ms_per_token=1000 * session.hop_seconds / max(1, session.steps),
+                )
+            )
+
+    @torch.inference_mode()
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        return self.head.embed(torch.tensor([ids]))  # [1, T, H]
+
+    @torch.inference_mode()
+    def _sample(self, sampler: Sampler, hidden: torch.Tensor, history: list[int]) -> int:
+        logits = self.head.logits(hidden[:, -1:])  # [1, 1, V]: the last position only
+        return sampler.next_token(logits[0, -1], history)
+
+    async def generate(
+        self, prompt: str | list[dict[str, str]], params: SamplingParams | None = None, *, raw: bool = False
+    ) -> GenerationResult:
+        result: list[GenerationResult] = []
+        async for _ in self.generate_stream(prompt, params, raw=raw, result=result):
+            pass
+        return result[0]
+
+
+class Swarm:
+    """Synchronous wrapper of ``AsyncSwarm``: ``Swarm(initial_peers=[...]).generate("Hi")``."""
+
+    def __init__(self, initial_peers: Sequence[str] = (), *, model: str = "smollm2", **options: Any):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="layerchain")
+        self._thread.start()
+        self._core: AsyncSwarm = self._run(AsyncSwarm.create(initial_peers, model=model, **options))
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def core(self) -> AsyncSwarm:
+        return self._core
+
+    def generate(self, prompt: str | list[dict[str, str]], params: SamplingParams | None = None, *, raw: bool = False) -> GenerationResult:
+        return self._run(self._core.generate(prompt, params, raw=raw))
+
+    def stream(self, prompt: str | list[dict[str, str]], params: SamplingParams | None = None, *, raw: bool = False, result: list[GenerationResult] | None = None) -> Iterator[TokenEvent]:
+        """Yield tokens as they arrive; append the final result to ``result`` if given."""
+        agen = self._core.generate_stream(prompt, params, raw=raw, result=result)
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(agen.aclose())
+
+    def close(self) -> None:
+        try:
+            self._run(self._core.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,237 @@
+"""A local swarm: a DHT bootstrap and N node processes on loopback, for demos and tests.
+
+``swarm_up`` starts the processes (each in its own process group, logging to
+``STATE_DIR/<name>.log``), waits until every node serves, and writes
+``STATE_DIR/swarm.json``::
+
+    {"initial_peers": [multiaddr, ...],
+     "bootstrap_pid": int,
+     "nodes": [{"pid": int, "peer_id": str, "start": int, "end": int, "endpoint": str}, ...]}
+
+``swarm_down`` stops them: SIGTERM to each process group, SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from layerchain.errors import ConfigError, LayerchainError
+from layerchain.types import Span
+
+SWARM_FILE = "swarm.json"
+
+
+@dataclass
+class LocalSwarm:
+    state_dir: Path
+    initial_peers: list[str]
+    bootstrap_pid: int
+    nodes: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "initial_peers": self.initial_peers,
+            "bootstrap_pid": self.bootstrap_pid,
+            "nodes": self.nodes,
+        }
+
+    def save(self) -> None:
+        path = self.state_dir / SWARM_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> LocalSwarm:
+        path = Path(state_dir) / SWARM_FILE
+        try:
+            data = json.loads(path.read_text())
+            return cls(Path(state_dir), list(data["initial_peers"]), int(data["bootstrap_pid"]), list(data["nodes"]))
+        except FileNotFoundError:
+            raise ConfigError(f"no swarm in {state_dir}: {path} is missing", hint="run `layerchain swarm up` first") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{path} is not a swarm file: {error}") from None
+
+
+def _python_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "layerchain", *args]
+
+
+def node_env(threads: int | None = None) -> dict[str, str]:
+    """Environment of a node process: idle OpenMP threads sleep instead of spinning, so
+    processes that take turns on the same cores do not steal them from each other."""
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=env,
+        )
+    finally:
+        log.close()
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def start_bootstrap(state_dir: Path, timeout_s: float = 60.0) -> tuple[int, list[str]]:
+    """Start a DHT bootstrap process; return its pid and multiaddrs."""
+    addr_file = state_dir / "bootstrap.addrs"
+    addr_file.unlink(missing_ok=True)
+    proc = _spawn(
+        [sys.executable, "-m", "layerchain.discovery.bootstrap", "--host", "127.0.0.1",
+         "--port", "0", "--print-addresses-to", str(addr_file)],
+        state_dir / "bootstrap.log",
+        node_env(),
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if addr_file.exists() and addr_file.read_text().strip():
+            return proc.pid, addr_file.read_text().split()
+        if proc.poll() is not None:
+            raise LayerchainError(f"DHT bootstrap exited: {_tail(state_dir / 'bootstrap.log')}")
+        time.sleep(0.1)
+    _kill_group(proc.pid, signal.SIGKILL)
+    raise LayerchainError(f"DHT bootstrap did not start in {timeout_s:.0f} s")
+
+
+def start_node(
+    state_dir: Path,
+    name: str,
+    span: Span,
+    initial_peers: Sequence[str],
+    *,
+    model: str = "smollm2",
+    extra_args: Sequence[str] = (),
+    threads: int | None = None,
+) -> tuple[subprocess.Popen, Path]:
+    """Start one node process; return it and its data dir (where node.json will appear)."""
+    data_dir = state_dir / name
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "node.json").unlink(missing_ok=True)
+    cmd = _python_cmd(
+        "node", "start", "--model", model, "--blocks", str(span), "--data-dir", str(data_dir),
+        *[arg for peer in initial_peers for arg in ("--initial-peers", peer)],
+        *extra_args,
+    )
+    return _spawn(cmd, state_dir / f"{name}.log", node_env(threads)), data_dir
+
+
+def wait_ready(proc: subprocess.Popen, data_dir: Path, log_path: Path, timeout_s: float) -> dict:
+    """Wait for a node's node.json; raise with its log's tail if it dies first."""
+    deadline = time.monotonic() + timeout_s
+    ready = data_dir / "node.json"
+    while time.monotonic() < deadline:
+        if ready.exists():
+            info = json.loads(ready.read_text())
+            return {k: info[k] for k in ("pid", "peer_id", "start", "end", "endpoint")}
+        if proc.poll() is not None:
+            raise LayerchainError(f"node {data_dir.name} exited: {_tail(log_path)}")
+        time.sleep(0.1)
+    raise LayerchainError(f"node {data_dir.name} was not ready in {timeout_s:.0f} s: {_tail(log_path)}")
+
+
+def swarm_up(
+    state_dir: Path,
+    spans: Sequence[Span],
+    *,
+    model: str = "smollm2",
+    node_args: Sequence[Sequence[str]] | None = None,
+    threads: int | None = None,
+    timeout_s: float = 180.0,
+    on_progress: Callable[[str], None] | None = None,
+) -> LocalSwarm:
+    """Start a bootstrap and one node per span; return when all serve (or stop them all)."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if (state_dir / SWARM_FILE).exists():
+        swarm_down(state_dir, quiet=True)
+    say = on_progress or (lambda _: None)
+    bootstrap_pid, peers = start_bootstrap(state_dir)
+    swarm = LocalSwarm(state_dir, peers, bootstrap_pid)
+    swarm.save()
+    say(f"DHT bootstrap at {peers[0]}")
+    try:
+        procs = []
+        for i, span in enumerate(spans):
+            args = node_args[i] if node_args else ()
+            procs.append(start_node(state_dir, f"node-{i}", span, peers, model=model, extra_args=args, threads=threads))
+            swarm.nodes.append({"pid": procs[-1][0].pid, "peer_id": "", "start": span.start, "end": span.end, "endpoint": ""})
+            swarm.save()
+        for i, (proc, data_dir) in enumerate(procs):
+            swarm.nodes[i] = wait_ready(proc, data_dir, state_dir / f"node-{i}.log", timeout_s)
+            swarm.save()
+            say(f"node {i} serves blocks {spans[i]} at {swarm.nodes[i]['endpoint']}")
+    except BaseException:
+        swarm_down(state_dir, quiet=True)
+        raise
+    return swarm
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_pids(pids: Sequence[int], grace_s: float = 10.0) -> None:
+    """SIGTERM each process group, then SIGKILL what is left after ``grace_s``."""
+    for pid in pids:
+        _kill_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        _kill_group(pid, signal.SIGKILL)
+
+
+def swarm_down(state_dir: Path, *, quiet: bool = False, grace_s: float = 10.0) -> int:
+    """Stop a local swarm; return how many processes were asked to stop."""
+    try:
+        swarm = LocalSwarm.load(Path(state_dir))
+    except ConfigError:
+        if quiet:
+            return 0
+        raise
+    pids = [n["pid"] for n in swarm.nodes if n.get("pid")]
+    stop_pids(pids, grace_s)
+    stop_pids([swarm.bootstrap_pid], grace_s=3.0)
+    (Path(state_dir) / SWARM_FILE).unlink(missing_ok=True)
+    return len(pids) + 1

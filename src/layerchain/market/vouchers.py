@@ -1,0 +1,267 @@
+"""Payment channels from both ends: the client's ``ChannelPayer`` and the node's ``VoucherBook``.
+
+A client opens one channel per node on the ledger (its deposit is locked there), then with
+each step signs a ``Voucher(channel_id, nonce, cumulative_amount)``: the total it owes the
+node so far, with a nonce one higher than the last. Vouchers are cumulative, so the node
+only ever needs the latest; it redeems that on the ledger at session end, periodically,
+or with ``layerchain ledger redeem``.
+
+The node checks each voucher before serving (``VoucherBook.accept``): signed by the
+channel's payer, nonce above the last, amount not going down nor above the deposit, and
+covering what the node has served (``owed_total``) less an allowed ``max_unpaid``. A
+session whose vouchers fall behind gets InsufficientFunds and is no longer served.
+
+Storage: a node keeps the latest voucher of each channel at
+``DATA_DIR/vouchers/<channel_id>.bin`` (the voucher's wire bytes, replaced atomically);
+``redeem_stored`` redeems them all. The voucher format and ``verify_voucher`` live in
+``layerchain.ledger.records`` (the ledger settles them) and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from layerchain.errors import ChannelError, InsufficientFunds, InvalidVoucher, LayerchainError
+from layerchain.ledger.base import Channel, Ledger
+from layerchain.ledger.records import (
+    Voucher,
+    decode_voucher,
+    sign_voucher,
+    verify_voucher,
+)
+from layerchain.ledger.signatures import Signer, address_bytes
+
+__all__ = [
+    "ChannelPayer",
+    "Redemption",
+    "Voucher",
+    "VoucherBook",
+    "VoucherStore",
+    "decode_voucher",
+    "redeem_stored",
+    "sign_voucher",
+    "verify_voucher",
+]
+
+VOUCHER_DIR = "vouchers"  # under a node's data directory
+
+
+def _key(address: str) -> str:
+    """Lower-case form of an address: one dict key whatever its checksum casing."""
+    return "0x" + address_bytes(address).hex()
+
+
+class ChannelPayer:
+    """Client side: one channel per node, and the cumulative vouchers paying into it.
+
+    With a ``ledger`` and a ``deposit``, a channel is opened on first payment to a node;
+    otherwise channels are opened with ``open`` or attached with ``attach``. State is in
+    memory: a restarted client opens new channels.
+    """
+
+    def __init__(self, wallet: Signer, ledger: Ledger | None = None, *, deposit: int = 0) -> None:
+        self.wallet, self.ledger, self.deposit = wallet, ledger, deposit
+        self._channels: dict[str, Channel] = {}  # node address (lower case) -> channel
+        self._nonce: dict[str, int] = {}
+        self._cumulative: dict[str, int] = {}
+
+    def open(self, node_address: str, deposit: int | None = None) -> Channel:
+        """Open a channel to ``node_address`` on the ledger with ``deposit`` credits."""
+        if self.ledger is None:
+            raise ChannelError("no ledger to open a channel on")
+        channel_id = self.ledger.open_channel(
+            self.wallet.address, node_address, self.deposit if deposit is None else deposit
+        )
+        return self.attach(node_address, self.ledger.channel(channel_id))
+
+    def attach(self, node_address: str, channel: Channel) -> Channel:
+        """Pay ``node_address`` through an existing ``channel`` from its redeemed state on."""
+        if address_bytes(channel.payer) != address_bytes(self.wallet.address):
+            raise ChannelError(f"channel {channel.channel_id[:10]}... is not paid by this wallet")
+        if address_bytes(channel.payee) != address_bytes(node_address):
+            raise ChannelError(f"channel {channel.channel_id[:10]}... does not pay {node_address}")
+        key = _key(channel.payee)
+        self._channels[key] = channel
+        self._nonce[key] = channel.nonce
+        self._cumulative[key] = channel.redeemed
+        return channel
+
+    def channel(self, node_address: str) -> Channel:
+        """The channel paying ``node_address``, opened now if the payer has a ledger + deposit."""
+        channel = self._channels.get(_key(node_address))
+        if channel is not None:
+            return channel
+        if self.ledger is not None and self.deposit > 0:
+            return self.open(node_address)
+        raise ChannelError(f"no payment channel to {node_address}")
+
+    def voucher_for(self, node_address: str, amount_delta: int) -> bytes:
+        """Owe ``amount_delta`` more to the node; return the signed cumulative voucher.
+
+        InsufficientFunds if the cumulative amount would exceed the channel's deposit.
+        """
+        if type(amount_delta) is not int or amount_delta < 0:
+            raise InvalidVoucher(f"a payment must be a non-negative integer, got {amount_delta!r}")
+        channel = self.channel(node_address)
+        key = _key(node_address)
+        cumulative = self._cumulative[key] + amount_delta
+        if cumulative > channel.deposit:
+            raise InsufficientFunds(
+                f"channel to {channel.payee} holds {channel.deposit} credits, "
+                f"the session owes {cumulative}",
+                hint="open a channel with a larger deposit",
+            )
+        nonce = self._nonce[key] + 1
+        data = sign_voucher(self.wallet, Voucher(channel.channel_id, nonce, cumulative))
+        self._nonce[key], self._cumulative[key] = nonce, cumulative
+        return data
+
+    def spent(self, node_address: str) -> int:
+        """Cumulative amount promised to ``node_address``."""
+        return self._cumulative.get(_key(node_address), 0)
+
+    @property
+    def total_spent(self) -> int:
+        return sum(self._cumulative.values())
+
+    def channels(self) -> list[Channel]:
+        return list(self._channels.values())
+
+
+class VoucherStore:
+    """A node's latest voucher per channel, as files ``<dir>/<channel_id>.bin``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory).expanduser()
+
+    @classmethod
+    def for_data_dir(cls, data_dir: str | Path) -> VoucherStore:
+        return cls(Path(data_dir).expanduser() / VOUCHER_DIR)
+
+    def save(self, voucher_bytes: bytes) -> bool:
+        """Keep ``voucher_bytes`` if its nonce is above the stored one; return whether kept."""
+        voucher, _ = decode_voucher(voucher_bytes)
+        path = self.directory / f"{voucher.channel_id}.bin"
+        if path.exists():
+            try:
+                if decode_voucher(path.read_bytes())[0].nonce >= voucher.nonce:
+                    return False
+            except InvalidVoucher:
+                pass  # a corrupt file is replaced
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(voucher_bytes)
+        os.replace(tmp, path)  # readers see the old or the new voucher, never half of one
+        return True
+
+    def latest(self) -> list[bytes]:
+        """Every stored voucher (one per channel), in file-name order."""
+        if not self.directory.is_dir():
+            return []
+        return [p.read_bytes() for p in sorted(self.directory.glob("0x*.bin"))]
+
+
+class VoucherBook:
+    """Node side: the vouchers received per channel, and whether they keep up.
+
+    ``channel_lookup`` gives a channel's ledger state (``ledger.channel``); it is called once
+    per channel and cached. With a ``store``, every accepted voucher is persisted.
+    """
+
+    def __init__(
+        self,
+        node_address: str,
+        channel_lookup: Callable[[str], Channel],
+        *,
+        store: VoucherStore | None = None,
+        max_unpaid: int = 0,  # credits a node serves ahead of payment
+    ) -> None:
+        self.node = address_bytes(node_address)
+        self.node_address = node_address
+        self._lookup, self.store, self.max_unpaid = channel_lookup, store, max_unpaid
+        self._channels: dict[str, Channel] = {}
+        self._latest: dict[str, tuple[Voucher, bytes]] = {}
+
+    def _channel(self, channel_id: str) -> Channel:
+        if channel_id not in self._channels:
+            channel = self._lookup(channel_id)
+            if address_bytes(channel.payee) != self.node:
+                raise InvalidVoucher(
+                    f"channel {channel_id[:10]}... pays {channel.payee}, not this node"
+                )
+            self._channels[channel_id] = channel
+        return self._channels[channel_id]
+
+    def accept(self, voucher_bytes: bytes, owed_total: int) -> Voucher:
+        """Record a new voucher, then check it covers ``owed_total`` (what the node served
+        on this channel, including the step about to be served).
+
+        InvalidVoucher / ChannelError for a bad voucher (nothing recorded), InsufficientFunds
+        when the voucher is valid but behind (it is recorded: it is still worth redeeming).
+        """
+        voucher, _ = decode_voucher(voucher_bytes)
+        channel = self._channel(voucher.channel_id)
+        last = self._latest.get(voucher.channel_id)
+        voucher = verify_voucher(
+            voucher_bytes,
+            channel,
+            last_nonce=last[0].nonce if last else channel.nonce,
+            last_amount=last[0].cumulative_amount if last else channel.redeemed,
+        )
+        self._latest[voucher.channel_id] = (voucher, voucher_bytes)
+        if self.store is not None:
+            self.store.save(voucher_bytes)
+        self.require_paid(voucher.channel_id, owed_total)
+        return voucher
+
+    def paid(self, channel_id: str) -> int:
+        """Cumulative amount of the latest accepted voucher on ``channel_id`` (0 if none)."""
+        last = self._latest.get(channel_id)
+        return last[0].cumulative_amount if last else 0
+
+    def require_paid(self, channel_id: str, owed_total: int) -> None:
+        """InsufficientFunds unless vouchers cover ``owed_total`` less ``max_unpaid``."""
+        paid = self.paid(channel_id)
+        if paid + self.max_unpaid < owed_total:
+            raise InsufficientFunds(
+                f"vouchers on channel {channel_id[:10]}... cover {paid} credits, "
+                f"{owed_total} are owed: the session is not served further"
+            )
+
+    def latest(self) -> list[bytes]:
+        """The latest voucher bytes of every channel (what to redeem)."""
+        return [data for _, data in self._latest.values()]
+
+
+@dataclass(frozen=True)
+class Redemption:
+    """The outcome of redeeming one stored voucher."""
+
+    channel_id: str
+    nonce: int
+    cumulative_amount: int
+    credited: int  # 0 when already redeemed
+    error: str | None = None  # one line when the ledger refused it
+
+
+def redeem_stored(ledger: Ledger, vouchers: list[bytes]) -> list[Redemption]:
+    """Redeem each voucher on ``ledger``; one refused voucher does not stop the others."""
+    results = []
+    for data in vouchers:
+        try:
+            voucher, _ = decode_voucher(data)
+        except InvalidVoucher as error:
+            results.append(Redemption("?", 0, 0, 0, str(error)))
+            continue
+        try:
+            credited, problem = ledger.redeem(data), None
+        except LayerchainError as error:
+            credited, problem = 0, str(error)
+        results.append(
+            Redemption(voucher.channel_id, voucher.nonce, voucher.cumulative_amount, credited,
+                       problem)
+        )
+    return results

@@ -1,0 +1,62 @@
+"""The model runtime: spans of decoder blocks, the head, tokenizers, sampling. No networks.
+
+What a node needs::
+
+    spec = resolve_model("smollm2")          # or a .gguf path, a HF dir, a shard dir
+    span = load_span(spec, 7, 23)            # only blocks 7..22 are read and held
+    cache = span.new_cache(max_length=2048)  # one per session
+    out = span.forward(hidden, cache)        # [B, T, H] -> [B, T, H], positions continue
+
+What a client needs (the decode loop; ``generate.Decoder`` implements it without I/O)::
+
+    head, tok = load_head(spec), load_tokenizer(spec)
+    ids = encode_prompt(tok, "What is the capital of France?")   # chat template applied
+    sampler, stop = Sampler(params), StopChecker(tok, params)
+    hidden = head.embed(torch.tensor([ids]))                      # [1, P, H]
+    history = list(ids)
+    while True:
+        for hop in route:                                         # spans 0..L in order
+            hidden = hop.forward(hidden)                          # each hop keeps its cache
+        token = sampler.next_token(head.logits(hidden[:, -1:])[0, -1], history)
+        history.append(token)
+        text, done = stop.feed(token)                             # stream ``text``
+        if done:
+            break
+        hidden = head.embed(torch.tensor([[token]]))              # [1, 1, H]
+
+``generate_local`` runs exactly this with one span over all blocks: the reference output.
+Model ids, file formats and the exactness contract are described in ``spec``, ``shards`` and
+``span``.
+"""
+
+from layerchain.model.generate import Decoder, GenerationResult, LocalModel, generate_local
+from layerchain.model.head import Head, load_head
+from layerchain.model.sampling import Sampler, SamplingParams, StopChecker
+from layerchain.model.shards import convert_to_shards, read_manifest, verify_file
+from layerchain.model.span import KVCache, SpanModel, causal_mask, load_span
+from layerchain.model.spec import DEFAULT_MODEL, ModelSpec, resolve_model
+from layerchain.model.tokenizer import encode_prompt, load_tokenizer
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Decoder",
+    "GenerationResult",
+    "Head",
+    "KVCache",
+    "LocalModel",
+    "ModelSpec",
+    "Sampler",
+    "SamplingParams",
+    "SpanModel",
+    "StopChecker",
+    "causal_mask",
+    "convert_to_shards",
+    "encode_prompt",
+    "generate_local",
+    "load_head",
+    "load_span",
+    "load_tokenizer",
+    "read_manifest",
+    "resolve_model",
+    "verify_file",
+]

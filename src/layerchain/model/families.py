@@ -1,0 +1,87 @@
+"""The registry of model families: which transformers classes run a block of each.
+
+A family names transformers' own decoder-layer, rotary-embedding and RMS-norm classes, so a
+span computes exactly what ``AutoModelForCausalLM`` computes. Adding a family is one
+``register_family`` call (STYLE rule 12); nothing else in ``layerchain.model`` names a family.
+Classes are imported lazily: importing ``layerchain.model`` does not import every architecture.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import cached_property
+
+from layerchain.errors import UnsupportedArchitecture
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build the pieces of one architecture family.
+
+    ``module`` is the transformers modeling module; ``prefix`` the class-name prefix in it
+    (``Llama`` gives ``LlamaDecoderLayer``, ``LlamaRotaryEmbedding``, ``LlamaRMSNorm``).
+    """
+
+    name: str  # our family name, also the transformers ``model_type``
+    module: str  # e.g. "transformers.models.llama.modeling_llama"
+    prefix: str  # e.g. "Llama"
+    embed_scale: bool = False  # gemma multiplies embeddings by sqrt(hidden_size)
+
+    @cached_property
+    def _mod(self):
+        return importlib.import_module(self.module)
+
+    @property
+    def decoder_layer(self) -> type:
+        return getattr(self._mod, f"{self.prefix}DecoderLayer")
+
+    @property
+    def rotary_embedding(self) -> type:
+        return getattr(self._mod, f"{self.prefix}RotaryEmbedding")
+
+    @property
+    def rms_norm(self) -> type:
+        return getattr(self._mod, f"{self.prefix}RMSNorm")
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add a family to the registry (keyed by transformers ``model_type``)."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_for(model_type: str) -> Family:
+    """The family running ``model_type``; UnsupportedArchitecture if there is none."""
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise UnsupportedArchitecture(
+            f"model type {model_type!r} is not supported",
+            hint=f"supported families: {', '.join(sorted(FAMILIES))}",
+        )
+    return family
+
+
+register_family(Family("llama", "transformers.models.llama.modeling_llama", "Llama"))
+register_family(Family("mistral", "transformers.models.mistral.modeling_mistral", "Mistral"))
+register_family(Family("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2"))
+register_family(Family("phi3", "transformers.models.phi3.modeling_phi3", "Phi3"))
+register_family(
+    Family("gemma", "transformers.models.gemma.modeling_gemma", "Gemma", embed_scale=True)
+)
+
+
+def sliding_window_of(config, layer_idx: int) -> int | None:
+    """The attention window of global layer ``layer_idx`` (None: full causal attention).
+
+    Mirrors transformers: a config with ``layer_types`` (qwen2) slides only its
+    ``"sliding_attention"`` layers; otherwise ``sliding_window`` (mistral, phi3) applies to all.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window

@@ -1,0 +1,177 @@
+"""Choosing the next token and knowing when to stop.
+
+``Sampler`` turns one position's logits into a token id: repetition penalty, then greedy
+(``temperature == 0``) or temperature, top-k and top-p sampling from a seeded generator, so a
+seed gives the same tokens on every run and on every route. ``StopChecker`` turns sampled ids
+into text, incrementally and safely for tokens that end inside a multi-byte character, and
+says when to stop: an end-of-sequence token, a stop string (never part of the returned text),
+or ``max_new_tokens``. Neither knows about models or networks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from layerchain.errors import ConfigError
+
+# end-of-turn tokens of common chat templates, treated as EOS when the vocabulary has them
+_END_OF_TURN = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate. The CLI and the HTTP API build their defaults from these."""
+
+    max_new_tokens: int = 128  # tokens generated at most
+    temperature: float = 0.0  # softmax temperature; 0 = greedy (argmax)
+    top_k: int = 0  # sample among the k most likely tokens; 0 = all
+    top_p: float = 1.0  # nucleus: smallest set of tokens with this total probability; 1 = all
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output (CTRL)
+    seed: int = 0  # seed of the sampler's generator (sampling is deterministic per seed)
+    stop: tuple[str, ...] = ()  # stop strings; generation ends before the first one
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not s for s in self.stop):
+            raise ConfigError("stop strings must not be empty")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Picks next tokens for one generation; deterministic for a given seed and logits."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator = torch.Generator().manual_seed(params.seed)
+
+    def next_token(self, logits: torch.Tensor, history: Iterable[int] = ()) -> int:
+        """logits [V] of the next position; ``history``: prompt and generated ids so far."""
+        p = self.params
+        with torch.inference_mode():
+            logits = logits.detach().reshape(-1).float()
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+                if seen.numel():
+                    logits = logits.clone()
+                    picked = logits[seen]
+                    logits[seen] = torch.where(
+                        picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
+                    )
+            if p.greedy:
+                return int(torch.argmax(logits))
+            logits = logits / p.temperature
+            if 0 < p.top_k < logits.numel():
+                kth = torch.topk(logits, p.top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if p.top_p < 1.0:
+                sorted_logits, order = torch.sort(logits, descending=True)
+                probs = torch.softmax(sorted_logits, dim=-1)
+                # drop a token when the ones before it already reach top_p (keeps at least one)
+                drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+                logits = logits.scatter(0, order[drop], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class StopChecker:
+    """Turns sampled ids into streamed text and decides when generation ends.
+
+    ``feed(id)`` returns ``(new_text, done)``. Text is decoded incrementally (the
+    prefix/read-offset method: decode a few ids before the new ones and emit the difference,
+    holding back text that ends in an incomplete UTF-8 character), and text that could be
+    the start of a stop string is held back until it is known not to be one. After ``done``,
+    ``text`` is the whole output, ``finish_reason`` is "stop" or "length", and ``token_ids``
+    are all sampled ids (the EOS token included when one ended the generation).
+    """
+
+    def __init__(
+        self, tokenizer: Any, params: SamplingParams, eos_token_ids: Iterable[int] | None = None
+    ) -> None:
+        self.tokenizer, self.params = tokenizer, params
+        self.eos_token_ids = set(eos_token_ids or ()) | default_eos_ids(tokenizer)
+        self.token_ids: list[int] = []
+        self.text = ""  # emitted so far (never contains a stop string)
+        self.finish_reason: str | None = None
+        self._decoded = ""  # all decoded text, including what is held back
+        self._ids: list[int] = []  # ids that produce text (EOS excluded)
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._stop_len = max((len(s) for s in params.stop), default=0)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def feed(self, token_id: int) -> tuple[str, bool]:
+        if self.done:
+            return "", True
+        self.token_ids.append(token_id)
+        if token_id in self.eos_token_ids:
+            return self._finish("stop", self._decoded)
+        self._ids.append(token_id)
+        before = len(self._decoded)
+        self._decoded += self._decode_new()
+        if self._stop_len:
+            start = max(0, before - self._stop_len + 1)
+            hits = [i for s in self.params.stop if (i := self._decoded.find(s, start)) >= 0]
+            if hits:
+                return self._finish("stop", self._decoded[: min(hits)])
+        if len(self.token_ids) >= self.params.max_new_tokens:
+            return self._finish("length", self._decoded)
+        keep = len(self._decoded) - self._held_back()
+        return self._emit(self._decoded[:keep]), False
+
+    def _finish(self, reason: str, final: str) -> tuple[str, bool]:
+        self.finish_reason = reason
+        return self._emit(final), True
+
+    def _emit(self, upto: str) -> str:
+        new = upto[len(self.text) :]
+        self.text = upto
+        return new
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        for n in range(min(self._stop_len - 1, len(self._decoded)), 0, -1):
+            tail = self._decoded[-n:]
+            if any(s.startswith(tail) for s in self.params.stop):
+                return n
+        return 0
+
+    def _decode_new(self) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(
+            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
+        )
+        full = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            return full[len(prefix) :]
+        return ""  # incomplete character: wait for the next token
+
+
+def default_eos_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's EOS id plus the end-of-turn tokens its vocabulary has."""
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    return ids

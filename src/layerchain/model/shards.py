@@ -1,0 +1,207 @@
+"""Shard directories: one safetensors file per block, one for the head, and a manifest.
+
+``convert_to_shards(spec, out)`` writes::
+
+    block_000.safetensors ... block_{L-1}.safetensors   float32 tensors of each block,
+                                                        named as in the decoder layer
+    head.safetensors                                    embed_tokens / norm / lm_head (if untied)
+    tokenizer.json, tokenizer_config.json, ...          the tokenizer, with its chat template
+    manifest.json                                       see below
+
+``manifest.json`` holds the format version, the model name and family, ``num_blocks``, the
+transformers config (``config``), the file name, size and sha256 of every block file
+(``blocks``), of the head (``head``) and of the tokenizer files (``files``), the id of the model
+it was converted from (``source_model_id``), and ``model_id``: the sha256 of the canonical JSON
+of all the other fields. So a manifest is verifiable on its own, like a torrent's info hash, and
+every file is verifiable against it: peers can fetch missing block files from each other
+(DESIGN "Shards"). Converting only some blocks (``blocks=Span``) still hashes every block, so the
+manifest and the model id are the same as a full conversion's; only the chosen files are written.
+
+``ShardSource`` loads from such a directory: it reads only the files asked for and refuses
+any whose sha256 differs from the manifest (``ShardHashMismatch``, naming the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerchain.errors import ModelFileError, ShardHashMismatch
+from layerchain.model.spec import ModelSpec, digest_of
+from layerchain.types import Span
+
+FORMAT = "layerchain-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+HEAD_FILE = "head.safetensors"
+
+
+def block_file(index: int) -> str:
+    """File name of block ``index`` in a shard directory."""
+    return f"block_{index:03d}.safetensors"
+
+
+def block_tensor_names(spec: ModelSpec, index: int) -> list[str]:
+    """Names of block ``index``'s tensors, relative to the decoder layer (built on meta)."""
+    from layerchain.model.span import span_config
+
+    with torch.device("meta"):
+        layer = spec.family_info.decoder_layer(span_config(spec), index)
+    return list(layer.state_dict().keys())
+
+
+def convert_to_shards(
+    spec: ModelSpec,
+    out: Path,
+    blocks: Span | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write the shard directory of ``spec`` into ``out``; return its manifest.
+
+    ``blocks``: write only these block files (all are hashed). ``progress(step)`` is called
+    after each written or hashed file (``num_blocks + 2`` calls).
+    """
+    from safetensors.torch import save
+
+    if blocks is not None:
+        blocks.check_within(spec.num_blocks)
+    out.mkdir(parents=True, exist_ok=True)
+    tell = progress or (lambda _step: None)
+
+    def write(name: str, state: dict[str, torch.Tensor], keep: bool) -> dict[str, Any]:
+        data = save({k: v.contiguous() for k, v in state.items()})
+        if keep:
+            (out / name).write_bytes(data)
+        return {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    entries = {}
+    for index in range(spec.num_blocks):
+        state = spec.source.block_state(index, block_tensor_names(spec, index))
+        keep = blocks is None or blocks.start <= index < blocks.end
+        entries[str(index)] = write(block_file(index), state, keep)
+        tell(f"block {index}")
+    head = write(HEAD_FILE, spec.source.head_state(), True)
+    tell("head")
+    tokenizer = spec.source.tokenizer()
+    saved = tokenizer.save_pretrained(str(out))
+    files = {Path(p).name: _sha256(Path(p)) for p in saved if Path(p).is_file()}
+    tell("tokenizer")
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": spec.name,
+        "family": spec.family,
+        "num_blocks": spec.num_blocks,
+        "config": json.loads(spec.config.to_json_string(use_diff=False)),
+        "blocks": entries,
+        "head": head,
+        "files": files,
+        "source_model_id": spec.model_id,
+    }
+    manifest["model_id"] = manifest_id(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def manifest_id(manifest: dict[str, Any]) -> str:
+    """The model id of a shard directory: sha256 of its manifest without ``model_id``."""
+    return digest_of({k: v for k, v in manifest.items() if k != "model_id"})
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The checked manifest of a shard directory (ModelFileError / ShardHashMismatch if bad)."""
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as error:
+        raise ModelFileError(f"cannot read {path}: {error.strerror}") from None
+    except ValueError as error:
+        raise ModelFileError(f"{path} is not valid JSON: {error}") from None
+    missing = {"format", "num_blocks", "config", "blocks", "head", "model_id"} - set(manifest)
+    if manifest.get("format") != FORMAT or missing:
+        raise ModelFileError(
+            f"{path} is not a layerchain shard manifest (missing {sorted(missing)})"
+        )
+    if manifest_id(manifest) != manifest["model_id"]:
+        raise ShardHashMismatch(f"{path}: its model_id does not match its content")
+    return manifest
+
+
+def verify_file(path: Path, sha256: str) -> bytes:
+    """The bytes of ``path`` if their sha256 is ``sha256``; else ShardHashMismatch naming it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelFileError(
+            f"shard file {path} is missing", hint="convert it again or fetch it from a peer"
+        ) from None
+    except OSError as error:
+        raise ModelFileError(f"cannot read shard file {path}: {error.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ShardHashMismatch(
+            f"shard file {path} does not match the sha256 in its manifest",
+            hint="delete it and convert or fetch it again",
+        )
+    return data
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class ShardSource:
+    """Reads a shard directory, verifying each file it reads against the manifest."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.manifest = read_manifest(path)
+
+    def config(self) -> Any:
+        from transformers import CONFIG_MAPPING
+
+        config = dict(self.manifest["config"])
+        model_type = config.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ModelFileError(f"{self.path / MANIFEST}: unknown model type {model_type!r}")
+        return CONFIG_MAPPING[model_type].from_dict(config)
+
+    def model_id(self) -> str:
+        return str(self.manifest["model_id"])
+
+    def _load(self, entry: dict[str, Any], names: Iterable[str] | None) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        path = self.path / entry["file"]
+        data = verify_file(path, entry["sha256"])
+        try:
+            state = load(data)
+        except Exception as error:  # safetensors raises its own error types
+            raise ModelFileError(f"cannot read shard file {path}: {error}") from None
+        if names is None:
+            return state
+        names = list(names)
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise ModelFileError(f"shard file {path} lacks tensors {missing}")
+        return {n: state[n] for n in names}
+
+    def block_state(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        entry = self.manifest["blocks"].get(str(index))
+        if entry is None:
+            raise ModelFileError(f"{self.path / MANIFEST} lists no block {index}")
+        return self._load(entry, names)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return self._load(self.manifest["head"], None)
+
+    def tokenizer(self) -> Any:
+        from layerchain.model.tokenizer import tokenizer_from_dir
+
+        for name, sha256 in self.manifest.get("files", {}).items():
+            verify_file(self.path / name, sha256)
+        return tokenizer_from_dir(self.path)

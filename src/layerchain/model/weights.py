@@ -1,0 +1,190 @@
+"""Weight sources: single tensors, the config and the tokenizer from where a model lives.
+
+A ``WeightSource`` hands out the float32 tensors of one block, or of the head, by the names
+transformers' modules use, reading nothing else: a GGUF file dequantizes only those tensors
+(``gguf_file.GGUFFile``), a Hugging Face directory reads only those tensors from its
+memory-mapped safetensors files, and a shard directory (``shards.ShardSource``) reads and
+verifies only the block files asked for. Sources know nothing about spans or networks.
+
+Names: block tensors are relative to the decoder layer (``self_attn.q_proj.weight``); head
+tensors are ``embed_tokens.weight``, ``norm.weight`` and, when the LM head is not tied to the
+embeddings, ``lm_head.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from layerchain.errors import ModelFileError, UnknownModel
+from layerchain.model.gguf_file import GGUFFile, gguf_arch, gguf_config, reverse_permute_qk
+from layerchain.model.spec import digest_of, file_digest
+
+HEAD_NAMES = ("embed_tokens.weight", "norm.weight", "lm_head.weight")
+
+
+class WeightSource(Protocol):
+    """Where a model's weights, config and tokenizer come from."""
+
+    path: Path
+
+    def config(self) -> Any: ...  # transformers PretrainedConfig
+
+    def model_id(self) -> str: ...
+
+    def block_state(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]: ...
+
+    def head_state(self) -> dict[str, torch.Tensor]: ...
+
+    def tokenizer(self) -> Any: ...
+
+
+def open_source(kind: str, path: Path) -> WeightSource:
+    """The source for a resolved reference of ``kind`` "gguf", "hf" or "shards"."""
+    if kind == "gguf":
+        return GGUFSource(path)
+    if kind == "hf":
+        return HFDirSource(path)
+    if kind == "shards":
+        from layerchain.model.shards import ShardSource
+
+        return ShardSource(path)
+    raise UnknownModel(f"unknown model kind {kind!r}")
+
+
+class GGUFSource:
+    """Tensors dequantized one by one from a memory-mapped GGUF file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = GGUFFile(path)
+        self._config = gguf_config(self.file)
+        from gguf import get_tensor_name_map
+
+        self._names = get_tensor_name_map(gguf_arch(self.file), self._config.num_hidden_layers)
+
+    def config(self) -> Any:
+        return self._config
+
+    def model_id(self) -> str:
+        return digest_of({"format": "gguf", "file": file_digest(self.path)})
+
+    def _gguf_name(self, hf_name: str) -> str:
+        base, dot, suffix = hf_name.rpartition(".")
+        if suffix not in ("weight", "bias"):
+            base, dot, suffix = hf_name, "", ""
+        mapped = self._names.get_name(base)
+        if mapped is None:
+            raise ModelFileError(f"{self.path}: no GGUF tensor for {hf_name}")
+        return mapped + dot + suffix
+
+    def _tensor(self, hf_name: str) -> torch.Tensor:
+        name = self._gguf_name(hf_name)
+        tensor = self.file.tensor(name)
+        if self.file.architecture == "llama":  # llama.cpp permutes q/k rows for its rope layout
+            cfg = self._config
+            if ".attn_q." in name:
+                tensor = reverse_permute_qk(tensor, cfg.num_attention_heads)
+            elif ".attn_k." in name:
+                tensor = reverse_permute_qk(tensor, cfg.num_key_value_heads)
+        return tensor
+
+    def block_state(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {n: self._tensor(f"model.layers.{index}.{n}") for n in names}
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        state = {
+            "embed_tokens.weight": self._tensor("model.embed_tokens.weight"),
+            "norm.weight": self._tensor("model.norm.weight"),
+        }
+        if not self._config.tie_word_embeddings:
+            state["lm_head.weight"] = self._tensor("lm_head.weight")
+        return state
+
+    def tokenizer(self) -> Any:
+        from layerchain.model.tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(self.path)
+
+
+class HFDirSource:
+    """Tensors read one by one from a Hugging Face directory's safetensors files."""
+
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoConfig
+
+        self.path = path
+        try:
+            self._config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelFileError(f"cannot read {path / 'config.json'}: {error}") from None
+        self._files = sorted(path.glob("*.safetensors"))
+        if not self._files:
+            raise ModelFileError(f"{path} has config.json but no *.safetensors weights")
+        self._where: dict[str, Path] | None = None
+
+    def config(self) -> Any:
+        return self._config
+
+    def model_id(self) -> str:
+        files = {p.name: file_digest(p) for p in [self.path / "config.json", *self._files]}
+        return digest_of({"format": "hf", "files": files})
+
+    def _index(self) -> dict[str, Path]:
+        """Tensor name -> file, from the index json or the files' headers (never their data)."""
+        if self._where is None:
+            index = self.path / "model.safetensors.index.json"
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._where = {k: self.path / v for k, v in weight_map.items()}
+            else:
+                from safetensors import safe_open
+
+                self._where = {}
+                for f in self._files:
+                    try:
+                        with safe_open(str(f), framework="pt") as handle:
+                            self._where.update({k: f for k in handle.keys()})
+                    except Exception as error:  # safetensors raises its own error types
+                        raise ModelFileError(f"cannot read {f}: {error}") from None
+        return self._where
+
+    def _read(self, names: dict[str, str]) -> dict[str, torch.Tensor]:
+        """Read tensors {our name: name in the files}, as float32, opening each file once."""
+        from safetensors import safe_open
+
+        where, by_file = self._index(), {}
+        for ours, theirs in names.items():
+            if theirs not in where:
+                raise ModelFileError(f"{self.path} has no tensor {theirs}")
+            by_file.setdefault(where[theirs], {})[ours] = theirs
+        out = {}
+        for f, wanted in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    for ours, theirs in wanted.items():
+                        out[ours] = handle.get_tensor(theirs).to(torch.float32)
+            except Exception as error:  # safetensors raises its own error types
+                raise ModelFileError(f"cannot read {f}: {error}") from None
+        return out
+
+    def block_state(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return self._read({n: f"model.layers.{index}.{n}" for n in names})
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        names = {
+            "embed_tokens.weight": "model.embed_tokens.weight",
+            "norm.weight": "model.norm.weight",
+        }
+        if not self._config.tie_word_embeddings:
+            names["lm_head.weight"] = "lm_head.weight"
+        return self._read(names)
+
+    def tokenizer(self) -> Any:
+        from layerchain.model.tokenizer import tokenizer_from_dir
+
+        return tokenizer_from_dir(self.path)

@@ -1,0 +1,249 @@
+"""A node: serves one span of blocks to inference sessions and announces it in the DHT.
+
+The node owns a ``SpanModel`` (layerchain.model), a listener on a ``Transport`` and a
+``Discovery`` handle; it never imports the client. Each request is one wire message and
+gets one reply; a ``LayerchainError`` raised while handling becomes an ``ErrorReply`` with
+the error's code, so a bad request never stops the node.
+
+Life cycle: ``start()`` measures ``ms_per_block``, listens, and starts announcing;
+``stop()`` withdraws the records, refuses new sessions, lets open sessions drain for up to
+``drain_s`` seconds, then closes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+
+from layerchain import __version__
+from layerchain.discovery import AnnounceConfig, Announcer, Discovery, PeerRecord
+from layerchain.errors import LayerchainError, LimitExceeded, PeerBusy
+from layerchain.node.config import NodeConfig
+from layerchain.node.sessions import SessionTable
+from layerchain.wire import messages as m
+from layerchain.wire.rpc import serve_connection
+from layerchain.wire.transport import Listener, Transport
+
+log = logging.getLogger(__name__)
+
+
+def measure_ms_per_block(span: Any, hidden_size: int, steps: int = 8) -> float:
+    """Median time of one single-token decode step through ``span``, per block, in ms."""
+    cache = span.new_cache()
+    x = torch.zeros(1, 1, hidden_size)
+    times = []
+    with torch.inference_mode():
+        for _ in range(steps + 2):
+            t0 = time.perf_counter()
+            span.forward(x, cache)
+            times.append(time.perf_counter() - t0)
+    times = sorted(times[2:])
+    return 1000.0 * times[len(times) // 2] / max(1, span.end - span.start)
+
+
+class Node:
+    """Serves blocks ``[config.start, config.end)`` of one model."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        spec: Any,
+        span: Any,
+        transport: Transport,
+        listen_at: str,
+        discovery: Discovery,
+        identity: Any,
+        wallet: str = "",
+        receipts: Callable[..., bytes] | None = None,
+    ) -> None:
+        self.config = config
+        self.spec = spec
+        self.span = span
+        self.transport = transport
+        self.listen_at = listen_at  # endpoint to listen on: "tcp://HOST:PORT" or "mem://NAME"
+        self.discovery = discovery
+        self.identity = identity
+        self.wallet = wallet
+        self.receipts = receipts  # sign_step(session_id, step, tokens, input, output) -> bytes
+        self.sessions = SessionTable(
+            config.max_cache_tokens, config.max_sessions, config.session_idle_timeout_s
+        )
+        self.ms_per_block = 0.0
+        self.listener: Listener | None = None
+        self.announcer: Announcer | None = None
+        self.draining = False
+        self.rtts: dict[str, float] = {}  # peer id -> ms, from peers that pinged us
+        self.errors = 0  # error replies sent, for status
+        self._tasks: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @property
+    def endpoint(self) -> str:
+        assert self.listener is not None, "node not started"
+        return self.listener.endpoint
+
+    # ---------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        self.ms_per_block = await asyncio.to_thread(
+            measure_ms_per_block, self.span, self.spec.hidden_size
+        )
+        self.listener = await self.transport.listen(self.listen_at, self._serve)
+        self.announcer = Announcer(
+            self.discovery,
+            self.record,
+            AnnounceConfig(refresh_s=self.config.refresh_s, ttl_s=self.config.record_ttl_s),
+        )
+        await self.announcer.start()
+        self._sweeper = asyncio.create_task(self._sweep_idle())
+        log.info("node %s serving %s:%s at %s", self.peer_id, self.span.start, self.span.end,
+                 self.endpoint)
+
+    def record(self) -> PeerRecord:
+        """The record announced for this node now."""
+        return PeerRecord(
+            peer_id=self.identity.peer_id,
+            public_key=self.identity.public_key,
+            endpoint=self.endpoint,
+            model_id=self.spec.model_id,
+            start=self.span.start,
+            end=self.span.end,
+            ms_per_block=self.ms_per_block,
+            price_per_block=self.config.price_per_block,
+            free_cache_tokens=0 if self.draining else self.sessions.free_cache_tokens,
+            wallet=self.wallet,
+            rtts=tuple(sorted(self.rtts.items())),
+            version=__version__,
+            expires_at=0.0,
+        )
+
+    async def stop(self, drain_s: float = 5.0) -> None:
+        """Withdraw from the DHT, let sessions finish for up to ``drain_s``, then close."""
+        self.draining = True
+        if self.announcer is not None:
+            with contextlib.suppress(Exception):
+                await self.announcer.stop()
+        deadline = time.monotonic() + drain_s
+        while len(self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.listener is not None:
+            await self.listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        self.sessions.close_all()
+
+    async def _sweep_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.config.session_idle_timeout_s / 2))
+            for sid in self.sessions.expire_idle():
+                log.info("closed idle session %s", sid)
+
+    # ---------------------------------------------------------------- requests
+
+    async def _serve(self, conn: Any) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await serve_connection(conn, self.handle)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def handle(self, msg: Any) -> Any:
+        """Answer one request; raise a LayerchainError for an error reply."""
+        if self.config.emulate_latency_ms:
+            await asyncio.sleep(self.config.emulate_latency_ms / 1000.0)
+        if isinstance(msg, m.Step):
+            return await self._step(msg)
+        if isinstance(msg, m.OpenSession):
+            return self._open(msg)
+        if isinstance(msg, m.CloseSession):
+            self.sessions.close(msg.session_id)
+            return m.SessionClosed(rid=msg.rid, session_id=msg.session_id)
+        if isinstance(msg, m.Ping):
+            return m.Pong(rid=msg.rid, nonce=msg.nonce)
+        if isinstance(msg, m.Info):
+            return self._info(msg.rid)
+        raise LimitExceeded(f"a node does not accept {type(msg).__name__} requests")
+
+    def _info(self, rid: int) -> m.InfoReply:
+        return m.InfoReply(
+            rid=rid,
+            peer_id=self.peer_id,
+            model_id=self.spec.model_id,
+            start=self.span.start,
+            end=self.span.end,
+            ms_per_block=self.ms_per_block,
+            price_per_block=self.config.price_per_block,
+            free_cache_tokens=self.sessions.free_cache_tokens,
+            wallet=self.wallet,
+            version=__version__,
+            rtts=dict(self.rtts),
+        )
+
+    def _open(self, msg: m.OpenSession) -> m.SessionOpened:
+        if self.draining:
+            raise PeerBusy("node is shutting down")
+        if msg.model_id != self.spec.model_id:
+            raise LimitExceeded(
+                f"node serves model {self.spec.model_id[:12]}, not {msg.model_id[:12]}"
+            )
+        if (msg.start, msg.end) != (self.span.start, self.span.end) and not (
+            self.span.start <= msg.start < msg.end <= self.span.end
+        ):
+            raise LimitExceeded(
+                f"node serves blocks {self.span.start}:{self.span.end}, "
+                f"not {msg.start}:{msg.end}"
+            )
+        cache = self.span.new_cache(msg.start, msg.end)
+        self.sessions.open(msg.session_id, msg.max_length, cache)
+        session = self.sessions.get(msg.session_id)
+        session.start, session.end = msg.start, msg.end  # type: ignore[attr-defined]
+        return m.SessionOpened(
+            rid=msg.rid, session_id=msg.session_id, free_cache_tokens=self.sessions.free_cache_tokens
+        )
+
+    async def _step(self, msg: m.Step) -> m.StepResult:
+        session = self.sessions.get(msg.session_id)
+        hidden = msg.hidden
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.spec.hidden_size:
+            raise LimitExceeded(
+                f"hidden states must be [1, T, {self.spec.hidden_size}], got {list(hidden.shape)}"
+            )
+        async with session.lock:
+            if msg.step != session.next_step:
+                raise LimitExceeded(
+                    f"session {msg.session_id} expects step {session.next_step}, got {msg.step}"
+                )
+            tokens = hidden.shape[1]
+            if session.tokens + tokens > session.max_length:
+                raise LimitExceeded(
+                    f"session {msg.session_id} would hold {session.tokens + tokens} tokens, "
+                    f"more than its max_length {session.max_length}"
+                )
+            x = hidden if hidden.dtype == torch.float32 else hidden.float()
+            with torch.inference_mode():
+                out = self.span.forward(
+                    x, session.cache, start=session.start, end=session.end  # type: ignore[attr-defined]
+                )
+            session.tokens += tokens
+            session.next_step += 1
+            receipt = b""
+            if self.receipts is not None:
+                receipt = self.receipts(msg, session, x, out)
+        return m.StepResult(
+            rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out, receipt=receipt
+        )

@@ -1,0 +1,22 @@
+"""Route planning: the fastest chain of peers within the client's limits (paper §3.1-3.2).
+
+Pure functions over a snapshot of peers; no I/O, no torch. See ``planner`` for the
+algorithms and ``route`` for the records and the latency models.
+"""
+
+from layerchain.routing.planner import pareto_front, plan_route, plan_span
+from layerchain.routing.route import MODES, RoutePeer, RoutePlan, check_route, route_terms
+from layerchain.routing.snapshot import Snapshot, parse_snapshot
+
+__all__ = [
+    "MODES",
+    "RoutePeer",
+    "RoutePlan",
+    "Snapshot",
+    "check_route",
+    "pareto_front",
+    "parse_snapshot",
+    "plan_route",
+    "plan_span",
+    "route_terms",
+]

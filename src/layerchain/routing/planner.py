@@ -1,0 +1,386 @@
+"""The route planner: the best chain of peers over a snapshot (paper §3.1-3.2).
+
+Pure functions, no I/O: the client's background tasks feed them a snapshot of peers
+(``RoutePeer``) and get back a ``RoutePlan``. See ``layerchain.routing.route`` for what a
+route is and how latency, price and cost are counted.
+
+* ``plan_route``: the minimum-cost route for the client's ``alpha``, optionally within
+  ``max_price`` and ``max_latency_ms``. Client mode without binding limits takes the fast
+  path: the relaxed DP of ``relaxed`` (O(blocks * peers), numpy); when its route uses no
+  peer twice and meets the limits, it is optimal. Otherwise the exact search of ``search``
+  decides: A* on the relaxed bound with the repaired relaxed route as incumbent (a peer
+  twice); Lagrangian branch and bound (binding limits: the multipliers come from a few
+  relaxed DPs, see ``_Planner.dual``); plain A* (push mode). The search is bounded
+  (``search.MAX_LABELS``): past it a limited request gets the best route found that meets
+  the limits (not proven optimal), or RoutingError if none was found.
+* ``pareto_front``: every non-dominated (latency, price) route, sorted by latency.
+* ``plan_span``: the same over a block range ``[start, end)`` only, used to re-plan the
+  span a dead peer held. Banned peers go in ``exclude``; so do the route's other peers if
+  the re-planned hops must not reuse them.
+
+Ties: among routes of equal cost the planner prefers the lower latency (for ``alpha = 0``,
+the lower price), so the chosen route is always on the Pareto frontier.
+
+Errors: ``NoRoute`` names uncovered blocks ("blocks 12:15 have no peer") or the limit that
+cannot be met with the closest achievable values; bad arguments raise ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from layerchain.errors import ConfigError, NoRoute, RoutingError
+from layerchain.routing.relaxed import PeerArrays, relaxed_cost_to_go, relaxed_forward
+from layerchain.routing.route import EPS, MODES, RoutePeer, RoutePlan, make_plan
+from layerchain.routing.search import Bounds, SearchSpec, search
+from layerchain.types import Hop
+
+PeerRtts = Mapping[tuple[str, str], float]
+
+
+def plan_route(
+    peers: Sequence[RoutePeer],
+    num_blocks: int,
+    alpha: float = 0.0,
+    max_price: float | None = None,
+    max_latency_ms: float | None = None,
+    *,
+    exclude: Iterable[str] = (),
+    mode: str = "client",
+    peer_rtts: PeerRtts | None = None,
+) -> RoutePlan:
+    """The minimum-cost route over blocks ``[0, num_blocks)`` meeting the limits.
+
+    ``alpha`` in [0, 1] weighs price against latency (0: fastest, 1: cheapest).
+    ``mode="push"`` scores latency with peer-to-peer RTTs from ``peer_rtts``
+    (``{(peer_a, peer_b): rtt_ms}``). Raises NoRoute when blocks are uncovered or no route
+    meets the limits."""
+    return plan_span(peers, num_blocks, 0, num_blocks, alpha, max_price, max_latency_ms,
+                     exclude=exclude, mode=mode, peer_rtts=peer_rtts)
+
+
+def plan_span(
+    peers: Sequence[RoutePeer],
+    num_blocks: int,
+    start: int,
+    end: int,
+    alpha: float = 0.0,
+    max_price: float | None = None,
+    max_latency_ms: float | None = None,
+    *,
+    exclude: Iterable[str] = (),
+    mode: str = "client",
+    peer_rtts: PeerRtts | None = None,
+) -> RoutePlan:
+    """``plan_route`` over blocks ``[start, end)`` only; hops use the parts of peers' spans
+    inside it. The limits apply to the returned sub-route alone."""
+    planner = _Planner(peers, num_blocks, start, end, alpha, exclude, mode, peer_rtts)
+    return planner.best(max_price, max_latency_ms)
+
+
+def pareto_front(
+    peers: Sequence[RoutePeer],
+    num_blocks: int,
+    max_price: float | None = None,
+    max_latency_ms: float | None = None,
+    *,
+    alpha: float = 0.0,
+    start: int = 0,
+    end: int | None = None,
+    exclude: Iterable[str] = (),
+    mode: str = "client",
+    peer_rtts: PeerRtts | None = None,
+) -> list[RoutePlan]:
+    """Every non-dominated (latency, price) route meeting the limits, sorted by latency
+    (so by decreasing price). ``alpha`` only fills each plan's ``cost``. One route per
+    distinct (latency, price) point. Raises NoRoute when blocks are uncovered; returns
+    ``[]`` when no route meets the limits."""
+    end = num_blocks if end is None else end
+    planner = _Planner(peers, num_blocks, start, end, alpha, exclude, mode, peer_rtts)
+    spec = planner.spec("pareto", max_price, max_latency_ms)
+    return [planner.plan(label.hops()) for label in search(planner.arr, spec, planner.bounds())]
+
+
+def _fmt(value: float) -> str:
+    """A number for a message: 14, 0.5, 35.25 (at most 6 significant digits)."""
+    return f"{value:.6g}"
+
+
+class _Planner:
+    """One planning request: validated inputs, the peer arrays and cached bounds."""
+
+    def __init__(
+        self,
+        peers: Sequence[RoutePeer],
+        num_blocks: int,
+        start: int,
+        end: int,
+        alpha: float,
+        exclude: Iterable[str],
+        mode: str,
+        peer_rtts: PeerRtts | None,
+    ) -> None:
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ConfigError(f"num_blocks must be a positive integer, not {num_blocks!r}")
+        if not (0 <= start < end <= num_blocks):
+            raise ConfigError(f"block range {start}:{end} is empty or outside 0:{num_blocks}")
+        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise ConfigError(f"alpha must be in [0, 1], not {alpha!r}")
+        if mode not in MODES:
+            raise ConfigError(f"unknown latency mode {mode!r}: use one of {', '.join(MODES)}")
+        by_id: dict[str, RoutePeer] = {}
+        for peer in peers:
+            if peer.id in by_id:
+                raise ConfigError(f"peer {peer.id} appears twice in the snapshot")
+            if peer.end > num_blocks:
+                raise ConfigError(
+                    f"peer {peer.id} serves blocks {peer.start}:{peer.end} "
+                    f"but the model has {num_blocks}"
+                )
+            by_id[peer.id] = peer
+        self.by_id, self.alpha, self.mode = by_id, float(alpha), mode
+        self.peer_rtts = dict(peer_rtts or {})
+        self.excluded = sorted(set(exclude) & set(by_id))
+        self.arr = PeerArrays.build(list(peers), start, end, self.excluded)
+        gaps = self.arr.uncovered()
+        if gaps:
+            names = ", ".join(f"{a}:{b}" if b - a > 1 else f"{a}" for a, b in gaps)
+            word = "blocks" if len(gaps) > 1 or gaps[0][1] - gaps[0][0] > 1 else "block"
+            verb = "have" if word == "blocks" else "has"
+            k = len(self.excluded)
+            note = f" ({k} excluded peer{'s' if k > 1 else ''} not counted)" if k else ""
+            raise NoRoute(f"{word} {names} {verb} no peer{note}")
+        self._bounds: dict[object, np.ndarray] = {}  # cached cost-to-go arrays
+
+    # --- building blocks -------------------------------------------------------------
+
+    def plan(self, rows_hops: list[tuple[int, int, int]], alpha: float | None = None) -> RoutePlan:
+        """A RoutePlan from hops ``(row, a, b)`` in shifted coordinates."""
+        off, peers = self.arr.offset, self.arr.peers
+        hops = [Hop(peers[r].id, a + off, b + off) for r, a, b in rows_hops]
+        merged: list[Hop] = []  # adjacent hops on one peer are one hop (never costlier)
+        for hop in hops:
+            if merged and merged[-1].peer_id == hop.peer_id and merged[-1].end == hop.start:
+                merged[-1] = Hop(hop.peer_id, merged[-1].start, hop.end)
+            else:
+                merged.append(hop)
+        return make_plan(merged, self.by_id, self.alpha if alpha is None else alpha,
+                         mode=self.mode, peer_rtts=self.peer_rtts)
+
+    def bounds(self, alpha: float | None = None, *, cost_only: bool = False,
+               lat_weight: float | None = None, price_weight: float | None = None) -> Bounds:
+        """Relaxed cost-to-go lower bounds (push mode: compute only, transfers >= 0).
+
+        ``cost`` is for ``price_weight * price + lat_weight * latency``, by default
+        ``alpha`` and ``1 - alpha``. ``cost_only``: latency and price bounds are zeros
+        (still lower bounds; they only break ties when no limit needs them), saving two
+        DP passes."""
+        alpha = self.alpha if alpha is None else alpha
+        lat_w = 1 - alpha if lat_weight is None else lat_weight
+        price_w = alpha if price_weight is None else price_weight
+        arr = self.arr
+        fixed = arr.rtt if self.mode == "client" else np.zeros_like(arr.rtt)
+        zero = np.zeros_like(arr.rtt)
+        if ("cost", lat_w, price_w) not in self._bounds:
+            self._bounds[("cost", lat_w, price_w)] = relaxed_cost_to_go(
+                arr, lat_w * fixed, price_w * arr.pr + lat_w * arr.ms)
+        cost = self._bounds[("cost", lat_w, price_w)]
+        if cost_only:
+            nothing = np.zeros(arr.n + 1)
+            return Bounds(latency=nothing, price=nothing, cost=cost)
+        if "latency" not in self._bounds:
+            self._bounds["latency"] = relaxed_cost_to_go(arr, fixed, arr.ms)
+            self._bounds["price"] = relaxed_cost_to_go(arr, zero, arr.pr)
+        return Bounds(self._bounds["latency"], self._bounds["price"], cost)
+
+    def spec(self, objective: str, max_price: float | None, max_latency_ms: float | None,
+             alpha: float | None = None) -> SearchSpec:
+        one_way: dict[int, dict[int, float]] = {}
+        if self.mode == "push" and self.peer_rtts:
+            row = {p.id: i for i, p in enumerate(self.arr.peers)}
+            for (a, b), rtt in self.peer_rtts.items():
+                if a in row and b in row:
+                    one_way.setdefault(row[a], {})[row[b]] = rtt / 2
+                    one_way.setdefault(row[b], {}).setdefault(row[a], rtt / 2)
+        return SearchSpec(alpha=self.alpha if alpha is None else alpha, objective=objective,
+                          mode=self.mode, max_price=max_price, max_latency_ms=max_latency_ms,
+                          one_way=one_way)
+
+    def fast(self, alpha: float) -> tuple[RoutePlan | None, RoutePlan | None]:
+        """Client mode: ``(optimum, None)`` when the relaxed optimum uses no peer twice;
+        else ``(None, valid)`` with a valid route made from it (an upper bound)."""
+        if self.mode != "client":
+            return None, None
+        arr = self.arr
+        if alpha == 0.0:  # secondary cost (tie-breaker): price when alpha = 0, else latency
+            second_fixed, second_w = np.zeros_like(arr.rtt), arr.pr
+        else:
+            second_fixed, second_w = arr.rtt, arr.ms
+        result = relaxed_forward(arr, (1 - alpha) * arr.rtt, alpha * arr.pr + (1 - alpha) * arr.ms,
+                                 second_fixed, second_w)
+        hops = result.hops()
+        if len({row for row, _, _ in hops}) == len(hops):
+            return self.plan(hops, alpha), None
+        return None, self.plan(_repair(hops), alpha)
+
+    def optimum(self, alpha: float, max_price: float | None = None,
+                max_latency_ms: float | None = None) -> RoutePlan | None:
+        """The exact optimum for ``alpha`` within the limits, or None if none meets them."""
+        plan, valid = self.fast(alpha)
+        if plan is not None and _meets(plan, max_price, max_latency_ms):
+            return plan
+        spec = self.spec("scalar", max_price, max_latency_ms, alpha)
+        if max_price is None and max_latency_ms is None and valid is not None:
+            spec = replace(spec, upper_bound=valid.cost)
+            found = search(self.arr, spec, self.bounds(alpha, cost_only=True))
+        elif self.mode == "client":
+            lat_mult, price_mult, incumbent = self.dual(alpha, max_price, max_latency_ms, valid)
+            spec = replace(spec, lat_mult=lat_mult, price_mult=price_mult,
+                           upper_bound=np.inf if incumbent is None else incumbent.cost)
+            limits = self.bounds(alpha)
+            weighted = self.bounds(alpha, lat_weight=1 - alpha + lat_mult,
+                                   price_weight=alpha + price_mult, cost_only=True)
+            try:
+                found = search(self.arr, spec, replace(limits, cost=weighted.cost))
+            except RoutingError:
+                if incumbent is None:
+                    raise
+                found = []  # gave up: the incumbent is the best known (optimal not proven)
+            if not found and incumbent is not None:
+                return incumbent  # the search only reports routes better than the incumbent
+        else:
+            found = search(self.arr, spec, self.bounds(alpha))
+        return self.plan(found[0].hops(), alpha) if found else None
+
+    def dual(self, alpha: float, max_price: float | None, max_latency_ms: float | None,
+             valid: RoutePlan | None) -> tuple[float, float, RoutePlan | None]:
+        """Lagrangian multipliers for the limits, and the best valid route meeting them
+        met on the way (an incumbent for branch and bound).
+
+        The dual function ``g(lat_mult, price_mult)`` = relaxed min of ``cost + lat_mult *
+        (latency - max_latency_ms) + price_mult * (price - max_price)`` is a lower bound of
+        the constrained optimum and concave; it is raised by bisection on each multiplier
+        in turn, the sign of the limit's overrun at the relaxed minimiser being its slope.
+        Each evaluation is one relaxed DP; its route, repaired, may meet the limits."""
+        arr = self.arr
+        incumbent = None
+        if valid is not None and _meets(valid, max_price, max_latency_ms):
+            incumbent = valid
+        best = (-np.inf, 0.0, 0.0)  # (g, lat_mult, price_mult)
+
+        def evaluate(lat_mult: float, price_mult: float) -> tuple[float, float]:
+            nonlocal incumbent, best
+            lat_w, price_w = 1 - alpha + lat_mult, alpha + price_mult
+            result = relaxed_forward(arr, lat_w * arr.rtt, price_w * arr.pr + lat_w * arr.ms)
+            hops = result.hops()
+            relaxed = self.plan(hops, alpha)
+            g = (float(result.best[-1]) - lat_mult * (max_latency_ms or 0.0)
+                 - price_mult * (max_price or 0.0))
+            if g > best[0]:
+                best = (g, lat_mult, price_mult)
+            repaired = self.plan(_repair(hops), alpha)
+            if _meets(repaired, max_price, max_latency_ms) and (
+                    incumbent is None or repaired.cost < incumbent.cost):
+                incumbent = repaired
+            return relaxed.latency_ms - (max_latency_ms or 0.0), relaxed.price - (max_price or 0.0)
+
+        mults = [0.0, 0.0]  # [lat_mult, price_mult]
+        over = evaluate(0.0, 0.0)
+        coords = [i for i, limit in enumerate((max_latency_ms, max_price)) if limit is not None]
+        for _ in range(2 if len(coords) == 2 else 1):
+            for i in coords:
+                def slope(value: float) -> float:
+                    trial = list(mults)
+                    trial[i] = value
+                    return evaluate(*trial)[i]
+                if over[i] <= 0 and mults[i] == 0.0:
+                    continue  # this limit does not bind at the current multipliers
+                low, high = 0.0, max(1.0, 2 * mults[i])
+                while slope(high) > 0 and high < 1e9:
+                    low, high = high, high * 8
+                for _ in range(8):
+                    mid = (low + high) / 2
+                    if slope(mid) > 0:
+                        low = mid
+                    else:
+                        high = mid
+                mults = [best[1], best[2]]
+                over = evaluate(*mults)
+        lat_mult, price_mult = best[1], best[2]
+        for factor in (1.0, 2.0, 8.0, 64.0):  # no incumbent yet: exact valid optima, pushed
+            if incumbent is not None:  # ever harder towards the limits, until one meets them
+                break
+            lat_w, price_w = 1 - alpha + factor * lat_mult, alpha + factor * price_mult
+            plan = self.optimum(price_w / (lat_w + price_w))
+            if plan is not None and _meets(plan, max_price, max_latency_ms):
+                incumbent = self.plan(list(self.rows(plan)), alpha)
+        return lat_mult, price_mult, incumbent
+
+    def rows(self, plan: RoutePlan) -> Iterable[tuple[int, int, int]]:
+        """A plan's hops back as ``(row, a, b)`` in shifted coordinates."""
+        row = {p.id: i for i, p in enumerate(self.arr.peers)}
+        for hop in plan.hops:
+            yield row[hop.peer_id], hop.start - self.arr.offset, hop.end - self.arr.offset
+
+    # --- the request -------------------------------------------------------------------
+
+    def best(self, max_price: float | None, max_latency_ms: float | None) -> RoutePlan:
+        for name, limit in (("max_price", max_price), ("max_latency_ms", max_latency_ms)):
+            if limit is not None and not (isinstance(limit, (int, float)) and math.isfinite(limit)):
+                raise ConfigError(f"{name} must be a finite number, not {limit!r}")
+        plan = self.optimum(self.alpha, max_price, max_latency_ms)
+        if plan is not None:
+            return plan
+        raise NoRoute(self.explain(max_price, max_latency_ms))
+
+    def explain(self, max_price: float | None, max_latency_ms: float | None) -> str:
+        """Why no route meets the limits, with the closest achievable values."""
+        if max_price is not None:
+            cheapest = self.optimum(1.0)
+            assert cheapest is not None
+            if cheapest.price > max_price + EPS:
+                return (f"no route within max_price {_fmt(max_price)}: the cheapest costs "
+                        f"{_fmt(cheapest.price)} (latency {_fmt(cheapest.latency_ms)} ms)")
+        if max_latency_ms is not None:
+            fastest = self.optimum(0.0)
+            assert fastest is not None
+            if fastest.latency_ms > max_latency_ms + EPS:
+                return (f"no route within max_latency_ms {_fmt(max_latency_ms)}: the fastest "
+                        f"takes {_fmt(fastest.latency_ms)} ms (price {_fmt(fastest.price)})")
+        assert max_price is not None and max_latency_ms is not None
+        cheap = self.optimum(1.0, None, max_latency_ms)
+        fast = self.optimum(0.0, max_price, None)
+        assert cheap is not None and fast is not None
+        return (f"no route within both max_price {_fmt(max_price)} and max_latency_ms "
+                f"{_fmt(max_latency_ms)}: within the latency limit the cheapest costs "
+                f"{_fmt(cheap.price)}; within the price limit the fastest takes "
+                f"{_fmt(fast.latency_ms)} ms")
+
+
+def _meets(plan: RoutePlan, max_price: float | None, max_latency_ms: float | None) -> bool:
+    return (max_price is None or plan.price <= max_price + EPS) and (
+        max_latency_ms is None or plan.latency_ms <= max_latency_ms + EPS
+    )
+
+
+
+def _repair(hops: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """A valid route from a relaxed one: while a peer appears twice, its first and last
+    hops and everything between become one hop on it (its span is contiguous, so it
+    covers them)."""
+    hops = list(hops)
+    while True:
+        first: dict[int, int] = {}
+        for j, (row, _, _) in enumerate(hops):
+            if row in first:
+                i = first[row]
+                last = max(k for k in range(j, len(hops)) if hops[k][0] == row)
+                hops[i:last + 1] = [(row, hops[i][1], hops[last][2])]
+                break
+            first[row] = j
+        else:
+            return hops

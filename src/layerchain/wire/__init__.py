@@ -1,0 +1,64 @@
+"""The wire protocol: messages, frames, transports and request/reply, imported by both sides.
+
+``messages`` (typed, versioned records) -> ``codec`` (frames, ``Limits``) -> ``tcp`` /
+``memory`` (transports behind the ``transport`` seam) -> ``rpc`` (``RpcClient``,
+``serve_connection``). Client and node both import this package and never each other.
+"""
+
+from layerchain.wire.codec import DEFAULT_LIMITS, Limits, decode, encode, encode_bytes
+from layerchain.wire.messages import (
+    PROTOCOL_VERSION,
+    CloseSession,
+    ErrorReply,
+    Info,
+    InfoReply,
+    Message,
+    OpenSession,
+    Ping,
+    Pong,
+    SessionClosed,
+    SessionOpened,
+    Step,
+    StepResult,
+)
+from layerchain.wire.rpc import RpcClient, ServeStats, serve_connection
+from layerchain.wire.transport import (
+    Connection,
+    Listener,
+    MemoryHub,
+    MemoryTransport,
+    TcpTransport,
+    Transport,
+    transport_for,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "DEFAULT_LIMITS",
+    "Limits",
+    "encode",
+    "encode_bytes",
+    "decode",
+    "Message",
+    "OpenSession",
+    "SessionOpened",
+    "Step",
+    "StepResult",
+    "CloseSession",
+    "SessionClosed",
+    "Info",
+    "InfoReply",
+    "Ping",
+    "Pong",
+    "ErrorReply",
+    "RpcClient",
+    "ServeStats",
+    "serve_connection",
+    "Connection",
+    "Listener",
+    "Transport",
+    "TcpTransport",
+    "MemoryTransport",
+    "MemoryHub",
+    "transport_for",
+]

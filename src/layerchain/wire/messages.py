@@ -1,0 +1,214 @@
+"""The messages of the layerchain wire protocol, version ``PROTOCOL_VERSION``.
+
+Every message is a frozen dataclass with ``rid`` (request id) first: a request carries the
+rid its sender chose and the reply echoes it, so many calls can share one connection.
+Requests and their replies::
+
+    OpenSession  -> SessionOpened     open an inference session on blocks [start, end)
+    Step         -> StepResult        one forward call of a session over its hidden states
+    CloseSession -> SessionClosed     free the session's KV cache
+    Info         -> InfoReply         what the peer serves, at what speed and price
+    Ping         -> Pong              liveness and round-trip time
+    (any)        -> ErrorReply        ``code`` is an ``errors.py`` class ``code``
+
+This module knows nothing of bytes: ``codec`` turns these records into frames. The field
+order of each class *is* its wire layout (positional), and ``TYPE_ID`` its tag on the wire:
+changing either, or adding a field, means bumping ``PROTOCOL_VERSION``.
+
+``hidden`` tensors are ``[B, T, H]`` (batch, new tokens, hidden size) in float32, float16
+or bfloat16. ``voucher`` and ``receipt`` are opaque bytes here; ``market`` defines them.
+Tensor-carrying messages compare by identity (``eq=False``): tensors have no truth value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+import torch
+
+from layerchain.errors import LayerchainError
+
+PROTOCOL_VERSION = 1
+
+
+def _short_repr(msg: object) -> str:
+    """repr with tensors shown as shape and dtype, not values."""
+    parts = []
+    for name in msg.__dataclass_fields__:  # type: ignore[attr-defined]
+        value = getattr(msg, name)
+        if isinstance(value, torch.Tensor):
+            parts.append(f"{name}=<{str(value.dtype).removeprefix('torch.')} {list(value.shape)}>")
+        else:
+            parts.append(f"{name}={value!r}")
+    return f"{type(msg).__name__}({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    """Ask a peer to hold a KV cache for blocks ``[start, end)`` of ``model_id``."""
+
+    TYPE_ID: ClassVar[int] = 1
+    rid: int
+    session_id: str
+    model_id: str
+    start: int
+    end: int
+    max_length: int  # tokens the session may reach (prompt + generated)
+    voucher: bytes = b""
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    """The session is admitted; ``free_cache_tokens`` left on the peer afterwards."""
+
+    TYPE_ID: ClassVar[int] = 2
+    rid: int
+    session_id: str
+    free_cache_tokens: int
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """Run the session's blocks over ``hidden`` [B, T, H]; ``step`` counts from 0."""
+
+    TYPE_ID: ClassVar[int] = 3
+    rid: int
+    session_id: str
+    step: int
+    hidden: torch.Tensor  # [B, T, H] float32 | float16 | bfloat16
+    voucher: bytes = b""
+
+    __repr__ = _short_repr
+
+
+@dataclass(frozen=True, eq=False)
+class StepResult:
+    """The blocks' output [B, T, H] for ``step``, with the peer's signed receipt."""
+
+    TYPE_ID: ClassVar[int] = 4
+    rid: int
+    session_id: str
+    step: int
+    hidden: torch.Tensor  # [B, T, H], same shape and dtype as the Step's input
+    receipt: bytes = b""
+
+    __repr__ = _short_repr
+
+
+@dataclass(frozen=True)
+class CloseSession:
+    """Free the session's cache."""
+
+    TYPE_ID: ClassVar[int] = 5
+    rid: int
+    session_id: str
+
+
+@dataclass(frozen=True)
+class SessionClosed:
+    """The session is gone."""
+
+    TYPE_ID: ClassVar[int] = 6
+    rid: int
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Info:
+    """Ask a peer what it serves."""
+
+    TYPE_ID: ClassVar[int] = 7
+    rid: int
+
+
+@dataclass(frozen=True)
+class InfoReply:
+    """What a peer serves, how fast, at what price."""
+
+    TYPE_ID: ClassVar[int] = 8
+    rid: int
+    peer_id: str
+    model_id: str
+    start: int
+    end: int
+    ms_per_block: float  # measured compute, milliseconds per block per token
+    price_per_block: int  # credits per block per token
+    free_cache_tokens: int
+    wallet: str  # payment address, "" if none
+    version: str  # layerchain version string of the peer
+    rtts: dict[str, float] = field(default_factory=dict)  # peer_id -> round trip, seconds
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Liveness probe; the peer echoes ``nonce``."""
+
+    TYPE_ID: ClassVar[int] = 9
+    rid: int
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    """Answer to Ping with the same ``nonce``."""
+
+    TYPE_ID: ClassVar[int] = 10
+    rid: int
+    nonce: int
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """The request ``rid`` failed; ``code`` names an ``errors.py`` class (rid 0: no request)."""
+
+    TYPE_ID: ClassVar[int] = 11
+    rid: int
+    code: str
+    message: str
+
+    @classmethod
+    def from_error(cls, rid: int, error: LayerchainError) -> ErrorReply:
+        """The reply for ``error``; the message is cut to 500 characters."""
+        return cls(rid, error.code, str(error)[:500])
+
+
+Message = Union[
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepResult,
+    CloseSession,
+    SessionClosed,
+    Info,
+    InfoReply,
+    Ping,
+    Pong,
+    ErrorReply,
+]
+
+MESSAGE_TYPES: dict[int, type] = {
+    cls.TYPE_ID: cls
+    for cls in (
+        OpenSession,
+        SessionOpened,
+        Step,
+        StepResult,
+        CloseSession,
+        SessionClosed,
+        Info,
+        InfoReply,
+        Ping,
+        Pong,
+        ErrorReply,
+    )
+}
+
+# Which reply answers which request (ErrorReply answers any of them).
+REPLY_TYPES: dict[type, type] = {
+    OpenSession: SessionOpened,
+    Step: StepResult,
+    CloseSession: SessionClosed,
+    Info: InfoReply,
+    Ping: Pong,
+}

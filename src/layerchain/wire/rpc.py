@@ -1,0 +1,280 @@
+"""Request/reply over a ``Connection``: ``RpcClient`` for callers, ``serve_connection`` for peers.
+
+Client side: ``await RpcClient(conn).call(msg, timeout)`` gives ``msg`` a fresh rid, sends
+it, and returns the reply with that rid. Any number of calls may be in flight on one
+connection; replies are dispatched by rid, straight from the TCP protocol callback
+(``TcpConnection.set_receiver``) or by one reader task for other connections. Failures are typed:
+* ``ErrorReply(code, message)``  -> ``errors.error_from_code(code, message)`` is raised;
+* no reply within ``timeout``    -> ``PeerTimeout`` (a late reply is dropped and counted);
+* the connection drops           -> ``PeerUnreachable`` for every pending and later call;
+* a reply of the wrong type      -> ``InvalidOutput``.
+
+Server side: ``serve_connection(conn, handler)`` reads requests and runs
+``await handler(msg) -> reply`` in one task per request (at most
+``Limits.max_inflight_per_connection`` at once; reading pauses beyond that). The reply
+gets the request's rid. A raised ``LayerchainError`` becomes an ``ErrorReply`` with its
+``code``; any other exception is logged and answered as ``remote_error`` (a handler bug
+never takes the connection down). A bad frame is answered with ``ErrorReply`` (the rid if
+it could be read, else 0); if it broke frame sync the connection then closes. ``Ping`` is
+answered here. ``OpenSession`` beyond ``max_sessions_per_connection`` open sessions is
+refused with ``LimitExceeded`` before reaching the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from layerchain.errors import (
+    InvalidOutput,
+    LayerchainError,
+    LimitExceeded,
+    PeerTimeout,
+    PeerUnreachable,
+    ProtocolError,
+    RemoteError,
+    error_from_code,
+)
+from layerchain.wire.codec import DEFAULT_LIMITS, Limits, error_rid
+from layerchain.wire.messages import (
+    REPLY_TYPES,
+    ErrorReply,
+    Message,
+    OpenSession,
+    Ping,
+    Pong,
+    SessionClosed,
+    SessionOpened,
+)
+
+log = logging.getLogger(__name__)
+
+RequestHandler = Callable[[Any], Awaitable[Any]]  # request -> reply (None: send nothing)
+
+
+class RpcClient:
+    """Concurrent request/reply calls over one connection (see the module docstring)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.late_replies = 0  # replies whose call had already timed out or gone
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._rids = itertools.count(1)
+        self._reader: asyncio.Task[None] | None = None
+        self._pushed = False  # replies arrive through conn.set_receiver, not a reader task
+        self._failure: str | None = None  # why the connection is unusable
+        self._last_error: ErrorReply | None = None  # a rid-0 error reply from the peer
+
+    @property
+    def closed(self) -> bool:
+        return self._failure is not None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def call(self, msg: Message, timeout: float) -> Message:
+        """Send ``msg`` with a fresh rid; its reply within ``timeout`` seconds, or a typed error."""
+        if self._failure is not None:
+            raise PeerUnreachable(self._failure)
+        loop = asyncio.get_running_loop()
+        if self._reader is None and not self._pushed:
+            if hasattr(self.conn, "set_receiver"):  # TCP: replies dispatched from the protocol
+                self._pushed = True
+                self.conn.set_receiver(self._on_incoming)
+            else:
+                self._reader = loop.create_task(self._read_loop())
+        rid = next(self._rids)
+        msg = dataclasses.replace(msg, rid=rid)
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending[rid] = fut
+        timer = loop.call_later(timeout, self._expire, fut, msg, timeout)
+        try:
+            await self.conn.send(msg)
+            reply = await fut
+        finally:
+            timer.cancel()
+            self._pending.pop(rid, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # mark retrieved: no "never retrieved" warnings on cancel
+        if type(reply) is ErrorReply:
+            raise error_from_code(reply.code, reply.message)
+        expected = REPLY_TYPES.get(type(msg))
+        if expected is not None and type(reply) is not expected:
+            raise InvalidOutput(
+                f"{self.conn.peer} answered {type(msg).__name__} with {type(reply).__name__}"
+            )
+        return reply
+
+    def _expire(self, fut: asyncio.Future[Any], msg: Message, timeout: float) -> None:
+        if not fut.done():
+            fut.set_exception(
+                PeerTimeout(
+                    f"{self.conn.peer}: no reply to {type(msg).__name__} within {timeout:g} s"
+                )
+            )
+
+    def _on_incoming(self, item: Any) -> None:
+        """Dispatch one reply, bad reply frame (ProtocolError) or PeerUnreachable (the end)."""
+        if isinstance(item, PeerUnreachable):
+            why = str(item)
+            if self._last_error is not None:
+                why += f" (peer said {self._last_error.code}: {self._last_error.message})"
+            self._fail_all(why)
+            return
+        if isinstance(item, ProtocolError):  # a bad reply frame: fail its call if known
+            fut = self._pending.get(error_rid(item))
+            if fut is not None and not fut.done():
+                fut.set_exception(item)
+            return
+        fut = self._pending.get(item.rid)
+        if fut is not None and not fut.done():
+            fut.set_result(item)
+        elif type(item) is ErrorReply and item.rid == 0:
+            self._last_error = item
+        else:
+            self.late_replies += 1
+
+    async def _read_loop(self) -> None:
+        """Pull mode, for connections without ``set_receiver``."""
+        try:
+            while True:
+                try:
+                    item: Any = await self.conn.recv()
+                except ProtocolError as error:
+                    item = error
+                self._on_incoming(item)
+        except PeerUnreachable as error:
+            self._on_incoming(error)
+        except asyncio.CancelledError:
+            self._on_incoming(PeerUnreachable("client closed"))
+        except Exception as error:  # never leave callers hanging on a bug
+            log.exception("rpc reader for %s failed", self.conn.peer)
+            self._on_incoming(PeerUnreachable(f"reader failed: {error!r}"))
+
+    def _fail_all(self, why: str) -> None:
+        self._failure = self._failure or why
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(PeerUnreachable(self._failure))
+
+    async def close(self) -> None:
+        """Fail pending calls with PeerUnreachable and close the connection."""
+        self._fail_all("client closed")
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.conn.close()
+
+
+@dataclasses.dataclass
+class ServeStats:
+    """Counters of one or more served connections (mutable: a tally, not a record)."""
+
+    requests: int = 0  # well-formed requests read
+    error_replies: int = 0  # ErrorReply sent, for any cause
+    protocol_errors: int = 0  # bad frames received
+    by_code: dict[str, int] = dataclasses.field(default_factory=dict)  # error code -> count
+    open_sessions: set[str] = dataclasses.field(default_factory=set)  # opened here, not closed
+
+    def count(self, code: str) -> None:
+        self.error_replies += 1
+        self.by_code[code] = self.by_code.get(code, 0) + 1
+
+
+async def serve_connection(
+    conn: Any,
+    handler: RequestHandler,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    stats: ServeStats | None = None,
+) -> ServeStats:
+    """Serve requests on ``conn`` until it closes; then close it and return the tally.
+
+    ``stats.open_sessions`` lists sessions opened over this connection and never closed:
+    the caller decides whether to drop them.
+    """
+    stats = stats if stats is not None else ServeStats()
+    slots = asyncio.Semaphore(limits.max_inflight_per_connection)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reply(msg: Message) -> None:
+        try:
+            await conn.send(msg)
+        except ProtocolError as error:  # the handler's reply breaks the limits
+            log.warning("reply to %s breaks the protocol: %s", conn.peer, error)
+            stats.count(error.code)
+            await conn.send(ErrorReply.from_error(msg.rid, error))
+
+    async def handle(msg: Any) -> None:
+        try:
+            if (
+                type(msg) is OpenSession
+                and msg.session_id not in stats.open_sessions
+                and len(stats.open_sessions) >= limits.max_sessions_per_connection
+            ):
+                raise LimitExceeded(
+                    f"{len(stats.open_sessions)} sessions open on this connection, the limit"
+                )
+            answer = await handler(msg)
+            if type(answer) is SessionOpened:
+                stats.open_sessions.add(answer.session_id)
+            elif type(answer) is SessionClosed:
+                stats.open_sessions.discard(answer.session_id)
+        except LayerchainError as error:
+            answer = ErrorReply.from_error(msg.rid, error)
+        except Exception as error:
+            log.exception("handler failed on %s from %s", type(msg).__name__, conn.peer)
+            why = f"internal error: {type(error).__name__}"
+            answer = ErrorReply(msg.rid, RemoteError.code, why)
+        finally:
+            slots.release()
+        if answer is None:
+            return
+        if type(answer) is ErrorReply:
+            stats.count(answer.code)
+        if answer.rid != msg.rid:
+            answer = dataclasses.replace(answer, rid=msg.rid)
+        try:
+            await reply(answer)
+        except PeerUnreachable:
+            pass
+
+    try:
+        while True:
+            await slots.acquire()  # backpressure: no reading while all slots are busy
+            try:
+                msg = await conn.recv()
+            except ProtocolError as error:
+                slots.release()
+                stats.protocol_errors += 1
+                stats.count(error.code)
+                await conn.send(ErrorReply.from_error(error_rid(error), error))
+                continue  # if sync was lost, the next recv raises PeerUnreachable
+            stats.requests += 1
+            if type(msg) is Ping:
+                slots.release()
+                await conn.send(Pong(msg.rid, msg.nonce))
+                continue
+            if type(msg) not in REPLY_TYPES:
+                slots.release()
+                stats.count("frame_error")
+                why = f"{type(msg).__name__} is not a request"
+                await conn.send(ErrorReply(msg.rid, "frame_error", why))
+                continue
+            task = asyncio.get_running_loop().create_task(handle(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    except PeerUnreachable:
+        pass
+    finally:
+        for task in list(tasks):
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await conn.close()
+    return stats

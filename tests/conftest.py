@@ -1,0 +1,94 @@
+"""Fixtures shared across test areas: the default model and tiny random models of each family.
+
+* ``smollm2_spec``: the resolved default model (SmolLM2-135M-Instruct GGUF), once per session.
+* ``tiny_model_dir(family, tokenizer=False)``: a Hugging Face directory (config.json +
+  model.safetensors) of a 4-block random-weight model of ``family`` ("llama", "mistral",
+  "qwen2", "phi3", "gemma"), built once per session without downloads. With
+  ``tokenizer=True`` it uses SmolLM2's vocabulary and tokenizer, so it runs everything a real
+  model runs (chat template, generation) in milliseconds: good for in-process swarms.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma")
+
+
+def tiny_config(family: str, vocab_size: int = 256):
+    """A small config of ``family``: 4 blocks, hidden 64, GQA, sliding windows where they exist."""
+    from transformers import CONFIG_MAPPING
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    extra = {
+        "llama": dict(tie_word_embeddings=False),
+        "mistral": dict(
+            sliding_window=8, tie_word_embeddings=False
+        ),  # windows shorter than the test
+        "qwen2": dict(
+            use_sliding_window=True, sliding_window=8, max_window_layers=2, tie_word_embeddings=True
+        ),  # layers 2, 3 slide; 0, 1 do not
+        "phi3": dict(tie_word_embeddings=False),
+        "gemma": dict(head_dim=16, tie_word_embeddings=True),
+    }[family]
+    return CONFIG_MAPPING[family](**common, **extra)
+
+
+def make_tiny_model(family: str, path, tokenizer=None, seed: int = 0):
+    """Save a random-weight model of ``family`` (and ``tokenizer``, if given) into ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = 256 if tokenizer is None else len(tokenizer)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab))
+    with torch.no_grad():  # norms away from their init values, so their handling shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(str(path))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_spec():
+    from layerchain.model import resolve_model
+
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_spec):
+    from layerchain.model import load_tokenizer
+
+    return load_tokenizer(smollm2_spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, request):
+    """Factory: ``tiny_model_dir(family, tokenizer=False) -> Path`` (built once per session)."""
+    made = {}
+
+    def make(family: str = "llama", tokenizer: bool = False):
+        key = (family, tokenizer)
+        if key not in made:
+            tok = request.getfixturevalue("smollm2_tokenizer") if tokenizer else None
+            path = tmp_path_factory.mktemp(f"tiny-{family}{'-tok' if tokenizer else ''}")
+            made[key] = make_tiny_model(family, path, tok)
+        return made[key]
+
+    return make

@@ -1,0 +1,109 @@
+"""`layerchain wallet ...` and `layerchain ledger ...` through the real app, in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+
+import pytest
+from typer.testing import CliRunner
+
+from layerchain.cli.main import app
+from layerchain.ledger import open_ledger
+from layerchain.market.vouchers import ChannelPayer, VoucherStore
+from layerchain.market.wallet import Wallet
+
+runner = CliRunner()
+
+
+def _run(*args: str, code: int = 0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output  # stdout and stderr, interleaved
+    return result, result.output
+
+
+@pytest.fixture
+def home(tmp_path):
+    return tmp_path / "home"
+
+
+def test_wallet_flow(home):
+    _, out = _run("wallet", "create", "--data-dir", home)
+    wallet = Wallet.load(home)
+    assert wallet.address in out
+    assert stat.S_IMODE(os.stat(home / "wallet.json").st_mode) == 0o600
+    _, out = _run("wallet", "create", "--data-dir", home, code=1)
+    assert "already exists" in out and "Traceback" not in out
+    result, _ = _run("wallet", "show", "--data-dir", home, "--json")
+    assert json.loads(result.stdout)["address"] == wallet.address
+    _, out = _run("wallet", "balance", "--data-dir", home, code=1)
+    assert "no ledger" in out
+    result, _ = _run("wallet", "deposit", "500", "--data-dir", home, "--json")
+    assert json.loads(result.stdout)["balance"] == 500
+    _run("wallet", "withdraw", "120", "--data-dir", home)
+    _, out = _run("wallet", "withdraw", "1000", "--data-dir", home, code=1)
+    assert "380 credits" in out
+    _, out = _run("wallet", "deposit", "0", "--data-dir", home, code=1)
+    assert "positive integer" in out
+    result, _ = _run("wallet", "balance", "--data-dir", home, "--json")
+    assert json.loads(result.stdout)["balance"] == 380
+    _, out = _run("wallet", "balance", "--data-dir", home)
+    assert "balance 380" in out
+
+
+def test_ledger_status_journal_verify_and_tamper(home, tmp_path):
+    ledger_file = tmp_path / "shared.sqlite"
+    _run("ledger", "init", "--ledger", ledger_file, "--dispute-window", "5")
+    _run("ledger", "init", "--ledger", ledger_file, code=1)
+    _run("wallet", "create", "--data-dir", home)
+    _run("wallet", "deposit", "70", "--data-dir", home, "--ledger", ledger_file)
+    result, _ = _run("ledger", "status", "--ledger", ledger_file, "--json")
+    status = json.loads(result.stdout)
+    assert status["config"]["dispute_window_s"] == 5
+    assert status["journal_entries"] == 2 and status["accounts"][0]["balance"] == 70
+    _, out = _run("ledger", "status", "--ledger", ledger_file)
+    assert "accounts" in out
+    result, _ = _run("ledger", "journal", "--ledger", ledger_file, "--json")
+    assert [e["kind"] for e in json.loads(result.stdout)] == ["genesis", "deposit"]
+    result, _ = _run("ledger", "journal", "--ledger", ledger_file, "--kind", "deposit", "--json")
+    assert json.loads(result.stdout)[0]["payload"]["amount"] == 70
+    _, out = _run("ledger", "verify", "--ledger", ledger_file)
+    assert out.startswith("ok: 2 journal entries")
+
+    db = sqlite3.connect(ledger_file)
+    db.execute("UPDATE journal SET payload = replace(payload, ':70,', ':7000,') WHERE seq = 2")
+    db.commit()
+    db.close()
+    _, out = _run("ledger", "verify", "--ledger", ledger_file, code=1)
+    assert "journal entry 2 (deposit)" in out
+    result, _ = _run("ledger", "verify", "--ledger", ledger_file, "--json", code=1)
+    assert json.loads(result.stdout)["ok"] is False
+    _, out = _run("ledger", "verify", "--ledger", tmp_path / "missing.sqlite", code=1)
+    assert "no ledger" in out
+
+
+def test_ledger_redeem_uses_the_nodes_stored_vouchers(tmp_path, monkeypatch):
+    node_dir, client_dir = tmp_path / "node", tmp_path / "client"
+    ledger_file = tmp_path / "shared.sqlite"
+    monkeypatch.setenv("LAYERCHAIN_LEDGER", str(ledger_file))
+    _run("wallet", "create", "--data-dir", node_dir)
+    _run("wallet", "create", "--data-dir", client_dir)
+    _run("wallet", "deposit", "1000", "--data-dir", client_dir)
+    node, client = Wallet.load(node_dir), Wallet.load(client_dir)
+    with open_ledger(ledger_file) as ledger:
+        payer = ChannelPayer(client, ledger, deposit=300)
+        store = VoucherStore.for_data_dir(node_dir)
+        for _ in range(3):
+            store.save(payer.voucher_for(node.address, 40))
+    result, _ = _run("ledger", "redeem", "--data-dir", node_dir, "--json")
+    assert json.loads(result.stdout)["credited"] == 120
+    _, out = _run("ledger", "redeem", "--data-dir", node_dir)
+    assert "credited 0 from 1 voucher" in out
+    result, _ = _run("wallet", "balance", "--data-dir", node_dir, "--json")
+    assert json.loads(result.stdout)["balance"] == 120
+    result, _ = _run("wallet", "balance", "--data-dir", client_dir, "--json")
+    client_view = json.loads(result.stdout)
+    assert (client_view["balance"], client_view["locked_in_channels"]) == (700, 180)
+    _run("ledger", "verify", "--data-dir", node_dir)

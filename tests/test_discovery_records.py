@@ -1,0 +1,203 @@
+"""Node identities and signed peer records: pure functions, no I/O besides a temp dir."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+
+import msgpack
+import pytest
+
+from layerchain.discovery.identity import KEY_FILE_NAME, Identity, peer_id_from_public_key, verify
+from layerchain.discovery.records import (
+    MAX_RECORD_BYTES,
+    PeerRecord,
+    _encode_fields,
+    check_fresh,
+    open_record,
+    sign_record,
+    verify_record,
+)
+from layerchain.errors import ConfigError, ProtocolError
+from layerchain.types import Span
+
+NOW = 1_700_000_000.0
+
+
+def make_record(identity: Identity, **changes: object) -> PeerRecord:
+    fields = dict(
+        peer_id=identity.peer_id,
+        public_key=identity.public_key,
+        endpoint="tcp://127.0.0.1:4001",
+        model_id="smollm2-135m",
+        start=10,
+        end=20,
+        ms_per_block=1.25,
+        price_per_block=3,
+        free_cache_tokens=4096,
+        wallet="0x" + "ab" * 20,
+        rtts=(("peerA", 0.4), ("peerB", 12.0)),
+        version="0.1.0",
+        expires_at=NOW + 60,
+    )
+    fields.update(changes)
+    return PeerRecord(**fields)  # type: ignore[arg-type]
+
+
+def resign(identity: Identity, values: dict[str, object]) -> bytes:
+    """A blob of arbitrary field values, correctly signed by ``identity`` (bypasses checks)."""
+    payload = _encode_fields(values)
+    return msgpack.packb([payload, identity.sign(payload)], use_bin_type=True)
+
+
+# ---- identity ----
+
+
+def test_identity_persists_with_owner_only_permissions(tmp_path):
+    first = Identity.load_or_create(tmp_path / "node")
+    path = tmp_path / "node" / KEY_FILE_NAME
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = Identity.load_or_create(tmp_path / "node")
+    assert again.peer_id == first.peer_id and again.public_key == first.public_key
+    assert Identity.generate().peer_id != first.peer_id
+    assert first.peer_id == peer_id_from_public_key(first.public_key)
+    assert 16 <= len(first.peer_id) <= 24
+
+
+def test_identity_signs_and_verifies():
+    me, other = Identity.generate(), Identity.generate()
+    sig = me.sign(b"hello")
+    assert verify(me.public_key, sig, b"hello")
+    assert Identity.verify(me.public_key, sig, b"hello")
+    assert not verify(me.public_key, sig, b"hellO")
+    assert not verify(other.public_key, sig, b"hello")
+    assert not verify(me.public_key[:5], sig, b"hello")
+    assert not verify(me.public_key, sig[:-1], b"hello")
+
+
+def test_identity_refuses_world_readable_or_garbage_key(tmp_path):
+    Identity.load_or_create(tmp_path)
+    path = tmp_path / KEY_FILE_NAME
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="accessible by other users"):
+        Identity.load_or_create(tmp_path)
+    path.write_bytes(b"not a key")
+    os.chmod(path, 0o600)
+    with pytest.raises(ConfigError, match="not a PEM private key"):
+        Identity.load_or_create(tmp_path)
+
+
+# ---- records ----
+
+
+def test_sign_verify_round_trip():
+    me = Identity.generate()
+    record = make_record(me)
+    blob = sign_record(me, record)
+    assert verify_record(blob, NOW) == record
+    assert record.span == Span(10, 20)
+    assert list(record.blocks) == list(range(10, 20))
+    built = PeerRecord.create(
+        me, model_id="smollm2-135m", span=Span(10, 20), endpoint="tcp://127.0.0.1:4001",
+        ms_per_block=1.25, price_per_block=3, free_cache_tokens=4096, wallet="0x" + "ab" * 20,
+        rtts=(("peerA", 0.4), ("peerB", 12.0)), version="0.1.0", expires_at=NOW + 60,
+    )  # fmt: skip
+    assert built == record
+    # Equal records have equal bytes, whatever numeric types built them.
+    assert make_record(me, ms_per_block=2, expires_at=int(NOW)).canonical_bytes() == make_record(
+        me, ms_per_block=2.0, expires_at=NOW // 1
+    ).canonical_bytes()
+
+
+def test_tampered_field_is_rejected():
+    me = Identity.generate()
+    payload, sig = msgpack.unpackb(sign_record(me, make_record(me)))
+    body = msgpack.unpackb(payload)
+    body["price_per_block"] = 0  # a cheaper price than the peer signed
+    forged = msgpack.packb([_encode_fields(body), sig], use_bin_type=True)
+    with pytest.raises(ProtocolError, match="bad signature"):
+        open_record(forged)
+    # Flipping one bit of the signature is caught as well.
+    bad_sig = msgpack.packb([payload, bytes([sig[0] ^ 1]) + sig[1:]], use_bin_type=True)
+    with pytest.raises(ProtocolError, match="bad signature"):
+        verify_record(bad_sig, NOW)
+
+
+def test_wrong_key_is_rejected():
+    me, mallory = Identity.generate(), Identity.generate()
+    with pytest.raises(ProtocolError, match="cannot sign"):
+        sign_record(mallory, make_record(me))
+    # Mallory signs a record that claims to be mine: the signature does not match my key.
+    values = dataclasses.asdict(make_record(me))
+    with pytest.raises(ProtocolError, match="bad signature"):
+        open_record(resign(mallory, values))
+
+
+def test_peer_id_not_matching_key_is_rejected():
+    me, victim = Identity.generate(), Identity.generate()
+    values = dataclasses.asdict(make_record(me))
+    values["peer_id"] = victim.peer_id  # my key, correctly signed, but the victim's id
+    with pytest.raises(ProtocolError, match="does not match its public key"):
+        open_record(resign(me, values))
+    with pytest.raises(ProtocolError, match="does not match"):
+        make_record(me, peer_id=victim.peer_id)
+
+
+def test_expired_record_is_rejected():
+    me = Identity.generate()
+    blob = sign_record(me, make_record(me, expires_at=NOW))
+    with pytest.raises(ProtocolError, match="expired"):
+        verify_record(blob, NOW)
+    assert open_record(blob).expires_at == NOW  # signature itself is fine
+    assert verify_record(blob, NOW - 1).expires_at == NOW
+    with pytest.raises(ProtocolError, match="expired"):
+        check_fresh(open_record(blob), NOW + 100)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b"\xc1garbage",
+        msgpack.packb([b"x"]),
+        msgpack.packb([b"x", b"y", b"z"]),
+        msgpack.packb({"a": 1}),
+        msgpack.packb([msgpack.packb({"format": "other"}), b"s" * 64]),
+        msgpack.packb(["text", b"s" * 64]),
+        b"\x00" * (MAX_RECORD_BYTES + 1),
+    ],
+)
+def test_malformed_blobs_are_rejected(blob):
+    with pytest.raises(ProtocolError):
+        open_record(blob)
+
+
+def test_malformed_fields_are_rejected_even_if_signed():
+    me = Identity.generate()
+    good = dataclasses.asdict(make_record(me))
+    for change in [
+        {"start": 5, "end": 5},
+        {"start": -1},
+        {"price_per_block": 1.5},
+        {"ms_per_block": float("nan")},
+        {"model_id": ""},
+        {"endpoint": "x" * 1000},
+        {"rtts": [["p", -1.0]]},
+        {"free_cache_tokens": True},
+    ]:
+        with pytest.raises(ProtocolError, match="malformed"):
+            open_record(resign(me, {**good, **change}))
+    extra = {**good, "bonus": 1}
+    with pytest.raises(ProtocolError, match="wrong set of fields"):
+        open_record(resign(me, extra))
+
+
+def test_non_canonical_encoding_is_rejected():
+    me = Identity.generate()
+    body = {"format": "layerchain/peer-record/1", **dataclasses.asdict(make_record(me))}
+    body["rtts"] = [list(p) for p in body["rtts"]]
+    payload = msgpack.packb(dict(reversed(list(body.items()))), use_bin_type=True)  # unsorted keys
+    blob = msgpack.packb([payload, me.sign(payload)], use_bin_type=True)
+    with pytest.raises(ProtocolError, match="not canonically encoded"):
+        open_record(blob)

@@ -1,0 +1,180 @@
+"""Payment channels: the client's ChannelPayer, the node's VoucherBook and VoucherStore."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from layerchain.errors import ChannelError, InsufficientFunds, InvalidVoucher
+from layerchain.ledger import LedgerConfig, open_ledger
+from layerchain.ledger.base import Channel
+from layerchain.market.vouchers import (
+    ChannelPayer,
+    Voucher,
+    VoucherBook,
+    VoucherStore,
+    decode_voucher,
+    redeem_stored,
+    sign_voucher,
+    verify_voucher,
+)
+from layerchain.market.wallet import Wallet
+
+CHANNEL_ID = "0x" + "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def client() -> Wallet:
+    return Wallet.generate()
+
+
+@pytest.fixture(scope="module")
+def node() -> Wallet:
+    return Wallet.generate()
+
+
+@pytest.fixture
+def channel(client, node) -> Channel:
+    return Channel(CHANNEL_ID, client.address, node.address, deposit=1000)
+
+
+def test_verify_voucher_accepts_a_new_voucher_over_literals(client, channel):
+    data = sign_voucher(client, Voucher(CHANNEL_ID, 1, 300))
+    assert verify_voucher(data, channel) == Voucher(CHANNEL_ID, 1, 300)
+    assert decode_voucher(data)[0] == Voucher(CHANNEL_ID, 1, 300)
+
+
+def test_voucher_replay_and_nonce_reuse_are_rejected(client, channel):
+    first = sign_voucher(client, Voucher(CHANNEL_ID, 5, 300))
+    with pytest.raises(InvalidVoucher, match="nonce 5 reused"):
+        verify_voucher(first, channel, last_nonce=5, last_amount=300)  # replay
+    reuse = sign_voucher(client, Voucher(CHANNEL_ID, 5, 400))  # same nonce, more money
+    with pytest.raises(InvalidVoucher, match="nonce 5 reused"):
+        verify_voucher(reuse, channel, last_nonce=5, last_amount=300)
+    lower = sign_voucher(client, Voucher(CHANNEL_ID, 6, 200))
+    with pytest.raises(InvalidVoucher, match="below"):
+        verify_voucher(lower, channel, last_nonce=5, last_amount=300)
+
+
+def test_amount_above_the_deposit_wrong_signer_and_wrong_channel(client, node, channel):
+    with pytest.raises(InvalidVoucher, match="exceeds the channel deposit"):
+        verify_voucher(sign_voucher(client, Voucher(CHANNEL_ID, 1, 1001)), channel)
+    with pytest.raises(InvalidVoucher, match="not signed by its payer"):
+        verify_voucher(sign_voucher(node, Voucher(CHANNEL_ID, 1, 10)), channel)
+    other = "0x" + "cd" * 32
+    with pytest.raises(InvalidVoucher, match="is for channel"):
+        verify_voucher(sign_voucher(client, Voucher(other, 1, 10)), channel)
+    closed = Channel(CHANNEL_ID, client.address, node.address, 1000, state="closed")
+    with pytest.raises(ChannelError, match="closed"):
+        verify_voucher(sign_voucher(client, Voucher(CHANNEL_ID, 1, 10)), closed)
+
+
+def test_tampered_or_malformed_voucher_bytes(client, channel):
+    data = sign_voucher(client, Voucher(CHANNEL_ID, 1, 10))
+    fields = msgpack.unpackb(data)
+    fields[3] = 999  # raise the amount, keep the signature
+    with pytest.raises(InvalidVoucher, match="not signed by its payer"):
+        verify_voucher(msgpack.packb(fields), channel)
+    for junk in (b"", b"\x01\x02", msgpack.packb([1, b"short", 1, 1, b""])):
+        with pytest.raises(InvalidVoucher):
+            verify_voucher(junk, channel)
+    with pytest.raises(InvalidVoucher):
+        Voucher(CHANNEL_ID, -1, 0)
+    with pytest.raises(InvalidVoucher):
+        Voucher("0x12", 1, 0)
+
+
+def test_payer_and_book_keep_pace_and_the_node_stops_when_behind(client, node, tmp_path):
+    ledger = open_ledger(tmp_path / "ledger.sqlite")
+    ledger.deposit(client.address, 10_000)
+    payer = ChannelPayer(client, ledger, deposit=500)
+    store = VoucherStore.for_data_dir(tmp_path / "node")
+    book = VoucherBook(node.address, ledger.channel, store=store)
+    served = 0
+    for cost in (120, 40, 40):  # prefill, then two decode steps
+        served += cost
+        book.accept(payer.voucher_for(node.address, cost), served)
+    channel_id = payer.channel(node.address).channel_id
+    assert payer.spent(node.address) == 200 and book.paid(channel_id) == 200
+    # the client pays for less than the next step: the voucher is kept, the session refused
+    behind = payer.voucher_for(node.address, 10)
+    with pytest.raises(InsufficientFunds, match="not served further"):
+        book.accept(behind, served + 40)
+    # a replay of an accepted voucher is refused by the node
+    with pytest.raises(InvalidVoucher, match="reused"):
+        book.accept(behind, served)
+    # the client cannot promise more than the deposit
+    with pytest.raises(InsufficientFunds, match="holds 500"):
+        payer.voucher_for(node.address, 400)
+    # the store holds the latest voucher; redeeming it credits exactly what was promised
+    assert len(store.latest()) == 1
+    results = redeem_stored(ledger, store.latest())
+    assert [r.credited for r in results] == [210]
+    assert redeem_stored(ledger, store.latest())[0].credited == 0  # double redemption
+    assert ledger.balance(node.address) == 210
+    assert ledger.balance(client.address) == 10_000 - 500
+    assert ledger.verify().ok
+    ledger.close()
+
+
+def test_book_refuses_channels_paying_someone_else(client, node):
+    other = Wallet.generate()
+    ch = Channel(CHANNEL_ID, client.address, other.address, 1000)
+    book = VoucherBook(node.address, lambda _id: ch)
+    with pytest.raises(InvalidVoucher, match="not this node"):
+        book.accept(sign_voucher(client, Voucher(CHANNEL_ID, 1, 10)), 10)
+
+
+def test_book_allows_a_bounded_unpaid_amount(client, node, channel):
+    book = VoucherBook(node.address, lambda _id: channel, max_unpaid=50)
+    book.accept(sign_voucher(client, Voucher(CHANNEL_ID, 1, 100)), 150)
+    with pytest.raises(InsufficientFunds):
+        book.require_paid(CHANNEL_ID, 151)
+
+
+def test_store_keeps_only_the_highest_nonce(client, tmp_path):
+    store = VoucherStore(tmp_path / "v")
+    assert store.latest() == []
+    v2 = sign_voucher(client, Voucher(CHANNEL_ID, 2, 20))
+    assert store.save(v2)
+    assert not store.save(sign_voucher(client, Voucher(CHANNEL_ID, 1, 10)))
+    assert store.latest() == [v2]
+    assert store.save(sign_voucher(client, Voucher(CHANNEL_ID, 3, 30)))
+    assert decode_voucher(store.latest()[0])[0].nonce == 3
+
+
+def test_payer_without_channel_or_ledger(client, node):
+    payer = ChannelPayer(client)
+    with pytest.raises(ChannelError, match="no payment channel"):
+        payer.voucher_for(node.address, 1)
+    with pytest.raises(ChannelError, match="not paid by this wallet"):
+        payer.attach(node.address, Channel(CHANNEL_ID, node.address, client.address, 10))
+    payer.attach(node.address, Channel(CHANNEL_ID, client.address, node.address, 10))
+    data = payer.voucher_for(node.address.lower(), 4)
+    assert decode_voucher(data)[0] == Voucher(CHANNEL_ID, 1, 4)
+    with pytest.raises(InvalidVoucher):
+        payer.voucher_for(node.address, -1)
+
+
+def test_ledger_config_window_keeps_channel_usable_until_closed(client, node, tmp_path):
+    now = [1000.0]
+    ledger = open_ledger(tmp_path / "l.sqlite", LedgerConfig(dispute_window_s=60),
+                         clock=lambda: now[0])
+    ledger.deposit(client.address, 100)
+    payer = ChannelPayer(client, ledger, deposit=100)
+    voucher = payer.voucher_for(node.address, 30)
+    channel_id = payer.channel(node.address).channel_id
+    assert ledger.close_channel(channel_id) == 0  # window starts
+    assert ledger.redeem(voucher) == 30  # the node can still redeem during the window
+    ledger.close()
+
+
+def test_voucher_signature_is_contract_checkable(client):
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    voucher = Voucher(CHANNEL_ID, 3, 77)
+    assert len(voucher.canonical_bytes()) == 80  # bytes32, bytes32, uint64, uint64
+    _, signature = decode_voucher(sign_voucher(client, voucher))
+    message = encode_defunct(primitive=voucher.digest())
+    assert Account.recover_message(message, signature=signature) == client.address

@@ -1,0 +1,272 @@
+"""The route planner against brute-force enumeration over many small random swarms."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from layerchain.errors import ConfigError, NoRoute
+from layerchain.routing import RoutePeer, check_route, pareto_front, plan_route, plan_span
+from layerchain.types import Hop
+
+TOL = 1e-9
+
+
+# --- an independent reference: every route, scored by hand ---------------------------
+
+
+def all_routes(peers, start, end, exclude=()):
+    """Every valid route over [start, end): contiguous, inside spans, no peer twice."""
+    usable = [p for p in peers if p.id not in set(exclude)]
+    out = []
+
+    def walk(at, used, hops):
+        if at == end:
+            out.append(tuple(hops))
+            return
+        for p in usable:
+            if p.id in used or not (p.start <= at < p.end):
+                continue
+            for b in range(at + 1, min(p.end, end) + 1):
+                walk(b, used | {p.id}, hops + [Hop(p.id, at, b)])
+
+    walk(start, frozenset(), [])
+    return out
+
+
+def score(route, peers, alpha, mode="client", peer_rtts=None):
+    """(latency, price, cost), computed without the package's helpers."""
+    by_id = {p.id: p for p in peers}
+    lat = price = 0.0
+    for i, hop in enumerate(route):
+        p = by_id[hop.peer_id]
+        n = hop.end - hop.start
+        lat += n * p.ms_per_block
+        price += n * p.price_per_block
+        if mode == "client":
+            lat += p.rtt_ms
+        elif i == 0:
+            lat += p.rtt_ms / 2
+        else:
+            q = by_id[route[i - 1].peer_id]
+            rtts = peer_rtts or {}
+            rtt = rtts.get((q.id, p.id), rtts.get((p.id, q.id), q.rtt_ms + p.rtt_ms))
+            lat += rtt / 2
+    if mode == "push":
+        lat += by_id[route[-1].peer_id].rtt_ms / 2
+    return lat, price, alpha * price + (1 - alpha) * lat
+
+
+def meets(lat, price, max_price, max_lat):
+    return (max_price is None or price <= max_price + TOL) and (
+        max_lat is None or lat <= max_lat + TOL
+    )
+
+
+def frontier(points):
+    """Non-dominated (lat, price) points, sorted by latency."""
+    pts = sorted(set(points))
+    out, best_price = [], float("inf")
+    for lat, price in pts:
+        if price < best_price - TOL:
+            out.append((lat, price))
+            best_price = price
+    return out
+
+
+def random_swarm(rng, covered=True):
+    """2-6 peers over 3-8 blocks; values are multiples of 0.5 so sums are exact."""
+    blocks = rng.randint(3, 8)
+    peers = []
+    for i in range(rng.randint(2, 6)):
+        s = rng.randrange(blocks)
+        e = rng.randint(s + 1, blocks)
+        peers.append(RoutePeer(f"p{i}", s, e, rng.randint(0, 8) / 2, rng.randint(0, 8) / 2,
+                               rng.randint(0, 10) / 2))
+    if covered and rng.random() < 0.8:  # a long peer so most swarms have a route
+        peers.append(RoutePeer("long", 0, blocks, rng.randint(0, 12) / 2, rng.randint(0, 8) / 2,
+                               rng.randint(0, 10) / 2))
+    return peers, blocks
+
+
+def random_limits(rng, routes, peers):
+    """None, or a limit near an achievable value (sometimes just below it)."""
+    def pick(i):
+        if rng.random() < 0.4 or not routes:
+            return None
+        value = score(rng.choice(routes), peers, 0.0)[i]
+        return max(0.0, value + rng.choice([0.0, 0.0, -0.5, 0.5, 2.0]))
+    return pick(1), pick(0)
+
+
+# --- the planner agrees with brute force ---------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["client", "push"])
+def test_plan_route_matches_brute_force(mode):
+    rng = random.Random(4 if mode == "client" else 5)
+    checked = {"routes": 0, "noroute": 0}
+    for _ in range(300 if mode == "client" else 150):
+        peers, blocks = random_swarm(rng)
+        alpha = rng.choice([0.0, 1.0, 0.5, rng.random()])
+        routes = all_routes(peers, 0, blocks)
+        peer_rtts = None
+        if mode == "push":
+            ids = [p.id for p in peers]
+            peer_rtts = {(a, b): rng.randint(0, 10) / 2 for a in ids for b in ids
+                         if a < b and rng.random() < 0.6}
+        max_price, max_lat = random_limits(rng, routes, peers)
+        scored = [(score(r, peers, alpha, mode, peer_rtts), r) for r in routes]
+        feasible = [(s, r) for s, r in scored if meets(s[0], s[1], max_price, max_lat)]
+        if not feasible:
+            with pytest.raises(NoRoute):
+                plan_route(peers, blocks, alpha, max_price, max_lat, mode=mode, peer_rtts=peer_rtts)
+            checked["noroute"] += 1
+            continue
+        plan = plan_route(peers, blocks, alpha, max_price, max_lat, mode=mode, peer_rtts=peer_rtts)
+        check_route(plan.hops, {p.id: p for p in peers}, 0, blocks)
+        lat, price, cost = score(plan.hops, peers, alpha, mode, peer_rtts)
+        terms = (plan.latency_ms, plan.price, plan.cost)
+        assert terms == pytest.approx((lat, price, cost), abs=TOL)
+        assert meets(lat, price, max_price, max_lat)
+        assert cost == pytest.approx(min(s[2] for s, _ in feasible), abs=TOL)
+        # ties are broken towards the frontier: no feasible route dominates the plan
+        for (l2, p2, _), _r in feasible:
+            better = l2 < lat - TOL or p2 < price - TOL
+            assert not (l2 <= lat + TOL and p2 <= price + TOL and better)
+        checked["routes"] += 1
+    assert checked["routes"] > 100 and checked["noroute"] > 5  # both branches exercised
+
+
+@pytest.mark.parametrize("mode", ["client", "push"])
+def test_pareto_front_matches_brute_force(mode):
+    rng = random.Random(7)
+    for _ in range(200 if mode == "client" else 100):
+        peers, blocks = random_swarm(rng)
+        routes = all_routes(peers, 0, blocks)
+        if not routes:
+            continue
+        peer_rtts = None
+        if mode == "push":
+            ids = [p.id for p in peers]
+            peer_rtts = {(a, b): rng.randint(0, 10) / 2 for a in ids for b in ids if a < b}
+        max_price, max_lat = random_limits(rng, routes, peers)
+        points = [score(r, peers, 0.0, mode, peer_rtts)[:2] for r in routes]
+        expected = frontier([pt for pt in points if meets(*pt, max_price, max_lat)])
+        front = pareto_front(peers, blocks, max_price, max_lat, mode=mode, peer_rtts=peer_rtts)
+        got = [x for f in front for x in (f.latency_ms, f.price)]
+        assert got == pytest.approx([x for pt in expected for x in pt], abs=TOL)
+        for plan in front:
+            check_route(plan.hops, {p.id: p for p in peers}, 0, blocks)
+            assert score(plan.hops, peers, 0.0, mode, peer_rtts)[:2] == pytest.approx(
+                (plan.latency_ms, plan.price), abs=TOL)
+
+
+def test_plan_span_with_exclusions_matches_brute_force():
+    rng = random.Random(11)
+    for _ in range(150):
+        peers, blocks = random_swarm(rng)
+        start = rng.randrange(blocks)
+        end = rng.randint(start + 1, blocks)
+        exclude = [p.id for p in peers if rng.random() < 0.25]
+        alpha = rng.random()
+        routes = all_routes(peers, start, end, exclude)
+        if not routes:
+            with pytest.raises(NoRoute):
+                plan_span(peers, blocks, start, end, alpha, exclude=exclude)
+            continue
+        plan = plan_span(peers, blocks, start, end, alpha, exclude=exclude)
+        check_route(plan.hops, {p.id: p for p in peers}, start, end)
+        assert not set(plan.peer_ids) & set(exclude)
+        assert plan.cost == pytest.approx(min(score(r, peers, alpha)[2] for r in routes), abs=TOL)
+
+
+def test_a_peer_twice_would_be_cheaper_but_is_not_allowed():
+    # slow p around fast q: the relaxed DP wants p, q, p (latency 22); the answer is p alone
+    peers = [RoutePeer("p", 0, 3, 10.0, 0.0, 1.0), RoutePeer("q", 1, 2, 0.0, 0.0, 0.0)]
+    plan = plan_route(peers, 3)
+    assert plan.hops == (Hop("p", 0, 3),)
+    assert plan.latency_ms == 31.0
+    # with a third peer covering the tail, p + q + r beats p alone
+    peers.append(RoutePeer("r", 2, 3, 1.0, 0.0, 1.0))
+    assert plan_route(peers, 3).peer_ids == ("p", "q", "r")
+
+
+def test_alpha_moves_along_the_frontier():
+    peers = [
+        RoutePeer("fast", 0, 4, 1.0, 5.0, 1.0),  # latency 5, price 20
+        RoutePeer("cheap", 0, 4, 10.0, 0.5, 20.0),  # latency 60, price 2
+    ]
+    assert plan_route(peers, 4, alpha=0.0).peer_ids == ("fast",)
+    assert plan_route(peers, 4, alpha=1.0).peer_ids == ("cheap",)
+    # within 10 credits the fastest mix is one block on "fast", three on "cheap"
+    limited = plan_route(peers, 4, alpha=0.0, max_price=10)
+    assert limited.hops == (Hop("fast", 0, 1), Hop("cheap", 1, 4))
+    assert (limited.latency_ms, limited.price) == (52.0, 6.5)
+    front = [(f.latency_ms, f.price) for f in pareto_front(peers, 4)]
+    assert front[0] == (5.0, 20.0) and front[-1] == (60.0, 2.0) and (52.0, 6.5) in front
+    assert all(a[0] < b[0] and a[1] > b[1] for a, b in zip(front, front[1:]))
+
+
+# --- NoRoute and bad input --------------------------------------------------------------
+
+
+def test_uncovered_blocks_are_named():
+    peers = [RoutePeer("a", 0, 12, 1.0, 1.0, 1.0), RoutePeer("b", 15, 30, 1.0, 1.0, 1.0)]
+    with pytest.raises(NoRoute, match=r"^blocks 12:15 have no peer$"):
+        plan_route(peers, 30)
+    with pytest.raises(NoRoute, match=r"^block 29 has no peer$"):
+        plan_route([RoutePeer("a", 0, 29, 1.0, 1.0, 1.0)], 30)
+    excluded = r"^blocks 0:12 have no peer \(1 excluded peer not counted\)$"
+    with pytest.raises(NoRoute, match=excluded):
+        plan_route(peers + [RoutePeer("c", 12, 15, 1.0, 1.0, 1.0)], 30, exclude=["a"])
+
+
+def test_price_limit_too_low_names_the_cheapest():
+    peers = [RoutePeer("a", 0, 10, 3.0, 1.4, 5.0), RoutePeer("b", 0, 10, 1.0, 2.0, 1.0)]
+    with pytest.raises(NoRoute) as info:
+        plan_route(peers, 10, max_price=10)
+    assert str(info.value) == "no route within max_price 10: the cheapest costs 14 (latency 35 ms)"
+
+
+def test_latency_limit_too_low_names_the_fastest():
+    peers = [RoutePeer("a", 0, 10, 3.0, 1.4, 5.0), RoutePeer("b", 0, 10, 1.0, 2.0, 1.0)]
+    with pytest.raises(NoRoute) as info:
+        plan_route(peers, 10, max_latency_ms=8)
+    assert str(info.value) == "no route within max_latency_ms 8: the fastest takes 11 ms (price 20)"
+
+
+def test_limits_met_one_at_a_time_but_not_together():
+    peers = [RoutePeer("a", 0, 10, 3.0, 1.4, 5.0), RoutePeer("b", 0, 10, 1.0, 2.0, 1.0)]
+    with pytest.raises(NoRoute) as info:
+        plan_route(peers, 10, max_price=15, max_latency_ms=20)
+    message = str(info.value)
+    assert "max_price 15 and max_latency_ms 20" in message
+    # mixes: a on 2 blocks + b on 8 (latency 20, price 18.8); b on 1 + a on 9 (34 ms, 15)
+    assert "the cheapest costs 18.8" in message and "the fastest takes 34 ms" in message
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: plan_route(p, 10, alpha=1.5),
+        lambda p: plan_route(p, 0),
+        lambda p: plan_route(p, 5),  # peer a serves 0:10
+        lambda p: plan_route(p + p, 10),
+        lambda p: plan_route(p, 10, mode="carrier-pigeon"),
+        lambda p: plan_span(p, 10, 4, 4),
+    ],
+)
+def test_bad_arguments_raise_config_error(call):
+    with pytest.raises(ConfigError):
+        call([RoutePeer("a", 0, 10, 1.0, 1.0, 1.0)])
+
+
+def test_bad_peer_records_raise_config_error():
+    with pytest.raises(ConfigError):
+        RoutePeer("a", 5, 5, 1.0, 1.0, 1.0)
+    with pytest.raises(ConfigError):
+        RoutePeer("a", 0, 5, -1.0, 1.0, 1.0)
+    with pytest.raises(ConfigError):
+        RoutePeer("a", 0, 5, 1.0, float("nan"), 1.0)
