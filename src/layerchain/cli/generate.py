@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -83,6 +83,19 @@ def print_result_json(result) -> None:
     typer.echo(json.dumps(result.to_json()))
 
 
+InitialPeersOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--initial-peers", help="DHT multiaddr of the swarm (repeatable)."),
+]
+AlphaOpt = Annotated[float, typer.Option("--alpha", help="Route cost weight: 0 fastest, 1 cheapest.")]
+MaxPriceOpt = Annotated[
+    Optional[float], typer.Option("--max-price", help="Most a route may cost per token.")
+]
+MaxLatencyOpt = Annotated[
+    Optional[float], typer.Option("--max-latency-ms", help="Most a route may take per token, ms.")
+]
+
+
 def generate(
     prompt: PromptOpt,
     model: ModelOpt = "smollm2",
@@ -96,16 +109,24 @@ def generate(
     stop: StopOpt = None,
     raw: RawOpt = False,
     json_out: JsonOpt = False,
+    initial_peers: InitialPeersOpt = None,
+    alpha: AlphaOpt = 0.0,
+    max_price: MaxPriceOpt = None,
+    max_latency_ms: MaxLatencyOpt = None,
 ) -> None:
-    """Generate text for a prompt (with --local: the whole model in this process)."""
+    """Generate text for a prompt through a swarm (or, with --local, in this process)."""
     params = sampling_params_from_options(
         max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop
     )
     if not local:
-        raise ConfigError(
-            "generate without --local needs --initial-peers",
-            hint="or pass --local to run the model in this process",
-        )
+        if not initial_peers:
+            raise ConfigError(
+                "generate without --local needs --initial-peers",
+                hint="or pass --local to run the model in this process",
+            )
+        _generate_swarm(prompt, model, params, raw, json_out, initial_peers,
+                        dict(alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms))
+        return
     from layerchain.model import generate_local, resolve_model
 
     spec = resolve_model(model)
@@ -118,6 +139,70 @@ def generate(
         stream_to_stdout("\n")
 
 
+def _generate_swarm(prompt, model, params, raw, json_out, initial_peers, limits) -> None:
+    from layerchain.client import Swarm
+
+    result: list = []
+    with Swarm(initial_peers, model=model, **limits) as swarm:
+        for event in swarm.stream(prompt, params, raw=raw, result=result):
+            if not json_out:
+                stream_to_stdout(event.text)
+    res = result[0]
+    if json_out:
+        typer.echo(json.dumps({
+            "text": res.text,
+            "token_ids": res.token_ids,
+            "tokens_per_s": round(res.tokens_per_s, 3),
+            "ttft_s": round(res.ttft_s, 3),
+            "route": [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in res.route],
+            "recoveries": len(res.recoveries),
+        }))
+    else:
+        stream_to_stdout("\n")
+
+
+def chat(
+    initial_peers: InitialPeersOpt = None,
+    model: ModelOpt = "smollm2",
+    max_new_tokens: MaxNewTokensOpt = 256,
+    temperature: TemperatureOpt = _D.temperature,
+    top_k: TopKOpt = _D.top_k,
+    top_p: TopPOpt = _D.top_p,
+    repetition_penalty: RepetitionPenaltyOpt = _D.repetition_penalty,
+    seed: SeedOpt = _D.seed,
+    alpha: AlphaOpt = 0.0,
+    max_price: MaxPriceOpt = None,
+    max_latency_ms: MaxLatencyOpt = None,
+) -> None:
+    """Chat through a swarm: multi-turn, streamed, with the model's chat template."""
+    from layerchain.client import Swarm
+
+    if not initial_peers:
+        raise ConfigError("chat needs --initial-peers", hint="start a swarm with `layerchain swarm up`")
+    params = sampling_params_from_options(
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, None
+    )
+    messages: list[dict[str, str]] = []
+    with Swarm(initial_peers, model=model, alpha=alpha, max_price=max_price,
+               max_latency_ms=max_latency_ms) as swarm:
+        typer.echo("chat through the swarm; an empty line or Ctrl-D ends it", err=True)
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            reply: list[str] = []
+            for event in swarm.stream(messages, params):
+                reply.append(event.text)
+                stream_to_stdout(event.text)
+            stream_to_stdout("\n")
+            messages.append({"role": "assistant", "content": "".join(reply)})
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     app.command("generate")(generate)
+    app.command("chat")(chat)

@@ -14,7 +14,7 @@ import time
 from layerchain.client.config import ClientConfig
 from layerchain.discovery import Discovery, PeerRecord
 from layerchain.errors import NoRoute, PeerError, PeerTimeout, PeerUnreachable
-from layerchain.routing import RoutePeer, RoutePlan, plan_route
+from layerchain.routing import RoutePeer, RoutePlan, plan_span
 from layerchain.wire import messages as m
 from layerchain.wire.rpc import RpcClient
 from layerchain.wire.transport import Transport
@@ -159,12 +159,12 @@ class PeerView:
 
     def plan(self, start: int = 0, end: int | None = None, exclude: set[str] = frozenset()) -> RoutePlan:
         """The best route over blocks ``[start, end)`` with the client's limits."""
-        return plan_route(
+        return plan_span(
             self.snapshot(exclude),
             self.num_blocks,
+            start,
+            self.num_blocks if end is None else end,
             alpha=self.config.alpha,
             max_price=self.config.max_price,
             max_latency_ms=self.config.max_latency_ms,
-            start=start,
-            end=self.num_blocks if end is None else end,
         )

@@ -66,15 +66,29 @@ class InferenceSession:
     def route(self) -> list[Hop]:
         return [h.hop for h in self.hops]
 
-    async def open(self) -> None:
-        plan = self.peers.plan()
-        self.hops = await self._open_hops(plan.hops)
+    async def open(self, attempts: int = 4) -> None:
+        """Plan a route and open a session on each hop; a peer that refuses is banned."""
+        for attempt in range(1, attempts + 1):
+            plan = self.peers.plan()
+            try:
+                self.hops = await self._open_hops(plan.hops)
+                return
+            except (PeerError, ProtocolError) as error:
+                if attempt == attempts or error.peer_id is None:  # type: ignore[attr-defined]
+                    raise
+                self.peers.ban(error.peer_id, str(error))  # type: ignore[attr-defined]
 
     async def _open_hops(self, hops: tuple[Hop, ...] | list[Hop]) -> list[HopSession]:
-        opened = []
+        """Open every hop in order; on failure close those opened and re-raise, with the
+        failing peer's id in ``error.peer_id``."""
+        opened: list[HopSession] = []
         try:
             for hop in hops:
-                opened.append(await self._open_hop(hop))
+                try:
+                    opened.append(await self._open_hop(hop))
+                except (PeerError, ProtocolError) as error:
+                    error.peer_id = hop.peer_id  # type: ignore[attr-defined]
+                    raise
         except BaseException:
             for h in opened:
                 await self._close_hop(h)

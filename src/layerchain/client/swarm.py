@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import torch
@@ -21,7 +21,8 @@ from layerchain.client.config import ClientConfig
 from layerchain.client.peers import PeerView
 from layerchain.client.session import InferenceSession, Recovery
 from layerchain.discovery import Discovery
-from layerchain.model import SamplingParams, Sampler, StopChecker, encode_prompt, load_head, load_tokenizer, resolve_model
+from layerchain.model import Decoder, SamplingParams, encode_prompt, load_head, load_tokenizer, resolve_model
+from layerchain.model.generate import eos_token_ids
 from layerchain.types import Hop
 from layerchain.wire.transport import Transport
 
@@ -48,13 +49,6 @@ class GenerationResult:
     hop_ms_per_token: float = 0.0  # time spent in the hop chain per decode token, ms
 
 
-@dataclass
-class _Progress:
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = "length"
-
-
 class AsyncSwarm:
     """A client of one model on one swarm."""
 
@@ -75,6 +69,7 @@ class AsyncSwarm:
         self.transport = transport
         self.config = config
         self.peers = PeerView(discovery, transport, spec.model_id, spec.num_blocks, config)
+        self.eos_token_ids = eos_token_ids(spec.config)
         self.last_route: tuple[Hop, ...] = ()
 
     @classmethod
@@ -129,59 +124,49 @@ class AsyncSwarm:
             max_length=len(prompt_ids) + params.max_new_tokens,
             timeout_s=self.config.step_timeout_s,
         )
-        sampler, stop = Sampler(params), StopChecker(self.tokenizer, params)
-        progress = _Progress()
+        decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
         ttft = 0.0
-        t_first = t0
+        index = 0
         try:
             await session.open()
             self.last_route = tuple(session.route)
-            history = list(prompt_ids)
-            x = self._embed(prompt_ids)  # [1, T, H]
-            for index in range(params.max_new_tokens):
+            while (x := self._next_input(decoder)) is not None:
                 hidden = await session.step(x)
-                token = self._sample(sampler, hidden, history)
-                history.append(token)
-                progress.token_ids.append(token)
+                text = self._accept(decoder, hidden)
                 if index == 0:
-                    t_first = time.perf_counter()
-                    ttft = t_first - t0
-                text, done = stop.feed(token)
-                progress.text += text
-                if text or not done:
-                    yield TokenEvent(index, token, text)
-                if done:
-                    progress.finish_reason = "stop"
-                    break
-                x = self._embed([token])
+                    ttft = time.perf_counter() - t0
+                token_ids = decoder.stop.token_ids
+                if token_ids and len(token_ids) > index:
+                    index = len(token_ids)
+                    yield TokenEvent(index - 1, token_ids[-1], text)
         finally:
-            self.last_route = tuple(session.route)
+            self.last_route = route = tuple(session.route)
             await session.close()
-        decode_tokens = len(progress.token_ids) - 1
-        elapsed = time.perf_counter() - t_first
+        res = decoder.result()
         if result is not None:
             result.append(
                 GenerationResult(
-                    text=progress.text,
-                    token_ids=progress.token_ids,
+                    text=res.text,
+                    token_ids=list(res.token_ids),
                     prompt_tokens=len(prompt_ids),
-                    route=tuple(session.route),
-                    tokens_per_s=decode_tokens / elapsed if decode_tokens > 0 and elapsed > 0 else 0.0,
+                    route=route,
+                    tokens_per_s=res.tokens_per_s,
                     ttft_s=ttft,
                     recoveries=tuple(session.recoveries),
-                    finish_reason=progress.finish_reason,
+                    finish_reason=res.finish_reason,
                     hop_ms_per_token=1000 * session.hop_seconds / max(1, session.steps),
                 )
             )
 
+    @staticmethod
     @torch.inference_mode()
-    def _embed(self, ids: list[int]) -> torch.Tensor:
-        return self.head.embed(torch.tensor([ids]))  # [1, T, H]
+    def _next_input(decoder: Decoder) -> torch.Tensor | None:
+        return decoder.next_input()  # [1, T, H]: the prompt, then one token
 
+    @staticmethod
     @torch.inference_mode()
-    def _sample(self, sampler: Sampler, hidden: torch.Tensor, history: list[int]) -> int:
-        logits = self.head.logits(hidden[:, -1:])  # [1, 1, V]: the last position only
-        return sampler.next_token(logits[0, -1], history)
+    def _accept(decoder: Decoder, hidden: torch.Tensor) -> str:
+        return decoder.accept(hidden)
 
     async def generate(
         self, prompt: str | list[dict[str, str]], params: SamplingParams | None = None, *, raw: bool = False

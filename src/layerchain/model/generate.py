@@ -133,7 +133,7 @@ class LocalModel:
     ) -> GenerationResult:
         prompt_ids = encode_prompt(self.tokenizer, prompt, raw=raw)
         decoder = Decoder(
-            self.head, self.tokenizer, prompt_ids, params, _config_eos_ids(self.spec.config)
+            self.head, self.tokenizer, prompt_ids, params, eos_token_ids(self.spec.config)
         )
         cache = self.span.new_cache(max_length=len(prompt_ids) + params.max_new_tokens)
         with torch.inference_mode():
@@ -158,7 +158,7 @@ def generate_local(
     return LocalModel(spec).generate(prompt, params, raw=raw, on_text=on_text)
 
 
-def _config_eos_ids(config: Any) -> list[int]:
+def eos_token_ids(config: Any) -> list[int]:
     eos = getattr(config, "eos_token_id", None)
     if eos is None:
         return []

@@ -157,7 +157,9 @@ class Node:
         if task is not None:
             self._tasks.add(task)
         try:
-            await serve_connection(conn, self.handle)
+            stats = await serve_connection(conn, self.handle)
+            for session_id in stats.open_sessions:  # the client is gone: free its caches
+                self.sessions.close(session_id)
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -208,7 +210,7 @@ class Node:
                 f"node serves blocks {self.span.start}:{self.span.end}, "
                 f"not {msg.start}:{msg.end}"
             )
-        cache = self.span.new_cache(msg.start, msg.end)
+        cache = self.span.new_cache(msg.start, msg.end, max_length=msg.max_length)
         self.sessions.open(msg.session_id, msg.max_length, cache)
         session = self.sessions.get(msg.session_id)
         session.start, session.end = msg.start, msg.end  # type: ignore[attr-defined]

@@ -1,0 +1,180 @@
+"""In-process swarms over the memory transport and memory discovery: fast, real model code.
+
+Nodes and the client run in one event loop; everything but the sockets and the DHT is the
+real thing (real spans, real sessions, real planner, real failover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from layerchain.client import AsyncSwarm, ClientConfig
+from layerchain.discovery import Identity, MemoryDiscovery, MemoryHub
+from layerchain.errors import NoRoute, PeerBusy, UnknownSession
+from layerchain.model import LocalModel, SamplingParams, load_head, load_span, load_tokenizer, resolve_model
+from layerchain.node import Node, NodeConfig
+from layerchain.wire import MemoryTransport
+from layerchain.wire import MemoryHub as WireHub
+
+PROMPT = "What is the capital of France?"
+
+
+class MemorySwarm:
+    """Nodes of one model in this event loop, and clients of them."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.spec = resolve_model(model)
+        self.hub = MemoryHub()
+        self.wire = WireHub()
+        self.nodes: list[Node] = []
+
+    async def add_node(self, start: int, end: int, tmp: Path, **config) -> Node:
+        identity = Identity.generate()
+        node = Node(
+            NodeConfig(model=self.model, start=start, end=end, data_dir=tmp, **config),
+            spec=self.spec,
+            span=load_span(self.spec, start, end),
+            transport=MemoryTransport(self.wire),
+            listen_at=f"mem://{identity.peer_id}",
+            discovery=MemoryDiscovery(self.hub, identity),
+            identity=identity,
+        )
+        await node.start()
+        self.nodes.append(node)
+        return node
+
+    def client(self, **config) -> AsyncSwarm:
+        return AsyncSwarm(
+            spec=self.spec,
+            head=load_head(self.spec),
+            tokenizer=load_tokenizer(self.spec),
+            discovery=MemoryDiscovery(self.hub),
+            transport=MemoryTransport(self.wire),
+            config=ClientConfig(discovery_wait_s=1.0, ban_base_s=60.0, **config),
+        )
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                await node.stop(drain_s=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama", tokenizer=True))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    params = SamplingParams(max_new_tokens=16)
+    return LocalModel(resolve_model(tiny_model)).generate(PROMPT, params)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_three_nodes_match_the_single_process_model(tiny_model, reference, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            for start, end in ((0, 1), (1, 3), (3, 4)):
+                await swarm.add_node(start, end, tmp_path)
+            client = swarm.client()
+            result = await client.generate(PROMPT, SamplingParams(max_new_tokens=16))
+            return result
+        finally:
+            await swarm.close()
+
+    result = run(main())
+    assert result.token_ids == list(reference.token_ids)
+    assert result.text == reference.text
+    assert [(h.start, h.end) for h in result.route] == [(0, 1), (1, 3), (3, 4)]
+    assert result.recoveries == ()
+
+
+def test_overlapping_spans_use_sub_ranges(tiny_model, reference, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            await swarm.add_node(0, 3, tmp_path)
+            await swarm.add_node(2, 4, tmp_path)
+            return await swarm.client().generate(PROMPT, SamplingParams(max_new_tokens=16))
+        finally:
+            await swarm.close()
+
+    result = run(main())
+    assert result.token_ids == list(reference.token_ids)
+    covered = [b for hop in result.route for b in range(hop.start, hop.end)]
+    assert covered == [0, 1, 2, 3]
+
+
+def test_a_failing_hop_is_replaced_and_the_answer_is_unchanged(tiny_model, reference, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            first = await swarm.add_node(0, 2, tmp_path)
+            await swarm.add_node(0, 2, tmp_path)  # the spare
+            await swarm.add_node(2, 4, tmp_path)
+            client = swarm.client()
+            # whichever of the two 0:2 nodes the route takes first breaks at its 6th step
+            dead: list[int] = []
+            for index, node in enumerate(swarm.nodes[:2]):
+                original = node.handle
+                calls = {"steps": 0}
+
+                async def dying(msg, original=original, calls=calls, index=index):
+                    if type(msg).__name__ == "Step":
+                        calls["steps"] += 1
+                        if calls["steps"] == 6 and not dead:
+                            dead.append(index)
+                        if dead == [index]:  # from then on it has lost every session
+                            raise UnknownSession("node restarted")
+                    return await original(msg)
+
+                node.handle = dying
+            result = await client.generate(PROMPT, SamplingParams(max_new_tokens=16))
+            return result, first
+        finally:
+            await swarm.close()
+
+    result, _ = run(main())
+    assert result.token_ids == list(reference.token_ids)
+    assert len(result.recoveries) == 1
+    recovery = result.recoveries[0]
+    assert (recovery.start, recovery.end) == (0, 2)
+    assert recovery.replacement[0].peer_id != recovery.peer_id
+
+
+def test_busy_node_is_skipped(tiny_model, reference, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            small = await swarm.add_node(0, 4, tmp_path, max_cache_tokens=8)
+            with pytest.raises(PeerBusy):
+                small.sessions.open("x", 64, None)
+            await swarm.add_node(0, 4, tmp_path)
+            return await swarm.client().generate(PROMPT, SamplingParams(max_new_tokens=16)), small
+        finally:
+            await swarm.close()
+
+    result, small = run(main())
+    assert result.token_ids == list(reference.token_ids)
+
+
+def test_uncovered_blocks_are_named(tiny_model, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            await swarm.add_node(0, 2, tmp_path)
+            await swarm.client().generate(PROMPT, SamplingParams(max_new_tokens=4))
+        finally:
+            await swarm.close()
+
+    with pytest.raises(NoRoute, match="2:4"):
+        run(main())
