@@ -219,12 +219,12 @@ class Node:
         )
 
     async def _step(self, msg: m.Step) -> m.StepResult:
-        session = self.sessions.get(msg.session_id)
         hidden = msg.hidden
         if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.spec.hidden_size:
             raise LimitExceeded(
                 f"hidden states must be [1, T, {self.spec.hidden_size}], got {list(hidden.shape)}"
             )
+        session = self.sessions.get(msg.session_id)
         async with session.lock:
             if msg.step != session.next_step:
                 raise LimitExceeded(

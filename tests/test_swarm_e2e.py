@@ -1,0 +1,173 @@
+"""End to end: real node processes on loopback, a real hivemind DHT, the real SmolLM2 weights.
+
+Each swarm is started with the CLI (`layerchain swarm up`) and stopped with `swarm down`;
+every generation is compared token for token with the single-process reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from layerchain.errors import FrameError, LimitExceeded, UnknownSession, VersionMismatch
+from layerchain.localswarm import LocalSwarm, swarm_down
+from layerchain.model import LocalModel, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Name three rivers in Europe.",
+    "Explain what a transformer block is in one sentence.",
+    "What is the capital of France?",
+]
+TOKENS = 32
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "layerchain", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_spec):
+    local = LocalModel(smollm2_spec)
+    params = SamplingParams(max_new_tokens=TOKENS)
+    return {p: list(local.generate(p, params).token_ids) for p in PROMPTS}
+
+
+def _up(state_dir, *args):
+    done = cli("swarm", "up", "--state-dir", str(state_dir), *args)
+    assert done.returncode == 0, done.stderr
+    return LocalSwarm.load(state_dir)
+
+
+@pytest.fixture(scope="module")
+def swarm3(tmp_path_factory):
+    state = tmp_path_factory.mktemp("swarm3")
+    swarm = _up(state, "--nodes", "3")
+    yield swarm
+    swarm_down(state, quiet=True)
+
+
+def test_swarm_json_and_status(swarm3):
+    assert [(n["start"], n["end"]) for n in swarm3.nodes] == [(0, 10), (10, 20), (20, 30)]
+    assert all(n["peer_id"] and n["endpoint"].startswith("tcp://127.0.0.1:") for n in swarm3.nodes)
+    assert swarm3.initial_peers and swarm3.initial_peers[0].startswith("/ip4/127.0.0.1/")
+    status = cli("swarm", "status", "--state-dir", str(swarm3.state_dir), "--json")
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)["nodes"]
+    assert sorted(r["peer_id"] for r in rows) == sorted(n["peer_id"] for n in swarm3.nodes)
+    assert all(r["free_cache_tokens"] > 0 for r in rows)
+
+
+def test_generation_matches_single_process(swarm3, reference):
+    done = cli("generate", "--initial-peers", swarm3.initial_peers[0], "--prompt", PROMPTS[0],
+               "--max-new-tokens", str(TOKENS), "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["token_ids"] == reference[PROMPTS[0]]
+    assert len(out["token_ids"]) == TOKENS
+    assert [(h["start"], h["end"]) for h in out["route"]] == [(0, 10), (10, 20), (20, 30)]
+
+
+def test_four_concurrent_clients(swarm3, reference):
+    from layerchain.client import AsyncSwarm
+
+    async def main():
+        client = await AsyncSwarm.create(swarm3.initial_peers)
+        try:
+            params = SamplingParams(max_new_tokens=TOKENS)
+            return await asyncio.gather(*(client.generate(p, params) for p in PROMPTS))
+        finally:
+            await client.close()
+
+    results = asyncio.run(asyncio.wait_for(main(), 180))
+    for prompt, result in zip(PROMPTS, results):
+        assert result.token_ids == reference[prompt], prompt
+    assert "Paris" in results[3].text
+
+
+def test_hostile_frames_get_typed_errors_and_the_node_keeps_serving(swarm3):
+    from layerchain.wire import Info, InfoReply, RpcClient, Step, TcpTransport
+    from layerchain.wire.tcp import parse_tcp_endpoint
+    import torch
+
+    endpoint = swarm3.nodes[0]["endpoint"]
+    host, port = parse_tcp_endpoint(endpoint)
+
+    async def raw_exchange(payload: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(payload)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(4096), 5)
+        finally:
+            writer.close()
+
+    async def main():
+        from layerchain.wire.codec import decode, encode_bytes
+
+        replies = {}
+        # garbage with a plausible length prefix, a 2**32-1 length prefix
+        replies["garbage"] = await raw_exchange((20).to_bytes(4, "big") + b"\xff" * 20)
+        replies["huge"] = await raw_exchange((2**32 - 1).to_bytes(4, "big"))
+        # a valid frame with the protocol version changed
+        frame = bytearray(encode_bytes(Info(rid=7)))
+        assert frame[8:10] == b"\x93\x01"  # header: msgpack [version=1, type, rid]
+        frame[9] = 9
+        replies["version"] = await raw_exchange(bytes(frame))
+        errors = {}
+        for name, reply in replies.items():
+            if reply:
+                errors[name] = decode(reply)
+        conn = await TcpTransport().connect(endpoint)
+        rpc = RpcClient(conn)
+        try:
+            with pytest.raises(UnknownSession):
+                await rpc.call(Step(rid=0, session_id="nope", step=0, hidden=torch.zeros(1, 1, 576)), timeout=5)
+            with pytest.raises(LimitExceeded):
+                await rpc.call(Step(rid=0, session_id="nope", step=0, hidden=torch.zeros(1, 1, 7)), timeout=5)
+            info = await rpc.call(Info(rid=0), timeout=5)
+        finally:
+            await rpc.close()
+        return errors, info
+
+    errors, info = asyncio.run(main())
+    codes = {name: getattr(e, "code", None) for name, e in errors.items()}
+    assert codes.get("garbage") in (FrameError.code, LimitExceeded.code), codes
+    assert codes.get("huge") == LimitExceeded.code, codes
+    assert codes.get("version") in (VersionMismatch.code, FrameError.code), codes
+    assert isinstance(info, InfoReply) and (info.start, info.end) == (0, 10)
+
+
+def test_overlapping_spans(tmp_path, reference):
+    swarm = _up(tmp_path, "--spans", "0:15,10:30")
+    try:
+        done = cli("generate", "--initial-peers", swarm.initial_peers[0], "--prompt", PROMPTS[1],
+                   "--max-new-tokens", str(TOKENS), "--json")
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        assert out["token_ids"] == reference[PROMPTS[1]]
+        blocks = [b for hop in out["route"] for b in range(hop["start"], hop["end"])]
+        assert blocks == list(range(30))
+    finally:
+        pids = [n["pid"] for n in swarm.nodes] + [swarm.bootstrap_pid]
+        down = cli("swarm", "down", "--state-dir", str(tmp_path))
+        assert down.returncode == 0, down.stderr
+    assert not any(alive(p) for p in pids)
