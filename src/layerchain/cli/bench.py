@@ -49,6 +49,22 @@ def bench_routing(
     _print(result, as_json)
 
 
+@bench_app.command("faults")
+def bench_faults(
+    runs: int = typer.Option(10, help="Generations, each with one hop killed mid-way."),
+    model: str = typer.Option("smollm2", help="Model reference."),
+    spans: str = typer.Option("0:15,15:30,0:15,15:30,0:15,15:30", help="Spans of the nodes."),
+    max_new_tokens: int = typer.Option(24, help="Tokens per generation."),
+    seed: int = typer.Option(0, help="Seed of the kill schedule."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """kill -9 a hop mid-generation, many times: runs, completed, identical, recovery_s."""
+    from layerchain.bench.faults import run_faults_bench
+
+    _print(run_faults_bench(runs=runs, model=model, spans=spans,
+                            max_new_tokens=max_new_tokens, seed=seed), as_json)
+
+
 def register(app: typer.Typer) -> None:
     """Add `bench` to the app."""
     app.add_typer(bench_app, name="bench")

@@ -22,7 +22,7 @@ import torch
 
 from layerchain import __version__
 from layerchain.discovery import AnnounceConfig, Announcer, Discovery, PeerRecord
-from layerchain.errors import LayerchainError, LimitExceeded, PeerBusy
+from layerchain.errors import LimitExceeded, PeerBusy
 from layerchain.node.config import NodeConfig
 from layerchain.node.sessions import SessionTable
 from layerchain.wire import messages as m

@@ -1,0 +1,92 @@
+"""Benchmark: kill -9 a hop of the active route mid-generation; the answer must not change.
+
+A local swarm with a spare for every span (by default ``0:15, 15:30`` three times each)
+serves ``runs`` greedy generations. In each, at a random token, one random hop of the route
+in use is killed with SIGKILL; the client must recover (ban, re-plan the missing span,
+replay the kept inputs) and finish with exactly the reference tokens. The killed node is
+restarted with the same identity right away, so it rejoins for later runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import statistics
+import tempfile
+from pathlib import Path
+
+from layerchain.types import Span
+
+PROMPT = "Write a short poem about the sea."
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_faults_bench(
+    runs: int = 10,
+    model: str = "smollm2",
+    spans: str = "0:15,15:30,0:15,15:30,0:15,15:30",
+    max_new_tokens: int = 24,
+    seed: int = 0,
+) -> dict:
+    from layerchain.client import Swarm
+    from layerchain.localswarm import start_node, swarm_down, swarm_up, wait_ready
+    from layerchain.model import LocalModel, SamplingParams, resolve_model
+
+    rng = random.Random(seed)
+    spec = resolve_model(model)
+    span_list = [Span.parse(s).check_within(spec.num_blocks) for s in spans.split(",")]
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    reference = list(LocalModel(spec).generate(PROMPT, params).token_ids)
+    state = Path(tempfile.mkdtemp(prefix="layerchain-faults-"))
+    completed = identical = 0
+    recoveries: list[float] = []
+    failures: list[str] = []
+    try:
+        local = swarm_up(state, span_list, model=model)
+        pid_of = {n["peer_id"]: (i, n["pid"]) for i, n in enumerate(local.nodes)}
+        restarting: list[tuple] = []
+        with Swarm(local.initial_peers, model=model, step_timeout_s=5.0, ban_base_s=5.0) as client:
+            for run in range(runs):
+                for proc, data_dir, i in restarting:  # killed nodes of earlier runs rejoin
+                    info = wait_ready(proc, data_dir, state / f"node-{i}.log", 120)
+                    pid_of[info["peer_id"]] = (i, info["pid"])
+                restarting = []
+                kill_at = rng.randrange(1, max_new_tokens - 2)
+                result: list = []
+                try:
+                    for event in client.stream(PROMPT, params, result=result):
+                        if event.index == kill_at:
+                            hop = rng.choice(client.core.last_route)
+                            i, pid = pid_of[hop.peer_id]
+                            os.kill(pid, signal.SIGKILL)
+                            proc, data_dir = start_node(
+                                state, f"node-{i}", span_list[i], local.initial_peers, model=model
+                            )
+                            restarting.append((proc, data_dir, i))
+                            local.nodes[i] = {**local.nodes[i], "pid": proc.pid}
+                            local.save()
+                except Exception as error:  # noqa: BLE001 - a failed run is a measurement
+                    failures.append(f"run {run}: {error}")
+                    continue
+                res = result[0]
+                completed += 1
+                identical += res.token_ids == reference
+                recoveries.extend(r.seconds for r in res.recoveries)
+    finally:
+        swarm_down(state, quiet=True)
+    return {
+        "runs": runs,
+        "completed": completed,
+        "identical": identical,
+        "recovery_s_p50": round(statistics.median(recoveries), 3) if recoveries else None,
+        "recovery_s_p99": round(_percentile(recoveries, 0.99), 3) if recoveries else None,
+        "recoveries": len(recoveries),
+        "failures": failures,
+    }
