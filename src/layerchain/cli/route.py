@@ -80,8 +80,33 @@ def _read_snapshot(path: Path):  # type: ignore[no-untyped-def]
     return parse_snapshot(data)
 
 
+async def _live_peers(initial_peers: list[str], model: str):  # type: ignore[no-untyped-def]
+    """The live swarm as planner input: records from the DHT, RTTs measured by pings."""
+    from layerchain.client.config import ClientConfig
+    from layerchain.client.peers import PeerView
+    from layerchain.discovery import HivemindDiscovery
+    from layerchain.model import resolve_model
+    from layerchain.wire import TcpTransport
+
+    spec = resolve_model(model)
+    discovery = await HivemindDiscovery.create(initial_peers=initial_peers)
+    view = PeerView(discovery, TcpTransport(), spec.model_id, spec.num_blocks, ClientConfig())
+    try:
+        await view.refresh(force=True)
+        return view.snapshot(), spec.num_blocks
+    finally:
+        await view.close()
+        await discovery.close()
+
+
 def route(
-    snapshot: Path = typer.Option(..., "--snapshot", help="Swarm snapshot JSON file."),
+    snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Swarm snapshot JSON file."),
+    initial_peers: Optional[list[str]] = typer.Option(
+        None, "--initial-peers", help="Plan over the live swarm joined through this DHT address."),
+    model: str = typer.Option("smollm2", "--model", help="Model reference (live mode)."),
+    explain: bool = typer.Option(
+        False, "--explain", help="Show the chain's cost terms per hop and the frontier (default "
+        "without --json)."),
     alpha: float = typer.Option(0.0, "--alpha", min=0.0, max=1.0,
                                 help="Weight of price against latency: 0 fastest, 1 cheapest."),
     max_price: Optional[float] = typer.Option(None, "--max-price",
@@ -90,22 +115,30 @@ def route(
         None, "--max-latency-ms", help="Most ms per token step the route may take."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Plan the best chain of peers over a swarm snapshot, with the Pareto frontier."""
-    snap = _read_snapshot(snapshot)
+    """Plan the best chain of peers over a snapshot or the live swarm, with the Pareto frontier."""
+    if snapshot is not None:
+        snap = _read_snapshot(snapshot)
+        peers, num_blocks = snap.peers, snap.num_blocks
+    elif initial_peers:
+        import asyncio
+
+        peers, num_blocks = asyncio.run(_live_peers(list(initial_peers), model))
+    else:
+        raise ConfigError("give --snapshot FILE or --initial-peers ADDR")
     try:
-        plan = plan_route(snap.peers, snap.num_blocks, alpha, max_price, max_latency_ms)
+        plan = plan_route(peers, num_blocks, alpha, max_price, max_latency_ms)
     except NoRoute as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     try:
-        front = pareto_front(snap.peers, snap.num_blocks, max_price, max_latency_ms, alpha=alpha)
+        front = pareto_front(peers, num_blocks, max_price, max_latency_ms, alpha=alpha)
     except RoutingError as error:  # too large a swarm to enumerate: the plan still stands
         typer.echo(f"warning: no Pareto frontier: {error}", err=True)
         front = []
-    if as_json:
+    if as_json and not explain:
         typer.echo(json.dumps(plan_json(plan, front)))
     else:
-        render_plan(plan, front, snap.peers)
+        render_plan(plan, front, peers)
 
 
 def register(app: typer.Typer) -> None:

@@ -192,11 +192,15 @@ async def serve_connection(
     *,
     limits: Limits = DEFAULT_LIMITS,
     stats: ServeStats | None = None,
+    reply_delay_s: float = 0.0,
 ) -> ServeStats:
     """Serve requests on ``conn`` until it closes; then close it and return the tally.
 
     ``stats.open_sessions`` lists sessions opened over this connection and never closed:
     the caller decides whether to drop them.
+
+    ``reply_delay_s`` (a testing aid, latency emulation) holds back every reply, pings
+    included, by that many seconds, without holding back the reading of further requests.
     """
     stats = stats if stats is not None else ServeStats()
     slots = asyncio.Semaphore(limits.max_inflight_per_connection)
@@ -239,6 +243,8 @@ async def serve_connection(
             stats.count(answer.code)
         if answer.rid != msg.rid:
             answer = dataclasses.replace(answer, rid=msg.rid)
+        if reply_delay_s:
+            await asyncio.sleep(reply_delay_s)
         try:
             await reply(answer)
         except PeerUnreachable:
@@ -256,7 +262,7 @@ async def serve_connection(
                 await conn.send(ErrorReply.from_error(error_rid(error), error))
                 continue  # if sync was lost, the next recv raises PeerUnreachable
             stats.requests += 1
-            if type(msg) is Ping:
+            if type(msg) is Ping and not reply_delay_s:
                 slots.release()
                 await conn.send(Pong(msg.rid, msg.nonce))
                 continue
