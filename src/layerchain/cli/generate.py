@@ -140,6 +140,7 @@ def generate(
 
 
 def _generate_swarm(prompt, model, params, raw, json_out, initial_peers, limits) -> None:
+    from layerchain.cli.demo import route_json
     from layerchain.client import Swarm
 
     result: list = []
@@ -154,7 +155,7 @@ def _generate_swarm(prompt, model, params, raw, json_out, initial_peers, limits)
             "token_ids": res.token_ids,
             "tokens_per_s": round(res.tokens_per_s, 3),
             "ttft_s": round(res.ttft_s, 3),
-            "route": [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in res.route],
+            "route": route_json(res.route),
             "recoveries": len(res.recoveries),
         }))
     else:

@@ -213,9 +213,7 @@ class Node:
                 f"not {msg.start}:{msg.end}"
             )
         cache = self.span.new_cache(msg.start, msg.end, max_length=msg.max_length)
-        self.sessions.open(msg.session_id, msg.max_length, cache)
-        session = self.sessions.get(msg.session_id)
-        session.start, session.end = msg.start, msg.end  # type: ignore[attr-defined]
+        self.sessions.open(msg.session_id, msg.max_length, cache, msg.start, msg.end)
         return m.SessionOpened(
             rid=msg.rid, session_id=msg.session_id, free_cache_tokens=self.sessions.free_cache_tokens
         )
@@ -242,10 +240,10 @@ class Node:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = self.span.forward(
-                    x, session.cache, start=session.start, end=session.end  # type: ignore[attr-defined]
+                    x, session.cache, start=session.start, end=session.end
                 )
             if tokens == 1:  # a decode step: keep the fastest cost seen, as at start
-                per_block = 1000.0 * (time.perf_counter() - t0) / (session.end - session.start)  # type: ignore[attr-defined]
+                per_block = 1000.0 * (time.perf_counter() - t0) / (session.end - session.start)
                 self.ms_per_block = min(self.ms_per_block, per_block)
             session.tokens += tokens
             session.next_step += 1

@@ -19,7 +19,9 @@ from layerchain.errors import LimitExceeded, PeerBusy, UnknownSession
 class Session:
     session_id: str
     max_length: int  # cache tokens reserved for this session
-    cache: Any  # the span's KVCache
+    cache: Any  # the span's KVCache for blocks [start, end)
+    start: int = 0  # first block this session runs (a sub-range of the node's span)
+    end: int = 0  # one past its last block
     next_step: int = 0  # step number expected next
     tokens: int = 0  # tokens processed so far (cache length)
     last_used: float = field(default_factory=time.monotonic)
@@ -43,7 +45,7 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, session_id: str, max_length: int, cache: Any) -> Session:
+    def open(self, session_id: str, max_length: int, cache: Any, start: int = 0, end: int = 0) -> Session:
         if session_id in self._sessions:
             raise LimitExceeded(f"session {session_id} is already open")
         if max_length <= 0:
@@ -54,7 +56,7 @@ class SessionTable:
             raise PeerBusy(
                 f"session needs {max_length} cache tokens, {self.free_cache_tokens} are free"
             )
-        session = Session(session_id, max_length, cache)
+        session = Session(session_id, max_length, cache, start, end)
         self._sessions[session_id] = session
         self._reserved += max_length
         return session
