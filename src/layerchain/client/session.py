@@ -46,7 +46,6 @@ class HopSession:
     session_id: str
     next_step: int = 0
     inputs: list[torch.Tensor] = field(default_factory=list)  # [1, T_i, H] per step
-    receipts: list[bytes] = field(default_factory=list)
 
 
 class InferenceSession:
@@ -141,7 +140,6 @@ class InferenceSession:
             raise InvalidOutput(f"peer {hs.hop.peer_id} returned non-finite values")
         hs.next_step += 1
         hs.inputs.append(hidden)
-        hs.receipts.append(reply.receipt)
         return out
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -126,19 +126,16 @@ class AsyncSwarm:
         )
         decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
         ttft = 0.0
-        index = 0
         try:
             await session.open()
             self.last_route = tuple(session.route)
             while (x := self._next_input(decoder)) is not None:
                 hidden = await session.step(x)
-                text = self._accept(decoder, hidden)
-                if index == 0:
-                    ttft = time.perf_counter() - t0
+                text = self._accept(decoder, hidden)  # one more token in decoder.stop.token_ids
                 token_ids = decoder.stop.token_ids
-                if token_ids and len(token_ids) > index:
-                    index = len(token_ids)
-                    yield TokenEvent(index - 1, token_ids[-1], text)
+                if len(token_ids) == 1:
+                    ttft = time.perf_counter() - t0
+                yield TokenEvent(len(token_ids) - 1, token_ids[-1], text)
         finally:
             self.last_route = route = tuple(session.route)
             await session.close()

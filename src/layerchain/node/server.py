@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -62,7 +62,6 @@ class Node:
         discovery: Discovery,
         identity: Any,
         wallet: str = "",
-        receipts: Callable[..., bytes] | None = None,
     ) -> None:
         self.config = config
         self.spec = spec
@@ -72,7 +71,6 @@ class Node:
         self.discovery = discovery
         self.identity = identity
         self.wallet = wallet
-        self.receipts = receipts  # sign_step(session_id, step, tokens, input, output) -> bytes
         self.sessions = SessionTable(
             config.max_cache_tokens, config.max_sessions, config.session_idle_timeout_s
         )
@@ -81,7 +79,6 @@ class Node:
         self.announcer: Announcer | None = None
         self.draining = False
         self.rtts: dict[str, float] = {}  # peer id -> ms, from peers that pinged us
-        self.errors = 0  # error replies sent, for status
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
 
@@ -205,9 +202,7 @@ class Node:
             raise LimitExceeded(
                 f"node serves model {self.spec.model_id[:12]}, not {msg.model_id[:12]}"
             )
-        if (msg.start, msg.end) != (self.span.start, self.span.end) and not (
-            self.span.start <= msg.start < msg.end <= self.span.end
-        ):
+        if not self.span.start <= msg.start < msg.end <= self.span.end:
             raise LimitExceeded(
                 f"node serves blocks {self.span.start}:{self.span.end}, "
                 f"not {msg.start}:{msg.end}"
@@ -247,9 +242,6 @@ class Node:
                 self.ms_per_block = min(self.ms_per_block, per_block)
             session.tokens += tokens
             session.next_step += 1
-            receipt = b""
-            if self.receipts is not None:
-                receipt = self.receipts(msg, session, x, out)
         return m.StepResult(
-            rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out, receipt=receipt
+            rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out
         )
