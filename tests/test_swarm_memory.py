@@ -7,61 +7,14 @@ real thing (real spans, real sessions, real planner, real failover).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from pathlib import Path
 
 import pytest
+from memswarm import MemorySwarm
 
-from layerchain.client import AsyncSwarm, ClientConfig
-from layerchain.discovery import Identity, MemoryDiscovery, MemoryHub
 from layerchain.errors import NoRoute, PeerBusy, UnknownSession
-from layerchain.model import LocalModel, SamplingParams, load_head, load_span, load_tokenizer, resolve_model
-from layerchain.node import Node, NodeConfig
-from layerchain.wire import MemoryTransport
-from layerchain.wire import MemoryHub as WireHub
+from layerchain.model import LocalModel, SamplingParams, resolve_model
 
 PROMPT = "What is the capital of France?"
-
-
-class MemorySwarm:
-    """Nodes of one model in this event loop, and clients of them."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.spec = resolve_model(model)
-        self.hub = MemoryHub()
-        self.wire = WireHub()
-        self.nodes: list[Node] = []
-
-    async def add_node(self, start: int, end: int, tmp: Path, **config) -> Node:
-        identity = Identity.generate()
-        node = Node(
-            NodeConfig(model=self.model, start=start, end=end, data_dir=tmp, **config),
-            spec=self.spec,
-            span=load_span(self.spec, start, end),
-            transport=MemoryTransport(self.wire),
-            listen_at=f"mem://{identity.peer_id}",
-            discovery=MemoryDiscovery(self.hub, identity),
-            identity=identity,
-        )
-        await node.start()
-        self.nodes.append(node)
-        return node
-
-    def client(self, **config) -> AsyncSwarm:
-        return AsyncSwarm(
-            spec=self.spec,
-            head=load_head(self.spec),
-            tokenizer=load_tokenizer(self.spec),
-            discovery=MemoryDiscovery(self.hub),
-            transport=MemoryTransport(self.wire),
-            config=ClientConfig(discovery_wait_s=1.0, ban_base_s=60.0, **config),
-        )
-
-    async def close(self) -> None:
-        for node in self.nodes:
-            with contextlib.suppress(Exception):
-                await node.stop(drain_s=0)
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,8 @@ def wait_ready(proc: subprocess.Popen, data_dir: Path, log_path: Path, timeout_s
     while time.monotonic() < deadline:
         if ready.exists():
             info = json.loads(ready.read_text())
-            return {k: info[k] for k in ("pid", "peer_id", "start", "end", "endpoint")}
+            node = {k: info[k] for k in ("pid", "peer_id", "start", "end", "endpoint")}
+            return {**node, "wallet": info.get("wallet", "")}
         if proc.poll() is not None:
             raise LayerchainError(f"node {data_dir.name} exited: {_tail(log_path)}")
         time.sleep(0.1)

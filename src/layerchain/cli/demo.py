@@ -1,4 +1,9 @@
-"""CLI: `layerchain demo` — a local swarm up, one generation with a live view, swarm down."""
+"""CLI: `layerchain demo` — a local swarm up, one generation with a live view, swarm down.
+
+The swarm is a priced market: the nodes charge ``--prices`` per block per token, the client
+pays them through payment channels on a ledger file in the state directory, from a wallet
+funded with ``--credits``; the demo ends with each node's earnings and the client's spend.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +38,51 @@ def route_json(route: tuple) -> list[dict]:
     return [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in route]
 
 
+def parse_prices(text: str, count: int) -> list[int]:
+    """``"1,2,3"`` -> one price per node, the list repeated as needed."""
+    from layerchain.errors import ConfigError
+
+    try:
+        prices = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"--prices takes integers separated by commas, not {text!r}") from None
+    if not prices or any(p < 0 for p in prices):
+        raise ConfigError(f"--prices needs at least one non-negative integer, got {text!r}")
+    return [prices[i % len(prices)] for i in range(count)]
+
+
+def payments_json(nodes: list[dict], result, ledger, client_address: str, credits: int) -> dict:
+    """The demo's ``"payments"`` object: each node's work and earnings, the client's spend."""
+    by_peer = {p.peer_id: p for p in result.payments}
+    rows = []
+    for node in nodes:
+        paid = by_peer.get(node["peer_id"])
+        rows.append({
+            "peer_id": node["peer_id"],
+            "address": node["wallet"],
+            "blocks": node["end"] - node["start"],
+            "tokens": paid.tokens if paid else 0,
+            "price": node["price"],
+            "earned": ledger.balance(node["wallet"]),
+        })
+    return {"client_spent": credits - ledger.balance(client_address), "nodes": rows}
+
+
+def payments_table(payments: dict):
+    from rich.table import Table
+
+    table = Table("node", "address", "blocks", "price", "tokens", "earned",
+                  title="payments (credits)", title_justify="left")
+    for row in payments["nodes"]:
+        table.add_row(row["peer_id"][:10], row["address"][:10] + "…", str(row["blocks"]),
+                      str(row["price"]), str(row["tokens"]), str(row["earned"]))
+    table.add_section()
+    total = sum(row["earned"] for row in payments["nodes"])
+    table.add_row("client", "", "", "", "spent", str(payments["client_spent"]))
+    table.caption = f"nodes earned {total} in all"
+    return table
+
+
 def demo(
     nodes: int = typer.Option(3, help="Number of nodes (ignored when --spans is given)."),
     spans: Optional[str] = typer.Option(None, help="Comma-separated spans, e.g. 0:10,10:20,20:30."),
@@ -45,24 +95,40 @@ def demo(
     max_price: Optional[float] = typer.Option(None, help="Most a route may cost per token."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Most a route may take per token, ms."),
     state_dir: Optional[Path] = typer.Option(None, help="Keep the swarm's files here (default: a temp dir)."),
+    prices: str = typer.Option("1,2,3", help="Price per block per token of each node, comma-separated."),
+    credits: int = typer.Option(1_000_000, help="Credits the client's wallet starts with."),
 ) -> None:
     """Start a local swarm, generate through it with a live view of the route, stop it."""
     from layerchain.client import Swarm
     from layerchain.cli.swarm import parse_spans
+    from layerchain.ledger import LedgerConfig, open_ledger
     from layerchain.localswarm import swarm_down, swarm_up
+    from layerchain.market import Wallet
     from layerchain.model import SamplingParams, resolve_model
 
     spec = resolve_model(model)
     span_list = parse_spans(spans, nodes, spec.num_blocks)
     state = state_dir or Path(tempfile.mkdtemp(prefix="layerchain-demo-"))
     say = (lambda s: None) if as_json else (lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    price_list = parse_prices(prices, len(span_list))
+    ledger_path = state / "ledger.sqlite"
+    ledger = None
     try:
+        # The market: a ledger without a dispute window (channels settle when the client
+        # closes them), a funded client wallet, and a price on every node.
+        ledger = open_ledger(ledger_path, LedgerConfig(dispute_window_s=0))
+        wallet = Wallet.load_or_create(state / "client")
+        ledger.deposit(wallet.address, credits)
+        say(f"client wallet {wallet.address} holds {ledger.balance(wallet.address)} credits")
         say(f"starting {len(span_list)} nodes: {', '.join(map(str, span_list))}")
-        local = swarm_up(state, span_list, model=model, on_progress=say)
+        node_args = [["--price", str(p), "--ledger", str(ledger_path)] for p in price_list]
+        local = swarm_up(state, span_list, model=model, node_args=node_args, on_progress=say)
+        nodes = [{**n, "price": p} for n, p in zip(local.nodes, price_list)]
         params = SamplingParams(max_new_tokens=max_new_tokens)
         result: list = []
         with Swarm(local.initial_peers, model=model, alpha=alpha, max_price=max_price,
-                   max_latency_ms=max_latency_ms) as client:
+                   max_latency_ms=max_latency_ms, data_dir=state / "client",
+                   ledger=ledger_path) as client:
             stream = client.stream(prompt, params, raw=raw, result=result)
             if as_json:
                 for _ in stream:
@@ -78,7 +144,8 @@ def demo(
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
                 sys.stdout.write("\n")
-        res = result[0]
+        res = result[0]  # the client is closed: nodes redeemed, channels settled
+        payments = payments_json(nodes, res, ledger, wallet.address, credits)
         if as_json:
             typer.echo(json.dumps({
                 "text": res.text,
@@ -86,6 +153,7 @@ def demo(
                 "route": route_json(res.route),
                 "tokens_per_s": res.tokens_per_s,
                 "ttft_s": res.ttft_s,
+                "payments": payments,
             }))
         else:
             console.print(Panel(route_text(res.route), title="route"))
@@ -93,8 +161,11 @@ def demo(
                 f"[dim]{len(res.token_ids)} tokens, {res.tokens_per_s:.1f} tokens/s, "
                 f"first token after {res.ttft_s:.2f} s[/dim]"
             )
+            console.print(payments_table(payments))
     finally:
         swarm_down(state, quiet=True)
+        if ledger is not None:
+            ledger.close()
         say("swarm stopped")
 
 

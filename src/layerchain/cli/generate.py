@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -94,6 +95,24 @@ MaxPriceOpt = Annotated[
 MaxLatencyOpt = Annotated[
     Optional[float], typer.Option("--max-latency-ms", help="Most a route may take per token, ms.")
 ]
+LedgerOpt = Annotated[
+    Optional[Path],
+    typer.Option("--ledger", envvar="LAYERCHAIN_LEDGER",
+                 help="Ledger file to pay priced peers on (payment channels)."),
+]
+DataDirOpt = Annotated[
+    Path,
+    typer.Option("--data-dir", envvar="LAYERCHAIN_DATA_DIR",
+                 help="Directory of the paying wallet (wallet.json)."),
+]
+DepositOpt = Annotated[int, typer.Option("--deposit", help="Credits locked per payment channel.")]
+DEFAULT_DATA_DIR = Path("~/.layerchain")
+DEFAULT_DEPOSIT = 100_000
+
+
+def payment_options(data_dir: Path, ledger: Optional[Path], deposit: int) -> dict[str, Any]:
+    """Swarm(...) keyword arguments that make the client pay (none without a ledger)."""
+    return {} if ledger is None else {"data_dir": data_dir, "ledger": ledger, "deposit": deposit}
 
 
 def generate(
@@ -113,6 +132,9 @@ def generate(
     alpha: AlphaOpt = 0.0,
     max_price: MaxPriceOpt = None,
     max_latency_ms: MaxLatencyOpt = None,
+    ledger: LedgerOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    deposit: DepositOpt = DEFAULT_DEPOSIT,
 ) -> None:
     """Generate text for a prompt through a swarm (or, with --local, in this process)."""
     params = sampling_params_from_options(
@@ -125,7 +147,8 @@ def generate(
                 hint="or pass --local to run the model in this process",
             )
         _generate_swarm(prompt, model, params, raw, json_out, initial_peers,
-                        dict(alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms))
+                        dict(alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
+                             **payment_options(data_dir, ledger, deposit)))
         return
     from layerchain.model import generate_local, resolve_model
 
@@ -157,6 +180,7 @@ def _generate_swarm(prompt, model, params, raw, json_out, initial_peers, limits)
             "ttft_s": round(res.ttft_s, 3),
             "route": route_json(res.route),
             "recoveries": len(res.recoveries),
+            "cost": res.cost,
         }))
     else:
         stream_to_stdout("\n")
@@ -174,6 +198,9 @@ def chat(
     alpha: AlphaOpt = 0.0,
     max_price: MaxPriceOpt = None,
     max_latency_ms: MaxLatencyOpt = None,
+    ledger: LedgerOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    deposit: DepositOpt = DEFAULT_DEPOSIT,
 ) -> None:
     """Chat through a swarm: multi-turn, streamed, with the model's chat template."""
     from layerchain.client import Swarm
@@ -185,7 +212,8 @@ def chat(
     )
     messages: list[dict[str, str]] = []
     with Swarm(initial_peers, model=model, alpha=alpha, max_price=max_price,
-               max_latency_ms=max_latency_ms) as swarm:
+               max_latency_ms=max_latency_ms,
+               **payment_options(data_dir, ledger, deposit)) as swarm:
         typer.echo("chat through the swarm; an empty line or Ctrl-D ends it", err=True)
         while True:
             try:

@@ -28,6 +28,10 @@ def start(
     data_dir: Path = typer.Option(_D.data_dir, help="Where the node keeps its keys and state."),
     max_cache_tokens: int = typer.Option(_D.max_cache_tokens, help="KV-cache budget in tokens."),
     price: int = typer.Option(_D.price_per_block, help="Price per block per token, ledger units."),
+    ledger: Optional[Path] = typer.Option(
+        None, "--ledger", envvar="LAYERCHAIN_LEDGER",
+        help="Ledger file to be paid on: with a --price, steps must carry vouchers.",
+    ),
     emulate_latency_ms: float = typer.Option(
         _D.emulate_latency_ms, help="Testing aid: delay every reply by this many ms."
     ),
@@ -47,6 +51,7 @@ def start(
         model=model, start=span.start, end=span.end, host=host, port=port, dht_port=dht_port,
         initial_peers=tuple(initial_peers or ()), new_swarm=new_swarm, data_dir=data_dir,
         max_cache_tokens=max_cache_tokens, price_per_block=price,
+        ledger=str(ledger) if ledger else "",
         emulate_latency_ms=emulate_latency_ms, threads=threads,
     )
 

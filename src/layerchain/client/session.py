@@ -6,6 +6,12 @@ non-finite values — the session bans the peer, re-plans only that hop's blocks
 over several peers), opens sessions there, replays the kept inputs to rebuild their KV
 caches, and carries on with the step that failed. Greedy output is therefore identical to
 an undisturbed run. Each recovery is recorded as a ``Recovery``.
+
+Every step result carries the node's signed receipt; the session checks it against what it
+sent and received (``ReceiptVerifier``) and treats a wrong one like a failed hop. With a
+``ChannelPayer`` each step to a priced hop carries a cumulative voucher paying for it in
+advance; ``cost`` is what the session paid (or, without a payer, what the receipts say it
+owes) and ``payments`` the tally per peer.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from layerchain.client.peers import PeerView
-from layerchain.errors import InvalidOutput, NoRoute, PeerError, ProtocolError
+from layerchain.errors import InvalidOutput, InvalidReceipt, NoRoute, PeerError, ProtocolError
+from layerchain.market import ChannelPayer, ReceiptVerifier, step_amount, tokens_of
 from layerchain.types import Hop
 from layerchain.wire import messages as m
 
@@ -38,12 +45,29 @@ class Recovery:
     replacement: tuple[Hop, ...]
 
 
+# A hop that failed or whose receipt is wrong is routed around.
+HOP_FAILURES = (PeerError, ProtocolError, InvalidReceipt)
+
+
+@dataclass
+class HopPayment:
+    """What one peer computed for a generation and what it was paid (or is owed)."""
+
+    peer_id: str
+    address: str  # the peer's wallet, the receipts' signer
+    price_per_block: int
+    blocks: int  # blocks of its (last) hop
+    tokens: int = 0  # token positions it processed, replays included
+    amount: int = 0  # credits for them: sum of tokens x blocks x price per step
+
+
 @dataclass
 class HopSession:
     """One hop's session on one peer, with the inputs kept for replay."""
 
     hop: Hop
     session_id: str
+    verifier: ReceiptVerifier
     next_step: int = 0
     inputs: list[torch.Tensor] = field(default_factory=list)  # [1, T_i, H] per step
 
@@ -51,8 +75,16 @@ class HopSession:
 class InferenceSession:
     """Pushes hidden states through a route of hops; one call of ``step`` per decode step."""
 
-    def __init__(self, peers: PeerView, hidden_size: int, max_length: int, timeout_s: float):
+    def __init__(
+        self,
+        peers: PeerView,
+        hidden_size: int,
+        max_length: int,
+        timeout_s: float,
+        payer: ChannelPayer | None = None,
+    ):
         self.peers = peers
+        self.payer = payer
         self.hidden_size = hidden_size
         self.max_length = max_length
         self.timeout_s = timeout_s
@@ -60,6 +92,8 @@ class InferenceSession:
         self.recoveries: list[Recovery] = []
         self.steps = 0
         self.hop_seconds = 0.0  # wall time spent waiting on hops, all steps
+        self.cost = 0  # credits paid (with a payer) or owed (without), all hops
+        self.payments: dict[str, HopPayment] = {}  # peer id -> tally
 
     @property
     def route(self) -> list[Hop]:
@@ -72,7 +106,7 @@ class InferenceSession:
             try:
                 self.hops = await self._open_hops(plan.hops)
                 return
-            except (PeerError, ProtocolError) as error:
+            except HOP_FAILURES as error:
                 if attempt == attempts or error.peer_id is None:  # type: ignore[attr-defined]
                     raise
                 self.peers.ban(error.peer_id, str(error))  # type: ignore[attr-defined]
@@ -85,7 +119,7 @@ class InferenceSession:
             for hop in hops:
                 try:
                     opened.append(await self._open_hop(hop))
-                except (PeerError, ProtocolError) as error:
+                except HOP_FAILURES as error:
                     error.peer_id = hop.peer_id  # type: ignore[attr-defined]
                     raise
         except BaseException:
@@ -95,6 +129,7 @@ class InferenceSession:
         return opened
 
     async def _open_hop(self, hop: Hop) -> HopSession:
+        record = self.peers.records[hop.peer_id]
         rpc = await self.peers.client(hop.peer_id)
         session_id = uuid.uuid4().hex
         await rpc.call(
@@ -108,7 +143,10 @@ class InferenceSession:
             ),
             timeout=self.timeout_s,
         )
-        return HopSession(hop, session_id)
+        verifier = ReceiptVerifier(
+            record.wallet, session_id, self.peers.model_id, hop.span, record.price_per_block
+        )
+        return HopSession(hop, session_id, verifier)
 
     async def _close_hop(self, hs: HopSession) -> None:
         try:
@@ -126,8 +164,16 @@ class InferenceSession:
 
     async def _call(self, hs: HopSession, hidden: torch.Tensor) -> torch.Tensor:
         rpc = await self.peers.client(hs.hop.peer_id)
+        verifier = hs.verifier
+        tokens = tokens_of(hidden)
+        amount = step_amount(tokens, hs.hop.end - hs.hop.start, verifier.price_per_block)
+        voucher = b""
+        if self.payer is not None and amount > 0:  # paid in advance, before any await
+            voucher = self.payer.voucher_for(verifier.node_address, amount)
+            self.cost += amount
         reply = await rpc.call(
-            m.Step(rid=0, session_id=hs.session_id, step=hs.next_step, hidden=hidden),
+            m.Step(rid=0, session_id=hs.session_id, step=hs.next_step, hidden=hidden,
+                   voucher=voucher),
             timeout=self.timeout_s,
         )
         out = reply.hidden
@@ -138,6 +184,17 @@ class InferenceSession:
             )
         if not torch.isfinite(out).all():
             raise InvalidOutput(f"peer {hs.hop.peer_id} returned non-finite values")
+        if not reply.receipt:
+            raise InvalidReceipt(f"peer {hs.hop.peer_id} sent no receipt for step {hs.next_step}")
+        verifier.check(reply.receipt, hidden, out, tokens)
+        if self.payer is None:
+            self.cost += amount
+        tally = self.payments.setdefault(
+            hs.hop.peer_id,
+            HopPayment(hs.hop.peer_id, verifier.node_address, verifier.price_per_block, 0),
+        )
+        tally.blocks, tally.tokens = hs.hop.end - hs.hop.start, tally.tokens + tokens
+        tally.amount += amount
         hs.next_step += 1
         hs.inputs.append(hidden)
         return out
@@ -151,7 +208,7 @@ class InferenceSession:
             try:
                 hidden = await self._call(hs, hidden)
                 i += 1
-            except (PeerError, ProtocolError) as error:
+            except HOP_FAILURES as error:
                 await self._recover(i, error)
         self.steps += 1
         self.hop_seconds += time.perf_counter() - t0
@@ -180,7 +237,7 @@ class InferenceSession:
                     if x is not None:
                         x = await self._call(replacement[-1], x)
                 break
-            except (PeerError, ProtocolError) as again:
+            except HOP_FAILURES as again:
                 log.warning("recovery attempt %d failed at %s: %s", attempt, current.peer_id, again)
                 self.peers.ban(current.peer_id, str(again))
                 for hs in replacement:

@@ -5,26 +5,40 @@ core on an event loop in one background thread. The client holds the model's hea
 (embeddings, final norm, LM head) and tokenizer, so peers never see token ids or text; the
 decode loop is the same as ``layerchain.model.generate_local``'s: embed, push through the
 hops, logits of the last position, sample, check stop conditions.
+
+Payments: with ``ledger=`` (a ledger file) the client pays priced peers through payment
+channels from the wallet in ``data_dir`` (``ChannelPayer``: one channel per node, opened
+with ``deposit`` credits on first use); ``close()`` waits briefly for the nodes to redeem
+what they were paid, then asks the ledger to close the channels (the unspent deposit comes
+back after the ledger's dispute window). Receipts are checked with or without a ledger.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import torch
 
 from layerchain.client.config import ClientConfig
 from layerchain.client.peers import PeerView
-from layerchain.client.session import InferenceSession, Recovery
+from layerchain.client.session import HopPayment, InferenceSession, Recovery
 from layerchain.discovery import Discovery
+from layerchain.market import ChannelPayer
 from layerchain.model import Decoder, SamplingParams, encode_prompt, load_head, load_tokenizer, resolve_model
 from layerchain.model.generate import eos_token_ids
 from layerchain.types import Hop
 from layerchain.wire.transport import Transport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = Path("~/.layerchain")  # the wallet's home, as the `wallet` commands use
+DEFAULT_DEPOSIT = 100_000  # credits locked in each channel the client opens
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,8 @@ class GenerationResult:
     recoveries: tuple[Recovery, ...] = ()
     finish_reason: str = "length"  # "stop" (EOS or stop string) or "length"
     hop_ms_per_token: float = 0.0  # time spent in the hop chain per decode token, ms
+    cost: int = 0  # credits paid to the peers (or owed, on a swarm the client does not pay)
+    payments: tuple[HopPayment, ...] = ()  # per peer: tokens computed and credits
 
 
 class AsyncSwarm:
@@ -61,8 +77,10 @@ class AsyncSwarm:
         discovery: Discovery,
         transport: Transport,
         config: ClientConfig,
+        payer: ChannelPayer | None = None,
     ) -> None:
         self.spec = spec
+        self.payer = payer
         self.head = head
         self.tokenizer = tokenizer
         self.discovery = discovery
@@ -81,10 +99,15 @@ class AsyncSwarm:
         config: ClientConfig | None = None,
         discovery: Discovery | None = None,
         transport: Transport | None = None,
+        data_dir: str | Path | None = None,
+        ledger: str | Path | None = None,
+        deposit: int = DEFAULT_DEPOSIT,
         **limits: Any,
     ) -> AsyncSwarm:
-        """Join the swarm through ``initial_peers`` (DHT multiaddrs) and load the head."""
+        """Join the swarm through ``initial_peers`` (DHT multiaddrs) and load the head;
+        with ``ledger``, pay priced peers from the wallet in ``data_dir``."""
         config = replace(config or ClientConfig(), **limits)
+        payer = open_payer(data_dir, ledger, deposit) if ledger is not None else None
         spec = await asyncio.to_thread(resolve_model, model)
         head = await asyncio.to_thread(load_head, spec)
         tokenizer = await asyncio.to_thread(load_tokenizer, spec)
@@ -98,12 +121,16 @@ class AsyncSwarm:
             transport = TcpTransport()
         return cls(
             spec=spec, head=head, tokenizer=tokenizer, discovery=discovery,
-            transport=transport, config=config,
+            transport=transport, config=config, payer=payer,
         )
 
-    async def close(self) -> None:
-        await self.peers.close()
-        await self.discovery.close()
+    async def close(self, settle_s: float = 10.0) -> None:
+        try:
+            if self.payer is not None:
+                await settle_channels(self.payer, settle_s)
+        finally:
+            await self.peers.close()
+            await self.discovery.close()
 
     async def generate_stream(
         self,
@@ -123,6 +150,7 @@ class AsyncSwarm:
             self.spec.hidden_size,
             max_length=len(prompt_ids) + params.max_new_tokens,
             timeout_s=self.config.step_timeout_s,
+            payer=self.payer,
         )
         decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
         ttft = 0.0
@@ -152,6 +180,8 @@ class AsyncSwarm:
                     recoveries=tuple(session.recoveries),
                     finish_reason=res.finish_reason,
                     hop_ms_per_token=1000 * session.hop_seconds / max(1, session.steps),
+                    cost=session.cost,
+                    payments=tuple(session.payments.values()),
                 )
             )
 
@@ -172,6 +202,37 @@ class AsyncSwarm:
         async for _ in self.generate_stream(prompt, params, raw=raw, result=result):
             pass
         return result[0]
+
+
+def open_payer(data_dir: str | Path | None, ledger: str | Path, deposit: int) -> ChannelPayer:
+    """The client's channels, paid from the wallet in ``data_dir`` on the ledger file."""
+    from layerchain.ledger import open_ledger
+    from layerchain.market import Wallet
+
+    wallet = Wallet.load_or_create(Path(data_dir or DEFAULT_DATA_DIR).expanduser())
+    return ChannelPayer(wallet, open_ledger(Path(ledger).expanduser()), deposit=deposit)
+
+
+async def settle_channels(payer: ChannelPayer, wait_s: float) -> None:
+    """Wait up to ``wait_s`` for each node to redeem what it was promised, then ask the
+    ledger to close every channel (the rest of the deposit returns after the dispute window).
+
+    Waiting matters on a ledger without a dispute window, where a close refunds at once and
+    a voucher redeemed after it is refused."""
+    ledger = payer.ledger
+    assert ledger is not None
+    channels = payer.channels()
+    deadline = time.monotonic() + wait_s
+    while channels and time.monotonic() < deadline:
+        states = await asyncio.to_thread(lambda: [ledger.channel(c.channel_id) for c in channels])
+        if all(state.redeemed >= payer.spent(state.payee) for state in states):
+            break
+        await asyncio.sleep(0.1)
+    for channel in channels:
+        try:
+            await asyncio.to_thread(ledger.close_channel, channel.channel_id)
+        except Exception as error:  # noqa: BLE001 - a refused close must not lose the others
+            log.warning("could not close channel %s: %s", channel.channel_id[:10], error)
 
 
 class Swarm:

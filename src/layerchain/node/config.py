@@ -20,7 +20,14 @@ class NodeConfig:
     max_cache_tokens: int = 32_768  # KV-cache budget: sum of max_length over open sessions
     max_sessions: int = 1_024  # sessions open at once, whatever their size
     session_idle_timeout_s: float = 300.0  # a session without steps for this long is closed
+    max_connections: int = 256  # client connections held at once; at the cap a new one
+    # replaces the connection quiet longest that holds no session, or is refused
+    read_timeout_s: float = 30.0  # a started frame whose next byte takes longer, or that is
+    # not complete this long (+1 s per MiB) after its first byte, closes its connection
+    drain_s: float = 5.0  # on SIGTERM, open sessions may finish for up to this many seconds
     price_per_block: int = 0  # ledger units per block per token processed
+    ledger: str = ""  # ledger file; with one and a price, steps must be paid by voucher
+    redeem_interval_s: float = 30.0  # redeem the latest vouchers this often, seconds
     emulate_latency_ms: float = 0.0  # testing aid: delay every reply by this many ms
     record_ttl_s: float = 60.0  # DHT records expire after this many seconds
     refresh_s: float = 15.0  # re-announce the DHT records this often, seconds

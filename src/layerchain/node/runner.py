@@ -1,6 +1,7 @@
 """Builds a real node (model span, TCP transport, hivemind DHT) and runs it until a signal.
 
-On SIGTERM or SIGINT the node withdraws its DHT records, drains its sessions, and exits.
+On SIGTERM or SIGINT the node withdraws its DHT records, refuses new sessions, lets open
+ones finish for up to ``config.drain_s`` seconds, and exits.
 When it is serving, it writes ``DATA_DIR/node.json`` — ``{"pid", "peer_id", "start",
 "end", "endpoint", "dht_addresses"}`` — which ``layerchain swarm up`` waits for.
 """
@@ -13,18 +14,29 @@ import logging
 import os
 import signal
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from layerchain.discovery import HivemindDiscovery, Identity
+from layerchain.ledger import open_ledger
+from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
 from layerchain.node.config import NodeConfig
 from layerchain.node.server import Node
 from layerchain.types import Span
+from layerchain.wire.codec import DEFAULT_LIMITS, Limits
 from layerchain.wire.transport import TcpTransport
 
 log = logging.getLogger(__name__)
+
+
+def wire_limits(config: NodeConfig) -> Limits:
+    """The wire limits this node's listener enforces: the defaults, with the node's own caps."""
+    return replace(
+        DEFAULT_LIMITS, max_connections=config.max_connections, read_timeout_s=config.read_timeout_s
+    )
 
 
 async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
@@ -37,6 +49,8 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     config = replace(config, end=end)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(config.data_dir)
+    wallet = Wallet.load_or_create(config.data_dir)
+    ledger = open_ledger(Path(config.ledger).expanduser()) if config.ledger else None
     span = await asyncio.to_thread(load_span, spec, span_range.start, span_range.end)
     discovery = await HivemindDiscovery.create(
         initial_peers=list(config.initial_peers),
@@ -49,10 +63,12 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         config,
         spec=spec,
         span=span,
-        transport=TcpTransport(),
+        transport=TcpTransport(wire_limits(config)),
         listen_at=f"tcp://{config.host}:{config.port}",
         discovery=discovery,
         identity=identity,
+        wallet=wallet,
+        ledger=ledger,
     )
     return node, discovery
 
@@ -75,6 +91,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
             "endpoint": node.endpoint,
             "dht_addresses": addresses,
             "ms_per_block": node.ms_per_block,
+            "wallet": node.wallet,
         }
         tmp = config.data_dir / "node.json.tmp"
         tmp.write_text(json.dumps(ready))
@@ -83,6 +100,6 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
             on_ready(node, addresses)
         await stop.wait()
     finally:
-        await node.stop()
+        await node.stop(drain_s=config.drain_s)
         await discovery.close()
         (config.data_dir / "node.json").unlink(missing_ok=True)

@@ -8,6 +8,9 @@ the error's code, so a bad request never stops the node.
 Life cycle: ``start()`` measures ``ms_per_block``, listens, and starts announcing;
 ``stop()`` withdraws the records, refuses new sessions, lets open sessions drain for up to
 ``drain_s`` seconds, then closes everything.
+
+Every step result carries a signed receipt; a priced node with a ledger serves a step only
+when its voucher pays for it (``node.payments``, ``NodePayments``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import torch
 from layerchain import __version__
 from layerchain.discovery import AnnounceConfig, Announcer, Discovery, PeerRecord
 from layerchain.errors import LimitExceeded, PeerBusy
+from layerchain.market import Wallet, tokens_of
 from layerchain.node.config import NodeConfig
+from layerchain.node.payments import NodePayments
 from layerchain.node.sessions import SessionTable
 from layerchain.wire import messages as m
 from layerchain.wire.rpc import serve_connection
@@ -61,7 +66,8 @@ class Node:
         listen_at: str,
         discovery: Discovery,
         identity: Any,
-        wallet: str = "",
+        wallet: Wallet | None = None,
+        ledger: Any = None,
     ) -> None:
         self.config = config
         self.spec = spec
@@ -70,7 +76,13 @@ class Node:
         self.listen_at = listen_at  # endpoint to listen on: "tcp://HOST:PORT" or "mem://NAME"
         self.discovery = discovery
         self.identity = identity
-        self.wallet = wallet
+        self.payments = NodePayments(
+            wallet or Wallet.generate(),
+            model_id=spec.model_id,
+            price_per_block=config.price_per_block,
+            ledger=ledger,
+            data_dir=config.data_dir if ledger is not None else None,
+        )
         self.sessions = SessionTable(
             config.max_cache_tokens, config.max_sessions, config.session_idle_timeout_s
         )
@@ -81,10 +93,16 @@ class Node:
         self.rtts: dict[str, float] = {}  # peer id -> ms, from peers that pinged us
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        self._redeemer: asyncio.Task | None = None
 
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id
+
+    @property
+    def wallet(self) -> str:
+        """The address receipts are signed with and payments go to."""
+        return self.payments.wallet.address
 
     @property
     def endpoint(self) -> str:
@@ -97,6 +115,7 @@ class Node:
         self.ms_per_block = await asyncio.to_thread(
             measure_ms_per_block, self.span, self.spec.hidden_size
         )
+        await self.payments.redeem_left_over()
         self.listener = await self.transport.listen(self.listen_at, self._serve)
         self.announcer = Announcer(
             self.discovery,
@@ -105,6 +124,10 @@ class Node:
         )
         await self.announcer.start()
         self._sweeper = asyncio.create_task(self._sweep_idle())
+        if self.payments.book is not None:
+            self._redeemer = asyncio.create_task(
+                self.payments.redeem_every(self.config.redeem_interval_s)
+            )
         log.info("node %s serving %s:%s at %s", self.peer_id, self.span.start, self.span.end,
                  self.endpoint)
 
@@ -142,6 +165,9 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         self.sessions.close_all()
+        if self._redeemer is not None:
+            self._redeemer.cancel()
+        await self.payments.redeem()
 
     async def _sweep_idle(self) -> None:
         while True:
@@ -173,6 +199,8 @@ class Node:
             return self._open(msg)
         if isinstance(msg, m.CloseSession):
             self.sessions.close(msg.session_id)
+            if self.payments.book is not None:
+                self._spawn(self.payments.redeem())
             return m.SessionClosed(rid=msg.rid, session_id=msg.session_id)
         if isinstance(msg, m.Ping):
             return m.Pong(rid=msg.rid, nonce=msg.nonce)
@@ -208,7 +236,8 @@ class Node:
                 f"not {msg.start}:{msg.end}"
             )
         cache = self.span.new_cache(msg.start, msg.end, max_length=msg.max_length)
-        self.sessions.open(msg.session_id, msg.max_length, cache, msg.start, msg.end)
+        session = self.sessions.open(msg.session_id, msg.max_length, cache, msg.start, msg.end)
+        session.payment = self.payments.open(msg.session_id, msg.start, msg.end)
         return m.SessionOpened(
             rid=msg.rid, session_id=msg.session_id, free_cache_tokens=self.sessions.free_cache_tokens
         )
@@ -220,12 +249,14 @@ class Node:
                 f"hidden states must be [1, T, {self.spec.hidden_size}], got {list(hidden.shape)}"
             )
         session = self.sessions.get(msg.session_id)
+        tokens = tokens_of(hidden)
+        # Before the first await: vouchers are checked in the order they arrived.
+        self.payments.charge(session.payment, msg.voucher, tokens)
         async with session.lock:
             if msg.step != session.next_step:
                 raise LimitExceeded(
                     f"session {msg.session_id} expects step {session.next_step}, got {msg.step}"
                 )
-            tokens = hidden.shape[1]
             if session.tokens + tokens > session.max_length:
                 raise LimitExceeded(
                     f"session {msg.session_id} would hold {session.tokens + tokens} tokens, "
@@ -242,6 +273,12 @@ class Node:
                 self.ms_per_block = min(self.ms_per_block, per_block)
             session.tokens += tokens
             session.next_step += 1
+            receipt = self.payments.receipt(session.payment, msg.step, tokens, hidden, out)
         return m.StepResult(
-            rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out
+            rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out, receipt=receipt
         )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -26,6 +26,7 @@ class Session:
     tokens: int = 0  # tokens processed so far (cache length)
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    payment: Any = None  # the node's receipt chain and channel for this session
 
 
 class SessionTable:

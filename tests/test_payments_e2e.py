@@ -1,0 +1,58 @@
+"""End to end on a 3-node priced swarm of real processes: `layerchain demo --json`.
+
+The nodes charge 1, 2 and 3 credits per block per token, the client pays through channels
+on one SQLite ledger file, the nodes redeem; afterwards every node's credits must equal the
+tokens it computed x its blocks x its price, the client's balance must have fallen by
+exactly their sum, and `layerchain ledger verify` must pass on the ledger file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def layerchain(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "layerchain", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_demo_pays_each_node_tokens_times_blocks_times_price(tmp_path):
+    from layerchain.model import load_tokenizer, resolve_model
+    from layerchain.model.tokenizer import encode_prompt
+
+    prompt = "What is the capital of France?"
+    done = layerchain(
+        "demo", "--json", "--state-dir", str(tmp_path), "--prompt", prompt,
+        "--max-new-tokens", "12", "--prices", "1,2,3", "--credits", "500000",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["text"] == "The capital of France is Paris."
+
+    prompt_tokens = len(encode_prompt(load_tokenizer(resolve_model("smollm2")), prompt))
+    tokens = prompt_tokens + len(out["token_ids"]) - 1  # the last token is never pushed
+    payments = out["payments"]
+    assert [n["price"] for n in payments["nodes"]] == [1, 2, 3]
+    for node in payments["nodes"]:
+        assert node["address"].startswith("0x") and len(node["address"]) == 42
+        assert node["blocks"] == 10
+        assert node["tokens"] == tokens
+        assert node["earned"] == tokens * node["blocks"] * node["price"]
+    assert payments["client_spent"] == sum(n["earned"] for n in payments["nodes"])
+    assert payments["client_spent"] == tokens * 10 * (1 + 2 + 3)
+
+    ledger = str(tmp_path / "ledger.sqlite")
+    verify = layerchain("ledger", "verify", "--ledger", ledger, "--json", timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    status = json.loads(layerchain("ledger", "status", "--ledger", ledger, "--json").stdout)
+    channels = status["channels"]
+    assert len(channels) == 3
+    assert sorted(c["redeemed"] for c in channels) == [n["earned"] for n in payments["nodes"]]
