@@ -187,3 +187,33 @@ def test_a_wrong_receipt_bans_the_peer_and_the_answer_is_unchanged(
     assert "receipt" in result.recoveries[0].reason
     assert bad.peer_id in client.peers.banned()
     assert bad.peer_id not in {h.peer_id for h in result.route}
+
+
+def test_a_staked_node_is_paid_for_its_uptime(tiny_model, tmp_path):
+    ledger = open_ledger(
+        tmp_path / "rewards.sqlite",
+        LedgerConfig(dispute_window_s=0, reward_per_block_hour=3600 * 100, min_stake=10),
+    )
+    wallet = Wallet.generate()
+    ledger.deposit(wallet.address, 50)
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            node = await swarm.add_node(0, 4, tmp_path, wallet=wallet, ledger=ledger, stake=10)
+            await asyncio.sleep(2.1)
+            first = await node.payments.claim_uptime()
+            again = await node.payments.claim_uptime()  # no whole second since: nothing
+            return first, again
+        finally:
+            await swarm.close()  # stop() claims the rest
+
+    first, again = run(main())
+    info = ledger.node(wallet.address)
+    assert info.stake == 10
+    assert first >= 2 * 4 * 100  # >= 2 s x 4 blocks x 100 credits per block-second
+    assert again == 0
+    assert info.rewards >= first
+    assert ledger.balance(wallet.address) == 50 - 10 + info.rewards
+    assert ledger.verify().ok
+    ledger.close()

@@ -27,10 +27,32 @@ def start(
     new_swarm: bool = typer.Option(False, help="Start a new DHT instead of joining one."),
     data_dir: Path = typer.Option(_D.data_dir, help="Where the node keeps its keys and state."),
     max_cache_tokens: int = typer.Option(_D.max_cache_tokens, help="KV-cache budget in tokens."),
+    max_sessions: int = typer.Option(_D.max_sessions, help="Sessions open at once."),
+    max_connections: int = typer.Option(
+        _D.max_connections, help="Client connections held at once (idle ones give way)."
+    ),
+    read_timeout: float = typer.Option(
+        _D.read_timeout_s, help="Seconds a started frame may stall before its connection closes."
+    ),
+    session_idle_timeout: float = typer.Option(
+        _D.session_idle_timeout_s, help="Close a session without steps after this many seconds."
+    ),
+    record_ttl: float = typer.Option(
+        _D.record_ttl_s, help="DHT records expire after this many seconds unless refreshed."
+    ),
+    announce_every: float = typer.Option(
+        _D.refresh_s, help="Re-announce the DHT records every this many seconds (< --record-ttl)."
+    ),
+    drain: float = typer.Option(
+        _D.drain_s, help="On SIGTERM, let open sessions finish for up to this many seconds."
+    ),
     price: int = typer.Option(_D.price_per_block, help="Price per block per token, ledger units."),
     ledger: Optional[Path] = typer.Option(
         None, "--ledger", envvar="LAYERCHAIN_LEDGER",
         help="Ledger file to be paid on: with a --price, steps must carry vouchers.",
+    ),
+    stake: int = typer.Option(
+        _D.stake, help="Credits to stake on the ledger for uptime rewards (0 = none)."
     ),
     emulate_latency_ms: float = typer.Option(
         _D.emulate_latency_ms, help="Testing aid: delay every reply by this many ms."
@@ -47,11 +69,25 @@ def start(
     span = Span.parse(blocks)
     if not initial_peers and not new_swarm:
         raise ConfigError("a node needs --initial-peers to join a swarm, or --new-swarm")
+    if not 0 < announce_every < record_ttl:
+        raise ConfigError(
+            f"--announce-every {announce_every:g} must be positive and below --record-ttl {record_ttl:g}"
+        )
+    for flag, value in (("--max-cache-tokens", max_cache_tokens), ("--max-sessions", max_sessions),
+                        ("--max-connections", max_connections), ("--read-timeout", read_timeout),
+                        ("--session-idle-timeout", session_idle_timeout)):
+        if value <= 0:
+            raise ConfigError(f"{flag} must be positive, got {value:g}")
+    if drain < 0:
+        raise ConfigError(f"--drain must not be negative, got {drain:g}")
     config = NodeConfig(
         model=model, start=span.start, end=span.end, host=host, port=port, dht_port=dht_port,
         initial_peers=tuple(initial_peers or ()), new_swarm=new_swarm, data_dir=data_dir,
-        max_cache_tokens=max_cache_tokens, price_per_block=price,
-        ledger=str(ledger) if ledger else "",
+        max_cache_tokens=max_cache_tokens, max_sessions=max_sessions,
+        session_idle_timeout_s=session_idle_timeout, max_connections=max_connections,
+        read_timeout_s=read_timeout, drain_s=drain, record_ttl_s=record_ttl,
+        refresh_s=announce_every, price_per_block=price,
+        ledger=str(ledger) if ledger else "", stake=stake,
         emulate_latency_ms=emulate_latency_ms, threads=threads,
     )
 

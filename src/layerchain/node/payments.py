@@ -14,12 +14,18 @@ lock), which is the order the client signed them in over its one connection.
 The latest voucher of each channel is kept in ``DATA_DIR/vouchers`` and redeemed on the
 ledger when a session closes, every ``redeem_interval_s``, at start (what a previous run
 left) and at stop, in a worker thread: the SQLite write never blocks the event loop.
+
+Uptime: a node started with a ``stake`` registers on the ledger (staking that much of its
+balance) and, every redemption round, claims the ledger's reward per block-hour for the
+time since its last claim with a liveness record it signs: ``[period_start, period_end)``
+in whole seconds, the blocks it serves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,7 @@ from layerchain.market import (
     redeem_stored,
     step_amount,
 )
+from layerchain.ledger import LivenessRecord, sign_liveness
 from layerchain.market.vouchers import decode_voucher
 from layerchain.types import Span
 
@@ -58,9 +65,14 @@ class NodePayments:
         price_per_block: int,
         ledger: Any = None,  # a Ledger; None serves on trust
         data_dir: str | Path | None = None,
+        stake: int = 0,  # credits to stake for uptime rewards (0: not registered)
+        blocks: int = 0,  # blocks served, claimed in liveness records
     ) -> None:
         self.wallet, self.model_id, self.price = wallet, model_id, price_per_block
         self.ledger = ledger
+        self.stake, self.blocks = stake, blocks
+        self.rewards = 0  # uptime rewards received since start
+        self._live_since = 0  # unix second the next liveness claim starts at (0: no claims)
         self.store = VoucherStore.for_data_dir(data_dir) if data_dir is not None else None
         self.book = (
             VoucherBook(wallet.address, ledger.channel, store=self.store)
@@ -133,6 +145,48 @@ class NodePayments:
             log.info("redeemed %d credits from %d channel(s)", credited, len(results))
         return credited
 
+    # ---------------------------------------------------------------- uptime
+
+    async def register(self) -> None:
+        """Stake up to ``stake`` on the ledger and start counting uptime from now."""
+        if self.ledger is None or self.stake <= 0:
+            return
+        address = self.wallet.address
+
+        def stake_and_start() -> int:
+            from layerchain.errors import LedgerError
+
+            try:
+                node = self.ledger.node(address)
+                staked, rewarded_until = node.stake, node.rewarded_until
+            except LedgerError:  # not registered yet
+                staked, rewarded_until = 0, 0
+            if staked < self.stake:
+                self.ledger.register_node(address, self.stake - staked)
+            return max(int(time.time()), rewarded_until)
+
+        self._live_since = await asyncio.to_thread(stake_and_start)
+        log.info("staked %d credits; uptime counts from %d", self.stake, self._live_since)
+
+    async def claim_uptime(self) -> int:
+        """Claim the reward for the whole seconds served since the last claim."""
+        if self.ledger is None or not self._live_since or self.blocks <= 0:
+            return 0
+        now = int(time.time())
+        if now <= self._live_since:
+            return 0
+        record = sign_liveness(
+            self.wallet, LivenessRecord(self.wallet.address, self._live_since, now, self.blocks)
+        )
+        try:
+            reward = await asyncio.to_thread(self.ledger.reward_uptime, record)
+        except LayerchainError as error:
+            log.warning("uptime claim refused: %s", error)
+            return 0
+        self._live_since = now
+        self.rewards += reward
+        return reward
+
     async def redeem_left_over(self) -> int:
         """Redeem what a previous run of this node stored but never redeemed."""
         if self.store is None or self.ledger is None:
@@ -146,3 +200,4 @@ class NodePayments:
         while True:
             await asyncio.sleep(interval_s)
             await self.redeem()
+            await self.claim_uptime()

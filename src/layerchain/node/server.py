@@ -82,6 +82,8 @@ class Node:
             price_per_block=config.price_per_block,
             ledger=ledger,
             data_dir=config.data_dir if ledger is not None else None,
+            stake=config.stake,
+            blocks=span.end - span.start,
         )
         self.sessions = SessionTable(
             config.max_cache_tokens, config.max_sessions, config.session_idle_timeout_s
@@ -116,6 +118,7 @@ class Node:
             measure_ms_per_block, self.span, self.spec.hidden_size
         )
         await self.payments.redeem_left_over()
+        await self.payments.register()
         self.listener = await self.transport.listen(self.listen_at, self._serve)
         self.announcer = Announcer(
             self.discovery,
@@ -168,6 +171,7 @@ class Node:
         if self._redeemer is not None:
             self._redeemer.cancel()
         await self.payments.redeem()
+        await self.payments.claim_uptime()
 
     async def _sweep_idle(self) -> None:
         while True:
