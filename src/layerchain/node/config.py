@@ -27,7 +27,8 @@ class NodeConfig:
     drain_s: float = 5.0  # on SIGTERM, open sessions may finish for up to this many seconds
     price_per_block: int = 0  # ledger units per block per token processed
     ledger: str = ""  # ledger file; with one and a price, steps must be paid by voucher
-    redeem_interval_s: float = 30.0  # redeem the latest vouchers this often, seconds
+    redeem_interval_s: float = 30.0  # redeem vouchers and claim uptime this often, seconds
+    stake: int = 0  # credits staked on the ledger for uptime rewards (0: none)
     emulate_latency_ms: float = 0.0  # testing aid: delay every reply by this many ms
     record_ttl_s: float = 60.0  # DHT records expire after this many seconds
     refresh_s: float = 15.0  # re-announce the DHT records this often, seconds
