@@ -107,3 +107,29 @@ def test_ledger_redeem_uses_the_nodes_stored_vouchers(tmp_path, monkeypatch):
     client_view = json.loads(result.stdout)
     assert (client_view["balance"], client_view["locked_in_channels"]) == (700, 180)
     _run("ledger", "verify", "--data-dir", node_dir)
+
+
+def test_wallet_settle_refunds_the_unspent_deposit_after_the_dispute_window(home, tmp_path):
+    import time
+
+    _run("wallet", "create", "--data-dir", home)
+    ledger_file = home / "ledger.sqlite"
+    _run("ledger", "init", "--data-dir", home, "--dispute-window", "1")
+    _run("wallet", "deposit", "1000", "--data-dir", home)
+    payer_wallet, node = Wallet.load(home), Wallet.generate()
+    with open_ledger(ledger_file) as book:
+        payer = ChannelPayer(payer_wallet, book, deposit=600)
+        voucher = payer.voucher_for(node.address, 250)
+        assert book.redeem(voucher) == 250
+    result, _ = _run("wallet", "settle", "--data-dir", home, "--json")
+    first = json.loads(result.stdout)
+    assert [c["state"] for c in first["channels"]] == ["closing"]
+    assert first["balance"] == 400  # 600 still locked until the window is over
+    time.sleep(1.1)
+    result, _ = _run("wallet", "settle", "--data-dir", home, "--json")
+    second = json.loads(result.stdout)
+    assert [(c["state"], c["refund"]) for c in second["channels"]] == [("closed", 350)]
+    assert second["balance"] == 750
+    with open_ledger(ledger_file) as book:
+        assert book.balance(node.address) == 250
+        assert book.verify().ok

@@ -150,6 +150,39 @@ def wallet_withdraw(
         console.print(f"withdrew {amount}; balance of {wallet.address} is {balance}")
 
 
+@wallet_app.command("settle")
+def wallet_settle(
+    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON
+) -> None:
+    """Close this wallet's channels: open ones start their dispute window, closing ones
+    whose window is over refund the unspent deposit."""
+    import time
+
+    from layerchain.ledger.base import CLOSING, OPEN
+
+    wallet = _wallet(data_dir)
+    rows = []
+    with _open(data_dir, ledger) as book:
+        for channel in book.channels(payer=wallet.address):
+            ready = channel.state == CLOSING and (channel.closes_at or 0) <= time.time()
+            if channel.state == OPEN or ready:
+                refund = book.close_channel(channel.channel_id)
+                rows.append((book.channel(channel.channel_id), refund))
+        balance = book.balance(wallet.address)
+    if as_json:
+        _print_json({
+            "address": wallet.address, "balance": balance,
+            "channels": [{**asdict(c), "refund": r} for c, r in rows],
+        })
+        return
+    for channel, refund in rows:
+        note = f"refunded {refund}" if channel.state == "closed" else (
+            f"closes after {channel.closes_at - time.time():.0f} s" if channel.closes_at else ""
+        )
+        console.print(f"channel {channel.channel_id[:12]}… to {channel.payee}: {channel.state} {note}")
+    console.print(f"{len(rows)} channel(s) settled; balance of {wallet.address} is {balance}")
+
+
 # -- ledger ---------------------------------------------------------------------------------
 
 
