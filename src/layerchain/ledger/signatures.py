@@ -56,6 +56,7 @@ def keccak256(data: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024)
 def keccak256_cached(data: bytes) -> bytes:
     """keccak256 of values that recur on every step (session and model ids)."""
     return _keccak(data)

@@ -66,11 +66,16 @@ def tensor_sha256(tensor: Any) -> bytes:
     if isinstance(tensor, (bytes, bytearray)) and len(tensor) == 32:
         return bytes(tensor)
     if hasattr(tensor, "detach"):  # torch.Tensor, without importing torch here
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        flat = tensor.detach()
+        if flat.device.type != "cpu" or not flat.is_contiguous():
+            flat = flat.cpu().contiguous()
         dtype = str(tensor.dtype).removeprefix("torch.")
-        import torch
+        try:
+            buffer = flat.numpy()  # the hot path: float32 hidden states, no copy
+        except TypeError:  # bfloat16 has no numpy dtype: hash its bytes
+            import torch
 
-        buffer = flat.view(torch.uint8).numpy()
+            buffer = flat.reshape(-1).view(torch.uint8).numpy()
     else:
         import numpy as np
 
