@@ -314,3 +314,55 @@ def test_listener_caps_connections_and_close_ends_everything():
             await conn.close()
 
     run(main())
+
+
+def test_at_the_cap_a_newcomer_replaces_the_quietest_connection_that_holds_no_session(
+    monkeypatch,
+):
+    from layerchain.wire import tcp
+    from layerchain.wire.messages import OpenSession, SessionOpened
+
+    monkeypatch.setattr(tcp, "PINNED_QUIET_S", 1.0)  # sessions left open give way after 1 s
+
+    async def handler(msg):
+        return SessionOpened(msg.rid, msg.session_id, 0)
+
+    async def main():
+        limits = Limits(max_connections=2)
+        transport = TcpTransport(limits, evict_quiet_s=0.2)
+        listener = await transport.listen(
+            "tcp://127.0.0.1:0", lambda conn: serve_connection(conn, handler, limits=limits)
+        )
+        clients = []
+
+        async def client() -> RpcClient:
+            clients.append(RpcClient(await transport.connect(listener.endpoint)))
+            return clients[-1]
+
+        pinned, idle = await client(), await client()
+        await pinned.call(OpenSession(0, "s", "m", 0, 1, 8), timeout=5)  # holds a session
+        await idle.call(Ping(0, 1), timeout=5)
+        with pytest.raises(PeerUnreachable):  # both busy just now: the newcomer is refused
+            await (await client()).call(Ping(0, 2), timeout=5)
+        await asyncio.sleep(0.3)  # both quiet now, but only one without a session
+        newcomer = await client()
+        await newcomer.call(Ping(0, 3), timeout=5)
+        with pytest.raises(PeerUnreachable):
+            await idle.call(Ping(0, 4), timeout=5)
+        await pinned.call(Ping(0, 5), timeout=5)
+        assert (listener.evicted, listener.refused) == (1, 1)
+        await newcomer.call(OpenSession(0, "t", "m", 0, 1, 8), timeout=5)  # both hold sessions
+        await asyncio.sleep(0.3)
+        with pytest.raises(PeerUnreachable):
+            await (await client()).call(Ping(0, 6), timeout=5)
+        await asyncio.sleep(1.0)  # both silent for over PINNED_QUIET_S: the quieter goes
+        await (await client()).call(Ping(0, 7), timeout=5)
+        with pytest.raises(PeerUnreachable):
+            await pinned.call(Ping(0, 8), timeout=5)
+        await newcomer.call(Ping(0, 9), timeout=5)
+        assert (listener.evicted, listener.refused) == (2, 2)
+        for c in clients:
+            await c.close()
+        await listener.close()
+
+    run(main())

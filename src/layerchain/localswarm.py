@@ -8,7 +8,10 @@
      "bootstrap_pid": int,
      "nodes": [{"pid": int, "peer_id": str, "start": int, "end": int, "endpoint": str}, ...]}
 
-``swarm_down`` stops them: SIGTERM to each process group, SIGKILL after a grace period.
+``swarm_down`` stops them: SIGTERM to each node's own process, so that it withdraws its DHT
+records through its DHT child and drains its sessions, then SIGKILL to each process group
+(the DHT child, p2pd) after a grace period. A SIGTERM to the whole group would kill the
+DHT child first: the node could not withdraw, and its records would linger for their TTL.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from layerchain.errors import ConfigError, LayerchainError
 from layerchain.types import Span
@@ -76,7 +79,7 @@ def node_env(threads: int | None = None) -> dict[str, str]:
 
 
 def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
-    log = open(log_path, "ab")
+    log = open(log_path, "ab")  # noqa: SIM115 - the child keeps its own copy of the fd
     try:
         return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -213,9 +216,12 @@ def _kill_group(pid: int, sig: int) -> None:
 
 
 def stop_pids(pids: Sequence[int], grace_s: float = 10.0) -> None:
-    """SIGTERM each process group, then SIGKILL what is left after ``grace_s``."""
+    """SIGTERM each process, then SIGKILL its whole process group after ``grace_s``."""
     for pid in pids:
-        _kill_group(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.05)

@@ -16,6 +16,7 @@ class ClientConfig:
     ban_base_s: float = 15.0  # first ban of a failed peer, seconds; doubles per failure
     ban_max_s: float = 600.0  # longest ban, seconds
     max_recoveries: int = 16  # failovers allowed in one generation before giving up
-    refresh_s: float = 10.0  # re-read the swarm's records after this many seconds
+    refresh_s: float = 10.0  # re-read the swarm's records after this many seconds (at once
+    # whenever the unbanned peers leave a block uncovered, and at every generation's start)
     discovery_wait_s: float = 30.0  # how long to wait for peers covering every block
     rtt_smoothing: float = 0.3  # weight of a new RTT sample in the moving average

@@ -3,6 +3,11 @@
 Feeds the pure planner (layerchain.routing) with snapshots; holds no routing logic itself.
 RTTs are measured with wire pings and smoothed (exponential moving average); a peer that
 fails is banned for ``ban_base_s * 2**(failures-1)`` seconds, capped at ``ban_max_s``.
+
+Churn: records are re-read when older than ``refresh_s``, and at once whenever the usable
+(unbanned) peers leave a block uncovered, so a node that joined since the last read is
+found by the very failover that needs it. A banned peer that comes back at a new endpoint
+(it restarted) is given another chance: its ban is lifted, its failure count kept.
 """
 
 from __future__ import annotations
@@ -49,11 +54,18 @@ class PeerView:
     # ---------------------------------------------------------------- records
 
     async def refresh(self, force: bool = False) -> None:
-        """Re-read the records when stale (older than ``refresh_s``) or when forced."""
+        """Re-read the records when forced, stale (older than ``refresh_s``), or when the
+        usable peers leave a gap (a failover needs a peer we may not know of yet)."""
         async with self._lock:
-            if not force and time.monotonic() - self._refreshed_at < self.config.refresh_s:
+            fresh = time.monotonic() - self._refreshed_at < self.config.refresh_s
+            if not force and fresh and not self.uncovered(self.banned()):
                 return
             records = await self.discovery.find(self.model_id, self.num_blocks)
+            for r in records:
+                old = self.records.get(r.peer_id)
+                if old is not None and old.endpoint != r.endpoint and r.peer_id in self.banned():
+                    log.info("peer %s restarted at %s: ban lifted", r.peer_id, r.endpoint)
+                    self.unban(r.peer_id)
             self.records = {r.peer_id: r for r in records}
             self._refreshed_at = time.monotonic()
             await asyncio.gather(
@@ -75,9 +87,12 @@ class PeerView:
                 )
             await asyncio.sleep(0.5)
 
-    def uncovered(self) -> str:
+    def uncovered(self, exclude: set[str] = frozenset()) -> str:
+        """The blocks no known peer (outside ``exclude``) serves, as "a:b, c:d"; "" if none."""
         covered = [False] * self.num_blocks
         for r in self.records.values():
+            if r.peer_id in exclude:
+                continue
             for b in range(r.start, min(r.end, self.num_blocks)):
                 covered[b] = True
         gaps, b = [], 0
@@ -136,6 +151,10 @@ class PeerView:
         seconds = min(self.config.ban_max_s, self.config.ban_base_s * 2 ** (failures - 1))
         self._banned_until[peer_id] = time.monotonic() + seconds
         log.warning("banned peer %s for %.0f s: %s", peer_id, seconds, reason)
+
+    def unban(self, peer_id: str) -> None:
+        """Lift a peer's ban now (its failure count stays, so a next ban lasts longer)."""
+        self._banned_until.pop(peer_id, None)
 
     def banned(self) -> set[str]:
         now = time.monotonic()

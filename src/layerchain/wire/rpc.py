@@ -17,7 +17,8 @@ gets the request's rid. A raised ``LayerchainError`` becomes an ``ErrorReply`` w
 never takes the connection down). A bad frame is answered with ``ErrorReply`` (the rid if
 it could be read, else 0); if it broke frame sync the connection then closes. ``Ping`` is
 answered here. ``OpenSession`` beyond ``max_sessions_per_connection`` open sessions is
-refused with ``LimitExceeded`` before reaching the handler.
+refused with ``LimitExceeded`` before reaching the handler. While sessions are open over
+it, the connection is ``pinned`` (a TCP listener at its cap never evicts it as idle).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class RpcClient:
                 self.conn.set_receiver(self._on_incoming)
             else:
                 self._reader = loop.create_task(self._read_loop())
+            if self._failure is not None:  # it had ended before we listened: fail now, not
+                raise PeerUnreachable(self._failure)  # after the whole timeout
         rid = next(self._rids)
         msg = dataclasses.replace(msg, rid=rid)
         fut: asyncio.Future[Any] = loop.create_future()
@@ -206,6 +209,12 @@ async def serve_connection(
     slots = asyncio.Semaphore(limits.max_inflight_per_connection)
     tasks: set[asyncio.Task[None]] = set()
 
+    def pin(holds_sessions: bool) -> None:
+        # A TCP listener at its connection cap evicts quiet connections, but never one whose
+        # peer holds sessions here (it may just be waiting on other hops of its route).
+        if hasattr(conn, "pinned"):
+            conn.pinned = holds_sessions
+
     async def reply(msg: Message) -> None:
         try:
             await conn.send(msg)
@@ -227,8 +236,10 @@ async def serve_connection(
             answer = await handler(msg)
             if type(answer) is SessionOpened:
                 stats.open_sessions.add(answer.session_id)
+                pin(True)
             elif type(answer) is SessionClosed:
                 stats.open_sessions.discard(answer.session_id)
+                pin(bool(stats.open_sessions))
         except LayerchainError as error:
             answer = ErrorReply.from_error(msg.rid, error)
         except Exception as error:

@@ -13,7 +13,12 @@ Defences against hostile peers (``Limits``):
 * a started frame that waits ``read_timeout_s`` for its next byte, or is not complete
   ``Limits.frame_deadline_s`` after its first byte (a client trickling bytes), closes the
   connection;
-* a listener holds at most ``max_connections`` connections; more are closed at once.
+* a listener holds at most ``max_connections`` connections. At the cap, a new connection
+  takes the place of the one quiet longest: nothing received for ``evict_quiet_s`` and no
+  partial frame, or, for one ``pinned`` by its server because it holds sessions, nothing
+  received for ``PINNED_QUIET_S``. If none is that quiet, the new connection is closed at
+  once. So idle sockets cannot lock honest clients out, a client in the middle of a
+  generation is never the one closed, and sessions left open cannot pin slots for ever.
 
 ``recv`` and ``send`` raise ``PeerUnreachable`` once the connection is gone.
 """
@@ -40,6 +45,7 @@ from layerchain.wire.messages import Message
 log = logging.getLogger(__name__)
 
 _MAX_QUEUED_FRAMES = 256  # frames read ahead of recv() before reading pauses
+PINNED_QUIET_S = 60.0  # at the cap, a connection holding sessions may give way after this
 
 
 def parse_tcp_endpoint(endpoint: str) -> tuple[str, int]:
@@ -84,6 +90,8 @@ class TcpConnection(asyncio.Protocol):
         self._last_byte = 0.0  # loop time of the last byte of the pending partial frame
         self._timer: asyncio.TimerHandle | None = None
         self._receiver: Callable[[Any], None] | None = None  # push mode, see set_receiver
+        self.last_received = self._loop.time()  # loop time of the last bytes received
+        self.pinned = False  # set by the server while the peer holds state here: not evicted
 
     # ------------------------------------------------------------- asyncio protocol
 
@@ -101,6 +109,7 @@ class TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._read_end is not None:
             return
+        self.last_received = self._loop.time()
         buf = self._buf
         buf += data
         completed = False
@@ -310,10 +319,19 @@ class TcpConnection(asyncio.Protocol):
 class TcpListener:
     """A bound TCP server; ``endpoint`` is the real address (port 0 resolved)."""
 
-    def __init__(self, limits: Limits, handler: Callable[[TcpConnection], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        handler: Callable[[TcpConnection], Awaitable[None]],
+        evict_quiet_s: float = 2.0,
+    ) -> None:
         self.endpoint = ""
+        self.evicted = 0  # quiet connections closed to admit new ones
+        self.refused = 0  # new connections closed because none could be evicted
         self._limits = limits
         self._handler = handler
+        self._evict_quiet_s = evict_quiet_s
+        self._warned_at = float("-inf")  # loop time of the last warning about refusals
         self._server: asyncio.AbstractServer | None = None
         self._tasks: dict[TcpConnection, asyncio.Task[None]] = {}
 
@@ -321,12 +339,37 @@ class TcpListener:
         return TcpConnection(self._limits, on_made=self._start)
 
     def _start(self, conn: TcpConnection) -> None:
-        if len(self._tasks) >= self._limits.max_connections:
-            log.warning("refusing %s: %d connections open", conn.peer, len(self._tasks))
-            if conn._transport is not None:
-                conn._transport.abort()
-            return
+        cap = self._limits.max_connections
+        live = [c for c in self._tasks if not c.closed] if len(self._tasks) >= cap else []
+        if len(live) >= cap:  # (evicted connections may not be gone from _tasks yet)
+            victim = self._quietest(live)
+            if victim is None or victim._transport is None:
+                self.refused += 1
+                now = conn._loop.time()
+                if now - self._warned_at >= 10.0:  # a flood must not flood the log too
+                    self._warned_at = now
+                    log.warning("refusing %s: %d connections open (%d refused so far)",
+                                conn.peer, len(live), self.refused)
+                if conn._transport is not None:
+                    conn._transport.abort()
+                return
+            self.evicted += 1
+            log.info("closing %s, quiet for %.1f s, to admit %s", victim.peer,
+                     victim._loop.time() - victim.last_received, conn.peer)
+            victim._transport.abort()
         self._tasks[conn] = asyncio.get_running_loop().create_task(self._run(conn))
+
+    def _quietest(self, live: list[TcpConnection]) -> TcpConnection | None:
+        """The connection to close for a newcomer: the one quiet longest among those without
+        sessions quiet ``evict_quiet_s``, else among pinned ones quiet ``PINNED_QUIET_S``."""
+        now = asyncio.get_running_loop().time()
+        for pinned, quiet_s in ((False, self._evict_quiet_s), (True, PINNED_QUIET_S)):
+            cutoff = now - quiet_s
+            idle = [c for c in live
+                    if c.pinned is pinned and not c._buf and c.last_received <= cutoff]
+            if idle:
+                return min(idle, key=lambda c: c.last_received)
+        return None
 
     async def _run(self, conn: TcpConnection) -> None:
         try:
@@ -360,9 +403,18 @@ class TcpListener:
 class TcpTransport:
     """``Transport`` over direct TCP."""
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS, *, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        connect_timeout_s: float = 5.0,
+        evict_quiet_s: float = 2.0,
+    ) -> None:
         self.limits = limits
         self.connect_timeout_s = connect_timeout_s  # seconds to establish a connection
+        # at a listener's connection cap, a connection that received nothing for this many
+        # seconds (and holds no sessions) may be closed to admit a new one
+        self.evict_quiet_s = evict_quiet_s
 
     async def connect(self, endpoint: str) -> TcpConnection:
         host, port = parse_tcp_endpoint(endpoint)
@@ -380,7 +432,7 @@ class TcpTransport:
         self, endpoint: str, handler: Callable[[TcpConnection], Awaitable[None]]
     ) -> TcpListener:
         host, port = parse_tcp_endpoint(endpoint)
-        listener = TcpListener(self.limits, handler)
+        listener = TcpListener(self.limits, handler, self.evict_quiet_s)
         loop = asyncio.get_running_loop()
         try:
             server = await loop.create_server(listener._make_connection, host, port)
