@@ -22,7 +22,8 @@ else escaping is a bug.
     │   │   ├── InvalidReceipt           a receipt whose signature, hashes or chain is wrong
     │   │   ├── InvalidVoucher           a voucher with a bad signature, nonce or amount
     │   │   └── ChannelError             a channel that is unknown, closed or disputed
-    │   └── LedgerError                  a ledger that is unreachable or inconsistent
+    │   ├── LedgerError                  a ledger that is unreachable or inconsistent
+    │   └── InvalidApiKey                a gateway API key that is missing, unknown or revoked
     ├── ProtocolError                    a frame or message that breaks the wire protocol
     │   ├── FrameError                   malformed, truncated or oversized frame
     │   ├── VersionMismatch              a peer speaking another protocol version
@@ -150,6 +151,12 @@ class LedgerError(UserError):
     """A ledger that is unreachable or inconsistent."""
 
     code = "ledger_error"
+
+
+class InvalidApiKey(UserError):
+    """A gateway API key that is missing, unknown or revoked."""
+
+    code = "invalid_api_key"
 
 
 class ProtocolError(LayerchainError):

@@ -37,9 +37,9 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from layerchain.cli import bench, demo, generate, ledger, node, route, shard, swarm
+    from layerchain.cli import api, bench, demo, generate, ledger, node, route, shard, swarm
 
-    for module in (generate, demo, shard, node, swarm, route, bench, ledger):
+    for module in (generate, demo, shard, node, swarm, route, bench, ledger, api):
         module.register(app)
 
 

@@ -59,7 +59,8 @@ class GenerationResult:
     tokens_per_s: float  # decode tokens per second, first token excluded
     ttft_s: float  # seconds from the request to the first token
     recoveries: tuple[Recovery, ...] = ()
-    finish_reason: str = "length"  # "stop" (EOS or stop string) or "length"
+    finish_reason: str = "length"  # "stop" (EOS or stop string), "length", or "cancelled"
+    # (ended early: its consumer stopped, or a step failed; ``cost`` is what was spent)
     hop_ms_per_token: float = 0.0  # time spent in the hop chain per decode token, ms
     cost: int = 0  # credits paid to the peers (or owed, on a swarm the client does not pay)
     payments: tuple[HopPayment, ...] = ()  # per peer: tokens computed and credits
@@ -140,7 +141,11 @@ class AsyncSwarm:
         raw: bool = False,
         result: list[GenerationResult] | None = None,
     ) -> AsyncIterator[TokenEvent]:
-        """Yield tokens as they are generated; append the final result to ``result``."""
+        """Yield tokens as they are generated; append the final result to ``result``.
+
+        A generation that ends early (its consumer stopped iterating, or a step failed)
+        still appends a result, with ``finish_reason`` "cancelled", so that what it cost
+        (peers were paid for every token computed) can be accounted for."""
         params = params or SamplingParams()
         prompt_ids = encode_prompt(self.tokenizer, prompt, raw=raw)
         t0 = time.perf_counter()
@@ -154,6 +159,7 @@ class AsyncSwarm:
         )
         decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
         ttft = 0.0
+        completed = False
         try:
             await session.open()
             self.last_route = tuple(session.route)
@@ -164,26 +170,27 @@ class AsyncSwarm:
                 if len(token_ids) == 1:
                     ttft = time.perf_counter() - t0
                 yield TokenEvent(len(token_ids) - 1, token_ids[-1], text)
+            completed = True
         finally:
             self.last_route = route = tuple(session.route)
             await session.close()
-        res = decoder.result()
-        if result is not None:
-            result.append(
-                GenerationResult(
-                    text=res.text,
-                    token_ids=list(res.token_ids),
-                    prompt_tokens=len(prompt_ids),
-                    route=route,
-                    tokens_per_s=res.tokens_per_s,
-                    ttft_s=ttft,
-                    recoveries=tuple(session.recoveries),
-                    finish_reason=res.finish_reason,
-                    hop_ms_per_token=1000 * session.hop_seconds / max(1, session.steps),
-                    cost=session.cost,
-                    payments=tuple(session.payments.values()),
+            if result is not None:
+                res = decoder.result()
+                result.append(
+                    GenerationResult(
+                        text=res.text,
+                        token_ids=list(res.token_ids),
+                        prompt_tokens=len(prompt_ids),
+                        route=route,
+                        tokens_per_s=res.tokens_per_s,
+                        ttft_s=ttft,
+                        recoveries=tuple(session.recoveries),
+                        finish_reason=res.finish_reason if completed else "cancelled",
+                        hop_ms_per_token=1000 * session.hop_seconds / max(1, session.steps),
+                        cost=session.cost,
+                        payments=tuple(session.payments.values()),
+                    )
                 )
-            )
 
     @staticmethod
     @torch.inference_mode()

@@ -1,0 +1,28 @@
+"""The OpenAI-compatible HTTP gateway: ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/models`` (streamed with server-sent events or whole), API keys with balances for
+resellers, and a live dashboard of the swarm at ``/``.
+
+One process: a FastAPI app around one ``AsyncSwarm`` client, served by uvicorn
+(``layerchain api serve``). The gateway sits on top of the client and never talks to nodes
+itself. Modules: ``config`` (GatewayConfig), ``schema`` (the OpenAI shapes, pure),
+``keys`` (the SQLite key store), ``activity`` (what the dashboard shows), ``views``
+(per-request routing limits), ``app`` (the HTTP app), ``server`` (uvicorn, start and
+stop), ``static/`` (the dashboard: plain HTML, CSS and JavaScript).
+"""
+
+from layerchain.gateway.config import GatewayConfig
+from layerchain.gateway.keys import ApiKey, KeyStore
+
+__all__ = ["ApiKey", "GatewayConfig", "KeyStore", "create_app", "serve"]
+
+
+def __getattr__(name: str):  # the app pulls in FastAPI: only when it is asked for
+    if name == "create_app":
+        from layerchain.gateway.app import create_app
+
+        return create_app
+    if name == "serve":
+        from layerchain.gateway.server import serve
+
+        return serve
+    raise AttributeError(name)

@@ -1,0 +1,34 @@
+"""Configuration of a gateway: one frozen record; `layerchain api serve`'s flags come from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path("~/.layerchain")  # the gateway's keys file lives here by default
+KEYS_FILE = "gateway-keys.sqlite"  # name of the API-key store inside the data dir
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    initial_peers: tuple[str, ...] = ()  # DHT multiaddrs of the swarm
+    model: str = "smollm2"  # model reference the swarm serves (see model.spec)
+    host: str = "127.0.0.1"  # address uvicorn listens on
+    port: int = 8000  # TCP port uvicorn listens on; 0 picks a free one
+    data_dir: Path = DEFAULT_DATA_DIR  # holds the keys file (and the wallet, when paying)
+    keys_path: Path | None = None  # API-key store; None = data_dir / KEYS_FILE
+    require_keys: bool = False  # demand a key even while the key store is empty
+    ledger: Path | None = None  # ledger file to pay priced peers on; None = do not pay
+    deposit: int | None = None  # credits locked per payment channel; None = client default
+    alpha: float = 0.0  # default route cost weight (0 fastest, 1 cheapest); per request: alpha
+    max_price: float | None = None  # default most a route may cost per token, credits
+    max_latency_ms: float | None = None  # default most a route may take per token, ms
+    default_max_tokens: int = 256  # tokens generated when a request gives no max_tokens
+    max_tokens_limit: int = 4096  # a request asking for more tokens gets 400
+    recent_requests: int = 50  # requests the dashboard shows (kept in memory only)
+    max_route_views: int = 16  # distinct (alpha, max_price, max_latency_ms) views kept open
+    client_options: dict = field(default_factory=dict)  # more ClientConfig fields, by name
+
+    @property
+    def keys_file(self) -> Path:
+        return Path(self.keys_path or Path(self.data_dir) / KEYS_FILE).expanduser()

@@ -1,0 +1,358 @@
+"""The OpenAI HTTP API's shapes: requests parsed into typed records, responses, chunks, errors.
+
+Pure functions, no I/O: the gateway (``app.py``) feeds them request bodies and generation
+results. What is accepted:
+
+* ``/v1/chat/completions``: ``messages`` (roles system, developer (= system), user,
+  assistant; content a string or a list of ``{"type": "text", "text"}`` parts);
+  ``/v1/completions``: ``prompt`` (a string, or a list of one string).
+* Standard fields: ``model``, ``max_tokens`` (or ``max_completion_tokens``), ``temperature``
+  (0 = greedy; OpenAI's default 1 when absent), ``top_p``, ``stop`` (a string or up to 4),
+  ``seed`` (absent: a random one, as OpenAI does), ``stream``, ``stream_options.include_usage``,
+  ``user``, ``n`` (1 only). Other standard fields (``logprobs``, ``presence_penalty`` ...)
+  are ignored rather than refused, so stock clients work.
+* Extensions: routing ``alpha`` (0 fastest .. 1 cheapest), ``max_price`` (credits per
+  token), ``max_latency_ms`` (per token); sampling ``top_k`` and ``repetition_penalty``.
+
+A bad field raises ``ConfigError`` whose ``param`` attribute names the field; ``ApiError``
+is what the gateway answers (status, OpenAI ``type`` and ``code``), built from any
+``LayerchainError`` by ``api_error_for``. Responses carry ``usage`` and, as an extension,
+``layerchain: {route, cost, tokens_per_s, ttft_s, recoveries}``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from layerchain.errors import (
+    ConfigError,
+    InsufficientFunds,
+    InvalidApiKey,
+    LayerchainError,
+    LedgerError,
+    PaymentError,
+    PeerError,
+    ProtocolError,
+    RoutingError,
+    UnknownModel,
+    UserError,
+)
+from layerchain.model.sampling import SamplingParams
+from layerchain.types import Hop
+
+Message = dict[str, str]
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class RouteLimits:
+    """A request's routing extensions; None = the gateway's default."""
+
+    alpha: float | None = None  # route cost weight, 0 fastest .. 1 cheapest
+    max_price: float | None = None  # credits per token
+    max_latency_ms: float | None = None  # ms per token
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One ``/v1/chat/completions`` or ``/v1/completions`` request, checked."""
+
+    kind: str  # "chat" | "text"
+    model: str | None  # as the caller named it; None = the gateway's model
+    prompt: str | tuple[Message, ...]  # text (kind "text") or messages (kind "chat")
+    params: SamplingParams
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with usage only
+    user: str | None
+    limits: RouteLimits
+
+    @property
+    def raw(self) -> bool:
+        """Completions take the prompt as is; chat goes through the chat template."""
+        return self.kind == "text"
+
+
+def bad(param: str | None, message: str) -> ConfigError:
+    """A ConfigError naming the offending request field (OpenAI's ``param``)."""
+    error = ConfigError(message)
+    error.param = param  # type: ignore[attr-defined]
+    return error
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise bad(None, f"the request body is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise bad(None, "the request body must be a JSON object")
+    return data
+
+
+def _number(data: dict, name: str, low: float | None = None, high: float | None = None,
+            *, low_open: bool = False, integer: bool = False) -> Any:
+    value = data.get(name)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise bad(name, f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise bad(name, f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise bad(name, f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def _messages(data: dict) -> tuple[Message, ...]:
+    raw = data.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise bad("messages", "messages must be a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}]", f"messages[{i}] must be an object with role and content")
+        role = _ROLES.get(m.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise bad(f"messages[{i}].role", f"messages[{i}].role must be one of {sorted(_ROLES)}, "
+                      f"got {m.get('role')!r}")
+        out.append({"role": role, "content": _content(m.get("content"), f"messages[{i}].content")})
+    if not any(m["content"].strip() for m in out):
+        raise bad("messages", "the messages are all empty")
+    return tuple(out)
+
+
+def _content(content: Any, param: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(param, f"{param}: only text parts ({{type: text, text}}) are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(param, f"{param} must be a string or a list of text parts")
+
+
+def _prompt(data: dict) -> str:
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        raise bad("prompt", "prompt must be one string (batches of prompts are not supported)")
+    if not isinstance(prompt, str) or not prompt:
+        raise bad("prompt", "prompt must be a non-empty string")
+    return prompt
+
+
+def _stop(data: dict) -> tuple[str, ...]:
+    stop = data.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad("stop", "stop must be a non-empty string or a list of them")
+    if len(stop) > MAX_STOP:
+        raise bad("stop", f"stop takes at most {MAX_STOP} strings, got {len(stop)}")
+    return tuple(stop)
+
+
+def parse_request(
+    data: dict[str, Any], kind: str, *, default_max_tokens: int, max_tokens_limit: int
+) -> GenerationRequest:
+    """Check a request body (already a dict) of ``kind`` "chat" or "text"."""
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("model", "model must be a string")
+    prompt: str | tuple[Message, ...] = _messages(data) if kind == "chat" else _prompt(data)
+    n = _number(data, "n", 1, 1, integer=True)
+    if n not in (None, 1):
+        raise bad("n", "n must be 1")
+    max_tokens = _number(data, "max_completion_tokens", 1, max_tokens_limit, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(data, "max_tokens", 1, max_tokens_limit, integer=True)
+    temperature = _number(data, "temperature", 0, 2)
+    top_p = _number(data, "top_p", 0, 1, low_open=True)
+    seed = _number(data, "seed", integer=True)
+    top_k = _number(data, "top_k", 0, integer=True)
+    penalty = _number(data, "repetition_penalty", 0, low_open=True)
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise bad("stream", "stream must be true or false")
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise bad("stream_options", "stream_options must be an object")
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad("user", "user must be a string")
+    params = SamplingParams(
+        max_new_tokens=max_tokens or default_max_tokens,
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        top_k=top_k or 0,
+        repetition_penalty=1.0 if penalty is None else float(penalty),
+        seed=secrets.randbelow(2**31) if seed is None else int(seed),
+        stop=_stop(data),
+    )
+    limits = RouteLimits(
+        alpha=_number(data, "alpha", 0, 1),
+        max_price=_number(data, "max_price", 0),
+        max_latency_ms=_number(data, "max_latency_ms", 0, low_open=True),
+    )
+    return GenerationRequest(
+        kind=kind, model=model, prompt=prompt, params=params, stream=bool(stream),
+        include_usage=bool(options.get("include_usage")), user=user, limits=limits,
+    )
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+def route_json(route: tuple[Hop, ...] | list[Hop]) -> list[dict[str, Any]]:
+    return [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in route]
+
+
+def usage_json(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def extension_json(result: Any) -> dict[str, Any]:
+    """The ``layerchain`` field: how the swarm served the request."""
+    return {
+        "route": route_json(result.route),
+        "cost": int(getattr(result, "cost", 0)),  # credits the swarm charged (0 on a free swarm)
+        "tokens_per_s": round(result.tokens_per_s, 3),
+        "ttft_s": round(result.ttft_s, 3),
+        "recoveries": len(result.recoveries),
+    }
+
+
+def completion_json(request_id: str, kind: str, model: str, created: int, result: Any) -> dict:
+    """A whole answer: ``chat.completion`` or ``text_completion``."""
+    if kind == "chat":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "finish_reason": result.finish_reason,
+            "logprobs": None,
+        }
+    else:
+        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason,
+                  "logprobs": None}
+    return {
+        "id": request_id,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage_json(result.prompt_tokens, len(result.token_ids)),
+        "layerchain": extension_json(result),
+    }
+
+
+def chunk_json(
+    request_id: str, kind: str, model: str, created: int, *, text: str | None = None,
+    first: bool = False, finish_reason: str | None = None,
+) -> dict:
+    """One streamed chunk with new text, or the last one with ``finish_reason``."""
+    if kind == "chat":
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                  "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_chunk_json(request_id: str, kind: str, model: str, created: int, result: Any) -> dict:
+    """The last chunk asked for with ``stream_options.include_usage``: no choices, usage."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage_json(result.prompt_tokens, len(result.token_ids)),
+        "layerchain": extension_json(result),
+    }
+
+
+def sse(data: dict | str) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """What the gateway answers for a failed request: an HTTP status and OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, type: str, code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def api_error_for(error: LayerchainError) -> ApiError:
+    """The status and OpenAI error of a layerchain error.
+
+    400 invalid request (bad field, bad model file ...), 401 bad key, 402 no credits,
+    404 unknown model, 503 no route or the swarm failed the request (retry later).
+    """
+    message = str(error)
+    param = getattr(error, "param", None)
+    if isinstance(error, InvalidApiKey):
+        return ApiError(401, message, "invalid_request_error", "invalid_api_key")
+    if isinstance(error, InsufficientFunds):
+        return ApiError(402, message, "insufficient_quota", error.code)
+    if isinstance(error, UnknownModel):
+        return ApiError(404, message, "invalid_request_error", "model_not_found", param or "model")
+    if isinstance(error, RoutingError):
+        return ApiError(503, message, "server_error", error.code)
+    if isinstance(error, (PaymentError, LedgerError)):  # a peer's bad receipt, the ledger down
+        return ApiError(503, message, "server_error", error.code)
+    if isinstance(error, UserError):
+        return ApiError(400, message, "invalid_request_error", error.code, param)
+    if isinstance(error, (PeerError, ProtocolError)):
+        return ApiError(503, f"the swarm failed the request: {message}", "server_error", error.code)
+    return ApiError(500, message, "server_error", error.code)
