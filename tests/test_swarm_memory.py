@@ -131,3 +131,53 @@ def test_uncovered_blocks_are_named(tiny_model, tmp_path):
 
     with pytest.raises(NoRoute, match="2:4"):
         run(main())
+
+
+def test_a_long_step_leaves_the_node_responsive_and_dtypes_round_trip(tiny_model, tmp_path):
+    """A prefill runs in the node's compute thread: a ping is answered while it runs. A step
+    sent in bf16 is answered in bf16 (the node computes in fp32)."""
+    import threading
+    import time
+
+    import torch
+
+    from layerchain.node.server import INLINE_STEP_TOKENS
+    from layerchain.wire import MemoryTransport
+    from layerchain.wire import messages as m
+    from layerchain.wire.rpc import RpcClient
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            node = await swarm.add_node(0, 4, tmp_path / "n")
+            forward, started = node.span.forward, threading.Event()
+
+            def slow_forward(x, cache, **kw):  # a long prefill: blocks its thread
+                if x.shape[1] > INLINE_STEP_TOKENS:
+                    started.set()
+                    time.sleep(0.5)
+                return forward(x, cache, **kw)
+
+            node.span.forward = slow_forward
+            rpc = RpcClient(await MemoryTransport(swarm.wire).connect(node.endpoint))
+            hidden = swarm.spec.hidden_size
+            await rpc.call(m.OpenSession(rid=0, session_id="s", model_id=swarm.spec.model_id,
+                                         start=0, end=4, max_length=64), timeout=5)
+            prefill = asyncio.ensure_future(rpc.call(
+                m.Step(rid=0, session_id="s", step=0, hidden=torch.randn(1, 20, hidden)),
+                timeout=10))
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            pong = await rpc.call(m.Ping(rid=0, nonce=7), timeout=5)
+            answered_during_prefill = not prefill.done()
+            await prefill
+            step = await rpc.call(m.Step(rid=0, session_id="s", step=1,
+                                         hidden=torch.randn(1, 1, hidden, dtype=torch.bfloat16)),
+                                  timeout=5)
+            return pong, answered_during_prefill, step
+        finally:
+            await swarm.close()
+
+    pong, answered_during_prefill, step = run(main())
+    assert pong.nonce == 7 and answered_during_prefill
+    assert step.hidden.dtype == torch.bfloat16 and step.hidden.shape[1] == 1

@@ -16,6 +16,7 @@ owes) and ``payments`` the tally per peer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -94,6 +95,7 @@ class InferenceSession:
         self.hop_seconds = 0.0  # wall time spent waiting on hops, all steps
         self.cost = 0  # credits paid (with a payer) or owed (without), all hops
         self.payments: dict[str, HopPayment] = {}  # peer id -> tally
+        self._closing: set[asyncio.Task[None]] = set()  # failed hops closed in the background
 
     @property
     def route(self) -> list[Hop]:
@@ -155,10 +157,17 @@ class InferenceSession:
         except (PeerError, ProtocolError, KeyError):
             pass  # a dead peer frees its cache on its own (idle timeout or exit)
 
+    def _close_later(self, hs: HopSession) -> None:
+        """Close a failed hop's session without waiting: a hung peer would cost the whole
+        close timeout on the path of the recovery. ``close`` waits for these."""
+        task = asyncio.get_running_loop().create_task(self._close_hop(hs))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
-        for hs in self.hops:
-            await self._close_hop(hs)
-        self.hops = []
+        """Close every hop's session (in parallel) and wait for those closing already."""
+        hops, self.hops = self.hops, []
+        await asyncio.gather(*(self._close_hop(hs) for hs in hops), *self._closing)
 
     # ---------------------------------------------------------------- steps
 
@@ -241,10 +250,10 @@ class InferenceSession:
                 log.warning("recovery attempt %d failed at %s: %s", attempt, current.peer_id, again)
                 self.peers.ban(current.peer_id, str(again))
                 for hs in replacement:
-                    await self._close_hop(hs)
+                    self._close_later(hs)
                 if attempt == 4:
                     raise
-        await self._close_hop(failed)
+        self._close_later(failed)
         self.hops[index : index + 1] = replacement
         rec = Recovery(
             peer_id=failed.hop.peer_id,

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -35,6 +36,12 @@ from layerchain.wire.rpc import serve_connection
 from layerchain.wire.transport import Listener, Transport
 
 log = logging.getLogger(__name__)
+
+# A step over more token positions than this (a prefill, a replay) runs in the node's compute
+# thread, so the event loop keeps answering pings and other sessions' steps meanwhile; a
+# decode step (one token, a few ms) runs inline, where a thread hop would cost more than it
+# saves. Torch releases the GIL while it computes.
+INLINE_STEP_TOKENS = 8
 
 
 def measure_ms_per_block(span: Any, hidden_size: int, steps: int = 24) -> float:
@@ -96,6 +103,8 @@ class Node:
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._redeemer: asyncio.Task | None = None
+        # one thread: long steps take turns rather than fight over the cores
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerchain-compute")
 
     @property
     def peer_id(self) -> str:
@@ -170,6 +179,7 @@ class Node:
         self.sessions.close_all()
         if self._redeemer is not None:
             self._redeemer.cancel()
+        self._compute.shutdown(wait=False, cancel_futures=True)
         await self.payments.redeem()
         await self.payments.claim_uptime()
 
@@ -268,10 +278,13 @@ class Node:
                 )
             x = hidden if hidden.dtype == torch.float32 else hidden.float()
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = self.span.forward(
-                    x, session.cache, start=session.start, end=session.end
-                )
+            if tokens <= INLINE_STEP_TOKENS:
+                out = self._forward(x, session)
+            else:
+                loop = asyncio.get_running_loop()
+                out = await loop.run_in_executor(self._compute, self._forward, x, session)
+            if out.dtype != hidden.dtype:  # answer in the dtype the client sent (fp16, bf16)
+                out = out.to(hidden.dtype)
             if tokens == 1:  # a decode step: keep the fastest cost seen, as at start
                 per_block = 1000.0 * (time.perf_counter() - t0) / (session.end - session.start)
                 self.ms_per_block = min(self.ms_per_block, per_block)
@@ -281,6 +294,10 @@ class Node:
         return m.StepResult(
             rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out, receipt=receipt
         )
+
+    def _forward(self, x: torch.Tensor, session: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.span.forward(x, session.cache, start=session.start, end=session.end)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
