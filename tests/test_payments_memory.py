@@ -78,17 +78,20 @@ def test_each_node_redeems_tokens_times_blocks_times_price(tiny_model, reference
     assert ledger.verify().ok
 
 
-def test_a_priced_node_refuses_steps_without_a_voucher(tiny_model, ledger, tmp_path):
-    async def main():
-        swarm = MemorySwarm(tiny_model)
-        try:
-            await swarm.add_node(0, 4, tmp_path, ledger=ledger, price_per_block=1)
-            await swarm.client().generate(PROMPT, PARAMS)
-        finally:
-            await swarm.close()
+async def generate_on_one_priced_node(model, ledger, payer, tmp_path):
+    """One node over every block at 1 credit per block per token, a client paying with
+    ``payer`` (None: a client that does not pay)."""
+    swarm = MemorySwarm(model)
+    try:
+        await swarm.add_node(0, 4, tmp_path, ledger=ledger, price_per_block=1)
+        return await swarm.client(payer).generate(PROMPT, PARAMS)
+    finally:
+        await swarm.close()
 
+
+def test_a_priced_node_refuses_steps_without_a_voucher(tiny_model, ledger, tmp_path):
     with pytest.raises(InsufficientFunds, match="no voucher"):
-        run(main())
+        run(generate_on_one_priced_node(tiny_model, ledger, None, tmp_path))
 
 
 def test_vouchers_that_fall_behind_stop_the_session(tiny_model, ledger, tmp_path):
@@ -96,46 +99,22 @@ def test_vouchers_that_fall_behind_stop_the_session(tiny_model, ledger, tmp_path
     honest = payer.voucher_for
     payer.voucher_for = lambda address, amount: honest(address, amount - 1)  # underpays
 
-    async def main():
-        swarm = MemorySwarm(tiny_model)
-        try:
-            await swarm.add_node(0, 4, tmp_path, ledger=ledger, price_per_block=1)
-            await swarm.client(payer).generate(PROMPT, PARAMS)
-        finally:
-            await swarm.close()
-
     with pytest.raises(InsufficientFunds, match="not served further"):
-        run(main())
+        run(generate_on_one_priced_node(tiny_model, ledger, payer, tmp_path))
 
 
 def test_a_deposit_too_small_is_a_clear_error(tiny_model, ledger, tmp_path):
     payer = funded_payer(ledger, deposit=20)  # less than the prompt costs
 
-    async def main():
-        swarm = MemorySwarm(tiny_model)
-        try:
-            await swarm.add_node(0, 4, tmp_path, ledger=ledger, price_per_block=1)
-            await swarm.client(payer).generate(PROMPT, PARAMS)
-        finally:
-            await swarm.close()
-
     with pytest.raises(InsufficientFunds, match="holds 20 credits"):
-        run(main())
+        run(generate_on_one_priced_node(tiny_model, ledger, payer, tmp_path))
 
 
 def test_an_empty_wallet_cannot_open_a_channel(tiny_model, ledger, tmp_path):
     payer = ChannelPayer(Wallet.generate(), ledger, deposit=1000)
 
-    async def main():
-        swarm = MemorySwarm(tiny_model)
-        try:
-            await swarm.add_node(0, 4, tmp_path, ledger=ledger, price_per_block=1)
-            await swarm.client(payer).generate(PROMPT, PARAMS)
-        finally:
-            await swarm.close()
-
     with pytest.raises(InsufficientFunds, match="has 0 credits"):
-        run(main())
+        run(generate_on_one_priced_node(tiny_model, ledger, payer, tmp_path))
 
 
 class ForgingNode(Node):

@@ -69,10 +69,9 @@ def _python_cmd(*args: str) -> list[str]:
 
 
 def node_env(threads: int | None = None) -> dict[str, str]:
-    """Environment of a node process: idle OpenMP threads sleep instead of spinning, so
-    processes that take turns on the same cores do not steal them from each other."""
+    """Environment of a node process: this one's, with ``threads`` OpenMP threads. (How long
+    idle OpenMP threads spin is set where layerchain is imported: see layerchain/__init__.)"""
     env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -76,7 +77,11 @@ def swarm_token_times(
 
 def run_swarm_bench(model: str = "smollm2", nodes: int = 3, max_new_tokens: int = 64, threads: int | None = None) -> dict:
     threads = threads or torch.get_num_threads()
-    local_times, local_tokens = local_token_times(model, max_new_tokens, threads)
+    # In a thread that then ends: its OpenMP team goes with it, and the swarm client's decode
+    # loop (on its own thread) does not pay for a second live team (see layerchain.node.server).
+    with ThreadPoolExecutor(1) as pool:
+        local_times, local_tokens = pool.submit(
+            local_token_times, model, max_new_tokens, threads).result()
     swarm_times, swarm_tokens, ttft, hops = swarm_token_times(model, nodes, max_new_tokens, threads)
     single_tps = 1.0 / _p50(local_times)
     swarm_tps = 1.0 / _p50(swarm_times)

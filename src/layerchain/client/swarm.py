@@ -110,7 +110,9 @@ class AsyncSwarm:
         config = replace(config or ClientConfig(), **limits)
         payer = open_payer(data_dir, ledger, deposit) if ledger is not None else None
         spec = await asyncio.to_thread(resolve_model, model)
-        head = await asyncio.to_thread(load_head, spec)
+        # on the loop thread, where the decode loop runs the head: a second live thread that
+        # ran torch ops would slow every step (see layerchain.node.server on libgomp's teams)
+        head = load_head(spec)
         tokenizer = await asyncio.to_thread(load_tokenizer, spec)
         if discovery is None:
             from layerchain.discovery import HivemindDiscovery

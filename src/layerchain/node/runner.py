@@ -9,11 +9,14 @@ When it is serving, it writes ``DATA_DIR/node.json`` — ``{"pid", "peer_id", "s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from layerchain.ledger import open_ledger
 from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
 from layerchain.node.config import NodeConfig
-from layerchain.node.server import Node
+from layerchain.node.server import Node, measure_ms_per_block
 from layerchain.types import Span
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits
 from layerchain.wire.transport import TcpTransport
@@ -51,7 +54,13 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     identity = Identity.load_or_create(config.data_dir)
     wallet = Wallet.load_or_create(config.data_dir)
     ledger = open_ledger(Path(config.ledger).expanduser()) if config.ledger else None
-    span = await asyncio.to_thread(load_span, spec, span_range.start, span_range.end)
+    # On the loop thread, as every later step (see layerchain.node.server on libgomp's
+    # teams), and one node of this machine at a time: nodes started together share the
+    # cores, and a speed measured while the others load would be several times too slow
+    # (the routes would avoid this node until its steps taught it better).
+    with machine_lock("compute-start"):
+        span = load_span(spec, span_range.start, span_range.end)
+        ms_per_block = measure_ms_per_block(span, spec.hidden_size)
     discovery = await HivemindDiscovery.create(
         initial_peers=list(config.initial_peers),
         host=config.host,
@@ -70,7 +79,27 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         wallet=wallet,
         ledger=ledger,
     )
+    node.ms_per_block = ms_per_block
     return node, discovery
+
+
+@contextlib.contextmanager
+def machine_lock(name: str) -> Iterator[None]:
+    """Hold a lock shared by every layerchain process of this machine (an flock on a file
+    in the temp directory, released by the kernel if the process dies). Without a usable
+    lock file the block runs unlocked."""
+    path = Path(tempfile.gettempdir()) / f"layerchain-{name}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        log.debug("no machine lock %s: %s", path, error)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], None] | None = None) -> None:

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -37,11 +36,13 @@ from layerchain.wire.transport import Listener, Transport
 
 log = logging.getLogger(__name__)
 
-# A step over more token positions than this (a prefill, a replay) runs in the node's compute
-# thread, so the event loop keeps answering pings and other sessions' steps meanwhile; a
-# decode step (one token, a few ms) runs inline, where a thread hop would cost more than it
-# saves. Torch releases the GIL while it computes.
-INLINE_STEP_TOKENS = 8
+# All of a node's torch work (loading, measuring, every step) runs on its event loop thread.
+# libgomp, the OpenMP runtime of torch's CPU builds, keeps a team of worker threads for each
+# live thread that ran a parallel op; once those teams hold more threads than there are
+# CPUs it stops spinning between parallel regions, and each of the hundreds of regions in a
+# step pays a sleep and a wake-up. On 2 cores one more such thread (a worker that loaded
+# the span) took a 30-block decode step from 30 ms to 53 ms. The price: a long prefill holds
+# the loop (pings wait for it; other sessions' steps would wait for the cores anyway).
 
 
 def measure_ms_per_block(span: Any, hidden_size: int, steps: int = 24) -> float:
@@ -103,8 +104,6 @@ class Node:
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._redeemer: asyncio.Task | None = None
-        # one thread: long steps take turns rather than fight over the cores
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerchain-compute")
 
     @property
     def peer_id(self) -> str:
@@ -123,9 +122,8 @@ class Node:
     # ---------------------------------------------------------------- life cycle
 
     async def start(self) -> None:
-        self.ms_per_block = await asyncio.to_thread(
-            measure_ms_per_block, self.span, self.spec.hidden_size
-        )
+        if not self.ms_per_block:  # (the runner measures while it holds the machine's lock)
+            self.ms_per_block = measure_ms_per_block(self.span, self.spec.hidden_size)
         await self.payments.redeem_left_over()
         await self.payments.register()
         self.listener = await self.transport.listen(self.listen_at, self._serve)
@@ -179,7 +177,6 @@ class Node:
         self.sessions.close_all()
         if self._redeemer is not None:
             self._redeemer.cancel()
-        self._compute.shutdown(wait=False, cancel_futures=True)
         await self.payments.redeem()
         await self.payments.claim_uptime()
 
@@ -278,11 +275,7 @@ class Node:
                 )
             x = hidden if hidden.dtype == torch.float32 else hidden.float()
             t0 = time.perf_counter()
-            if tokens <= INLINE_STEP_TOKENS:
-                out = self._forward(x, session)
-            else:
-                loop = asyncio.get_running_loop()
-                out = await loop.run_in_executor(self._compute, self._forward, x, session)
+            out = self._forward(x, session)  # on this thread: see the note at the top
             if out.dtype != hidden.dtype:  # answer in the dtype the client sent (fp16, bf16)
                 out = out.to(hidden.dtype)
             if tokens == 1:  # a decode step: keep the fastest cost seen, as at start
