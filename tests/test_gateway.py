@@ -388,9 +388,9 @@ def test_an_abandoned_stream_is_debited_for_what_it_computed(tiny_model, tmp_pat
     assert (after.balance, after.requests) == (100_000 - after.spent, 1)
 
 
-def test_request_errors_and_route_views(tiny_model, tmp_path):
+def test_request_errors_and_per_request_limits(tiny_model, tmp_path):
     async def main():
-        async with memory_gateway(tiny_model, tmp_path, max_route_views=1) as (client, gateway):
+        async with memory_gateway(tiny_model, tmp_path) as (client, gateway):
             chat = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3}
             replies = {
                 "model": await client.post("/v1/chat/completions", json={**chat, "model": "gpt-4"}),
@@ -403,9 +403,9 @@ def test_request_errors_and_route_views(tiny_model, tmp_path):
                                              json={**chat, "max_latency_ms": 1e-6}),
                 "health": await client.get("/health"),
             }
-            return replies, len(gateway.views._views)
+            return replies, gateway.swarm.config
 
-    r, views = run(main())
+    r, config = run(main())
     assert r["model"].status_code == 404
     assert r["model"].json()["error"] == {
         "message": r["model"].json()["error"]["message"], "type": "invalid_request_error",
@@ -415,7 +415,7 @@ def test_request_errors_and_route_views(tiny_model, tmp_path):
     assert r["path"].status_code == 404 and "error" in r["path"].json()
     assert r["alpha"].status_code == 200 and r["alpha2"].status_code == 200
     assert r["latency"].status_code == 503 and r["latency"].json()["error"]["code"] == "no_route"
-    assert views == 1  # alpha=1 kept (and reused); the latency limit's view lived one request
+    assert (config.alpha, config.max_latency_ms) == (0.0, None)  # the limits were per request
     health = r["health"].json()
     assert (health["status"], health["nodes"], health["covered"]) == ("ok", 2, True)
 

@@ -133,6 +133,39 @@ def test_uncovered_blocks_are_named(tiny_model, tmp_path):
         run(main())
 
 
+def test_routing_limits_per_generation(tiny_model, reference, tmp_path):
+    """A dear pair and a cheap pair over the same blocks: one client, three generations with
+    their own limits; the client's own limits are untouched."""
+    from layerchain.client import RouteLimits
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            dear = [await swarm.add_node(0, 2, tmp_path / "d0", price_per_block=5),
+                    await swarm.add_node(2, 4, tmp_path / "d1", price_per_block=5)]
+            cheap = [await swarm.add_node(0, 2, tmp_path / "c0", price_per_block=1,
+                                          emulate_latency_ms=30),
+                     await swarm.add_node(2, 4, tmp_path / "c1", price_per_block=1,
+                                          emulate_latency_ms=30)]
+            client = swarm.client()
+            params = SamplingParams(max_new_tokens=16)
+            fast = await client.generate(PROMPT, params)
+            thrifty = await client.generate(PROMPT, params, limits=RouteLimits(max_price=4 * 1))
+            with pytest.raises(NoRoute):
+                await client.generate(PROMPT, params, limits=RouteLimits(max_price=1))
+            again = await client.generate(PROMPT, params)
+            ids = lambda nodes: {n.peer_id for n in nodes}  # noqa: E731
+            return fast, thrifty, again, ids(dear), ids(cheap), client.config
+        finally:
+            await swarm.close()
+
+    fast, thrifty, again, dear, cheap, config = run(main())
+    assert {h.peer_id for h in fast.route} == dear == {h.peer_id for h in again.route}
+    assert {h.peer_id for h in thrifty.route} == cheap
+    assert fast.token_ids == thrifty.token_ids == list(reference.token_ids)
+    assert config.max_price is None
+
+
 def test_a_step_is_answered_in_the_dtype_it_was_sent_in(tiny_model, tmp_path):
     """The node computes in fp32; a client sending fp16 or bf16 gets that dtype back."""
     import torch

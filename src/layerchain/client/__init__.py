@@ -3,7 +3,7 @@
 Never imports ``layerchain.node``; talks to nodes only through ``layerchain.wire``.
 """
 
-from layerchain.client.config import ClientConfig
+from layerchain.client.config import ClientConfig, RouteLimits
 from layerchain.client.session import InferenceSession, Recovery
 from layerchain.client.swarm import AsyncSwarm, GenerationResult, Swarm, TokenEvent
 
@@ -13,6 +13,7 @@ __all__ = [
     "GenerationResult",
     "InferenceSession",
     "Recovery",
+    "RouteLimits",
     "Swarm",
     "TokenEvent",
 ]

@@ -20,3 +20,21 @@ class ClientConfig:
     # whenever the unbanned peers leave a block uncovered, and at every generation's start)
     discovery_wait_s: float = 30.0  # how long to wait for peers covering every block
     rtt_smoothing: float = 0.3  # weight of a new RTT sample in the moving average
+
+
+@dataclass(frozen=True)
+class RouteLimits:
+    """One generation's routing limits; a None field keeps the client's ``ClientConfig``
+    value. Peers, RTTs and bans stay shared between generations with different limits."""
+
+    alpha: float | None = None  # route cost weight, 0 fastest .. 1 cheapest
+    max_price: float | None = None  # credits per token
+    max_latency_ms: float | None = None  # ms per token
+
+    def resolve(self, config: ClientConfig) -> tuple[float, float | None, float | None]:
+        """(alpha, max_price, max_latency_ms) with the client's values filled in."""
+        return (
+            config.alpha if self.alpha is None else self.alpha,
+            config.max_price if self.max_price is None else self.max_price,
+            config.max_latency_ms if self.max_latency_ms is None else self.max_latency_ms,
+        )

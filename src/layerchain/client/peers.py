@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 
-from layerchain.client.config import ClientConfig
+from layerchain.client.config import ClientConfig, RouteLimits
 from layerchain.discovery import Discovery, PeerRecord
 from layerchain.errors import NoRoute, PeerError, PeerTimeout, PeerUnreachable
 from layerchain.routing import RoutePeer, RoutePlan, plan_span
@@ -176,14 +176,22 @@ class PeerView:
             if r.peer_id not in skip
         ]
 
-    def plan(self, start: int = 0, end: int | None = None, exclude: set[str] = frozenset()) -> RoutePlan:
-        """The best route over blocks ``[start, end)`` with the client's limits."""
+    def plan(
+        self,
+        start: int = 0,
+        end: int | None = None,
+        exclude: set[str] = frozenset(),
+        limits: RouteLimits | None = None,
+    ) -> RoutePlan:
+        """The best route over blocks ``[start, end)`` within ``limits`` (by default, and
+        for each field left None, the client's)."""
+        alpha, max_price, max_latency_ms = (limits or RouteLimits()).resolve(self.config)
         return plan_span(
             self.snapshot(exclude),
             self.num_blocks,
             start,
             self.num_blocks if end is None else end,
-            alpha=self.config.alpha,
-            max_price=self.config.max_price,
-            max_latency_ms=self.config.max_latency_ms,
+            alpha=alpha,
+            max_price=max_price,
+            max_latency_ms=max_latency_ms,
         )

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from layerchain.client.config import RouteLimits
 from layerchain.client.peers import PeerView
 from layerchain.errors import InvalidOutput, InvalidReceipt, NoRoute, PeerError, ProtocolError
 from layerchain.market import ChannelPayer, ReceiptVerifier, step_amount, tokens_of
@@ -83,8 +84,10 @@ class InferenceSession:
         max_length: int,
         timeout_s: float,
         payer: ChannelPayer | None = None,
+        limits: RouteLimits | None = None,
     ):
         self.peers = peers
+        self.limits = limits  # this session's routing limits (None: the client's)
         self.payer = payer
         self.hidden_size = hidden_size
         self.max_length = max_length
@@ -104,7 +107,7 @@ class InferenceSession:
     async def open(self, attempts: int = 4) -> None:
         """Plan a route and open a session on each hop; a peer that refuses is banned."""
         for attempt in range(1, attempts + 1):
-            plan = self.peers.plan()
+            plan = self.peers.plan(limits=self.limits)
             try:
                 self.hops = await self._open_hops(plan.hops)
                 return
@@ -236,7 +239,7 @@ class InferenceSession:
         exclude = {h.hop.peer_id for j, h in enumerate(self.hops) if j != index}
         for attempt in range(1, 5):
             await self.peers.refresh(force=attempt > 1)
-            plan = self.peers.plan(failed.hop.start, failed.hop.end, exclude=exclude)
+            plan = self.peers.plan(failed.hop.start, failed.hop.end, exclude, self.limits)
             replacement: list[HopSession] = []
             current = plan.hops[0]
             try:

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 
 import torch
 
-from layerchain.client.config import ClientConfig
+from layerchain.client.config import ClientConfig, RouteLimits
 from layerchain.client.peers import PeerView
 from layerchain.client.session import HopPayment, InferenceSession, Recovery
 from layerchain.discovery import Discovery
@@ -142,8 +142,10 @@ class AsyncSwarm:
         *,
         raw: bool = False,
         result: list[GenerationResult] | None = None,
+        limits: RouteLimits | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Yield tokens as they are generated; append the final result to ``result``.
+        ``limits`` override the client's routing limits for this generation only.
 
         A generation that ends early (its consumer stopped iterating, or a step failed)
         still appends a result, with ``finish_reason`` "cancelled", so that what it cost
@@ -158,6 +160,7 @@ class AsyncSwarm:
             max_length=len(prompt_ids) + params.max_new_tokens,
             timeout_s=self.config.step_timeout_s,
             payer=self.payer,
+            limits=limits,
         )
         decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
         ttft = 0.0
@@ -205,10 +208,15 @@ class AsyncSwarm:
         return decoder.accept(hidden)
 
     async def generate(
-        self, prompt: str | list[dict[str, str]], params: SamplingParams | None = None, *, raw: bool = False
+        self,
+        prompt: str | list[dict[str, str]],
+        params: SamplingParams | None = None,
+        *,
+        raw: bool = False,
+        limits: RouteLimits | None = None,
     ) -> GenerationResult:
         result: list[GenerationResult] = []
-        async for _ in self.generate_stream(prompt, params, raw=raw, result=result):
+        async for _ in self.generate_stream(prompt, params, raw=raw, result=result, limits=limits):
             pass
         return result[0]
 
@@ -260,12 +268,27 @@ class Swarm:
     def core(self) -> AsyncSwarm:
         return self._core
 
-    def generate(self, prompt: str | list[dict[str, str]], params: SamplingParams | None = None, *, raw: bool = False) -> GenerationResult:
-        return self._run(self._core.generate(prompt, params, raw=raw))
+    def generate(
+        self,
+        prompt: str | list[dict[str, str]],
+        params: SamplingParams | None = None,
+        *,
+        raw: bool = False,
+        limits: RouteLimits | None = None,
+    ) -> GenerationResult:
+        return self._run(self._core.generate(prompt, params, raw=raw, limits=limits))
 
-    def stream(self, prompt: str | list[dict[str, str]], params: SamplingParams | None = None, *, raw: bool = False, result: list[GenerationResult] | None = None) -> Iterator[TokenEvent]:
+    def stream(
+        self,
+        prompt: str | list[dict[str, str]],
+        params: SamplingParams | None = None,
+        *,
+        raw: bool = False,
+        result: list[GenerationResult] | None = None,
+        limits: RouteLimits | None = None,
+    ) -> Iterator[TokenEvent]:
         """Yield tokens as they arrive; append the final result to ``result`` if given."""
-        agen = self._core.generate_stream(prompt, params, raw=raw, result=result)
+        agen = self._core.generate_stream(prompt, params, raw=raw, result=result, limits=limits)
         try:
             while True:
                 try:

@@ -5,9 +5,9 @@ resellers, and a live dashboard of the swarm at ``/``.
 One process: a FastAPI app around one ``AsyncSwarm`` client, served by uvicorn
 (``layerchain api serve``). The gateway sits on top of the client and never talks to nodes
 itself. Modules: ``config`` (GatewayConfig), ``schema`` (the OpenAI shapes, pure),
-``keys`` (the SQLite key store), ``activity`` (what the dashboard shows), ``views``
-(per-request routing limits), ``app`` (the HTTP app), ``server`` (uvicorn, start and
-stop), ``static/`` (the dashboard: plain HTML, CSS and JavaScript).
+``keys`` (the SQLite key store), ``activity`` (what the dashboard shows), ``app`` (the
+HTTP app), ``server`` (uvicorn, start and stop), ``static/`` (the dashboard: plain HTML,
+CSS and JavaScript).
 """
 
 from layerchain.gateway.config import GatewayConfig

@@ -6,8 +6,9 @@ serves every request, each generation opens its own sessions. Running it is ``se
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as server-sent
 events, or whole), ``GET /v1/models``, ``GET /health``, ``GET /api/swarm`` (the dashboard's
 JSON) and the dashboard itself at ``/`` (static files, no CDN). The shapes are
-``schema.py``'s; keys and balances ``keys.py``'s; what the dashboard sees ``activity.py``'s;
-per-request routing limits ``views.py``'s.
+``schema.py``'s; keys and balances ``keys.py``'s; what the dashboard sees ``activity.py``'s.
+A request's routing limits (``alpha``, ``max_price``, ``max_latency_ms``) apply to its own
+generation; peers, RTTs and bans are the one client's, shared by every request.
 
 A request's errors are found before its first byte is sent (the first token is awaited
 first), so they get their status code; an error mid-stream becomes an ``error`` event.
@@ -16,7 +17,6 @@ first), so they get their status code; an error mid-stream becomes an ``error`` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -36,7 +36,6 @@ from layerchain.gateway.activity import RequestLog, RequestRecord, coverage, nod
 from layerchain.gateway.config import GatewayConfig
 from layerchain.gateway.keys import ApiKey, KeyStore
 from layerchain.gateway.schema import ApiError, GenerationRequest, api_error_for, sse
-from layerchain.gateway.views import RouteViews
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +44,12 @@ REFRESH_TIMEOUT_S = 5.0  # a dashboard poll waits this long for the DHT, then sh
 
 
 class Gateway:
-    """The app's state: the swarm client, route views, key store and request log."""
+    """The app's state: the swarm client, key store and request log."""
 
     def __init__(self, config: GatewayConfig, swarm: AsyncSwarm) -> None:
         self.config = config
         self.swarm = swarm
         self.spec = swarm.spec
-        self.views = RouteViews(swarm, config.max_route_views)
         self.keys = KeyStore(config.keys_file)
         self.requests = RequestLog(config.recent_requests)
         self.started = time.time()
@@ -157,7 +155,7 @@ class Gateway:
             await run.close(error)
 
     async def close(self) -> None:
-        await self.views.close()
+        """Nothing of its own to close: the caller owns the swarm client."""
 
     # ---------------------------------------------------------------- views of the swarm
 
@@ -222,17 +220,15 @@ class Run:
                  record: RequestRecord) -> None:
         self.gateway, self.req, self.key, self.record = gateway, req, key, record
         self.result: list[GenerationResult] = []
-        self._stack = contextlib.AsyncExitStack()
         self._events: AsyncIterator[TokenEvent] | None = None
         self._closed = False
 
     async def open(self) -> TokenEvent | None:
         """Start the generation and wait for its first token (errors show up here, before
         any byte of the response is sent, so they get their proper status)."""
-        swarm = await self._stack.enter_async_context(self.gateway.views.use(self.req.limits))
-        self._events = swarm.generate_stream(
+        self._events = self.gateway.swarm.generate_stream(
             list(self.req.prompt) if self.req.kind == "chat" else self.req.prompt,
-            self.req.params, raw=self.req.raw, result=self.result,
+            self.req.params, raw=self.req.raw, result=self.result, limits=self.req.limits,
         )
         try:
             return await self._events.__anext__()
@@ -251,11 +247,8 @@ class Run:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            try:
-                if self._events is not None:
-                    await self._events.aclose()  # type: ignore[attr-defined]
-            finally:
-                await self._stack.aclose()
+            if self._events is not None:
+                await self._events.aclose()  # type: ignore[attr-defined]
             gw = self.gateway
             result = self.result[0] if self.result else None
             if result is not None and self.key is not None and (

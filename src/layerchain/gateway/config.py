@@ -26,7 +26,6 @@ class GatewayConfig:
     default_max_tokens: int = 256  # tokens generated when a request gives no max_tokens
     max_tokens_limit: int = 4096  # a request asking for more tokens gets 400
     recent_requests: int = 50  # requests the dashboard shows (kept in memory only)
-    max_route_views: int = 16  # distinct (alpha, max_price, max_latency_ms) views kept open
     client_options: dict = field(default_factory=dict)  # more ClientConfig fields, by name
 
     @property

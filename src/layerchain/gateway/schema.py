@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from layerchain.client.config import RouteLimits
 from layerchain.errors import (
     ConfigError,
     InsufficientFunds,
@@ -50,15 +51,6 @@ MAX_STOP = 4  # stop strings per request, as OpenAI allows
 
 
 # ---------------------------------------------------------------------------- requests
-
-
-@dataclass(frozen=True)
-class RouteLimits:
-    """A request's routing extensions; None = the gateway's default."""
-
-    alpha: float | None = None  # route cost weight, 0 fastest .. 1 cheapest
-    max_price: float | None = None  # credits per token
-    max_latency_ms: float | None = None  # ms per token
 
 
 @dataclass(frozen=True)
