@@ -10,6 +10,7 @@ checked against the key's balance.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -275,3 +276,20 @@ def test_dashboard_in_headless_chromium(gateway, swarm, keys):
                     && li.querySelectorAll('.chain .hop').length === 3; }""")
         finally:
             browser.close()
+
+
+@pytest.mark.timeout(300)
+def test_bench_gateway_prints_its_json():
+    """`layerchain bench gateway --json`: its own swarm and gateway process, same text both
+    ways, everything stopped afterwards."""
+    done = subprocess.run(
+        [sys.executable, "-m", "layerchain", "bench", "gateway", "--nodes", "2",
+         "--max-new-tokens", "8", "--concurrency", "2", "--json"],
+        capture_output=True, text=True, timeout=280, env=node_env(),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["identical_text"] is True and result["nodes"] == 2
+    assert result["tokens"] == 8 and result["concurrency"] == 2
+    for key in ("direct_tps", "gateway_tps", "ratio", "gateway_ttft_s", "concurrent_tokens_per_s"):
+        assert result[key] > 0, key

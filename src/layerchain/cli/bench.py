@@ -1,7 +1,9 @@
 """CLI: `layerchain bench` — measurements printed as JSON, never asserted in timed tests.
 
 `layerchain bench [--nodes 3] [--json]` compares one process with a local swarm;
-`layerchain bench routing` times the route planner over random swarms.
+`layerchain bench routing` times the route planner over random swarms;
+`layerchain bench faults` kills hops mid-generation; `layerchain bench gateway` compares a
+direct client with the HTTP gateway.
 """
 
 from __future__ import annotations
@@ -63,6 +65,21 @@ def bench_faults(
 
     _print(run_faults_bench(runs=runs, model=model, spans=spans,
                             max_new_tokens=max_new_tokens, seed=seed), as_json)
+
+
+@bench_app.command("gateway")
+def bench_gateway(
+    nodes: int = typer.Option(3, help="Nodes in the local swarm."),
+    model: str = typer.Option("smollm2", help="Model reference."),
+    max_new_tokens: int = typer.Option(32, help="Tokens per request."),
+    concurrency: int = typer.Option(4, help="Requests at once in the last run."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Direct client vs the HTTP gateway on one swarm: tokens/s, ttft, concurrent tokens/s."""
+    from layerchain.bench.gateway import run_gateway_bench
+
+    _print(run_gateway_bench(model=model, nodes=nodes, max_new_tokens=max_new_tokens,
+                             concurrency=concurrency), as_json)
 
 
 def register(app: typer.Typer) -> None:
