@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from layerchain.bench.swarm import _p50
 from layerchain.errors import LayerchainError
 from layerchain.types import even_spans
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
-
-
-def _p50(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
 
 
 def direct_stream(initial_peers: list[str], model: str, max_tokens: int) -> tuple[list[float], str, float]:

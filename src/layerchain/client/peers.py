@@ -61,9 +61,10 @@ class PeerView:
             if not force and fresh and not self.uncovered(self.banned()):
                 return
             records = await self.discovery.find(self.model_id, self.num_blocks)
+            banned = self.banned()
             for r in records:
                 old = self.records.get(r.peer_id)
-                if old is not None and old.endpoint != r.endpoint and r.peer_id in self.banned():
+                if old is not None and old.endpoint != r.endpoint and r.peer_id in banned:
                     log.info("peer %s restarted at %s: ban lifted", r.peer_id, r.endpoint)
                     self.unban(r.peer_id)
             self.records = {r.peer_id: r for r in records}

@@ -78,8 +78,8 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         identity=identity,
         wallet=wallet,
         ledger=ledger,
+        ms_per_block=ms_per_block,
     )
-    node.ms_per_block = ms_per_block
     return node, discovery
 
 

@@ -76,6 +76,7 @@ class Node:
         identity: Any,
         wallet: Wallet | None = None,
         ledger: Any = None,
+        ms_per_block: float = 0.0,  # measured beforehand; 0: ``start()`` measures it
     ) -> None:
         self.config = config
         self.spec = spec
@@ -96,7 +97,7 @@ class Node:
         self.sessions = SessionTable(
             config.max_cache_tokens, config.max_sessions, config.session_idle_timeout_s
         )
-        self.ms_per_block = 0.0
+        self.ms_per_block = ms_per_block
         self.listener: Listener | None = None
         self.announcer: Announcer | None = None
         self.draining = False
@@ -122,7 +123,7 @@ class Node:
     # ---------------------------------------------------------------- life cycle
 
     async def start(self) -> None:
-        if not self.ms_per_block:  # (the runner measures while it holds the machine's lock)
+        if not self.ms_per_block:
             self.ms_per_block = measure_ms_per_block(self.span, self.spec.hidden_size)
         await self.payments.redeem_left_over()
         await self.payments.register()
@@ -275,7 +276,8 @@ class Node:
                 )
             x = hidden if hidden.dtype == torch.float32 else hidden.float()
             t0 = time.perf_counter()
-            out = self._forward(x, session)  # on this thread: see the note at the top
+            with torch.inference_mode():  # on this thread: see the note at the top
+                out = self.span.forward(x, session.cache, start=session.start, end=session.end)
             if out.dtype != hidden.dtype:  # answer in the dtype the client sent (fp16, bf16)
                 out = out.to(hidden.dtype)
             if tokens == 1:  # a decode step: keep the fastest cost seen, as at start
@@ -287,10 +289,6 @@ class Node:
         return m.StepResult(
             rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out, receipt=receipt
         )
-
-    def _forward(self, x: torch.Tensor, session: Any) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.span.forward(x, session.cache, start=session.start, end=session.end)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
