@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from layerchain.client import AsyncSwarm, ClientConfig
-from layerchain.discovery import Identity, MemoryDiscovery, MemoryHub
+from layerchain.discovery import Identity, MemoryDiscovery, MemoryDHT
 from layerchain.model import load_head, load_span, load_tokenizer, resolve_model
 from layerchain.node import Node, NodeConfig
-from layerchain.wire import MemoryHub as WireHub
+from layerchain.wire import MemoryNetwork
 from layerchain.wire import MemoryTransport
 
 
@@ -24,8 +24,8 @@ class MemorySwarm:
     def __init__(self, model: str) -> None:
         self.model = model
         self.spec = resolve_model(model)
-        self.hub = MemoryHub()
-        self.wire = WireHub()
+        self.hub = MemoryDHT()
+        self.wire = MemoryNetwork()
         self.nodes: list[Node] = []
 
     async def add_node(

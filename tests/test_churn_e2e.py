@@ -27,7 +27,7 @@ import time
 import pytest
 
 from layerchain.errors import PeerBusy
-from layerchain.localswarm import start_node, swarm_down, swarm_up, wait_ready
+from layerchain.local import start_node, swarm_down, swarm_up, wait_ready
 from layerchain.model import LocalModel, SamplingParams
 from layerchain.types import Span
 
@@ -60,10 +60,10 @@ class FakePeers:
     """Records announced in an in-memory DHT, each with an endpoint that answers pings."""
 
     def __init__(self) -> None:
-        from layerchain.discovery import MemoryHub
-        from layerchain.wire import MemoryHub as WireHub
+        from layerchain.discovery import MemoryDHT
+        from layerchain.wire import MemoryNetwork
 
-        self.hub, self.wire = MemoryHub(), WireHub()
+        self.hub, self.wire = MemoryDHT(), MemoryNetwork()
         self.listeners: list = []
 
     async def announce(self, identity, start: int, end: int, name: str) -> None:

@@ -14,7 +14,7 @@ from layerchain.discovery import (
     Discovery,
     Identity,
     MemoryDiscovery,
-    MemoryHub,
+    MemoryDHT,
     PeerRecord,
     block_key,
     sign_record,
@@ -59,7 +59,7 @@ def record_for(identity: Identity, start: int, end: int, expires_at: float, **kw
 @pytest.fixture
 def swarm():
     clock = FakeClock()
-    hub = MemoryHub(clock=clock)
+    hub = MemoryDHT(clock=clock)
     nodes = [MemoryDiscovery(hub) for _ in range(3)]
     client = MemoryDiscovery(hub)
     return clock, hub, nodes, client

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from layerchain.localswarm import start_node, swarm_down, swarm_up, wait_ready
+from layerchain.local import start_node, swarm_down, swarm_up, wait_ready
 from layerchain.model import LocalModel, SamplingParams, resolve_model
 from layerchain.types import Span
 

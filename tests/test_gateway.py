@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from layerchain.cli.main import app as cli_app
 from layerchain.client import AsyncSwarm, ClientConfig
-from layerchain.discovery import Identity, MemoryDiscovery, MemoryHub
+from layerchain.discovery import Identity, MemoryDiscovery, MemoryDHT
 from layerchain.errors import (
     ConfigError,
     InsufficientFunds,
@@ -33,7 +33,7 @@ from layerchain.gateway.app import STATIC_DIR, create_app
 from layerchain.gateway.schema import api_error_for, parse_request
 from layerchain.model import load_head, load_span, load_tokenizer, resolve_model
 from layerchain.node import Node, NodeConfig
-from layerchain.wire import MemoryHub as WireHub
+from layerchain.wire import MemoryNetwork
 from layerchain.wire import MemoryTransport
 
 PROMPT = "What is the capital of France?"
@@ -188,7 +188,7 @@ async def memory_gateway(model: str, tmp_path, *, price: int = 0, **config):
     """Two in-process nodes (blocks 0:2, 2:4) at ``price``, a client, the app and an httpx
     client calling it through ASGI; everything closed on exit."""
     spec = resolve_model(model)
-    hub, wire = MemoryHub(), WireHub()
+    hub, wire = MemoryDHT(), MemoryNetwork()
     nodes = []
     for start, end in ((0, 2), (2, 4)):
         identity = Identity.generate()

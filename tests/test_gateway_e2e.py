@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from layerchain.gateway import KeyStore
-from layerchain.localswarm import node_env, stop_pids, swarm_down, swarm_up
+from layerchain.local import node_env, stop_pids, swarm_down, swarm_up
 from layerchain.types import even_spans
 
 pytestmark = pytest.mark.slow

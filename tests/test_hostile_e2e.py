@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from layerchain.errors import FrameError, LimitExceeded, PeerBusy, VersionMismatch
-from layerchain.localswarm import swarm_down, swarm_up
+from layerchain.local import swarm_down, swarm_up
 from layerchain.model import LocalModel, SamplingParams
 from layerchain.types import Span
 from layerchain.wire import (

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from layerchain.localswarm import swarm_down, swarm_up
+from layerchain.local import swarm_down, swarm_up
 from layerchain.types import Span
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]

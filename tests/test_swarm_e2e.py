@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from layerchain.errors import FrameError, LimitExceeded, UnknownSession, VersionMismatch
-from layerchain.localswarm import LocalSwarm, swarm_down
+from layerchain.local import LocalSwarm, swarm_down
 from layerchain.model import LocalModel, SamplingParams
 
 pytestmark = pytest.mark.slow

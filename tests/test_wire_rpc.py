@@ -30,7 +30,7 @@ from layerchain.wire.messages import (
     StepResult,
 )
 from layerchain.wire.rpc import RpcClient, ServeStats, serve_connection
-from layerchain.wire.transport import MemoryHub, MemoryTransport, TcpTransport
+from layerchain.wire.transport import MemoryNetwork, MemoryTransport, TcpTransport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,7 +63,7 @@ async def start(kind: str, stats: ServeStats, limits: Limits = Limits(), fn=hand
     if kind == "tcp":
         transport = TcpTransport(limits)
     else:
-        transport = MemoryTransport(MemoryHub(), limits=limits)
+        transport = MemoryTransport(MemoryNetwork(), limits=limits)
     listener = await transport.listen(
         "tcp://127.0.0.1:0" if kind == "tcp" else "mem://",
         lambda conn: serve_connection(conn, fn, limits=limits, stats=stats),
@@ -163,7 +163,7 @@ def test_connect_to_nothing_is_peer_unreachable():
         with pytest.raises(PeerUnreachable):
             await TcpTransport().connect("tcp://127.0.0.1:1")
         with pytest.raises(PeerUnreachable):
-            await MemoryTransport(MemoryHub()).connect("mem://nobody")
+            await MemoryTransport(MemoryNetwork()).connect("mem://nobody")
 
     run(main())
 
@@ -210,7 +210,7 @@ def test_inflight_requests_per_connection_are_bounded():
 
 
 def test_roundtrip_benchmark_prints_the_per_hop_figure(capsys):
-    from layerchain.wire.bench import roundtrip_us
+    from layerchain.bench.wire import roundtrip_us
 
     result = roundtrip_us(iterations=300, warmup=50)
     with capsys.disabled():

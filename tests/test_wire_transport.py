@@ -18,7 +18,7 @@ from layerchain.wire.rpc import RpcClient, ServeStats, serve_connection
 from layerchain.wire.tcp import parse_tcp_endpoint
 from layerchain.wire.transport import (
     Connection,
-    MemoryHub,
+    MemoryNetwork,
     MemoryTransport,
     TcpTransport,
     transport_for,
@@ -44,7 +44,7 @@ async def echo(conn) -> None:
 @pytest.mark.parametrize("kind", ["tcp", "mem"])
 def test_every_message_round_trips_through_both_transports(kind):
     async def main():
-        transport = TcpTransport() if kind == "tcp" else MemoryTransport(MemoryHub())
+        transport = TcpTransport() if kind == "tcp" else MemoryTransport(MemoryNetwork())
         endpoint = "tcp://127.0.0.1:0" if kind == "tcp" else "mem://"
         listener = await transport.listen(endpoint, echo)
         conn = await transport.connect(listener.endpoint)
@@ -85,14 +85,14 @@ def test_tcp_listen_on_port_zero_reports_the_real_port_and_transport_for_picks_b
 
 def test_memory_transport_latency_order_and_close():
     async def main():
-        hub = MemoryHub()
+        hub = MemoryNetwork()
         transport = MemoryTransport(hub, latency_ms=20)
         listener = await transport.listen("mem://node-a", echo)
         assert hub.endpoints() == ["mem://node-a"]
         with pytest.raises(ConfigError):
             await transport.listen("mem://node-a", echo)
         with pytest.raises(PeerUnreachable):
-            await MemoryTransport(MemoryHub()).connect("mem://node-a")  # another hub
+            await MemoryTransport(MemoryNetwork()).connect("mem://node-a")  # another hub
         conn = await transport.connect("mem://node-a")
         t0 = time.perf_counter()
         for i in range(5):
@@ -111,7 +111,7 @@ def test_memory_transport_latency_order_and_close():
 
 def test_memory_transport_enforces_the_listeners_limits():
     async def main():
-        hub = MemoryHub()
+        hub = MemoryNetwork()
         small = Limits(max_frame_bytes=256)
         stats = ServeStats()
 

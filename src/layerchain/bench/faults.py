@@ -36,7 +36,7 @@ def run_faults_bench(
     seed: int = 0,
 ) -> dict:
     from layerchain.client import Swarm
-    from layerchain.localswarm import start_node, swarm_down, swarm_up, wait_ready
+    from layerchain.local import start_node, swarm_down, swarm_up, wait_ready
     from layerchain.model import LocalModel, SamplingParams, resolve_model
 
     rng = random.Random(seed)

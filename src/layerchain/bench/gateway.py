@@ -71,7 +71,7 @@ def gateway_stream(url: str, max_tokens: int) -> tuple[list[float], str, float]:
 
 
 def _start_gateway(initial_peer: str, model: str, log: Path) -> tuple[subprocess.Popen, str]:
-    from layerchain.localswarm import node_env
+    from layerchain.local import node_env
 
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -96,7 +96,7 @@ def _start_gateway(initial_peer: str, model: str, log: Path) -> tuple[subprocess
 def run_gateway_bench(
     model: str = "smollm2", nodes: int = 3, max_new_tokens: int = 32, concurrency: int = 4
 ) -> dict:
-    from layerchain.localswarm import swarm_down, swarm_up
+    from layerchain.local import swarm_down, swarm_up
     from layerchain.model import resolve_model
 
     state = Path(tempfile.mkdtemp(prefix="layerchain-bench-gateway-"))

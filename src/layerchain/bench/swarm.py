@@ -52,7 +52,7 @@ def swarm_token_times(
 ) -> tuple[list[float], list[int], float, int]:
     """Greedy decode through a fresh local swarm; seconds per decode token, ttft, hops."""
     from layerchain.client import Swarm
-    from layerchain.localswarm import swarm_down, swarm_up
+    from layerchain.local import swarm_down, swarm_up
     from layerchain.model import SamplingParams, resolve_model
 
     torch.set_num_threads(threads)

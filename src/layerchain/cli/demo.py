@@ -102,7 +102,7 @@ def demo(
     from layerchain.client import Swarm
     from layerchain.cli.swarm import parse_spans
     from layerchain.ledger import LedgerConfig, open_ledger
-    from layerchain.localswarm import swarm_down, swarm_up
+    from layerchain.local import swarm_down, swarm_up
     from layerchain.market import Wallet
     from layerchain.model import SamplingParams, resolve_model
 

@@ -39,7 +39,7 @@ def up(
     state_dir: Path = typer.Option(..., help="Directory for swarm.json, logs and node data."),
 ) -> None:
     """Start a DHT bootstrap and the nodes in the background; write STATE_DIR/swarm.json."""
-    from layerchain.localswarm import swarm_up
+    from layerchain.local import swarm_up
 
     span_list = parse_spans(spans, nodes, _num_blocks(model))
     swarm = swarm_up(state_dir, span_list, model=model, on_progress=lambda s: err_console.print(s))
@@ -51,7 +51,7 @@ def up(
 @swarm_app.command("down")
 def down(state_dir: Path = typer.Option(..., help="The directory given to `swarm up`.")) -> None:
     """Stop a local swarm started with `swarm up`."""
-    from layerchain.localswarm import swarm_down
+    from layerchain.local import swarm_down
 
     count = swarm_down(state_dir)
     console.print(f"stopped {count} processes")
@@ -98,7 +98,7 @@ def status(
 ) -> None:
     """Show the swarm's nodes: spans, endpoints, throughput, price and free cache."""
     from layerchain.errors import ConfigError
-    from layerchain.localswarm import LocalSwarm
+    from layerchain.local import LocalSwarm
 
     if state_dir is not None:
         swarm = LocalSwarm.load(state_dir)

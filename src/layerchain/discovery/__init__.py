@@ -3,7 +3,7 @@
 * ``identity``  - a node's Ed25519 key and peer id
 * ``records``   - ``PeerRecord``, its canonical bytes, ``sign_record`` / ``verify_record``
 * ``base``      - the ``Discovery`` seam, key layout, tombstones, ``select_records``
-* ``memory``    - ``MemoryDiscovery`` over a shared ``MemoryHub`` (tests)
+* ``memory``    - ``MemoryDiscovery`` over a shared ``MemoryDHT`` (tests)
 * ``dht``       - ``HivemindDiscovery`` over hivemind's Kademlia DHT
 * ``announcer`` - ``Announcer``: refresh every ``refresh_s``, withdraw on stop
 * ``bootstrap`` - a record-less entry node (``python -m layerchain.discovery.bootstrap``)
@@ -18,7 +18,7 @@ from typing import Any
 from layerchain.discovery.announcer import AnnounceConfig, Announcer
 from layerchain.discovery.base import Discovery, DiscoveryStats, block_key, select_records
 from layerchain.discovery.identity import Identity, peer_id_from_public_key, verify
-from layerchain.discovery.memory import MemoryDiscovery, MemoryHub
+from layerchain.discovery.memory import MemoryDiscovery, MemoryDHT
 from layerchain.discovery.records import (
     PeerRecord,
     check_fresh,
@@ -43,7 +43,7 @@ __all__ = [
     "HivemindDiscovery",
     "Identity",
     "MemoryDiscovery",
-    "MemoryHub",
+    "MemoryDHT",
     "PeerRecord",
     "block_key",
     "check_fresh",

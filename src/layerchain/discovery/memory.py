@@ -1,4 +1,4 @@
-"""In-process discovery for fast tests: many ``MemoryDiscovery`` objects share one ``MemoryHub``.
+"""In-process discovery for fast tests: many ``MemoryDiscovery`` objects share one ``MemoryDHT``.
 
 The hub mimics the hivemind store's rules (entry per ``(key, sub_key)``, replaced only by a
 later expiration, dropped once expired, ``check_entry`` enforced unless ``validate=False``,
@@ -29,7 +29,7 @@ from layerchain.errors import ProtocolError
 
 
 @dataclass
-class MemoryHub:
+class MemoryDHT:
     """The shared store: ``entries[key][sub_key] = (blob, expiration)``."""
 
     clock: Callable[[], float] = time.time  # unix seconds
@@ -62,9 +62,9 @@ class MemoryHub:
 
 
 class MemoryDiscovery:
-    """``Discovery`` over a ``MemoryHub``; no I/O, no tasks."""
+    """``Discovery`` over a ``MemoryDHT``; no I/O, no tasks."""
 
-    def __init__(self, hub: MemoryHub, identity: Identity | None = None) -> None:
+    def __init__(self, hub: MemoryDHT, identity: Identity | None = None) -> None:
         self.hub = hub
         self.identity = identity or Identity.generate()
         self.stats = DiscoveryStats()

@@ -25,7 +25,7 @@ from layerchain.wire.rpc import RpcClient, ServeStats, serve_connection
 from layerchain.wire.transport import (
     Connection,
     Listener,
-    MemoryHub,
+    MemoryNetwork,
     MemoryTransport,
     TcpTransport,
     Transport,
@@ -59,6 +59,6 @@ __all__ = [
     "Transport",
     "TcpTransport",
     "MemoryTransport",
-    "MemoryHub",
+    "MemoryNetwork",
     "transport_for",
 ]

@@ -6,7 +6,7 @@ apply), order is kept per direction, a closed side makes the other's ``recv`` ra
 ``PeerUnreachable`` once the frames already sent are read, and ``latency_ms`` delays every
 frame by that many milliseconds one way (a round trip costs twice).
 
-Listeners register in a ``MemoryHub``: one per ``MemoryTransport(hub=...)``, or the
+Listeners register in a ``MemoryNetwork``: one per ``MemoryTransport(hub=...)``, or the
 module-level ``DEFAULT_HUB`` shared by all transports built without one.
 """
 
@@ -104,7 +104,7 @@ class MemoryListener:
 
     def __init__(
         self,
-        hub: MemoryHub,
+        hub: MemoryNetwork,
         endpoint: str,
         handler: Callable[[MemoryConnection], Awaitable[None]],
         limits: Limits,
@@ -140,7 +140,7 @@ class MemoryListener:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class MemoryHub:
+class MemoryNetwork:
     """The registry of ``mem://`` listeners that can reach each other."""
 
     def __init__(self) -> None:
@@ -151,7 +151,7 @@ class MemoryHub:
         return sorted(self._listeners)
 
 
-DEFAULT_HUB = MemoryHub()
+DEFAULT_HUB = MemoryNetwork()
 
 
 def _name(endpoint: str) -> str:
@@ -165,7 +165,7 @@ class MemoryTransport:
 
     def __init__(
         self,
-        hub: MemoryHub | None = None,
+        hub: MemoryNetwork | None = None,
         *,
         latency_ms: float = 0.0,
         limits: Limits = DEFAULT_LIMITS,

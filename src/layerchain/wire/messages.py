@@ -31,6 +31,11 @@ from layerchain.errors import LayerchainError
 
 PROTOCOL_VERSION = 1
 
+# Tokens (B x T) one Step may carry. A node refuses a longer step with ``limit_exceeded``;
+# a client splits a longer prompt into several steps, so a long prefill never holds a node
+# (and its pings and other sessions) for more than one bounded step at a time.
+MAX_STEP_TOKENS = 512
+
 
 def _short_repr(msg: object) -> str:
     """repr with tensors shown as shape and dtype, not values."""

@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from layerchain.errors import ConfigError
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits
-from layerchain.wire.memory import MemoryConnection, MemoryHub, MemoryListener, MemoryTransport
+from layerchain.wire.memory import MemoryConnection, MemoryNetwork, MemoryListener, MemoryTransport
 from layerchain.wire.messages import Message
 from layerchain.wire.tcp import TcpConnection, TcpListener, TcpTransport
 
@@ -38,7 +38,7 @@ __all__ = [
     "MemoryTransport",
     "MemoryConnection",
     "MemoryListener",
-    "MemoryHub",
+    "MemoryNetwork",
     "transport_for",
 ]
 

@@ -96,7 +96,7 @@ def roundtrip_us(*, use_uvloop: bool = False, **options: Any) -> dict[str, Any]:
     return asyncio.run(roundtrip_us_async(**options))
 
 
-if __name__ == "__main__":  # python -m layerchain.wire.bench
+if __name__ == "__main__":  # python -m layerchain.bench.wire
     import json
 
     for mode in ("raw", "rpc"):
