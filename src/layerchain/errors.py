@@ -23,7 +23,10 @@ else escaping is a bug.
     │   │   ├── InvalidVoucher           a voucher with a bad signature, nonce or amount
     │   │   └── ChannelError             a channel that is unknown, closed or disputed
     │   ├── LedgerError                  a ledger that is unreachable or inconsistent
-    │   └── InvalidApiKey                a gateway API key that is missing, unknown or revoked
+    │   ├── InvalidApiKey                a gateway API key that is missing, unknown or revoked
+    │   ├── RequestTooLarge              a prompt + max_new_tokens beyond the model's context
+    │   │                                or every peer's free cache (checked before sending)
+    │   └── CostLimitExceeded            a request whose prompt alone costs more than its max_cost
     ├── ProtocolError                    a frame or message that breaks the wire protocol
     │   ├── FrameError                   malformed, truncated or oversized frame
     │   ├── VersionMismatch              a peer speaking another protocol version
@@ -157,6 +160,18 @@ class InvalidApiKey(UserError):
     """A gateway API key that is missing, unknown or revoked."""
 
     code = "invalid_api_key"
+
+
+class RequestTooLarge(UserError):
+    """A request larger than the model's context or every peer's free cache."""
+
+    code = "request_too_large"
+
+
+class CostLimitExceeded(UserError):
+    """A request that would cost more than its max_cost before producing anything."""
+
+    code = "cost_limit_exceeded"
 
 
 class ProtocolError(LayerchainError):
