@@ -28,6 +28,7 @@ import torch
 from layerchain.client.config import ClientConfig, RouteLimits
 from layerchain.client.peers import PeerView
 from layerchain.client.session import HopPayment, InferenceSession, Recovery
+from layerchain.client.state import SwarmState, swarm_state
 from layerchain.discovery import Discovery
 from layerchain.market import ChannelPayer
 from layerchain.model import Decoder, SamplingParams, encode_prompt, load_head, load_tokenizer, resolve_model
@@ -219,6 +220,21 @@ class AsyncSwarm:
         async for _ in self.generate_stream(prompt, params, raw=raw, result=result, limits=limits):
             pass
         return result[0]
+
+    def state(self) -> SwarmState:
+        """A frozen snapshot of the swarm as this client sees it: nodes (span, price, speed,
+        free cache, measured RTT, banned), coverage and the default routing limits. Reads
+        what the client holds; ``peers.refresh()`` re-reads the records first if wanted."""
+        peers, c = self.peers, self.config
+        return swarm_state(
+            self.spec.model_id, self.spec.num_blocks, peers.records.values(), peers.rtt_ms,
+            peers.banned(),
+            RouteLimits(alpha=c.alpha, max_price=c.max_price, max_latency_ms=c.max_latency_ms),
+        )
+
+    async def refresh(self) -> None:
+        """Re-read the swarm's records if they are stale (or leave a block uncovered)."""
+        await self.peers.refresh()
 
 
 def open_payer(data_dir: str | Path | None, ledger: str | Path, deposit: int) -> ChannelPayer:
