@@ -78,7 +78,8 @@ class FakePeers:
             await transport.listen(f"mem://{name}", lambda conn: serve_connection(conn, nothing))
         )
         record = PeerRecord.create(identity, model_id="m", span=Span(start, end),
-                                   endpoint=f"mem://{name}", expires_at=time.time() + 60)
+                                   endpoint=f"mem://{name}", ms_per_block=1.0,
+                                   expires_at=time.time() + 60)
         await MemoryDiscovery(self.hub, identity).announce(record)
 
     def view(self, **config):

@@ -317,14 +317,14 @@ def test_bootstrap_process_serves_until_sigterm(tmp_path: Path):
             proc.wait()
 
 
-def test_validator_applies_the_entry_rule_to_peer_sub_keys_only():
+def test_validator_applies_the_entry_rule_and_refuses_everything_else():
     from hivemind.dht.validation import DHTRecord
     from hivemind.utils.serializer import MSGPackSerializer as S
 
     me = Identity.generate()
     rec = record_for(me, 0, 2)
     blob = sign_record(me, rec)
-    check_entry(me.peer_id, blob, rec.expires_at)
+    check_entry(me.peer_id, blob, rec.expires_at, time.time())
     v = PeerRecordValidator()
     entry = lambda sub, value, exp: DHTRecord(b"k" * 20, S.dumps(sub), S.dumps(value), exp)  # noqa: E731
     assert v.validate(entry(me.peer_id, blob, rec.expires_at))
@@ -332,8 +332,9 @@ def test_validator_applies_the_entry_rule_to_peer_sub_keys_only():
     assert not v.validate(entry(me.peer_id, _forge(me, 0, 2), rec.expires_at))
     assert not v.validate(entry(Identity.generate().peer_id, blob, rec.expires_at))
     assert not v.validate(DHTRecord(b"k" * 20, S.dumps(me.peer_id), b"\xc1", 1.0))
-    assert v.validate(entry(b"hivemind-optimizer-subkey", b"anything", 1.0))  # not ours
-    assert v.validate(DHTRecord(b"k" * 20, S.dumps(None), S.dumps("plain"), 1.0))
+    # a layerchain DHT holds peer records only: no foreign sub-keys, no regular values
+    assert not v.validate(entry(b"hivemind-optimizer-subkey", b"anything", 1.0))
+    assert not v.validate(DHTRecord(b"k" * 20, S.dumps(None), S.dumps("plain"), 1.0))
 
 
 def test_killed_owner_leaves_no_dht_process_behind(tmp_path: Path):

@@ -172,6 +172,60 @@ def test_forged_and_misplaced_entries_are_ignored_and_counted(swarm):
     asyncio.run(run())
 
 
+def _resigned(identity: Identity, record: PeerRecord, **changes: object) -> bytes:
+    """``record`` with ``changes`` that break the record caps, validly signed by ``identity``."""
+    from layerchain.discovery.records import _encode_fields
+
+    payload = _encode_fields({**dataclasses.asdict(record), **changes})
+    return msgpack.packb([payload, identity.sign(payload)], use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"ms_per_block": 1e308},
+        {"ms_per_block": 0.0},
+        {"endpoint": "tcp://:0"},
+        {"price_per_block": 10**15},
+        {"free_cache_tokens": 10**12},
+        {"wallet": "0x" + "ab" * 20},
+    ],
+)
+def test_signed_records_outside_the_caps_are_refused_by_the_store_and_by_readers(swarm, changes):
+    clock, hub, nodes, client = swarm
+    mallory = nodes[1].identity
+
+    async def run():
+        exp = clock.now + 60
+        record = record_for(mallory, 0, 30, exp)
+        blob = _resigned(mallory, record, **changes)
+        assert not hub.store(block_key(MODEL, 0), mallory.peer_id, blob, exp)  # the DHT rule
+        hub.validate = False  # a malicious replica stores it anyway: the reader's check holds
+        hub.store(block_key(MODEL, 0), mallory.peer_id, blob, exp)
+        assert await client.find(MODEL, L) == []
+        assert client.stats.invalid == 1
+
+    asyncio.run(run())
+
+
+def test_a_record_living_for_fifty_years_is_refused_by_the_store_and_by_readers(swarm):
+    clock, hub, nodes, client = swarm
+    mallory = nodes[1].identity
+
+    async def run():
+        forever = clock.now + 50 * 365 * 86400
+        blob = sign_record(mallory, record_for(mallory, 0, 30, forever))
+        assert not hub.store(block_key(MODEL, 0), mallory.peer_id, blob, forever)
+        hub.validate = False
+        hub.store(block_key(MODEL, 0), mallory.peer_id, blob, forever)
+        assert await client.find(MODEL, L) == []
+        assert client.stats.invalid == 1
+        await nodes[0].announce(record_for(nodes[0].identity, 0, 30, clock.now + 60))
+        assert [r.peer_id for r in await client.find(MODEL, L)] == [nodes[0].identity.peer_id]
+
+    asyncio.run(run())
+
+
 def test_cannot_announce_or_withdraw_for_another_peer(swarm):
     clock, _, nodes, _ = swarm
 
@@ -190,13 +244,18 @@ def test_entry_rule():
     me, other = Identity.generate(), Identity.generate()
     rec = record_for(me, 0, 3, 123.5)
     blob = sign_record(me, rec)
-    assert check_entry(me.peer_id, blob, 123.5) == rec
+    now = 100.0
+    assert check_entry(me.peer_id, blob, 123.5, now) == rec
     with pytest.raises(ProtocolError, match="sub-key"):
-        check_entry(other.peer_id, blob, 123.5)
+        check_entry(other.peer_id, blob, 123.5, now)
     with pytest.raises(ProtocolError, match="expires at"):
-        check_entry(me.peer_id, blob, 124.0)
+        check_entry(me.peer_id, blob, 124.0, now)
     with pytest.raises(ProtocolError):
-        check_entry(me.peer_id, "text", 123.5)
+        check_entry(me.peer_id, "text", 123.5, now)
+    with pytest.raises(ProtocolError, match="not a peer id"):
+        check_entry("not/a peer id", blob, 123.5, now)
+    with pytest.raises(ProtocolError, match="from now"):  # a record nobody could withdraw
+        check_entry(me.peer_id, blob, 123.5, now=123.5 - 601)
     assert looks_like_peer_id(me.peer_id)
     assert not looks_like_peer_id(b"bytes-subkey-of-hivemind-optim")
     assert not looks_like_peer_id("12D3KooWHSfjBWMPDr3sd6kRJSR1JHpXFpmhP1v3ucgRDT8PqaWr")
@@ -220,6 +279,8 @@ def test_uncovered_blocks():
 def test_announce_config_is_checked():
     with pytest.raises(ConfigError):
         AnnounceConfig(refresh_s=60, ttl_s=60)
+    with pytest.raises(ConfigError, match="too long"):  # DHT nodes would refuse its records
+        AnnounceConfig(refresh_s=60, ttl_s=3600)
 
 
 def test_announcer_refreshes_moves_and_withdraws(swarm):

@@ -7,11 +7,13 @@ import os
 import stat
 
 import msgpack
+from eth_utils import to_checksum_address
 import pytest
 
 from layerchain.discovery.identity import KEY_FILE_NAME, Identity, peer_id_from_public_key, verify
 from layerchain.discovery.records import (
     MAX_RECORD_BYTES,
+    MAX_RECORD_TTL_S,
     PeerRecord,
     _encode_fields,
     check_fresh,
@@ -23,6 +25,7 @@ from layerchain.errors import ConfigError, ProtocolError
 from layerchain.types import Span
 
 NOW = 1_700_000_000.0
+WALLET = to_checksum_address("0x" + "ab" * 20)
 
 
 def make_record(identity: Identity, **changes: object) -> PeerRecord:
@@ -36,7 +39,7 @@ def make_record(identity: Identity, **changes: object) -> PeerRecord:
         ms_per_block=1.25,
         price_per_block=3,
         free_cache_tokens=4096,
-        wallet="0x" + "ab" * 20,
+        wallet=WALLET,
         rtts=(("peerA", 0.4), ("peerB", 12.0)),
         version="0.1.0",
         expires_at=NOW + 60,
@@ -100,7 +103,7 @@ def test_sign_verify_round_trip():
     assert list(record.blocks) == list(range(10, 20))
     built = PeerRecord.create(
         me, model_id="smollm2-135m", span=Span(10, 20), endpoint="tcp://127.0.0.1:4001",
-        ms_per_block=1.25, price_per_block=3, free_cache_tokens=4096, wallet="0x" + "ab" * 20,
+        ms_per_block=1.25, price_per_block=3, free_cache_tokens=4096, wallet=WALLET,
         rtts=(("peerA", 0.4), ("peerB", 12.0)), version="0.1.0", expires_at=NOW + 60,
     )  # fmt: skip
     assert built == record
@@ -201,3 +204,65 @@ def test_non_canonical_encoding_is_rejected():
     blob = msgpack.packb([payload, me.sign(payload)], use_bin_type=True)
     with pytest.raises(ProtocolError, match="not canonically encoded"):
         open_record(blob)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"endpoint": "tcp://:4001"},  # empty host
+        {"endpoint": "tcp://127.0.0.1:0"},  # port 0
+        {"endpoint": "tcp://127.0.0.1:70000"},  # port past 65535
+        {"endpoint": "tcp://127.0.0.1"},  # no port
+        {"endpoint": "http://127.0.0.1:80"},  # another scheme
+        {"endpoint": "tcp://[link=https://evil]x[/link]:80"},  # markup, not a host
+        {"endpoint": "tcp://host name:80"},
+        {"endpoint": "mem://"},
+        {"ms_per_block": 1e308},  # finite, but steers the planner out of the model
+        {"ms_per_block": 0.0},  # "infinitely fast": wins every route
+        {"price_per_block": 10**18},
+        {"free_cache_tokens": 2**40},
+        {"rtts": [["p", 1e300]]},
+        {"wallet": "0x" + "ab" * 20},  # not checksummed
+        {"wallet": "0x1234"},  # not 20 bytes
+        {"wallet": "alice"},
+        {"version": "0.1\x1b[31m"},  # a terminal escape
+        {"model_id": "m\n"},
+    ],
+)
+def test_every_field_is_range_checked_even_if_signed(change):
+    me = Identity.generate()
+    good = dataclasses.asdict(make_record(me))
+    assert open_record(resign(me, good)) == make_record(me)
+    with pytest.raises(ProtocolError, match="malformed"):
+        open_record(resign(me, {**good, **change}))
+    with pytest.raises(ProtocolError, match="malformed"):  # nor can a node build one
+        make_record(me, **{k: tuple(map(tuple, v)) if k == "rtts" else v
+                           for k, v in change.items()})
+
+
+def test_endpoints_that_are_allowed():
+    me = Identity.generate()
+    for endpoint in ("tcp://127.0.0.1:1", "tcp://node-7.example.org:65535", "tcp://[::1]:4001",
+                     "mem://node-a", "mem://3xQvK_9.peer"):
+        assert make_record(me, endpoint=endpoint).endpoint == endpoint
+
+
+def test_a_record_expiring_far_in_the_future_is_refused():
+    me = Identity.generate()
+    fifty_years = make_record(me, expires_at=NOW + 50 * 365 * 86400)
+    with pytest.raises(ProtocolError, match="from now"):
+        verify_record(sign_record(me, fifty_years), NOW)
+    with pytest.raises(ProtocolError, match="from now"):
+        check_fresh(make_record(me, expires_at=NOW + MAX_RECORD_TTL_S + 1), NOW)
+    assert check_fresh(make_record(me, expires_at=NOW + MAX_RECORD_TTL_S), NOW)
+
+
+def test_a_tombstone_carries_no_values():
+    from layerchain.discovery.base import tombstone
+
+    me = Identity.generate()
+    dead = tombstone(me, "smollm2-135m", 0, 4, NOW + 1)
+    assert open_record(sign_record(me, dead)) == dead
+    values = dataclasses.asdict(dead)
+    with pytest.raises(ProtocolError, match="tombstone"):
+        open_record(resign(me, {**values, "price_per_block": 5}))

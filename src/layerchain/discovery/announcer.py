@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from layerchain.discovery.base import TOMBSTONE_MARGIN_S, Discovery
-from layerchain.discovery.records import PeerRecord
+from layerchain.discovery.records import MAX_RECORD_TTL_S, PeerRecord
 from layerchain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -30,13 +30,20 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AnnounceConfig:
     refresh_s: float = 15.0  # re-announce every this many seconds
-    ttl_s: float = 60.0  # each announcement expires this many seconds after it is made
+    ttl_s: float = 60.0  # each announcement expires this many seconds after it is made;
+    # at most half of records.MAX_RECORD_TTL_S, the other half absorbs clock skew
     withdraw_timeout_s: float = 5.0  # give up withdrawing on stop after this many seconds
 
     def __post_init__(self) -> None:
         if not 0 < self.refresh_s < self.ttl_s:
             raise ConfigError(
                 f"refresh period {self.refresh_s} s must be positive and below ttl {self.ttl_s} s"
+            )
+        if self.ttl_s > MAX_RECORD_TTL_S / 2:
+            raise ConfigError(
+                f"record ttl {self.ttl_s:g} s is too long: DHT nodes refuse records living "
+                f"longer than {MAX_RECORD_TTL_S:g} s",
+                hint=f"use --record-ttl {MAX_RECORD_TTL_S / 2:g} or less",
             )
 
 

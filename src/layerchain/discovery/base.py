@@ -12,10 +12,11 @@ Like Kademlia stores, an entry is only replaced by one with a later expiration. 
 nothing"), expiring just after its last announcement, which every reader skips.
 
 Entry rule (``check_entry``, enforced by every layerchain DHT node on store and on read,
-see ``validator.py``): an entry under a sub-key shaped like a peer id must be a record
-signed by that peer, and the entry's expiration must equal the record's ``expires_at``.
-So nobody can write under another peer's sub-key, nor replay a peer's old record with a
-longer life to push its fresh ones out.
+see ``validator.py``): an entry's sub-key must be a peer id and its value a record signed
+by that peer, within every cap of ``records.check_limits``, expiring exactly when the
+entry does and at most ``MAX_RECORD_TTL_S`` after now. So nobody can write under another
+peer's sub-key, replay a peer's old record with a longer life to push its fresh ones out,
+or park a record (or anything else) that outlives the swarm's refresh cycle.
 
 Readers trust nothing they did not verify: a blob with a bad signature, a peer id that is
 not its sub-key, another model or a block outside its span is dropped and counted in
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from layerchain.discovery.identity import Identity
-from layerchain.discovery.records import MAX_BLOCKS, PeerRecord, open_record
+from layerchain.discovery.records import MAX_BLOCKS, PeerRecord, check_expiry, open_record
 from layerchain.errors import ProtocolError, SpanError
 
 TOMBSTONE_MARGIN_S = 1e-3  # a tombstone's entry outlives the entry it replaces by this much
@@ -132,14 +133,19 @@ def looks_like_peer_id(sub_key: object) -> bool:
     return isinstance(sub_key, str) and 16 <= len(sub_key) <= 24 and set(sub_key) <= _BASE58
 
 
-def check_entry(sub_key: object, blob: object, expiration: float) -> PeerRecord:
+def check_entry(sub_key: object, blob: object, expiration: float, now: float) -> PeerRecord:
     """Pure: the record of a DHT entry, or ProtocolError if the entry breaks the entry rule.
 
-    The rule: ``blob`` is a correctly signed record (any expiry) of peer ``sub_key`` and the
-    entry expires exactly when the record does.
+    The rule: ``sub_key`` looks like a peer id, ``blob`` is a correctly signed record of
+    that peer (within the caps of ``records``), the entry expires exactly when the record
+    does, and not more than ``MAX_RECORD_TTL_S`` after ``now`` (unix s). An expired entry
+    passes (stores drop those by their own rule; readers count them as expired).
     """
+    if not looks_like_peer_id(sub_key):
+        raise ProtocolError(f"DHT sub-key {str(sub_key)[:32]!r} is not a peer id")
     if not isinstance(blob, bytes):
         raise ProtocolError("a peer entry must hold a signed record blob")
+    check_expiry(expiration, now)
     record = open_record(blob)
     if record.peer_id != sub_key:
         raise ProtocolError(f"record of {record.peer_id!r} stored under sub-key {sub_key!r}")
@@ -173,7 +179,7 @@ def select_records(
     best: dict[str, PeerRecord] = {}
     for block, sub_key, blob, expiration in entries:
         try:
-            record = check_entry(sub_key, blob, expiration)
+            record = check_entry(sub_key, blob, expiration, now)
         except ProtocolError:
             stats.invalid += 1
             continue

@@ -42,7 +42,7 @@ class MemoryDHT:
             return False
         if self.validate:
             try:
-                check_entry(sub_key, blob, expiration)
+                check_entry(sub_key, blob, expiration, self.clock())
             except ProtocolError:
                 return False
         held = self.entries.setdefault(key, {}).get(sub_key)

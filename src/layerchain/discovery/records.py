@@ -7,8 +7,16 @@ function of ``(blob, now)`` (hivemind ``dht/validation.py`` style):
 
 * ``open_record(blob)``: structure, limits, Ed25519 signature by the record's own public
   key, ``peer_id == peer_id_from_public_key(public_key)``, canonical encoding;
-* ``check_fresh(record, now)``: ``expires_at > now``;
+* ``check_fresh(record, now)``: ``now < expires_at <= now + MAX_RECORD_TTL_S``;
 * ``verify_record(blob, now)``: both.
+
+Every field is range-checked on construction (``PeerRecord.__post_init__``), so a record
+that decodes is one a client may plan with: a well-formed endpoint (``tcp://HOST:PORT``
+with a non-empty host and a port in 1..65535, or ``mem://NAME`` of the in-memory
+transport), ``ms_per_block`` in ``[MIN_MS_PER_BLOCK, MAX_MS_PER_BLOCK]``, price, free
+cache, RTTs and block indices below hard caps, a wallet that is "" or a checksummed
+20-byte address, printable short strings. A *tombstone* (empty endpoint, see
+``discovery.base``) says "serves nothing": its numbers must be zero and its strings empty.
 
 Every failure is a ``ProtocolError`` with a one-line reason. This module knows nothing of
 DHTs; which key a record is stored under is ``discovery.base``'s business.
@@ -17,10 +25,12 @@ DHTs; which key a record is stored under is ``discovery.base``'s business.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 import msgpack
+from eth_utils import is_checksum_address
 
 from layerchain import __version__
 from layerchain.discovery.identity import Identity, peer_id_from_public_key, verify
@@ -31,7 +41,17 @@ RECORD_FORMAT = "layerchain/peer-record/1"
 MAX_RECORD_BYTES = 32 * 1024  # a blob larger than this is rejected before decoding
 MAX_RTTS = 256  # RTT entries per record
 MAX_BLOCKS = 100_000  # sanity bound on block indices
+MAX_RECORD_TTL_S = 600.0  # a record may expire at most this many seconds after "now"
+MIN_MS_PER_BLOCK = 1e-3  # ms per block per token: 1 us, faster than any real block
+MAX_MS_PER_BLOCK = 60_000.0  # ms per block per token: a minute, slower than any useful one
+MAX_PRICE_PER_BLOCK = 10**9  # credits per block per token
+MAX_FREE_CACHE_TOKENS = 1 << 24  # KV-cache tokens (16 Mi)
+MAX_RTT_MS = 60_000.0  # an announced round trip, ms
 _MAX_STR = {"peer_id": 64, "endpoint": 256, "model_id": 256, "wallet": 128, "version": 64}
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")  # strings a terminal shows as they are
+# tcp://HOST:PORT: a DNS name or IPv4 address, or [IPv6]; mem://NAME (in-memory transport)
+_TCP_ENDPOINT = re.compile(r"tcp://(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+_MEM_ENDPOINT = re.compile(r"mem://[A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -39,7 +59,8 @@ class PeerRecord:
     """One peer's announcement: it serves blocks ``[start, end)`` of ``model_id`` at ``endpoint``.
 
     Invariants (checked on construction, so every PeerRecord in memory satisfies them):
-    ``peer_id`` is derived from ``public_key``; ``0 <= start < end``; numbers finite, >= 0.
+    ``peer_id`` is derived from ``public_key``; ``0 <= start < end <= MAX_BLOCKS``; every
+    field within the caps of the module docstring (``check_limits``).
     """
 
     peer_id: str  # base58 id derived from public_key (identity.peer_id_from_public_key)
@@ -83,6 +104,7 @@ class PeerRecord:
             raise ProtocolError(
                 f"peer record of {self.peer_id!r} does not match its public key"
             )
+        check_limits(self)
 
     @classmethod
     def create(
@@ -92,7 +114,7 @@ class PeerRecord:
         model_id: str,
         span: Span,
         endpoint: str,
-        ms_per_block: float = 0.0,
+        ms_per_block: float,
         price_per_block: int = 0,
         free_cache_tokens: int = 0,
         wallet: str = "",
@@ -128,6 +150,52 @@ class PeerRecord:
     def canonical_bytes(self) -> bytes:
         """Deterministic msgpack encoding: the bytes that are signed."""
         return _encode_fields({f.name: getattr(self, f.name) for f in fields(self)})
+
+
+def check_limits(record: PeerRecord) -> None:
+    """Pure: raise ProtocolError naming the first field of ``record`` outside its caps.
+
+    Types are checked before (``__post_init__``); this is the range check of the module
+    docstring, the same for the DHT validator, the store and the client reading."""
+    for name in ("model_id", "version"):
+        if not _PRINTABLE.fullmatch(getattr(record, name)):
+            raise ProtocolError(f"malformed peer record: {name} must be printable ASCII")
+    if record.endpoint == "":  # a tombstone: it announces nothing
+        if (record.ms_per_block, record.price_per_block, record.free_cache_tokens) != (0, 0, 0) \
+                or record.wallet or record.rtts:
+            raise ProtocolError("malformed peer record: a tombstone must carry no values")
+        return
+    check_endpoint(record.endpoint)
+    if not MIN_MS_PER_BLOCK <= record.ms_per_block <= MAX_MS_PER_BLOCK:
+        raise ProtocolError(
+            f"malformed peer record: ms_per_block {record.ms_per_block:g} outside "
+            f"[{MIN_MS_PER_BLOCK:g}, {MAX_MS_PER_BLOCK:g}]"
+        )
+    if record.price_per_block > MAX_PRICE_PER_BLOCK:
+        raise ProtocolError(f"malformed peer record: price_per_block > {MAX_PRICE_PER_BLOCK}")
+    if record.free_cache_tokens > MAX_FREE_CACHE_TOKENS:
+        raise ProtocolError(
+            f"malformed peer record: free_cache_tokens > {MAX_FREE_CACHE_TOKENS}"
+        )
+    if any(ms > MAX_RTT_MS for _, ms in record.rtts):
+        raise ProtocolError(f"malformed peer record: an rtt above {MAX_RTT_MS:g} ms")
+    if record.wallet and not is_checksum_address(record.wallet):
+        raise ProtocolError(
+            "malformed peer record: wallet must be a checksummed 0x address of 20 bytes"
+        )
+
+
+def check_endpoint(endpoint: str) -> str:
+    """``endpoint`` if it is ``tcp://HOST:PORT`` (port 1..65535) or ``mem://NAME``, else
+    ProtocolError."""
+    tcp = _TCP_ENDPOINT.fullmatch(endpoint)
+    if tcp is not None and 1 <= int(tcp.group(1)) <= 65535:
+        return endpoint
+    if _MEM_ENDPOINT.fullmatch(endpoint):
+        return endpoint
+    raise ProtocolError(
+        f"malformed peer record: endpoint {endpoint[:64]!r} is not tcp://HOST:PORT"
+    )
 
 
 def _finite(value: Any, name: str, low: float | None = 0.0) -> float:
@@ -203,12 +271,23 @@ def open_record(blob: bytes) -> PeerRecord:
 
 
 def check_fresh(record: PeerRecord, now: float) -> PeerRecord:
-    """Return ``record``, or raise ProtocolError if it expired at or before ``now`` (unix s)."""
+    """Return ``record``, or raise ProtocolError if it expired at or before ``now`` (unix s)
+    or expires more than ``MAX_RECORD_TTL_S`` after it (a record nobody could withdraw)."""
     if record.expires_at <= now:
         raise ProtocolError(
             f"peer record of {record.peer_id!r} expired {now - record.expires_at:.1f} s ago"
         )
+    check_expiry(record.expires_at, now)
     return record
+
+
+def check_expiry(expires_at: float, now: float) -> None:
+    """ProtocolError if ``expires_at`` lies more than ``MAX_RECORD_TTL_S`` after ``now``."""
+    if expires_at > now + MAX_RECORD_TTL_S:
+        raise ProtocolError(
+            f"peer record expires {expires_at - now:.0f} s from now; at most "
+            f"{MAX_RECORD_TTL_S:.0f} s are allowed"
+        )
 
 
 def verify_record(blob: bytes, now: float) -> PeerRecord:

@@ -2,45 +2,58 @@
 
 Every layerchain DHT node runs it (``HivemindDiscovery.create`` installs it), so the rule
 holds on store *and* on read: hivemind calls ``validate`` when a peer asks us to store an
-entry and when a peer returns a dictionary to our search (one bad sub-key discards that
-peer's whole answer). The effect: nobody can overwrite another peer's entry, or replay its
-old record with a longer life, on an honest node; and a malicious replica's answers are
-ignored by readers.
+entry and when a peer returns a value to our search (one bad sub-key discards that peer's
+whole answer). The effect: nobody can overwrite another peer's entry, replay its old
+record with a longer life, or park junk on an honest node; and a malicious replica's
+answers are ignored by readers.
 
-Scope: only sub-keys shaped like layerchain peer ids (``base.looks_like_peer_id``) are
-checked, so other users of the same DHT (e.g. ``hivemind.Optimizer``, whose sub-keys are
-bytes) are unaffected. Hivemind hashes keys before validators see them, so a *regular*
-(sub-key-less) value stored under a block key with a later expiration can still replace
-that key's dictionary on a node; readers then see no peers for that block until it
-expires. Closing that needs a hivemind change (validators that see the raw key).
+A layerchain DHT holds layerchain peer records and nothing else (``validate``):
+
+* a *regular* value (no sub-key) is refused. Hivemind hashes keys before validators see
+  them, so the validator cannot tell a block key from another; refusing every regular
+  value is what keeps one from replacing a block key's dictionary of records;
+* a sub-key must be a layerchain peer id (``base.looks_like_peer_id``) and its value a
+  signed record of that peer within the record caps, expiring when the entry does and at
+  most ``records.MAX_RECORD_TTL_S`` from now (on this node's clock);
+* a value larger than ``MAX_ENTRY_BYTES`` is refused before it is decoded.
+
+So the DHT cannot be shared with other hivemind applications (``hivemind.Optimizer``
+stores regular values and bytes sub-keys): run those on a DHT of their own.
 """
 
 from __future__ import annotations
 
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
-from layerchain.discovery.base import check_entry, looks_like_peer_id
+from layerchain.discovery.base import check_entry
+from layerchain.discovery.records import MAX_RECORD_BYTES
+
+#: A stored value is msgpack of the record blob: the blob plus a few bytes of header.
+MAX_ENTRY_BYTES = MAX_RECORD_BYTES + 16
+
+
+def entry_is_valid(record: DHTRecord, now: float) -> bool:
+    """Pure: whether a layerchain DHT node may store (or believe) ``record`` at ``now``."""
+    if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
+        return False  # a regular value: layerchain stores only sub-keyed peer records
+    if len(record.value) > MAX_ENTRY_BYTES or len(record.subkey) > 64:
+        return False
+    try:
+        sub_key = MSGPackSerializer.loads(record.subkey)
+        check_entry(sub_key, MSGPackSerializer.loads(record.value), record.expiration_time, now)
+    except Exception:  # ProtocolError, or bytes msgpack cannot even decode
+        return False
+    return True
 
 
 class PeerRecordValidator(RecordValidatorBase):
-    """Accept an entry under a peer-id sub-key only if it passes ``check_entry``."""
+    """Accept an entry only if it is a layerchain peer record (``entry_is_valid``)."""
 
     def validate(self, record: DHTRecord) -> bool:
-        if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
-            return True  # a regular value or a whole dictionary (checked per sub-key)
-        try:
-            sub_key = MSGPackSerializer.loads(record.subkey)
-        except Exception:
-            return True  # not a msgpack sub-key: not ours
-        if not looks_like_peer_id(sub_key):
-            return True
-        try:
-            check_entry(sub_key, MSGPackSerializer.loads(record.value), record.expiration_time)
-        except Exception:  # ProtocolError, or a value msgpack cannot even decode
-            return False
-        return True
+        return entry_is_valid(record, get_dht_time())
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return isinstance(other, PeerRecordValidator)  # one instance is enough
