@@ -243,3 +243,32 @@ def test_error_messages_stay_short_for_huge_hostile_values():
     assert len(str(caught.value)) < 200
     reply = ErrorReply.from_error(1, LimitExceeded("y" * 10_000))
     assert len(reply.message) == 500 and len(encode_bytes(reply)) < 600
+
+
+def test_a_step_of_more_than_max_step_tokens_is_refused_from_its_header():
+    """B x T above MAX_STEP_TOKENS: refused on encode, and on decode before the payload is
+    looked at (the frame below carries no tensor bytes at all, yet the answer is the limit)."""
+    from layerchain.wire.messages import MAX_STEP_TOKENS
+
+    assert Limits().max_tensor_tokens == MAX_STEP_TOKENS
+    fits = Step(1, "s", 0, torch.zeros(1, MAX_STEP_TOKENS, 4))
+    assert decode(bytearray(encode_bytes(fits))).hidden.shape == (1, MAX_STEP_TOKENS, 4)
+    for shape in [(1, MAX_STEP_TOKENS + 1, 4), (2, MAX_STEP_TOKENS // 2 + 1, 4)]:
+        with pytest.raises(LimitExceeded, match="split it into several steps"):
+            encode(Step(1, "s", 0, torch.zeros(shape)))
+        header, _ = step_header(shape=shape)
+        with pytest.raises(LimitExceeded, match="tokens"):
+            decode(bytearray(frame_from_header(header, b"")))
+    header, _ = step_header(shape=(1, 30_000, 4))  # a 30k-token step: no payload needed
+    with pytest.raises(LimitExceeded) as caught:
+        decode(bytearray(frame_from_header(header)))
+    assert codec.error_rid(caught.value) == 42
+
+
+def test_largest_step_frame_holds_a_full_step_and_nothing_much_more():
+    H = 576
+    limit = codec.largest_step_frame(H)
+    full = encode_bytes(Step(1, "s" * 64, 0, torch.zeros(1, Limits().max_tensor_tokens, H), b"v" * 4096))
+    assert len(full) - 4 <= limit < len(full) + 2 * codec.MiB
+    node_limits = Limits(max_frame_bytes=limit)
+    assert decode(bytearray(full), node_limits).hidden.shape[1] == Limits().max_tensor_tokens

@@ -216,3 +216,51 @@ def test_roundtrip_benchmark_prints_the_per_hop_figure(capsys):
     with capsys.disabled():
         print(f"\nwire round trip Step/StepResult [1,1,576] f32 over TCP: {result}")
     assert result["frame_bytes"] == 2344 and result["p50_us"] > 0
+
+
+def test_a_server_answers_only_the_documented_error_codes_and_a_client_trusts_only_those():
+    """Node side: errors outside messages.ERROR_CODES leave as invalid_voucher (payments) or
+    remote_error. Client side: a peer's code outside the set is a RemoteError, never, say,
+    an InsufficientFunds or InvalidApiKey the caller would take for its own."""
+    from layerchain.errors import (
+        InsufficientFunds,
+        InvalidApiKey,
+        InvalidVoucher,
+        LayerchainError,
+        NoRoute,
+        UserError,
+    )
+    from layerchain.wire.messages import ERROR_CODES, ErrorReply
+    from layerchain.wire.rpc import peer_error
+
+    raised = {"funds": InsufficientFunds("pay first"), "key": InvalidApiKey("who are you"),
+              "route": NoRoute("nothing covers"), "busy": PeerBusy("full")}
+
+    async def raising(msg):
+        raise raised[msg.session_id]
+
+    async def main():
+        stats = ServeStats()
+        listener, client = await start("mem", stats, fn=raising)
+        caught = {}
+        for name in raised:
+            with pytest.raises(LayerchainError) as error:
+                await client.call(OpenSession(0, name, "m", 0, 1, 8), timeout=5)
+            caught[name] = error.value
+        await client.close()
+        await listener.close()
+        return stats, caught
+
+    stats, caught = run(main())
+    assert set(stats.by_code) <= set(ERROR_CODES)
+    assert stats.by_code == {"invalid_voucher": 1, "remote_error": 2, "busy": 1}
+    assert isinstance(caught["busy"], PeerBusy)
+    assert type(caught["funds"]) is InvalidVoucher  # what the voucher failed at, not our funds
+    assert "insufficient_funds: pay first" in str(caught["funds"])
+    assert type(caught["key"]) is RemoteError and type(caught["route"]) is RemoteError
+    assert "invalid_api_key: who are you" in str(caught["key"])
+    for code in ("insufficient_funds", "invalid_api_key", "no_route", "config_error", "x" * 99):
+        error = peer_error(ErrorReply(1, code, "trust me"))
+        assert type(error) is RemoteError and not isinstance(error, UserError), code
+        assert len(str(error)) < 120
+    assert isinstance(peer_error(ErrorReply(1, "invalid_voucher", "short")), InvalidVoucher)

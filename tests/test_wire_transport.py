@@ -26,6 +26,7 @@ from layerchain.wire.transport import (
 from test_wire_codec import assert_same, frame_from_header, sample_messages, step_header
 
 pytestmark = pytest.mark.timeout(60)
+MiB = 1 << 20
 
 
 def run(coro, timeout: float = 20.0):
@@ -256,39 +257,47 @@ def test_huge_prefix_on_a_blocking_socket_is_refused_without_allocating():
     run(main())
 
 
-def test_trickling_client_is_cut_off_while_an_honest_client_is_served():
+def test_a_frame_declaring_64_mib_gets_the_same_deadline_as_any_frame_whatever_the_trickle():
+    """Slowloris by declared length: the deadline counts from a frame's first byte and does not
+    grow with the length it declares or with the pace of its bytes (the old rule gave a
+    64 MiB frame read_timeout + 64 s, and reset the idle clock on every byte)."""
+
     async def main():
-        stats = ServeStats()
-        limits = Limits(read_timeout_s=0.3, min_read_bytes_per_s=1e6)
-        _, listener = await serve_echo_steps(stats, limits)
+        limits = Limits(read_timeout_s=0.5)  # max_frame_bytes stays 64 MiB
+        _, listener = await serve_echo_steps(ServeStats(), limits)
         host, port = parse_tcp_endpoint(listener.endpoint)
-        reader, writer = await asyncio.open_connection(host, port)
-        frame = encode_bytes(Step(1, "s", 0, torch.zeros(1, 1, 64)))
-        honest = asyncio.create_task(honest_calls(listener.endpoint, 40, pause=0.02))
-        t0 = time.perf_counter()
-        cut_after = None
-        for byte in frame:  # one byte every 0.1 s: never idle 0.3 s, but never done either
+
+        async def trickle(first: bytes) -> float | None:
+            reader, writer = await asyncio.open_connection(host, port)
+            t0 = time.perf_counter()
             try:
-                writer.write(bytes([byte]))
-                await writer.drain()
+                writer.write(first)
+                for _ in range(40):  # one byte every 0.1 s for up to 4 s: never idle
+                    await asyncio.sleep(0.1)
+                    if await _eof_soon(reader):
+                        return time.perf_counter() - t0
+                    writer.write(b"\0")
+                    await writer.drain()
             except ConnectionError:
-                cut_after = time.perf_counter() - t0
-                break
-            await asyncio.sleep(0.1)
-            if reader.at_eof() or (await _eof_soon(reader)):
-                cut_after = time.perf_counter() - t0
-                break
-        writer.close()
-        assert cut_after is not None and cut_after < 1.5, cut_after
+                return time.perf_counter() - t0
+            finally:
+                writer.close()
+            return None
+
+        declared_64_mib = (64 * MiB - 1).to_bytes(4, "big")
+        step = encode_bytes(Step(1, "s", 0, torch.zeros(1, 8, 64)))[:100]
+        honest = asyncio.create_task(honest_calls(listener.endpoint, 40, pause=0.02))
+        cut = await asyncio.gather(*(trickle(declared_64_mib) for _ in range(3)), trickle(step))
+        assert all(t is not None and 0.4 < t < 1.2 for t in cut), cut
         assert await honest == 40
         await listener.close()
 
     run(main())
 
 
-async def _eof_soon(reader: asyncio.StreamReader) -> bool:
+async def _eof_soon(reader: asyncio.StreamReader, wait: float = 0.001) -> bool:
     try:
-        data = await asyncio.wait_for(reader.read(1), 0.001)
+        data = await asyncio.wait_for(reader.read(1), wait)
     except asyncio.TimeoutError:
         return False
     except ConnectionError:
@@ -296,73 +305,111 @@ async def _eof_soon(reader: asyncio.StreamReader) -> bool:
     return data == b""
 
 
-def test_listener_caps_connections_and_close_ends_everything():
-    async def main():
-        transport = TcpTransport(Limits(max_connections=2))
-        listener = await transport.listen("tcp://127.0.0.1:0", echo)
-        conns = [await transport.connect(listener.endpoint) for _ in range(3)]
-        for i, conn in enumerate(conns[:2]):
-            await conn.send(Ping(i, i))
-            assert (await conn.recv()).rid == i
-        with pytest.raises(PeerUnreachable):  # the third was closed on accept
-            await conns[2].send(Ping(3, 3))
-            await conns[2].recv()
-        await listener.close()
-        with pytest.raises(PeerUnreachable):
-            await conns[0].recv()
-        for conn in conns:
-            await conn.close()
-
-    run(main())
-
-
-def test_at_the_cap_a_newcomer_replaces_the_quietest_connection_that_holds_no_session(
-    monkeypatch,
-):
-    from layerchain.wire import tcp
+def test_at_the_cap_a_newcomer_is_always_admitted_in_place_of_the_least_recently_active():
+    """Unpinned connections give way first, by their last complete frame (a partial frame is
+    no activity, so a staller goes before an idle client that just pinged); when every slot
+    holds sessions, the pinned one least recently active gives way. The old rule refused the
+    newcomer in both cases: partial frames were never evicted, pinned ones only after 60 s."""
     from layerchain.wire.messages import OpenSession, SessionOpened
-
-    monkeypatch.setattr(tcp, "PINNED_QUIET_S", 1.0)  # sessions left open give way after 1 s
 
     async def handler(msg):
         return SessionOpened(msg.rid, msg.session_id, 0)
 
     async def main():
-        limits = Limits(max_connections=2)
-        transport = TcpTransport(limits, evict_quiet_s=0.2)
+        limits = Limits(max_connections=3, read_timeout_s=30)
+        transport = TcpTransport(limits)
         listener = await transport.listen(
             "tcp://127.0.0.1:0", lambda conn: serve_connection(conn, handler, limits=limits)
         )
+        host, port = parse_tcp_endpoint(listener.endpoint)
         clients = []
 
         async def client() -> RpcClient:
             clients.append(RpcClient(await transport.connect(listener.endpoint)))
+            await asyncio.sleep(0.05)  # accepted, with a later accept time than the last one
             return clients[-1]
 
-        pinned, idle = await client(), await client()
-        await pinned.call(OpenSession(0, "s", "m", 0, 1, 8), timeout=5)  # holds a session
+        pinned = await client()
+        await pinned.call(OpenSession(0, "s", "m", 0, 1, 8), timeout=5)
+        reader, writer = await asyncio.open_connection(host, port)  # a staller
+        writer.write((64 * MiB - 1).to_bytes(4, "big") + bytes(1000))
+        await asyncio.sleep(0.05)
+        idle = await client()
         await idle.call(Ping(0, 1), timeout=5)
-        with pytest.raises(PeerUnreachable):  # both busy just now: the newcomer is refused
-            await (await client()).call(Ping(0, 2), timeout=5)
-        await asyncio.sleep(0.3)  # both quiet now, but only one without a session
-        newcomer = await client()
-        await newcomer.call(Ping(0, 3), timeout=5)
+        for _ in range(5):  # the staller keeps its partial frame growing
+            writer.write(bytes(100))
+            await asyncio.sleep(0.02)
+        first = await client()
+        await first.call(Ping(0, 2), timeout=5)  # admitted in the staller's place
+        assert await _eof_soon(reader, 1.0)
+        second = await client()  # the idle client's place: its ping is older than first's
+        await second.call(Ping(0, 3), timeout=5)
         with pytest.raises(PeerUnreachable):
             await idle.call(Ping(0, 4), timeout=5)
-        await pinned.call(Ping(0, 5), timeout=5)
-        assert (listener.evicted, listener.refused) == (1, 1)
-        await newcomer.call(OpenSession(0, "t", "m", 0, 1, 8), timeout=5)  # both hold sessions
-        await asyncio.sleep(0.3)
+        await first.call(OpenSession(0, "t", "m", 0, 1, 8), timeout=5)
+        await second.call(OpenSession(0, "u", "m", 0, 1, 8), timeout=5)
+        await pinned.call(Ping(0, 5), timeout=5)  # all three pinned; the least recent: first
+        await second.call(Ping(0, 6), timeout=5)
+        newcomer = await client()
+        await newcomer.call(Ping(0, 7), timeout=5)
         with pytest.raises(PeerUnreachable):
-            await (await client()).call(Ping(0, 6), timeout=5)
-        await asyncio.sleep(1.0)  # both silent for over PINNED_QUIET_S: the quieter goes
-        await (await client()).call(Ping(0, 7), timeout=5)
-        with pytest.raises(PeerUnreachable):
-            await pinned.call(Ping(0, 8), timeout=5)
-        await newcomer.call(Ping(0, 9), timeout=5)
-        assert (listener.evicted, listener.refused) == (2, 2)
+            await first.call(Ping(0, 8), timeout=5)
+        await pinned.call(Ping(0, 9), timeout=5)
+        await second.call(Ping(0, 10), timeout=5)
+        assert (listener.evicted, listener.refused) == (3, 0)
+        writer.close()
         for c in clients:
             await c.close()
         await listener.close()
+
+    run(main())
+
+
+def test_a_peer_that_stops_reading_replies_is_closed_after_the_read_timeout():
+    """Replies wait for a slow reader at most read_timeout_s; then the connection closes and
+    its requests' tasks end (before, a reply to a peer that never reads waited for ever)."""
+
+    async def main():
+        limits = Limits(read_timeout_s=0.5)
+        _, listener = await serve_echo_steps(ServeStats(), limits)
+        host, port = parse_tcp_endpoint(listener.endpoint)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, port))
+        sock.setblocking(False)
+        request = encode_bytes(Step(1, "s", 0, torch.zeros(1, 64, 512)))  # 128 KiB echoed
+        loop = asyncio.get_running_loop()
+        for _ in range(20):  # 2.5 MiB of replies that are never read
+            await loop.sock_sendall(sock, request)
+        t0 = time.perf_counter()
+        while listener.connections and time.perf_counter() - t0 < 5:
+            await asyncio.sleep(0.05)
+        assert listener.connections == 0, "the connection of a peer that never reads is held"
+        assert time.perf_counter() - t0 < 2.0
+        assert await honest_calls(listener.endpoint, 3) == 3
+        sock.close()
+        await listener.close()
+
+    run(main())
+
+
+def test_listener_at_its_cap_admits_the_newcomer_and_close_ends_everything():
+    async def main():
+        transport = TcpTransport(Limits(max_connections=2))
+        listener = await transport.listen("tcp://127.0.0.1:0", echo)
+        conns = []
+        for i in range(3):
+            conns.append(await transport.connect(listener.endpoint))
+            await conns[i].send(Ping(i, i))
+            assert (await conns[i].recv()).rid == i
+        with pytest.raises(PeerUnreachable):  # the first gave way to the third
+            await conns[0].send(Ping(3, 3))
+            await conns[0].recv()
+        assert listener.connections == 2 and listener.evicted == 1
+        await listener.close()
+        with pytest.raises(PeerUnreachable):
+            await conns[1].recv()
+        for conn in conns:
+            await conn.close()
 
     run(main())

@@ -7,6 +7,8 @@
 
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits, decode, encode, encode_bytes
 from layerchain.wire.messages import (
+    ERROR_CODES,
+    MAX_STEP_TOKENS,
     PROTOCOL_VERSION,
     CloseSession,
     ErrorReply,
@@ -21,7 +23,7 @@ from layerchain.wire.messages import (
     Step,
     StepResult,
 )
-from layerchain.wire.rpc import RpcClient, ServeStats, serve_connection
+from layerchain.wire.rpc import RpcClient, ServeStats, peer_error, serve_connection
 from layerchain.wire.transport import (
     Connection,
     Listener,
@@ -34,6 +36,8 @@ from layerchain.wire.transport import (
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "MAX_STEP_TOKENS",
+    "ERROR_CODES",
     "DEFAULT_LIMITS",
     "Limits",
     "encode",
@@ -54,6 +58,7 @@ __all__ = [
     "RpcClient",
     "ServeStats",
     "serve_connection",
+    "peer_error",
     "Connection",
     "Listener",
     "Transport",

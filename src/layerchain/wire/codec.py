@@ -14,7 +14,8 @@ Frame layout (all integers big-endian)::
 
 ``decode`` raises only ``ProtocolError`` subclasses, whatever the input:
 ``FrameError`` (malformed, truncated, inconsistent), ``VersionMismatch`` (another protocol
-version), ``LimitExceeded`` (size, dtype or shape outside ``Limits``). When the header's rid
+version), ``LimitExceeded`` (size, dtype or shape outside ``Limits``; a tensor of more than
+``max_tensor_tokens`` tokens is refused from its header, before its bytes are looked at). When the header's rid
 could be read, the error carries it as ``error.rid`` so the server can answer that request.
 
 Tensors are decoded zero-copy (a numpy view over a writable frame buffer, then
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from layerchain.errors import FrameError, LimitExceeded, ProtocolError, VersionMismatch
-from layerchain.wire.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
+from layerchain.wire.messages import MAX_STEP_TOKENS, MESSAGE_TYPES, PROTOCOL_VERSION, Message
 
 MiB = 1 << 20
 PREFIX_BYTES = 4  # the u32 body_len
@@ -57,19 +58,24 @@ class Limits:
     max_header_bytes: int = 1 * MiB  # bytes of one frame's msgpack header
     allowed_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")  # tensor dtypes
     max_dim_size: int = 1 << 20  # elements along any one axis of a tensor (B, T or H)
+    max_tensor_tokens: int = MAX_STEP_TOKENS  # B x T of one [B, T, H] tensor: a step's tokens
     max_sessions_per_connection: int = 64  # sessions one connection may hold open at once
     max_inflight_per_connection: int = 64  # requests of one connection handled concurrently
-    max_connections: int = 1024  # live connections one listener accepts; more are closed
-    read_timeout_s: float = 30.0  # seconds a started frame may wait for its next byte
-    min_read_bytes_per_s: float = 1.0 * MiB  # a started frame must be complete within
-    # read_timeout_s + body_len / min_read_bytes_per_s seconds of its first byte (slowloris)
-
-    def frame_deadline_s(self, body_len: int | None) -> float:
-        """Seconds a frame of ``body_len`` bytes (None: unknown yet) may take to arrive."""
-        return self.read_timeout_s + (body_len or 0) / self.min_read_bytes_per_s
+    max_connections: int = 1024  # live connections one listener holds; at the cap a newcomer
+    # takes the place of the least recently active one (tcp.TcpListener)
+    read_timeout_s: float = 30.0  # seconds from a frame's first byte to its last, whatever
+    # length it declares: a slow sender cannot extend it (slowloris); also the longest a
+    # reply may wait for the peer to read it
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def largest_step_frame(hidden_size: int, limits: Limits = DEFAULT_LIMITS) -> int:
+    """Bytes after the prefix of the largest frame a Step or StepResult of ``hidden_size``
+    needs within ``limits`` (float32, ``max_tensor_tokens`` tokens, the largest header): a
+    node sets ``max_frame_bytes`` to it, so it never buffers more than a step can use."""
+    return _FIXED_BYTES + limits.max_header_bytes + 8 + limits.max_tensor_tokens * hidden_size * 4
 
 # Field kinds, from the dataclass annotations: how each is checked on both sides.
 _INT, _STR, _BYTES, _FLOAT, _RTTS, _TENSOR = range(6)
@@ -223,6 +229,13 @@ def _check_shape(shape: list[Any], name: str, limits: Limits) -> int:
                 f"tensor {name} shape {shape}: each dimension must be in 1..{limits.max_dim_size}"
             )
         numel *= size
+    tokens = shape[0] * shape[1]
+    if tokens > limits.max_tensor_tokens:
+        raise LimitExceeded(
+            f"tensor {name} carries {tokens} tokens (B x T), more than the"
+            f" {limits.max_tensor_tokens} one step may carry",
+            hint="split it into several steps",
+        )
     return numel
 
 

@@ -9,7 +9,7 @@ Requests and their replies::
     CloseSession -> SessionClosed     free the session's KV cache
     Info         -> InfoReply         what the peer serves, at what speed and price
     Ping         -> Pong              liveness and round-trip time
-    (any)        -> ErrorReply        ``code`` is an ``errors.py`` class ``code``
+    (any)        -> ErrorReply        ``code`` is one of ``ERROR_CODES``
 
 This module knows nothing of bytes: ``codec`` turns these records into frames. The field
 order of each class *is* its wire layout (positional), and ``TYPE_ID`` its tag on the wire:
@@ -27,7 +27,7 @@ from typing import ClassVar, Union
 
 import torch
 
-from layerchain.errors import LayerchainError
+from layerchain.errors import LayerchainError, PaymentError
 
 PROTOCOL_VERSION = 1
 
@@ -35,6 +35,22 @@ PROTOCOL_VERSION = 1
 # a client splits a longer prompt into several steps, so a long prefill never holds a node
 # (and its pings and other sessions) for more than one bounded step at a time.
 MAX_STEP_TOKENS = 512
+
+
+# The codes a node may answer in an ErrorReply, each an ``errors.py`` class ``code``, with
+# what it tells the client. A server maps any other error it raises to one of these
+# (``rpc.error_reply``); a client treats any other code from a peer as that peer misbehaving.
+ERROR_CODES: dict[str, str] = {
+    "busy": "no room now (sessions, cache, shutting down): try another peer or later",
+    "unknown_session": "the peer holds no such session (it restarted or expired it)",
+    "limit_exceeded": "the request breaks a limit of the protocol or of this peer",
+    "invalid_voucher": "the voucher is missing, malformed or does not pay for the work",
+    "channel_error": "the voucher's payment channel is unknown, closed or disputed",
+    "protocol_error": "the frame breaks the wire protocol",
+    "frame_error": "the frame is malformed, truncated or inconsistent",
+    "version_mismatch": "the frame speaks another protocol version",
+    "remote_error": "the peer failed internally (a bug or a fault on its side)",
+}
 
 
 def _short_repr(msg: object) -> str:
@@ -174,8 +190,14 @@ class ErrorReply:
 
     @classmethod
     def from_error(cls, rid: int, error: LayerchainError) -> ErrorReply:
-        """The reply for ``error``; the message is cut to 500 characters."""
-        return cls(rid, error.code, str(error)[:500])
+        """The reply for ``error``, its code one of ``ERROR_CODES`` (a payment error outside
+        them is ``invalid_voucher``, anything else ``remote_error``); the message is cut to
+        500 characters."""
+        code, message = error.code, str(error)
+        if code not in ERROR_CODES:
+            message = f"{code}: {message}"
+            code = "invalid_voucher" if isinstance(error, PaymentError) else "remote_error"
+        return cls(rid, code, message[:500])
 
 
 Message = Union[

@@ -4,7 +4,8 @@ Client side: ``await RpcClient(conn).call(msg, timeout)`` gives ``msg`` a fresh 
 it, and returns the reply with that rid. Any number of calls may be in flight on one
 connection; replies are dispatched by rid, straight from the TCP protocol callback
 (``TcpConnection.set_receiver``) or by one reader task for other connections. Failures are typed:
-* ``ErrorReply(code, message)``  -> ``errors.error_from_code(code, message)`` is raised;
+* ``ErrorReply(code, message)``  -> ``peer_error(reply)``: the class of a code in
+  ``messages.ERROR_CODES``, ``RemoteError`` for any other code;
 * no reply within ``timeout``    -> ``PeerTimeout`` (a late reply is dropped and counted);
 * the connection drops           -> ``PeerUnreachable`` for every pending and later call;
 * a reply of the wrong type      -> ``InvalidOutput``.
@@ -13,12 +14,13 @@ Server side: ``serve_connection(conn, handler)`` reads requests and runs
 ``await handler(msg) -> reply`` in one task per request (at most
 ``Limits.max_inflight_per_connection`` at once; reading pauses beyond that). The reply
 gets the request's rid. A raised ``LayerchainError`` becomes an ``ErrorReply`` with its
-``code``; any other exception is logged and answered as ``remote_error`` (a handler bug
-never takes the connection down). A bad frame is answered with ``ErrorReply`` (the rid if
+``code`` if that is one of ``ERROR_CODES`` (else a code of that set: ``ErrorReply.from_error``);
+any other exception is logged and answered as ``remote_error`` (a handler bug never takes
+the connection down). A bad frame is answered with ``ErrorReply`` (the rid if
 it could be read, else 0); if it broke frame sync the connection then closes. ``Ping`` is
 answered here. ``OpenSession`` beyond ``max_sessions_per_connection`` open sessions is
 refused with ``LimitExceeded`` before reaching the handler. While sessions are open over
-it, the connection is ``pinned`` (a TCP listener at its cap never evicts it as idle).
+it, the connection is ``pinned`` (a TCP listener at its cap evicts it last).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from layerchain.errors import (
+    FrameError,
     InvalidOutput,
     LayerchainError,
     LimitExceeded,
@@ -42,6 +45,7 @@ from layerchain.errors import (
 )
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits, error_rid
 from layerchain.wire.messages import (
+    ERROR_CODES,
     REPLY_TYPES,
     ErrorReply,
     Message,
@@ -55,6 +59,15 @@ from layerchain.wire.messages import (
 log = logging.getLogger(__name__)
 
 RequestHandler = Callable[[Any], Awaitable[Any]]  # request -> reply (None: send nothing)
+
+
+def peer_error(reply: ErrorReply) -> LayerchainError:
+    """The exception for a peer's error reply: the class of its code if it is one of
+    ``ERROR_CODES``, else ``RemoteError`` (a peer cannot make its caller raise, say,
+    ``InsufficientFunds`` or ``InvalidApiKey``)."""
+    if reply.code in ERROR_CODES:
+        return error_from_code(reply.code, reply.message)
+    return RemoteError(f"peer answered the unknown error code {reply.code[:40]!r}: {reply.message}")
 
 
 class RpcClient:
@@ -105,7 +118,7 @@ class RpcClient:
             if fut.done() and not fut.cancelled():
                 fut.exception()  # mark retrieved: no "never retrieved" warnings on cancel
         if type(reply) is ErrorReply:
-            raise error_from_code(reply.code, reply.message)
+            raise peer_error(reply)
         expected = REPLY_TYPES.get(type(msg))
         if expected is not None and type(reply) is not expected:
             raise InvalidOutput(
@@ -205,93 +218,129 @@ async def serve_connection(
     ``reply_delay_s`` (a testing aid, latency emulation) holds back every reply, pings
     included, by that many seconds, without holding back the reading of further requests.
     """
-    stats = stats if stats is not None else ServeStats()
-    slots = asyncio.Semaphore(limits.max_inflight_per_connection)
-    tasks: set[asyncio.Task[None]] = set()
+    server = _ConnectionServer(conn, handler, limits, stats or ServeStats(), reply_delay_s)
+    await server.run()
+    return server.stats
 
-    def pin(holds_sessions: bool) -> None:
-        # A TCP listener at its connection cap evicts quiet connections, but never one whose
-        # peer holds sessions here (it may just be waiting on other hops of its route).
-        if hasattr(conn, "pinned"):
-            conn.pinned = holds_sessions
 
-    async def reply(msg: Message) -> None:
+class _ConnectionServer:
+    """One served connection: a read loop that answers cheap messages inline and runs every
+    request in its own task, at most ``max_inflight_per_connection`` at once."""
+
+    def __init__(
+        self,
+        conn: Any,
+        handler: RequestHandler,
+        limits: Limits,
+        stats: ServeStats,
+        reply_delay_s: float,
+    ) -> None:
+        self.conn, self.handler, self.limits, self.stats = conn, handler, limits, stats
+        self.reply_delay_s = reply_delay_s
+        self.slots = asyncio.Semaphore(limits.max_inflight_per_connection)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
         try:
-            await conn.send(msg)
-        except ProtocolError as error:  # the handler's reply breaks the limits
-            log.warning("reply to %s breaks the protocol: %s", conn.peer, error)
-            stats.count(error.code)
-            await conn.send(ErrorReply.from_error(msg.rid, error))
-
-    async def handle(msg: Any) -> None:
-        try:
-            if (
-                type(msg) is OpenSession
-                and msg.session_id not in stats.open_sessions
-                and len(stats.open_sessions) >= limits.max_sessions_per_connection
-            ):
-                raise LimitExceeded(
-                    f"{len(stats.open_sessions)} sessions open on this connection, the limit"
-                )
-            answer = await handler(msg)
-            if type(answer) is SessionOpened:
-                stats.open_sessions.add(answer.session_id)
-                pin(True)
-            elif type(answer) is SessionClosed:
-                stats.open_sessions.discard(answer.session_id)
-                pin(bool(stats.open_sessions))
-        except LayerchainError as error:
-            answer = ErrorReply.from_error(msg.rid, error)
-        except Exception as error:
-            log.exception("handler failed on %s from %s", type(msg).__name__, conn.peer)
-            why = f"internal error: {type(error).__name__}"
-            answer = ErrorReply(msg.rid, RemoteError.code, why)
+            while True:
+                await self.slots.acquire()  # backpressure: no reading while all slots are busy
+                msg = await self._next_request()
+                if msg is None:
+                    self.slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._handle(msg))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        except PeerUnreachable:
+            pass
         finally:
-            slots.release()
+            for task in list(self.tasks):
+                task.cancel()
+            if self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.conn.close()
+
+    async def _next_request(self) -> Message | None:
+        """The next request for the handler, or None once answered here (a bad frame, a
+        ping, a message that is no request)."""
+        try:
+            msg = await self.conn.recv()
+        except ProtocolError as error:
+            self.stats.protocol_errors += 1
+            await self._send_error(ErrorReply.from_error(error_rid(error), error))
+            return None  # if sync was lost, the next recv raises PeerUnreachable
+        self.stats.requests += 1
+        if type(msg) is Ping and not self.reply_delay_s:
+            await self.conn.send(Pong(msg.rid, msg.nonce))
+            return None
+        if type(msg) not in REPLY_TYPES:
+            why = f"{type(msg).__name__} is not a request"
+            await self._send_error(ErrorReply(msg.rid, FrameError.code, why))
+            return None
+        return msg
+
+    async def _handle(self, msg: Any) -> None:
+        """Run the handler on one request and send its answer (holding one slot until the
+        answer is known)."""
+        try:
+            answer = await self._answer(msg)
+        finally:
+            self.slots.release()
         if answer is None:
             return
-        if type(answer) is ErrorReply:
-            stats.count(answer.code)
         if answer.rid != msg.rid:
             answer = dataclasses.replace(answer, rid=msg.rid)
-        if reply_delay_s:
-            await asyncio.sleep(reply_delay_s)
+        if self.reply_delay_s:
+            await asyncio.sleep(self.reply_delay_s)
         try:
-            await reply(answer)
+            if type(answer) is ErrorReply:
+                await self._send_error(answer)
+            else:
+                await self._send_reply(answer)
         except PeerUnreachable:
             pass
 
-    try:
-        while True:
-            await slots.acquire()  # backpressure: no reading while all slots are busy
-            try:
-                msg = await conn.recv()
-            except ProtocolError as error:
-                slots.release()
-                stats.protocol_errors += 1
-                stats.count(error.code)
-                await conn.send(ErrorReply.from_error(error_rid(error), error))
-                continue  # if sync was lost, the next recv raises PeerUnreachable
-            stats.requests += 1
-            if type(msg) is Ping and not reply_delay_s:
-                slots.release()
-                await conn.send(Pong(msg.rid, msg.nonce))
-                continue
-            if type(msg) not in REPLY_TYPES:
-                slots.release()
-                stats.count("frame_error")
-                why = f"{type(msg).__name__} is not a request"
-                await conn.send(ErrorReply(msg.rid, "frame_error", why))
-                continue
-            task = asyncio.get_running_loop().create_task(handle(msg))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-    except PeerUnreachable:
-        pass
-    finally:
-        for task in list(tasks):
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        await conn.close()
-    return stats
+    async def _answer(self, msg: Any) -> Message | None:
+        """The handler's reply, or the ErrorReply for what it raised."""
+        try:
+            self._check_session_cap(msg)
+            answer = await self.handler(msg)
+        except LayerchainError as error:
+            return ErrorReply.from_error(msg.rid, error)
+        except Exception as error:
+            log.exception("handler failed on %s from %s", type(msg).__name__, self.conn.peer)
+            return ErrorReply(msg.rid, RemoteError.code, f"internal error: {type(error).__name__}")
+        self._track_sessions(answer)
+        return answer  # type: ignore[no-any-return]
+
+    def _check_session_cap(self, msg: Any) -> None:
+        open_sessions = self.stats.open_sessions
+        if (
+            type(msg) is OpenSession
+            and msg.session_id not in open_sessions
+            and len(open_sessions) >= self.limits.max_sessions_per_connection
+        ):
+            raise LimitExceeded(f"{len(open_sessions)} sessions open on this connection, the limit")
+
+    def _track_sessions(self, answer: Any) -> None:
+        """Note sessions opened and closed here; a TCP listener at its cap evicts a
+        connection whose peer holds sessions (``pinned``) only when all of them do."""
+        if type(answer) is SessionOpened:
+            self.stats.open_sessions.add(answer.session_id)
+        elif type(answer) is SessionClosed:
+            self.stats.open_sessions.discard(answer.session_id)
+        else:
+            return
+        if hasattr(self.conn, "pinned"):
+            self.conn.pinned = bool(self.stats.open_sessions)
+
+    async def _send_reply(self, msg: Message) -> None:
+        try:
+            await self.conn.send(msg)
+        except ProtocolError as error:  # the handler's reply breaks the limits
+            log.warning("reply to %s breaks the protocol: %s", self.conn.peer, error)
+            await self._send_error(ErrorReply.from_error(msg.rid, error))
+
+    async def _send_error(self, reply: ErrorReply) -> None:
+        self.stats.count(reply.code)
+        await self.conn.send(reply)

@@ -10,15 +10,17 @@ Defences against hostile peers (``Limits``):
   can only send (an error reply) and close;
 * memory grows only with bytes actually received, and reading pauses while decoded-but-
   unread frames exceed ``max_frame_bytes`` (or 256 frames);
-* a started frame that waits ``read_timeout_s`` for its next byte, or is not complete
-  ``Limits.frame_deadline_s`` after its first byte (a client trickling bytes), closes the
-  connection;
-* a listener holds at most ``max_connections`` connections. At the cap, a new connection
-  takes the place of the one quiet longest: nothing received for ``evict_quiet_s`` and no
-  partial frame, or, for one ``pinned`` by its server because it holds sessions, nothing
-  received for ``PINNED_QUIET_S``. If none is that quiet, the new connection is closed at
-  once. So idle sockets cannot lock honest clients out, a client in the middle of a
-  generation is never the one closed, and sessions left open cannot pin slots for ever.
+* a frame not complete ``read_timeout_s`` after its first byte closes the connection,
+  whatever length it declares: the deadline is the receiver's, and no pace of trickling
+  extends it (slowloris). A reply the peer does not read within ``read_timeout_s`` closes
+  it too;
+* a listener holds at most ``max_connections`` connections, and a new connection is always
+  admitted: at the cap it takes the place of the least recently active one, the connection
+  whose last *complete* frame is oldest (bytes of a partial frame are not activity), among
+  those not ``pinned`` by their server (holding sessions) if there are any, else among all.
+  So idle, trickling or stalled sockets cannot lock honest clients out, and a client in the
+  middle of a generation is closed only if every slot holds sessions and it is the least
+  recently active of them.
 
 ``recv`` and ``send`` raise ``PeerUnreachable`` once the connection is gone.
 """
@@ -45,7 +47,6 @@ from layerchain.wire.messages import Message
 log = logging.getLogger(__name__)
 
 _MAX_QUEUED_FRAMES = 256  # frames read ahead of recv() before reading pauses
-PINNED_QUIET_S = 60.0  # at the cap, a connection holding sessions may give way after this
 
 
 def parse_tcp_endpoint(endpoint: str) -> tuple[str, int]:
@@ -87,11 +88,10 @@ class TcpConnection(asyncio.Protocol):
         self._drainers: list[asyncio.Future[None]] = []
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._frame_started = 0.0  # loop time of the pending partial frame's first byte
-        self._last_byte = 0.0  # loop time of the last byte of the pending partial frame
         self._timer: asyncio.TimerHandle | None = None
         self._receiver: Callable[[Any], None] | None = None  # push mode, see set_receiver
-        self.last_received = self._loop.time()  # loop time of the last bytes received
-        self.pinned = False  # set by the server while the peer holds state here: not evicted
+        self.last_frame = self._loop.time()  # loop time of the last complete frame (or accept)
+        self.pinned = False  # set by the server while the peer holds sessions here
 
     # ------------------------------------------------------------- asyncio protocol
 
@@ -109,7 +109,6 @@ class TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._read_end is not None:
             return
-        self.last_received = self._loop.time()
         buf = self._buf
         buf += data
         completed = False
@@ -138,6 +137,7 @@ class TcpConnection(asyncio.Protocol):
             self._frames.append(frame)
             self._queued += len(frame)
         if completed:
+            self.last_frame = self._loop.time()
             if self._receiver is not None:
                 self._push()
             self._wake()
@@ -147,11 +147,9 @@ class TcpConnection(asyncio.Protocol):
             ) and self._transport is not None:
                 self._reading_paused = True
                 self._transport.pause_reading()
-        if buf:  # a partial frame is pending: watch for trickling
-            now = self._loop.time()
+        if buf:  # a partial frame is pending: it has read_timeout_s from its first byte
             if completed or not self._frame_started:
-                self._frame_started = now
-            self._last_byte = now
+                self._frame_started = self._loop.time()
             if self._timer is None:
                 self._timer = self._loop.call_at(self._deadline(), self._check_timeout)
         else:
@@ -234,19 +232,15 @@ class TcpConnection(asyncio.Protocol):
         self._end_reading(PeerUnreachable(f"{self.peer}: {why}"))
 
     def _deadline(self) -> float:
-        body = self._need - PREFIX_BYTES if self._need else None
-        return min(
-            self._last_byte + self._limits.read_timeout_s,
-            self._frame_started + self._limits.frame_deadline_s(body),
-        )
+        return self._frame_started + self._limits.read_timeout_s
 
     def _check_timeout(self) -> None:
         self._timer = None
         if not self._buf or self._read_end is not None:
             return
         now = self._loop.time()
-        if self._reading_paused:  # we stopped reading, not the peer's fault: restart clocks
-            self._frame_started = self._last_byte = now
+        if self._reading_paused:  # we stopped reading, not the peer's fault: restart the clock
+            self._frame_started = now
         elif now >= self._deadline():
             log.info("closing %s: a partial frame timed out (%d bytes)", self.peer, len(self._buf))
             self._buf = bytearray()
@@ -300,7 +294,13 @@ class TcpConnection(asyncio.Protocol):
         if self._writing_paused:  # the peer reads slower than we write: wait, bounded buffer
             fut = self._loop.create_future()
             self._drainers.append(fut)
-            await fut
+            try:  # a peer that stops reading holds nothing here for longer than this
+                await asyncio.wait_for(fut, self._limits.read_timeout_s)
+            except asyncio.TimeoutError:
+                log.info("closing %s: it read no reply for %.0f s", self.peer,
+                         self._limits.read_timeout_s)
+                transport.abort()
+                raise PeerUnreachable(f"{self.peer}: the peer stopped reading") from None
             if transport.is_closing():
                 raise PeerUnreachable(f"{self.peer}: connection closed while sending")
 
@@ -320,17 +320,13 @@ class TcpListener:
     """A bound TCP server; ``endpoint`` is the real address (port 0 resolved)."""
 
     def __init__(
-        self,
-        limits: Limits,
-        handler: Callable[[TcpConnection], Awaitable[None]],
-        evict_quiet_s: float = 2.0,
+        self, limits: Limits, handler: Callable[[TcpConnection], Awaitable[None]]
     ) -> None:
         self.endpoint = ""
-        self.evicted = 0  # quiet connections closed to admit new ones
+        self.evicted = 0  # connections closed to admit new ones
         self.refused = 0  # new connections closed because none could be evicted
         self._limits = limits
         self._handler = handler
-        self._evict_quiet_s = evict_quiet_s
         self._warned_at = float("-inf")  # loop time of the last warning about refusals
         self._server: asyncio.AbstractServer | None = None
         self._tasks: dict[TcpConnection, asyncio.Task[None]] = {}
@@ -354,22 +350,16 @@ class TcpListener:
                     conn._transport.abort()
                 return
             self.evicted += 1
-            log.info("closing %s, quiet for %.1f s, to admit %s", victim.peer,
-                     victim._loop.time() - victim.last_received, conn.peer)
+            log.info("closing %s (pinned: %s), no frame for %.1f s, to admit %s", victim.peer,
+                     victim.pinned, victim._loop.time() - victim.last_frame, conn.peer)
             victim._transport.abort()
         self._tasks[conn] = asyncio.get_running_loop().create_task(self._run(conn))
 
-    def _quietest(self, live: list[TcpConnection]) -> TcpConnection | None:
-        """The connection to close for a newcomer: the one quiet longest among those without
-        sessions quiet ``evict_quiet_s``, else among pinned ones quiet ``PINNED_QUIET_S``."""
-        now = asyncio.get_running_loop().time()
-        for pinned, quiet_s in ((False, self._evict_quiet_s), (True, PINNED_QUIET_S)):
-            cutoff = now - quiet_s
-            idle = [c for c in live
-                    if c.pinned is pinned and not c._buf and c.last_received <= cutoff]
-            if idle:
-                return min(idle, key=lambda c: c.last_received)
-        return None
+    @staticmethod
+    def _quietest(live: list[TcpConnection]) -> TcpConnection | None:
+        """The connection to close for a newcomer: the least recently active (oldest complete
+        frame) among those not pinned, else among all; None only if ``live`` is empty."""
+        return min(live, key=lambda c: (c.pinned, c.last_frame), default=None)
 
     async def _run(self, conn: TcpConnection) -> None:
         try:
@@ -403,18 +393,9 @@ class TcpListener:
 class TcpTransport:
     """``Transport`` over direct TCP."""
 
-    def __init__(
-        self,
-        limits: Limits = DEFAULT_LIMITS,
-        *,
-        connect_timeout_s: float = 5.0,
-        evict_quiet_s: float = 2.0,
-    ) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, *, connect_timeout_s: float = 5.0) -> None:
         self.limits = limits
         self.connect_timeout_s = connect_timeout_s  # seconds to establish a connection
-        # at a listener's connection cap, a connection that received nothing for this many
-        # seconds (and holds no sessions) may be closed to admit a new one
-        self.evict_quiet_s = evict_quiet_s
 
     async def connect(self, endpoint: str) -> TcpConnection:
         host, port = parse_tcp_endpoint(endpoint)
@@ -432,7 +413,7 @@ class TcpTransport:
         self, endpoint: str, handler: Callable[[TcpConnection], Awaitable[None]]
     ) -> TcpListener:
         host, port = parse_tcp_endpoint(endpoint)
-        listener = TcpListener(self.limits, handler, self.evict_quiet_s)
+        listener = TcpListener(self.limits, handler)
         loop = asyncio.get_running_loop()
         try:
             server = await loop.create_server(listener._make_connection, host, port)
