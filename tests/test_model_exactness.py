@@ -8,6 +8,7 @@ logits within 1e-4 of ``AutoModelForCausalLM`` on the same files, and the same t
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from unittest import mock
 
@@ -43,10 +44,12 @@ def run_reference(model, prompt_ids):
     from transformers import DynamicCache
 
     past = DynamicCache(config=model.config)
+    # transformers 5.x calls it ``cache`` and warns on ``past_key_values``; 4.x knows only that
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     x, logits, tokens = torch.tensor([prompt_ids]), [], []
     with torch.inference_mode():
         for _ in range(DECODE_STEPS + 1):
-            out = model(input_ids=x, past_key_values=past, use_cache=True)
+            out = model(input_ids=x, use_cache=True, **{cache_arg: past})
             logits.append(out.logits.float())
             tokens.append(int(logits[-1][0, -1].argmax()))
             x = torch.tensor([[tokens[-1]]])

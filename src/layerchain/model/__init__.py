@@ -2,7 +2,7 @@
 
 What a node needs::
 
-    spec = resolve_model("smollm2")          # or a .gguf path, a HF dir, a shard dir
+    spec = resolve_model(DEFAULT_MODEL)      # "smollm2", or a .gguf path, a HF dir, a shard dir
     span = load_span(spec, 7, 23)            # only blocks 7..22 are read and held
     cache = span.new_cache(max_length=2048)  # one per session
     out = span.forward(hidden, cache)        # [B, T, H] -> [B, T, H], positions continue
@@ -25,22 +25,34 @@ What a client needs (the decode loop; ``generate.Decoder`` implements it without
         hidden = head.embed(torch.tensor([[token]]))              # [1, 1, H]
 
 ``generate_local`` runs exactly this with one span over all blocks: the reference output.
-Model ids, file formats and the exactness contract are described in ``spec``, ``shards`` and
-``span``.
+
+Modules, each importing only those above it (no cycle)::
+
+    families  digest  gguf_file        the family registry, content ids, the GGUF reader
+    spec                               the ModelSpec record and the WeightSource protocol
+    tokenizer  span  head  sampling    what runs: built from a spec
+    weights  shards                    weight sources: GGUF, HF directory, shard directory
+    resolve                            a model reference -> ModelSpec (knows every source)
+    generate                           the decode loop and the single-process reference
+
+Model ids, file formats and the exactness contract are described in ``digest``, ``shards``
+and ``span``. transformers (about 1 s to import) loads when a model is first resolved, not
+when this package is imported.
 """
 
-from layerchain.model.generate import Decoder, GenerationResult, LocalModel, generate_local
+from layerchain.model.generate import DecodeResult, Decoder, LocalModel, generate_local
 from layerchain.model.head import Head, load_head
 from layerchain.model.sampling import Sampler, SamplingParams, StopChecker
 from layerchain.model.shards import convert_to_shards, read_manifest, verify_file
 from layerchain.model.span import KVCache, SpanModel, causal_mask, load_span
-from layerchain.model.spec import DEFAULT_MODEL, ModelSpec, resolve_model
+from layerchain.model.resolve import resolve_model
+from layerchain.model.spec import DEFAULT_MODEL, ModelSpec
 from layerchain.model.tokenizer import encode_prompt, load_tokenizer
 
 __all__ = [
     "DEFAULT_MODEL",
     "Decoder",
-    "GenerationResult",
+    "DecodeResult",
     "Head",
     "KVCache",
     "LocalModel",

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType
+from gguf.quants import _type_traits, dequantize
 
 from layerchain.errors import ModelFileError, UnsupportedArchitecture
 
@@ -110,9 +112,6 @@ class GGUFFile:
         time: the same arithmetic as ``gguf.quants.dequantize`` (bit for bit), without its
         16-row grouping, which is 2-3x slower.
         """
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-        from gguf.quants import _type_traits, dequantize
-
         info = self.by_name.get(name)
         if info is None:
             raise ModelFileError(f"{self.path} has no tensor {name!r}")
@@ -168,8 +167,6 @@ def _parse(blob: np.ndarray) -> tuple[dict[str, Any], tuple[TensorInfo, ...], in
 
 
 def _nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     try:
         block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
@@ -255,8 +252,6 @@ def gguf_config(gguf: GGUFFile):
 
 def gguf_arch(gguf: GGUFFile):
     """gguf-py's ``MODEL_ARCH`` for the file (used to map tensor names)."""
-    from gguf import MODEL_ARCH_NAMES
-
     for arch, name in MODEL_ARCH_NAMES.items():
         if name == gguf.architecture:
             return arch

@@ -27,13 +27,20 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load, save
 
 from layerchain.errors import ModelFileError, ShardHashMismatch
-from layerchain.model.spec import ModelSpec, digest_of
+from layerchain.model.digest import digest_of
+from layerchain.model.span import span_config
+from layerchain.model.spec import ModelSpec
+from layerchain.model.tokenizer import tokenizer_from_dir
 from layerchain.types import Span
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 FORMAT = "layerchain-shards"
 VERSION = 1
@@ -48,8 +55,6 @@ def block_file(index: int) -> str:
 
 def block_tensor_names(spec: ModelSpec, index: int) -> list[str]:
     """Names of block ``index``'s tensors, relative to the decoder layer (built on meta)."""
-    from layerchain.model.span import span_config
-
     with torch.device("meta"):
         layer = spec.family_info.decoder_layer(span_config(spec), index)
     return list(layer.state_dict().keys())
@@ -66,8 +71,6 @@ def convert_to_shards(
     ``blocks``: write only these block files (all are hashed). ``progress(step)`` is called
     after each written or hashed file (``num_blocks + 2`` calls).
     """
-    from safetensors.torch import save
-
     if blocks is not None:
         blocks.check_within(spec.num_blocks)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,8 +164,8 @@ class ShardSource:
         self.path = path
         self.manifest = read_manifest(path)
 
-    def config(self) -> Any:
-        from transformers import CONFIG_MAPPING
+    def config(self) -> PretrainedConfig:
+        from transformers import CONFIG_MAPPING  # lazily, like every transformers import here
 
         config = dict(self.manifest["config"])
         model_type = config.get("model_type")
@@ -174,8 +177,6 @@ class ShardSource:
         return str(self.manifest["model_id"])
 
     def _load(self, entry: dict[str, Any], names: Iterable[str] | None) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load
-
         path = self.path / entry["file"]
         data = verify_file(path, entry["sha256"])
         try:
@@ -199,9 +200,7 @@ class ShardSource:
     def head_state(self) -> dict[str, torch.Tensor]:
         return self._load(self.manifest["head"], None)
 
-    def tokenizer(self) -> Any:
-        from layerchain.model.tokenizer import tokenizer_from_dir
-
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         for name, sha256 in self.manifest.get("files", {}).items():
             verify_file(self.path / name, sha256)
         return tokenizer_from_dir(self.path)

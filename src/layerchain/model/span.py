@@ -17,6 +17,8 @@ The span knows nothing of sessions, peers or networks.
 from __future__ import annotations
 
 import copy
+import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -109,6 +111,10 @@ class SpanModel(nn.Module):
         self.rotary_emb = spec.family_info.rotary_embedding(config=config)
         # one window per layer (None = full attention); masks are built once per distinct window
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
+        # transformers 5.x names the layer's KV-cache argument ``cache`` (``past_key_values``
+        # is deprecated with a FutureWarning); older releases know only ``past_key_values``
+        accepted = inspect.signature(spec.family_info.decoder_layer.forward).parameters
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
 
     @property
     def span(self) -> Span:
@@ -165,6 +171,28 @@ class SpanModel(nn.Module):
             cache.length += hidden.shape[1]
         return out
 
+    def forward_stepwise(self, hidden: torch.Tensor, cache: KVCache) -> Iterator[torch.Tensor]:
+        """``forward(hidden, cache)`` one block at a time, for a caller that must stay
+        responsive during a long step (a node answering pings between the blocks of a
+        prefill): yields the hidden states [B, T, H] after each of the cache's blocks, the
+        last being the output, and advances ``cache.length`` by T after the last. Each block
+        runs under ``torch.inference_mode``, which is not held across a yield. The same
+        layers run on the same inputs as in ``forward``: the same numbers. Abandoned midway,
+        the cache keeps its length, as after a failed forward."""
+        if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
+            raise SpanError(
+                f"hidden states must be [batch, tokens, {self.config.hidden_size}], "
+                f"got {list(hidden.shape)}"
+            )
+        self._sub_range(cache.start, cache.end)
+        past = cache.length
+        for block in range(cache.start, cache.end):
+            with torch.inference_mode():
+                hidden = self._run(hidden, cache, past, block, block + 1)
+            if block + 1 == cache.end:
+                cache.length = past + hidden.shape[1]
+            yield hidden
+
     def _run(
         self, hidden: torch.Tensor, cache: KVCache | None, past: int, start: int, end: int
     ) -> torch.Tensor:
@@ -175,6 +203,7 @@ class SpanModel(nn.Module):
         cos_sin = self.rotary_emb(hidden, position_ids)  # ([1, T, rot_dim], [1, T, rot_dim])
         masks: dict[int | None, torch.Tensor | None] = {}
         lo, hi = start - self.start, end - self.start
+        cache_kwargs = {self._cache_arg: cache, "use_cache": cache is not None}
         for layer, window in zip(self.layers[lo:hi], self.windows[lo:hi], strict=True):
             if window not in masks:
                 masks[window] = causal_mask(past, tokens, window, hidden.device)
@@ -182,9 +211,8 @@ class SpanModel(nn.Module):
                 hidden,
                 attention_mask=masks[window],
                 position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
                 position_embeddings=cos_sin,
+                **cache_kwargs,
             )
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden

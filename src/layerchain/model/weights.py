@@ -1,10 +1,11 @@
 """Weight sources: single tensors, the config and the tokenizer from where a model lives.
 
-A ``WeightSource`` hands out the float32 tensors of one block, or of the head, by the names
-transformers' modules use, reading nothing else: a GGUF file dequantizes only those tensors
-(``gguf_file.GGUFFile``), a Hugging Face directory reads only those tensors from its
-memory-mapped safetensors files, and a shard directory (``shards.ShardSource``) reads and
-verifies only the block files asked for. Sources know nothing about spans or networks.
+Each class here implements ``spec.WeightSource`` and hands out the float32 tensors of one
+block, or of the head, by the names transformers' modules use, reading nothing else: a GGUF
+file dequantizes only those tensors (``gguf_file.GGUFFile``), a Hugging Face directory reads
+only those tensors from its memory-mapped safetensors files. (A shard directory's source,
+which verifies every file it reads, is ``shards.ShardSource``.) Sources know nothing about
+spans or networks; ``resolve.open_source`` picks one.
 
 Names: block tensors are relative to the decoder layer (``self_attn.q_proj.weight``); head
 tensors are ``embed_tokens.weight``, ``norm.weight`` and, when the LM head is not tied to the
@@ -16,44 +17,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 import torch
+from gguf import get_tensor_name_map
+from safetensors import safe_open
 
-from layerchain.errors import ModelFileError, UnknownModel
+from layerchain.errors import ModelFileError
+from layerchain.model.digest import digest_of, file_digest
 from layerchain.model.gguf_file import GGUFFile, gguf_arch, gguf_config, reverse_permute_qk
-from layerchain.model.spec import digest_of, file_digest
+from layerchain.model.tokenizer import tokenizer_from_dir, tokenizer_from_gguf
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 HEAD_NAMES = ("embed_tokens.weight", "norm.weight", "lm_head.weight")
-
-
-class WeightSource(Protocol):
-    """Where a model's weights, config and tokenizer come from."""
-
-    path: Path
-
-    def config(self) -> Any: ...  # transformers PretrainedConfig
-
-    def model_id(self) -> str: ...
-
-    def block_state(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]: ...
-
-    def head_state(self) -> dict[str, torch.Tensor]: ...
-
-    def tokenizer(self) -> Any: ...
-
-
-def open_source(kind: str, path: Path) -> WeightSource:
-    """The source for a resolved reference of ``kind`` "gguf", "hf" or "shards"."""
-    if kind == "gguf":
-        return GGUFSource(path)
-    if kind == "hf":
-        return HFDirSource(path)
-    if kind == "shards":
-        from layerchain.model.shards import ShardSource
-
-        return ShardSource(path)
-    raise UnknownModel(f"unknown model kind {kind!r}")
 
 
 class GGUFSource:
@@ -63,11 +41,9 @@ class GGUFSource:
         self.path = path
         self.file = GGUFFile(path)
         self._config = gguf_config(self.file)
-        from gguf import get_tensor_name_map
-
         self._names = get_tensor_name_map(gguf_arch(self.file), self._config.num_hidden_layers)
 
-    def config(self) -> Any:
+    def config(self) -> PretrainedConfig:
         return self._config
 
     def model_id(self) -> str:
@@ -105,9 +81,7 @@ class GGUFSource:
             state["lm_head.weight"] = self._tensor("lm_head.weight")
         return state
 
-    def tokenizer(self) -> Any:
-        from layerchain.model.tokenizer import tokenizer_from_gguf
-
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return tokenizer_from_gguf(self.path)
 
 
@@ -127,7 +101,7 @@ class HFDirSource:
             raise ModelFileError(f"{path} has config.json but no *.safetensors weights")
         self._where: dict[str, Path] | None = None
 
-    def config(self) -> Any:
+    def config(self) -> PretrainedConfig:
         return self._config
 
     def model_id(self) -> str:
@@ -142,8 +116,6 @@ class HFDirSource:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 self._where = {k: self.path / v for k, v in weight_map.items()}
             else:
-                from safetensors import safe_open
-
                 self._where = {}
                 for f in self._files:
                     try:
@@ -155,8 +127,6 @@ class HFDirSource:
 
     def _read(self, names: dict[str, str]) -> dict[str, torch.Tensor]:
         """Read tensors {our name: name in the files}, as float32, opening each file once."""
-        from safetensors import safe_open
-
         where, by_file = self._index(), {}
         for ours, theirs in names.items():
             if theirs not in where:
@@ -184,7 +154,5 @@ class HFDirSource:
             names["lm_head.weight"] = "lm_head.weight"
         return self._read(names)
 
-    def tokenizer(self) -> Any:
-        from layerchain.model.tokenizer import tokenizer_from_dir
-
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return tokenizer_from_dir(self.path)
