@@ -30,7 +30,7 @@ from layerchain.errors import (
 )
 from layerchain.gateway import GatewayConfig, KeyStore
 from layerchain.gateway.app import STATIC_DIR, create_app
-from layerchain.gateway.schema import api_error_for, parse_request
+from layerchain.gateway.schema import api_error_for, key_error, parse_request
 from layerchain.model import load_head, load_span, load_tokenizer, resolve_model
 from layerchain.node import Node, NodeConfig
 from layerchain.wire import MemoryNetwork
@@ -105,17 +105,25 @@ def test_bad_prompts():
 @pytest.mark.parametrize("error, status, code", [
     (ConfigError("x"), 400, "config_error"),
     (SpanError("x"), 400, "span_error"),
-    (InvalidApiKey("x"), 401, "invalid_api_key"),
-    (InsufficientFunds("x"), 402, "insufficient_funds"),
     (UnknownModel("x"), 404, "model_not_found"),
     (NoRoute("x"), 503, "no_route"),
     (PeerTimeout("x"), 503, "peer_timeout"),
+    # from a generation these are the swarm's or the gateway wallet's, never the caller's key
+    (InvalidApiKey("x"), 503, "invalid_api_key"),
+    (InsufficientFunds("x"), 503, "insufficient_funds"),
 ])
 def test_errors_map_to_openai_statuses(error, status, code):
     api = api_error_for(error)
     body = api.to_json()["error"]
     assert (api.status, body["code"]) == (status, code)
     assert set(body) == {"message", "type", "param", "code"} and body["message"]
+
+
+def test_only_the_gateways_key_checks_answer_401_and_402():
+    assert (key_error(InvalidApiKey("x")).status, key_error(InvalidApiKey("x")).code) == (
+        401, "invalid_api_key")
+    assert (key_error(InsufficientFunds("x")).status, key_error(InsufficientFunds("x")).code) == (
+        402, "insufficient_balance")
 
 
 # ---------------------------------------------------------------------------- key store
@@ -130,19 +138,28 @@ def test_key_store_lifecycle(tmp_path):
     raw = (tmp_path / "keys.sqlite").read_bytes()
     assert key.encode() not in raw  # only the hash is stored
     assert store.authenticate(key).key_id == rec.key_id
-    assert store.admit(key).balance == 10
+    assert store.authenticate(key).balance == 10 and not rec.admin
     for bad_key in (None, "", "lc-nope", key + "x"):
         with pytest.raises(InvalidApiKey):
             store.authenticate(bad_key)
-    after = store.debit(rec.key_id, 25)  # may go below zero: a request is never cut short
-    assert (after.balance, after.spent, after.requests) == (-15, 25, 1)
-    with pytest.raises(InsufficientFunds):
-        store.admit(key)
-    assert store.topup(rec.key_id, 20).balance == 5
-    assert store.admit(key).balance == 5
+    hold = store.reserve(rec.key_id, 8)
+    assert (store.get(rec.key_id).held, store.get(rec.key_id).available) == (8, 2)
+    with pytest.raises(InsufficientFunds):  # 2 left: the held credits cannot be reserved again
+        store.reserve(rec.key_id, 3)
+    after = store.settle(hold, 25)  # charged at most what was held: never below zero
+    assert (after.balance, after.held, after.spent, after.requests) == (2, 0, 8, 1)
+    after = store.settle(store.reserve(rec.key_id, 2), 1, served=False)
+    assert (after.balance, after.held, after.spent, after.requests) == (1, 0, 9, 1)
+    store.settle(store.reserve(rec.key_id, 1), 1)
+    with pytest.raises(InsufficientFunds):  # nothing left: even a free request is refused
+        store.reserve(rec.key_id, 0)
+    assert store.topup(rec.key_id, 20).balance == 20
+    assert store.reserve(rec.key_id, 20).amount == 20
     store.revoke(rec.key_id)
     with pytest.raises(InvalidApiKey, match="revoked"):
-        store.admit(key)
+        store.authenticate(key)
+    with pytest.raises(InvalidApiKey):
+        store.reserve(rec.key_id, 0)
     assert store.enabled()  # a revoked last key keeps the gateway closed
     with pytest.raises(ConfigError):
         store.topup(rec.key_id, 0)
@@ -206,9 +223,11 @@ async def memory_gateway(model: str, tmp_path, *, price: int = 0, **config):
         discovery=MemoryDiscovery(hub), transport=MemoryTransport(wire),
         config=ClientConfig(discovery_wait_s=1.0),
     )
-    config.setdefault("keys_path", tmp_path / "keys.sqlite")
+    if (tmp_path / "keys.sqlite").exists():
+        config.setdefault("keys_path", tmp_path / "keys.sqlite")
+    config.setdefault("data_dir", tmp_path)  # no gateway-keys.sqlite there: open
     app = create_app(GatewayConfig(model=model, **config), swarm)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000")
     try:
         yield client, app.state.gateway
     finally:
@@ -394,7 +413,8 @@ def test_request_errors_and_per_request_limits(tiny_model, tmp_path):
             chat = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3}
             replies = {
                 "model": await client.post("/v1/chat/completions", json={**chat, "model": "gpt-4"}),
-                "json": await client.post("/v1/chat/completions", content=b"{not json"),
+                "json": await client.post("/v1/chat/completions", content=b"{not json",
+                                          headers={"Content-Type": "application/json"}),
                 "field": await client.post("/v1/completions", json={"prompt": ""}),
                 "path": await client.get("/v1/nothing"),
                 "alpha": await client.post("/v1/chat/completions", json={**chat, "alpha": 1}),

@@ -4,7 +4,8 @@ create|list|revoke|topup` (its API keys).
 Keys live in ``--keys`` (default ``DATA_DIR/gateway-keys.sqlite``, ``--data-dir`` default
 ``~/.layerchain``, env LAYERCHAIN_DATA_DIR); the gateway and these commands may use the
 file at the same time. ``keys create`` prints the key once: only its hash is stored.
-Balances are integer credits, debited by what the swarm charged for each request.
+Balances are integer credits: a request holds the most it can cost while it runs (``held``
+in ``keys list``), then is debited by what the swarm charged for it, never more than held.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from layerchain.cli.generate import AlphaOpt, InitialPeersOpt, MaxLatencyOpt, MaxPriceOpt, ModelOpt
@@ -59,6 +61,12 @@ def serve(
     keys: KeysOpt = None,
     require_keys: Annotated[bool, typer.Option(
         "--require-keys", help="Demand an API key even while no key exists.")] = False,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        "--allowed-host", help="A DNS name the gateway answers under, besides IP addresses and "
+        "localhost (repeatable; '*' = any). Guards against DNS rebinding.")] = None,
+    allowed_origin: Annotated[list[str] | None, typer.Option(
+        "--allowed-origin", help="A web origin (scheme://host[:port]) whose pages may call the "
+        "API from a browser, besides the gateway's own dashboard (repeatable).")] = None,
     alpha: AlphaOpt = _G.alpha,
     max_price: MaxPriceOpt = None,
     max_latency_ms: MaxLatencyOpt = None,
@@ -84,6 +92,7 @@ def serve(
     config = GatewayConfig(
         initial_peers=tuple(initial_peers), model=model, host=host, port=port,
         data_dir=data_dir, keys_path=keys, require_keys=require_keys, ledger=ledger,
+        allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
         deposit=deposit, alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
         default_max_tokens=max_tokens,
     )
@@ -101,17 +110,20 @@ def serve(
 def keys_create(
     name: Annotated[str, typer.Option("--name", help="Who the key is for (a label).")] = "",
     balance: Annotated[int, typer.Option("--balance", help="Initial credits.")] = 0,
+    admin: Annotated[bool, typer.Option(
+        "--admin", help="An operator's key: /api/swarm shows it every caller's requests.")] = False,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     keys: KeysOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a key and print it once (only its hash is stored)."""
     store = _store(data_dir, keys)
-    key, record = store.create(name, balance)
+    key, record = store.create(name, balance, admin=admin)
     if as_json:
         typer.echo(json.dumps({"key": key, **record.to_json()}))
         return
-    console.print(f"created {record.key_id} ({name or 'no name'}) with {record.balance} credits")
+    console.print(f"created {'admin ' if admin else ''}{record.key_id} ({name or 'no name'}) "
+                  f"with {record.balance} credits", markup=False)
     console.print("the key (shown once, store it now):")
     typer.echo(key)
 
@@ -125,11 +137,12 @@ def keys_list(data_dir: DataDirOpt = DEFAULT_DATA_DIR, keys: KeysOpt = None,
         typer.echo(json.dumps({"keys": [r.to_json() for r in rows]}))
         return
     table = Table(title=f"API keys ({len(rows)})")
-    for col in ("key id", "name", "balance", "spent", "requests", "state"):
+    for col in ("key id", "name", "balance", "held", "spent", "requests", "state"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.key_id, r.name, str(r.balance), str(r.spent), str(r.requests),
-                      "[red]revoked[/red]" if r.revoked else "valid")
+        state = "[red]revoked[/red]" if r.revoked else "admin" if r.admin else "valid"
+        table.add_row(r.key_id, escape(r.name), str(r.balance), str(r.held), str(r.spent),
+                      str(r.requests), state)
     console.print(table)
 
 

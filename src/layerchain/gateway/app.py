@@ -5,13 +5,26 @@ serves every request, each generation opens its own sessions. Running it is ``se
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as server-sent
 events, or whole), ``GET /v1/models``, ``GET /health``, ``GET /api/swarm`` (the dashboard's
-JSON) and the dashboard itself at ``/`` (static files, no CDN). The shapes are
-``schema.py``'s; keys and balances ``keys.py``'s; what the dashboard sees ``activity.py``'s.
+JSON), ``GET /docs`` and ``/openapi.json``, and the dashboard itself at ``/`` (static files,
+no CDN). The shapes are ``schema.py``'s; keys and balances ``keys.py``'s; what a request may
+cost ``billing.py``'s; what the dashboard sees ``activity.py``'s; the browser checks
+(Host, Origin, Content-Type) ``guard.py``'s, in front of everything.
+
+Keys fail closed: whether keys are on is decided at start (``keys_on_at_start``: a store
+that was named but is missing, or exists but cannot be read, is a start-up error), and once
+on they stay on; a store that cannot be read later refuses requests (503), never opens the
+gateway. With keys on, everything but ``/health`` and the static dashboard needs a key, and
+``/api/swarm`` shows a key only its own requests (an admin key sees all).
+
 A request's routing limits (``alpha``, ``max_price``, ``max_latency_ms``) apply to its own
-generation; peers, RTTs and bans are the one client's, shared by every request.
+generation; peers, RTTs and bans are the one client's, shared by every request. With keys
+on, a request first reserves the most it can cost on its key (402 when the key's available
+credits do not cover it), runs with that as its ``max_cost``, and settles what the swarm
+charged when it ends, however it ends.
 
 A request's errors are found before its first byte is sent (the first token is awaited
 first), so they get their status code; an error mid-stream becomes an ``error`` event.
+401 and 402 come only from the gateway's own key checks, never from the generation.
 """
 
 from __future__ import annotations
@@ -20,27 +33,82 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
-from layerchain.client import AsyncSwarm, GenerationResult, TokenEvent
-from layerchain.errors import InsufficientFunds, LayerchainError, UnknownModel
-from layerchain.gateway import schema
-from layerchain.gateway.activity import RequestLog, RequestRecord, coverage, nodes_json
+from layerchain.client import AsyncSwarm, TokenEvent
+from layerchain.client.config import RouteLimits
+from layerchain.client.swarm import Generation
+from layerchain.errors import (
+    ConfigError,
+    InsufficientFunds,
+    InvalidApiKey,
+    LayerchainError,
+    NoRoute,
+    RequestTooLarge,
+    UnknownModel,
+)
+from layerchain.gateway import billing, schema
+from layerchain.gateway.activity import RequestLog, RequestRecord, nodes_json
 from layerchain.gateway.config import GatewayConfig
-from layerchain.gateway.keys import ApiKey, KeyStore
-from layerchain.gateway.schema import ApiError, GenerationRequest, api_error_for, sse
+from layerchain.gateway.guard import BrowserGuard, BrowserPolicy
+from layerchain.gateway.keys import ApiKey, Hold, KeyStore
+from layerchain.gateway.schema import ApiError, GenerationRequest, api_error_for, key_error, sse
+from layerchain.model import encode_prompt
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 REFRESH_TIMEOUT_S = 5.0  # a dashboard poll waits this long for the DHT, then shows what it has
+
+
+def keys_on_at_start(config: GatewayConfig, store: KeyStore) -> bool:
+    """Whether the gateway starts with keys on. ConfigError (a start-up error, before the
+    swarm is joined) when the store was named (``--keys``) but is missing, or exists but
+    cannot be read: a key file that went astray must never open the gateway."""
+    if config.keys_path is not None and not store.path.exists():
+        raise ConfigError(
+            f"no API-key store at {store.path}",
+            hint="create a key with `layerchain api keys create --keys FILE`, "
+                 "or leave out --keys to use the one in --data-dir",
+        )
+    return config.require_keys or store.count() > 0  # count() raises for an unreadable store
+
+
+def store_unavailable(error: LayerchainError) -> ApiError:
+    log.error("the key store cannot be read: %s", error)
+    return ApiError(503, "the gateway's key store cannot be read; try again later",
+                    "server_error", "key_store_unavailable")
+
+
+def bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with 413 beyond ``limit`` bytes (before reading it all)."""
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes",
+                         "invalid_request_error", "request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Gateway:
@@ -51,12 +119,16 @@ class Gateway:
         self.swarm = swarm
         self.spec = swarm.spec
         self.keys = KeyStore(config.keys_file)
+        self._keys_on = keys_on_at_start(config, self.keys)
+        self.policy = BrowserPolicy.of(config.allowed_hosts, config.allowed_origins)
         self.requests = RequestLog(config.recent_requests)
         self.started = time.time()
         names = {config.model, self.spec.name, self.spec.model_id}
         if self.spec.name == "smollm2":
             names.add("smollm2-135m-instruct")
         self.model_names = {n.lower() for n in names}
+        # tokens of prompt + answer the model can attend to (None: the config does not say)
+        self.context_length: int | None = getattr(self.spec.config, "max_position_embeddings", None)
 
     # ---------------------------------------------------------------- checks
 
@@ -70,38 +142,84 @@ class Gateway:
         return self.spec.name
 
     def keys_required(self) -> bool:
-        return self.config.require_keys or self.keys.enabled()
+        """Whether keys are on now (as last seen: ``check_keys`` looks again)."""
+        return self._keys_on
 
-    async def authenticate(self, request: Request, *, admit: bool) -> ApiKey | None:
-        """The caller's key when keys are on (401 without a valid one); with ``admit``,
-        also 402 when its balance is <= 0."""
-        if not await asyncio.to_thread(self.keys_required):
+    async def check_keys(self) -> bool:
+        """Whether keys are on. Once on they stay on; while off, the store is looked at
+        again (the operator may create the first key while the gateway runs), and a store
+        that cannot be read turns them on: fail closed."""
+        if not self._keys_on:
+            try:
+                self._keys_on = await asyncio.to_thread(self.keys.enabled)
+            except LayerchainError as error:
+                self._keys_on = True
+                raise store_unavailable(error) from None
+        return self._keys_on
+
+    async def authenticate(self, request: Request) -> ApiKey | None:
+        """The caller's key when keys are on (401 without a valid one); None when off."""
+        if not await self.check_keys():
             return None
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" else ""
         try:
-            check = self.keys.admit if admit else self.keys.authenticate
-            return await asyncio.to_thread(check, token or None)
-        except InsufficientFunds as error:
-            raise ApiError(402, str(error), "insufficient_quota", "insufficient_balance") from None
+            return await asyncio.to_thread(self.keys.authenticate, bearer_token(request))
+        except InvalidApiKey as error:
+            raise key_error(error) from None
+        except LayerchainError as error:
+            raise store_unavailable(error) from None
+
+    def prompt_tokens(self, req: GenerationRequest) -> int:
+        """The prompt's length in tokens; RequestTooLarge (400) when prompt + max_tokens
+        exceed the model's context."""
+        prompt = list(req.prompt) if req.kind == "chat" else req.prompt
+        n = len(encode_prompt(self.swarm.tokenizer, prompt, raw=req.raw))
+        if self.context_length is not None and n + req.params.max_new_tokens > self.context_length:
+            error = RequestTooLarge(
+                f"the prompt has {n} tokens and max_tokens is {req.params.max_new_tokens}: more "
+                f"than the model's context of {self.context_length} tokens",
+                hint="shorten the prompt or ask for fewer max_tokens",
+            )
+            error.param = "messages" if req.kind == "chat" else "prompt"  # type: ignore[attr-defined]
+            raise error
+        return n
+
+    async def reserve(self, key: ApiKey, req: GenerationRequest, prompt_tokens: int) -> tuple[Hold, RouteLimits]:
+        """Hold the most the request can cost on ``key`` (402 when it cannot), and the
+        request's limits with that as its ``max_cost``."""
+        state = self.swarm.state()
+        if not state.usable:
+            await self.refresh()
+            state = self.swarm.state()
+        price = billing.price_cap(req.limits.max_price, state)
+        if price == float("inf"):
+            raise NoRoute("some blocks have no usable node now; try again later")
+        amount = billing.reservation(prompt_tokens, req.params.max_new_tokens, price)
+        try:
+            hold = await asyncio.to_thread(self.keys.reserve, key.key_id, amount)
+        except (InvalidApiKey, InsufficientFunds) as error:
+            raise key_error(error) from None
+        except LayerchainError as error:
+            raise store_unavailable(error) from None
+        return hold, replace(req.limits, max_cost=amount)
 
     # ---------------------------------------------------------------- generation
 
     async def complete(self, request: Request, kind: str) -> Response:
-        key = await self.authenticate(request, admit=True)
-        body = schema.parse_body(await request.body())
+        key = await self.authenticate(request)  # before the body is even read
+        body = schema.parse_body(await read_body(request, self.config.max_body_bytes))
         req = schema.parse_request(
             body, kind, default_max_tokens=self.config.default_max_tokens,
             max_tokens_limit=self.config.max_tokens_limit,
         )
         model = self.check_model(req.model)
+        prompt_tokens = self.prompt_tokens(req)
+        hold, limits = (None, req.limits) if key is None else await self.reserve(key, req, prompt_tokens)
         record = self.requests.start(RequestRecord(
             id=schema.new_id(kind), kind=kind, stream=req.stream, created=time.time(),
             user=req.user, key_id=key.key_id if key else None,
             limits={k: v for k, v in vars(req.limits).items() if v is not None},
         ))
-        run = Run(self, req, key, record)
+        run = Run(self, req, limits, hold, record)
         try:
             first = await run.open()
         except BaseException as error:
@@ -122,7 +240,7 @@ class Gateway:
         finally:
             await run.close(error)
         return JSONResponse(schema.completion_json(record.id, kind, model, int(record.created),
-                                                   run.result[0]))
+                                                   run.result()))
 
     async def _stream(self, run: Run, first: TokenEvent | None, model: str) -> AsyncIterator[bytes]:
         req, rid = run.req, run.record.id
@@ -135,7 +253,7 @@ class Gateway:
                 if event.text:
                     yield sse(schema.chunk_json(rid, req.kind, model, created, text=event.text))
             await run.close(None)  # debit before the end is sent: a caller sees settled books
-            result = run.result[0]
+            result = run.result()
             last = schema.chunk_json(rid, req.kind, model, created, finish_reason=result.finish_reason)
             if req.include_usage:
                 yield sse(last)
@@ -162,28 +280,33 @@ class Gateway:
     async def refresh(self) -> None:
         """Re-read the swarm's records when stale; a slow or failing DHT keeps the old ones."""
         try:
-            await asyncio.wait_for(self.swarm.peers.refresh(), REFRESH_TIMEOUT_S)
+            await asyncio.wait_for(self.swarm.refresh(), REFRESH_TIMEOUT_S)
         except (LayerchainError, OSError, asyncio.TimeoutError) as error:
             log.warning("could not refresh the swarm's records: %s", error)
 
     def health_json(self) -> dict[str, Any]:
-        peers = self.swarm.peers
-        covered = bool(peers.records) and not peers.uncovered()
+        state = self.swarm.state()
+        covered = state.covered and state.usable
         return {"status": "ok" if covered else "degraded", "model": self.spec.name,
-                "nodes": len(peers.records), "covered": covered}
+                "nodes": len(state.nodes), "covered": covered}
 
-    def swarm_json(self) -> dict[str, Any]:
-        peers, spec, c = self.swarm.peers, self.spec, self.swarm.config
-        counts = coverage(peers.records.values(), spec.num_blocks)
+    def swarm_json(self, viewer: ApiKey | None) -> dict[str, Any]:
+        """The dashboard's JSON. With keys on, ``viewer`` (the caller's key) sees only its
+        own requests and totals, unless it is an admin key."""
+        state, spec = self.swarm.state(), self.spec
+        everything = viewer is None or viewer.admin
+        mine = None if everything else viewer.key_id  # type: ignore[union-attr]
         return {
             "model": {"name": spec.name, "model_id": spec.model_id, "num_blocks": spec.num_blocks},
-            "nodes": nodes_json(peers.records.values(), peers.rtt_ms, peers.banned()),
-            "coverage": counts,
-            "covered": all(counts),
-            "requests": self.requests.recent(),
-            "totals": dict(self.requests.totals),
+            "nodes": nodes_json(state.nodes),
+            "coverage": list(state.coverage),
+            "covered": state.covered,
+            "requests": self.requests.recent(key_id=mine),
+            "totals": self.requests.totals_of(key_id=mine),
             "keys_required": self.keys_required(),
-            "limits": {"alpha": c.alpha, "max_price": c.max_price, "max_latency_ms": c.max_latency_ms},
+            "viewer": None if viewer is None else {"key_id": viewer.key_id, "admin": viewer.admin},
+            "limits": {"alpha": state.limits.alpha, "max_price": state.limits.max_price,
+                       "max_latency_ms": state.limits.max_latency_ms},
             "uptime_s": round(time.time() - self.started, 1),
         }
 
@@ -205,7 +328,7 @@ class ClosingStreamingResponse(StreamingResponse):
     until the garbage collector finds it, so the sessions and the accounting in its
     ``finally`` would wait for an unknown time (or for the event loop's shutdown)."""
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -216,54 +339,67 @@ class ClosingStreamingResponse(StreamingResponse):
 class Run:
     """One request's generation through the swarm, with its clean-up and its accounting."""
 
-    def __init__(self, gateway: Gateway, req: GenerationRequest, key: ApiKey | None,
-                 record: RequestRecord) -> None:
-        self.gateway, self.req, self.key, self.record = gateway, req, key, record
-        self.result: list[GenerationResult] = []
-        self._events: AsyncIterator[TokenEvent] | None = None
+    def __init__(self, gateway: Gateway, req: GenerationRequest, limits: RouteLimits,
+                 hold: Hold | None, record: RequestRecord) -> None:
+        self.gateway, self.req, self.limits, self.hold, self.record = gateway, req, limits, hold, record
+        self._gen: Generation | None = None
         self._closed = False
 
     async def open(self) -> TokenEvent | None:
         """Start the generation and wait for its first token (errors show up here, before
         any byte of the response is sent, so they get their proper status)."""
-        self._events = self.gateway.swarm.generate_stream(
+        self._gen = self.gateway.swarm.generate_stream(
             list(self.req.prompt) if self.req.kind == "chat" else self.req.prompt,
-            self.req.params, raw=self.req.raw, result=self.result, limits=self.req.limits,
+            self.req.params, raw=self.req.raw, limits=self.limits,
         )
         try:
-            return await self._events.__anext__()
+            return await self._gen.__anext__()
         except StopAsyncIteration:
             return None
 
     async def rest(self) -> AsyncIterator[TokenEvent]:
-        assert self._events is not None
-        async for event in self._events:
+        assert self._gen is not None
+        async for event in self._gen:
             yield event
 
+    def result(self) -> Any:
+        """The generation's result (once it ended)."""
+        assert self._gen is not None
+        return self._gen.result
+
     async def close(self, error: BaseException | None) -> None:
-        """Close the sessions, log the request and debit the key. Shielded: a caller that
-        went away cancels the response, but the nodes' sessions must still be closed."""
+        """Close the sessions, log the request and settle the key's hold. Shielded: a caller
+        that went away cancels the response, but the nodes' sessions must still be closed
+        and the credits settled."""
         if self._closed:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            if self._events is not None:
-                await self._events.aclose()  # type: ignore[attr-defined]
+            result = None
+            if self._gen is not None:
+                await self._gen.aclose()
+                result = self._gen.result if self._gen.done else None
             gw = self.gateway
-            result = self.result[0] if self.result else None
-            if result is not None and self.key is not None and (
-                    result.cost or result.finish_reason != "cancelled"):
+            if self.hold is not None:
                 # what the swarm charged, even for a request that failed or was abandoned
-                # part way: the peers were paid for every token they computed
+                # part way (the peers were paid for every token they computed), at most
+                # what was held
+                cost = result.cost if result is not None else 0
+                served = result is not None and (cost > 0 or result.finish_reason != "cancelled")
+                if cost > self.hold.amount:
+                    log.warning("request %s cost %s credits, %s more than its key held: the "
+                                "operator pays the difference", self.record.id, cost,
+                                cost - self.hold.amount)
                 try:
-                    await asyncio.to_thread(gw.keys.debit, self.key.key_id, result.cost)
+                    await asyncio.to_thread(gw.keys.settle, self.hold, cost, served=served)
                 except LayerchainError as e:
-                    log.error("could not debit %s credits from %s: %s", result.cost,
-                              self.key.key_id, e)
+                    log.error("could not settle %s credits on %s: %s", cost, self.hold.key_id, e)
             if result is not None and result.finish_reason != "cancelled":
                 gw.requests.finish(self.record, result)
             elif isinstance(error, LayerchainError):
-                gw.requests.fail(self.record, str(error))
+                gw.requests.fail(self.record, api_error_for(error).message)
+            elif isinstance(error, ApiError):
+                gw.requests.fail(self.record, error.message)
             elif error is None or isinstance(error, (asyncio.CancelledError, GeneratorExit)):
                 gw.requests.fail(self.record, "the caller went away", status="cancelled")
             else:
@@ -273,8 +409,10 @@ class Run:
 def create_app(config: GatewayConfig, swarm: AsyncSwarm) -> FastAPI:
     """The gateway's app around a ready swarm client (which the caller owns and closes)."""
     gateway = Gateway(config, swarm)
-    app = FastAPI(title="layerchain gateway", version="1", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="layerchain gateway", version="1", docs_url=None, redoc_url=None,
+                  openapi_url=None)  # served below, behind the key check
     app.state.gateway = gateway
+    app.add_middleware(BrowserGuard, policy=gateway.policy)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -307,12 +445,12 @@ def create_app(config: GatewayConfig, swarm: AsyncSwarm) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        await gateway.authenticate(request, admit=False)
+        await gateway.authenticate(request)
         return gateway.models_json()
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str, request: Request) -> dict:
-        await gateway.authenticate(request, admit=False)
+        await gateway.authenticate(request)
         gateway.check_model(model)
         return gateway.model_json()
 
@@ -322,9 +460,20 @@ def create_app(config: GatewayConfig, swarm: AsyncSwarm) -> FastAPI:
         return gateway.health_json()
 
     @app.get("/api/swarm")
-    async def swarm_state() -> dict:
+    async def swarm_state(request: Request) -> dict:
+        viewer = await gateway.authenticate(request)
         await gateway.refresh()
-        return gateway.swarm_json()
+        return gateway.swarm_json(viewer)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        await gateway.authenticate(request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        await gateway.authenticate(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="layerchain gateway")
 
     @app.get("/", include_in_schema=False)
     async def dashboard() -> FileResponse:

@@ -16,8 +16,14 @@ class GatewayConfig:
     host: str = "127.0.0.1"  # address uvicorn listens on
     port: int = 8000  # TCP port uvicorn listens on; 0 picks a free one
     data_dir: Path = DEFAULT_DATA_DIR  # holds the keys file (and the wallet, when paying)
-    keys_path: Path | None = None  # API-key store; None = data_dir / KEYS_FILE
+    keys_path: Path | None = None  # API-key store; None = data_dir / KEYS_FILE. A store named
+    # here must exist and be readable (else the gateway does not start): keys fail closed
     require_keys: bool = False  # demand a key even while the key store is empty
+    allowed_hosts: tuple[str, ...] = ()  # DNS names the gateway answers under, besides IP
+    # literals and localhost (DNS-rebinding guard); "*" = any (behind a proxy that checks)
+    allowed_origins: tuple[str, ...] = ()  # web origins (scheme://host[:port]) whose pages may
+    # call the API from a browser, besides the gateway's own dashboard
+    max_body_bytes: int = 1 << 20  # a request body larger than this gets 413, bytes
     ledger: Path | None = None  # ledger file to pay priced peers on; None = do not pay
     deposit: int | None = None  # credits locked per payment channel; None = client default
     alpha: float = 0.0  # default route cost weight (0 fastest, 1 cheapest); per request: alpha

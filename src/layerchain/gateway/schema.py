@@ -14,10 +14,19 @@ results. What is accepted:
 * Extensions: routing ``alpha`` (0 fastest .. 1 cheapest), ``max_price`` (credits per
   token), ``max_latency_ms`` (per token); sampling ``top_k`` and ``repetition_penalty``.
 
+Bounded work: every number is finite (``NaN``/``Infinity`` are refused while parsing) and in
+range (``seed`` a signed 64-bit integer, ``max_tokens`` up to the gateway's limit, ``top_k``
+and ``repetition_penalty`` capped), at most ``MAX_STOP`` stop strings of ``MAX_STOP_CHARS``
+each, at most ``MAX_MESSAGES`` messages, ``model`` and ``user`` at most ``MAX_NAME_CHARS``.
+The body's size is the gateway's check (``GatewayConfig.max_body_bytes``), the prompt's
+length in tokens too (against the model's context).
+
 A bad field raises ``ConfigError`` whose ``param`` attribute names the field; ``ApiError``
-is what the gateway answers (status, OpenAI ``type`` and ``code``), built from any
-``LayerchainError`` by ``api_error_for``. Responses carry ``usage`` and, as an extension,
-``layerchain: {route, cost, tokens_per_s, ttft_s, recoveries}``.
+is what the gateway answers (status, OpenAI ``type`` and ``code``). ``api_error_for`` maps
+an error of the request or of the generation: it never answers 401 or 402, which only the
+gateway's own key checks give (``key_error``), so an error code a peer sent can never make
+a caller believe its key or its credits were refused. Responses carry ``usage`` and, as an
+extension, ``layerchain: {route, cost, tokens_per_s, ttft_s, recoveries}``.
 """
 
 from __future__ import annotations
@@ -48,6 +57,13 @@ from layerchain.types import Hop
 Message = dict[str, str]
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_MESSAGES = 1024  # messages per chat request
+MAX_NAME_CHARS = 256  # characters of ``model`` and ``user``
+MAX_TOP_K = 1 << 20  # above any vocabulary: top_k beyond the vocabulary means all tokens
+MAX_REPETITION_PENALTY = 100.0  # divides or multiplies logits; more is no longer a penalty
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as OpenAI's seed
+MAX_ERROR_CHARS = 300  # of a swarm's error message relayed to a caller (peers write them)
 
 
 # ---------------------------------------------------------------------------- requests
@@ -79,10 +95,16 @@ def bad(param: str | None, message: str) -> ConfigError:
     return error
 
 
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_body(body: bytes) -> dict[str, Any]:
+    """The request's JSON object; ``NaN`` and ``Infinity`` (which Python's parser accepts
+    and JSON does not) are refused, so every number that reaches a check is finite."""
     try:
-        data = json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError) as error:
+        data = json.loads(body or b"null", parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise bad(None, f"the request body is not JSON: {error}") from None
     if not isinstance(data, dict):
         raise bad(None, "the request body must be a JSON object")
@@ -108,6 +130,8 @@ def _messages(data: dict) -> tuple[Message, ...]:
     raw = data.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("messages", "messages must be a non-empty list of {role, content}")
+    if len(raw) > MAX_MESSAGES:
+        raise bad("messages", f"messages takes at most {MAX_MESSAGES} messages, got {len(raw)}")
     out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
@@ -158,16 +182,25 @@ def _stop(data: dict) -> tuple[str, ...]:
         raise bad("stop", "stop must be a non-empty string or a list of them")
     if len(stop) > MAX_STOP:
         raise bad("stop", f"stop takes at most {MAX_STOP} strings, got {len(stop)}")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad("stop", f"a stop string may have at most {MAX_STOP_CHARS} characters")
     return tuple(stop)
+
+
+def _name(data: dict, name: str) -> str | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad(name, f"{name} must be a string")
+    if value is not None and len(value) > MAX_NAME_CHARS:
+        raise bad(name, f"{name} may have at most {MAX_NAME_CHARS} characters")
+    return value
 
 
 def parse_request(
     data: dict[str, Any], kind: str, *, default_max_tokens: int, max_tokens_limit: int
 ) -> GenerationRequest:
     """Check a request body (already a dict) of ``kind`` "chat" or "text"."""
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad("model", "model must be a string")
+    model = _name(data, "model")
     prompt: str | tuple[Message, ...] = _messages(data) if kind == "chat" else _prompt(data)
     n = _number(data, "n", 1, 1, integer=True)
     if n not in (None, 1):
@@ -177,18 +210,16 @@ def parse_request(
         max_tokens = _number(data, "max_tokens", 1, max_tokens_limit, integer=True)
     temperature = _number(data, "temperature", 0, 2)
     top_p = _number(data, "top_p", 0, 1, low_open=True)
-    seed = _number(data, "seed", integer=True)
-    top_k = _number(data, "top_k", 0, integer=True)
-    penalty = _number(data, "repetition_penalty", 0, low_open=True)
+    seed = _number(data, "seed", *SEED_RANGE, integer=True)
+    top_k = _number(data, "top_k", 0, MAX_TOP_K, integer=True)
+    penalty = _number(data, "repetition_penalty", 0, MAX_REPETITION_PENALTY, low_open=True)
     stream = data.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise bad("stream", "stream must be true or false")
     options = data.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("stream_options", "stream_options must be an object")
-    user = data.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad("user", "user must be a string")
+    user = _name(data, "user")
     params = SamplingParams(
         max_new_tokens=max_tokens or default_max_tokens,
         temperature=1.0 if temperature is None else float(temperature),
@@ -325,26 +356,39 @@ class ApiError(Exception):
                           "code": self.code}}
 
 
-def api_error_for(error: LayerchainError) -> ApiError:
-    """The status and OpenAI error of a layerchain error.
-
-    400 invalid request (bad field, bad model file ...), 401 bad key, 402 no credits,
-    404 unknown model, 503 no route or the swarm failed the request (retry later).
-    """
-    message = str(error)
-    param = getattr(error, "param", None)
+def key_error(error: InvalidApiKey | InsufficientFunds) -> ApiError:
+    """The answer to the gateway's own key checks, the only source of 401 and 402: a
+    missing, unknown or revoked key (401 ``invalid_api_key``), or a key whose credits do
+    not cover the request (402 ``insufficient_balance``)."""
     if isinstance(error, InvalidApiKey):
-        return ApiError(401, message, "invalid_request_error", "invalid_api_key")
-    if isinstance(error, InsufficientFunds):
-        return ApiError(402, message, "insufficient_quota", error.code)
+        return ApiError(401, str(error), "invalid_request_error", "invalid_api_key")
+    return ApiError(402, str(error), "insufficient_quota", "insufficient_balance")
+
+
+def api_error_for(error: LayerchainError) -> ApiError:
+    """The status and OpenAI error of an error of the request or of its generation.
+
+    400 invalid request (a bad field, a prompt beyond the model's context ...), 404 unknown
+    model, 503 no route, or the swarm (a peer, a payment, the gateway's own wallet or
+    ledger) failed the request: retry later. Never 401 or 402: an ``InvalidApiKey`` or
+    ``InsufficientFunds`` here came from the generation (a peer's error reply, or the
+    gateway's wallet running dry), not from the caller's key, which ``key_error`` answers.
+    The message is clipped to ``MAX_ERROR_CHARS``: peers write some of it.
+    """
+    message = _clip(str(error))
+    param = getattr(error, "param", None)
     if isinstance(error, UnknownModel):
         return ApiError(404, message, "invalid_request_error", "model_not_found", param or "model")
     if isinstance(error, RoutingError):
         return ApiError(503, message, "server_error", error.code)
-    if isinstance(error, (PaymentError, LedgerError)):  # a peer's bad receipt, the ledger down
-        return ApiError(503, message, "server_error", error.code)
+    if isinstance(error, (PaymentError, LedgerError, InvalidApiKey)):  # the swarm's, not the key's
+        return ApiError(503, f"the swarm failed the request: {message}", "server_error", error.code)
     if isinstance(error, UserError):
         return ApiError(400, message, "invalid_request_error", error.code, param)
     if isinstance(error, (PeerError, ProtocolError)):
         return ApiError(503, f"the swarm failed the request: {message}", "server_error", error.code)
     return ApiError(500, message, "server_error", error.code)
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 1] + "…"

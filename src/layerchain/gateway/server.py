@@ -1,7 +1,8 @@
 """Running the gateway: join the swarm, serve the app with uvicorn, close everything on exit.
 
-One event loop: the swarm client is created first (so a bad ``--initial-peers`` or model is
-one line from the CLI, not a uvicorn traceback), then uvicorn serves the app on a socket
+One event loop: the key store is checked first and the swarm client is created next (so a
+missing or unreadable ``--keys`` file, a bad ``--initial-peers`` or model is one line from the
+CLI, not a uvicorn traceback), then uvicorn serves the app on a socket
 bound beforehand (so ``--port 0`` works and the address is known), and on SIGINT/SIGTERM
 uvicorn drains the requests and the client closes its sessions and payment channels.
 """
@@ -17,8 +18,9 @@ from typing import Any
 
 from layerchain.client import AsyncSwarm
 from layerchain.errors import ConfigError
-from layerchain.gateway.app import Gateway, create_app
+from layerchain.gateway.app import Gateway, create_app, keys_on_at_start
 from layerchain.gateway.config import GatewayConfig
+from layerchain.gateway.keys import KeyStore
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -60,6 +62,7 @@ async def serve(
     ``on_ready(url, gateway)`` is called once the socket listens and the client is ready."""
     import uvicorn
 
+    keys_on_at_start(config, KeyStore(config.keys_file))  # a bad key store: one line, at once
     sock = bind(config.host, config.port)
     try:
         swarm = await AsyncSwarm.create(
