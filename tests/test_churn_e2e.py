@@ -143,7 +143,7 @@ def test_a_banned_peer_back_at_a_new_endpoint_gets_another_chance_with_a_longer_
 
 @pytest.fixture(scope="module")
 def reference(smollm2_spec):
-    return list(LocalModel(smollm2_spec).generate(PROMPT, PARAMS).token_ids)
+    return LocalModel(smollm2_spec).generate(PROMPT, PARAMS).token_ids
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +187,8 @@ def test_a_node_joining_mid_generation_takes_over_a_killed_hop_whose_records_the
 ):
     local, client = churn
     a, b = local.nodes
-    result: list = []
-    for event in client.stream(PROMPT, PARAMS, result=result):
+    gen = client.stream(PROMPT, PARAMS)
+    for event in gen:
         if event.index == 1:  # C joins while the generation waits for the next token
             proc, data_dir = start_node(local.state_dir, "node-2", Span(15, 30),
                                         local.initial_peers, extra_args=SHORT_TTL_ARGS)
@@ -201,7 +201,7 @@ def test_a_node_joining_mid_generation_takes_over_a_killed_hop_whose_records_the
         elif event.index == 3:
             os.kill(b["pid"], signal.SIGKILL)
             t_kill = time.monotonic()
-    res = result[0]
+    res = gen.result
     c = local.nodes[2]
     assert res.token_ids == reference
     assert [r.peer_id for r in res.recoveries] == [b["peer_id"]]
@@ -237,14 +237,14 @@ def test_a_node_stopping_gracefully_withdraws_at_once_and_finishes_its_generatio
             await rpc.close()
         return None
 
-    result: list = []
-    for event in client.stream(PROMPT, PARAMS, result=result):
+    gen = client.stream(PROMPT, PARAMS)
+    for event in gen:
         if event.index == 2:  # A is asked to leave while it serves this generation
             os.kill(a["pid"], signal.SIGTERM)
             withdrawn_s = _wait_gone(client, a["peer_id"], 10.0)
             refused = asyncio.run(try_open(a["endpoint"]))
             t_resume = time.monotonic()
-    res = result[0]
+    res = gen.result
     assert withdrawn_s < 5.0, withdrawn_s  # its TTL is 60 s: this was a withdrawal
     assert isinstance(refused, PeerBusy) and "shutting down" in str(refused), refused
     assert res.token_ids == reference  # finished on the draining node: no failover needed

@@ -58,7 +58,7 @@ def test_a_hop_stopped_for_30_s_is_routed_around_and_serves_again_and_a_killed_n
     from layerchain.client import Swarm
 
     params = SamplingParams(max_new_tokens=12)
-    reference = list(LocalModel(resolve_model("smollm2")).generate(PROMPT, params).token_ids)
+    reference = LocalModel(resolve_model("smollm2")).generate(PROMPT, params).token_ids
     spans = [Span(0, 15), Span(15, 30), Span(0, 15), Span(15, 30)]
     local = swarm_up(tmp_path, spans)
     index_of = {n["peer_id"]: i for i, n in enumerate(local.nodes)}
@@ -70,16 +70,16 @@ def test_a_hop_stopped_for_30_s_is_routed_around_and_serves_again_and_a_killed_n
             peers = client.core.peers
 
             # 1. SIGSTOP the first hop of the route at token 3: it hangs, no reset, no reply.
-            result: list = []
-            for event in client.stream(PROMPT, params, result=result):
+            gen = client.stream(PROMPT, params)
+            for event in gen:
                 if event.index == 3:
-                    x = index_of[client.core.last_route[0].peer_id]
+                    x = index_of[gen.route[0].peer_id]
                     stopped_pid = local.nodes[x]["pid"]
                     os.kill(stopped_pid, signal.SIGSTOP)
                     t_stop = time.monotonic()
                 elif event.index == 4:
                     detected_s = time.monotonic() - t_stop  # the hung step, failover, the step
-            first = result[0]
+            first = gen.result
             x_id = local.nodes[x]["peer_id"]
             x_spare = next(n["peer_id"] for j, n in enumerate(local.nodes)
                            if j != x and spans[j] == spans[x])

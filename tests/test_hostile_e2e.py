@@ -62,7 +62,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def reference(smollm2_spec):
-    return list(LocalModel(smollm2_spec).generate(PROMPT, PARAMS).token_ids)
+    return LocalModel(smollm2_spec).generate(PROMPT, PARAMS).token_ids
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +101,11 @@ class HonestTraffic:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            result: list = []
             try:
-                for _ in self.client.stream(PROMPT, PARAMS, result=result):
+                gen = self.client.stream(PROMPT, PARAMS)
+                for _ in gen:
                     self._started.set()
-                res = result[0]
+                res = gen.result
                 self.answers.append((res.token_ids, [h.peer_id for h in res.route]))
             except Exception as error:  # noqa: BLE001 - reported by check()
                 self.errors.append(repr(error))

@@ -48,7 +48,7 @@ def alive(pid: int) -> bool:
 def reference(smollm2_spec):
     local = LocalModel(smollm2_spec)
     params = SamplingParams(max_new_tokens=TOKENS)
-    return {p: list(local.generate(p, params).token_ids) for p in PROMPTS}
+    return {p: local.generate(p, params).token_ids for p in PROMPTS}
 
 
 def _up(state_dir, *args):

@@ -59,11 +59,11 @@ def run_faults_bench(
                     pid_of[info["peer_id"]] = (i, info["pid"])
                 restarting = []
                 kill_at = rng.randrange(1, max_new_tokens - 2)
-                result: list = []
+                gen = client.stream(PROMPT, params)
                 try:
-                    for event in client.stream(PROMPT, params, result=result):
+                    for event in gen:
                         if event.index == kill_at:
-                            hop = rng.choice(client.core.last_route)
+                            hop = rng.choice(gen.route)
                             i, pid = pid_of[hop.peer_id]
                             os.kill(pid, signal.SIGKILL)
                             proc, data_dir = start_node(
@@ -75,9 +75,9 @@ def run_faults_bench(
                 except Exception as error:  # noqa: BLE001 - a failed run is a measurement
                     failures.append(f"run {run}: {error}")
                     continue
-                res = result[0]
+                res = gen.result
                 completed += 1
-                identical += res.token_ids == reference
+                identical += list(res.token_ids) == reference
                 recoveries.extend(r.seconds for r in res.recoveries)
     finally:
         swarm_down(state, quiet=True)

@@ -62,15 +62,15 @@ def swarm_token_times(
         local = swarm_up(state, even_spans(spec.num_blocks, nodes), model=model, threads=threads)
         with Swarm(local.initial_peers, model=model) as client:
             stamps: list[float] = []
-            result: list = []
             # stop strings off, EOS honoured: same tokens as the local loop until EOS
             params = SamplingParams(max_new_tokens=max_new_tokens)
             client.generate("warm up", SamplingParams(max_new_tokens=4))
-            for _ in client.stream(PROMPT, params, result=result):
+            gen = client.stream(PROMPT, params)
+            for _ in gen:
                 stamps.append(time.perf_counter())
-        res = result[0]
+        res = gen.result
         times = [b - a for a, b in zip(stamps, stamps[1:])]
-        return times, res.token_ids, res.ttft_s, len(res.route)
+        return times, list(res.token_ids), res.ttft_s, len(res.route)
     finally:
         swarm_down(state, quiet=True)
 

@@ -65,7 +65,10 @@ def payments_json(nodes: list[dict], result, ledger, client_address: str, credit
             "price": node["price"],
             "earned": ledger.balance(node["wallet"]),
         })
-    return {"client_spent": credits - ledger.balance(client_address), "nodes": rows}
+    # what the nodes redeemed from the client's channels (unspent deposits are refunded
+    # after the dispute window)
+    spent = sum(c.redeemed for c in ledger.channels(payer=client_address))
+    return {"client_spent": spent, "nodes": rows}
 
 
 def payments_table(payments: dict):
@@ -114,22 +117,21 @@ def demo(
     ledger_path = state / "ledger.sqlite"
     ledger = None
     try:
-        # The market: a ledger without a dispute window (channels settle when the client
-        # closes them), a funded client wallet, and a price on every node.
-        ledger = open_ledger(ledger_path, LedgerConfig(dispute_window_s=0))
+        # The market: a ledger whose dispute window (120 s) outlasts the nodes' redemption
+        # interval (30 s), a client wallet minting its test credits, a price on every node.
+        ledger = open_ledger(ledger_path, LedgerConfig(dispute_window_s=120))
         wallet = Wallet.load_or_create(state / "client")
-        ledger.deposit(wallet.address, credits)
+        ledger.deposit(wallet, credits)
         say(f"client wallet {wallet.address} holds {ledger.balance(wallet.address)} credits")
         say(f"starting {len(span_list)} nodes: {', '.join(map(str, span_list))}")
         node_args = [["--price", str(p), "--ledger", str(ledger_path)] for p in price_list]
         local = swarm_up(state, span_list, model=model, node_args=node_args, on_progress=say)
         nodes = [{**n, "price": p} for n, p in zip(local.nodes, price_list)]
         params = SamplingParams(max_new_tokens=max_new_tokens)
-        result: list = []
         with Swarm(local.initial_peers, model=model, alpha=alpha, max_price=max_price,
                    max_latency_ms=max_latency_ms, data_dir=state / "client",
                    ledger=ledger_path) as client:
-            stream = client.stream(prompt, params, raw=raw, result=result)
+            stream = client.stream(prompt, params, raw=raw)
             if as_json:
                 for _ in stream:
                     pass
@@ -138,18 +140,18 @@ def demo(
                 with Live(console=console, refresh_per_second=12) as live:
                     for event in stream:
                         text.append(event.text)
-                        live.update(Group(Panel(route_text(client.core.last_route), title="route"), text))
+                        live.update(Group(Panel(route_text(stream.route), title="route"), text))
             else:
                 for event in stream:
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
                 sys.stdout.write("\n")
-        res = result[0]  # the client is closed: nodes redeemed, channels settled
+        res = stream.result  # the client is closed: nodes redeemed, channels settled
         payments = payments_json(nodes, res, ledger, wallet.address, credits)
         if as_json:
             typer.echo(json.dumps({
                 "text": res.text,
-                "token_ids": res.token_ids,
+                "token_ids": list(res.token_ids),
                 "route": route_json(res.route),
                 "tokens_per_s": res.tokens_per_s,
                 "ttft_s": res.ttft_s,

@@ -80,7 +80,7 @@ def stream_to_stdout(text: str) -> None:
 
 
 def print_result_json(result) -> None:
-    """Print the one ``--json`` object of a GenerationResult."""
+    """Print the one ``--json`` object of a DecodeResult."""
     typer.echo(json.dumps(result.to_json()))
 
 
@@ -105,12 +105,21 @@ DataDirOpt = Annotated[
     typer.Option("--data-dir", envvar="LAYERCHAIN_DATA_DIR",
                  help="Directory of the paying wallet (wallet.json)."),
 ]
-DepositOpt = Annotated[int, typer.Option("--deposit", help="Credits locked per payment channel.")]
+DepositOpt = Annotated[
+    Optional[int],
+    typer.Option("--deposit", help="Credits locked per payment channel (default: sized to "
+                 "each request's most possible cost on that peer)."),
+]
+MaxCostOpt = Annotated[
+    Optional[int],
+    typer.Option("--max-cost", help="Most credits one generation may pay; it stops before "
+                 "a step that would pay more."),
+]
 DEFAULT_DATA_DIR = Path("~/.layerchain")
-DEFAULT_DEPOSIT = 100_000
+DEFAULT_DEPOSIT: int | None = None  # sized per request (client.funding)
 
 
-def payment_options(data_dir: Path, ledger: Optional[Path], deposit: int) -> dict[str, Any]:
+def payment_options(data_dir: Path, ledger: Optional[Path], deposit: int | None) -> dict[str, Any]:
     """Swarm(...) keyword arguments that make the client pay (none without a ledger)."""
     return {} if ledger is None else {"data_dir": data_dir, "ledger": ledger, "deposit": deposit}
 
@@ -135,6 +144,7 @@ def generate(
     ledger: LedgerOpt = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     deposit: DepositOpt = DEFAULT_DEPOSIT,
+    max_cost: MaxCostOpt = None,
 ) -> None:
     """Generate text for a prompt through a swarm (or, with --local, in this process)."""
     params = sampling_params_from_options(
@@ -148,7 +158,7 @@ def generate(
             )
         _generate_swarm(prompt, model, params, raw, json_out, initial_peers,
                         dict(alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
-                             **payment_options(data_dir, ledger, deposit)))
+                             max_cost=max_cost, **payment_options(data_dir, ledger, deposit)))
         return
     from layerchain.model import generate_local, resolve_model
 
@@ -166,24 +176,27 @@ def _generate_swarm(prompt, model, params, raw, json_out, initial_peers, limits)
     from layerchain.cli.demo import route_json
     from layerchain.client import Swarm
 
-    result: list = []
     with Swarm(initial_peers, model=model, **limits) as swarm:
-        for event in swarm.stream(prompt, params, raw=raw, result=result):
+        gen = swarm.stream(prompt, params, raw=raw)
+        for event in gen:
             if not json_out:
                 stream_to_stdout(event.text)
-    res = result[0]
+    res = gen.result
     if json_out:
         typer.echo(json.dumps({
             "text": res.text,
-            "token_ids": res.token_ids,
+            "token_ids": list(res.token_ids),
             "tokens_per_s": round(res.tokens_per_s, 3),
             "ttft_s": round(res.ttft_s, 3),
             "route": route_json(res.route),
             "recoveries": len(res.recoveries),
             "cost": res.cost,
+            "finish_reason": res.finish_reason,
         }))
     else:
         stream_to_stdout("\n")
+        if res.finish_reason == "max_cost":
+            typer.echo(f"stopped at --max-cost: {res.cost} credits spent", err=True)
 
 
 def chat(
@@ -201,6 +214,7 @@ def chat(
     ledger: LedgerOpt = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     deposit: DepositOpt = DEFAULT_DEPOSIT,
+    max_cost: MaxCostOpt = None,
 ) -> None:
     """Chat through a swarm: multi-turn, streamed, with the model's chat template."""
     from layerchain.client import Swarm
@@ -212,7 +226,7 @@ def chat(
     )
     messages: list[dict[str, str]] = []
     with Swarm(initial_peers, model=model, alpha=alpha, max_price=max_price,
-               max_latency_ms=max_latency_ms,
+               max_latency_ms=max_latency_ms, max_cost=max_cost,
                **payment_options(data_dir, ledger, deposit)) as swarm:
         typer.echo("chat through the swarm; an empty line or Ctrl-D ends it", err=True)
         while True:

@@ -4,16 +4,26 @@ Never imports ``layerchain.node``; talks to nodes only through ``layerchain.wire
 """
 
 from layerchain.client.config import ClientConfig, RouteLimits
-from layerchain.client.session import InferenceSession, Recovery
-from layerchain.client.swarm import AsyncSwarm, GenerationResult, Swarm, TokenEvent
+from layerchain.client.session import HopPayment, InferenceSession, Recovery
+from layerchain.client.swarm import (
+    AsyncSwarm,
+    Generation,
+    GenerationResult,
+    Swarm,
+    SyncGeneration,
+    TokenEvent,
+)
 
 __all__ = [
     "AsyncSwarm",
     "ClientConfig",
+    "Generation",
     "GenerationResult",
+    "HopPayment",
     "InferenceSession",
     "Recovery",
     "RouteLimits",
     "Swarm",
+    "SyncGeneration",
     "TokenEvent",
 ]

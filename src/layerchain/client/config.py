@@ -10,26 +10,45 @@ class ClientConfig:
     alpha: float = 0.0  # route cost weight: 0 = fastest, 1 = cheapest (paper eq. 1)
     max_price: float | None = None  # most a route may cost per token, ledger units
     max_latency_ms: float | None = None  # most a route may take per token, ms
-    step_timeout_s: float = 10.0  # a hop that takes longer for one step is failed
+    max_cost: int | None = None  # most one generation may pay in all, credits (None: no cap);
+    # a generation stops (finish_reason "max_cost") before a step that would pay more
+    step_timeout_s: float = 10.0  # a hop may take this long for a one-token step, seconds
+    step_timeout_slack: float = 3.0  # and this many times the work its announced speed
+    # implies (tokens x blocks x ms_per_block) on top, for long steps (prefill, replay)
+    step_timeout_max_s: float = 120.0  # the longest any one step may take, seconds
     connect_timeout_s: float = 5.0  # a peer that does not accept within this is failed
     ping_timeout_s: float = 2.0  # RTT probes give up after this many seconds
     ban_base_s: float = 15.0  # first ban of a failed peer, seconds; doubles per failure
     ban_max_s: float = 600.0  # longest ban, seconds
+    busy_avoid_s: float = 5.0  # a peer that answered "busy" is left out of routes this long
     max_recoveries: int = 16  # failovers allowed in one generation before giving up
     refresh_s: float = 10.0  # re-read the swarm's records after this many seconds (at once
     # whenever the unbanned peers leave a block uncovered, and at every generation's start)
     discovery_wait_s: float = 30.0  # how long to wait for peers covering every block
     rtt_smoothing: float = 0.3  # weight of a new RTT sample in the moving average
+    speed_smoothing: float = 0.3  # weight of a new step in a peer's measured ms per block
+    speed_samples: int = 2  # one-token steps measured before routes use the measured speed
+    # of a peer instead of the ms_per_block it announces
+    speed_memory_s: float = 600.0  # a peer's measured speed is forgotten after this long
+    # without a new step (its claim counts again: a slow spell is not a life sentence)
+    max_price_multiple: float | None = 4.0  # with no max_price, a route may cost at most
+    # this many times the swarm's median price per block (None: no default cap)
+    max_peers: int = 2048  # peer records kept at most; past it, known peers stay first
+    max_connections: int = 64  # open connections at most (least recently used idle first)
+    max_pings: int = 64  # new peers pinged per refresh at most (the rest on later refreshes)
+    deposit_margin: float = 2.0  # a channel opened for a request holds this many times the
+    # most that request can pay the peer (price x blocks x (prompt + max_new_tokens))
 
 
 @dataclass(frozen=True)
 class RouteLimits:
-    """One generation's routing limits; a None field keeps the client's ``ClientConfig``
-    value. Peers, RTTs and bans stay shared between generations with different limits."""
+    """One generation's limits; a None field keeps the client's ``ClientConfig`` value.
+    Peers, RTTs and bans stay shared between generations with different limits."""
 
     alpha: float | None = None  # route cost weight, 0 fastest .. 1 cheapest
     max_price: float | None = None  # credits per token
     max_latency_ms: float | None = None  # ms per token
+    max_cost: int | None = None  # credits for the whole generation
 
     def resolve(self, config: ClientConfig) -> tuple[float, float | None, float | None]:
         """(alpha, max_price, max_latency_ms) with the client's values filled in."""
@@ -38,3 +57,7 @@ class RouteLimits:
             config.max_price if self.max_price is None else self.max_price,
             config.max_latency_ms if self.max_latency_ms is None else self.max_latency_ms,
         )
+
+    def cost_cap(self, config: ClientConfig) -> int | None:
+        """The most this generation may pay, credits (None: no cap)."""
+        return config.max_cost if self.max_cost is None else self.max_cost

@@ -1,17 +1,21 @@
 """An inference session through a chain of peers, with failover that keeps the answer.
 
 Each hop keeps the inputs it was sent (``[1, T_i, H]`` per step). When a hop fails — it
-dies, times out, answers with an error, or returns output of the wrong shape or with
-non-finite values — the session bans the peer, re-plans only that hop's blocks (possibly
-over several peers), opens sessions there, replays the kept inputs to rebuild their KV
-caches, and carries on with the step that failed. Greedy output is therefore identical to
-an undisturbed run. Each recovery is recorded as a ``Recovery``.
+dies, times out, answers with an error, returns output of the wrong shape or with
+non-finite values, or a wrong receipt — the session blames the peer (``rules.judge``: a
+ban, or for "busy" a short avoidance), re-plans only that hop's blocks (possibly over
+several peers), opens sessions there, replays the kept inputs to rebuild their KV caches,
+and carries on with the step that failed. Greedy output is therefore identical to an
+undisturbed run. Each recovery is recorded as a ``Recovery``. A failure caused by the
+request itself (``RequestTooLarge``) blames nobody and ends the session.
 
-Every step result carries the node's signed receipt; the session checks it against what it
-sent and received (``ReceiptVerifier``) and treats a wrong one like a failed hop. With a
-``ChannelPayer`` each step to a priced hop carries a cumulative voucher paying for it in
-advance; ``cost`` is what the session paid (or, without a payer, what the receipts say it
-owes) and ``payments`` the tally per peer.
+A step of more than ``step_tokens`` tokens (a long prompt) is sent as several consecutive
+steps; each step's deadline scales with the work it asks (``rules.step_timeout_s``).
+
+Money has one source of truth, ``payments`` (per peer: tokens computed, credits paid or,
+without ``Funding``, owed as receipted); ``cost`` is their sum. With ``Funding`` each step
+to a priced hop carries a cumulative voucher paying for it in advance; with a ``max_cost``
+a step that would take the total past it raises ``CostLimitExceeded`` before paying.
 """
 
 from __future__ import annotations
@@ -20,14 +24,31 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from layerchain.client.config import RouteLimits
+from layerchain.client.funding import Funding
 from layerchain.client.peers import PeerView
-from layerchain.errors import InvalidOutput, InvalidReceipt, NoRoute, PeerError, ProtocolError
-from layerchain.market import ChannelPayer, ReceiptVerifier, step_amount, tokens_of
+from layerchain.client.rules import (
+    Verdict,
+    check_output,
+    exceeds_announced,
+    judge,
+    short_of_room,
+    split_steps,
+    step_timeout_s,
+)
+from layerchain.discovery import PeerRecord
+from layerchain.errors import (
+    CostLimitExceeded,
+    InvalidReceipt,
+    LayerchainError,
+    NoRoute,
+    RequestTooLarge,
+)
+from layerchain.market import ReceiptVerifier, reservation_amount, step_amount, tokens_of
 from layerchain.types import Hop
 from layerchain.wire import messages as m
 
@@ -47,11 +68,7 @@ class Recovery:
     replacement: tuple[Hop, ...]
 
 
-# A hop that failed or whose receipt is wrong is routed around.
-HOP_FAILURES = (PeerError, ProtocolError, InvalidReceipt)
-
-
-@dataclass
+@dataclass(frozen=True)
 class HopPayment:
     """What one peer computed for a generation and what it was paid (or is owed)."""
 
@@ -59,8 +76,8 @@ class HopPayment:
     address: str  # the peer's wallet, the receipts' signer
     price_per_block: int
     blocks: int  # blocks of its (last) hop
-    tokens: int = 0  # token positions it processed, replays included
-    amount: int = 0  # credits for them: sum of tokens x blocks x price per step
+    tokens: int = 0  # token positions it computed and receipted, replays included
+    amount: int = 0  # credits paid in advance by voucher, or (unpaid) owed per receipt
 
 
 @dataclass
@@ -69,9 +86,22 @@ class HopSession:
 
     hop: Hop
     session_id: str
+    record: PeerRecord  # the peer's announcement when the session opened: price, wallet, speed
     verifier: ReceiptVerifier
-    next_step: int = 0
+    reserved: int = 0  # credits reserved on the peer's channel and not paid yet
     inputs: list[torch.Tensor] = field(default_factory=list)  # [1, T_i, H] per step
+
+    @property
+    def blocks(self) -> int:
+        return self.hop.end - self.hop.start
+
+
+class HopFailed(Exception):
+    """A hop's peer failed us; caught inside the session, never raised out of it."""
+
+    def __init__(self, peer_id: str, verdict: Verdict, error: LayerchainError) -> None:
+        super().__init__(f"peer {peer_id}: {error}")
+        self.peer_id, self.verdict, self.error = peer_id, verdict, error
 
 
 class InferenceSession:
@@ -80,84 +110,122 @@ class InferenceSession:
     def __init__(
         self,
         peers: PeerView,
-        hidden_size: int,
         max_length: int,
-        timeout_s: float,
-        payer: ChannelPayer | None = None,
+        *,
+        step_tokens: int = m.MAX_STEP_TOKENS,
+        funding: Funding | None = None,
         limits: RouteLimits | None = None,
-    ):
+    ) -> None:
         self.peers = peers
-        self.limits = limits  # this session's routing limits (None: the client's)
-        self.payer = payer
-        self.hidden_size = hidden_size
-        self.max_length = max_length
-        self.timeout_s = timeout_s
+        self.config = peers.config
+        self.limits = limits or RouteLimits()  # this session's limits (None fields: the client's)
+        self.max_cost = self.limits.cost_cap(self.config)
+        self.funding = funding
+        self.max_length = max_length  # tokens each hop's cache must hold: prompt + new tokens
+        self.step_tokens = step_tokens  # most tokens sent in one Step
         self.hops: list[HopSession] = []
         self.recoveries: list[Recovery] = []
         self.steps = 0
         self.hop_seconds = 0.0  # wall time spent waiting on hops, all steps
-        self.cost = 0  # credits paid (with a payer) or owed (without), all hops
-        self.payments: dict[str, HopPayment] = {}  # peer id -> tally
+        self.payments: dict[str, HopPayment] = {}  # peer id -> what it computed and was paid
         self._closing: set[asyncio.Task[None]] = set()  # failed hops closed in the background
 
     @property
     def route(self) -> list[Hop]:
         return [h.hop for h in self.hops]
 
+    @property
+    def cost(self) -> int:
+        """Credits paid (with funding) or owed (without), all peers, replays included."""
+        return sum(p.amount for p in self.payments.values())
+
+    def price_per_token(self) -> int:
+        """Credits one token costs on the current route."""
+        return sum(hs.blocks * hs.verifier.price_per_block for hs in self.hops)
+
+    # ---------------------------------------------------------------- opening and closing
+
     async def open(self, attempts: int = 4) -> None:
-        """Plan a route and open a session on each hop; a peer that refuses is banned."""
+        """Plan a route and open a session on each hop; a peer that fails is blamed and the
+        route planned again, without the peers too short of cache for this session."""
+        last: HopFailed | None = None
         for attempt in range(1, attempts + 1):
-            plan = self.peers.plan(limits=self.limits)
+            skip = short_of_room(self.peers.records.values(), self.max_length)
+            plan = self._plan(0, None, skip, last)
             try:
                 self.hops = await self._open_hops(plan.hops)
                 return
-            except HOP_FAILURES as error:
-                if attempt == attempts or error.peer_id is None:  # type: ignore[attr-defined]
-                    raise
-                self.peers.ban(error.peer_id, str(error))  # type: ignore[attr-defined]
+            except HopFailed as failure:
+                self._blame(failure)
+                last = failure
+                if attempt == attempts:
+                    raise failure.error from None
+
+    def _plan(self, start: int, end: int | None, skip: set[str], last: HopFailed | None) -> RoutePlan:
+        """The route over ``[start, end)`` without ``skip``; a NoRoute names the last failure
+        (what the peer that is now left out answered)."""
+        try:
+            return self.peers.plan(start, end, skip, self.limits)
+        except NoRoute as error:
+            if last is None:
+                raise
+            raise NoRoute(f"{error}; the last peer tried failed: {last}") from last.error
 
     async def _open_hops(self, hops: tuple[Hop, ...] | list[Hop]) -> list[HopSession]:
-        """Open every hop in order; on failure close those opened and re-raise, with the
-        failing peer's id in ``error.peer_id``."""
+        """Open every hop in order; on failure close those opened and re-raise."""
         opened: list[HopSession] = []
         try:
             for hop in hops:
-                try:
-                    opened.append(await self._open_hop(hop))
-                except HOP_FAILURES as error:
-                    error.peer_id = hop.peer_id  # type: ignore[attr-defined]
-                    raise
+                opened.append(await self._open_hop(hop))
         except BaseException:
-            for h in opened:
-                await self._close_hop(h)
+            for hs in opened:
+                self._close_later(hs)
             raise
         return opened
 
     async def _open_hop(self, hop: Hop) -> HopSession:
         record = self.peers.records[hop.peer_id]
-        rpc = await self.peers.client(hop.peer_id)
         session_id = uuid.uuid4().hex
-        await rpc.call(
-            m.OpenSession(
-                rid=0,
-                session_id=session_id,
-                model_id=self.peers.model_id,
-                start=hop.start,
-                end=hop.end,
-                max_length=self.max_length,
-            ),
-            timeout=self.timeout_s,
-        )
         verifier = ReceiptVerifier(
             record.wallet, session_id, self.peers.model_id, hop.span, record.price_per_block
         )
-        return HopSession(hop, session_id, verifier)
+        hs = HopSession(hop, session_id, record, verifier)
+        voucher = b""
+        if self.funding is not None and record.price_per_block > 0:
+            # the most this session can pay the peer: the reservation fee a priced node
+            # charges to open it, then every cache token through its blocks
+            fee = reservation_amount(self.max_length, hs.blocks, record.price_per_block)
+            hs.reserved = fee + step_amount(self.max_length, hs.blocks, record.price_per_block)
+            self.funding.reserve(record.wallet, hs.reserved)  # InsufficientFunds: the wallet's
+            try:
+                voucher = self._pay(hs, fee)  # CostLimitExceeded: the request's
+            except BaseException:
+                self._release(hs)
+                raise
+        try:
+            rpc = await self.peers.client(hop.peer_id)
+            await rpc.call(
+                m.OpenSession(rid=0, session_id=session_id, model_id=self.peers.model_id,
+                              start=hop.start, end=hop.end, max_length=self.max_length,
+                              voucher=voucher),
+                timeout=self.config.step_timeout_s,
+            )
+        except LayerchainError as error:
+            self._release(hs)
+            raise self._failure(hop.peer_id, error, tokens=0) from error
+        return hs
+
+    def _release(self, hs: HopSession) -> None:
+        if self.funding is not None and hs.reserved:
+            self.funding.release(hs.record.wallet, hs.reserved)
+            hs.reserved = 0
 
     async def _close_hop(self, hs: HopSession) -> None:
+        self._release(hs)
         try:
             rpc = await self.peers.client(hs.hop.peer_id)
             await rpc.call(m.CloseSession(rid=0, session_id=hs.session_id), timeout=1.0)
-        except (PeerError, ProtocolError, KeyError):
+        except (LayerchainError, KeyError):
             pass  # a dead peer frees its cache on its own (idle timeout or exit)
 
     def _close_later(self, hs: HopSession) -> None:
@@ -172,90 +240,129 @@ class InferenceSession:
         hops, self.hops = self.hops, []
         await asyncio.gather(*(self._close_hop(hs) for hs in hops), *self._closing)
 
+    # ---------------------------------------------------------------- verdicts
+
+    def _failure(self, peer_id: str, error: LayerchainError, tokens: int) -> HopFailed:
+        """The hop failure for ``error`` from ``peer_id``; raises RequestTooLarge instead when
+        the peer refused a limit and the client's own check agrees the request exceeds it."""
+        record = self.peers.records.get(peer_id)
+        verdict = judge(error, exceeds_announced(record, self.max_length, tokens))
+        if verdict is Verdict.REQUEST:
+            raise RequestTooLarge(
+                f"the request exceeds what peer {peer_id} announced: {str(error)[:200]}"
+            ) from error
+        return HopFailed(peer_id, verdict, error)
+
+    def _blame(self, failure: HopFailed) -> None:
+        if failure.verdict is Verdict.AVOID:
+            self.peers.avoid(failure.peer_id, self.config.busy_avoid_s, str(failure.error))
+        else:
+            self.peers.ban(failure.peer_id, str(failure.error))
+
     # ---------------------------------------------------------------- steps
 
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run ``hidden`` [1, T, H] through every hop (in Steps of at most ``step_tokens``
+        tokens); return the last hop's output [1, T, H]."""
+        t0 = time.perf_counter()
+        outputs = [await self._through_hops(part) for part in split_steps(hidden, self.step_tokens)]
+        self.steps += 1
+        self.hop_seconds += time.perf_counter() - t0
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    async def _through_hops(self, hidden: torch.Tensor) -> torch.Tensor:
+        i = 0
+        while i < len(self.hops):
+            try:
+                hidden = await self._call(self.hops[i], hidden)
+                i += 1
+            except HopFailed as failure:
+                await self._recover(i, failure)
+        return hidden
+
     async def _call(self, hs: HopSession, hidden: torch.Tensor) -> torch.Tensor:
-        rpc = await self.peers.client(hs.hop.peer_id)
-        verifier = hs.verifier
-        tokens = tokens_of(hidden)
-        amount = step_amount(tokens, hs.hop.end - hs.hop.start, verifier.price_per_block)
-        voucher = b""
-        if self.payer is not None and amount > 0:  # paid in advance, before any await
-            voucher = self.payer.voucher_for(verifier.node_address, amount)
-            self.cost += amount
-        reply = await rpc.call(
-            m.Step(rid=0, session_id=hs.session_id, step=hs.next_step, hidden=hidden,
-                   voucher=voucher),
-            timeout=self.timeout_s,
-        )
-        out = reply.hidden
-        if out.shape != hidden.shape or out.dtype != hidden.dtype:
-            raise InvalidOutput(
-                f"peer {hs.hop.peer_id} returned {list(out.shape)} {out.dtype}, "
-                f"expected {list(hidden.shape)} {hidden.dtype}"
+        """One Step on one hop: pay, call, check what came back, count it."""
+        peer_id, tokens = hs.hop.peer_id, tokens_of(hidden)
+        amount = step_amount(tokens, hs.blocks, hs.verifier.price_per_block)
+        voucher = self._pay(hs, amount)  # before any await: vouchers go out in order
+        timeout = step_timeout_s(self.config, tokens, hs.blocks, hs.record.ms_per_block)
+        t0 = time.perf_counter()
+        try:
+            rpc = await self.peers.client(peer_id)
+            reply = await rpc.call(
+                m.Step(rid=0, session_id=hs.session_id, step=hs.verifier.next_step,
+                       hidden=hidden, voucher=voucher),
+                timeout=timeout,
             )
-        if not torch.isfinite(out).all():
-            raise InvalidOutput(f"peer {hs.hop.peer_id} returned non-finite values")
-        if not reply.receipt:
-            raise InvalidReceipt(f"peer {hs.hop.peer_id} sent no receipt for step {hs.next_step}")
-        verifier.check(reply.receipt, hidden, out, tokens)
-        if self.payer is None:
-            self.cost += amount
-        tally = self.payments.setdefault(
-            hs.hop.peer_id,
-            HopPayment(hs.hop.peer_id, verifier.node_address, verifier.price_per_block, 0),
-        )
-        tally.blocks, tally.tokens = hs.hop.end - hs.hop.start, tally.tokens + tokens
-        tally.amount += amount
-        hs.next_step += 1
+            out = reply.hidden
+            check_output(peer_id, hidden, out)
+            if not reply.receipt:
+                raise InvalidReceipt(f"peer {peer_id} sent no receipt for step {hs.verifier.next_step}")
+            hs.verifier.check(reply.receipt, hidden, out, tokens)  # advances next_step
+        except LayerchainError as error:
+            raise self._failure(peer_id, error, tokens) from error
+        self.peers.observe_step(peer_id, hs.blocks, tokens, time.perf_counter() - t0)
+        self._count(hs, tokens, 0 if voucher else amount)
         hs.inputs.append(hidden)
         return out
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run ``hidden`` [1, T, H] through every hop; return the last hop's output."""
-        t0 = time.perf_counter()
-        i = 0
-        while i < len(self.hops):
-            hs = self.hops[i]
-            try:
-                hidden = await self._call(hs, hidden)
-                i += 1
-            except HOP_FAILURES as error:
-                await self._recover(i, error)
-        self.steps += 1
-        self.hop_seconds += time.perf_counter() - t0
-        return hidden
+    def _pay(self, hs: HopSession, amount: int) -> bytes:
+        """The voucher paying ``amount`` for the next step (b"" when nothing is paid);
+        CostLimitExceeded, before paying, when it would take the cost past ``max_cost``."""
+        if self.max_cost is not None and self.cost + amount > self.max_cost:
+            raise CostLimitExceeded(
+                f"the next step costs {amount} credits and {self.cost} are spent: more than "
+                f"max_cost {self.max_cost}",
+                hint="raise --max-cost (max_cost=) or lower max_new_tokens",
+            )
+        if self.funding is None or amount == 0:
+            return b""
+        voucher = self.funding.pay(hs.record.wallet, amount)
+        hs.reserved = max(0, hs.reserved - amount)
+        self._count(hs, 0, amount)  # paid now, whatever the peer does with it
+        return voucher
 
-    async def _recover(self, index: int, error: Exception) -> None:
+    def _count(self, hs: HopSession, tokens: int, amount: int) -> None:
+        peer_id = hs.hop.peer_id
+        paid = self.payments.get(peer_id) or HopPayment(
+            peer_id, hs.record.wallet, hs.verifier.price_per_block, hs.blocks
+        )
+        self.payments[peer_id] = replace(
+            paid, blocks=hs.blocks, tokens=paid.tokens + tokens, amount=paid.amount + amount
+        )
+
+    # ---------------------------------------------------------------- failover
+
+    async def _recover(self, index: int, failure: HopFailed) -> None:
         """Replace hop ``index`` by a freshly planned chain; rebuild its caches by replay."""
         t0 = time.perf_counter()
         failed = self.hops[index]
-        self.peers.ban(failed.hop.peer_id, str(error))
-        if len(self.recoveries) >= self.peers.config.max_recoveries:
+        self._blame(failure)
+        if len(self.recoveries) >= self.config.max_recoveries:
             raise NoRoute(
-                f"gave up after {len(self.recoveries)} failovers; last: {error}"
-            ) from error
-        history = torch.cat(failed.inputs, dim=1) if failed.inputs else None
-        exclude = {h.hop.peer_id for j, h in enumerate(self.hops) if j != index}
+                f"gave up after {len(self.recoveries)} failovers; last: {failure}"
+            ) from failure.error
+        others = {h.hop.peer_id for j, h in enumerate(self.hops) if j != index}
+        last = failure
         for attempt in range(1, 5):
             await self.peers.refresh(force=attempt > 1)
-            plan = self.peers.plan(failed.hop.start, failed.hop.end, exclude, self.limits)
+            skip = others | short_of_room(self.peers.records.values(), self.max_length)
+            plan = self._plan(failed.hop.start, failed.hop.end, skip, last)
             replacement: list[HopSession] = []
-            current = plan.hops[0]
             try:
-                x = history
-                for current in plan.hops:
-                    replacement.append(await self._open_hop(current))
-                    if x is not None:
-                        x = await self._call(replacement[-1], x)
+                replacement = await self._open_hops(plan.hops)
+                for x in regroup(failed.inputs, self.step_tokens):  # replay, step by step
+                    for hs in replacement:
+                        x = await self._call(hs, x)
                 break
-            except HOP_FAILURES as again:
-                log.warning("recovery attempt %d failed at %s: %s", attempt, current.peer_id, again)
-                self.peers.ban(current.peer_id, str(again))
+            except HopFailed as again:
+                log.warning("recovery attempt %d failed: %s", attempt, again)
+                self._blame(again)
+                last = again
                 for hs in replacement:
                     self._close_later(hs)
                 if attempt == 4:
-                    raise
+                    raise again.error from None
         self._close_later(failed)
         self.hops[index : index + 1] = replacement
         rec = Recovery(
@@ -263,7 +370,7 @@ class InferenceSession:
             start=failed.hop.start,
             end=failed.hop.end,
             step=self.steps,
-            reason=str(error),
+            reason=str(failure.error),
             seconds=time.perf_counter() - t0,
             replacement=tuple(h.hop for h in replacement),
         )
@@ -273,3 +380,17 @@ class InferenceSession:
             rec.peer_id, rec.step, rec.seconds, rec.start, rec.end,
             ", ".join(h.peer_id for h in rec.replacement),
         )
+
+
+def regroup(inputs: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
+    """Consecutive inputs [1, T_i, H] joined into as few tensors of <= ``max_tokens``
+    tokens as keeps their order (each input is at most ``max_tokens`` already)."""
+    groups: list[list[torch.Tensor]] = []
+    size = max_tokens
+    for x in inputs:
+        if size + x.shape[1] > max_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(x)
+        size += x.shape[1]
+    return [g[0] if len(g) == 1 else torch.cat(g, dim=1) for g in groups]

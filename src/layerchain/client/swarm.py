@@ -3,14 +3,28 @@
 ``AsyncSwarm`` is the asyncio core; ``Swarm`` is its thin synchronous wrapper, running the
 core on an event loop in one background thread. The client holds the model's head
 (embeddings, final norm, LM head) and tokenizer, so peers never see token ids or text; the
-decode loop is the same as ``layerchain.model.generate_local``'s: embed, push through the
-hops, logits of the last position, sample, check stop conditions.
+decode loop is ``layerchain.model.Decoder``, the one ``generate_local`` runs: embed, push
+through the hops, logits of the last position, sample, check stop conditions.
+
+A generation is a handle (``Generation``; ``SyncGeneration`` for ``Swarm``), iterated for
+its tokens and then read for its ``result``::
+
+    gen = swarm.generate_stream("Hi")       # nothing runs until it is iterated
+    async for event in gen:                 # TokenEvent(index, token_id, text)
+        ...
+    gen.result                              # GenerationResult, also after an early end
+
+Before anything is sent the request is checked against the model's context and the free
+cache the peers announce (``RequestTooLarge``), and its prompt's cost against ``max_cost``
+(``CostLimitExceeded``); a generation whose next step would pay past ``max_cost`` ends with
+finish_reason "max_cost".
 
 Payments: with ``ledger=`` (a ledger file) the client pays priced peers through payment
-channels from the wallet in ``data_dir`` (``ChannelPayer``: one channel per node, opened
-with ``deposit`` credits on first use); ``close()`` waits briefly for the nodes to redeem
-what they were paid, then asks the ledger to close the channels (the unspent deposit comes
-back after the ledger's dispute window). Receipts are checked with or without a ledger.
+channels from the wallet in ``data_dir`` (``Funding`` over a ``ChannelPayer``: a channel
+per node, sized to the requests it pays for, or holding ``deposit`` credits if given);
+``close()`` waits briefly for the nodes to redeem what they were paid, then asks the ledger
+to close the channels (the unspent deposit comes back after the ledger's dispute window).
+Receipts are checked with or without a ledger.
 """
 
 from __future__ import annotations
@@ -19,19 +33,31 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from layerchain.client.config import ClientConfig, RouteLimits
+from layerchain.client.funding import Funding
 from layerchain.client.peers import PeerView
+from layerchain.client.rules import check_context, check_room, step_tokens
 from layerchain.client.session import HopPayment, InferenceSession, Recovery
 from layerchain.client.state import SwarmState, swarm_state
 from layerchain.discovery import Discovery
+from layerchain.errors import CostLimitExceeded
 from layerchain.market import ChannelPayer
-from layerchain.model import Decoder, SamplingParams, encode_prompt, load_head, load_tokenizer, resolve_model
+from layerchain.model import (
+    DecodeResult,
+    Decoder,
+    SamplingParams,
+    encode_prompt,
+    load_head,
+    load_tokenizer,
+    resolve_model,
+)
 from layerchain.model.generate import eos_token_ids
 from layerchain.types import Hop
 from layerchain.wire.transport import Transport
@@ -39,7 +65,7 @@ from layerchain.wire.transport import Transport
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("~/.layerchain")  # the wallet's home, as the `wallet` commands use
-DEFAULT_DEPOSIT = 100_000  # credits locked in each channel the client opens
+Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role", "content"}]
 
 
 @dataclass(frozen=True)
@@ -52,19 +78,63 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    token_ids: list[int]  # generated ids only
-    prompt_tokens: int
-    route: tuple[Hop, ...]  # the route at the end (after any failover)
-    tokens_per_s: float  # decode tokens per second, first token excluded
-    ttft_s: float  # seconds from the request to the first token
+class GenerationResult(DecodeResult):
+    """What a generation through the swarm produced (``DecodeResult``), where and at what cost.
+
+    ``finish_reason`` adds "cancelled" (ended early: its consumer stopped, or a step failed;
+    ``cost`` is what was spent) and "max_cost" (the next step would have paid past it)."""
+
+    route: tuple[Hop, ...] = ()  # the route at the end (after any failover)
+    ttft_s: float = 0.0  # seconds from the request to the first token
     recoveries: tuple[Recovery, ...] = ()
-    finish_reason: str = "length"  # "stop" (EOS or stop string), "length", or "cancelled"
-    # (ended early: its consumer stopped, or a step failed; ``cost`` is what was spent)
     hop_ms_per_token: float = 0.0  # time spent in the hop chain per decode token, ms
     cost: int = 0  # credits paid to the peers (or owed, on a swarm the client does not pay)
     payments: tuple[HopPayment, ...] = ()  # per peer: tokens computed and credits
+
+
+class Generation:
+    """One generation: ``async for event in gen`` yields its tokens; ``gen.result`` is its
+    ``GenerationResult`` once it ended (ran out, failed, or was closed with ``aclose``).
+
+    Nothing runs until the first ``__anext__``; errors (``RequestTooLarge``, ``NoRoute``,
+    ``CostLimitExceeded`` ...) are raised from there. Closing it closes the hop sessions."""
+
+    def __init__(self, swarm: AsyncSwarm, prompt: Prompt, params: SamplingParams, raw: bool,
+                 limits: RouteLimits | None) -> None:
+        self._result: GenerationResult | None = None
+        self._session: InferenceSession | None = None
+        self._events = swarm._generate(self, prompt, params, raw, limits)
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def route(self) -> tuple[Hop, ...]:
+        """The route now (it changes on failover); () before the sessions are open."""
+        return tuple(self._session.route) if self._session is not None else ()
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    @property
+    def result(self) -> GenerationResult:
+        """The result; RuntimeError while the generation is still running or not started."""
+        if self._result is None:
+            raise RuntimeError("the generation has not ended: iterate it to the end or close it")
+        return self._result
 
 
 class AsyncSwarm:
@@ -83,6 +153,7 @@ class AsyncSwarm:
     ) -> None:
         self.spec = spec
         self.payer = payer
+        self.funding = Funding(payer, config.deposit_margin) if payer is not None else None
         self.head = head
         self.tokenizer = tokenizer
         self.discovery = discovery
@@ -90,6 +161,9 @@ class AsyncSwarm:
         self.config = config
         self.peers = PeerView(discovery, transport, spec.model_id, spec.num_blocks, config)
         self.eos_token_ids = eos_token_ids(spec.config)
+        self.context_length: int | None = getattr(spec.config, "max_position_embeddings", None)
+        # hidden states travel in float32 (4 bytes a value): at most this many tokens a Step
+        self.step_tokens = step_tokens(spec.hidden_size, 4)
         self.last_route: tuple[Hop, ...] = ()
 
     @classmethod
@@ -103,11 +177,12 @@ class AsyncSwarm:
         transport: Transport | None = None,
         data_dir: str | Path | None = None,
         ledger: str | Path | None = None,
-        deposit: int = DEFAULT_DEPOSIT,
+        deposit: int | None = None,
         **limits: Any,
     ) -> AsyncSwarm:
         """Join the swarm through ``initial_peers`` (DHT multiaddrs) and load the head;
-        with ``ledger``, pay priced peers from the wallet in ``data_dir``."""
+        with ``ledger``, pay priced peers from the wallet in ``data_dir``, through channels
+        holding ``deposit`` credits each (None: sized to each request)."""
         config = replace(config or ClientConfig(), **limits)
         payer = open_payer(data_dir, ledger, deposit) if ledger is not None else None
         spec = await asyncio.to_thread(resolve_model, model)
@@ -130,96 +205,97 @@ class AsyncSwarm:
 
     async def close(self, settle_s: float = 10.0) -> None:
         try:
-            if self.payer is not None:
-                await settle_channels(self.payer, settle_s)
+            if self.funding is not None:
+                await self.funding.settle(settle_s)
         finally:
             await self.peers.close()
             await self.discovery.close()
 
-    async def generate_stream(
+    def generate_stream(
         self,
-        prompt: str | list[dict[str, str]],
+        prompt: Prompt,
         params: SamplingParams | None = None,
         *,
         raw: bool = False,
-        result: list[GenerationResult] | None = None,
         limits: RouteLimits | None = None,
-    ) -> AsyncIterator[TokenEvent]:
-        """Yield tokens as they are generated; append the final result to ``result``.
-        ``limits`` override the client's routing limits for this generation only.
-
-        A generation that ends early (its consumer stopped iterating, or a step failed)
-        still appends a result, with ``finish_reason`` "cancelled", so that what it cost
-        (peers were paid for every token computed) can be accounted for."""
-        params = params or SamplingParams()
-        prompt_ids = encode_prompt(self.tokenizer, prompt, raw=raw)
-        t0 = time.perf_counter()
-        await self.peers.wait_for_coverage()
-        session = InferenceSession(
-            self.peers,
-            self.spec.hidden_size,
-            max_length=len(prompt_ids) + params.max_new_tokens,
-            timeout_s=self.config.step_timeout_s,
-            payer=self.payer,
-            limits=limits,
-        )
-        decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
-        ttft = 0.0
-        completed = False
-        try:
-            await session.open()
-            self.last_route = tuple(session.route)
-            while (x := self._next_input(decoder)) is not None:
-                hidden = await session.step(x)
-                text = self._accept(decoder, hidden)  # one more token in decoder.stop.token_ids
-                token_ids = decoder.stop.token_ids
-                if len(token_ids) == 1:
-                    ttft = time.perf_counter() - t0
-                yield TokenEvent(len(token_ids) - 1, token_ids[-1], text)
-            completed = True
-        finally:
-            self.last_route = route = tuple(session.route)
-            await session.close()
-            if result is not None:
-                res = decoder.result()
-                result.append(
-                    GenerationResult(
-                        text=res.text,
-                        token_ids=list(res.token_ids),
-                        prompt_tokens=len(prompt_ids),
-                        route=route,
-                        tokens_per_s=res.tokens_per_s,
-                        ttft_s=ttft,
-                        recoveries=tuple(session.recoveries),
-                        finish_reason=res.finish_reason if completed else "cancelled",
-                        hop_ms_per_token=1000 * session.hop_seconds / max(1, session.steps),
-                        cost=session.cost,
-                        payments=tuple(session.payments.values()),
-                    )
-                )
-
-    @staticmethod
-    @torch.inference_mode()
-    def _next_input(decoder: Decoder) -> torch.Tensor | None:
-        return decoder.next_input()  # [1, T, H]: the prompt, then one token
-
-    @staticmethod
-    @torch.inference_mode()
-    def _accept(decoder: Decoder, hidden: torch.Tensor) -> str:
-        return decoder.accept(hidden)
+    ) -> Generation:
+        """A generation to iterate (``async for``) and then read (``.result``).
+        ``limits`` override the client's routing and cost limits for this generation only."""
+        return Generation(self, prompt, params or SamplingParams(), raw, limits)
 
     async def generate(
         self,
-        prompt: str | list[dict[str, str]],
+        prompt: Prompt,
         params: SamplingParams | None = None,
         *,
         raw: bool = False,
         limits: RouteLimits | None = None,
     ) -> GenerationResult:
-        result: list[GenerationResult] = []
-        async for _ in self.generate_stream(prompt, params, raw=raw, result=result, limits=limits):
+        """Generate to the end; the result."""
+        gen = self.generate_stream(prompt, params, raw=raw, limits=limits)
+        async for _ in gen:
             pass
-        return result[0]
+        return gen.result
+
+    async def _generate(
+        self, gen: Generation, prompt: Prompt, params: SamplingParams, raw: bool,
+        limits: RouteLimits | None,
+    ) -> AsyncIterator[TokenEvent]:
+        """The decode loop behind ``gen``; sets ``gen._result`` however it ends (a generation
+        that ended early, with finish_reason "cancelled", still says what it cost)."""
+        prompt_ids = encode_prompt(self.tokenizer, prompt, raw=raw)
+        t0 = time.perf_counter()
+        check_context(len(prompt_ids), params.max_new_tokens, self.context_length)
+        await self.peers.wait_for_coverage()
+        max_length = len(prompt_ids) + params.max_new_tokens
+        check_room(self.peers.records.values(), max_length, self.spec.num_blocks)
+        session = gen._session = InferenceSession(
+            self.peers, max_length, step_tokens=self.step_tokens, funding=self.funding,
+            limits=limits,
+        )
+        decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
+        ttft = 0.0
+        finish: str | None = "cancelled"  # None: the decoder's own reason
+        try:
+            await session.open()
+            self.last_route = tuple(session.route)
+            cap = session.max_cost
+            if cap is not None and session.price_per_token() * len(prompt_ids) > cap:
+                raise CostLimitExceeded(
+                    f"the prompt alone costs {session.price_per_token() * len(prompt_ids)} "
+                    f"credits on the route, more than max_cost {cap}",
+                    hint="raise --max-cost (max_cost=), shorten the prompt or set --max-price",
+                )
+            while (x := self._next_input(decoder)) is not None:
+                try:
+                    hidden = await session.step(x)
+                except CostLimitExceeded:
+                    if not decoder.stop.token_ids:
+                        raise
+                    finish = "max_cost"
+                    break
+                text = self._accept(decoder, hidden)  # one more token in decoder.stop.token_ids
+                token_ids = decoder.stop.token_ids
+                if len(token_ids) == 1:
+                    ttft = time.perf_counter() - t0
+                yield TokenEvent(len(token_ids) - 1, token_ids[-1], text)
+            else:
+                finish = None
+        finally:
+            self.last_route = route = tuple(session.route)
+            await session.close()
+            decoded = decoder.result()
+            gen._result = GenerationResult(
+                **{f.name: getattr(decoded, f.name) for f in fields(DecodeResult)},
+                route=route,
+                ttft_s=ttft,
+                recoveries=tuple(session.recoveries),
+                hop_ms_per_token=1000 * session.hop_seconds / max(1, session.steps),
+                cost=session.cost,
+                payments=tuple(session.payments.values()),
+            )
+            if finish is not None:
+                gen._result = replace(gen._result, finish_reason=finish)
 
     def state(self) -> SwarmState:
         """A frozen snapshot of the swarm as this client sees it: nodes (span, price, speed,
@@ -236,36 +312,25 @@ class AsyncSwarm:
         """Re-read the swarm's records if they are stale (or leave a block uncovered)."""
         await self.peers.refresh()
 
+    @staticmethod
+    @torch.inference_mode()
+    def _next_input(decoder: Decoder) -> torch.Tensor | None:
+        return decoder.next_input()  # [1, T, H]: the prompt, then one token
 
-def open_payer(data_dir: str | Path | None, ledger: str | Path, deposit: int) -> ChannelPayer:
-    """The client's channels, paid from the wallet in ``data_dir`` on the ledger file."""
+    @staticmethod
+    @torch.inference_mode()
+    def _accept(decoder: Decoder, hidden: torch.Tensor) -> str:
+        return decoder.accept(hidden)
+
+
+def open_payer(data_dir: str | Path | None, ledger: str | Path, deposit: int | None) -> ChannelPayer:
+    """The client's channels, paid from the wallet in ``data_dir`` on the ledger file
+    (``deposit`` None or 0: channels sized per request by ``Funding``)."""
     from layerchain.ledger import open_ledger
     from layerchain.market import Wallet
 
     wallet = Wallet.load_or_create(Path(data_dir or DEFAULT_DATA_DIR).expanduser())
-    return ChannelPayer(wallet, open_ledger(Path(ledger).expanduser()), deposit=deposit)
-
-
-async def settle_channels(payer: ChannelPayer, wait_s: float) -> None:
-    """Wait up to ``wait_s`` for each node to redeem what it was promised, then ask the
-    ledger to close every channel (the rest of the deposit returns after the dispute window).
-
-    Waiting matters on a ledger without a dispute window, where a close refunds at once and
-    a voucher redeemed after it is refused."""
-    ledger = payer.ledger
-    assert ledger is not None
-    channels = payer.channels()
-    deadline = time.monotonic() + wait_s
-    while channels and time.monotonic() < deadline:
-        states = await asyncio.to_thread(lambda: [ledger.channel(c.channel_id) for c in channels])
-        if all(state.redeemed >= payer.spent(state.payee) for state in states):
-            break
-        await asyncio.sleep(0.1)
-    for channel in channels:
-        try:
-            await asyncio.to_thread(ledger.close_channel, channel.channel_id)
-        except Exception as error:  # noqa: BLE001 - a refused close must not lose the others
-            log.warning("could not close channel %s: %s", channel.channel_id[:10], error)
+    return ChannelPayer(wallet, open_ledger(Path(ledger).expanduser()), deposit=deposit or 0)
 
 
 class Swarm:
@@ -286,7 +351,7 @@ class Swarm:
 
     def generate(
         self,
-        prompt: str | list[dict[str, str]],
+        prompt: Prompt,
         params: SamplingParams | None = None,
         *,
         raw: bool = False,
@@ -296,23 +361,14 @@ class Swarm:
 
     def stream(
         self,
-        prompt: str | list[dict[str, str]],
+        prompt: Prompt,
         params: SamplingParams | None = None,
         *,
         raw: bool = False,
-        result: list[GenerationResult] | None = None,
         limits: RouteLimits | None = None,
-    ) -> Iterator[TokenEvent]:
-        """Yield tokens as they arrive; append the final result to ``result`` if given."""
-        agen = self._core.generate_stream(prompt, params, raw=raw, result=result, limits=limits)
-        try:
-            while True:
-                try:
-                    yield self._run(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._run(agen.aclose())
+    ) -> SyncGeneration:
+        """A generation to iterate (``for event in gen``) and then read (``gen.result``)."""
+        return SyncGeneration(self, self._core.generate_stream(prompt, params, raw=raw, limits=limits))
 
     def close(self) -> None:
         try:
@@ -326,3 +382,43 @@ class Swarm:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class SyncGeneration:
+    """``Generation`` for synchronous code: ``for event in gen: ...``, then ``gen.result``.
+    Leaving the loop early (break, an exception) closes the generation."""
+
+    def __init__(self, swarm: Swarm, generation: Generation) -> None:
+        self._swarm, self._gen = swarm, generation
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        try:
+            while True:
+                try:
+                    yield self._swarm._run(self._gen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._gen.done:
+            self._swarm._run(self._gen.aclose())
+
+    def __enter__(self) -> SyncGeneration:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def route(self) -> tuple[Hop, ...]:
+        return self._gen.route
+
+    @property
+    def done(self) -> bool:
+        return self._gen.done
+
+    @property
+    def result(self) -> GenerationResult:
+        return self._gen.result

@@ -11,7 +11,7 @@ reference and the client::
     while (hidden := decoder.next_input()) is not None:   # [1, T, H]: the prompt, then 1 token
         out = run_blocks(hidden)                           # [1, T, H]: spans 0..L in order
         text = decoder.accept(out)                         # new text (may be "")
-    result = decoder.result()                              # GenerationResult
+    result = decoder.result()                              # DecodeResult
 
 ``run_blocks`` may be synchronous (``span.forward(hidden, cache)``) or awaited hop by hop; the
 client keeps each hop's inputs to replay them after a failover. ``generate_local`` runs the
@@ -37,14 +37,18 @@ from layerchain.model.tokenizer import Message, encode_prompt, load_tokenizer
 
 
 @dataclass(frozen=True)
-class GenerationResult:
-    """What a generation produced."""
+class DecodeResult:
+    """What a decode loop produced (locally; the swarm's ``GenerationResult`` extends it)."""
 
     text: str  # generated text, without any stop string
     token_ids: tuple[int, ...]  # generated ids only (an EOS that ended it included)
     prompt_token_ids: tuple[int, ...]
     finish_reason: str  # "stop" (EOS or stop string) | "length" (max_new_tokens)
     tokens_per_s: float  # decode rate: tokens after the first / seconds after the first
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
 
     def to_json(self) -> dict[str, Any]:
         """The ``generate --json`` object."""
@@ -100,13 +104,13 @@ class Decoder:
             self._pending = [token]
         return text
 
-    def result(self) -> GenerationResult:
+    def result(self) -> DecodeResult:
         n, times = len(self.stop.token_ids), self._times
         if n >= 2 and times[-1] > times[0]:
             rate = (n - 1) / (times[-1] - times[0])
         else:
             rate = n / max(times[-1] - self._started, 1e-9) if times else 0.0
-        return GenerationResult(
+        return DecodeResult(
             self.stop.text,
             tuple(self.stop.token_ids),
             self.prompt_ids,
@@ -130,7 +134,7 @@ class LocalModel:
         params: SamplingParams,
         raw: bool = False,
         on_text: Callable[[str], None] | None = None,
-    ) -> GenerationResult:
+    ) -> DecodeResult:
         prompt_ids = encode_prompt(self.tokenizer, prompt, raw=raw)
         decoder = Decoder(
             self.head, self.tokenizer, prompt_ids, params, eos_token_ids(self.spec.config)
@@ -150,7 +154,7 @@ def generate_local(
     params: SamplingParams,
     raw: bool = False,
     on_text: Callable[[str], None] | None = None,
-) -> GenerationResult:
+) -> DecodeResult:
     """Generate with the whole model in this process; ``on_text`` receives streamed text.
 
     Loads the model each call; keep a ``LocalModel`` to generate several times.
