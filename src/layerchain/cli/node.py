@@ -27,15 +27,26 @@ def start(
     new_swarm: bool = typer.Option(False, help="Start a new DHT instead of joining one."),
     data_dir: Path = typer.Option(_D.data_dir, help="Where the node keeps its keys and state."),
     max_cache_tokens: int = typer.Option(_D.max_cache_tokens, help="KV-cache budget in tokens."),
+    max_session_tokens: int = typer.Option(
+        _D.max_session_tokens, help="Cache tokens one session may reserve (0 = a quarter of the cache)."
+    ),
+    max_connection_tokens: int = typer.Option(
+        _D.max_connection_tokens,
+        help="Cache tokens one client connection's sessions may reserve (0 = half of the cache).",
+    ),
     max_sessions: int = typer.Option(_D.max_sessions, help="Sessions open at once."),
     max_connections: int = typer.Option(
         _D.max_connections, help="Client connections held at once (idle ones give way)."
     ),
     read_timeout: float = typer.Option(
-        _D.read_timeout_s, help="Seconds a started frame may stall before its connection closes."
+        _D.read_timeout_s,
+        help="Seconds a frame may take from its first byte to its last before its connection closes.",
     ),
     session_idle_timeout: float = typer.Option(
         _D.session_idle_timeout_s, help="Close a session without steps after this many seconds."
+    ),
+    first_step_timeout: float = typer.Option(
+        _D.first_step_timeout_s, help="Close a session that runs no step this long after opening."
     ),
     record_ttl: float = typer.Option(
         _D.record_ttl_s, help="DHT records expire after this many seconds unless refreshed."
@@ -61,30 +72,18 @@ def start(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
 ) -> None:
     """Load a span of blocks, join the DHT and serve inference sessions until Ctrl-C."""
-    from layerchain.errors import ConfigError
     from layerchain.node.runner import run_node
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     span = Span.parse(blocks)
-    if not initial_peers and not new_swarm:
-        raise ConfigError("a node needs --initial-peers to join a swarm, or --new-swarm")
-    if not 0 < announce_every < record_ttl:
-        raise ConfigError(
-            f"--announce-every {announce_every:g} must be positive and below --record-ttl {record_ttl:g}"
-        )
-    for flag, value in (("--max-cache-tokens", max_cache_tokens), ("--max-sessions", max_sessions),
-                        ("--max-connections", max_connections), ("--read-timeout", read_timeout),
-                        ("--session-idle-timeout", session_idle_timeout)):
-        if value <= 0:
-            raise ConfigError(f"{flag} must be positive, got {value:g}")
-    if drain < 0:
-        raise ConfigError(f"--drain must not be negative, got {drain:g}")
-    config = NodeConfig(
+    config = NodeConfig(  # checks every setting: ConfigError
         model=model, start=span.start, end=span.end, host=host, port=port, dht_port=dht_port,
         initial_peers=tuple(initial_peers or ()), new_swarm=new_swarm, data_dir=data_dir,
-        max_cache_tokens=max_cache_tokens, max_sessions=max_sessions,
-        session_idle_timeout_s=session_idle_timeout, max_connections=max_connections,
+        max_cache_tokens=max_cache_tokens, max_session_tokens=max_session_tokens,
+        max_connection_tokens=max_connection_tokens, max_sessions=max_sessions,
+        session_idle_timeout_s=session_idle_timeout, first_step_timeout_s=first_step_timeout,
+        max_connections=max_connections,
         read_timeout_s=read_timeout, drain_s=drain, record_ttl_s=record_ttl,
         refresh_s=announce_every, price_per_block=price,
         ledger=str(ledger) if ledger else "", stake=stake,

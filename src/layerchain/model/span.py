@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -170,6 +171,28 @@ class SpanModel(nn.Module):
             out = self._run(hidden, cache, cache.length, cache.start, cache.end)
             cache.length += hidden.shape[1]
         return out
+
+    def forward_stepwise(self, hidden: torch.Tensor, cache: KVCache) -> Iterator[torch.Tensor]:
+        """``forward(hidden, cache)`` one block at a time, for a caller that must stay
+        responsive during a long step (a node answering pings between the blocks of a
+        prefill): yields the hidden states [B, T, H] after each of the cache's blocks, the
+        last being the output, and advances ``cache.length`` by T after the last. Each block
+        runs under ``torch.inference_mode``, which is not held across a yield. The same
+        layers run on the same inputs as in ``forward``: the same numbers. Abandoned midway,
+        the cache keeps its length, as after a failed forward."""
+        if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
+            raise SpanError(
+                f"hidden states must be [batch, tokens, {self.config.hidden_size}], "
+                f"got {list(hidden.shape)}"
+            )
+        self._sub_range(cache.start, cache.end)
+        past = cache.length
+        for block in range(cache.start, cache.end):
+            with torch.inference_mode():
+                hidden = self._run(hidden, cache, past, block, block + 1)
+            if block + 1 == cache.end:
+                cache.length = past + hidden.shape[1]
+            yield hidden
 
     def forward_stepwise(self, hidden: torch.Tensor, cache: KVCache) -> Iterator[torch.Tensor]:
         """``forward(hidden, cache)`` one block at a time, for a caller that must stay

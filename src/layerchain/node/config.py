@@ -1,9 +1,17 @@
-"""Configuration of a node: one frozen record; the CLI's flags and defaults come from it."""
+"""Configuration of a node: one frozen record; the CLI's flags and defaults come from it.
+
+``NodeConfig(...)`` checks every field when it is built (``ConfigError``, one line naming
+the field), so Python users get the same checks as ``layerchain node start``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from layerchain.errors import ConfigError
+
+MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -18,12 +26,18 @@ class NodeConfig:
     new_swarm: bool = False  # start a new DHT instead of joining one
     data_dir: Path = field(default_factory=lambda: Path.home() / ".layerchain" / "node")
     max_cache_tokens: int = 32_768  # KV-cache budget: sum of max_length over open sessions
+    max_session_tokens: int = 0  # max_length one session may reserve; 0: a quarter of
+    # max_cache_tokens. Announced: free_cache_tokens never exceeds it
+    max_connection_tokens: int = 0  # cache tokens the sessions of one client connection may
+    # reserve together; 0: half of max_cache_tokens
     max_sessions: int = 1_024  # sessions open at once, whatever their size
     session_idle_timeout_s: float = 300.0  # a session without steps for this long is closed
+    first_step_timeout_s: float = 30.0  # a session that runs no step this long after it
+    # opened is closed: a reservation nobody uses frees its cache tokens
     max_connections: int = 256  # client connections held at once; at the cap a new one
-    # replaces the connection quiet longest that holds no session, or is refused
-    read_timeout_s: float = 30.0  # a started frame whose next byte takes longer, or that is
-    # not complete this long (+1 s per MiB) after its first byte, closes its connection
+    # replaces the least recently active (one holding no session if there is one)
+    read_timeout_s: float = 30.0  # a frame not complete this long after its first byte, or a
+    # reply the client does not read for this long, closes its connection
     drain_s: float = 5.0  # on SIGTERM, open sessions may finish for up to this many seconds
     price_per_block: int = 0  # ledger units per block per token processed
     ledger: str = ""  # ledger file; with one and a price, steps must be paid by voucher
@@ -33,3 +47,49 @@ class NodeConfig:
     record_ttl_s: float = 60.0  # DHT records expire after this many seconds
     refresh_s: float = 15.0  # re-announce the DHT records this often, seconds
     threads: int = 0  # torch threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        positive = ("max_cache_tokens", "max_sessions", "max_connections", "read_timeout_s",
+                    "session_idle_timeout_s", "first_step_timeout_s", "redeem_interval_s",
+                    "record_ttl_s", "refresh_s")
+        not_negative = ("start", "end", "port", "dht_port", "max_session_tokens", "max_connection_tokens",
+                        "drain_s", "price_per_block", "stake", "emulate_latency_ms", "threads")
+        for name in (*positive, *not_negative):
+            value = getattr(self, name)
+            _check(name, value, type(value) in (int, float), "must be a number")
+        for name in positive:
+            _check(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
+        for name in not_negative:
+            _check(name, getattr(self, name), getattr(self, name) >= 0, "must not be negative")
+        _check("end", self.end, self.end == 0 or self.end > self.start,
+               f"must be 0 (the model's end) or above start {self.start}")
+        for name in ("port", "dht_port"):
+            _check(name, getattr(self, name), getattr(self, name) <= MAX_PORT,
+                   f"must be in 0..{MAX_PORT}")
+        for name in ("max_session_tokens", "max_connection_tokens"):
+            _check(name, getattr(self, name), getattr(self, name) <= self.max_cache_tokens,
+                   f"must not exceed max_cache_tokens {self.max_cache_tokens}")
+        _check("max_connection_tokens", self.max_connection_tokens,
+               self.max_connection_tokens == 0 or self.max_connection_tokens >= self.session_tokens,
+               f"must be 0 or at least what one session may reserve ({self.session_tokens})")
+        _check("refresh_s", self.refresh_s, self.refresh_s < self.record_ttl_s,
+               f"must be below record_ttl_s {self.record_ttl_s:g}, or records lapse between"
+               " announcements")
+        if not self.host:
+            raise ConfigError("host must not be empty")
+
+    @property
+    def session_tokens(self) -> int:
+        """Cache tokens one session may reserve (``max_session_tokens`` resolved)."""
+        return self.max_session_tokens or max(1, self.max_cache_tokens // 4)
+
+    @property
+    def connection_tokens(self) -> int:
+        """Cache tokens one connection's sessions may reserve (``max_connection_tokens``
+        resolved; never below what one session may)."""
+        return self.max_connection_tokens or max(self.max_cache_tokens // 2, self.session_tokens)
+
+
+def _check(name: str, value: object, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"node setting {name} {rule}, got {value!r}")

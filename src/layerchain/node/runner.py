@@ -29,21 +29,30 @@ from layerchain.model import load_span, resolve_model
 from layerchain.node.config import NodeConfig
 from layerchain.node.server import Node, measure_ms_per_block
 from layerchain.types import Span
-from layerchain.wire.codec import DEFAULT_LIMITS, Limits
+from layerchain.errors import ConfigError
+from layerchain.wire.codec import DEFAULT_LIMITS, Limits, largest_step_frame
 from layerchain.wire.transport import TcpTransport
 
 log = logging.getLogger(__name__)
 
 
-def wire_limits(config: NodeConfig) -> Limits:
-    """The wire limits this node's listener enforces: the defaults, with the node's own caps."""
+def wire_limits(config: NodeConfig, hidden_size: int) -> Limits:
+    """The wire limits this node's listener enforces: the defaults, with the node's own caps,
+    and frames no larger than the largest step of its model needs (a few MiB, not 64: what a
+    connection can make the node buffer is bounded by what a step can use)."""
     return replace(
-        DEFAULT_LIMITS, max_connections=config.max_connections, read_timeout_s=config.read_timeout_s
+        DEFAULT_LIMITS,
+        max_connections=config.max_connections,
+        read_timeout_s=config.read_timeout_s,
+        max_frame_bytes=min(DEFAULT_LIMITS.max_frame_bytes, largest_step_frame(hidden_size)),
     )
 
 
 async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     """Load the span and join the DHT; the node is not started yet."""
+    if not config.initial_peers and not config.new_swarm:
+        raise ConfigError("a node needs initial_peers (--initial-peers) to join a swarm, "
+                          "or new_swarm (--new-swarm)")
     if config.threads:
         torch.set_num_threads(config.threads)
     spec = await asyncio.to_thread(resolve_model, config.model)
@@ -72,7 +81,7 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         config,
         spec=spec,
         span=span,
-        transport=TcpTransport(wire_limits(config)),
+        transport=TcpTransport(wire_limits(config, spec.hidden_size)),
         listen_at=f"tcp://{config.host}:{config.port}",
         discovery=discovery,
         identity=identity,

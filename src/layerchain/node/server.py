@@ -11,12 +11,19 @@ Life cycle: ``start()`` measures ``ms_per_block``, listens, and starts announcin
 
 Every step result carries a signed receipt; a priced node with a ledger serves a step only
 when its voucher pays for it (``node.payments``, ``NodePayments``).
+
+Bounded work per request: a step carries at most ``MAX_STEP_TOKENS`` tokens (more is
+``limit_exceeded``, refused from the frame header by the codec); a step expected to compute
+longer than ``COMPUTE_SLICE_S`` runs block by block, handing the event loop over between
+blocks, so pings and other sessions' steps are answered during a long prefill. What one
+client may reserve is bounded by ``SessionTable``'s admission rules, per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from typing import Any
@@ -25,7 +32,7 @@ import torch
 
 from layerchain import __version__
 from layerchain.discovery import AnnounceConfig, Announcer, Discovery, PeerRecord
-from layerchain.errors import LimitExceeded, PeerBusy
+from layerchain.errors import LimitExceeded, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
 from layerchain.node.config import NodeConfig
 from layerchain.node.payments import NodePayments
@@ -41,8 +48,11 @@ log = logging.getLogger(__name__)
 # live thread that ran a parallel op; once those teams hold more threads than there are
 # CPUs it stops spinning between parallel regions, and each of the hundreds of regions in a
 # step pays a sleep and a wake-up. On 2 cores one more such thread (a worker that loaded
-# the span) took a 30-block decode step from 30 ms to 53 ms. The price: a long prefill holds
-# the loop (pings wait for it; other sessions' steps would wait for the cores anyway).
+# the span) took a 30-block decode step from 30 ms to 53 ms. So a long step is not moved to
+# a thread: it runs in slices of blocks on the loop, yielding between them.
+COMPUTE_SLICE_S = 0.05  # seconds of compute a step may hold the event loop before it yields
+YIELD_S = 0.001  # then the loop is free this long: a ping needs several loop turns (read,
+# reply, the peer's read over memory), which a bare sleep(0) (one turn) would not give it
 
 
 def measure_ms_per_block(span: Any, hidden_size: int, steps: int = 24) -> float:
@@ -93,9 +103,15 @@ class Node:
             data_dir=config.data_dir if ledger is not None else None,
             stake=config.stake,
             blocks=span.end - span.start,
+            redeem_interval_s=config.redeem_interval_s,
         )
         self.sessions = SessionTable(
-            config.max_cache_tokens, config.max_sessions, config.session_idle_timeout_s
+            config.max_cache_tokens,
+            config.max_sessions,
+            config.session_idle_timeout_s,
+            max_session_tokens=config.session_tokens,
+            max_owner_tokens=config.connection_tokens,
+            first_step_timeout_s=config.first_step_timeout_s,
         )
         self.ms_per_block = ms_per_block
         self.listener: Listener | None = None
@@ -103,6 +119,7 @@ class Node:
         self.draining = False
         self.rtts: dict[str, float] = {}  # peer id -> ms, from peers that pinged us
         self._tasks: set[asyncio.Task] = set()
+        self._connections = itertools.count(1)  # owner ids of served connections
         self._sweeper: asyncio.Task | None = None
         self._redeemer: asyncio.Task | None = None
 
@@ -153,7 +170,7 @@ class Node:
             end=self.span.end,
             ms_per_block=self.ms_per_block,
             price_per_block=self.config.price_per_block,
-            free_cache_tokens=0 if self.draining else self.sessions.free_cache_tokens,
+            free_cache_tokens=0 if self.draining else self.sessions.admissible_tokens,
             wallet=self.wallet,
             rtts=tuple(sorted(self.rtts.items())),
             version=__version__,
@@ -182,8 +199,10 @@ class Node:
         await self.payments.claim_uptime()
 
     async def _sweep_idle(self) -> None:
+        config = self.config
+        period = min(5.0, config.session_idle_timeout_s / 2, config.first_step_timeout_s / 4)
         while True:
-            await asyncio.sleep(min(5.0, self.config.session_idle_timeout_s / 2))
+            await asyncio.sleep(period)
             for sid in self.sessions.expire_idle():
                 log.info("closed idle session %s", sid)
 
@@ -193,9 +212,14 @@ class Node:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        owner = next(self._connections)  # what this connection's sessions reserve is bounded
+
+        async def handle(msg: Any) -> Any:
+            return await self.handle(msg, owner)
+
         try:
             stats = await serve_connection(
-                conn, self.handle, reply_delay_s=self.config.emulate_latency_ms / 1000.0
+                conn, handle, reply_delay_s=self.config.emulate_latency_ms / 1000.0
             )
             for session_id in stats.open_sessions:  # the client is gone: free its caches
                 self.sessions.close(session_id)
@@ -203,12 +227,13 @@ class Node:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def handle(self, msg: Any) -> Any:
-        """Answer one request; raise a LayerchainError for an error reply."""
+    async def handle(self, msg: Any, owner: int = 0) -> Any:
+        """Answer one request of connection ``owner``; raise a LayerchainError for an error
+        reply."""
         if isinstance(msg, m.Step):
             return await self._step(msg)
         if isinstance(msg, m.OpenSession):
-            return self._open(msg)
+            return self._open(msg, owner)
         if isinstance(msg, m.CloseSession):
             self.sessions.close(msg.session_id)
             if self.payments.book is not None:
@@ -229,13 +254,13 @@ class Node:
             end=self.span.end,
             ms_per_block=self.ms_per_block,
             price_per_block=self.config.price_per_block,
-            free_cache_tokens=self.sessions.free_cache_tokens,
+            free_cache_tokens=self.sessions.admissible_tokens,
             wallet=self.wallet,
             version=__version__,
             rtts=dict(self.rtts),
         )
 
-    def _open(self, msg: m.OpenSession) -> m.SessionOpened:
+    def _open(self, msg: m.OpenSession, owner: int) -> m.SessionOpened:
         if self.draining:
             raise PeerBusy("node is shutting down")
         if msg.model_id != self.spec.model_id:
@@ -248,10 +273,18 @@ class Node:
                 f"not {msg.start}:{msg.end}"
             )
         cache = self.span.new_cache(msg.start, msg.end, max_length=msg.max_length)
-        session = self.sessions.open(msg.session_id, msg.max_length, cache, msg.start, msg.end)
-        session.payment = self.payments.open(msg.session_id, msg.start, msg.end)
+        session = self.sessions.open(
+            msg.session_id, msg.max_length, cache, msg.start, msg.end, owner
+        )
+        try:  # admitted first, so a busy node takes no reservation fee
+            session.payment = self.payments.open(
+                msg.session_id, msg.start, msg.end, max_length=msg.max_length, voucher=msg.voucher
+            )
+        except BaseException:
+            self.sessions.close(msg.session_id)
+            raise
         return m.SessionOpened(
-            rid=msg.rid, session_id=msg.session_id, free_cache_tokens=self.sessions.free_cache_tokens
+            rid=msg.rid, session_id=msg.session_id, free_cache_tokens=self.sessions.admissible_tokens
         )
 
     async def _step(self, msg: m.Step) -> m.StepResult:
@@ -260,8 +293,13 @@ class Node:
             raise LimitExceeded(
                 f"hidden states must be [1, T, {self.spec.hidden_size}], got {list(hidden.shape)}"
             )
-        session = self.sessions.get(msg.session_id)
         tokens = tokens_of(hidden)
+        if tokens > m.MAX_STEP_TOKENS:  # the codec's limit, unless a transport raised it
+            raise LimitExceeded(
+                f"a step carries at most {m.MAX_STEP_TOKENS} tokens, this one {tokens}",
+                hint="split it into several steps",
+            )
+        session = self.sessions.get(msg.session_id)
         # Before the first await: vouchers are checked in the order they arrived.
         self.payments.charge(session.payment, msg.voucher, tokens)
         async with session.lock:
@@ -275,20 +313,39 @@ class Node:
                     f"more than its max_length {session.max_length}"
                 )
             x = hidden if hidden.dtype == torch.float32 else hidden.float()
-            t0 = time.perf_counter()
-            with torch.inference_mode():  # on this thread: see the note at the top
-                out = self.span.forward(x, session.cache, start=session.start, end=session.end)
+            blocks = session.end - session.start
+            if tokens * blocks * self.ms_per_block < 1000.0 * COMPUTE_SLICE_S:
+                t0 = time.perf_counter()
+                with torch.inference_mode():  # on this thread: see the note at the top
+                    out = self.span.forward(x, session.cache, start=session.start, end=session.end)
+                if tokens == 1:  # a decode step: keep the fastest cost seen, as at start
+                    per_block = 1000.0 * (time.perf_counter() - t0) / blocks
+                    self.ms_per_block = min(self.ms_per_block, per_block)
+            else:
+                out = await self._forward_in_slices(x, session)
             if out.dtype != hidden.dtype:  # answer in the dtype the client sent (fp16, bf16)
                 out = out.to(hidden.dtype)
-            if tokens == 1:  # a decode step: keep the fastest cost seen, as at start
-                per_block = 1000.0 * (time.perf_counter() - t0) / (session.end - session.start)
-                self.ms_per_block = min(self.ms_per_block, per_block)
-            session.tokens += tokens
-            session.next_step += 1
+            session.stepped(tokens)
             receipt = self.payments.receipt(session.payment, msg.step, tokens, hidden, out)
         return m.StepResult(
             rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out, receipt=receipt
         )
+
+    async def _forward_in_slices(self, x: torch.Tensor, session: Any) -> torch.Tensor:
+        """The session's blocks over ``x`` [1, T, H] float32, handing the event loop over
+        whenever ``COMPUTE_SLICE_S`` of compute has run (between blocks: one block is the
+        unit of work), so a long prefill never keeps pings and other sessions waiting for
+        more than a slice and a block. Stops with UnknownSession if the session is closed
+        meanwhile (its client is gone: the rest of the work would be wasted)."""
+        out = x
+        slice_start = time.perf_counter()
+        for out in self.span.forward_stepwise(x, session.cache):
+            if time.perf_counter() - slice_start >= COMPUTE_SLICE_S:
+                await asyncio.sleep(YIELD_S)
+                if session.cache is None:
+                    raise UnknownSession(f"session {session.session_id} closed during its step")
+                slice_start = time.perf_counter()
+        return out
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
