@@ -11,8 +11,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from functools import cached_property
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from layerchain.errors import UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -29,20 +35,24 @@ class Family:
     embed_scale: bool = False  # gemma multiplies embeddings by sqrt(hidden_size)
 
     @cached_property
-    def _mod(self):
+    def _mod(self) -> ModuleType:
         return importlib.import_module(self.module)
 
-    @property
-    def decoder_layer(self) -> type:
-        return getattr(self._mod, f"{self.prefix}DecoderLayer")
+    def _class(self, suffix: str) -> type[nn.Module]:
+        cls: type[nn.Module] = getattr(self._mod, f"{self.prefix}{suffix}")
+        return cls
 
     @property
-    def rotary_embedding(self) -> type:
-        return getattr(self._mod, f"{self.prefix}RotaryEmbedding")
+    def decoder_layer(self) -> type[nn.Module]:
+        return self._class("DecoderLayer")
 
     @property
-    def rms_norm(self) -> type:
-        return getattr(self._mod, f"{self.prefix}RMSNorm")
+    def rotary_embedding(self) -> type[nn.Module]:
+        return self._class("RotaryEmbedding")
+
+    @property
+    def rms_norm(self) -> type[nn.Module]:
+        return self._class("RMSNorm")
 
 
 FAMILIES: dict[str, Family] = {}
@@ -74,13 +84,14 @@ register_family(
 )
 
 
-def sliding_window_of(config, layer_idx: int) -> int | None:
+def sliding_window_of(config: PretrainedConfig, layer_idx: int) -> int | None:
     """The attention window of global layer ``layer_idx`` (None: full causal attention).
 
     Mirrors transformers: a config with ``layer_types`` (qwen2) slides only its
     ``"sliding_attention"`` layers; otherwise ``sliding_window`` (mistral, phi3) applies to all.
     """
-    window = getattr(config, "sliding_window", None)
+    value = getattr(config, "sliding_window", None)
+    window = None if value is None else int(value)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         return window if layer_types[layer_idx] == "sliding_attention" else None

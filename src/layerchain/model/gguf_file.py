@@ -24,14 +24,17 @@ from dataclasses import dataclass
 from functools import cached_property
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType
 from gguf.quants import _type_traits, dequantize
 
 from layerchain.errors import ModelFileError, UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
@@ -92,9 +95,9 @@ class GGUFFile:
         offset = self.metadata.get(f"{key}@offset")
         if offset is None:
             return []
-        element_type, count = struct.unpack_from("<IQ", self._blob, offset)
+        raw = self._blob.data  # memoryview: what struct reads
+        _element_type, count = struct.unpack_from("<IQ", raw, offset)
         pos, out = offset + 12, []
-        raw = self._blob
         for _ in range(count):
             (length,) = struct.unpack_from("<Q", raw, pos)
             out.append(bytes(raw[pos + 8 : pos + 8 + length]).decode("utf-8", errors="replace"))
@@ -139,22 +142,22 @@ def _parse(blob: np.ndarray) -> tuple[dict[str, Any], tuple[TensorInfo, ...], in
     """(metadata, tensor infos, offset of the tensor data)."""
     if blob.size < 24 or bytes(blob[:4]) != _MAGIC:
         raise ModelFileError("not a GGUF file (bad magic bytes)")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", blob, 4)
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", blob.data, 4)
     if version not in _VERSIONS:
         raise ModelFileError(f"GGUF version {version} is not supported (only 2 and 3)")
     pos, metadata = 24, {}
     for _ in range(n_kv):
         key, pos = _read_string(blob, pos)
-        (vtype,) = struct.unpack_from("<I", blob, pos)
+        (vtype,) = struct.unpack_from("<I", blob.data, pos)
         if key in _LAZY_ARRAYS:
             metadata[f"{key}@offset"] = pos + 4
         metadata[key], pos = _read_value(blob, pos + 4, vtype, lazy=key in _LAZY_ARRAYS)
     entries = []
     for _ in range(n_tensors):
         name, pos = _read_string(blob, pos)
-        (n_dims,) = struct.unpack_from("<I", blob, pos)
-        dims = struct.unpack_from(f"<{n_dims}Q", blob, pos + 4)
-        ggml_type, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * n_dims)
+        (n_dims,) = struct.unpack_from("<I", blob.data, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", blob.data, pos + 4)
+        ggml_type, offset = struct.unpack_from("<IQ", blob.data, pos + 4 + 8 * n_dims)
         pos += 4 + 8 * n_dims + 12
         entries.append((name, tuple(reversed(dims)), ggml_type, offset))
     alignment = int(metadata.get("general.alignment", 32))
@@ -171,11 +174,11 @@ def _nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
         block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
         raise ModelFileError(f"unknown ggml tensor type {ggml_type}") from None
-    return prod(shape) // block_elems * block_bytes
+    return int(prod(shape) // block_elems * block_bytes)
 
 
 def _read_string(blob: np.ndarray, pos: int) -> tuple[str, int]:
-    (length,) = struct.unpack_from("<Q", blob, pos)
+    (length,) = struct.unpack_from("<Q", blob.data, pos)
     end = pos + 8 + length
     if end > blob.size:
         raise ModelFileError("truncated header")
@@ -185,12 +188,12 @@ def _read_string(blob: np.ndarray, pos: int) -> tuple[str, int]:
 def _read_value(blob: np.ndarray, pos: int, vtype: int, lazy: bool = False) -> tuple[Any, int]:
     if vtype in _SCALAR:
         fmt = _SCALAR[vtype]
-        return struct.unpack_from(fmt, blob, pos)[0], pos + struct.calcsize(fmt)
+        return struct.unpack_from(fmt, blob.data, pos)[0], pos + struct.calcsize(fmt)
     if vtype == _STRING:
         return _read_string(blob, pos)
     if vtype != _ARRAY:
         raise ModelFileError(f"unknown metadata value type {vtype}")
-    etype, count = struct.unpack_from("<IQ", blob, pos)
+    etype, count = struct.unpack_from("<IQ", blob.data, pos)
     pos += 12
     if etype in _SCALAR:
         fmt = _SCALAR[etype]
@@ -198,14 +201,15 @@ def _read_value(blob: np.ndarray, pos: int, vtype: int, lazy: bool = False) -> t
         if count > 4096:  # scores, token types: kept as an array, not a list of python numbers
             dtype = np.dtype(fmt)
             return np.frombuffer(blob, dtype=dtype, count=count, offset=pos), pos + count * width
-        return list(struct.unpack_from(f"<{count}{fmt[1]}", blob, pos)), pos + count * width
+        return list(struct.unpack_from(f"<{count}{fmt[1]}", blob.data, pos)), pos + count * width
     if etype != _STRING:
         raise ModelFileError(f"metadata arrays of type {etype} are not supported")
     values: list[str] = []
+    raw = blob.data  # memoryview: what struct reads
     for _ in range(count):  # variable length: walk it; decode only if small or asked
-        (length,) = struct.unpack_from("<Q", blob, pos)
+        (length,) = struct.unpack_from("<Q", raw, pos)
         if not lazy:
-            values.append(bytes(blob[pos + 8 : pos + 8 + length]).decode("utf-8", "replace"))
+            values.append(bytes(raw[pos + 8 : pos + 8 + length]).decode("utf-8", "replace"))
         pos += 8 + length
     return (count if lazy else values), pos
 
@@ -213,7 +217,7 @@ def _read_value(blob: np.ndarray, pos: int, vtype: int, lazy: bool = False) -> t
 # ---------------------------------------------------------------------------- config
 
 
-def gguf_config(gguf: GGUFFile):
+def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
     """A transformers ``PretrainedConfig`` from the file's metadata, as transformers builds it."""
     from transformers import CONFIG_MAPPING
     from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
@@ -250,7 +254,7 @@ def gguf_config(gguf: GGUFFile):
     return CONFIG_MAPPING[model_type].from_dict(config)
 
 
-def gguf_arch(gguf: GGUFFile):
+def gguf_arch(gguf: GGUFFile) -> MODEL_ARCH:
     """gguf-py's ``MODEL_ARCH`` for the file (used to map tensor names)."""
     for arch, name in MODEL_ARCH_NAMES.items():
         if name == gguf.architecture:

@@ -125,6 +125,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise ModelFileError(f"cannot read {path}: {error.strerror}") from None
     except ValueError as error:
         raise ModelFileError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise ModelFileError(f"{path} is not a layerchain shard manifest (not a JSON object)")
     missing = {"format", "num_blocks", "config", "blocks", "head", "model_id"} - set(manifest)
     if manifest.get("format") != FORMAT or missing:
         raise ModelFileError(

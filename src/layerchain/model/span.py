@@ -19,8 +19,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Iterator
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +28,9 @@ from layerchain.errors import ModelFileError, SpanError
 from layerchain.model.families import sliding_window_of
 from layerchain.model.spec import ModelSpec
 from layerchain.types import Span
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _MIN_CAPACITY = 64  # tokens: smallest cache allocation, grown by doubling
 
@@ -78,7 +80,9 @@ class KVCache:
         values[:, :, self.length : need] = value
         return keys[:, :, :need], values[:, :, :need]
 
-    def _grow(self, i: int, key: torch.Tensor, value: torch.Tensor, need: int):
+    def _grow(
+        self, i: int, key: torch.Tensor, value: torch.Tensor, need: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         old_k, old_v = self._keys[i], self._values[i]
         capacity = self.max_length or max(
             _MIN_CAPACITY, need, 2 * (0 if old_k is None else old_k.shape[2])
@@ -103,7 +107,12 @@ class SpanModel(nn.Module):
     """Decoder blocks ``[start, end)`` of one model, float32, eval mode, no gradients."""
 
     def __init__(
-        self, spec: ModelSpec, start: int, end: int, layers: list[nn.Module], config
+        self,
+        spec: ModelSpec,
+        start: int,
+        end: int,
+        layers: list[nn.Module],
+        config: PretrainedConfig,
     ) -> None:
         super().__init__()
         self.spec, self.start, self.end = spec, start, end
@@ -194,28 +203,6 @@ class SpanModel(nn.Module):
                 cache.length = past + hidden.shape[1]
             yield hidden
 
-    def forward_stepwise(self, hidden: torch.Tensor, cache: KVCache) -> Iterator[torch.Tensor]:
-        """``forward(hidden, cache)`` one block at a time, for a caller that must stay
-        responsive during a long step (a node answering pings between the blocks of a
-        prefill): yields the hidden states [B, T, H] after each of the cache's blocks, the
-        last being the output, and advances ``cache.length`` by T after the last. Each block
-        runs under ``torch.inference_mode``, which is not held across a yield. The same
-        layers run on the same inputs as in ``forward``: the same numbers. Abandoned midway,
-        the cache keeps its length, as after a failed forward."""
-        if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
-            raise SpanError(
-                f"hidden states must be [batch, tokens, {self.config.hidden_size}], "
-                f"got {list(hidden.shape)}"
-            )
-        self._sub_range(cache.start, cache.end)
-        past = cache.length
-        for block in range(cache.start, cache.end):
-            with torch.inference_mode():
-                hidden = self._run(hidden, cache, past, block, block + 1)
-            if block + 1 == cache.end:
-                cache.length = past + hidden.shape[1]
-            yield hidden
-
     def _run(
         self, hidden: torch.Tensor, cache: KVCache | None, past: int, start: int, end: int
     ) -> torch.Tensor:
@@ -241,7 +228,9 @@ class SpanModel(nn.Module):
         return hidden
 
 
-def causal_mask(past: int, tokens: int, window: int | None, device=None) -> torch.Tensor | None:
+def causal_mask(
+    past: int, tokens: int, window: int | None, device: torch.device | str | None = None
+) -> torch.Tensor | None:
     """Boolean mask [1, 1, T, past+T] (True = may attend), or None when nothing is masked.
 
     Query ``i`` sits at position ``past + i`` and sees keys at positions ``<= past + i`` (and,
@@ -258,7 +247,7 @@ def causal_mask(past: int, tokens: int, window: int | None, device=None) -> torc
     return allowed[None, None]
 
 
-def span_config(spec: ModelSpec):
+def span_config(spec: ModelSpec) -> PretrainedConfig:
     """A private copy of the spec's config, set to run transformers' SDPA attention."""
     config = copy.deepcopy(spec.config)
     config._attn_implementation = "sdpa"

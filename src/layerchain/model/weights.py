@@ -53,7 +53,7 @@ class GGUFSource:
         base, dot, suffix = hf_name.rpartition(".")
         if suffix not in ("weight", "bias"):
             base, dot, suffix = hf_name, "", ""
-        mapped = self._names.get_name(base)
+        mapped: str | None = self._names.get_name(base)
         if mapped is None:
             raise ModelFileError(f"{self.path}: no GGUF tensor for {hf_name}")
         return mapped + dot + suffix
@@ -127,7 +127,7 @@ class HFDirSource:
 
     def _read(self, names: dict[str, str]) -> dict[str, torch.Tensor]:
         """Read tensors {our name: name in the files}, as float32, opening each file once."""
-        where, by_file = self._index(), {}
+        where, by_file = self._index(), dict[Path, dict[str, str]]()
         for ours, theirs in names.items():
             if theirs not in where:
                 raise ModelFileError(f"{self.path} has no tensor {theirs}")
