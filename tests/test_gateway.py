@@ -12,13 +12,11 @@ import json
 import re
 import sqlite3
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
+from gateway_harness import memory_gateway
 from layerchain.cli.main import app as cli_app
-from layerchain.client import AsyncSwarm, ClientConfig
-from layerchain.discovery import Identity, MemoryDiscovery, MemoryDHT
 from layerchain.errors import (
     ConfigError,
     InsufficientFunds,
@@ -28,13 +26,10 @@ from layerchain.errors import (
     SpanError,
     UnknownModel,
 )
-from layerchain.gateway import GatewayConfig, KeyStore
-from layerchain.gateway.app import STATIC_DIR, create_app
+from layerchain.gateway import KeyStore
+from layerchain.gateway.app import STATIC_DIR
 from layerchain.gateway.schema import api_error_for, key_error, parse_request
-from layerchain.model import load_head, load_span, load_tokenizer, resolve_model
-from layerchain.node import Node, NodeConfig
-from layerchain.wire import MemoryNetwork
-from layerchain.wire import MemoryTransport
+from layerchain.model import load_tokenizer, resolve_model
 
 PROMPT = "What is the capital of France?"
 
@@ -198,45 +193,6 @@ def test_api_keys_commands(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir) -> str:
     return str(tiny_model_dir("llama", tokenizer=True))
-
-
-@contextlib.asynccontextmanager
-async def memory_gateway(model: str, tmp_path, *, price: int = 0, **config):
-    """Two in-process nodes (blocks 0:2, 2:4) at ``price``, a client, the app and an httpx
-    client calling it through ASGI; everything closed on exit."""
-    spec = resolve_model(model)
-    hub, wire = MemoryDHT(), MemoryNetwork()
-    nodes = []
-    for start, end in ((0, 2), (2, 4)):
-        identity = Identity.generate()
-        node = Node(
-            NodeConfig(model=model, start=start, end=end, data_dir=tmp_path / f"node{start}",
-                       price_per_block=price),
-            spec=spec, span=load_span(spec, start, end), transport=MemoryTransport(wire),
-            listen_at=f"mem://{identity.peer_id}", discovery=MemoryDiscovery(hub, identity),
-            identity=identity,
-        )
-        await node.start()
-        nodes.append(node)
-    swarm = AsyncSwarm(
-        spec=spec, head=load_head(spec), tokenizer=load_tokenizer(spec),
-        discovery=MemoryDiscovery(hub), transport=MemoryTransport(wire),
-        config=ClientConfig(discovery_wait_s=1.0),
-    )
-    if (tmp_path / "keys.sqlite").exists():
-        config.setdefault("keys_path", tmp_path / "keys.sqlite")
-    config.setdefault("data_dir", tmp_path)  # no gateway-keys.sqlite there: open
-    app = create_app(GatewayConfig(model=model, **config), swarm)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000")
-    try:
-        yield client, app.state.gateway
-    finally:
-        await client.aclose()
-        await app.state.gateway.close()
-        await swarm.close()
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                await node.stop(drain_s=0)
 
 
 def run(coro):
