@@ -213,7 +213,7 @@ def test_a_caller_that_goes_away_stops_its_generation(gateway, keys):
         assert first.startswith("data: ")
     deadline = time.monotonic() + 10
     while True:
-        state = httpx.get(f"{gateway}/api/swarm", timeout=30).json()
+        state = httpx.get(f"{gateway}/api/swarm", headers=headers, timeout=30).json()
         mine = next(r for r in state["requests"] if r["user"] == "quitter")
         if mine["status"] != "running" or time.monotonic() > deadline:
             break
@@ -238,7 +238,8 @@ def test_concurrent_requests(gateway, keys):
     elapsed = time.perf_counter() - t0
     assert [r.choices[0].message.content for r in replies] == alone  # nothing mixed up
     assert "Paris" in replies[0].choices[0].message.content
-    state = httpx.get(f"{gateway}/api/swarm", timeout=30).json()
+    state = httpx.get(f"{gateway}/api/swarm", timeout=30,
+                      headers={"Authorization": f"Bearer {keys['main'][0]}"}).json()
     recent = [r for r in state["requests"] if r["status"] == "done"][:4]
     assert len(recent) == 4 and all(len(r["route"]) == 3 for r in recent)
     print(f"4 concurrent chat requests of 8 tokens: {elapsed:.2f} s")
@@ -254,13 +255,15 @@ def test_dashboard_in_headless_chromium(gateway, swarm, keys):
             page = browser.new_page()
             page.set_default_timeout(60_000)
             page.goto(gateway + "/")
+            # keys are on: the swarm view waits for a key, then shows the key's own requests
+            page.wait_for_function("document.querySelector('#status').textContent.includes('API key')")
+            assert page.is_visible("#chat-key")
+            page.fill("#chat-key", keys["main"][0])
             page.wait_for_function("document.querySelectorAll('#nodes tbody tr').length === 3")
             shown = page.eval_on_selector_all("#nodes tbody tr", "rows => rows.map(r => r.dataset.peerId)")
             assert sorted(shown) == sorted(n["peer_id"] for n in swarm.nodes)
             counts = page.eval_on_selector_all("#coverage .block", "cells => cells.map(c => +c.dataset.count)")
             assert counts == [1] * BLOCKS
-            assert page.is_visible("#chat-key")  # keys are on: the chat box asks for one
-            page.fill("#chat-key", keys["main"][0])
             page.fill("#chat-input", QUESTION)
             page.click("#chat-send")
             page.wait_for_selector('.msg.assistant:not([data-state="streaming"])')

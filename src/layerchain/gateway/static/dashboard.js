@@ -25,9 +25,23 @@ const fmt = (x, digits = 1) => (x == null ? "–" : Number(x).toFixed(digits));
 
 // ------------------------------------------------------------------ swarm view
 
+// With API keys on, /api/swarm needs a key too (it shows the key's own requests; an admin
+// key sees all): the one typed in the chat box.
+function authHeaders() {
+  const key = $("#chat-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function poll() {
   try {
-    const res = await fetch("/api/swarm", { cache: "no-store" });
+    const res = await fetch("/api/swarm", { cache: "no-store", headers: authHeaders() });
+    if (res.status === 401) {
+      $("#chat-key-label").style.display = "";
+      const s = $("#status");
+      s.textContent = "enter an API key (chat box) to see the swarm";
+      s.className = "pill bad";
+      return;
+    }
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     lastState = await res.json();
     render(lastState);
@@ -169,9 +183,7 @@ async function send(text) {
     temperature: Number($("#chat-temperature").value) || 0,
     user: "dashboard",
   };
-  const headers = { "Content-Type": "application/json" };
-  const key = $("#chat-key").value.trim();
-  if (key) headers.Authorization = `Bearer ${key}`;
+  const headers = { "Content-Type": "application/json", ...authHeaders() };
   const textNode = answer.querySelector(".text");
   try {
     const res = await fetch("/v1/chat/completions", { method: "POST", headers, body: JSON.stringify(body) });
