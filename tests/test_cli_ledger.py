@@ -68,7 +68,9 @@ def test_ledger_status_journal_verify_and_tamper(home, tmp_path):
     result, _ = _run("ledger", "journal", "--ledger", ledger_file, "--json")
     assert [e["kind"] for e in json.loads(result.stdout)] == ["genesis", "deposit"]
     result, _ = _run("ledger", "journal", "--ledger", ledger_file, "--kind", "deposit", "--json")
-    assert json.loads(result.stdout)[0]["payload"]["amount"] == 70
+    deposit = json.loads(result.stdout)[0]["payload"]
+    assert deposit["operation"]["amount"] == 70 and deposit["balance"] == 70
+    assert deposit["operation"]["actor"] == Wallet.load(home).address  # signed by its owner
     _, out = _run("ledger", "verify", "--ledger", ledger_file)
     assert out.startswith("ok: 2 journal entries")
 
@@ -133,3 +135,47 @@ def test_wallet_settle_refunds_the_unspent_deposit_after_the_dispute_window(home
     with open_ledger(ledger_file) as book:
         assert book.balance(node.address) == 250
         assert book.verify().ok
+
+
+def test_verify_says_what_it_proves_and_checks_the_wallets_checkpoints(home, tmp_path):
+    """Every wallet command keeps a signed checkpoint in its data dir; `ledger verify`
+    reads it, so a journal rewritten and re-hashed in place no longer passes."""
+    ledger_file = home / "ledger.sqlite"
+    _run("wallet", "create", "--data-dir", home)
+    _run("wallet", "deposit", "500", "--data-dir", home)
+    _run("wallet", "withdraw", "200", "--data-dir", home)
+    lines = (home / "checkpoints.jsonl").read_text().splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == [2, 3]
+    _, out = _run("ledger", "verify", "--data-dir", home)
+    assert out.startswith("ok: 3 journal entries: hash chain intact")
+    assert "signed by their owners" in out and "entries 1..3 match 2 checkpoint(s)" in out
+    other = tmp_path / "auditor"
+    _run("wallet", "create", "--data-dir", other)
+    result, _ = _run("ledger", "checkpoint", "--data-dir", other, "--ledger", ledger_file,
+                     "--json")
+    assert json.loads(result.stdout)["seq"] == 3
+
+    # whoever can write the file drops the withdrawal (the last entry: the chain up to it
+    # stays intact) and makes the tables and the recorded head agree
+    from layerchain.ledger.journal import replay
+
+    db = sqlite3.connect(ledger_file)
+    db.execute("DELETE FROM journal WHERE seq = 3")
+    db.execute("UPDATE accounts SET balance = 500")
+    rows = db.execute("SELECT address, nonce FROM nonces").fetchall()
+    db.execute("DELETE FROM nonces")
+    db.commit()
+    with open_ledger(ledger_file) as ledger:
+        kept = replay(ledger.journal())[0].nonces
+    db.executemany("INSERT INTO nonces VALUES (?, ?)", [r for r in rows if r in kept])
+    head = db.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+    db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (f"{head[0]}:{head[1]}",))
+    db.commit()
+    db.close()
+    with open_ledger(ledger_file) as ledger:
+        assert ledger.verify().ok  # without checkpoints nothing is wrong
+    _, out = _run("ledger", "verify", "--data-dir", home, code=1)
+    assert "names journal entry 3, which is missing" in out
+    result, _ = _run("ledger", "verify", "--ledger", ledger_file, "--data-dir", tmp_path / "x",
+                     "--checkpoints", other / "checkpoints.jsonl", "--json", code=1)
+    assert json.loads(result.stdout)["ok"] is False

@@ -99,8 +99,8 @@ def funded(tmp_path):
     payer, payee = Wallet.generate(), Wallet.generate()
     path = tmp_path / "shared.sqlite"
     with open_ledger(path, LedgerConfig(dispute_window_s=0)) as ledger:
-        ledger.deposit(payer.address, 5000)
-        cid = ledger.open_channel(payer.address, payee.address, 1000)
+        ledger.deposit(payer, 5000)
+        cid = ledger.open_channel(payer, payee.address, 1000)
     return path, payer, payee, cid
 
 

@@ -1,27 +1,33 @@
-"""The embedded SQLite ledger: accounts, channels, stakes, rewards, journal and verify."""
+"""The embedded SQLite ledger: signed operations, channels, stakes, rewards, journal, verify."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 
+import msgpack
 import pytest
 
+import layerchain.ledger.sqlite as sqlite_backend
 from layerchain.errors import ChannelError, InsufficientFunds, InvalidVoucher, LedgerError
 from layerchain.ledger import (
+    CheckpointStore,
     LedgerConfig,
-    LivenessRecord,
     SqliteLedger,
     Voucher,
+    new_operation,
     open_ledger,
-    sign_liveness,
+    sign_operation,
     sign_voucher,
 )
-from layerchain.ledger.journal import canonical_payload, entry_hash
+from layerchain.ledger.journal import RULES, canonical_payload, entry_hash, replay
+from layerchain.ledger.operations import KINDS
 from layerchain.market.wallet import Wallet
 
 
 class Clock:
+    """The machine's clock as the ledger reads it, moved by the test."""
+
     def __init__(self, now: float = 1_700_000_000.0) -> None:
         self.now = now
 
@@ -40,41 +46,99 @@ def bob() -> Wallet:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock(monkeypatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(sqlite_backend, "wall_clock", fake)
+    return fake
 
 
 @pytest.fixture
 def ledger(tmp_path, clock):
     config = LedgerConfig(dispute_window_s=100, reward_per_block_hour=3, min_stake=50)
-    book = open_ledger(tmp_path / "ledger.sqlite", config, clock=clock)
+    book = open_ledger(tmp_path / "ledger.sqlite", config)
     yield book
     book.close()
 
 
+class Impostor:
+    """Names ``address`` as the actor but signs with another wallet's key."""
+
+    def __init__(self, address: str, key: Wallet) -> None:
+        self.address, self._key = address, key
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        return self._key.sign_digest(digest)
+
+
+def _op(signer: Wallet, ledger, kind: str, *, actor: str | None = None, **fields) -> bytes:
+    """Operation bytes of ``kind`` for ``actor`` (default: the signer), signed by ``signer``."""
+    who = signer if actor is None else Impostor(actor, signer)
+    return sign_operation(who, new_operation(who, ledger.ledger_id, kind, now=ledger.now(), **fields))
+
+
 def test_deposit_withdraw_and_insufficient_funds(ledger, alice):
     assert ledger.balance(alice.address) == 0
-    assert ledger.deposit(alice.address, 100) == 100
-    assert ledger.withdraw(alice.address.lower(), 30) == 70  # any address casing
+    assert ledger.deposit(alice, 100) == 100
+    assert ledger.withdraw(alice, 30) == 70
+    assert ledger.balance(alice.address.lower()) == 70  # any address casing
     with pytest.raises(InsufficientFunds, match="has 70 credits"):
-        ledger.withdraw(alice.address, 71)
+        ledger.withdraw(alice, 71)
     for bad in (0, -5, 2**63, 1.5, "7"):
         with pytest.raises(LedgerError, match="positive integer"):
-            ledger.deposit(alice.address, bad)  # type: ignore[arg-type]
+            ledger.deposit(alice, bad)  # type: ignore[arg-type]
     with pytest.raises(LedgerError, match="not an address"):
-        ledger.deposit("alice", 1)
+        ledger.balance("alice")
     assert ledger.balance(alice.address) == 70
     assert [e.kind for e in ledger.journal()] == ["genesis", "deposit", "withdraw"]
     assert ledger.verify().ok
 
 
+def test_only_the_owner_can_move_its_credits(ledger, alice, bob):
+    """Whoever can open the file cannot spend, stake or lock another account's credits."""
+    ledger.deposit(alice, 1000)
+    for kind, fields in [("withdraw", {"amount": 1000}),
+                         ("register_node", {"amount": 1000, "blocks": 30}),
+                         ("open_channel", {"amount": 1000, "counterparty": bob.address})]:
+        forged = _op(bob, ledger, kind, actor=alice.address, **fields)
+        with pytest.raises(LedgerError, match="not signed by its actor"):
+            ledger.submit(forged)
+    # a genuine operation of alice, its amount raised by whoever relays it
+    fields = msgpack.unpackb(_op(alice, ledger, "withdraw", amount=1))
+    fields[8] = 1000
+    with pytest.raises(LedgerError, match="not signed by its actor"):
+        ledger.submit(msgpack.packb(fields))
+    cid = ledger.open_channel(alice, bob.address, 100)
+    with pytest.raises(ChannelError, match="paid by"):
+        ledger.close_channel(bob, cid)  # the payee cannot take the payer's refund
+    assert ledger.balance(alice.address) == 900 and ledger.balance(bob.address) == 0
+    assert ledger.verify().ok
+
+
+def test_operations_are_used_once_on_one_ledger_before_their_deadline(ledger, clock, alice, tmp_path):
+    withdraw = _op(alice, ledger, "withdraw", amount=10)
+    ledger.deposit(alice, 100)
+    assert ledger.submit(withdraw) == 90
+    with pytest.raises(LedgerError, match="replayed"):
+        ledger.submit(withdraw)
+    with open_ledger(tmp_path / "other.sqlite") as other:
+        other.deposit(alice, 100)
+        with pytest.raises(LedgerError, match="not this one"):
+            other.submit(_op(alice, ledger, "withdraw", amount=10))
+    late = _op(alice, ledger, "withdraw", amount=10)  # valid for an hour from now
+    clock.now += 2 * 3600
+    with pytest.raises(LedgerError, match="expired"):
+        ledger.submit(late)
+    assert ledger.balance(alice.address) == 90
+    assert ledger.verify().ok
+
+
 def test_channel_redeem_is_idempotent_and_bounded_by_the_deposit(ledger, alice, bob):
-    ledger.deposit(alice.address, 1000)
+    ledger.deposit(alice, 1000)
     with pytest.raises(InsufficientFunds):
-        ledger.open_channel(alice.address, bob.address, 1001)
+        ledger.open_channel(alice, bob.address, 1001)
     with pytest.raises(ChannelError, match="differ"):
-        ledger.open_channel(alice.address, alice.address, 10)
-    cid = ledger.open_channel(alice.address, bob.address, 600)
+        ledger.open_channel(alice, alice.address, 10)
+    cid = ledger.open_channel(alice, bob.address, 600)
     assert ledger.balance(alice.address) == 400
     v1 = sign_voucher(alice, Voucher(cid, 1, 100))
     v2 = sign_voucher(alice, Voucher(cid, 2, 250))
@@ -89,72 +153,112 @@ def test_channel_redeem_is_idempotent_and_bounded_by_the_deposit(ledger, alice, 
         ledger.redeem(sign_voucher(bob, Voucher(cid, 4, 500)))
     with pytest.raises(ChannelError, match="unknown channel"):
         ledger.redeem(sign_voucher(alice, Voucher("0x" + "00" * 32, 1, 1)))
-    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 9, 600))) == 350
+    assert ledger.top_up(alice, cid, 100) == 700
+    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 9, 700))) == 450
     channel = ledger.channel(cid)
-    assert (channel.redeemed, channel.nonce, channel.state) == (600, 9, "open")
-    assert ledger.balance(bob.address) == 600
+    assert (channel.redeemed, channel.nonce, channel.state) == (700, 9, "open")
+    assert ledger.balance(bob.address) == 700 and ledger.balance(alice.address) == 300
     assert sum(1 for e in ledger.journal() if e.kind == "redeem") == 2
     assert ledger.verify().ok
 
 
 def test_close_refunds_the_unspent_deposit_after_the_dispute_window(ledger, clock, alice, bob):
-    ledger.deposit(alice.address, 500)
-    cid = ledger.open_channel(alice.address, bob.address, 500)
+    ledger.deposit(alice, 500)
+    cid = ledger.open_channel(alice, bob.address, 500)
     assert ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 120))) == 120
-    assert ledger.close_channel(cid) == 0
+    assert ledger.close_channel(alice, cid) == 0
     assert ledger.channel(cid).state == "closing"
+    with pytest.raises(ChannelError, match="is closing"):
+        ledger.top_up(alice, cid, 10)
     clock.now += 50
     with pytest.raises(ChannelError, match="dispute window for another 50 s"):
-        ledger.close_channel(cid)
+        ledger.close_channel(alice, cid)
     # the payee may still redeem a later voucher during the window
     late = sign_voucher(alice, Voucher(cid, 2, 200))
     assert ledger.redeem(late) == 80
     clock.now += 50
-    assert ledger.close_channel(cid) == 300
+    assert ledger.close_channel(alice, cid) == 300
     assert ledger.balance(alice.address) == 300 and ledger.balance(bob.address) == 200
     assert ledger.redeem(late) == 0  # a stale voucher still credits nothing
     with pytest.raises(ChannelError, match="closed"):
         ledger.redeem(sign_voucher(alice, Voucher(cid, 3, 300)))
     with pytest.raises(ChannelError):
-        ledger.close_channel(cid)
+        ledger.close_channel(alice, cid)
     assert ledger.verify().ok
+
+
+def test_the_ledger_keeps_its_own_clock(tmp_path, clock, alice, bob):
+    """No caller chooses the time: a client whose clock runs an hour ahead cannot cut the
+    dispute window short, and ledger time never goes backwards."""
+    with pytest.raises(TypeError):
+        open_ledger(tmp_path / "l.sqlite", clock=lambda: clock.now + 3600)  # no such seam
+    with open_ledger(tmp_path / "l.sqlite", LedgerConfig(dispute_window_s=600)) as ledger:
+        ledger.deposit(alice, 100)
+        cid = ledger.open_channel(alice, bob.address, 100)
+        ledger.close_channel(alice, cid)
+        closes_at = ledger.channel(cid).closes_at
+        assert closes_at == clock.now + 600
+        clock.now -= 3600  # the machine's clock steps back an hour
+        ledger.deposit(alice, 1)
+        stamps = [json.loads(e.payload)["ts"] for e in ledger.journal()]
+        assert stamps == sorted(stamps) and stamps[-1] == stamps[-2]
+        clock.now += 3600 + 599
+        with pytest.raises(ChannelError, match="dispute window"):
+            ledger.close_channel(alice, cid)
+        assert ledger.verify().ok
+        # a process on a machine with a forged clock writes the close; verify notices
+        clock.now += 3600
+        assert ledger.close_channel(alice, cid) == 100
+        clock.now -= 3600
+        report = ledger.verify()
+        assert any("ahead of this machine's clock" in p for p in report.problems)
 
 
 def test_zero_window_closes_at_once(tmp_path, alice, bob):
     with open_ledger(tmp_path / "z.sqlite", LedgerConfig(dispute_window_s=0)) as ledger:
-        ledger.deposit(alice.address, 10)
-        cid = ledger.open_channel(alice.address, bob.address, 10)
-        assert ledger.close_channel(cid) == 10
+        ledger.deposit(alice, 10)
+        cid = ledger.open_channel(alice, bob.address, 10)
+        assert ledger.close_channel(alice, cid) == 10
         assert ledger.channel(cid).state == "closed"
 
 
-def test_node_stake_and_uptime_rewards(ledger, clock, bob):
-    ledger.deposit(bob.address, 100)
+def test_uptime_rewards_are_earned_not_claimed(ledger, clock, alice, bob):
+    """The attack of issue 12 item 11: one credit staked, 2^32-1 blocks, a day back-dated.
+    The ledger pays only for time it saw pass since registration, up to the last time a
+    client's voucher paid the node, and never more than those vouchers paid."""
+    ledger.deposit(bob, 100)
     with pytest.raises(LedgerError, match="at least 50"):
-        ledger.register_node(bob.address, 10)
-    assert ledger.register_node(bob.address, 60).stake == 60
-    assert ledger.account(bob.address) == type(ledger.account(bob.address))(bob.address, 40, 60)
-    start = int(clock.now) - 7200
-    record = LivenessRecord(bob.address, start, start + 7200, blocks=10)
-    # 3 credits per block-hour x 10 blocks x 2 hours
-    assert ledger.reward_uptime(sign_liveness(bob, record)) == 60
-    with pytest.raises(LedgerError, match="overlaps"):
-        ledger.reward_uptime(sign_liveness(bob, record))
-    forged = sign_liveness(Wallet.generate(), LivenessRecord(bob.address, start + 7200,
-                                                                start + 7300, 10))
-    with pytest.raises(LedgerError, match="not signed by its node"):
-        ledger.reward_uptime(forged)
+        ledger.register_node(bob, 10, 30)
+    node = ledger.register_node(bob, 60, 2**32 - 1)
+    assert (node.stake, node.blocks, node.registered_at) == (60, 2**32 - 1, clock.now)
+    clock.now += 24 * 3600
+    with pytest.raises(LedgerError, match="no client has paid"):
+        ledger.claim_reward(bob)  # a day of "uptime" nobody attests: nothing
+    ledger.deposit(alice, 1000)
+    cid = ledger.open_channel(alice, bob.address, 1000)
+    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 7))) == 7
+    clock.now += 3600
+    assert ledger.claim_reward(bob) == 7  # bounded by the work clients paid for
+    with pytest.raises(LedgerError, match="no client has paid"):
+        ledger.claim_reward(bob)
     stranger = Wallet.generate()
     with pytest.raises(LedgerError, match="not a registered node"):
-        ledger.reward_uptime(sign_liveness(stranger, LivenessRecord(
-            stranger.address, start, start + 10, 1)))
-    future = LivenessRecord(bob.address, int(clock.now), int(clock.now) + 3600, 1)
-    with pytest.raises(LedgerError, match="future"):
-        ledger.reward_uptime(sign_liveness(bob, future))
-    node = ledger.node(bob.address)
-    assert (node.rewards, node.rewarded_until) == (60, start + 7200)
-    assert ledger.balance(bob.address) == 100
+        ledger.claim_reward(stranger)
+    ledger.register_node(bob, 0, 10)  # honest: 10 blocks
+    start = ledger.node(bob.address).rewarded_until
+    clock.now += 7200
+    ledger.redeem(sign_voucher(alice, Voucher(cid, 2, 907)))  # 900 credits of work
+    clock.now += 999  # the node went quiet: time after the last payment does not count
+    # 3 credits per block-hour x 10 blocks x 2 hours (registration to the last payment)
+    assert ledger.claim_reward(bob) == 60
+    info = ledger.node(bob.address)
+    assert (info.rewards, info.rewarded_until, info.earned) == (67, start + 7200, 0)
+    assert ledger.balance(bob.address) == 100 - 60 + 7 + 900 + 67
     assert ledger.verify().ok
+
+
+def test_rules_dispatch_one_function_per_operation_kind():
+    assert set(RULES) == set(KINDS)
 
 
 def test_config_is_fixed_by_the_genesis_entry(tmp_path):
@@ -170,26 +274,40 @@ def test_config_is_fixed_by_the_genesis_entry(tmp_path):
         open_ledger(bad)
 
 
+def test_an_old_unsigned_ledger_is_refused(tmp_path):
+    path = tmp_path / "old.sqlite"
+    open_ledger(path).close()
+    db = sqlite3.connect(path)
+    payload = json.loads(db.execute("SELECT payload FROM journal WHERE seq = 1").fetchone()[0])
+    del payload["version"]
+    db.execute("UPDATE journal SET payload = ? WHERE seq = 1", (canonical_payload(payload),))
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerError, match="older layerchain"):
+        open_ledger(path)
+
+
 def test_memory_ledger_for_fast_tests(alice):
     with SqliteLedger(":memory:") as ledger:
-        ledger.deposit(alice.address, 5)
+        ledger.deposit(alice, 5)
         assert ledger.balance(alice.address) == 5 and ledger.verify().ok
 
 
 def _busy_ledger(path, alice, bob):
-    """A ledger with a deposit, a channel and a redemption; returns the channel id."""
+    """A ledger with a deposit, a channel, a redemption and a withdrawal; returns the
+    channel id."""
     with open_ledger(path, LedgerConfig(dispute_window_s=0)) as ledger:
-        ledger.deposit(alice.address, 1000)
-        cid = ledger.open_channel(alice.address, bob.address, 400)
+        ledger.deposit(alice, 1000)
+        cid = ledger.open_channel(alice, bob.address, 400)
         ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 150)))
-        ledger.withdraw(alice.address, 100)
+        ledger.withdraw(alice, 100)
         assert ledger.verify().ok
     return cid
 
 
-def _verify(path):
+def _verify(path, checkpoints=()):
     with open_ledger(path) as ledger:
-        return ledger.verify()
+        return ledger.verify(checkpoints)
 
 
 def _edit(path, sql, *args):
@@ -199,14 +317,26 @@ def _edit(path, sql, *args):
     db.close()
 
 
+def _rechain(db) -> None:
+    """Re-hash every journal entry in place and fix the recorded head: a forger's tidy-up."""
+    rows = db.execute("SELECT seq, kind, payload FROM journal ORDER BY seq").fetchall()
+    prev = "0" * 64
+    for seq, kind, payload in rows:
+        digest = entry_hash(prev, seq, kind, payload)
+        db.execute("UPDATE journal SET prev_hash = ?, hash = ? WHERE seq = ?", (prev, digest, seq))
+        prev = digest
+    db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (f"{rows[-1][0]}:{prev}",))
+
+
 def test_tampered_journal_entry_is_named(tmp_path, alice, bob):
     path = tmp_path / "t.sqlite"
     _busy_ledger(path, alice, bob)
-    _edit(path, "UPDATE journal SET payload = replace(payload, '1000', '9000') WHERE seq = 2")
+    _edit(path, "UPDATE journal SET payload = replace(payload, '\"balance\":1000', "
+                "'\"balance\":9000') WHERE seq = 2")
     report = _verify(path)
     assert not report.ok
     assert any("journal entry 2 (deposit): hash does not match" in p for p in report.problems)
-    assert any("balance of" in p for p in report.problems)  # replay disagrees with the table
+    assert any("rules give 1000" in p for p in report.problems)
 
 
 def test_tampered_balance_is_caught_by_the_replay(tmp_path, alice, bob):
@@ -230,21 +360,44 @@ def test_rehashed_forged_redemption_fails_its_signature(tmp_path, alice, bob):
     path = tmp_path / "t.sqlite"
     cid = _busy_ledger(path, alice, bob)
     db = sqlite3.connect(path)
-    rows = db.execute("SELECT seq, kind, payload FROM journal ORDER BY seq").fetchall()
-    forged = sign_voucher(bob, Voucher(cid, 1, 150)).hex()  # signed by the payee, not payer
-    prev = "0" * 64
-    for seq, kind, payload in rows:
-        if kind == "redeem":
-            data = json.loads(payload)
-            data["voucher"] = forged
-            payload = canonical_payload(data)
-        digest = entry_hash(prev, seq, kind, payload)
-        db.execute("UPDATE journal SET payload = ?, prev_hash = ?, hash = ? WHERE seq = ?",
-                   (payload, prev, digest, seq))
-        prev = digest
-    db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (f"{rows[-1][0]}:{prev}",))
+    row = db.execute("SELECT seq, payload FROM journal WHERE kind = 'redeem'").fetchone()
+    data = json.loads(row[1])
+    data["voucher"] = sign_voucher(bob, Voucher(cid, 1, 150)).hex()  # signed by the payee
+    db.execute("UPDATE journal SET payload = ? WHERE seq = ?", (canonical_payload(data), row[0]))
+    _rechain(db)
     db.commit()
     db.close()
     problems = _verify(path).problems
     assert any("journal entry 4 (redeem)" in p and "not signed by its payer" in p
                for p in problems), problems
+
+
+def test_a_rewritten_and_rehashed_journal_is_caught_by_a_checkpoint(tmp_path, alice, bob):
+    """Item 14: whoever can write the file removes alice's withdrawal, re-hashes the chain
+    and fixes the tables: the journal alone still verifies. Alice's checkpoint, kept in her
+    own directory, does not."""
+    path = tmp_path / "t.sqlite"
+    _busy_ledger(path, alice, bob)
+    store = CheckpointStore.for_data_dir(tmp_path / "alice")
+    with open_ledger(path) as ledger:
+        store.append(ledger.checkpoint(alice))
+        assert ledger.verify(store.load()).anchored_seq == 5
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM journal WHERE kind = 'withdraw'")  # the last entry
+    db.execute("UPDATE accounts SET balance = balance + 100 WHERE address = ?", (alice.address,))
+    db.commit()
+    db.close()
+    with open_ledger(path) as ledger:  # the nonces the rewritten journal uses
+        kept = replay(ledger.journal())[0].nonces
+    db = sqlite3.connect(path)
+    for row in db.execute("SELECT address, nonce FROM nonces").fetchall():
+        if row not in kept:
+            db.execute("DELETE FROM nonces WHERE address = ? AND nonce = ?", row)
+    _rechain(db)
+    db.commit()
+    db.close()
+    assert _verify(path).ok  # the chain alone proves nothing against the file's writer
+    report = _verify(path, store.load())
+    assert not report.ok
+    assert any("checkpoint signed by " + alice.address in p and "missing" in p
+               for p in report.problems), report.problems

@@ -57,13 +57,12 @@ def _verifier(node: Wallet) -> ReceiptVerifier:
     return ReceiptVerifier(node.address, "sess-1", "model-abc", SPAN, PRICE)
 
 
-def test_a_valid_chain_verifies_and_totals_the_amounts(node):
+def test_a_valid_chain_verifies_and_prices_each_step(node):
     steps, receipts = _chain(node)
     verifier = _verifier(node)
-    for (x, y), data in zip(steps, receipts):
-        verifier.check(data, x, y)
+    amounts = [verifier.check(data, x, y).amount for (x, y), data in zip(steps, receipts)]
     # prefill of 5 tokens + 3 decode steps of 1 token, each over 6 blocks at price 7
-    assert verifier.total == (5 + 3) * 6 * PRICE
+    assert amounts == [5 * 6 * PRICE] + [6 * PRICE] * 3
     assert verifier.next_step == 4
 
 

@@ -86,7 +86,7 @@ def test_tampered_or_malformed_voucher_bytes(client, channel):
 
 def test_payer_and_book_keep_pace_and_the_node_stops_when_behind(client, node, tmp_path):
     ledger = open_ledger(tmp_path / "ledger.sqlite")
-    ledger.deposit(client.address, 10_000)
+    ledger.deposit(client, 10_000)
     payer = ChannelPayer(client, ledger, deposit=500)
     store = VoucherStore.for_data_dir(tmp_path / "node")
     book = VoucherBook(node.address, ledger.channel, store=store)
@@ -157,15 +157,44 @@ def test_payer_without_channel_or_ledger(client, node):
 
 
 def test_ledger_config_window_keeps_channel_usable_until_closed(client, node, tmp_path):
-    now = [1000.0]
-    ledger = open_ledger(tmp_path / "l.sqlite", LedgerConfig(dispute_window_s=60),
-                         clock=lambda: now[0])
-    ledger.deposit(client.address, 100)
+    ledger = open_ledger(tmp_path / "l.sqlite", LedgerConfig(dispute_window_s=60))
+    ledger.deposit(client, 100)
     payer = ChannelPayer(client, ledger, deposit=100)
     voucher = payer.voucher_for(node.address, 30)
     channel_id = payer.channel(node.address).channel_id
-    assert ledger.close_channel(channel_id) == 0  # window starts
+    assert payer.close(channel_id) == 0  # window starts, signed by the payer's wallet
     assert ledger.redeem(voucher) == 30  # the node can still redeem during the window
+    ledger.close()
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_closed_channel_stops_paying(client, node, tmp_path):
+    """Item 13: the client asks to close its channel (its refund is coming) and keeps
+    sending vouchers on it. Within ``recheck_s`` the node re-reads the channel, refuses to
+    serve on it and lists it for redemption; the redemption still lands in the window."""
+    ledger = open_ledger(tmp_path / "l.sqlite", LedgerConfig(dispute_window_s=60))
+    ledger.deposit(client, 1000)
+    payer = ChannelPayer(client, ledger, deposit=500)
+    ticks = Ticks()
+    book = VoucherBook(node.address, ledger.channel, recheck_s=1.0, clock=ticks)
+    book.accept(payer.voucher_for(node.address, 100), 100)
+    channel_id = payer.channel(node.address).channel_id
+    payer.close(channel_id)
+    ticks.now += 0.5  # a state at most recheck_s old is trusted
+    book.accept(payer.voucher_for(node.address, 10), 110)
+    ticks.now += 0.5
+    with pytest.raises(ChannelError, match="closing: its payer asked for the refund"):
+        book.accept(payer.voucher_for(node.address, 10), 120)
+    assert book.closing == {channel_id}
+    assert [r.credited for r in redeem_stored(ledger, book.latest())] == [110]
+    assert ledger.channel(channel_id).redeemed == 110
     ledger.close()
 
 

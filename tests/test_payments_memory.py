@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from memswarm import MemorySwarm
 
-from layerchain.errors import InsufficientFunds, NoRoute
+from layerchain.errors import ConfigError, InsufficientFunds, NoRoute
 from layerchain.ledger import LedgerConfig, open_ledger
-from layerchain.market import ChannelPayer, Wallet
+from layerchain.market import ChannelPayer, Wallet, reservation_amount
 from layerchain.model import LocalModel, SamplingParams, resolve_model
 from layerchain.node import Node
 
@@ -30,7 +30,8 @@ def reference(tiny_model):
 
 @pytest.fixture
 def ledger(tmp_path):
-    book = open_ledger(tmp_path / "ledger.sqlite", LedgerConfig(dispute_window_s=0))
+    # the dispute window outlasts the nodes' 30 s redemption interval (nodes refuse less)
+    book = open_ledger(tmp_path / "ledger.sqlite", LedgerConfig(dispute_window_s=60))
     yield book
     book.close()
 
@@ -41,7 +42,7 @@ def run(coro):
 
 def funded_payer(ledger, credits: int = 1_000_000, deposit: int = 50_000) -> ChannelPayer:
     wallet = Wallet.generate()
-    ledger.deposit(wallet.address, credits)
+    ledger.deposit(wallet, credits)
     return ChannelPayer(wallet, ledger, deposit=deposit)
 
 
@@ -66,15 +67,21 @@ def test_each_node_redeems_tokens_times_blocks_times_price(tiny_model, reference
     assert result.token_ids == reference.token_ids
     # every token the hops saw: the prompt at prefill, then each generated token but the last
     tokens = result.prompt_tokens + len(result.token_ids) - 1
+    max_length = result.prompt_tokens + PARAMS.max_new_tokens
     expected = {}
     for node in nodes:
-        span = (node.span.start, node.span.end)
-        expected[node.wallet] = tokens * (span[1] - span[0]) * prices[span]
+        blocks, price = node.span.end - node.span.start, prices[(node.span.start, node.span.end)]
+        # opening the session (its cache reservation), then every token through every block
+        expected[node.wallet] = (reservation_amount(max_length, blocks, price)
+                                 + tokens * blocks * price)
         assert ledger.balance(node.wallet) == expected[node.wallet]
     assert {p.address: p.amount for p in result.payments} == expected
     assert {p.tokens for p in result.payments} == {tokens}
     assert result.cost == sum(expected.values())
-    assert ledger.balance(payer.wallet.address) == 1_000_000 - result.cost  # the rest refunded
+    channels = ledger.channels(payer=payer.wallet.address)
+    assert sum(c.redeemed for c in channels) == result.cost
+    assert {c.state for c in channels} == {"closing"}  # the rest comes back after the window
+    assert ledger.balance(payer.wallet.address) == 1_000_000 - sum(c.deposit for c in channels)
     assert ledger.verify().ok
 
 
@@ -170,31 +177,57 @@ def test_a_wrong_receipt_bans_the_peer_and_the_answer_is_unchanged(
     assert bad.peer_id not in {h.peer_id for h in result.route}
 
 
-def test_a_staked_node_is_paid_for_its_uptime(tiny_model, tmp_path):
+def test_a_staked_node_is_rewarded_for_attested_uptime_only(tiny_model, tmp_path):
+    """A staked node that nobody pays earns no uptime reward, whatever it says; once a
+    client's vouchers are redeemed, its reward is bounded by them and by ledger time."""
     ledger = open_ledger(
         tmp_path / "rewards.sqlite",
-        LedgerConfig(dispute_window_s=0, reward_per_block_hour=3600 * 100, min_stake=10),
+        LedgerConfig(dispute_window_s=60, reward_per_block_hour=3600 * 100, min_stake=10),
     )
     wallet = Wallet.generate()
-    ledger.deposit(wallet.address, 50)
+    ledger.deposit(wallet, 50)
+    payer = funded_payer(ledger)
 
     async def main():
         swarm = MemorySwarm(tiny_model)
         try:
-            node = await swarm.add_node(0, 4, tmp_path, wallet=wallet, ledger=ledger, stake=10)
-            await asyncio.sleep(2.1)
-            first = await node.payments.claim_uptime()
-            again = await node.payments.claim_uptime()  # no whole second since: nothing
-            return first, again
+            node = await swarm.add_node(0, 4, tmp_path, wallet=wallet, ledger=ledger, stake=10,
+                                        price_per_block=1)
+            idle = await node.payments.claim_uptime()  # registered, serving nobody
+            await asyncio.sleep(1.1)
+            client = swarm.client(payer)
+            result = await client.generate(PROMPT, PARAMS)
+            await client.close()  # the node redeems the client's vouchers
+            earned = await node.payments.claim_uptime()
+            return idle, earned, result
         finally:
-            await swarm.close()  # stop() claims the rest
+            await swarm.close()
 
-    first, again = run(main())
+    idle, earned, result = run(main())
     info = ledger.node(wallet.address)
-    assert info.stake == 10
-    assert first >= 2 * 4 * 100  # >= 2 s x 4 blocks x 100 credits per block-second
-    assert again == 0
-    assert info.rewards >= first
-    assert ledger.balance(wallet.address) == 50 - 10 + info.rewards
+    assert (info.stake, info.blocks) == (10, 4)
+    assert idle == 0
+    # more than a second x 4 blocks x 100 credits per block-second, capped by the work paid
+    assert 0 < earned == info.rewards <= result.cost
+    assert earned == min(result.cost, int(100 * 4 * (info.rewarded_until - info.registered_at)))
+    assert ledger.balance(wallet.address) == 50 - 10 + result.cost + earned
     assert ledger.verify().ok
+    ledger.close()
+
+
+def test_a_priced_node_refuses_a_ledger_whose_window_it_cannot_redeem_in(tiny_model, tmp_path):
+    """A dispute window shorter than the node's redemption interval would let a client
+    close its channel and take its refund before the node redeems what it served."""
+    ledger = open_ledger(tmp_path / "short.sqlite", LedgerConfig(dispute_window_s=10))
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            await swarm.add_node(0, 4, tmp_path, ledger=ledger, price_per_block=1,
+                                 redeem_interval_s=30)
+        finally:
+            await swarm.close()
+
+    with pytest.raises(ConfigError, match="dispute window"):
+        run(main())
     ledger.close()

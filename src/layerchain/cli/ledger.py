@@ -1,11 +1,17 @@
-"""CLI: `layerchain wallet create|show|balance|deposit|withdraw` and
-`layerchain ledger init|status|journal|verify|redeem`.
+"""CLI: `layerchain wallet create|show|balance|deposit|withdraw|settle` and
+`layerchain ledger init|status|journal|verify|checkpoint|redeem`.
 
 Every command takes ``--data-dir`` (default ``~/.layerchain``, env LAYERCHAIN_DATA_DIR),
-holding ``wallet.json`` and ``vouchers/``, and ``--ledger`` (default
-``DATA_DIR/ledger.sqlite``, env LAYERCHAIN_LEDGER): processes share a ledger by pointing
-at the same file. Amounts are integers. ``--json`` prints one JSON document instead of
-tables. ``ledger verify`` exits 1 when the journal or the balances are broken.
+holding ``wallet.json``, ``vouchers/`` and ``checkpoints.jsonl``, and ``--ledger``
+(default ``DATA_DIR/ledger.sqlite``, env LAYERCHAIN_LEDGER): processes share a ledger by
+pointing at the same file. Amounts are integers. ``--json`` prints one JSON document
+instead of tables.
+
+Every change is an operation signed by the wallet in ``--data-dir`` (a deposit mints test
+credits into that wallet's account); after each one the command appends a checkpoint of
+the journal head, signed by the same wallet, to ``DATA_DIR/checkpoints.jsonl``, outside
+the ledger file. ``ledger verify`` checks the journal against those checkpoints and exits
+1 when the journal, the balances or a checkpoint disagree.
 """
 
 from __future__ import annotations
@@ -58,6 +64,13 @@ def _wallet(data_dir: Path):
     from layerchain.market.wallet import Wallet
 
     return Wallet.load(data_dir)
+
+
+def _keep_checkpoint(book: Any, wallet: Any, data_dir: Path) -> None:
+    """Append the journal head, signed by ``wallet``, to DATA_DIR/checkpoints.jsonl."""
+    from layerchain.ledger import CheckpointStore
+
+    CheckpointStore.for_data_dir(data_dir).append(book.checkpoint(wallet))
 
 
 def _print_json(data: Any) -> None:
@@ -125,10 +138,11 @@ def wallet_deposit(
     amount: int = typer.Argument(..., help="Credits to add (a positive integer)."),
     data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON,
 ) -> None:
-    """Add credits to this wallet's ledger account (creates the ledger file if needed)."""
+    """Mint test credits into this wallet's ledger account (creates the ledger file if needed)."""
     wallet = _wallet(data_dir)
     with _open(data_dir, ledger, create=True) as book:
-        balance = book.deposit(wallet.address, amount)
+        balance = book.deposit(wallet, amount)
+        _keep_checkpoint(book, wallet, data_dir)
     if as_json:
         _print_json({"address": wallet.address, "deposited": amount, "balance": balance})
     else:
@@ -143,7 +157,8 @@ def wallet_withdraw(
     """Take credits out of this wallet's ledger account."""
     wallet = _wallet(data_dir)
     with _open(data_dir, ledger) as book:
-        balance = book.withdraw(wallet.address, amount)
+        balance = book.withdraw(wallet, amount)
+        _keep_checkpoint(book, wallet, data_dir)
     if as_json:
         _print_json({"address": wallet.address, "withdrawn": amount, "balance": balance})
     else:
@@ -156,18 +171,19 @@ def wallet_settle(
 ) -> None:
     """Close this wallet's channels: open ones start their dispute window, closing ones
     whose window is over refund the unspent deposit."""
-    import time
-
     from layerchain.ledger.base import CLOSING, OPEN
 
     wallet = _wallet(data_dir)
     rows = []
     with _open(data_dir, ledger) as book:
+        now = book.now()  # the ledger's clock decides when a window is over
         for channel in book.channels(payer=wallet.address):
-            ready = channel.state == CLOSING and (channel.closes_at or 0) <= time.time()
+            ready = channel.state == CLOSING and (channel.closes_at or 0) <= now
             if channel.state == OPEN or ready:
-                refund = book.close_channel(channel.channel_id)
+                refund = book.close_channel(wallet, channel.channel_id)
                 rows.append((book.channel(channel.channel_id), refund))
+        if rows:
+            _keep_checkpoint(book, wallet, data_dir)
         balance = book.balance(wallet.address)
     if as_json:
         _print_json({
@@ -177,7 +193,7 @@ def wallet_settle(
         return
     for channel, refund in rows:
         note = f"refunded {refund}" if channel.state == "closed" else (
-            f"closes after {channel.closes_at - time.time():.0f} s" if channel.closes_at else ""
+            f"closes after {channel.closes_at - now:.0f} s" if channel.closes_at else ""
         )
         console.print(f"channel {channel.channel_id[:12]}… to {channel.payee}: {channel.state} {note}")
     console.print(f"{len(rows)} channel(s) settled; balance of {wallet.address} is {balance}")
@@ -239,6 +255,27 @@ def ledger_status(
         console.print(table)
 
 
+def _readable(payload: str, *, brief: bool = False) -> dict[str, Any]:
+    """An entry's payload with its signed operation decoded into ``operation`` (the
+    signature checked; fields left at their zero value omitted)."""
+    from layerchain.ledger import verify_operation
+    from layerchain.ledger.operations import ZERO_ADDRESS, ZERO_ID
+
+    data = json.loads(payload)
+    if "op" in data:
+        try:
+            op = asdict(verify_operation(bytes.fromhex(data["op"])))
+            data["operation"] = {k: v for k, v in op.items()
+                                 if v not in (0, ZERO_ADDRESS, ZERO_ID) and k != "ledger_id"}
+        except (LedgerError, ValueError) as error:
+            data["operation"] = {"unreadable": str(error)}
+        if brief:
+            del data["op"]
+    if brief and "voucher" in data:
+        del data["voucher"]
+    return data
+
+
 @ledger_app.command("journal")
 def ledger_journal(
     data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER,
@@ -254,33 +291,98 @@ def ledger_journal(
         entries = [e for e in entries if e.kind == kind]
         entries = entries[-last:] if last > 0 else entries
     if as_json:
-        _print_json([{**asdict(e), "payload": json.loads(e.payload)} for e in entries])
+        _print_json([{**asdict(e), "payload": _readable(e.payload)} for e in entries])
         return
     table = Table("seq", "kind", "payload", "hash")
     for e in entries:
-        payload = e.payload if len(e.payload) <= 100 else e.payload[:99] + "…"
-        table.add_row(str(e.seq), e.kind, payload, e.hash[:12] + "…")
+        text = json.dumps(_readable(e.payload, brief=True), sort_keys=True)
+        table.add_row(str(e.seq), e.kind, text if len(text) <= 100 else text[:99] + "…",
+                      e.hash[:12] + "…")
     console.print(table)
+
+
+CHECKPOINTS = typer.Option(
+    None, "--checkpoints",
+    help="A checkpoints file to check the journal against (repeatable; "
+         "DATA_DIR/checkpoints.jsonl is always read when it exists).",
+)
 
 
 @ledger_app.command("verify")
 def ledger_verify(
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON
+    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER,
+    checkpoints: Optional[list[Path]] = CHECKPOINTS, as_json: bool = JSON,
 ) -> None:
-    """Re-hash and replay the whole journal, compare with balances; exit 1 on any break."""
+    """Check the ledger; exit 1 on any break.
+
+    Proves, when ok: the journal is an unbroken hash chain; replaying it under the rules
+    (every operation signed by its owner and used once, every voucher by its payer, ledger
+    time never going backwards) gives exactly the stored balances, channels and stakes;
+    and entries up to the last matching checkpoint are the ones its signer saw. It cannot
+    prove that entries after the last checkpoint were not rewritten by whoever can write
+    the file: keep checkpoints (every wallet command and node writes them) to anchor them.
+    """
+    from layerchain.ledger import CheckpointStore
+
+    files = [CheckpointStore.for_data_dir(data_dir).path, *(checkpoints or [])]
+    for path in checkpoints or []:
+        if not path.expanduser().exists():
+            raise LedgerError(f"no checkpoints file at {path}")
+    signed = [c for path in files for c in CheckpointStore(path).load()]
     with _open(data_dir, ledger) as book:
-        report = book.verify()
+        report = book.verify(signed)
+    anchored = (
+        f"entries 1..{report.anchored_seq} match {len(signed)} checkpoint(s) kept outside the "
+        f"file, signed by {', '.join(report.anchor_signers)}"
+        if report.anchored_seq else "no checkpoint anchors it"
+    )
+    unanchored = report.entries - report.anchored_seq
+    proves = (
+        f"{report.entries} journal entries: hash chain intact; replayed under the rules "
+        "(operations signed by their owners and used once, vouchers by their payers, ledger "
+        "time monotonic) they give the stored balances, channels and stakes; "
+        f"{anchored}"
+        + (f"; the last {unanchored} entries are not anchored (whoever can write the file "
+           "could rewrite them)" if unanchored else "")
+    )
     if as_json:
         _print_json({"ok": report.ok, "entries": report.entries, "head": report.head_hash,
+                     "anchored_seq": report.anchored_seq,
+                     "anchor_signers": list(report.anchor_signers),
+                     "checkpoints": len(signed), "proves": proves if report.ok else "",
                      "problems": list(report.problems)})
     elif report.ok:
-        console.print(f"ok: {report.entries} journal entries verified, head {report.head_hash}")
+        typer.echo(f"ok: {proves}; head {report.head_hash}")
     else:
         for problem in report.problems:
             typer.echo(f"broken: {problem}", err=True)
         typer.echo(f"ledger verify failed: {len(report.problems)} problem(s)", err=True)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@ledger_app.command("checkpoint")
+def ledger_checkpoint(
+    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER,
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Append to this file (default DATA_DIR/checkpoints.jsonl)."),
+    as_json: bool = JSON,
+) -> None:
+    """Sign the journal head with this wallet and keep it outside the ledger file."""
+    from layerchain.ledger import CheckpointStore, verify_checkpoint
+
+    wallet = _wallet(data_dir)
+    store = CheckpointStore(out) if out else CheckpointStore.for_data_dir(data_dir)
+    with _open(data_dir, ledger) as book:
+        data = book.checkpoint(wallet)
+    store.append(data)
+    checkpoint = verify_checkpoint(data).checkpoint
+    if as_json:
+        _print_json({"seq": checkpoint.seq, "head": checkpoint.head_hash,
+                     "signer": wallet.address, "path": str(store.path)})
+    else:
+        console.print(f"checkpoint of entry {checkpoint.seq} ({checkpoint.head_hash[:16]}…) "
+                      f"signed by {wallet.address}, kept in {store.path}")
 
 
 @ledger_app.command("redeem")
@@ -292,11 +394,14 @@ def ledger_redeem(
     Already-redeemed vouchers credit 0; exits 1 if the ledger refused any voucher.
     """
     from layerchain.market.vouchers import VoucherStore, redeem_stored
+    from layerchain.market.wallet import Wallet
 
     store = VoucherStore.for_data_dir(data_dir)
     vouchers = store.latest()
     with _open(data_dir, ledger) as book:
         results = redeem_stored(book, vouchers)
+        if any(r.credited for r in results) and Wallet.file(data_dir).exists():
+            _keep_checkpoint(book, Wallet.load(data_dir), data_dir)
     total = sum(r.credited for r in results)
     if as_json:
         _print_json({"credited": total, "vouchers": [asdict(r) for r in results]})

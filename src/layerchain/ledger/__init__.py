@@ -1,7 +1,8 @@
 """Ledgers: where credits live. ``open_ledger(path)`` gives the embedded SQLite ledger.
 
 See ``base.py`` for the seam and its invariants, ``journal.py`` for the rules,
-``records.py`` for the signed vouchers and liveness records it settles.
+``operations.py`` for the signed operations that change accounts, ``records.py`` for the
+vouchers it settles and ``checkpoints.py`` for the signed heads that anchor its journal.
 """
 
 from layerchain.ledger.base import (
@@ -14,22 +15,30 @@ from layerchain.ledger.base import (
     NodeInfo,
     VerifyReport,
 )
-from layerchain.ledger.records import LivenessRecord, Voucher, sign_liveness, sign_voucher
+from layerchain.ledger.checkpoints import Checkpoint, CheckpointStore, sign_checkpoint, verify_checkpoint
+from layerchain.ledger.operations import Operation, new_operation, sign_operation, verify_operation
+from layerchain.ledger.records import Voucher, sign_voucher
 from layerchain.ledger.sqlite import SqliteLedger, open_ledger
 
 __all__ = [
     "MAX_AMOUNT",
     "AccountInfo",
     "Channel",
+    "Checkpoint",
+    "CheckpointStore",
     "JournalEntry",
     "Ledger",
     "LedgerConfig",
-    "LivenessRecord",
     "NodeInfo",
+    "Operation",
     "SqliteLedger",
     "VerifyReport",
     "Voucher",
+    "new_operation",
     "open_ledger",
-    "sign_liveness",
+    "sign_checkpoint",
+    "sign_operation",
     "sign_voucher",
+    "verify_checkpoint",
+    "verify_operation",
 ]

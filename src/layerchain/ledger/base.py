@@ -4,8 +4,15 @@ A ledger is where credits live. Clients deposit, open one payment channel per no
 deposit moves from the payer's balance into the channel), and sign cumulative vouchers off
 the ledger; a node redeems its latest voucher, which credits it the difference from the
 last redemption. Closing a channel returns the unspent deposit to the payer after a
-dispute window, during which the payee can still redeem. Nodes register with a stake and
-earn an uptime reward per block-hour from signed liveness records.
+dispute window, during which the payee can still redeem. Nodes register a stake and the
+blocks they serve, and earn an uptime reward for time the ledger can vouch for.
+
+Authority: every change of an account is a signed ``Operation`` of its owner
+(``operations.py``); the convenience methods below take the owner's ``Signer`` and sign
+one. A voucher is the payer's signature, so anybody may submit it (it only pays the payee).
+
+Time: the ledger keeps its own clock. Every entry is stamped by the backend, never by the
+caller, and stamps never go backwards; dispute windows and reward periods are measured on it.
 
 Invariants every backend keeps (and ``verify`` checks):
 
@@ -13,6 +20,7 @@ Invariants every backend keeps (and ``verify`` checks):
 * a channel's ``redeemed`` never exceeds its ``deposit``; ``nonce`` and ``redeemed`` only grow;
 * redemption is idempotent: a voucher at or below the last redeemed nonce or amount
   credits 0 and changes nothing;
+* an operation nonce is used once per actor;
 * every mutation is one atomic step that also appends one journal entry, and the journal
   is a hash chain from which every balance, channel and stake can be recomputed.
 
@@ -24,7 +32,9 @@ knows nothing of wallets on disk, receipts or the network.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
+
+from layerchain.ledger.signatures import Signer
 
 MAX_AMOUNT = 2**63 - 1  # SQLite INTEGER and msgpack int64: the largest amount anywhere
 
@@ -37,16 +47,16 @@ class LedgerConfig:
     """Rules of one ledger, fixed when it is created (its genesis journal entry holds them)."""
 
     dispute_window_s: float = 3600.0  # seconds between a close request and the refund
-    reward_per_block_hour: int = 0  # credits per block served for one hour of liveness
+    reward_per_block_hour: int = 0  # credits per registered block per hour of attested uptime
     min_stake: int = 0  # credits a node must stake to register
-    max_liveness_period_s: int = 24 * 3600  # longest period one liveness record may claim
+    max_reward_period_s: int = 24 * 3600  # longest period one reward claim may cover
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "dispute_window_s": self.dispute_window_s,
             "reward_per_block_hour": self.reward_per_block_hour,
             "min_stake": self.min_stake,
-            "max_liveness_period_s": self.max_liveness_period_s,
+            "max_reward_period_s": self.max_reward_period_s,
         }
 
     @classmethod
@@ -55,7 +65,7 @@ class LedgerConfig:
             dispute_window_s=float(data["dispute_window_s"]),
             reward_per_block_hour=int(data["reward_per_block_hour"]),
             min_stake=int(data["min_stake"]),
-            max_liveness_period_s=int(data["max_liveness_period_s"]),
+            max_reward_period_s=int(data["max_reward_period_s"]),
         )
 
 
@@ -89,11 +99,18 @@ class Channel:
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """A registered node: its stake and the end of the last rewarded liveness period."""
+    """A registered node, and what the ledger itself saw of its work (ledger-clock seconds).
+
+    The reward for ``[rewarded_until, served_at)`` is bounded by the blocks registered,
+    that period's length and ``earned``: nothing here comes from the node's own word."""
 
     address: str
     stake: int
-    rewarded_until: int = 0  # unix seconds; a new liveness record must start at or after it
+    blocks: int = 0  # blocks the node registered to serve
+    registered_at: float = 0.0  # when it first registered
+    rewarded_until: float = 0.0  # end of the last rewarded period (registration at first)
+    served_at: float = 0.0  # the last time a client's voucher paid it (0: never)
+    earned: int = 0  # credits redeemed from clients' vouchers since the last reward
     rewards: int = 0  # total uptime rewards paid
 
 
@@ -102,7 +119,7 @@ class JournalEntry:
     """One journal row: ``hash = sha256(prev_hash | seq | kind | payload_json)`` (hex)."""
 
     seq: int  # 1-based; entry 1 is the genesis entry holding the LedgerConfig
-    kind: str  # genesis, deposit, withdraw, open_channel, redeem, close_request, close, ...
+    kind: str  # genesis, redeem, or an operation kind (deposit, open_channel, ...)
     payload: str  # canonical JSON (sorted keys, no spaces) exactly as hashed
     prev_hash: str  # hash of entry seq-1, or 64 zeros for the genesis entry
     hash: str
@@ -110,11 +127,20 @@ class JournalEntry:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What ``Ledger.verify`` found: ``ok`` is True only when ``problems`` is empty."""
+    """What ``Ledger.verify`` found: ``ok`` is True only when ``problems`` is empty.
+
+    What an ok report proves: entries ``1..entries`` form an unbroken hash chain; replaying
+    them under the ledger's rules (every operation signed by its owner and used once,
+    every voucher by its payer, ledger time never going backwards) gives exactly the stored
+    balances, channels and stakes; and entries ``1..anchored_seq`` are the ones the
+    ``anchor_signers`` saw when they signed their checkpoints. Entries after
+    ``anchored_seq`` are not anchored: whoever can write the file could rewrite them."""
 
     entries: int  # journal entries checked
     head_hash: str  # hash of the last entry
     problems: tuple[str, ...] = field(default_factory=tuple)
+    anchored_seq: int = 0  # entries 1..anchored_seq match a signed checkpoint
+    anchor_signers: tuple[str, ...] = ()  # addresses whose checkpoints matched
 
     @property
     def ok(self) -> bool:
@@ -124,12 +150,18 @@ class VerifyReport:
 class Ledger(Protocol):
     """The seam every backend implements. Amounts are ints; addresses are ``0x`` hex strings.
 
-    Errors: InsufficientFunds (a balance too small), InvalidVoucher (bad signature, amount
-    above the deposit, malformed), ChannelError (unknown, closed, window still running),
-    LedgerError (bad argument, unreachable or corrupt ledger).
+    Mutations take the owner's ``Signer`` and submit a signed operation (``submit`` takes
+    one signed elsewhere). Errors: InsufficientFunds (a balance too small), InvalidVoucher
+    (bad signature, amount above the deposit, malformed), ChannelError (unknown, closed,
+    window still running), LedgerError (bad argument or signature, replayed or expired
+    operation, unreachable or corrupt ledger).
     """
 
     config: LedgerConfig
+    ledger_id: str  # "0x" + 64 hex digits, fixed at creation; operations name it
+
+    def now(self) -> float:
+        """The ledger's clock (unix seconds, never going backwards)."""
 
     def balance(self, address: str) -> int:
         """Spendable credits of ``address`` (0 for an unknown address)."""
@@ -140,14 +172,20 @@ class Ledger(Protocol):
     def accounts(self) -> list[AccountInfo]:
         """Every address the ledger has seen, sorted by address."""
 
-    def deposit(self, address: str, amount: int) -> int:
-        """Add ``amount`` credits from outside the ledger; return the new balance."""
+    def submit(self, operation: bytes) -> int:
+        """Apply one signed operation; return its result (balance, refund, reward...)."""
 
-    def withdraw(self, address: str, amount: int) -> int:
-        """Take ``amount`` credits out of the ledger; return the new balance."""
+    def deposit(self, owner: Signer, amount: int) -> int:
+        """Mint ``amount`` test credits into the owner's account; return the new balance."""
 
-    def open_channel(self, payer: str, payee: str, deposit: int) -> str:
+    def withdraw(self, owner: Signer, amount: int) -> int:
+        """Take ``amount`` credits out of the owner's account; return the new balance."""
+
+    def open_channel(self, payer: Signer, payee: str, deposit: int) -> str:
         """Move ``deposit`` from the payer's balance into a new channel; return its id."""
+
+    def top_up(self, payer: Signer, channel_id: str, amount: int) -> int:
+        """Add ``amount`` to an open channel's deposit; return the new deposit."""
 
     def channel(self, channel_id: str) -> Channel:
         """The channel's current state; ChannelError if unknown."""
@@ -158,17 +196,18 @@ class Ledger(Protocol):
     def redeem(self, voucher_bytes: bytes) -> int:
         """Credit the payee ``cumulative - redeemed``; return it (0 if nothing new)."""
 
-    def close_channel(self, channel_id: str) -> int:
+    def close_channel(self, payer: Signer, channel_id: str) -> int:
         """Start (OPEN) or finish (CLOSING, window over) closing; return the refund (or 0)."""
 
-    def register_node(self, address: str, stake: int) -> NodeInfo:
-        """Stake ``stake`` credits from the node's balance (added to any earlier stake)."""
+    def register_node(self, node: Signer, stake: int, blocks: int) -> NodeInfo:
+        """Stake ``stake`` more credits and register ``blocks`` served (stake may be 0 once
+        registered, to change the blocks)."""
 
     def node(self, address: str) -> NodeInfo:
         """A registered node; LedgerError if not registered."""
 
-    def reward_uptime(self, record_bytes: bytes) -> int:
-        """Pay a signed liveness record: reward_per_block_hour * blocks * hours; return it."""
+    def claim_reward(self, node: Signer) -> int:
+        """Pay the node's uptime reward since its last one, as far as the ledger saw it work."""
 
     def journal(self, *, after: int = 0, limit: int | None = None) -> list[JournalEntry]:
         """Journal entries with ``seq > after``, oldest first."""
@@ -176,8 +215,12 @@ class Ledger(Protocol):
     def head(self) -> tuple[int, str]:
         """``(seq, hash)`` of the last journal entry."""
 
-    def verify(self) -> VerifyReport:
-        """Re-hash the whole journal, replay it, and compare with the current state."""
+    def checkpoint(self, signer: Signer) -> bytes:
+        """The current head signed by ``signer`` (``checkpoints.py``), to keep elsewhere."""
+
+    def verify(self, checkpoints: Iterable[bytes] = ()) -> VerifyReport:
+        """Re-hash and replay the whole journal, compare with the current state, and check
+        the journal against ``checkpoints`` kept outside it."""
 
     def close(self) -> None:
         """Release the connection; the ledger object is unusable afterwards."""

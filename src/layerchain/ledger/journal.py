@@ -6,19 +6,23 @@ checks the entry is allowed, mutates the state, and returns the entry's result (
 balance, the credited amount, the refund...). A backend runs ``apply`` on the rows it
 loaded inside its transaction and writes them back; ``replay`` runs it over the whole
 journal from an empty state, which is how ``verify`` recomputes every balance, channel
-and stake and compares them with what the backend stores.
+and stake and compares them with what the backend stores. ``apply`` dispatches on the
+kind through ``RULES``, one small function per kind.
 
-Entries (payload keys; ``ts`` is unix seconds on every entry)::
+Entries (payload keys; ``ts`` is the ledger's clock, unix seconds, on every entry)::
 
-    genesis        config
-    deposit        address, amount
-    withdraw       address, amount
-    open_channel   channel_id, payer, payee, deposit
-    redeem         channel_id, voucher (hex wire bytes, signature re-checked), credited
-    close_request  channel_id, closes_at
-    close          channel_id, refunded
-    register_node  address, stake
-    reward         address, record (hex wire bytes, signature re-checked), amount
+    genesis        config, ledger_id, version
+    redeem         voucher (hex wire bytes, signature re-checked), credited
+    deposit        op (hex signed operation, signature re-checked on replay), balance
+    withdraw       op, balance
+    open_channel   op, channel_id
+    top_up         op, deposit
+    close_channel  op, closes_at (a close request) or refunded (the close)
+    register_node  op, stake
+    claim_reward   op, amount, period (seconds rewarded)
+
+Every operation entry must be signed by its actor, name this ledger, be submitted before
+its deadline and carry a nonce its actor never used. ``ts`` never goes backwards.
 
 ``hash = sha256(prev_hash | seq | kind | payload)`` in hex, ``payload`` being canonical
 JSON (sorted keys, no spaces); the genesis entry's ``prev_hash`` is 64 zeros.
@@ -29,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from layerchain.errors import (
     ChannelError,
@@ -49,9 +53,11 @@ from layerchain.ledger.base import (
     LedgerConfig,
     NodeInfo,
 )
-from layerchain.ledger.records import decode_voucher, verify_liveness, verify_voucher
+from layerchain.ledger.operations import Operation, channel_id_of, verify_operation
+from layerchain.ledger.records import decode_voucher, verify_voucher
 
 GENESIS_PREV_HASH = "0" * 64
+JOURNAL_VERSION = 2  # 1: unsigned operations, caller-stamped time (no longer accepted)
 
 
 def canonical_payload(payload: dict[str, Any]) -> str:
@@ -68,13 +74,18 @@ def entry_hash(prev_hash: str, seq: int, kind: str, payload: str) -> str:
 class State:
     """Rows of a ledger (all of them in a replay, the touched ones in a transaction).
 
-    Absent accounts have balance 0; absent channels and nodes do not exist.
+    Absent accounts have balance 0; absent channels and nodes do not exist; ``nonces``
+    holds the ``(actor, nonce)`` pairs already used (in a transaction: the one asked about,
+    when used); ``clock`` is the stamp of the last entry.
     """
 
     config: LedgerConfig | None = None
+    ledger_id: str = ""
+    clock: float = 0.0
     balances: dict[str, int] = field(default_factory=dict)
     channels: dict[str, Channel] = field(default_factory=dict)
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
+    nonces: set[tuple[str, int]] = field(default_factory=set)
 
     def balance(self, address: str) -> int:
         return self.balances.get(address, 0)
@@ -115,7 +126,7 @@ def _debit(state: State, address: str, amount: int, why: str) -> int:
     return have - amount
 
 
-def _record(payload: dict[str, Any], key: str, value: float) -> None:
+def _record(payload: dict[str, Any], key: str, value: Any) -> None:
     """Put an entry's computed result in its payload; in a replay it must equal the recorded one.
 
     Only called once every check of the entry has passed, so a rejected entry leaves the
@@ -126,117 +137,239 @@ def _record(payload: dict[str, Any], key: str, value: float) -> None:
     payload[key] = value
 
 
-def apply(state: State, kind: str, payload: dict[str, Any]) -> int:
-    """Apply one entry to ``state`` (mutating it) and return its result; raise if not allowed.
-
-    Results the rules compute (``credited``, ``closes_at``, ``refunded``, ``amount``) are
-    written into ``payload`` so the journal records them. The state and payload are left
-    unchanged when this raises.
-    """
-    if kind == "genesis":
-        if state.config is not None:
-            raise LedgerError("a second genesis entry")
-        state.config = LedgerConfig.from_dict(payload["config"])
-        return 0
-    config = state.config
-    if config is None:
-        raise LedgerError(f"{kind} entry before the genesis entry")
-    ts = float(payload["ts"])
-    if kind == "deposit":
-        return _credit(state, payload["address"], positive_amount(payload["amount"]))
-    if kind == "withdraw":
-        amount = positive_amount(payload["amount"])
-        return _debit(state, payload["address"], amount, f"withdrawing {amount}")
-    if kind == "open_channel":
-        channel_id, payer, payee = payload["channel_id"], payload["payer"], payload["payee"]
-        deposit = positive_amount(payload["deposit"], "channel deposit")
-        if channel_id in state.channels:
-            raise ChannelError(f"channel {channel_id[:10]}... already exists")
-        if payer == payee:
-            raise ChannelError("a channel's payer and payee must differ")
-        _debit(state, payer, deposit, "the channel deposit")
-        state.channels[channel_id] = Channel(channel_id, payer, payee, deposit)
-        return deposit
-    if kind == "redeem":
-        data = bytes.fromhex(payload["voucher"])
-        voucher, _ = decode_voucher(data)
-        channel = state.channel(voucher.channel_id)
-        verify_voucher(data, channel)  # signature, nonce, monotone, <= deposit, not closed
-        credited = voucher.cumulative_amount - channel.redeemed
-        if credited <= 0:
-            raise InvalidVoucher("voucher credits nothing new")
-        _record(payload, "credited", credited)
-        _credit(state, channel.payee, credited)
-        state.channels[channel.channel_id] = replace(
-            channel, redeemed=voucher.cumulative_amount, nonce=voucher.nonce
+def _payers_channel(state: State, op: Operation) -> Channel:
+    channel = state.channel(op.channel_id)
+    if channel.payer != op.actor:
+        raise ChannelError(
+            f"channel {channel.channel_id[:10]}... is paid by {channel.payer}, not {op.actor}"
         )
-        return credited
-    if kind == "close_request":
-        channel = state.channel(payload["channel_id"])
-        if channel.state != OPEN:
-            raise ChannelError(f"channel {channel.channel_id[:10]}... is already {channel.state}")
+    return channel
+
+
+# -- one rule per kind: (state, config, op, ts, payload) -> result ------------------------
+
+
+def _deposit(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+    # The embedded ledger's credit source: the signer mints test credits to itself.
+    balance = _credit(state, op.actor, positive_amount(op.amount))
+    _record(payload, "balance", balance)
+    return balance
+
+
+def _withdraw(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+    amount = positive_amount(op.amount)
+    balance = _debit(state, op.actor, amount, f"withdrawing {amount}")
+    _record(payload, "balance", balance)
+    return balance
+
+
+def _open_channel(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+    deposit = positive_amount(op.amount, "channel deposit")
+    if op.counterparty == op.actor:
+        raise ChannelError("a channel's payer and payee must differ")
+    if int(op.counterparty, 16) == 0:
+        raise ChannelError("a channel needs a payee")
+    channel_id = channel_id_of(state.ledger_id, op.actor, op.nonce)
+    if channel_id in state.channels:
+        raise ChannelError(f"channel {channel_id[:10]}... already exists")
+    _debit(state, op.actor, deposit, "the channel deposit")
+    _record(payload, "channel_id", channel_id)
+    state.channels[channel_id] = Channel(channel_id, op.actor, op.counterparty, deposit)
+    return deposit
+
+
+def _top_up(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+    amount = positive_amount(op.amount, "top-up")
+    channel = _payers_channel(state, op)
+    if channel.state != OPEN:
+        raise ChannelError(f"channel {channel.channel_id[:10]}... is {channel.state}")
+    deposit = channel.deposit + amount
+    if deposit > MAX_AMOUNT:
+        raise LedgerError("channel deposit would overflow 2^63")
+    _debit(state, op.actor, amount, "the top-up")
+    _record(payload, "deposit", deposit)
+    state.channels[channel.channel_id] = replace(channel, deposit=deposit)
+    return deposit
+
+
+def _close_channel(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+    channel = _payers_channel(state, op)
+    if channel.state == OPEN and config.dispute_window_s > 0:
         closes_at = ts + config.dispute_window_s
         _record(payload, "closes_at", closes_at)
         state.channels[channel.channel_id] = replace(channel, state=CLOSING, closes_at=closes_at)
         return 0
-    if kind == "close":
-        channel = state.channel(payload["channel_id"])
-        if channel.state != CLOSING or channel.closes_at is None:
-            raise ChannelError(f"channel {channel.channel_id[:10]}... is {channel.state}")
-        if ts < channel.closes_at:
-            raise ChannelError(
-                f"channel {channel.channel_id[:10]}... is in its dispute window for another "
-                f"{channel.closes_at - ts:.0f} s"
-            )
-        refund = channel.unspent
-        _record(payload, "refunded", refund)
-        _credit(state, channel.payer, refund)
-        state.channels[channel.channel_id] = replace(channel, state=CLOSED, refunded=refund)
-        return refund
-    if kind == "register_node":
-        address = payload["address"]
-        stake = positive_amount(payload["stake"], "stake")
-        old = state.nodes.get(address, NodeInfo(address, 0))
-        if old.stake + stake < config.min_stake:
-            raise LedgerError(f"a node must stake at least {config.min_stake} credits")
-        _debit(state, address, stake, "the stake")
-        state.nodes[address] = replace(old, stake=old.stake + stake)
-        return old.stake + stake
-    if kind == "reward":
-        return _apply_reward(state, config, payload, ts)
-    raise LedgerError(f"unknown journal entry kind {kind!r}")
+    if channel.state == CLOSED:
+        raise ChannelError(f"channel {channel.channel_id[:10]}... is already closed")
+    if channel.closes_at is not None and ts < channel.closes_at:
+        raise ChannelError(
+            f"channel {channel.channel_id[:10]}... is in its dispute window for another "
+            f"{channel.closes_at - ts:.0f} s"
+        )
+    refund = channel.unspent
+    _record(payload, "refunded", refund)
+    _credit(state, channel.payer, refund)
+    state.channels[channel.channel_id] = replace(
+        channel, state=CLOSED, refunded=refund, closes_at=channel.closes_at or ts
+    )
+    return refund
 
 
-def _apply_reward(state: State, config: LedgerConfig, payload: dict[str, Any], ts: float) -> int:
-    record = verify_liveness(bytes.fromhex(payload["record"]))
-    node = state.nodes.get(record.node_address)
+def _register_node(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+    old = state.nodes.get(op.actor)
+    if op.amount == 0 and old is None:
+        raise LedgerError("a node registers with a positive stake")
+    if op.blocks <= 0:
+        raise LedgerError("a node registers the blocks it serves (at least 1)")
+    stake = (old.stake if old else 0) + op.amount
+    if stake < config.min_stake:
+        raise LedgerError(f"a node must stake at least {config.min_stake} credits")
+    if op.amount:
+        _debit(state, op.actor, op.amount, "the stake")
+    _record(payload, "stake", stake)
+    if old is None:
+        state.nodes[op.actor] = NodeInfo(op.actor, stake, op.blocks, ts, ts)
+    elif op.blocks == old.blocks:
+        state.nodes[op.actor] = replace(old, stake=stake)
+    else:  # new blocks count from now: the unclaimed period so far is forfeited
+        state.nodes[op.actor] = replace(
+            old, stake=stake, blocks=op.blocks, rewarded_until=ts, earned=0
+        )
+    return stake
+
+
+def _claim_reward(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+    """reward = min(rate x blocks x hours, earned): hours from the last reward (or the
+    registration) to the last time a client's voucher paid the node, on the ledger's clock,
+    at most ``max_reward_period_s``; ``earned`` is what those vouchers paid in that time."""
+    node = state.nodes.get(op.actor)
     if node is None or node.stake <= 0:
-        raise LedgerError(f"{record.node_address} is not a registered node with a stake")
-    if record.period_start < node.rewarded_until:
+        raise LedgerError(f"{op.actor} is not a registered node with a stake")
+    end = min(node.served_at, node.rewarded_until + config.max_reward_period_s)
+    if node.earned <= 0 or end <= node.rewarded_until:
         raise LedgerError(
-            f"liveness period starting at {record.period_start} overlaps one already rewarded "
-            f"(until {node.rewarded_until})"
+            f"no reward due: no client has paid {op.actor} since its last reward "
+            "(uptime counts only as far as clients' vouchers attest it)"
         )
-    if record.period_end > ts + 60:  # a minute of clock skew
-        raise LedgerError("liveness period ends in the future")
-    if record.seconds > config.max_liveness_period_s:
-        raise LedgerError(
-            f"liveness period of {record.seconds} s exceeds {config.max_liveness_period_s} s"
-        )
-    amount = config.reward_per_block_hour * record.blocks * record.seconds // 3600
+    seconds = end - node.rewarded_until
+    by_time = int(config.reward_per_block_hour * node.blocks * seconds // 3600)
+    amount = min(by_time, node.earned)
+    if amount <= 0:  # the period keeps growing until it is worth a credit
+        raise LedgerError(f"no reward due yet: {seconds:.0f} s x {node.blocks} blocks rounds to 0")
     _record(payload, "amount", amount)
-    _credit(state, record.node_address, amount)
-    state.nodes[record.node_address] = replace(
-        node, rewarded_until=record.period_end, rewards=node.rewards + amount
+    _record(payload, "period", seconds)
+    _credit(state, op.actor, amount)
+    state.nodes[op.actor] = replace(
+        node, rewarded_until=end, earned=0, rewards=node.rewards + amount
     )
     return amount
+
+
+OperationRule = Callable[[State, LedgerConfig, Operation, float, dict], int]
+RULES: dict[str, OperationRule] = {
+    "deposit": _deposit,
+    "withdraw": _withdraw,
+    "open_channel": _open_channel,
+    "top_up": _top_up,
+    "close_channel": _close_channel,
+    "register_node": _register_node,
+    "claim_reward": _claim_reward,
+}
+
+
+def _redeem(state: State, config: LedgerConfig, ts: float, payload: dict[str, Any]) -> int:
+    data = bytes.fromhex(payload["voucher"])
+    voucher, _ = decode_voucher(data)
+    channel = state.channel(voucher.channel_id)
+    verify_voucher(data, channel)  # signature, nonce, monotone, <= deposit, not closed
+    credited = voucher.cumulative_amount - channel.redeemed
+    if credited <= 0:
+        raise InvalidVoucher("voucher credits nothing new")
+    _record(payload, "credited", credited)
+    _credit(state, channel.payee, credited)
+    state.channels[channel.channel_id] = replace(
+        channel, redeemed=voucher.cumulative_amount, nonce=voucher.nonce
+    )
+    node = state.nodes.get(channel.payee)
+    if node is not None:  # a client's signature attests the node worked until now
+        state.nodes[channel.payee] = replace(
+            node, served_at=ts, earned=min(MAX_AMOUNT, node.earned + credited)
+        )
+    return credited
+
+
+def _genesis(state: State, payload: dict[str, Any]) -> int:
+    if state.config is not None:
+        raise LedgerError("a second genesis entry")
+    if payload.get("version") != JOURNAL_VERSION:
+        raise LedgerError(
+            f"journal version {payload.get('version', 1)} is not {JOURNAL_VERSION}: this ledger "
+            "was written by an older layerchain (unsigned operations)",
+            hint="start a new ledger file",
+        )
+    state.config = LedgerConfig.from_dict(payload["config"])
+    state.ledger_id = payload["ledger_id"]
+    state.clock = float(payload["ts"])
+    return 0
+
+
+def authorize(state: State, operation: Operation, ts: float) -> None:
+    """LedgerError unless ``operation`` may run now: this ledger's, before its deadline,
+    with a nonce its actor has not used (the signature was checked when it was decoded)."""
+    if operation.ledger_id != state.ledger_id:
+        raise LedgerError(
+            f"operation is for ledger {operation.ledger_id[:10]}..., not this one "
+            f"({state.ledger_id[:10]}...)"
+        )
+    if ts > operation.deadline:
+        raise LedgerError(
+            f"{operation.kind} operation expired {ts - operation.deadline:.0f} s ago "
+            "(deadline passed on the ledger's clock)"
+        )
+    if (operation.actor, operation.nonce) in state.nonces:
+        raise LedgerError(
+            f"{operation.kind} operation replayed: {operation.actor} already used nonce "
+            f"{operation.nonce}"
+        )
+
+
+def apply(state: State, kind: str, payload: dict[str, Any]) -> int:
+    """Apply one entry to ``state`` (mutating it) and return its result; raise if not allowed.
+
+    Results the rules compute (``credited``, ``closes_at``, ``refunded``, ``amount``...) are
+    written into ``payload`` so the journal records them. Every check of an entry runs
+    before its first mutation, so a refused entry leaves state and payload unchanged.
+    """
+    if kind == "genesis":
+        return _genesis(state, payload)
+    config = state.config
+    if config is None:
+        raise LedgerError(f"{kind} entry before the genesis entry")
+    ts = float(payload["ts"])
+    if ts < state.clock:
+        raise LedgerError(f"entry stamped {state.clock - ts:.3f} s before the entry before it")
+    if kind == "redeem":
+        result = _redeem(state, config, ts, payload)
+    else:
+        rule = RULES.get(kind)
+        if rule is None:
+            raise LedgerError(f"unknown journal entry kind {kind!r}")
+        operation = verify_operation(bytes.fromhex(payload["op"]))
+        if operation.kind != kind:
+            raise LedgerError(f"a {operation.kind} operation recorded as {kind}")
+        authorize(state, operation, ts)
+        result = rule(state, config, operation, ts, payload)
+        state.nonces.add((operation.actor, operation.nonce))
+    state.clock = ts
+    return result
 
 
 def replay(entries: Iterable[JournalEntry]) -> tuple[State, list[str]]:
     """Re-hash and re-apply a whole journal; return the state it gives and every problem.
 
     Problems name the entry: a broken hash, a broken link, a gap in ``seq``, an entry the
-    rules reject (forged voucher, overdraft...). Replay continues past problems.
+    rules reject (forged signature, replayed operation, overdraft...). Replay continues
+    past problems.
     """
     state, problems = State(), []
     prev_hash, expected_seq = GENESIS_PREV_HASH, 1
@@ -280,6 +413,10 @@ def compare(replayed: State, stored: State) -> list[str]:
         want_n, have_n = replayed.nodes.get(address), stored.nodes.get(address)
         if want_n != have_n:
             problems.append(f"node {address} is stored as {have_n}, the journal gives {want_n}")
+    if replayed.nonces != stored.nonces:
+        problems.append(
+            f"{len(replayed.nonces ^ stored.nonces)} used operation nonce(s) differ from the journal's"
+        )
     if replayed.config != stored.config:
         problems.append(f"config is stored as {stored.config}, genesis gives {replayed.config}")
     return problems

@@ -1,4 +1,4 @@
-"""Signed records the ledger settles: vouchers (payment channels) and liveness records.
+"""Signed records the ledger settles: vouchers (payment channels).
 
 Each record is a frozen dataclass with canonical bytes (Solidity ``abi.encodePacked`` of
 fixed-width fields, so a contract recomputes them), a 32-byte ``digest`` (keccak256 of the
@@ -12,12 +12,8 @@ Voucher canonical bytes (80 bytes)::
     uint64  nonce                # strictly increasing per channel, starting at 1
     uint64  cumulative_amount    # total credits owed to the payee on this channel so far
 
-Liveness canonical bytes (72 bytes)::
-
-    bytes32 LIVENESS_TYPEHASH = keccak256("layerchain.Liveness.v1")
-    address node
-    uint64  period_start, uint64 period_end   # unix seconds, half-open [start, end)
-    uint32  blocks                             # blocks served during the whole period
+Uptime is not a record a node signs about itself: the ledger rewards what it saw
+(``journal._claim_reward``). Ledger operations are signed in ``operations.py``.
 
 ``verify_voucher`` is the pure rule a node and the ledger both apply. This module knows
 nothing of storage.
@@ -30,19 +26,17 @@ from dataclasses import dataclass
 
 import msgpack
 
-from layerchain.errors import ChannelError, InvalidVoucher, LedgerError
+from layerchain.errors import ChannelError, InvalidVoucher
 from layerchain.ledger.base import CLOSED, MAX_AMOUNT, Channel
 from layerchain.ledger.signatures import (
     BadSignature,
     Signer,
     address_bytes,
-    checksum_address,
     keccak256,
     recover_address_bytes,
 )
 
 VOUCHER_TYPEHASH = keccak256(b"layerchain.Voucher.v1")
-LIVENESS_TYPEHASH = keccak256(b"layerchain.Liveness.v1")
 _WIRE_VERSION = 1
 _U64 = struct.Struct(">QQ")
 
@@ -169,65 +163,3 @@ def verify_voucher(
             f"{channel.deposit}"
         )
     return voucher
-
-
-@dataclass(frozen=True)
-class LivenessRecord:
-    """A node's claim: it served ``blocks`` blocks during ``[period_start, period_end)``."""
-
-    node_address: str
-    period_start: int  # unix seconds
-    period_end: int  # unix seconds
-    blocks: int
-
-    def canonical_bytes(self) -> bytes:
-        return (
-            LIVENESS_TYPEHASH
-            + address_bytes(self.node_address)
-            + _U64.pack(self.period_start, self.period_end)
-            + struct.pack(">I", self.blocks)
-        )
-
-    def digest(self) -> bytes:
-        return keccak256(self.canonical_bytes())
-
-    @property
-    def seconds(self) -> int:
-        return self.period_end - self.period_start
-
-
-def sign_liveness(signer: Signer, record: LivenessRecord) -> bytes:
-    """Wire bytes of ``record`` signed by ``signer`` (the node itself)."""
-    signature = signer.sign_digest(record.digest())
-    return msgpack.packb(
-        [
-            _WIRE_VERSION,
-            address_bytes(record.node_address),
-            record.period_start,
-            record.period_end,
-            record.blocks,
-            signature,
-        ]
-    )
-
-
-def verify_liveness(data: bytes) -> LivenessRecord:
-    """Decode a liveness record and check it is signed by its node; LedgerError if not."""
-    try:
-        version, node_raw, start, end, blocks, signature = msgpack.unpackb(data, raw=False)
-        if version != _WIRE_VERSION or len(node_raw) != 20:
-            raise ValueError
-        if not all(type(x) is int and 0 <= x < 2**63 for x in (start, end, blocks)):
-            raise ValueError
-        record = LivenessRecord(checksum_address(node_raw), start, end, blocks)
-    except Exception:
-        raise LedgerError("liveness record bytes are malformed") from None
-    if blocks >= 2**32 or end <= start:
-        raise LedgerError(f"liveness record has an empty period or too many blocks ({blocks})")
-    try:
-        signer = recover_address_bytes(record.digest(), signature)
-    except BadSignature as error:
-        raise LedgerError(f"liveness record signature is invalid: {error}") from None
-    if signer != node_raw:
-        raise LedgerError(f"liveness record is not signed by its node {record.node_address}")
-    return record

@@ -10,10 +10,14 @@ The rules are not here: each mutation loads the rows it touches into a
 ``journal.State``, runs ``journal.apply`` on it, and writes the rows back. ``verify``
 replays the whole journal with the same rules and compares the result with the tables.
 
-Tables: ``meta(key, value)`` (``head`` = ``"seq:hash"`` of the last entry),
-``accounts(address, balance)``, ``channels(...)``, ``nodes(...)``,
-``journal(seq, kind, payload, prev_hash, hash)``. ``path=":memory:"`` gives a private
-in-process ledger for fast tests.
+Clock: every entry is stamped here, inside its transaction, with the machine's clock
+(``wall_clock``) or the last entry's stamp if that is later, so ledger time never goes
+backwards and no caller chooses it. Processes sharing the file share the machine's clock.
+
+Tables: ``meta(key, value)`` (``head`` = ``"seq:hash"`` of the last entry, ``clock`` = its
+stamp), ``accounts(address, balance)``, ``channels(...)``, ``nodes(...)``,
+``nonces(address, nonce)`` (operation nonces used), ``journal(seq, kind, payload,
+prev_hash, hash)``. ``path=":memory:"`` gives a private in-process ledger for fast tests.
 """
 
 from __future__ import annotations
@@ -25,12 +29,11 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterable, Iterator
 
 from layerchain.errors import ChannelError, InvalidVoucher, LedgerError
 from layerchain.ledger.base import (
     CLOSED,
-    OPEN,
     AccountInfo,
     Channel,
     JournalEntry,
@@ -38,8 +41,10 @@ from layerchain.ledger.base import (
     NodeInfo,
     VerifyReport,
 )
+from layerchain.ledger.checkpoints import Checkpoint, check_checkpoints, sign_checkpoint
 from layerchain.ledger.journal import (
     GENESIS_PREV_HASH,
+    JOURNAL_VERSION,
     State,
     apply,
     canonical_payload,
@@ -47,8 +52,23 @@ from layerchain.ledger.journal import (
     entry_hash,
     replay,
 )
-from layerchain.ledger.records import decode_voucher, verify_liveness, voucher_signer
-from layerchain.ledger.signatures import address_bytes, normalize_address
+from layerchain.ledger.operations import (
+    Operation,
+    channel_id_of,
+    id_bytes,
+    new_operation,
+    sign_operation,
+    verify_operation,
+)
+from layerchain.ledger.records import decode_voucher, voucher_signer
+from layerchain.ledger.signatures import Signer, address_bytes, normalize_address
+
+MAX_CLOCK_SKEW_S = 60.0  # ``verify`` flags entries stamped further ahead of this machine
+
+
+def wall_clock() -> float:
+    """The machine's clock, unix seconds: the embedded ledger's one time source."""
+    return time.time()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,13 +80,19 @@ CREATE TABLE IF NOT EXISTS channels (
     nonce INTEGER NOT NULL, state TEXT NOT NULL, closes_at REAL, refunded INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS channels_payee ON channels (payee);
 CREATE TABLE IF NOT EXISTS nodes (
-    address TEXT PRIMARY KEY, stake INTEGER NOT NULL, rewarded_until INTEGER NOT NULL,
-    rewards INTEGER NOT NULL);
+    address TEXT PRIMARY KEY, stake INTEGER NOT NULL, blocks INTEGER NOT NULL,
+    registered_at REAL NOT NULL, rewarded_until REAL NOT NULL, served_at REAL NOT NULL,
+    earned INTEGER NOT NULL, rewards INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS nonces (
+    address TEXT NOT NULL, nonce INTEGER NOT NULL, PRIMARY KEY (address, nonce));
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload TEXT NOT NULL,
     prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 """
 _CHANNEL_COLUMNS = "channel_id, payer, payee, deposit, redeemed, nonce, state, closes_at, refunded"
+_NODE_COLUMNS = (
+    "address, stake, blocks, registered_at, rewarded_until, served_at, earned, rewards"
+)
 
 
 def _address(address: str) -> str:
@@ -88,11 +114,9 @@ class SqliteLedger:
         path: str | Path,
         config: LedgerConfig | None = None,
         *,
-        clock: Callable[[], float] = time.time,
         busy_timeout_s: float = 30.0,
     ) -> None:
         self.path = str(path)
-        self._clock = clock
         self._lock = threading.RLock()
         self._appended = False  # set by _append within the current transaction
         try:
@@ -104,9 +128,18 @@ class SqliteLedger:
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
-            self.config = self._initialize(config or LedgerConfig())
+            genesis = self._initialize(config or LedgerConfig())
         except sqlite3.Error as error:
             raise LedgerError(f"cannot open ledger {self.path}: {error}") from None
+        if genesis.get("version") != JOURNAL_VERSION:
+            self._db.close()
+            raise LedgerError(
+                f"ledger {self.path} was written by an older layerchain (journal version "
+                f"{genesis.get('version', 1)}, unsigned operations)",
+                hint="start a new ledger file",
+            )
+        self.config = LedgerConfig.from_dict(genesis["config"])
+        self.ledger_id: str = genesis["ledger_id"]
         if config is not None and config != self.config:
             self._db.close()
             raise LedgerError(
@@ -114,7 +147,8 @@ class SqliteLedger:
                 hint="open it without a config, or use a new file",
             )
 
-    def _initialize(self, config: LedgerConfig) -> LedgerConfig:
+    def _initialize(self, config: LedgerConfig) -> dict[str, Any]:
+        """Create the tables and the genesis entry if missing; return the genesis payload."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             for statement in _SCHEMA.split(";"):
@@ -122,15 +156,19 @@ class SqliteLedger:
                     self._db.execute(statement)
             row = self._db.execute("SELECT payload FROM journal WHERE seq = 1").fetchone()
             if row is None:
-                payload = {"config": config.to_dict(), "ts": self._clock()}
-                self._append(State(), "genesis", payload)
+                payload = {
+                    "config": config.to_dict(), "ledger_id": "0x" + secrets.token_hex(32),
+                    "ts": wall_clock(), "version": JOURNAL_VERSION,
+                }
+                apply(State(), "genesis", payload)
+                self._append("genesis", payload)
                 self._db.execute("COMMIT")
-                return config
+                return payload
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        return LedgerConfig.from_dict(json.loads(row[0])["config"])
+        return json.loads(row[0])
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -143,9 +181,11 @@ class SqliteLedger:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as error:
                 raise LedgerError(f"ledger {self.path} is unavailable: {error}") from None
-            state = State(config=self.config)
+            state = State(config=self.config, ledger_id=self.ledger_id)
             self._appended = False
             try:
+                row = self._db.execute("SELECT value FROM meta WHERE key = 'clock'").fetchone()
+                state.clock = float(row[0]) if row else 0.0
                 yield state
                 if self._appended:
                     self._write(state)
@@ -160,12 +200,12 @@ class SqliteLedger:
                 raise
 
     def _apply(self, state: State, kind: str, payload: dict[str, Any]) -> int:
-        payload["ts"] = self._clock()
+        payload["ts"] = max(wall_clock(), state.clock)  # the ledger's clock, not the caller's
         result = apply(state, kind, payload)
-        self._append(state, kind, payload)
+        self._append(kind, payload)
         return result
 
-    def _append(self, state: State, kind: str, payload: dict[str, Any]) -> None:
+    def _append(self, kind: str, payload: dict[str, Any]) -> None:
         row = self._db.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS_PREV_HASH)
         text = canonical_payload(payload)
@@ -174,8 +214,9 @@ class SqliteLedger:
             "INSERT INTO journal (seq, kind, payload, prev_hash, hash) VALUES (?, ?, ?, ?, ?)",
             (seq, kind, text, prev, digest),
         )
-        self._db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('head', ?)", (f"{seq}:{digest}",)
+        self._db.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [("head", f"{seq}:{digest}"), ("clock", repr(float(payload["ts"])))],
         )
         self._appended = True
 
@@ -198,11 +239,17 @@ class SqliteLedger:
 
     def _load_node(self, state: State, address: str) -> None:
         row = self._db.execute(
-            "SELECT address, stake, rewarded_until, rewards FROM nodes WHERE address = ?",
-            (address,),
+            f"SELECT {_NODE_COLUMNS} FROM nodes WHERE address = ?", (address,)
         ).fetchone()
         if row is not None:
             state.nodes[address] = NodeInfo(*row)
+
+    def _load_nonce(self, state: State, address: str, nonce: int) -> None:
+        row = self._db.execute(
+            "SELECT 1 FROM nonces WHERE address = ? AND nonce = ?", (address, nonce)
+        ).fetchone()
+        if row is not None:
+            state.nonces.add((address, nonce))
 
     def _write(self, state: State) -> None:
         self._db.executemany(
@@ -218,9 +265,15 @@ class SqliteLedger:
             ],
         )
         self._db.executemany(
-            "INSERT OR REPLACE INTO nodes (address, stake, rewarded_until, rewards) "
-            "VALUES (?, ?, ?, ?)",
-            [(n.address, n.stake, n.rewarded_until, n.rewards) for n in state.nodes.values()],
+            f"INSERT OR REPLACE INTO nodes ({_NODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (n.address, n.stake, n.blocks, n.registered_at, n.rewarded_until, n.served_at,
+                 n.earned, n.rewards)
+                for n in state.nodes.values()
+            ],
+        )
+        self._db.executemany(
+            "INSERT OR IGNORE INTO nonces (address, nonce) VALUES (?, ?)", state.nonces
         )
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -229,6 +282,28 @@ class SqliteLedger:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.Error as error:
                 raise LedgerError(f"ledger {self.path}: {error}") from None
+
+    def now(self) -> float:
+        """The ledger's clock: the machine's, or the last entry's stamp if that is later."""
+        rows = self._read("SELECT value FROM meta WHERE key = 'clock'")
+        return max(wall_clock(), float(rows[0][0]) if rows else 0.0)
+
+    # -- operations -----------------------------------------------------------------------
+
+    def submit(self, operation: bytes) -> int:
+        op = verify_operation(operation)  # outside the lock: ~80 µs of ECDSA
+        with self._transaction() as state:
+            self._load_accounts(state, op.actor)
+            self._load_nonce(state, op.actor, op.nonce)
+            if op.kind in ("top_up", "close_channel"):
+                self._load_channel(state, op.channel_id)
+            if op.kind in ("register_node", "claim_reward"):
+                self._load_node(state, op.actor)
+            return self._apply(state, op.kind, {"op": operation.hex()})
+
+    def _sign(self, signer: Signer, kind: str, **fields: Any) -> tuple[Operation, bytes]:
+        op = new_operation(signer, self.ledger_id, kind, now=self.now(), **fields)
+        return op, sign_operation(signer, op)
 
     # -- accounts -------------------------------------------------------------------------
 
@@ -250,28 +325,23 @@ class SqliteLedger:
         )
         return [AccountInfo(*row) for row in rows]
 
-    def deposit(self, address: str, amount: int) -> int:
-        address = _address(address)
-        with self._transaction() as state:
-            self._load_accounts(state, address)
-            return self._apply(state, "deposit", {"address": address, "amount": amount})
+    def deposit(self, owner: Signer, amount: int) -> int:
+        return self.submit(self._sign(owner, "deposit", amount=_amount(amount))[1])
 
-    def withdraw(self, address: str, amount: int) -> int:
-        address = _address(address)
-        with self._transaction() as state:
-            self._load_accounts(state, address)
-            return self._apply(state, "withdraw", {"address": address, "amount": amount})
+    def withdraw(self, owner: Signer, amount: int) -> int:
+        return self.submit(self._sign(owner, "withdraw", amount=_amount(amount))[1])
 
     # -- channels -------------------------------------------------------------------------
 
-    def open_channel(self, payer: str, payee: str, deposit: int) -> str:
-        payer, payee = _address(payer), _address(payee)
-        channel_id = "0x" + secrets.token_hex(32)
-        with self._transaction() as state:
-            self._load_accounts(state, payer)
-            payload = {"channel_id": channel_id, "payer": payer, "payee": payee, "deposit": deposit}
-            self._apply(state, "open_channel", payload)
-        return channel_id
+    def open_channel(self, payer: Signer, payee: str, deposit: int) -> str:
+        op, data = self._sign(payer, "open_channel", counterparty=_address(payee),
+                              amount=_amount(deposit))
+        self.submit(data)
+        return channel_id_of(self.ledger_id, op.actor, op.nonce)
+
+    def top_up(self, payer: Signer, channel_id: str, amount: int) -> int:
+        return self.submit(self._sign(payer, "top_up", channel_id=_channel_id(channel_id),
+                                      amount=_amount(amount))[1])
 
     def channel(self, channel_id: str) -> Channel:
         rows = self._read(
@@ -304,46 +374,33 @@ class SqliteLedger:
             if channel.state == CLOSED:
                 raise ChannelError(f"channel {channel.channel_id[:10]}... is closed")
             self._load_accounts(state, channel.payee)
+            self._load_node(state, channel.payee)
             payload = {"channel_id": channel.channel_id, "voucher": voucher_bytes.hex()}
             return self._apply(state, "redeem", payload)
 
-    def close_channel(self, channel_id: str) -> int:
-        with self._transaction() as state:
-            channel = self._load_channel(state, channel_id)
-            self._load_accounts(state, channel.payer)
-            if channel.state == OPEN:
-                self._apply(state, "close_request", {"channel_id": channel_id})
-                if self.config.dispute_window_s > 0:
-                    return 0
-            return self._apply(state, "close", {"channel_id": channel_id})
+    def close_channel(self, payer: Signer, channel_id: str) -> int:
+        return self.submit(self._sign(payer, "close_channel",
+                                      channel_id=_channel_id(channel_id))[1])
 
     # -- nodes ----------------------------------------------------------------------------
 
-    def register_node(self, address: str, stake: int) -> NodeInfo:
-        address = _address(address)
-        with self._transaction() as state:
-            self._load_accounts(state, address)
-            self._load_node(state, address)
-            self._apply(state, "register_node", {"address": address, "stake": stake})
-            return state.nodes[address]
+    def register_node(self, node: Signer, stake: int, blocks: int) -> NodeInfo:
+        if type(stake) is not int or stake < 0:
+            raise LedgerError(f"stake must be a non-negative integer, got {stake!r}")
+        if type(blocks) is not int or not 0 < blocks < 2**32:
+            raise LedgerError(f"blocks must be a positive integer, got {blocks!r}")
+        self.submit(self._sign(node, "register_node", amount=stake, blocks=blocks)[1])
+        return self.node(node.address)
 
     def node(self, address: str) -> NodeInfo:
         address = _address(address)
-        rows = self._read(
-            "SELECT address, stake, rewarded_until, rewards FROM nodes WHERE address = ?",
-            (address,),
-        )
+        rows = self._read(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE address = ?", (address,))
         if not rows:
             raise LedgerError(f"{address} is not a registered node")
         return NodeInfo(*rows[0])
 
-    def reward_uptime(self, record_bytes: bytes) -> int:
-        record = verify_liveness(record_bytes)
-        with self._transaction() as state:
-            self._load_accounts(state, record.node_address)
-            self._load_node(state, record.node_address)
-            payload = {"address": record.node_address, "record": record_bytes.hex()}
-            return self._apply(state, "reward", payload)
+    def claim_reward(self, node: Signer) -> int:
+        return self.submit(self._sign(node, "claim_reward")[1])
 
     # -- journal --------------------------------------------------------------------------
 
@@ -360,7 +417,11 @@ class SqliteLedger:
         rows = self._read("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1")
         return (rows[0][0], rows[0][1]) if rows else (0, GENESIS_PREV_HASH)
 
-    def verify(self) -> VerifyReport:
+    def checkpoint(self, signer: Signer) -> bytes:
+        seq, head = self.head()
+        return sign_checkpoint(signer, Checkpoint(self.ledger_id, seq, head))
+
+    def verify(self, checkpoints: Iterable[bytes] = ()) -> VerifyReport:
         with self._lock:
             try:
                 self._db.execute("BEGIN")  # one read snapshot of journal and tables
@@ -382,10 +443,22 @@ class SqliteLedger:
                 f"journal head is recorded as {head[0] if head else None}, the journal ends at "
                 f"{last} (entries removed or added)"
             )
-        return VerifyReport(len(entries), entries[-1].hash if entries else "", tuple(problems))
+        if replayed.clock > wall_clock() + MAX_CLOCK_SKEW_S:
+            problems.append(
+                f"the journal is stamped {replayed.clock - wall_clock():.0f} s ahead of this "
+                "machine's clock (an entry written with a forged time)"
+            )
+        anchoring = check_checkpoints(
+            self.ledger_id, {e.seq: e.hash for e in entries}, checkpoints
+        )
+        problems.extend(anchoring.problems)
+        return VerifyReport(
+            len(entries), entries[-1].hash if entries else "", tuple(problems),
+            anchoring.anchored_seq, anchoring.signers,
+        )
 
     def _stored_state(self) -> State:
-        state = State(config=self.config)
+        state = State(config=self.config, ledger_id=self.ledger_id)
         state.balances = dict(self._db.execute("SELECT address, balance FROM accounts"))
         state.channels = {
             row[0]: Channel(*row)
@@ -393,9 +466,9 @@ class SqliteLedger:
         }
         state.nodes = {
             row[0]: NodeInfo(*row)
-            for row in self._db.execute(
-                "SELECT address, stake, rewarded_until, rewards FROM nodes")
+            for row in self._db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes")
         }
+        state.nonces = {(a, n) for a, n in self._db.execute("SELECT address, nonce FROM nonces")}
         return state
 
     def close(self) -> None:
@@ -407,6 +480,17 @@ class SqliteLedger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _amount(value: Any) -> int:
+    """``value`` if it is an int in ``[1, 2^63)``; LedgerError before anything is signed."""
+    if type(value) is not int or not 0 < value < 2**63:
+        raise LedgerError(f"amount must be a positive integer below 2^63, got {value!r}")
+    return value
+
+
+def _channel_id(value: str) -> str:
+    return "0x" + id_bytes(value, "channel id").hex()
 
 
 def open_ledger(

@@ -8,12 +8,14 @@ Integration API (node side / client side)::
     receipt_bytes = signer.sign_step(step, tokens, input_tensor, output_tensor)
     book = VoucherBook(wallet.address, ledger.channel, store=VoucherStore.for_data_dir(d))
     book.accept(voucher_bytes, owed_total)           # raises InsufficientFunds when behind
+    fee = reservation_amount(max_length, blocks, price)  # paid by the OpenSession voucher
     redeem_stored(ledger, book.latest())             # session end / periodically
     # client, per hop
     verifier = ReceiptVerifier(node_address, session_id, model_id, span, price_per_block)
     verifier.check(receipt_bytes, input_tensor, output_tensor)   # raises InvalidReceipt
     payer = ChannelPayer(wallet, ledger, deposit=...)
     voucher_bytes = payer.voucher_for(node_address, amount_delta)
+    payer.close(channel_id)                          # signed by the payer's wallet
 """
 
 from layerchain.market.receipts import (
@@ -22,6 +24,7 @@ from layerchain.market.receipts import (
     ReceiptVerifier,
     SignedReceipt,
     receipt_hash,
+    reservation_amount,
     sign_receipt,
     step_amount,
     tensor_sha256,
@@ -53,6 +56,7 @@ __all__ = [
     "Wallet",
     "receipt_hash",
     "redeem_stored",
+    "reservation_amount",
     "sign_receipt",
     "sign_voucher",
     "step_amount",

@@ -56,6 +56,19 @@ def step_amount(tokens: int, blocks: int, price_per_block: int) -> int:
     return tokens * blocks * price_per_block
 
 
+RESERVATION_TOKENS = 64  # a priced node charges one token's worth per this many cache tokens reserved
+
+
+def reservation_amount(max_length: int, blocks: int, price_per_block: int) -> int:
+    """Credits a priced node charges to open a session of ``max_length`` cache tokens on
+    ``blocks`` blocks: one token's worth (``blocks x price``) per ``RESERVATION_TOKENS``
+    tokens reserved, rounded up. Paid with the ``OpenSession`` voucher, not refunded: it
+    pays for holding the cache, so squatting a node's whole cache (32k tokens: 512 tokens'
+    worth) costs credits, while an honest 2k-token session pays 32 tokens' worth on top
+    of the steps it runs."""
+    return -(-max(1, max_length) // RESERVATION_TOKENS) * blocks * price_per_block
+
+
 def tensor_sha256(tensor: Any) -> bytes:
     """sha256 over ``"dtype:shape:"`` and the raw bytes of a torch tensor or numpy array.
 
@@ -316,7 +329,6 @@ class ReceiptSigner:
         self.wallet, self.session_id, self.model_id = wallet, session_id, model_id
         self.span, self.price_per_block = span, price_per_block
         self.last_hash = ZERO_HASH  # receipt_hash of the last signed receipt
-        self.total = 0  # credits receipted so far in this session
 
     def sign_step(
         self, step: int, tokens: int, input_tensor: Any, output_tensor: Any,
@@ -330,7 +342,6 @@ class ReceiptSigner:
             amount, self.last_hash, self.wallet.address, fingerprint,
         )
         signed, self.last_hash = _sign(self.wallet, receipt)
-        self.total += amount
         return signed.to_bytes()
 
 
@@ -338,7 +349,8 @@ class ReceiptVerifier:
     """Client side: checks one hop's receipt chain for one session, step after step.
 
     State advances only on a valid receipt, so after an InvalidReceipt the caller bans
-    the peer; ``total`` is what the client owes this hop for the verified steps.
+    the peer. What was paid is the session's to count (its per-peer tally), not this
+    checker's.
     """
 
     def __init__(
@@ -353,8 +365,6 @@ class ReceiptVerifier:
         self.span, self.price_per_block = span, price_per_block
         self.next_step = 0
         self.last_hash = ZERO_HASH
-        self.total = 0  # credits owed for the verified steps
-        self.last_receipt: bytes | None = None  # evidence: the last valid receipt's bytes
 
     def check(
         self, receipt_bytes: bytes, input_tensor: Any, output_tensor: Any,
@@ -381,6 +391,4 @@ class ReceiptVerifier:
         )
         self.next_step += 1
         self.last_hash = digest
-        self.total += receipt.amount
-        self.last_receipt = receipt_bytes
         return receipt

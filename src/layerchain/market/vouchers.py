@@ -9,7 +9,10 @@ or with ``layerchain ledger redeem``.
 The node checks each voucher before serving (``VoucherBook.accept``): signed by the
 channel's payer, nonce above the last, amount not going down nor above the deposit, and
 covering what the node has served (``owed_total``) less an allowed ``max_unpaid``. A
-session whose vouchers fall behind gets InsufficientFunds and is no longer served.
+session whose vouchers fall behind gets InsufficientFunds and is no longer served. The
+node re-reads a channel's ledger state at most ``recheck_s`` old before serving on it: once
+its payer asks to close it (the refund of the unspent deposit is coming), nothing more is
+served on it, and the node redeems within the dispute window.
 
 Storage: a node keeps the latest voucher of each channel at
 ``DATA_DIR/vouchers/<channel_id>.bin`` (the voucher's wire bytes, replaced atomically);
@@ -20,12 +23,13 @@ Storage: a node keeps the latest voucher of each channel at
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from layerchain.errors import ChannelError, InsufficientFunds, InvalidVoucher, LayerchainError
-from layerchain.ledger.base import Channel, Ledger
+from layerchain.ledger.base import OPEN, Channel, Ledger
 from layerchain.ledger.records import (
     Voucher,
     decode_voucher,
@@ -73,9 +77,16 @@ class ChannelPayer:
         if self.ledger is None:
             raise ChannelError("no ledger to open a channel on")
         channel_id = self.ledger.open_channel(
-            self.wallet.address, node_address, self.deposit if deposit is None else deposit
+            self.wallet, node_address, self.deposit if deposit is None else deposit
         )
         return self.attach(node_address, self.ledger.channel(channel_id))
+
+    def close(self, channel_id: str) -> int:
+        """Ask the ledger to close one of this payer's channels (signed with its wallet):
+        the first call starts the dispute window, one after it refunds; returns the refund."""
+        if self.ledger is None:
+            raise ChannelError("no ledger to close a channel on")
+        return self.ledger.close_channel(self.wallet, channel_id)
 
     def attach(self, node_address: str, channel: Channel) -> Channel:
         """Pay ``node_address`` through an existing ``channel`` from its redeemed state on."""
@@ -167,8 +178,10 @@ class VoucherStore:
 class VoucherBook:
     """Node side: the vouchers received per channel, and whether they keep up.
 
-    ``channel_lookup`` gives a channel's ledger state (``ledger.channel``); it is called once
-    per channel and cached. With a ``store``, every accepted voucher is persisted.
+    ``channel_lookup`` gives a channel's ledger state (``ledger.channel``); a state older than
+    ``recheck_s`` is looked up again before a voucher on it is accepted, and a channel its
+    payer asked to close is refused (ChannelError) and listed in ``closing``: the node
+    should redeem it now. With a ``store``, every accepted voucher is persisted.
     """
 
     def __init__(
@@ -178,22 +191,38 @@ class VoucherBook:
         *,
         store: VoucherStore | None = None,
         max_unpaid: int = 0,  # credits a node serves ahead of payment
+        recheck_s: float = 1.0,  # seconds a channel's ledger state is trusted before re-reading
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = address_bytes(node_address)
         self.node_address = node_address
         self._lookup, self.store, self.max_unpaid = channel_lookup, store, max_unpaid
-        self._channels: dict[str, Channel] = {}
+        self.recheck_s, self._clock = recheck_s, clock
+        self._channels: dict[str, tuple[Channel, float]] = {}  # id -> (state, read at)
         self._latest: dict[str, tuple[Voucher, bytes]] = {}
+        self.closing: set[str] = set()  # channels seen closing whose vouchers await redemption
 
-    def _channel(self, channel_id: str) -> Channel:
-        if channel_id not in self._channels:
+    def channel(self, channel_id: str) -> Channel:
+        """The channel's ledger state, re-read when older than ``recheck_s``; ChannelError
+        once it is no longer open, InvalidVoucher if it pays someone else."""
+        cached = self._channels.get(channel_id)
+        now = self._clock()
+        if cached is None or now - cached[1] >= self.recheck_s:
             channel = self._lookup(channel_id)
             if address_bytes(channel.payee) != self.node:
                 raise InvalidVoucher(
                     f"channel {channel_id[:10]}... pays {channel.payee}, not this node"
                 )
-            self._channels[channel_id] = channel
-        return self._channels[channel_id]
+            cached = self._channels[channel_id] = (channel, now)
+        channel = cached[0]
+        if channel.state != OPEN:
+            if channel_id in self._latest:
+                self.closing.add(channel_id)
+            raise ChannelError(
+                f"channel {channel_id[:10]}... is {channel.state}: its payer asked for the "
+                "refund, nothing more is served on it"
+            )
+        return channel
 
     def accept(self, voucher_bytes: bytes, owed_total: int) -> Voucher:
         """Record a new voucher, then check it covers ``owed_total`` (what the node served
@@ -203,7 +232,7 @@ class VoucherBook:
         when the voucher is valid but behind (it is recorded: it is still worth redeeming).
         """
         voucher, _ = decode_voucher(voucher_bytes)
-        channel = self._channel(voucher.channel_id)
+        channel = self.channel(voucher.channel_id)
         last = self._latest.get(voucher.channel_id)
         voucher = verify_voucher(
             voucher_bytes,

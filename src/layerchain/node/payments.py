@@ -2,44 +2,65 @@
 
 Every step result carries a receipt signed with the node's wallet (``ReceiptSigner``, one
 hash chain per session), priced or not: it is the node's proof of contribution. A node
-with a price and a ledger is paid in advance: each ``Step`` must carry a cumulative voucher
-on a channel to this node covering everything served on that channel, this step
-included; a missing or short voucher gets ``InsufficientFunds`` and the step is not run.
+with a price and a ledger is paid in advance:
+
+* opening a session costs ``reservation_amount(max_length, blocks, price)``, paid by the
+  ``OpenSession`` voucher, on a channel whose unspent deposit can also pay for the whole
+  reservation (``max_length`` tokens on every block): holding a priced node's cache is
+  never free;
+* each ``Step`` carries a cumulative voucher on the same channel covering everything
+  served on it, this step included; a missing or short voucher gets ``InsufficientFunds``
+  and the step is not run.
+
 Without a ledger a priced node still signs what it is owed but serves on trust.
 
 Several sessions of one client share its channel, so the amount owed is kept per channel.
 Vouchers are checked in the order frames arrive (before the step waits for its session's
 lock), which is the order the client signed them in over its one connection.
 
+Closing: the node re-reads a channel's ledger state at most a second old before serving
+on it (``VoucherBook``). Once its payer asked to close it, nothing more is served and the
+node redeems at once; and a priced node refuses to start on a ledger whose dispute window
+is not longer than its redemption interval, so even a channel closed between sessions is
+redeemed before the payer's refund.
+
 The latest voucher of each channel is kept in ``DATA_DIR/vouchers`` and redeemed on the
-ledger when a session closes, every ``redeem_interval_s``, at start (what a previous run
-left) and at stop, in a worker thread: the SQLite write never blocks the event loop.
+ledger when a session closes, every ``redeem_interval_s``, when a close request is seen,
+at start (what a previous run left) and at stop, in a worker thread: the SQLite write
+never blocks the event loop. After a round that changed the ledger, the node appends a
+checkpoint of the journal head, signed with its wallet, to ``DATA_DIR/checkpoints.jsonl``.
 
 Uptime: a node started with a ``stake`` registers on the ledger (staking that much of its
-balance) and, every redemption round, claims the ledger's reward per block-hour for the
-time since its last claim with a liveness record it signs: ``[period_start, period_end)``
-in whole seconds, the blocks it serves.
+balance, and the number of blocks it serves) and claims its reward every redemption
+round; the ledger alone decides the amount from what it saw (``journal._claim_reward``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerchain.errors import InsufficientFunds, InvalidVoucher, LayerchainError
+from layerchain.errors import (
+    ChannelError,
+    ConfigError,
+    InsufficientFunds,
+    InvalidVoucher,
+    LayerchainError,
+    LedgerError,
+)
+from layerchain.ledger import CheckpointStore, Ledger
 from layerchain.market import (
     ReceiptSigner,
     VoucherBook,
     VoucherStore,
     Wallet,
     redeem_stored,
+    reservation_amount,
     step_amount,
 )
-from layerchain.ledger import LivenessRecord, sign_liveness
 from layerchain.market.vouchers import decode_voucher
 from layerchain.types import Span
 
@@ -63,43 +84,74 @@ class NodePayments:
         *,
         model_id: str,
         price_per_block: int,
-        ledger: Any = None,  # a Ledger; None serves on trust
+        ledger: Ledger | None = None,  # None serves on trust
         data_dir: str | Path | None = None,
         stake: int = 0,  # credits to stake for uptime rewards (0: not registered)
-        blocks: int = 0,  # blocks served, claimed in liveness records
+        blocks: int = 0,  # blocks served, registered with the stake
+        redeem_interval_s: float = 30.0,  # seconds between redemption rounds
     ) -> None:
         self.wallet, self.model_id, self.price = wallet, model_id, price_per_block
         self.ledger = ledger
         self.stake, self.blocks = stake, blocks
         self.rewards = 0  # uptime rewards received since start
-        self._live_since = 0  # unix second the next liveness claim starts at (0: no claims)
         self.store = VoucherStore.for_data_dir(data_dir) if data_dir is not None else None
+        self.checkpoints = (
+            CheckpointStore.for_data_dir(data_dir) if data_dir is not None else None
+        )
         self.book = (
             VoucherBook(wallet.address, ledger.channel, store=self.store)
             if ledger is not None else None
         )
+        if self.required:
+            assert ledger is not None
+            window = ledger.config.dispute_window_s
+            if window <= redeem_interval_s:
+                raise ConfigError(
+                    f"the ledger's dispute window ({window:g} s) is not longer than this node's "
+                    f"redemption interval ({redeem_interval_s:g} s): a client could close its "
+                    "channel and take back what it owes before the node redeems",
+                    hint="use a ledger with a longer --dispute-window",
+                )
         self._owed: dict[str, int] = {}  # channel id -> credits served on it (with baseline)
         self._redeem_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[int]] = set()
         self.redeemed = 0  # credits this node redeemed since it started
 
     @property
     def required(self) -> bool:
-        """Whether steps must carry vouchers."""
+        """Whether sessions and steps must carry vouchers."""
         return self.book is not None and self.price > 0
 
-    def open(self, session_id: str, start: int, end: int) -> SessionPayment:
-        signer = ReceiptSigner(self.wallet, session_id, self.model_id, Span(start, end), self.price)
-        return SessionPayment(signer)
+    def open(
+        self, session_id: str, start: int, end: int, *, max_length: int = 0, voucher: bytes = b""
+    ) -> SessionPayment:
+        """A session's payment state; on a priced node, first check ``voucher`` pays the
+        reservation fee on a channel able to pay for the whole reservation (raise if not)."""
+        payment = SessionPayment(
+            ReceiptSigner(self.wallet, session_id, self.model_id, Span(start, end), self.price)
+        )
+        if self.required:
+            fee = reservation_amount(max_length, end - start, self.price)
+            self._pay(payment, voucher, fee, reserve=step_amount(max_length, end - start, self.price),
+                      what=f"opening a session of {max_length} tokens costs {fee} credits")
+        return payment
 
     def charge(self, payment: SessionPayment, voucher: bytes, tokens: int) -> None:
         """Check that ``voucher`` pays for this step; raise before any work if not."""
-        if not self.required:
-            return
+        if self.required:
+            amount = step_amount(tokens, payment.signer.span.length, self.price)
+            self._pay(payment, voucher, amount,
+                      what=f"this node charges {self.price} per block per token")
+
+    def _pay(
+        self, payment: SessionPayment, voucher: bytes, amount: int, *, what: str, reserve: int = 0
+    ) -> None:
+        """Accept ``voucher`` as paying ``amount`` more on the session's channel, which must
+        then still hold ``reserve`` unspent credits; nothing is recorded when it fails."""
         assert self.book is not None and self.ledger is not None
         if not voucher:
             raise InsufficientFunds(
-                f"this node charges {self.price} per block per token and the step carries no "
-                "voucher",
+                f"{what} and the request carries no voucher",
                 hint="give the client a wallet and the node's ledger (--data-dir, --ledger)",
             )
         channel_id = decode_voucher(voucher)[0].channel_id
@@ -108,12 +160,21 @@ class NodePayments:
                 f"session pays through channel {payment.channel_id[:10]}..., "
                 f"not {channel_id[:10]}..."
             )
+        try:
+            channel = self.book.channel(channel_id)  # fresh enough: closing ones raise
+        except ChannelError:
+            if self.book.closing:
+                self._redeem_soon()
+            raise
         if channel_id not in self._owed:  # first sight: what earlier runs were paid is settled
-            self._owed[channel_id] = self.book.paid(channel_id) or self.ledger.channel(
-                channel_id
-            ).redeemed
-        amount = step_amount(tokens, payment.signer.span.length, self.price)
+            self._owed[channel_id] = self.book.paid(channel_id) or channel.redeemed
         owed = self._owed[channel_id] + amount
+        if channel.deposit - owed < reserve:
+            raise InsufficientFunds(
+                f"channel {channel_id[:10]}... has {channel.deposit - owed} credits left after "
+                f"this, the session may cost {reserve}",
+                hint="open the channel with a larger deposit",
+            )
         self.book.accept(voucher, owed)  # InvalidVoucher, ChannelError, InsufficientFunds
         self._owed[channel_id] = owed
         payment.channel_id = channel_id
@@ -122,6 +183,15 @@ class NodePayments:
         return payment.signer.sign_step(step, tokens, x, out)
 
     # ---------------------------------------------------------------- redemption
+
+    def _redeem_soon(self) -> None:
+        """Redeem in the background (a channel is closing): the refund must not come first."""
+        try:
+            task = asyncio.get_running_loop().create_task(self.redeem())
+        except RuntimeError:  # no loop: the next round redeems
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def redeem(self) -> int:
         """Redeem the latest vouchers on the ledger; credits gained (0 without a ledger)."""
@@ -136,6 +206,7 @@ class NodePayments:
             except LayerchainError as error:
                 log.warning("redemption failed: %s", error)
                 return 0
+            self.book.closing.clear()
         credited = sum(r.credited for r in results)
         for r in results:
             if r.error:
@@ -143,48 +214,52 @@ class NodePayments:
         self.redeemed += credited
         if credited:
             log.info("redeemed %d credits from %d channel(s)", credited, len(results))
+            await self._checkpoint()
         return credited
+
+    async def _checkpoint(self) -> None:
+        """Keep a signed copy of the ledger's head outside the ledger file."""
+        if self.ledger is None or self.checkpoints is None:
+            return
+        ledger, store = self.ledger, self.checkpoints
+        try:
+            await asyncio.to_thread(lambda: store.append(ledger.checkpoint(self.wallet)))
+        except (LayerchainError, OSError) as error:
+            log.warning("could not keep a ledger checkpoint: %s", error)
 
     # ---------------------------------------------------------------- uptime
 
     async def register(self) -> None:
-        """Stake up to ``stake`` on the ledger and start counting uptime from now."""
-        if self.ledger is None or self.stake <= 0:
+        """Stake up to ``stake`` and register the blocks served (no-op without a stake)."""
+        ledger = self.ledger
+        if ledger is None or self.stake <= 0 or self.blocks <= 0:
             return
-        address = self.wallet.address
 
-        def stake_and_start() -> int:
-            from layerchain.errors import LedgerError
-
+        def stake() -> None:
             try:
-                node = self.ledger.node(address)
-                staked, rewarded_until = node.stake, node.rewarded_until
+                node = ledger.node(self.wallet.address)
+                staked, blocks = node.stake, node.blocks
             except LedgerError:  # not registered yet
-                staked, rewarded_until = 0, 0
-            if staked < self.stake:
-                self.ledger.register_node(address, self.stake - staked)
-            return max(int(time.time()), rewarded_until)
+                staked, blocks = 0, 0
+            more = max(0, self.stake - staked)
+            if more or blocks != self.blocks:
+                ledger.register_node(self.wallet, more, self.blocks)
 
-        self._live_since = await asyncio.to_thread(stake_and_start)
-        log.info("staked %d credits; uptime counts from %d", self.stake, self._live_since)
+        await asyncio.to_thread(stake)
+        log.info("staked %d credits on %d blocks", self.stake, self.blocks)
 
     async def claim_uptime(self) -> int:
-        """Claim the reward for the whole seconds served since the last claim."""
-        if self.ledger is None or not self._live_since or self.blocks <= 0:
+        """Claim the uptime reward the ledger owes (0 when none is due)."""
+        ledger = self.ledger
+        if ledger is None or self.stake <= 0:
             return 0
-        now = int(time.time())
-        if now <= self._live_since:
-            return 0
-        record = sign_liveness(
-            self.wallet, LivenessRecord(self.wallet.address, self._live_since, now, self.blocks)
-        )
         try:
-            reward = await asyncio.to_thread(self.ledger.reward_uptime, record)
+            reward = await asyncio.to_thread(ledger.claim_reward, self.wallet)
         except LayerchainError as error:
-            log.warning("uptime claim refused: %s", error)
+            log.debug("no uptime reward: %s", error)
             return 0
-        self._live_since = now
         self.rewards += reward
+        await self._checkpoint()
         return reward
 
     async def redeem_left_over(self) -> int:
