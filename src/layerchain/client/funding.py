@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from layerchain.errors import InsufficientFunds
 from layerchain.ledger.base import Channel
 from layerchain.ledger.signatures import address_bytes
 from layerchain.market import ChannelPayer
@@ -59,6 +60,15 @@ class Funding:
                 deposit = max(credits, math.ceil(credits * self.margin))
                 self.payer.open(address, deposit)
                 log.info("opened a channel of %d credits to %s", deposit, address)
+        elif credits > 0:  # a fixed deposit: it must hold what the session may cost
+            channel = self.payer.channel(address)  # opened now with the fixed deposit
+            free = channel.deposit - self.payer.spent(address)
+            if free < credits:  # found here, not as a priced node's refusal that bans it
+                raise InsufficientFunds(
+                    f"channel to {address} holds {channel.deposit} credits ({free} unspent), "
+                    f"a session may cost {credits}",
+                    hint="raise --deposit, or leave it out to size channels per request",
+                )
         self._held[key] = self._held.get(key, 0) + credits
 
     def pay(self, address: str, amount: int) -> bytes:
