@@ -270,3 +270,53 @@ def test_bad_peer_records_raise_config_error():
         RoutePeer("a", 0, 5, -1.0, 1.0, 1.0)
     with pytest.raises(ConfigError):
         RoutePeer("a", 0, 5, 1.0, float("nan"), 1.0)
+
+
+# --- the planner cannot be steered outside the model (issue 12.2) ---------------------
+
+
+@pytest.mark.parametrize("field,value", [
+    ("ms_per_block", 1e308), ("ms_per_block", float("inf")), ("price_per_block", 1e300),
+    ("rtt_ms", 1e200), ("ms_per_block", -1.0), ("ms_per_block", True),
+])
+def test_costs_are_bounded_before_planning(field, value):
+    # 1e308 ms per block was finite, so it passed; two blocks of it overflowed to inf and
+    # the relaxed DP's inf - inf = NaN planned a route starting at block -1.
+    values = dict(id="huge", start=0, end=8, ms_per_block=1.0, price_per_block=1.0, rtt_ms=1.0)
+    with pytest.raises(ConfigError, match=field):
+        RoutePeer(**{**values, field: value})
+
+
+def test_extreme_but_allowed_costs_plan_a_valid_route():
+    from layerchain.routing.route import MAX_MS_PER_BLOCK, MAX_PRICE_PER_BLOCK, MAX_RTT_MS
+
+    blocks = 200
+    peers = [RoutePeer("slow", 0, blocks, MAX_MS_PER_BLOCK, MAX_PRICE_PER_BLOCK, MAX_RTT_MS),
+             RoutePeer("a", 0, 120, 1.0, 1.0, 1.0), RoutePeer("b", 100, blocks, 1.0, 1.0, 1.0)]
+    for alpha in (0.0, 0.5, 1.0):
+        plan = plan_route(peers, blocks, alpha)
+        check_route(plan.hops, {p.id: p for p in peers}, 0, blocks)
+        assert "slow" not in plan.peer_ids
+    only = plan_route(peers[:1], blocks, 0.5)
+    assert only.hops == (Hop("slow", 0, blocks),)
+    assert only.latency_ms == MAX_RTT_MS + blocks * MAX_MS_PER_BLOCK
+
+
+def test_a_route_breaking_the_rules_is_a_typed_bug_report_not_a_route(monkeypatch):
+    from layerchain.errors import InvalidPlan
+    from layerchain.routing import planner
+    from layerchain.routing.route import RoutePlan
+
+    peers = [RoutePeer("a", 0, 4, 1.0, 1.0, 1.0), RoutePeer("b", 2, 8, 1.0, 1.0, 1.0)]
+    bad_routes = [
+        (Hop("a", -1, 4), Hop("b", 4, 8)),  # starts before the model (the NaN route)
+        (Hop("a", 0, 3), Hop("b", 4, 8)),  # a gap
+        (Hop("a", 0, 5), Hop("b", 5, 8)),  # a hop outside its peer's span
+        (Hop("a", 0, 4), Hop("b", 4, 7)),  # stops short of the last block
+        (Hop("a", 0, 2), Hop("b", 2, 4), Hop("a", 4, 4)),
+    ]
+    for hops in bad_routes:
+        monkeypatch.setattr(planner._Planner, "best",
+                            lambda self, *limits, hops=hops: RoutePlan(hops, 1.0, 1.0, 1.0))
+        with pytest.raises(InvalidPlan, match="planner bug"):
+            plan_route(peers, 8)

@@ -27,6 +27,7 @@ else escaping is a bug.
     │   ├── RequestTooLarge              a prompt + max_new_tokens beyond the model's context
     │   │                                or every peer's free cache (checked before sending)
     │   └── CostLimitExceeded            a request whose prompt alone costs more than its max_cost
+    ├── InvalidPlan                      a planned route that breaks the route rules (a bug)
     ├── ProtocolError                    a frame or message that breaks the wire protocol
     │   ├── FrameError                   malformed, truncated or oversized frame
     │   ├── VersionMismatch              a peer speaking another protocol version
@@ -172,6 +173,13 @@ class CostLimitExceeded(UserError):
     """A request that would cost more than its max_cost before producing anything."""
 
     code = "cost_limit_exceeded"
+
+
+class InvalidPlan(LayerchainError):
+    """A planned route that is not contiguous, leaves [start, end) or a peer's span: a bug
+    in the planner, to be reported; never the user's nor a peer's fault."""
+
+    code = "invalid_plan"
 
 
 class ProtocolError(LayerchainError):

@@ -82,20 +82,17 @@ def _read_snapshot(path: Path):  # type: ignore[no-untyped-def]
 
 async def _live_peers(initial_peers: list[str], model: str):  # type: ignore[no-untyped-def]
     """The live swarm as planner input: records from the DHT, RTTs measured by pings."""
-    from layerchain.client.config import ClientConfig
-    from layerchain.client.peers import PeerView
+    from layerchain.client import live_snapshot
     from layerchain.discovery import HivemindDiscovery
     from layerchain.model import resolve_model
     from layerchain.wire import TcpTransport
 
     spec = resolve_model(model)
     discovery = await HivemindDiscovery.create(initial_peers=initial_peers)
-    view = PeerView(discovery, TcpTransport(), spec.model_id, spec.num_blocks, ClientConfig())
     try:
-        await view.refresh(force=True)
-        return view.snapshot(), spec.num_blocks
+        snap = await live_snapshot(discovery, TcpTransport(), spec.model_id, spec.num_blocks)
+        return snap.peers, snap.num_blocks
     finally:
-        await view.close()
         await discovery.close()
 
 

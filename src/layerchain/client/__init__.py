@@ -4,6 +4,7 @@ Never imports ``layerchain.node``; talks to nodes only through ``layerchain.wire
 """
 
 from layerchain.client.config import ClientConfig, RouteLimits
+from layerchain.client.peers import live_snapshot
 from layerchain.client.session import HopPayment, InferenceSession, Recovery
 from layerchain.client.swarm import (
     AsyncSwarm,
@@ -26,4 +27,5 @@ __all__ = [
     "Swarm",
     "SyncGeneration",
     "TokenEvent",
+    "live_snapshot",
 ]

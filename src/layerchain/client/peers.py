@@ -1,34 +1,132 @@
-"""The client's view of the swarm: peer records, measured RTTs, bans and connections.
+"""The client's view of the swarm: records, measured RTTs and speeds, bans and connections.
 
 Feeds the pure planner (layerchain.routing) with snapshots; holds no routing logic itself.
-RTTs are measured with wire pings and smoothed (exponential moving average); a peer that
-fails is banned for ``ban_base_s * 2**(failures-1)`` seconds, capped at ``ban_max_s``.
+Nothing a peer says is taken on its word:
+
+* Records come from ``Discovery.find`` (signed and range-checked by ``discovery.records``)
+  and are checked again here (``usable_record``): this model, a span inside it, not a
+  tombstone, expiring neither in the past nor more than ``MAX_RECORD_TTL_S`` ahead.
+* Speed: a record's ``ms_per_block`` is a claim. ``observe_step`` turns each completed
+  one-token step of a hop into a measured ms per block (the step's wall time less the
+  peer's RTT, per block; ``measured_ms_per_block``), averaged; once a peer has
+  ``speed_samples`` of them, routes use the measurement instead of the claim
+  (``routing_ms_per_block``). A peer that claims 0 ms and delivers 50 ms is routed as the
+  50 ms peer it is. A measurement not renewed for ``speed_memory_s`` is forgotten.
+* Bans: a peer that fails is banned for ``ban_base_s * 2**(failures-1)`` seconds, capped
+  at ``ban_max_s``. A ban sticks to the identity, the peer id *and* its wallet: coming
+  back at a new endpoint, or under a new peer id paid to the same wallet, lifts nothing
+  (a node that took a payment and failed cannot launder its ban). Failures are forgiven
+  ``ban_max_s`` after the last ban ends.
+* ``avoid(peer_id, seconds, reason)``: left out of plans for a while without a ban and
+  without a failure (a "busy" answer, or a request too large for that peer).
+* Bounded state: at most ``max_peers`` records (known peers stay first), ``max_pings`` new
+  peers pinged per refresh, ``max_connections`` open connections (one per peer id; the
+  least recently used idle ones close first; one whose peer left or moved closes at the
+  next refresh). RTTs and speeds of departed peers are dropped.
+* Spending: with no ``max_price``, a route may cost at most ``max_price_multiple`` times
+  the swarm's median price per block (``routing.default_max_price``).
 
 Churn: records are re-read when older than ``refresh_s``, and at once whenever the usable
-(unbanned) peers leave a block uncovered, so a node that joined since the last read is
-found by the very failover that needs it. A banned peer that comes back at a new endpoint
-(it restarted) is given another chance: its ban is lifted, its failure count kept.
+peers leave a block uncovered, so a node that joined since the last read is found by the
+very failover that needs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
 from layerchain.client.config import ClientConfig, RouteLimits
-from layerchain.discovery import Discovery, PeerRecord
-from layerchain.errors import NoRoute, PeerError, PeerTimeout, PeerUnreachable
-from layerchain.routing import RoutePeer, RoutePlan, plan_span
+from layerchain.discovery import Discovery, PeerRecord, check_fresh
+from layerchain.errors import ConfigError, NoRoute, PeerError, PeerTimeout, PeerUnreachable, ProtocolError
+from layerchain.routing import (
+    RoutePeer,
+    RoutePlan,
+    Snapshot,
+    default_max_price,
+    median_block_prices,
+    plan_span,
+)
+from layerchain.routing.route import MAX_MS_PER_BLOCK, MAX_RTT_MS
 from layerchain.wire import messages as m
 from layerchain.wire.rpc import RpcClient
 from layerchain.wire.transport import Transport
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_RTT_MS = 1000.0  # the planner's guess for a peer not pinged yet
+SESSION_IDLE_S = 30.0  # a connection used by a session may close this long after its last use
+
+
+# ---------------------------------------------------------------- pure rules
+
+
+def usable_record(record: PeerRecord, model_id: str, num_blocks: int, now: float) -> bool:
+    """Whether a client may plan with ``record`` at ``now`` (unix s): of ``model_id``, a
+    span inside ``[0, num_blocks)``, not a tombstone, fresh and not too far ahead."""
+    if record.model_id != model_id or record.end > num_blocks or not record.endpoint:
+        return False
+    try:
+        check_fresh(record, now)
+    except ProtocolError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class MeasuredSpeed:
+    """What a client measured of one peer's steps."""
+
+    ms_per_block: float  # mean of the samples (then moving average), ms per block per token
+    samples: int  # one-token steps measured
+    at: float  # monotonic time of the last one, s
+
+
+def measured_ms_per_block(seconds: float, rtt_ms: float, blocks: int) -> float:
+    """One step's compute time per block: its wall time (``seconds``) less the round trip
+    the planner counts separately, per block; clamped to ``[0, MAX_MS_PER_BLOCK]``."""
+    return min(MAX_MS_PER_BLOCK, max(0.0, (1000.0 * seconds - rtt_ms) / blocks))
+
+
+def add_sample(old: MeasuredSpeed | None, sample: float, now: float, config: ClientConfig
+               ) -> MeasuredSpeed:
+    """``old`` with one more sample: the mean of the first ones, then a moving average of
+    weight ``speed_smoothing``; a measurement older than ``speed_memory_s`` starts over."""
+    if old is None or now - old.at > config.speed_memory_s:
+        return MeasuredSpeed(sample, 1, now)
+    n = old.samples + 1
+    w = max(config.speed_smoothing, 1.0 / n)
+    return MeasuredSpeed((1 - w) * old.ms_per_block + w * sample, n, now)
+
+
+def routing_ms_per_block(claimed: float, measured: MeasuredSpeed | None, now: float,
+                         config: ClientConfig) -> float:
+    """The ms per block a route is planned with: the measurement once it has
+    ``speed_samples`` samples and is younger than ``speed_memory_s``, else the claim."""
+    if (measured is None or measured.samples < config.speed_samples
+            or now - measured.at > config.speed_memory_s):
+        return min(claimed, MAX_MS_PER_BLOCK)
+    return measured.ms_per_block
+
+
+@dataclass
+class _Connection:
+    endpoint: str  # the endpoint it was opened to (a record that moves closes it)
+    rpc: RpcClient
+    used_at: float  # monotonic time a session last asked for it, s
+    probe: bool  # opened for a ping and not handed to a session since
+
+
+# ---------------------------------------------------------------- the view
+
 
 class PeerView:
-    """Records, RTTs, bans and a connection per endpoint, for one model."""
+    """Records, RTTs, measured speeds, bans and one connection per peer, for one model."""
 
     def __init__(
         self,
@@ -44,10 +142,17 @@ class PeerView:
         self.num_blocks = num_blocks
         self.config = config
         self.records: dict[str, PeerRecord] = {}
-        self.rtt_ms: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
-        self._banned_until: dict[str, float] = {}
-        self._clients: dict[str, RpcClient] = {}
+        self.rtt_ms: dict[str, float] = {}  # peer id -> smoothed ping RTT, ms
+        self._speed: dict[str, MeasuredSpeed] = {}  # peer id -> measured speed
+        self._failures: dict[str, int] = {}  # peer id -> failures not yet forgiven
+        self._banned_until: dict[str, float] = {}  # peer id -> monotonic s
+        self._wallet_failures: dict[str, int] = {}  # lower-case wallet -> failures
+        self._wallet_banned_until: dict[str, float] = {}  # lower-case wallet -> monotonic s
+        self._avoid_until: dict[str, float] = {}  # peer id -> monotonic s
+        self._clients: OrderedDict[str, _Connection] = OrderedDict()  # peer id, LRU first
+        self._closing: set[asyncio.Task[None]] = set()
+        self._prices: tuple[dict[str, PeerRecord], tuple[float, ...]] | None = None
+        self._random = random.Random()
         self._refreshed_at = 0.0
         self._lock = asyncio.Lock()
 
@@ -58,20 +163,53 @@ class PeerView:
         usable peers leave a gap (a failover needs a peer we may not know of yet)."""
         async with self._lock:
             fresh = time.monotonic() - self._refreshed_at < self.config.refresh_s
-            if not force and fresh and not self.uncovered(self.banned()):
+            if not force and fresh and not self.uncovered(self.unavailable()):
                 return
-            records = await self.discovery.find(self.model_id, self.num_blocks)
-            banned = self.banned()
-            for r in records:
-                old = self.records.get(r.peer_id)
-                if old is not None and old.endpoint != r.endpoint and r.peer_id in banned:
-                    log.info("peer %s restarted at %s: ban lifted", r.peer_id, r.endpoint)
-                    self.unban(r.peer_id)
-            self.records = {r.peer_id: r for r in records}
+            found = await self.discovery.find(self.model_id, self.num_blocks)
+            now = time.time()
+            usable = [r for r in found if usable_record(r, self.model_id, self.num_blocks, now)]
+            if len(usable) < len(found):
+                log.warning("ignored %d unusable peer records", len(found) - len(usable))
+            self.records = {r.peer_id: r for r in self._capped(usable)}
             self._refreshed_at = time.monotonic()
-            await asyncio.gather(
-                *(self.measure_rtt(r.peer_id) for r in records if r.peer_id not in self.rtt_ms)
-            )
+            self._prune()
+            new = [p for p in self.records if p not in self.rtt_ms]
+            if len(new) > self.config.max_pings:
+                new = self._random.sample(new, self.config.max_pings)
+            await asyncio.gather(*(self.measure_rtt(p) for p in new))
+
+    def _capped(self, records: list[PeerRecord]) -> list[PeerRecord]:
+        """At most ``max_peers`` records: those already known first, then a random sample
+        (so a flood of fresh identities cannot choose which honest peers drop out)."""
+        if len(records) <= self.config.max_peers:
+            return records
+        log.warning("%d peer records, keeping %d", len(records), self.config.max_peers)
+        known = [r for r in records if r.peer_id in self.records]
+        new = [r for r in records if r.peer_id not in self.records]
+        self._random.shuffle(new)
+        return (known + new)[: self.config.max_peers]
+
+    def _prune(self) -> None:
+        """Drop the state of peers that left or moved, and bans long forgiven."""
+        for peer_id, conn in list(self._clients.items()):
+            record = self.records.get(peer_id)
+            if record is None or record.endpoint != conn.endpoint:
+                self._drop_connection(peer_id)
+        for peer_id in [p for p in self.rtt_ms if p not in self.records]:
+            del self.rtt_ms[peer_id]
+        for peer_id in [p for p in self._speed if p not in self.records]:
+            del self._speed[peer_id]
+        now = time.monotonic()
+        forgiven = now - self.config.ban_max_s
+        for until, failures in ((self._banned_until, self._failures),
+                                (self._wallet_banned_until, self._wallet_failures)):
+            for key in [k for k, t in until.items() if t < forgiven]:
+                del until[key]
+                failures.pop(key, None)
+            for key in [k for k in failures if k not in until]:
+                del failures[key]
+        for peer_id in [p for p, t in self._avoid_until.items() if t <= now]:
+            del self._avoid_until[peer_id]
 
     async def wait_for_coverage(self) -> None:
         """Refresh until every block has a peer, or raise NoRoute after ``discovery_wait_s``."""
@@ -109,25 +247,71 @@ class PeerView:
     # ---------------------------------------------------------------- connections
 
     async def client(self, peer_id: str) -> RpcClient:
+        """The connection to a known peer (KeyError if unknown), opened if needed."""
+        return (await self._connection(peer_id, probe=False)).rpc
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._clients)
+
+    async def _connection(self, peer_id: str, probe: bool) -> _Connection:
         record = self.records[peer_id]
-        rpc = self._clients.get(record.endpoint)
-        if rpc is None or rpc.closed:
+        conn = self._clients.get(peer_id)
+        if conn is not None and (conn.rpc.closed or conn.endpoint != record.endpoint):
+            self._drop_connection(peer_id)
+            conn = None
+        if conn is None:
             try:
-                conn = await asyncio.wait_for(
+                raw = await asyncio.wait_for(
                     self.transport.connect(record.endpoint), self.config.connect_timeout_s
                 )
             except asyncio.TimeoutError:
                 raise PeerTimeout(f"peer {peer_id} did not accept a connection") from None
             except OSError as error:
                 raise PeerUnreachable(f"peer {peer_id} at {record.endpoint}: {error}") from None
-            rpc = RpcClient(conn)
-            self._clients[record.endpoint] = rpc
-        return rpc
+            conn = self._clients.get(peer_id)  # another task may have connected meanwhile
+            if conn is None or conn.rpc.closed or conn.endpoint != record.endpoint:
+                if conn is not None:
+                    self._drop_connection(peer_id)
+                conn = _Connection(record.endpoint, RpcClient(raw), time.monotonic(), probe)
+                self._clients[peer_id] = conn
+                self._trim(keep=peer_id)
+            else:
+                self._close_soon(RpcClient(raw))
+        self._clients.move_to_end(peer_id)
+        if not probe:
+            conn.probe, conn.used_at = False, time.monotonic()
+        return conn
+
+    def _trim(self, keep: str = "") -> None:
+        """Close least recently used idle connections beyond ``max_connections``: those
+        only pinged first, then those no session used for ``SESSION_IDLE_S``. Busy ones
+        and ``keep`` (the one being handed out) stay: the cap is exceeded only while every
+        connection is in use."""
+        excess = len(self._clients) - self.config.max_connections
+        if excess <= 0:
+            return
+        now = time.monotonic()
+        idle = [p for p, c in self._clients.items() if p != keep and c.rpc.pending == 0
+                and (c.probe or now - c.used_at > SESSION_IDLE_S)]
+        idle.sort(key=lambda p: not self._clients[p].probe)  # stable: LRU within each kind
+        for peer_id in idle[:excess]:
+            self._drop_connection(peer_id)
+
+    def _drop_connection(self, peer_id: str) -> None:
+        conn = self._clients.pop(peer_id, None)
+        if conn is not None:
+            self._close_soon(conn.rpc)
+
+    def _close_soon(self, rpc: RpcClient) -> None:
+        task = asyncio.get_running_loop().create_task(rpc.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def measure_rtt(self, peer_id: str) -> float | None:
         """Ping a peer; update its smoothed RTT. A failed ping bans it."""
         try:
-            rpc = await self.client(peer_id)
+            rpc = (await self._connection(peer_id, probe=True)).rpc
             t0 = time.perf_counter()
             await rpc.call(m.Ping(rid=0, nonce=1), timeout=self.config.ping_timeout_s)
             sample = 1000.0 * (time.perf_counter() - t0)
@@ -137,45 +321,117 @@ class PeerView:
         old = self.rtt_ms.get(peer_id)
         w = self.config.rtt_smoothing
         self.rtt_ms[peer_id] = sample if old is None else (1 - w) * old + w * sample
+        self._trim()
         return self.rtt_ms[peer_id]
 
     async def close(self) -> None:
-        for rpc in list(self._clients.values()):
-            await rpc.close()
-        self._clients.clear()
+        for peer_id in list(self._clients):
+            self._drop_connection(peer_id)
+        await asyncio.gather(*list(self._closing))
+
+    # ---------------------------------------------------------------- measured speed
+
+    def observe_step(self, peer_id: str, blocks: int, tokens: int, seconds: float) -> None:
+        """One completed step of a hop over ``blocks`` blocks and ``tokens`` tokens that took
+        ``seconds`` of wall time (send to reply). One-token steps update the peer's
+        measured speed; longer ones (prefill, replay) are not per-token comparable and are
+        ignored. O(1): called once per hop per decode step."""
+        if tokens != 1 or blocks < 1 or peer_id not in self.records:
+            return
+        if not (math.isfinite(seconds) and seconds >= 0):
+            return
+        sample = measured_ms_per_block(seconds, self.rtt_ms.get(peer_id, 0.0), blocks)
+        self._speed[peer_id] = add_sample(self._speed.get(peer_id), sample,
+                                          time.monotonic(), self.config)
+
+    def speed(self, peer_id: str) -> float:
+        """The ms per block routes use for a known peer now (measured or claimed)."""
+        return routing_ms_per_block(self.records[peer_id].ms_per_block,
+                                    self._speed.get(peer_id), time.monotonic(), self.config)
 
     # ---------------------------------------------------------------- bans and planning
 
+    def _wallet(self, peer_id: str) -> str:
+        record = self.records.get(peer_id)
+        return record.wallet.lower() if record is not None else ""
+
     def ban(self, peer_id: str, reason: str) -> None:
-        failures = self._failures.get(peer_id, 0) + 1
+        """Leave ``peer_id`` and every peer paid to its wallet out of plans, for longer
+        at each failure (``ban_base_s`` doubling, at most ``ban_max_s``)."""
+        wallet = self._wallet(peer_id)
+        failures = 1 + max(self._failures.get(peer_id, 0),
+                           self._wallet_failures.get(wallet, 0) if wallet else 0)
+        seconds = min(self.config.ban_max_s, self.config.ban_base_s * 2.0 ** min(failures - 1, 32))
+        until = time.monotonic() + seconds
         self._failures[peer_id] = failures
-        seconds = min(self.config.ban_max_s, self.config.ban_base_s * 2 ** (failures - 1))
-        self._banned_until[peer_id] = time.monotonic() + seconds
+        self._banned_until[peer_id] = until
+        if wallet:
+            self._wallet_failures[wallet] = failures
+            self._wallet_banned_until[wallet] = until
         log.warning("banned peer %s for %.0f s: %s", peer_id, seconds, reason)
 
     def unban(self, peer_id: str) -> None:
-        """Lift a peer's ban now (its failure count stays, so a next ban lasts longer)."""
+        """Lift a peer's ban (and its wallet's) now; failure counts stay, so a next ban
+        lasts longer."""
         self._banned_until.pop(peer_id, None)
+        self._avoid_until.pop(peer_id, None)
+        wallet = self._wallet(peer_id)
+        if wallet:
+            self._wallet_banned_until.pop(wallet, None)
 
     def banned(self) -> set[str]:
+        """Peer ids banned now: by their own id, or through their record's wallet."""
         now = time.monotonic()
-        return {p for p, until in self._banned_until.items() if until > now}
+        out = {p for p, until in self._banned_until.items() if until > now}
+        wallets = {w for w, until in self._wallet_banned_until.items() if until > now}
+        if wallets:
+            out |= {r.peer_id for r in self.records.values() if r.wallet.lower() in wallets}
+        return out
+
+    def avoid(self, peer_id: str, seconds: float, reason: str) -> None:
+        """Leave ``peer_id`` out of plans for ``seconds`` (at most ``ban_max_s``) without a
+        ban: its failure count does not grow. For answers that say "not now" (busy) or
+        "not this request" (too large for it), not "I am broken"."""
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ConfigError(f"avoid() needs a finite number of seconds >= 0, not {seconds!r}")
+        until = time.monotonic() + min(seconds, self.config.ban_max_s)
+        self._avoid_until[peer_id] = max(until, self._avoid_until.get(peer_id, 0.0))
+        log.info("avoiding peer %s for %.1f s: %s", peer_id, seconds, reason)
+
+    def avoided(self) -> set[str]:
+        """Peer ids left out of plans for now without a ban."""
+        now = time.monotonic()
+        return {p for p, until in self._avoid_until.items() if until > now}
+
+    def unavailable(self) -> set[str]:
+        """Peer ids no plan may use now: banned or avoided."""
+        return self.banned() | self.avoided()
 
     def snapshot(self, exclude: set[str] = frozenset()) -> list[RoutePeer]:
-        """Route-planner inputs for every usable peer."""
-        skip = self.banned() | set(exclude)
+        """Route-planner inputs for every usable peer, with measured speeds where known."""
+        skip = self.unavailable() | set(exclude)
+        now = time.monotonic()
         return [
             RoutePeer(
                 id=r.peer_id,
                 start=r.start,
                 end=r.end,
-                ms_per_block=r.ms_per_block,
+                ms_per_block=routing_ms_per_block(r.ms_per_block, self._speed.get(r.peer_id),
+                                                  now, self.config),
                 price_per_block=float(r.price_per_block),
-                rtt_ms=self.rtt_ms.get(r.peer_id, 1000.0),
+                rtt_ms=min(self.rtt_ms.get(r.peer_id, UNKNOWN_RTT_MS), MAX_RTT_MS),
             )
             for r in self.records.values()
             if r.peer_id not in skip
         ]
+
+    def block_prices(self) -> tuple[float, ...]:
+        """``[num_blocks]`` median price per block over the current records (cached)."""
+        if self._prices is None or self._prices[0] is not self.records:
+            peers = [RoutePeer(r.peer_id, r.start, r.end, 0.0, float(r.price_per_block), 0.0)
+                     for r in self.records.values()]
+            self._prices = (self.records, median_block_prices(peers, self.num_blocks))
+        return self._prices[1]
 
     def plan(
         self,
@@ -185,14 +441,41 @@ class PeerView:
         limits: RouteLimits | None = None,
     ) -> RoutePlan:
         """The best route over blocks ``[start, end)`` within ``limits`` (by default, and
-        for each field left None, the client's)."""
+        for each field left None, the client's). With no max_price anywhere, the route may
+        cost at most ``max_price_multiple`` times the swarm's median price per block."""
         alpha, max_price, max_latency_ms = (limits or RouteLimits()).resolve(self.config)
-        return plan_span(
-            self.snapshot(exclude),
-            self.num_blocks,
-            start,
-            self.num_blocks if end is None else end,
-            alpha=alpha,
-            max_price=max_price,
-            max_latency_ms=max_latency_ms,
-        )
+        end = self.num_blocks if end is None else end
+        multiple = self.config.max_price_multiple
+        default_cap = max_price is None and multiple is not None
+        if default_cap:
+            max_price = default_max_price(self.block_prices(), start, end, multiple)
+        try:
+            return plan_span(self.snapshot(exclude), self.num_blocks, start, end,
+                             alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms)
+        except NoRoute as error:
+            if default_cap and "max_price" in error.message:
+                raise NoRoute(
+                    error.message,
+                    hint=f"with no price limit given, a route may cost {multiple:g}x the "
+                         "swarm's median price per block; set max_price (--max-price) to "
+                         "allow more",
+                ) from None
+            raise
+
+
+async def live_snapshot(
+    discovery: Discovery,
+    transport: Transport,
+    model_id: str,
+    num_blocks: int,
+    config: ClientConfig | None = None,
+) -> Snapshot:
+    """The live swarm as planner input: records read through ``discovery`` (checked as a
+    client checks them), RTTs measured by pings over ``transport``; connections closed
+    before it returns. What ``layerchain route --initial-peers`` plans over."""
+    view = PeerView(discovery, transport, model_id, num_blocks, config or ClientConfig())
+    try:
+        await view.refresh(force=True)
+        return Snapshot(num_blocks, tuple(view.snapshot()), {})
+    finally:
+        await view.close()

@@ -4,6 +4,7 @@ Pure functions over a snapshot of peers; no I/O, no torch. See ``planner`` for t
 algorithms and ``route`` for the records and the latency models.
 """
 
+from layerchain.routing.limits import default_max_price, median_block_prices
 from layerchain.routing.planner import pareto_front, plan_route, plan_span
 from layerchain.routing.route import MODES, RoutePeer, RoutePlan, check_route, route_terms
 from layerchain.routing.snapshot import Snapshot, parse_snapshot
@@ -14,6 +15,8 @@ __all__ = [
     "RoutePlan",
     "Snapshot",
     "check_route",
+    "default_max_price",
+    "median_block_prices",
     "pareto_front",
     "parse_snapshot",
     "plan_route",

@@ -23,6 +23,9 @@ the lower price), so the chosen route is always on the Pareto frontier.
 
 Errors: ``NoRoute`` names uncovered blocks ("blocks 12:15 have no peer") or the limit that
 cannot be met with the closest achievable values; bad arguments raise ``ConfigError``.
+Every returned route is checked (``route.check_route``: contiguous, covers the range, each
+hop inside its peer's span, no peer twice); one that is not raises ``InvalidPlan``, a bug
+report, instead of reaching a node.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from layerchain.errors import ConfigError, NoRoute, RoutingError
+from layerchain.errors import ConfigError, InvalidPlan, NoRoute, RoutingError
 from layerchain.routing.relaxed import PeerArrays, relaxed_cost_to_go, relaxed_forward
-from layerchain.routing.route import EPS, MODES, RoutePeer, RoutePlan, make_plan
+from layerchain.routing.route import EPS, MODES, RoutePeer, RoutePlan, check_route, make_plan
 from layerchain.routing.search import Bounds, SearchSpec, search
 from layerchain.types import Hop
 
@@ -79,7 +82,7 @@ def plan_span(
     """``plan_route`` over blocks ``[start, end)`` only; hops use the parts of peers' spans
     inside it. The limits apply to the returned sub-route alone."""
     planner = _Planner(peers, num_blocks, start, end, alpha, exclude, mode, peer_rtts)
-    return planner.best(max_price, max_latency_ms)
+    return planner.checked(planner.best(max_price, max_latency_ms))
 
 
 def pareto_front(
@@ -102,7 +105,8 @@ def pareto_front(
     end = num_blocks if end is None else end
     planner = _Planner(peers, num_blocks, start, end, alpha, exclude, mode, peer_rtts)
     spec = planner.spec("pareto", max_price, max_latency_ms)
-    return [planner.plan(label.hops()) for label in search(planner.arr, spec, planner.bounds())]
+    return [planner.checked(planner.plan(label.hops()))
+            for label in search(planner.arr, spec, planner.bounds())]
 
 
 def _fmt(value: float) -> str:
@@ -157,6 +161,15 @@ class _Planner:
         self._bounds: dict[object, np.ndarray] = {}  # cached cost-to-go arrays
 
     # --- building blocks -------------------------------------------------------------
+
+    def checked(self, plan: RoutePlan) -> RoutePlan:
+        """``plan`` if it is a valid route over the range without excluded peers, else
+        InvalidPlan (a planner bug)."""
+        check_route(plan.hops, self.by_id, self.arr.offset, self.arr.offset + self.arr.n)
+        excluded = set(self.excluded) & set(plan.peer_ids)
+        if excluded:
+            raise InvalidPlan(f"planner bug: the route uses excluded peer {min(excluded)}")
+        return plan
 
     def plan(self, rows_hops: list[tuple[int, int, int]], alpha: float | None = None) -> RoutePlan:
         """A RoutePlan from hops ``(row, a, b)`` in shifted coordinates."""

@@ -26,6 +26,11 @@ Two latency models, both in milliseconds per token step:
 
 price = sum over hops of ``(end - start) * price_per_block`` (credits per token).
 
+Bounds: a ``RoutePeer``'s numbers are finite, >= 0 and below ``MAX_MS_PER_BLOCK``,
+``MAX_PRICE_PER_BLOCK`` and ``MAX_RTT_MS``, so every sum the planner forms over at most
+``MAX_BLOCKS`` blocks stays finite (no ``inf - inf`` in the relaxed DP). Callers holding
+untrusted numbers clamp them first (the client does; records are capped lower still).
+
 This module knows nothing of networks: it scores routes over a snapshot.
 """
 
@@ -35,7 +40,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from layerchain.errors import ConfigError
+from layerchain.errors import ConfigError, InvalidPlan
 from layerchain.types import Hop
 
 #: Latency models the planner knows.
@@ -43,6 +48,15 @@ MODES = ("client", "push")
 
 #: Two values closer than this are equal when checking limits and dominance (ms, credits).
 EPS = 1e-9
+
+#: Planner bounds (see the module docstring): ms per block per token, credits per block per
+#: token, ms per round trip, blocks. 1e5 blocks x (1e6 + 1e12) stays far below float max.
+MAX_MS_PER_BLOCK = 1e6
+MAX_PRICE_PER_BLOCK = 1e12
+MAX_RTT_MS = 1e6
+MAX_BLOCKS = 100_000
+_CAPS = {"ms_per_block": MAX_MS_PER_BLOCK, "price_per_block": MAX_PRICE_PER_BLOCK,
+         "rtt_ms": MAX_RTT_MS}
 
 
 @dataclass(frozen=True)
@@ -59,13 +73,18 @@ class RoutePeer:
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
             raise ConfigError(f"peer id {self.id!r} must be a non-empty string")
-        if self.start < 0 or self.end <= self.start:
+        for name in ("start", "end"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ConfigError(f"peer {self.id} has a {name} that is not an integer")
+        if self.start < 0 or self.end <= self.start or self.end > MAX_BLOCKS:
             raise ConfigError(
-                f"peer {self.id} has an empty or negative span {self.start}:{self.end}")
-        for name in ("ms_per_block", "price_per_block", "rtt_ms"):
+                f"peer {self.id} has an empty, negative or huge span {self.start}:{self.end}")
+        for name, cap in _CAPS.items():
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"peer {self.id} has {name} {value!r}: it must be a number >= 0")
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or not 0 <= value <= cap):
+                raise ConfigError(
+                    f"peer {self.id} has {name} {value!r}: it must be a number in [0, {cap:g}]")
 
 
 @dataclass(frozen=True)
@@ -134,19 +153,24 @@ def make_plan(
 
 
 def check_route(hops: Sequence[Hop], peers: Mapping[str, RoutePeer], start: int, end: int) -> None:
-    """Raise ValueError unless ``hops`` is a valid route over ``[start, end)`` (a test aid)."""
+    """Raise InvalidPlan unless ``hops`` is a valid route over ``[start, end)``: contiguous
+    from ``start`` to ``end``, each hop non-empty and inside its peer's span, no peer twice.
+
+    The planner checks every route it returns with it (O(hops)), so a planner bug is a
+    typed error naming the bad hop, never a route that fails at a node."""
     at, seen = start, set()
     for hop in hops:
         peer = peers.get(hop.peer_id)
         if peer is None:
-            raise ValueError(f"hop {hop} names an unknown peer")
+            raise InvalidPlan(f"planner bug: hop {hop} names an unknown peer")
         if hop.peer_id in seen:
-            raise ValueError(f"peer {hop.peer_id} is used twice")
+            raise InvalidPlan(f"planner bug: peer {hop.peer_id} is used twice")
         if hop.start != at or hop.end <= hop.start:
-            raise ValueError(f"hop {hop} does not continue the route at block {at}")
+            raise InvalidPlan(f"planner bug: hop {hop} does not continue the route at block {at}")
         if not (peer.start <= hop.start and hop.end <= peer.end):
-            raise ValueError(f"hop {hop} leaves the span {peer.start}:{peer.end} of its peer")
+            raise InvalidPlan(
+                f"planner bug: hop {hop} leaves the span {peer.start}:{peer.end} of its peer")
         seen.add(hop.peer_id)
         at = hop.end
     if at != end:
-        raise ValueError(f"route ends at block {at}, not {end}")
+        raise InvalidPlan(f"planner bug: route ends at block {at}, not {end}")

@@ -1,0 +1,302 @@
+"""The client's view of the swarm trusts nothing a peer says (issue 12, items 3, 6, 7, 15).
+
+In-process and fast: records in a ``MemoryDHT``, peers that answer pings over the memory
+transport, a ``PeerView`` reading them. Each test is an attack that worked before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from layerchain.client import ClientConfig, RouteLimits
+from layerchain.client.peers import (
+    MeasuredSpeed,
+    PeerView,
+    add_sample,
+    measured_ms_per_block,
+    routing_ms_per_block,
+)
+from layerchain.discovery import Identity, MemoryDHT, MemoryDiscovery, PeerRecord
+from layerchain.errors import NoRoute
+from layerchain.market import Wallet
+from layerchain.types import Span
+from layerchain.wire import MemoryNetwork, MemoryTransport, serve_connection
+
+MODEL, L = "m", 4
+
+
+class Swarm:
+    """Peers announced in a memory DHT, each endpoint answering pings; counts open sockets."""
+
+    def __init__(self) -> None:
+        self.hub, self.wire = MemoryDHT(), MemoryNetwork()
+        self.open = 0  # connections the peers hold open now
+        self.listeners: list = []
+
+    async def announce(self, identity: Identity, name: str, *, start: int = 0, end: int = L,
+                       ms_per_block: float = 1.0, price: int = 0, wallet: str = "") -> None:
+        async def nothing(msg):  # pings are answered by serve_connection itself
+            raise AssertionError(msg)
+
+        async def serve(conn):
+            self.open += 1
+            try:
+                await serve_connection(conn, nothing)
+            finally:
+                self.open -= 1
+
+        transport = MemoryTransport(self.wire)
+        if f"mem://{name}" not in self.wire.endpoints():
+            self.listeners.append(await transport.listen(f"mem://{name}", serve))
+        record = PeerRecord.create(identity, model_id=MODEL, span=Span(start, end),
+                                   endpoint=f"mem://{name}", ms_per_block=ms_per_block,
+                                   price_per_block=price, wallet=wallet,
+                                   expires_at=time.time() + 60 + len(self.listeners) * 1e-3)
+        await MemoryDiscovery(self.hub, identity).announce(record)
+
+    def view(self, **config) -> PeerView:
+        return PeerView(MemoryDiscovery(self.hub), MemoryTransport(self.wire), MODEL, L,
+                        ClientConfig(**config))
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def settle(view: PeerView) -> None:
+    """Let the connections the view closed in the background finish closing."""
+    await asyncio.gather(*list(view._closing))
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def route_of(view: PeerView, **limits) -> list[str]:
+    return list(view.plan(limits=RouteLimits(**limits) if limits else None).peer_ids)
+
+
+# ---- 3. announced speed is a claim; measured speed decides -------------------------------
+
+
+def test_a_peer_claiming_zero_ms_is_routed_on_what_it_delivers():
+    async def main():
+        swarm = Swarm()
+        liar, honest = Identity.generate(), Identity.generate()
+        await swarm.announce(liar, "liar", ms_per_block=0.001)  # the lowest claim allowed
+        await swarm.announce(honest, "honest", ms_per_block=5.0)
+        view = swarm.view()
+        await view.refresh(force=True)
+        assert route_of(view) == [liar.peer_id]  # unmeasured: the claim decides
+        rtt = view.rtt_ms[liar.peer_id]
+        for _ in range(ClientConfig().speed_samples):  # it takes 50 ms per block per token
+            view.observe_step(liar.peer_id, blocks=L, tokens=1, seconds=(rtt + 4 * 50.0) / 1000)
+        assert view.speed(liar.peer_id) == pytest.approx(50.0)
+        assert route_of(view) == [honest.peer_id]  # measured: routed as the slow peer it is
+        await view.close()
+
+    run(main())
+
+
+def test_prefill_steps_do_not_count_and_junk_timings_are_ignored():
+    async def main():
+        swarm = Swarm()
+        peer = Identity.generate()
+        await swarm.announce(peer, "p", ms_per_block=2.0)
+        view = swarm.view(speed_samples=1)
+        await view.refresh(force=True)
+        view.observe_step(peer.peer_id, blocks=4, tokens=300, seconds=0.4)  # a prefill
+        view.observe_step(peer.peer_id, blocks=4, tokens=1, seconds=float("nan"))
+        view.observe_step(peer.peer_id, blocks=0, tokens=1, seconds=1.0)
+        view.observe_step("someone-unknown", blocks=4, tokens=1, seconds=1.0)
+        assert view.speed(peer.peer_id) == 2.0 and view._speed == {}
+        await view.close()
+
+    run(main())
+
+
+def test_measured_speed_rules():
+    config = ClientConfig(speed_samples=2, speed_smoothing=0.3, speed_memory_s=100.0)
+    assert measured_ms_per_block(0.105, 5.0, 4) == pytest.approx(25.0)  # 105 ms - 5 ms RTT
+    assert measured_ms_per_block(0.001, 5.0, 4) == 0.0  # faster than its ping: no negative
+    first = add_sample(None, 10.0, 0.0, config)
+    second = add_sample(first, 20.0, 1.0, config)
+    assert (second.ms_per_block, second.samples) == (15.0, 2)  # a mean while samples are few
+    third = add_sample(second, 20.0, 2.0, config)
+    assert third.ms_per_block == pytest.approx(50 / 3)  # 1/3 > 0.3: still the mean
+    assert add_sample(third, 0.0, 3.0, config).ms_per_block == pytest.approx(0.7 * 50 / 3)
+    assert add_sample(second, 99.0, 500.0, config) == MeasuredSpeed(99.0, 1, 500.0)  # forgotten
+    assert routing_ms_per_block(1.0, first, 0.0, config) == 1.0  # one sample: the claim
+    assert routing_ms_per_block(1.0, second, 1.0, config) == 15.0
+    assert routing_ms_per_block(1.0, second, 200.0, config) == 1.0  # stale: the claim again
+
+
+# ---- 6. bans stick to identities ----------------------------------------------------------
+
+
+def test_a_ban_follows_the_wallet_to_a_new_peer_id_and_endpoint():
+    async def main():
+        swarm = Swarm()
+        wallet = Wallet.generate().address
+        cheat, spare = Identity.generate(), Identity.generate()
+        await swarm.announce(cheat, "cheat", ms_per_block=0.5, price=1, wallet=wallet)
+        await swarm.announce(spare, "spare", ms_per_block=5.0, price=1,
+                             wallet=Wallet.generate().address)
+        view = swarm.view()
+        await view.refresh(force=True)
+        view.ban(cheat.peer_id, "took a payment and failed")
+        reborn = Identity.generate()  # a fresh peer id at a fresh endpoint, same payee
+        await swarm.announce(reborn, "reborn", ms_per_block=0.1, price=1, wallet=wallet)
+        await view.refresh(force=True)
+        assert reborn.peer_id in view.records
+        assert {cheat.peer_id, reborn.peer_id} <= view.banned()
+        assert route_of(view) == [spare.peer_id]
+        view.ban(reborn.peer_id, "failed again")  # the wallet's second failure: a longer ban
+        assert view._banned_until[reborn.peer_id] - time.monotonic() > 1.5 * 15.0
+        await view.close()
+
+    run(main())
+
+
+def test_avoid_leaves_a_peer_out_for_a_while_without_a_ban():
+    async def main():
+        swarm = Swarm()
+        busy, other = Identity.generate(), Identity.generate()
+        await swarm.announce(busy, "busy", ms_per_block=0.5)
+        await swarm.announce(other, "other", ms_per_block=5.0)
+        view = swarm.view()
+        await view.refresh(force=True)
+        view.avoid(busy.peer_id, 0.2, "busy")
+        assert route_of(view) == [other.peer_id]
+        assert busy.peer_id not in view.banned() and view._failures == {}
+        await asyncio.sleep(0.25)
+        assert route_of(view) == [busy.peer_id]
+        view.ban(busy.peer_id, "a real failure")  # its first: the base ban, not a doubled one
+        assert view._banned_until[busy.peer_id] - time.monotonic() <= 15.0
+        await view.close()
+
+    run(main())
+
+
+# ---- 7. bounded client state ---------------------------------------------------------------
+
+
+def test_an_endpoint_seen_once_is_not_a_socket_held_forever():
+    async def main():
+        swarm = Swarm()
+        rotating = Identity.generate()
+        view = swarm.view()
+        for i in range(12):  # the same peer, a new endpoint at every refresh
+            await swarm.announce(rotating, f"rot-{i}")
+            await asyncio.sleep(0.002)
+            await view.refresh(force=True)
+            await view.client(rotating.peer_id)
+            await settle(view)
+        assert view.open_connections == 1 and swarm.open == 1
+        await view.close()
+        await settle(view)
+        assert swarm.open == 0
+
+    run(main())
+
+
+def test_many_identities_do_not_grow_connections_pings_or_records_past_the_caps():
+    async def main():
+        swarm = Swarm()
+        first = [Identity.generate() for _ in range(5)]
+        for i, identity in enumerate(first):
+            await swarm.announce(identity, f"first-{i}")
+        view = swarm.view(max_connections=8, max_pings=10, max_peers=40)
+        await view.refresh(force=True)
+        for i in range(60):  # a flood of fresh identities, each with its own endpoint
+            await swarm.announce(Identity.generate(), f"fake-{i}")
+        for _ in range(3):
+            await view.refresh(force=True)
+            await settle(view)
+        assert len(view.records) == 40
+        assert {i.peer_id for i in first} <= set(view.records)  # known peers stay
+        assert len(view.rtt_ms) == 5 + 3 * 10  # pings per refresh are capped
+        assert view.open_connections <= 8 and swarm.open <= 8
+        await view.close()
+
+    run(main())
+
+
+def test_departed_peers_leave_no_state_behind():
+    async def main():
+        swarm = Swarm()
+        gone, stays = Identity.generate(), Identity.generate()
+        await swarm.announce(gone, "gone")
+        await swarm.announce(stays, "stays")
+        view = swarm.view()
+        await view.refresh(force=True)
+        view.observe_step(gone.peer_id, 4, 1, 0.01)
+        await MemoryDiscovery(swarm.hub, gone).withdraw(MODEL, gone.peer_id, 0, L)
+        await view.refresh(force=True)
+        await settle(view)
+        assert set(view.records) == set(view.rtt_ms) == {stays.peer_id}
+        assert view._speed == {} and view.open_connections == 1
+        await view.close()
+
+    run(main())
+
+
+# ---- 15. a sane default price cap ----------------------------------------------------------
+
+
+def test_with_no_price_limit_a_greedy_fast_peer_is_not_taken():
+    async def main():
+        swarm = Swarm()
+        greedy = Identity.generate()
+        await swarm.announce(greedy, "greedy", ms_per_block=0.01, price=1000,
+                             wallet=Wallet.generate().address)
+        for i in range(3):
+            await swarm.announce(Identity.generate(), f"honest-{i}", ms_per_block=5.0,
+                                 price=1, wallet=Wallet.generate().address)
+        view = swarm.view()
+        await view.refresh(force=True)
+        plan = view.plan()
+        assert greedy.peer_id not in plan.peer_ids and plan.price == 4  # not 4000
+        assert route_of(view, max_price=1e6) == [greedy.peer_id]  # the user's cap rules
+        assert swarm.view(max_price_multiple=None)  # the default cap can be turned off
+        await view.close()
+
+    run(main())
+
+
+def test_the_default_cap_keeps_blocks_only_priced_peers_serve_reachable():
+    async def main():
+        swarm = Swarm()
+        only = Identity.generate()
+        await swarm.announce(only, "only", start=2, end=4, ms_per_block=1.0, price=50,
+                             wallet=Wallet.generate().address)
+        for i in range(3):
+            await swarm.announce(Identity.generate(), f"free-{i}", end=2)
+        view = swarm.view()
+        await view.refresh(force=True)
+        assert view.plan().peer_ids[-1] == only.peer_id
+        await view.close()
+
+    run(main())
+
+
+def test_when_no_route_meets_the_default_cap_the_error_says_how_to_raise_it():
+    async def main():
+        swarm = Swarm()
+        honest = [Identity.generate() for _ in range(3)]
+        for i, identity in enumerate(honest):
+            await swarm.announce(identity, f"honest-{i}", ms_per_block=5.0, price=1,
+                                 wallet=Wallet.generate().address)
+        await swarm.announce(Identity.generate(), "dear", price=1000,
+                             wallet=Wallet.generate().address)
+        view = swarm.view()
+        await view.refresh(force=True)
+        for identity in honest:  # the honest peers fail; the swarm's price is still theirs
+            view.ban(identity.peer_id, "test")
+        with pytest.raises(NoRoute, match="max_price 16") as error:
+            view.plan()
+        assert "--max-price" in str(error.value)
+        await view.close()
+
+    run(main())
