@@ -10,8 +10,12 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+from layerchain.openmp import tune_openmp
+
+tune_openmp()  # as the `layerchain` command does, before torch loads: in-process swarms share cores
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma")
 

@@ -3,17 +3,24 @@
 The app is assembled from one module per area; each exposes ``register(app)``. A
 ``LayerchainError`` escaping any command becomes one line on stderr and exit code 1
 (commands that promise another code, such as ``route``'s 2, exit themselves).
+
+Every layerchain process started from the command line (nodes too: ``python -m layerchain
+node start``) tunes OpenMP here, before torch loads (``layerchain.openmp``).
 """
 
 from __future__ import annotations
 
 import sys
 
-import click
-import typer
-from typer.core import TyperGroup
+from layerchain.openmp import tune_openmp
 
-from layerchain.errors import LayerchainError
+tune_openmp()  # before any command imports torch: nodes, gateway, demo and bench all start here
+
+import click  # noqa: E402
+import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
+
+from layerchain.errors import LayerchainError  # noqa: E402
 
 
 class _Group(TyperGroup):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerchain.errors import ConfigError, LayerchainError
+from layerchain.openmp import tune_openmp
 from layerchain.types import Span
 
 SWARM_FILE = "swarm.json"
@@ -69,11 +70,13 @@ def _python_cmd(*args: str) -> list[str]:
 
 
 def node_env(threads: int | None = None) -> dict[str, str]:
-    """Environment of a node process: this one's, with ``threads`` OpenMP threads. (How long
-    idle OpenMP threads spin is set where layerchain is imported: see layerchain/__init__.)"""
+    """Environment of a node (or bootstrap) process: this one's, with ``threads`` OpenMP
+    threads and idle OpenMP threads tuned to spin briefly (``layerchain.openmp``), whether or
+    not the process that starts it came through the ``layerchain`` command."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    tune_openmp(env)
     return env
 
 
