@@ -12,6 +12,8 @@ import json
 
 import typer
 
+from layerchain.model.spec import DEFAULT_MODEL
+
 bench_app = typer.Typer(help="Measure layerchain; prints JSON with --json.", invoke_without_command=True)
 
 
@@ -19,7 +21,7 @@ bench_app = typer.Typer(help="Measure layerchain; prints JSON with --json.", inv
 def bench_swarm(
     ctx: typer.Context,
     nodes: int = typer.Option(3, help="Nodes in the local swarm."),
-    model: str = typer.Option("smollm2", help="Model reference."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
     max_new_tokens: int = typer.Option(64, help="Tokens decoded in each run."),
     threads: int = typer.Option(0, help="Torch threads for every process (0 = torch's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -54,7 +56,7 @@ def bench_routing(
 @bench_app.command("faults")
 def bench_faults(
     runs: int = typer.Option(10, help="Generations, each with one hop killed mid-way."),
-    model: str = typer.Option("smollm2", help="Model reference."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
     spans: str = typer.Option("0:15,15:30,0:15,15:30,0:15,15:30", help="Spans of the nodes."),
     max_new_tokens: int = typer.Option(24, help="Tokens per generation."),
     seed: int = typer.Option(0, help="Seed of the kill schedule."),
@@ -70,7 +72,7 @@ def bench_faults(
 @bench_app.command("gateway")
 def bench_gateway(
     nodes: int = typer.Option(3, help="Nodes in the local swarm."),
-    model: str = typer.Option("smollm2", help="Model reference."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
     max_new_tokens: int = typer.Option(32, help="Tokens per request."),
     concurrency: int = typer.Option(4, help="Requests at once in the last run."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),

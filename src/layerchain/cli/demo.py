@@ -19,6 +19,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from layerchain.model.spec import DEFAULT_MODEL
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -89,7 +91,7 @@ def payments_table(payments: dict):
 def demo(
     nodes: int = typer.Option(3, help="Number of nodes (ignored when --spans is given)."),
     spans: Optional[str] = typer.Option(None, help="Comma-separated spans, e.g. 0:10,10:20,20:30."),
-    model: str = typer.Option("smollm2", help="Model reference."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
     prompt: str = typer.Option("What is the capital of France?", help="The prompt."),
     max_new_tokens: int = typer.Option(32, help="Most tokens to generate."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),

@@ -18,6 +18,7 @@ import typer
 
 from layerchain.errors import ConfigError
 from layerchain.model.sampling import SamplingParams
+from layerchain.model.spec import DEFAULT_MODEL
 
 _D = SamplingParams  # the defaults live on the dataclass
 
@@ -126,7 +127,7 @@ def payment_options(data_dir: Path, ledger: Optional[Path], deposit: int | None)
 
 def generate(
     prompt: PromptOpt,
-    model: ModelOpt = "smollm2",
+    model: ModelOpt = DEFAULT_MODEL,
     local: LocalOpt = False,
     max_new_tokens: MaxNewTokensOpt = _D.max_new_tokens,
     temperature: TemperatureOpt = _D.temperature,
@@ -201,7 +202,7 @@ def _generate_swarm(prompt, model, params, raw, json_out, initial_peers, limits)
 
 def chat(
     initial_peers: InitialPeersOpt = None,
-    model: ModelOpt = "smollm2",
+    model: ModelOpt = DEFAULT_MODEL,
     max_new_tokens: MaxNewTokensOpt = 256,
     temperature: TemperatureOpt = _D.temperature,
     top_k: TopKOpt = _D.top_k,

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from layerchain.errors import ConfigError, NoRoute, RoutingError
+from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.routing import RoutePeer, RoutePlan, pareto_front, parse_snapshot, plan_route
 
 
@@ -100,7 +101,7 @@ def route(
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Swarm snapshot JSON file."),
     initial_peers: Optional[list[str]] = typer.Option(
         None, "--initial-peers", help="Plan over the live swarm joined through this DHT address."),
-    model: str = typer.Option("smollm2", "--model", help="Model reference (live mode)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model reference (live mode)."),
     explain: bool = typer.Option(
         False, "--explain", help="Show the chain's cost terms per hop and the frontier (default "
         "without --json)."),

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.types import Span, even_spans
 
 swarm_app = typer.Typer(help="Start, inspect and stop a local swarm on loopback.", no_args_is_help=True)
@@ -35,7 +36,7 @@ def _num_blocks(model: str) -> int:
 def up(
     nodes: int = typer.Option(3, help="Number of nodes (ignored when --spans is given)."),
     spans: Optional[str] = typer.Option(None, help="Comma-separated spans, e.g. 0:10,10:20,20:30."),
-    model: str = typer.Option("smollm2", help="Model reference."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
     state_dir: Path = typer.Option(..., help="Directory for swarm.json, logs and node data."),
 ) -> None:
     """Start a DHT bootstrap and the nodes in the background; write STATE_DIR/swarm.json."""
@@ -93,7 +94,7 @@ async def _records(initial_peers: list[str], model: str) -> list[object]:
 def status(
     initial_peers: Optional[List[str]] = typer.Option(None, help="DHT multiaddr of the swarm."),
     state_dir: Optional[Path] = typer.Option(None, help="The directory given to `swarm up`."),
-    model: str = typer.Option("smollm2", help="Model reference (with --initial-peers)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference (with --initial-peers)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show the swarm's nodes: spans, endpoints, throughput, price and free cache."""

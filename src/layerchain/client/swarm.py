@@ -59,6 +59,7 @@ from layerchain.model import (
     resolve_model,
 )
 from layerchain.model.generate import eos_token_ids
+from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.types import Hop
 from layerchain.wire.transport import Transport
 
@@ -171,7 +172,7 @@ class AsyncSwarm:
         cls,
         initial_peers: Sequence[str] = (),
         *,
-        model: str = "smollm2",
+        model: str = DEFAULT_MODEL,
         config: ClientConfig | None = None,
         discovery: Discovery | None = None,
         transport: Transport | None = None,
@@ -336,7 +337,7 @@ def open_payer(data_dir: str | Path | None, ledger: str | Path, deposit: int | N
 class Swarm:
     """Synchronous wrapper of ``AsyncSwarm``: ``Swarm(initial_peers=[...]).generate("Hi")``."""
 
-    def __init__(self, initial_peers: Sequence[str] = (), *, model: str = "smollm2", **options: Any):
+    def __init__(self, initial_peers: Sequence[str] = (), *, model: str = DEFAULT_MODEL, **options: Any):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="layerchain")
         self._thread.start()

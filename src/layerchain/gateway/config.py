@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layerchain.model.spec import DEFAULT_MODEL
+
 DEFAULT_DATA_DIR = Path("~/.layerchain")  # the gateway's keys file lives here by default
 KEYS_FILE = "gateway-keys.sqlite"  # name of the API-key store inside the data dir
 
@@ -12,7 +14,7 @@ KEYS_FILE = "gateway-keys.sqlite"  # name of the API-key store inside the data d
 @dataclass(frozen=True)
 class GatewayConfig:
     initial_peers: tuple[str, ...] = ()  # DHT multiaddrs of the swarm
-    model: str = "smollm2"  # model reference the swarm serves (see model.spec)
+    model: str = DEFAULT_MODEL  # model reference the swarm serves (see model.spec)
     host: str = "127.0.0.1"  # address uvicorn listens on
     port: int = 8000  # TCP port uvicorn listens on; 0 picks a free one
     data_dir: Path = DEFAULT_DATA_DIR  # holds the keys file (and the wallet, when paying)

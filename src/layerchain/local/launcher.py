@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerchain.errors import ConfigError, LayerchainError
+from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.openmp import tune_openmp
 from layerchain.types import Span
 
@@ -125,7 +126,7 @@ def start_node(
     span: Span,
     initial_peers: Sequence[str],
     *,
-    model: str = "smollm2",
+    model: str = DEFAULT_MODEL,
     extra_args: Sequence[str] = (),
     threads: int | None = None,
 ) -> tuple[subprocess.Popen, Path]:
@@ -160,7 +161,7 @@ def swarm_up(
     state_dir: Path,
     spans: Sequence[Span],
     *,
-    model: str = "smollm2",
+    model: str = DEFAULT_MODEL,
     node_args: Sequence[Sequence[str]] | None = None,
     threads: int | None = None,
     timeout_s: float = 180.0,

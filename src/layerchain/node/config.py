@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerchain.errors import ConfigError
+from layerchain.model.spec import DEFAULT_MODEL
 
 MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    model: str = "smollm2"  # model reference: a name, a GGUF path, a HF dir or a shard dir
+    model: str = DEFAULT_MODEL  # model reference: a name, a GGUF path, a HF dir or a shard dir
     start: int = 0  # first block served
     end: int = 0  # one past the last block served (0 = to the model's end)
     host: str = "127.0.0.1"  # address the inference server and the DHT listen on
