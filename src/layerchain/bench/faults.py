@@ -16,6 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.types import Span
 
 PROMPT = "Write a short poem about the sea."
@@ -30,7 +31,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_faults_bench(
     runs: int = 10,
-    model: str = "smollm2",
+    model: str = DEFAULT_MODEL,
     spans: str = "0:15,15:30,0:15,15:30,0:15,15:30",
     max_new_tokens: int = 24,
     seed: int = 0,

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from layerchain.bench.swarm import _p50
 from layerchain.errors import LayerchainError
+from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.types import even_spans
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
@@ -94,7 +95,7 @@ def _start_gateway(initial_peer: str, model: str, log: Path) -> tuple[subprocess
 
 
 def run_gateway_bench(
-    model: str = "smollm2", nodes: int = 3, max_new_tokens: int = 32, concurrency: int = 4
+    model: str = DEFAULT_MODEL, nodes: int = 3, max_new_tokens: int = 32, concurrency: int = 4
 ) -> dict:
     from layerchain.local import swarm_down, swarm_up
     from layerchain.model import resolve_model

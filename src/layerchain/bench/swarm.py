@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.types import even_spans
 
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -75,7 +76,7 @@ def swarm_token_times(
         swarm_down(state, quiet=True)
 
 
-def run_swarm_bench(model: str = "smollm2", nodes: int = 3, max_new_tokens: int = 64, threads: int | None = None) -> dict:
+def run_swarm_bench(model: str = DEFAULT_MODEL, nodes: int = 3, max_new_tokens: int = 64, threads: int | None = None) -> dict:
     threads = threads or torch.get_num_threads()
     # In a thread that then ends: its OpenMP team goes with it, and the swarm client's decode
     # loop (on its own thread) does not pay for a second live team (see layerchain.node.server).

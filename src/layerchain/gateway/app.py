@@ -63,7 +63,7 @@ from layerchain.gateway.config import GatewayConfig
 from layerchain.gateway.guard import BrowserGuard, BrowserPolicy
 from layerchain.gateway.keys import ApiKey, Hold, KeyStore
 from layerchain.gateway.schema import ApiError, GenerationRequest, api_error_for, key_error, sse
-from layerchain.model import encode_prompt
+from layerchain.model import DEFAULT_MODEL, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Gateway:
         self.requests = RequestLog(config.recent_requests)
         self.started = time.time()
         names = {config.model, self.spec.name, self.spec.model_id}
-        if self.spec.name == "smollm2":
+        if self.spec.name == DEFAULT_MODEL:
             names.add("smollm2-135m-instruct")
         self.model_names = {n.lower() for n in names}
         # tokens of prompt + answer the model can attend to (None: the config does not say)
