@@ -300,3 +300,106 @@ def test_when_no_route_meets_the_default_cap_the_error_says_how_to_raise_it():
         await view.close()
 
     run(main())
+
+
+# ---- the same, end to end: real nodes in one process ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama", tokenizer=True))
+
+
+def test_a_node_claiming_to_be_fastest_loses_the_route_once_measured(tiny_model, tmp_path):
+    import dataclasses
+
+    from memswarm import MemorySwarm
+
+    from layerchain.model import LocalModel, SamplingParams, resolve_model
+    from layerchain.node import Node
+
+    class SlowLiar(Node):
+        """Announces the fastest speed a record may claim; takes 40 ms more per step."""
+
+        def record(self) -> PeerRecord:
+            return dataclasses.replace(super().record(), ms_per_block=0.001)
+
+        async def handle(self, msg, owner: int = 0):
+            if type(msg).__name__ == "Step":
+                await asyncio.sleep(0.04)
+            return await super().handle(msg, owner)
+
+    prompt, params = "The capital of France is", SamplingParams(max_new_tokens=6)
+    reference = LocalModel(resolve_model(tiny_model)).generate(prompt, params).token_ids
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            liar = await swarm.add_node(0, 4, tmp_path / "liar", node_class=SlowLiar)
+            honest = await swarm.add_node(0, 4, tmp_path / "honest")
+            client = swarm.client()
+            first = await client.generate(prompt, params)
+            second = await client.generate(prompt, params)
+            return liar.peer_id, honest.peer_id, first, second
+        finally:
+            await swarm.close()
+
+    liar, honest, first, second = run(main())
+    assert list(first.token_ids) == list(second.token_ids) == list(reference)
+    assert [h.peer_id for h in first.route] == [liar]  # the claim wins while unmeasured
+    assert [h.peer_id for h in second.route] == [honest]  # then what it delivered decides
+
+
+def test_records_from_the_discovery_seam_are_checked_again():
+    from layerchain.discovery.base import tombstone
+
+    class Replica:
+        """A discovery that hands over whatever records it got."""
+
+        def __init__(self, records):
+            self.records = records
+
+        async def find(self, model_id, num_blocks):
+            return self.records
+
+    def make(identity, **changes):
+        values = dict(model_id=MODEL, span=Span(0, L), endpoint="mem://x", ms_per_block=1.0,
+                      expires_at=time.time() + 60)
+        values.update(changes)
+        return PeerRecord.create(identity, **values)
+
+    async def main():
+        good, *bad_ids = [Identity.generate() for _ in range(5)]
+        records = [
+            make(good),
+            make(bad_ids[0], model_id="another-model"),
+            make(bad_ids[1], span=Span(0, L + 1)),  # past the model's blocks
+            make(bad_ids[2], expires_at=time.time() - 1),  # expired
+            make(bad_ids[3], expires_at=time.time() + 50 * 365 * 86400),  # fifty years
+            tombstone(bad_ids[0], MODEL, 0, L, time.time() + 60),
+        ]
+        view = PeerView(Replica(records), MemoryTransport(MemoryNetwork()), MODEL, L,
+                        ClientConfig(max_pings=0))
+        await view.refresh(force=True)
+        assert list(view.records) == [good.peer_id]
+
+    run(main())
+
+
+def test_live_snapshot_plans_over_the_swarm_and_closes_what_it_opened():
+    from layerchain.client import live_snapshot
+
+    async def main():
+        swarm = Swarm()
+        a, b = Identity.generate(), Identity.generate()
+        await swarm.announce(a, "a", end=2)
+        await swarm.announce(b, "b", start=2)
+        snap = await live_snapshot(MemoryDiscovery(swarm.hub), MemoryTransport(swarm.wire),
+                                   MODEL, L)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert snap.num_blocks == L and {p.id for p in snap.peers} == {a.peer_id, b.peer_id}
+        assert all(p.rtt_ms < 1000.0 for p in snap.peers)  # pinged
+        assert swarm.open == 0
+
+    run(main())

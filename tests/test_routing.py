@@ -320,3 +320,20 @@ def test_a_route_breaking_the_rules_is_a_typed_bug_report_not_a_route(monkeypatc
                             lambda self, *limits, hops=hops: RoutePlan(hops, 1.0, 1.0, 1.0))
         with pytest.raises(InvalidPlan, match="planner bug"):
             plan_route(peers, 8)
+
+
+# --- the default price cap (issue 12.15) ----------------------------------------------------
+
+
+def test_median_block_prices_and_the_default_cap():
+    from layerchain.routing import default_max_price, median_block_prices
+
+    peers = [RoutePeer("a", 0, 4, 1.0, 1.0, 1.0), RoutePeer("b", 0, 4, 1.0, 3.0, 1.0),
+             RoutePeer("greedy", 0, 6, 0.1, 1000.0, 1.0), RoutePeer("c", 4, 6, 1.0, 2.0, 1.0)]
+    prices = median_block_prices(peers, 7)
+    assert prices == (3.0, 3.0, 3.0, 3.0, 501.0, 501.0, 0.0)  # block 6: nobody, 0
+    assert default_max_price(prices, 0, 4, 4.0) == 4 * 12.0
+    assert default_max_price(prices, 2, 3, 2.0) == 6.0
+    for bad in (0.5, float("inf"), float("nan"), "4"):
+        with pytest.raises(ConfigError, match="max_price_multiple"):
+            default_max_price(prices, 0, 4, bad)
