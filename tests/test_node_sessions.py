@@ -92,3 +92,13 @@ def test_admission_settings_are_checked():
         SessionTable(100, 10, 60, max_session_tokens=101)
     with pytest.raises(ConfigError, match="max_cache_tokens"):
         SessionTable(0, 10, 60)
+
+
+def test_a_session_belongs_to_the_connection_that_opened_it():
+    table = SessionTable(100, 10, 60)
+    table.open("mine", 10, object(), owner=1)
+    with pytest.raises(UnknownSession):
+        table.get("mine", owner=2)  # another connection cannot step it...
+    assert not table.close("mine", owner=2) and len(table) == 1  # ...nor close it
+    assert table.get("mine", owner=1).owner == 1
+    assert table.close("mine", owner=1) and table.free_cache_tokens == 100

@@ -222,7 +222,7 @@ class Node:
                 conn, handle, reply_delay_s=self.config.emulate_latency_ms / 1000.0
             )
             for session_id in stats.open_sessions:  # the client is gone: free its caches
-                self.sessions.close(session_id)
+                self.sessions.close(session_id, owner)
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -231,11 +231,11 @@ class Node:
         """Answer one request of connection ``owner``; raise a LayerchainError for an error
         reply."""
         if isinstance(msg, m.Step):
-            return await self._step(msg)
+            return await self._step(msg, owner)
         if isinstance(msg, m.OpenSession):
             return self._open(msg, owner)
         if isinstance(msg, m.CloseSession):
-            self.sessions.close(msg.session_id)
+            self.sessions.close(msg.session_id, owner)
             if self.payments.book is not None:
                 self._spawn(self.payments.redeem())
             return m.SessionClosed(rid=msg.rid, session_id=msg.session_id)
@@ -287,7 +287,7 @@ class Node:
             rid=msg.rid, session_id=msg.session_id, free_cache_tokens=self.sessions.admissible_tokens
         )
 
-    async def _step(self, msg: m.Step) -> m.StepResult:
+    async def _step(self, msg: m.Step, owner: int = 0) -> m.StepResult:
         hidden = msg.hidden
         if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.spec.hidden_size:
             raise LimitExceeded(
@@ -299,7 +299,7 @@ class Node:
                 f"a step carries at most {m.MAX_STEP_TOKENS} tokens, this one {tokens}",
                 hint="split it into several steps",
             )
-        session = self.sessions.get(msg.session_id)
+        session = self.sessions.get(msg.session_id, owner)
         # Before the first await: vouchers are checked in the order they arrived.
         self.payments.charge(session.payment, msg.voucher, tokens)
         async with session.lock:

@@ -161,18 +161,21 @@ class SessionTable:
         self._by_owner[owner] = held + max_length
         return session
 
-    def get(self, session_id: str) -> Session:
-        """The open session ``session_id`` (UnknownSession if none). Only a step it ran
-        (``Session.stepped``) keeps it from expiring, not a request that failed."""
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise UnknownSession(f"no session {session_id} on this node") from None
+    def get(self, session_id: str, owner: int | None = None) -> Session:
+        """The open session ``session_id`` of ``owner`` (None: of anyone); UnknownSession if
+        there is none, or it is another owner's (a session belongs to its connection). Only
+        a step it ran (``Session.stepped``) keeps it from expiring, not a request that failed."""
+        session = self._sessions.get(session_id)
+        if session is None or (owner is not None and session.owner != owner):
+            raise UnknownSession(f"no session {session_id} on this node")
+        return session
 
-    def close(self, session_id: str) -> bool:
-        session = self._sessions.pop(session_id, None)
-        if session is None:
+    def close(self, session_id: str, owner: int | None = None) -> bool:
+        """Close the session (only if it is ``owner``'s, unless None); whether it was open."""
+        session = self._sessions.get(session_id)
+        if session is None or (owner is not None and session.owner != owner):
             return False
+        del self._sessions[session_id]
         self._reserved -= session.max_length
         left = self._by_owner.pop(session.owner) - session.max_length
         if left:
