@@ -57,7 +57,9 @@ def test_reservation_is_every_position_at_the_price_cap():
     state = SwarmState("m", 4, (node, dear, banned), (2, 2, 3, 3), RouteLimits())
     assert state.max_route_price() == 5 + 5 + 9 + 9  # the dearest unbanned node per block
     assert price_cap(None, state) == 28 and price_cap(2.5, state) == 2.5
-    assert price_cap(None, SwarmState("m", 4, (node,), (1,) * 4, RouteLimits(max_price=7))) == 7
+    assert price_cap(1e9, state) == 28  # no route the planner can pick now costs more
+    cheap = SwarmState("m", 4, (node,), (1,) * 4, RouteLimits(max_price=7))
+    assert price_cap(None, cheap) == 7 and price_cap(8, cheap) == 8
     gap = SwarmState("m", 5, (node,), (1, 1, 1, 1, 0), RouteLimits())
     assert price_cap(None, gap) == float("inf") and not gap.usable
     assert reservation(10, 4, 12) == (10 + 4 - 1) * 12
@@ -361,6 +363,8 @@ def test_the_gateway_reads_the_swarm_through_its_snapshot(tiny_model, tmp_path):
     assert isinstance(state, SwarmState) and state.usable and state.coverage == (1, 1, 1, 1)
     assert [(n.start, n.end, n.price_per_block) for n in state.nodes] == [(0, 2, 3), (2, 4, 3)]
     assert state.max_route_price() == 4 * PRICE
+    # the default cap the planner applies when a request gives none: 4x the median route price
+    assert state.limits.max_price == 4 * 4 * PRICE
     assert [(n["peer_id"], n["banned"]) for n in view["nodes"]] == [
         (n.peer_id, n.banned) for n in state.nodes]
     assert view["coverage"] == list(state.coverage)

@@ -60,6 +60,7 @@ from layerchain.model import (
 )
 from layerchain.model.generate import eos_token_ids
 from layerchain.model.spec import DEFAULT_MODEL
+from layerchain.routing import default_max_price
 from layerchain.types import Hop
 from layerchain.wire.transport import Transport
 
@@ -258,15 +259,8 @@ class AsyncSwarm:
         ttft = 0.0
         finish: str | None = "cancelled"  # None: the decoder's own reason
         try:
-            await session.open()
+            await session.open(prompt_tokens=len(prompt_ids))  # CostLimitExceeded: the prompt
             self.last_route = tuple(session.route)
-            cap = session.max_cost
-            if cap is not None and session.price_per_token() * len(prompt_ids) > cap:
-                raise CostLimitExceeded(
-                    f"the prompt alone costs {session.price_per_token() * len(prompt_ids)} "
-                    f"credits on the route, more than max_cost {cap}",
-                    hint="raise --max-cost (max_cost=), shorten the prompt or set --max-price",
-                )
             while (x := self._next_input(decoder)) is not None:
                 try:
                     hidden = await session.step(x)
@@ -300,13 +294,19 @@ class AsyncSwarm:
 
     def state(self) -> SwarmState:
         """A frozen snapshot of the swarm as this client sees it: nodes (span, price, speed,
-        free cache, measured RTT, banned), coverage and the default routing limits. Reads
-        what the client holds; ``peers.refresh()`` re-reads the records first if wanted."""
+        free cache, measured RTT, banned), coverage and the default routing limits, whose
+        ``max_price`` is the one the planner applies when a generation gives none (the
+        configured one, else ``max_price_multiple`` x the median price per block). Reads
+        what the client holds; ``refresh()`` re-reads the records first if wanted."""
         peers, c = self.peers, self.config
+        max_price = c.max_price  # credits per token
+        if max_price is None and c.max_price_multiple is not None and peers.records:
+            max_price = default_max_price(peers.block_prices(), 0, self.spec.num_blocks,
+                                          c.max_price_multiple)
         return swarm_state(
             self.spec.model_id, self.spec.num_blocks, peers.records.values(), peers.rtt_ms,
             peers.banned(),
-            RouteLimits(alpha=c.alpha, max_price=c.max_price, max_latency_ms=c.max_latency_ms),
+            RouteLimits(alpha=c.alpha, max_price=max_price, max_latency_ms=c.max_latency_ms),
         )
 
     async def refresh(self) -> None:
