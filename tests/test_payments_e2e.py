@@ -1,9 +1,10 @@
 """End to end on a 3-node priced swarm of real processes: `layerchain demo --json`.
 
 The nodes charge 1, 2 and 3 credits per block per token, the client pays through channels
-on one SQLite ledger file, the nodes redeem; afterwards every node's credits must equal the
-tokens it computed x its blocks x its price, the client's balance must have fallen by
-exactly their sum, and `layerchain ledger verify` must pass on the ledger file.
+on one SQLite ledger file, the nodes redeem; afterwards every node's credits must equal its
+reservation fee (opening the session) plus the tokens it computed x its blocks x its price,
+the client must have spent exactly their sum, and `layerchain ledger verify` must pass on
+the ledger file, anchored by the checkpoints the nodes kept in their data directories.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def layerchain(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def test_demo_pays_each_node_tokens_times_blocks_times_price(tmp_path):
+    from layerchain.market import reservation_amount
     from layerchain.model import load_tokenizer, resolve_model
     from layerchain.model.tokenizer import encode_prompt
 
@@ -39,19 +41,25 @@ def test_demo_pays_each_node_tokens_times_blocks_times_price(tmp_path):
 
     prompt_tokens = len(encode_prompt(load_tokenizer(resolve_model("smollm2")), prompt))
     tokens = prompt_tokens + len(out["token_ids"]) - 1  # the last token is never pushed
+    max_length = prompt_tokens + 12  # each hop's cache reservation
     payments = out["payments"]
     assert [n["price"] for n in payments["nodes"]] == [1, 2, 3]
     for node in payments["nodes"]:
         assert node["address"].startswith("0x") and len(node["address"]) == 42
         assert node["blocks"] == 10
         assert node["tokens"] == tokens
-        assert node["earned"] == tokens * node["blocks"] * node["price"]
+        fee = reservation_amount(max_length, node["blocks"], node["price"])
+        assert node["earned"] == fee + tokens * node["blocks"] * node["price"]
     assert payments["client_spent"] == sum(n["earned"] for n in payments["nodes"])
-    assert payments["client_spent"] == tokens * 10 * (1 + 2 + 3)
 
     ledger = str(tmp_path / "ledger.sqlite")
-    verify = layerchain("ledger", "verify", "--ledger", ledger, "--json", timeout=60)
+    checkpoints = sorted(tmp_path.glob("**/checkpoints.jsonl"))
+    assert len(checkpoints) == 3  # one per node, each after its redemption
+    args = [a for path in checkpoints for a in ("--checkpoints", str(path))]
+    verify = layerchain("ledger", "verify", "--ledger", ledger, "--data-dir", str(tmp_path),
+                        *args, "--json", timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert json.loads(verify.stdout)["anchored_seq"] > 0
     status = json.loads(layerchain("ledger", "status", "--ledger", ledger, "--json").stdout)
     channels = status["channels"]
     assert len(channels) == 3
