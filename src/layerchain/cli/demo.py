@@ -79,7 +79,7 @@ def payments_table(payments: dict):
     table = Table("node", "address", "blocks", "price", "tokens", "earned",
                   title="payments (credits)", title_justify="left")
     for row in payments["nodes"]:
-        table.add_row(row["peer_id"][:10], row["address"][:10] + "…", str(row["blocks"]),
+        table.add_row(Text(row["peer_id"][:10]), Text(row["address"][:10] + "…"), str(row["blocks"]),
                       str(row["price"]), str(row["tokens"]), str(row["earned"]))
     table.add_section()
     total = sum(row["earned"] for row in payments["nodes"])
@@ -114,7 +114,7 @@ def demo(
     spec = resolve_model(model)
     span_list = parse_spans(spans, nodes, spec.num_blocks)
     state = state_dir or Path(tempfile.mkdtemp(prefix="layerchain-demo-"))
-    say = (lambda s: None) if as_json else (lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    say = (lambda s: None) if as_json else (lambda s: err_console.print(Text(s, style="dim")))
     price_list = parse_prices(prices, len(span_list))
     ledger_path = state / "ledger.sqlite"
     ledger = None

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from layerchain.errors import ConfigError, NoRoute, RoutingError
 from layerchain.model.spec import DEFAULT_MODEL
@@ -53,7 +54,7 @@ def render_plan(
         peer = by_id[hop.peer_id]
         blocks = hop.end - hop.start
         compute = blocks * peer.ms_per_block
-        hops.add_row(hop.peer_id, f"{hop.start}:{hop.end}", f"{peer.rtt_ms:.2f}",
+        hops.add_row(Text(hop.peer_id), f"{hop.start}:{hop.end}", f"{peer.rtt_ms:.2f}",  # no markup
                      f"{compute:.2f}", f"{peer.rtt_ms + compute:.2f}",
                      f"{blocks * peer.price_per_block:.4g}")
     hops.add_section()

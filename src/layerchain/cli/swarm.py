@@ -1,18 +1,27 @@
-"""CLI: `layerchain swarm up|down|status` (a local swarm) and `layerchain demo`."""
+"""CLI: `layerchain swarm up|down|status` (a local swarm).
+
+Everything a peer says (peer ids, endpoints, error messages) reaches the terminal as plain
+``rich.text.Text``, never as Rich markup: a record's ``[link=...]`` stays text, and its
+``[/bold]`` cannot break the table (``plain``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.types import Span, even_spans
+
+if TYPE_CHECKING:
+    from layerchain.discovery import PeerRecord
 
 swarm_app = typer.Typer(help="Start, inspect and stop a local swarm on loopback.", no_args_is_help=True)
 console = Console()
@@ -43,10 +52,10 @@ def up(
     from layerchain.local import swarm_up
 
     span_list = parse_spans(spans, nodes, _num_blocks(model))
-    swarm = swarm_up(state_dir, span_list, model=model, on_progress=lambda s: err_console.print(s))
-    console.print(f"swarm up: {len(swarm.nodes)} nodes; state in {state_dir / 'swarm.json'}")
+    swarm = swarm_up(state_dir, span_list, model=model, on_progress=lambda s: err_console.print(plain(s)))
+    console.print(plain(f"swarm up: {len(swarm.nodes)} nodes; state in {state_dir / 'swarm.json'}"))
     for peer in swarm.initial_peers:
-        console.print(f"join with: --initial-peers {peer}")
+        console.print(plain(f"join with: --initial-peers {peer}"))
 
 
 @swarm_app.command("down")
@@ -54,31 +63,16 @@ def down(state_dir: Path = typer.Option(..., help="The directory given to `swarm
     """Stop a local swarm started with `swarm up`."""
     from layerchain.local import swarm_down
 
-    count = swarm_down(state_dir)
+    count = swarm_down(state_dir, on_progress=lambda line: err_console.print(plain(line)))
     console.print(f"stopped {count} processes")
 
 
-async def _node_infos(endpoints: list[str], timeout: float = 3.0) -> list[object]:
-    from layerchain.errors import LayerchainError
-    from layerchain.wire import messages as m
-    from layerchain.wire.rpc import RpcClient
-    from layerchain.wire.transport import transport_for
-
-    async def one(endpoint: str) -> object:
-        try:
-            conn = await asyncio.wait_for(transport_for(endpoint).connect(endpoint), timeout)
-            rpc = RpcClient(conn)
-            try:
-                return await rpc.call(m.Info(rid=0), timeout=timeout)
-            finally:
-                await rpc.close()
-        except (LayerchainError, OSError, asyncio.TimeoutError) as error:
-            return error
-
-    return await asyncio.gather(*(one(e) for e in endpoints))
+def plain(text: object, style: str = "") -> Text:
+    """``text`` as literal terminal text: Rich markup in it is shown, not interpreted."""
+    return Text(str(text), style=style)
 
 
-async def _records(initial_peers: list[str], model: str) -> list[object]:
+async def _records(initial_peers: list[str], model: str) -> list[PeerRecord]:
     from layerchain.discovery import HivemindDiscovery
     from layerchain.model import resolve_model
 
@@ -98,6 +92,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show the swarm's nodes: spans, endpoints, throughput, price and free cache."""
+    from layerchain.client import probe_nodes
     from layerchain.errors import ConfigError
     from layerchain.local import LocalSwarm
 
@@ -106,17 +101,17 @@ def status(
         endpoints = [n["endpoint"] for n in swarm.nodes]
     elif initial_peers:
         records = asyncio.run(_records(list(initial_peers), model))
-        endpoints = [r.endpoint for r in records]  # type: ignore[attr-defined]
+        endpoints = [r.endpoint for r in records]
     else:
         raise ConfigError("give --state-dir or --initial-peers")
-    infos = asyncio.run(_node_infos(endpoints))
-    rows = []
-    for endpoint, info in zip(endpoints, infos):
-        if isinstance(info, Exception):
-            rows.append({"endpoint": endpoint, "error": str(info) or type(info).__name__})
+    rows: list[dict[str, object]] = []
+    for probe in asyncio.run(probe_nodes(endpoints)):
+        info = probe.info
+        if info is None:
+            rows.append({"endpoint": probe.endpoint, "error": probe.error})
         else:
             rows.append({
-                "peer_id": info.peer_id, "start": info.start, "end": info.end, "endpoint": endpoint,
+                "peer_id": info.peer_id, "start": info.start, "end": info.end, "endpoint": probe.endpoint,
                 "ms_per_block": round(info.ms_per_block, 3), "price_per_block": info.price_per_block,
                 "free_cache_tokens": info.free_cache_tokens,
             })
@@ -126,12 +121,13 @@ def status(
     table = Table(title="swarm")
     for col in ("peer", "blocks", "endpoint", "ms/block", "price", "free cache"):
         table.add_column(col)
-    for r in rows:
+    for r in rows:  # every cell is plain(...): peers choose these strings
         if "error" in r:
-            table.add_row("?", "?", r["endpoint"], "-", "-", f"[red]{r['error']}[/red]")
+            table.add_row("?", "?", plain(r["endpoint"]), "-", "-", plain(r["error"], style="red"))
         else:
-            table.add_row(r["peer_id"], f"{r['start']}:{r['end']}", r["endpoint"],
-                          f"{r['ms_per_block']:.2f}", str(r["price_per_block"]), str(r["free_cache_tokens"]))
+            table.add_row(plain(r["peer_id"]), plain(f"{r['start']}:{r['end']}"), plain(r["endpoint"]),
+                          plain(f"{r['ms_per_block']:.2f}"), plain(r["price_per_block"]),
+                          plain(r["free_cache_tokens"]))
     console.print(table)
 
 

@@ -5,6 +5,7 @@ Never imports ``layerchain.node``; talks to nodes only through ``layerchain.wire
 
 from layerchain.client.config import ClientConfig, RouteLimits
 from layerchain.client.peers import live_snapshot
+from layerchain.client.probe import NodeProbe, probe_nodes
 from layerchain.client.session import HopPayment, InferenceSession, Recovery
 from layerchain.client.swarm import (
     AsyncSwarm,
@@ -22,10 +23,12 @@ __all__ = [
     "GenerationResult",
     "HopPayment",
     "InferenceSession",
+    "NodeProbe",
     "Recovery",
     "RouteLimits",
     "Swarm",
     "SyncGeneration",
     "TokenEvent",
     "live_snapshot",
+    "probe_nodes",
 ]

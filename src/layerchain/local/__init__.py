@@ -6,8 +6,10 @@ network.
 """
 
 from layerchain.local.launcher import (
+    LocalProcess,
     LocalSwarm,
     node_env,
+    process_start,
     start_node,
     stop_pids,
     swarm_down,
@@ -15,4 +17,14 @@ from layerchain.local.launcher import (
     wait_ready,
 )
 
-__all__ = ["LocalSwarm", "node_env", "start_node", "stop_pids", "swarm_down", "swarm_up", "wait_ready"]
+__all__ = [
+    "LocalProcess",
+    "LocalSwarm",
+    "node_env",
+    "process_start",
+    "start_node",
+    "stop_pids",
+    "swarm_down",
+    "swarm_up",
+    "wait_ready",
+]

@@ -5,13 +5,20 @@
 ``STATE_DIR/swarm.json``::
 
     {"initial_peers": [multiaddr, ...],
-     "bootstrap_pid": int,
-     "nodes": [{"pid": int, "peer_id": str, "start": int, "end": int, "endpoint": str}, ...]}
+     "bootstrap_pid": int, "bootstrap_started": float,
+     "nodes": [{"pid": int, "started": float, "peer_id": str, "start": int, "end": int,
+                "endpoint": str, "wallet": str}, ...]}
+
+``started`` is the process's start time (seconds since the epoch, as the OS reports it):
+with the pid it names the process, since a pid alone may be reused after the node exits.
 
 ``swarm_down`` stops them: SIGTERM to each node's own process, so that it withdraws its DHT
 records through its DHT child and drains its sessions, then SIGKILL to each process group
 (the DHT child, p2pd) after a grace period. A SIGTERM to the whole group would kill the
 DHT child first: the node could not withdraw, and its records would linger for their TTL.
+A pid whose process is no longer the one recorded (it exited and the pid went to another
+program) is left alone; so is one recorded without a start time (an older swarm.json) whose
+command line is not layerchain's.
 """
 
 from __future__ import annotations
@@ -26,12 +33,43 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from layerchain.errors import ConfigError, LayerchainError
 from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.openmp import tune_openmp
 from layerchain.types import Span
 
 SWARM_FILE = "swarm.json"
+_SAME_START_S = 0.05  # seconds: two readings of one process's start time agree this closely
+
+
+@dataclass(frozen=True)
+class LocalProcess:
+    """One process this launcher started: its pid and start time (None: not recorded)."""
+
+    pid: int
+    started: float | None  # seconds since the epoch (psutil's create_time)
+
+    def is_ours(self) -> bool:
+        """Whether the pid still names the process we started (and it has not exited)."""
+        try:
+            proc = psutil.Process(self.pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            if self.started is not None:
+                return abs(proc.create_time() - self.started) < _SAME_START_S
+            return any("layerchain" in part for part in proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
+
+def process_start(pid: int) -> float | None:
+    """The start time of process ``pid`` (seconds since the epoch); None if it is gone."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
 
 
 @dataclass
@@ -40,13 +78,20 @@ class LocalSwarm:
     initial_peers: list[str]
     bootstrap_pid: int
     nodes: list[dict] = field(default_factory=list)
+    bootstrap_started: float | None = None  # see LocalProcess
 
     def to_json(self) -> dict:
         return {
             "initial_peers": self.initial_peers,
             "bootstrap_pid": self.bootstrap_pid,
+            "bootstrap_started": self.bootstrap_started,
             "nodes": self.nodes,
         }
+
+    def processes(self) -> list[LocalProcess]:
+        """The nodes' processes, then the bootstrap's."""
+        nodes = [LocalProcess(int(n["pid"]), n.get("started")) for n in self.nodes if n.get("pid")]
+        return [*nodes, LocalProcess(self.bootstrap_pid, self.bootstrap_started)]
 
     def save(self) -> None:
         path = self.state_dir / SWARM_FILE
@@ -59,7 +104,11 @@ class LocalSwarm:
         path = Path(state_dir) / SWARM_FILE
         try:
             data = json.loads(path.read_text())
-            return cls(Path(state_dir), list(data["initial_peers"]), int(data["bootstrap_pid"]), list(data["nodes"]))
+            started = data.get("bootstrap_started")
+            return cls(
+                Path(state_dir), list(data["initial_peers"]), int(data["bootstrap_pid"]),
+                list(data["nodes"]), None if started is None else float(started),
+            )
         except FileNotFoundError:
             raise ConfigError(f"no swarm in {state_dir}: {path} is missing", hint="run `layerchain swarm up` first") from None
         except (ValueError, KeyError, TypeError) as error:
@@ -150,7 +199,7 @@ def wait_ready(proc: subprocess.Popen, data_dir: Path, log_path: Path, timeout_s
         if ready.exists():
             info = json.loads(ready.read_text())
             node = {k: info[k] for k in ("pid", "peer_id", "start", "end", "endpoint")}
-            return {**node, "wallet": info.get("wallet", "")}
+            return {**node, "started": process_start(node["pid"]), "wallet": info.get("wallet", "")}
         if proc.poll() is not None:
             raise LayerchainError(f"node {data_dir.name} exited: {_tail(log_path)}")
         time.sleep(0.1)
@@ -174,7 +223,7 @@ def swarm_up(
         swarm_down(state_dir, quiet=True)
     say = on_progress or (lambda _: None)
     bootstrap_pid, peers = start_bootstrap(state_dir)
-    swarm = LocalSwarm(state_dir, peers, bootstrap_pid)
+    swarm = LocalSwarm(state_dir, peers, bootstrap_pid, bootstrap_started=process_start(bootstrap_pid))
     swarm.save()
     say(f"DHT bootstrap at {peers[0]}")
     try:
@@ -182,7 +231,9 @@ def swarm_up(
         for i, span in enumerate(spans):
             args = node_args[i] if node_args else ()
             procs.append(start_node(state_dir, f"node-{i}", span, peers, model=model, extra_args=args, threads=threads))
-            swarm.nodes.append({"pid": procs[-1][0].pid, "peer_id": "", "start": span.start, "end": span.end, "endpoint": ""})
+            pid = procs[-1][0].pid
+            swarm.nodes.append({"pid": pid, "started": process_start(pid), "peer_id": "",
+                                "start": span.start, "end": span.end, "endpoint": ""})
             swarm.save()
         for i, (proc, data_dir) in enumerate(procs):
             swarm.nodes[i] = wait_ready(proc, data_dir, state_dir / f"node-{i}.log", timeout_s)
@@ -209,39 +260,54 @@ def _alive(pid: int) -> bool:
 
 
 def _kill_group(pid: int, sig: int) -> None:
+    """Signal the process group ``pid`` leads (the node, its DHT child, p2pd).
+
+    No fallback to the bare pid: once the group is gone the pid may be another program's.
+    """
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        pass
 
 
-def stop_pids(pids: Sequence[int], grace_s: float = 10.0) -> None:
-    """SIGTERM each process, then SIGKILL its whole process group after ``grace_s``."""
-    for pid in pids:
+def stop_pids(processes: Sequence[LocalProcess], grace_s: float = 10.0) -> list[LocalProcess]:
+    """SIGTERM each process that is still ours, then SIGKILL its whole process group after
+    ``grace_s``; return the ones left alone (gone, or their pid now names another process)."""
+    ours = [p for p in processes if p.is_ours()]
+    for proc in ours:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(_alive(p.pid) for p in ours):
         time.sleep(0.05)
-    for pid in pids:
-        _kill_group(pid, signal.SIGKILL)
+    for proc in ours:
+        _kill_group(proc.pid, signal.SIGKILL)
+    return [p for p in processes if p not in ours]
 
 
-def swarm_down(state_dir: Path, *, quiet: bool = False, grace_s: float = 10.0) -> int:
-    """Stop a local swarm; return how many processes were asked to stop."""
+def swarm_down(
+    state_dir: Path,
+    *,
+    quiet: bool = False,
+    grace_s: float = 10.0,
+    on_progress: Callable[[str], None] | None = None,
+) -> int:
+    """Stop a local swarm; return how many of its processes were asked to stop.
+
+    A recorded pid that no longer names the process ``swarm up`` started is left alone and
+    reported through ``on_progress``."""
     try:
         swarm = LocalSwarm.load(Path(state_dir))
     except ConfigError:
         if quiet:
             return 0
         raise
-    pids = [n["pid"] for n in swarm.nodes if n.get("pid")]
-    stop_pids(pids, grace_s)
-    stop_pids([swarm.bootstrap_pid], grace_s=3.0)
+    *nodes, bootstrap = swarm.processes()
+    left = stop_pids(nodes, grace_s) + stop_pids([bootstrap], grace_s=3.0)
+    say = on_progress or (lambda _: None)
+    for proc in left:
+        say(f"pid {proc.pid} is no longer this swarm's process (exited or reused): left alone")
     (Path(state_dir) / SWARM_FILE).unlink(missing_ok=True)
-    return len(pids) + 1
+    return len(nodes) + 1 - len(left)

@@ -1,0 +1,76 @@
+"""layerchain.local: `swarm down` stops only the processes `swarm up` started (no real nodes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from layerchain.errors import ConfigError
+from layerchain.local import LocalSwarm, process_start, swarm_down
+
+
+@pytest.fixture
+def sleepers():
+    """Start stand-in processes (``sleep``), each leading its own process group, like nodes."""
+    procs: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        procs.append(subprocess.Popen(["sleep", "60"], start_new_session=True))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def _write_swarm(state, nodes, bootstrap_pid, bootstrap_started):
+    state.mkdir(exist_ok=True)
+    (state / "swarm.json").write_text(json.dumps({
+        "initial_peers": ["/ip4/127.0.0.1/tcp/1/p2p/x"], "bootstrap_pid": bootstrap_pid,
+        "bootstrap_started": bootstrap_started, "nodes": nodes,
+    }))
+
+
+def _gone(proc: subprocess.Popen, within_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_swarm_down_leaves_a_reused_pid_alone(tmp_path, sleepers):
+    """The node exited and its pid went to another program: `swarm down` must not kill it."""
+    stranger, old_format = sleepers(), sleepers()
+    started = process_start(stranger.pid)
+    assert started is not None
+    node = {"pid": stranger.pid, "started": started - 100.0, "peer_id": "p", "start": 0,
+            "end": 30, "endpoint": "tcp://127.0.0.1:1"}
+    # an older swarm.json without start times: only a layerchain command line is ours
+    _write_swarm(tmp_path, [node], old_format.pid, None)
+    said: list[str] = []
+    assert swarm_down(tmp_path, grace_s=1.0, on_progress=said.append) == 0
+    assert stranger.poll() is None and old_format.poll() is None
+    assert len(said) == 2 and all("left alone" in line for line in said)
+    assert not (tmp_path / "swarm.json").exists()
+
+
+def test_swarm_down_stops_its_own_processes(tmp_path, sleepers):
+    node_proc, bootstrap = sleepers(), sleepers()
+    node = {"pid": node_proc.pid, "started": process_start(node_proc.pid), "peer_id": "p",
+            "start": 0, "end": 30, "endpoint": "tcp://127.0.0.1:1"}
+    _write_swarm(tmp_path, [node], bootstrap.pid, process_start(bootstrap.pid))
+    assert LocalSwarm.load(tmp_path).bootstrap_started == process_start(bootstrap.pid)
+    assert swarm_down(tmp_path, grace_s=2.0) == 2
+    assert _gone(node_proc) and _gone(bootstrap)
+
+
+def test_swarm_down_without_a_swarm(tmp_path):
+    assert swarm_down(tmp_path, quiet=True) == 0
+    with pytest.raises(ConfigError, match="swarm up"):
+        swarm_down(tmp_path)
