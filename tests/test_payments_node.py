@@ -67,7 +67,8 @@ def test_opening_a_session_needs_a_voucher_paying_the_reservation(ledger, tmp_pa
 
 def test_a_closed_channel_stops_paying_and_is_redeemed_at_once(ledger, tmp_path):
     """The client asks the ledger to close its channel (the unspent deposit comes back to
-    it) and keeps stepping: the node refuses within a second and redeems before the refund."""
+    it) and keeps stepping: the node refuses within a second (and one ledger read) and
+    redeems before the refund."""
     node = node_payments(ledger, tmp_path)
     node.book.recheck_s = 0.0  # what a second of waiting does
     address = node.wallet.address
@@ -79,13 +80,19 @@ def test_a_closed_channel_stops_paying_and_is_redeemed_at_once(ledger, tmp_path)
         for _ in range(3):
             node.charge(payment, payer.voucher_for(address, step_amount(1, BLOCKS, PRICE)), 1)
         payer.close(payment.channel_id)
+        # the next step is served on the state read a moment ago, and re-reads it off the
+        # loop: seeing the close request, the node redeems at once
+        node.charge(payment, payer.voucher_for(address, step_amount(1, BLOCKS, PRICE)), 1)
+        await asyncio.gather(*node._background)
+        redeemed = ledger.channel(payment.channel_id).redeemed
         with pytest.raises(ChannelError, match="closing"):
             node.charge(payment, payer.voucher_for(address, step_amount(1, BLOCKS, PRICE)), 1)
-        await asyncio.gather(*node._background)  # the redemption it started
-        return payment.channel_id
+        await asyncio.gather(*node._background)
+        return payment.channel_id, redeemed
 
-    channel_id = asyncio.run(main())
-    owed = reservation_amount(64, BLOCKS, PRICE) + 3 * step_amount(1, BLOCKS, PRICE)
+    channel_id, redeemed_at_recheck = asyncio.run(main())
+    owed = reservation_amount(64, BLOCKS, PRICE) + 4 * step_amount(1, BLOCKS, PRICE)
+    assert redeemed_at_recheck == owed
     channel = ledger.channel(channel_id)
     assert (channel.state, channel.redeemed) == ("closing", owed)
     assert ledger.balance(address) == owed

@@ -202,18 +202,14 @@ class VoucherBook:
         self._latest: dict[str, tuple[Voucher, bytes]] = {}
         self.closing: set[str] = set()  # channels seen closing whose vouchers await redemption
 
-    def channel(self, channel_id: str) -> Channel:
-        """The channel's ledger state, re-read when older than ``recheck_s``; ChannelError
-        once it is no longer open, InvalidVoucher if it pays someone else."""
+    def channel(self, channel_id: str, *, reread: bool = True) -> Channel:
+        """The channel's ledger state; looked up on first sight and, with ``reread``, again
+        when older than ``recheck_s`` (a caller that re-reads off its event loop passes
+        False and calls ``update``). ChannelError once it is no longer open, InvalidVoucher
+        if it pays someone else."""
         cached = self._channels.get(channel_id)
-        now = self._clock()
-        if cached is None or now - cached[1] >= self.recheck_s:
-            channel = self._lookup(channel_id)
-            if address_bytes(channel.payee) != self.node:
-                raise InvalidVoucher(
-                    f"channel {channel_id[:10]}... pays {channel.payee}, not this node"
-                )
-            cached = self._channels[channel_id] = (channel, now)
+        if cached is None or (reread and self.stale(channel_id)):
+            cached = (self.update(self._lookup(channel_id)), self._clock())
         channel = cached[0]
         if channel.state != OPEN:
             if channel_id in self._latest:
@@ -224,7 +220,21 @@ class VoucherBook:
             )
         return channel
 
-    def accept(self, voucher_bytes: bytes, owed_total: int) -> Voucher:
+    def stale(self, channel_id: str) -> bool:
+        """Whether the channel's state was read ``recheck_s`` ago or more (or never)."""
+        cached = self._channels.get(channel_id)
+        return cached is None or self._clock() - cached[1] >= self.recheck_s
+
+    def update(self, channel: Channel) -> Channel:
+        """Take ``channel`` as its state read now; InvalidVoucher if it pays someone else."""
+        if address_bytes(channel.payee) != self.node:
+            raise InvalidVoucher(
+                f"channel {channel.channel_id[:10]}... pays {channel.payee}, not this node"
+            )
+        self._channels[channel.channel_id] = (channel, self._clock())
+        return channel
+
+    def accept(self, voucher_bytes: bytes, owed_total: int, *, reread: bool = True) -> Voucher:
         """Record a new voucher, then check it covers ``owed_total`` (what the node served
         on this channel, including the step about to be served).
 
@@ -232,7 +242,7 @@ class VoucherBook:
         when the voucher is valid but behind (it is recorded: it is still worth redeeming).
         """
         voucher, _ = decode_voucher(voucher_bytes)
-        channel = self.channel(voucher.channel_id)
+        channel = self.channel(voucher.channel_id, reread=reread)
         last = self._latest.get(voucher.channel_id)
         voucher = verify_voucher(
             voucher_bytes,

@@ -18,9 +18,9 @@ Several sessions of one client share its channel, so the amount owed is kept per
 Vouchers are checked in the order frames arrive (before the step waits for its session's
 lock), which is the order the client signed them in over its one connection.
 
-Closing: the node re-reads a channel's ledger state at most a second old before serving
-on it (``VoucherBook``). Once its payer asked to close it, nothing more is served and the
-node redeems at once; and a priced node refuses to start on a ledger whose dispute window
+Closing: the node serves on a channel's ledger state at most a second old (plus one ledger
+read, done in a worker thread: the event loop never waits on SQLite). Once its payer
+asked to close it, nothing more is served and the node redeems at once; and a priced node refuses to start on a ledger whose dispute window
 is not longer than its redemption interval, so even a channel closed between sessions is
 redeemed before the payer's refund.
 
@@ -52,6 +52,7 @@ from layerchain.errors import (
     LedgerError,
 )
 from layerchain.ledger import CheckpointStore, Ledger
+from layerchain.ledger.base import OPEN
 from layerchain.market import (
     ReceiptSigner,
     VoucherBook,
@@ -114,7 +115,8 @@ class NodePayments:
                 )
         self._owed: dict[str, int] = {}  # channel id -> credits served on it (with baseline)
         self._redeem_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[int]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._rechecking: set[str] = set()  # channels being re-read from the ledger
         self.redeemed = 0  # credits this node redeemed since it started
 
     @property
@@ -160,12 +162,14 @@ class NodePayments:
                 f"session pays through channel {payment.channel_id[:10]}..., "
                 f"not {channel_id[:10]}..."
             )
-        try:
-            channel = self.book.channel(channel_id)  # fresh enough: closing ones raise
+        try:  # a closing channel raises; a state older than a second is re-read off the loop
+            channel = self.book.channel(channel_id, reread=False)
         except ChannelError:
             if self.book.closing:
                 self._redeem_soon()
             raise
+        if self.book.stale(channel_id):
+            self._recheck_soon(channel_id)
         if channel_id not in self._owed:  # first sight: what earlier runs were paid is settled
             self._owed[channel_id] = self.book.paid(channel_id) or channel.redeemed
         owed = self._owed[channel_id] + amount
@@ -175,7 +179,7 @@ class NodePayments:
                 f"this, the session may cost {reserve}",
                 hint="open the channel with a larger deposit",
             )
-        self.book.accept(voucher, owed)  # InvalidVoucher, ChannelError, InsufficientFunds
+        self.book.accept(voucher, owed, reread=False)  # InvalidVoucher, InsufficientFunds
         self._owed[channel_id] = owed
         payment.channel_id = channel_id
 
@@ -184,14 +188,37 @@ class NodePayments:
 
     # ---------------------------------------------------------------- redemption
 
-    def _redeem_soon(self) -> None:
-        """Redeem in the background (a channel is closing): the refund must not come first."""
+    def _spawn(self, coro: Any) -> None:
         try:
-            task = asyncio.get_running_loop().create_task(self.redeem())
-        except RuntimeError:  # no loop: the next round redeems
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:  # no loop (a caller outside the node): the next round does it
+            coro.close()
             return
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _redeem_soon(self) -> None:
+        """Redeem in the background (a channel is closing): the refund must not come first."""
+        self._spawn(self.redeem())
+
+    def _recheck_soon(self, channel_id: str) -> None:
+        """Re-read a channel's ledger state in a worker thread (the SQLite read may wait on a
+        writer's lock: never on the event loop); the next voucher on it sees the result."""
+        if channel_id in self._rechecking:
+            return
+        self._rechecking.add(channel_id)
+        self._spawn(self._recheck(channel_id))
+
+    async def _recheck(self, channel_id: str) -> None:
+        assert self.book is not None and self.ledger is not None
+        try:
+            channel = self.book.update(await asyncio.to_thread(self.ledger.channel, channel_id))
+            if channel.state != OPEN and self.book.paid(channel_id) > channel.redeemed:
+                await self.redeem()  # a close request: redeem before the refund
+        except LayerchainError as error:
+            log.warning("could not re-read channel %s: %s", channel_id[:10], error)
+        finally:
+            self._rechecking.discard(channel_id)
 
     async def redeem(self) -> int:
         """Redeem the latest vouchers on the ledger; credits gained (0 without a ledger)."""
