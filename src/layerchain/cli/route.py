@@ -23,7 +23,14 @@ from rich.text import Text
 
 from layerchain.errors import ConfigError, NoRoute, RoutingError
 from layerchain.model.spec import DEFAULT_MODEL
-from layerchain.routing import RoutePeer, RoutePlan, pareto_front, parse_snapshot, plan_route
+from layerchain.routing import (
+    RoutePeer,
+    RoutePlan,
+    Snapshot,
+    pareto_front,
+    parse_snapshot,
+    plan_route,
+)
 
 
 def plan_json(plan: RoutePlan, pareto: Sequence[RoutePlan]) -> dict[str, Any]:
@@ -72,7 +79,7 @@ def render_plan(
     console.print(front)
 
 
-def _read_snapshot(path: Path):  # type: ignore[no-untyped-def]
+def _read_snapshot(path: Path) -> Snapshot:
     try:
         data = json.loads(path.read_text())
     except OSError as error:
@@ -82,7 +89,7 @@ def _read_snapshot(path: Path):  # type: ignore[no-untyped-def]
     return parse_snapshot(data)
 
 
-async def _live_peers(initial_peers: list[str], model: str):  # type: ignore[no-untyped-def]
+async def _live_peers(initial_peers: list[str], model: str) -> tuple[tuple[RoutePeer, ...], int]:
     """The live swarm as planner input: records from the DHT, RTTs measured by pings."""
     from layerchain.client import live_snapshot
     from layerchain.discovery import HivemindDiscovery

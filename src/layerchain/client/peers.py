@@ -39,6 +39,7 @@ import math
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from layerchain.client.config import ClientConfig, RouteLimits
@@ -226,7 +227,7 @@ class PeerView:
                 )
             await asyncio.sleep(0.5)
 
-    def uncovered(self, exclude: set[str] = frozenset()) -> str:
+    def uncovered(self, exclude: AbstractSet[str] = frozenset()) -> str:
         """The blocks no known peer (outside ``exclude``) serves, as "a:b, c:d"; "" if none."""
         covered = [False] * self.num_blocks
         for r in self.records.values():
@@ -407,7 +408,7 @@ class PeerView:
         """Peer ids no plan may use now: banned or avoided."""
         return self.banned() | self.avoided()
 
-    def snapshot(self, exclude: set[str] = frozenset()) -> list[RoutePeer]:
+    def snapshot(self, exclude: AbstractSet[str] = frozenset()) -> list[RoutePeer]:
         """Route-planner inputs for every usable peer, with measured speeds where known."""
         skip = self.unavailable() | set(exclude)
         now = time.monotonic()
@@ -437,7 +438,7 @@ class PeerView:
         self,
         start: int = 0,
         end: int | None = None,
-        exclude: set[str] = frozenset(),
+        exclude: AbstractSet[str] = frozenset(),
         limits: RouteLimits | None = None,
     ) -> RoutePlan:
         """The best route over blocks ``[start, end)`` within ``limits`` (by default, and
@@ -447,7 +448,7 @@ class PeerView:
         end = self.num_blocks if end is None else end
         multiple = self.config.max_price_multiple
         default_cap = max_price is None and multiple is not None
-        if default_cap:
+        if max_price is None and multiple is not None:
             max_price = default_max_price(self.block_prices(), start, end, multiple)
         try:
             return plan_span(self.snapshot(exclude), self.num_blocks, start, end,
@@ -456,7 +457,7 @@ class PeerView:
             if default_cap and "max_price" in error.message:
                 raise NoRoute(
                     error.message,
-                    hint=f"with no price limit given, a route may cost {multiple:g}x the "
+                    hint=f"with no price limit given, a route may cost {multiple or 0:g}x the "
                          "swarm's median price per block; set max_price (--max-price) to "
                          "allow more",
                 ) from None

@@ -104,7 +104,7 @@ async def _setup_child(dht: hivemind.DHT, node: Any, period_s: float) -> None:
     # taken SIGTERM (add_signal_handler), the child would silently ignore it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Keep a reference: the event loop holds tasks only weakly.
-    dht._layerchain_watchdog = asyncio.create_task(  # type: ignore[attr-defined]
+    dht._layerchain_watchdog = asyncio.create_task(
         _exit_when_orphaned(node, dht._parent_pid, period_s)
     )
 
@@ -291,7 +291,7 @@ class HivemindDiscovery:
         check_num_blocks(num_blocks)
         keys = [block_key(model_id, b) for b in range(num_blocks)]
         found = await self._call(_get_many, keys=keys)
-        entries = []
+        entries: list[tuple[int, object, object, float]] = []
         for block, key in enumerate(keys):
             value = found.get(key)
             if value is None:

@@ -164,4 +164,5 @@ def relaxed_cost_to_go(arr: PeerArrays, fixed: np.ndarray, w: np.ndarray) -> np.
         pr=arr.pr,
         active=tuple(arr.active[n - 1 - b] for b in range(n)),
     )
-    return relaxed_forward(mirrored, fixed, w).best[::-1].copy()
+    cost_to_go: np.ndarray = relaxed_forward(mirrored, fixed, w).best[::-1].copy()
+    return cost_to_go

@@ -34,6 +34,7 @@ import heapq
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 
@@ -82,7 +83,8 @@ class SearchSpec:
 class _Label:
     __slots__ = ("lat", "price", "b", "last", "used", "parent", "hop")
 
-    def __init__(self, lat, price, b, last, used, parent, hop):  # type: ignore[no-untyped-def]
+    def __init__(self, lat: float, price: float, b: int, last: int, used: frozenset[int],
+                 parent: _Label | None, hop: tuple[int, int, int] | None) -> None:
         self.lat = lat  # ms so far (push mode: the return to the client added at b == n)
         self.price = price  # credits so far
         self.b = b  # boundary reached
@@ -92,8 +94,9 @@ class _Label:
         self.hop = hop  # (row, a, b) of the last hop
 
     def hops(self) -> list[tuple[int, int, int]]:
-        out, label = [], self
-        while label.parent is not None:
+        out: list[tuple[int, int, int]] = []
+        label = self
+        while label.parent is not None and label.hop is not None:
             out.append(label.hop)
             label = label.parent
         out.reverse()
@@ -108,7 +111,8 @@ class _Cursor:
     CHUNK = 32
     __slots__ = ("parent", "rows", "ends", "lat", "price", "keys", "order", "pos", "rest")
 
-    def __init__(self, parent, rows, ends, lat, price, keys):  # type: ignore[no-untyped-def]
+    def __init__(self, parent: _Label, rows: np.ndarray, ends: np.ndarray, lat: np.ndarray,
+                 price: np.ndarray, keys: np.ndarray) -> None:
         self.parent, self.rows, self.ends = parent, rows, ends
         self.lat, self.price, self.keys = lat, price, keys
         self.rest = np.arange(len(rows))  # indices not yet sorted into a chunk
@@ -133,7 +137,7 @@ class _Cursor:
             if len(self.rest) == 0:
                 return None
             self._next_chunk()
-        return self.keys[self.order[self.pos]].tolist()
+        return cast(list[float], self.keys[self.order[self.pos]].tolist())
 
     def take(self) -> int:
         i = int(self.order[self.pos])
@@ -144,144 +148,196 @@ class _Cursor:
 def search(arr: PeerArrays, spec: SearchSpec, bounds: Bounds) -> list[_Label]:
     """Complete labels: the optimum (``[]`` or one) for ``scalar``, the frontier sorted by
     latency for ``pareto``. Raises RoutingError past ``spec.max_labels`` pops."""
-    n, alpha = arr.n, spec.alpha
-    lat_w, price_w = 1 - alpha + spec.lat_mult, alpha + spec.price_mult  # priority weights
-    lagrangian = spec.lat_mult > 0 or spec.price_mult > 0
-    offset = (spec.lat_mult * (spec.max_latency_ms or 0.0)
-              + spec.price_mult * (spec.max_price or 0.0))
-    push = spec.mode == "push"
-    max_lat = np.inf if spec.max_latency_ms is None else spec.max_latency_ms + EPS
-    max_price = np.inf if spec.max_price is None else spec.max_price + EPS
-    limited = spec.max_latency_ms is not None or spec.max_price is not None
-    pareto = spec.objective == "pareto"
-    overrides: dict[int, np.ndarray] = {}  # push mode: row -> [P] one-way ms or nan
-    best_goal_price = np.inf  # pareto: price of the last frontier point found
-    found: list[_Label] = []
-    seen: dict[tuple[int, int], list[tuple[float, float, frozenset[int]]]] = {}
-    heap: list[tuple] = []
-    tick = itertools.count()
+    return _Search(arr, spec, bounds).run()
 
-    def one_way_from(last: int, rows: np.ndarray) -> np.ndarray:
+
+class _Fan:
+    """Every hop from one boundary ``b``, as ``[H]`` arrays: the peer row, the end boundary,
+    the latency and price the hop adds, and those plus the bounds from its end (lower
+    bounds of the whole route's latency, price and priority cost through it)."""
+
+    __slots__ = ("rows", "ends", "lat", "price", "lat_h", "price_h", "cost_h")
+
+    def __init__(self, arr: PeerArrays, bounds: Bounds, b: int, push: bool,
+                 lat_w: float, price_w: float) -> None:
+        rows = arr.active[b]
+        span = arr.e[rows] - b  # hops from b can end anywhere in (b, e_p]
+        rows = np.repeat(rows, span)
+        blocks = np.arange(len(rows)) - np.repeat(np.cumsum(span) - span, span) + 1
+        ends = b + blocks
+        lat = blocks * arr.ms[rows]
+        if push:  # the transfer into the hop depends on the previous peer: added later
+            lat += np.where(ends == arr.n, arr.rtt[rows] / 2, 0.0)
+        else:
+            lat += arr.rtt[rows]
+        price = blocks * arr.pr[rows]
+        self.rows, self.ends, self.lat, self.price = rows, ends, lat, price
+        self.lat_h = lat + bounds.latency[ends]
+        self.price_h = price + bounds.price[ends]
+        self.cost_h = price_w * price + lat_w * lat + bounds.cost[ends]
+
+
+class _Search:
+    """One run of the label-setting search (module docstring): the heap of cursors, the
+    labels seen per boundary, and the best complete route so far."""
+
+    def __init__(self, arr: PeerArrays, spec: SearchSpec, bounds: Bounds) -> None:
+        self.arr, self.spec, self.bounds = arr, spec, bounds
+        self.lat_w = 1 - spec.alpha + spec.lat_mult  # priority weights
+        self.price_w = spec.alpha + spec.price_mult
+        self.lagrangian = spec.lat_mult > 0 or spec.price_mult > 0
+        self.offset = (spec.lat_mult * (spec.max_latency_ms or 0.0)
+                       + spec.price_mult * (spec.max_price or 0.0))
+        self.push = spec.mode == "push"
+        self.pareto = spec.objective == "pareto"
+        self.limited = spec.max_latency_ms is not None or spec.max_price is not None
+        self.max_lat = np.inf if spec.max_latency_ms is None else spec.max_latency_ms + EPS
+        self.max_price = np.inf if spec.max_price is None else spec.max_price + EPS
+        self.ceiling = spec.upper_bound + EPS * (1 + abs(spec.upper_bound))
+        self.heap: list[tuple[Any, ...]] = []  # (*priority, tick, _Cursor)
+        self.tick = itertools.count()
+        self.fans: dict[int, _Fan] = {}  # per boundary, built on first use
+        self.seen: dict[tuple[int, int], list[tuple[float, float, frozenset[int]]]] = {}
+        self.overrides: dict[int, np.ndarray] = {}  # push: row -> [P] one-way ms or nan
+        self.used_mask = np.zeros(len(arr.peers), dtype=bool)  # scratch for expand()
+        self.found: list[_Label] = []  # pareto: the frontier so far
+        self.best_goal_price = np.inf  # pareto: price of the last frontier point found
+        self.best: _Label | None = None  # lagrangian: the best complete label so far
+        self.best_key = (np.inf, np.inf, np.inf)  # its (cost, latency, price)
+
+    def run(self) -> list[_Label]:
+        self.expand(_Label(0.0, 0.0, 0, -1, frozenset(), None, None))
+        popped = 0
+        while self.heap:
+            if self.lagrangian and self.heap[0][0] > self.ceiling:
+                break  # no partial route left can beat the best complete one
+            popped += 1
+            if popped > self.spec.max_labels:
+                return self.give_up()
+            label = self.pop()
+            if label is None:
+                continue
+            if label.b == self.arr.n:
+                if self.complete(label):
+                    return [label]
+            elif not self.dominated(label):
+                self.expand(label)
+        if self.lagrangian:
+            return [self.best] if self.best is not None else []
+        return self.found
+
+    def pop(self) -> _Label | None:
+        """The label of the heap's best successor (its cursor goes back in at its next
+        one), or None when a frontier point found meanwhile makes it pointless."""
+        cursor: _Cursor = heapq.heappop(self.heap)[-1]
+        i = cursor.take()
+        after = cursor.peek()
+        if after is not None:
+            heapq.heappush(self.heap, (*after, next(self.tick), cursor))
+        parent, row, end = cursor.parent, int(cursor.rows[i]), int(cursor.ends[i])
+        if self.pareto and cursor.keys[i, 1] >= self.best_goal_price - EPS:
+            return None  # a frontier point found meanwhile is as fast and no dearer
+        e = self.arr.e
+        used = frozenset(q for q in parent.used if e[q] > end)
+        if e[row] > end:
+            used = used | {row}
+        return _Label(float(cursor.lat[i]), float(cursor.price[i]), end, row, used, parent,
+                      (row, parent.b, end))
+
+    def complete(self, label: _Label) -> bool:
+        """Record a complete route; True when it is the answer (scalar, not lagrangian)."""
+        if self.lagrangian:
+            alpha = self.spec.alpha
+            key = (alpha * label.price + (1 - alpha) * label.lat, label.lat, label.price)
+            if key < self.best_key:
+                self.best, self.best_key = label, key
+                self.ceiling = min(self.ceiling, key[0] + EPS * (1 + abs(key[0])))
+            return False
+        if not self.pareto:
+            return True
+        self.found.append(label)
+        self.best_goal_price = label.price
+        return False
+
+    def give_up(self) -> list[_Label]:
+        """Past ``max_labels`` pops: the best route found (optimal not proven), or
+        RoutingError when there is none."""
+        if self.best is not None:
+            return [self.best]
+        raise RoutingError(
+            f"route search gave up after {self.spec.max_labels} partial routes",
+            hint="loosen the limits or exclude some peers",
+        )
+
+    def fan(self, b: int) -> _Fan:
+        fan = self.fans.get(b)
+        if fan is None:
+            fan = self.fans[b] = _Fan(self.arr, self.bounds, b, self.push, self.lat_w,
+                                      self.price_w)
+        return fan
+
+    def one_way_from(self, last: int, rows: np.ndarray) -> np.ndarray:
+        """Push mode: the one-way ms from peer row ``last`` (-1: the client) to ``rows``,
+        announced peer-to-peer RTTs where known, else relayed through the client."""
+        arr = self.arr
+        base: np.ndarray
         if last < 0:
-            return arr.rtt[rows] / 2
+            base = arr.rtt[rows] / 2
+            return base
         base = (arr.rtt[last] + arr.rtt[rows]) / 2
-        if last in spec.one_way:
-            table = overrides.get(last)
+        if last in self.spec.one_way:
+            table = self.overrides.get(last)
             if table is None:
                 table = np.full(len(arr.peers), np.nan)
-                for row, ms in spec.one_way[last].items():
+                for row, ms in self.spec.one_way[last].items():
                     table[row] = ms
-                overrides[last] = table
+                self.overrides[last] = table
             known = table[rows]
             base = np.where(np.isnan(known), base, known)
         return base
 
-    fans: dict[int, tuple[np.ndarray, ...]] = {}
-
-    def fan(b: int) -> tuple[np.ndarray, ...]:
-        """Every hop from boundary b, as [H] arrays: rows, ends, latency and price added,
-        and those plus the bounds at the end. Cached per boundary."""
-        if b not in fans:
-            rows = arr.active[b]
-            span = arr.e[rows] - b  # hops from b can end anywhere in (b, e_p]
-            rows = np.repeat(rows, span)
-            blocks = np.arange(len(rows)) - np.repeat(np.cumsum(span) - span, span) + 1
-            ends = b + blocks
-            lat = blocks * arr.ms[rows]
-            if push:  # the transfer into the hop depends on the previous peer: added later
-                lat += np.where(ends == n, arr.rtt[rows] / 2, 0.0)
-            else:
-                lat += arr.rtt[rows]
-            price = blocks * arr.pr[rows]
-            fans[b] = (rows, ends, lat, price, lat + bounds.latency[ends],
-                       price + bounds.price[ends],
-                       price_w * price + lat_w * lat + bounds.cost[ends])
-        return fans[b]
-
-    banned = np.zeros(len(arr.peers), dtype=bool)  # scratch: the expanded label's used rows
-    ceiling = spec.upper_bound + EPS * (1 + abs(spec.upper_bound))
-    best: _Label | None = None  # lagrangian: the best complete label so far
-    best_key = (np.inf, np.inf, np.inf)  # its (cost, latency, price)
-
-    def expand(label: _Label) -> None:
-        rows, ends, lat, price, lat_h, price_h, cost_h = fan(label.b)
-        if push:
-            transfer = one_way_from(label.last, rows)
-            lat, lat_h, cost_h = lat + transfer, lat_h + transfer, cost_h + lat_w * transfer
-        lat_lb, price_lb = label.lat + lat_h, label.price + price_h
-        keep = (lat_lb <= max_lat) & (price_lb <= max_price)
-        if pareto:
-            keep &= price_lb < best_goal_price - EPS
+    def expand(self, label: _Label) -> None:
+        """Push a cursor over ``label``'s successors that may still meet the limits and
+        beat the incumbent, and use no peer of ``label.used`` again."""
+        fan = self.fan(label.b)
+        rows, lat, lat_h, cost_h = fan.rows, fan.lat, fan.lat_h, fan.cost_h
+        if self.push:
+            transfer = self.one_way_from(label.last, rows)
+            lat, lat_h, cost_h = lat + transfer, lat_h + transfer, cost_h + self.lat_w * transfer
+        lat_lb, price_lb = label.lat + lat_h, label.price + fan.price_h
+        keep = (lat_lb <= self.max_lat) & (price_lb <= self.max_price)
+        if self.pareto:
+            keep &= price_lb < self.best_goal_price - EPS
         else:
-            cost_lb = (price_w * label.price + lat_w * label.lat - offset) + cost_h
-            keep &= cost_lb <= ceiling
+            cost_lb = (self.price_w * label.price + self.lat_w * label.lat - self.offset) + cost_h
+            keep &= cost_lb <= self.ceiling
         if label.used:
-            used = list(label.used)
-            banned[used] = True
-            keep &= ~banned[rows]
-            banned[used] = False
+            used, mask = list(label.used), self.used_mask
+            mask[used] = True
+            keep &= ~mask[rows]
+            mask[used] = False
         idx = np.flatnonzero(keep)
         if len(idx) == 0:
             return
-        keys = np.empty((len(idx), 2 if pareto else 3))
-        if pareto:
+        keys = np.empty((len(idx), 2 if self.pareto else 3))
+        if self.pareto:
             keys[:, 0], keys[:, 1] = lat_lb[idx], price_lb[idx]
         else:
             keys[:, 0], keys[:, 1], keys[:, 2] = cost_lb[idx], lat_lb[idx], price_lb[idx]
-        cursor = _Cursor(label, rows[idx], ends[idx], label.lat + lat[idx],
-                         label.price + price[idx], keys)
-        heapq.heappush(heap, (*cursor.peek(), next(tick), cursor))
+        cursor = _Cursor(label, rows[idx], fan.ends[idx], label.lat + lat[idx],
+                         label.price + fan.price[idx], keys)
+        heapq.heappush(self.heap, (*cast(list[float], cursor.peek()), next(self.tick), cursor))
 
-    def dominated(label: _Label) -> bool:
-        key = (label.b, label.last if push else -1)
-        entries = seen.setdefault(key, [])
+    def dominated(self, label: _Label) -> bool:
+        """Whether a label seen before at the same boundary (and last peer, in push mode)
+        is no worse in every objective and used a subset of its still-usable peers; if
+        not, ``label`` is remembered for the labels to come."""
+        key = (label.b, label.last if self.push else -1)
+        entries = self.seen.setdefault(key, [])
+        strict = self.limited or self.pareto
         for lat, price, used in entries:
-            no_worse = not (limited or pareto) or (lat <= label.lat and price <= label.price)
+            no_worse = not strict or (lat <= label.lat and price <= label.price)
             if used <= label.used and no_worse:
                 return True
         entries.append((label.lat, label.price, label.used))
         return False
-
-    expand(_Label(0.0, 0.0, 0, -1, frozenset(), None, None))
-    popped = 0
-    while heap:
-        if lagrangian and heap[0][0] > ceiling:
-            break  # no partial route left can beat the best complete one
-        cursor = heapq.heappop(heap)[-1]
-        i = cursor.take()
-        after = cursor.peek()
-        if after is not None:
-            heapq.heappush(heap, (*after, next(tick), cursor))
-        popped += 1
-        if popped > spec.max_labels:
-            if best is not None:
-                return [best]  # the best found; optimal not proven
-            raise RoutingError(
-                f"route search gave up after {spec.max_labels} partial routes",
-                hint="loosen the limits or exclude some peers",
-            )
-        parent, row, end = cursor.parent, int(cursor.rows[i]), int(cursor.ends[i])
-        if pareto and cursor.keys[i, 1] >= best_goal_price - EPS:
-            continue  # a frontier point found meanwhile is as fast and no dearer
-        used = frozenset(q for q in parent.used if arr.e[q] > end)
-        if arr.e[row] > end:
-            used = used | {row}
-        label = _Label(float(cursor.lat[i]), float(cursor.price[i]), end, row, used, parent,
-                       (row, parent.b, end))
-        if end == n:
-            if lagrangian:
-                key = (alpha * label.price + (1 - alpha) * label.lat, label.lat, label.price)
-                if key < best_key:
-                    best, best_key = label, key
-                    ceiling = min(ceiling, key[0] + EPS * (1 + abs(key[0])))
-                continue
-            if not pareto:
-                return [label]
-            found.append(label)
-            best_goal_price = label.price
-            continue
-        if not dominated(label):
-            expand(label)
-    if lagrangian:
-        return [best] if best is not None else []
-    return found
