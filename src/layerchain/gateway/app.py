@@ -119,6 +119,7 @@ class Gateway:
         self.swarm = swarm
         self.spec = swarm.spec
         self.keys = KeyStore(config.keys_file)
+        self.keys.keep_open()  # reserve and settle without a WAL checkpoint each
         self._keys_on = keys_on_at_start(config, self.keys)
         self.policy = BrowserPolicy.of(config.allowed_hosts, config.allowed_origins)
         self.requests = RequestLog(config.recent_requests)
@@ -273,7 +274,8 @@ class Gateway:
             await run.close(error)
 
     async def close(self) -> None:
-        """Nothing of its own to close: the caller owns the swarm client."""
+        """Close the key store (the caller owns the swarm client)."""
+        self.keys.close()
 
     # ---------------------------------------------------------------- views of the swarm
 

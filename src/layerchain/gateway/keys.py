@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
+import threading
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -111,6 +112,22 @@ class KeyStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
+        self._keep_open = False
+        self._anchor: sqlite3.Connection | None = None  # see keep_open
+        self._anchor_lock = threading.Lock()
+
+    def keep_open(self) -> None:
+        """For a long-lived user (the gateway): hold one idle connection open from the next
+        successful access until ``close()``. While one connection stays open, closing the
+        short ones does not checkpoint and fsync the WAL: a request's reserve and settle
+        take well under a millisecond each instead of ~20 ms on a busy disk."""
+        self._keep_open = True
+
+    def close(self) -> None:
+        with self._anchor_lock:
+            if self._anchor is not None:
+                self._anchor.close()
+                self._anchor = None
 
     def _connect(self, create: bool = False) -> sqlite3.Connection:
         if not create and not self.path.exists():
@@ -122,6 +139,10 @@ class KeyStore:
             raise ConfigError(f"cannot open the key store {self.path}: {error}") from None
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a commit is atomic and survives the process, without an fsync
+            # each (30-40 ms on a busy disk, twice per request); only a power cut may lose
+            # the last few commits
+            db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(api_keys)")}
             if "admin" not in columns:  # a store made before admin keys
@@ -130,6 +151,11 @@ class KeyStore:
             db.close()
             raise ConfigError(f"cannot read the key store {self.path}: {error}",
                               hint="restore the file, or point --keys at a good one") from None
+        if self._keep_open and self._anchor is None:
+            with self._anchor_lock:
+                if self._anchor is None:
+                    self._anchor = sqlite3.connect(self.path, check_same_thread=False)
+                    self._anchor.execute("SELECT COUNT(*) FROM api_keys").fetchone()  # attach
         return db
 
     # ---------------------------------------------------------------- reseller side
