@@ -11,7 +11,7 @@ import asyncio
 import pytest
 from memswarm import MemorySwarm
 
-from layerchain.errors import NoRoute, PeerBusy, UnknownSession
+from layerchain.errors import LimitExceeded, NoRoute, PeerBusy, UnknownSession
 from layerchain.model import LocalModel, SamplingParams, resolve_model
 
 PROMPT = "What is the capital of France?"
@@ -81,14 +81,14 @@ def test_a_failing_hop_is_replaced_and_the_answer_is_unchanged(tiny_model, refer
                 original = node.handle
                 calls = {"steps": 0}
 
-                async def dying(msg, original=original, calls=calls, index=index):
+                async def dying(msg, *args, original=original, calls=calls, index=index):
                     if type(msg).__name__ == "Step":
                         calls["steps"] += 1
                         if calls["steps"] == 6 and not dead:
                             dead.append(index)
                         if dead == [index]:  # from then on it has lost every session
                             raise UnknownSession("node restarted")
-                    return await original(msg)
+                    return await original(msg, *args)
 
                 node.handle = dying
             result = await client.generate(PROMPT, SamplingParams(max_new_tokens=16))
@@ -109,7 +109,7 @@ def test_busy_node_is_skipped(tiny_model, reference, tmp_path):
         swarm = MemorySwarm(tiny_model)
         try:
             small = await swarm.add_node(0, 4, tmp_path, max_cache_tokens=8)
-            with pytest.raises(PeerBusy):
+            with pytest.raises((PeerBusy, LimitExceeded)):  # no room now / never this much
                 small.sessions.open("x", 64, None)
             await swarm.add_node(0, 4, tmp_path)
             return await swarm.client().generate(PROMPT, SamplingParams(max_new_tokens=16)), small

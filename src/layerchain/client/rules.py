@@ -7,9 +7,9 @@ from a peer are not the client's verdict). A few codes are accepted with their m
 
 * ``busy``: no room now; the peer is avoided for a while, not banned (``Verdict.AVOID``);
 * ``unknown_session``: it lost the session (it restarted); a hop failure like any other;
-* ``limit_exceeded``: the request's fault only when the client's own check agrees that it
-  exceeds what that peer announced (``Verdict.REQUEST``, nobody banned); otherwise the
-  peer refused a request within its own limits: a hop failure.
+* ``limit_exceeded``: "not this request" only when the client's own check agrees that it
+  exceeds what that peer announced (``Verdict.REQUEST``: the peer is avoided, not banned);
+  otherwise the peer refused a request within its own limits: a hop failure.
 
 Errors caused by the request itself are found before sending and ban nobody:
 ``check_context`` (prompt + max_new_tokens vs the model's context), ``check_room`` (vs the
@@ -40,7 +40,7 @@ class Verdict(enum.Enum):
 
     BAN = "ban"  # the peer failed us: banned (growing), routed around
     AVOID = "avoid"  # the peer is busy: left out of routes for a while, no ban
-    REQUEST = "request"  # the request is at fault: nobody is blamed, the request fails
+    REQUEST = "request"  # the request is too large for this peer: avoided, no ban
 
 
 def judge(error: LayerchainError, request_exceeds: bool) -> Verdict:

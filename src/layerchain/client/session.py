@@ -7,7 +7,7 @@ ban, or for "busy" a short avoidance), re-plans only that hop's blocks (possibly
 several peers), opens sessions there, replays the kept inputs to rebuild their KV caches,
 and carries on with the step that failed. Greedy output is therefore identical to an
 undisturbed run. Each recovery is recorded as a ``Recovery``. A failure caused by the
-request itself (``RequestTooLarge``) blames nobody and ends the session.
+request (a peer too small for it, checked against what the peer announced) bans nobody.
 
 A step of more than ``step_tokens`` tokens (a long prompt) is sent as several consecutive
 steps; each step's deadline scales with the work it asks (``rules.step_timeout_s``).
@@ -46,7 +46,6 @@ from layerchain.errors import (
     InvalidReceipt,
     LayerchainError,
     NoRoute,
-    RequestTooLarge,
 )
 from layerchain.market import ReceiptVerifier, reservation_amount, step_amount, tokens_of
 from layerchain.types import Hop
@@ -145,13 +144,16 @@ class InferenceSession:
 
     # ---------------------------------------------------------------- opening and closing
 
-    async def open(self, attempts: int = 4) -> None:
+    async def open(self, prompt_tokens: int = 0, attempts: int = 4) -> None:
         """Plan a route and open a session on each hop; a peer that fails is blamed and the
-        route planned again, without the peers too short of cache for this session."""
+        route planned again, without the peers too short of cache for this session.
+        CostLimitExceeded, before any session is opened (or paid for), when ``prompt_tokens``
+        alone would cost more than ``max_cost`` on the planned route."""
         last: HopFailed | None = None
         for attempt in range(1, attempts + 1):
             skip = short_of_room(self.peers.records.values(), self.max_length)
             plan = self._plan(0, None, skip, last)
+            self._check_prompt_cost(plan.hops, prompt_tokens)
             try:
                 self.hops = await self._open_hops(plan.hops)
                 return
@@ -160,6 +162,20 @@ class InferenceSession:
                 last = failure
                 if attempt == attempts:
                     raise failure.error from None
+
+    def _check_prompt_cost(self, hops: tuple[Hop, ...], prompt_tokens: int) -> None:
+        if self.max_cost is None:
+            return
+        records = self.peers.records
+        cost = prompt_tokens * sum(
+            (h.end - h.start) * records[h.peer_id].price_per_block for h in hops
+        )
+        if cost > self.max_cost:
+            raise CostLimitExceeded(
+                f"the prompt alone costs {cost} credits on the route, more than max_cost "
+                f"{self.max_cost}",
+                hint="raise --max-cost (max_cost=), shorten the prompt or set --max-price",
+            )
 
     def _plan(self, start: int, end: int | None, skip: set[str], last: HopFailed | None) -> RoutePlan:
         """The route over ``[start, end)`` without ``skip``; a NoRoute names the last failure
@@ -243,21 +259,18 @@ class InferenceSession:
     # ---------------------------------------------------------------- verdicts
 
     def _failure(self, peer_id: str, error: LayerchainError, tokens: int) -> HopFailed:
-        """The hop failure for ``error`` from ``peer_id``; raises RequestTooLarge instead when
-        the peer refused a limit and the client's own check agrees the request exceeds it."""
+        """The hop failure for ``error`` from ``peer_id``, with the verdict on the peer."""
         record = self.peers.records.get(peer_id)
         verdict = judge(error, exceeds_announced(record, self.max_length, tokens))
-        if verdict is Verdict.REQUEST:
-            raise RequestTooLarge(
-                f"the request exceeds what peer {peer_id} announced: {str(error)[:200]}"
-            ) from error
         return HopFailed(peer_id, verdict, error)
 
     def _blame(self, failure: HopFailed) -> None:
-        if failure.verdict is Verdict.AVOID:
-            self.peers.avoid(failure.peer_id, self.config.busy_avoid_s, str(failure.error))
-        else:
+        """Ban a peer that failed; avoid (for ``busy_avoid_s``) one that was busy or that this
+        request is too large for."""
+        if failure.verdict is Verdict.BAN:
             self.peers.ban(failure.peer_id, str(failure.error))
+        else:
+            self.peers.avoid(failure.peer_id, self.config.busy_avoid_s, str(failure.error))
 
     # ---------------------------------------------------------------- steps
 
