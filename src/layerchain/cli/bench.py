@@ -3,7 +3,7 @@
 `layerchain bench [--nodes 3] [--json]` compares one process with a local swarm;
 `layerchain bench routing` times the route planner over random swarms;
 `layerchain bench faults` kills hops mid-generation; `layerchain bench gateway` compares a
-direct client with the HTTP gateway.
+direct client with the HTTP gateway; `layerchain bench hostile` runs the attacks of issue 12.
 """
 
 from __future__ import annotations
@@ -82,6 +82,21 @@ def bench_gateway(
 
     _print(run_gateway_bench(model=model, nodes=nodes, max_new_tokens=max_new_tokens,
                              concurrency=concurrency), as_json)
+
+
+@bench_app.command("hostile")
+def bench_hostile(
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
+    quick: bool = typer.Option(False, "--quick", help="Shorter attacks and a shorter long prompt."),
+    attacks: str = typer.Option("", help="Comma-separated attack names (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Each attack class of issue 12 against a local swarm while an honest client generates:
+    attacks [{name, blocked, honest_tokens_per_s_ratio, ...}], all_blocked."""
+    from layerchain.bench.hostile import run_hostile_bench
+
+    names = [a.strip() for a in attacks.split(",") if a.strip()] or None
+    _print(run_hostile_bench(model=model, quick=quick, attacks=names), as_json)
 
 
 def register(app: typer.Typer) -> None:

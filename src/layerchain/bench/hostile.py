@@ -1,0 +1,184 @@
+"""Benchmark: every network-facing attack class of issue 12 against a local swarm of real node
+processes, each while an honest client generates; is it blocked, and what does it cost the
+honest client?
+
+The swarm: T (0:15, the target of the node-level attacks), S (0:15, its spare) and U
+(15:30), each with a ``MAX_CACHE_TOKENS`` cache, otherwise the node defaults. First the
+honest client's tokens/s is measured alone (``baseline_tokens_per_s``: greedy generations
+of one short prompt back to back, tokens over wall time, prefill and failovers included).
+Then for each attack (``layerchain.bench.attacks``, in order) a fresh honest client warms
+up, the attack runs on its own thread for about ``duration_s`` while the honest client keeps
+generating, and the attack's records are withdrawn after it.
+
+An attack is **blocked** when it was observed to reach its target, its defence held by its
+own criterion (see each attack's docstring), and every honest generation during it gave the
+one-process model's exact tokens. ``honest_tokens_per_s_ratio`` is the honest tokens/s
+during the attack over the baseline. Target (issue 12): all blocked, every ratio >= 0.8.
+
+JSON (``layerchain bench hostile --json``)::
+
+    {"attacks": [{"name", "blocked", "honest_tokens_per_s_ratio", "observed",
+                  "defence_held", "honest": {...}, "details": {...}, "seconds"}, ...],
+     "all_blocked", "honest_ratio_min", "baseline_tokens_per_s", "quick", "seconds"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerchain.bench.attacks import ATTACKS, Attack
+from layerchain.bench.attacks.base import HonestLoad, NodeInfo, Outcome, Stage
+from layerchain.bench.attacks.requests import PROSE, prompt_of
+from layerchain.errors import ConfigError
+from layerchain.model.spec import DEFAULT_MODEL
+from layerchain.types import Span
+
+PROMPT = "What is the capital of France?"
+SPANS = (Span(0, 15), Span(0, 15), Span(15, 30))  # target, spare, tail
+MAX_CACHE_TOKENS = 6144  # every node's KV-cache budget: below the model's 8192 context, so a
+# request can be too long for every node and still be a valid request of the model
+RATIO_TARGET = 0.8
+ATTACK_GRACE_S = 90.0  # an attack still running this long after its window is cut off
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostileOptions:
+    """How long each part of the bench runs; ``quick`` is the test's reduced run."""
+
+    duration_s: float  # each timed attack, seconds
+    baseline_s: float  # the honest client alone, seconds
+    honest_tokens: int  # tokens of each honest generation
+    long_prompt_tokens: int  # the honest long prompt's length, tokens
+
+    @classmethod
+    def for_run(cls, quick: bool) -> HostileOptions:
+        return cls(8.0, 5.0, 12, 1200) if quick else cls(15.0, 10.0, 16, 4000)
+
+
+def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
+                      attacks: Sequence[str] | None = None) -> dict:
+    """Run the named attacks (all by default) against a fresh local swarm; the JSON above."""
+    from layerchain.client import Swarm
+    from layerchain.local import swarm_down, swarm_up
+    from layerchain.model import SamplingParams, resolve_model
+
+    names = list(attacks or ATTACKS)
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise ConfigError(f"unknown attacks {unknown}", hint=f"choose from {', '.join(ATTACKS)}")
+    options = HostileOptions.for_run(quick)
+    t_start = time.monotonic()
+    spec = resolve_model(model)
+    params = SamplingParams(max_new_tokens=options.honest_tokens)
+    long_params = SamplingParams(max_new_tokens=4)
+    # In a thread that then ends: its OpenMP team goes with it (see layerchain.node.server).
+    with ThreadPoolExecutor(1) as pool:
+        reference, long_text, long_ids, long_reference = pool.submit(
+            _references, spec, params, long_params,
+            options.long_prompt_tokens if "long_prompt" in names else 0).result()
+    state = Path(tempfile.mkdtemp(prefix="layerchain-hostile-"))
+    cache_args = ("--max-cache-tokens", str(MAX_CACHE_TOKENS))
+    try:
+        local = swarm_up(state, SPANS, model=model, node_args=[cache_args] * len(SPANS))
+        nodes = [NodeInfo(f"node-{i}", n["peer_id"], n["endpoint"], n["pid"], n["start"], n["end"],
+                          n.get("wallet", "")) for i, n in enumerate(local.nodes)]
+
+        def client() -> Swarm:
+            # a short discovery wait: a generation that finds no route fails in seconds
+            return Swarm(local.initial_peers, model=model, discovery_wait_s=5.0)
+
+        with client() as honest_client:
+            honest = HonestLoad(honest_client, PROMPT, params, reference)
+            honest.generate_once()  # warm-up
+            honest.generations.clear()
+            end = time.monotonic() + options.baseline_s
+            honest.run_while(lambda: time.monotonic() < end)
+            baseline = honest.tokens_per_s()
+        log.info("baseline: %.2f tokens/s over %d generations", baseline, len(honest.generations))
+        rows = []
+        for name in names:
+            with client() as honest_client:
+                honest = HonestLoad(honest_client, PROMPT, params, reference)
+                honest.generate_once()  # warm-up: first connections and RTTs
+                honest.generations.clear()
+                stage = Stage(
+                    initial_peers=tuple(local.initial_peers), model_id=spec.model_id,
+                    num_blocks=spec.num_blocks, hidden_size=spec.hidden_size,
+                    target=nodes[0], spare=nodes[1], tail=nodes[2],
+                    client=honest_client, honest=honest, duration_s=options.duration_s,
+                    max_cache_tokens=MAX_CACHE_TOKENS, long_prompt=long_text,
+                    long_prompt_tokens=len(long_ids), long_reference=tuple(long_reference),
+                    long_params=long_params,
+                )
+                rows.append(_run_attack(name, ATTACKS[name], stage, baseline))
+    finally:
+        swarm_down(state, quiet=True)
+    return {
+        "attacks": rows,
+        "all_blocked": all(r["blocked"] for r in rows),
+        "honest_ratio_min": min((r["honest_tokens_per_s_ratio"] for r in rows), default=None),
+        "baseline_tokens_per_s": round(baseline, 2),
+        "quick": quick,
+        "seconds": round(time.monotonic() - t_start, 1),
+    }
+
+
+def _references(spec, params, long_params, long_tokens: int) -> tuple[list[int], str, list[int], list[int]]:
+    """The one-process greedy tokens of the honest prompt and of a long raw prompt."""
+    from layerchain.model import LocalModel, encode_prompt
+
+    model = LocalModel(spec)
+    reference = list(model.generate(PROMPT, params).token_ids)
+    if not long_tokens:
+        return reference, "", [], []
+    text = prompt_of(model.tokenizer, long_tokens, PROSE)
+    ids = encode_prompt(model.tokenizer, text, raw=True)
+    return reference, text, ids, list(model.generate(text, long_params, raw=True).token_ids)
+
+
+def _run_attack(name: str, attack: Attack, stage: Stage, baseline: float) -> dict:
+    """Run ``attack`` on its own thread while ``stage.honest`` generates on this one."""
+    box: list[Outcome] = []
+
+    def run() -> None:
+        try:
+            box.append(asyncio.run(asyncio.wait_for(attack(stage), stage.duration_s + ATTACK_GRACE_S)))
+        except Exception as error:  # noqa: BLE001 - a broken attack is reported, not fatal
+            box.append(Outcome(False, False, {"attack_error": f"{type(error).__name__}: {error}"[:300]}))
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=run, name=f"attack-{name}", daemon=True)
+    thread.start()
+    stage.honest.run_while(thread.is_alive)
+    thread.join()
+    outcome, honest = box[0], stage.honest
+    errors = honest.errors()
+    ratio = honest.tokens_per_s() / baseline if baseline else 0.0
+    log.info("%s: observed %s, defence held %s, honest ratio %.2f, %d honest errors; %s",
+             name, outcome.observed, outcome.held, ratio, len(errors), outcome.details)
+    return {
+        "name": name,
+        "blocked": outcome.observed and outcome.held and honest.all_exact() and not errors,
+        "honest_tokens_per_s_ratio": round(ratio, 3),
+        "observed": outcome.observed,
+        "defence_held": outcome.held,
+        "honest": {
+            "generations": len(honest.generations),
+            "exact": sum(g.exact for g in honest.generations),
+            "errors": len(errors),
+            "first_errors": sorted(set(errors))[:3],
+            "tokens_per_s": round(honest.tokens_per_s(), 2),
+        },
+        "details": outcome.details,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
