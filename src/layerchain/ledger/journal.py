@@ -149,21 +149,21 @@ def _payers_channel(state: State, op: Operation) -> Channel:
 # -- one rule per kind: (state, config, op, ts, payload) -> result ------------------------
 
 
-def _deposit(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+def _deposit(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
     # The embedded ledger's credit source: the signer mints test credits to itself.
     balance = _credit(state, op.actor, positive_amount(op.amount))
     _record(payload, "balance", balance)
     return balance
 
 
-def _withdraw(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+def _withdraw(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
     amount = positive_amount(op.amount)
     balance = _debit(state, op.actor, amount, f"withdrawing {amount}")
     _record(payload, "balance", balance)
     return balance
 
 
-def _open_channel(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+def _open_channel(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
     deposit = positive_amount(op.amount, "channel deposit")
     if op.counterparty == op.actor:
         raise ChannelError("a channel's payer and payee must differ")
@@ -178,7 +178,7 @@ def _open_channel(state: State, config: LedgerConfig, op: Operation, ts: float, 
     return deposit
 
 
-def _top_up(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+def _top_up(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
     amount = positive_amount(op.amount, "top-up")
     channel = _payers_channel(state, op)
     if channel.state != OPEN:
@@ -192,7 +192,7 @@ def _top_up(state: State, config: LedgerConfig, op: Operation, ts: float, payloa
     return deposit
 
 
-def _close_channel(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+def _close_channel(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
     channel = _payers_channel(state, op)
     if channel.state == OPEN and config.dispute_window_s > 0:
         closes_at = ts + config.dispute_window_s
@@ -215,7 +215,7 @@ def _close_channel(state: State, config: LedgerConfig, op: Operation, ts: float,
     return refund
 
 
-def _register_node(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+def _register_node(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
     old = state.nodes.get(op.actor)
     if op.amount == 0 and old is None:
         raise LedgerError("a node registers with a positive stake")
@@ -238,7 +238,7 @@ def _register_node(state: State, config: LedgerConfig, op: Operation, ts: float,
     return stake
 
 
-def _claim_reward(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict) -> int:
+def _claim_reward(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
     """reward = min(rate x blocks x hours, earned): hours from the last reward (or the
     registration) to the last time a client's voucher paid the node, on the ledger's clock,
     at most ``max_reward_period_s``; ``earned`` is what those vouchers paid in that time."""
@@ -265,7 +265,7 @@ def _claim_reward(state: State, config: LedgerConfig, op: Operation, ts: float, 
     return amount
 
 
-OperationRule = Callable[[State, LedgerConfig, Operation, float, dict], int]
+OperationRule = Callable[[State, LedgerConfig, Operation, float, dict[str, Any]], int]
 RULES: dict[str, OperationRule] = {
     "deposit": _deposit,
     "withdraw": _withdraw,

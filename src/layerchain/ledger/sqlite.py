@@ -168,7 +168,8 @@ class SqliteLedger:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        return json.loads(row[0])
+        genesis: dict[str, Any] = json.loads(row[0])
+        return genesis
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -352,7 +353,7 @@ class SqliteLedger:
         return Channel(*rows[0])
 
     def channels(self, *, payer: str | None = None, payee: str | None = None) -> list[Channel]:
-        sql, args = f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE 1", []
+        sql, args = f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE 1", list[str]()
         if payer is not None:
             sql, args = sql + " AND payer = ?", [*args, _address(payer)]
         if payee is not None:
