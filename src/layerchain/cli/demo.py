@@ -128,7 +128,7 @@ def demo(
         say(f"starting {len(span_list)} nodes: {', '.join(map(str, span_list))}")
         node_args = [["--price", str(p), "--ledger", str(ledger_path)] for p in price_list]
         local = swarm_up(state, span_list, model=model, node_args=node_args, on_progress=say)
-        nodes = [{**n, "price": p} for n, p in zip(local.nodes, price_list)]
+        node_rows = [{**n, "price": p} for n, p in zip(local.nodes, price_list)]
         params = SamplingParams(max_new_tokens=max_new_tokens)
         with Swarm(local.initial_peers, model=model, alpha=alpha, max_price=max_price,
                    max_latency_ms=max_latency_ms, data_dir=state / "client",
@@ -149,7 +149,7 @@ def demo(
                     sys.stdout.flush()
                 sys.stdout.write("\n")
         res = stream.result  # the client is closed: nodes redeemed, channels settled
-        payments = payments_json(nodes, res, ledger, wallet.address, credits)
+        payments = payments_json(node_rows, res, ledger, wallet.address, credits)
         if as_json:
             typer.echo(json.dumps({
                 "text": res.text,

@@ -43,11 +43,13 @@ from layerchain.client.rules import (
 from layerchain.discovery import PeerRecord
 from layerchain.errors import (
     CostLimitExceeded,
+    InvalidOutput,
     InvalidReceipt,
     LayerchainError,
     NoRoute,
 )
 from layerchain.market import ReceiptVerifier, reservation_amount, step_amount, tokens_of
+from layerchain.routing import RoutePlan
 from layerchain.types import Hop
 from layerchain.wire import messages as m
 
@@ -307,6 +309,8 @@ class InferenceSession:
                        hidden=hidden, voucher=voucher),
                 timeout=timeout,
             )
+            if not isinstance(reply, m.StepResult):  # rpc checks it; this tells the type checker
+                raise InvalidOutput(f"peer {peer_id} answered a Step with {type(reply).__name__}")
             out = reply.hidden
             check_output(peer_id, hidden, out)
             if not reply.receipt:

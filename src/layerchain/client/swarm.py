@@ -33,7 +33,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,7 @@ from layerchain.wire.transport import Transport
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("~/.layerchain")  # the wallet's home, as the `wallet` commands use
-Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role", "content"}]
+Prompt = str | Sequence[dict[str, str]]  # text, or chat messages [{"role", "content"}]
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ class AsyncSwarm:
     async def _generate(
         self, gen: Generation, prompt: Prompt, params: SamplingParams, raw: bool,
         limits: RouteLimits | None,
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         """The decode loop behind ``gen``; sets ``gen._result`` however it ends (a generation
         that ended early, with finish_reason "cancelled", still says what it cost)."""
         prompt_ids = encode_prompt(self.tokenizer, prompt, raw=raw)
@@ -327,11 +327,13 @@ class AsyncSwarm:
 def open_payer(data_dir: str | Path | None, ledger: str | Path, deposit: int | None) -> ChannelPayer:
     """The client's channels, paid from the wallet in ``data_dir`` on the ledger file
     (``deposit`` None or 0: channels sized per request by ``Funding``)."""
-    from layerchain.ledger import open_ledger
+    from layerchain.ledger import CheckpointStore, open_ledger
     from layerchain.market import Wallet
 
-    wallet = Wallet.load_or_create(Path(data_dir or DEFAULT_DATA_DIR).expanduser())
-    return ChannelPayer(wallet, open_ledger(Path(ledger).expanduser()), deposit=deposit or 0)
+    home = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
+    wallet = Wallet.load_or_create(home)
+    return ChannelPayer(wallet, open_ledger(Path(ledger).expanduser()), deposit=deposit or 0,
+                        checkpoints=CheckpointStore.for_data_dir(home))
 
 
 class Swarm:
