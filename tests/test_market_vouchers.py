@@ -207,3 +207,20 @@ def test_voucher_signature_is_contract_checkable(client):
     _, signature = decode_voucher(sign_voucher(client, voucher))
     message = encode_defunct(primitive=voucher.digest())
     assert Account.recover_message(message, signature=signature) == client.address
+
+
+def test_payer_keeps_a_checkpoint_of_each_change_it_makes(client, node, tmp_path):
+    """A client is a ledger writer too: its channel openings and closings are anchored in
+    its own directory, so dropping them from the journal is caught."""
+    from layerchain.ledger import CheckpointStore
+
+    ledger = open_ledger(tmp_path / "l.sqlite", LedgerConfig(dispute_window_s=60))
+    ledger.deposit(client, 100)
+    store = CheckpointStore.for_data_dir(tmp_path / "client")
+    payer = ChannelPayer(client, ledger, deposit=100, checkpoints=store)
+    channel = payer.open(node.address)
+    payer.close(channel.channel_id)
+    report = ledger.verify(store.load())
+    assert len(store.load()) == 2 and report.ok
+    assert (report.anchored_seq, report.anchor_signers) == (4, (client.address,))
+    ledger.close()

@@ -30,6 +30,7 @@ from typing import Callable
 
 from layerchain.errors import ChannelError, InsufficientFunds, InvalidVoucher, LayerchainError
 from layerchain.ledger.base import OPEN, Channel, Ledger
+from layerchain.ledger.checkpoints import CheckpointStore
 from layerchain.ledger.records import (
     Voucher,
     decode_voucher,
@@ -63,11 +64,21 @@ class ChannelPayer:
 
     With a ``ledger`` and a ``deposit``, a channel is opened on first payment to a node;
     otherwise channels are opened with ``open`` or attached with ``attach``. State is in
-    memory: a restarted client opens new channels.
+    memory: a restarted client opens new channels. With ``checkpoints``, every open and
+    close is followed by a checkpoint of the ledger's head signed by the wallet, kept there
+    (outside the ledger file: see ``layerchain.ledger.checkpoints``).
     """
 
-    def __init__(self, wallet: Signer, ledger: Ledger | None = None, *, deposit: int = 0) -> None:
+    def __init__(
+        self,
+        wallet: Signer,
+        ledger: Ledger | None = None,
+        *,
+        deposit: int = 0,
+        checkpoints: CheckpointStore | None = None,
+    ) -> None:
         self.wallet, self.ledger, self.deposit = wallet, ledger, deposit
+        self.checkpoints = checkpoints
         self._channels: dict[str, Channel] = {}  # node address (lower case) -> channel
         self._nonce: dict[str, int] = {}
         self._cumulative: dict[str, int] = {}
@@ -79,6 +90,7 @@ class ChannelPayer:
         channel_id = self.ledger.open_channel(
             self.wallet, node_address, self.deposit if deposit is None else deposit
         )
+        self._checkpoint(self.ledger)
         return self.attach(node_address, self.ledger.channel(channel_id))
 
     def close(self, channel_id: str) -> int:
@@ -86,7 +98,13 @@ class ChannelPayer:
         the first call starts the dispute window, one after it refunds; returns the refund."""
         if self.ledger is None:
             raise ChannelError("no ledger to close a channel on")
-        return self.ledger.close_channel(self.wallet, channel_id)
+        refund = self.ledger.close_channel(self.wallet, channel_id)
+        self._checkpoint(self.ledger)
+        return refund
+
+    def _checkpoint(self, ledger: Ledger) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.append(ledger.checkpoint(self.wallet))
 
     def attach(self, node_address: str, channel: Channel) -> Channel:
         """Pay ``node_address`` through an existing ``channel`` from its redeemed state on."""
