@@ -296,7 +296,7 @@ def _decode(frame: Any, limits: Limits, found: list[int]) -> Message:
             hint="upgrade layerchain on both sides",
         )
     type_id = header[1] if len(header) > 1 else None
-    cls = MESSAGE_TYPES.get(type_id) if type(type_id) is int else None  # type: ignore[arg-type]
+    cls = MESSAGE_TYPES.get(type_id) if type(type_id) is int else None
     if cls is None or len(header) < 3:
         raise FrameError(f"unknown message type {_brief(type_id)}")
     if type(header[2]) is int:

@@ -30,7 +30,7 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from layerchain.errors import (
     FrameError,
@@ -124,7 +124,7 @@ class RpcClient:
             raise InvalidOutput(
                 f"{self.conn.peer} answered {type(msg).__name__} with {type(reply).__name__}"
             )
-        return reply
+        return cast(Message, reply)
 
     def _expire(self, fut: asyncio.Future[Any], msg: Message, timeout: float) -> None:
         if not fut.done():
@@ -277,7 +277,7 @@ class _ConnectionServer:
             why = f"{type(msg).__name__} is not a request"
             await self._send_error(ErrorReply(msg.rid, FrameError.code, why))
             return None
-        return msg
+        return cast(Message, msg)
 
     async def _handle(self, msg: Any) -> None:
         """Run the handler on one request and send its answer (holding one slot until the

@@ -285,7 +285,7 @@ class TcpConnection(asyncio.Protocol):
         # bytes free the caller to reuse its tensor at once (one copy of the payload).
         await self.send_frame(bufs[0] if len(bufs) == 1 else b"".join(bufs))
 
-    async def send_frame(self, frame: bytes) -> None:
+    async def send_frame(self, frame: bytes | bytearray | memoryview) -> None:
         """Write an already-encoded frame as is (relays, tests); the receiver validates it."""
         transport = self._transport
         if transport is None or transport.is_closing():
