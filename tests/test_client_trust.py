@@ -91,6 +91,7 @@ def hostile(node: Node, *, on_step=None, on_open=None) -> None:
     NoRoute("there is no route"),
     InvalidVoucher("your voucher is bad"),
     ChannelError("your channel is closed"),
+    LimitExceeded("your step is too long"),  # it is not: 37 tokens, within what it announced
 ], ids=lambda e: e.code)
 def test_a_peers_error_code_is_a_hop_failure_never_the_clients_verdict(
     tiny_model, reference, tmp_path, error

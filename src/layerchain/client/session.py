@@ -230,7 +230,7 @@ class InferenceSession:
             )
         except LayerchainError as error:
             self._release(hs)
-            raise self._failure(hop.peer_id, error, tokens=0) from error
+            raise self._failure(record, error, tokens=0) from error
         return hs
 
     def _release(self, hs: HopSession) -> None:
@@ -260,9 +260,11 @@ class InferenceSession:
 
     # ---------------------------------------------------------------- verdicts
 
-    def _failure(self, peer_id: str, error: LayerchainError, tokens: int) -> HopFailed:
-        """The hop failure for ``error`` from ``peer_id``, with the verdict on the peer."""
-        record = self.peers.records.get(peer_id)
+    def _failure(self, record: PeerRecord, error: LayerchainError, tokens: int) -> HopFailed:
+        """The hop failure for ``error`` from ``record``'s peer, with the verdict on it; the
+        request is judged against ``record``, the announcement the route was planned on (a
+        later one counts this session's own reservation)."""
+        peer_id = record.peer_id
         verdict = judge(error, exceeds_announced(record, self.max_length, tokens))
         return HopFailed(peer_id, verdict, error)
 
@@ -317,7 +319,7 @@ class InferenceSession:
                 raise InvalidReceipt(f"peer {peer_id} sent no receipt for step {hs.verifier.next_step}")
             hs.verifier.check(reply.receipt, hidden, out, tokens)  # advances next_step
         except LayerchainError as error:
-            raise self._failure(peer_id, error, tokens) from error
+            raise self._failure(hs.record, error, tokens) from error
         self.peers.observe_step(peer_id, hs.blocks, tokens, time.perf_counter() - t0)
         self._count(hs, tokens, 0 if voucher else amount)
         hs.inputs.append(hidden)
