@@ -132,6 +132,23 @@ def test_measured_speed_rules():
     assert routing_ms_per_block(1.0, second, 200.0, config) == 1.0  # stale: the claim again
 
 
+def test_an_endpoint_the_transport_cannot_dial_is_the_peers_failure_not_the_users():
+    async def main():
+        swarm = Swarm()
+        odd, good = Identity.generate(), Identity.generate()
+        record = PeerRecord.create(odd, model_id=MODEL, span=Span(0, L), ms_per_block=0.001,
+                                   endpoint="tcp://127.0.0.1:9", expires_at=time.time() + 60)
+        await MemoryDiscovery(swarm.hub, odd).announce(record)  # a TCP endpoint, memory client
+        await swarm.announce(good, "good", ms_per_block=5.0)
+        view = swarm.view()
+        await view.refresh(force=True)  # pinging it fails as a peer failure: a ban, no crash
+        assert odd.peer_id in view.banned()
+        assert route_of(view) == [good.peer_id]
+        await view.close()
+
+    run(main())
+
+
 # ---- 6. bans stick to identities ----------------------------------------------------------
 
 

@@ -270,6 +270,9 @@ class PeerView:
                 raise PeerTimeout(f"peer {peer_id} did not accept a connection") from None
             except OSError as error:
                 raise PeerUnreachable(f"peer {peer_id} at {record.endpoint}: {error}") from None
+            except ConfigError as error:  # an endpoint this transport cannot dial (mem:// on
+                # TCP): the peer's fault, never the user's, so a hop failure and a ban
+                raise PeerUnreachable(f"peer {peer_id} at {record.endpoint}: {error}") from None
             conn = self._clients.get(peer_id)  # another task may have connected meanwhile
             if conn is None or conn.rpc.closed or conn.endpoint != record.endpoint:
                 if conn is not None:
