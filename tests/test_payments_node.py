@@ -117,3 +117,32 @@ def test_an_unpaid_client_cannot_squat_a_priced_nodes_cache(tiny_model_dir, ledg
             await swarm.close()
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_vouchers_reach_the_disk_behind_the_steps_and_survive_a_restart(ledger, tmp_path):
+    """The voucher file is written in a worker thread, one batch per SAVE_DELAY_S, not per
+    step on the event loop; a node restarted from its data dir redeems what it held."""
+    from layerchain.market import VoucherStore
+    from layerchain.node.payments import SAVE_DELAY_S
+
+    node = node_payments(ledger, tmp_path)
+    address = node.wallet.address
+    payer = funded(ledger, 10_000)
+    store = VoucherStore.for_data_dir(tmp_path / "node")
+
+    async def main():
+        payment = node.open("s", 0, BLOCKS, max_length=64,
+                            voucher=payer.voucher_for(address, reservation_amount(64, BLOCKS, PRICE)))
+        for _ in range(20):
+            node.charge(payment, payer.voucher_for(address, step_amount(1, BLOCKS, PRICE)), 1)
+        assert store.latest() == []  # nothing written on the serving path
+        await asyncio.sleep(SAVE_DELAY_S)
+        await asyncio.gather(*node._background)
+        return node.book.latest()
+
+    latest = asyncio.run(main())
+    assert store.latest() == latest
+    restarted = node_payments(ledger, tmp_path)  # same data dir, empty memory
+    owed = reservation_amount(64, BLOCKS, PRICE) + 20 * step_amount(1, BLOCKS, PRICE)
+    assert asyncio.run(restarted.redeem_left_over()) == owed
+    assert ledger.balance(address) == owed

@@ -288,6 +288,11 @@ class VoucherBook:
                 f"{owed_total} are owed: the session is not served further"
             )
 
+    def latest_for(self, channel_id: str) -> bytes | None:
+        """The latest accepted voucher's bytes on ``channel_id`` (None if none)."""
+        last = self._latest.get(channel_id)
+        return last[1] if last else None
+
     def latest(self) -> list[bytes]:
         """The latest voucher bytes of every channel (what to redeem)."""
         return [data for _, data in self._latest.values()]
