@@ -1,6 +1,8 @@
 """Fixtures shared across test areas: the default model and tiny random models of each family.
 
 * ``smollm2_spec``: the resolved default model (SmolLM2-135M-Instruct GGUF), once per session.
+* ``reference(model, prompt, params)``: the single-process model's answer, the swarm's
+  yardstick, computed once per session.
 * ``tiny_model_dir(family, tokenizer=False)``: a Hugging Face directory (config.json +
   model.safetensors) of a 4-block random-weight model of ``family`` ("llama", "mistral",
   "qwen2", "phi3", "gemma"), built once per session without downloads. With
@@ -14,8 +16,14 @@ from layerchain.openmp import tune_openmp
 
 tune_openmp()  # as the `layerchain` command does, before torch loads: in-process swarms share cores
 
+import os  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from layerchain.model import DecodeResult, SamplingParams
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma")
 
@@ -80,6 +88,31 @@ def smollm2_tokenizer(smollm2_spec):
     from layerchain.model import load_tokenizer
 
     return load_tokenizer(smollm2_spec)
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """Factory: ``reference(model, prompt, params) -> DecodeResult``, the single-process
+    model's answer (``LocalModel``): what a swarm must produce, token for token.
+
+    ``model`` is a model reference (``DEFAULT_MODEL``, a ``tiny_model_dir`` path); each model
+    loads once and each answer is computed once per session.
+    """
+    from layerchain.model import LocalModel, resolve_model
+
+    models: dict[str, LocalModel] = {}
+    answers: dict[tuple[str, object, SamplingParams], DecodeResult] = {}
+
+    def answer(model: str | os.PathLike[str], prompt: str, params: SamplingParams) -> DecodeResult:
+        ref = os.fspath(model)
+        if ref not in models:
+            models[ref] = LocalModel(resolve_model(ref))
+        key = (ref, prompt, params)
+        if key not in answers:
+            answers[key] = models[ref].generate(prompt, params)
+        return answers[key]
+
+    return answer
 
 
 @pytest.fixture(scope="session")

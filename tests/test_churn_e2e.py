@@ -28,7 +28,7 @@ import pytest
 
 from layerchain.errors import PeerBusy
 from layerchain.local import start_node, swarm_down, swarm_up, wait_ready
-from layerchain.model import LocalModel, SamplingParams
+from layerchain.model import DEFAULT_MODEL, SamplingParams
 from layerchain.types import Span
 
 pytestmark = pytest.mark.timeout(300)
@@ -141,11 +141,6 @@ def test_a_banned_peer_back_at_a_new_endpoint_stays_banned_and_its_next_ban_is_l
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_spec):
-    return LocalModel(smollm2_spec).generate(PROMPT, PARAMS).token_ids
-
-
-@pytest.fixture(scope="module")
 def churn(tmp_path_factory):
     """(local swarm, client): A 0:15, B 15:30; the tests add and remove nodes."""
     from layerchain.client import Swarm
@@ -202,7 +197,7 @@ def test_a_node_joining_mid_generation_takes_over_a_killed_hop_whose_records_the
             t_kill = time.monotonic()
     res = gen.result
     c = local.nodes[2]
-    assert res.token_ids == reference
+    assert res.token_ids == reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids
     assert [r.peer_id for r in res.recoveries] == [b["peer_id"]]
     assert [h.peer_id for h in res.recoveries[0].replacement] == [c["peer_id"]]
     assert [h.peer_id for h in res.route] == [a["peer_id"], c["peer_id"]]
@@ -246,7 +241,8 @@ def test_a_node_stopping_gracefully_withdraws_at_once_and_finishes_its_generatio
     res = gen.result
     assert withdrawn_s < 5.0, withdrawn_s  # its TTL is 60 s: this was a withdrawal
     assert isinstance(refused, PeerBusy) and "shutting down" in str(refused), refused
-    assert res.token_ids == reference  # finished on the draining node: no failover needed
+    # finished on the draining node: no failover needed
+    assert res.token_ids == reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids
     assert a["peer_id"] in [h.peer_id for h in res.route] and not res.recoveries
     while _alive(a["pid"]):  # its last session closed with the generation: it exits
         assert time.monotonic() - t_resume < DRAIN_S, "node did not exit after draining"

@@ -24,7 +24,7 @@ import torch
 
 from layerchain.errors import FrameError, LimitExceeded, PeerBusy, VersionMismatch
 from layerchain.local import swarm_down, swarm_up
-from layerchain.model import LocalModel, SamplingParams
+from layerchain.model import DEFAULT_MODEL, SamplingParams
 from layerchain.types import Span
 from layerchain.wire import (
     ErrorReply,
@@ -58,11 +58,6 @@ MiB = 1 << 20
 
 
 # ------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def reference(smollm2_spec):
-    return LocalModel(smollm2_spec).generate(PROMPT, PARAMS).token_ids
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +271,7 @@ def test_malformed_frames_and_garbage_get_typed_errors_or_a_closed_connection(
         unframed = await asyncio.gather(*(exchange(host, port, s, eof=True) for s in streams))
         return replies, framed, unframed, await info(target["endpoint"])
 
-    with HonestTraffic(swarm[1], reference) as honest:
+    with HonestTraffic(swarm[1], reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids) as honest:
         replies, framed, unframed, after = asyncio.run(asyncio.wait_for(attack(), 120))
     honest.check()
     for name, (_, expected) in cases.items():
@@ -335,7 +330,7 @@ def test_thousands_of_sessions_are_refused_busy_and_memory_stays_bounded(
             await rpc.close()
         return phase_a, phase_b, odd, steps, rss_full
 
-    with HonestTraffic(swarm[1], reference) as honest:
+    with HonestTraffic(swarm[1], reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids) as honest:
         phase_a, phase_b, odd, steps, rss_full = asyncio.run(asyncio.wait_for(attack(), 180))
     honest.check()
 
@@ -426,7 +421,7 @@ def test_idle_sockets_tricklers_and_stalled_frames_do_not_stop_honest_service(
             writer.close()
         return held, served, results, still_idle.count(True)
 
-    with HonestTraffic(swarm[1], reference) as honest:
+    with HonestTraffic(swarm[1], reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids) as honest:
         held, served, results, still_idle = asyncio.run(asyncio.wait_for(attack(), 120))
     honest.check()
     trickled, stalled, huge = results[:3], results[3:7], results[7:]
@@ -453,7 +448,7 @@ def test_the_target_still_serves_a_route_through_it_and_logged_no_traceback(
     peers.unban(target["peer_id"])
     peers.ban(spare, "test: leave the target as the only node for 0:15")
     result = client.generate(PROMPT, PARAMS)
-    assert result.token_ids == reference
+    assert result.token_ids == reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids
     assert target["peer_id"] in [h.peer_id for h in result.route] and not result.recoveries
     log = (local.state_dir / "node-0.log").read_text(errors="replace")
     assert "Traceback" not in log, log[-3000:]

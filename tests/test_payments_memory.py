@@ -11,7 +11,7 @@ from memswarm import MemorySwarm
 from layerchain.errors import ConfigError, InsufficientFunds, NoRoute
 from layerchain.ledger import LedgerConfig, open_ledger
 from layerchain.market import ChannelPayer, Wallet, reservation_amount
-from layerchain.model import LocalModel, SamplingParams, resolve_model
+from layerchain.model import SamplingParams
 from layerchain.node import Node
 
 PROMPT = "What is the capital of France?"
@@ -21,11 +21,6 @@ PARAMS = SamplingParams(max_new_tokens=10)
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir) -> str:
     return str(tiny_model_dir("llama", tokenizer=True))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model):
-    return LocalModel(resolve_model(tiny_model)).generate(PROMPT, PARAMS)
 
 
 @pytest.fixture
@@ -64,7 +59,7 @@ def test_each_node_redeems_tokens_times_blocks_times_price(tiny_model, reference
             await swarm.close()
 
     result, nodes = run(main())
-    assert result.token_ids == reference.token_ids
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
     # every token the hops saw: the prompt at prefill, then each generated token but the last
     tokens = result.prompt_tokens + len(result.token_ids) - 1
     max_length = result.prompt_tokens + PARAMS.max_new_tokens
@@ -170,7 +165,7 @@ def test_a_wrong_receipt_bans_the_peer_and_the_answer_is_unchanged(
             await swarm.close()
 
     result, bad, client = run(main())
-    assert result.token_ids == reference.token_ids
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
     assert [r.peer_id for r in result.recoveries] == [bad.peer_id]
     assert "receipt" in result.recoveries[0].reason
     assert bad.peer_id in client.peers.banned()

@@ -16,7 +16,7 @@ import pytest
 
 from layerchain.errors import FrameError, LimitExceeded, UnknownSession, VersionMismatch
 from layerchain.local import LocalSwarm, swarm_down
-from layerchain.model import LocalModel, SamplingParams
+from layerchain.model import DEFAULT_MODEL, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,7 @@ PROMPTS = [
     "What is the capital of France?",
 ]
 TOKENS = 32
+PARAMS = SamplingParams(max_new_tokens=TOKENS)
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -42,13 +43,6 @@ def alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
-
-
-@pytest.fixture(scope="module")
-def reference(smollm2_spec):
-    local = LocalModel(smollm2_spec)
-    params = SamplingParams(max_new_tokens=TOKENS)
-    return {p: local.generate(p, params).token_ids for p in PROMPTS}
 
 
 def _up(state_dir, *args):
@@ -81,7 +75,7 @@ def test_generation_matches_single_process(swarm3, reference):
                "--max-new-tokens", str(TOKENS), "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    assert out["token_ids"] == reference[PROMPTS[0]]
+    assert out["token_ids"] == list(reference(DEFAULT_MODEL, PROMPTS[0], PARAMS).token_ids)
     assert len(out["token_ids"]) == TOKENS
     assert [(h["start"], h["end"]) for h in out["route"]] == [(0, 10), (10, 20), (20, 30)]
 
@@ -99,7 +93,7 @@ def test_four_concurrent_clients(swarm3, reference):
 
     results = asyncio.run(asyncio.wait_for(main(), 180))
     for prompt, result in zip(PROMPTS, results):
-        assert result.token_ids == reference[prompt], prompt
+        assert result.token_ids == reference(DEFAULT_MODEL, prompt, PARAMS).token_ids, prompt
     assert "Paris" in results[3].text
 
 
@@ -163,7 +157,7 @@ def test_overlapping_spans(tmp_path, reference):
                    "--max-new-tokens", str(TOKENS), "--json")
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout)
-        assert out["token_ids"] == reference[PROMPTS[1]]
+        assert out["token_ids"] == list(reference(DEFAULT_MODEL, PROMPTS[1], PARAMS).token_ids)
         blocks = [b for hop in out["route"] for b in range(hop["start"], hop["end"])]
         assert blocks == list(range(30))
     finally:

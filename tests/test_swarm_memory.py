@@ -12,20 +12,15 @@ import pytest
 from memswarm import MemorySwarm
 
 from layerchain.errors import LimitExceeded, NoRoute, PeerBusy, UnknownSession
-from layerchain.model import LocalModel, SamplingParams, resolve_model
+from layerchain.model import SamplingParams
 
 PROMPT = "What is the capital of France?"
+PARAMS = SamplingParams(max_new_tokens=16)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir) -> str:
     return str(tiny_model_dir("llama", tokenizer=True))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model):
-    params = SamplingParams(max_new_tokens=16)
-    return LocalModel(resolve_model(tiny_model)).generate(PROMPT, params)
 
 
 def run(coro):
@@ -45,8 +40,8 @@ def test_three_nodes_match_the_single_process_model(tiny_model, reference, tmp_p
             await swarm.close()
 
     result = run(main())
-    assert result.token_ids == reference.token_ids
-    assert result.text == reference.text
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
+    assert result.text == reference(tiny_model, PROMPT, PARAMS).text
     assert [(h.start, h.end) for h in result.route] == [(0, 1), (1, 3), (3, 4)]
     assert result.recoveries == ()
 
@@ -62,7 +57,7 @@ def test_overlapping_spans_use_sub_ranges(tiny_model, reference, tmp_path):
             await swarm.close()
 
     result = run(main())
-    assert result.token_ids == reference.token_ids
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
     covered = [b for hop in result.route for b in range(hop.start, hop.end)]
     assert covered == [0, 1, 2, 3]
 
@@ -97,7 +92,7 @@ def test_a_failing_hop_is_replaced_and_the_answer_is_unchanged(tiny_model, refer
             await swarm.close()
 
     result, _ = run(main())
-    assert result.token_ids == reference.token_ids
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
     assert len(result.recoveries) == 1
     recovery = result.recoveries[0]
     assert (recovery.start, recovery.end) == (0, 2)
@@ -117,7 +112,7 @@ def test_busy_node_is_skipped(tiny_model, reference, tmp_path):
             await swarm.close()
 
     result, small = run(main())
-    assert result.token_ids == reference.token_ids
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
 
 
 def test_uncovered_blocks_are_named(tiny_model, tmp_path):
@@ -162,7 +157,7 @@ def test_routing_limits_per_generation(tiny_model, reference, tmp_path):
     fast, thrifty, again, dear, cheap, config = run(main())
     assert {h.peer_id for h in fast.route} == dear == {h.peer_id for h in again.route}
     assert {h.peer_id for h in thrifty.route} == cheap
-    assert fast.token_ids == thrifty.token_ids == reference.token_ids
+    assert fast.token_ids == thrifty.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
     assert config.max_price is None
 
 
