@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from layerchain.local import node_env
 from layerchain.openmp import SPIN_ROUNDS, tune_openmp
 
@@ -34,14 +36,17 @@ def _run(imports: str, **env: str) -> list[str]:
     return out.stdout.split()
 
 
+@pytest.mark.slow  # a fresh interpreter each (torch loads: seconds)
 def test_importing_layerchain_leaves_the_environment_alone():
     assert _run("import layerchain, layerchain.client") == ["None", "None"]
 
 
+@pytest.mark.slow
 def test_the_cli_entry_point_tunes_openmp_before_torch_loads():
     assert _run("import layerchain.cli.main") == [str(SPIN_ROUNDS)] * 2
 
 
+@pytest.mark.slow
 def test_a_users_own_setting_wins():
     assert _run("import layerchain.cli.main", GOMP_SPINCOUNT="7") == ["7", "7"]
     assert _run("import layerchain.cli.main", OMP_WAIT_POLICY="PASSIVE") == ["None", "None"]
