@@ -287,6 +287,13 @@ def test_costs_are_bounded_before_planning(field, value):
         RoutePeer(**{**values, field: value})
 
 
+def test_peer_to_peer_rtts_are_bounded_too():
+    peers = [RoutePeer("a", 0, 4, 1.0, 1.0, 1.0), RoutePeer("b", 4, 8, 1.0, 1.0, 1.0)]
+    for rtt in (1e308, float("inf"), float("nan"), -1.0):
+        with pytest.raises(ConfigError, match="peer_rtts"):
+            plan_route(peers, 8, mode="push", peer_rtts={("a", "b"): rtt})
+
+
 def test_extreme_but_allowed_costs_plan_a_valid_route():
     from layerchain.routing.route import MAX_MS_PER_BLOCK, MAX_PRICE_PER_BLOCK, MAX_RTT_MS
 

@@ -38,7 +38,15 @@ import numpy as np
 
 from layerchain.errors import ConfigError, InvalidPlan, NoRoute, RoutingError
 from layerchain.routing.relaxed import PeerArrays, relaxed_cost_to_go, relaxed_forward
-from layerchain.routing.route import EPS, MODES, RoutePeer, RoutePlan, check_route, make_plan
+from layerchain.routing.route import (
+    EPS,
+    MAX_RTT_MS,
+    MODES,
+    RoutePeer,
+    RoutePlan,
+    check_route,
+    make_plan,
+)
 from layerchain.routing.search import Bounds, SearchSpec, search
 from layerchain.types import Hop
 
@@ -148,6 +156,10 @@ class _Planner:
             by_id[peer.id] = peer
         self.by_id, self.alpha, self.mode = by_id, float(alpha), mode
         self.peer_rtts = dict(peer_rtts or {})
+        for pair, rtt in self.peer_rtts.items():
+            if (isinstance(rtt, bool) or not isinstance(rtt, (int, float))
+                    or not 0 <= rtt <= MAX_RTT_MS):
+                raise ConfigError(f"peer_rtts {pair} is {rtt!r}: it must be in [0, {MAX_RTT_MS:g}]")
         self.excluded = sorted(set(exclude) & set(by_id))
         self.arr = PeerArrays.build(list(peers), start, end, self.excluded)
         gaps = self.arr.uncovered()
