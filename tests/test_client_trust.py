@@ -241,10 +241,12 @@ def test_a_prompt_longer_than_one_step_matches_the_local_model(long_context_mode
 
 
 class SlowNode(Node):
-    """A node that announces 2 ms per block per token and takes 1 ms per block per token."""
+    """A node that announces ``CLAIM`` ms per block per token and takes 1 ms."""
+
+    CLAIM = 2.0
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, ms_per_block=2.0, **kwargs)
+        super().__init__(*args, ms_per_block=self.CLAIM, **kwargs)
 
     async def handle(self, msg, *args):
         if isinstance(msg, m.Step):
@@ -269,6 +271,30 @@ def test_a_long_step_gets_a_deadline_scaled_to_its_work(tiny_model, tmp_path):
     result, banned = run(main())
     assert len(result.token_ids) == PARAMS.max_new_tokens and banned == set()
     assert not result.recoveries
+
+
+class UnderclaimingNode(SlowNode):
+    CLAIM = 0.001  # a thousand times faster than it is
+
+
+def test_a_long_step_gets_the_time_its_measured_speed_needs(tiny_model, tmp_path):
+    """A peer that claims to be far faster than it is: once its decode steps are measured,
+    a long step's deadline follows what was measured, not the claim."""
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            await swarm.add_node(0, 4, tmp_path / "under", node_class=UnderclaimingNode)
+            client = swarm.client(step_timeout_s=0.3)
+            short = await client.generate(PROMPT, PARAMS)  # 7 decode steps measured
+            long = await client.generate(words(200), PARAMS, raw=True)  # 0.8 s prefill
+            return short, long, client.peers.banned()
+        finally:
+            await swarm.close()
+
+    short, long, banned = run(main())
+    assert banned == set() and not short.recoveries and not long.recoveries
+    assert len(long.token_ids) == PARAMS.max_new_tokens
 
 
 def test_step_deadlines_and_sizes():

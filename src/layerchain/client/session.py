@@ -302,7 +302,7 @@ class InferenceSession:
         peer_id, tokens = hs.hop.peer_id, tokens_of(hidden)
         amount = step_amount(tokens, hs.blocks, hs.verifier.price_per_block)
         voucher = self._pay(hs, amount)  # before any await: vouchers go out in order
-        timeout = step_timeout_s(self.config, tokens, hs.blocks, hs.record.ms_per_block)
+        timeout = self._step_timeout(hs, tokens)
         t0 = time.perf_counter()
         try:
             rpc = await self.peers.client(peer_id)
@@ -324,6 +324,14 @@ class InferenceSession:
         self._count(hs, tokens, 0 if voucher else amount)
         hs.inputs.append(hidden)
         return out
+
+    def _step_timeout(self, hs: HopSession, tokens: int) -> float:
+        """Seconds the step may take: scaled to the work at the slower of the peer's claimed
+        and measured speed (a peer that under-claims still gets the time it needs)."""
+        ms = hs.record.ms_per_block
+        if tokens > 1 and hs.hop.peer_id in self.peers.records:  # not on the decode path
+            ms = max(ms, self.peers.speed(hs.hop.peer_id))
+        return step_timeout_s(self.config, tokens, hs.blocks, ms)
 
     def _pay(self, hs: HopSession, amount: int) -> bytes:
         """The voucher paying ``amount`` for the next step (b"" when nothing is paid);
