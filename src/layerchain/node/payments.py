@@ -24,10 +24,11 @@ asked to close it, nothing more is served and the node redeems at once; and a pr
 is not longer than its redemption interval, so even a channel closed between sessions is
 redeemed before the payer's refund.
 
-The latest voucher of each channel is kept in ``DATA_DIR/vouchers`` and redeemed on the
-ledger when a session closes, every ``redeem_interval_s``, when a close request is seen,
-at start (what a previous run left) and at stop, in a worker thread: the SQLite write
-never blocks the event loop. After a round that changed the ledger, the node appends a
+The latest voucher of each channel is written to ``DATA_DIR/vouchers`` behind the steps
+(a worker thread, within ``SAVE_DELAY_S``) and redeemed on the ledger when a session
+closes, every ``redeem_interval_s``, when a close request is seen, at start (what a
+previous run left) and at stop, in a worker thread: the SQLite write never blocks the
+event loop. After a round that changed the ledger, the node appends a
 checkpoint of the journal head, signed with its wallet, to ``DATA_DIR/checkpoints.jsonl``.
 
 Uptime: a node started with a ``stake`` registers on the ledger (staking that much of its
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,7 @@ class NodePayments:
         self._rechecking: set[str] = set()  # channels being re-read from the ledger
         self._unsaved: dict[str, bytes] = {}  # channel id -> latest voucher not on disk yet
         self._saving = False
+        self._write_lock = threading.Lock()  # one thread writes voucher files at a time
         self.redeemed = 0  # credits this node redeemed since it started
 
     @property
@@ -217,18 +220,29 @@ class NodePayments:
         self._spawn(self._save())
 
     async def _save(self) -> None:
-        store = self.store
-        assert store is not None
         try:
             await asyncio.sleep(SAVE_DELAY_S)
-            batch, self._unsaved = list(self._unsaved.values()), {}
-            await asyncio.to_thread(lambda: [store.save(data) for data in batch])
-        except OSError as error:
-            log.warning("could not save vouchers: %s", error)
+            await self._flush()
         finally:
             self._saving = False
         if self._unsaved:
             self._save_soon()
+
+    async def _flush(self) -> None:
+        """Write the vouchers accepted since the last write (a worker thread, one at a time)."""
+        store, batch, self._unsaved = self.store, list(self._unsaved.values()), {}
+        if store is None or not batch:
+            return
+
+        def write() -> None:
+            with self._write_lock:
+                for data in batch:
+                    store.save(data)
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as error:
+            log.warning("could not save vouchers: %s", error)
 
     def _redeem_soon(self) -> None:
         """Redeem in the background (a channel is closing): the refund must not come first."""
@@ -257,6 +271,7 @@ class NodePayments:
         """Redeem the latest vouchers on the ledger; credits gained (0 without a ledger)."""
         if self.book is None or self.ledger is None:
             return 0
+        await self._flush()  # on disk first: a refused or failed redemption is retried later
         async with self._redeem_lock:
             vouchers = self.book.latest()
             if not vouchers:
