@@ -43,8 +43,9 @@ from layerchain.types import Span
 
 PROMPT = "What is the capital of France?"
 SPANS = (Span(0, 15), Span(0, 15), Span(15, 30))  # target, spare, tail
-MAX_CACHE_TOKENS = 6144  # every node's KV-cache budget: below the model's 8192 context, so a
-# request can be too long for every node and still be a valid request of the model
+MAX_CACHE_TOKENS = 20_000  # every node's KV-cache budget; one session may reserve a quarter
+# of it (the node default), so the long prompt fits and a request longer than any node
+# admits is still within the model's 8,192-token context
 RATIO_TARGET = 0.8
 ATTACK_GRACE_S = 90.0  # an attack still running this long after its window is cut off
 

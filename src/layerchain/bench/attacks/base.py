@@ -14,11 +14,13 @@ failed) to decide ``blocked``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from layerchain.client import Swarm
+from layerchain.client.state import SwarmState
 from layerchain.model import SamplingParams
 
 
@@ -139,20 +141,36 @@ class Outcome:
 Attack = Callable[[Stage], Awaitable[Outcome]]
 
 
-def banned_now(client: Swarm) -> set[str]:
-    """Peer ids the client bans at this moment (read from another thread: retried if the
-    client's loop changed the bans mid-read)."""
-    for _ in range(10):
+def client_view(client: Swarm) -> SwarmState:
+    """The honest client's view of the swarm now (``AsyncSwarm.state``), read from another
+    thread: retried if the client's loop changed its peers mid-read."""
+    for _ in range(20):
         try:
-            return set(client.core.peers.banned())
+            return client.core.state()
         except RuntimeError:  # dictionary changed size during iteration
-            continue
-    return set()
+            time.sleep(0.01)
+    return client.core.state()
+
+
+def banned_now(client: Swarm) -> set[str]:
+    """Peer ids the client leaves out of routes for a failure at this moment."""
+    return {n.peer_id for n in client_view(client).nodes if n.banned}
 
 
 def known_peers(client: Swarm) -> set[str]:
     """Peer ids whose records the client holds now."""
-    return set(client.core.peers.records.copy())  # dict.copy is atomic under the GIL
+    return {n.peer_id for n in client_view(client).nodes}
+
+
+async def after_generations(stage: Stage, count: int, timeout_s: float = 90.0) -> int:
+    """Wait until the honest load has completed ``count`` more generations than now (so at
+    least ``count - 1`` of them started, and re-read the swarm's records, after this call),
+    or ``timeout_s``; return how many completed meanwhile."""
+    start = len(stage.honest.generations)
+    deadline = time.monotonic() + timeout_s
+    while len(stage.honest.generations) < start + count and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return len(stage.honest.generations) - start
 
 
 class Stopwatch:

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import asyncio
 
-from layerchain.bench.attacks.base import Outcome, Stage, Stopwatch, banned_now, known_peers
+from layerchain.bench.attacks.base import (
+    Outcome,
+    Stage,
+    Stopwatch,
+    after_generations,
+    banned_now,
+    known_peers,
+)
 from layerchain.bench.attacks.tools import (
     AttackerDHT,
     FakePeer,
@@ -26,15 +33,17 @@ from layerchain.market import Wallet
 from layerchain.types import Span
 
 CLAIMS_MS_PER_BLOCK = (0.0, 1e-3, 0.01, 0.1)  # the fastest claim the validator accepts is used
-RELAY_DELAY_S = 0.1  # each step through the slow liar takes this much longer (~3 ms/block)
+RELAY_DELAY_S = 0.25  # each step through the slow liar takes this much longer: ~17 ms per
+# block of its 15, against ~2 for an honest node of this machine
 
 
 async def slow_liar(stage: Stage) -> Outcome:
     """A relay to the spare node that announces the spare's span, claims (almost) zero
     ms per block and delays every step result by ``RELAY_DELAY_S``: correct but slow.
 
-    Observed: the client sent steps through it. Held: the honest client's last two
-    generations route around it (it learnt what the liar delivers)."""
+    Observed: the client sent steps through it. Held: of the honest generations that
+    started after it was announced, the last two route around it (the client learnt
+    what the liar delivers)."""
     window = Stopwatch(stage.duration_s)
     relay = RelayPeer(stage.spare.endpoint, RELAY_DELAY_S)
     endpoint = await relay.listen()
@@ -44,13 +53,12 @@ async def slow_liar(stage: Stage) -> Outcome:
     # the spare's wallet: the receipts it signs then match the liar's record
     template = record_template(identity, stage.model_id, span, endpoint, 1.0, stage.spare.wallet,
                                stage.duration_s + 30)
-    first = len(stage.honest.generations)
     try:
         claim = accepted_claim(identity, template, "ms_per_block", CLAIMS_MS_PER_BLOCK)
         await dht.publish("slow_liar", identity, template, ms_per_block=claim)
-        while window:
-            await asyncio.sleep(0.25)
-        while len(stage.honest.generations) < first + 3:  # at least three generations under it
+        first = len(stage.honest.generations)  # the one in flight may not know the liar yet
+        waiting = asyncio.create_task(after_generations(stage, 4))  # learn, then two to judge
+        while window or not waiting.done():
             await asyncio.sleep(0.25)
         routes = stage.honest.routes_since(first)
         through = [identity.peer_id in r for r in routes]
@@ -58,7 +66,7 @@ async def slow_liar(stage: Stage) -> Outcome:
             "claimed_ms_per_block": claim,
             "steps_relayed": relay.seen.requests.get("Step", 0),
             "generations": len(routes),
-            "generations_through_liar": sum(through),
+            "through_liar": through,
             "read_by_client": identity.peer_id in known_peers(stage.client),
         }
         observed = relay.seen.requests.get("Step", 0) > 0
@@ -100,7 +108,8 @@ async def error_code_liars(stage: Stage) -> Outcome:
             fakes.append(fake)
             liars[identity.peer_id] = (on_open or on_step, fake)
         banned: set[str] = set()
-        while window:
+        waiting = asyncio.create_task(after_generations(stage, 3))
+        while window or not waiting.done():
             banned |= banned_now(stage.client) & set(liars)
             await asyncio.sleep(0.25)
         banned |= banned_now(stage.client) & set(liars)
@@ -141,9 +150,12 @@ async def ban_evasion(stage: Stage) -> Outcome:
             claim = accepted_claim(identity, template, "ms_per_block", CLAIMS_MS_PER_BLOCK)
             await dht.publish(how, identity, template, ms_per_block=claim)
             incarnations.append((how, endpoint))
-            turn = Stopwatch(min(window.remaining(), stage.duration_s / 3))
-            while turn and not fake.seen[endpoint].requests.get("Step", 0):
-                await asyncio.sleep(0.2)  # until it is used (and so fails, and is banned)
+            # until it is used (and so fails, and is banned), or two honest generations
+            # (one started after it was announced) passed it by
+            turn = asyncio.create_task(after_generations(stage, 2))
+            while not turn.done() and not fake.seen[endpoint].requests.get("Step", 0):
+                await asyncio.sleep(0.2)
+            turn.cancel()
             if incarnations[:-1]:
                 await fake.close_port(incarnations[-2][1])
         while window:

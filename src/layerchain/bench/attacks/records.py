@@ -10,8 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-from layerchain.bench.attacks.base import Outcome, Stage, Stopwatch, known_peers
-from layerchain.bench.attacks.tools import AttackerDHT, FakePeer, pong_only, record_template
+from layerchain.bench.attacks.base import Outcome, Stage, Stopwatch, after_generations, known_peers
+from layerchain.bench.attacks.tools import (
+    AttackerDHT,
+    FakePeer,
+    held_by_honest_nodes,
+    pong_only,
+    record_template,
+)
 from layerchain.discovery import Identity
 from layerchain.market import Wallet
 from layerchain.types import Span
@@ -59,12 +65,14 @@ async def forged_records(stage: Stage) -> Outcome:
                                                          1.0, wallet, ttl), **fields)
             for (label, (span, fields)), identity in zip(
                 forgeries.items(), (Identity.generate() for _ in forgeries))))
-        held = await dht.held(range(stage.num_blocks))
+        reading = asyncio.create_task(held_by_honest_nodes(stage.initial_peers, stage.model_id, range(stage.num_blocks)))
         seen: set[str] = set()
-        while window:  # what the client reads, while the honest load keeps refreshing it
+        waiting = asyncio.create_task(after_generations(stage, 2))  # the client re-read the DHT
+        while window or not waiting.done():  # what the client reads, while it keeps refreshing
             seen |= known_peers(stage.client)
             await asyncio.sleep(0.25)
         seen |= known_peers(stage.client)
+        held = await reading
         per_forgery = {
             p.label: {"stored_blocks": p.stored, "held_by_dht": p.peer_id in held,
                       "read_by_client": p.peer_id in seen}
@@ -87,11 +95,12 @@ async def forged_records(stage: Stage) -> Outcome:
 
 async def rotating_endpoints(stage: Stage) -> Outcome:
     """Every round, ``per_round`` new identities announce block 0 at new live endpoints (each
-    answers pings and refuses sessions) for one round only; then the attacker goes quiet.
+    answers pings and refuses sessions), stay until the client has read them, and leave
+    (tombstones) as the next round's come; then the attacker goes quiet.
 
-    Observed: the client connected to the fake endpoints. Held: once every fake record has
-    expired and the client has refreshed, it holds at most one round's worth of
-    connections to them (it does not keep a socket per endpoint ever seen)."""
+    Observed: the client pinged the fake peers. Held: the client never holds
+    more than two rounds' worth of connections to them (they do not grow with the
+    endpoints ever seen), and none once every fake record has expired and it refreshed."""
     rounds, per_round = (3, 20) if stage.duration_s < 15 else (6, 40)
     round_s = stage.duration_s / (rounds + 1)
     fake = FakePeer(pong_only)
@@ -102,14 +111,18 @@ async def rotating_endpoints(stage: Stage) -> Outcome:
         for _ in range(rounds):
             t0 = time.monotonic()
             endpoints = [await fake.listen() for _ in range(per_round)]
+            waiting = asyncio.create_task(after_generations(stage, 2))
             await asyncio.gather(*(
-                _announce_once(dht, stage, e, wallet, ttl_s=round_s + 1.0) for e in endpoints))
+                _announce_once(dht, stage, e, wallet, ttl_s=30.0) for e in endpoints))
+            await waiting  # the client re-read the records (and pinged the new peers) since
             await asyncio.sleep(max(0.0, round_s - (time.monotonic() - t0)))
             peaks.append(fake.total().open)
-        # all fake records expire now; give the client two refreshes to notice
-        settle = Stopwatch(round_s + 2.0 + 2 * stage.client.core.config.refresh_s)
-        while settle and fake.total().open > per_round:
-            await asyncio.sleep(0.5)
+            await dht.withdraw_all()  # this round's peers leave; the next round's come
+        # every fake record is withdrawn now; the client notices at its next refreshes
+        waiting = asyncio.create_task(after_generations(stage, 2))
+        while not waiting.done() and fake.total().open > 0:
+            await asyncio.sleep(0.25)
+        waiting.cancel()
         total = fake.total()
         details: dict[str, object] = {
             "fake_endpoints": rounds * per_round,
@@ -119,10 +132,12 @@ async def rotating_endpoints(stage: Stage) -> Outcome:
             "connections_accepted": total.accepted,
             "pings": total.requests.get("Ping", 0),
         }
-        return Outcome(observed=total.accepted > 0, held=total.open <= per_round and
-                       max(peaks, default=0) <= 2 * per_round, details=details)
+        bounded = max(peaks, default=0) <= 2 * per_round  # does not grow with the rounds
+        return Outcome(observed=total.requests.get("Ping", 0) > 0,
+                       held=bounded and total.open == 0, details=details)
     finally:
-        await dht.close()  # its records have expired
+        await dht.withdraw_all()
+        await dht.close()
         await fake.close()
 
 

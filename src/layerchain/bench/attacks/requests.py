@@ -13,6 +13,7 @@ import time
 from layerchain.bench.attacks.base import Outcome, Stage, Stopwatch, banned_now
 from layerchain.bench.attacks.nodes import _probe_ping
 from layerchain.model import SamplingParams
+from layerchain.wire import Info, InfoReply, RpcClient, TcpTransport
 
 
 def prompt_of(tokenizer: object, tokens: int, seed_text: str) -> str:
@@ -28,13 +29,15 @@ PROSE = ("The harbour wakes before the town does: gulls argue over the nets, a b
 
 
 async def ban_poisoning(stage: Stage) -> Outcome:
-    """Through the shared client, a request whose prompt is longer than any node's cache
-    (yet within the model's context), twice; the honest load goes on meanwhile.
+    """Through the shared client, a request whose prompt is longer than any node admits
+    for one session (yet, where they admit less than the model's context, within it),
+    twice; the honest load goes on meanwhile.
 
     Observed: the request was answered (an error, as it must be). Held: it banned no
     honest node, and failed with a request error, not a peer error."""
     window = Stopwatch(stage.duration_s)
-    tokens = stage.max_cache_tokens + 512
+    admitted = await asyncio.gather(*(_admissible(n.endpoint) for n in stage.honest_nodes))
+    tokens = max(admitted) + 256
     prompt = prompt_of(stage.client.core.tokenizer, tokens, PROSE)
     outcomes: list[str] = []
     banned_honest: set[str] = set()
@@ -53,12 +56,22 @@ async def ban_poisoning(stage: Stage) -> Outcome:
     request_errors = [o for o in outcomes if o.split(":")[0] in _REQUEST_ERRORS]
     details: dict[str, object] = {
         "prompt_tokens": tokens,
-        "max_cache_tokens": stage.max_cache_tokens,
+        "nodes_admit_tokens": admitted,
         "outcomes": outcomes,
         "honest_nodes_banned": len(banned_honest),
     }
     return Outcome(observed=len(outcomes) == 2,
                    held=not banned_honest and len(request_errors) == len(outcomes), details=details)
+
+
+async def _admissible(endpoint: str) -> int:
+    """The cache tokens a node says one new session may have (its Info reply)."""
+    rpc = RpcClient(await TcpTransport().connect(endpoint))
+    try:
+        reply = await rpc.call(Info(0), 5.0)
+        return reply.free_cache_tokens if isinstance(reply, InfoReply) else 0
+    finally:
+        await rpc.close()
 
 
 _REQUEST_ERRORS = {"RequestTooLarge", "LimitExceeded", "UserError"}  # the request's own fault

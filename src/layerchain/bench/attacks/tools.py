@@ -127,8 +127,10 @@ class AttackerDHT:
         def make() -> object:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
+                # no local copies: what it reads back is what the honest nodes hold
                 return hivemind.DHT(initial_peers=list(initial_peers), start=True,
-                                    client_mode=True, num_workers=4, wait_timeout=3.0)
+                                    client_mode=True, num_workers=4, wait_timeout=3.0,
+                                    cache_locally=False, cache_on_store=False, cache_nearest=0)
 
         return cls(await asyncio.to_thread(make), model_id)
 
@@ -154,7 +156,8 @@ class AttackerDHT:
         return published
 
     async def held(self, blocks: range) -> set[str]:
-        """Sub-keys the honest DHT nodes hold under ``blocks``."""
+        """Sub-keys found under ``blocks``. The peer that stored them keeps its own copies
+        whatever it is told, so ask a fresh one (``held_by_honest_nodes``)."""
         keys = [block_key(self.model_id, b) for b in blocks]
         return set(await self._call(_sub_keys, keys=keys))  # type: ignore[arg-type]
 
@@ -180,6 +183,16 @@ class AttackerDHT:
         dht, self._dht = self._dht, None
         if dht is not None:
             await asyncio.to_thread(_shutdown, dht)
+
+
+async def held_by_honest_nodes(initial_peers: Sequence[str], model_id: str, blocks: range) -> set[str]:
+    """Sub-keys the honest DHT nodes hold under ``blocks``, read by a DHT peer of the
+    attacker's that stored nothing."""
+    reader = await AttackerDHT.start(initial_peers, model_id)
+    try:
+        return await reader.held(blocks)
+    finally:
+        await reader.close()
 
 
 def _shutdown(dht: object) -> None:
@@ -397,6 +410,7 @@ __all__ = [
     "Seen",
     "error_codes",
     "forge_blob",
+    "held_by_honest_nodes",
     "hang_up_on_step",
     "pong_only",
     "record_template",

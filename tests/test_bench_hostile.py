@@ -1,0 +1,191 @@
+"""`layerchain bench hostile`: the attacker's tools, in process, and a reduced bench with real
+node processes (``slow``).
+
+The tools must really attack: a forged blob is signed and carries the forged value (only
+the validator can refuse it), a fake peer speaks the wire protocol, the relay delays step
+results and nothing else. The reduced bench (``--quick``) must report the issue's JSON
+shape, show that every attack reached its target (the forged control record was read back
+by the client, the slow sockets connected, the liars were asked for sessions ...), and
+show blocked the attacks whose defences have landed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from layerchain.bench.attacks import ATTACKS
+from layerchain.bench.attacks.tools import (
+    FakePeer,
+    RelayPeer,
+    accepted_claim,
+    error_codes,
+    forge_blob,
+    record_template,
+)
+from layerchain.discovery import Identity
+from layerchain.discovery.identity import verify
+from layerchain.discovery.records import check_fresh, open_record
+from layerchain.errors import ConfigError, LayerchainError, ProtocolError
+from layerchain.market import Wallet
+from layerchain.types import Span
+from layerchain.wire import OpenSession, Ping, Pong, RpcClient, SessionOpened, Step, StepResult, TcpTransport
+
+MODEL_ID = "m" * 64
+
+
+def template(identity: Identity, endpoint: str = "tcp://127.0.0.1:4000"):
+    return record_template(identity, MODEL_ID, Span(0, 30), endpoint, 1.0,
+                           Wallet.generate().address, ttl_s=60)
+
+
+# ------------------------------------------------------------------------------ tools
+
+
+@pytest.mark.parametrize("fields", [
+    {"ms_per_block": 0.0}, {"ms_per_block": 1e308}, {"endpoint": "tcp://:31337"},
+    {"endpoint": "tcp://127.0.0.1:99999"}, {"expires_at": time.time() + 50 * 365 * 86400},
+    {"wallet": "0xnot-an-address"}, {"price_per_block": 2**63 - 1},
+])
+def test_a_forged_blob_is_signed_and_carries_the_forged_value(fields):
+    identity = Identity.generate()
+    blob = forge_blob(identity, template(identity), **fields)
+    payload, signature = msgpack.unpackb(blob, raw=False)
+    assert verify(identity.public_key, signature, payload)  # so only range checks refuse it
+    (name, value), = fields.items()
+    assert msgpack.unpackb(payload, raw=False)[name] == value
+    with pytest.raises(ProtocolError):  # and they do
+        check_fresh(open_record(blob), time.time())
+
+
+def test_an_untouched_forgery_is_a_valid_record_and_the_claim_ladder_stops_at_the_floor():
+    identity = Identity.generate()
+    tpl = template(identity)
+    assert open_record(forge_blob(identity, tpl)) == tpl
+    claim = accepted_claim(identity, tpl, "ms_per_block", (0.0, 1e-3, 0.01))
+    assert claim > 0.0
+    assert open_record(forge_blob(identity, tpl, ms_per_block=claim)).ms_per_block == claim
+
+
+def test_fake_peers_answer_pings_and_the_error_codes_they_choose():
+    async def main():
+        fake = FakePeer(error_codes(on_open="insufficient_funds"))
+        endpoint = await fake.listen()
+        rpc = RpcClient(await TcpTransport().connect(endpoint))
+        try:
+            pong = await rpc.call(Ping(0, 5), 2.0)
+            with pytest.raises(LayerchainError, match="insufficient_funds"):
+                await rpc.call(OpenSession(0, "s", MODEL_ID, 0, 30, 16), 2.0)
+        finally:
+            await rpc.close()
+            await asyncio.sleep(0.05)
+            await fake.close()
+        return pong, fake.total()
+
+    pong, seen = asyncio.run(main())
+    assert isinstance(pong, Pong) and pong.nonce == 5
+    assert seen.requests == {"Ping": 1, "OpenSession": 1} and seen.accepted == 1 and seen.open == 0
+
+
+def test_the_relay_delays_step_results_only():
+    def answer(msg):
+        if isinstance(msg, Ping):
+            return Pong(msg.rid, msg.nonce)
+        if isinstance(msg, OpenSession):
+            return SessionOpened(msg.rid, msg.session_id, 16)
+        return StepResult(msg.rid, msg.session_id, msg.step, msg.hidden * 2)
+
+    async def main():
+        backend = FakePeer(answer)
+        relay = RelayPeer(await backend.listen(), delay_s=0.3)
+        rpc = RpcClient(await TcpTransport().connect(await relay.listen()))
+        try:
+            t0 = time.perf_counter()
+            await rpc.call(Ping(0, 1), 2.0)
+            ping_s = time.perf_counter() - t0
+            await rpc.call(OpenSession(0, "s", MODEL_ID, 0, 30, 16), 2.0)
+            t0 = time.perf_counter()
+            out = await rpc.call(Step(0, "s", 0, torch.ones(1, 1, 8)), 2.0)
+            step_s = time.perf_counter() - t0
+        finally:
+            await rpc.close()
+            await relay.close()
+            await backend.close()
+        return ping_s, step_s, out, relay.seen
+
+    ping_s, step_s, out, seen = asyncio.run(main())
+    assert ping_s < 0.25 <= 0.3 <= step_s  # the backend's answer, held back
+    assert torch.equal(out.hidden, torch.full((1, 1, 8), 2.0))
+    assert seen.requests == {"Ping": 1, "OpenSession": 1, "Step": 1}
+
+
+def test_unknown_attacks_are_a_config_error_before_anything_starts():
+    from layerchain.bench.hostile import run_hostile_bench
+    from layerchain.cli.main import app
+
+    with pytest.raises(ConfigError, match="unknown attacks"):
+        run_hostile_bench(attacks=["forged_records", "teleport"])
+    result = CliRunner().invoke(app, ["bench", "hostile", "--attacks", "teleport", "--json"])
+    assert result.exit_code == 1 and "unknown attacks ['teleport']" in result.output
+
+
+# ------------------------------------------------------------------------------ the bench
+
+
+# Attacks whose defences had landed on main when this test was last updated; each must be
+# blocked. The others must still run and be observed (see the report's docstring).
+BLOCKED_BY_NOW = frozenset(ATTACKS)
+
+
+@pytest.fixture(scope="module")
+def report():
+    from layerchain.bench.hostile import run_hostile_bench
+
+    t0 = time.monotonic()
+    out = run_hostile_bench(quick=True)
+    print(f"bench hostile --quick took {time.monotonic() - t0:.0f} s")
+    for row in out["attacks"]:
+        print(row["name"], row["blocked"], row["honest_tokens_per_s_ratio"], row["details"])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_report_has_the_issues_json_shape(report):
+    assert [row["name"] for row in report["attacks"]] == list(ATTACKS)
+    for row in report["attacks"]:
+        assert isinstance(row["blocked"], bool), row
+        assert isinstance(row["honest_tokens_per_s_ratio"], float), row
+        assert row["honest"]["generations"] >= 1, row  # the honest client ran meanwhile
+    assert report["all_blocked"] == all(row["blocked"] for row in report["attacks"])
+    assert report["baseline_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_every_attack_reached_its_target(report):
+    rows = {row["name"]: row for row in report["attacks"]}
+    for name, row in rows.items():
+        assert row["observed"], (name, row["details"])
+    assert rows["forged_records"]["details"]["control_read_by_client"]
+    assert rows["slow_liar"]["details"]["steps_relayed"] > 0
+    assert any(rows["error_code_liars"]["details"]["requests_per_code"].values())
+    assert rows["ban_evasion"]["details"]["sessions_and_steps_per_incarnation"]["first"] > 0
+    assert rows["rotating_endpoints"]["details"]["connections_accepted"] > 0
+    assert rows["slowloris"]["details"]["connected"] >= rows["slowloris"]["details"]["slow_sockets"] // 2
+    assert sum(rows["session_squatting"]["details"]["squatter_sessions"].values()) > 0
+    assert len(rows["ban_poisoning"]["details"]["outcomes"]) == 2
+    assert rows["long_prompt"]["details"]["prompt_tokens"] > 512  # more than one step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", sorted(BLOCKED_BY_NOW))
+def test_landed_defences_block_their_attack(report, name):
+    row = next(r for r in report["attacks"] if r["name"] == name)
+    assert row["blocked"], row
