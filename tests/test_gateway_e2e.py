@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from layerchain.gateway import KeyStore
-from layerchain.local import node_env, stop_pids, swarm_down, swarm_up
+from layerchain.local import LocalProcess, node_env, process_start, stop_pids, swarm_down, swarm_up
 from layerchain.types import even_spans
 
 pytestmark = pytest.mark.slow
@@ -86,6 +86,7 @@ def gateway(swarm, store, keys):
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env=node_env(),
         )
+    started = process_start(proc.pid)
     try:
         url = _wait_for_url(proc, log, 120)
         deadline = time.monotonic() + 60
@@ -101,7 +102,7 @@ def gateway(swarm, store, keys):
         except subprocess.TimeoutExpired:
             pass
         print(f"gateway stopped in {time.perf_counter() - t0:.1f} s")
-        stop_pids([proc.pid], grace_s=1)  # whatever is left of its process group
+        stop_pids([LocalProcess(proc.pid, started)], grace_s=1)  # what is left of its group
     assert proc.returncode == 0, f"SIGTERM did not stop the gateway cleanly: {log.read_text()[-2000:]}"
 
 

@@ -296,6 +296,8 @@ def test_non_finite_numbers_long_prompts_and_big_bodies(tiny_model, tmp_path):
             # the tiny model's context is 256 tokens
             replies["context"] = await client.post("/v1/completions", json={
                 "prompt": "word " * 300, "max_tokens": 4})
+            replies["chars"] = await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "y" * 3000}], "max_tokens": 4})
             replies["body"] = await client.post("/v1/completions", json={
                 "prompt": "x" * 100_000, "max_tokens": 4})
             replies["ok"] = await client.post("/v1/completions", json={
@@ -308,6 +310,9 @@ def test_non_finite_numbers_long_prompts_and_big_bodies(tiny_model, tmp_path):
     assert r["context"].status_code == 400
     assert r["context"].json()["error"]["param"] == "prompt"
     assert "context" in r["context"].json()["error"]["message"]
+    # more characters than 8 per token of context: refused before it is tokenized
+    assert r["chars"].status_code == 400 and "characters" in r["chars"].json()["error"]["message"]
+    assert r["chars"].json()["error"]["param"] == "messages"
     assert r["body"].status_code == 413
     assert r["ok"].status_code == 200, r["ok"].text
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -63,12 +64,14 @@ from layerchain.gateway.config import GatewayConfig
 from layerchain.gateway.guard import BrowserGuard, BrowserPolicy
 from layerchain.gateway.keys import ApiKey, Hold, KeyStore
 from layerchain.gateway.schema import ApiError, GenerationRequest, api_error_for, key_error, sse
-from layerchain.model import DEFAULT_MODEL, encode_prompt
+from layerchain.model import DEFAULT_MODEL, encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 REFRESH_TIMEOUT_S = 5.0  # a dashboard poll waits this long for the DHT, then shows what it has
+MAX_CHARS_PER_TOKEN = 8  # a prompt longer than this many characters per token of context is
+# refused untokenized (English runs ~4 characters a token)
 
 
 def keys_on_at_start(config: GatewayConfig, store: KeyStore) -> bool:
@@ -82,6 +85,12 @@ def keys_on_at_start(config: GatewayConfig, store: KeyStore) -> bool:
                  "or leave out --keys to use the one in --data-dir",
         )
     return config.require_keys or store.count() > 0  # count() raises for an unreadable store
+
+
+def _too_large(param: str, message: str) -> RequestTooLarge:
+    error = RequestTooLarge(message, hint="shorten the prompt or ask for fewer max_tokens")
+    error.param = param  # type: ignore[attr-defined]
+    return error
 
 
 def store_unavailable(error: LayerchainError) -> ApiError:
@@ -130,6 +139,9 @@ class Gateway:
         self.model_names = {n.lower() for n in names}
         # tokens of prompt + answer the model can attend to (None: the config does not say)
         self.context_length: int | None = getattr(self.spec.config, "max_position_embeddings", None)
+        # the gateway's own copy, used in worker threads (the client's runs on the loop)
+        self.tokenizer = load_tokenizer(self.spec)
+        self._tokenizer_lock = threading.Lock()
 
     # ---------------------------------------------------------------- checks
 
@@ -169,20 +181,28 @@ class Gateway:
         except LayerchainError as error:
             raise store_unavailable(error) from None
 
-    def prompt_tokens(self, req: GenerationRequest) -> int:
+    async def prompt_tokens(self, req: GenerationRequest) -> int:
         """The prompt's length in tokens; RequestTooLarge (400) when prompt + max_tokens
-        exceed the model's context."""
+        exceed the model's context. A prompt of more than ``MAX_CHARS_PER_TOKEN`` characters
+        per token of context is refused before it is tokenized (a megabyte takes seconds);
+        the rest is tokenized off the event loop, with the gateway's own tokenizer."""
+        param = "messages" if req.kind == "chat" else "prompt"
         prompt = list(req.prompt) if req.kind == "chat" else req.prompt
-        n = len(encode_prompt(self.swarm.tokenizer, prompt, raw=req.raw))
+        if self.context_length is not None:
+            chars = sum(len(m["content"]) for m in req.prompt) if req.kind == "chat" else len(req.prompt)
+            if chars > self.context_length * MAX_CHARS_PER_TOKEN:
+                raise _too_large(param, f"the prompt has {chars} characters, more than the "
+                                 f"model's context of {self.context_length} tokens can hold")
+        n = await asyncio.to_thread(self._count_tokens, prompt, req.raw)
         if self.context_length is not None and n + req.params.max_new_tokens > self.context_length:
-            error = RequestTooLarge(
-                f"the prompt has {n} tokens and max_tokens is {req.params.max_new_tokens}: more "
-                f"than the model's context of {self.context_length} tokens",
-                hint="shorten the prompt or ask for fewer max_tokens",
-            )
-            error.param = "messages" if req.kind == "chat" else "prompt"  # type: ignore[attr-defined]
-            raise error
+            raise _too_large(param, f"the prompt has {n} tokens and max_tokens is "
+                             f"{req.params.max_new_tokens}: more than the model's context of "
+                             f"{self.context_length} tokens")
         return n
+
+    def _count_tokens(self, prompt: str | list[dict[str, str]], raw: bool) -> int:
+        with self._tokenizer_lock:  # a tokenizer is not safe to use from two threads at once
+            return len(encode_prompt(self.tokenizer, prompt, raw=raw))
 
     async def reserve(self, key: ApiKey, req: GenerationRequest, prompt_tokens: int) -> tuple[Hold, RouteLimits]:
         """Hold the most the request can cost on ``key`` (402 when it cannot), and the
@@ -213,7 +233,7 @@ class Gateway:
             max_tokens_limit=self.config.max_tokens_limit,
         )
         model = self.check_model(req.model)
-        prompt_tokens = self.prompt_tokens(req)
+        prompt_tokens = await self.prompt_tokens(req)
         hold, limits = (None, req.limits) if key is None else await self.reserve(key, req, prompt_tokens)
         record = self.requests.start(RequestRecord(
             id=schema.new_id(kind), kind=kind, stream=req.stream, created=time.time(),
