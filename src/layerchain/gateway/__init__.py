@@ -4,10 +4,12 @@ resellers, and a live dashboard of the swarm at ``/``.
 
 One process: a FastAPI app around one ``AsyncSwarm`` client, served by uvicorn
 (``layerchain api serve``). The gateway sits on top of the client and never talks to nodes
-itself. Modules: ``config`` (GatewayConfig), ``schema`` (the OpenAI shapes, pure),
-``keys`` (the SQLite key store), ``activity`` (what the dashboard shows), ``app`` (the
-HTTP app), ``server`` (uvicorn, start and stop), ``static/`` (the dashboard: plain HTML,
-CSS and JavaScript).
+itself. Modules: ``config`` (GatewayConfig), ``schema`` (the OpenAI shapes and bounds,
+pure), ``keys`` (the SQLite key store: holds and settlement), ``billing`` (what a request
+may cost, pure), ``guard`` (Host, Origin and Content-Type checks against browsers, pure plus
+a thin ASGI middleware), ``activity`` (what the dashboard shows), ``app`` (the HTTP app),
+``server`` (uvicorn, start and stop), ``static/`` (the dashboard: plain HTML, CSS and
+JavaScript).
 """
 
 from layerchain.gateway.config import GatewayConfig
