@@ -401,3 +401,22 @@ def test_a_rewritten_and_rehashed_journal_is_caught_by_a_checkpoint(tmp_path, al
     assert not report.ok
     assert any("checkpoint signed by " + alice.address in p and "missing" in p
                for p in report.problems), report.problems
+
+
+def test_operation_and_checkpoint_signatures_are_contract_checkable(ledger, alice):
+    """What a contract would run: ecrecover over the EIP-191 hash of the digest."""
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    from layerchain.ledger import Checkpoint, sign_checkpoint, verify_checkpoint, verify_operation
+
+    op = new_operation(alice, ledger.ledger_id, "deposit", now=ledger.now(), amount=5)
+    assert len(op.canonical_bytes()) == 196
+    signature = msgpack.unpackb(sign_operation(alice, op))[-1]
+    assert Account.recover_message(encode_defunct(primitive=op.digest()),
+                                   signature=signature) == alice.address
+    assert verify_operation(sign_operation(alice, op)) == op
+    checkpoint = Checkpoint(ledger.ledger_id, 1, ledger.head()[1])
+    assert len(checkpoint.canonical_bytes()) == 104
+    signed = verify_checkpoint(sign_checkpoint(alice, checkpoint))
+    assert (signed.checkpoint, signed.signer) == (checkpoint, alice.address)

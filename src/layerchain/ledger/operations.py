@@ -18,7 +18,7 @@ is a signed operation of the depositor *minting* test credits into its own accou
 journal says so (kind ``deposit``, signed by the credited account). A ledger backed by a
 real chain would instead transfer tokens in.
 
-Canonical bytes (Solidity ``abi.encodePacked``, 216 bytes)::
+Canonical bytes (Solidity ``abi.encodePacked``, 196 bytes)::
 
     bytes32 OPERATION_TYPEHASH = keccak256("layerchain.Operation.v1")
     bytes32 ledger_id      # the ledger's id (genesis entry)
