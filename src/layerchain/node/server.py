@@ -32,6 +32,7 @@ import torch
 
 from layerchain import __version__
 from layerchain.discovery import AnnounceConfig, Announcer, Discovery, PeerRecord
+from layerchain.discovery.records import MAX_MS_PER_BLOCK, MIN_MS_PER_BLOCK
 from layerchain.errors import LimitExceeded, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
 from layerchain.node.config import NodeConfig
@@ -168,7 +169,8 @@ class Node:
             model_id=self.spec.model_id,
             start=self.span.start,
             end=self.span.end,
-            ms_per_block=self.ms_per_block,
+            # within what DHT nodes accept, or the record would be refused and the node vanish
+            ms_per_block=min(max(self.ms_per_block, MIN_MS_PER_BLOCK), MAX_MS_PER_BLOCK),
             price_per_block=self.config.price_per_block,
             free_cache_tokens=0 if self.draining else self.sessions.admissible_tokens,
             wallet=self.wallet,
