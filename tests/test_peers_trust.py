@@ -259,6 +259,22 @@ def test_departed_peers_leave_no_state_behind():
     run(main())
 
 
+def test_ban_state_is_capped_and_forgiven():
+    async def main():
+        view = Swarm().view(max_peers=5, ban_base_s=1.0, ban_max_s=1.0)
+        for i in range(50):
+            view.ban(f"peer-{i:02d}", "test")
+        await view.refresh(force=True)
+        assert len(view._banned_until) == len(view._failures) == 20  # 4 x max_peers
+        assert "peer-49" in view._banned_until  # the latest bans stay
+        view._banned_until = {p: t - 2.5 for p, t in view._banned_until.items()}
+        await view.refresh(force=True)  # ended more than ban_max_s ago: forgiven
+        assert view._banned_until == view._failures == {}
+        await view.close()
+
+    run(main())
+
+
 # ---- 15. a sane default price cap ----------------------------------------------------------
 
 

@@ -202,11 +202,15 @@ class PeerView:
             del self._speed[peer_id]
         now = time.monotonic()
         forgiven = now - self.config.ban_max_s
+        cap = 4 * self.config.max_peers  # ban entries kept at most, per kind
         for until, failures in ((self._banned_until, self._failures),
                                 (self._wallet_banned_until, self._wallet_failures)):
-            for key in [k for k, t in until.items() if t < forgiven]:
+            stale = [k for k, t in until.items() if t < forgiven]
+            if len(until) - len(stale) > cap:  # the soonest to end go first
+                stale += sorted((k for k in until if until[k] >= forgiven),
+                                key=until.__getitem__)[: len(until) - len(stale) - cap]
+            for key in stale:
                 del until[key]
-                failures.pop(key, None)
             for key in [k for k in failures if k not in until]:
                 del failures[key]
         for peer_id in [p for p, t in self._avoid_until.items() if t <= now]:
