@@ -48,7 +48,7 @@ def direct_stream(initial_peers: list[str], model: str, max_tokens: int) -> tupl
 def gateway_stream(url: str, max_tokens: int) -> tuple[list[float], str, float]:
     """The same through the gateway: gaps between content chunks, text, time to first."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=300)
     body = json.dumps({"messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True})
     t0 = time.perf_counter()

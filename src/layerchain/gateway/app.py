@@ -87,6 +87,11 @@ def keys_on_at_start(config: GatewayConfig, store: KeyStore) -> bool:
     return config.require_keys or store.count() > 0  # count() raises for an unreadable store
 
 
+def _prompt_of(req: GenerationRequest) -> str | list[dict[str, str]]:
+    """The request's prompt as the client takes it: text, or a list of messages."""
+    return req.prompt if isinstance(req.prompt, str) else list(req.prompt)
+
+
 def _too_large(param: str, message: str) -> RequestTooLarge:
     error = RequestTooLarge(message, hint="shorten the prompt or ask for fewer max_tokens")
     error.param = param  # type: ignore[attr-defined]
@@ -187,9 +192,9 @@ class Gateway:
         per token of context is refused before it is tokenized (a megabyte takes seconds);
         the rest is tokenized off the event loop, with the gateway's own tokenizer."""
         param = "messages" if req.kind == "chat" else "prompt"
-        prompt = list(req.prompt) if req.kind == "chat" else req.prompt
+        prompt = _prompt_of(req)
         if self.context_length is not None:
-            chars = sum(len(m["content"]) for m in req.prompt) if req.kind == "chat" else len(req.prompt)
+            chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
             if chars > self.context_length * MAX_CHARS_PER_TOKEN:
                 raise _too_large(param, f"the prompt has {chars} characters, more than the "
                                  f"model's context of {self.context_length} tokens can hold")
@@ -243,8 +248,8 @@ class Gateway:
         run = Run(self, req, limits, hold, record)
         try:
             first = await run.open()
-        except BaseException as error:
-            await run.close(error)
+        except BaseException as failure:
+            await run.close(failure)
             raise
         if req.stream:
             return ClosingStreamingResponse(
@@ -371,8 +376,7 @@ class Run:
         """Start the generation and wait for its first token (errors show up here, before
         any byte of the response is sent, so they get their proper status)."""
         self._gen = self.gateway.swarm.generate_stream(
-            list(self.req.prompt) if self.req.kind == "chat" else self.req.prompt,
-            self.req.params, raw=self.req.raw, limits=self.limits,
+            _prompt_of(self.req), self.req.params, raw=self.req.raw, limits=self.limits,
         )
         try:
             return await self._gen.__anext__()

@@ -295,5 +295,7 @@ _COLUMNS = ("key_id, name, balance, spent, requests, created_at, revoked_at, adm
 
 
 def _record(row: tuple) -> ApiKey:
-    *head, admin, held = row
-    return ApiKey(*head, admin=bool(admin), held=int(held))
+    """The record of one ``SELECT {_COLUMNS}`` row."""
+    key_id, name, balance, spent, requests, created_at, revoked_at, admin, held = row
+    return ApiKey(key_id, name, balance, spent, requests, created_at, revoked_at,
+                  admin=bool(admin), held=int(held))

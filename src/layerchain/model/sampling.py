@@ -156,10 +156,10 @@ class StopChecker:
 
     def _decode_new(self) -> str:
         decode = self.tokenizer.decode
-        prefix = decode(
+        prefix: str = decode(
             self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
         )
-        full = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        full: str = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
             return full[len(prefix) :]
