@@ -211,6 +211,7 @@ def test_an_endpoint_seen_once_is_not_a_socket_held_forever():
             await view.client(rotating.peer_id)
             await settle(view)
         assert view.open_connections == 1 and swarm.open == 1
+        assert list(view.rtt_ms) == [rotating.peer_id]  # pinged again at each endpoint
         await view.close()
         await settle(view)
         assert swarm.open == 0

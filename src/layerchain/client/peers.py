@@ -171,8 +171,11 @@ class PeerView:
             usable = [r for r in found if usable_record(r, self.model_id, self.num_blocks, now)]
             if len(usable) < len(found):
                 log.warning("ignored %d unusable peer records", len(found) - len(usable))
-            self.records = {r.peer_id: r for r in self._capped(usable)}
+            old, self.records = self.records, {r.peer_id: r for r in self._capped(usable)}
             self._refreshed_at = time.monotonic()
+            for peer_id, record in self.records.items():  # a round trip is an endpoint's:
+                if peer_id in old and old[peer_id].endpoint != record.endpoint:  # re-ping
+                    self.rtt_ms.pop(peer_id, None)  # (a measured speed is the peer's: kept)
             self._prune()
             new = [p for p in self.records if p not in self.rtt_ms]
             if len(new) > self.config.max_pings:
