@@ -16,7 +16,8 @@ with a non-empty host and a port in 1..65535, or ``mem://NAME`` of the in-memory
 transport), ``ms_per_block`` in ``[MIN_MS_PER_BLOCK, MAX_MS_PER_BLOCK]``, price, free
 cache, RTTs and block indices below hard caps, a wallet that is "" or a checksummed
 20-byte address, printable short strings. A *tombstone* (empty endpoint, see
-``discovery.base``) says "serves nothing": its numbers must be zero and its strings empty.
+``discovery.base``) says "serves nothing": its numbers must be zero, with no wallet and
+no RTTs.
 
 Every failure is a ``ProtocolError`` with a one-line reason. This module knows nothing of
 DHTs; which key a record is stored under is ``discovery.base``'s business.
