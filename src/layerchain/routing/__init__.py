@@ -1,7 +1,8 @@
 """Route planning: the fastest chain of peers within the client's limits (paper §3.1-3.2).
 
 Pure functions over a snapshot of peers; no I/O, no torch. See ``planner`` for the
-algorithms and ``route`` for the records and the latency models.
+algorithms, ``search`` for its exact search, ``route`` for the records, the latency
+models and the bounds every cost stays within, ``limits`` for the default price cap.
 """
 
 from layerchain.routing.limits import default_max_price, median_block_prices
