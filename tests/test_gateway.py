@@ -183,6 +183,9 @@ def test_api_keys_commands(tmp_path):
     assert [(r["key_id"], r["name"], r["balance"], r["revoked"]) for r in rows] == [
         (key_id, "acme", 750, True)]
     assert created["key"] not in cli("list").output
+    admin = json.loads(cli("create", "--name", "ops", "--admin", "--json").output)
+    assert admin["admin"] is True and admin["held"] == 0 and created["admin"] is False
+    assert "admin" in cli("list").output
     bad = cli("topup", "key_nothere", "5")
     assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "no API key" in bad.output
 
