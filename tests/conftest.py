@@ -3,6 +3,7 @@
 * ``smollm2_spec``: the resolved default model (SmolLM2-135M-Instruct GGUF), once per session.
 * ``reference(model, prompt, params)``: the single-process model's answer, the swarm's
   yardstick, computed once per session.
+* ``record_for(identity, start, end, expires_at=None, **fields)``: a peer record to announce.
 * ``tiny_model_dir(family, tokenizer=False)``: a Hugging Face directory (config.json +
   model.safetensors) of a 4-block random-weight model of ``family`` ("llama", "mistral",
   "qwen2", "phi3", "gemma"), built once per session without downloads. With
@@ -17,6 +18,7 @@ from layerchain.openmp import tune_openmp
 tune_openmp()  # as the `layerchain` command does, before torch loads: in-process swarms share cores
 
 import os  # noqa: E402
+import time  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 import pytest  # noqa: E402
@@ -113,6 +115,40 @@ def reference():
         return answers[key]
 
     return answer
+
+
+@pytest.fixture
+def record_for(request):
+    """Factory: ``record_for(identity, start, end, expires_at=None, **fields) -> PeerRecord``.
+
+    A well-formed (unsigned) record of ``identity`` serving blocks ``[start, end)`` of the test
+    module's ``MODEL`` (else "test-model") at ``tcp://127.0.0.1:{4000 + start}``; it expires at
+    ``expires_at`` (default: a minute from now); ``fields`` override any other field.
+    """
+    from layerchain.discovery import PeerRecord
+
+    model_id = getattr(request.module, "MODEL", "test-model")
+
+    def make(identity, start: int, end: int, expires_at: float | None = None, **fields) -> PeerRecord:
+        values = dict(
+            peer_id=identity.peer_id,
+            public_key=identity.public_key,
+            endpoint=f"tcp://127.0.0.1:{4000 + start}",
+            model_id=model_id,
+            start=start,
+            end=end,
+            ms_per_block=1.0,
+            price_per_block=1,
+            free_cache_tokens=1024,
+            wallet="",
+            rtts=(),
+            version="0.1.0",
+            expires_at=time.time() + 60.0 if expires_at is None else expires_at,
+        )
+        values.update(fields)
+        return PeerRecord(**values)
+
+    return make
 
 
 @pytest.fixture(scope="session")

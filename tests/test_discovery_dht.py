@@ -43,24 +43,6 @@ L = 30
 FAST = DHTConfig(wait_timeout_s=1.0, start_timeout_s=20.0, request_timeout_s=10.0)
 
 
-def record_for(identity: Identity, start: int, end: int, ttl_s: float = 60.0) -> PeerRecord:
-    return PeerRecord(
-        peer_id=identity.peer_id,
-        public_key=identity.public_key,
-        endpoint=f"tcp://127.0.0.1:{5000 + start}",
-        model_id=MODEL,
-        start=start,
-        end=end,
-        ms_per_block=2.0,
-        price_per_block=1,
-        free_cache_tokens=2048,
-        wallet="",
-        rtts=(),
-        version="0.1.0",
-        expires_at=time.time() + ttl_s,
-    )
-
-
 def p2pd_descendants() -> set[int]:
     """PIDs of p2pd processes started (indirectly) by this test process."""
     found = set()
@@ -89,10 +71,10 @@ def assert_gone(pids: set[int]) -> None:
     assert not alive, f"p2pd processes left running: {alive}"
 
 
-def _forge(victim: Identity, start: int, end: int) -> bytes:
-    """A record claiming to be ``victim``'s, pointing elsewhere, signed by someone else."""
+def _forge(record: PeerRecord) -> bytes:
+    """``record`` (someone's) pointing elsewhere, signed by someone else."""
     mallory = Identity.generate()
-    payload = dataclasses.replace(record_for(victim, start, end), endpoint="tcp://evil:1")
+    payload = dataclasses.replace(record, endpoint="tcp://evil:1")
     body = payload.canonical_bytes()
     return msgpack.packb([body, mallory.sign(body)], use_bin_type=True)
 
@@ -132,7 +114,7 @@ async def timed(label: str, timings: dict[str, float], coro):
     return result
 
 
-def test_swarm_announce_find_withdraw_and_forgery():
+def test_swarm_announce_find_withdraw_and_forgery(record_for):
     timings: dict[str, float] = {}
 
     async def run() -> set[int]:
@@ -165,12 +147,12 @@ def test_swarm_announce_find_withdraw_and_forgery():
             found = await timed("find_30_blocks", timings, client.find(MODEL, L))
             assert [r.span for r in found] == [Span(*s) for s in spans]
             assert [r.peer_id for r in found] == [s.identity.peer_id for s in servers]
-            assert found[1].endpoint == "tcp://127.0.0.1:5010"
+            assert found[1].endpoint == "tcp://127.0.0.1:4010"
             await timed("find_again", timings, client.find(MODEL, L))
 
             # Honest DHT nodes refuse a forged entry under someone's sub-key...
             victim = servers[0].identity
-            forged = _forge(victim, 0, 10)
+            forged = _forge(record_for(victim, 0, 10))
             stores = [time.time() + 300] * 10
             keys = [block_key(MODEL, b) for b in range(10)]
             ok = await client._call(
@@ -195,7 +177,7 @@ def test_swarm_announce_find_withdraw_and_forgery():
             assert held == forged
             for _ in range(3):
                 found = await client.find(MODEL, L)
-                assert [r.endpoint for r in found] == [f"tcp://127.0.0.1:{5000 + a}" for a, _ in spans]
+                assert [r.endpoint for r in found] == [f"tcp://127.0.0.1:{4000 + a}" for a, _ in spans]
 
             # Withdrawing hides the peer from every block at once.
             await timed(
@@ -221,7 +203,7 @@ def test_swarm_announce_find_withdraw_and_forgery():
     assert timings["announce_3x10_blocks"] < 5.0
 
 
-def test_records_expire_unless_refreshed():
+def test_records_expire_unless_refreshed(record_for):
     async def run() -> set[int]:
         async with AsyncExitStack() as stack:
             boot = await start_bootstrap(config=FAST)
@@ -277,7 +259,7 @@ def test_bad_join_arguments():
     asyncio.run(run())
 
 
-def test_bootstrap_process_serves_until_sigterm(tmp_path: Path):
+def test_bootstrap_process_serves_until_sigterm(tmp_path: Path, record_for):
     addr_file = tmp_path / "bootstrap.addrs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -317,7 +299,7 @@ def test_bootstrap_process_serves_until_sigterm(tmp_path: Path):
             proc.wait()
 
 
-def test_validator_applies_the_entry_rule_and_refuses_everything_else():
+def test_validator_applies_the_entry_rule_and_refuses_everything_else(record_for):
     from hivemind.dht.validation import DHTRecord
     from hivemind.utils.serializer import MSGPackSerializer as S
 
@@ -329,7 +311,7 @@ def test_validator_applies_the_entry_rule_and_refuses_everything_else():
     entry = lambda sub, value, exp: DHTRecord(b"k" * 20, S.dumps(sub), S.dumps(value), exp)  # noqa: E731
     assert v.validate(entry(me.peer_id, blob, rec.expires_at))
     assert not v.validate(entry(me.peer_id, blob, rec.expires_at + 100))  # replay, longer life
-    assert not v.validate(entry(me.peer_id, _forge(me, 0, 2), rec.expires_at))
+    assert not v.validate(entry(me.peer_id, _forge(record_for(me, 0, 2)), rec.expires_at))
     assert not v.validate(entry(Identity.generate().peer_id, blob, rec.expires_at))
     assert not v.validate(DHTRecord(b"k" * 20, S.dumps(me.peer_id), b"\xc1", 1.0))
     # a layerchain DHT holds peer records only: no foreign sub-keys, no regular values

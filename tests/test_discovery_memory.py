@@ -36,26 +36,6 @@ class FakeClock:
         return self.now
 
 
-def record_for(identity: Identity, start: int, end: int, expires_at: float, **kw) -> PeerRecord:
-    values = dict(
-        peer_id=identity.peer_id,
-        public_key=identity.public_key,
-        endpoint=f"tcp://127.0.0.1:{4000 + start}",
-        model_id=MODEL,
-        start=start,
-        end=end,
-        ms_per_block=1.0,
-        price_per_block=1,
-        free_cache_tokens=1024,
-        wallet="",
-        rtts=(),
-        version="0.1.0",
-        expires_at=expires_at,
-    )
-    values.update(kw)
-    return PeerRecord(**values)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def swarm():
     clock = FakeClock()
@@ -71,7 +51,7 @@ def test_memory_discovery_is_a_discovery(swarm):
     assert nodes[0].visible_addresses == nodes[1].initial_peers
 
 
-def test_announce_find_withdraw(swarm):
+def test_announce_find_withdraw(swarm, record_for):
     clock, hub, nodes, client = swarm
     spans = [(0, 10), (10, 20), (20, 30)]
 
@@ -100,7 +80,7 @@ def test_announce_find_withdraw(swarm):
     asyncio.run(run())
 
 
-def test_records_expire_without_refresh(swarm):
+def test_records_expire_without_refresh(swarm, record_for):
     clock, _, nodes, client = swarm
 
     async def run():
@@ -115,7 +95,7 @@ def test_records_expire_without_refresh(swarm):
     asyncio.run(run())
 
 
-def test_latest_record_per_peer_wins(swarm):
+def test_latest_record_per_peer_wins(swarm, record_for):
     clock, _, nodes, client = swarm
 
     async def run():
@@ -129,7 +109,7 @@ def test_latest_record_per_peer_wins(swarm):
     asyncio.run(run())
 
 
-def test_forged_and_misplaced_entries_are_ignored_and_counted(swarm):
+def test_forged_and_misplaced_entries_are_ignored_and_counted(swarm, record_for):
     clock, hub, nodes, client = swarm
     honest, mallory = nodes[0], Identity.generate()
 
@@ -191,7 +171,7 @@ def _resigned(identity: Identity, record: PeerRecord, **changes: object) -> byte
         {"wallet": "0x" + "ab" * 20},
     ],
 )
-def test_signed_records_outside_the_caps_are_refused_by_the_store_and_by_readers(swarm, changes):
+def test_signed_records_outside_the_caps_are_refused_by_the_store_and_by_readers(swarm, changes, record_for):
     clock, hub, nodes, client = swarm
     mallory = nodes[1].identity
 
@@ -208,7 +188,7 @@ def test_signed_records_outside_the_caps_are_refused_by_the_store_and_by_readers
     asyncio.run(run())
 
 
-def test_a_record_living_for_fifty_years_is_refused_by_the_store_and_by_readers(swarm):
+def test_a_record_living_for_fifty_years_is_refused_by_the_store_and_by_readers(swarm, record_for):
     clock, hub, nodes, client = swarm
     mallory = nodes[1].identity
 
@@ -226,7 +206,7 @@ def test_a_record_living_for_fifty_years_is_refused_by_the_store_and_by_readers(
     asyncio.run(run())
 
 
-def test_cannot_announce_or_withdraw_for_another_peer(swarm):
+def test_cannot_announce_or_withdraw_for_another_peer(swarm, record_for):
     clock, _, nodes, _ = swarm
 
     async def run():
@@ -240,7 +220,7 @@ def test_cannot_announce_or_withdraw_for_another_peer(swarm):
     asyncio.run(run())
 
 
-def test_entry_rule():
+def test_entry_rule(record_for):
     me, other = Identity.generate(), Identity.generate()
     rec = record_for(me, 0, 3, 123.5)
     blob = sign_record(me, rec)
@@ -265,7 +245,7 @@ def test_entry_rule():
 # ---- Announcer ----
 
 
-def test_uncovered_blocks():
+def test_uncovered_blocks(record_for):
     me = Identity.generate()
     r = lambda s, e, **kw: record_for(me, s, e, 0.0, **kw)  # noqa: E731
     assert uncovered(r(0, 10), r(0, 10)) == []
@@ -283,7 +263,7 @@ def test_announce_config_is_checked():
         AnnounceConfig(refresh_s=60, ttl_s=3600)
 
 
-def test_announcer_refreshes_moves_and_withdraws(swarm):
+def test_announcer_refreshes_moves_and_withdraws(swarm, record_for):
     clock, _, nodes, client = swarm
     node = nodes[0]
     span = [0, 10]
@@ -318,7 +298,7 @@ def test_announcer_refreshes_moves_and_withdraws(swarm):
     asyncio.run(run())
 
 
-def test_announcer_survives_failing_refresh(swarm):
+def test_announcer_survives_failing_refresh(swarm, record_for):
     clock, _, nodes, _ = swarm
     calls = []
 
@@ -339,7 +319,7 @@ def test_announcer_survives_failing_refresh(swarm):
     asyncio.run(run())
 
 
-def test_record_is_frozen():
+def test_record_is_frozen(record_for):
     me = Identity.generate()
     rec = record_for(me, 0, 1, 0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
