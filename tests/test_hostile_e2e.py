@@ -1,7 +1,8 @@
 """Hostile input at a real node process, while an honest client keeps getting the right answer.
 
 One swarm for the module: T (0:15) is the target, started with small limits (200 sessions,
-2048 cache tokens, 64 connections, a 2 s read timeout); S (0:15) is its spare and U (15:30)
+2048 cache tokens: 512 per session, 1024 per connection; 64 connections, a 2 s read
+timeout, sessions that never step closed after 20 s); S (0:15) is its spare and U (15:30)
 serves the other blocks. During every attack a background thread generates with an honest
 client, through T or, while T refuses it, through S; every answer must be the reference.
 Each attack must end in typed error replies or closed connections, T's memory must stay
@@ -49,10 +50,14 @@ PARAMS = SamplingParams(max_new_tokens=12)
 MAX_SESSIONS = 200
 MAX_CACHE_TOKENS = 2048
 MAX_CONNECTIONS = 64
+SESSION_TOKENS = MAX_CACHE_TOKENS // 4  # the default share of one session
+CONNECTION_TOKENS = MAX_CACHE_TOKENS // 2  # and of one connection
 READ_TIMEOUT_S = 2.0
+FIRST_STEP_TIMEOUT_S = 20.0  # long enough for phase B of the sessions test on a loaded machine
 TARGET_ARGS = (
     "--max-sessions", str(MAX_SESSIONS), "--max-cache-tokens", str(MAX_CACHE_TOKENS),
     "--max-connections", str(MAX_CONNECTIONS), "--read-timeout", str(READ_TIMEOUT_S),
+    "--first-step-timeout", str(FIRST_STEP_TIMEOUT_S),
 )
 MiB = 1 << 20
 
@@ -232,7 +237,8 @@ def test_malformed_frames_and_garbage_get_typed_errors_or_a_closed_connection(
             encode_bytes(OpenSession(5, "x", smollm2_spec.model_id, 0, 15, 0)),
             {"limit_exceeded"}),
         "OpenSession of max_length 2**40": (
-            encode_bytes(OpenSession(5, "x", smollm2_spec.model_id, 0, 15, 2**40)), {"busy"}),
+            encode_bytes(OpenSession(5, "x", smollm2_spec.model_id, 0, 15, 2**40)),
+            {"limit_exceeded"}),
         "length prefix 2**32-1": ((2**32 - 1).to_bytes(4, "big"), {"limit_exceeded", None}),
         "truncated Step, then EOF": (
             encode_bytes(Step(5, "sid", 0, zeros(1, 4, H)))[: 2 * H], {"frame_error", None}),
@@ -315,16 +321,24 @@ def test_thousands_of_sessions_are_refused_busy_and_memory_stays_bounded(
         phase_a = first + [x for xs in rest for x in xs]
         for rpc in rpcs:  # a client gone: its sessions are closed
             await rpc.close()
-        # Phase B: sessions as large as the cache allows, then a 64-token prefill on each, so
-        # the KV caches are really allocated; a few impossible requests too.
+        # Phase B: sessions as large as the cache allows, each with a 64-token prefill as soon
+        # as it is open (sessions that never step expire), so the KV caches are really
+        # allocated; a few impossible requests too.
         rpcs = [RpcClient(await transport.connect(target["endpoint"])) for _ in range(16)]
-        phase_b = [x for xs in await asyncio.gather(
-            *(open_many(r, f"b{i}", 20, 64) for i, r in enumerate(rpcs))) for x in xs]
+
+        async def open_and_step(rpc: RpcClient, sid: str):
+            [opened] = await asyncio.gather(
+                rpc.call(OpenSession(0, sid, model_id, 0, 15, 64), 10.0), return_exceptions=True)
+            if not isinstance(opened, SessionOpened):
+                return opened, None
+            step = rpc.call(Step(0, sid, 0, torch.randn(1, 64, H)), 60.0)
+            return opened, (await asyncio.gather(step, return_exceptions=True))[0]
+
+        pairs = await asyncio.gather(*(open_and_step(r, f"b{i}-{j}")
+                                       for i, r in enumerate(rpcs) for j in range(20)))
+        phase_b = [opened for opened, _ in pairs]
+        steps = [step for _, step in pairs if step is not None]
         odd = await open_many(rpcs[0], "odd", 1, 10**9) + await open_many(rpcs[0], "neg", 1, -5)
-        opened_b = [(i, x) for i, x in enumerate(phase_b) if isinstance(x, SessionOpened)]
-        steps = await asyncio.gather(*(
-            rpcs[i // 20].call(Step(0, x.session_id, 0, torch.randn(1, 64, H)), 60.0)
-            for i, x in opened_b), return_exceptions=True)
         rss_full = rss_bytes(target["pid"])
         for rpc in rpcs:
             await rpc.close()
@@ -348,7 +362,7 @@ def test_thousands_of_sessions_are_refused_busy_and_memory_stays_bounded(
     assert a[PeerBusy.code] == 2030 - a["opened"] - 16, a
     assert set(b) <= {"opened", PeerBusy.code}, b
     assert MAX_CACHE_TOKENS // 64 - 2 <= b["opened"] <= MAX_CACHE_TOKENS // 64, b
-    assert [getattr(x, "code", x) for x in odd] == [PeerBusy.code, LimitExceeded.code], odd
+    assert [getattr(x, "code", x) for x in odd] == [LimitExceeded.code, LimitExceeded.code], odd
     assert all(isinstance(s, StepResult) for s in steps), [s for s in steps if not isinstance(s, StepResult)][:3]
     growth = rss_full - rss_before
     assert growth < kv_budget + 96 * MiB, (growth / MiB, kv_budget / MiB)
@@ -357,11 +371,11 @@ def test_thousands_of_sessions_are_refused_busy_and_memory_stays_bounded(
         deadline = time.monotonic() + 10
         while True:
             free = (await info(target["endpoint"])).free_cache_tokens
-            if free == MAX_CACHE_TOKENS or time.monotonic() > deadline:
+            if free == SESSION_TOKENS or time.monotonic() > deadline:
                 return free
             await asyncio.sleep(0.2)
 
-    assert asyncio.run(free_tokens_after_close()) == MAX_CACHE_TOKENS
+    assert asyncio.run(free_tokens_after_close()) == SESSION_TOKENS  # what it announces
     print(f"sessions: phase A {a}, phase B {b}; RSS {rss_before / MiB:.0f} -> "
           f"{rss_full / MiB:.0f} MiB with the cache full (KV budget {kv_budget / MiB:.0f} MiB); "
           f"honest answers during it: {len(honest.answers)}")
@@ -400,9 +414,13 @@ def test_idle_sockets_tricklers_and_stalled_frames_do_not_stop_honest_service(
 
         async def stall(mib: int) -> float:
             reader, writer = await asyncio.open_connection(host, port)
-            writer.write((48 * MiB).to_bytes(4, "big") + bytes(mib * MiB))  # a 48 MiB frame...
-            await writer.drain()
-            t0 = time.monotonic()  # ...of which only ``mib`` MiB ever arrive
+            t0 = time.monotonic()
+            try:  # a 48 MiB frame of which only ``mib`` MiB ever arrive: the node may refuse
+                writer.write((48 * MiB).to_bytes(4, "big") + bytes(mib * MiB))  # it at once
+                await writer.drain()
+            except ConnectionError:
+                writer.close()
+                return time.monotonic() - t0
             while not await closed_soon(reader, 0.2):
                 if time.monotonic() - t0 > 30:
                     break
@@ -437,6 +455,119 @@ def test_idle_sockets_tricklers_and_stalled_frames_do_not_stop_honest_service(
     print(f"idle sockets held {held} of 200, {still_idle} left at the end; tricklers cut after "
           f"{max(trickled):.1f} s, stalled 48 MiB frames after {max(stalled):.1f} s; RSS growth "
           f"{growth / MiB:.0f} MiB; honest answers during it: {len(honest.answers)}")
+
+
+def test_slowloris_by_declared_length_cannot_lock_new_connections_out(swarm, target, reference):
+    """Every connection slot held by a socket that declares a large frame and trickles it:
+    new connections are still admitted (a partial frame is no activity, the least recently
+    active slot gives way), and every trickler is cut READ_TIMEOUT_S after its first byte,
+    however large the frame it declared. Before: a partial frame was never evicted, and a
+    64 MiB frame had READ_TIMEOUT_S + 64 s, so a handful of sockets locked the node out."""
+    host, port, endpoint = target["host"], target["port"], target["endpoint"]
+    declared = 2 * MiB  # under the target's frame limit (the largest step: ~2.1 MiB)
+
+    async def trickler(first: bytes) -> float | None:
+        """Seconds until the node closed it (None: still open after 3 x the timeout)."""
+        reader, writer = await asyncio.open_connection(host, port)
+        t0 = time.monotonic()
+        try:
+            writer.write(first)
+            while time.monotonic() - t0 < 3 * READ_TIMEOUT_S:
+                await asyncio.sleep(0.2)
+                if await closed_soon(reader):
+                    return time.monotonic() - t0
+                writer.write(b"\0" * 64)
+                await writer.drain()
+        except ConnectionError:
+            return time.monotonic() - t0
+        finally:
+            writer.close()
+        return None
+
+    async def newcomers() -> list[str]:
+        """Info over fresh connections while the tricklers hold every slot."""
+        await asyncio.sleep(0.5)
+        peers = []
+        for _ in range(6):
+            peers.append((await info(endpoint)).peer_id)
+            await asyncio.sleep(0.2)
+        return peers
+
+    async def attack():
+        tricklers = [trickler(declared.to_bytes(4, "big")) for _ in range(MAX_CONNECTIONS)]
+        huge = exchange(host, port, (64 * MiB).to_bytes(4, "big"))
+        return await asyncio.gather(newcomers(), huge, *tricklers)
+
+    with HonestTraffic(swarm[1], reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids) as honest:
+        peers, huge, *cut = asyncio.run(asyncio.wait_for(attack(), 120))
+    honest.check()
+    assert peers == [target["peer_id"]] * 6  # every newcomer was served
+    assert isinstance(huge, ErrorReply) and huge.code == LimitExceeded.code  # refused at once
+    assert all(t is not None and t < READ_TIMEOUT_S + 1.5 for t in cut), sorted(
+        t or 99 for t in cut)[-5:]
+    print(f"{len(cut)} tricklers of a {declared >> 20} MiB frame: all cut within "
+          f"{max(cut):.1f} s; newcomers served: {len(peers)}; honest answers: {len(honest.answers)}")
+
+
+def test_squatters_reserve_at_most_their_share_and_unstepped_sessions_expire(
+    swarm, target, reference, smollm2_spec
+):
+    """Before: one OpenSession with max_length = the whole cache made the node answer 'busy'
+    to everyone for the 5-minute idle timeout. Now a session may reserve SESSION_TOKENS, a
+    connection CONNECTION_TOKENS, and reservations that never step go after 20 s."""
+    local, client = swarm
+    model_id, endpoint = smollm2_spec.model_id, target["endpoint"]
+    spare = local.nodes[1]["peer_id"]
+
+    async def squat(rpc: RpcClient, tag: str, count: int) -> list:
+        return await asyncio.gather(*(
+            rpc.call(OpenSession(0, f"{tag}-{i}", model_id, 0, 15, SESSION_TOKENS), 10.0)
+            for i in range(count)), return_exceptions=True)
+
+    async def free_after(deadline_s: float) -> tuple[int, float]:
+        t0 = time.monotonic()
+        while True:
+            free = (await info(endpoint)).free_cache_tokens
+            if free == SESSION_TOKENS or time.monotonic() - t0 > deadline_s:
+                return free, time.monotonic() - t0
+            await asyncio.sleep(0.5)
+
+    async def attack():
+        transport = TcpTransport()
+        rpc = RpcClient(await transport.connect(endpoint))
+        [whole] = await asyncio.gather(
+            rpc.call(OpenSession(0, "all", model_id, 0, 15, MAX_CACHE_TOKENS), 10.0),
+            return_exceptions=True)
+        one = await squat(rpc, "one", 4)
+        peers.ban(spare, "test: every honest route goes through the target")
+        honest = await asyncio.to_thread(client.generate, PROMPT, PARAMS)  # beside the squat
+        await rpc.close()  # its sessions go with its connection
+        rpcs = [RpcClient(await transport.connect(endpoint)) for _ in range(3)]
+        more = [await squat(r, f"more{i}", 2) for i, r in enumerate(rpcs)]
+        full = (await info(endpoint)).free_cache_tokens  # several connections fill the cache
+        free, waited = await free_after(3 * FIRST_STEP_TIMEOUT_S)  # connections still open
+        peers.ban(spare, "test: every honest route goes through the target")  # bans last 3 s+
+        after = await asyncio.to_thread(client.generate, PROMPT, PARAMS)
+        for r in rpcs:
+            await r.close()
+        return whole, one, honest, more, full, free, waited, after
+
+    peers = client.core.peers
+    peers.unban(target["peer_id"])
+    try:
+        whole, one, honest, more, full, free, waited, after = asyncio.run(
+            asyncio.wait_for(attack(), 150))
+    finally:
+        peers.unban(spare)
+    assert isinstance(whole, LimitExceeded), whole
+    assert [type(x).__name__ for x in one] == ["SessionOpened"] * 2 + ["PeerBusy"] * 2, one
+    assert honest.token_ids == reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids and target["peer_id"] in [h.peer_id for h in honest.route]
+    assert sum(isinstance(x, SessionOpened) for xs in more for x in xs) == 4 and full == 0, more
+    assert free == SESSION_TOKENS, (free, waited)  # the unstepped reservations expired
+    assert FIRST_STEP_TIMEOUT_S - 1 < waited < 2 * FIRST_STEP_TIMEOUT_S, waited
+    assert after.token_ids == reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids and target["peer_id"] in [h.peer_id for h in after.route]
+    print(f"squatter: whole cache refused, {CONNECTION_TOKENS} tokens on one connection, the "
+          f"cache full over several; freed after {waited:.1f} s without a step")
 
 
 def test_the_target_still_serves_a_route_through_it_and_logged_no_traceback(

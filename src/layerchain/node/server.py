@@ -205,8 +205,12 @@ class Node:
         period = min(5.0, config.session_idle_timeout_s / 2, config.first_step_timeout_s / 4)
         while True:
             await asyncio.sleep(period)
-            for sid in self.sessions.expire_idle():
+            expired = self.sessions.expire_idle()
+            for sid in expired:
                 log.info("closed idle session %s", sid)
+            if expired and self.announcer is not None:  # announce the freed room now, not
+                with contextlib.suppress(Exception):   # at the next refresh: clients skip a
+                    await self.announcer.announce_now()  # peer whose record says it is full
 
     # ---------------------------------------------------------------- requests
 
