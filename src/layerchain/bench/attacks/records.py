@@ -12,6 +12,7 @@ import time
 
 from layerchain.bench.attacks.base import Outcome, Stage, Stopwatch, after_generations, known_peers
 from layerchain.bench.attacks.tools import (
+    REGULAR_VALUE,
     AttackerDHT,
     FakePeer,
     held_by_honest_nodes,
@@ -26,12 +27,13 @@ FIFTY_YEARS_S = 50 * 365.25 * 86400
 
 
 async def forged_records(stage: Stage) -> Outcome:
-    """Publish records with out-of-range fields, each under its own real identity, plus one
-    well-formed *control* record through the same DHT peer.
+    """Publish records with out-of-range fields, each under its own real identity, and junk
+    that is no record (a regular value on a block key, a sub-key that is no peer id, an
+    oversized blob), plus one well-formed *control* record through the same DHT peer.
 
     Observed: the control record is held by the honest DHT nodes and read by the honest
-    client (so the attacker's channel works). Held: no forged record is held by an honest
-    DHT node nor read by the client."""
+    client (so the attacker's channel works). Held: no forged record or junk is held by an
+    honest DHT node, and no forged record is read by the client."""
     window = Stopwatch(stage.duration_s)
     fake = FakePeer(pong_only)
     endpoint = await fake.listen()
@@ -65,7 +67,18 @@ async def forged_records(stage: Stage) -> Outcome:
                                                          1.0, wallet, ttl), **fields)
             for (label, (span, fields)), identity in zip(
                 forgeries.items(), (Identity.generate() for _ in forgeries))))
-        reading = asyncio.create_task(held_by_honest_nodes(stage.initial_peers, stage.model_id, range(stage.num_blocks)))
+        # junk that is no record at all: a regular value on block 0's key, a sub-key that is
+        # no peer id, an oversized blob under a peer id's sub-key
+        junk_id = Identity.generate().peer_id
+        stores = await asyncio.gather(
+            dht.store_junk(0, b"junk", time.time() + ttl),
+            dht.store_junk(0, b"junk", time.time() + ttl, "not a peer"),
+            dht.store_junk(0, bytes(64 * 1024), time.time() + ttl, junk_id),
+            return_exceptions=True)  # a store that timed out is read back below all the same
+        junk = dict(zip(("regular_value_on_a_block_key", "sub_key_not_a_peer_id", "oversized_blob"),
+                        (s if isinstance(s, bool) else repr(s) for s in stores)))
+        reading = asyncio.create_task(
+            held_by_honest_nodes(stage.initial_peers, stage.model_id, range(stage.num_blocks)))
         seen: set[str] = set()
         waiting = asyncio.create_task(after_generations(stage, 2))  # the client re-read the DHT
         while window or not waiting.done():  # what the client reads, while it keeps refreshing
@@ -78,12 +91,18 @@ async def forged_records(stage: Stage) -> Outcome:
                       "read_by_client": p.peer_id in seen}
             for p in published
         }
+        junk_held = {"regular_value_on_a_block_key": REGULAR_VALUE in held,
+                     "sub_key_not_a_peer_id": "not a peer" in held,
+                     "oversized_blob": junk_id in held}
         accepted = [k for k, v in per_forgery.items() if v["held_by_dht"] or v["read_by_client"]]
+        accepted += [k for k, v in junk_held.items() if v]
         observed = control.peer_id in held and control.peer_id in seen
         details: dict[str, object] = {
             "control_held_by_dht": control.peer_id in held,
             "control_read_by_client": control.peer_id in seen,
             "forgeries": per_forgery,
+            "junk_stored": junk,
+            "junk_held_by_dht": junk_held,
             "accepted": accepted,
         }
         return Outcome(observed=observed, held=not accepted, details=details)

@@ -101,13 +101,24 @@ async def _store_many(_dht: object, node: object, keys: list[str], blob: bytes,
     return sum(bool(ok.get((key, sub_key))) for key in keys)
 
 
+REGULAR_VALUE = "<regular value>"  # what ``held`` reports for a key holding no dictionary
+
+
+async def _store_regular(_dht: object, node: object, key: str, value: bytes, expiration: float) -> bool:
+    ok = await node.store_many([key], [value], [expiration])  # type: ignore[attr-defined]
+    return bool(ok.get(key))
+
+
 async def _sub_keys(_dht: object, node: object, keys: list[str]) -> list[str]:
-    """The sub-keys stored under any of ``keys`` on the DHT (what honest nodes hold)."""
+    """The sub-keys stored under any of ``keys`` on the DHT (``REGULAR_VALUE`` for a key
+    whose value is not a dictionary)."""
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # type: ignore[attr-defined]
     out: set[str] = set()
     for item in found.values():
         if item is not None and isinstance(item.value, dict):
             out.update(str(k) for k in item.value)
+        elif item is not None:
+            out.add(REGULAR_VALUE)
     return sorted(out)
 
 
@@ -154,6 +165,16 @@ class AttackerDHT:
         published = Published(label, identity, template, blocks, expires_at, int(stored))  # type: ignore[call-overload]
         self.published.append(published)
         return published
+
+    async def store_junk(self, block: int, value: bytes, expires_at: float,
+                         sub_key: str | None = None) -> bool:
+        """Store ``value`` under ``block``'s key: a regular value (no sub-key), or under
+        ``sub_key``. Whether any DHT node accepted it."""
+        key = block_key(self.model_id, block)
+        if sub_key is None:
+            return bool(await self._call(_store_regular, key=key, value=value, expiration=expires_at))
+        return bool(await self._call(_store_many, keys=[key], blob=value, expiration=expires_at,
+                                     sub_key=sub_key))
 
     async def held(self, blocks: range) -> set[str]:
         """Sub-keys found under ``blocks``. The peer that stored them keeps its own copies
@@ -406,6 +427,7 @@ __all__ = [
     "accepted_claim",
     "FakePeer",
     "Published",
+    "REGULAR_VALUE",
     "RelayPeer",
     "Seen",
     "error_codes",
