@@ -12,6 +12,8 @@ import contextlib
 import time
 import uuid
 
+import torch
+
 from layerchain.bench.attacks.base import Outcome, Stage, Stopwatch
 from layerchain.errors import LayerchainError
 from layerchain.wire import (
@@ -22,9 +24,12 @@ from layerchain.wire import (
     Ping,
     RpcClient,
     SessionOpened,
+    Step,
     TcpTransport,
+    encode_bytes,
 )
-from layerchain.wire.codec import DEFAULT_LIMITS
+from layerchain.wire.codec import PREFIX_BYTES as PREFIX
+from layerchain.wire.messages import MAX_STEP_TOKENS
 from layerchain.wire.tcp import parse_tcp_endpoint
 
 PING_TIMEOUT_S = 2.0  # the client's ping timeout (ClientConfig.ping_timeout_s)
@@ -64,20 +69,29 @@ async def _probe_session(endpoint: str, stage: Stage) -> bool:
             await rpc.close()
 
 
+def largest_step_frame(hidden_size: int) -> int:
+    """Body bytes of the largest Step any node must accept: ``MAX_STEP_TOKENS`` tokens in
+    float32 (a node refuses a longer frame at once, so a slow sender declares this)."""
+    step = Step(0, uuid.uuid4().hex, 0, torch.zeros(1, MAX_STEP_TOKENS, hidden_size))
+    return len(encode_bytes(step)) - PREFIX
+
+
 async def slowloris(stage: Stage) -> Outcome:
     """More sockets than the target's default connection cap, each declaring the largest
-    frame the wire allows and trickling one byte a second; every second a newcomer pings.
+    step frame a node must accept and trickling one byte a second; every second a
+    newcomer pings.
 
-    Observed: the slow sockets connected and started their frames. Held: every newcomer
-    got its Pong within the client's ping timeout."""
+    Observed: the node held at least half its cap of slow sockets 2 s after they started
+    their frames. Held: every newcomer got its Pong within the client's ping timeout."""
     from layerchain.node.config import NodeConfig  # the target runs with the default cap
 
     endpoint = stage.target.endpoint
     host, port = parse_tcp_endpoint(endpoint)
-    sockets = NodeConfig().max_connections + 64
-    declared = DEFAULT_LIMITS.max_frame_bytes.to_bytes(4, "big")
+    cap = NodeConfig().max_connections
+    sockets = cap + 64
+    declared = largest_step_frame(stage.hidden_size)
     window = Stopwatch(stage.duration_s)
-    writers: list[asyncio.StreamWriter] = []
+    readers: list[asyncio.StreamReader] = []
     cut = 0
 
     async def trickler() -> None:
@@ -86,9 +100,9 @@ async def slowloris(stage: Stage) -> Outcome:
             reader, writer = await asyncio.open_connection(host, port)
         except OSError:
             return
-        writers.append(writer)
+        readers.append(reader)
         try:
-            writer.write(declared)
+            writer.write(declared.to_bytes(4, "big") + b"\0")
             while window:
                 await asyncio.sleep(1.0)
                 writer.write(b"\0")  # never idle, never done
@@ -98,27 +112,30 @@ async def slowloris(stage: Stage) -> Outcome:
                     return
         except ConnectionError:
             cut += 1
+        finally:
+            writer.close()
 
     tasks = [asyncio.create_task(trickler()) for _ in range(sockets)]
     await asyncio.sleep(2.0)  # the sockets are in place
-    connected = len(writers)
+    connected = len(readers)
+    held_at_2s = sum(not r.at_eof() for r in readers)
     latencies: list[float | None] = []
     while window:
         latencies.append(await _probe_ping(endpoint))
         await asyncio.sleep(1.0)
     await asyncio.gather(*tasks, return_exceptions=True)
-    for writer in writers:
-        writer.close()
     answered = [t for t in latencies if t is not None]
     details: dict[str, object] = {
         "slow_sockets": sockets,
+        "declared_frame_bytes": declared,
         "connected": connected,
+        "held_by_node_at_2s": held_at_2s,
         "cut_by_node": cut,
         "probes": len(latencies),
         "probes_answered": len(answered),
         "probe_s_max": round(max(answered), 3) if answered else None,
     }
-    return Outcome(observed=connected >= sockets // 2,
+    return Outcome(observed=held_at_2s >= cap // 2,
                    held=bool(latencies) and len(answered) == len(latencies), details=details)
 
 
