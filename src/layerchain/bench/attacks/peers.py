@@ -55,7 +55,7 @@ async def slow_liar(stage: Stage) -> Outcome:
                                stage.duration_s + 30)
     try:
         claim = accepted_claim(identity, template, "ms_per_block", CLAIMS_MS_PER_BLOCK)
-        await dht.publish("slow_liar", identity, template, ms_per_block=claim)
+        await dht.publish("slow_liar", identity, template, {"ms_per_block": claim})
         first = len(stage.honest.generations)  # the one in flight may not know the liar yet
         waiting = asyncio.create_task(after_generations(stage, 4))  # learn, then two to judge
         while window or not waiting.done():
@@ -105,7 +105,7 @@ async def error_code_liars(stage: Stage) -> Outcome:
                                        endpoint, 1.0, Wallet.generate().address,
                                        stage.duration_s + 30)
             claim = accepted_claim(identity, template, "ms_per_block", CLAIMS_MS_PER_BLOCK)
-            await dht.publish(on_open or on_step, identity, template, ms_per_block=claim)
+            await dht.publish(on_open or on_step, identity, template, {"ms_per_block": claim})
             fakes.append(fake)
             liars[identity.peer_id] = (on_open or on_step, fake)
         banned: set[str] = set()
@@ -149,7 +149,7 @@ async def ban_evasion(stage: Stage) -> Outcome:
             template = record_template(identity, stage.model_id, Span(0, stage.num_blocks),
                                        endpoint, 1.0, wallet, stage.duration_s + 30)
             claim = accepted_claim(identity, template, "ms_per_block", CLAIMS_MS_PER_BLOCK)
-            await dht.publish(how, identity, template, ms_per_block=claim)
+            await dht.publish(how, identity, template, {"ms_per_block": claim})
             incarnations.append((how, endpoint))
             # until it is used (and so fails, and is banned), or two honest generations
             # (one started after it was announced) passed it by

@@ -64,7 +64,7 @@ async def forged_records(stage: Stage) -> Outcome:
         )
         published = await asyncio.gather(*(
             dht.publish(label, identity, record_template(identity, stage.model_id, span, endpoint,
-                                                         1.0, wallet, ttl), **fields)
+                                                         1.0, wallet, ttl), fields)
             for (label, (span, fields)), identity in zip(
                 forgeries.items(), (Identity.generate() for _ in forgeries))))
         # junk that is no record at all: a regular value on block 0's key, a sub-key that is

@@ -19,9 +19,10 @@ import contextlib
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 import msgpack
 
@@ -45,6 +46,7 @@ from layerchain.wire import (
 from layerchain.wire.messages import MESSAGE_TYPES, StepResult
 from layerchain.wire.tcp import format_tcp_endpoint, parse_tcp_endpoint
 
+T = TypeVar("T")
 PREFIX = 4  # bytes of a frame's u32 length prefix (wire/codec.py)
 STEP_RESULT = StepResult.TYPE_ID
 
@@ -101,6 +103,10 @@ async def _store_many(_dht: object, node: object, keys: list[str], blob: bytes,
     return sum(bool(ok.get((key, sub_key))) for key in keys)
 
 
+TOMBSTONE: dict[str, object] = {  # a withdrawal: serves nothing, carries no values
+    "endpoint": "", "ms_per_block": 0.0, "price_per_block": 0, "free_cache_tokens": 0,
+    "wallet": "", "rtts": [], "version": "",
+}
 REGULAR_VALUE = "<regular value>"  # what ``held`` reports for a key holding no dictionary
 
 
@@ -145,24 +151,28 @@ class AttackerDHT:
 
         return cls(await asyncio.to_thread(make), model_id)
 
-    async def _call(self, coro: Callable[..., object], timeout_s: float = 20.0, **kwargs: object) -> object:
+    async def _call(self, coro: Callable[..., Awaitable[T]], timeout_s: float = 20.0,
+                    **kwargs: object) -> T:
         future = self._dht.run_coroutine(partial(coro, **kwargs), return_future=True)  # type: ignore[attr-defined]
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        result: T = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        return result
 
     async def publish(
-        self, label: str, identity: Identity, template: PeerRecord, blocks: range | None = None,
-        entry_expires_at: float | None = None, **forged: object,
+        self, label: str, identity: Identity, template: PeerRecord,
+        forged: Mapping[str, object] | None = None, blocks: range | None = None,
     ) -> Published:
-        """Sign ``template`` with ``forged`` fields and store it under ``blocks`` (by default
-        the template's span), as an entry expiring at the blob's ``expires_at``."""
+        """Sign ``template`` with its ``forged`` fields replaced and store it under
+        ``blocks`` (by default the template's span), as an entry expiring when the blob
+        says it does."""
+        forged = dict(forged or {})
         blob = forge_blob(identity, template, **forged)
-        expires_at = float(forged.get("expires_at", template.expires_at))  # type: ignore[arg-type]
-        expires_at = entry_expires_at if entry_expires_at is not None else expires_at
+        expires_at = forged.get("expires_at", template.expires_at)
+        expiration = float(expires_at) if isinstance(expires_at, (int, float)) else template.expires_at
         blocks = blocks if blocks is not None else template.blocks
         keys = [block_key(self.model_id, b) for b in blocks]
-        stored = await self._call(_store_many, keys=keys, blob=blob, expiration=expires_at,
+        stored = await self._call(_store_many, keys=keys, blob=blob, expiration=expiration,
                                   sub_key=identity.peer_id)
-        published = Published(label, identity, template, blocks, expires_at, int(stored))  # type: ignore[call-overload]
+        published = Published(label, identity, template, blocks, expiration, stored)
         self.published.append(published)
         return published
 
@@ -180,19 +190,18 @@ class AttackerDHT:
         """Sub-keys found under ``blocks``. The peer that stored them keeps its own copies
         whatever it is told, so ask a fresh one (``held_by_honest_nodes``)."""
         keys = [block_key(self.model_id, b) for b in blocks]
-        return set(await self._call(_sub_keys, keys=keys))  # type: ignore[arg-type]
+        return set(await self._call(_sub_keys, keys=keys))
 
     async def withdraw_all(self, timeout_s: float = 30.0) -> None:
         """Tombstone every record published (empty endpoint, no values, expiring just
         later), all at once, so the attack does not outlive its window; gives up after
         ``timeout_s`` (the records expire on their own)."""
-        published, self.published = self.published, []
+        published, self.published = self.published, []  # (tombstones are not withdrawn)
 
         async def withdraw(p: Published) -> None:
             later = max(p.expires_at, time.time()) + 1.0
-            await self.publish(p.label, p.identity, p.template, p.blocks, endpoint="",
-                               ms_per_block=0.0, price_per_block=0, free_cache_tokens=0,
-                               wallet="", rtts=[], version="", expires_at=later)
+            await self.publish(p.label, p.identity, p.template, TOMBSTONE | {"expires_at": later},
+                               p.blocks)
 
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
