@@ -22,6 +22,7 @@ from layerchain.cli.main import app
 from layerchain.wire import messages as m
 from layerchain.wire.rpc import serve_connection
 from layerchain.wire.tcp import TcpTransport
+from layerchain.wire.transport import Listener
 
 LINK = "[link=https://evil.example]click[/link]"  # would become a hyperlink
 CLOSER = "[/bold]"  # crashed `swarm status` (MarkupError: closing tag with nothing open)
@@ -31,8 +32,6 @@ CLOSER = "[/bold]"  # crashed `swarm status` (MarkupError: closing tag with noth
 def hostile_node() -> Iterator[str]:
     """A node on loopback whose InfoReply carries markup; yields its endpoint."""
     loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    endpoint: list[str] = []
 
     async def handle(request: object) -> object:
         return m.InfoReply(
@@ -41,20 +40,19 @@ def hostile_node() -> Iterator[str]:
             wallet="", version=CLOSER,
         )
 
-    async def start() -> None:
-        listener = await TcpTransport().listen(
+    async def start() -> Listener:
+        return await TcpTransport().listen(
             "tcp://127.0.0.1:0", lambda conn: serve_connection(conn, handle)
         )
-        endpoint.append(listener.endpoint)
-        ready.set()
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    ready.wait(10)
-    yield endpoint[0]
+    listener = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    yield listener.endpoint
+    asyncio.run_coroutine_threadsafe(listener.close(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+    loop.close()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from layerchain.openmp import tune_openmp
 
 tune_openmp()  # before any command imports torch: nodes, gateway, demo and bench all start here
 
-import click  # noqa: E402
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
@@ -26,11 +25,13 @@ from layerchain.errors import LayerchainError  # noqa: E402
 class _Group(TyperGroup):
     """Turns a LayerchainError into one line on stderr, for the real CLI and CliRunner alike."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    # typer.Context subclasses the Context of the click that typer vendors (typer._click,
+    # private), which is what the base class names: same object, narrower name
+    def invoke(self, ctx: typer.Context) -> object:  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except LayerchainError as error:
-            click.echo(f"error: {error}", err=True)
+            typer.echo(f"error: {error}", err=True)
             sys.exit(1)
 
 

@@ -54,8 +54,8 @@ def up(
     span_list = parse_spans(spans, nodes, _num_blocks(model))
     swarm = swarm_up(state_dir, span_list, model=model, on_progress=lambda s: err_console.print(plain(s)))
     console.print(plain(f"swarm up: {len(swarm.nodes)} nodes; state in {state_dir / 'swarm.json'}"))
-    for peer in swarm.initial_peers:
-        console.print(plain(f"join with: --initial-peers {peer}"))
+    for peer in swarm.initial_peers:  # on one line, however narrow the terminal: it is copied
+        console.print(plain(f"join with: --initial-peers {peer}"), soft_wrap=True)
 
 
 @swarm_app.command("down")
