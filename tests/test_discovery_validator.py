@@ -6,13 +6,21 @@ Pure calls of ``entry_is_valid`` on ``DHTRecord`` values, no DHT process (fast).
 from __future__ import annotations
 
 import time
-
-from hivemind.dht.validation import DHTRecord
-from hivemind.utils.serializer import MSGPackSerializer as S
+import warnings
 
 from layerchain.discovery import Identity, PeerRecord, sign_record
 from layerchain.discovery.records import MAX_RECORD_TTL_S
-from layerchain.discovery.validator import MAX_ENTRY_BYTES, PeerRecordValidator, entry_is_valid
+
+with warnings.catch_warnings():  # importing hivemind runs torch.jit.script, deprecated in torch
+    warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils.serializer import MSGPackSerializer as S
+
+    from layerchain.discovery.validator import (
+        MAX_ENTRY_BYTES,
+        PeerRecordValidator,
+        entry_is_valid,
+    )
 
 KEY = b"k" * 20  # hivemind hands validators hashed keys
 
