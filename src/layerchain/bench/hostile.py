@@ -3,10 +3,10 @@ processes, each while an honest client generates; is it blocked, and what does i
 honest client?
 
 The swarm: T (0:15, the target of the node-level attacks), S (0:15, its spare) and U
-(15:30), each with a ``MAX_CACHE_TOKENS`` cache, otherwise the node defaults. First the
-honest client's tokens/s is measured alone (``baseline_tokens_per_s``: greedy generations
-of one short prompt back to back, tokens over wall time, prefill and failovers included).
-Then for each attack (``layerchain.bench.attacks``, in order) a fresh honest client warms
+(15:30), each with a ``MAX_CACHE_TOKENS`` cache, otherwise the node defaults. The honest
+client's tokens/s alone (``baseline_tokens_per_s``: greedy generations of one short prompt
+back to back, tokens over wall time, prefill and failovers included) is measured before the
+attacks and after them, and the mean taken (the machine's load drifts). For each attack (``layerchain.bench.attacks``, in order) a fresh honest client warms
 up, the attack runs on its own thread for about ``duration_s`` while the honest client keeps
 generating, and the attack's records are withdrawn after it.
 
@@ -19,7 +19,8 @@ JSON (``layerchain bench hostile --json``)::
 
     {"attacks": [{"name", "blocked", "honest_tokens_per_s_ratio", "observed",
                   "defence_held", "honest": {...}, "details": {...}, "seconds"}, ...],
-     "all_blocked", "honest_ratio_min", "baseline_tokens_per_s", "quick", "seconds"}
+     "all_blocked", "honest_ratio_min", "baseline_tokens_per_s", "baseline_before_after",
+     "quick", "seconds"}
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ class HostileOptions:
     """How long each part of the bench runs; ``quick`` is the test's reduced run."""
 
     duration_s: float  # each timed attack, seconds
-    baseline_s: float  # the honest client alone, seconds
+    baseline_s: float  # the honest client alone, seconds (half before the attacks, half after)
+    baseline_runs: int  # and at least this many generations each time
     honest_tokens: int  # tokens of each honest generation
     long_prompt_tokens: int  # the honest long prompt's length, tokens
 
     @classmethod
     def for_run(cls, quick: bool) -> HostileOptions:
-        return cls(8.0, 5.0, 12, 1200) if quick else cls(15.0, 10.0, 16, 4000)
+        return cls(8.0, 6.0, 3, 12, 1200) if quick else cls(15.0, 16.0, 5, 16, 4000)
 
 
 def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
@@ -98,14 +100,20 @@ def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
             # a short discovery wait: a generation that finds no route fails in seconds
             return Swarm(local.initial_peers, model=model, discovery_wait_s=5.0)
 
-        with client() as honest_client:
-            honest = HonestLoad(honest_client, PROMPT, params, reference)
-            honest.generate_once()  # warm-up
-            honest.generations.clear()
-            end = time.monotonic() + options.baseline_s
-            honest.run_while(lambda: time.monotonic() < end)
-            baseline = honest.tokens_per_s()
-        log.info("baseline: %.2f tokens/s over %d generations", baseline, len(honest.generations))
+        def alone() -> float:
+            """The honest client's tokens/s with no attack: half the baseline time (and at
+            least ``options.baseline_runs`` generations) with a fresh, warmed-up client."""
+            with client() as honest_client:
+                honest = HonestLoad(honest_client, PROMPT, params, reference)
+                honest.generate_once()  # warm-up
+                honest.generations.clear()
+                end = time.monotonic() + options.baseline_s / 2
+                honest.run_while(lambda: time.monotonic() < end, at_least=options.baseline_runs)
+                log.info("alone: %.2f tokens/s over %d generations", honest.tokens_per_s(),
+                         len(honest.generations))
+                return honest.tokens_per_s()
+
+        before = alone()
         rows = []
         for name in names:
             with client() as honest_client:
@@ -121,14 +129,21 @@ def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
                     long_prompt_tokens=len(long_ids), long_reference=tuple(long_reference),
                     long_params=long_params,
                 )
-                rows.append(_run_attack(name, ATTACKS[name], stage, baseline))
+                rows.append(_run_attack(name, ATTACKS[name], stage))
+        after = alone()  # before and after: the machine's load drifts over minutes
     finally:
         swarm_down(state, quiet=True)
+    baseline = (before + after) / 2
+    for row in rows:
+        tps = row["honest"]["tokens_per_s"]
+        row["honest_tokens_per_s_ratio"] = round(tps / baseline, 3) if baseline else 0.0
+        row["honest"]["tokens_per_s"] = round(tps, 2)
     return {
         "attacks": rows,
         "all_blocked": all(r["blocked"] for r in rows),
         "honest_ratio_min": min((r["honest_tokens_per_s_ratio"] for r in rows), default=None),
         "baseline_tokens_per_s": round(baseline, 2),
+        "baseline_before_after": [round(before, 2), round(after, 2)],
         "quick": quick,
         "seconds": round(time.monotonic() - t_start, 1),
     }
@@ -147,7 +162,7 @@ def _references(spec, params, long_params, long_tokens: int) -> tuple[list[int],
     return reference, text, ids, list(model.generate(text, long_params, raw=True).token_ids)
 
 
-def _run_attack(name: str, attack: Attack, stage: Stage, baseline: float) -> dict:
+def _run_attack(name: str, attack: Attack, stage: Stage) -> dict:
     """Run ``attack`` on its own thread while ``stage.honest`` generates on this one."""
     box: list[Outcome] = []
 
@@ -164,13 +179,13 @@ def _run_attack(name: str, attack: Attack, stage: Stage, baseline: float) -> dic
     thread.join()
     outcome, honest = box[0], stage.honest
     errors = honest.errors()
-    ratio = honest.tokens_per_s() / baseline if baseline else 0.0
-    log.info("%s: observed %s, defence held %s, honest ratio %.2f, %d honest errors; %s",
-             name, outcome.observed, outcome.held, ratio, len(errors), outcome.details)
+    log.info("%s: observed %s, defence held %s, honest %.2f tokens/s, %d honest errors; %s",
+             name, outcome.observed, outcome.held, honest.tokens_per_s(), len(errors),
+             outcome.details)
     return {
         "name": name,
         "blocked": outcome.observed and outcome.held and honest.all_exact() and not errors,
-        "honest_tokens_per_s_ratio": round(ratio, 3),
+        "honest_tokens_per_s_ratio": 0.0,  # set once the baseline is known
         "observed": outcome.observed,
         "defence_held": outcome.held,
         "honest": {
@@ -178,7 +193,7 @@ def _run_attack(name: str, attack: Attack, stage: Stage, baseline: float) -> dic
             "exact": sum(g.exact for g in honest.generations),
             "errors": len(errors),
             "first_errors": sorted(set(errors))[:3],
-            "tokens_per_s": round(honest.tokens_per_s(), 2),
+            "tokens_per_s": honest.tokens_per_s(),
         },
         "details": outcome.details,
         "seconds": round(time.monotonic() - t0, 1),
