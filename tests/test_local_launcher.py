@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import time
+import warnings
 
 import pytest
 
 from layerchain.errors import ConfigError
-from layerchain.local import LocalSwarm, process_start, swarm_down
+from layerchain.local import LocalProcess, LocalSwarm, launcher, process_start, stop_pids, swarm_down
 
 
 @pytest.fixture
@@ -74,3 +76,16 @@ def test_swarm_down_without_a_swarm(tmp_path):
     assert swarm_down(tmp_path, quiet=True) == 0
     with pytest.raises(ConfigError, match="swarm up"):
         swarm_down(tmp_path)
+
+
+def test_launched_processes_outlive_their_popen_without_warnings_and_are_reaped(tmp_path):
+    """A swarm's processes outlive the call that started them: no 'subprocess is still
+    running' ResourceWarning when that call's Popen objects go, and stopping reaps them."""
+    pid = launcher._spawn(["sleep", "60"], tmp_path / "sleep.log", {}).pid
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        gc.collect()
+    assert LocalProcess(pid, process_start(pid)).is_ours()
+    assert stop_pids([LocalProcess(pid, process_start(pid))], grace_s=2.0) == []
+    assert pid not in launcher._CHILDREN
+    assert not LocalProcess(pid, None).is_ours()  # gone, and reaped: no zombie left

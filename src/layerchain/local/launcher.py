@@ -42,6 +42,10 @@ from layerchain.types import Span
 
 SWARM_FILE = "swarm.json"
 _SAME_START_S = 0.05  # seconds: two readings of one process's start time agree this closely
+# Our running children by pid. A Popen object dropped while its process runs is a
+# ResourceWarning; these processes outlive the call that started them on purpose, so the
+# launcher keeps them and reaps them when it stops them.
+_CHILDREN: dict[int, subprocess.Popen] = {}
 
 
 @dataclass(frozen=True)
@@ -133,12 +137,14 @@ def node_env(threads: int | None = None) -> dict[str, str]:
 def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     log = open(log_path, "ab")  # noqa: SIM115 - the child keeps its own copy of the fd
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env=env,
         )
     finally:
         log.close()
+    _CHILDREN[proc.pid] = proc
+    return proc
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -284,6 +290,12 @@ def stop_pids(processes: Sequence[LocalProcess], grace_s: float = 10.0) -> list[
         time.sleep(0.05)
     for proc in ours:
         _kill_group(proc.pid, signal.SIGKILL)
+        child = _CHILDREN.pop(proc.pid, None)
+        if child is not None:  # ours from this process: reap it (poll notes one reaped above)
+            try:
+                child.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                _CHILDREN[proc.pid] = child
     return [p for p in processes if p not in ours]
 
 
