@@ -11,12 +11,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from layerchain.errors import FrameError, LimitExceeded, UnknownSession, VersionMismatch
 from layerchain.local import LocalSwarm, swarm_down
-from layerchain.model import DEFAULT_MODEL, SamplingParams
+from layerchain.model import DEFAULT_MODEL, LocalModel, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -165,3 +166,74 @@ def test_overlapping_spans(tmp_path, reference):
         down = cli("swarm", "down", "--state-dir", str(tmp_path))
         assert down.returncode == 0, down.stderr
     assert not any(alive(p) for p in pids)
+
+
+def long_prompt(tokenizer, tokens: int) -> str:
+    """A prompt of about ``tokens`` tokens (chat template included): numbered facts, then a
+    question about them."""
+    from layerchain.model.tokenizer import encode_prompt
+
+    facts = [f"Fact {i}: the parcel numbered {i * 7919 % 10007} goes to warehouse {i % 13}."
+             for i in range(1, 4000)]
+    lo, hi = 1, len(facts)
+    while lo < hi:  # the most facts that fit
+        mid = (lo + hi + 1) // 2
+        text = " ".join(facts[:mid]) + " Which warehouse gets parcel 7919?"
+        if len(encode_prompt(tokenizer, text)) <= tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return " ".join(facts[:lo]) + " Which warehouse gets parcel 7919?"
+
+
+@pytest.mark.timeout(900)
+def test_an_honest_prompt_near_the_context_length_succeeds_and_nodes_keep_answering_pings(
+    swarm3, smollm2_spec, smollm2_tokenizer
+):
+    """7,600 of SmolLM2's 8,192 positions: the client sends the prompt in steps of at most
+    MAX_STEP_TOKENS with deadlines scaled to the work, each node computes a step block by
+    block and answers pings in between; the answer is the single-process one. Before: the
+    whole prompt went as one step, a node held its event loop through it (an 11 s prefill of
+    4,000 tokens was a timeout and a ban), and a 30k-token step could not be refused."""
+    from layerchain.client import Swarm
+    from layerchain.wire import MAX_STEP_TOKENS, Ping, RpcClient, TcpTransport
+
+    prompt = long_prompt(smollm2_tokenizer, 7_600)
+    params = SamplingParams(max_new_tokens=6)
+    expected = LocalModel(smollm2_spec).generate(prompt, params)
+    first = swarm3.nodes[0]["endpoint"]
+    pongs: list[float] = []
+
+    async def ping_while(done: asyncio.Event) -> None:
+        rpc = RpcClient(await TcpTransport().connect(first))
+        try:
+            while not done.is_set():
+                t0 = time.monotonic()
+                await rpc.call(Ping(0, 1), 60)
+                pongs.append(time.monotonic() - t0)
+                await asyncio.sleep(0.1)
+        finally:
+            await rpc.close()
+
+    async def main():
+        done = asyncio.Event()
+        pinger = asyncio.create_task(ping_while(done))
+        with Swarm(swarm3.initial_peers) as client:
+            t0 = time.monotonic()
+            result = await asyncio.to_thread(client.generate, prompt, params)
+            took = time.monotonic() - t0
+        done.set()
+        await pinger
+        return result, took
+
+    result, took = asyncio.run(asyncio.wait_for(main(), 800))
+    assert result.prompt_tokens == expected.prompt_tokens > 7_000
+    assert result.token_ids == expected.token_ids
+    steps = -(-result.prompt_tokens // MAX_STEP_TOKENS)  # prompt steps per hop
+    hop_step = took / (3 * steps)  # seconds one hop computes one step (hops take turns): what
+    # a ping could wait before, when a node held its loop for a whole step
+    print(f"{result.prompt_tokens}-token prompt in {took:.1f} s ({steps} steps per hop, "
+          f"{hop_step:.2f} s each); {len(pongs)} pings of the first node, slowest "
+          f"{max(pongs) * 1000:.0f} ms, median {sorted(pongs)[len(pongs) // 2] * 1000:.0f} ms")
+    assert len(pongs) >= steps
+    assert max(pongs) < max(0.5, hop_step / 2), (max(pongs), hop_step)
