@@ -20,11 +20,13 @@ import torch
 from typer.testing import CliRunner
 
 from layerchain.bench.attacks import ATTACKS
-from layerchain.bench.attacks.tools import (
+from layerchain.bench.attacks.fakes import (
     FakePeer,
     RelayPeer,
-    accepted_claim,
     error_codes,
+)
+from layerchain.bench.attacks.forgery import (
+    accepted_claim,
     forge_blob,
     record_template,
 )

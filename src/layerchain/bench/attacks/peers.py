@@ -19,13 +19,15 @@ from layerchain.bench.attacks.base import (
     banned_now,
     known_peers,
 )
-from layerchain.bench.attacks.tools import (
-    AttackerDHT,
+from layerchain.bench.attacks.fakes import (
     FakePeer,
     RelayPeer,
-    accepted_claim,
     error_codes,
     hang_up_on_step,
+)
+from layerchain.bench.attacks.forgery import (
+    AttackerDHT,
+    accepted_claim,
     record_template,
 )
 from layerchain.discovery import Identity

@@ -11,12 +11,14 @@ import asyncio
 import time
 
 from layerchain.bench.attacks.base import Outcome, Stage, Stopwatch, after_generations, known_peers
-from layerchain.bench.attacks.tools import (
+from layerchain.bench.attacks.fakes import (
+    FakePeer,
+    pong_only,
+)
+from layerchain.bench.attacks.forgery import (
     REGULAR_VALUE,
     AttackerDHT,
-    FakePeer,
     held_by_honest_nodes,
-    pong_only,
     record_template,
 )
 from layerchain.discovery import Identity
