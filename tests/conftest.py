@@ -17,6 +17,7 @@ from layerchain.openmp import tune_openmp
 
 tune_openmp()  # as the `layerchain` command does, before torch loads: in-process swarms share cores
 
+import dataclasses  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
@@ -126,27 +127,18 @@ def record_for(request):
     ``expires_at`` (default: a minute from now); ``fields`` override any other field.
     """
     from layerchain.discovery import PeerRecord
+    from layerchain.discovery.base import tombstone
 
     model_id = getattr(request.module, "MODEL", "test-model")
 
     def make(identity, start: int, end: int, expires_at: float | None = None, **fields) -> PeerRecord:
-        values = dict(
-            peer_id=identity.peer_id,
-            public_key=identity.public_key,
-            endpoint=f"tcp://127.0.0.1:{4000 + start}",
-            model_id=model_id,
-            start=start,
-            end=end,
-            ms_per_block=1.0,
-            price_per_block=1,
-            free_cache_tokens=1024,
-            wallet="",
-            rtts=(),
-            version="0.1.0",
-            expires_at=time.time() + 60.0 if expires_at is None else expires_at,
+        expires = time.time() + 60.0 if expires_at is None else expires_at
+        # a tombstone carries the identity and the span; add what a serving node announces
+        live = dict(endpoint=f"tcp://127.0.0.1:{4000 + start}", ms_per_block=1.0,
+                    price_per_block=1, free_cache_tokens=1024, version="0.1.0")
+        return dataclasses.replace(
+            tombstone(identity, model_id, start, end, expires), **{**live, **fields}
         )
-        values.update(fields)
-        return PeerRecord(**values)
 
     return make
 
