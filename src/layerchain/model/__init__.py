@@ -43,16 +43,16 @@ when this package is imported.
 from layerchain.model.generate import DecodeResult, Decoder, LocalModel, generate_local
 from layerchain.model.head import Head, load_head
 from layerchain.model.sampling import Sampler, SamplingParams, StopChecker
+from layerchain.model.resolve import resolve_model
 from layerchain.model.shards import convert_to_shards, read_manifest, verify_file
 from layerchain.model.span import KVCache, SpanModel, causal_mask, load_span
-from layerchain.model.resolve import resolve_model
 from layerchain.model.spec import DEFAULT_MODEL, ModelSpec
 from layerchain.model.tokenizer import encode_prompt, load_tokenizer
 
 __all__ = [
     "DEFAULT_MODEL",
-    "Decoder",
     "DecodeResult",
+    "Decoder",
     "Head",
     "KVCache",
     "LocalModel",
