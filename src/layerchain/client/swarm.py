@@ -133,7 +133,8 @@ class Generation:
 
     @property
     def result(self) -> GenerationResult:
-        """The result; RuntimeError while the generation is still running or not started."""
+        """The result; RuntimeError while the generation runs, before it starts, and when it
+        was refused before any session opened (RequestTooLarge, NoRoute: nothing spent)."""
         if self._result is None:
             raise RuntimeError("the generation has not ended: iterate it to the end or close it")
         return self._result
