@@ -12,13 +12,15 @@ from typing import Annotated
 
 import typer
 
+from layerchain.model.spec import DEFAULT_MODEL
+
 shard_app = typer.Typer(no_args_is_help=True, help="Convert and inspect model shards.")
 
 
 @shard_app.command("convert")
 def convert(
     model: Annotated[
-        str, typer.Argument(help="smollm2, a .gguf file, a HF directory or a shard directory.")
+        str, typer.Argument(help=f"{DEFAULT_MODEL}, a .gguf file, a HF directory or a shard directory.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the shards into.")],
     blocks: Annotated[
