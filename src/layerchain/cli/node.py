@@ -72,8 +72,6 @@ def start(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
 ) -> None:
     """Load a span of blocks, join the DHT and serve inference sessions until Ctrl-C."""
-    from layerchain.node.runner import run_node
-
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     span = Span.parse(blocks)
@@ -89,6 +87,8 @@ def start(
         ledger=str(ledger) if ledger else "", stake=stake,
         emulate_latency_ms=emulate_latency_ms, threads=threads,
     )
+
+    from layerchain.node.runner import run_node  # after the checks: they fail fast
 
     def ready(node, addresses):  # noqa: ANN001
         typer.echo(f"node {node.peer_id} serves blocks {node.span.start}:{node.span.end} "
