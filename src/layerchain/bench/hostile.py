@@ -3,23 +3,25 @@ processes, each while an honest client generates; is it blocked, and what does i
 honest client?
 
 The swarm: T (0:15, the target of the node-level attacks), S (0:15, its spare) and U
-(15:30), each with a ``MAX_CACHE_TOKENS`` cache, otherwise the node defaults. The honest
-client's tokens/s alone (``baseline_tokens_per_s``: greedy generations of one short prompt
-back to back, tokens over wall time, prefill and failovers included) is measured before the
-attacks and after them, and the mean taken (the machine's load drifts). For each attack (``layerchain.bench.attacks``, in order) a fresh honest client warms
-up, the attack runs on its own thread for about ``duration_s`` while the honest client keeps
+(15:30), each with a ``MAX_CACHE_TOKENS`` cache, otherwise the node defaults. For each
+attack (``layerchain.bench.attacks``, in order) a fresh honest client warms up and
+generates alone for ``baseline_s`` (its tokens/s alone: greedy generations of one short
+prompt back to back, tokens over wall time, prefill and failovers included); then the
+attack runs on its own thread for about ``duration_s`` while the same client keeps
 generating, and the attack's records are withdrawn after it.
 
 An attack is **blocked** when it was observed to reach its target, its defence held by its
 own criterion (see each attack's docstring), and every honest generation during it gave the
-one-process model's exact tokens. ``honest_tokens_per_s_ratio`` is the honest tokens/s
-during the attack over the baseline. Target (issue 12): all blocked, every ratio >= 0.8.
+one-process model's exact tokens. ``honest_tokens_per_s_ratio`` is the client's tokens/s
+during the attack over its tokens/s alone just before: a paired comparison, so the load of
+a shared machine, which drifts over minutes, weighs on both sides alike. Target (issue
+12): all blocked, every ratio >= 0.8.
 
 JSON (``layerchain bench hostile --json``)::
 
     {"attacks": [{"name", "blocked", "honest_tokens_per_s_ratio", "observed",
                   "defence_held", "honest": {...}, "details": {...}, "seconds"}, ...],
-     "all_blocked", "honest_ratio_min", "baseline_tokens_per_s", "baseline_before_after",
+     "all_blocked", "honest_ratio_min", "baseline_tokens_per_s" (mean of the alone runs),
      "quick", "seconds"}
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import tempfile
 import threading
 import time
@@ -58,14 +61,14 @@ class HostileOptions:
     """How long each part of the bench runs; ``quick`` is the test's reduced run."""
 
     duration_s: float  # each timed attack, seconds
-    baseline_s: float  # the honest client alone, seconds (half before the attacks, half after)
-    baseline_runs: int  # and at least this many generations each time
+    baseline_s: float  # the honest client alone before each attack, seconds
+    baseline_runs: int  # and at least this many generations
     honest_tokens: int  # tokens of each honest generation
     long_prompt_tokens: int  # the honest long prompt's length, tokens
 
     @classmethod
     def for_run(cls, quick: bool) -> HostileOptions:
-        return cls(8.0, 6.0, 3, 12, 1200) if quick else cls(15.0, 16.0, 5, 16, 4000)
+        return cls(8.0, 2.0, 2, 12, 1200) if quick else cls(15.0, 5.0, 3, 16, 4000)
 
 
 def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
@@ -100,26 +103,12 @@ def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
             # a short discovery wait: a generation that finds no route fails in seconds
             return Swarm(local.initial_peers, model=model, discovery_wait_s=5.0)
 
-        def alone() -> float:
-            """The honest client's tokens/s with no attack: half the baseline time (and at
-            least ``options.baseline_runs`` generations) with a fresh, warmed-up client."""
-            with client() as honest_client:
-                honest = HonestLoad(honest_client, PROMPT, params, reference)
-                honest.generate_once()  # warm-up
-                honest.generations.clear()
-                end = time.monotonic() + options.baseline_s / 2
-                honest.run_while(lambda: time.monotonic() < end, at_least=options.baseline_runs)
-                log.info("alone: %.2f tokens/s over %d generations", honest.tokens_per_s(),
-                         len(honest.generations))
-                return honest.tokens_per_s()
-
-        before = alone()
         rows = []
         for name in names:
             with client() as honest_client:
                 honest = HonestLoad(honest_client, PROMPT, params, reference)
                 honest.generate_once()  # warm-up: first connections and RTTs
-                honest.generations.clear()
+                alone = _alone(honest, options)  # the same client just before: a paired baseline
                 stage = Stage(
                     initial_peers=tuple(local.initial_peers), model_id=spec.model_id,
                     num_blocks=spec.num_blocks, hidden_size=spec.hidden_size,
@@ -129,21 +118,15 @@ def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
                     long_prompt_tokens=len(long_ids), long_reference=tuple(long_reference),
                     long_params=long_params,
                 )
-                rows.append(_run_attack(name, ATTACKS[name], stage))
-        after = alone()  # before and after: the machine's load drifts over minutes
+                rows.append(_run_attack(name, ATTACKS[name], stage, alone))
     finally:
         swarm_down(state, quiet=True)
-    baseline = (before + after) / 2
-    for row in rows:
-        tps = row["honest"]["tokens_per_s"]
-        row["honest_tokens_per_s_ratio"] = round(tps / baseline, 3) if baseline else 0.0
-        row["honest"]["tokens_per_s"] = round(tps, 2)
+    alones = [r["honest"]["alone_tokens_per_s"] for r in rows]
     return {
         "attacks": rows,
         "all_blocked": all(r["blocked"] for r in rows),
         "honest_ratio_min": min((r["honest_tokens_per_s_ratio"] for r in rows), default=None),
-        "baseline_tokens_per_s": round(baseline, 2),
-        "baseline_before_after": [round(before, 2), round(after, 2)],
+        "baseline_tokens_per_s": round(statistics.mean(alones), 2) if alones else None,
         "quick": quick,
         "seconds": round(time.monotonic() - t_start, 1),
     }
@@ -162,7 +145,17 @@ def _references(spec, params, long_params, long_tokens: int) -> tuple[list[int],
     return reference, text, ids, list(model.generate(text, long_params, raw=True).token_ids)
 
 
-def _run_attack(name: str, attack: Attack, stage: Stage) -> dict:
+def _alone(honest: HonestLoad, options: HostileOptions) -> float:
+    """The honest client's tokens/s with no attack, for ``options.baseline_s`` and at least
+    ``options.baseline_runs`` generations; its generations are then forgotten."""
+    end = time.monotonic() + options.baseline_s
+    honest.run_while(lambda: time.monotonic() < end, at_least=options.baseline_runs)
+    tokens_per_s = honest.tokens_per_s()
+    honest.generations.clear()
+    return tokens_per_s
+
+
+def _run_attack(name: str, attack: Attack, stage: Stage, alone: float) -> dict:
     """Run ``attack`` on its own thread while ``stage.honest`` generates on this one."""
     box: list[Outcome] = []
 
@@ -185,7 +178,7 @@ def _run_attack(name: str, attack: Attack, stage: Stage) -> dict:
     return {
         "name": name,
         "blocked": outcome.observed and outcome.held and honest.all_exact() and not errors,
-        "honest_tokens_per_s_ratio": 0.0,  # set once the baseline is known
+        "honest_tokens_per_s_ratio": round(honest.tokens_per_s() / alone, 3) if alone else 0.0,
         "observed": outcome.observed,
         "defence_held": outcome.held,
         "honest": {
@@ -193,7 +186,8 @@ def _run_attack(name: str, attack: Attack, stage: Stage) -> dict:
             "exact": sum(g.exact for g in honest.generations),
             "errors": len(errors),
             "first_errors": sorted(set(errors))[:3],
-            "tokens_per_s": honest.tokens_per_s(),
+            "tokens_per_s": round(honest.tokens_per_s(), 2),
+            "alone_tokens_per_s": round(alone, 2),
         },
         "details": outcome.details,
         "seconds": round(time.monotonic() - t0, 1),
