@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 
 import msgpack
 import pytest
@@ -37,6 +38,10 @@ from layerchain.errors import ConfigError, LayerchainError, ProtocolError
 from layerchain.market import Wallet
 from layerchain.types import Span
 from layerchain.wire import OpenSession, Ping, Pong, RpcClient, SessionOpened, Step, StepResult, TcpTransport
+
+with warnings.catch_warnings():  # importing hivemind runs torch.jit.script, deprecated in torch
+    warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+    import hivemind  # noqa: F401 - once here, so the bench's DHT peers import it without warning
 
 MODEL_ID = "m" * 64
 

@@ -380,6 +380,8 @@ class Swarm:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():  # its self-pipe sockets go with it
+                self._loop.close()
 
     def __enter__(self) -> Swarm:
         return self
