@@ -25,7 +25,7 @@ from eth_hash.auto import keccak as _keccak
 try:  # libsecp256k1: the fast path
     import coincurve as _coincurve
 except ImportError:  # pragma: no cover - exercised only without coincurve
-    _coincurve = None
+    _coincurve = None  # type: ignore[assignment]  # the module or None: checked before use
 
 SIGNATURE_LENGTH = 65  # r (32) || s (32) || v (1)
 _PERSONAL_PREFIX = b"\x19Ethereum Signed Message:\n32"
@@ -79,7 +79,7 @@ def sign_digest(private_key: bytes, digest: bytes) -> bytes:
     """Sign ``digest`` (32 bytes) EIP-191 style; return 65 bytes ``r || s || v``."""
     message_hash = personal_digest(digest)
     if _coincurve is not None:
-        raw = _coincurve_key(private_key).sign_recoverable(message_hash, hasher=None)
+        raw: bytes = _coincurve_key(private_key).sign_recoverable(message_hash, hasher=None)
         return raw[:64] + bytes([raw[64] + 27])
     from eth_keys import keys  # pragma: no cover
 

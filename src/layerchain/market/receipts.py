@@ -197,7 +197,8 @@ class SignedReceipt:
                 raise ValueError("bad node address or signature")
             if not isinstance(fields[1], str) or not isinstance(fields[3], str):
                 raise ValueError("session and model ids must be strings")
-            receipt = Receipt(*fields[1:12], checksum_address(node), fields[13])
+            # 11 fields from a list checked to hold 15: mypy cannot count a slice
+            receipt = Receipt(*fields[1:12], checksum_address(node), fields[13])  # type: ignore[call-arg]
         except InvalidReceipt:
             raise
         except Exception as error:
