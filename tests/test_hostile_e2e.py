@@ -493,10 +493,15 @@ def test_slowloris_by_declared_length_cannot_lock_new_connections_out(swarm, tar
             await asyncio.sleep(0.2)
         return peers
 
+    async def huge_frame() -> object:
+        """A 64 MiB declaration once the tricklers hold every slot (sent before them, it would
+        be the oldest quiet slot, the first to give way to a trickler)."""
+        await asyncio.sleep(0.5)
+        return await exchange(host, port, (64 * MiB).to_bytes(4, "big"))
+
     async def attack():
         tricklers = [trickler(declared.to_bytes(4, "big")) for _ in range(MAX_CONNECTIONS)]
-        huge = exchange(host, port, (64 * MiB).to_bytes(4, "big"))
-        return await asyncio.gather(newcomers(), huge, *tricklers)
+        return await asyncio.gather(newcomers(), huge_frame(), *tricklers)
 
     with HonestTraffic(swarm[1], reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids) as honest:
         peers, huge, *cut = asyncio.run(asyncio.wait_for(attack(), 120))
