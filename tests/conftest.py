@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from layerchain.ledger import LedgerConfig, open_ledger  # noqa: E402
+
 if TYPE_CHECKING:
     from layerchain.model import DecodeResult, SamplingParams
 
@@ -157,3 +159,13 @@ def tiny_model_dir(tmp_path_factory, request):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    """A fresh SQLite ledger whose dispute window (60 s) outlasts a priced node's 30 s
+    redemption interval (priced nodes refuse a shorter one)."""
+    book = open_ledger(tmp_path / "ledger.sqlite", LedgerConfig(dispute_window_s=60))
+    yield book
+    book.close()
+

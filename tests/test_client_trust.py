@@ -30,7 +30,6 @@ from layerchain.errors import (
     RequestTooLarge,
     UnknownSession,
 )
-from layerchain.ledger import LedgerConfig, open_ledger
 from layerchain.market import ChannelPayer, Wallet
 from layerchain.model import LocalModel, SamplingParams, resolve_model
 from layerchain.node import Node
@@ -48,14 +47,6 @@ def tiny_model(tiny_model_dir) -> str:
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     return LocalModel(resolve_model(tiny_model)).generate(PROMPT, PARAMS)
-
-
-@pytest.fixture
-def ledger(tmp_path):
-    # priced nodes need a dispute window longer than their 30 s redemption interval
-    book = open_ledger(tmp_path / "ledger.sqlite", LedgerConfig(dispute_window_s=60))
-    yield book
-    book.close()
 
 
 def run(coro):

@@ -23,14 +23,6 @@ def tiny_model(tiny_model_dir) -> str:
     return str(tiny_model_dir("llama", tokenizer=True))
 
 
-@pytest.fixture
-def ledger(tmp_path):
-    # the dispute window outlasts the nodes' 30 s redemption interval (nodes refuse less)
-    book = open_ledger(tmp_path / "ledger.sqlite", LedgerConfig(dispute_window_s=60))
-    yield book
-    book.close()
-
-
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 

@@ -9,7 +9,6 @@ import pytest
 from memswarm import MemorySwarm
 
 from layerchain.errors import ChannelError, InsufficientFunds, LayerchainError
-from layerchain.ledger import LedgerConfig, open_ledger
 from layerchain.market import ChannelPayer, Wallet, reservation_amount, step_amount
 from layerchain.node.payments import NodePayments
 from layerchain.wire import MemoryTransport
@@ -17,13 +16,6 @@ from layerchain.wire import messages as m
 from layerchain.wire.rpc import RpcClient
 
 PRICE, BLOCKS = 2, 6
-
-
-@pytest.fixture
-def ledger(tmp_path):
-    book = open_ledger(tmp_path / "ledger.sqlite", LedgerConfig(dispute_window_s=60))
-    yield book
-    book.close()
 
 
 def funded(ledger, deposit: int) -> ChannelPayer:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 import time
 
+from test_model_sampling import feed_all
+
 from layerchain.model import SamplingParams, StopChecker
 
 
@@ -28,12 +30,7 @@ def stream(stop: tuple[str, ...], pieces: list[str], max_new_tokens: int = 10_00
     """Feed each piece as one token (its characters as ids decode to it); (chunks, checker)."""
     checker = StopChecker(PieceTokenizer(pieces), SamplingParams(max_new_tokens=max_new_tokens,
                                                                  stop=stop))
-    chunks = []
-    for i in range(len(pieces)):
-        text, done = checker.feed(i)
-        chunks.append(text)
-        if done:
-            break
+    chunks, _ = feed_all(checker, range(len(pieces)))
     return chunks, checker
 
 

@@ -48,6 +48,7 @@ import msgpack
 from layerchain.errors import LedgerError
 from layerchain.ledger.base import MAX_AMOUNT
 from layerchain.ledger.signatures import (
+    id32_bytes,
     BadSignature,
     Signer,
     address_bytes,
@@ -71,12 +72,9 @@ _PACKED = struct.Struct(">32s32s32s20sQQ20s32sQI")
 def id_bytes(value: str, what: str = "id") -> bytes:
     """The 32 bytes of a ``0x`` + 64 hex digits id; LedgerError if malformed."""
     try:
-        raw = bytes.fromhex(value[2:]) if value.startswith("0x") else b""
+        return id32_bytes(value)
     except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise LedgerError(f"{what} {value!r} is not 0x + 64 hex digits")
-    return raw
+        raise LedgerError(f"{what} {value!r} is not 0x + 64 hex digits") from None
 
 
 def _address_bytes(value: str, what: str) -> bytes:

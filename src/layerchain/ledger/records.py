@@ -29,6 +29,7 @@ import msgpack
 from layerchain.errors import ChannelError, InvalidVoucher
 from layerchain.ledger.base import CLOSED, MAX_AMOUNT, Channel
 from layerchain.ledger.signatures import (
+    id32_bytes,
     BadSignature,
     Signer,
     address_bytes,
@@ -44,12 +45,9 @@ _U64 = struct.Struct(">QQ")
 def channel_id_bytes(channel_id: str) -> bytes:
     """The 32 bytes of a ``0x``-prefixed channel id; InvalidVoucher if malformed."""
     try:
-        raw = bytes.fromhex(channel_id[2:]) if channel_id.startswith("0x") else b""
+        return id32_bytes(channel_id)
     except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise InvalidVoucher(f"channel id {channel_id!r} is not 0x + 64 hex digits")
-    return raw
+        raise InvalidVoucher(f"channel id {channel_id!r} is not 0x + 64 hex digits") from None
 
 
 def _check_amount(name: str, value: int, error: type[Exception]) -> None:

@@ -150,6 +150,17 @@ def address_bytes(address: str) -> bytes:
     return bytes.fromhex(text)
 
 
+def id32_bytes(value: str) -> bytes:
+    """The 32 bytes of a ``0x`` + 64 hex digits id (channel, ledger); ValueError if it is not one."""
+    try:
+        raw = bytes.fromhex(value[2:]) if value.startswith("0x") else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(f"{value!r} is not 0x + 64 hex digits")
+    return raw
+
+
 def normalize_address(address: str) -> str:
     """``address`` in checksummed form; ValueError if it is not a 20-byte hex address."""
     return checksum_address(address_bytes(address))
