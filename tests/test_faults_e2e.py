@@ -96,8 +96,7 @@ def test_a_hop_stopped_for_30_s_is_routed_around_and_serves_again_and_a_killed_n
             old = local.nodes[y]
             os.kill(old["pid"], signal.SIGKILL)
             proc, data_dir = start_node(tmp_path, f"node-{y}", spans[y], local.initial_peers)
-            local.nodes[y] = {**old, "pid": proc.pid}
-            local.save()
+            local.replace_node(y, proc.pid)
             local.nodes[y] = wait_ready(proc, data_dir, tmp_path / f"node-{y}.log", 120)
             local.save()
             assert local.nodes[y]["peer_id"] == old["peer_id"]  # same identity, new process

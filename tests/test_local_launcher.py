@@ -89,3 +89,20 @@ def test_launched_processes_outlive_their_popen_without_warnings_and_are_reaped(
     assert stop_pids([LocalProcess(pid, process_start(pid))], grace_s=2.0) == []
     assert pid not in launcher._CHILDREN
     assert not LocalProcess(pid, None).is_ours()  # gone, and reaped: no zombie left
+
+
+def test_a_restarted_node_is_recorded_and_stopped_too(tmp_path, sleepers):
+    """bench faults and the fault tests kill a node and start it again: the new process is
+    recorded with its own start time, so `swarm down` stops it instead of leaving it alone
+    (before: the old start time stayed, and the restarted nodes outlived the run)."""
+    first, bootstrap, restarted = sleepers(), sleepers(), sleepers()
+    node = {"pid": first.pid, "started": process_start(first.pid), "peer_id": "p",
+            "start": 0, "end": 30, "endpoint": "tcp://127.0.0.1:1"}
+    _write_swarm(tmp_path, [node], bootstrap.pid, process_start(bootstrap.pid))
+    local = LocalSwarm.load(tmp_path)
+    first.kill()
+    first.wait()
+    local.replace_node(0, restarted.pid)
+    assert LocalSwarm.load(tmp_path).nodes[0]["started"] == process_start(restarted.pid)
+    assert swarm_down(tmp_path, grace_s=2.0) == 2
+    assert _gone(restarted) and _gone(bootstrap)

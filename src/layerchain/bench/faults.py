@@ -71,8 +71,7 @@ def run_faults_bench(
                                 state, f"node-{i}", span_list[i], local.initial_peers, model=model
                             )
                             restarting.append((proc, data_dir, i))
-                            local.nodes[i] = {**local.nodes[i], "pid": proc.pid}
-                            local.save()
+                            local.replace_node(i, proc.pid)
                 except Exception as error:  # noqa: BLE001 - a failed run is a measurement
                     failures.append(f"run {run}: {error}")
                     continue

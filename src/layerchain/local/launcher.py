@@ -97,6 +97,12 @@ class LocalSwarm:
         nodes = [LocalProcess(int(n["pid"]), n.get("started")) for n in self.nodes if n.get("pid")]
         return [*nodes, LocalProcess(self.bootstrap_pid, self.bootstrap_started)]
 
+    def replace_node(self, index: int, pid: int) -> None:
+        """Record that node ``index`` is now process ``pid`` (a restart), with its own start
+        time, so that ``swarm_down`` stops it; saves ``swarm.json``."""
+        self.nodes[index] = {**self.nodes[index], "pid": pid, "started": process_start(pid)}
+        self.save()
+
     def save(self) -> None:
         path = self.state_dir / SWARM_FILE
         tmp = path.with_suffix(".tmp")
