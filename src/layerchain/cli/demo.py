@@ -114,7 +114,11 @@ def demo(
     spec = resolve_model(model)
     span_list = parse_spans(spans, nodes, spec.num_blocks)
     state = state_dir or Path(tempfile.mkdtemp(prefix="layerchain-demo-"))
-    say = (lambda s: None) if as_json else (lambda s: err_console.print(Text(s, style="dim")))
+
+    def say(line: str) -> None:  # soft_wrap: an address stays one line, copyable
+        if not as_json:
+            err_console.print(Text(line, style="dim"), soft_wrap=True)
+
     price_list = parse_prices(prices, len(span_list))
     ledger_path = state / "ledger.sqlite"
     ledger = None
