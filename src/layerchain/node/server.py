@@ -37,7 +37,7 @@ from layerchain.errors import LimitExceeded, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
 from layerchain.node.config import NodeConfig
 from layerchain.node.payments import NodePayments
-from layerchain.node.sessions import SessionTable
+from layerchain.node.sessions import Session, SessionTable
 from layerchain.wire import messages as m
 from layerchain.wire.rpc import serve_connection
 from layerchain.wire.transport import Listener, Transport
@@ -337,7 +337,7 @@ class Node:
             rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out, receipt=receipt
         )
 
-    async def _forward_in_slices(self, x: torch.Tensor, session: Any) -> torch.Tensor:
+    async def _forward_in_slices(self, x: torch.Tensor, session: Session) -> torch.Tensor:
         """The session's blocks over ``x`` [1, T, H] float32, handing the event loop over
         whenever ``COMPUTE_SLICE_S`` of compute has run (between blocks: one block is the
         unit of work), so a long prefill never keeps pings and other sessions waiting for
