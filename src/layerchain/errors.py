@@ -21,7 +21,11 @@ else escaping is a bug.
     │   │   ├── InsufficientFunds        a wallet or key balance too small for the request
     │   │   ├── InvalidReceipt           a receipt whose signature, hashes or chain is wrong
     │   │   ├── InvalidVoucher           a voucher with a bad signature, nonce or amount
-    │   │   └── ChannelError             a channel that is unknown, closed or disputed
+    │   │   ├── ChannelError             a channel that is unknown, closed or disputed
+    │   │   └── InvalidEvidence          evidence of cheating that is malformed or not
+    │   │       │                        signed by its accuser (nothing is charged)
+    │   │       └── FalseAccusation      evidence that does not prove the accused cheated
+    │   │                                (the accuser's bond was taken)
     │   ├── LedgerError                  a ledger that is unreachable or inconsistent
     │   ├── InvalidApiKey                a gateway API key that is missing, unknown or revoked
     │   ├── RequestTooLarge              a prompt + max_new_tokens beyond the model's context
@@ -34,6 +38,8 @@ else escaping is a bug.
     │   └── LimitExceeded                shape, dtype, session or size limit exceeded
     └── PeerError                        a peer failed us; the client routes around it
         ├── PeerUnreachable              connect failed or the connection dropped
+        │   └── PeerAuthFailed           the other end of a TLS link cannot prove the peer
+        │                                id we dialled (a wrong node or a man in the middle)
         ├── PeerTimeout                  no answer within the step timeout
         ├── InvalidOutput                wrong shape, dtype or non-finite values returned
         └── RemoteError                  the peer answered with an error reply
@@ -151,6 +157,18 @@ class ChannelError(PaymentError):
     code = "channel_error"
 
 
+class InvalidEvidence(PaymentError):
+    """Evidence of cheating that is malformed or not signed by its accuser."""
+
+    code = "invalid_evidence"
+
+
+class FalseAccusation(InvalidEvidence):
+    """Evidence that does not prove the accused cheated; the accuser's bond was taken."""
+
+    code = "false_accusation"
+
+
 class LedgerError(UserError):
     """A ledger that is unreachable or inconsistent."""
 
@@ -183,9 +201,17 @@ class InvalidPlan(LayerchainError):
 
 
 class ProtocolError(LayerchainError):
-    """A frame or message that breaks the wire protocol."""
+    """A frame or message that breaks the wire protocol.
+
+    ``rid``: the request id of the frame at fault when it could be read (so the error reply
+    goes to the right call), else 0.
+    """
 
     code = "protocol_error"
+
+    def __init__(self, message: str = "", *, hint: str | None = None, rid: int = 0) -> None:
+        super().__init__(message, hint=hint)
+        self.rid = rid
 
 
 class FrameError(ProtocolError):
@@ -216,6 +242,20 @@ class PeerUnreachable(PeerError):
     """A peer that cannot be connected to, or whose connection dropped."""
 
     code = "peer_unreachable"
+
+
+class PeerAuthFailed(PeerUnreachable):
+    """A peer whose TLS certificate does not prove the peer id we dialled: another node
+    answers at that address, or someone is in the middle. The client routes around it.
+
+    ``peer_id``: the id we expected (the one in the peer's signed record).
+    """
+
+    code = "peer_auth_failed"
+
+    def __init__(self, message: str = "", *, peer_id: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.peer_id = peer_id
 
 
 class PeerTimeout(PeerError):
@@ -258,6 +298,6 @@ def _all_subclasses(cls: type[LayerchainError]) -> list[type[LayerchainError]]:
 def error_from_code(code: str, message: str) -> LayerchainError:
     """The exception for an error reply ``(code, message)``; unknown codes give RemoteError."""
     for cls in _all_subclasses(LayerchainError):
-        if cls.code == code:
+        if cls.code == code and cls is not PeerAuthFailed:  # a local verdict, never a reply
             return cls(message)
     return RemoteError(f"{code}: {message}")

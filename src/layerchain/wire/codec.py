@@ -329,16 +329,15 @@ def decode(frame: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMIT
         if type(frame) is memoryview and (frame.ndim != 1 or frame.itemsize != 1):
             frame = frame.cast("B")
         return _decode(frame, limits, found)
-    except ProtocolError as error:
-        error.rid = found[0] if found else 0  # type: ignore[attr-defined]
-        raise
+    except ProtocolError as error:  # raised before the rid was known: the same error, with it
+        if not found or error.rid == found[0]:
+            raise
+        raise type(error)(error.message, hint=error.hint, rid=found[0]) from error.__cause__
     except Exception as error:  # msgpack, unicode, buffer errors: all malformed input
-        wrapped = FrameError(f"malformed frame: {type(error).__name__}: {error}"[:200])
-        wrapped.rid = found[0] if found else 0  # type: ignore[attr-defined]
-        raise wrapped from error
+        why = f"malformed frame: {type(error).__name__}: {error}"[:200]
+        raise FrameError(why, rid=found[0] if found else 0) from error
 
 
 def error_rid(error: BaseException) -> int:
-    """The rid a decode error belongs to (0 when unknown)."""
-    rid = getattr(error, "rid", 0)
-    return rid if type(rid) is int else 0
+    """The rid a decode error belongs to (0 when unknown or not a ProtocolError)."""
+    return error.rid if isinstance(error, ProtocolError) else 0

@@ -8,6 +8,11 @@ frame by that many milliseconds one way (a round trip costs twice).
 
 Listeners register in a ``MemoryNetwork``: one per ``MemoryTransport(hub=...)``, or the
 module-level ``DEFAULT_HUB`` shared by all transports built without one.
+
+A transport built with ``peer_id=`` stands for a node holding that identity: its listeners
+"prove" it, and ``connect(endpoint, peer_id=X)`` to a listener that proves another id
+raises ``PeerAuthFailed``, as TLS would (a listener without one proves nothing, like tcp://).
+This lets in-process swarms test impostors and failover without certificates.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from layerchain.errors import ConfigError, PeerUnreachable
+from layerchain.errors import ConfigError, PeerAuthFailed, PeerUnreachable, ProtocolError
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits, decode, encode
 from layerchain.wire.messages import Message
+
+if TYPE_CHECKING:
+    from layerchain.wire.transport import Receiver
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +53,22 @@ class MemoryConnection:
     """One end of an in-process connection."""
 
     def __init__(
-        self, outgoing: _Pipe, incoming: _Pipe, peer: str, limits: Limits, latency_s: float
+        self,
+        outgoing: _Pipe,
+        incoming: _Pipe,
+        peer: str,
+        limits: Limits,
+        latency_s: float,
+        remote_peer_id: str | None = None,
     ) -> None:
         self.peer = peer  # the other end: the listener's endpoint, or mem://NAME#client-N
+        self.remote_peer_id = remote_peer_id  # the id the listener "proved" (client side)
+        self.pinned = False  # set by the server while the peer holds sessions here (unused)
         self._out = outgoing
         self._in = incoming
         self._limits = limits
         self._latency_s = latency_s
+        self._pump: asyncio.Task[None] | None = None  # push mode, see set_receiver
 
     @property
     def closed(self) -> bool:
@@ -92,7 +110,30 @@ class MemoryConnection:
             finally:
                 pipe.waiter = None
 
+    def set_receiver(self, receiver: Receiver) -> None:
+        """Push mode: a task hands ``receiver`` each message, a ProtocolError per bad frame,
+        then one PeerUnreachable (the ``Connection`` contract)."""
+
+        async def pump() -> None:
+            while True:
+                try:
+                    receiver(await self.recv())
+                except ProtocolError as error:
+                    receiver(error)
+                except PeerUnreachable as error:
+                    receiver(error)
+                    return
+                except asyncio.CancelledError:
+                    receiver(PeerUnreachable(f"{self.peer}: connection closed"))
+                    raise
+
+        self._pump = asyncio.get_running_loop().create_task(pump())
+
     async def close(self) -> None:
+        pump, self._pump = self._pump, None
+        if pump is not None and pump is not asyncio.current_task() and not pump.done():
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
         for pipe in (self._out, self._in):
             pipe.closed = True
             pipe.wake()
@@ -108,9 +149,11 @@ class MemoryListener:
         endpoint: str,
         handler: Callable[[MemoryConnection], Awaitable[None]],
         limits: Limits,
+        peer_id: str | None,
     ) -> None:
         self.endpoint = endpoint
         self.limits = limits  # what the accepting side enforces
+        self.peer_id = peer_id  # the identity it proves to clients, None: none
         self._hub = hub
         self._handler = handler
         self._tasks: dict[MemoryConnection, asyncio.Task[None]] = {}
@@ -169,10 +212,12 @@ class MemoryTransport:
         *,
         latency_ms: float = 0.0,
         limits: Limits = DEFAULT_LIMITS,
+        peer_id: str | None = None,
     ) -> None:
         self.hub = hub if hub is not None else DEFAULT_HUB
         self.latency_ms = latency_ms  # one-way delay added to every frame, milliseconds
         self.limits = limits
+        self.peer_id = peer_id  # the identity this transport's listeners prove (see above)
 
     async def listen(
         self, endpoint: str, handler: Callable[[MemoryConnection], Awaitable[None]]
@@ -182,21 +227,29 @@ class MemoryTransport:
         endpoint = SCHEME + name
         if endpoint in self.hub._listeners:
             raise ConfigError(f"memory endpoint {endpoint} is already in use")
-        listener = MemoryListener(self.hub, endpoint, handler, self.limits)
+        listener = MemoryListener(self.hub, endpoint, handler, self.limits, self.peer_id)
         self.hub._listeners[endpoint] = listener
         return listener
 
-    async def connect(self, endpoint: str) -> MemoryConnection:
+    async def connect(self, endpoint: str, *, peer_id: str | None = None) -> MemoryConnection:
+        """Connect to ``endpoint``; ``PeerAuthFailed`` if ``peer_id`` is given and the listener
+        proves another id (one that proves none is accepted, like tcp://)."""
         _name(endpoint)
         listener = self.hub._listeners.get(endpoint)
         if listener is None or listener._closed:
             raise PeerUnreachable(f"nothing listens on {endpoint}")
+        if peer_id is not None and listener.peer_id not in (None, peer_id):
+            raise PeerAuthFailed(
+                f"{endpoint} proves peer {listener.peer_id}, not {peer_id}", peer_id=peer_id
+            )
         if len(listener._tasks) >= listener.limits.max_connections:
             raise PeerUnreachable(f"{endpoint} refuses connections: too many open")
         latency_s = self.latency_ms / 1000.0
         to_server, to_client = _Pipe(), _Pipe()
         client_name = f"{endpoint}#client-{next(self.hub._ids)}"
-        client = MemoryConnection(to_server, to_client, endpoint, self.limits, latency_s)
+        client = MemoryConnection(
+            to_server, to_client, endpoint, self.limits, latency_s, listener.peer_id
+        )
         server = MemoryConnection(to_client, to_server, client_name, listener.limits, latency_s)
         listener._accept(server)
         return client

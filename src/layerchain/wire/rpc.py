@@ -2,8 +2,8 @@
 
 Client side: ``await RpcClient(conn).call(msg, timeout)`` gives ``msg`` a fresh rid, sends
 it, and returns the reply with that rid. Any number of calls may be in flight on one
-connection; replies are dispatched by rid, straight from the TCP protocol callback
-(``TcpConnection.set_receiver``) or by one reader task for other connections. Failures are typed:
+connection; replies are dispatched by rid, straight from the connection's push callback
+(``Connection.set_receiver``: the protocol callback on TCP/TLS). Failures are typed:
 * ``ErrorReply(code, message)``  -> ``peer_error(reply)``: the class of a code in
   ``messages.ERROR_CODES``, ``RemoteError`` for any other code;
 * no reply within ``timeout``    -> ``PeerTimeout`` (a late reply is dropped and counted);
@@ -30,7 +30,7 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING
 
 from layerchain.errors import (
     FrameError,
@@ -56,9 +56,12 @@ from layerchain.wire.messages import (
     SessionOpened,
 )
 
+if TYPE_CHECKING:
+    from layerchain.wire.transport import Connection, Incoming
+
 log = logging.getLogger(__name__)
 
-RequestHandler = Callable[[Any], Awaitable[Any]]  # request -> reply (None: send nothing)
+RequestHandler = Callable[[Message], Awaitable[Message | None]]  # request -> reply (None: none)
 
 
 def peer_error(reply: ErrorReply) -> LayerchainError:
@@ -73,13 +76,12 @@ def peer_error(reply: ErrorReply) -> LayerchainError:
 class RpcClient:
     """Concurrent request/reply calls over one connection (see the module docstring)."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.late_replies = 0  # replies whose call had already timed out or gone
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending: dict[int, asyncio.Future[Message]] = {}
         self._rids = itertools.count(1)
-        self._reader: asyncio.Task[None] | None = None
-        self._pushed = False  # replies arrive through conn.set_receiver, not a reader task
+        self._listening = False  # replies arrive through conn.set_receiver once called
         self._failure: str | None = None  # why the connection is unusable
         self._last_error: ErrorReply | None = None  # a rid-0 error reply from the peer
 
@@ -96,17 +98,14 @@ class RpcClient:
         if self._failure is not None:
             raise PeerUnreachable(self._failure)
         loop = asyncio.get_running_loop()
-        if self._reader is None and not self._pushed:
-            if hasattr(self.conn, "set_receiver"):  # TCP: replies dispatched from the protocol
-                self._pushed = True
-                self.conn.set_receiver(self._on_incoming)
-            else:
-                self._reader = loop.create_task(self._read_loop())
+        if not self._listening:
+            self._listening = True
+            self.conn.set_receiver(self._on_incoming)
             if self._failure is not None:  # it had ended before we listened: fail now, not
                 raise PeerUnreachable(self._failure)  # after the whole timeout
         rid = next(self._rids)
         msg = dataclasses.replace(msg, rid=rid)
-        fut: asyncio.Future[Any] = loop.create_future()
+        fut: asyncio.Future[Message] = loop.create_future()
         self._pending[rid] = fut
         timer = loop.call_later(timeout, self._expire, fut, msg, timeout)
         try:
@@ -124,9 +123,9 @@ class RpcClient:
             raise InvalidOutput(
                 f"{self.conn.peer} answered {type(msg).__name__} with {type(reply).__name__}"
             )
-        return cast(Message, reply)
+        return reply
 
-    def _expire(self, fut: asyncio.Future[Any], msg: Message, timeout: float) -> None:
+    def _expire(self, fut: asyncio.Future[Message], msg: Message, timeout: float) -> None:
         if not fut.done():
             fut.set_exception(
                 PeerTimeout(
@@ -134,7 +133,7 @@ class RpcClient:
                 )
             )
 
-    def _on_incoming(self, item: Any) -> None:
+    def _on_incoming(self, item: Incoming) -> None:
         """Dispatch one reply, bad reply frame (ProtocolError) or PeerUnreachable (the end)."""
         if isinstance(item, PeerUnreachable):
             why = str(item)
@@ -155,23 +154,6 @@ class RpcClient:
         else:
             self.late_replies += 1
 
-    async def _read_loop(self) -> None:
-        """Pull mode, for connections without ``set_receiver``."""
-        try:
-            while True:
-                try:
-                    item: Any = await self.conn.recv()
-                except ProtocolError as error:
-                    item = error
-                self._on_incoming(item)
-        except PeerUnreachable as error:
-            self._on_incoming(error)
-        except asyncio.CancelledError:
-            self._on_incoming(PeerUnreachable("client closed"))
-        except Exception as error:  # never leave callers hanging on a bug
-            log.exception("rpc reader for %s failed", self.conn.peer)
-            self._on_incoming(PeerUnreachable(f"reader failed: {error!r}"))
-
     def _fail_all(self, why: str) -> None:
         self._failure = self._failure or why
         for fut in self._pending.values():
@@ -181,9 +163,6 @@ class RpcClient:
     async def close(self) -> None:
         """Fail pending calls with PeerUnreachable and close the connection."""
         self._fail_all("client closed")
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
         await self.conn.close()
 
 
@@ -203,7 +182,7 @@ class ServeStats:
 
 
 async def serve_connection(
-    conn: Any,
+    conn: Connection,
     handler: RequestHandler,
     *,
     limits: Limits = DEFAULT_LIMITS,
@@ -229,7 +208,7 @@ class _ConnectionServer:
 
     def __init__(
         self,
-        conn: Any,
+        conn: Connection,
         handler: RequestHandler,
         limits: Limits,
         stats: ServeStats,
@@ -277,9 +256,9 @@ class _ConnectionServer:
             why = f"{type(msg).__name__} is not a request"
             await self._send_error(ErrorReply(msg.rid, FrameError.code, why))
             return None
-        return cast(Message, msg)
+        return msg
 
-    async def _handle(self, msg: Any) -> None:
+    async def _handle(self, msg: Message) -> None:
         """Run the handler on one request and send its answer (holding one slot until the
         answer is known)."""
         try:
@@ -300,7 +279,7 @@ class _ConnectionServer:
         except PeerUnreachable:
             pass
 
-    async def _answer(self, msg: Any) -> Message | None:
+    async def _answer(self, msg: Message) -> Message | None:
         """The handler's reply, or the ErrorReply for what it raised."""
         try:
             self._check_session_cap(msg)
@@ -311,9 +290,9 @@ class _ConnectionServer:
             log.exception("handler failed on %s from %s", type(msg).__name__, self.conn.peer)
             return ErrorReply(msg.rid, RemoteError.code, f"internal error: {type(error).__name__}")
         self._track_sessions(answer)
-        return answer  # type: ignore[no-any-return]
+        return answer
 
-    def _check_session_cap(self, msg: Any) -> None:
+    def _check_session_cap(self, msg: Message) -> None:
         open_sessions = self.stats.open_sessions
         if (
             type(msg) is OpenSession
@@ -322,7 +301,7 @@ class _ConnectionServer:
         ):
             raise LimitExceeded(f"{len(open_sessions)} sessions open on this connection, the limit")
 
-    def _track_sessions(self, answer: Any) -> None:
+    def _track_sessions(self, answer: Message | None) -> None:
         """Note sessions opened and closed here; a TCP listener at its cap evicts a
         connection whose peer holds sessions (``pinned``) only when all of them do."""
         if type(answer) is SessionOpened:
@@ -331,8 +310,7 @@ class _ConnectionServer:
             self.stats.open_sessions.discard(answer.session_id)
         else:
             return
-        if hasattr(self.conn, "pinned"):
-            self.conn.pinned = bool(self.stats.open_sessions)
+        self.conn.pinned = bool(self.stats.open_sessions)
 
     async def _send_reply(self, msg: Message) -> None:
         try:

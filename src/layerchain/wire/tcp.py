@@ -32,17 +32,19 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from layerchain.errors import (
     ConfigError,
     FrameError,
-    LayerchainError,
     PeerUnreachable,
     ProtocolError,
 )
 from layerchain.wire.codec import DEFAULT_LIMITS, PREFIX_BYTES, Limits, decode, encode, read_length
 from layerchain.wire.messages import Message
+
+if TYPE_CHECKING:
+    from layerchain.wire.transport import Incoming, Receiver
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class TcpConnection(asyncio.Protocol):
         self._need = 0  # bytes of the current frame incl. prefix; 0 while the prefix is unread
         self._frames: deque[bytearray] = deque()  # whole frames waiting for recv()
         self._queued = 0  # bytes in _frames
-        self._read_end: LayerchainError | None = None  # why reading stopped
+        self._read_end: ProtocolError | PeerUnreachable | None = None  # why reading stopped
         self._waiter: asyncio.Future[None] | None = None  # recv() waiting for a frame
         self._reading_paused = False
         self._writing_paused = False
@@ -89,13 +91,15 @@ class TcpConnection(asyncio.Protocol):
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._frame_started = 0.0  # loop time of the pending partial frame's first byte
         self._timer: asyncio.TimerHandle | None = None
-        self._receiver: Callable[[Any], None] | None = None  # push mode, see set_receiver
+        self._receiver: Receiver | None = None  # push mode, see set_receiver
         self.last_frame = self._loop.time()  # loop time of the last complete frame (or accept)
         self.pinned = False  # set by the server while the peer holds sessions here
+        self.remote_peer_id: str | None = None  # plaintext proves nothing (wire.tls sets it)
 
     # ------------------------------------------------------------- asyncio protocol
 
-    def connection_made(self, transport: Any) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -187,7 +191,7 @@ class TcpConnection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _end_reading(self, error: LayerchainError) -> None:
+    def _end_reading(self, error: ProtocolError | PeerUnreachable) -> None:
         if self._read_end is None:
             self._read_end = error
             if self._receiver is not None:
@@ -202,7 +206,7 @@ class TcpConnection(asyncio.Protocol):
             frame = self._frames.popleft()
             self._queued -= len(frame)
             try:
-                item: Any = decode(frame, self._limits)
+                item: Incoming = decode(frame, self._limits)
             except ProtocolError as error:
                 item = error
             receiver(item)
@@ -216,7 +220,7 @@ class TcpConnection(asyncio.Protocol):
             self._reading_paused = False
             self._transport.resume_reading()
 
-    def set_receiver(self, receiver: Callable[[Any], None]) -> None:
+    def set_receiver(self, receiver: Receiver) -> None:
         """Push mode instead of ``recv``: ``receiver`` is called, from the event loop, with
         each incoming message, a ProtocolError for each bad frame, and finally one
         PeerUnreachable when reading ends. Saves a task wake-up per message (RpcClient)."""
@@ -397,7 +401,9 @@ class TcpTransport:
         self.limits = limits
         self.connect_timeout_s = connect_timeout_s  # seconds to establish a connection
 
-    async def connect(self, endpoint: str) -> TcpConnection:
+    async def connect(self, endpoint: str, *, peer_id: str | None = None) -> TcpConnection:
+        """Dial ``endpoint``. Plaintext proves no identity: ``peer_id`` is not checked (the
+        ``Dialer`` dials tcp:// only when told the network is trusted)."""
         host, port = parse_tcp_endpoint(endpoint)
         loop = asyncio.get_running_loop()
         try:

@@ -1,10 +1,23 @@
-"""The I/O seam: ``Transport.connect(endpoint) -> Connection`` and ``listen(endpoint, handler)``.
+"""The I/O seam: ``Transport.connect(endpoint, peer_id=...) -> Connection`` and ``listen``.
 
 A ``Connection`` carries whole ``Message`` objects both ways; what a frame looks like is the
-codec's business, how bytes move is the implementation's. Implementations:
+codec's business, how bytes move is the implementation's. Endpoint schemes:
 
-* ``TcpTransport``     ``tcp://HOST:PORT`` (port 0 to listen on a free port), direct sockets;
-* ``MemoryTransport``  ``mem://NAME``, in-process, for fast tests (same semantics).
+* ``tls://HOST:PORT``  TLS 1.3 over TCP, the listener proving its layerchain peer id with
+  its Ed25519 identity key (``wire.tls``). The default for nodes.
+* ``tcp://HOST:PORT``  plaintext TCP (``wire.tcp``): a node announces it only when started
+  with ``--insecure``, and the ``Dialer`` dials it only when built with ``insecure=True``.
+* ``mem://NAME``       in-process, for fast tests (``wire.memory``; same semantics).
+* ``relay://RELAYHOST:PORT/PEERID``  reach PEERID through a relay, TLS end to end inside.
+
+``Dialer`` is the one transport clients use: it dispatches on the scheme.
+
+Contract of ``connect(endpoint, *, peer_id)``: ``peer_id`` is the layerchain peer id
+(``discovery.identity``) the other end must prove. An authenticating transport (tls://)
+raises ``PeerAuthFailed`` when it cannot; ``peer_id=None`` accepts anyone (probes of a bare
+address). Unauthenticated transports ignore it. ``Connection.remote_peer_id`` is what the
+other end proved (None for tcp://, for a mem:// listener without identity, and on the
+accepting side, where clients stay anonymous: they are known by the vouchers they sign).
 
 Contract of every Connection:
 * ``send(msg)`` writes one whole frame; concurrent senders never interleave bytes. It raises
@@ -13,17 +26,20 @@ Contract of every Connection:
 * ``recv()`` (one reader at a time) returns the next message, raises a ``ProtocolError`` for
   a bad frame (after which TCP may have lost frame sync: the next ``recv`` then raises
   ``PeerUnreachable``), and ``PeerUnreachable`` once the connection is gone.
+* ``set_receiver(receiver)`` switches to push mode instead of ``recv`` (``Receiver``).
+* ``pinned`` is set by the server while the peer holds sessions over the connection (a
+  listener at its connection cap evicts such a connection last).
 * ``close()`` is idempotent. ``peer`` is the remote endpoint string.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from layerchain.errors import ConfigError
+from layerchain.errors import ConfigError, PeerUnreachable, ProtocolError
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits
-from layerchain.wire.memory import MemoryConnection, MemoryNetwork, MemoryListener, MemoryTransport
+from layerchain.wire.memory import MemoryConnection, MemoryListener, MemoryNetwork, MemoryTransport
 from layerchain.wire.messages import Message
 from layerchain.wire.tcp import TcpConnection, TcpListener, TcpTransport
 
@@ -32,6 +48,8 @@ __all__ = [
     "Listener",
     "Transport",
     "Handler",
+    "Incoming",
+    "Receiver",
     "TcpTransport",
     "TcpConnection",
     "TcpListener",
@@ -42,12 +60,19 @@ __all__ = [
     "transport_for",
 ]
 
+# What a connection in push mode hands its receiver, from the event loop: each incoming
+# message, a ProtocolError for each bad frame, and finally one PeerUnreachable (the end).
+Incoming = Message | ProtocolError | PeerUnreachable
+Receiver = Callable[[Incoming], None]
+
 
 @runtime_checkable
 class Connection(Protocol):
     """A bidirectional stream of messages with one peer."""
 
     peer: str  # the remote endpoint
+    remote_peer_id: str | None  # the layerchain peer id the other end proved, if any
+    pinned: bool  # set by the server while the peer holds sessions over this connection
 
     @property
     def closed(self) -> bool: ...
@@ -56,35 +81,37 @@ class Connection(Protocol):
 
     async def recv(self) -> Message: ...
 
+    def set_receiver(self, receiver: Receiver) -> None: ...
+
     async def close(self) -> None: ...
 
 
-Handler = Callable[[Any], Awaitable[None]]  # called with each accepted Connection
+Handler = Callable[[Connection], Awaitable[None]]  # called with each accepted Connection
 
 
 @runtime_checkable
 class Listener(Protocol):
     """A bound endpoint accepting connections."""
 
-    endpoint: str  # the real bound address, e.g. tcp://127.0.0.1:41234
+    endpoint: str  # the real bound address, e.g. tls://127.0.0.1:41234
 
     async def close(self) -> None: ...
 
 
 class Transport(Protocol):
-    """Connects to and listens on endpoints of one scheme."""
+    """Connects to and listens on endpoints."""
 
-    async def connect(self, endpoint: str) -> Any: ...
+    async def connect(self, endpoint: str, *, peer_id: str | None = None) -> Connection: ...
 
-    async def listen(self, endpoint: str, handler: Handler) -> Any: ...
+    async def listen(self, endpoint: str, handler: Handler) -> Listener: ...
 
 
-def transport_for(endpoint: str, *, limits: Limits = DEFAULT_LIMITS, **options: Any) -> Transport:
+def transport_for(endpoint: str, *, limits: Limits = DEFAULT_LIMITS) -> Transport:
     """A transport for ``endpoint``'s scheme: tcp:// or mem:// (memory on the default hub)."""
     if endpoint.startswith("tcp://"):
-        return TcpTransport(limits, **options)
+        return TcpTransport(limits)
     if endpoint.startswith("mem://"):
-        return MemoryTransport(limits=limits, **options)
+        return MemoryTransport(limits=limits)
     raise ConfigError(
         f"unknown endpoint scheme in {endpoint!r}", hint="use tcp://HOST:PORT or mem://NAME"
     )
