@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
+from layerchain.errors import LedgerError
 from layerchain.ledger.signatures import Signer
 
 MAX_AMOUNT = 2**63 - 1  # SQLite INTEGER and msgpack int64: the largest amount anywhere
@@ -50,6 +51,21 @@ class LedgerConfig:
     reward_per_block_hour: int = 0  # credits per registered block per hour of attested uptime
     min_stake: int = 0  # credits a node must stake to register
     max_reward_period_s: int = 24 * 3600  # longest period one reward claim may cover
+    # Slashing (``ledger/evidence.py``): an accuser must hold ``accuser_bond`` credits to
+    # accuse; evidence that does not prove cheating pays the bond to the accused. Evidence
+    # that does takes ``slash_bps`` / 10_000 of the convicted node's stake, of which
+    # ``slash_reward_bps`` / 10_000 goes to the accuser and the rest is burned.
+    accuser_bond: int = 1000  # credits
+    slash_bps: int = 10_000  # basis points of the stake taken (10_000: all of it)
+    slash_reward_bps: int = 5_000  # basis points of the slashed credits paid to the accuser
+
+    def __post_init__(self) -> None:
+        if type(self.accuser_bond) is not int or not 0 <= self.accuser_bond <= MAX_AMOUNT:
+            raise LedgerError(f"accuser_bond must be an integer in [0, 2^63), got {self.accuser_bond!r}")
+        for name in ("slash_bps", "slash_reward_bps"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= 10_000:
+                raise LedgerError(f"{name} must be an integer in [0, 10000], got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,15 +73,25 @@ class LedgerConfig:
             "reward_per_block_hour": self.reward_per_block_hour,
             "min_stake": self.min_stake,
             "max_reward_period_s": self.max_reward_period_s,
+            "accuser_bond": self.accuser_bond,
+            "slash_bps": self.slash_bps,
+            "slash_reward_bps": self.slash_reward_bps,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LedgerConfig:
+        """The config a genesis entry holds; slashing fields default for ledgers created
+        before slashing existed (they had no slash entries, so the defaults change nothing
+        that happened)."""
+        defaults = cls()
         return cls(
             dispute_window_s=float(data["dispute_window_s"]),
             reward_per_block_hour=int(data["reward_per_block_hour"]),
             min_stake=int(data["min_stake"]),
             max_reward_period_s=int(data["max_reward_period_s"]),
+            accuser_bond=int(data.get("accuser_bond", defaults.accuser_bond)),
+            slash_bps=int(data.get("slash_bps", defaults.slash_bps)),
+            slash_reward_bps=int(data.get("slash_reward_bps", defaults.slash_reward_bps)),
         )
 
 
@@ -112,6 +138,42 @@ class NodeInfo:
     served_at: float = 0.0  # the last time a client's voucher paid it (0: never)
     earned: int = 0  # credits redeemed from clients' vouchers since the last reward
     rewards: int = 0  # total uptime rewards paid
+
+
+@dataclass(frozen=True)
+class EvidenceVerdict:
+    """What recomputing one piece of evidence found (``ledger/evidence.check_evidence``).
+
+    Guilty only when every signature and chain link holds and the accused receipt's
+    commitment is further than ``tolerance`` from what the model computes on the same
+    inputs; a verdict is not guilty with the ``reason`` otherwise. The ledger records it
+    with the accuser's signed ``slash`` operation; ``receipt`` lets a replay check the
+    accused's signature without the model."""
+
+    evidence_hash: str  # "0x" + 64 hex digits: what the accuser signed (Evidence.digest)
+    accuser: str  # checksummed address that signed the evidence
+    accused: str  # checksummed address of the node that signed the receipts ("" if none)
+    step: int  # the disputed step k
+    guilty: bool
+    distance: float  # commitment_distance of step k (inf: no valid commitment; 0.0 unchecked)
+    tolerance: float  # AUDIT_TOLERANCE the distance was compared with
+    reason: str  # one line: why guilty or not
+    receipt: bytes = b""  # the accused's SignedReceipt wire bytes of step k (b"": unreadable)
+
+
+@dataclass(frozen=True)
+class SlashResult:
+    """What a ``slash`` entry did: a conviction moves stake, a false accusation a bond."""
+
+    evidence_hash: str  # "0x" + 64 hex digits
+    accuser: str
+    accused: str
+    guilty: bool
+    slashed: int = 0  # credits taken from the accused's stake (guilty)
+    reward: int = 0  # of which paid to the accuser
+    burned: int = 0  # of which destroyed
+    bond: int = 0  # credits taken from the accuser and paid to the accused (not guilty)
+    seq: int = 0  # the journal entry that recorded it
 
 
 @dataclass(frozen=True)
@@ -208,6 +270,12 @@ class Ledger(Protocol):
 
     def claim_reward(self, node: Signer) -> int:
         """Pay the node's uptime reward since its last one, as far as the ledger saw it work."""
+
+    def slash(self, accuser: Signer, verdict: EvidenceVerdict) -> SlashResult:
+        """Record ``verdict`` under the accuser's signed ``slash`` operation: guilty takes
+        the accused's stake (a receipt convicts once), not guilty pays the accuser's bond to
+        the accused. InsufficientFunds if the accuser holds less than the bond. Callers get
+        the verdict from ``check_evidence``; ``evidence.submit_evidence`` does both."""
 
     def journal(self, *, after: int = 0, limit: int | None = None) -> list[JournalEntry]:
         """Journal entries with ``seq > after``, oldest first."""

@@ -20,6 +20,14 @@ Entries (payload keys; ``ts`` is the ledger's clock, unix seconds, on every entr
     close_channel  op, closes_at (a close request) or refunded (the close)
     register_node  op, stake
     claim_reward   op, amount, period (seconds rewarded)
+    slash          op, verdict ("guilty" | "not_guilty"), receipt (hex: the accused's signed
+                   receipt of the disputed step, "" if unreadable), step, distance,
+                   tolerance, reason; then slashed, reward, burned (guilty) or bond
+
+A ``slash`` entry records a verdict of ``ledger/evidence.check_evidence``, which needs the
+model; a replay re-checks the accuser's operation (the evidence hash is its ``channel_id``),
+the accused's signature on the receipt, the one conviction per receipt and the arithmetic,
+not the recomputation: whoever doubts a verdict re-checks the evidence file with that hash.
 
 Every operation entry must be signed by its actor, name this ledger, be submitted before
 its deadline and carry a nonce its actor never used. ``ts`` never goes backwards.
@@ -53,7 +61,7 @@ from layerchain.ledger.base import (
     LedgerConfig,
     NodeInfo,
 )
-from layerchain.ledger.operations import Operation, channel_id_of, verify_operation
+from layerchain.ledger.operations import ZERO_ADDRESS, Operation, channel_id_of, verify_operation
 from layerchain.ledger.records import decode_voucher, verify_voucher
 
 GENESIS_PREV_HASH = "0" * 64
@@ -86,6 +94,7 @@ class State:
     channels: dict[str, Channel] = field(default_factory=dict)
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     nonces: set[tuple[str, int]] = field(default_factory=set)
+    convicted: set[str] = field(default_factory=set)  # "0x" receipt hashes that slashed a stake
 
     def balance(self, address: str) -> int:
         return self.balances.get(address, 0)
@@ -265,6 +274,62 @@ def _claim_reward(state: State, config: LedgerConfig, op: Operation, ts: float, 
     return amount
 
 
+def receipt_signer(receipt_hex: str) -> tuple[str, str]:
+    """``(signer address, "0x" receipt hash)`` of a signed receipt's wire bytes (hex)."""
+    # imported here: market.receipts imports the ledger package
+    from layerchain.errors import InvalidReceipt
+    from layerchain.ledger.signatures import BadSignature, checksum_address, recover_address_bytes
+    from layerchain.market.receipts import SignedReceipt, receipt_hash
+
+    try:
+        signed = SignedReceipt.from_bytes(bytes.fromhex(receipt_hex))
+        digest = receipt_hash(signed.receipt)
+        signer = checksum_address(recover_address_bytes(digest, signed.signature))
+    except (InvalidReceipt, BadSignature, ValueError) as error:
+        raise LedgerError(f"the slash entry's receipt is not a signed receipt ({error})") from None
+    if signer != signed.receipt.node_address:
+        raise LedgerError("the slash entry's receipt is not signed by the node it names")
+    return signer, "0x" + digest.hex()
+
+
+def _slash(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
+    """A verdict on the accuser's evidence (``ledger/evidence.py``). Guilty: the accused's
+    stake loses ``slash_bps``, ``slash_reward_bps`` of it to the accuser, the rest burned;
+    a receipt convicts once. Not guilty: the accuser's bond goes to the accused (burned
+    when the receipt named nobody). Either way the accuser must hold the bond."""
+    verdict, receipt = payload.get("verdict"), payload.get("receipt")
+    if verdict not in ("guilty", "not_guilty") or not isinstance(receipt, str):
+        raise LedgerError("a slash operation is recorded with its verdict (Ledger.slash)")
+    bond = config.accuser_bond
+    if state.balance(op.actor) < bond:
+        raise InsufficientFunds(
+            f"{op.actor} has {state.balance(op.actor)} credits; an accusation needs a bond of {bond}"
+        )
+    accused, receipt_id = receipt_signer(receipt) if receipt else (ZERO_ADDRESS, "")
+    if accused != op.counterparty:
+        raise LedgerError(f"the slash operation accuses {op.counterparty}, the receipt is {accused}'s")
+    if verdict == "not_guilty":
+        _debit(state, op.actor, bond, "the accusation's bond")
+        _record(payload, "bond", bond)
+        if accused != ZERO_ADDRESS:
+            _credit(state, accused, bond)
+        return bond
+    if receipt_id in state.convicted:
+        raise LedgerError(f"receipt {receipt_id[:10]}... already convicted its node (evidence used twice)")
+    node = state.nodes.get(accused)
+    if node is None or node.stake <= 0:
+        raise LedgerError(f"{accused} has no stake to slash")
+    slashed = node.stake * config.slash_bps // 10_000
+    reward = slashed * config.slash_reward_bps // 10_000
+    _record(payload, "slashed", slashed)
+    _record(payload, "reward", reward)
+    _record(payload, "burned", slashed - reward)
+    state.nodes[accused] = replace(node, stake=node.stake - slashed)
+    _credit(state, op.actor, reward)
+    state.convicted.add(receipt_id)
+    return slashed
+
+
 OperationRule = Callable[[State, LedgerConfig, Operation, float, dict[str, Any]], int]
 RULES: dict[str, OperationRule] = {
     "deposit": _deposit,
@@ -274,6 +339,7 @@ RULES: dict[str, OperationRule] = {
     "close_channel": _close_channel,
     "register_node": _register_node,
     "claim_reward": _claim_reward,
+    "slash": _slash,
 }
 
 
@@ -416,6 +482,10 @@ def compare(replayed: State, stored: State) -> list[str]:
     if replayed.nonces != stored.nonces:
         problems.append(
             f"{len(replayed.nonces ^ stored.nonces)} used operation nonce(s) differ from the journal's"
+        )
+    if replayed.convicted != stored.convicted:
+        problems.append(
+            f"{len(replayed.convicted ^ stored.convicted)} convicting receipt(s) differ from the journal's"
         )
     if replayed.config != stored.config:
         problems.append(f"config is stored as {stored.config}, genesis gives {replayed.config}")

@@ -1,7 +1,8 @@
 """Signed ledger operations: every change of an account is authorised by its owner's key.
 
 An ``Operation`` is what one actor asks of one ledger, like a transaction: deposit,
-withdraw, open a channel, top it up, close it, register as a node, claim an uptime reward.
+withdraw, open a channel, top it up, close it, register as a node, claim an uptime reward,
+accuse a node with evidence of cheating (``slash``).
 The actor signs its canonical bytes (EIP-191 over keccak256, as receipts and vouchers are
 signed, see ``layerchain.ledger.signatures``), the ledger recovers the signer and applies
 the operation only to the signer's own credits. Whoever can open the ledger file can
@@ -26,8 +27,9 @@ Canonical bytes (Solidity ``abi.encodePacked``, 196 bytes)::
     address actor          # the signer; whose credits move
     uint64  nonce          # used once per actor
     uint64  deadline       # unix seconds on the ledger's clock; refused after it
-    address counterparty   # open_channel: the payee; zero otherwise
-    bytes32 channel_id     # top_up, close_channel: the channel; zero otherwise
+    address counterparty   # open_channel: the payee; slash: the accused; zero otherwise
+    bytes32 channel_id     # top_up, close_channel: the channel; slash: the evidence hash
+                           # (``ledger/evidence.py``); zero otherwise
     uint64  amount         # deposit, withdraw, open_channel, top_up, register_node (stake)
     uint32  blocks         # register_node: the blocks the node serves
 
@@ -60,7 +62,7 @@ from layerchain.ledger.signatures import (
 OPERATION_TYPEHASH = keccak256(b"layerchain.Operation.v1")
 KINDS = (
     "deposit", "withdraw", "open_channel", "top_up", "close_channel", "register_node",
-    "claim_reward",
+    "claim_reward", "slash",
 )
 ZERO_ADDRESS = "0x" + "00" * 20
 ZERO_ID = "0x" + "00" * 32
@@ -93,8 +95,8 @@ class Operation:
     actor: str  # checksummed address of the signer
     nonce: int  # used once per actor
     deadline: int  # unix seconds (ledger clock)
-    counterparty: str = ZERO_ADDRESS  # open_channel: the payee
-    channel_id: str = ZERO_ID  # top_up, close_channel
+    counterparty: str = ZERO_ADDRESS  # open_channel: the payee; slash: the accused
+    channel_id: str = ZERO_ID  # top_up, close_channel; slash: the evidence hash
     amount: int = 0  # credits
     blocks: int = 0  # register_node
 

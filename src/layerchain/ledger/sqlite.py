@@ -16,13 +16,14 @@ backwards and no caller chooses it. Processes sharing the file share the machine
 
 Tables: ``meta(key, value)`` (``head`` = ``"seq:hash"`` of the last entry, ``clock`` = its
 stamp), ``accounts(address, balance)``, ``channels(...)``, ``nodes(...)``,
-``nonces(address, nonce)`` (operation nonces used), ``journal(seq, kind, payload,
-prev_hash, hash)``. ``path=":memory:"`` gives a private in-process ledger for fast tests.
+``nonces(address, nonce)`` (operation nonces used), ``convictions(receipt_hash)``
+(receipts that slashed a stake), ``journal(seq, kind, payload, prev_hash, hash)``. ``path=":memory:"`` gives a private in-process ledger for fast tests.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import sqlite3
 import threading
@@ -36,9 +37,11 @@ from layerchain.ledger.base import (
     CLOSED,
     AccountInfo,
     Channel,
+    EvidenceVerdict,
     JournalEntry,
     LedgerConfig,
     NodeInfo,
+    SlashResult,
     VerifyReport,
 )
 from layerchain.ledger.checkpoints import Checkpoint, check_checkpoints, sign_checkpoint
@@ -46,6 +49,7 @@ from layerchain.ledger.journal import (
     GENESIS_PREV_HASH,
     JOURNAL_VERSION,
     State,
+    receipt_signer,
     apply,
     canonical_payload,
     compare,
@@ -53,6 +57,7 @@ from layerchain.ledger.journal import (
     replay,
 )
 from layerchain.ledger.operations import (
+    ZERO_ADDRESS,
     Operation,
     channel_id_of,
     id_bytes,
@@ -85,6 +90,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     earned INTEGER NOT NULL, rewards INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nonces (
     address TEXT NOT NULL, nonce INTEGER NOT NULL, PRIMARY KEY (address, nonce));
+CREATE TABLE IF NOT EXISTS convictions (receipt_hash TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload TEXT NOT NULL,
     prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
@@ -276,6 +282,10 @@ class SqliteLedger:
         self._db.executemany(
             "INSERT OR IGNORE INTO nonces (address, nonce) VALUES (?, ?)", state.nonces
         )
+        self._db.executemany(
+            "INSERT OR IGNORE INTO convictions (receipt_hash) VALUES (?)",
+            [(r,) for r in state.convicted],
+        )
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -293,6 +303,8 @@ class SqliteLedger:
 
     def submit(self, operation: bytes) -> int:
         op = verify_operation(operation)  # outside the lock: ~80 µs of ECDSA
+        if op.kind == "slash":
+            raise LedgerError("a slash operation is submitted with its verdict: use Ledger.slash")
         with self._transaction() as state:
             self._load_accounts(state, op.actor)
             self._load_nonce(state, op.actor, op.nonce)
@@ -403,6 +415,35 @@ class SqliteLedger:
     def claim_reward(self, node: Signer) -> int:
         return self.submit(self._sign(node, "claim_reward")[1])
 
+    # -- slashing -------------------------------------------------------------------------
+
+    def slash(self, accuser: Signer, verdict: EvidenceVerdict) -> SlashResult:
+        accused = _address(verdict.accused) if verdict.accused else ZERO_ADDRESS
+        if verdict.guilty and not verdict.receipt:
+            raise LedgerError("a guilty verdict names the accused's receipt")
+        op, data = self._sign(accuser, "slash", counterparty=accused,
+                              channel_id=_channel_id(verdict.evidence_hash))
+        distance: float | str = verdict.distance if math.isfinite(verdict.distance) else "inf"
+        payload: dict[str, Any] = {
+            "op": data.hex(), "verdict": "guilty" if verdict.guilty else "not_guilty",
+            "receipt": verdict.receipt.hex(), "step": verdict.step, "distance": distance,
+            "tolerance": verdict.tolerance, "reason": verdict.reason,
+        }
+        receipt_id = receipt_signer(payload["receipt"])[1] if verdict.receipt else ""
+        with self._transaction() as state:
+            self._load_accounts(state, op.actor, accused)
+            self._load_nonce(state, op.actor, op.nonce)
+            self._load_node(state, accused)
+            if self._read("SELECT 1 FROM convictions WHERE receipt_hash = ?", (receipt_id,)):
+                state.convicted.add(receipt_id)
+            self._apply(state, "slash", payload)
+            seq = self._db.execute("SELECT MAX(seq) FROM journal").fetchone()[0]
+        return SlashResult(
+            verdict.evidence_hash, op.actor, accused, verdict.guilty,
+            slashed=payload.get("slashed", 0), reward=payload.get("reward", 0),
+            burned=payload.get("burned", 0), bond=payload.get("bond", 0), seq=seq,
+        )
+
     # -- journal --------------------------------------------------------------------------
 
     def journal(self, *, after: int = 0, limit: int | None = None) -> list[JournalEntry]:
@@ -470,6 +511,7 @@ class SqliteLedger:
             for row in self._db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes")
         }
         state.nonces = {(a, n) for a, n in self._db.execute("SELECT address, nonce FROM nonces")}
+        state.convicted = {r for (r,) in self._db.execute("SELECT receipt_hash FROM convictions")}
         return state
 
     def close(self) -> None:
