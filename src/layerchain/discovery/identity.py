@@ -126,6 +126,12 @@ class Identity:
         """The 64-byte Ed25519 signature of ``data``."""
         return self._private_key.sign(data)
 
+    @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The key itself, for a protocol that signs with it on its own: the TLS handshake
+        (``wire.tls`` puts it in the node's certificate). Nothing else should need it."""
+        return self._private_key
+
     verify = staticmethod(verify)
 
     def __repr__(self) -> str:

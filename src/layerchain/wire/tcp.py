@@ -51,18 +51,22 @@ log = logging.getLogger(__name__)
 _MAX_QUEUED_FRAMES = 256  # frames read ahead of recv() before reading pauses
 
 
-def parse_tcp_endpoint(endpoint: str) -> tuple[str, int]:
-    """("host", port) from ``tcp://host:port`` (``tcp://[::1]:port`` for IPv6)."""
-    rest = endpoint[len("tcp://") :] if endpoint.startswith("tcp://") else None
+def parse_tcp_endpoint(endpoint: str, scheme: str = "tcp") -> tuple[str, int]:
+    """("host", port) from ``tcp://host:port`` (``tcp://[::1]:port`` for IPv6), or from
+    ``SCHEME://host:port`` for another scheme over TCP (``tls``)."""
+    prefix = f"{scheme}://"
+    rest = endpoint[len(prefix) :] if endpoint.startswith(prefix) else None
     host, _, port = (rest or "").rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"bad TCP endpoint {endpoint!r}", hint="write it as tcp://HOST:PORT")
+        raise ConfigError(
+            f"bad {scheme.upper()} endpoint {endpoint!r}", hint=f"write it as {prefix}HOST:PORT"
+        )
     return host, int(port)
 
 
-def format_tcp_endpoint(host: str, port: int) -> str:
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+def format_tcp_endpoint(host: str, port: int, scheme: str = "tcp") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 class TcpConnection(asyncio.Protocol):
@@ -73,8 +77,10 @@ class TcpConnection(asyncio.Protocol):
         limits: Limits = DEFAULT_LIMITS,
         peer: str = "",
         on_made: Callable[[TcpConnection], None] | None = None,
+        scheme: str = "tcp",
     ) -> None:
-        self.peer = peer  # the remote endpoint, tcp://host:port
+        self.peer = peer  # the remote endpoint, tcp://host:port (tls://host:port over TLS)
+        self._scheme = scheme
         self._limits = limits
         self._on_made = on_made
         self._loop = asyncio.get_running_loop()
@@ -106,7 +112,11 @@ class TcpConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not self.peer:
             peername = transport.get_extra_info("peername")
-            self.peer = format_tcp_endpoint(peername[0], peername[1]) if peername else "tcp://?"
+            self.peer = (
+                format_tcp_endpoint(peername[0], peername[1], self._scheme)
+                if peername
+                else f"{self._scheme}://?"
+            )
         if self._on_made is not None:
             self._on_made(self)
 
@@ -161,7 +171,9 @@ class TcpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._lose_partial_frame("connection closed by peer")
-        return True  # keep the write side open for an error reply; the owner closes
+        # Keep the write side open for an error reply; the owner closes. (TLS has no half
+        # close: asyncio's TLS transport closes on EOF whatever this returns, and warns.)
+        return self._scheme != "tls"
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose_partial_frame(f"connection lost: {exc}" if exc else "connection closed")
@@ -260,6 +272,10 @@ class TcpConnection(asyncio.Protocol):
     def closed(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 
+    def extra(self, name: str) -> object:
+        """The asyncio transport's extra info ``name`` (``"ssl_object"`` over TLS), or None."""
+        return None if self._transport is None else self._transport.get_extra_info(name)
+
     async def recv(self) -> Message:
         """The next message; ProtocolError for a bad frame, PeerUnreachable once gone."""
         while not self._frames:
@@ -324,9 +340,13 @@ class TcpListener:
     """A bound TCP server; ``endpoint`` is the real address (port 0 resolved)."""
 
     def __init__(
-        self, limits: Limits, handler: Callable[[TcpConnection], Awaitable[None]]
+        self,
+        limits: Limits,
+        handler: Callable[[TcpConnection], Awaitable[None]],
+        scheme: str = "tcp",
     ) -> None:
         self.endpoint = ""
+        self.scheme = scheme  # of the endpoints it accepts on: tcp, or tls (wire.tls)
         self.evicted = 0  # connections closed to admit new ones
         self.refused = 0  # new connections closed because none could be evicted
         self._limits = limits
@@ -336,7 +356,7 @@ class TcpListener:
         self._tasks: dict[TcpConnection, asyncio.Task[None]] = {}
 
     def _make_connection(self) -> TcpConnection:
-        return TcpConnection(self._limits, on_made=self._start)
+        return TcpConnection(self._limits, on_made=self._start, scheme=self.scheme)
 
     def _start(self, conn: TcpConnection) -> None:
         cap = self._limits.max_connections
@@ -427,5 +447,5 @@ class TcpTransport:
             raise ConfigError(f"cannot listen on {endpoint}: {error}") from error
         listener._server = server
         bound = server.sockets[0].getsockname()
-        listener.endpoint = format_tcp_endpoint(bound[0], bound[1])
+        listener.endpoint = format_tcp_endpoint(bound[0], bound[1], listener.scheme)
         return listener

@@ -37,11 +37,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
+from layerchain.discovery.identity import Identity
 from layerchain.errors import ConfigError, PeerUnreachable, ProtocolError
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits
 from layerchain.wire.memory import MemoryConnection, MemoryListener, MemoryNetwork, MemoryTransport
 from layerchain.wire.messages import Message
 from layerchain.wire.tcp import TcpConnection, TcpListener, TcpTransport
+from layerchain.wire.tls import TlsTransport
 
 __all__ = [
     "Connection",
@@ -50,6 +52,10 @@ __all__ = [
     "Handler",
     "Incoming",
     "Receiver",
+    "Dialer",
+    "SCHEMES",
+    "scheme_of",
+    "TlsTransport",
     "TcpTransport",
     "TcpConnection",
     "TcpListener",
@@ -104,6 +110,73 @@ class Transport(Protocol):
     async def connect(self, endpoint: str, *, peer_id: str | None = None) -> Connection: ...
 
     async def listen(self, endpoint: str, handler: Handler) -> Listener: ...
+
+
+SCHEMES = ("tls", "tcp", "mem", "relay")  # every endpoint scheme layerchain knows
+PLAINTEXT_HINT = "pass --insecure to use plaintext tcp:// on a network you trust"
+
+
+def scheme_of(endpoint: str) -> str:
+    """``"tls"`` for ``tls://...``; ConfigError for an endpoint without a known scheme."""
+    scheme, sep, _ = endpoint.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise ConfigError(
+            f"unknown endpoint scheme in {endpoint!r}",
+            hint="use tls://HOST:PORT, tcp://HOST:PORT (with --insecure),"
+            " relay://HOST:PORT/PEER or mem://NAME",
+        )
+    return scheme
+
+
+class Dialer:
+    """The one ``Transport`` clients and nodes use: each endpoint by its scheme.
+
+    ``identity``: the key a tls:// listener proves (a node's; a pure client needs none).
+    ``insecure``: allow plaintext tcp:// (dialling and listening); without it a tcp://
+    endpoint is refused with a ``ConfigError`` naming ``--insecure``, so nothing is ever
+    sent in the clear by accident. mem:// goes to ``memory`` (default: the default hub).
+    """
+
+    def __init__(
+        self,
+        identity: Identity | None = None,
+        insecure: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        connect_timeout_s: float = 5.0,
+        memory: MemoryNetwork | None = None,
+    ) -> None:
+        self.identity = identity
+        self.insecure = insecure  # plaintext tcp:// allowed (a trusted network)
+        self.limits = limits
+        self.tls = TlsTransport(identity, limits, connect_timeout_s=connect_timeout_s)
+        self.tcp = TcpTransport(limits, connect_timeout_s=connect_timeout_s)
+        self.memory = MemoryTransport(
+            memory, limits=limits, peer_id=identity.peer_id if identity else None
+        )
+
+    def _transport(self, endpoint: str, doing: str) -> Transport:
+        scheme = scheme_of(endpoint)
+        if scheme == "tls":
+            return self.tls
+        if scheme == "tcp":
+            if not self.insecure:
+                raise ConfigError(
+                    f"refusing to {doing} {endpoint}: plaintext, unauthenticated",
+                    hint=PLAINTEXT_HINT,
+                )
+            return self.tcp
+        if scheme == "mem":
+            return self.memory
+        raise ConfigError(f"cannot {doing} {endpoint}: relay:// is not available in this build")
+
+    async def connect(self, endpoint: str, *, peer_id: str | None = None) -> Connection:
+        """Dial ``endpoint`` (see ``Transport.connect``; PeerAuthFailed over tls://)."""
+        return await self._transport(endpoint, "dial").connect(endpoint, peer_id=peer_id)
+
+    async def listen(self, endpoint: str, handler: Handler) -> Listener:
+        """Listen on ``endpoint`` (tls:// needs ``identity``, tcp:// needs ``insecure``)."""
+        return await self._transport(endpoint, "listen on").listen(endpoint, handler)
 
 
 def transport_for(endpoint: str, *, limits: Limits = DEFAULT_LIMITS) -> Transport:
