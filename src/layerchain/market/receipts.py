@@ -15,7 +15,12 @@ Canonical bytes (Solidity ``abi.encodePacked``, 284 bytes)::
     uint64  tokens                    bytes32 input_sha256, bytes32 output_sha256
     uint64  price_per_block           uint64  amount = tokens * (end - start) * price
     bytes32 prev_hash (zeros at step 0)          address node
-    bytes32 keccak256(fingerprint)    (activation fingerprint, empty until verification lands)
+    bytes32 keccak256(fingerprint)    (the commitment of the output: market.commitment)
+
+The fingerprint is ``commit(output)`` (``layerchain.market.commitment``, 16 bytes per token):
+the receipt pins down *what* the node returned, so a client checks on every step that it
+is the commitment of the tensor received (a node signing one output and returning another
+is caught at once) and an audit can compare a recomputation with it later.
 
 ``receipt_hash = keccak256(canonical bytes)``; the node signs it EIP-191 (``personal_sign``),
 so a contract can check a receipt with ``ecrecover``. Wire form: msgpack
@@ -34,6 +39,7 @@ import msgpack
 
 from layerchain.errors import InvalidReceipt
 from layerchain.ledger.base import MAX_AMOUNT
+from layerchain.market.commitment import check_commitment, commit
 from layerchain.ledger.signatures import (
     BadSignature,
     Signer,
@@ -132,7 +138,7 @@ class Receipt:
     amount: int  # tokens * (end - start) * price_per_block
     prev_hash: bytes  # receipt_hash of step - 1, ZERO_HASH at step 0
     node_address: str  # the signer's checksummed address
-    fingerprint: bytes = b""  # activation fingerprint of the output (TOPLOC-style), optional
+    fingerprint: bytes = b""  # commit(output): market.commitment, 16 bytes per token
 
     def __post_init__(self) -> None:
         _check_receipt_fields(self)
@@ -333,9 +339,14 @@ class ReceiptSigner:
 
     def sign_step(
         self, step: int, tokens: int, input_tensor: Any, output_tensor: Any,
-        fingerprint: bytes = b"",
+        fingerprint: bytes | None = None,
     ) -> bytes:
-        """Wire bytes of the signed receipt for ``step``; tensors or their 32-byte digests."""
+        """Wire bytes of the signed receipt for ``step``; tensors or their 32-byte digests.
+
+        ``fingerprint`` defaults to ``commit(output_tensor)`` (empty when only the output's
+        digest is given): the receipt commits to the tensor returned, whatever it is."""
+        if fingerprint is None:
+            fingerprint = b"" if isinstance(output_tensor, (bytes, bytearray)) else commit(output_tensor)
         amount = step_amount(tokens, self.span.length, self.price_per_block)
         receipt = Receipt(
             self.session_id, step, self.model_id, self.span.start, self.span.end, tokens,
@@ -374,6 +385,8 @@ class ReceiptVerifier:
         """Verify the next receipt against the tensors sent and received; advance the chain.
 
         ``tokens`` defaults to ``tokens_of(input_tensor)`` when a tensor (not a digest) is given.
+        When ``output_tensor`` is a tensor, its commitment must be the receipt's fingerprint
+        (``check_commitment``): InvalidOutput if not, the node signed another output.
         """
         if tokens is None and not isinstance(input_tensor, (bytes, bytearray)):
             tokens = tokens_of(input_tensor)
@@ -390,6 +403,8 @@ class ReceiptVerifier:
             self.span,
             tokens,
         )
+        if not isinstance(output_tensor, (bytes, bytearray)):
+            check_commitment(receipt.fingerprint, output_tensor)
         self.next_step += 1
         self.last_hash = digest
         return receipt
