@@ -1,5 +1,5 @@
 """CLI: `layerchain wallet create|show|balance|deposit|withdraw|settle` and
-`layerchain ledger init|status|journal|verify|checkpoint|redeem`.
+`layerchain ledger init|status|journal|verify|checkpoint|redeem|slash`.
 
 Every command takes ``--data-dir`` (default ``~/.layerchain``, env LAYERCHAIN_DATA_DIR),
 holding ``wallet.json``, ``vouchers/`` and ``checkpoints.jsonl``, and ``--ledger``
@@ -208,6 +208,9 @@ def ledger_init(
     dispute_window: float = typer.Option(3600.0, help="Seconds from a close request to refund."),
     reward_per_block_hour: int = typer.Option(0, help="Uptime reward per block-hour served."),
     min_stake: int = typer.Option(0, help="Credits a node must stake to register."),
+    accuser_bond: int = typer.Option(
+        1000, help="Credits an accuser must hold; evidence that proves no cheating pays them "
+                   "to the accused."),
     as_json: bool = JSON,
 ) -> None:
     """Create a ledger file with these rules (they are fixed once it exists)."""
@@ -216,7 +219,8 @@ def ledger_init(
     path = _ledger_path(data_dir, ledger)
     if path.exists():
         raise LedgerError(f"a ledger already exists at {path}")
-    config = LedgerConfig(dispute_window, reward_per_block_hour, min_stake)
+    config = LedgerConfig(dispute_window, reward_per_block_hour, min_stake,
+                          accuser_bond=accuser_bond)
     with _open(data_dir, ledger, create=True, config=config):
         pass
     if as_json:
@@ -414,6 +418,53 @@ def ledger_redeem(
         console.print(f"credited {total} from {len(results)} voucher(s) in {store.directory}")
     if any(r.error for r in results):
         raise typer.Exit(1)
+
+
+@ledger_app.command("slash")
+def ledger_slash(
+    evidence_file: Path = typer.Option(
+        ..., "--evidence", help="Evidence file of a node's cheating (written by the client's "
+                                "audits: DATA_DIR/evidence/*.evidence)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="The model the evidence names, to recompute the disputed step "
+                              "(default: the evidence's model name)."),
+    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON,
+) -> None:
+    """Accuse a node with evidence: recompute the disputed step and slash its stake.
+
+    The wallet in DATA_DIR must be the evidence's accuser and hold the ledger's bond. The
+    blocks the evidence names are loaded and run over its inputs; if the node's signed
+    commitment is beyond the tolerance the node's stake is slashed (part to this wallet,
+    the rest burned; a receipt convicts once). If not, the accusation is refused, the
+    bond goes to the accused, and the command exits 1.
+    """
+    from layerchain.errors import FalseAccusation
+    from layerchain.ledger.evidence import Evidence, submit_evidence
+    from layerchain.model import load_span, resolve_model
+
+    evidence = Evidence.from_file(evidence_file.expanduser())
+    wallet = _wallet(data_dir)
+    spec = resolve_model(model or evidence.model_name or None)
+    if spec.model_id != evidence.model_id:
+        raise LedgerError(
+            f"the evidence is for model {evidence.model_id[:12]}, {spec.name} is "
+            f"{spec.model_id[:12]}", hint="pass --model with the model the node served",
+        )
+    span = load_span(spec, evidence.start, evidence.end)
+    with _open(data_dir, ledger) as book:
+        try:
+            result = submit_evidence(book, evidence, wallet, span)
+        except FalseAccusation:
+            _keep_checkpoint(book, wallet, data_dir)  # the bond moved: anchor it
+            raise
+        _keep_checkpoint(book, wallet, data_dir)
+    if as_json:
+        _print_json(asdict(result))
+    else:
+        console.print(
+            f"{result.accused} convicted (journal entry {result.seq}): stake slashed by "
+            f"{result.slashed}, {result.reward} to {result.accuser}, {result.burned} burned"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -52,8 +52,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from layerchain.errors import FalseAccusation, InvalidEvidence, InvalidReceipt, SpanError
+from layerchain.errors import FalseAccusation, InvalidEvidence, InvalidReceipt, LedgerError, SpanError
 from layerchain.ledger.base import EvidenceVerdict, Ledger, SlashResult
+from layerchain.ledger.journal import receipt_signer
 from layerchain.ledger.signatures import (
     BadSignature,
     Signer,
@@ -283,6 +284,14 @@ def _chain_problem(evidence: Evidence) -> tuple[str, str]:
     return accused, ""
 
 
+def _signed_by(receipt: bytes, address: str) -> bool:
+    """Whether ``receipt`` (wire bytes) is validly signed by the node ``address`` it names."""
+    try:
+        return bool(address) and receipt_signer(receipt.hex())[0] == address
+    except LedgerError:
+        return False
+
+
 def check_evidence(evidence: Evidence, span: SpanModel) -> EvidenceVerdict:
     """Recompute the disputed step and judge the accusation; pure but for the model.
 
@@ -311,7 +320,7 @@ def check_evidence(evidence: Evidence, span: SpanModel) -> EvidenceVerdict:
         raise SpanError(f"evidence is for blocks {evidence.start}:{evidence.end}, the span holds {span.span}")
 
     accused, problem = _chain_problem(evidence)
-    disputed = evidence.receipts[-1] if accused else b""
+    disputed = evidence.receipts[-1] if _signed_by(evidence.receipts[-1], accused) else b""
 
     def verdict(guilty: bool, distance: float, reason: str) -> EvidenceVerdict:
         return EvidenceVerdict(

@@ -295,8 +295,8 @@ def receipt_signer(receipt_hex: str) -> tuple[str, str]:
 def _slash(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
     """A verdict on the accuser's evidence (``ledger/evidence.py``). Guilty: the accused's
     stake loses ``slash_bps``, ``slash_reward_bps`` of it to the accuser, the rest burned;
-    a receipt convicts once. Not guilty: the accuser's bond goes to the accused (burned
-    when the receipt named nobody). Either way the accuser must hold the bond."""
+    a receipt convicts once. Not guilty: the accuser's bond goes to the accused (the
+    receipt's signer; the node the accuser named when no receipt is valid; burned if none). Either way the accuser must hold the bond."""
     verdict, receipt = payload.get("verdict"), payload.get("receipt")
     if verdict not in ("guilty", "not_guilty") or not isinstance(receipt, str):
         raise LedgerError("a slash operation is recorded with its verdict (Ledger.slash)")
@@ -305,15 +305,17 @@ def _slash(state: State, config: LedgerConfig, op: Operation, ts: float, payload
         raise InsufficientFunds(
             f"{op.actor} has {state.balance(op.actor)} credits; an accusation needs a bond of {bond}"
         )
-    accused, receipt_id = receipt_signer(receipt) if receipt else (ZERO_ADDRESS, "")
+    accused, receipt_id = receipt_signer(receipt) if receipt else (op.counterparty, "")
     if accused != op.counterparty:
         raise LedgerError(f"the slash operation accuses {op.counterparty}, the receipt is {accused}'s")
-    if verdict == "not_guilty":
+    if verdict == "not_guilty":  # without a valid receipt: the node the accuser named
         _debit(state, op.actor, bond, "the accusation's bond")
         _record(payload, "bond", bond)
         if accused != ZERO_ADDRESS:
             _credit(state, accused, bond)
         return bond
+    if not receipt:
+        raise LedgerError("a guilty verdict names the accused's receipt")
     if receipt_id in state.convicted:
         raise LedgerError(f"receipt {receipt_id[:10]}... already convicted its node (evidence used twice)")
     node = state.nodes.get(accused)
