@@ -29,11 +29,12 @@ PUBLIC_API: dict[str, list[str]] = {
         "verify_file",
     ],
     "layerchain.wire": [
-        "CloseSession", "Connection", "DEFAULT_LIMITS", "ERROR_CODES", "ErrorReply",
+        "CloseSession", "Connection", "DEFAULT_LIMITS", "Dialer", "ERROR_CODES", "ErrorReply",
         "Info", "InfoReply", "Limits", "Listener", "MAX_STEP_TOKENS", "MemoryNetwork",
         "MemoryTransport", "Message", "OpenSession", "PROTOCOL_VERSION", "Ping", "Pong",
         "RpcClient", "ServeStats", "SessionClosed", "SessionOpened", "Step",
-        "StepResult", "TcpTransport", "Transport", "decode", "encode", "encode_bytes",
+        "StepResult", "TcpTransport", "TlsTransport", "Transport", "decode", "encode",
+        "encode_bytes",
         "peer_error", "serve_connection", "transport_for",
     ],
     "layerchain.discovery": [

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from layerchain.errors import ConfigError, PeerUnreachable
+from layerchain.discovery.identity import Identity
+from layerchain.errors import ConfigError, PeerAuthFailed, PeerUnreachable
 from layerchain.wire.codec import Limits, encode_bytes
 from layerchain.wire.messages import ErrorReply, Ping, Pong, Step, StepResult
 from layerchain.wire.rpc import RpcClient, ServeStats, serve_connection
@@ -21,6 +22,7 @@ from layerchain.wire.transport import (
     MemoryNetwork,
     MemoryTransport,
     TcpTransport,
+    TlsTransport,
     transport_for,
 )
 from test_wire_codec import assert_same, frame_from_header, sample_messages, step_header
@@ -42,14 +44,20 @@ async def echo(conn) -> None:
         pass
 
 
-@pytest.mark.parametrize("kind", ["tcp", "mem"])
-def test_every_message_round_trips_through_both_transports(kind):
+@pytest.mark.parametrize("kind", ["tls", "tcp", "mem"])
+def test_every_message_round_trips_through_every_transport(kind):
     async def main():
-        transport = TcpTransport() if kind == "tcp" else MemoryTransport(MemoryNetwork())
-        endpoint = "tcp://127.0.0.1:0" if kind == "tcp" else "mem://"
-        listener = await transport.listen(endpoint, echo)
-        conn = await transport.connect(listener.endpoint)
+        identity = Identity.generate()
+        transport = {
+            "tls": TlsTransport(identity),
+            "tcp": TcpTransport(),
+            "mem": MemoryTransport(MemoryNetwork(), peer_id=identity.peer_id),
+        }[kind]
+        listener = await transport.listen(f"{kind}://127.0.0.1:0" if kind != "mem" else "mem://",
+                                          echo)
+        conn = await transport.connect(listener.endpoint, peer_id=identity.peer_id)
         assert isinstance(conn, Connection)
+        assert conn.remote_peer_id == (None if kind == "tcp" else identity.peer_id)
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for msg in sample_messages(dtype):
                 await conn.send(msg)
@@ -106,6 +114,33 @@ def test_memory_transport_latency_order_and_close():
             await conn.recv()
         with pytest.raises(PeerUnreachable):
             await conn.send(Ping(9, 9))
+
+    run(main())
+
+
+def test_memory_listeners_prove_their_transports_peer_id_like_tls():
+    async def main():
+        hub, node = MemoryNetwork(), Identity.generate()
+        listener = await MemoryTransport(hub, peer_id=node.peer_id).listen("mem://n", echo)
+        anonymous = await MemoryTransport(hub).listen("mem://anon", echo)
+        client = MemoryTransport(hub)
+        with pytest.raises(PeerAuthFailed) as caught:
+            await client.connect("mem://n", peer_id="someone-else")
+        assert caught.value.peer_id == "someone-else"
+        conn = await client.connect("mem://n", peer_id=node.peer_id)
+        assert conn.remote_peer_id == node.peer_id
+        got: list = []
+        conn.set_receiver(got.append)  # push mode over memory too
+        await conn.send(Ping(3, 4))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert got == [Ping(3, 4)]
+        await conn.close()
+        assert isinstance(got[-1], PeerUnreachable)
+        plain = await client.connect("mem://anon", peer_id="anyone")  # proves nothing, like tcp
+        assert plain.remote_peer_id is None
+        await listener.close()
+        await anonymous.close()
 
     run(main())
 

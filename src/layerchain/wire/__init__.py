@@ -1,8 +1,8 @@
 """The wire protocol: messages, frames, transports and request/reply, imported by both sides.
 
-``messages`` (typed, versioned records) -> ``codec`` (frames, ``Limits``) -> ``tcp`` /
-``memory`` (transports behind the ``transport`` seam) -> ``rpc`` (``RpcClient``,
-``serve_connection``). Client and node both import this package and never each other.
+``messages`` (typed, versioned records) -> ``codec`` (frames, ``Limits``) -> ``tls`` /
+``tcp`` / ``memory`` (transports behind the ``transport`` seam; ``Dialer`` picks one by
+endpoint scheme) -> ``rpc`` (``RpcClient``, ``serve_connection``). Client and node both import this package and never each other.
 """
 
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits, decode, encode, encode_bytes
@@ -26,10 +26,12 @@ from layerchain.wire.messages import (
 from layerchain.wire.rpc import RpcClient, ServeStats, peer_error, serve_connection
 from layerchain.wire.transport import (
     Connection,
+    Dialer,
     Listener,
     MemoryNetwork,
     MemoryTransport,
     TcpTransport,
+    TlsTransport,
     Transport,
     transport_for,
 )
@@ -60,9 +62,11 @@ __all__ = [
     "serve_connection",
     "peer_error",
     "Connection",
+    "Dialer",
     "Listener",
     "Transport",
     "TcpTransport",
+    "TlsTransport",
     "MemoryTransport",
     "MemoryNetwork",
     "transport_for",
