@@ -136,7 +136,7 @@ def record_for(request):
     def make(identity, start: int, end: int, expires_at: float | None = None, **fields) -> PeerRecord:
         expires = time.time() + 60.0 if expires_at is None else expires_at
         # a tombstone carries the identity and the span; add what a serving node announces
-        live = dict(endpoint=f"tcp://127.0.0.1:{4000 + start}", ms_per_block=1.0,
+        live = dict(endpoints=(f"tcp://127.0.0.1:{4000 + start}",), ms_per_block=1.0,
                     price_per_block=1, free_cache_tokens=1024, version="0.1.0")
         return dataclasses.replace(
             tombstone(identity, model_id, start, end, expires), **{**live, **fields}

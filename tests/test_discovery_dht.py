@@ -74,7 +74,7 @@ def assert_gone(pids: set[int]) -> None:
 def _forge(record: PeerRecord) -> bytes:
     """``record`` (someone's) pointing elsewhere, signed by someone else."""
     mallory = Identity.generate()
-    payload = dataclasses.replace(record, endpoint="tcp://evil:1")
+    payload = dataclasses.replace(record, endpoints=("tcp://evil:1",))
     body = payload.canonical_bytes()
     return msgpack.packb([body, mallory.sign(body)], use_bin_type=True)
 

@@ -165,7 +165,7 @@ def _resigned(identity: Identity, record: PeerRecord, **changes: object) -> byte
     [
         {"ms_per_block": 1e308},
         {"ms_per_block": 0.0},
-        {"endpoint": "tcp://:0"},
+        {"endpoints": ("tcp://:0",)},
         {"price_per_block": 10**15},
         {"free_cache_tokens": 10**12},
         {"wallet": "0x" + "ab" * 20},

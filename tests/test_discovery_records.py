@@ -14,6 +14,7 @@ from layerchain.discovery.identity import KEY_FILE_NAME, Identity, peer_id_from_
 from layerchain.discovery.records import (
     MAX_RECORD_BYTES,
     MAX_RECORD_TTL_S,
+    RECORD_FORMAT,
     PeerRecord,
     _encode_fields,
     check_fresh,
@@ -32,7 +33,7 @@ def make_record(identity: Identity, **changes: object) -> PeerRecord:
     fields = dict(
         peer_id=identity.peer_id,
         public_key=identity.public_key,
-        endpoint="tcp://127.0.0.1:4001",
+        endpoints=("tcp://127.0.0.1:4001",),
         model_id="smollm2-135m",
         start=10,
         end=20,
@@ -185,7 +186,7 @@ def test_malformed_fields_are_rejected_even_if_signed():
         {"price_per_block": 1.5},
         {"ms_per_block": float("nan")},
         {"model_id": ""},
-        {"endpoint": "x" * 1000},
+        {"endpoints": ["x" * 1000]},
         {"rtts": [["p", -1.0]]},
         {"free_cache_tokens": True},
     ]:
@@ -198,7 +199,7 @@ def test_malformed_fields_are_rejected_even_if_signed():
 
 def test_non_canonical_encoding_is_rejected():
     me = Identity.generate()
-    body = {"format": "layerchain/peer-record/1", **dataclasses.asdict(make_record(me))}
+    body = {"format": RECORD_FORMAT, **dataclasses.asdict(make_record(me))}
     body["rtts"] = [list(p) for p in body["rtts"]]
     payload = msgpack.packb(dict(reversed(list(body.items()))), use_bin_type=True)  # unsorted keys
     blob = msgpack.packb([payload, me.sign(payload)], use_bin_type=True)
@@ -209,14 +210,25 @@ def test_non_canonical_encoding_is_rejected():
 @pytest.mark.parametrize(
     "change",
     [
-        {"endpoint": "tcp://:4001"},  # empty host
-        {"endpoint": "tcp://127.0.0.1:0"},  # port 0
-        {"endpoint": "tcp://127.0.0.1:70000"},  # port past 65535
-        {"endpoint": "tcp://127.0.0.1"},  # no port
-        {"endpoint": "http://127.0.0.1:80"},  # another scheme
-        {"endpoint": "tcp://[link=https://evil]x[/link]:80"},  # markup, not a host
-        {"endpoint": "tcp://host name:80"},
-        {"endpoint": "mem://"},
+        {"endpoints": ["tcp://:4001"]},  # empty host
+        {"endpoints": ["tcp://127.0.0.1:0"]},  # port 0
+        {"endpoints": ["tcp://127.0.0.1:70000"]},  # port past 65535
+        {"endpoints": ["tcp://127.0.0.1"]},  # no port
+        {"endpoints": ["http://127.0.0.1:80"]},  # another scheme
+        {"endpoints": ["tcp://[link=https://evil]x[/link]:80"]},  # markup, not a host
+        {"endpoints": ["tcp://host name:80"]},
+        {"endpoints": ["mem://"]},
+        {"endpoints": ["tcp://0.0.0.0:4001"]},  # a listener's wildcard: nobody can dial it
+        {"endpoints": ["tls://[::]:4001"]},
+        {"endpoints": ["tls://[0:0::0]:4001"]},
+        {"endpoints": ["relay://10.0.0.1:4001/not-a-peer-id!"]},
+        {"endpoints": ["relay://10.0.0.1:4001"]},  # whom to reach through it?
+        {"endpoints": [f"tls://10.0.0.{i}:4001" for i in range(5)]},  # more than 4
+        {"endpoints": ["tls://10.0.0.1:4001", "tls://10.0.0.1:4001"]},  # twice the same
+        {"endpoints": ["tls://10.0.0.1:4001", "tls://" + "a" * 250 + ":4001"]},  # > 256 chars
+        {"endpoints": "tls://10.0.0.1:4001"},  # a string, not a list
+        {"endpoints": [4001]},
+        {"relay": 1},  # booleans only
         {"ms_per_block": 1e308},  # finite, but steers the planner out of the model
         {"ms_per_block": 0.0},  # "infinitely fast": wins every route
         {"price_per_block": 10**18},
@@ -240,11 +252,39 @@ def test_every_field_is_range_checked_even_if_signed(change):
                            for k, v in change.items()})
 
 
+def test_a_record_lists_its_endpoints_in_order_and_endpoint_is_the_first():
+    me = Identity.generate()
+    relay = f"relay://203.0.113.9:4001/{Identity.generate().peer_id}"
+    several = ("tls://192.168.1.7:31337", "tls://[fd00::7]:31337", relay, "tcp://node.lan:1")
+    record = make_record(me, endpoints=several, relay=True)
+    assert open_record(sign_record(me, record)) == record  # order and the relay flag signed
+    assert record.endpoints == several and record.endpoint == "tls://192.168.1.7:31337"
+    swapped = dataclasses.asdict(record) | {"endpoints": list(reversed(several))}
+    payload, signature = msgpack.unpackb(sign_record(me, record))
+    forged = msgpack.packb([_encode_fields(swapped), signature], use_bin_type=True)
+    with pytest.raises(ProtocolError, match="bad signature"):  # nobody reorders them
+        open_record(forged)
+    with pytest.raises(ProtocolError, match="endpoint or endpoints"):
+        PeerRecord.create(me, model_id="m", span=Span(0, 1), ms_per_block=1.0)
+
+
+def test_a_format_1_record_is_refused_as_unknown():
+    me = Identity.generate()
+    values = dataclasses.asdict(make_record(me))
+    old = {k: v for k, v in values.items() if k not in ("endpoints", "relay")}
+    old["endpoint"] = "tcp://127.0.0.1:4001"
+    payload = msgpack.packb({"format": "layerchain/peer-record/1", **old}, use_bin_type=True)
+    with pytest.raises(ProtocolError, match="unknown format"):
+        open_record(msgpack.packb([payload, me.sign(payload)], use_bin_type=True))
+
+
 def test_endpoints_that_are_allowed():
     me = Identity.generate()
     for endpoint in ("tcp://127.0.0.1:1", "tcp://node-7.example.org:65535", "tcp://[::1]:4001",
+                     "tls://10.1.2.3:4001", "tls://[2001:db8::1]:443",
+                     f"relay://relay.example.org:4001/{Identity.generate().peer_id}",
                      "mem://node-a", "mem://3xQvK_9.peer"):
-        assert make_record(me, endpoint=endpoint).endpoint == endpoint
+        assert make_record(me, endpoints=(endpoint,)).endpoint == endpoint
 
 
 def test_a_record_expiring_far_in_the_future_is_refused():
@@ -266,3 +306,5 @@ def test_a_tombstone_carries_no_values():
     values = dataclasses.asdict(dead)
     with pytest.raises(ProtocolError, match="tombstone"):
         open_record(resign(me, {**values, "price_per_block": 5}))
+    with pytest.raises(ProtocolError, match="tombstone"):  # nor offers to relay
+        open_record(resign(me, {**values, "relay": True}))

@@ -28,7 +28,7 @@ KEY = b"k" * 20  # hivemind hands validators hashed keys
 def _record(identity: Identity, expires_at: float) -> PeerRecord:
     return PeerRecord(
         peer_id=identity.peer_id, public_key=identity.public_key,
-        endpoint="tcp://127.0.0.1:4001", model_id="m", start=0, end=4, ms_per_block=1.0,
+        endpoints=("tcp://127.0.0.1:4001",), model_id="m", start=0, end=4, ms_per_block=1.0,
         price_per_block=1, free_cache_tokens=1024, wallet="", rtts=(), version="0.1.0",
         expires_at=expires_at,
     )

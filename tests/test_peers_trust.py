@@ -16,11 +16,12 @@ from layerchain.client.peers import (
     MeasuredSpeed,
     PeerView,
     add_sample,
+    dial_first,
     measured_ms_per_block,
     routing_ms_per_block,
 )
 from layerchain.discovery import Identity, MemoryDHT, MemoryDiscovery, PeerRecord
-from layerchain.errors import NoRoute
+from layerchain.errors import NoRoute, PeerAuthFailed, PeerTimeout, PeerUnreachable
 from layerchain.market import Wallet
 from layerchain.types import Span
 from layerchain.wire import MemoryNetwork, MemoryTransport, serve_connection
@@ -435,5 +436,124 @@ def test_live_snapshot_plans_over_the_swarm_and_closes_what_it_opened():
         assert snap.num_blocks == L and {p.id for p in snap.peers} == {a.peer_id, b.peer_id}
         assert all(p.rtt_ms < 1000.0 for p in snap.peers)  # pinged
         assert swarm.open == 0
+
+    run(main())
+
+
+# ---- issue 13: a record lists several endpoints; the client keeps the first that answers --
+
+
+class HangingTransport(MemoryTransport):
+    """The memory transport, where dialling ``hang`` never completes (a dropped SYN)."""
+
+    def __init__(self, wire: MemoryNetwork, hang: str) -> None:
+        super().__init__(wire)
+        self.hang, self.dialled, self.cancelled = hang, [], 0
+
+    async def connect(self, endpoint: str, *, peer_id: str | None = None):
+        self.dialled.append((endpoint, peer_id))
+        if endpoint == self.hang:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return await super().connect(endpoint, peer_id=peer_id)
+
+
+async def serve_pings(wire: MemoryNetwork, endpoint: str, proves: str | None) -> object:
+    async def nothing(msg):
+        raise AssertionError(msg)
+
+    return await MemoryTransport(wire, peer_id=proves).listen(
+        endpoint, lambda conn: serve_connection(conn, nothing))
+
+
+def test_the_first_endpoint_that_answers_is_kept_and_the_rtt_measured_on_it():
+    async def main():
+        swarm, peer = Swarm(), Identity.generate()
+        await serve_pings(swarm.wire, "mem://lan", peer.peer_id)
+        record = PeerRecord.create(peer, model_id=MODEL, span=Span(0, L), ms_per_block=1.0,
+                                   endpoints=("mem://gone", "mem://lan"),
+                                   expires_at=time.time() + 60)
+        await MemoryDiscovery(swarm.hub, peer).announce(record)
+        view = swarm.view()
+        await view.refresh(force=True)  # pings every new peer
+        assert peer.peer_id in view.rtt_ms and not view.banned()
+        assert view._clients[peer.peer_id].endpoint == "mem://lan"
+        await view.close()
+
+    run(main())
+
+
+def test_a_hanging_endpoint_delays_the_next_by_the_stagger_not_the_connect_timeout():
+    async def main():
+        wire, peer = MemoryNetwork(), Identity.generate()
+        await serve_pings(wire, "mem://b", peer.peer_id)
+        transport = HangingTransport(wire, hang="mem://a")
+        t0 = time.perf_counter()
+        endpoint, conn = await dial_first(transport, peer.peer_id, ("mem://a", "mem://b"),
+                                          timeout_s=5.0, stagger_s=0.05)
+        assert endpoint == "mem://b" and time.perf_counter() - t0 < 1.0
+        assert transport.dialled == [("mem://a", peer.peer_id), ("mem://b", peer.peer_id)]
+        await asyncio.sleep(0)
+        assert transport.cancelled == 1  # the hanging dial does not linger
+        await conn.close()
+
+    run(main())
+
+
+def test_an_endpoint_held_by_someone_else_is_skipped_and_alone_is_an_auth_failure():
+    async def main():
+        wire, peer, mallory = MemoryNetwork(), Identity.generate(), Identity.generate()
+        await serve_pings(wire, "mem://mitm", mallory.peer_id)  # answers, with another key
+        await serve_pings(wire, "mem://real", peer.peer_id)
+        endpoint, conn = await dial_first(MemoryTransport(wire), peer.peer_id,
+                                          ("mem://mitm", "mem://real"), timeout_s=5.0)
+        assert endpoint == "mem://real" and conn.remote_peer_id == peer.peer_id
+        await conn.close()
+        with pytest.raises(PeerAuthFailed) as caught:
+            await dial_first(MemoryTransport(wire), peer.peer_id, ("mem://gone", "mem://mitm"),
+                             timeout_s=5.0)
+        assert caught.value.peer_id == peer.peer_id
+
+    run(main())
+
+
+def test_when_every_endpoint_fails_the_error_names_each_and_a_hang_is_a_timeout():
+    async def main():
+        wire, peer = MemoryNetwork(), Identity.generate()
+        with pytest.raises(PeerUnreachable, match="mem://x: nothing listens.*mem://y: nothing"):
+            await dial_first(MemoryTransport(wire), peer.peer_id, ("mem://x", "mem://y"),
+                             timeout_s=5.0)
+        with pytest.raises(PeerTimeout):
+            await dial_first(HangingTransport(wire, hang="mem://x"), peer.peer_id,
+                             ("mem://x", "mem://y"), timeout_s=0.2, stagger_s=0.05)
+
+    run(main())
+
+
+def test_a_record_that_drops_the_connected_endpoint_closes_the_connection():
+    async def main():
+        swarm, peer = Swarm(), Identity.generate()
+        for name in ("one", "two"):
+            await serve_pings(swarm.wire, f"mem://{name}", peer.peer_id)
+        view = swarm.view()
+
+        async def announce(*endpoints: str, at: float) -> None:
+            await MemoryDiscovery(swarm.hub, peer).announce(PeerRecord.create(
+                peer, model_id=MODEL, span=Span(0, L), ms_per_block=1.0, endpoints=endpoints,
+                expires_at=time.time() + at))
+
+        await announce("mem://one", "mem://two", at=60)
+        await view.refresh(force=True)
+        assert view._clients[peer.peer_id].endpoint == "mem://one"
+        await announce("mem://two", "mem://one", at=61)  # reordered: the connection stays
+        await view.refresh(force=True)
+        assert view._clients[peer.peer_id].endpoint == "mem://one"
+        await announce("mem://two", at=62)  # dropped: closed, the next dial goes to two
+        await view.refresh(force=True)
+        assert view._clients[peer.peer_id].endpoint == "mem://two"
+        await view.close()
 
     run(main())

@@ -20,8 +20,18 @@ _D = NodeConfig()
 def start(
     model: str = typer.Option(_D.model, help="Model: smollm2, a .gguf path, a HF dir or a shard dir."),
     blocks: str = typer.Option(..., help="Blocks to serve, START:END (end exclusive)."),
-    host: str = typer.Option(_D.host, help="Address to listen on."),
+    host: str = typer.Option(
+        _D.host, help="Address to listen on (0.0.0.0: every interface, for other machines)."
+    ),
     port: int = typer.Option(_D.port, help="Inference TCP port (0 = any free port)."),
+    announce_host: str = typer.Option(
+        _D.announce_host,
+        help="Address other machines dial (a port-forwarded router); default: this host's "
+             "interfaces, the one routing to the initial peers first.",
+    ),
+    announce_port: int = typer.Option(
+        _D.announce_port, help="Inference port other machines dial, if it differs (0 = --port)."
+    ),
     dht_port: int = typer.Option(_D.dht_port, help="DHT TCP port (0 = any free port)."),
     initial_peers: Optional[List[str]] = typer.Option(None, help="DHT multiaddr to join through (repeatable)."),
     new_swarm: bool = typer.Option(False, help="Start a new DHT instead of joining one."),
@@ -77,6 +87,7 @@ def start(
     span = Span.parse(blocks)
     config = NodeConfig(  # checks every setting: ConfigError
         model=model, start=span.start, end=span.end, host=host, port=port, dht_port=dht_port,
+        announce_host=announce_host, announce_port=announce_port,
         initial_peers=tuple(initial_peers or ()), new_swarm=new_swarm, data_dir=data_dir,
         max_cache_tokens=max_cache_tokens, max_session_tokens=max_session_tokens,
         max_connection_tokens=max_connection_tokens, max_sessions=max_sessions,
@@ -92,7 +103,7 @@ def start(
 
     def ready(node, addresses):  # noqa: ANN001
         typer.echo(f"node {node.peer_id} serves blocks {node.span.start}:{node.span.end} "
-                   f"at {node.endpoint} ({node.ms_per_block:.2f} ms/block)")
+                   f"at {', '.join(node.endpoints)} ({node.ms_per_block:.2f} ms/block)")
         for address in addresses:
             typer.echo(f"join with: --initial-peers {address}")
 

@@ -23,6 +23,12 @@ Nothing a peer says is taken on its word:
   peers pinged per refresh, ``max_connections`` open connections (one per peer id; the
   least recently used idle ones close first; one whose peer left or moved closes at the
   next refresh). RTTs and speeds of departed peers are dropped.
+* Connections: a record lists up to 4 endpoints, best first (a node's LAN address, then its
+  other interfaces, then a relay). ``dial_first`` tries them in that order, starting the
+  next one ``ENDPOINT_STAGGER_S`` after the previous (or at once when it fails: RFC 8305's
+  "happy eyeballs"), keeps the first that answers and closes the others; every dial asks
+  the other end to prove the record's peer id (``PeerAuthFailed`` otherwise). RTTs are
+  measured on the connection kept.
 * Spending: with no ``max_price``, a route may cost at most ``max_price_multiple`` times
   the swarm's median price per block (``routing.default_max_price``).
 
@@ -44,7 +50,16 @@ from dataclasses import dataclass
 
 from layerchain.client.config import ClientConfig, RouteLimits
 from layerchain.discovery import Discovery, PeerRecord, check_fresh
-from layerchain.errors import ConfigError, NoRoute, PeerError, PeerTimeout, PeerUnreachable, ProtocolError
+from layerchain.errors import (
+    ConfigError,
+    LayerchainError,
+    NoRoute,
+    PeerAuthFailed,
+    PeerError,
+    PeerTimeout,
+    PeerUnreachable,
+    ProtocolError,
+)
 from layerchain.routing import (
     RoutePeer,
     RoutePlan,
@@ -56,11 +71,13 @@ from layerchain.routing import (
 from layerchain.routing.route import MAX_MS_PER_BLOCK, MAX_RTT_MS
 from layerchain.wire import messages as m
 from layerchain.wire.rpc import RpcClient
-from layerchain.wire.transport import Transport
+from layerchain.wire.transport import Connection, Transport
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_RTT_MS = 1000.0  # the planner's guess for a peer not pinged yet
+ENDPOINT_STAGGER_S = 0.25  # a peer's next endpoint is dialled this long after the previous
+# one if that has not answered yet (RFC 8305 suggests 0.25 s)
 SESSION_IDLE_S = 30.0  # a connection used by a session may close this long after its last use
 
 
@@ -70,7 +87,7 @@ SESSION_IDLE_S = 30.0  # a connection used by a session may close this long afte
 def usable_record(record: PeerRecord, model_id: str, num_blocks: int, now: float) -> bool:
     """Whether a client may plan with ``record`` at ``now`` (unix s): of ``model_id``, a
     span inside ``[0, num_blocks)``, not a tombstone, fresh and not too far ahead."""
-    if record.model_id != model_id or record.end > num_blocks or not record.endpoint:
+    if record.model_id != model_id or record.end > num_blocks or not record.endpoints:
         return False
     try:
         check_fresh(record, now)
@@ -115,9 +132,99 @@ def routing_ms_per_block(claimed: float, measured: MeasuredSpeed | None, now: fl
     return measured.ms_per_block
 
 
+async def dial_first(
+    transport: Transport,
+    peer_id: str,
+    endpoints: tuple[str, ...],
+    timeout_s: float,
+    stagger_s: float = ENDPOINT_STAGGER_S,
+) -> tuple[str, Connection]:
+    """``(endpoint, connection)``: the first of ``endpoints`` (best first) whose other end
+    answers and proves ``peer_id``; the others are cancelled or closed.
+
+    Endpoint ``i + 1`` is dialled ``stagger_s`` after endpoint ``i`` or as soon as it
+    fails, whichever comes first; of those answering in the same instant the earliest in
+    the list wins. Raises, once all failed or ``timeout_s`` passed: ``PeerAuthFailed`` if
+    any endpoint answered with another key (someone in the middle, or another node),
+    ``PeerTimeout`` if some were still dialling, else ``PeerUnreachable`` naming each
+    endpoint's error.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    dials: dict[asyncio.Task[Connection], int] = {}  # dial -> index in endpoints
+    errors: dict[int, BaseException] = {}
+    won: tuple[int, Connection] | None = None
+    started = 0
+    try:
+        while won is None:
+            if started < len(endpoints):
+                dials[loop.create_task(transport.connect(endpoints[started], peer_id=peer_id))] \
+                    = started
+                started += 1
+            if not dials:
+                break
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            wait_s = min(stagger_s, left) if started < len(endpoints) else left
+            done, _ = await asyncio.wait(dials, timeout=wait_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=dials.__getitem__):
+                index = dials.pop(task)
+                error = task.exception()
+                if error is not None:
+                    errors[index] = error
+                elif won is None:
+                    won = (index, task.result())
+                else:
+                    _close_in_background(task.result())
+    finally:
+        for task in dials:  # still dialling: cancel, and close one that connects anyway
+            task.cancel()
+            task.add_done_callback(_close_late_connection)
+    if won is not None:
+        for index, error in errors.items():
+            log.warning("peer %s: endpoint %s failed (%s); using %s", peer_id, endpoints[index],
+                        error, endpoints[won[0]])
+        return endpoints[won[0]], won[1]
+    for error in errors.values():  # a bug, not a network failure: let it show
+        if not isinstance(error, (OSError, LayerchainError, asyncio.TimeoutError)):
+            raise error
+    auth = [e for e in errors.values() if isinstance(e, PeerAuthFailed)]
+    if auth:
+        raise auth[0]
+    if dials:
+        raise PeerTimeout(f"peer {peer_id} did not accept a connection within {timeout_s:g} s")
+    hints = [e.hint for e in errors.values() if isinstance(e, LayerchainError) and e.hint]
+    raise PeerUnreachable(
+        f"peer {peer_id}: " + "; ".join(f"{endpoints[i]}: {_reason(e)}"
+                                        for i, e in sorted(errors.items())),
+        hint=hints[0] if hints else None,
+    )
+
+
+def _reason(error: BaseException) -> str:
+    return error.message if isinstance(error, LayerchainError) else str(error) or type(error).__name__
+
+
+_CLOSING: set[asyncio.Task[None]] = set()  # closes of dials that lost (the loop holds
+# tasks only weakly)
+
+
+def _close_in_background(conn: Connection) -> None:
+    task = asyncio.get_running_loop().create_task(conn.close())
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
+
+
+def _close_late_connection(task: asyncio.Task[Connection]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        _close_in_background(task.result())
+
+
 @dataclass
 class _Connection:
-    endpoint: str  # the endpoint it was opened to (a record that moves closes it)
+    endpoint: str  # the endpoint it was opened to (a record that drops it closes it)
     rpc: RpcClient
     used_at: float  # monotonic time a session last asked for it, s
     probe: bool  # opened for a ping and not handed to a session since
@@ -174,7 +281,7 @@ class PeerView:
             old, self.records = self.records, {r.peer_id: r for r in self._capped(usable)}
             self._refreshed_at = time.monotonic()
             for peer_id, record in self.records.items():  # a round trip is an endpoint's:
-                if peer_id in old and old[peer_id].endpoint != record.endpoint:  # re-ping
+                if peer_id in old and old[peer_id].endpoints != record.endpoints:  # re-ping
                     self.rtt_ms.pop(peer_id, None)  # (a measured speed is the peer's: kept)
             self._prune()
             new = [p for p in self.records if p not in self.rtt_ms]
@@ -197,7 +304,7 @@ class PeerView:
         """Drop the state of peers that left or moved, and bans long forgiven."""
         for peer_id, conn in list(self._clients.items()):
             record = self.records.get(peer_id)
-            if record is None or record.endpoint != conn.endpoint:
+            if record is None or conn.endpoint not in record.endpoints:
                 self._drop_connection(peer_id)
         for peer_id in [p for p in self.rtt_ms if p not in self.records]:
             del self.rtt_ms[peer_id]
@@ -265,26 +372,19 @@ class PeerView:
     async def _connection(self, peer_id: str, probe: bool) -> _Connection:
         record = self.records[peer_id]
         conn = self._clients.get(peer_id)
-        if conn is not None and (conn.rpc.closed or conn.endpoint != record.endpoint):
+        if conn is not None and (conn.rpc.closed or conn.endpoint not in record.endpoints):
             self._drop_connection(peer_id)
             conn = None
         if conn is None:
-            try:
-                raw = await asyncio.wait_for(
-                    self.transport.connect(record.endpoint), self.config.connect_timeout_s
-                )
-            except asyncio.TimeoutError:
-                raise PeerTimeout(f"peer {peer_id} did not accept a connection") from None
-            except OSError as error:
-                raise PeerUnreachable(f"peer {peer_id} at {record.endpoint}: {error}") from None
-            except ConfigError as error:  # an endpoint this transport cannot dial (mem:// on
-                # TCP): the peer's fault, never the user's, so a hop failure and a ban
-                raise PeerUnreachable(f"peer {peer_id} at {record.endpoint}: {error}") from None
+            # An endpoint this transport cannot dial (mem:// on TCP: ConfigError) or that
+            # refuses (OSError) is the peer's fault, never the user's: a hop failure, a ban.
+            endpoint, raw = await dial_first(self.transport, peer_id, record.endpoints,
+                                             self.config.connect_timeout_s)
             conn = self._clients.get(peer_id)  # another task may have connected meanwhile
-            if conn is None or conn.rpc.closed or conn.endpoint != record.endpoint:
+            if conn is None or conn.rpc.closed or conn.endpoint not in record.endpoints:
                 if conn is not None:
                     self._drop_connection(peer_id)
-                conn = _Connection(record.endpoint, RpcClient(raw), time.monotonic(), probe)
+                conn = _Connection(endpoint, RpcClient(raw), time.monotonic(), probe)
                 self._clients[peer_id] = conn
                 self._trim(keep=peer_id)
             else:

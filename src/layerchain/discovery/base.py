@@ -8,7 +8,7 @@ the entry's expiration equal to ``record.expires_at``. A client reads all ``L`` 
 keeps, per peer, the latest valid record (``select_records``, a pure function).
 
 Like Kademlia stores, an entry is only replaced by one with a later expiration. So a peer
-*withdraws* by storing a *tombstone*: a record it signs with an empty ``endpoint`` ("serves
+*withdraws* by storing a *tombstone*: a record it signs with no ``endpoints`` ("serves
 nothing"), expiring just after its last announcement, which every reader skips.
 
 Entry rule (``check_entry``, enforced by every layerchain DHT node on store and on read,
@@ -103,11 +103,11 @@ class Discovery(Protocol):
 def tombstone(
     identity: Identity, model_id: str, start: int, end: int, expires_at: float
 ) -> PeerRecord:
-    """A record of ``identity`` saying it no longer serves ``[start, end)`` (empty endpoint)."""
+    """A record of ``identity`` saying it no longer serves ``[start, end)`` (no endpoints)."""
     return PeerRecord(
         peer_id=identity.peer_id,
         public_key=identity.public_key,
-        endpoint="",
+        endpoints=(),
         model_id=model_id,
         start=start,
         end=end,
@@ -122,7 +122,7 @@ def tombstone(
 
 
 def is_tombstone(record: PeerRecord) -> bool:
-    return record.endpoint == ""
+    return not record.endpoints
 
 
 _BASE58 = frozenset(string.digits + string.ascii_letters) - set("0OIl")

@@ -14,6 +14,14 @@ queries), asked for the *latest* value so the sub-keyed dictionaries of all repl
 The DHT process watches its parent and exits (stopping p2pd) within ``orphan_check_s`` if
 the parent dies without ``close()``, e.g. on SIGKILL.
 
+Across hosts: a DHT listening on the wildcard (``0.0.0.0``/``::``) tells its peers (libp2p
+identify) only the addresses they can dial (``announce_maddrs``, from
+``discovery.addresses``: the interface routing to the initial peers first, or
+``announce_host``), never ``0.0.0.0`` or ``127.0.0.1``: a peer that learned a loopback
+address would dial itself. A node that cannot accept connections (behind NAT) runs in
+``client_mode``: it asks and stores through others but is no DHT server, so nobody keeps
+it in a routing table only to time out on it; it offers no address to join through.
+
 Measured on loopback (2-core VM shared with other work, 1 bootstrap + 4 DHTs): start
 0.5-1.7 s (p2pd + join; 4 in parallel 1.1-4.8 s), announce 3 x 10 blocks 0.3-0.9 s, find
 over 30 blocks 0.15-0.6 s, withdraw 10 blocks 0.25-0.5 s, close ~0.2 s each.
@@ -26,6 +34,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +46,12 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
+from layerchain.discovery.addresses import (
+    announce_multiaddrs,
+    is_loopback,
+    is_wildcard,
+    local_announce_hosts,
+)
 from layerchain.discovery.base import (
     TOMBSTONE_MARGIN_S,
     DiscoveryStats,
@@ -142,6 +157,29 @@ def _listen_maddr(host: str, port: int) -> str:
     return f"/ip6/{host}/tcp/{port}" if ":" in host else f"/ip4/{host}/tcp/{port}"
 
 
+def _free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (p2pd needs the port it announces before it starts;
+    another process could take it in between, then p2pd fails to start: ConfigError)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _announce_maddrs(host: str, port: int, peers: Sequence[str], announce_host: str
+                     ) -> tuple[list[str] | None, int]:
+    """``(announce_maddrs, port)`` for a DHT listening on ``host:port``: None (p2pd's own
+    view) when it listens on one address and nothing overrides it; else the dialable
+    addresses, with ``port`` made concrete. Blocking (interfaces, route lookups)."""
+    if not announce_host and not is_wildcard(host):
+        return None, port
+    hosts = local_announce_hosts(host, peers, announce_host)
+    if is_wildcard(host) and not announce_host and all(is_loopback(h) for h in hosts):
+        return None, port  # a machine with no network: p2pd's loopback view is right
+    port = port or _free_port(host)
+    return announce_multiaddrs(hosts, port), port
+
+
 class HivemindDiscovery:
     """``Discovery`` over a ``hivemind.DHT``. Make it with ``await HivemindDiscovery.create(...)``."""
 
@@ -170,12 +208,17 @@ class HivemindDiscovery:
         new_swarm: bool = False,
         identity: Identity | None = None,
         config: DHTConfig = DHTConfig(),
+        client_mode: bool = False,
+        announce_host: str = "",
     ) -> HivemindDiscovery:
         """Start a DHT node listening on ``host:port`` and join through ``initial_peers``.
 
-        ``new_swarm=True`` starts a swarm of one instead. Raises ConfigError on bad
-        arguments, PeerUnreachable if none of ``initial_peers`` answers, PeerTimeout if
-        starting takes longer than ``config.start_timeout_s``.
+        ``new_swarm=True`` starts a swarm of one instead. ``client_mode`` (or
+        ``config.client_mode``): a node others cannot dial (behind NAT) makes requests but
+        serves none. ``announce_host``: the address peers reach this DHT at (else found
+        from the interfaces when ``host`` is the wildcard; see the module docstring).
+        Raises ConfigError on bad arguments, PeerUnreachable if none of ``initial_peers``
+        answers, PeerTimeout if starting takes longer than ``config.start_timeout_s``.
         """
         peers = tuple(_check_address(a) for a in initial_peers)
         if new_swarm and peers:
@@ -185,14 +228,22 @@ class HivemindDiscovery:
                 "no initial peers to join",
                 hint="pass --initial-peers ADDR (printed by a node) or --new-swarm",
             )
+        client_mode = client_mode or config.client_mode
+        if client_mode and new_swarm:
+            raise ConfigError("a node nobody can dial cannot start a new swarm",
+                              hint="join one with --initial-peers ADDR of a reachable node")
+        _listen_maddr(host, port)  # range check before anything starts
+        announce, port = await asyncio.to_thread(_announce_maddrs, host, port, peers,
+                                                 announce_host)
         dht = hivemind.DHT(
             initial_peers=list(peers) or None,
             start=False,
             host_maddrs=[_listen_maddr(host, port)],
+            announce_maddrs=None if client_mode else announce,
             num_workers=config.num_workers,
             num_replicas=config.num_replicas,
             wait_timeout=config.wait_timeout_s,
-            client_mode=config.client_mode,
+            client_mode=client_mode,
             record_validators=[PeerRecordValidator()],
             # Join failures are detected below, so that the DHT process (and its p2pd) is
             # always up when we raise and can be shut down cleanly.
@@ -212,7 +263,8 @@ class HivemindDiscovery:
                     f"could not join the swarm: none of {len(peers)} initial peers answered",
                     hint="check that the addresses are current and the peers are running",
                 )
-            discovery._visible_addresses = tuple(await discovery._call(_visible_maddrs))
+            if not client_mode:  # a client-mode DHT takes no requests: nobody joins through it
+                discovery._visible_addresses = tuple(await discovery._call(_visible_maddrs))
         except asyncio.TimeoutError:
             await asyncio.to_thread(_shutdown, dht)
             raise PeerTimeout(f"the DHT did not start within {config.start_timeout_s} s") from None

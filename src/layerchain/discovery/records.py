@@ -11,13 +11,19 @@ function of ``(blob, now)`` (hivemind ``dht/validation.py`` style):
 * ``verify_record(blob, now)``: both.
 
 Every field is range-checked on construction (``PeerRecord.__post_init__``), so a record
-that decodes is one a client may plan with: a well-formed endpoint (``tcp://HOST:PORT``
-with a non-empty host and a port in 1..65535, or ``mem://NAME`` of the in-memory
-transport), ``ms_per_block`` in ``[MIN_MS_PER_BLOCK, MAX_MS_PER_BLOCK]``, price, free
+that decodes is one a client may plan with: 1..``MAX_ENDPOINTS`` distinct well-formed
+endpoints in order of preference (``check_endpoint``: ``tls://HOST:PORT``,
+``tcp://HOST:PORT``, ``relay://HOST:PORT/PEER_ID`` or ``mem://NAME``; a host that is a
+name or an IP address other than the unspecified ``0.0.0.0`` / ``::``, a port in
+1..65535), ``ms_per_block`` in ``[MIN_MS_PER_BLOCK, MAX_MS_PER_BLOCK]``, price, free
 cache, RTTs and block indices below hard caps, a wallet that is "" or a checksummed
-20-byte address, printable short strings. A *tombstone* (empty endpoint, see
-``discovery.base``) says "serves nothing": its numbers must be zero, with no wallet and
-no RTTs.
+20-byte address, printable short strings. A *tombstone* (no endpoints, see
+``discovery.base``) says "serves nothing": its numbers must be zero, with no wallet, no
+RTTs and no relay offer.
+
+Format 2 (``RECORD_FORMAT``) replaced format 1's single ``endpoint`` string by the
+``endpoints`` list and added ``relay``; a format-1 blob is refused as an unknown format
+(nodes re-announce every few seconds, so a mixed swarm heals as it upgrades).
 
 Every failure is a ``ProtocolError`` with a one-line reason. This module knows nothing of
 DHTs; which key a record is stored under is ``discovery.base``'s business.
@@ -25,6 +31,7 @@ DHTs; which key a record is stored under is ``discovery.base``'s business.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from dataclasses import dataclass, fields
@@ -38,7 +45,7 @@ from layerchain.discovery.identity import Identity, peer_id_from_public_key, ver
 from layerchain.errors import ProtocolError, SpanError
 from layerchain.types import Span
 
-RECORD_FORMAT = "layerchain/peer-record/1"
+RECORD_FORMAT = "layerchain/peer-record/2"
 MAX_RECORD_BYTES = 32 * 1024  # a blob larger than this is rejected before decoding
 MAX_RTTS = 256  # RTT entries per record
 MAX_BLOCKS = 100_000  # sanity bound on block indices
@@ -48,16 +55,21 @@ MAX_MS_PER_BLOCK = 60_000.0  # ms per block per token: a minute, slower than any
 MAX_PRICE_PER_BLOCK = 10**9  # credits per block per token
 MAX_FREE_CACHE_TOKENS = 1 << 24  # KV-cache tokens (16 Mi)
 MAX_RTT_MS = 60_000.0  # an announced round trip, ms
-_MAX_STR = {"peer_id": 64, "endpoint": 256, "model_id": 256, "wallet": 128, "version": 64}
+MAX_ENDPOINTS = 4  # endpoints per record
+MAX_ENDPOINT_CHARS = 256  # characters per endpoint
+_MAX_STR = {"peer_id": 64, "model_id": 256, "wallet": 128, "version": 64}
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")  # strings a terminal shows as they are
-# tcp://HOST:PORT: a DNS name or IPv4 address, or [IPv6]; mem://NAME (in-memory transport)
-_TCP_ENDPOINT = re.compile(r"tcp://(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+# SCHEME://HOST:PORT: HOST a DNS name or IPv4 address, or [IPv6]; relay:// adds /PEER_ID
+# (the peer reached through the relay at HOST:PORT); mem://NAME (in-memory transport)
+_HOST_PORT = r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})"
+_NET_ENDPOINT = re.compile(rf"(tls|tcp)://{_HOST_PORT}")
+_RELAY_ENDPOINT = re.compile(rf"relay://{_HOST_PORT}/([1-9A-HJ-NP-Za-km-z]{{16,24}})")
 _MEM_ENDPOINT = re.compile(r"mem://[A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
 class PeerRecord:
-    """One peer's announcement: it serves blocks ``[start, end)`` of ``model_id`` at ``endpoint``.
+    """One peer's announcement: it serves blocks ``[start, end)`` of ``model_id`` at ``endpoints``.
 
     Invariants (checked on construction, so every PeerRecord in memory satisfies them):
     ``peer_id`` is derived from ``public_key``; ``0 <= start < end <= MAX_BLOCKS``; every
@@ -66,7 +78,8 @@ class PeerRecord:
 
     peer_id: str  # base58 id derived from public_key (identity.peer_id_from_public_key)
     public_key: bytes  # raw 32-byte Ed25519 public key that signs this record
-    endpoint: str  # where to connect for inference, e.g. "tcp://127.0.0.1:31337"
+    endpoints: tuple[str, ...]  # where to connect for inference, best first, e.g.
+    # ("tls://192.168.1.7:31337", "tls://10.0.0.7:31337"); () for a tombstone
     model_id: str  # the model (manifest hash or name) the blocks belong to
     start: int  # first block served
     end: int  # one past the last block served
@@ -77,12 +90,16 @@ class PeerRecord:
     rtts: tuple[tuple[str, float], ...]  # (peer_id, round-trip time in ms) to known peers
     version: str  # layerchain software/protocol version of the announcing node
     expires_at: float  # absolute unix time (seconds) after which the record is void
+    relay: bool = False  # this node relays connections to peers that cannot accept any
 
     def __post_init__(self) -> None:
         # Coerce numbers so that equal records have equal canonical bytes.
         object.__setattr__(self, "ms_per_block", _finite(self.ms_per_block, "ms_per_block"))
         object.__setattr__(self, "expires_at", _finite(self.expires_at, "expires_at", low=None))
         object.__setattr__(self, "rtts", _rtts(self.rtts))
+        object.__setattr__(self, "endpoints", _endpoints(self.endpoints))
+        if type(self.relay) is not bool:
+            raise ProtocolError("malformed peer record: relay must be true or false")
         for name, limit in _MAX_STR.items():
             value = getattr(self, name)
             if not isinstance(value, str) or len(value) > limit:
@@ -114,7 +131,8 @@ class PeerRecord:
         *,
         model_id: str,
         span: Span,
-        endpoint: str,
+        endpoint: str = "",
+        endpoints: tuple[str, ...] = (),
         ms_per_block: float,
         price_per_block: int = 0,
         free_cache_tokens: int = 0,
@@ -122,12 +140,16 @@ class PeerRecord:
         rtts: tuple[tuple[str, float], ...] = (),
         version: str = __version__,
         expires_at: float = 0.0,  # the Announcer stamps now + ttl_s
+        relay: bool = False,
     ) -> PeerRecord:
-        """A record of ``identity`` (peer id and public key filled in from it)."""
+        """A record of ``identity`` (peer id and public key filled in from it), reachable
+        at ``endpoints`` (best first) or at the one ``endpoint``: give one of the two."""
+        if bool(endpoint) == bool(endpoints):
+            raise ProtocolError("a peer record needs endpoint or endpoints, not both or none")
         return cls(
             peer_id=identity.peer_id,
             public_key=identity.public_key,
-            endpoint=endpoint,
+            endpoints=endpoints or (endpoint,),
             model_id=model_id,
             start=span.start,
             end=span.end,
@@ -138,7 +160,13 @@ class PeerRecord:
             rtts=rtts,
             version=version,
             expires_at=expires_at,
+            relay=relay,
         )
+
+    @property
+    def endpoint(self) -> str:
+        """The preferred endpoint (``endpoints[0]``); "" for a tombstone."""
+        return self.endpoints[0] if self.endpoints else ""
 
     @property
     def span(self) -> Span:
@@ -161,12 +189,13 @@ def check_limits(record: PeerRecord) -> None:
     for name in ("model_id", "version"):
         if not _PRINTABLE.fullmatch(getattr(record, name)):
             raise ProtocolError(f"malformed peer record: {name} must be printable ASCII")
-    if record.endpoint == "":  # a tombstone: it announces nothing
+    if not record.endpoints:  # a tombstone: it announces nothing
         if (record.ms_per_block, record.price_per_block, record.free_cache_tokens) != (0, 0, 0) \
-                or record.wallet or record.rtts:
+                or record.wallet or record.rtts or record.relay:
             raise ProtocolError("malformed peer record: a tombstone must carry no values")
         return
-    check_endpoint(record.endpoint)
+    for endpoint in record.endpoints:
+        check_endpoint(endpoint)
     if not MIN_MS_PER_BLOCK <= record.ms_per_block <= MAX_MS_PER_BLOCK:
         raise ProtocolError(
             f"malformed peer record: ms_per_block {record.ms_per_block:g} outside "
@@ -187,16 +216,56 @@ def check_limits(record: PeerRecord) -> None:
 
 
 def check_endpoint(endpoint: str) -> str:
-    """``endpoint`` if it is ``tcp://HOST:PORT`` (port 1..65535) or ``mem://NAME``, else
-    ProtocolError."""
-    tcp = _TCP_ENDPOINT.fullmatch(endpoint)
-    if tcp is not None and 1 <= int(tcp.group(1)) <= 65535:
-        return endpoint
+    """Pure: ``endpoint`` if a client could dial it, else ProtocolError saying why.
+
+    Accepted: ``tls://HOST:PORT``, ``tcp://HOST:PORT``, ``relay://HOST:PORT/PEER_ID`` (a
+    base58 peer id) and ``mem://NAME``; HOST a DNS name, an IPv4 address or ``[IPv6]``,
+    never the unspecified address (``0.0.0.0``, ``[::]``: a listener's wildcard, which
+    no other machine can dial); PORT in 1..65535; at most ``MAX_ENDPOINT_CHARS`` chars.
+    """
+    if not isinstance(endpoint, str) or len(endpoint) > MAX_ENDPOINT_CHARS:
+        raise ProtocolError(
+            f"malformed peer record: an endpoint must be a string of <= {MAX_ENDPOINT_CHARS}"
+        )
     if _MEM_ENDPOINT.fullmatch(endpoint):
         return endpoint
-    raise ProtocolError(
-        f"malformed peer record: endpoint {endpoint[:64]!r} is not tcp://HOST:PORT"
-    )
+    match = _NET_ENDPOINT.fullmatch(endpoint) or _RELAY_ENDPOINT.fullmatch(endpoint)
+    if match is None:
+        raise ProtocolError(
+            f"malformed peer record: endpoint {endpoint[:64]!r} is not tls://HOST:PORT, "
+            "tcp://HOST:PORT, relay://HOST:PORT/PEER_ID or mem://NAME"
+        )
+    host, port = (match.group(2), int(match.group(3))) if match.re is _NET_ENDPOINT \
+        else (match.group(1), int(match.group(2)))
+    if not 1 <= port <= 65535:
+        raise ProtocolError(f"malformed peer record: port {port} of {endpoint[:64]!r} "
+                            "is outside 1..65535")
+    try:
+        unspecified = ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:  # a DNS name
+        unspecified = False
+    if unspecified:
+        raise ProtocolError(
+            f"malformed peer record: {endpoint[:64]!r} names the wildcard address, which "
+            "no peer can dial"
+        )
+    return endpoint
+
+
+def _endpoints(value: Any) -> tuple[str, ...]:
+    """``value`` as a tuple of distinct strings (each checked by ``check_limits``)."""
+    if not isinstance(value, (tuple, list)) or len(value) > MAX_ENDPOINTS:
+        raise ProtocolError(
+            f"malformed peer record: endpoints must be a list of <= {MAX_ENDPOINTS} strings"
+        )
+    for item in value:
+        if not isinstance(item, str) or len(item) > MAX_ENDPOINT_CHARS:
+            raise ProtocolError(
+                f"malformed peer record: an endpoint must be a string of <= {MAX_ENDPOINT_CHARS}"
+            )
+    if len(set(value)) != len(value):
+        raise ProtocolError("malformed peer record: an endpoint is listed twice")
+    return tuple(value)
 
 
 def _finite(value: Any, name: str, low: float | None = 0.0) -> float:
@@ -225,6 +294,8 @@ def _rtts(value: Any) -> tuple[tuple[str, float], ...]:
 def _encode_fields(values: dict[str, Any]) -> bytes:
     body = {"format": RECORD_FORMAT, **values}
     body["rtts"] = [list(pair) for pair in body.get("rtts", ())]
+    if "endpoints" in body:
+        body["endpoints"] = list(body["endpoints"])
     return msgpack.packb({k: body[k] for k in sorted(body)}, use_bin_type=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layerchain.discovery.addresses import check_announce_host
 from layerchain.errors import ConfigError
 from layerchain.model.spec import DEFAULT_MODEL
 
@@ -23,6 +24,10 @@ class NodeConfig:
     host: str = "127.0.0.1"  # address the inference server and the DHT listen on
     port: int = 0  # TCP port of the inference server; 0 picks a free one
     dht_port: int = 0  # TCP port of the DHT; 0 picks a free one
+    announce_host: str = ""  # the address other machines dial this node at (a port-forwarded
+    # router, a container's published address); "": found from the interfaces (--host 0.0.0.0)
+    announce_port: int = 0  # the port others dial, if a router forwards another one; 0: the
+    # listener's own (the inference server's; the DHT's stays its own)
     initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to join through
     new_swarm: bool = False  # start a new DHT instead of joining one
     data_dir: Path = field(default_factory=lambda: Path.home() / ".layerchain" / "node")
@@ -53,7 +58,7 @@ class NodeConfig:
         positive = ("max_cache_tokens", "max_sessions", "max_connections", "read_timeout_s",
                     "session_idle_timeout_s", "first_step_timeout_s", "redeem_interval_s",
                     "record_ttl_s", "refresh_s")
-        not_negative = ("start", "end", "port", "dht_port", "max_session_tokens", "max_connection_tokens",
+        not_negative = ("start", "end", "port", "dht_port", "announce_port", "max_session_tokens", "max_connection_tokens",
                         "drain_s", "price_per_block", "stake", "emulate_latency_ms", "threads")
         for name in (*positive, *not_negative):
             value = getattr(self, name)
@@ -64,7 +69,7 @@ class NodeConfig:
             _check(name, getattr(self, name), getattr(self, name) >= 0, "must not be negative")
         _check("end", self.end, self.end == 0 or self.end > self.start,
                f"must be 0 (the model's end) or above start {self.start}")
-        for name in ("port", "dht_port"):
+        for name in ("port", "dht_port", "announce_port"):
             _check(name, getattr(self, name), getattr(self, name) <= MAX_PORT,
                    f"must be in 0..{MAX_PORT}")
         for name in ("max_session_tokens", "max_connection_tokens"):
@@ -78,6 +83,7 @@ class NodeConfig:
                " announcements")
         if not self.host:
             raise ConfigError("host must not be empty")
+        check_announce_host(self.announce_host)
 
     @property
     def session_tokens(self) -> int:

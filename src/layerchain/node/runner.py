@@ -3,7 +3,11 @@
 On SIGTERM or SIGINT the node withdraws its DHT records, refuses new sessions, lets open
 ones finish for up to ``config.drain_s`` seconds, and exits.
 When it is serving, it writes ``DATA_DIR/node.json`` — ``{"pid", "peer_id", "start",
-"end", "endpoint", "dht_addresses"}`` — which ``layerchain swarm up`` waits for.
+"end", "endpoint", "endpoints", "dht_addresses"}`` — which ``layerchain swarm up`` waits
+for. ``endpoints`` are the ones announced (``discovery.addresses``: a node listening on
+``0.0.0.0`` announces its interfaces' addresses, the one routing to its initial peers
+first), ``endpoint`` the first of them; ``dht_addresses`` the DHT addresses other hosts
+join through (the initial peers, for a DHT client that takes no requests).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 from layerchain.discovery import HivemindDiscovery, Identity
+from layerchain.discovery.addresses import local_announce_hosts
 from layerchain.ledger import open_ledger
 from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
@@ -76,6 +81,10 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         port=config.dht_port,
         new_swarm=config.new_swarm,
         identity=identity,
+        announce_host=config.announce_host,
+    )
+    announce_hosts = await asyncio.to_thread(
+        local_announce_hosts, config.host, config.initial_peers, config.announce_host
     )
     node = Node(
         config,
@@ -88,6 +97,7 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         wallet=wallet,
         ledger=ledger,
         ms_per_block=ms_per_block,
+        announce_hosts=announce_hosts,
     )
     return node, discovery
 
@@ -120,13 +130,14 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
         loop.add_signal_handler(sig, stop.set)
     try:
         await node.start()
-        addresses = discovery.visible_addresses
+        addresses = discovery.visible_addresses or discovery.initial_peers
         ready = {
             "pid": os.getpid(),
             "peer_id": node.peer_id,
             "start": node.span.start,
             "end": node.span.end,
-            "endpoint": node.endpoint,
+            "endpoint": node.endpoints[0],
+            "endpoints": list(node.endpoints),
             "dht_addresses": addresses,
             "ms_per_block": node.ms_per_block,
             "wallet": node.wallet,

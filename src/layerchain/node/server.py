@@ -32,6 +32,7 @@ import torch
 
 from layerchain import __version__
 from layerchain.discovery import AnnounceConfig, Announcer, Discovery, PeerRecord
+from layerchain.discovery.addresses import announced_endpoints
 from layerchain.discovery.records import MAX_MS_PER_BLOCK, MIN_MS_PER_BLOCK
 from layerchain.errors import LimitExceeded, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
@@ -88,12 +89,15 @@ class Node:
         wallet: Wallet | None = None,
         ledger: Any = None,
         ms_per_block: float = 0.0,  # measured beforehand; 0: ``start()`` measures it
+        announce_hosts: tuple[str, ...] = (),  # hosts others dial (discovery.addresses
+        # .announce_hosts), best first; (): the listener's own host
     ) -> None:
         self.config = config
         self.spec = spec
         self.span = span
         self.transport = transport
         self.listen_at = listen_at  # endpoint to listen on: "tcp://HOST:PORT" or "mem://NAME"
+        self.announce_hosts = announce_hosts
         self.discovery = discovery
         self.identity = identity
         self.payments = NodePayments(
@@ -135,8 +139,15 @@ class Node:
 
     @property
     def endpoint(self) -> str:
+        """The endpoint the listener is bound to (maybe the wildcard 0.0.0.0)."""
         assert self.listener is not None, "node not started"
         return self.listener.endpoint
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The endpoints announced: ``announce_hosts`` on the listener's scheme and port
+        (or ``config.announce_port``), best first."""
+        return announced_endpoints(self.endpoint, self.announce_hosts, self.config.announce_port)
 
     # ---------------------------------------------------------------- life cycle
 
@@ -165,7 +176,7 @@ class Node:
         return PeerRecord(
             peer_id=self.identity.peer_id,
             public_key=self.identity.public_key,
-            endpoint=self.endpoint,
+            endpoints=self.endpoints,
             model_id=self.spec.model_id,
             start=self.span.start,
             end=self.span.end,

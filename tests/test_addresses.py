@@ -1,0 +1,129 @@
+"""Which addresses a node announces (discovery.addresses): pure rules over literal interface
+lists, plus the two small readers of this machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerchain.discovery.addresses import (
+    MAX_ANNOUNCED,
+    InterfaceAddress,
+    announce_hosts,
+    announce_multiaddrs,
+    announced_endpoints,
+    interface_addresses,
+    local_announce_hosts,
+    peer_hosts,
+    route_source,
+)
+from layerchain.discovery.identity import Identity
+from layerchain.discovery.records import PeerRecord, check_endpoint
+from layerchain.errors import ConfigError
+from layerchain.types import Span
+
+# a host on two LANs and a VPN, with loopback, link-local and an IPv6 ULA
+HOST = [
+    InterfaceAddress("lo", "127.0.0.1"),
+    InterfaceAddress("lo", "::1"),
+    InterfaceAddress("eth0", "192.168.1.7"),
+    InterfaceAddress("eth0", "fe80::1c2:3ff:fe4d:5e6f"),
+    InterfaceAddress("eth0", "fd00::7"),
+    InterfaceAddress("eth1", "10.20.0.7"),
+    InterfaceAddress("docker0", "169.254.3.1"),
+    InterfaceAddress("wg0", "100.64.0.7"),
+]
+
+
+def test_a_wildcard_listener_announces_first_the_address_routing_to_its_peers():
+    # the initial peer is on eth1's subnet: that address first, then the others in order
+    assert announce_hosts("0.0.0.0", HOST, route_sources=["10.20.0.7"]) == (
+        "10.20.0.7", "192.168.1.7", "100.64.0.7")
+
+
+def test_loopback_link_local_and_the_wildcard_are_never_announced_from_a_wildcard():
+    hosts = announce_hosts("0.0.0.0", HOST, route_sources=["127.0.0.1"])
+    assert hosts == ("192.168.1.7", "10.20.0.7", "100.64.0.7")  # a same-host peer: no 127.*
+    assert not {"127.0.0.1", "::1", "0.0.0.0", "169.254.3.1"} & set(hosts)
+
+
+def test_ipv6_addresses_only_when_listening_on_the_ipv6_wildcard_and_after_ipv4():
+    assert "fd00::7" not in announce_hosts("0.0.0.0", HOST)
+    hosts = announce_hosts("::", HOST, route_sources=["fd00::7"])
+    assert hosts[0] == "fd00::7"  # the route to the peers first, even IPv6
+    assert hosts[1:] == ("192.168.1.7", "10.20.0.7", "100.64.0.7")  # capped at 4
+    assert all(not h.startswith("fe80") for h in hosts)
+
+
+def test_at_most_four_addresses_are_announced():
+    many = [InterfaceAddress(f"eth{i}", f"10.0.{i}.1") for i in range(9)]
+    assert len(announce_hosts("0.0.0.0", many)) == MAX_ANNOUNCED
+
+
+def test_a_route_source_that_is_not_an_interface_of_this_host_is_ignored():
+    # a stale or spoofed answer never puts a foreign address first
+    assert announce_hosts("0.0.0.0", HOST, route_sources=["203.0.113.5"])[0] == "192.168.1.7"
+
+
+def test_a_machine_without_network_falls_back_to_loopback():
+    lonely = [InterfaceAddress("lo", "127.0.0.1"), InterfaceAddress("lo", "::1")]
+    assert announce_hosts("0.0.0.0", lonely) == ("127.0.0.1",)
+    assert announce_hosts("0.0.0.0", []) == ("127.0.0.1",)
+
+
+def test_a_listener_on_one_address_announces_that_address_loopback_included():
+    assert announce_hosts("127.0.0.1", HOST) == ("127.0.0.1",)  # single-host swarm
+    assert announce_hosts("10.20.0.7", HOST) == ("10.20.0.7",)
+    assert announce_hosts("::1", HOST) == ("::1",)
+
+
+def test_announce_host_overrides_everything():
+    assert announce_hosts("0.0.0.0", HOST, ["10.20.0.7"], announce_host="198.51.100.4") == (
+        "198.51.100.4",)
+    assert announce_hosts("127.0.0.1", HOST, announce_host="node.example.org") == (
+        "node.example.org",)
+    assert announce_hosts("0.0.0.0", HOST, announce_host="[2001:db8::4]") == ("2001:db8::4",)
+
+
+@pytest.mark.parametrize("bad", ["0.0.0.0", "::", "not a host", "x" * 300, "a/b", "[::1"])
+def test_an_announce_host_nobody_can_dial_is_refused(bad):
+    with pytest.raises(ConfigError, match="announce host"):
+        announce_hosts("0.0.0.0", HOST, announce_host=bad)
+
+
+def test_endpoints_carry_the_listeners_scheme_and_port_unless_overridden():
+    hosts = ("10.20.0.7", "fd00::7")
+    assert announced_endpoints("tls://0.0.0.0:4100", hosts) == (
+        "tls://10.20.0.7:4100", "tls://[fd00::7]:4100")
+    assert announced_endpoints("tcp://[::]:4100", hosts, port=443) == (
+        "tcp://10.20.0.7:443", "tcp://[fd00::7]:443")
+    assert announced_endpoints("tcp://127.0.0.1:4100", ()) == ("tcp://127.0.0.1:4100",)
+    assert announced_endpoints("mem://node-a", hosts) == ("mem://node-a",)
+    for endpoint in announced_endpoints("tls://0.0.0.0:4100", hosts):
+        assert check_endpoint(endpoint) == endpoint  # every one fits in a record
+
+
+def test_the_endpoints_of_a_wildcard_listener_make_a_valid_record():
+    me = Identity.generate()
+    endpoints = announced_endpoints("tcp://0.0.0.0:4100", announce_hosts("::", HOST))
+    record = PeerRecord.create(me, model_id="m", span=Span(0, 2), endpoints=endpoints,
+                               ms_per_block=1.0)
+    assert record.endpoint == "tcp://192.168.1.7:4100"
+
+
+def test_dht_multiaddrs_and_the_hosts_of_initial_peers():
+    assert announce_multiaddrs(("10.20.0.7", "fd00::7", "node.example.org"), 4001) == [
+        "/ip4/10.20.0.7/tcp/4001", "/ip6/fd00::7/tcp/4001", "/dns/node.example.org/tcp/4001"]
+    peers = ["/ip4/10.1.2.3/tcp/31337/p2p/QmPeer", "/ip6/fd00::9/tcp/1/p2p/QmPeer",
+             "/dns4/boot.example.org/tcp/1/p2p/QmB", "/ip4/10.1.2.3/tcp/4/p2p/QmC", "/p2p/QmX"]
+    assert peer_hosts(peers) == ["10.1.2.3", "fd00::9", "boot.example.org"]
+
+
+def test_this_machine_routes_loopback_through_loopback_and_lists_it():
+    assert route_source("127.0.0.1") == "127.0.0.1"
+    assert route_source("no-such-host.invalid") is None
+    assert InterfaceAddress("lo", "127.0.0.1") in interface_addresses()
+    # a wildcard node whose peer is on this host announces no loopback unless it must
+    hosts = local_announce_hosts("0.0.0.0", ["/ip4/127.0.0.1/tcp/1/p2p/QmPeer"])
+    others = [a.address for a in interface_addresses() if not a.address.startswith("127.")
+              and ":" not in a.address and not a.address.startswith("169.254.")]
+    assert hosts == (tuple(others[:MAX_ANNOUNCED]) or ("127.0.0.1",))
