@@ -79,6 +79,9 @@ def serve(
         "--max-tokens", help="Tokens generated when a request gives no max_tokens.")] = _G.default_max_tokens,
     log_level: Annotated[str, typer.Option(
         "--log-level", help="uvicorn's log level: debug, info, warning, error.")] = "info",
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Also use peers serving plaintext tcp:// (a network you trust); by "
+        "default only TLS peers proving their peer id are used.")] = False,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and the dashboard at /."""
     from layerchain.gateway.server import serve as serve_gateway
@@ -94,7 +97,7 @@ def serve(
         data_dir=data_dir, keys_path=keys, require_keys=require_keys, ledger=ledger,
         allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
         deposit=deposit, alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
-        default_max_tokens=max_tokens,
+        default_max_tokens=max_tokens, client_options={"insecure": insecure},
     )
 
     def ready(url: str, gateway) -> None:

@@ -116,6 +116,11 @@ MaxCostOpt = Annotated[
     typer.Option("--max-cost", help="Most credits one generation may pay; it stops before "
                  "a step that would pay more."),
 ]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option("--insecure", help="Also use peers serving plaintext tcp:// (a network you "
+                 "trust); by default only TLS peers proving their peer id are used."),
+]
 DEFAULT_DATA_DIR = Path("~/.layerchain")
 DEFAULT_DEPOSIT: int | None = None  # sized per request (client.funding)
 
@@ -146,6 +151,7 @@ def generate(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     deposit: DepositOpt = DEFAULT_DEPOSIT,
     max_cost: MaxCostOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Generate text for a prompt through a swarm (or, with --local, in this process)."""
     params = sampling_params_from_options(
@@ -159,7 +165,8 @@ def generate(
             )
         _generate_swarm(prompt, model, params, raw, json_out, initial_peers,
                         dict(alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
-                             max_cost=max_cost, **payment_options(data_dir, ledger, deposit)))
+                             max_cost=max_cost, insecure=insecure,
+                             **payment_options(data_dir, ledger, deposit)))
         return
     from layerchain.model import generate_local, resolve_model
 
@@ -216,6 +223,7 @@ def chat(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     deposit: DepositOpt = DEFAULT_DEPOSIT,
     max_cost: MaxCostOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Chat through a swarm: multi-turn, streamed, with the model's chat template."""
     from layerchain.client import Swarm
@@ -227,7 +235,7 @@ def chat(
     )
     messages: list[dict[str, str]] = []
     with Swarm(initial_peers, model=model, alpha=alpha, max_price=max_price,
-               max_latency_ms=max_latency_ms, max_cost=max_cost,
+               max_latency_ms=max_latency_ms, max_cost=max_cost, insecure=insecure,
                **payment_options(data_dir, ledger, deposit)) as swarm:
         typer.echo("chat through the swarm; an empty line or Ctrl-D ends it", err=True)
         while True:

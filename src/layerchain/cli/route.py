@@ -89,17 +89,21 @@ def _read_snapshot(path: Path) -> Snapshot:
     return parse_snapshot(data)
 
 
-async def _live_peers(initial_peers: list[str], model: str) -> tuple[tuple[RoutePeer, ...], int]:
-    """The live swarm as planner input: records from the DHT, RTTs measured by pings."""
+async def _live_peers(
+    initial_peers: list[str], model: str, insecure: bool = False
+) -> tuple[tuple[RoutePeer, ...], int]:
+    """The live swarm as planner input: records from the DHT, RTTs measured by pings (over
+    TLS; plaintext tcp:// peers too only if ``insecure``)."""
     from layerchain.client import live_snapshot
     from layerchain.discovery import HivemindDiscovery
     from layerchain.model import resolve_model
-    from layerchain.wire import TcpTransport
+    from layerchain.wire import Dialer
 
     spec = resolve_model(model)
     discovery = await HivemindDiscovery.create(initial_peers=initial_peers)
     try:
-        snap = await live_snapshot(discovery, TcpTransport(), spec.model_id, spec.num_blocks)
+        snap = await live_snapshot(discovery, Dialer(insecure=insecure), spec.model_id,
+                                   spec.num_blocks)
         return snap.peers, snap.num_blocks
     finally:
         await discovery.close()
@@ -120,6 +124,8 @@ def route(
     max_latency_ms: Optional[float] = typer.Option(
         None, "--max-latency-ms", help="Most ms per token step the route may take."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Live mode: also ping peers serving plaintext tcp://."),
 ) -> None:
     """Plan the best chain of peers over a snapshot or the live swarm, with the Pareto frontier."""
     if snapshot is not None:
@@ -128,7 +134,7 @@ def route(
     elif initial_peers:
         import asyncio
 
-        peers, num_blocks = asyncio.run(_live_peers(list(initial_peers), model))
+        peers, num_blocks = asyncio.run(_live_peers(list(initial_peers), model, insecure))
     else:
         raise ConfigError("give --snapshot FILE or --initial-peers ADDR")
     try:

@@ -47,12 +47,16 @@ def up(
     spans: Optional[str] = typer.Option(None, help="Comma-separated spans, e.g. 0:10,10:20,20:30."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
     state_dir: Path = typer.Option(..., help="Directory for swarm.json, logs and node data."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Nodes serve plaintext tcp:// instead of TLS (clients then "
+        "need --insecure too)."),
 ) -> None:
     """Start a DHT bootstrap and the nodes in the background; write STATE_DIR/swarm.json."""
     from layerchain.local import swarm_up
 
     span_list = parse_spans(spans, nodes, _num_blocks(model))
-    swarm = swarm_up(state_dir, span_list, model=model, on_progress=lambda s: err_console.print(plain(s)))
+    swarm = swarm_up(state_dir, span_list, model=model, insecure=insecure,
+                     on_progress=lambda s: err_console.print(plain(s)))
     console.print(plain(f"swarm up: {len(swarm.nodes)} nodes; state in {state_dir / 'swarm.json'}"))
     for peer in swarm.initial_peers:  # on one line, however narrow the terminal: it is copied
         console.print(plain(f"join with: --initial-peers {peer}"), soft_wrap=True)
@@ -90,6 +94,8 @@ def status(
     state_dir: Optional[Path] = typer.Option(None, help="The directory given to `swarm up`."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model reference (with --initial-peers)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Also ask nodes serving plaintext tcp://."),
 ) -> None:
     """Show the swarm's nodes: spans, endpoints, throughput, price and free cache."""
     from layerchain.client import probe_nodes
@@ -99,13 +105,15 @@ def status(
     if state_dir is not None:
         swarm = LocalSwarm.load(state_dir)
         endpoints = [n["endpoint"] for n in swarm.nodes]
+        peer_ids = [n.get("peer_id") or None for n in swarm.nodes]
     elif initial_peers:
         records = asyncio.run(_records(list(initial_peers), model))
         endpoints = [r.endpoint for r in records]
+        peer_ids = [r.peer_id for r in records]
     else:
         raise ConfigError("give --state-dir or --initial-peers")
     rows: list[dict[str, object]] = []
-    for probe in asyncio.run(probe_nodes(endpoints)):
+    for probe in asyncio.run(probe_nodes(endpoints, peer_ids=peer_ids, insecure=insecure)):
         info = probe.info
         if info is None:
             rows.append({"endpoint": probe.endpoint, "error": probe.error})

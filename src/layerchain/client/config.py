@@ -17,6 +17,8 @@ class ClientConfig:
     # implies (tokens x blocks x ms_per_block) on top, for long steps (prefill, replay)
     step_timeout_max_s: float = 120.0  # the longest any one step may take, seconds
     connect_timeout_s: float = 5.0  # a peer that does not accept within this is failed
+    insecure: bool = False  # also dial peers announcing plaintext tcp:// (a trusted network);
+    # by default only tls:// peers that prove the peer id of their record are dialled
     ping_timeout_s: float = 2.0  # RTT probes give up after this many seconds
     ban_base_s: float = 15.0  # first ban of a failed peer, seconds; doubles per failure
     ban_max_s: float = 600.0  # longest ban, seconds

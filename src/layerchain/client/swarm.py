@@ -62,7 +62,7 @@ from layerchain.model.generate import eos_token_ids
 from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.routing import default_max_price
 from layerchain.types import Hop
-from layerchain.wire.transport import Transport
+from layerchain.wire.transport import Dialer, Transport
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +197,10 @@ class AsyncSwarm:
             from layerchain.discovery import HivemindDiscovery
 
             discovery = await HivemindDiscovery.create(initial_peers=list(initial_peers))
-        if transport is None:
-            from layerchain.wire.transport import TcpTransport
-
-            transport = TcpTransport()
+        if transport is None:  # TLS, checking each peer's id; plaintext only if insecure
+            transport = Dialer(
+                insecure=config.insecure, connect_timeout_s=config.connect_timeout_s
+            )
         return cls(
             spec=spec, head=head, tokenizer=tokenizer, discovery=discovery,
             transport=transport, config=config, payer=payer,

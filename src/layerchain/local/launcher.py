@@ -190,14 +190,17 @@ def start_node(
     model: str = DEFAULT_MODEL,
     extra_args: Sequence[str] = (),
     threads: int | None = None,
+    insecure: bool = False,
 ) -> tuple[subprocess.Popen, Path]:
-    """Start one node process; return it and its data dir (where node.json will appear)."""
+    """Start one node process; return it and its data dir (where node.json will appear).
+    It serves TLS (tls://), or plaintext tcp:// with ``insecure``."""
     data_dir = state_dir / name
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "node.json").unlink(missing_ok=True)
     cmd = _python_cmd(
         "node", "start", "--model", model, "--blocks", str(span), "--data-dir", str(data_dir),
         *[arg for peer in initial_peers for arg in ("--initial-peers", peer)],
+        *(["--insecure"] if insecure else []),
         *extra_args,
     )
     return _spawn(cmd, state_dir / f"{name}.log", node_env(threads)), data_dir
@@ -227,8 +230,10 @@ def swarm_up(
     threads: int | None = None,
     timeout_s: float = 180.0,
     on_progress: Callable[[str], None] | None = None,
+    insecure: bool = False,
 ) -> LocalSwarm:
-    """Start a bootstrap and one node per span; return when all serve (or stop them all)."""
+    """Start a bootstrap and one node per span; return when all serve (or stop them all).
+    Nodes serve TLS; plaintext tcp:// with ``insecure`` (clients then need it too)."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     if (state_dir / SWARM_FILE).exists():
@@ -242,7 +247,8 @@ def swarm_up(
         procs = []
         for i, span in enumerate(spans):
             args = node_args[i] if node_args else ()
-            procs.append(start_node(state_dir, f"node-{i}", span, peers, model=model, extra_args=args, threads=threads))
+            procs.append(start_node(state_dir, f"node-{i}", span, peers, model=model,
+                                    extra_args=args, threads=threads, insecure=insecure))
             pid = procs[-1][0].pid
             swarm.nodes.append({"pid": pid, "started": process_start(pid), "peer_id": "",
                                 "start": span.start, "end": span.end, "endpoint": ""})
