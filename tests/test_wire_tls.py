@@ -404,3 +404,27 @@ def test_step_frames_are_identical_over_tls_and_tcp():
         await listener.close()
 
     run(main())
+
+
+def test_sockets_stuck_in_the_handshake_hold_capped_slots_and_give_way_to_newcomers():
+    """Handshakes cannot pile up beyond max_connections: a socket counts from its accept,
+    and one that never says ClientHello is the least recently active, so evicted first."""
+    node = Identity.generate()
+
+    async def main():
+        listener = await TlsTransport(node, Limits(max_connections=4)).listen(
+            "tls://127.0.0.1:0", lambda conn: serve_connection(conn, echo_steps)
+        )
+        host, port = parse_tcp_endpoint(listener.endpoint, "tls")
+        bare = [await asyncio.open_connection(host, port) for _ in range(10)]
+        await asyncio.sleep(0.2)
+        assert listener.connections == 4 and listener.evicted == 6
+        t0 = time.perf_counter()
+        conn = await TlsTransport().connect(listener.endpoint, peer_id=node.peer_id)
+        assert await one_step(conn) and time.perf_counter() - t0 < 2.0
+        assert listener.evicted == 7
+        for _, writer in bare:
+            writer.close()
+        await listener.close()
+
+    run(main())

@@ -20,7 +20,9 @@ Defences against hostile peers (``Limits``):
   those not ``pinned`` by their server (holding sessions) if there are any, else among all.
   So idle, trickling or stalled sockets cannot lock honest clients out, and a client in the
   middle of a generation is closed only if every slot holds sessions and it is the least
-  recently active of them.
+  recently active of them. A TLS listener (``wire.tls``) counts a connection from its accept,
+  not from its handshake: a socket that never finishes the handshake holds a slot like an
+  idle one (and gives it up first), and is closed after ``read_timeout_s`` anyway.
 
 ``recv`` and ``send`` raise ``PeerUnreachable`` once the connection is gone.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -101,12 +104,15 @@ class TcpConnection(asyncio.Protocol):
         self.last_frame = self._loop.time()  # loop time of the last complete frame (or accept)
         self.pinned = False  # set by the server while the peer holds sessions here
         self.remote_peer_id: str | None = None  # plaintext proves nothing (wire.tls sets it)
+        self._tls_pending = False  # accepted by a TLS listener, handshake not done yet
 
     # ------------------------------------------------------------- asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        if self._tls_pending:  # not one byte of the ClientHello for the frame parser
+            transport.pause_reading()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -272,6 +278,25 @@ class TcpConnection(asyncio.Protocol):
     def closed(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 
+    async def start_tls_server(self, context: ssl.SSLContext) -> None:
+        """Server side of a TLS listener: upgrade this accepted connection to TLS, within
+        ``read_timeout_s``; PeerUnreachable (the socket closed) if the handshake fails."""
+        transport = self._transport
+        assert transport is not None and self._tls_pending
+        try:
+            tls = await self._loop.start_tls(
+                transport, self, context, server_side=True,
+                ssl_handshake_timeout=self._limits.read_timeout_s,
+            )
+        except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
+            transport.abort()
+            raise PeerUnreachable(f"{self.peer}: TLS handshake failed: {error!r}") from None
+        if tls is None:  # the peer closed during the handshake
+            transport.abort()
+            raise PeerUnreachable(f"{self.peer}: closed during the TLS handshake")
+        self._tls_pending = False
+        self._transport = tls
+
     def extra(self, name: str) -> object:
         """The asyncio transport's extra info ``name`` (``"ssl_object"`` over TLS), or None."""
         return None if self._transport is None else self._transport.get_extra_info(name)
@@ -344,9 +369,11 @@ class TcpListener:
         limits: Limits,
         handler: Callable[[TcpConnection], Awaitable[None]],
         scheme: str = "tcp",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.endpoint = ""
         self.scheme = scheme  # of the endpoints it accepts on: tcp, or tls (wire.tls)
+        self._tls = tls  # server context: each accepted connection is upgraded (wire.tls)
         self.evicted = 0  # connections closed to admit new ones
         self.refused = 0  # new connections closed because none could be evicted
         self._limits = limits
@@ -356,7 +383,9 @@ class TcpListener:
         self._tasks: dict[TcpConnection, asyncio.Task[None]] = {}
 
     def _make_connection(self) -> TcpConnection:
-        return TcpConnection(self._limits, on_made=self._start, scheme=self.scheme)
+        conn = TcpConnection(self._limits, on_made=self._start, scheme=self.scheme)
+        conn._tls_pending = self._tls is not None
+        return conn
 
     def _start(self, conn: TcpConnection) -> None:
         cap = self._limits.max_connections
@@ -387,9 +416,13 @@ class TcpListener:
 
     async def _run(self, conn: TcpConnection) -> None:
         try:
+            if self._tls is not None:
+                await conn.start_tls_server(self._tls)
             await self._handler(conn)
         except asyncio.CancelledError:
             pass
+        except PeerUnreachable as error:  # a failed handshake: a scanner, or plaintext
+            log.debug("dropped %s: %s", conn.peer, error)
         except Exception:  # a handler bug must not take the listener down
             log.exception("connection handler for %s failed", conn.peer)
         finally:

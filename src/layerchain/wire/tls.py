@@ -12,8 +12,10 @@ key (wrong id) nor replay the node's certificate (no key to sign the handshake w
 pure byte relay in between sees only ciphertext, and works.
 
 The framed protocol is ``wire.tcp``'s: a ``TcpConnection`` runs as the application protocol
-of asyncio's TLS transport, with every limit and slowloris defence; a handshake not done
-within ``Limits.read_timeout_s`` is dropped. Clients stay anonymous (no client certificate):
+of asyncio's TLS transport, with every limit and slowloris defence. A listener upgrades
+each connection after accepting it, so a socket still in its handshake counts against
+``max_connections`` (and is evicted first), and a handshake not done within
+``Limits.read_timeout_s`` is dropped. Clients stay anonymous (no client certificate):
 the accepting side's ``remote_peer_id`` is None, and a client is known by what it signs.
 
 ``tls_client_over`` / ``tls_server_over`` run the same over a socket that is already
@@ -208,16 +210,12 @@ class TlsTransport:
         host, port = parse_tcp_endpoint(endpoint, SCHEME)
         if self._server_context is None:
             self._server_context = server_context(self.identity)
-        listener = TcpListener(self.limits, handler, scheme=SCHEME)
+        # TLS starts after the accept (TcpListener): a socket in its handshake already holds
+        # one of max_connections, so handshakes cannot pile up beyond the cap
+        listener = TcpListener(self.limits, handler, scheme=SCHEME, tls=self._server_context)
         loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_server(
-                listener._make_connection,
-                host,
-                port,
-                ssl=self._server_context,
-                ssl_handshake_timeout=self.limits.read_timeout_s,  # a stalled handshake is dropped
-            )
+            server = await loop.create_server(listener._make_connection, host, port)
         except OSError as error:
             raise ConfigError(f"cannot listen on {endpoint}: {error}") from error
         listener._server = server
