@@ -10,6 +10,12 @@ holds credits on it; the replaced channel is kept (``retired``) and settled with
 
 A session is bound to the channel of its first voucher (nodes refuse a switch), so the
 channel is chosen at ``reserve`` time, before the session's first step.
+
+Pay for verified work (``layerchain.market.credit``): ``owe`` records work asked of a node
+and returns the voucher to send with it, paying the least the node accepts: what audits
+have ``clear``-ed, and enough of the rest to stay within the node's credit. Work an audit
+found wrong is taken off (``dispute``) and never paid. ``flush`` pays what was cleared
+after the last step (the final audit window) by redeeming the voucher on the ledger.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from layerchain.errors import InsufficientFunds
 from layerchain.ledger.base import Channel
 from layerchain.ledger.signatures import address_bytes
 from layerchain.market import ChannelPayer
+from layerchain.market.credit import least_payment
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,11 @@ class Funding:
         self.payer, self.margin = payer, margin
         self.retired: list[Retired] = []
         self._held: dict[bytes, int] = {}  # address -> credits open sessions may still pay
+        # on the current channel to each address, credits: work asked (disputed taken off),
+        # work cleared by audits (or not to be audited), and paid by vouchers
+        self._owed: dict[bytes, int] = {}
+        self._cleared: dict[bytes, int] = {}
+        self._paid: dict[bytes, int] = {}
 
     def reserve(self, address: str, credits: int) -> None:
         """Make the channel to ``address`` able to pay ``credits`` more for a new session.
@@ -57,6 +69,8 @@ class Funding:
             if free < credits and held == 0:
                 if current is not None:
                     self.retired.append(Retired(current, self.payer.spent(address)))
+                for book in (self._owed, self._cleared, self._paid):  # a new channel's tally
+                    book.pop(key, None)
                 deposit = max(credits, math.ceil(credits * self.margin))
                 self.payer.open(address, deposit)
                 log.info("opened a channel of %d credits to %s", deposit, address)
@@ -77,6 +91,50 @@ class Funding:
         key = address_bytes(address)
         self._held[key] = max(0, self._held.get(key, 0) - amount)
         return voucher
+
+    def owe(self, address: str, amount: int, credit: int) -> tuple[bytes, int]:
+        """Record ``amount`` credits of work asked of ``address``; return the voucher to send
+        with it and the credits it pays now: everything cleared, and at least what keeps the
+        unpaid rest within ``credit`` (the node's ``credit_amount``; 0: pay in advance)."""
+        key = address_bytes(address)
+        self._owed[key] = owed = self._owed.get(key, 0) + amount
+        paid = self._paid.get(key, 0)
+        due = max(0, least_payment(owed, self._cleared.get(key, 0), credit) - paid)
+        self._paid[key] = paid + due
+        return self.pay(address, due), due
+
+    def clear(self, address: str, amount: int) -> None:
+        """``amount`` credits of work asked of ``address`` were verified (or need no audit):
+        the next voucher to it (or ``flush``) pays them."""
+        key = address_bytes(address)
+        self._cleared[key] = self._cleared.get(key, 0) + amount
+
+    def dispute(self, address: str, amount: int) -> None:
+        """``amount`` credits of work asked of ``address`` were found wrong: never paid."""
+        key = address_bytes(address)
+        self._owed[key] = max(0, self._owed.get(key, 0) - amount)
+
+    def unpaid_cleared(self, address: str) -> int:
+        """Credits cleared for ``address`` and not paid yet."""
+        key = address_bytes(address)
+        return max(0, self._cleared.get(key, 0) - self._paid.get(key, 0))
+
+    async def flush(self, address: str) -> int:
+        """Pay ``address`` what was cleared and not paid (the last audit window of a
+        generation, after its last step): the voucher is redeemed on the ledger at once,
+        crediting the node. Returns the credits paid."""
+        due = self.unpaid_cleared(address)
+        ledger = self.payer.ledger
+        if due <= 0 or ledger is None:
+            return 0
+        key = address_bytes(address)
+        self._paid[key] = self._paid.get(key, 0) + due
+        voucher = self.pay(address, due)
+        try:
+            await asyncio.to_thread(ledger.redeem, voucher)
+        except Exception as error:  # noqa: BLE001 - the node can still redeem it later
+            log.warning("could not redeem the last voucher to %s: %s", address, error)
+        return due
 
     def release(self, address: str, credits: int) -> None:
         """A session ended with ``credits`` of its reservation unpaid."""

@@ -16,6 +16,15 @@ Money has one source of truth, ``payments`` (per peer: tokens computed, credits 
 without ``Funding``, owed as receipted); ``cost`` is their sum. With ``Funding`` each step
 to a priced hop carries a cumulative voucher paying for it in advance; with a ``max_cost``
 a step that would take the total past it raises ``CostLimitExceeded`` before paying.
+
+Audits (``layerchain.client.audit``): each hop keeps its receipts' commitments beside its
+inputs and counts the steps an audit ``verified``. A session made with
+``pay_when_verified`` pays an audited hop's steps only once they are cleared (``clear``;
+within the node's credit, ``layerchain.market.credit``), never those an audit disputed
+(``dispute``); a hop no one can audit (``trusted``) is paid in advance. A session can also
+cover only ``blocks`` ``(start, end)`` and leave ``exclude``-d peers out: the auditor's
+shadow sessions and referees are such sessions. ``restart`` reopens the whole route and
+replays a prefix: the rollback of a generation to its last verified point.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from layerchain.errors import (
     NoRoute,
 )
 from layerchain.market import ReceiptVerifier, reservation_amount, step_amount, tokens_of
+from layerchain.market.credit import credit_amount
 from layerchain.routing import RoutePlan
 from layerchain.types import Hop
 from layerchain.wire import messages as m
@@ -91,6 +101,12 @@ class HopSession:
     verifier: ReceiptVerifier
     reserved: int = 0  # credits reserved on the peer's channel and not paid yet
     inputs: list[torch.Tensor] = field(default_factory=list)  # [1, T_i, H] per step
+    receipts: list[bytes] = field(default_factory=list)  # the signed receipt of each step
+    commitments: list[bytes] = field(default_factory=list)  # each receipt's fingerprint
+    verified: int = 0  # steps 0..verified-1 agree with an audit (or need none)
+    cleared: int = 0  # steps 0..cleared-1 are cleared for payment
+    trusted: bool = False  # no peer could audit this hop: paid in advance, released as run
+    disputed: bool = False  # an audit found it lying: nothing from the disputed step is paid
 
     @property
     def blocks(self) -> int:
@@ -116,6 +132,9 @@ class InferenceSession:
         step_tokens: int = m.MAX_STEP_TOKENS,
         funding: Funding | None = None,
         limits: RouteLimits | None = None,
+        blocks: tuple[int, int | None] = (0, None),
+        exclude: frozenset[str] = frozenset(),
+        pay_when_verified: bool = False,
     ) -> None:
         self.peers = peers
         self.config = peers.config
@@ -129,6 +148,11 @@ class InferenceSession:
         self.steps = 0
         self.hop_seconds = 0.0  # wall time spent waiting on hops, all steps
         self.payments: dict[str, HopPayment] = {}  # peer id -> what it computed and was paid
+        self.blocks = blocks  # (start, end) the route covers; end None: the last block
+        self.exclude = exclude  # peers never planned into this session (audited ones)
+        self.pay_when_verified = pay_when_verified  # audited hops are paid once cleared
+        self.committed = 0  # credits paid or owed for work asked, disputed work included
+        self.retired: list[HopSession] = []  # hops replaced by failover, with their history
         self._closing: set[asyncio.Task[None]] = set()  # failed hops closed in the background
 
     @property
@@ -153,8 +177,8 @@ class InferenceSession:
         alone would cost more than ``max_cost`` on the planned route."""
         last: HopFailed | None = None
         for attempt in range(1, attempts + 1):
-            skip = short_of_room(self.peers.records.values(), self.max_length)
-            plan = self._plan(0, None, skip, last)
+            skip = short_of_room(self.peers.records.values(), self.max_length) | self.exclude
+            plan = self._plan(*self.blocks, skip, last)
             self._check_prompt_cost(plan.hops, prompt_tokens)
             try:
                 self.hops = await self._open_hops(plan.hops)
@@ -216,7 +240,7 @@ class InferenceSession:
             hs.reserved = fee + step_amount(self.max_length, hs.blocks, record.price_per_block)
             self.funding.reserve(record.wallet, hs.reserved)  # InsufficientFunds: the wallet's
             try:
-                voucher = self._pay(hs, fee)  # CostLimitExceeded: the request's
+                voucher = self._pay(hs, fee, cleared=True)  # CostLimitExceeded: the request's
             except BaseException:
                 self._release(hs)
                 raise
@@ -317,12 +341,16 @@ class InferenceSession:
             check_output(peer_id, hidden, out)
             if not reply.receipt:
                 raise InvalidReceipt(f"peer {peer_id} sent no receipt for step {hs.verifier.next_step}")
-            hs.verifier.check(reply.receipt, hidden, out, tokens)  # advances next_step
+            receipt = hs.verifier.check(reply.receipt, hidden, out, tokens)  # advances next_step
         except LayerchainError as error:
             raise self._failure(hs.record, error, tokens) from error
         self.peers.observe_step(peer_id, hs.blocks, tokens, time.perf_counter() - t0)
-        self._count(hs, tokens, 0 if voucher else amount)
+        self._count(hs, tokens, 0 if voucher or self._lagging(hs) else amount)
         hs.inputs.append(hidden)
+        hs.receipts.append(reply.receipt)
+        hs.commitments.append(receipt.fingerprint)
+        if not self._lagging(hs):  # paid (or owed) in advance: nothing left to clear
+            hs.cleared = len(hs.inputs)
         return out
 
     def _step_timeout(self, hs: HopSession, tokens: int) -> float:
@@ -333,21 +361,108 @@ class InferenceSession:
             ms = max(ms, self.peers.speed(hs.hop.peer_id))
         return step_timeout_s(self.config, tokens, hs.blocks, ms)
 
-    def _pay(self, hs: HopSession, amount: int) -> bytes:
-        """The voucher paying ``amount`` for the next step (b"" when nothing is paid);
+    def _lagging(self, hs: HopSession) -> bool:
+        """Whether ``hs``'s steps are paid once an audit clears them (not in advance)."""
+        return self.pay_when_verified and not hs.trusted
+
+    def _pay(self, hs: HopSession, amount: int, *, cleared: bool = False) -> bytes:
+        """The voucher to send with the next request, worth ``amount`` (b"" when nothing is
+        paid): paying it in advance, or on a lagging hop what audits cleared and what the
+        node's credit requires (``cleared``: this amount needs no audit, a reservation fee).
         CostLimitExceeded, before paying, when it would take the cost past ``max_cost``."""
-        if self.max_cost is not None and self.cost + amount > self.max_cost:
+        if self.max_cost is not None and self.committed + amount > self.max_cost:
             raise CostLimitExceeded(
-                f"the next step costs {amount} credits and {self.cost} are spent: more than "
-                f"max_cost {self.max_cost}",
+                f"the next step costs {amount} credits and {self.committed} are spent: more "
+                f"than max_cost {self.max_cost}",
                 hint="raise --max-cost (max_cost=) or lower max_new_tokens",
             )
-        if self.funding is None or amount == 0:
+        self.committed += amount
+        if self.funding is None or (amount == 0 and not self._lagging(hs)):
             return b""
-        voucher = self.funding.pay(hs.record.wallet, amount)
-        hs.reserved = max(0, hs.reserved - amount)
-        self._count(hs, 0, amount)  # paid now, whatever the peer does with it
+        if hs.verifier.price_per_block == 0:
+            return b""
+        record = hs.record
+        credit = credit_amount(record.end - record.start, record.price_per_block)
+        if cleared:
+            self.funding.clear(record.wallet, amount)
+        voucher, paid = self.funding.owe(
+            record.wallet, amount, credit if self._lagging(hs) else 0
+        )
+        hs.reserved = max(0, hs.reserved - paid)
+        self._count(hs, 0, paid)  # paid now, whatever the peer does with it
         return voucher
+
+    # ---------------------------------------------------------------- audits' verdicts
+
+    def step_amount(self, hs: HopSession, step: int) -> int:
+        """Credits step ``step`` of ``hs`` is worth."""
+        return step_amount(tokens_of(hs.inputs[step]), hs.blocks, hs.verifier.price_per_block)
+
+    def clear(self, hs: HopSession, steps: int) -> None:
+        """Steps ``hs.cleared .. steps-1`` of ``hs`` were verified: pay them (with the next
+        voucher to the peer, or ``settle``), or count them owed without funding."""
+        if hs.disputed:
+            return
+        amount = sum(self.step_amount(hs, i) for i in range(hs.cleared, steps))
+        hs.cleared = max(hs.cleared, steps)
+        if amount == 0 or not self.pay_when_verified:
+            return
+        if self.funding is not None:
+            self.funding.clear(hs.record.wallet, amount)
+        else:
+            self._count(hs, 0, amount)
+
+    def dispute(self, hs: HopSession, step: int) -> int:
+        """Steps ``step..`` of ``hs`` were found wrong: never paid (nor counted owed), nor
+        any it runs later. Returns the credits refused (again: those run since)."""
+        amount = sum(self.step_amount(hs, i) for i in range(max(step, hs.cleared), len(hs.inputs)))
+        hs.cleared = len(hs.inputs)  # settled: nothing more of it is cleared
+        hs.disputed = True
+        self.committed -= amount
+        if self.funding is not None and self.pay_when_verified and amount:
+            self.funding.dispute(hs.record.wallet, amount)
+        return amount
+
+    def trust(self, hs: HopSession) -> None:
+        """No peer can audit ``hs``: take its steps as run, pay them, pay later ones ahead."""
+        self.clear(hs, len(hs.inputs))
+        hs.verified = len(hs.inputs)
+        hs.trusted = True
+
+    async def settle(self) -> None:
+        """Pay what audits cleared after the last step (``Funding.flush``)."""
+        if self.funding is None:
+            return
+        by_wallet = {hs.record.wallet: hs for hs in (*self.retired, *self.hops)}
+        for wallet, hs in by_wallet.items():
+            paid = await self.funding.flush(wallet)
+            if paid:
+                self._count(hs, 0, paid)
+
+    def absorb(self, other: InferenceSession) -> None:
+        """Count what ``other`` (an audit's session) computed and cost as this session's."""
+        for peer_id, p in other.payments.items():
+            mine = self.payments.get(peer_id)
+            self.payments[peer_id] = p if mine is None else replace(
+                mine, tokens=mine.tokens + p.tokens, amount=mine.amount + p.amount
+            )
+        self.committed += other.committed
+        other.payments = {}
+        other.committed = 0
+
+    async def restart(self, prefix: torch.Tensor | None) -> list[HopSession]:
+        """Roll back: close every hop, open a new route (without the banned peers) and push
+        ``prefix`` [1, P, H] (the inputs of the verified steps) through it, rebuilding the
+        caches; its output is not needed. Returns the hops closed (for their accounts)."""
+        old = self.hops + self.retired
+        for hs in self.hops:
+            self._close_later(hs)
+        self.hops, self.retired = [], []
+        await self.open()
+        if prefix is not None and prefix.shape[1]:
+            for part in split_steps(prefix, self.step_tokens):
+                await self._through_hops(part)
+        return old
 
     def _count(self, hs: HopSession, tokens: int, amount: int) -> None:
         peer_id = hs.hop.peer_id
@@ -374,7 +489,7 @@ class InferenceSession:
         for attempt in range(1, 5):
             await self.peers.refresh(force=attempt > 1)
             skip = others | short_of_room(self.peers.records.values(), self.max_length)
-            plan = self._plan(failed.hop.start, failed.hop.end, skip, last)
+            plan = self._plan(failed.hop.start, failed.hop.end, skip | self.exclude, last)
             replacement: list[HopSession] = []
             try:
                 replacement = await self._open_hops(plan.hops)
@@ -391,6 +506,7 @@ class InferenceSession:
                 if attempt == 4:
                     raise again.error from None
         self._close_later(failed)
+        self.retired.append(failed)  # its steps still count: audits check them too
         self.hops[index : index + 1] = replacement
         rec = Recovery(
             peer_id=failed.hop.peer_id,

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from layerchain.client.audit import Auditor, Dispute
 from layerchain.client.config import ClientConfig, RouteLimits
 from layerchain.client.funding import Funding
 from layerchain.client.peers import PeerView
@@ -47,17 +48,20 @@ from layerchain.client.rules import check_context, check_room, step_tokens
 from layerchain.client.session import HopPayment, InferenceSession, Recovery
 from layerchain.client.state import SwarmState, swarm_state
 from layerchain.discovery import Discovery
-from layerchain.errors import CostLimitExceeded
-from layerchain.market import ChannelPayer
+from layerchain.errors import ConfigError, CostLimitExceeded
+from layerchain.ledger.signatures import Signer
+from layerchain.market import ChannelPayer, Wallet
 from layerchain.model import (
     DecodeResult,
     Decoder,
     SamplingParams,
     encode_prompt,
     load_head,
+    load_span,
     load_tokenizer,
     resolve_model,
 )
+from layerchain.model.span import KVCache, SpanModel
 from layerchain.model.generate import eos_token_ids
 from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.routing import default_max_price
@@ -92,6 +96,8 @@ class GenerationResult(DecodeResult):
     hop_ms_per_token: float = 0.0  # time spent in the hop chain per decode token, ms
     cost: int = 0  # credits paid to the peers (or owed, on a swarm the client does not pay)
     payments: tuple[HopPayment, ...] = ()  # per peer: tokens computed and credits
+    disputes: tuple[Dispute, ...] = ()  # hops audits caught lying (banned, unpaid, evidence)
+    audited_steps: int = 0  # hop steps compared with a recomputation on another peer
 
 
 class Generation:
@@ -163,11 +169,16 @@ class AsyncSwarm:
         self.transport = transport
         self.config = config
         self.peers = PeerView(discovery, transport, spec.model_id, spec.num_blocks, config)
+        # blocks [0, private_blocks) run here: the first hop sees their output, not the
+        # embedding rows (which map back to token ids exactly); None: no private blocks
+        self.private: SpanModel | None = private_span(spec, config.private_blocks)
         self.eos_token_ids = eos_token_ids(spec.config)
         self.context_length: int | None = getattr(spec.config, "max_position_embeddings", None)
         # hidden states travel in float32 (4 bytes a value): at most this many tokens a Step
         self.step_tokens = step_tokens(spec.hidden_size, 4)
         self.last_route: tuple[Hop, ...] = ()
+        # signs evidence against a cheater: the paying wallet, else one for this client only
+        self.accuser: Signer = payer.wallet if payer is not None else Wallet.generate()
 
     @classmethod
     async def create(
@@ -251,18 +262,44 @@ class AsyncSwarm:
         check_context(len(prompt_ids), params.max_new_tokens, self.context_length)
         await self.peers.wait_for_coverage()
         max_length = len(prompt_ids) + params.max_new_tokens
-        check_room(self.peers.records.values(), max_length, self.spec.num_blocks)
+        check_room(self.peers.records.values(), max_length, self.spec.num_blocks,
+                   self.config.private_blocks)
+        audit_rate = self.config.audit_rate
         session = gen._session = InferenceSession(
             self.peers, max_length, step_tokens=self.step_tokens, funding=self.funding,
-            limits=limits,
+            limits=limits, pay_when_verified=audit_rate > 0,
+            blocks=(self.config.private_blocks, None),
         )
+        private = self.private.new_cache(max_length=max_length) if self.private else None
+        auditor = None
+        if audit_rate > 0:
+            auditor = Auditor(session, audit_rate, accuser=self.accuser,
+                              submit=self.funding is not None, spec=self.spec)
         decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
+        # per decode step: its input [1, T, H], the last position of its output [1, 1, H]
+        # (to rebuild the decoder on a rollback) and its token, yielded once verified
+        inputs: list[torch.Tensor] = []
+        finals: list[torch.Tensor] = []
+        events: list[TokenEvent] = []
+        shown = 0  # events yielded
         ttft = 0.0
         finish: str | None = "cancelled"  # None: the decoder's own reason
         try:
             await session.open(prompt_tokens=len(prompt_ids))  # CostLimitExceeded: the prompt
             self.last_route = tuple(session.route)
-            while (x := self._next_input(decoder)) is not None:
+            while True:
+                x = self._route_input(decoder, private)
+                if auditor is not None and auditor.dispute is None and x is not None:
+                    await auditor.make_room(int(x.shape[1]))
+                if auditor is not None and x is None and await auditor.finish():
+                    x = None  # every step verified: the end
+                if auditor is not None and auditor.dispute is not None:
+                    decoder = await self._roll_back(session, auditor, decoder, prompt_ids,
+                                                    params, inputs, finals, events, private)
+                    continue
+                if x is None:
+                    finish = None
+                    break
                 try:
                     hidden = await session.step(x)
                 except CostLimitExceeded:
@@ -272,15 +309,32 @@ class AsyncSwarm:
                     break
                 text = self._accept(decoder, hidden)  # one more token in decoder.stop.token_ids
                 token_ids = decoder.stop.token_ids
-                if len(token_ids) == 1:
+                inputs.append(x)
+                finals.append(hidden[:, -1:])
+                events.append(TokenEvent(len(token_ids) - 1, token_ids[-1], text))
+                ready = len(events)
+                if auditor is not None:
+                    auditor.after_step()
+                    ready = verified_steps(auditor.settled_position(), len(prompt_ids), ready)
+                while shown < ready:
+                    if shown == 0:
+                        ttft = time.perf_counter() - t0
+                    shown += 1
+                    yield events[shown - 1]
+            while shown < len(events) and finish is None:  # the last ones, verified by finish()
+                if shown == 0:
                     ttft = time.perf_counter() - t0
-                yield TokenEvent(len(token_ids) - 1, token_ids[-1], text)
-            else:
-                finish = None
+                shown += 1
+                yield events[shown - 1]
         finally:
             self.last_route = route = tuple(session.route)
+            if auditor is not None:
+                await auditor.close()
+            await session.settle()  # the last verified window, paid now
             await session.close()
             decoded = decoder.result()
+            if auditor is not None and finish is not None:  # stopped early: what was shown
+                decoded = shown_result(decoded, events[:shown], decoder)
             gen._result = GenerationResult(
                 **{f.name: getattr(decoded, f.name) for f in fields(DecodeResult)},
                 route=route,
@@ -289,9 +343,36 @@ class AsyncSwarm:
                 hop_ms_per_token=1000 * session.hop_seconds / max(1, session.steps),
                 cost=session.cost,
                 payments=tuple(session.payments.values()),
+                disputes=tuple(auditor.disputes) if auditor is not None else (),
+                audited_steps=auditor.audited_steps if auditor is not None else 0,
             )
             if finish is not None:
                 gen._result = replace(gen._result, finish_reason=finish)
+
+    async def _roll_back(
+        self, session: InferenceSession, auditor: Auditor, decoder: Decoder,
+        prompt_ids: list[int], params: SamplingParams, inputs: list[torch.Tensor],
+        finals: list[torch.Tensor], events: list[TokenEvent], private: KVCache | None = None,
+    ) -> Decoder:
+        """A hop lied: go back to the last verified decode step, reopen the route without
+        the banned liar, rebuild its caches from the verified steps' inputs and the decoder
+        from their outputs (so the tokens already verified stay exactly the same). The
+        lists are cut to the verified steps in place; returns the rebuilt decoder."""
+        dispute = auditor.dispute
+        assert dispute is not None
+        keep = verified_steps(auditor.settled_position(), len(prompt_ids), len(events))
+        log.warning("rolling back to decode step %d after peer %s lied at position %d",
+                    keep, dispute.peer_id, dispute.position)
+        prefix = torch.cat(inputs[:keep], dim=1) if keep else None
+        if private is not None:  # the private blocks' cache forgets the steps rolled back
+            private.truncate(int(prefix.shape[1]) if prefix is not None else 0)
+        old = await session.restart(prefix)
+        auditor.restart(old, int(prefix.shape[1]) if prefix is not None else 0)
+        del inputs[keep:], finals[keep:], events[keep:]
+        decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
+        for out in finals:
+            self._accept(decoder, out)
+        return decoder
 
     def state(self) -> SwarmState:
         """A frozen snapshot of the swarm as this client sees it: nodes (span, price, speed,
@@ -314,15 +395,51 @@ class AsyncSwarm:
         """Re-read the swarm's records if they are stale (or leave a block uncovered)."""
         await self.peers.refresh()
 
-    @staticmethod
     @torch.inference_mode()
-    def _next_input(decoder: Decoder) -> torch.Tensor | None:
-        return decoder.next_input()  # [1, T, H]: the prompt, then one token
+    def _route_input(self, decoder: Decoder, private: KVCache | None) -> torch.Tensor | None:
+        """What the route's first hop gets next, [1, T, H] (the prompt, then one token): the
+        decoder's embedding rows, through the private blocks if the client keeps any.
+        None when the decoder is done."""
+        x = decoder.next_input()
+        if x is None or private is None or self.private is None:
+            return x
+        return self.private(x, private)
 
     @staticmethod
     @torch.inference_mode()
     def _accept(decoder: Decoder, hidden: torch.Tensor) -> str:
         return decoder.accept(hidden)
+
+
+def private_span(spec: Any, blocks: int) -> SpanModel | None:
+    """Blocks ``[0, blocks)`` of ``spec``'s model, loaded for a client that runs them itself
+    (None for 0); ConfigError unless ``0 <= blocks < num_blocks`` (at least the last block
+    is routed: with none, generate --local is the tool)."""
+    if type(blocks) is not int or not 0 <= blocks < spec.num_blocks:
+        raise ConfigError(
+            f"private_blocks must be an integer in 0..{spec.num_blocks - 1} for "
+            f"{spec.name}, got {blocks!r}",
+            hint="pass --private-blocks N below the model's block count, or --local",
+        )
+    return load_span(spec, 0, blocks) if blocks else None
+
+
+def verified_steps(settled: int, prompt_tokens: int, steps: int) -> int:
+    """Decode steps (of ``steps`` done) whose token positions are all below ``settled``:
+    step 0 covers the prompt ``[0, prompt_tokens)``, step ``j >= 1`` position
+    ``prompt_tokens + j - 1``."""
+    if settled < prompt_tokens:
+        return 0
+    return min(steps, 1 + settled - prompt_tokens)
+
+
+def shown_result(decoded: DecodeResult, shown: list[TokenEvent], decoder: Decoder) -> DecodeResult:
+    """The result of a generation that stopped early with audits on: the tokens shown (the
+    verified ones), not those computed after them."""
+    if len(shown) == len(decoded.token_ids):
+        return decoded
+    return replace(decoded, text="".join(e.text for e in shown),
+                   token_ids=tuple(e.token_id for e in shown))
 
 
 def open_payer(data_dir: str | Path | None, ledger: str | Path, deposit: int | None) -> ChannelPayer:

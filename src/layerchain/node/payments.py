@@ -9,8 +9,18 @@ with a price and a ledger is paid in advance:
   reservation (``max_length`` tokens on every block): holding a priced node's cache is
   never free;
 * each ``Step`` carries a cumulative voucher on the same channel covering everything
-  served on it, this step included; a missing or short voucher gets ``InsufficientFunds``
-  and the step is not run.
+  served on it, this step included, less the channel's credit; a missing or short voucher
+  gets ``InsufficientFunds`` and the step is not run.
+
+Pay for verified work (seed 002's escrow): the node serves on credit, so a client that
+audits pays for a step only once an audit verified it and a node caught cheating is never
+paid for the steps it lied on (``layerchain.market.credit``). The credit is bounded: at
+most ``CREDIT_TOKENS`` tokens of this node's work (x blocks x price) per channel, and never
+more than the channel has paid so far, so a fresh channel gets none and a client that
+stops paying costs the node at most what it already earned from it. A client that does
+not audit pays in advance, as before. The last window of a generation is paid once its
+final audit is done: the client redeems that voucher on the ledger itself (anyone may
+redeem a voucher; the payee is credited), the node's own redemption then finds it paid.
 
 Without a ledger a priced node still signs what it is owed but serves on trust.
 
@@ -64,6 +74,7 @@ from layerchain.market import (
     reservation_amount,
     step_amount,
 )
+from layerchain.market.credit import credit_allowance, credit_amount
 from layerchain.market.vouchers import decode_voucher
 from layerchain.types import Span
 
@@ -96,6 +107,7 @@ class NodePayments:
         redeem_interval_s: float = 30.0,  # seconds between redemption rounds
     ) -> None:
         self.wallet, self.model_id, self.price = wallet, model_id, price_per_block
+        self.credit = credit_amount(blocks, price_per_block)  # credits a channel may owe at most
         self.ledger = ledger
         self.stake, self.blocks = stake, blocks
         self.rewards = 0  # uptime rewards received since start
@@ -180,6 +192,9 @@ class NodePayments:
         if channel_id not in self._owed:  # first sight: what earlier runs were paid is settled
             self._owed[channel_id] = self.book.paid(channel_id) or channel.redeemed
         owed = self._owed[channel_id] + amount
+        # on credit (market.credit): vouchers may lag the work by the channel's allowance
+        paid = decode_voucher(voucher)[0].cumulative_amount
+        allowance = credit_allowance(self.credit, paid)
         if channel.deposit - owed < reserve:
             raise InsufficientFunds(
                 f"channel {channel_id[:10]}... has {channel.deposit - owed} credits left after "
@@ -187,7 +202,7 @@ class NodePayments:
                 hint="open the channel with a larger deposit",
             )
         try:
-            self.book.accept(voucher, owed, reread=False)  # InvalidVoucher, InsufficientFunds
+            self.book.accept(voucher, owed - allowance, reread=False)  # InvalidVoucher, InsufficientFunds
         finally:
             if self.store is not None and self.book.latest_for(channel_id) == voucher:
                 self._unsaved[channel_id] = voucher  # accepted, even when behind

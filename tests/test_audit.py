@@ -1,0 +1,136 @@
+"""Audits in an in-process swarm: a node that cheats (``NodeConfig.misbehave``) is caught by
+a recomputation on another peer, judged by a referee, banned, not paid for what it lied on,
+accused with evidence a third party can check, and the generation rolls back to its last
+verified point: the tokens are exactly the single-process model's."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from memswarm import MemorySwarm
+
+from layerchain.client import ClientConfig
+from layerchain.errors import ConfigError
+from layerchain.ledger.evidence import check_evidence
+from layerchain.market import step_amount
+from layerchain.market.credit import credit_allowance, least_payment
+from layerchain.model import SamplingParams, load_span
+
+PROMPT = "What is the capital of France?"
+PARAMS = SamplingParams(max_new_tokens=24)
+PRICE = 1  # credits per block per token: nodes sign what they are owed, served on trust
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama", tokenizer=True))
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 240))
+
+
+async def swarm_with_a_cheater(model, tmp_path, mode: str, **node):
+    """A cheater on blocks 0:2 that routes prefer, an honest node on 2:4 they prefer too,
+    and two slower honest spares of each span (an auditor and a referee for either hop)."""
+    swarm = MemorySwarm(model)
+    cheater = await swarm.add_node(0, 2, tmp_path / "cheater", misbehave=mode,
+                                   price_per_block=PRICE, **node)
+    await swarm.add_node(2, 4, tmp_path / "next", price_per_block=PRICE, **node)
+    for i in range(2):
+        for start, end in ((0, 2), (2, 4)):
+            await swarm.add_node(start, end, tmp_path / f"spare{start}{i}", price_per_block=PRICE,
+                                 emulate_latency_ms=5, **node)
+    return swarm, cheater
+
+
+@pytest.mark.parametrize("mode", ["noise", "zero", "skip", "stale", "sometimes", "model"])
+def test_a_cheater_is_caught_banned_unpaid_and_the_answer_is_unchanged(
+    tiny_model, reference, tmp_path, mode
+):
+    async def main():
+        swarm, cheater = await swarm_with_a_cheater(tiny_model, tmp_path, mode)
+        try:
+            client = swarm.client(audit_rate=0.25)
+            gen = client.generate_stream(PROMPT, PARAMS)
+            shown = [event.token_id async for event in gen]
+            return shown, gen.result, client, cheater
+        finally:
+            await swarm.close()
+
+    shown, result, client, cheater = run(main())
+    expected = reference(tiny_model, PROMPT, PARAMS).token_ids
+    assert result.token_ids == expected
+    assert tuple(shown) == expected  # a stream never shows a token a rollback takes back
+    assert [d.peer_id for d in result.disputes] == [cheater.peer_id]
+    dispute = result.disputes[0]
+    assert cheater.peer_id in client.peers.banned()
+    assert cheater.peer_id not in {h.peer_id for h in result.route}
+    assert len(dispute.referee) == 1 and dispute.referee[0] != cheater.peer_id
+    # paid (here: owed on trust) for the steps before the lie, nothing after
+    paid = {p.peer_id: p for p in result.payments}[cheater.peer_id]
+    assert paid.amount == step_amount(dispute.position, 2, PRICE)
+    assert dispute.unpaid > 0
+    # the evidence convicts the cheater for a third party holding only the model
+    assert dispute.evidence is not None
+    verdict = check_evidence(dispute.evidence, load_span(client.spec, 0, 2))
+    assert verdict.guilty and verdict.accused == cheater.wallet
+
+
+def test_honest_swarms_audited_with_concurrent_sessions_raise_no_alarm(
+    tiny_model, reference, tmp_path
+):
+    prompts = [PROMPT, "Name three rivers in Europe.", "Hi!"]
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            for i in range(3):
+                await swarm.add_node(0, 2, tmp_path / f"a{i}")
+                await swarm.add_node(2, 4, tmp_path / f"b{i}")
+            client = swarm.client(audit_rate=1.0)  # every step of every hop, at once
+            results = await asyncio.gather(*(client.generate(p, PARAMS) for p in prompts))
+            return results, client
+        finally:
+            await swarm.close()
+
+    results, client = run(main())
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.token_ids == reference(tiny_model, prompt, PARAMS).token_ids
+        assert result.disputes == ()
+        assert result.audited_steps >= 2 * PARAMS.max_new_tokens  # both hops, every step
+    assert client.peers.banned() == set()
+
+
+def test_without_audits_nothing_is_recomputed(tiny_model, reference, tmp_path):
+    async def main():
+        swarm, cheater = await swarm_with_a_cheater(tiny_model, tmp_path, "noise")
+        try:
+            return await swarm.client(audit_rate=0.0).generate(PROMPT, PARAMS)
+        finally:
+            await swarm.close()
+
+    result = run(main())
+    assert result.audited_steps == 0 and result.disputes == ()
+    # what audits are for: the cheater's noise went unnoticed and changed the answer
+    assert result.token_ids != reference(tiny_model, PROMPT, PARAMS).token_ids
+
+
+def test_audit_rate_must_be_a_fraction():
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="audit_rate"):
+            ClientConfig(audit_rate=bad)
+
+
+def test_credit_rules():
+    credit = 100
+    for owed in range(0, 400, 7):
+        for cleared in (0, owed // 3, owed):
+            x = least_payment(owed, cleared, credit)
+            assert x >= cleared
+            assert x + credit_allowance(credit, x) >= owed  # the node serves it
+            if x > cleared and x > 0:  # and it is the least such payment
+                assert (x - 1) + credit_allowance(credit, x - 1) < owed
+    assert credit_allowance(credit, 0) == 0  # a channel that never paid gets no credit
+    assert credit_allowance(credit, 10**6) == credit
