@@ -29,9 +29,10 @@ make ``commit`` a pure function of the tensor's values: any two machines agree b
 
 * the value error: ``max_j |v_j - r[i_j]| / max(|v_j|, |r[i_j]|)``, the relative gap at
   the committed positions between the committed values and the recomputed ones ``r``;
-* the rank error: ``max(0, m - min_j |r[i_j]|) / m``, with ``m`` the K-th largest ``|r|``:
-  how much larger than the committed positions the recomputation's own top-K is (0 when
-  the committed positions are still its top-K; near-ties swapped by rounding cost ~0);
+* the rank error: ``max(0, m - min_j |r[i_j]|) / m``, with ``m`` the largest ``|r|`` at a
+  position not committed: how much larger than the committed positions some other one is
+  in the recomputation (0 when the committed positions are still its top-K; near-ties
+  swapped by rounding cost ~0);
 
 both in [0, 2]; the distance of a commitment is the max over its tokens. It knows nothing
 of networks, receipts or who computed what.
@@ -136,9 +137,8 @@ def token_distances(commitment: bytes, reference: torch.Tensor) -> torch.Tensor:
     recomputed = torch.gather(rows, 1, positions)  # [T, K]
     scale = torch.maximum(values.abs(), recomputed.abs()).clamp_min(_TINY)
     value_error = ((values - recomputed).abs() / scale).amax(dim=1)
-    k = min(TOP_K, rows.shape[1])
-    kth = torch.topk(rows.abs(), k, dim=1).values[:, -1]  # [T]: the recomputed K-th largest
-    rank_error = (kth - recomputed.abs().amin(dim=1)).clamp_min(0) / kth.clamp_min(_TINY)
+    others = rows.abs().scatter(1, positions, 0.0).amax(dim=1)  # [T]: largest not committed
+    rank_error = (others - recomputed.abs().amin(dim=1)).clamp_min(0) / others.clamp_min(_TINY)
     distance = torch.maximum(value_error, rank_error)
     return torch.nan_to_num(distance, nan=2.0)  # NaN anywhere: as far as it gets
 
