@@ -79,6 +79,11 @@ def start(
         _D.emulate_latency_ms, help="Testing aid: delay every reply by this many ms."
     ),
     threads: int = typer.Option(_D.threads, help="Torch threads (0 = torch's default)."),
+    misbehave: str = typer.Option(
+        _D.misbehave, metavar="MODE",
+        help="For testing defences only: cheat on purpose, MODE one of noise, zero, skip, "
+             "stale, sometimes, model (wrong outputs with honest-looking receipts).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
 ) -> None:
     """Load a span of blocks, join the DHT and serve inference sessions until Ctrl-C."""
@@ -96,7 +101,7 @@ def start(
         read_timeout_s=read_timeout, drain_s=drain, record_ttl_s=record_ttl,
         refresh_s=announce_every, price_per_block=price,
         ledger=str(ledger) if ledger else "", stake=stake,
-        emulate_latency_ms=emulate_latency_ms, threads=threads,
+        emulate_latency_ms=emulate_latency_ms, threads=threads, misbehave=misbehave,
     )
 
     from layerchain.node.runner import run_node  # after the checks: they fail fast

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from layerchain.discovery.addresses import check_announce_host
 from layerchain.errors import ConfigError
+from layerchain.node.misbehave import check_mode
 from layerchain.model.spec import DEFAULT_MODEL
 
 MAX_PORT = 65535
@@ -53,6 +54,8 @@ class NodeConfig:
     record_ttl_s: float = 60.0  # DHT records expire after this many seconds
     refresh_s: float = 15.0  # re-announce the DHT records this often, seconds
     threads: int = 0  # torch threads; 0 keeps torch's default
+    misbehave: str = ""  # testing defences only: cheat in this mode (node.misbehave.MODES);
+    # "": honest
 
     def __post_init__(self) -> None:
         positive = ("max_cache_tokens", "max_sessions", "max_connections", "read_timeout_s",
@@ -84,6 +87,7 @@ class NodeConfig:
         if not self.host:
             raise ConfigError("host must not be empty")
         check_announce_host(self.announce_host)
+        check_mode(self.misbehave)
 
     @property
     def session_tokens(self) -> int:

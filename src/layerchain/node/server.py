@@ -37,6 +37,7 @@ from layerchain.discovery.records import MAX_MS_PER_BLOCK, MIN_MS_PER_BLOCK
 from layerchain.errors import LimitExceeded, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
 from layerchain.node.config import NodeConfig
+from layerchain.node.misbehave import Misbehavior, cheating_span
 from layerchain.node.payments import NodePayments
 from layerchain.node.sessions import Session, SessionTable
 from layerchain.wire import messages as m
@@ -94,7 +95,9 @@ class Node:
     ) -> None:
         self.config = config
         self.spec = spec
-        self.span = span
+        # testing defences only (node.misbehave): a cheat's span and what it returns
+        self.misbehavior = Misbehavior(config.misbehave) if config.misbehave else None
+        self.span = cheating_span(config.misbehave, span) if config.misbehave else span
         self.transport = transport
         self.listen_at = listen_at  # endpoint to listen on: "tcp://HOST:PORT" or "mem://NAME"
         self.announce_hosts = announce_hosts
@@ -342,7 +345,10 @@ class Node:
                 out = await self._forward_in_slices(x, session)
             if out.dtype != hidden.dtype:  # answer in the dtype the client sent (fp16, bf16)
                 out = out.to(hidden.dtype)
+            if self.misbehavior is not None:
+                out = self.misbehavior.output(msg.session_id, out)
             session.stepped(tokens)
+            # the receipt commits to ``out`` as returned (market.commitment), cheat or not
             receipt = self.payments.receipt(session.payment, msg.step, tokens, hidden, out)
         return m.StepResult(
             rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out, receipt=receipt
