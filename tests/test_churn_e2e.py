@@ -215,14 +215,14 @@ def test_a_node_joining_mid_generation_takes_over_a_killed_hop_whose_records_the
 def test_a_node_stopping_gracefully_withdraws_at_once_and_finishes_its_generation(
     churn, reference
 ):
-    from layerchain.wire import OpenSession, RpcClient, TcpTransport
+    from layerchain.wire import Dialer, OpenSession, RpcClient
 
     local, client = churn
     a = local.nodes[0]
     assert a["peer_id"] in _visible(client)
 
     async def try_open(endpoint: str) -> Exception | None:
-        rpc = RpcClient(await TcpTransport().connect(endpoint))
+        rpc = RpcClient(await Dialer().connect(endpoint))
         try:
             await rpc.call(OpenSession(0, "probe", client.core.spec.model_id, 0, 15, 16), 5.0)
         except Exception as error:  # noqa: BLE001 - the error is the result

@@ -70,7 +70,9 @@ def test_swarm_status_shows_markup_as_text(tmp_path, hostile_node, wide):
         "nodes": [{"pid": 0, "peer_id": "", "start": 0, "end": 30, "endpoint": hostile_node},
                   {"pid": 0, "peer_id": "", "start": 0, "end": 30, "endpoint": unreachable}],
     }))
-    result = CliRunner().invoke(app, ["swarm", "status", "--state-dir", str(tmp_path)])
+    result = CliRunner().invoke(  # the hostile node serves plaintext: --insecure to ask it
+        app, ["swarm", "status", "--state-dir", str(tmp_path), "--insecure"]
+    )
     assert result.exit_code == 0, result.output
     assert f"{LINK}{CLOSER}" in result.output  # the peer id, as the peer wrote it
     assert "\x1b]8;" not in result.output  # no OSC 8 hyperlink escape

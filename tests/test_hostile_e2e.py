@@ -8,6 +8,11 @@ client, through T or, while T refuses it, through S; every answer must be the re
 Each attack must end in typed error replies or closed connections, T's memory must stay
 within a bound, and at the end a route through T must still give the reference answer
 with no traceback in T's log.
+
+The swarm serves plaintext tcp:// (``insecure``): the attacks write raw bytes, half-close
+sockets (which TLS cannot) and dial with TcpTransport. The frame, session and connection
+defences they test are the same code under TLS; tests/test_wire_tls.py attacks a TLS
+listener (huge prefixes, stalled handshakes and frames, the connection cap).
 """
 
 from __future__ import annotations
@@ -71,9 +76,11 @@ def swarm(tmp_path_factory):
     from layerchain.client import Swarm
 
     state = tmp_path_factory.mktemp("hostile")
-    local = swarm_up(state, [Span(0, 15), Span(0, 15), Span(15, 30)], node_args=[TARGET_ARGS, (), ()])
+    local = swarm_up(state, [Span(0, 15), Span(0, 15), Span(15, 30)],
+                     node_args=[TARGET_ARGS, (), ()], insecure=True)
     try:
-        with Swarm(local.initial_peers, step_timeout_s=10.0, ban_base_s=3.0) as client:
+        with Swarm(local.initial_peers, step_timeout_s=10.0, ban_base_s=3.0,
+                   insecure=True) as client:
             yield local, client
     finally:
         swarm_down(state, quiet=True)

@@ -62,7 +62,7 @@ def swarm3(tmp_path_factory):
 
 def test_swarm_json_and_status(swarm3):
     assert [(n["start"], n["end"]) for n in swarm3.nodes] == [(0, 10), (10, 20), (20, 30)]
-    assert all(n["peer_id"] and n["endpoint"].startswith("tcp://127.0.0.1:") for n in swarm3.nodes)
+    assert all(n["peer_id"] and n["endpoint"].startswith("tls://127.0.0.1:") for n in swarm3.nodes)
     assert swarm3.initial_peers and swarm3.initial_peers[0].startswith("/ip4/127.0.0.1/")
     status = cli("swarm", "status", "--state-dir", str(swarm3.state_dir), "--json")
     assert status.returncode == 0, status.stderr
@@ -99,15 +99,18 @@ def test_four_concurrent_clients(swarm3, reference):
 
 
 def test_hostile_frames_get_typed_errors_and_the_node_keeps_serving(swarm3):
-    from layerchain.wire import Info, InfoReply, RpcClient, Step, TcpTransport
+    from layerchain.wire import Dialer, Info, InfoReply, RpcClient, Step
     from layerchain.wire.tcp import parse_tcp_endpoint
+    from layerchain.wire.tls import client_context
     import torch
 
     endpoint = swarm3.nodes[0]["endpoint"]
-    host, port = parse_tcp_endpoint(endpoint)
+    host, port = parse_tcp_endpoint(endpoint, "tls")
 
-    async def raw_exchange(payload: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def raw_exchange(payload: bytes) -> bytes:  # raw bytes inside the node's TLS
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=client_context(), server_hostname=""
+        )
         writer.write(payload)
         await writer.drain()
         try:
@@ -131,7 +134,7 @@ def test_hostile_frames_get_typed_errors_and_the_node_keeps_serving(swarm3):
         for name, reply in replies.items():
             if reply:
                 errors[name] = decode(reply)
-        conn = await TcpTransport().connect(endpoint)
+        conn = await Dialer().connect(endpoint, peer_id=swarm3.nodes[0]["peer_id"])
         rpc = RpcClient(conn)
         try:
             with pytest.raises(UnknownSession):
@@ -196,7 +199,7 @@ def test_an_honest_prompt_near_the_context_length_succeeds_and_nodes_keep_answer
     whole prompt went as one step, a node held its event loop through it (an 11 s prefill of
     4,000 tokens was a timeout and a ban), and a 30k-token step could not be refused."""
     from layerchain.client import Swarm
-    from layerchain.wire import MAX_STEP_TOKENS, Ping, RpcClient, TcpTransport
+    from layerchain.wire import MAX_STEP_TOKENS, Dialer, Ping, RpcClient
 
     prompt = long_prompt(smollm2_tokenizer, 7_600)
     params = SamplingParams(max_new_tokens=6)
@@ -205,7 +208,7 @@ def test_an_honest_prompt_near_the_context_length_succeeds_and_nodes_keep_answer
     pongs: list[float] = []
 
     async def ping_while(done: asyncio.Event) -> None:
-        rpc = RpcClient(await TcpTransport().connect(first))
+        rpc = RpcClient(await Dialer().connect(first, peer_id=swarm3.nodes[0]["peer_id"]))
         try:
             while not done.is_set():
                 t0 = time.monotonic()

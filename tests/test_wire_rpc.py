@@ -218,6 +218,18 @@ def test_roundtrip_benchmark_prints_the_per_hop_figure(capsys):
     assert result["frame_bytes"] == 2344 and result["p50_us"] > 0
 
 
+def test_the_wire_benchmark_measures_tls_beside_plaintext_in_one_run(capsys):
+    from layerchain.bench.wire import side_by_side
+
+    result = side_by_side(iterations=200, warmup=20, block=50)
+    with capsys.disabled():
+        print(f"\nwire round trip, TCP vs TLS: p50 {result['p50_us']} vs {result['tls_p50_us']} us")
+    old = {"mode", "endpoint", "frame_bytes", "iterations", "p50_us", "p90_us", "p99_us", "mean_us"}
+    assert old <= set(result) and result["endpoint"] == "tcp" and result["frame_bytes"] == 2344
+    assert result["tls_cipher"].startswith("TLS_")  # a TLS 1.3 suite: it really was TLS
+    assert result["tls_added_p50_us"] == round(result["tls_p50_us"] - result["p50_us"], 1)
+
+
 def test_a_server_answers_only_the_documented_error_codes_and_a_client_trusts_only_those():
     """Node side: errors outside messages.ERROR_CODES leave as invalid_voucher (payments) or
     remote_error. Client side: a peer's code outside the set is a RemoteError, never, say,

@@ -95,13 +95,16 @@ def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
     state = Path(tempfile.mkdtemp(prefix="layerchain-hostile-"))
     cache_args = ("--max-cache-tokens", str(MAX_CACHE_TOKENS))
     try:
-        local = swarm_up(state, SPANS, model=model, node_args=[cache_args] * len(SPANS))
+        # plaintext (insecure): the attacks write raw frames and fake peers announce tcp://;
+        # the same frame and admission defences run under TLS (tests/test_wire_tls.py)
+        local = swarm_up(state, SPANS, model=model, node_args=[cache_args] * len(SPANS),
+                         insecure=True)
         nodes = [NodeInfo(f"node-{i}", n["peer_id"], n["endpoint"], n["pid"], n["start"], n["end"],
                           n.get("wallet", "")) for i, n in enumerate(local.nodes)]
 
         def client() -> Swarm:
             # a short discovery wait: a generation that finds no route fails in seconds
-            return Swarm(local.initial_peers, model=model, discovery_wait_s=5.0)
+            return Swarm(local.initial_peers, model=model, discovery_wait_s=5.0, insecure=True)
 
         rows = []
         for name in names:

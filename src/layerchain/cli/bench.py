@@ -99,6 +99,23 @@ def bench_hostile(
     _print(run_hostile_bench(model=model, quick=quick, attacks=names), as_json)
 
 
+@bench_app.command("wire")
+def bench_wire(
+    iterations: int = typer.Option(2000, help="Round trips measured on each transport."),
+    tokens: int = typer.Option(1, help="Tokens per Step (1: a decode step; up to 512)."),
+    mode: str = typer.Option("rpc", help="rpc (RpcClient + serve_connection) or raw (send/recv)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """One hop's wire overhead on loopback, plaintext TCP and TLS side by side in one run:
+    p50_us... (TCP), tls_p50_us..., tls_added_p50_us."""
+    from layerchain.bench.wire import side_by_side
+    from layerchain.errors import ConfigError
+
+    if mode not in ("rpc", "raw") or not 1 <= tokens <= 512 or iterations < 1:
+        raise ConfigError("bench wire needs --mode rpc|raw, --tokens 1..512, --iterations >= 1")
+    _print(side_by_side(iterations=iterations, tokens=tokens, mode=mode), as_json)
+
+
 def register(app: typer.Typer) -> None:
     """Add `bench` to the app."""
     app.add_typer(bench_app, name="bench")
