@@ -82,6 +82,10 @@ def serve(
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="Also use peers serving plaintext tcp:// (a network you trust); by "
         "default only TLS peers proving their peer id are used.")] = False,
+    private_blocks: Annotated[int, typer.Option(
+        "--private-blocks", metavar="N", help="Run the model's first N blocks in the gateway "
+        "and route only the rest, so no peer sees prompts' embedding rows (which give away "
+        "their token ids).")] = 0,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and the dashboard at /."""
     from layerchain.gateway.server import serve as serve_gateway
@@ -97,7 +101,8 @@ def serve(
         data_dir=data_dir, keys_path=keys, require_keys=require_keys, ledger=ledger,
         allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
         deposit=deposit, alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
-        default_max_tokens=max_tokens, client_options={"insecure": insecure},
+        default_max_tokens=max_tokens,
+        client_options={"insecure": insecure, "private_blocks": private_blocks},
     )
 
     def ready(url: str, gateway) -> None:

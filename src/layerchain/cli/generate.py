@@ -121,6 +121,12 @@ InsecureOpt = Annotated[
     typer.Option("--insecure", help="Also use peers serving plaintext tcp:// (a network you "
                  "trust); by default only TLS peers proving their peer id are used."),
 ]
+PrivateBlocksOpt = Annotated[
+    int,
+    typer.Option("--private-blocks", metavar="N",
+                 help="Run the model's first N blocks here and route only the rest, so no "
+                 "peer sees the prompt's embedding rows (which give away its token ids)."),
+]
 DEFAULT_DATA_DIR = Path("~/.layerchain")
 DEFAULT_DEPOSIT: int | None = None  # sized per request (client.funding)
 
@@ -152,6 +158,7 @@ def generate(
     deposit: DepositOpt = DEFAULT_DEPOSIT,
     max_cost: MaxCostOpt = None,
     insecure: InsecureOpt = False,
+    private_blocks: PrivateBlocksOpt = 0,
 ) -> None:
     """Generate text for a prompt through a swarm (or, with --local, in this process)."""
     params = sampling_params_from_options(
@@ -166,6 +173,7 @@ def generate(
         _generate_swarm(prompt, model, params, raw, json_out, initial_peers,
                         dict(alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
                              max_cost=max_cost, insecure=insecure,
+                             private_blocks=private_blocks,
                              **payment_options(data_dir, ledger, deposit)))
         return
     from layerchain.model import generate_local, resolve_model
@@ -224,6 +232,7 @@ def chat(
     deposit: DepositOpt = DEFAULT_DEPOSIT,
     max_cost: MaxCostOpt = None,
     insecure: InsecureOpt = False,
+    private_blocks: PrivateBlocksOpt = 0,
 ) -> None:
     """Chat through a swarm: multi-turn, streamed, with the model's chat template."""
     from layerchain.client import Swarm
@@ -236,6 +245,7 @@ def chat(
     messages: list[dict[str, str]] = []
     with Swarm(initial_peers, model=model, alpha=alpha, max_price=max_price,
                max_latency_ms=max_latency_ms, max_cost=max_cost, insecure=insecure,
+               private_blocks=private_blocks,
                **payment_options(data_dir, ledger, deposit)) as swarm:
         typer.echo("chat through the swarm; an empty line or Ctrl-D ends it", err=True)
         while True:

@@ -342,8 +342,9 @@ class PeerView:
             await asyncio.sleep(0.5)
 
     def uncovered(self, exclude: AbstractSet[str] = frozenset()) -> str:
-        """The blocks no known peer (outside ``exclude``) serves, as "a:b, c:d"; "" if none."""
-        covered = [False] * self.num_blocks
+        """The blocks no known peer (outside ``exclude``) serves, as "a:b, c:d"; "" if none.
+        The client's ``private_blocks`` (it runs them itself) need no peer."""
+        covered = [b < self.config.private_blocks for b in range(self.num_blocks)]
         for r in self.records.values():
             if r.peer_id in exclude:
                 continue

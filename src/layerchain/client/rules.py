@@ -100,12 +100,14 @@ def short_of_room(records: Iterable[PeerRecord], max_length: int) -> set[str]:
     return {r.peer_id for r in records if r.free_cache_tokens < max_length}
 
 
-def check_room(records: Iterable[PeerRecord], max_length: int, num_blocks: int) -> None:
-    """RequestTooLarge if, for some block, no peer serving it announced room for a session
-    of ``max_length`` tokens (each hop's cache holds the whole prompt + output)."""
+def check_room(records: Iterable[PeerRecord], max_length: int, num_blocks: int,
+               first: int = 0) -> None:
+    """RequestTooLarge if, for some block from ``first`` on (the ones routed), no peer
+    serving it announced room for a session of ``max_length`` tokens (each hop's cache
+    holds the whole prompt + output)."""
     best = [-1] * num_blocks  # most free cache announced for each block
     for r in records:
-        for b in range(r.start, min(r.end, num_blocks)):
+        for b in range(max(r.start, first), min(r.end, num_blocks)):
             best[b] = max(best[b], r.free_cache_tokens)
     short = [b for b, free in enumerate(best) if 0 <= free < max_length]
     if short:
