@@ -420,3 +420,68 @@ def test_operation_and_checkpoint_signatures_are_contract_checkable(ledger, alic
     assert len(checkpoint.canonical_bytes()) == 104
     signed = verify_checkpoint(sign_checkpoint(alice, checkpoint))
     assert (signed.checkpoint, signed.signer) == (checkpoint, alice.address)
+
+
+# -- slashing (the rule; evidence and its recomputation: tests/test_evidence.py) ------------
+
+
+def _verdict(node, accuser, guilty: bool, step: int = 0):
+    """A verdict on a receipt ``node`` signed (tensors given as digests: no model needed)."""
+    from layerchain.ledger.base import EvidenceVerdict
+    from layerchain.market.receipts import ReceiptSigner
+    from layerchain.types import Span
+
+    signer = ReceiptSigner(node, f"s{step}", "m", Span(0, 2), 1)
+    receipt = signer.sign_step(0, 1, bytes(32), bytes([step + 1]) * 32, fingerprint=b"\x01" * 16)
+    return EvidenceVerdict("0x" + f"{step:064x}",
+                           accuser.address, node.address, 0, guilty, 0.5 if guilty else 0.0,
+                           0.02, "test", receipt)
+
+
+def test_slash_rules_and_their_replay(tmp_path, alice, bob):
+    path = tmp_path / "s.sqlite"
+    config = LedgerConfig(dispute_window_s=0, accuser_bond=10, slash_bps=5_000, slash_reward_bps=2_000)
+    with open_ledger(path, config) as ledger:
+        ledger.deposit(bob, 1000)
+        ledger.register_node(bob, 800, 2)
+        ledger.deposit(alice, 50)
+        result = ledger.slash(alice, _verdict(bob, alice, guilty=True))
+        assert (result.slashed, result.reward, result.burned) == (400, 80, 320)  # 50%, 20% of it
+        assert ledger.account(bob.address).staked == 400 and ledger.balance(alice.address) == 130
+        with pytest.raises(LedgerError, match="already convicted"):
+            ledger.slash(alice, _verdict(bob, alice, guilty=True))  # the same receipt
+        refused = ledger.slash(alice, _verdict(bob, alice, guilty=False, step=1))
+        assert refused.bond == 10 and ledger.balance(bob.address) == 200 + 10
+        assert ledger.balance(alice.address) == 120
+        assert ledger.verify().ok
+    _edit(path, "DELETE FROM convictions")  # forget the conviction: the receipt could slash again
+    assert any("convicting receipt" in p for p in _verify(path).problems)
+
+
+def test_a_forged_slash_entry_fails_its_receipts_signature(tmp_path, alice, bob):
+    """Whoever edits a slash entry to accuse another node, and re-chains, is caught."""
+    path = tmp_path / "s.sqlite"
+    with open_ledger(path, LedgerConfig(accuser_bond=0)) as ledger:
+        ledger.deposit(bob, 100)
+        ledger.register_node(bob, 100, 2)
+        ledger.slash(alice, _verdict(bob, alice, guilty=True))
+    carol = Wallet.generate()
+    db = sqlite3.connect(path)
+    row = db.execute("SELECT seq, payload FROM journal WHERE kind = 'slash'").fetchone()
+    data = json.loads(row[1])
+    data["receipt"] = _verdict(carol, alice, guilty=True).receipt.hex()  # carol's, not bob's
+    db.execute("UPDATE journal SET payload = ? WHERE seq = ?", (canonical_payload(data), row[0]))
+    _rechain(db)
+    db.commit()
+    db.close()
+    assert any("(slash)" in p and "receipt is" in p for p in _verify(path).problems)
+
+
+def test_slashing_config_defaults_for_older_genesis_and_is_checked():
+    old = {"dispute_window_s": 1.0, "reward_per_block_hour": 0, "min_stake": 0,
+           "max_reward_period_s": 60}
+    assert LedgerConfig.from_dict(old).accuser_bond == LedgerConfig().accuser_bond
+    with pytest.raises(LedgerError, match="slash_bps"):
+        LedgerConfig(slash_bps=10_001)
+    with pytest.raises(LedgerError, match="accuser_bond"):
+        LedgerConfig(accuser_bond=-1)
