@@ -37,7 +37,8 @@ class MemorySwarm:
             NodeConfig(model=self.model, start=start, end=end, data_dir=tmp, **config),
             spec=self.spec,
             span=load_span(self.spec, start, end),
-            transport=MemoryTransport(self.wire),
+            # its listener proves the node's peer id, as over TLS: clients check it
+            transport=MemoryTransport(self.wire, peer_id=identity.peer_id),
             listen_at=f"mem://{identity.peer_id}",
             discovery=MemoryDiscovery(self.hub, identity),
             identity=identity,

@@ -428,3 +428,62 @@ def test_sockets_stuck_in_the_handshake_hold_capped_slots_and_give_way_to_newcom
         await listener.close()
 
     run(main())
+
+
+# ------------------------------------------------------------------ in a swarm
+
+
+def test_a_node_behind_a_man_in_the_middle_is_routed_around(tiny_model_dir, reference, tmp_path):
+    """Someone takes over node A's announced address and relays to A with its own identity
+    (it could read and rewrite every step): the client refuses it, routes through A's spare,
+    and the answer is the single-process one. Memory transport: listeners prove peer ids
+    the way TLS does, so the swarm runs in one process."""
+    from memswarm import MemorySwarm
+
+    from layerchain.model import SamplingParams
+    from layerchain.wire.memory import MemoryTransport
+
+    model = str(tiny_model_dir("llama", tokenizer=True))
+    params = SamplingParams(max_new_tokens=12)
+    prompt = "What is the capital of France?"
+    mallory = Identity.generate()
+
+    async def main():
+        swarm = MemorySwarm(model)
+        try:
+            a = await swarm.add_node(0, 2, tmp_path)
+            spare = await swarm.add_node(0, 2, tmp_path)
+            await swarm.add_node(2, 4, tmp_path)
+            # the attacker now answers at A's address; A itself moves out of sight
+            listeners, announced = swarm.wire._listeners, a.endpoint
+            hidden = announced + "-hidden"
+            listeners[hidden] = listeners.pop(announced)  # A still announces `announced`
+            relayed = []
+
+            async def forward(msg):
+                relayed.append(type(msg).__name__)
+                upstream = RpcClient(await MemoryTransport(swarm.wire).connect(hidden))
+                try:
+                    return await upstream.call(msg, timeout=5)
+                finally:
+                    await upstream.close()
+
+            await MemoryTransport(swarm.wire, peer_id=mallory.peer_id).listen(
+                announced, lambda conn: serve_connection(conn, forward)
+            )
+            client = swarm.client()
+            try:
+                result = await client.generate(prompt, params)
+                banned = client.peers.banned()
+            finally:
+                await client.close()
+            return result, a.peer_id, spare.peer_id, relayed, banned
+        finally:
+            await swarm.close()
+
+    result, a_id, spare_id, relayed, banned = run(main(), timeout=60)
+    assert result.token_ids == reference(model, prompt, params).token_ids
+    assert [h.peer_id for h in result.route if h.start == 0] == [spare_id]
+    assert a_id not in {h.peer_id for h in result.route}
+    assert relayed == []  # not one message went through the man in the middle
+    assert a_id in banned  # the client failed A at its address, not the spare
