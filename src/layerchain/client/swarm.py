@@ -2,7 +2,9 @@
 
 ``AsyncSwarm`` is the asyncio core; ``Swarm`` is its thin synchronous wrapper, running the
 core on an event loop in one background thread. The client holds the model's head
-(embeddings, final norm, LM head) and tokenizer, so peers never see token ids or text; the
+(embeddings, final norm, LM head) and tokenizer, so no token id or text is sent; yet the
+first hop's inputs are embedding rows, which map back to the ids exactly, unless the client
+runs the first ``private_blocks`` itself (README "What each party sees"). The
 decode loop is ``layerchain.model.Decoder``, the one ``generate_local`` runs: embed, push
 through the hops, logits of the last position, sample, check stop conditions.
 

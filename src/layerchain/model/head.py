@@ -1,7 +1,9 @@
 """The head of a model: token embeddings in, final norm and LM head out.
 
-The client holds the head, so peers never see token ids or sampled text (DESIGN "Model
-runtime"). ``embed`` turns ids into the hidden states the first span takes (including gemma's
+The client holds the head, so no token id or sampled text is ever sent (DESIGN "Model
+runtime"); but the head's tensors are public: the rows ``embed`` returns map back to their
+ids exactly (the first hop reads them unless the client keeps blocks ``--private-blocks``),
+and the last hop can apply ``logits`` to its own output. ``embed`` turns ids into the hidden states the first span takes (including gemma's
 ``sqrt(hidden_size)`` scaling); ``logits`` applies the final norm and the LM head (tied to the
 embeddings or not) to the hidden states the last span returns.
 """

@@ -3,7 +3,8 @@
 The tokenizer comes from the GGUF file (built by transformers' GGUF tokenizer converter, from
 the vocabulary and merges in the metadata; about 0.7 s) or from the model or shard directory
 (``tokenizer.json`` & co). Either way it is a transformers fast tokenizer with the model's chat
-template, if it has one. Only the client needs a tokenizer; peers never see token ids.
+template, if it has one. Only the client needs a tokenizer: no token id is sent to a peer
+(though the embedding rows the first hop gets name them; see README "What each party sees").
 """
 
 from __future__ import annotations
