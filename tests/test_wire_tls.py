@@ -487,3 +487,66 @@ def test_a_node_behind_a_man_in_the_middle_is_routed_around(tiny_model_dir, refe
     assert a_id not in {h.peer_id for h in result.route}
     assert relayed == []  # not one message went through the man in the middle
     assert a_id in banned  # the client failed A at its address, not the spare
+
+
+def test_a_client_without_insecure_refuses_a_plaintext_swarm_with_a_clear_error(
+    tiny_model_dir, reference, tmp_path
+):
+    """Nodes started with --insecure announce tcp://: a default client sends them nothing
+    and says to pass --insecure; with insecure it is served over plaintext."""
+    from memswarm import MemorySwarm
+
+    from layerchain.client import AsyncSwarm, ClientConfig
+    from layerchain.discovery import MemoryDiscovery
+    from layerchain.errors import LayerchainError
+    from layerchain.model import SamplingParams, load_head, load_span, load_tokenizer
+    from layerchain.node import Node, NodeConfig
+
+    model = str(tiny_model_dir("llama", tokenizer=True))
+    params = SamplingParams(max_new_tokens=6)
+    prompt = "What is the capital of France?"
+
+    async def main():
+        swarm = MemorySwarm(model)
+        served = []
+        try:
+            for start, end in ((0, 2), (2, 4)):
+                identity = Identity.generate()
+                node = Node(
+                    NodeConfig(model=model, start=start, end=end, data_dir=tmp_path, insecure=True),
+                    spec=swarm.spec, span=load_span(swarm.spec, start, end),
+                    transport=Dialer(identity, insecure=True), listen_at="tcp://127.0.0.1:0",
+                    discovery=MemoryDiscovery(swarm.hub, identity), identity=identity,
+                )
+                await node.start()
+                swarm.nodes.append(node)
+                original = node.handle
+
+                async def counting(msg, *args, original=original):
+                    served.append(type(msg).__name__)
+                    return await original(msg, *args)
+
+                node.handle = counting
+            outcomes = []
+            for insecure in (False, True):
+                client = AsyncSwarm(
+                    spec=swarm.spec, head=load_head(swarm.spec), tokenizer=load_tokenizer(swarm.spec),
+                    discovery=MemoryDiscovery(swarm.hub), transport=Dialer(insecure=insecure),
+                    config=ClientConfig(discovery_wait_s=1.0, insecure=insecure),
+                )
+                try:
+                    outcomes.append(await client.generate(prompt, params))
+                except LayerchainError as error:
+                    outcomes.append(error)
+                finally:
+                    await client.close()
+                outcomes.append(list(served))
+            return outcomes
+        finally:
+            await swarm.close()
+
+    refused, served_before, result, served_after = run(main(), timeout=60)
+    assert isinstance(refused, LayerchainError) and "--insecure" in str(refused)
+    assert served_before == []  # nothing was sent in the clear
+    assert result.token_ids == reference(model, prompt, params).token_ids
+    assert "Step" in served_after

@@ -572,7 +572,21 @@ class PeerView:
                          "swarm's median price per block; set max_price (--max-price) to "
                          "allow more",
                 ) from None
+            plaintext = self.plaintext_only()
+            if plaintext and error.hint is None:  # the likeliest reason: say it
+                raise NoRoute(
+                    error.message,
+                    hint=f"{plaintext} known peers serve plaintext tcp:// only; pass --insecure "
+                         "to use them on a network you trust",
+                ) from None
             raise
+
+    def plaintext_only(self) -> int:
+        """How many known peers this client will not dial because every endpoint they
+        announce is plaintext tcp:// and ``config.insecure`` is off."""
+        if self.config.insecure:
+            return 0
+        return sum(all(e.startswith("tcp://") for e in r.endpoints) for r in self.records.values())
 
 
 async def live_snapshot(
