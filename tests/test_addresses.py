@@ -127,3 +127,68 @@ def test_this_machine_routes_loopback_through_loopback_and_lists_it():
     others = [a.address for a in interface_addresses() if not a.address.startswith("127.")
               and ":" not in a.address and not a.address.startswith("169.254.")]
     assert hosts == (tuple(others[:MAX_ANNOUNCED]) or ("127.0.0.1",))
+
+
+# ---- a real node over real TLS sockets: the client keeps the endpoint that proves the id --
+
+
+def test_a_dead_or_foreign_first_endpoint_falls_through_to_the_next(tiny_model_dir, reference,
+                                                                     tmp_path, caplog):
+    """A node announces ``tls://127.0.0.2:P`` first (nothing of its own listens there) and
+    ``tls://127.0.0.1:P`` second: generation works, through the second. Then another node
+    takes 127.0.0.2:P: it answers, cannot prove the peer id, and is passed over too."""
+    import asyncio
+
+    from layerchain.client import AsyncSwarm, ClientConfig
+    from layerchain.discovery import MemoryDHT, MemoryDiscovery
+    from layerchain.model import SamplingParams, load_head, load_span, load_tokenizer
+    from layerchain.model import resolve_model
+    from layerchain.node import Node, NodeConfig
+    from layerchain.wire.rpc import serve_connection
+    from layerchain.wire.transport import Dialer
+
+    model = str(tiny_model_dir("llama", tokenizer=True))
+    spec = resolve_model(model)
+    prompt, params = "What is the capital of France?", SamplingParams(max_new_tokens=8)
+
+    async def main():
+        hub, identity = MemoryDHT(), Identity.generate()
+        node = Node(NodeConfig(model=model, data_dir=tmp_path), spec=spec,
+                    span=load_span(spec, 0, spec.num_blocks), transport=Dialer(identity),
+                    listen_at="tls://127.0.0.1:0", discovery=MemoryDiscovery(hub, identity),
+                    identity=identity, announce_hosts=("127.0.0.2", "127.0.0.1"))
+        await node.start()
+        imposter = None
+        try:
+            port = int(node.endpoint.rsplit(":", 1)[1])
+            assert node.endpoints == (f"tls://127.0.0.2:{port}", f"tls://127.0.0.1:{port}")
+            results = []
+            for round_ in ("dead", "foreign"):
+                if round_ == "foreign":
+                    async def serve(conn):
+                        await serve_connection(conn, lambda msg: asyncio.sleep(0))
+
+                    imposter = await Dialer(Identity.generate()).listen(
+                        f"tls://127.0.0.2:{port}", serve)
+                client = AsyncSwarm(spec=spec, head=load_head(spec),
+                                    tokenizer=load_tokenizer(spec), discovery=MemoryDiscovery(hub),
+                                    transport=Dialer(), config=ClientConfig(audit_rate=0.0))
+                try:
+                    results.append(await client.generate(prompt, params))
+                    assert client.peers._clients[identity.peer_id].endpoint == node.endpoints[1]
+                    assert not client.peers.banned()
+                finally:
+                    await client.close()
+            return results
+        finally:
+            if imposter is not None:
+                await imposter.close()
+            await node.stop(drain_s=0)
+
+    with caplog.at_level("WARNING", logger="layerchain.client.peers"):
+        results = asyncio.run(asyncio.wait_for(main(), 120))
+    expected = reference(model, prompt, params).token_ids
+    assert [r.token_ids for r in results] == [expected, expected]
+    skipped = [r.getMessage() for r in caplog.records if "tls://127.0.0.2" in r.getMessage()]
+    assert any("is not peer" in m for m in skipped), skipped  # the foreign one was dialled
+    assert any("is not peer" not in m for m in skipped), skipped  # and the dead one

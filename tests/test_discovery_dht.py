@@ -359,3 +359,67 @@ def test_dht_process_obeys_sigterm_even_if_parent_loop_took_it():
             loop.remove_signal_handler(signal.SIGTERM)
 
     asyncio.run(run())
+
+
+# ---- issue 13 item 6: the DHT across hosts ------------------------------------------------
+
+
+def _non_loopback_ipv4() -> list[str]:
+    from layerchain.discovery.addresses import interface_addresses, is_loopback
+
+    return [a.address for a in interface_addresses() if not is_loopback(a.address)
+            and ":" not in a.address and not a.address.startswith("169.254.")]
+
+
+def test_a_dht_on_every_interface_announces_dialable_addresses_and_is_joined_through_them(
+    record_for
+):
+    """Listening on 0.0.0.0, the DHT tells its peers (and ``join with``) this host's own
+    addresses, never 0.0.0.0 nor 127.0.0.1; a DHT client (behind NAT) offers none, still
+    announces through the others and finds what they store."""
+    if not _non_loopback_ipv4():
+        pytest.skip("no non-loopback IPv4 address on this machine")
+
+    async def run() -> set[int]:
+        async with AsyncExitStack() as stack:
+            boot = await HivemindDiscovery.create(host="0.0.0.0", new_swarm=True, config=FAST)
+            stack.push_async_callback(boot.close)
+            addresses = boot.visible_addresses
+            assert addresses and all("/0.0.0.0/" not in a and "/127." not in a
+                                     for a in addresses), addresses
+            assert addresses[0].split("/")[2] in _non_loopback_ipv4()
+            server, natted = await asyncio.gather(
+                HivemindDiscovery.create(initial_peers=addresses[:1], host="0.0.0.0", config=FAST),
+                HivemindDiscovery.create(initial_peers=addresses[:1], client_mode=True,
+                                         config=FAST),
+            )
+            stack.push_async_callback(server.close)
+            stack.push_async_callback(natted.close)
+            assert natted.visible_addresses == ()  # nobody can join through it
+            assert server.visible_addresses[0].split("/")[2] == addresses[0].split("/")[2]
+            pids = p2pd_descendants()
+            await natted.announce(record_for(natted.identity, 0, 3))
+            await server.announce(record_for(server.identity, 3, 6))
+            assert [r.span for r in await natted.find(MODEL, L)] == [Span(0, 3), Span(3, 6)]
+            assert [r.span for r in await boot.find(MODEL, L)] == [Span(0, 3), Span(3, 6)]
+        return pids
+
+    assert_gone(asyncio.run(run()))
+
+
+def test_announce_host_and_client_mode_arguments():
+    from layerchain.discovery.dht import _announce_maddrs
+
+    assert _announce_maddrs("127.0.0.1", 0, [], "") == (None, 0)  # one-host swarms: as before
+    maddrs, port = _announce_maddrs("127.0.0.1", 4321, [], "203.0.113.5")
+    assert (maddrs, port) == (["/ip4/203.0.113.5/tcp/4321"], 4321)
+    maddrs, port = _announce_maddrs("0.0.0.0", 0, ["/ip4/127.0.0.1/tcp/1/p2p/QmX"], "")
+    assert port > 0  # p2pd needs the port it announces before it starts
+    if _non_loopback_ipv4():
+        assert maddrs and all(m.endswith(f"/tcp/{port}") and "/127." not in m for m in maddrs)
+
+    async def run() -> None:
+        with pytest.raises(ConfigError, match="cannot start a new swarm"):
+            await HivemindDiscovery.create(new_swarm=True, client_mode=True)
+
+    asyncio.run(run())

@@ -42,7 +42,7 @@ from layerchain.node.payments import NodePayments
 from layerchain.node.sessions import Session, SessionTable
 from layerchain.wire import messages as m
 from layerchain.wire.rpc import serve_connection
-from layerchain.wire.transport import Listener, Transport
+from layerchain.wire.transport import Connection, Listener, Transport
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +228,13 @@ class Node:
 
     # ---------------------------------------------------------------- requests
 
-    async def _serve(self, conn: Any) -> None:
+    async def _serve(self, conn: Connection) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
         owner = next(self._connections)  # what this connection's sessions reserve is bounded
 
-        async def handle(msg: Any) -> Any:
+        async def handle(msg: m.Message) -> m.Message | None:
             return await self.handle(msg, owner)
 
         try:
