@@ -14,7 +14,7 @@ from layerchain.client import ClientConfig
 from layerchain.errors import ConfigError
 from layerchain.ledger.evidence import check_evidence
 from layerchain.market import step_amount
-from layerchain.market.credit import credit_allowance, least_payment
+from layerchain.market.credit import least_payment
 from layerchain.model import SamplingParams, load_span
 
 PROMPT = "What is the capital of France?"
@@ -63,6 +63,11 @@ def test_a_cheater_is_caught_banned_unpaid_and_the_answer_is_unchanged(
     expected = reference(tiny_model, PROMPT, PARAMS).token_ids
     assert result.token_ids == expected
     assert tuple(shown) == expected  # a stream never shows a token a rollback takes back
+    assert cheater.peer_id in client.peers.banned()
+    if mode == "zero":  # caught by the cheap checks of every step, before any receipt counts
+        assert [r.peer_id for r in result.recoveries] == [cheater.peer_id]
+        assert {p.peer_id: p.amount for p in result.payments}.get(cheater.peer_id, 0) == 0
+        return
     assert [d.peer_id for d in result.disputes] == [cheater.peer_id]
     dispute = result.disputes[0]
     assert cheater.peer_id in client.peers.banned()
@@ -128,9 +133,56 @@ def test_credit_rules():
     for owed in range(0, 400, 7):
         for cleared in (0, owed // 3, owed):
             x = least_payment(owed, cleared, credit)
-            assert x >= cleared
-            assert x + credit_allowance(credit, x) >= owed  # the node serves it
+            assert x >= cleared  # verified work is always paid
+            assert x + credit >= owed  # the node serves it
             if x > cleared and x > 0:  # and it is the least such payment
-                assert (x - 1) + credit_allowance(credit, x - 1) < owed
-    assert credit_allowance(credit, 0) == 0  # a channel that never paid gets no credit
-    assert credit_allowance(credit, 10**6) == credit
+                assert (x - 1) + credit < owed
+    assert least_payment(50, 0, credit) == 0  # within the credit nothing unverified is paid
+
+
+def test_with_a_ledger_the_cheater_is_slashed_and_paid_only_for_verified_steps(
+    tiny_model, reference, ledger, tmp_path
+):
+    from layerchain.market import ChannelPayer, Wallet, reservation_amount
+
+    client_wallet, cheater_wallet = Wallet.generate(), Wallet.generate()
+    ledger.deposit(client_wallet, 1_000_000)
+    ledger.deposit(cheater_wallet, 5_000)
+    payer = ChannelPayer(client_wallet, ledger)  # channels sized per request
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            cheater = await swarm.add_node(0, 2, tmp_path / "cheater", misbehave="noise",
+                                           price_per_block=PRICE, ledger=ledger,
+                                           wallet=cheater_wallet, stake=5_000)
+            await swarm.add_node(2, 4, tmp_path / "next", price_per_block=PRICE, ledger=ledger)
+            for i in range(2):
+                for start, end in ((0, 2), (2, 4)):
+                    await swarm.add_node(start, end, tmp_path / f"spare{start}{i}", ledger=ledger,
+                                         price_per_block=PRICE, emulate_latency_ms=5)
+            client = swarm.client(payer, audit_rate=0.25)
+            result = await client.generate(PROMPT, PARAMS)
+            await client.close()  # waits for the nodes' redemptions, closes the channels
+            return result, cheater, swarm.nodes
+        finally:
+            await swarm.close()
+
+    result, cheater, nodes = run(main())
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
+    (dispute,) = result.disputes
+    assert dispute.peer_id == cheater.peer_id
+    assert dispute.slashed == 5_000 and ledger.node(cheater.wallet).stake == 0
+    paid = {p.address: p for p in result.payments}
+    max_length = result.prompt_tokens + PARAMS.max_new_tokens
+    # the cheater: its reservation fee and the steps verified before its lie, nothing more
+    fee = reservation_amount(max_length, 2, PRICE)
+    assert paid[cheater.wallet].amount == fee + step_amount(dispute.position, 2, PRICE)
+    assert ledger.balance(cheater.wallet) == paid[cheater.wallet].amount  # its stake is gone
+    # honest nodes: paid everything they computed (route, audits, referee), on the ledger
+    for node in nodes:
+        if node is cheater or node.wallet not in paid:
+            continue
+        assert paid[node.wallet].amount >= step_amount(paid[node.wallet].tokens, 2, PRICE)
+        assert ledger.balance(node.wallet) == paid[node.wallet].amount
+    assert ledger.verify().ok

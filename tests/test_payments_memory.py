@@ -11,6 +11,7 @@ from memswarm import MemorySwarm
 from layerchain.errors import ConfigError, InsufficientFunds, NoRoute
 from layerchain.ledger import LedgerConfig, open_ledger
 from layerchain.market import ChannelPayer, Wallet, reservation_amount
+from layerchain.market.credit import CREDIT_TOKENS
 from layerchain.model import SamplingParams
 from layerchain.node import Node
 
@@ -72,13 +73,13 @@ def test_each_node_redeems_tokens_times_blocks_times_price(tiny_model, reference
     assert ledger.verify().ok
 
 
-async def generate_on_one_priced_node(model, ledger, payer, tmp_path):
+async def generate_on_one_priced_node(model, ledger, payer, tmp_path, params=PARAMS):
     """One node over every block at 1 credit per block per token, a client paying with
     ``payer`` (None: a client that does not pay)."""
     swarm = MemorySwarm(model)
     try:
         await swarm.add_node(0, 4, tmp_path, ledger=ledger, price_per_block=1)
-        return await swarm.client(payer).generate(PROMPT, PARAMS)
+        return await swarm.client(payer).generate(PROMPT, params)
     finally:
         await swarm.close()
 
@@ -93,10 +94,12 @@ def test_a_priced_node_refuses_steps_without_a_voucher(tiny_model, ledger, tmp_p
 def test_vouchers_that_fall_behind_stop_the_session(tiny_model, ledger, tmp_path):
     payer = funded_payer(ledger)
     honest = payer.voucher_for
-    payer.voucher_for = lambda address, amount: honest(address, amount - 1)  # underpays
+    payer.voucher_for = lambda address, amount: honest(address, 0)  # pays nothing more
+    # a node serves CREDIT_TOKENS tokens on credit (market.credit), not one more
+    params = SamplingParams(max_new_tokens=CREDIT_TOKENS)
 
     with pytest.raises(NoRoute, match="not served further"):
-        run(generate_on_one_priced_node(tiny_model, ledger, payer, tmp_path))
+        run(generate_on_one_priced_node(tiny_model, ledger, payer, tmp_path, params))
 
 
 def test_a_deposit_too_small_is_a_clear_error(tiny_model, ledger, tmp_path):

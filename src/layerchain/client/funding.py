@@ -69,8 +69,10 @@ class Funding:
             if free < credits and held == 0:
                 if current is not None:
                     self.retired.append(Retired(current, self.payer.spent(address)))
-                for book in (self._owed, self._cleared, self._paid):  # a new channel's tally
-                    book.pop(key, None)
+                # the new channel's tally starts at what the old one left unpaid
+                paid = self._paid.pop(key, 0)
+                self._owed[key] = max(0, self._owed.get(key, 0) - paid)
+                self._cleared[key] = max(0, self._cleared.get(key, 0) - paid)
                 deposit = max(credits, math.ceil(credits * self.margin))
                 self.payer.open(address, deposit)
                 log.info("opened a channel of %d credits to %s", deposit, address)

@@ -153,6 +153,7 @@ class InferenceSession:
         self.pay_when_verified = pay_when_verified  # audited hops are paid once cleared
         self.committed = 0  # credits paid or owed for work asked, disputed work included
         self.retired: list[HopSession] = []  # hops replaced by failover, with their history
+        self._opened: dict[str, HopSession] = {}  # wallet -> a hop opened on it (to settle)
         self._closing: set[asyncio.Task[None]] = set()  # failed hops closed in the background
 
     @property
@@ -232,6 +233,7 @@ class InferenceSession:
             record.wallet, session_id, self.peers.model_id, hop.span, record.price_per_block
         )
         hs = HopSession(hop, session_id, record, verifier)
+        self._opened.setdefault(record.wallet, hs)
         voucher = b""
         if self.funding is not None and record.price_per_block > 0:
             # the most this session can pay the peer: the reservation fee a priced node
@@ -338,7 +340,7 @@ class InferenceSession:
             if not isinstance(reply, m.StepResult):  # rpc checks it; this tells the type checker
                 raise InvalidOutput(f"peer {peer_id} answered a Step with {type(reply).__name__}")
             out = reply.hidden
-            check_output(peer_id, hidden, out)
+            check_output(peer_id, hidden, out, model_id=self.peers.model_id, end=hs.hop.end)
             if not reply.receipt:
                 raise InvalidReceipt(f"peer {peer_id} sent no receipt for step {hs.verifier.next_step}")
             receipt = hs.verifier.check(reply.receipt, hidden, out, tokens)  # advances next_step
@@ -383,7 +385,7 @@ class InferenceSession:
             return b""
         record = hs.record
         credit = credit_amount(record.end - record.start, record.price_per_block)
-        if cleared:
+        if cleared or not self._lagging(hs):  # paid in advance: needs no audit to be paid
             self.funding.clear(record.wallet, amount)
         voucher, paid = self.funding.owe(
             record.wallet, amount, credit if self._lagging(hs) else 0
@@ -433,8 +435,7 @@ class InferenceSession:
         """Pay what audits cleared after the last step (``Funding.flush``)."""
         if self.funding is None:
             return
-        by_wallet = {hs.record.wallet: hs for hs in (*self.retired, *self.hops)}
-        for wallet, hs in by_wallet.items():
+        for wallet, hs in list(self._opened.items()):
             paid = await self.funding.flush(wallet)
             if paid:
                 self._count(hs, 0, paid)

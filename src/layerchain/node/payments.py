@@ -15,10 +15,9 @@ with a price and a ledger is paid in advance:
 Pay for verified work (seed 002's escrow): the node serves on credit, so a client that
 audits pays for a step only once an audit verified it and a node caught cheating is never
 paid for the steps it lied on (``layerchain.market.credit``). The credit is bounded: at
-most ``CREDIT_TOKENS`` tokens of this node's work (x blocks x price) per channel, and never
-more than the channel has paid so far, so a fresh channel gets none and a client that
-stops paying costs the node at most what it already earned from it. A client that does
-not audit pays in advance, as before. The last window of a generation is paid once its
+most ``CREDIT_TOKENS`` tokens of this node's work (x blocks x price) per channel, so a
+client that stops paying costs the node at most that much (and its session is refused as
+soon as it lags more). A client that does not audit pays in advance, as before. The last window of a generation is paid once its
 final audit is done: the client redeems that voucher on the ledger itself (anyone may
 redeem a voucher; the payee is credited), the node's own redemption then finds it paid.
 
@@ -74,7 +73,7 @@ from layerchain.market import (
     reservation_amount,
     step_amount,
 )
-from layerchain.market.credit import credit_allowance, credit_amount
+from layerchain.market.credit import credit_amount
 from layerchain.market.vouchers import decode_voucher
 from layerchain.types import Span
 
@@ -192,9 +191,6 @@ class NodePayments:
         if channel_id not in self._owed:  # first sight: what earlier runs were paid is settled
             self._owed[channel_id] = self.book.paid(channel_id) or channel.redeemed
         owed = self._owed[channel_id] + amount
-        # on credit (market.credit): vouchers may lag the work by the channel's allowance
-        paid = decode_voucher(voucher)[0].cumulative_amount
-        allowance = credit_allowance(self.credit, paid)
         if channel.deposit - owed < reserve:
             raise InsufficientFunds(
                 f"channel {channel_id[:10]}... has {channel.deposit - owed} credits left after "
@@ -202,7 +198,8 @@ class NodePayments:
                 hint="open the channel with a larger deposit",
             )
         try:
-            self.book.accept(voucher, owed - allowance, reread=False)  # InvalidVoucher, InsufficientFunds
+            # on credit (market.credit): vouchers may lag the work by ``credit`` credits
+            self.book.accept(voucher, owed - self.credit, reread=False)  # InvalidVoucher, InsufficientFunds
         finally:
             if self.store is not None and self.book.latest_for(channel_id) == voucher:
                 self._unsaved[channel_id] = voucher  # accepted, even when behind
