@@ -49,9 +49,10 @@ def local_token_times(model: str, max_new_tokens: int, threads: int) -> tuple[li
 
 
 def swarm_token_times(
-    model: str, nodes: int, max_new_tokens: int, threads: int
+    model: str, nodes: int, max_new_tokens: int, threads: int, insecure: bool = False
 ) -> tuple[list[float], list[int], float, int]:
-    """Greedy decode through a fresh local swarm; seconds per decode token, ttft, hops."""
+    """Greedy decode through a fresh local swarm (TLS; plaintext with ``insecure``);
+    seconds per decode token, ttft, hops."""
     from layerchain.client import Swarm
     from layerchain.local import swarm_down, swarm_up
     from layerchain.model import SamplingParams, resolve_model
@@ -60,8 +61,9 @@ def swarm_token_times(
     spec = resolve_model(model)
     state = Path(tempfile.mkdtemp(prefix="layerchain-bench-"))
     try:
-        local = swarm_up(state, even_spans(spec.num_blocks, nodes), model=model, threads=threads)
-        with Swarm(local.initial_peers, model=model) as client:
+        local = swarm_up(state, even_spans(spec.num_blocks, nodes), model=model, threads=threads,
+                         insecure=insecure)
+        with Swarm(local.initial_peers, model=model, insecure=insecure) as client:
             stamps: list[float] = []
             # stop strings off, EOS honoured: same tokens as the local loop until EOS
             params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -76,14 +78,18 @@ def swarm_token_times(
         swarm_down(state, quiet=True)
 
 
-def run_swarm_bench(model: str = DEFAULT_MODEL, nodes: int = 3, max_new_tokens: int = 64, threads: int | None = None) -> dict:
+def run_swarm_bench(model: str = DEFAULT_MODEL, nodes: int = 3, max_new_tokens: int = 64,
+                    threads: int | None = None, insecure: bool = False) -> dict:
+    """Single process vs a local swarm; the swarm's links are TLS, plaintext with
+    ``insecure`` (``transport`` in the result says which)."""
     threads = threads or torch.get_num_threads()
     # In a thread that then ends: its OpenMP team goes with it, and the swarm client's decode
     # loop (on its own thread) does not pay for a second live team (see layerchain.node.server).
     with ThreadPoolExecutor(1) as pool:
         local_times, local_tokens = pool.submit(
             local_token_times, model, max_new_tokens, threads).result()
-    swarm_times, swarm_tokens, ttft, hops = swarm_token_times(model, nodes, max_new_tokens, threads)
+    swarm_times, swarm_tokens, ttft, hops = swarm_token_times(model, nodes, max_new_tokens, threads,
+                                                              insecure)
     single_tps = 1.0 / _p50(local_times)
     swarm_tps = 1.0 / _p50(swarm_times)
     n = min(len(local_tokens), len(swarm_tokens))
@@ -98,4 +104,5 @@ def run_swarm_bench(model: str = DEFAULT_MODEL, nodes: int = 3, max_new_tokens: 
         "hops": hops,
         "tokens": len(swarm_times) + 1,
         "identical_tokens": local_tokens[:n] == swarm_tokens[:n],
+        "transport": "tcp" if insecure else "tls",
     }

@@ -25,13 +25,16 @@ def bench_swarm(
     max_new_tokens: int = typer.Option(64, help="Tokens decoded in each run."),
     threads: int = typer.Option(0, help="Torch threads for every process (0 = torch's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Plaintext tcp:// links instead of TLS (to compare)."),
 ) -> None:
     """Single process vs a local swarm: single_process_tps, swarm_tps, ratio, hop overhead."""
     if ctx.invoked_subcommand is not None:
         return
     from layerchain.bench.swarm import run_swarm_bench
 
-    result = run_swarm_bench(model=model, nodes=nodes, max_new_tokens=max_new_tokens, threads=threads or None)
+    result = run_swarm_bench(model=model, nodes=nodes, max_new_tokens=max_new_tokens,
+                             threads=threads or None, insecure=insecure)
     _print(result, as_json)
 
 
