@@ -86,6 +86,7 @@ def test_tcp_listen_on_port_zero_reports_the_real_port_and_transport_for_picks_b
 
     run(main())
     assert isinstance(transport_for("mem://x"), MemoryTransport)
+    assert isinstance(transport_for("tls://1.2.3.4:5"), TlsTransport)
     with pytest.raises(ConfigError):
         transport_for("udp://1.2.3.4:5")
     with pytest.raises(ConfigError):

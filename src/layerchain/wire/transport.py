@@ -180,11 +180,16 @@ class Dialer:
 
 
 def transport_for(endpoint: str, *, limits: Limits = DEFAULT_LIMITS) -> Transport:
-    """A transport for ``endpoint``'s scheme: tcp:// or mem:// (memory on the default hub)."""
+    """A transport for ``endpoint``'s scheme alone: tls:// (dialling only: no identity to
+    listen with), tcp:// (plaintext, whatever ``insecure`` says: callers that dial peers
+    use a ``Dialer``) or mem:// (memory on the default hub)."""
+    if endpoint.startswith("tls://"):
+        return TlsTransport(limits=limits)
     if endpoint.startswith("tcp://"):
         return TcpTransport(limits)
     if endpoint.startswith("mem://"):
         return MemoryTransport(limits=limits)
     raise ConfigError(
-        f"unknown endpoint scheme in {endpoint!r}", hint="use tcp://HOST:PORT or mem://NAME"
+        f"unknown endpoint scheme in {endpoint!r}",
+        hint="use tls://HOST:PORT, tcp://HOST:PORT or mem://NAME",
     )
