@@ -55,8 +55,9 @@ def template(identity: Identity, endpoint: str = "tcp://127.0.0.1:4000"):
 
 
 @pytest.mark.parametrize("fields", [
-    {"ms_per_block": 0.0}, {"ms_per_block": 1e308}, {"endpoint": "tcp://:31337"},
-    {"endpoint": "tcp://127.0.0.1:99999"}, {"expires_at": time.time() + 50 * 365 * 86400},
+    {"ms_per_block": 0.0}, {"ms_per_block": 1e308}, {"endpoints": ["tcp://:31337"]},
+    {"endpoints": ["tcp://127.0.0.1:99999"]}, {"endpoints": ["tls://0.0.0.0:31337"]},
+    {"expires_at": time.time() + 50 * 365 * 86400},
     {"wallet": "0xnot-an-address"}, {"price_per_block": 2**63 - 1},
 ])
 def test_a_forged_blob_is_signed_and_carries_the_forged_value(fields):

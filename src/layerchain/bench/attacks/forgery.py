@@ -79,7 +79,7 @@ async def _store_many(_dht: object, node: object, keys: list[str], blob: bytes,
 
 
 TOMBSTONE: dict[str, object] = {  # a withdrawal: serves nothing, carries no values
-    "endpoint": "", "ms_per_block": 0.0, "price_per_block": 0, "free_cache_tokens": 0,
+    "endpoints": [], "relay": False, "ms_per_block": 0.0, "price_per_block": 0, "free_cache_tokens": 0,
     "wallet": "", "rtts": [], "version": "",
 }
 REGULAR_VALUE = "<regular value>"  # what ``held`` reports for a key holding no dictionary
