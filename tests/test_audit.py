@@ -186,3 +186,9 @@ def test_with_a_ledger_the_cheater_is_slashed_and_paid_only_for_verified_steps(
         assert paid[node.wallet].amount >= step_amount(paid[node.wallet].tokens, 2, PRICE)
         assert ledger.balance(node.wallet) == paid[node.wallet].amount
     assert ledger.verify().ok
+
+
+def test_the_cli_default_is_the_clients():
+    from layerchain.cli.generate import DEFAULT_AUDIT_RATE
+
+    assert DEFAULT_AUDIT_RATE == ClientConfig().audit_rate

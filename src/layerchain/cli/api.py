@@ -20,7 +20,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from layerchain.cli.generate import AlphaOpt, InitialPeersOpt, MaxLatencyOpt, MaxPriceOpt, ModelOpt
+from layerchain.cli.generate import (
+    DEFAULT_AUDIT_RATE,
+    AlphaOpt,
+    AuditRateOpt,
+    InitialPeersOpt,
+    MaxLatencyOpt,
+    MaxPriceOpt,
+    ModelOpt,
+)
 from layerchain.errors import ConfigError
 from layerchain.gateway.config import DEFAULT_DATA_DIR, KEYS_FILE, GatewayConfig
 
@@ -86,6 +94,7 @@ def serve(
         "--private-blocks", metavar="N", help="Run the model's first N blocks in the gateway "
         "and route only the rest, so no peer sees prompts' embedding rows (which give away "
         "their token ids).")] = 0,
+    audit_rate: AuditRateOpt = DEFAULT_AUDIT_RATE,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and the dashboard at /."""
     from layerchain.gateway.server import serve as serve_gateway
@@ -102,7 +111,8 @@ def serve(
         allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
         deposit=deposit, alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
         default_max_tokens=max_tokens,
-        client_options={"insecure": insecure, "private_blocks": private_blocks},
+        client_options={"insecure": insecure, "private_blocks": private_blocks,
+                        "audit_rate": audit_rate},
     )
 
     def ready(url: str, gateway) -> None:

@@ -127,6 +127,14 @@ PrivateBlocksOpt = Annotated[
                  help="Run the model's first N blocks here and route only the rest, so no "
                  "peer sees the prompt's embedding rows (which give away its token ids)."),
 ]
+AuditRateOpt = Annotated[
+    float,
+    typer.Option("--audit-rate", min=0.0, max=1.0,
+                 help="Chance each hop is re-run on another peer after a step (0 = no audits). "
+                 "A mismatch bans the liar, rolls back and resumes on honest peers; tokens "
+                 "are shown once verified, and audited steps are paid once verified."),
+]
+DEFAULT_AUDIT_RATE = 1 / 16  # ClientConfig.audit_rate (not imported: it loads torch)
 DEFAULT_DATA_DIR = Path("~/.layerchain")
 DEFAULT_DEPOSIT: int | None = None  # sized per request (client.funding)
 
@@ -159,6 +167,7 @@ def generate(
     max_cost: MaxCostOpt = None,
     insecure: InsecureOpt = False,
     private_blocks: PrivateBlocksOpt = 0,
+    audit_rate: AuditRateOpt = DEFAULT_AUDIT_RATE,
 ) -> None:
     """Generate text for a prompt through a swarm (or, with --local, in this process)."""
     params = sampling_params_from_options(
@@ -173,7 +182,7 @@ def generate(
         _generate_swarm(prompt, model, params, raw, json_out, initial_peers,
                         dict(alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
                              max_cost=max_cost, insecure=insecure,
-                             private_blocks=private_blocks,
+                             private_blocks=private_blocks, audit_rate=audit_rate,
                              **payment_options(data_dir, ledger, deposit)))
         return
     from layerchain.model import generate_local, resolve_model
@@ -206,6 +215,8 @@ def _generate_swarm(prompt, model, params, raw, json_out, initial_peers, limits)
             "ttft_s": round(res.ttft_s, 3),
             "route": route_json(res.route),
             "recoveries": len(res.recoveries),
+            "disputes": [{"peer_id": d.peer_id, "step": d.step, "unpaid": d.unpaid,
+                          "slashed": d.slashed} for d in res.disputes],
             "cost": res.cost,
             "finish_reason": res.finish_reason,
         }))
@@ -233,6 +244,7 @@ def chat(
     max_cost: MaxCostOpt = None,
     insecure: InsecureOpt = False,
     private_blocks: PrivateBlocksOpt = 0,
+    audit_rate: AuditRateOpt = DEFAULT_AUDIT_RATE,
 ) -> None:
     """Chat through a swarm: multi-turn, streamed, with the model's chat template."""
     from layerchain.client import Swarm
@@ -245,7 +257,7 @@ def chat(
     messages: list[dict[str, str]] = []
     with Swarm(initial_peers, model=model, alpha=alpha, max_price=max_price,
                max_latency_ms=max_latency_ms, max_cost=max_cost, insecure=insecure,
-               private_blocks=private_blocks,
+               private_blocks=private_blocks, audit_rate=audit_rate,
                **payment_options(data_dir, ledger, deposit)) as swarm:
         typer.echo("chat through the swarm; an empty line or Ctrl-D ends it", err=True)
         while True:
