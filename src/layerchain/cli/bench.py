@@ -3,12 +3,14 @@
 `layerchain bench [--nodes 3] [--json]` compares one process with a local swarm;
 `layerchain bench routing` times the route planner over random swarms;
 `layerchain bench faults` kills hops mid-generation; `layerchain bench gateway` compares a
-direct client with the HTTP gateway; `layerchain bench hostile` runs the attacks of issue 12.
+direct client with the HTTP gateway; `layerchain bench hostile` runs the attacks of issue 12; `layerchain bench verify` runs
+audits against cheating nodes (issue 14).
 """
 
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import typer
 
@@ -100,6 +102,51 @@ def bench_hostile(
 
     names = [a.strip() for a in attacks.split(",") if a.strip()] or None
     _print(run_hostile_bench(model=model, quick=quick, attacks=names), as_json)
+
+
+@bench_app.command("verify")
+def bench_verify(
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
+    audit_rate: Optional[float] = typer.Option(
+        None, help="Audit rate of the clients (default: the client's default)."),
+    runs: int = typer.Option(20, help="Generations against each cheating mode."),
+    max_new_tokens: int = typer.Option(64, help="Tokens per generation."),
+    honest_steps: int = typer.Option(10_000, help="Audited hop steps of honest nodes to reach."),
+    modes: str = typer.Option("", help="Comma-separated misbehave modes (default: all)."),
+    quick: bool = typer.Option(False, "--quick", help="2 runs per mode, 200 honest steps, 16 tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Audits against each cheating mode and against honest nodes, in an in-process memory
+    swarm with real weights: modes [{mode, runs, detected, tokens_to_detect_p50}],
+    honest_audited_steps, false_positives, commitment_bytes_per_token, overhead_ratio."""
+    from layerchain.bench.verify import run_verify_bench
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip()) or None
+    if quick:
+        runs, max_new_tokens, honest_steps = 2, 16, 200
+    _print(run_verify_bench(
+        model=model, audit_rate=audit_rate, runs=runs, max_new_tokens=max_new_tokens,
+        sometimes_tokens=4 * max_new_tokens, honest_steps=honest_steps, modes=chosen,
+        overhead_runs=1 if quick else 4,
+    ), as_json)
+
+
+@bench_app.command("rtt")
+def bench_rtt(
+    rtt_ms: str = typer.Option("0,5,25,50,100", help="Round trips between hosts to measure, ms."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
+    max_new_tokens: int = typer.Option(32, help="Tokens per generation."),
+    runs: int = typer.Option(2, help="Generations per round trip (after one warm-up)."),
+    threads: int = typer.Option(1, help="Torch threads of each node."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """3 hops on emulated hosts (network namespaces; needs root) with RTT_MS between every
+    pair, TLS on: points [{rtt_ms, tokens_per_s, ttft_s, measured_rtt_ms}]."""
+    from layerchain.bench.rtt import parse_rtts, run_rtt_bench
+
+    _print(run_rtt_bench(parse_rtts(rtt_ms), model=model, max_new_tokens=max_new_tokens,
+                         runs=runs, threads=threads,
+                         on_progress=None if as_json else typer.echo), as_json)
 
 
 @bench_app.command("wire")
