@@ -38,6 +38,7 @@ import ctypes
 import json
 import logging
 import os
+import queue
 import secrets
 import select
 import shutil
@@ -46,6 +47,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +62,7 @@ FIRST_HOST = 11
 _IFNAME_MAX = 15  # Linux interface names: at most 15 bytes
 _DELAY_EARLY_S = 0.0002  # the delay line sleeps until 0.2 ms before a packet is due, then polls
 _PR_SET_TIMERSLACK = 29  # prctl: 1 ns timer slack, so sleeps end when asked (default 50 us)
+_SO_ORIGINAL_DST = 80  # getsockopt (SOL_IP): a REDIRECTed connection's destination
 
 
 class LabError(LayerchainError):
@@ -290,13 +293,13 @@ class Lab:
             return
         ns = self.netns(router)
         queue = len(self._delays)
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "layerchain.bench.netlab",
-             "delay", "--queue", str(queue), "--one-way-ms", str(one_way)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=open(self.workdir / f"delay-{router}.log", "ab"),  # noqa: SIM115
-            text=True, start_new_session=True,
-        )
+        with open(self.workdir / f"delay-{router}.log", "ab") as log:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "layerchain.bench.netlab",
+                 "delay", "--queue", str(queue), "--one-way-ms", str(one_way)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                text=True, start_new_session=True,
+            )
         self._procs.append(proc)
         assert proc.stdout is not None
         ready = proc.stdout.readline()
@@ -401,6 +404,84 @@ def tcp_rtt_ms(lab: Lab, client: str, server: str, samples: int = 40) -> dict[st
     return result
 
 
+@dataclass(frozen=True)
+class LabNode:
+    """A node process on an emulated host: ``info`` is its node.json (peer_id, endpoint...)."""
+
+    host: str
+    name: str
+    proc: subprocess.Popen[str]
+    data_dir: Path
+    info: dict[str, object]
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.info["peer_id"])
+
+
+def start_bootstrap(lab: Lab, host: str, *, listen: str = "0.0.0.0",
+                    timeout_s: float = 60.0) -> list[str]:
+    """A DHT bootstrap on ``host`` listening on ``listen``; return the multiaddrs it prints."""
+    addr_file = lab.workdir / f"bootstrap-{host}.addrs"
+    addr_file.unlink(missing_ok=True)
+    proc = lab.popen(host, [sys.executable, "-m", "layerchain.discovery.bootstrap",
+                            "--host", listen, "--port", "0",
+                            "--print-addresses-to", str(addr_file)],
+                     log=lab.workdir / f"bootstrap-{host}.log")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if addr_file.exists() and addr_file.read_text().strip():
+            return addr_file.read_text().split()
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    log = (lab.workdir / f"bootstrap-{host}.log").read_text(errors="replace")[-600:]
+    raise LabError(f"the DHT bootstrap on {host} did not start: {log}")
+
+
+def start_node(lab: Lab, host: str, name: str, blocks: str, initial_peers: Sequence[str], *,
+               model: str = "smollm2", listen: str = "0.0.0.0",
+               extra_args: Sequence[str] = (), threads: int = 1) -> tuple[subprocess.Popen[str], Path]:
+    """Start ``layerchain node start`` on ``host`` serving ``blocks`` ("START:END"); it
+    listens on ``listen`` (all interfaces by default, as a person would start it: the node
+    picks the addresses to announce). Returns the process and its data dir; ``wait_node``
+    waits for it to serve."""
+    from layerchain.local import node_env
+
+    data_dir = lab.workdir / name
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "node.json").unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "layerchain", "node", "start", "--model", model,
+            "--blocks", blocks, "--host", listen,
+            "--data-dir", str(data_dir), "--threads", str(threads),
+            *[arg for peer in initial_peers for arg in ("--initial-peers", peer)], *extra_args]
+    proc = lab.popen(host, argv, log=lab.workdir / f"{name}.log", env=node_env(threads))
+    return proc, data_dir
+
+
+def wait_node(lab: Lab, host: str, name: str, proc: subprocess.Popen[str], data_dir: Path,
+              timeout_s: float = 240.0) -> LabNode:
+    """Wait until the node started by ``start_node`` serves (its node.json appears)."""
+    from layerchain.local import wait_ready
+
+    info = wait_ready(proc, data_dir, lab.workdir / f"{name}.log", timeout_s)
+    full = json.loads((data_dir / "node.json").read_text())
+    return LabNode(host, name, proc, data_dir, {**full, **info})
+
+
+def intercept(lab: Lab, router: str, victim: LabNode, port: int) -> None:
+    """Send every connection ``router`` forwards to ``victim``'s endpoint to a man in the
+    middle on ``router`` (``mitm`` below): it answers TLS with a key of its own and relays
+    to the victim. Remove with ``lab.close`` (the router goes)."""
+    address, victim_port = str(victim.info["endpoint"]).split("://", 1)[1].rsplit(":", 1)
+    lab.popen(router, [sys.executable, "-m", "layerchain.bench.netlab", "mitm",
+                       "--port", str(port)], log=lab.workdir / f"mitm-{router}.log")
+    time.sleep(1.0)  # the listener is up well before this (a fresh key, a socket)
+    _run(["ip", "netns", "exec", lab.netns(router), "iptables", "-t", "nat", "-A", "PREROUTING",
+          "-p", "tcp", "-d", address, "--dport", victim_port, "-j", "REDIRECT",
+          "--to-ports", str(port)])
+
+
 # -- the pieces that run inside a host (python -m layerchain.bench.netlab ...) --------------
 
 
@@ -470,6 +551,48 @@ def _ping_main(host: str, port: int, samples: int) -> None:
     print(json.dumps({"p10": q[0], "p50": statistics.median(times), "p90": q[-1]}))
 
 
+def _original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where a connection REDIRECTed by iptables was going (SO_ORIGINAL_DST)."""
+    raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+    return socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
+
+
+def _mitm_main(port: int) -> None:
+    """A man in the middle: accept TLS with a fresh key of its own (it lacks the node's), open
+    TLS to where each connection was going, and relay the plaintext both ways. A client that
+    checks the peer id refuses it at the handshake; one that did not would be read."""
+    import asyncio
+
+    from layerchain.discovery.identity import Identity
+    from layerchain.wire.tls import client_context, server_context
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, dport = _original_destination(writer.get_extra_info("socket"))
+        print(f"intercepted a connection to {host}:{dport}", flush=True)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, dport, ssl=client_context())
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(relay, "0.0.0.0", port,
+                                            ssl=server_context(Identity.generate()))
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
 class _Warnings(logging.Handler):
     """Collects the client's warnings (bans and their reasons) for the current request."""
 
@@ -484,8 +607,10 @@ class _Warnings(logging.Handler):
 def _client_main(initial_peers: list[str], options: dict[str, object]) -> None:
     """A client on an emulated host, driven through stdin/stdout with one JSON per line.
 
-    Request: ``{"prompt", "max_new_tokens", "model"?, "ban"?: [peer_id], "events"?: bool}``.
-    Replies: ``{"event": "token", "index", "route": [peer_id]}`` per token when ``events``,
+    Request: ``{"prompt", "max_new_tokens", "model"?, "ban"?: [peer_id], "events"?: bool,
+    "pause_at"?: int}``. Replies: ``{"event": "token", "index", "route": [peer_id]}`` per
+    token when ``events`` (after the one of index ``pause_at`` the generation waits for a
+    line ``go``: nothing runs meanwhile, so a test can act between two steps),
     then ``{"event": "result", "token_ids", "text", "route", "recoveries": [{"peer_id",
     "reason"}], "tokens_per_s", "ttft_s", "warnings"}`` or ``{"event": "error", "type",
     "message", "warnings"}``. One ``Swarm`` per model, kept for later requests."""
@@ -518,6 +643,8 @@ def _client_main(initial_peers: list[str], options: dict[str, object]) -> None:
                     if request.get("events"):
                         reply({"event": "token", "index": event.index,
                                "route": [hop.peer_id for hop in gen.route]})
+                    if event.index == request.get("pause_at"):
+                        sys.stdin.readline()  # "go": the next step runs only now
                 res = gen.result
                 reply({
                     "event": "result", "token_ids": list(res.token_ids), "text": res.text,
@@ -546,27 +673,37 @@ class RemoteClient:
                 "--options", json.dumps(options or {}),
                 *[arg for peer in initial_peers for arg in ("--initial-peers", peer)]]
         self.proc = lab.popen(host, argv, pipes=True)
+        self._lines: queue.Queue[str] = queue.Queue()  # its stdout, line by line ("" at EOF)
         self._stderr = open(self._log, "ab")  # noqa: SIM115
-        self._drain_stderr()
+        self._pump()
         first = self._read(ready_timeout_s)
         if first.get("event") != "ready":
             raise LabError(f"the client in {host} did not start: {first}")
 
-    def _drain_stderr(self) -> None:
-        import threading
+    def _pump(self) -> None:
+        """Threads that move the child's stdout into a queue (select on a buffered pipe
+        would miss lines already read ahead) and its stderr into the log."""
 
-        def pump() -> None:
+        def out() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self._lines.put(line)
+            self._lines.put("")
+
+        def err() -> None:
             assert self.proc.stderr is not None
             for line in self.proc.stderr:
                 self._stderr.write(line.encode())
                 self._stderr.flush()
 
-        threading.Thread(target=pump, daemon=True).start()
+        for target in (out, err):
+            threading.Thread(target=target, daemon=True).start()
 
     def _read(self, timeout_s: float) -> dict[str, object]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        line = self.proc.stdout.readline() if ready else ""
+        try:
+            line = self._lines.get(timeout=timeout_s)
+        except queue.Empty:
+            line = ""
         if not line:
             raise LabError(f"the client in {self.host} said nothing in {timeout_s:.0f} s "
                            f"(exit {self.proc.poll()}); see {self._log}")
@@ -574,18 +711,27 @@ class RemoteClient:
         return reply
 
     def stream(self, prompt: str, max_new_tokens: int, *, model: str = "smollm2",
-               ban: Sequence[str] = (), timeout_s: float = 300.0) -> Iterator[dict[str, object]]:
-        """Send one request; yield its token events, then its result or error (last)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "max_new_tokens": max_new_tokens,
-                                          "model": model, "ban": list(ban),
-                                          "events": True}) + "\n")
-        self.proc.stdin.flush()
+               ban: Sequence[str] = (), pause_at: int | None = None,
+               timeout_s: float = 300.0) -> Iterator[dict[str, object]]:
+        """Send one request; yield its token events, then its result or error (last). With
+        ``pause_at``, the generation stops after that token until ``resume``."""
+        self._send(json.dumps({"prompt": prompt, "max_new_tokens": max_new_tokens,
+                               "model": model, "ban": list(ban), "events": True,
+                               "pause_at": pause_at}))
         while True:
             event = self._read(timeout_s)
             yield event
             if event["event"] in ("result", "error"):
                 return
+
+    def resume(self) -> None:
+        """Let a generation paused at ``pause_at`` go on."""
+        self._send("go")
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
 
     def generate(self, prompt: str, max_new_tokens: int, **kwargs: object) -> dict[str, object]:
         """The result (or error) event of one request."""
@@ -617,6 +763,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cmd.add_argument("--host", required=True)
         cmd.add_argument("--port", type=int, required=True)
     ping.add_argument("--samples", type=int, default=40)
+    mitm = sub.add_parser("mitm", help="a TLS man in the middle for REDIRECTed connections")
+    mitm.add_argument("--port", type=int, required=True)
     client = sub.add_parser("client", help="a swarm client driven by JSON lines on stdin")
     client.add_argument("--initial-peers", action="append", default=[])
     client.add_argument("--options", default="{}", help="ClientConfig fields, as JSON")
@@ -627,6 +775,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _echo_main(args.host, args.port)
     elif args.cmd == "ping":
         _ping_main(args.host, args.port, args.samples)
+    elif args.cmd == "mitm":
+        _mitm_main(args.port)
     else:
         _client_main(args.initial_peers, json.loads(args.options))
 

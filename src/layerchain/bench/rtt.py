@@ -1,0 +1,116 @@
+"""Benchmark: generation speed against the round-trip time between hosts (issue 13).
+
+Four emulated hosts (``bench.netlab``), each on its own subnet of one router: a client and
+three nodes serving ``0:10``, ``10:20``, ``20:30`` of the model, so every token crosses 3
+hops. The router's delay line puts the same round trip between every pair of hosts; for each
+``rtt_ms`` the client (a process on its host, TLS to every node as by default) runs ``runs``
+greedy generations after one warm-up, and the point is their median tokens/s and time to
+first token. This is the analogue of Petals' table (3 servers: 1.71 steps/s at < 5 ms, 1.23
+at 100 ms RTT). Needs root (network namespaces), iptables and NetfilterQueue.
+
+``{"points": [{"rtt_ms", "tokens_per_s", "ttft_s", "measured_rtt_ms"}], "hops", "model",
+"max_new_tokens", "runs"}``: ``measured_rtt_ms`` is the TCP round trip client -> first
+node as measured (p50), so the delay line's accuracy shows next to each figure.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from layerchain.bench.netlab import (
+    Lab,
+    LabError,
+    RemoteClient,
+    start_bootstrap,
+    start_node,
+    tcp_rtt_ms,
+    wait_node,
+)
+from layerchain.errors import ConfigError
+from layerchain.model.spec import DEFAULT_MODEL
+
+PROMPT = "Write a short poem about the sea."
+NODE_HOSTS = ("h1", "h2", "h3")
+CLIENT_HOST = "c"
+MAX_RTT_MS = 10_000.0  # a round trip beyond 10 s is a typo, not a network
+
+
+def parse_rtts(text: str) -> list[float]:
+    """``"0,5,25"`` -> [0.0, 5.0, 25.0]; ConfigError for anything else."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--rtt-ms takes comma-separated milliseconds, got {text!r}",
+                          hint="e.g. --rtt-ms 0,5,25,50,100") from None
+    if not values or any(not 0.0 <= v <= MAX_RTT_MS for v in values):
+        raise ConfigError(f"--rtt-ms values must be in 0..{MAX_RTT_MS:g} ms, got {text!r}",
+                          hint="e.g. --rtt-ms 0,5,25,50,100")
+    return values
+
+
+def _spans(num_blocks: int, hops: int) -> list[str]:
+    cuts = [round(i * num_blocks / hops) for i in range(hops + 1)]
+    return [f"{a}:{b}" for a, b in zip(cuts, cuts[1:])]
+
+
+def run_rtt_bench(
+    rtts_ms: Sequence[float] = (0.0, 5.0, 25.0, 50.0, 100.0),
+    *,
+    model: str = DEFAULT_MODEL,
+    max_new_tokens: int = 32,
+    runs: int = 2,
+    threads: int = 1,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, object]:
+    """Tokens/s and TTFT of a 3-hop route at each round trip of ``rtts_ms`` (see module)."""
+    from layerchain.model import resolve_model
+
+    if runs < 1 or max_new_tokens < 1:
+        raise ConfigError("bench rtt needs --runs >= 1 and --max-new-tokens >= 1")
+    say = on_progress or (lambda _: None)
+    spec = resolve_model(model)
+    spans = _spans(spec.num_blocks, len(NODE_HOSTS))
+    workdir = Path(tempfile.mkdtemp(prefix="layerchain-rtt-"))
+    points: list[dict[str, object]] = []
+    with Lab.create(workdir) as lab:
+        lab.add_router("r")
+        for host in (CLIENT_HOST, *NODE_HOSTS):
+            lab.add_subnet(f"s-{host}", router="r", hosts=[host])
+        lab.add_default_routes()
+        peers = start_bootstrap(lab, NODE_HOSTS[0])
+        started = [(host, *start_node(lab, host, f"node-{host}", span, peers, model=model,
+                                      threads=threads))
+                   for host, span in zip(NODE_HOSTS, spans)]
+        for host, proc, data_dir in started:
+            wait_node(lab, host, f"node-{host}", proc, data_dir)
+        say(f"3 nodes serve {', '.join(spans)} on {', '.join(NODE_HOSTS)}; logs in {workdir}")
+        client = RemoteClient(lab, CLIENT_HOST, peers)
+        try:
+            for rtt in rtts_ms:
+                lab.set_delay("r", rtt)
+                measured = tcp_rtt_ms(lab, CLIENT_HOST, NODE_HOSTS[0], samples=20)["p50"]
+                results = []
+                for i in range(runs + 1):  # the first one warms the route up
+                    result = client.generate(PROMPT, max_new_tokens, model=model)
+                    if result["event"] != "result":
+                        raise LabError(f"generation at {rtt:g} ms failed: {result}")
+                    if i:
+                        results.append(result)
+                point: dict[str, object] = {
+                    "rtt_ms": rtt,
+                    "tokens_per_s": round(statistics.median(
+                        float(r["tokens_per_s"]) for r in results), 3),  # type: ignore[arg-type]
+                    "ttft_s": round(statistics.median(
+                        float(r["ttft_s"]) for r in results), 3),  # type: ignore[arg-type]
+                    "measured_rtt_ms": round(measured, 2),
+                }
+                points.append(point)
+                say(f"rtt {rtt:g} ms (measured {measured:.2f}): "
+                    f"{point['tokens_per_s']} tokens/s, ttft {point['ttft_s']} s")
+        finally:
+            client.close()
+    return {"points": points, "hops": len(NODE_HOSTS), "model": spec.name,
+            "max_new_tokens": max_new_tokens, "runs": runs}
