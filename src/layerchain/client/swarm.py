@@ -202,6 +202,7 @@ class AsyncSwarm:
         config = replace(config or ClientConfig(), **limits)
         payer = open_payer(data_dir, ledger, deposit) if ledger is not None else None
         spec = await asyncio.to_thread(resolve_model, model)
+        check_private_blocks(spec, config.private_blocks)  # before a DHT is started
         # on the loop thread, where the decode loop runs the head: a second live thread that
         # ran torch ops would slow every step (see layerchain.node.server on libgomp's teams)
         head = load_head(spec)
@@ -413,16 +414,21 @@ class AsyncSwarm:
         return decoder.accept(hidden)
 
 
-def private_span(spec: Any, blocks: int) -> SpanModel | None:
-    """Blocks ``[0, blocks)`` of ``spec``'s model, loaded for a client that runs them itself
-    (None for 0); ConfigError unless ``0 <= blocks < num_blocks`` (at least the last block
-    is routed: with none, generate --local is the tool)."""
+def check_private_blocks(spec: Any, blocks: int) -> None:
+    """ConfigError unless ``0 <= blocks < num_blocks`` of ``spec``'s model (at least the
+    last block is routed: with none, generate --local is the tool)."""
     if type(blocks) is not int or not 0 <= blocks < spec.num_blocks:
         raise ConfigError(
             f"private_blocks must be an integer in 0..{spec.num_blocks - 1} for "
             f"{spec.name}, got {blocks!r}",
             hint="pass --private-blocks N below the model's block count, or --local",
         )
+
+
+def private_span(spec: Any, blocks: int) -> SpanModel | None:
+    """Blocks ``[0, blocks)`` of ``spec``'s model, loaded for a client that runs them itself
+    (None for 0); ConfigError as ``check_private_blocks``."""
+    check_private_blocks(spec, blocks)
     return load_span(spec, 0, blocks) if blocks else None
 
 
