@@ -1,0 +1,85 @@
+"""End to end on real node processes: a node started with ``--misbehave noise`` among
+honest spares, all priced, on one SQLite ledger, the cheater staked. A client auditing
+(``audit_rate``) over TLS catches it, a referee confirms, the cheater is banned, its stake
+slashed with evidence a third party can check, it is paid only its reservation fee and the
+steps verified before its lie, the honest nodes everything they computed, and the answer is
+the single-process model's, token for token. One swarm (4 processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from layerchain.model import SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+PROMPT = "What is the capital of France?"
+PARAMS = SamplingParams(max_new_tokens=16)
+PRICE = 1
+STAKE = 5_000
+
+
+def layerchain(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "layerchain", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_cheating_process_is_caught_slashed_and_unpaid_over_the_network(tmp_path, reference):
+    from layerchain.client import Swarm
+    from layerchain.ledger import open_ledger
+    from layerchain.ledger.evidence import check_evidence
+    from layerchain.local import swarm_down, swarm_up
+    from layerchain.market import reservation_amount, step_amount
+    from layerchain.model import DEFAULT_MODEL, load_span, resolve_model
+    from layerchain.types import Span
+
+    book = str(tmp_path / "ledger.sqlite")
+    layerchain("ledger", "init", "--ledger", book, "--dispute-window", "60")
+    for who, credits in (("client", 1_000_000), ("node-0", STAKE)):
+        layerchain("wallet", "create", "--data-dir", str(tmp_path / who))
+        layerchain("wallet", "deposit", str(credits), "--data-dir", str(tmp_path / who),
+                   "--ledger", book)
+    priced = ["--price", str(PRICE), "--ledger", book]
+    slow = ["--emulate-latency-ms", "20"]  # routes prefer the cheater
+    # an auditor and a referee for the cheater's blocks; 15:30 has no spare (not audited)
+    spans = [Span(0, 15), Span(15, 30), Span(0, 15), Span(0, 15)]
+    node_args = [[*priced, "--misbehave", "noise", "--stake", str(STAKE)], priced,
+                 [*priced, *slow], [*priced, *slow]]
+    local = swarm_up(tmp_path, spans, node_args=node_args)
+    try:
+        with Swarm(local.initial_peers, audit_rate=0.25, ledger=book,
+                   data_dir=tmp_path / "client") as client:
+            result = client.generate(PROMPT, PARAMS)
+            banned = client.core.peers.banned()
+    finally:
+        swarm_down(tmp_path, quiet=True)
+
+    assert result.token_ids == reference(DEFAULT_MODEL, PROMPT, PARAMS).token_ids
+    cheater = local.nodes[0]
+    (dispute,) = result.disputes
+    assert dispute.peer_id == cheater["peer_id"] and cheater["peer_id"] in banned
+    assert dispute.slashed == STAKE
+    assert dispute.evidence is not None
+    span = load_span(resolve_model(DEFAULT_MODEL), 0, 15)
+    assert check_evidence(dispute.evidence, span).guilty
+
+    ledger = open_ledger(book)
+    try:
+        assert ledger.node(cheater["wallet"]).stake == 0
+        paid = {p.address: p for p in result.payments}
+        max_length = result.prompt_tokens + PARAMS.max_new_tokens
+        fee = reservation_amount(max_length, 15, PRICE)
+        assert paid[cheater["wallet"]].amount == fee + step_amount(dispute.position, 15, PRICE)
+        assert ledger.balance(cheater["wallet"]) == paid[cheater["wallet"]].amount
+        for node in local.nodes[1:]:
+            if node["wallet"] in paid:  # honest: paid all it computed (route, audits, referee)
+                p = paid[node["wallet"]]
+                assert p.amount >= step_amount(p.tokens, 15, PRICE)
+                assert ledger.balance(node["wallet"]) == p.amount
+        assert ledger.verify().ok
+    finally:
+        ledger.close()
