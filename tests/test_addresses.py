@@ -46,12 +46,13 @@ def test_loopback_link_local_and_the_wildcard_are_never_announced_from_a_wildcar
     assert not {"127.0.0.1", "::1", "0.0.0.0", "169.254.3.1"} & set(hosts)
 
 
-def test_ipv6_addresses_only_when_listening_on_the_ipv6_wildcard_and_after_ipv4():
+def test_the_listeners_family_only_as_asyncio_and_libp2p_bind_the_ipv6_wildcard_v6_only():
     assert "fd00::7" not in announce_hosts("0.0.0.0", HOST)
-    hosts = announce_hosts("::", HOST, route_sources=["fd00::7"])
-    assert hosts[0] == "fd00::7"  # the route to the peers first, even IPv6
-    assert hosts[1:] == ("192.168.1.7", "10.20.0.7", "100.64.0.7")  # capped at 4
-    assert all(not h.startswith("fe80") for h in hosts)
+    assert announce_hosts("::", HOST, route_sources=["10.20.0.7"]) == ("fd00::7",)  # no fe80
+    many = [InterfaceAddress("eth0", f"fd00::{i}") for i in range(1, 7)]
+    assert announce_hosts("::", many, route_sources=["fd00::5"]) == (
+        "fd00::5", "fd00::1", "fd00::2", "fd00::3")
+    assert announce_hosts("::", HOST[:2]) == ("::1",)
 
 
 def test_at_most_four_addresses_are_announced():
@@ -104,10 +105,12 @@ def test_endpoints_carry_the_listeners_scheme_and_port_unless_overridden():
 
 def test_the_endpoints_of_a_wildcard_listener_make_a_valid_record():
     me = Identity.generate()
-    endpoints = announced_endpoints("tcp://0.0.0.0:4100", announce_hosts("::", HOST))
-    record = PeerRecord.create(me, model_id="m", span=Span(0, 2), endpoints=endpoints,
-                               ms_per_block=1.0)
-    assert record.endpoint == "tcp://192.168.1.7:4100"
+    for listen, first in (("0.0.0.0", "tcp://192.168.1.7:4100"), ("::", "tcp://[fd00::7]:4100")):
+        endpoints = announced_endpoints(f"tcp://{listen}:4100".replace("::", "[::]"),
+                                        announce_hosts(listen, HOST))
+        record = PeerRecord.create(me, model_id="m", span=Span(0, 2), endpoints=endpoints,
+                                   ms_per_block=1.0)
+        assert record.endpoint == first
 
 
 def test_dht_multiaddrs_and_the_hosts_of_initial_peers():

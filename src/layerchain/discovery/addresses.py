@@ -9,8 +9,9 @@ refuses it). So the node announces, in order of preference (``announce_hosts``, 
 2. else, for a wildcard listener: the address of the interface that routes to the node's
    initial peers (``route_source``: a UDP socket "connected" to the peer's IP, which sends
    no packet, tells which local address the kernel would use), then every other
-   non-loopback, non-link-local interface address (IPv4 first; IPv6 only when listening
-   on ``::``), at most ``MAX_ANNOUNCED`` in all;
+   non-loopback, non-link-local interface address of the listener's family (IPv4 for
+   ``0.0.0.0``, IPv6 for ``::``: asyncio and libp2p bind ``::`` IPv6-only), at most
+   ``MAX_ANNOUNCED`` in all;
 3. for a listener bound to one address: that address.
 
 Loopback addresses are announced only when nothing else is left, which happens only on a
@@ -74,7 +75,7 @@ def _dialable(address: str, ipv6: bool) -> bool:
     ip = _ip(address)
     if ip is None or ip.is_unspecified or ip.is_loopback or ip.is_link_local or ip.is_multicast:
         return False  # link-local: needs a scope id no other machine shares
-    return ipv6 or ip.version == 4
+    return ip.version == (6 if ipv6 else 4)
 
 
 def check_announce_host(host: str) -> str:
@@ -112,11 +113,10 @@ def announce_hosts(
     local = [i.address for i in interfaces]
     ordered = [a for a in route_sources if _dialable(a, ipv6) and a in local]
     others = [a for a in local if _dialable(a, ipv6)]
-    others.sort(key=lambda a: ":" in a)  # stable: IPv4 first, each in the listed order
     hosts = list(dict.fromkeys(ordered + others))[:MAX_ANNOUNCED]
     if hosts:
         return tuple(hosts)
-    return ("::1",) if ipv6 and "::1" in local and "127.0.0.1" not in local else ("127.0.0.1",)
+    return ("::1",) if ipv6 else ("127.0.0.1",)
 
 
 def split_endpoint(endpoint: str) -> tuple[str, str, int]:
