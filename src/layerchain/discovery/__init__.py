@@ -2,6 +2,7 @@
 
 * ``identity``  - a node's Ed25519 key and peer id
 * ``records``   - ``PeerRecord``, its canonical bytes, ``sign_record`` / ``verify_record``
+* ``addresses`` - which addresses a node announces (dialable ones, not the wildcard)
 * ``base``      - the ``Discovery`` seam, key layout, tombstones, ``select_records``
 * ``memory``    - ``MemoryDiscovery`` over a shared ``MemoryDHT`` (tests)
 * ``dht``       - ``HivemindDiscovery`` over hivemind's Kademlia DHT
