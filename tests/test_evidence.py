@@ -276,3 +276,19 @@ def test_cli_ledger_slash_end_to_end(tmp_path, span, model_dir, node):
     assert verify.exit_code == 0 and json.loads(verify.output)["ok"], verify.output
     with open_ledger(ledger_file) as book:
         assert book.balance(accuser.address) == FUNDS + STAKE // 2 - BOND
+
+
+def test_a_node_that_signs_a_malformed_commitment_is_guilty(book, span, node, accuser):
+    """An honest node always signs commit(out); three bytes commit to nothing."""
+    inputs = hop_inputs(15)
+    signer = ReceiptSigner(node, "m", span.spec.model_id, Span(START, END), 1)
+    cache = span.new_cache(START, END)
+    receipts = []
+    for step, x in enumerate(inputs):
+        out = span.forward(x, cache)
+        receipts.append(signer.sign_step(step, tokens_of(x), x, out,
+                                         fingerprint=b"\x00" * 3 if step == 3 else commit(out)))
+    verdict = check_evidence(accuse(span, accuser, receipts, inputs), span)
+    assert verdict.guilty and verdict.distance == float("inf") and "malformed" in verdict.reason
+    assert book.slash(accuser, verdict).slashed == STAKE
+    assert book.verify().ok

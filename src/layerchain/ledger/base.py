@@ -5,7 +5,9 @@ deposit moves from the payer's balance into the channel), and sign cumulative vo
 the ledger; a node redeems its latest voucher, which credits it the difference from the
 last redemption. Closing a channel returns the unspent deposit to the payer after a
 dispute window, during which the payee can still redeem. Nodes register a stake and the
-blocks they serve, and earn an uptime reward for time the ledger can vouch for.
+blocks they serve, and earn an uptime reward for time the ledger can vouch for; a node
+whose cheating an accuser proves with evidence (``evidence.py``) loses its stake to a
+``slash``, and an accuser whose evidence proves nothing loses its bond.
 
 Authority: every change of an account is a signed ``Operation`` of its owner
 (``operations.py``); the convenience methods below take the owner's ``Signer`` and sign

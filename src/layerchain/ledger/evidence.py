@@ -46,13 +46,21 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from layerchain.errors import FalseAccusation, InvalidEvidence, InvalidReceipt, LedgerError, SpanError
+from layerchain.errors import (
+    FalseAccusation,
+    InsufficientFunds,
+    InvalidEvidence,
+    InvalidOutput,
+    InvalidReceipt,
+    LedgerError,
+    SpanError,
+)
 from layerchain.ledger.base import EvidenceVerdict, Ledger, SlashResult
 from layerchain.ledger.journal import receipt_signer
 from layerchain.ledger.signatures import (
@@ -254,9 +262,7 @@ def make_evidence(
         referee_commitment=referee_commitment, referee_receipt=referee_receipt,
         model_name=model_name,
     )
-    return Evidence(
-        **{**unsigned.__dict__, "signature": accuser.sign_digest(unsigned.digest())}
-    )
+    return replace(unsigned, signature=accuser.sign_digest(unsigned.digest()))
 
 
 def _chain_problem(evidence: Evidence) -> tuple[str, str]:
@@ -335,10 +341,8 @@ def check_evidence(evidence: Evidence, span: SpanModel) -> EvidenceVerdict:
         return verdict(False, 0.0, f"the receipt of step {evidence.step} carries no commitment")
     out = _recompute(evidence, span)
     try:
-        distance = float(commitment_distance(commitment, out))
-    except InvalidEvidence:
-        raise
-    except Exception as error:  # a commitment no honest node signs for this output
+        distance = commitment_distance(commitment, out)
+    except InvalidOutput as error:  # a commitment no honest node signs for this output
         return verdict(True, math.inf, f"the node signed a malformed commitment ({error})")
     if distance > AUDIT_TOLERANCE:
         return verdict(
@@ -384,8 +388,6 @@ def submit_evidence(
     bond = ledger.config.accuser_bond
     have = ledger.balance(evidence.accuser)
     if have < bond:
-        from layerchain.errors import InsufficientFunds
-
         raise InsufficientFunds(
             f"{evidence.accuser} has {have} credits; an accusation needs a bond of {bond}",
             hint="deposit credits before accusing",
