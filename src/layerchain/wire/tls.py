@@ -73,8 +73,8 @@ def self_signed_certificate(key: Ed25519PrivateKey) -> bytes:
 
 
 def peer_id_of_certificate(der: bytes) -> str:
-    """The layerchain peer id of the Ed25519 key in a DER certificate; PeerUnreachable-free:
-    raises ValueError for a certificate with no Ed25519 key (the caller refuses the peer)."""
+    """The layerchain peer id of the Ed25519 key in a DER certificate. ValueError for a
+    certificate that cannot be parsed or holds another kind of key (the caller refuses)."""
     public_key = x509.load_der_x509_certificate(der).public_key()
     if not isinstance(public_key, Ed25519PublicKey):
         raise ValueError(f"certificate key is {type(public_key).__name__}, not Ed25519")
@@ -86,9 +86,7 @@ def server_context(identity: Identity) -> ssl.SSLContext:
     """A TLS 1.3-only server context presenting ``identity``'s key in a fresh certificate."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    cert_pem = x509.load_der_x509_certificate(
-        self_signed_certificate(identity.private_key)
-    ).public_bytes(serialization.Encoding.PEM)
+    cert_pem = ssl.DER_cert_to_PEM_cert(self_signed_certificate(identity.private_key)).encode()
     key_pem = identity.private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -130,14 +128,7 @@ def client_context() -> ssl.SSLContext:
     return ctx
 
 
-_CLIENT_CONTEXT: ssl.SSLContext | None = None  # one per process: it holds no secret
-
-
-def _client_context() -> ssl.SSLContext:
-    global _CLIENT_CONTEXT
-    if _CLIENT_CONTEXT is None:
-        _CLIENT_CONTEXT = client_context()
-    return _CLIENT_CONTEXT
+_client_context = functools.lru_cache(maxsize=1)(client_context)  # shared: holds no secret
 
 
 async def _authenticate(conn: TcpConnection, endpoint: str, peer_id: str | None) -> TcpConnection:
