@@ -274,6 +274,11 @@ def test_cli_ledger_slash_end_to_end(tmp_path, span, model_dir, node):
     verify = runner.invoke(app, ["ledger", "verify", "--data-dir", str(data_dir), "--ledger",
                                  str(ledger_file), "--json"])
     assert verify.exit_code == 0 and json.loads(verify.output)["ok"], verify.output
+    journal = runner.invoke(app, ["ledger", "journal", "--kind", "slash", "--ledger",
+                                  str(ledger_file), "--data-dir", str(data_dir), "--json"])
+    entries = [e["payload"] for e in json.loads(journal.output)]
+    assert [e["verdict"] for e in entries] == ["guilty", "not_guilty"]
+    assert entries[0]["operation"]["counterparty"] == node.address  # the accused, signed
     with open_ledger(ledger_file) as book:
         assert book.balance(accuser.address) == FUNDS + STAKE // 2 - BOND
 

@@ -275,8 +275,9 @@ def _readable(payload: str, *, brief: bool = False) -> dict[str, Any]:
             data["operation"] = {"unreadable": str(error)}
         if brief:
             del data["op"]
-    if brief and "voucher" in data:
-        del data["voucher"]
+    for long_hex in ("voucher", "receipt"):  # a redemption's voucher, a slash's receipt
+        if brief and long_hex in data:
+            del data[long_hex]
     return data
 
 
