@@ -43,7 +43,7 @@ import statistics
 import tempfile
 import time
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,8 +325,11 @@ def run_verify_bench(
     modes: tuple[str, ...] | None = None,
     seed: int = 0,
     threads: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, object]:
-    """Run the cheating and honest runs (see the module docstring); the JSON document."""
+    """Run the cheating and honest runs (see the module docstring); the JSON document.
+    ``progress`` gets one line per finished part (a mode, the honest runs)."""
+    say = progress or (lambda line: None)
     from layerchain.client import ClientConfig
     from layerchain.market.commitment import COMMITMENT_BYTES_PER_TOKEN
     from layerchain.node.misbehave import MODES
@@ -339,17 +342,19 @@ def run_verify_bench(
     chosen = MODES if modes is None else modes
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="layerchain-bench-verify-") as tmp:
-        results = [
-            asyncio.run(_cheat_runs(
+        results = []
+        for mode in chosen:
+            results.append(asyncio.run(_cheat_runs(
                 model, mode, runs, sometimes_tokens if mode == "sometimes" else max_new_tokens,
                 rate, Path(tmp) / mode,
-            ))
-            for mode in chosen
-        ]
+            )))
+            say(f"{results[-1]} after {time.perf_counter() - t0:.0f} s")
         audited, false_positives, ratio, with_tps, without_tps = asyncio.run(
             _honest_runs(model, honest_steps, max_new_tokens, rate, overhead_runs,
                          Path(tmp) / "honest")
         )
+        say(f"honest: {audited} audited steps, {false_positives} false positives, overhead "
+            f"{ratio:.3f} after {time.perf_counter() - t0:.0f} s")
     return {
         "audit_rate": rate,
         "modes": [

@@ -127,7 +127,7 @@ def bench_verify(
     _print(run_verify_bench(
         model=model, audit_rate=audit_rate, runs=runs, max_new_tokens=max_new_tokens,
         sometimes_tokens=4 * max_new_tokens, honest_steps=honest_steps, modes=chosen,
-        overhead_runs=1 if quick else 4,
+        overhead_runs=1 if quick else 4, progress=lambda line: typer.echo(line, err=True),
     ), as_json)
 
 
