@@ -183,16 +183,10 @@ def roundtrip_us(*, use_uvloop: bool = False, **options: Any) -> dict[str, Any]:
     return asyncio.run(roundtrip_us_async(**options))
 
 
-def side_by_side(*, use_uvloop: bool = False, **options: Any) -> dict[str, Any]:
-    """Sync wrapper of ``side_by_side_async`` (``layerchain bench wire``)."""
-    if use_uvloop:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-        try:
-            return loop.run_until_complete(side_by_side_async(**options))
-        finally:
-            loop.close()
+def side_by_side(**options: Any) -> dict[str, Any]:
+    """Sync wrapper of ``side_by_side_async`` (``layerchain bench wire``), on asyncio's loop
+    (a TLS listener upgrades accepted sockets with ``loop.start_tls``, which uvloop does not
+    do from a paused socket)."""
     return asyncio.run(side_by_side_async(**options))
 
 

@@ -35,7 +35,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from layerchain.errors import (
     ConfigError,
@@ -109,8 +109,9 @@ class TcpConnection(asyncio.Protocol):
     # ------------------------------------------------------------- asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # a stream transport (asyncio's, or uvloop's, which does not subclass it)
+        self._transport = cast(asyncio.Transport, transport)
+        transport = self._transport
         if self._tls_pending:  # not one byte of the ClientHello for the frame parser
             transport.pause_reading()
         sock = transport.get_extra_info("socket")
