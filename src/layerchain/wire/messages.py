@@ -9,6 +9,8 @@ Requests and their replies::
     CloseSession -> SessionClosed     free the session's KV cache
     Info         -> InfoReply         what the peer serves, at what speed and price
     Ping         -> Pong              liveness and round-trip time
+    DialBack     -> DialBackResult    dial me back (reachability; the dial is a DialBackProbe)
+    RelayQuery   -> RelayOffer        do you relay, on which port (``wire.relay``)
     (any)        -> ErrorReply        ``code`` is one of ``ERROR_CODES``
 
 This module knows nothing of bytes: ``codec`` turns these records into frames. The field
@@ -200,6 +202,116 @@ class ErrorReply:
         return cls(rid, code, message[:500])
 
 
+# ---- reachability and relaying (``node.reachability``, ``wire.relay``); type ids 20-30.
+# DialBack and RelayQuery go to a node's inference endpoint; the Relay* messages are the
+# handshake on a relay's own port, before its sockets turn into byte pipes.
+
+
+@dataclass(frozen=True)
+class DialBack:
+    """Ask a peer to dial ``endpoint`` (proving ``peer_id``) and send it ``DialBackProbe``
+    with ``nonce``: the asking node learns it is reachable when the probe arrives."""
+
+    TYPE_ID: ClassVar[int] = 20
+    rid: int
+    endpoint: str  # the asker's announced endpoint
+    peer_id: str  # the asker's peer id (an authenticating transport checks it)
+    nonce: int  # echoed in the probe: the asker recognises its own dial-back
+
+
+@dataclass(frozen=True)
+class DialBackResult:
+    """The dial-back was tried; ``error`` is "" if the probe was answered, else why not."""
+
+    TYPE_ID: ClassVar[int] = 21
+    rid: int
+    error: str
+
+
+@dataclass(frozen=True)
+class DialBackProbe:
+    """Sent by a dialling-back peer; answered with ``Pong`` (same nonce)."""
+
+    TYPE_ID: ClassVar[int] = 22
+    rid: int
+    nonce: int
+
+
+@dataclass(frozen=True)
+class RelayQuery:
+    """Ask a node whether it relays."""
+
+    TYPE_ID: ClassVar[int] = 23
+    rid: int
+
+
+@dataclass(frozen=True)
+class RelayOffer:
+    """The TCP port of the node's relay service (on the host it was reached at); 0: none."""
+
+    TYPE_ID: ClassVar[int] = 24
+    rid: int
+    port: int
+
+
+@dataclass(frozen=True)
+class RelayChallenge:
+    """A relay's first frame on every accepted socket: a fresh nonce to sign."""
+
+    TYPE_ID: ClassVar[int] = 25
+    rid: int
+    nonce: bytes  # 32 random bytes
+
+
+@dataclass(frozen=True)
+class RelayRegister:
+    """A peer registers its control connection: ``signature`` = its Ed25519 signature of
+    ``wire.relay.register_payload(nonce)``, ``peer_id`` derived from ``public_key``."""
+
+    TYPE_ID: ClassVar[int] = 26
+    rid: int
+    peer_id: str
+    public_key: bytes  # raw 32-byte Ed25519 key
+    signature: bytes  # 64 bytes
+
+
+@dataclass(frozen=True)
+class RelayConnect:
+    """A client asks the relay for a pipe to ``peer_id``."""
+
+    TYPE_ID: ClassVar[int] = 27
+    rid: int
+    peer_id: str
+
+
+@dataclass(frozen=True)
+class RelayAccept:
+    """A registered peer's data connection for the client the relay announced with ``token``."""
+
+    TYPE_ID: ClassVar[int] = 28
+    rid: int
+    token: bytes  # 16 random bytes, used once
+
+
+@dataclass(frozen=True)
+class RelayDial:
+    """Relay -> registered peer, on its control connection: open a data connection with
+    ``token`` (a client is waiting)."""
+
+    TYPE_ID: ClassVar[int] = 29
+    rid: int
+    token: bytes
+
+
+@dataclass(frozen=True)
+class RelayOk:
+    """The relay accepted a registration, a connect or an accept; for the last two, every
+    byte after this frame belongs to the spliced pipe."""
+
+    TYPE_ID: ClassVar[int] = 30
+    rid: int
+
+
 Message = Union[
     OpenSession,
     SessionOpened,
@@ -212,6 +324,17 @@ Message = Union[
     Ping,
     Pong,
     ErrorReply,
+    DialBack,
+    DialBackResult,
+    DialBackProbe,
+    RelayQuery,
+    RelayOffer,
+    RelayChallenge,
+    RelayRegister,
+    RelayConnect,
+    RelayAccept,
+    RelayDial,
+    RelayOk,
 ]
 
 MESSAGE_TYPES: dict[int, type] = {
@@ -228,6 +351,17 @@ MESSAGE_TYPES: dict[int, type] = {
         Ping,
         Pong,
         ErrorReply,
+        DialBack,
+        DialBackResult,
+        DialBackProbe,
+        RelayQuery,
+        RelayOffer,
+        RelayChallenge,
+        RelayRegister,
+        RelayConnect,
+        RelayAccept,
+        RelayDial,
+        RelayOk,
     )
 }
 
@@ -238,4 +372,7 @@ REPLY_TYPES: dict[type, type] = {
     CloseSession: SessionClosed,
     Info: InfoReply,
     Ping: Pong,
+    DialBack: DialBackResult,
+    DialBackProbe: Pong,
+    RelayQuery: RelayOffer,
 }

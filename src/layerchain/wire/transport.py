@@ -43,6 +43,7 @@ from layerchain.wire.codec import DEFAULT_LIMITS, Limits
 from layerchain.wire.memory import MemoryConnection, MemoryListener, MemoryNetwork, MemoryTransport
 from layerchain.wire.messages import Message
 from layerchain.wire.tcp import TcpConnection, TcpListener, TcpTransport
+from layerchain.wire.relay import RelayTransport
 from layerchain.wire.tls import TlsTransport
 
 __all__ = [
@@ -151,6 +152,7 @@ class Dialer:
         self.limits = limits
         self.tls = TlsTransport(identity, limits, connect_timeout_s=connect_timeout_s)
         self.tcp = TcpTransport(limits, connect_timeout_s=connect_timeout_s)
+        self.relay = RelayTransport(limits, identity=identity, connect_timeout_s=connect_timeout_s)
         self.memory = MemoryTransport(
             memory, limits=limits, peer_id=identity.peer_id if identity else None
         )
@@ -168,7 +170,7 @@ class Dialer:
             return self.tcp
         if scheme == "mem":
             return self.memory
-        raise ConfigError(f"cannot {doing} {endpoint}: relay:// is not available in this build")
+        return self.relay  # relay://: TLS end to end through a relay (wire.relay)
 
     async def connect(self, endpoint: str, *, peer_id: str | None = None) -> Connection:
         """Dial ``endpoint`` (see ``Transport.connect``; PeerAuthFailed over tls://)."""

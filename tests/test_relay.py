@@ -1,0 +1,429 @@
+"""The relay: a peer that accepts no connection is reached through a reachable one.
+
+Socket level first (splice, caps, forged registrations), then the transport with the
+connections inside the pipe (TLS end to end: a relay that alters bytes is detected)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import socket
+import time
+
+import pytest
+
+from layerchain.discovery.identity import Identity
+from layerchain.errors import ConfigError, PeerAuthFailed, PeerBusy, PeerUnreachable, ProtocolError
+from layerchain.wire import messages as m
+from layerchain.wire.codec import DEFAULT_LIMITS, Limits
+from layerchain.wire.relay import (
+    RelayAddress,
+    RelayConfig,
+    RelayRegistration,
+    RelayService,
+    RelayTransport,
+    TokenBucket,
+    _expect_ok,
+    _Pipe,
+    open_socket,
+    parse_relay_endpoint,
+    recv_frame,
+    register_payload,
+    relay_dial,
+    send_frame,
+)
+from layerchain.wire.rpc import RpcClient, serve_connection
+from layerchain.wire.tcp import TcpConnection
+from layerchain.wire.tls import tls_server_over
+from layerchain.wire.transport import Connection, Dialer, Handler
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(coro, timeout: float = 20.0):
+    result = asyncio.run(asyncio.wait_for(coro, timeout))
+    gc.collect()  # a socket or transport left open warns here, in the test that leaked it
+    return result
+
+
+async def echo_socket(sock: socket.socket) -> None:
+    """Serve a spliced data socket: send every byte back until the client closes."""
+    loop = asyncio.get_running_loop()
+    try:
+        while data := await loop.sock_recv(sock, 65536):
+            await loop.sock_sendall(sock, data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+async def exchange(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` through a spliced socket and read as many bytes back."""
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+
+    async def read() -> None:
+        while len(got) < len(payload):
+            chunk = await loop.sock_recv(sock, 1 << 20)
+            assert chunk, "the pipe closed early"
+            got.extend(chunk)
+
+    reader = asyncio.create_task(read())
+    await loop.sock_sendall(sock, payload)
+    await reader
+    return bytes(got)
+
+
+async def started(config: RelayConfig = RelayConfig()) -> RelayService:
+    relay = RelayService(config)
+    await relay.start("127.0.0.1", 0)
+    return relay
+
+
+def address(relay: RelayService, identity: Identity) -> RelayAddress:
+    return RelayAddress("127.0.0.1", relay.port, identity.peer_id)
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+
+def test_relay_endpoints_parse_and_bad_ones_say_how_to_write_them():
+    peer = Identity.generate().peer_id
+    got = parse_relay_endpoint(f"relay://10.0.0.1:4000/{peer}")
+    assert (got.host, got.port, got.peer_id) == ("10.0.0.1", 4000, peer)
+    assert str(got) == f"relay://10.0.0.1:4000/{peer}"
+    assert parse_relay_endpoint(f"relay://[::1]:4000/{peer}").relay == "[::1]:4000"
+    for bad in (f"relay://10.0.0.1/{peer}", "relay://10.0.0.1:4000/", f"tcp://h:1/{peer}",
+                f"relay://h:70000/{peer}", f"relay://h:1/{peer}0OIl"):
+        with pytest.raises(ConfigError, match="relay://HOST:PORT/PEERID"):
+            parse_relay_endpoint(bad)
+
+
+def test_token_bucket_allows_a_burst_then_the_rate():
+    bucket = TokenBucket(rate=1000.0, capacity=500.0)
+    assert bucket.take(500, now=10.0) == 0.0  # the burst
+    assert bucket.take(250, now=10.0) == pytest.approx(0.25)  # in debt: wait until repaid
+    assert bucket.take(0, now=10.5) == 0.0  # repaid, and 250 bytes of credit again
+    assert bucket.take(300, now=10.5) == pytest.approx(0.05)
+
+
+# ---------------------------------------------------------------------------- splice
+
+
+def test_a_client_reaches_a_registered_peer_through_the_relay_byte_for_byte():
+    async def main():
+        relay = await started()
+        peer = Identity.generate()
+        registration = RelayRegistration(address(relay, peer), peer, echo_socket)
+        await registration.start()
+        assert list(relay.registrations) == [peer.peer_id]
+        payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
+        sock = await relay_dial(address(relay, peer))
+        assert await exchange(sock, payload) == payload
+        sock.close()
+        second = await relay_dial(address(relay, peer))  # one data connection per client
+        assert await exchange(second, b"again") == b"again"
+        second.close()
+        assert relay.spliced == 2
+        await registration.close()
+        await relay.close()
+
+    run(main())
+
+
+def test_a_peer_not_registered_is_unreachable_and_a_bad_token_is_refused():
+    async def main():
+        relay = await started()
+        stranger = Identity.generate()
+        with pytest.raises(PeerUnreachable, match="not registered"):
+            await relay_dial(address(relay, stranger))
+        sock = await open_socket("127.0.0.1", relay.port, 5.0)
+        assert isinstance(await recv_frame(sock), m.RelayChallenge)
+        await send_frame(sock, m.RelayAccept(1, b"\x00" * 16))  # a token never issued
+        with pytest.raises(PeerUnreachable, match="unknown or expired relay token"):
+            await _expect_ok(sock, "accept")
+        sock.close()
+        await relay.close()
+
+    run(main())
+
+
+def test_a_stranger_cannot_register_someone_elses_peer_id():
+    async def main():
+        relay = await started()
+        victim, stranger = Identity.generate(), Identity.generate()
+
+        async def register(peer_id: str, public_key: bytes, sign) -> None:
+            sock = await open_socket("127.0.0.1", relay.port, 5.0)
+            try:
+                challenge = await recv_frame(sock)
+                await send_frame(sock, m.RelayRegister(1, peer_id, public_key,
+                                                       sign(challenge.nonce)))
+                await _expect_ok(sock, "register")
+            finally:
+                sock.close()
+
+        # the victim's id and key, signed with the stranger's key
+        with pytest.raises(PeerUnreachable, match="does not prove peer id"):
+            await register(victim.peer_id, victim.public_key,
+                           lambda nonce: stranger.sign(register_payload(nonce)))
+        # the victim's id with the stranger's own key
+        with pytest.raises(PeerUnreachable, match="does not prove peer id"):
+            await register(victim.peer_id, stranger.public_key,
+                           lambda nonce: stranger.sign(register_payload(nonce)))
+        # a signature the victim made for another relay's nonce, replayed
+        old = victim.sign(register_payload(b"\x01" * 32))
+        with pytest.raises(PeerUnreachable, match="does not prove peer id"):
+            await register(victim.peer_id, victim.public_key, lambda nonce: old)
+        assert relay.registrations == {}
+        with pytest.raises(PeerUnreachable, match="not registered"):
+            await relay_dial(address(relay, victim))
+        # the real one registers, and is reached
+        registration = RelayRegistration(address(relay, victim), victim, echo_socket)
+        await registration.start()
+        sock = await relay_dial(address(relay, victim))
+        assert await exchange(sock, b"hello") == b"hello"
+        sock.close()
+        await registration.close()
+        await relay.close()
+
+    run(main())
+
+
+def test_a_registration_is_refused_for_an_endpoint_naming_another_peer():
+    node, other = Identity.generate(), Identity.generate()
+    with pytest.raises(ConfigError, match="names another peer"):
+        RelayRegistration(RelayAddress("127.0.0.1", 1, other.peer_id), node, echo_socket)
+
+
+def test_relay_caps_pairs_and_registrations():
+    async def main():
+        relay = await started(RelayConfig(max_pairs=1, max_registrations=1))
+        first, second = Identity.generate(), Identity.generate()
+        registration = RelayRegistration(address(relay, first), first, echo_socket)
+        await registration.start()
+        with pytest.raises(PeerBusy, match="registrations, its cap"):
+            await RelayRegistration(address(relay, second), second, echo_socket).start()
+        held = await relay_dial(address(relay, first))
+        with pytest.raises(PeerBusy, match="forwards 1 connections, its cap"):
+            await relay_dial(address(relay, first))
+        held.close()  # the pair ends: its slot is free again
+        for _ in range(100):
+            if relay.pairs == 0:
+                break
+            await asyncio.sleep(0.01)
+        again = await relay_dial(address(relay, first))
+        assert await exchange(again, b"x") == b"x"
+        again.close()
+        await registration.close()
+        await relay.close()
+
+    run(main())
+
+
+def test_relay_caps_bandwidth_per_pair():
+    async def main():
+        relay = await started(RelayConfig(max_mbps=4.0))  # 500 kB/s, a 125 kB burst
+        peer = Identity.generate()
+        registration = RelayRegistration(address(relay, peer), peer, echo_socket)
+        await registration.start()
+        sock = await relay_dial(address(relay, peer))
+        payload = b"z" * 600_000
+        t0 = time.perf_counter()
+        assert await exchange(sock, payload) == payload
+        elapsed = time.perf_counter() - t0
+        sock.close()
+        await registration.close()
+        await relay.close()
+        # (600 kB - 125 kB burst - a 64 KiB read) / 500 kB/s = 0.82 s at least
+        assert elapsed >= 0.8, elapsed
+
+    run(main())
+
+
+def test_sockets_stuck_in_their_handshake_are_dropped_and_capped():
+    async def main():
+        relay = await started(RelayConfig(max_pending=2, handshake_timeout_s=0.3))
+        idle = [await open_socket("127.0.0.1", relay.port, 5.0) for _ in range(3)]
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.1)
+        assert relay._pending == 2 and relay.refused >= 1  # the third closed at once
+        await asyncio.sleep(0.5)  # then the other two time out
+        assert relay._pending == 0
+        for sock in idle:
+            data = b""
+            while chunk := await loop.sock_recv(sock, 4096):
+                data += chunk  # a challenge at most, then EOF
+            sock.close()
+        peer = Identity.generate()  # the relay still serves
+        registration = RelayRegistration(address(relay, peer), peer, echo_socket)
+        await registration.start()
+        await registration.close()
+        await relay.close()
+
+    run(main())
+
+
+def test_a_peer_re_registers_after_losing_its_control_connection():
+    async def main():
+        relay = await started()
+        peer = Identity.generate()
+        registration = RelayRegistration(address(relay, peer), peer, echo_socket)
+        registration_backoff = 0.05
+        await registration.start()
+        await relay.registrations[peer.peer_id].control.close()  # the relay drops it
+        for _ in range(400):
+            await asyncio.sleep(registration_backoff)
+            if peer.peer_id in relay.registrations and registration.registered.is_set():
+                break
+        else:
+            raise AssertionError("the peer did not register again")
+        sock = await relay_dial(address(relay, peer))
+        assert await exchange(sock, b"back") == b"back"
+        sock.close()
+        await registration.close()
+        await relay.close()
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------- transport
+
+
+async def plain_client_over(sock: socket.socket, endpoint: str, peer_id: str,
+                            limits: Limits) -> Connection:
+    """Stand-in for TLS in tests of the plumbing: frames straight over the pipe."""
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(lambda: TcpConnection(limits, endpoint), sock=sock)
+    return conn
+
+
+async def plain_server_over(sock: socket.socket, identity: Identity, handler: Handler,
+                            limits: Limits) -> None:
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.connect_accepted_socket(lambda: TcpConnection(limits), sock)
+    try:
+        await handler(conn)
+    finally:
+        await conn.close()
+
+
+async def answer_info(conn: Connection) -> None:
+    async def handle(msg):
+        return m.InfoReply(msg.rid, "peer", "model", 0, 1, 1.0, 0, 0, "", "test")
+
+    await serve_connection(conn, handle)
+
+
+def test_relay_transport_carries_requests_to_the_listening_peer():
+    async def main():
+        relay = await started()
+        peer = Identity.generate()
+        endpoint = f"relay://127.0.0.1:{relay.port}/{peer.peer_id}"
+        served = RelayTransport(identity=peer, client_over=plain_client_over,
+                                server_over=plain_server_over)
+        listener = await served.listen(endpoint, answer_info)
+        assert listener.endpoint == endpoint
+        client = RelayTransport(client_over=plain_client_over)
+        conn = await client.connect(endpoint, peer_id=peer.peer_id)
+        rpc = RpcClient(conn)
+        assert (await rpc.call(m.Ping(0, 7), timeout=5)) == m.Pong(1, 7)
+        assert isinstance(await rpc.call(m.Info(0), timeout=5), m.InfoReply)
+        await rpc.close()
+        with pytest.raises(PeerAuthFailed, match="not"):  # the record says another peer
+            await client.connect(endpoint, peer_id=Identity.generate().peer_id)
+        with pytest.raises(ConfigError, match="identity"):
+            await RelayTransport().listen(endpoint, answer_info)
+        await listener.close()
+        await relay.close()
+
+    run(main())
+
+
+def test_handshake_limits_keep_relay_frames_small():
+    # a relay never buffers more than a handshake frame for a socket that is not spliced
+    from layerchain.wire.relay import HANDSHAKE_LIMITS
+
+    assert HANDSHAKE_LIMITS.max_frame_bytes <= 4096 < DEFAULT_LIMITS.max_frame_bytes
+    with pytest.raises(ProtocolError):
+        from layerchain.wire.codec import encode_bytes
+
+        encode_bytes(m.RelayConnect(1, "x" * 5000), HANDSHAKE_LIMITS)
+
+
+# ---------------------------------------------------------------------------- TLS inside
+
+
+async def tls_pair(relay: RelayService, handler=answer_info):
+    """A peer registered with ``relay`` serving ``handler`` over TLS, and its endpoint."""
+    peer = Identity.generate()
+    endpoint = f"relay://127.0.0.1:{relay.port}/{peer.peer_id}"
+    listener = await Dialer(identity=peer).listen(endpoint, handler)
+    return peer, endpoint, listener
+
+
+def test_the_dialer_reaches_a_relayed_peer_with_tls_end_to_end():
+    async def main():
+        relay = await started()
+        peer, endpoint, listener = await tls_pair(relay)
+        conn = await Dialer().connect(endpoint, peer_id=peer.peer_id)
+        assert conn.remote_peer_id == peer.peer_id  # proved through the pipe
+        rpc = RpcClient(conn)
+        assert isinstance(await rpc.call(m.Info(0), timeout=5), m.InfoReply)
+        await rpc.close()
+        await listener.close()
+        await relay.close()
+
+    run(main())
+
+
+def test_a_relay_that_alters_bytes_breaks_the_link_instead_of_the_data(monkeypatch):
+    async def main():
+        relay = await started()
+        peer, endpoint, listener = await tls_pair(relay)
+        conn = await Dialer().connect(endpoint, peer_id=peer.peer_id)
+        rpc = RpcClient(conn)
+        assert isinstance(await rpc.call(m.Info(0), timeout=5), m.InfoReply)
+        original = _Pipe.buffer_updated
+
+        def flip_a_bit(self, nbytes):  # from now on the relay tampers with every chunk
+            self._buffer[nbytes // 2] ^= 0x01
+            original(self, nbytes)
+
+        monkeypatch.setattr(_Pipe, "buffer_updated", flip_a_bit)
+        with pytest.raises(PeerUnreachable):  # the record fails its MAC: the link drops
+            await rpc.call(m.Info(0), timeout=5)
+        await rpc.close()
+        with pytest.raises(PeerUnreachable):  # a handshake through it fails too
+            await Dialer().connect(endpoint, peer_id=peer.peer_id)
+        await listener.close()
+        await relay.close()
+
+    run(main())
+
+
+class ImpersonatingRelay(RelayService):
+    """A relay that answers clients itself, with its own key, instead of splicing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.identity = Identity.generate()
+
+    async def _connect(self, sock: socket.socket, msg: m.RelayConnect) -> None:
+        await send_frame(sock, m.RelayOk(msg.rid))
+        await tls_server_over(sock, self.identity, answer_info)
+
+
+def test_a_relay_answering_in_the_peers_place_fails_authentication():
+    async def main():
+        relay = ImpersonatingRelay()
+        await relay.start("127.0.0.1", 0)
+        peer = Identity.generate()
+        endpoint = f"relay://127.0.0.1:{relay.port}/{peer.peer_id}"
+        with pytest.raises(PeerAuthFailed) as caught:
+            await Dialer().connect(endpoint, peer_id=peer.peer_id)
+        assert caught.value.peer_id == peer.peer_id
+        await relay.close()
+
+    run(main())
