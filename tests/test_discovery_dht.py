@@ -31,7 +31,12 @@ from layerchain.discovery import (  # noqa: E402
 )
 from layerchain.discovery.base import check_entry  # noqa: E402
 from layerchain.discovery.validator import PeerRecordValidator  # noqa: E402
-from layerchain.discovery.dht import DHTConfig, HivemindDiscovery, _store_many  # noqa: E402
+from layerchain.discovery.dht import (  # noqa: E402
+    DHTConfig,
+    HivemindDiscovery,
+    _routing_table_size,
+    _store_many,
+)
 from layerchain.discovery.bootstrap import start_bootstrap  # noqa: E402
 from layerchain.errors import ConfigError, PeerUnreachable  # noqa: E402
 from layerchain.types import Span  # noqa: E402
@@ -396,6 +401,8 @@ def test_a_dht_on_every_interface_announces_dialable_addresses_and_is_joined_thr
             stack.push_async_callback(server.close)
             stack.push_async_callback(natted.close)
             assert natted.visible_addresses == ()  # nobody can join through it
+            # and no DHT server keeps it in its routing table, to time out dialling it
+            assert await boot._call(_routing_table_size) == 1  # the server only
             assert server.visible_addresses[0].split("/")[2] == addresses[0].split("/")[2]
             pids = p2pd_descendants()
             await natted.announce(record_for(natted.identity, 0, 3))

@@ -100,7 +100,8 @@ async def _live_peers(
     from layerchain.wire import Dialer
 
     spec = resolve_model(model)
-    discovery = await HivemindDiscovery.create(initial_peers=initial_peers)
+    # a reader only: a DHT client, which other hosts never try to dial back
+    discovery = await HivemindDiscovery.create(initial_peers=initial_peers, client_mode=True)
     try:
         snap = await live_snapshot(discovery, Dialer(insecure=insecure), spec.model_id,
                                    spec.num_blocks)

@@ -81,7 +81,8 @@ async def _records(initial_peers: list[str], model: str) -> list[PeerRecord]:
     from layerchain.model import resolve_model
 
     spec = resolve_model(model)
-    discovery = await HivemindDiscovery.create(initial_peers=initial_peers)
+    # a reader only: a DHT client, which other hosts never try to dial back
+    discovery = await HivemindDiscovery.create(initial_peers=initial_peers, client_mode=True)
     try:
         return list(await discovery.find(spec.model_id, spec.num_blocks))
     finally:

@@ -210,7 +210,10 @@ class AsyncSwarm:
         if discovery is None:
             from layerchain.discovery import HivemindDiscovery
 
-            discovery = await HivemindDiscovery.create(initial_peers=list(initial_peers))
+            # a DHT client: it reads records and serves no DHT requests, so peers on other
+            # hosts never keep (and time out dialling) its loopback or NATed address
+            discovery = await HivemindDiscovery.create(initial_peers=list(initial_peers),
+                                                       client_mode=True)
         if transport is None:  # TLS, checking each peer's id; plaintext only if insecure
             transport = Dialer(
                 insecure=config.insecure, connect_timeout_s=config.connect_timeout_s
