@@ -87,7 +87,7 @@ def test_announce_host_overrides_everything():
 
 @pytest.mark.parametrize("bad", ["0.0.0.0", "::", "not a host", "x" * 300, "a/b", "[::1"])
 def test_an_announce_host_nobody_can_dial_is_refused(bad):
-    with pytest.raises(ConfigError, match="announce host"):
+    with pytest.raises(ConfigError, match="announce_host"):
         announce_hosts("0.0.0.0", HOST, announce_host=bad)
 
 

@@ -29,6 +29,10 @@ from layerchain.node import NodeConfig
         ({"max_connection_tokens": 100}, "max_connection_tokens"),
         ({"max_sessions": "many"}, "max_sessions"),
         ({"host": ""}, "host"),
+        ({"announce_host": "0.0.0.0"}, "announce_host"),  # nobody can dial the wildcard
+        ({"announce_host": "two words"}, "announce_host"),
+        ({"announce_port": 70_000}, "announce_port"),
+        ({"announce_port": -1}, "announce_port"),
     ],
 )
 def test_bad_settings_are_a_config_error_naming_the_field(settings, field):

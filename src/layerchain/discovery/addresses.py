@@ -84,10 +84,12 @@ def check_announce_host(host: str) -> str:
     if host == "" or (_ip(host) is not None and not is_wildcard(host)):
         return host
     if is_wildcard(host):
-        raise ConfigError(f"announce host {host!r} is the wildcard, which no peer can dial",
+        raise ConfigError(f"announce_host {host!r} is the wildcard, which no peer can dial",
                           hint="give the address other machines reach this node at")
     if not _HOST_NAME.fullmatch(host):
-        raise ConfigError(f"announce host {host[:64]!r} is neither an IP address nor a DNS name")
+        raise ConfigError(
+            f"announce_host {host[:64]!r} is neither an IP address nor a DNS name"
+        )
     return host
 
 
