@@ -188,7 +188,7 @@ def test_a_dead_or_foreign_first_endpoint_falls_through_to_the_next(tiny_model_d
                 await imposter.close()
             await node.stop(drain_s=0)
 
-    with caplog.at_level("WARNING", logger="layerchain.client.peers"):
+    with caplog.at_level("INFO", logger="layerchain.client.peers"):
         results = asyncio.run(asyncio.wait_for(main(), 120))
     expected = reference(model, prompt, params).token_ids
     assert [r.token_ids for r in results] == [expected, expected]

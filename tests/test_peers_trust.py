@@ -18,6 +18,7 @@ from layerchain.client.peers import (
     add_sample,
     dial_first,
     measured_ms_per_block,
+    preferred_order,
     routing_ms_per_block,
 )
 from layerchain.discovery import Identity, MemoryDHT, MemoryDiscovery, PeerRecord
@@ -557,3 +558,28 @@ def test_a_record_that_drops_the_connected_endpoint_closes_the_connection():
         await view.close()
 
     run(main())
+
+
+def test_the_endpoint_that_answered_is_dialled_first_on_reconnection():
+    assert preferred_order(("a", "b", "c"), "b") == ("b", "a", "c")
+    assert preferred_order(("a", "b"), "a") == ("a", "b")
+    assert preferred_order(("a", "b"), "gone") == ("a", "b")  # the record dropped it
+    assert preferred_order(("a", "b"), None) == ("a", "b")
+
+    async def main():
+        swarm, peer = Swarm(), Identity.generate()
+        await serve_pings(swarm.wire, "mem://lan", peer.peer_id)
+        await MemoryDiscovery(swarm.hub, peer).announce(PeerRecord.create(
+            peer, model_id=MODEL, span=Span(0, L), ms_per_block=1.0,
+            endpoints=("mem://dead", "mem://lan"), expires_at=time.time() + 60))
+        transport = HangingTransport(swarm.wire, hang="mem://dead")
+        view = PeerView(MemoryDiscovery(swarm.hub), transport, MODEL, L, ClientConfig())
+        await view.refresh(force=True)
+        view._drop_connection(peer.peer_id)  # idle, closed: the next use reconnects
+        await settle(view)
+        await view.client(peer.peer_id)
+        await view.close()
+        return transport.dialled
+
+    dialled = run(main())
+    assert [e for e, _ in dialled] == ["mem://dead", "mem://lan", "mem://lan"]

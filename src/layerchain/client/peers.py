@@ -28,7 +28,8 @@ Nothing a peer says is taken on its word:
   next one ``ENDPOINT_STAGGER_S`` after the previous (or at once when it fails: RFC 8305's
   "happy eyeballs"), keeps the first that answers and closes the others; every dial asks
   the other end to prove the record's peer id (``PeerAuthFailed`` otherwise). RTTs are
-  measured on the connection kept.
+  measured on the connection kept. The endpoint that answered is tried first the next
+  time (``preferred_order``), so a reconnection does not wait on a dead one again.
 * Spending: with no ``max_price``, a route may cost at most ``max_price_multiple`` times
   the swarm's median price per block (``routing.default_max_price``).
 
@@ -183,9 +184,10 @@ async def dial_first(
             task.cancel()
             task.add_done_callback(_close_late_connection)
     if won is not None:
-        for index, error in errors.items():
-            log.warning("peer %s: endpoint %s failed (%s); using %s", peer_id, endpoints[index],
-                        error, endpoints[won[0]])
+        for index, error in errors.items():  # someone else's key: worth a warning
+            log.log(logging.WARNING if isinstance(error, PeerAuthFailed) else logging.INFO,
+                    "peer %s: endpoint %s failed (%s); using %s", peer_id, endpoints[index],
+                    error, endpoints[won[0]])
         return endpoints[won[0]], won[1]
     for error in errors.values():  # a bug, not a network failure: let it show
         if not isinstance(error, (OSError, LayerchainError, asyncio.TimeoutError)):
@@ -201,6 +203,14 @@ async def dial_first(
                                         for i, e in sorted(errors.items())),
         hint=hints[0] if hints else None,
     )
+
+
+def preferred_order(endpoints: tuple[str, ...], reached: str | None) -> tuple[str, ...]:
+    """Pure: ``endpoints`` (the record's order) with ``reached``, the one that answered
+    last time, moved to the front if the record still lists it."""
+    if reached is None or reached not in endpoints or endpoints[0] == reached:
+        return endpoints
+    return (reached, *(e for e in endpoints if e != reached))
 
 
 def _reason(error: BaseException) -> str:
@@ -258,6 +268,7 @@ class PeerView:
         self._wallet_banned_until: dict[str, float] = {}  # lower-case wallet -> monotonic s
         self._avoid_until: dict[str, float] = {}  # peer id -> monotonic s
         self._clients: OrderedDict[str, _Connection] = OrderedDict()  # peer id, LRU first
+        self._reached: dict[str, str] = {}  # peer id -> the endpoint that answered last
         self._closing: set[asyncio.Task[None]] = set()
         self._prices: tuple[dict[str, PeerRecord], tuple[float, ...]] | None = None
         self._random = random.Random()
@@ -310,6 +321,8 @@ class PeerView:
             del self.rtt_ms[peer_id]
         for peer_id in [p for p in self._speed if p not in self.records]:
             del self._speed[peer_id]
+        for peer_id in [p for p in self._reached if p not in self.records]:
+            del self._reached[peer_id]
         now = time.monotonic()
         forgiven = now - self.config.ban_max_s
         cap = 4 * self.config.max_peers  # ban entries kept at most, per kind
@@ -379,8 +392,12 @@ class PeerView:
         if conn is None:
             # An endpoint this transport cannot dial (mem:// on TCP: ConfigError) or that
             # refuses (OSError) is the peer's fault, never the user's: a hop failure, a ban.
-            endpoint, raw = await dial_first(self.transport, peer_id, record.endpoints,
-                                             self.config.connect_timeout_s)
+            endpoint, raw = await dial_first(
+                self.transport, peer_id,
+                preferred_order(record.endpoints, self._reached.get(peer_id)),
+                self.config.connect_timeout_s,
+            )
+            self._reached[peer_id] = endpoint
             conn = self._clients.get(peer_id)  # another task may have connected meanwhile
             if conn is None or conn.rpc.closed or conn.endpoint not in record.endpoints:
                 if conn is not None:
