@@ -192,3 +192,25 @@ def test_the_cli_default_is_the_clients():
     from layerchain.cli.generate import DEFAULT_AUDIT_RATE
 
     assert DEFAULT_AUDIT_RATE == ClientConfig().audit_rate
+
+
+def test_a_lying_auditor_is_banned_and_the_honest_hop_kept(tiny_model, reference, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            honest = [await swarm.add_node(0, 2, tmp_path / "a"),
+                      await swarm.add_node(2, 4, tmp_path / "b")]
+            # the first choice to audit blocks 0:2 lies; 2:4 has no spare (not audited)
+            liar = await swarm.add_node(0, 2, tmp_path / "liar", misbehave="noise",
+                                        emulate_latency_ms=5)
+            await swarm.add_node(0, 2, tmp_path / "referee", emulate_latency_ms=10)
+            client = swarm.client(audit_rate=0.25)
+            return await client.generate(PROMPT, PARAMS), client, honest, liar
+        finally:
+            await swarm.close()
+
+    result, client, honest, liar = run(main())
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
+    assert result.disputes == ()  # the audited hop was right: nothing rolled back
+    assert [h.peer_id for h in result.route] == [n.peer_id for n in honest]
+    assert client.peers.banned() == {liar.peer_id}

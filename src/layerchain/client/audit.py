@@ -13,8 +13,8 @@ waits for the audit. Audits run as tasks beside the decode loop (on other peers)
 
 A mismatch (``commitment_distance`` above ``AUDIT_TOLERANCE``) goes to a **referee**: a
 third peer (neither the accused nor the auditor) recomputes steps ``0..k``. Whoever it
-disagrees with lied and is banned (by peer id and wallet). With no referee both are
-banned. When the accused lied: its steps from ``k`` on are never paid (``dispute``), an
+disagrees with lied and is banned (by peer id and wallet, for ``ban_max_s``: a proven
+liar). With no referee both are banned as for a failure. When the accused lied: its steps from ``k`` on are never paid (``dispute``), an
 ``Evidence`` (``ledger.evidence``) is signed by the client's wallet and, with a ledger,
 submitted (the accused's stake is slashed; a check the ledger can replay), and the
 ``Dispute`` asks the decode loop to roll back to the last verified point
@@ -37,7 +37,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from layerchain.client.session import HopSession, InferenceSession, regroup
-from layerchain.errors import LayerchainError, NoRoute
+from layerchain.errors import CostLimitExceeded, LayerchainError, NoRoute
+from layerchain.ledger.base import SlashResult
 from layerchain.ledger.evidence import Evidence, make_evidence, submit_evidence
 from layerchain.ledger.signatures import Signer
 from layerchain.market.commitment import AUDIT_TOLERANCE, commit, commitment_distance
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 # checks every step since the last, so a 20%-of-steps cheater is caught at the same audit.
 # SCHEDULE_TOKENS bounds it whatever the dice say.
 SCHEDULE_TOKENS = 32  # an audit starts once a hop holds this many unverified tokens
+MAX_AUDIT_FAILURES = 3  # audits of one hop that may fail (their peers) before it is trusted
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Auditor:
         self.floor = 0  # token positions below it are settled (a rollback's verified prefix)
         self._shadows: dict[int, _Shadow] = {}  # id(hop session) -> its audit session
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._failures: dict[int, int] = {}  # id(hop session) -> audits of it that failed
         self._slashing: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- positions
@@ -226,6 +229,10 @@ class Auditor:
         except LayerchainError as error:  # the audit itself failed (its peers, max_cost)
             log.warning("audit of peer %s failed: %s", hs.hop.peer_id, error)
             self._drop_shadow(hs)
+            failures = self._failures[id(hs)] = self._failures.get(id(hs), 0) + 1
+            if isinstance(error, CostLimitExceeded) or failures >= MAX_AUDIT_FAILURES:
+                self._trust(hs, f"its audits failed {failures} time(s), last: {error}")
+                return
             try:
                 self.session.peers.plan(hs.hop.start, hs.hop.end, {hs.hop.peer_id})
             except NoRoute:
@@ -260,7 +267,8 @@ class Auditor:
             auditor_ok = commitment_distance(commit(audited), ref) <= AUDIT_TOLERANCE
             if accused_ok:  # the auditor lied (or both within tolerance: a near miss)
                 for peer_id in auditors if not auditor_ok else ():
-                    peers.ban(peer_id, f"its audit of step {k} disagreed with a referee")
+                    peers.ban(peer_id, f"its audit of step {k} disagreed with a referee",
+                              proven=True)
                 log.warning("audit of peer %s at step %d: the %s", accused, k,
                             "auditor lied" if not auditor_ok else "referee sided with both")
                 self._drop_shadow(hs)
@@ -272,7 +280,8 @@ class Auditor:
             for peer_id in auditors:
                 peers.ban(peer_id, f"disputed step {k} of peer {accused}; no referee")
         peers.ban(accused, f"its output at step {k} is not what blocks "
-                           f"{hs.hop.start}:{hs.hop.end} compute (distance {distance:.3g})")
+                           f"{hs.hop.start}:{hs.hop.end} compute (distance {distance:.3g})",
+                  proven=reference is not None)
         unpaid = self.session.dispute(hs, k)
         evidence = None
         if reference is not None:
@@ -328,10 +337,17 @@ class Auditor:
 
         if self.spec is None:
             return
-        try:
-            span = load_span(self.spec, dispute.start, dispute.end)
+        spec, ledger, evidence = self.spec, funding.payer.ledger, dispute.evidence
+
+        def check_and_slash() -> SlashResult:
+            # a worker thread: seconds of loading and recomputing must not stop the decode
+            # loop (or a gateway's other requests); it happens once per caught liar
+            span = load_span(spec, dispute.start, dispute.end)
             with torch.inference_mode():
-                result = submit_evidence(funding.payer.ledger, dispute.evidence, self.accuser, span)
+                return submit_evidence(ledger, evidence, self.accuser, span)
+
+        try:
+            result = await asyncio.to_thread(check_and_slash)
         except LayerchainError as error:
             log.warning("could not slash peer %s: %s", dispute.peer_id, error)
             return

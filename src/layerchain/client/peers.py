@@ -484,13 +484,16 @@ class PeerView:
         record = self.records.get(peer_id)
         return record.wallet.lower() if record is not None else ""
 
-    def ban(self, peer_id: str, reason: str) -> None:
+    def ban(self, peer_id: str, reason: str, *, proven: bool = False) -> None:
         """Leave ``peer_id`` and every peer paid to its wallet out of plans, for longer
-        at each failure (``ban_base_s`` doubling, at most ``ban_max_s``)."""
+        at each failure (``ban_base_s`` doubling, at most ``ban_max_s``); ``proven``: it was
+        caught lying (an audit and a referee), so for ``ban_max_s`` at once."""
         wallet = self._wallet(peer_id)
         failures = 1 + max(self._failures.get(peer_id, 0),
                            self._wallet_failures.get(wallet, 0) if wallet else 0)
         seconds = min(self.config.ban_max_s, self.config.ban_base_s * 2.0 ** min(failures - 1, 32))
+        if proven:
+            seconds = self.config.ban_max_s
         until = time.monotonic() + seconds
         self._failures[peer_id] = failures
         self._banned_until[peer_id] = until
