@@ -27,6 +27,15 @@ per node, sized to the requests it pays for, or holding ``deposit`` credits if g
 ``close()`` waits briefly for the nodes to redeem what they were paid, then asks the ledger
 to close the channels (the unspent deposit comes back after the ledger's dispute window).
 Receipts are checked with or without a ledger.
+
+Audits (``ClientConfig.audit_rate`` > 0; ``layerchain.client.audit``): hops are re-run on
+other peers beside the decode loop. A token is yielded only once every hop's steps up to
+it are verified, so a stream never shows a token that is later taken back: when a hop is
+caught lying the loop rolls back to its last verified step (``_roll_back``: the route is
+reopened without the liar, its caches rebuilt from the kept inputs, the decoder from the
+kept outputs) and the tokens come out as an undisturbed run's. ``ttft_s`` is to the first
+token shown. A generation that ends early ("cancelled", "max_cost") reports the tokens
+shown, not the unverified ones computed after them.
 """
 
 from __future__ import annotations
