@@ -7,13 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import socket
 import time
 
 import pytest
 
 from layerchain.discovery.identity import Identity
-from layerchain.errors import ConfigError, PeerAuthFailed, PeerBusy, PeerUnreachable, ProtocolError
+from layerchain.errors import (
+    ConfigError,
+    LimitExceeded,
+    PeerAuthFailed,
+    PeerBusy,
+    PeerUnreachable,
+    ProtocolError,
+)
+from layerchain.node.reachability import (
+    check_reachability,
+    parse_relay_via,
+    pick_helpers,
+    pick_relays,
+    relayed_endpoints,
+)
 from layerchain.wire import messages as m
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits
 from layerchain.wire.relay import (
@@ -35,7 +50,7 @@ from layerchain.wire.relay import (
 from layerchain.wire.rpc import RpcClient, serve_connection
 from layerchain.wire.tcp import TcpConnection
 from layerchain.wire.tls import tls_server_over
-from layerchain.wire.transport import Connection, Dialer, Handler
+from layerchain.wire.transport import Connection, Dialer, Handler, MemoryTransport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -427,3 +442,87 @@ def test_a_relay_answering_in_the_peers_place_fails_authentication():
         await relay.close()
 
     run(main())
+
+
+# ---------------------------------------------------------------------------- reachability
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama"))
+
+
+def test_pure_rules_pick_helpers_relays_and_what_a_private_node_announces(record_for):
+    me, a, b, relayed, relay = (Identity.generate() for _ in range(5))
+    records = [
+        record_for(me, 0, 2),  # our own: never asked
+        record_for(a, 0, 2), record_for(a, 2, 4),  # one peer, two records: asked once
+        record_for(b, 2, 4),
+        record_for(relayed, 0, 4, endpoints=(f"relay://10.0.0.1:9/{relayed.peer_id}",)),
+        record_for(relay, 0, 4, relay=True),
+    ]
+    rng = random.Random(1)
+    helpers = pick_helpers(records, me.peer_id, rng)
+    assert sorted(h.peer_id for h in helpers) == sorted([a.peer_id, b.peer_id, relay.peer_id])
+    assert len(pick_helpers(records, me.peer_id, rng, k=2)) == 2
+    assert [r.peer_id for r in pick_relays(records, me.peer_id, rng)] == [relay.peer_id]
+    ours = f"relay://10.0.0.1:9/{me.peer_id}"
+    direct = ("tls://192.168.1.7:1", "tls://10.8.0.2:1", "tls://172.17.0.1:1", "tls://[fd00::1]:1")
+    assert relayed_endpoints(ours, direct) == (ours, *direct[:3])  # relayed first, 4 at most
+    assert parse_relay_via("relay.example:7000") == "relay.example:7000"
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        parse_relay_via("relay.example")
+
+
+async def liar(conn: Connection) -> None:
+    """A helper that says it dialled back without doing it."""
+    async def handle(msg):
+        return m.DialBackResult(msg.rid, "")
+
+    await serve_connection(conn, handle)
+
+
+def test_a_node_is_reachable_only_if_a_probe_with_its_nonce_arrives(tiny_model, tmp_path,
+                                                                     record_for):
+    from memswarm import MemorySwarm
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            asker = await swarm.add_node(0, 2, tmp_path / "asker")
+            helpers = [(await swarm.add_node(0, 2, tmp_path / f"h{i}")).record()
+                       for i in range(2)]
+            reach = await check_reachability(asker.transport, asker.endpoints[0],
+                                             asker.peer_id, helpers, asker.probes)
+            assert reach.public and set(reach.reached_by) == {h.peer_id for h in helpers}
+            # nobody listens there (a NATed address): private
+            reach = await check_reachability(asker.transport, "mem://behind-nat",
+                                             asker.peer_id, helpers, asker.probes)
+            assert not reach.public and reach.asked == tuple(h.peer_id for h in helpers)
+            # the endpoint answers, but as another peer: the dial-back proves nothing
+            other = Identity.generate().peer_id
+            reach = await check_reachability(asker.transport, asker.endpoints[0], other,
+                                             helpers, asker.probes)
+            assert not reach.public
+            # a helper that claims success without dialling is not believed
+            liar_id = Identity.generate()
+            listener = await MemoryTransport(swarm.wire, peer_id=liar_id.peer_id).listen(
+                "mem://liar", liar)
+            lying = record_for(liar_id, 0, 2, endpoints=("mem://liar",))
+            reach = await check_reachability(asker.transport, "mem://behind-nat",
+                                             asker.peer_id, [lying], asker.probes)
+            assert not reach.public and reach.asked == (liar_id.peer_id,)
+            await listener.close()
+            # nobody to ask (the first node of a swarm): taken as reachable
+            assert (await check_reachability(asker.transport, asker.endpoints[0],
+                                             asker.peer_id, [], asker.probes)).public
+            # a node does not dial relay:// targets for others, and says it does not relay
+            rpc = RpcClient(await MemoryTransport(swarm.wire).connect(helpers[0].endpoint))
+            with pytest.raises(LimitExceeded, match="direct endpoint"):
+                await rpc.call(m.DialBack(0, f"relay://h:1/{other}", other, 1), timeout=5)
+            assert await rpc.call(m.RelayQuery(0), timeout=5) == m.RelayOffer(2, 0)
+            await rpc.close()
+        finally:
+            await swarm.close()
+
+    run(main(), timeout=60)

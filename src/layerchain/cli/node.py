@@ -33,6 +33,26 @@ def start(
         _D.announce_port, help="Inference port other machines dial, if it differs (0 = --port)."
     ),
     dht_port: int = typer.Option(_D.dht_port, help="DHT TCP port (0 = any free port)."),
+    reachability: str = typer.Option(
+        _D.reachability, metavar="auto|public|private",
+        help="auto: ask peers to dial back, serve through a relay if none can (behind NAT); "
+             "public: take it as reachable; private: serve through a relay at once.",
+    ),
+    relay_via: str = typer.Option(
+        _D.relay_via, metavar="HOST:PORT",
+        help="Relay to serve through when private (as a --relay node prints it); default: "
+             "one of the peers offering to relay.",
+    ),
+    relay: bool = typer.Option(
+        _D.relay, "--relay", help="Relay connections to peers behind NAT (a reachable node)."
+    ),
+    relay_port: int = typer.Option(_D.relay_port, help="Relay service TCP port (0 = any free port)."),
+    relay_max_connections: int = typer.Option(
+        _D.relay_max_connections, help="Relayed connections at once (with --relay)."
+    ),
+    relay_max_mbps: float = typer.Option(
+        _D.relay_max_mbps, help="Megabits per second per relayed connection and direction."
+    ),
     initial_peers: Optional[List[str]] = typer.Option(None, help="DHT multiaddr to join through (repeatable)."),
     new_swarm: bool = typer.Option(False, help="Start a new DHT instead of joining one."),
     data_dir: Path = typer.Option(_D.data_dir, help="Where the node keeps its keys and state."),
@@ -93,6 +113,8 @@ def start(
     config = NodeConfig(  # checks every setting: ConfigError
         model=model, start=span.start, end=span.end, host=host, port=port, dht_port=dht_port,
         announce_host=announce_host, announce_port=announce_port,
+        reachability=reachability, relay_via=relay_via, relay=relay, relay_port=relay_port,
+        relay_max_connections=relay_max_connections, relay_max_mbps=relay_max_mbps,
         initial_peers=tuple(initial_peers or ()), new_swarm=new_swarm, data_dir=data_dir,
         max_cache_tokens=max_cache_tokens, max_session_tokens=max_session_tokens,
         max_connection_tokens=max_connection_tokens, max_sessions=max_sessions,
@@ -104,13 +126,15 @@ def start(
         emulate_latency_ms=emulate_latency_ms, threads=threads, misbehave=misbehave,
     )
 
-    from layerchain.node.runner import run_node  # after the checks: they fail fast
+    from layerchain.node.runner import relay_address, run_node  # after the checks: they fail fast
 
     def ready(node, addresses):  # noqa: ANN001
         typer.echo(f"node {node.peer_id} serves blocks {node.span.start}:{node.span.end} "
                    f"at {', '.join(node.endpoints)} ({node.ms_per_block:.2f} ms/block)")
         for address in addresses:
             typer.echo(f"join with: --initial-peers {address}")
+        if relay := relay_address(node):
+            typer.echo(f"relaying for peers behind NAT: --relay-via {relay}")
 
     asyncio.run(run_node(config, on_ready=ready))
 

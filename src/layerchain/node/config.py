@@ -6,6 +6,7 @@ the field), so Python users get the same checks as ``layerchain node start``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from layerchain.node.misbehave import check_mode
 from layerchain.model.spec import DEFAULT_MODEL
 
 MAX_PORT = 65535
+REACHABILITY_MODES = ("auto", "public", "private")  # NodeConfig.reachability
+_HOST_PORT = re.compile(r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([1-9][0-9]{0,4})")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,14 @@ class NodeConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
     misbehave: str = ""  # testing defences only: cheat in this mode (node.misbehave.MODES);
     # "": honest
+    reachability: str = "auto"  # "auto": ask up to 3 peers to dial back, serve through a relay
+    # if none can; "public": take it as reachable; "private": serve through a relay at once
+    relay_via: str = ""  # HOST:PORT of the relay service to use when private; "": pick one
+    # of the peers whose records offer relaying
+    relay: bool = False  # relay connections to peers behind NAT (this node must be reachable)
+    relay_port: int = 0  # TCP port of the relay service; 0 picks a free one
+    relay_max_connections: int = 64  # relayed client<->peer pairs at once
+    relay_max_mbps: float = 100.0  # megabits per second in each direction of one relayed pair
 
     def __post_init__(self) -> None:
         positive = ("max_cache_tokens", "max_sessions", "max_connections", "read_timeout_s",
@@ -88,6 +99,19 @@ class NodeConfig:
             raise ConfigError("host must not be empty")
         check_announce_host(self.announce_host)
         check_mode(self.misbehave)
+        _check("reachability", self.reachability, self.reachability in REACHABILITY_MODES,
+               f"must be one of {', '.join(REACHABILITY_MODES)}")
+        _check("relay_port", self.relay_port, type(self.relay_port) is int
+               and 0 <= self.relay_port <= MAX_PORT, f"must be in 0..{MAX_PORT}")
+        _check("relay_max_connections", self.relay_max_connections,
+               type(self.relay_max_connections) is int and self.relay_max_connections > 0,
+               "must be a positive integer")
+        _check("relay_max_mbps", self.relay_max_mbps, type(self.relay_max_mbps) in (int, float)
+               and self.relay_max_mbps > 0, "must be positive")
+        _check("relay_via", self.relay_via, not self.relay_via
+               or _HOST_PORT.fullmatch(self.relay_via) is not None, "must be HOST:PORT")
+        _check("relay", self.relay, not (self.relay and self.reachability == "private"),
+               "needs a reachable node, not --reachability private")
 
     @property
     def session_tokens(self) -> int:

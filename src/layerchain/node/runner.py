@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import signal
 import tempfile
 from collections.abc import Callable, Iterator
@@ -32,10 +33,18 @@ from layerchain.ledger import open_ledger
 from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
 from layerchain.node.config import NodeConfig
+from layerchain.node.reachability import (
+    check_reachability,
+    find_relay,
+    pick_helpers,
+    pick_relays,
+)
 from layerchain.node.server import Node, measure_ms_per_block
 from layerchain.types import Span
 from layerchain.errors import ConfigError
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits, largest_step_frame
+from layerchain.wire.relay import RelayConfig, RelayService
+from layerchain.wire.tcp import format_tcp_endpoint, parse_tcp_endpoint
 from layerchain.wire.transport import TcpTransport
 
 log = logging.getLogger(__name__)
@@ -81,6 +90,7 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         port=config.dht_port,
         new_swarm=config.new_swarm,
         identity=identity,
+        client_mode=config.reachability == "private",  # nobody can dial it: a DHT client
         announce_host=config.announce_host,
     )
     announce_hosts = await asyncio.to_thread(
@@ -129,7 +139,9 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await node.start()
+        await node.listen()
+        discovery = await settle_reachability(node, config, discovery)
+        await node.announce()
         addresses = discovery.visible_addresses or discovery.initial_peers
         ready = {
             "pid": os.getpid(),
@@ -139,6 +151,8 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
             "endpoint": node.endpoints[0],
             "endpoints": list(node.endpoints),
             "dht_addresses": addresses,
+            "relay": relay_address(node),  # HOST:PORT of its relay service, "" if none
+            "relayed": node.relay_listener is not None,  # serves through a relay (private)
             "ms_per_block": node.ms_per_block,
             "wallet": node.wallet,
         }
@@ -152,3 +166,67 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
         await node.stop(drain_s=config.drain_s)
         await discovery.close()
         (config.data_dir / "node.json").unlink(missing_ok=True)
+
+
+async def settle_reachability(
+    node: Node, config: NodeConfig, discovery: HivemindDiscovery
+) -> HivemindDiscovery:
+    """Between ``node.listen()`` and ``node.announce()``: can peers dial this node?
+
+    Reachable (``--reachability public``, or a peer dialled back): with ``--relay`` it
+    starts its relay service. Not (``private``, or nobody dialled back): it registers with
+    ``--relay-via`` or a peer offering to relay, so its relay:// endpoint is announced
+    first, and its DHT becomes a client (recreated, when the check found it private).
+    Returns the discovery to use from now on. ConfigError if private with no relay."""
+    rng = random.Random()
+    public = config.reachability == "public"
+    records = []  # the swarm's records, read only when needed (a find costs 0.2-0.6 s)
+    if config.reachability == "auto" or not (public or config.relay_via):
+        records = await discovery.find(node.spec.model_id, node.spec.num_blocks)
+    if config.reachability == "auto":
+        helpers = pick_helpers(records, node.peer_id, rng)
+        reach = await check_reachability(
+            node.transport, node.endpoints[0], node.peer_id, helpers, node.probes
+        )
+        log.info("reachability: %s (%s)", "public" if reach.public else "private", reach.why)
+        public = reach.public
+    if public:
+        if config.relay:
+            service = RelayService(RelayConfig(max_pairs=config.relay_max_connections,
+                                               max_mbps=config.relay_max_mbps))
+            await service.start(config.host, config.relay_port)
+            node.relay_service = service
+            log.info("relaying for peers behind NAT at %s", relay_address(node))
+        return discovery
+    if config.relay:
+        log.warning("not relaying: this node is not reachable (--relay needs a reachable node)")
+    relay = config.relay_via or await find_relay(node.transport, pick_relays(records, node.peer_id, rng))
+    if not relay:
+        raise ConfigError(
+            "this node cannot be reached by other peers, and no relay was found",
+            hint="start a reachable node with --relay, then pass --relay-via HOST:PORT (or "
+                 "--reachability public if peers can reach this node)",
+        )
+    await node.serve_via(relay)
+    log.info("serving through relay %s at %s", relay, node.endpoints[0])
+    if config.reachability == "auto":  # it joined as a DHT server: rejoin as a client
+        await discovery.close()
+        discovery = await HivemindDiscovery.create(
+            initial_peers=list(config.initial_peers),
+            host=config.host,
+            port=config.dht_port,
+            identity=node.identity,
+            client_mode=True,
+        )
+        node.discovery = discovery
+    return discovery
+
+
+def relay_address(node: Node) -> str:
+    """``HOST:PORT`` peers behind NAT pass as ``--relay-via`` ("" if the node does not
+    relay): its relay port on the host of its first announced endpoint."""
+    if node.relay_service is None:
+        return ""
+    endpoint = node.endpoints[0]
+    host, _ = parse_tcp_endpoint(endpoint, endpoint.split("://", 1)[0])
+    return format_tcp_endpoint(host, node.relay_service.port).removeprefix("tcp://")

@@ -39,8 +39,10 @@ from layerchain.market import Wallet, tokens_of
 from layerchain.node.config import NodeConfig
 from layerchain.node.misbehave import Misbehavior, cheating_span
 from layerchain.node.payments import NodePayments
+from layerchain.node.reachability import DialBackProbes, DialBackService, relayed_endpoints
 from layerchain.node.sessions import Session, SessionTable
 from layerchain.wire import messages as m
+from layerchain.wire.relay import RelayService
 from layerchain.wire.rpc import serve_connection
 from layerchain.wire.transport import Connection, Listener, Transport
 
@@ -130,6 +132,11 @@ class Node:
         self._connections = itertools.count(1)  # owner ids of served connections
         self._sweeper: asyncio.Task | None = None
         self._redeemer: asyncio.Task | None = None
+        self.probes = DialBackProbes()  # nonces of this node's own reachability check
+        self.dial_backs = DialBackService(transport)  # dialling others back for theirs
+        self.relay_service: RelayService | None = None  # relaying for others (--relay)
+        self.relay_listener: Listener | None = None  # registered with a relay (behind NAT):
+        # its relay:// endpoint is announced first
 
     @property
     def peer_id(self) -> str:
@@ -150,16 +157,35 @@ class Node:
     def endpoints(self) -> tuple[str, ...]:
         """The endpoints announced: ``announce_hosts`` on the listener's scheme and port
         (or ``config.announce_port``), best first."""
-        return announced_endpoints(self.endpoint, self.announce_hosts, self.config.announce_port)
+        direct = announced_endpoints(self.endpoint, self.announce_hosts, self.config.announce_port)
+        if self.relay_listener is not None:
+            return relayed_endpoints(self.relay_listener.endpoint, direct)
+        return direct
 
     # ---------------------------------------------------------------- life cycle
 
     async def start(self) -> None:
+        """``listen``, then ``announce`` (the runner checks reachability in between)."""
+        await self.listen()
+        await self.announce()
+
+    async def listen(self) -> None:
+        """Get ready to serve and accept connections; nobody knows of the node yet."""
         if not self.ms_per_block:
             self.ms_per_block = measure_ms_per_block(self.span, self.spec.hidden_size)
         await self.payments.redeem_left_over()
         await self.payments.register()
         self.listener = await self.transport.listen(self.listen_at, self._serve)
+
+    async def serve_via(self, relay: str) -> None:
+        """Also serve through the relay service at ``relay`` (``HOST:PORT``): registered
+        there, the node's ``relay://`` endpoint is announced first (``endpoints``)."""
+        self.relay_listener = await self.transport.listen(
+            f"relay://{relay}/{self.peer_id}", self._serve
+        )
+
+    async def announce(self) -> None:
+        """Announce the records and run the node's periodic tasks (``start``'s second half)."""
         self.announcer = Announcer(
             self.discovery,
             self.record,
@@ -191,6 +217,7 @@ class Node:
             rtts=tuple(sorted(self.rtts.items())),
             version=__version__,
             expires_at=0.0,
+            relay=self.relay_service is not None,
         )
 
     async def stop(self, drain_s: float = 5.0) -> None:
@@ -206,6 +233,9 @@ class Node:
             self._sweeper.cancel()
         if self.listener is not None:
             await self.listener.close()
+        for other in (self.relay_listener, self.relay_service):
+            if other is not None:
+                await other.close()
         for task in list(self._tasks):
             task.cancel()
         self.sessions.close_all()
@@ -263,6 +293,13 @@ class Node:
             return m.Pong(rid=msg.rid, nonce=msg.nonce)
         if isinstance(msg, m.Info):
             return self._info(msg.rid)
+        if isinstance(msg, m.DialBackProbe):  # another peer reached us for our check
+            self.probes.arrived(msg.nonce)
+            return m.Pong(rid=msg.rid, nonce=msg.nonce)
+        if isinstance(msg, m.DialBack):
+            return await self.dial_backs.dial_back(msg)
+        if isinstance(msg, m.RelayQuery):
+            return m.RelayOffer(msg.rid, self.relay_service.port if self.relay_service else 0)
         raise LimitExceeded(f"a node does not accept {type(msg).__name__} requests")
 
     def _info(self, rid: int) -> m.InfoReply:
