@@ -6,6 +6,7 @@ connections inside the pipe (TLS end to end: a relay that alters bytes is detect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import random
 import socket
@@ -526,3 +527,57 @@ def test_a_node_is_reachable_only_if_a_probe_with_its_nonce_arrives(tiny_model, 
             await swarm.close()
 
     run(main(), timeout=60)
+
+
+# ---------------------------------------------------------------------------- real processes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_private_node_serves_its_span_through_a_relay_in_a_real_swarm(tmp_path, reference):
+    """Node 0 relays (and serves 0:15); node 1 is forced private and serves 15:30 only
+    through the relay it found in node 0's record; a client's generation goes through it,
+    token for token the single-process answer."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from layerchain.local import swarm_down, swarm_up
+    from layerchain.local.launcher import start_node, wait_ready
+    from layerchain.model import DEFAULT_MODEL, SamplingParams
+    from layerchain.types import Span
+
+    prompt, tokens = "The capital of France is", 12
+    swarm = swarm_up(tmp_path, [Span(0, 15)], node_args=[("--relay",)])
+    proc = None
+    try:
+        relay_info = json.loads((tmp_path / "node-0" / "node.json").read_text())
+        assert relay_info["relay"].startswith("127.0.0.1:") and not relay_info["relayed"]
+        proc, data_dir = start_node(tmp_path, "node-1", Span(15, 30), swarm.initial_peers,
+                                    extra_args=("--reachability", "private"))
+        wait_ready(proc, data_dir, tmp_path / "node-1.log", 180)
+        info = json.loads((data_dir / "node.json").read_text())
+        relayed = f"relay://{relay_info['relay']}/{info['peer_id']}"
+        assert info["relayed"] and info["endpoints"][0] == relayed, info["endpoints"]
+        assert info["endpoints"][1].startswith("tls://")  # the direct one, after it
+        done = subprocess.run(
+            [sys.executable, "-m", "layerchain", "generate", "--initial-peers",
+             swarm.initial_peers[0], "--prompt", prompt, "--max-new-tokens", str(tokens),
+             "--json"], capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        expected = reference(DEFAULT_MODEL, prompt, SamplingParams(max_new_tokens=tokens))
+        assert out["token_ids"] == list(expected.token_ids)
+        assert [h["peer_id"] for h in out["route"]] == [relay_info["peer_id"], info["peer_id"]]
+    finally:
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        swarm_down(tmp_path, quiet=True)
