@@ -214,3 +214,36 @@ def test_a_lying_auditor_is_banned_and_the_honest_hop_kept(tiny_model, reference
     assert result.disputes == ()  # the audited hop was right: nothing rolled back
     assert [h.peer_id for h in result.route] == [n.peer_id for n in honest]
     assert client.peers.banned() == {liar.peer_id}
+
+
+@pytest.mark.slow  # 168 tokens: ~20 s
+def test_a_long_generation_stays_within_the_nodes_credit(tiny_model, reference, ledger, tmp_path):
+    from layerchain.market import ChannelPayer, Wallet
+    from layerchain.market.credit import CREDIT_TOKENS
+
+    wallet = Wallet.generate()
+    ledger.deposit(wallet, 1_000_000)
+    params = SamplingParams(max_new_tokens=CREDIT_TOKENS + 40)  # past one credit window
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            for i in range(2):  # each hop audited by the other node of its span
+                await swarm.add_node(0, 2, tmp_path / f"a{i}", ledger=ledger, price_per_block=2)
+                await swarm.add_node(2, 4, tmp_path / f"b{i}", ledger=ledger, price_per_block=3)
+            # dice that rarely roll: the credit window alone has to bring the audits
+            client = swarm.client(ChannelPayer(wallet, ledger), audit_rate=0.001)
+            result = await client.generate(PROMPT, params)
+            banned = client.peers.banned()
+            await client.close()
+            return result, banned, swarm.nodes
+        finally:
+            await swarm.close()
+
+    result, banned, nodes = run(main())
+    assert result.token_ids == reference(tiny_model, PROMPT, params).token_ids
+    assert banned == set() and result.disputes == ()  # no node refused a lagging voucher
+    assert result.audited_steps >= 2 * len(result.token_ids)  # every step of both hops
+    paid = {p.address: p.amount for p in result.payments}
+    for node in nodes:  # everyone is paid everything, the last window included
+        assert ledger.balance(node.wallet) == paid.get(node.wallet, 0)

@@ -209,6 +209,8 @@ class Auditor:
                     return
                 shadow = self._shadows[id(hs)] = _Shadow(session)
             first = shadow.fed
+            if first >= target:
+                return
             out = await self._replay(shadow.session, hs.inputs[first:target])
             shadow.fed = target
             offset = 0

@@ -306,8 +306,8 @@ class AsyncSwarm:
                 x = self._route_input(decoder, private)
                 if auditor is not None and auditor.dispute is None and x is not None:
                     await auditor.make_room(int(x.shape[1]))
-                if auditor is not None and x is None and await auditor.finish():
-                    x = None  # every step verified: the end
+                if auditor is not None and x is None:
+                    await auditor.finish()  # every step verified, or a liar found (dispute)
                 if auditor is not None and auditor.dispute is not None:
                     decoder = await self._roll_back(session, auditor, decoder, prompt_ids,
                                                     params, inputs, finals, events, private)
