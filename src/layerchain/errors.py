@@ -68,9 +68,19 @@ class LayerchainError(Exception):
 
 
 class UserError(LayerchainError):
-    """Caused by what the user asked for."""
+    """Caused by what the user asked for.
+
+    ``param``: the request field at fault, when the request came as fields (the gateway's
+    JSON body; OpenAI's ``param``), else None.
+    """
 
     code = "user_error"
+
+    def __init__(
+        self, message: str = "", *, hint: str | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.param = param
 
 
 class ConfigError(UserError):

@@ -93,9 +93,9 @@ def _prompt_of(req: GenerationRequest) -> str | list[dict[str, str]]:
 
 
 def _too_large(param: str, message: str) -> RequestTooLarge:
-    error = RequestTooLarge(message, hint="shorten the prompt or ask for fewer max_tokens")
-    error.param = param  # type: ignore[attr-defined]
-    return error
+    return RequestTooLarge(
+        message, hint="shorten the prompt or ask for fewer max_tokens", param=param
+    )
 
 
 def store_unavailable(error: LayerchainError) -> ApiError:

@@ -90,9 +90,7 @@ class GenerationRequest:
 
 def bad(param: str | None, message: str) -> ConfigError:
     """A ConfigError naming the offending request field (OpenAI's ``param``)."""
-    error = ConfigError(message)
-    error.param = param  # type: ignore[attr-defined]
-    return error
+    return ConfigError(message, param=param)
 
 
 def _refuse_constant(name: str) -> float:
@@ -376,7 +374,7 @@ def api_error_for(error: LayerchainError) -> ApiError:
     The message is clipped to ``MAX_ERROR_CHARS``: peers write some of it.
     """
     message = _clip(str(error))
-    param = getattr(error, "param", None)
+    param = error.param if isinstance(error, UserError) else None
     if isinstance(error, UnknownModel):
         return ApiError(404, message, "invalid_request_error", "model_not_found", param or "model")
     if isinstance(error, RoutingError):
