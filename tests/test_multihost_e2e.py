@@ -1,11 +1,12 @@
 """The swarm across emulated hosts (issue 13): real node processes in network namespaces.
 
 One topology for the module (``tests/netlab.py``): a LAN and a "far" subnet joined by a router
-with a delay line, and a home behind a NAT. Nodes, started once and shared:
+whose delay line puts 20 ms between them, and a home behind a NAT. Nodes, started once and
+shared (three models: SmolLM2 and two tiny random ones, "tiny" and "near"):
 
     lan1  smollm2 0:15    lan2  smollm2 15:30    lan3  smollm2 0:15 (a spare)
-    far1  smollm2 0:15    far2  smollm2 15:30    (the same spans: only the distance differs)
-    far1  tiny 0:2        home1 tiny 2:4 (behind the NAT: the only one serving 2:4)
+    far1  smollm2 0:30    far1  tiny 0:2         home1 tiny 2:4 (behind the NAT: the only one)
+    lan2  near 0:4        far2  near 0:4  (the same span, 20 ms apart: only the distance differs)
 
 plus a DHT bootstrap on lan1 and a client on ``lanc`` and one on ``farc``, each a process
 living on its host (``bench.netlab.RemoteClient``). Every generation is compared token for
@@ -41,26 +42,28 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PROMPT = "What is the capital of France?"
 TOKENS = 12
-ROUTER_RTT_MS = 20.0  # added between the LAN and the far subnet in the LAN-first test
-SMOLLM2_NODES = {"lan1": "0:15", "lan2": "15:30", "lan3": "0:15", "far1": "0:15", "far2": "15:30"}
-TINY_NODES = {"far1": "0:2", "home1": "2:4"}  # home1 (behind the NAT) alone serves 2:4
+ROUTER_RTT_MS = 20.0  # between the LAN and the far subnet, all along
+NODES = (  # (model key, host, blocks, extra args); a node is named "{model}-{host}"
+    ("smollm2", "lan1", "0:15", ()), ("smollm2", "lan2", "15:30", ()),
+    ("smollm2", "lan3", "0:15", ()), ("smollm2", "far1", "0:30", ()),
+    # far1 relays for peers behind NAT; home1 finds out it is one (no peer can dial it back)
+    ("tiny", "far1", "0:2", ("--relay",)), ("tiny", "home1", "2:4", ()),
+    ("near", "lan2", "0:4", ()), ("near", "far2", "0:4", ()),
+)
 
 
 class Net:
-    """What the module's tests share: the lab, its nodes by name, its clients, the tiny model."""
+    """What the module's tests share: the lab, its nodes by name, its clients, the models."""
 
     def __init__(self, lab, peers: list[str], nodes: dict[str, LabNode],
-                 clients: dict[str, RemoteClient], tiny_model: str) -> None:
+                 clients: dict[str, RemoteClient], models: dict[str, str]) -> None:
         self.lab, self.peers, self.nodes, self.clients = lab, peers, nodes, clients
-        self.tiny_model = tiny_model
+        self.models = models  # model key -> what to pass as --model
 
     def on_subnet(self, subnet: str, model: str = "smollm2") -> set[str]:
         """Peer ids of the ``model`` nodes on ``subnet``."""
         return {n.peer_id for n in self.nodes.values()
-                if self.lab.hosts[n.host].subnet == subnet and n.name.startswith(model)}
-
-    def smollm2_nodes(self) -> list[LabNode]:
-        return [n for n in self.nodes.values() if n.name.startswith("smollm2")]
+                if self.lab.hosts[n.host].subnet == subnet and n.name.startswith(f"{model}-")}
 
     def by_peer(self, peer_id: str) -> LabNode:
         return next(n for n in self.nodes.values() if n.peer_id == peer_id)
@@ -68,7 +71,8 @@ class Net:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory, tiny_model_dir):
-    tiny = str(tiny_model_dir("llama", tokenizer=True))
+    models = {"smollm2": "smollm2", "tiny": str(tiny_model_dir("llama", tokenizer=True)),
+              "near": str(tiny_model_dir("qwen2", tokenizer=True))}
     lab = build_test_topology(tmp_path_factory.mktemp("netlab"))
     clients: dict[str, RemoteClient] = {}
     try:
@@ -77,18 +81,15 @@ def net(tmp_path_factory, tiny_model_dir):
         lab.set_delay("r", ROUTER_RTT_MS, between=("lan", "far"))
         peers = start_bootstrap(lab, "lan1")
         assert all("/ip4/10.199." in p for p in peers), peers  # dialable from other hosts
-        started = {}
-        for host, blocks in SMOLLM2_NODES.items():
-            started[f"smollm2-{host}"] = (host, *start_node(lab, host, f"smollm2-{host}",
-                                                            blocks, peers))
-        for host, blocks in TINY_NODES.items():
-            started[f"tiny-{host}"] = (host, *start_node(lab, host, f"tiny-{host}", blocks,
-                                                         peers, model=tiny))
+        started = {f"{model}-{host}": (host, *start_node(lab, host, f"{model}-{host}", blocks,
+                                                         peers, model=models[model],
+                                                         extra_args=extra))
+                   for model, host, blocks, extra in NODES}
         nodes = {name: wait_node(lab, host, name, proc, data_dir)
                  for name, (host, proc, data_dir) in started.items()}
         for host in ("lanc", "farc"):
             clients[host] = RemoteClient(lab, host, peers, {"step_timeout_s": 5.0})
-        yield Net(lab, peers, nodes, clients, tiny)
+        yield Net(lab, peers, nodes, clients, models)
     finally:
         for client in clients.values():
             client.close()
@@ -103,41 +104,52 @@ def _ok(result: dict) -> dict:
 def test_nodes_on_four_hosts_form_one_swarm_and_a_client_on_another_host_matches_local(
     net, reference
 ):
-    for node in net.smollm2_nodes():  # on 0.0.0.0, each announces its own host's address
-        endpoints = [str(e) for e in node.info["endpoints"]]  # type: ignore[union-attr]
+    for node in net.nodes.values():  # on 0.0.0.0, each announces its own host's address
+        if node.host == "home1":
+            continue  # behind the NAT: its own test
+        endpoints = [str(e) for e in node.info["endpoints"]]
         assert endpoints[0].startswith(f"tls://{net.lab.hosts[node.host].address}:"), endpoints
         assert not any("127.0.0.1" in e or "0.0.0.0" in e for e in endpoints), endpoints
     expected = reference("smollm2", PROMPT, SamplingParams(max_new_tokens=TOKENS)).token_ids
     result = _ok(net.clients["lanc"].generate(PROMPT, TOKENS))
     assert result["token_ids"] == list(expected)
     assert result["route"] and not result["recoveries"]
-    assert {net.by_peer(p).host for p in result["route"]} <= set(SMOLLM2_NODES)
+    assert {net.by_peer(p).name for p in result["route"]} <= {
+        f"{m}-{h}" for m, h, _, _ in NODES if m == "smollm2"}
 
 
 def test_lan_first_with_20_ms_on_the_router_and_a_far_client_still_completes(net, reference):
+    # "near": one node on each side serves the same span of a model whose compute is a
+    # fraction of a millisecond, so only the measured distance tells them apart
+    near = net.models["near"]
+    near_expected = list(reference(near, PROMPT, SamplingParams(max_new_tokens=TOKENS)).token_ids)
+    from_lan = _ok(net.clients["lanc"].generate(PROMPT, TOKENS, model=near))
+    from_far = _ok(net.clients["farc"].generate(PROMPT, TOKENS, model=near))
+    assert from_lan["token_ids"] == from_far["token_ids"] == near_expected
+    assert from_lan["route"] == [net.nodes["near-lan2"].peer_id]  # its LAN peer
+    assert from_far["route"] == [net.nodes["near-far2"].peer_id]  # and the far client its own
+    # the far client with the nodes of its own subnet left out: SmolLM2 across the 20 ms
     expected = list(reference("smollm2", PROMPT, SamplingParams(max_new_tokens=TOKENS)).token_ids)
-    lan = _ok(net.clients["lanc"].generate(PROMPT, TOKENS))
-    far = _ok(net.clients["farc"].generate(PROMPT, TOKENS))
     crossing = _ok(net.clients["farc"].generate(PROMPT, TOKENS, ban=net.on_subnet("far")))
-    assert lan["token_ids"] == far["token_ids"] == crossing["token_ids"] == expected
-    # far1 and far2 serve the same spans as the LAN nodes, 20 ms away: LAN peers win
-    assert set(lan["route"]) <= net.on_subnet("lan"), lan["route"]
-    # with its own subnet's nodes left out, the far client crosses the 20 ms to the LAN
+    assert crossing["token_ids"] == expected
     assert set(crossing["route"]) <= net.on_subnet("lan"), crossing["route"]
-    print(f"LAN client: {lan['tokens_per_s']:.1f} tok/s on LAN peers; far client: "
-          f"{far['tokens_per_s']:.1f} tok/s via {[net.by_peer(p).host for p in far['route']]}, "
-          f"{crossing['tokens_per_s']:.1f} tok/s across the router")
+    print(f"near: LAN client {from_lan['tokens_per_s']:.1f} tok/s on its LAN peer, far client "
+          f"{from_far['tokens_per_s']:.1f} tok/s on its own; smollm2 across the router "
+          f"{crossing['tokens_per_s']:.1f} tok/s")
 
 
 def test_a_node_behind_nat_serves_the_span_no_one_else_serves(net, reference):
     home = net.nodes["tiny-home1"]
+    relay_host = net.lab.hosts["far1"].address
+    endpoints = [str(e) for e in home.info["endpoints"]]
+    assert endpoints[0].startswith(f"relay://{relay_host}:"), endpoints  # found it was private
     with pytest.raises(LabError):  # no way in from outside the NAT
         net.lab.run("lanc", [sys.executable, "-c", (
             "import socket; socket.create_connection(('%s', 9), timeout=2)"
             % net.lab.hosts["home1"].address)], timeout_s=30)
-    expected = list(reference(net.tiny_model, PROMPT,
-                              SamplingParams(max_new_tokens=TOKENS)).token_ids)
-    result = _ok(net.clients["lanc"].generate(PROMPT, TOKENS, model=net.tiny_model))
+    tiny = net.models["tiny"]
+    expected = list(reference(tiny, PROMPT, SamplingParams(max_new_tokens=TOKENS)).token_ids)
+    result = _ok(net.clients["lanc"].generate(PROMPT, TOKENS, model=tiny))
     assert result["token_ids"] == expected
     assert home.peer_id in result["route"]
     print(f"through the NATed node: announced {home.info.get('endpoints', home.info['endpoint'])}")
@@ -175,7 +187,7 @@ def test_kill_9_a_node_on_another_host_mid_generation_gives_identical_output(net
     try:
         for event in client.stream(PROMPT, 2 * TOKENS, pause_at=3):
             if event["event"] == "token" and event["index"] == 3:
-                first_hop = net.by_peer(event["route"][0])  # a 0:15 node (lan1 or lan3)
+                first_hop = net.by_peer(event["route"][0])  # lan1, lan3 (0:15) or far1 (0:30)
                 os.kill(first_hop.proc.pid, signal.SIGKILL)
                 first_hop.proc.wait()
                 killed, t_kill = first_hop, time.monotonic()
