@@ -445,6 +445,47 @@ def test_a_relay_answering_in_the_peers_place_fails_authentication():
     run(main())
 
 
+LEG_MS = 20.0  # the emulated delay a far relay adds to each direction
+
+
+def test_the_client_measures_a_relayed_peer_with_the_relay_leg_included(monkeypatch, record_for):
+    """The planner needs no notion of relays: the RTT a client measures over the endpoint
+    it keeps is what the route costs, the relay's legs included."""
+    from layerchain.client.config import ClientConfig
+    from layerchain.client.peers import PeerView
+    from layerchain.discovery import MemoryDHT, MemoryDiscovery
+
+    def far(self, nbytes):  # this relay forwards each chunk LEG_MS late
+        data, other = bytes(self._buffer[:nbytes]), self.other
+        self._loop.call_later(LEG_MS / 1000, lambda: other.transport.is_closing()
+                              or other.transport.write(data))
+
+    monkeypatch.setattr(_Pipe, "buffer_updated", far)
+
+    async def main():
+        relay = await started()
+        peer, endpoint, relayed = await tls_pair(relay)
+        direct = await Dialer(identity=peer).listen("tls://127.0.0.1:0", answer_info)
+        view = PeerView(MemoryDiscovery(MemoryDHT()), Dialer(), "test-model", 4, ClientConfig())
+        try:
+            view.records[peer.peer_id] = record_for(peer, 0, 2, endpoints=(endpoint,))
+            through = [await view.measure_rtt(peer.peer_id) for _ in range(3)]
+            await view.close()
+            view.records[peer.peer_id] = record_for(peer, 0, 2, endpoints=(direct.endpoint,))
+            view.rtt_ms.clear()  # (a smoothed RTT: start the direct one afresh)
+            straight = [await view.measure_rtt(peer.peer_id) for _ in range(3)]
+        finally:
+            await view.close()
+            await direct.close()
+            await relayed.close()
+            await relay.close()
+        return through, straight
+
+    through, straight = run(main())
+    assert all(rtt is not None and rtt >= 2 * LEG_MS for rtt in through), through
+    assert min(straight) < min(through) - LEG_MS, (straight, through)
+
+
 # ---------------------------------------------------------------------------- reachability
 
 
