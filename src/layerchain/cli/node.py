@@ -24,6 +24,11 @@ def start(
         _D.host, help="Address to listen on (0.0.0.0: every interface, for other machines)."
     ),
     port: int = typer.Option(_D.port, help="Inference TCP port (0 = any free port)."),
+    insecure: bool = typer.Option(
+        _D.insecure, "--insecure",
+        help="Serve plaintext tcp:// instead of TLS (trusted networks only; clients need "
+             "--insecure too).",
+    ),
     announce_host: str = typer.Option(
         _D.announce_host,
         help="Address other machines dial (a port-forwarded router); default: this host's "
@@ -112,6 +117,7 @@ def start(
     span = Span.parse(blocks)
     config = NodeConfig(  # checks every setting: ConfigError
         model=model, start=span.start, end=span.end, host=host, port=port, dht_port=dht_port,
+        insecure=insecure,
         announce_host=announce_host, announce_port=announce_port,
         reachability=reachability, relay_via=relay_via, relay=relay, relay_port=relay_port,
         relay_max_connections=relay_max_connections, relay_max_mbps=relay_max_mbps,

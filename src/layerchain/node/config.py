@@ -27,6 +27,8 @@ class NodeConfig:
     end: int = 0  # one past the last block served (0 = to the model's end)
     host: str = "127.0.0.1"  # address the inference server and the DHT listen on
     port: int = 0  # TCP port of the inference server; 0 picks a free one
+    insecure: bool = False  # serve plaintext tcp:// instead of TLS (tls://, the node's identity
+    # key proving its peer id): only on a network you trust; clients need --insecure too
     dht_port: int = 0  # TCP port of the DHT; 0 picks a free one
     announce_host: str = ""  # the address other machines dial this node at (a port-forwarded
     # router, a container's published address); "": found from the interfaces (--host 0.0.0.0)

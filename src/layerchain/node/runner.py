@@ -1,4 +1,4 @@
-"""Builds a real node (model span, TCP transport, hivemind DHT) and runs it until a signal.
+"""Builds a real node (model span, TLS transport, hivemind DHT) and runs it until a signal.
 
 On SIGTERM or SIGINT the node withdraws its DHT records, refuses new sessions, lets open
 ones finish for up to ``config.drain_s`` seconds, and exits.
@@ -45,7 +45,7 @@ from layerchain.errors import ConfigError
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits, largest_step_frame
 from layerchain.wire.relay import RelayConfig, RelayService
 from layerchain.wire.tcp import format_tcp_endpoint, parse_tcp_endpoint
-from layerchain.wire.transport import TcpTransport
+from layerchain.wire.transport import Dialer
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,10 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         config,
         spec=spec,
         span=span,
-        transport=TcpTransport(wire_limits(config, spec.hidden_size)),
-        listen_at=f"tcp://{config.host}:{config.port}",
+        # TLS with the identity key unless --insecure; the node's own outgoing dials (none
+        # today) would refuse plaintext the same way
+        transport=Dialer(identity, config.insecure, wire_limits(config, spec.hidden_size)),
+        listen_at=f"{'tcp' if config.insecure else 'tls'}://{config.host}:{config.port}",
         discovery=discovery,
         identity=identity,
         wallet=wallet,
