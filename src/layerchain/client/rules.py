@@ -14,8 +14,10 @@ from a peer are not the client's verdict). A few codes are accepted with their m
 Errors caused by the request itself are found before sending and ban nobody:
 ``check_context`` (prompt + max_new_tokens vs the model's context), ``check_room`` (vs the
 free cache the peers announce), ``step_tokens`` (steps small enough for the protocol's
-``MAX_STEP_TOKENS`` and the wire's frame limit). ``check_output`` is where verification of
-what a peer returns lives (shape, dtype, finite values today).
+``MAX_STEP_TOKENS`` and the wire's frame limit). ``check_output`` holds the cheap invariants
+of what a peer returns, checked on every step (shape, dtype, finite values, per-token norms
+within what the model's blocks produce); that the receipt commits to exactly the tensor
+returned is ``ReceiptVerifier.check``'s (``market.commitment``); audits do the rest.
 """
 
 from __future__ import annotations
@@ -127,9 +129,40 @@ def exceeds_announced(record: PeerRecord | None, max_length: int, tokens: int) -
     return record is not None and max_length > record.free_cache_tokens
 
 
-def check_output(peer_id: str, sent: torch.Tensor, received: torch.Tensor) -> None:
-    """InvalidOutput unless ``received`` has the shape and dtype of ``sent`` and only finite
-    values. Runs once per hop per step: keep it cheap."""
+# Cheap invariants on the size of what a hop returns, per token: the RMS over the hidden
+# size. Blocks add to a residual stream, so an honest output never collapses against its
+# input (measured: SmolLM2's smallest ratio is 0.27, the first position after block 29).
+MIN_RMS_RATIO = 1 / 64  # a token's output RMS is at least this times its input's
+NORM_MARGIN = 4.0  # a known model's measured RMS range, widened this many times each way
+# model id -> per block boundary b (the hidden states entering block b; b = num_blocks: the
+# last block's output) the (lowest, highest) per-token RMS measured on the reference model
+# (11 prompts: chat, code, digits, 600 repeated tokens, random ids; the first position, an
+# attention sink, holds the highs of 1e3 from block 12 on): tests/test_commitment.py
+# ::test_norm_ranges_of_the_default_model measures them again.
+KNOWN_NORMS: dict[str, tuple[tuple[float, float], ...]] = {
+    # SmolLM2-135M-Instruct Q4_1 (the default model), 30 blocks
+    "7d201fb28704bf0bb13e975c1d2f2f7e343e13ee23c6367a630e1917610f8ccc": (
+        (0.0818, 0.228), (1.24, 4.81), (2.13, 14.4), (2.4, 42.7),
+        (2.52, 42.5), (2.57, 42.3), (2.72, 41.9), (3.09, 41.5),
+        (3.04, 41), (3.75, 34.8), (4.32, 17.3), (4.33, 9.36),
+        (4.22, 1110), (4.45, 1110), (4.35, 1110), (4.65, 1110),
+        (5.75, 1100), (5.89, 1100), (6.06, 1100), (6.66, 1100),
+        (6.68, 1100), (7.98, 1100), (9.32, 1100), (9.87, 1100),
+        (10.9, 1100), (12.9, 1100), (15.1, 1100), (16, 1100),
+        (18.8, 1090), (21.3, 503), (18.4, 295),
+    ),
+}
+
+
+def check_output(
+    peer_id: str, sent: torch.Tensor, received: torch.Tensor, *, model_id: str = "",
+    end: int | None = None,
+) -> None:
+    """InvalidOutput unless ``received`` has the shape and dtype of ``sent``, only finite
+    values, and per token an RMS of at least ``MIN_RMS_RATIO`` times that of ``sent``; when
+    ``model_id`` is in ``KNOWN_NORMS`` and ``end`` (the hop's last block + 1) is given, also
+    within that boundary's measured range (``NORM_MARGIN`` each way). Runs once per hop per
+    step: keep it cheap (two reductions over [B, T, H])."""
     if received.shape != sent.shape or received.dtype != sent.dtype:
         raise InvalidOutput(
             f"peer {peer_id} returned {list(received.shape)} {received.dtype}, "
@@ -137,3 +170,18 @@ def check_output(peer_id: str, sent: torch.Tensor, received: torch.Tensor) -> No
         )
     if not torch.isfinite(received).all():
         raise InvalidOutput(f"peer {peer_id} returned non-finite values")
+    rms = received.float().pow(2).mean(dim=-1).sqrt()  # [B, T]
+    if (rms < MIN_RMS_RATIO * sent.float().pow(2).mean(dim=-1).sqrt()).any():
+        raise InvalidOutput(
+            f"peer {peer_id} returned hidden states that collapsed (a token's RMS "
+            f"{float(rms.min()):.3g} is below {MIN_RMS_RATIO:.3g} times its input's)"
+        )
+    bounds = KNOWN_NORMS.get(model_id, ())
+    if end is not None and 0 <= end < len(bounds):
+        low, high = bounds[end][0] / NORM_MARGIN, bounds[end][1] * NORM_MARGIN
+        if float(rms.min()) < low or float(rms.max()) > high:
+            raise InvalidOutput(
+                f"peer {peer_id} returned hidden states with a token RMS of "
+                f"{float(rms.min()):.3g}..{float(rms.max()):.3g} after block {end - 1}, "
+                f"outside this model's {low:.3g}..{high:.3g}"
+            )
