@@ -7,12 +7,12 @@ The distance tables in the report come from ``test_honest_distances_on_smollm2``
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import pytest
 import torch
 
+from layerchain.client.rules import KNOWN_NORMS, MIN_RMS_RATIO, NORM_MARGIN, check_output
 from layerchain.errors import InvalidOutput
 from layerchain.market import ReceiptSigner, ReceiptVerifier, Wallet
 from layerchain.market.commitment import (
@@ -175,9 +175,9 @@ def _cheat_distances(
     """Distances between a cheater's commitments (hop by hop, on the honest inputs) and the
     honest outputs: what an audit of each of its steps would see."""
     found = []
+    cheat_span = cheating_span(mode, span)
     for h, (a, b) in enumerate(hops):
         cheat = Misbehavior(mode, seed=h)
-        cheat_span = cheating_span(mode, span)
         cache = cheat_span.new_cache(a, b)
         for step, (x, ref) in enumerate(zip(inputs[h], honest[h], strict=True)):
             with torch.inference_mode():
@@ -195,9 +195,10 @@ def _table(name: str, distances: list[float]) -> str:
             f"min={d.min():.2e} over_tolerance={over:.0%}")
 
 
-ALL_CASES = list(itertools.product((1, 2), (torch.float32, torch.bfloat16), (MAX_STEP_TOKENS, 5)))
-# the fast test's share: each factor varies at least once
-FEW_CASES = [(1, torch.float32, MAX_STEP_TOKENS), (2, torch.bfloat16, 5)]
+# (decode threads, wire dtype, prefill chunk): the audit replays at the other thread count
+ALL_CASES = [(1, torch.float32, MAX_STEP_TOKENS), (2, torch.float32, 5),
+             (1, torch.bfloat16, MAX_STEP_TOKENS), (2, torch.bfloat16, 5)]
+FEW_CASES = [ALL_CASES[0], ALL_CASES[3]]  # the fast test's share: each factor varies once
 
 
 def _honest_and_cheating(
@@ -255,8 +256,59 @@ def test_honest_distances_stay_far_below_the_tolerance_and_cheats_far_above(tiny
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_honest_distances_on_smollm2(smollm2_spec):
     """The same on SmolLM2-135M, three hops over its 30 blocks: the numbers in the report."""
     span, head = load_span(smollm2_spec, 0, 30), load_head(smollm2_spec)
-    honest, cheating = _honest_and_cheating(span, head, [(0, 7), (7, 19), (19, 30)], prompt=20, steps=24)
+    honest, cheating = _honest_and_cheating(span, head, [(0, 7), (7, 19), (19, 30)], prompt=20, steps=16)
     _check_separation(honest, cheating, print)
+
+
+# ------------------------------------------------------------------ cheap invariants
+
+
+SMOLLM2_ID = "7d201fb28704bf0bb13e975c1d2f2f7e343e13ee23c6367a630e1917610f8ccc"
+
+
+def _with_rms(rms: float, tokens: int = 3) -> torch.Tensor:
+    x = _hidden(tokens)
+    return x / x.pow(2).mean(dim=-1, keepdim=True).sqrt() * rms
+
+
+def test_check_output_refuses_collapsed_and_out_of_range_norms():
+    sent = _with_rms(10.0)
+    check_output("p", sent, _with_rms(12.0), model_id=SMOLLM2_ID, end=30)
+    with pytest.raises(InvalidOutput, match="collapsed"):
+        check_output("p", sent, torch.zeros_like(sent))  # any model: zeros are never honest
+    low, high = KNOWN_NORMS[SMOLLM2_ID][30]
+    for rms in (low / NORM_MARGIN / 2, high * NORM_MARGIN * 2):
+        with pytest.raises(InvalidOutput, match="outside this model's"):
+            check_output("p", sent, _with_rms(rms), model_id=SMOLLM2_ID, end=30)
+    check_output("p", sent, _with_rms(high * NORM_MARGIN * 2), model_id="another model", end=30)
+    assert len(KNOWN_NORMS[SMOLLM2_ID]) == 31 and MIN_RMS_RATIO < 0.27  # SmolLM2's lowest ratio
+
+
+@pytest.mark.slow
+def test_norm_ranges_of_the_default_model(smollm2_spec, smollm2_tokenizer):
+    """Prompts unlike the ones measured for KNOWN_NORMS pass every boundary's check (with
+    the first-position attention sink); a first hop returning the embeddings it was sent
+    (every block skipped) and a zeroed output are refused."""
+    from layerchain.model import encode_prompt
+
+    assert smollm2_spec.model_id == SMOLLM2_ID
+    span, head = load_span(smollm2_spec, 0, 30), load_head(smollm2_spec)
+    prompts = ["Quelle est la hauteur de la tour Eiffel ?", "SELECT * FROM users WHERE id = 1;",
+               "a" * 300, "Summarise: " + "the market opened higher and closed lower. " * 30]
+    gen = torch.Generator().manual_seed(11)
+    sequences = [torch.tensor([encode_prompt(smollm2_tokenizer, p)]) for p in prompts]
+    sequences.append(torch.randint(0, smollm2_spec.config.vocab_size, (1, 100), generator=gen))
+    with torch.inference_mode():
+        for ids in sequences:
+            sent = head.embed(ids)
+            for start, end in ((0, 7), (7, 19), (19, 30)):
+                out = span.forward(sent, span.new_cache(start, end))
+                check_output("p", sent, out, model_id=SMOLLM2_ID, end=end)
+                sent = out
+        embeddings = head.embed(sequences[0])
+        with pytest.raises(InvalidOutput, match="outside this model's"):
+            check_output("p", embeddings, embeddings.clone(), model_id=SMOLLM2_ID, end=7)

@@ -35,11 +35,12 @@ from layerchain.errors import ConfigError
 from layerchain.model.span import SpanModel
 
 MODES = ("noise", "zero", "skip", "stale", "sometimes", "model")
-NOISE_SCALE = 0.5  # noise std, times the token's RMS over the hidden size
+NOISE_SCALE = 1.0  # noise std, times the token's RMS over the hidden size (0.5 is caught on
+# SmolLM2 too, but its nearest audited step sits at 0.023, just past AUDIT_TOLERANCE)
 SOMETIMES_RATE = 0.2  # fraction of steps a `sometimes` node cheats on
 MODEL_BITS = 4  # `model`: weights re-quantised to this many bits (symmetric, per group)
 MODEL_GROUP = 32  # weights per quantisation group (along the input dimension)
-STALE_SESSIONS = 1024  # `stale`: sessions whose last output is kept (the oldest forgotten)
+STALE_SESSIONS = 1024  # `stale`: sessions whose last output token is kept (oldest forgotten)
 
 
 def check_mode(mode: str) -> None:
@@ -122,7 +123,8 @@ class Misbehavior:
         self.mode = mode
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(self.rng.getrandbits(63))
-        self._last: OrderedDict[str, torch.Tensor] = OrderedDict()  # session -> last output
+        self._last: OrderedDict[str, torch.Tensor] = OrderedDict()  # session -> its last
+        # output's last token [1, 1, H]
         self.cheated = 0  # steps answered with a wrong output (``skip``/``model``: all)
 
     def output(self, session_id: str, out: torch.Tensor) -> torch.Tensor:
@@ -137,7 +139,7 @@ class Misbehavior:
             return torch.zeros_like(out)
         if mode == "stale":
             previous = self._last.pop(session_id, None)
-            self._last[session_id] = out
+            self._last[session_id] = out[:, -1:].clone()  # [1, 1, H]: bounded memory
             while len(self._last) > STALE_SESSIONS:
                 self._last.popitem(last=False)
             if previous is not None:
