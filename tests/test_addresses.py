@@ -15,6 +15,7 @@ from layerchain.discovery.addresses import (
     local_announce_hosts,
     peer_hosts,
     route_source,
+    unreachable_from_peers,
 )
 from layerchain.discovery.identity import Identity
 from layerchain.discovery.records import PeerRecord, check_endpoint
@@ -195,3 +196,12 @@ def test_a_dead_or_foreign_first_endpoint_falls_through_to_the_next(tiny_model_d
     skipped = [r.getMessage() for r in caplog.records if "tls://127.0.0.2" in r.getMessage()]
     assert any("is not peer" in m for m in skipped), skipped  # the foreign one was dialled
     assert any("is not peer" not in m for m in skipped), skipped  # and the dead one
+
+
+def test_a_loopback_node_joining_peers_on_other_machines_is_told_it_is_unreachable():
+    far = ["/ip4/10.1.0.2/tcp/4001/p2p/QmPeer"]
+    near = ["/ip4/127.0.0.1/tcp/4001/p2p/QmPeer"]
+    assert unreachable_from_peers(("127.0.0.1",), far)
+    assert not unreachable_from_peers(("127.0.0.1",), near)  # a one-machine swarm
+    assert not unreachable_from_peers(("127.0.0.1",), [])  # a new swarm
+    assert not unreachable_from_peers(("10.1.0.3",), far)

@@ -157,6 +157,14 @@ def announce_multiaddrs(hosts: Sequence[str], port: int) -> list[str]:
     return out
 
 
+def unreachable_from_peers(announced: Sequence[str], initial_peers: Iterable[str]) -> bool:
+    """Pure: whether every host in ``announced`` is loopback while some initial peer is
+    not: that peer's machine would dial its own loopback (a node started without
+    ``--host 0.0.0.0`` joining a swarm across machines)."""
+    return all(is_loopback(h) for h in announced) and any(
+        not is_loopback(h) for h in peer_hosts(initial_peers))
+
+
 def peer_hosts(multiaddrs: Iterable[str]) -> list[str]:
     """Pure: the IP addresses or DNS names in ``/ip4|ip6|dns|dns4|dns6/HOST/...``
     multiaddrs, in order, without duplicates; others are skipped."""

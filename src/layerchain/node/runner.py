@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from layerchain.discovery import HivemindDiscovery, Identity
-from layerchain.discovery.addresses import local_announce_hosts
+from layerchain.discovery.addresses import local_announce_hosts, unreachable_from_peers
 from layerchain.ledger import open_ledger
 from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
@@ -96,6 +96,10 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     announce_hosts = await asyncio.to_thread(
         local_announce_hosts, config.host, config.initial_peers, config.announce_host
     )
+    if unreachable_from_peers(announce_hosts, config.initial_peers):
+        log.warning("this node listens on %s, which other machines cannot reach, while its "
+                    "initial peers are on other machines: start it with --host 0.0.0.0 (or "
+                    "--announce-host) to serve them", config.host)
     node = Node(
         config,
         spec=spec,
