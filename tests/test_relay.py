@@ -491,7 +491,7 @@ def test_the_client_measures_a_relayed_peer_with_the_relay_leg_included(monkeypa
 
 @pytest.fixture
 def tiny_model(tiny_model_dir) -> str:
-    return str(tiny_model_dir("llama"))
+    return str(tiny_model_dir("llama", tokenizer=True))
 
 
 def test_pure_rules_pick_helpers_relays_and_what_a_private_node_announces(record_for):
@@ -568,6 +568,69 @@ def test_a_node_is_reachable_only_if_a_probe_with_its_nonce_arrives(tiny_model, 
             await swarm.close()
 
     run(main(), timeout=60)
+
+
+def test_a_hop_through_a_tampering_relay_fails_over_with_identical_output(
+    tiny_model, tmp_path, reference, monkeypatch
+):
+    """Nodes over real TLS in this process: blocks 2:4 are served only through a relay
+    first; once the relay starts flipping bits the link drops, the client fails over to a
+    direct spare, and the answer is still the single-process one."""
+    from layerchain.client import AsyncSwarm, ClientConfig
+    from layerchain.discovery import MemoryDHT, MemoryDiscovery
+    from layerchain.model import SamplingParams, load_head, load_span, load_tokenizer, resolve_model
+    from layerchain.node import Node, NodeConfig
+
+    params = SamplingParams(max_new_tokens=12)
+    prompt = "What is the capital of France?"
+    spec = resolve_model(tiny_model)
+    hub = MemoryDHT()
+
+    async def node(start: int, end: int, name: str, via: str = "") -> Node:
+        identity = Identity.generate()
+        served = Node(
+            NodeConfig(model=tiny_model, start=start, end=end, data_dir=tmp_path / name),
+            spec=spec, span=load_span(spec, start, end), transport=Dialer(identity),
+            listen_at="tls://127.0.0.1:0", discovery=MemoryDiscovery(hub, identity),
+            identity=identity,
+        )
+        await served.listen()
+        if via:
+            await served.serve_via(via)
+        await served.announce()
+        return served
+
+    async def main():
+        relay = await started()
+        nodes = [await node(0, 2, "a"), await node(2, 4, "b", via=relay.address)]
+        assert nodes[1].record().endpoints[0].startswith("relay://")
+        client = AsyncSwarm(spec=spec, head=load_head(spec), tokenizer=load_tokenizer(spec),
+                            discovery=MemoryDiscovery(hub), transport=Dialer(),
+                            config=ClientConfig(discovery_wait_s=1.0))
+        try:
+            first = await client.generate(prompt, params)
+            assert [h.peer_id for h in first.route] == [n.peer_id for n in nodes]
+            assert relay.spliced >= 1  # it did go through the relay
+            nodes.append(await node(2, 4, "c"))  # a direct spare
+            original = _Pipe.buffer_updated
+
+            def flip_a_bit(self, nbytes):
+                self._buffer[nbytes // 2] ^= 0x01
+                original(self, nbytes)
+
+            monkeypatch.setattr(_Pipe, "buffer_updated", flip_a_bit)
+            second = await client.generate(prompt, params)
+            assert second.route[-1].peer_id == nodes[2].peer_id
+            return first, second
+        finally:
+            await client.close()
+            for served in nodes:
+                await served.stop(drain_s=0)
+            await relay.close()
+
+    first, second = run(main(), timeout=120)
+    expected = reference(tiny_model, prompt, params).token_ids
+    assert first.token_ids == expected and second.token_ids == expected
 
 
 # ---------------------------------------------------------------------------- real processes
