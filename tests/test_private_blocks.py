@@ -241,15 +241,17 @@ def test_nodes_on_every_interface_announce_dialable_addresses_and_private_blocks
                 proc.kill()
 
 
-def test_a_bad_private_blocks_fails_before_joining_the_swarm():
-    """`generate --private-blocks 30` on a 30-block model: one line, no DHT started (the
-    initial peer is unreachable: a join would fail differently, after seconds)."""
+@pytest.mark.parametrize("command", [["generate", "--prompt", "Hi"],
+                                     ["api", "serve", "--port", "0"]])
+def test_a_bad_private_blocks_fails_before_joining_the_swarm(command, tmp_path):
+    """`--private-blocks 30` on a 30-block model: one line, no DHT started (the initial
+    peer is unreachable: a join would fail differently, after seconds)."""
     from typer.testing import CliRunner
 
     from layerchain.cli.main import app
 
     dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWHSfjBWMPDr3sd6kRJSR1JHpXFpmhP1v3ucgRDT8PqaWr"
-    done = CliRunner().invoke(app, ["generate", "--initial-peers", dead, "--prompt", "Hi",
-                                    "--private-blocks", "30"])
+    done = CliRunner().invoke(app, [*command, "--initial-peers", dead, "--private-blocks", "30",
+                                    "--data-dir", str(tmp_path)])
     assert done.exit_code != 0
     assert "private_blocks must be an integer in 0..29" in done.output
