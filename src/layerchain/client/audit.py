@@ -14,9 +14,11 @@ waits for the audit. Audits run as tasks beside the decode loop (on other peers)
 A mismatch (``commitment_distance`` above ``AUDIT_TOLERANCE``) goes to a **referee**: a
 third peer (neither the accused nor the auditor) recomputes steps ``0..k``. Whoever it
 disagrees with lied and is banned (by peer id and wallet, for ``ban_max_s``: a proven
-liar). With no referee both are banned as for a failure. When the accused lied: its steps from ``k`` on are never paid (``dispute``), an
+liar). With no referee, or one agreeing with neither, both are banned as for a failure
+and the hop is rolled back all the same, without evidence. When the accused lied: its steps from ``k`` on are never paid (``dispute``), an
 ``Evidence`` (``ledger.evidence``) is signed by the client's wallet and, with a ledger,
-submitted (the accused's stake is slashed; a check the ledger can replay), and the
+checked with the model here and submitted when it convicts (the accused's stake is
+slashed; evidence that would not convict is never sent, which would cost the bond), and the
 ``Dispute`` asks the decode loop to roll back to the last verified point
 (``settled_position``) and resume on honest peers.
 
@@ -39,7 +41,7 @@ import torch
 from layerchain.client.session import HopSession, InferenceSession, regroup
 from layerchain.errors import CostLimitExceeded, LayerchainError, NoRoute
 from layerchain.ledger.base import SlashResult
-from layerchain.ledger.evidence import Evidence, make_evidence, submit_evidence
+from layerchain.ledger.evidence import Evidence, check_evidence, make_evidence
 from layerchain.ledger.signatures import Signer
 from layerchain.market.commitment import AUDIT_TOLERANCE, commit, commitment_distance
 from layerchain.market.credit import CREDIT_TOKENS
@@ -66,7 +68,7 @@ class Dispute:
     step: int  # the first wrong step of its session on that hop
     position: int  # the first token position that step covers
     distance: float  # its commitment's distance from the referee's recomputation
-    referee: tuple[str, ...]  # peers that decided (empty: no referee; the auditor is banned too)
+    referee: tuple[str, ...]  # peers that decided (empty: unresolved, the auditor banned too)
     unpaid: int  # credits of its work refused (steps ``step`` on)
     evidence: Evidence | None = field(default=None, repr=False)  # signed; None without a referee
     slashed: int = 0  # credits of its stake taken on the ledger (0: no ledger or no stake)
@@ -277,16 +279,19 @@ class Auditor:
                 hs.verified = max(hs.verified, k + 1)
                 return
             distance = commitment_distance(hs.commitments[k], ref)
+            proven = auditor_ok  # the referee agrees with the auditor, not the accused
         else:
-            referee_peers, ref = (), audited
+            referee_peers, ref, proven = (), audited, False
+        if not proven:  # no referee, or it agrees with neither: someone lied, not known who
+            referee_peers = ()
             for peer_id in auditors:
-                peers.ban(peer_id, f"disputed step {k} of peer {accused}; no referee")
+                peers.ban(peer_id, f"disputed step {k} of peer {accused}, unresolved")
         peers.ban(accused, f"its output at step {k} is not what blocks "
                            f"{hs.hop.start}:{hs.hop.end} compute (distance {distance:.3g})",
-                  proven=reference is not None)
+                  proven=proven)
         unpaid = self.session.dispute(hs, k)
         evidence = None
-        if reference is not None:
+        if proven:
             evidence = make_evidence(
                 self.accuser, model_id=self.session.peers.model_id, start=hs.hop.start,
                 end=hs.hop.end, receipts=hs.receipts[: k + 1], inputs=hs.inputs[: k + 1],
@@ -341,17 +346,23 @@ class Auditor:
             return
         spec, ledger, evidence = self.spec, funding.payer.ledger, dispute.evidence
 
-        def check_and_slash() -> SlashResult:
+        def check_and_slash() -> SlashResult | None:
             # a worker thread: seconds of loading and recomputing must not stop the decode
             # loop (or a gateway's other requests); it happens once per caught liar
             span = load_span(spec, dispute.start, dispute.end)
             with torch.inference_mode():
-                return submit_evidence(ledger, evidence, self.accuser, span)
+                verdict = check_evidence(evidence, span)
+            if not verdict.guilty:  # never accuse on what the ledger would refuse: the bond
+                log.warning("not accusing peer %s: %s", dispute.peer_id, verdict.reason)
+                return None
+            return ledger.slash(self.accuser, verdict)
 
         try:
             result = await asyncio.to_thread(check_and_slash)
         except LayerchainError as error:
             log.warning("could not slash peer %s: %s", dispute.peer_id, error)
+            return
+        if result is None:
             return
         self.disputes[index] = replace(dispute, slashed=result.slashed)
         log.warning("slashed %d credits of peer %s's stake", result.slashed, dispute.peer_id)
