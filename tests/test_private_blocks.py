@@ -255,3 +255,26 @@ def test_a_bad_private_blocks_fails_before_joining_the_swarm(command, tmp_path):
                                     "--data-dir", str(tmp_path)])
     assert done.exit_code != 0
     assert "private_blocks must be an integer in 0..29" in done.output
+
+
+def test_the_swarm_state_counts_only_the_routed_blocks(tiny_model, tmp_path):
+    """Coverage, health and the most a route can cost (what the gateway holds on a key)
+    leave the client's own blocks out."""
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            await swarm.add_node(2, 4, tmp_path / "a", price_per_block=1)
+            private, public = swarm.client(private_blocks=2), swarm.client()
+            await private.peers.wait_for_coverage()  # blocks 2:4 are all it needs
+            await public.peers.refresh(force=True)
+            states = private.state(), public.state()
+            await swarm.add_node(0, 2, tmp_path / "b", price_per_block=50)
+            await private.peers.refresh(force=True)
+            return (*states, private.state())
+        finally:
+            await swarm.close()
+
+    private, public, with_dear_first = run(main())
+    assert private.covered and private.usable and private.max_route_price() == 2.0
+    assert not public.covered and public.max_route_price() == float("inf")
+    assert with_dear_first.max_route_price() == 2.0  # blocks 0:2 are not bought

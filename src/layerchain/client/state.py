@@ -43,31 +43,34 @@ class SwarmState:
     nodes: tuple[NodeState, ...]  # sorted by (start, end, peer_id)
     coverage: tuple[int, ...]  # [num_blocks]: how many known nodes serve each block
     limits: RouteLimits  # the client's default routing limits (a field may be None: no limit)
+    private_blocks: int = 0  # blocks [0, private_blocks) the client runs itself: routes,
+    # coverage and prices count only the blocks after them
 
     @property
     def covered(self) -> bool:
-        """Every block has at least one known node (banned ones included)."""
-        return bool(self.nodes) and all(self.coverage)
+        """Every routed block has at least one known node (banned ones included)."""
+        return bool(self.nodes) and all(self.coverage[self.private_blocks:])
 
     @property
     def usable(self) -> bool:
-        """Every block has at least one node that is not banned: a route may exist."""
+        """Every routed block has at least one node that is not banned: a route may exist."""
         counts = [0] * self.num_blocks
         for n in self.nodes:
             if not n.banned:
                 for b in range(n.start, min(n.end, self.num_blocks)):
                     counts[b] += 1
-        return all(counts)
+        return all(counts[self.private_blocks:])
 
     def max_route_price(self) -> float:
         """The most any route over the unbanned nodes can charge per token, credits: per
-        block, the dearest unbanned node serving it; ``inf`` while a block has none."""
+        routed block, the dearest unbanned node serving it; ``inf`` while a block has none."""
         dearest = [-1] * self.num_blocks
         for n in self.nodes:
             if not n.banned:
                 for b in range(n.start, min(n.end, self.num_blocks)):
                     dearest[b] = max(dearest[b], n.price_per_block)
-        return math.inf if min(dearest, default=0) < 0 else float(sum(dearest))
+        routed = dearest[self.private_blocks:]
+        return math.inf if min(routed, default=0) < 0 else float(sum(routed))
 
 
 def swarm_state(
@@ -77,8 +80,10 @@ def swarm_state(
     rtt_ms: Mapping[str, float],
     banned: set[str],
     limits: RouteLimits,
+    private_blocks: int = 0,
 ) -> SwarmState:
-    """The snapshot of ``records`` with the client's RTTs, bans and default limits."""
+    """The snapshot of ``records`` with the client's RTTs, bans and default limits, for a
+    client that runs blocks ``[0, private_blocks)`` itself."""
     nodes = tuple(
         NodeState(
             peer_id=r.peer_id, start=r.start, end=r.end, endpoint=r.endpoint,
@@ -93,4 +98,4 @@ def swarm_state(
         for b in range(n.start, min(n.end, num_blocks)):
             counts[b] += 1
     return SwarmState(model_id=model_id, num_blocks=num_blocks, nodes=nodes,
-                      coverage=tuple(counts), limits=limits)
+                      coverage=tuple(counts), limits=limits, private_blocks=private_blocks)

@@ -398,12 +398,13 @@ class AsyncSwarm:
         peers, c = self.peers, self.config
         max_price = c.max_price  # credits per token
         if max_price is None and c.max_price_multiple is not None and peers.records:
-            max_price = default_max_price(peers.block_prices(), 0, self.spec.num_blocks,
-                                          c.max_price_multiple)
+            max_price = default_max_price(peers.block_prices(), c.private_blocks,
+                                          self.spec.num_blocks, c.max_price_multiple)
         return swarm_state(
             self.spec.model_id, self.spec.num_blocks, peers.records.values(), peers.rtt_ms,
             peers.banned(),
             RouteLimits(alpha=c.alpha, max_price=max_price, max_latency_ms=c.max_latency_ms),
+            c.private_blocks,
         )
 
     async def refresh(self) -> None:
