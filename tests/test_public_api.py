@@ -14,7 +14,7 @@ import pytest
 
 PUBLIC_API: dict[str, list[str]] = {
     "layerchain.client": [
-        "AsyncSwarm", "ClientConfig", "Generation", "GenerationResult", "HopPayment",
+        "AsyncSwarm", "ClientConfig", "Dispute", "Generation", "GenerationResult", "HopPayment",
         "InferenceSession", "NodeProbe", "Recovery", "RouteLimits", "Swarm",
         "SyncGeneration", "TokenEvent", "live_snapshot", "probe_nodes",
     ],

@@ -3,6 +3,7 @@
 Never imports ``layerchain.node``; talks to nodes only through ``layerchain.wire``.
 """
 
+from layerchain.client.audit import Dispute
 from layerchain.client.config import ClientConfig, RouteLimits
 from layerchain.client.peers import live_snapshot
 from layerchain.client.probe import NodeProbe, probe_nodes
@@ -19,6 +20,7 @@ from layerchain.client.swarm import (
 __all__ = [
     "AsyncSwarm",
     "ClientConfig",
+    "Dispute",
     "Generation",
     "GenerationResult",
     "HopPayment",
