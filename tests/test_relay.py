@@ -637,11 +637,13 @@ def test_a_hop_through_a_tampering_relay_fails_over_with_identical_output(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_a_private_node_serves_its_span_through_a_relay_in_a_real_swarm(tmp_path, reference):
-    """Node 0 relays (and serves 0:15); node 1 is forced private and serves 15:30 only
-    through the relay it found in node 0's record; a client's generation goes through it,
-    token for token the single-process answer."""
+@pytest.mark.timeout(600)
+def test_nodes_behind_nat_serve_through_a_relay_in_a_real_swarm(tmp_path, reference):
+    """Node 0 relays (and serves 0:15). Node 1 is forced private and serves 15:30 through
+    the relay it found in node 0's record; a generation goes through it. Node 2 (15:30)
+    announces an address nobody can dial (127.0.0.2, where it does not listen): its own
+    check finds it private, it registers too and rejoins the DHT as a client; with node 1
+    gone, the generation goes through node 2. Both answers are the single-process one."""
     import json
     import os
     import signal
@@ -654,34 +656,55 @@ def test_a_private_node_serves_its_span_through_a_relay_in_a_real_swarm(tmp_path
     from layerchain.types import Span
 
     prompt, tokens = "The capital of France is", 12
+    expected = list(reference(DEFAULT_MODEL, prompt, SamplingParams(max_new_tokens=tokens))
+                    .token_ids)
     swarm = swarm_up(tmp_path, [Span(0, 15)], node_args=[("--relay",)])
-    proc = None
-    try:
-        relay_info = json.loads((tmp_path / "node-0" / "node.json").read_text())
-        assert relay_info["relay"].startswith("127.0.0.1:") and not relay_info["relayed"]
-        proc, data_dir = start_node(tmp_path, "node-1", Span(15, 30), swarm.initial_peers,
-                                    extra_args=("--reachability", "private"))
-        wait_ready(proc, data_dir, tmp_path / "node-1.log", 180)
-        info = json.loads((data_dir / "node.json").read_text())
-        relayed = f"relay://{relay_info['relay']}/{info['peer_id']}"
-        assert info["relayed"] and info["endpoints"][0] == relayed, info["endpoints"]
-        assert info["endpoints"][1].startswith("tls://")  # the direct one, after it
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> dict:
+        proc, data_dir = start_node(tmp_path, name, Span(15, 30), swarm.initial_peers,
+                                    extra_args=args)
+        procs.append(proc)
+        wait_ready(proc, data_dir, tmp_path / f"{name}.log", 240)
+        return json.loads((data_dir / "node.json").read_text())
+
+    def generate() -> dict:
         done = subprocess.run(
             [sys.executable, "-m", "layerchain", "generate", "--initial-peers",
              swarm.initial_peers[0], "--prompt", prompt, "--max-new-tokens", str(tokens),
              "--json"], capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr
-        out = json.loads(done.stdout)
-        expected = reference(DEFAULT_MODEL, prompt, SamplingParams(max_new_tokens=tokens))
-        assert out["token_ids"] == list(expected.token_ids)
-        assert [h["peer_id"] for h in out["route"]] == [relay_info["peer_id"], info["peer_id"]]
+        return json.loads(done.stdout)
+
+    def stop(proc: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    try:
+        relay_info = json.loads((tmp_path / "node-0" / "node.json").read_text())
+        assert relay_info["relay"].startswith("127.0.0.1:") and not relay_info["relayed"]
+        forced = start("node-1", "--reachability", "private")
+        assert forced["relayed"], forced
+        assert forced["endpoints"][0] == f"relay://{relay_info['relay']}/{forced['peer_id']}"
+        assert forced["endpoints"][1].startswith("tls://")  # the direct one, after it
+        out = generate()
+        assert out["token_ids"] == expected
+        assert [h["peer_id"] for h in out["route"]] == [relay_info["peer_id"], forced["peer_id"]]
+
+        found = start("node-2", "--announce-host", "127.0.0.2")  # --reachability auto
+        assert found["relayed"] and found["endpoints"][0].startswith("relay://"), found
+        assert found["dht_addresses"] == list(swarm.initial_peers)  # a DHT client now
+        stop(procs[0])  # node 1 leaves: 15:30 is served only through node 2's relay
+        out = generate()
+        assert out["token_ids"] == expected
+        assert [h["peer_id"] for h in out["route"]] == [relay_info["peer_id"], found["peer_id"]]
     finally:
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        for proc in procs:
+            if proc.poll() is None:
+                stop(proc)
         swarm_down(tmp_path, quiet=True)
