@@ -8,6 +8,8 @@ import stat
 
 import msgpack
 from eth_utils import to_checksum_address
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 from layerchain.discovery.identity import KEY_FILE_NAME, Identity, peer_id_from_public_key, verify
@@ -17,6 +19,7 @@ from layerchain.discovery.records import (
     RECORD_FORMAT,
     PeerRecord,
     _encode_fields,
+    check_endpoint,
     check_fresh,
     open_record,
     sign_record,
@@ -308,3 +311,27 @@ def test_a_tombstone_carries_no_values():
         open_record(resign(me, {**values, "price_per_block": 5}))
     with pytest.raises(ProtocolError, match="tombstone"):  # nor offers to relay
         open_record(resign(me, {**values, "relay": True}))
+
+
+# ---- endpoints: whatever a peer writes, the check answers ProtocolError or a dialable one --
+
+_PIECES = st.sampled_from(["tls://", "tcp://", "relay://", "mem://", "[", "]", ":", "/", "::",
+                           "0.0.0.0", "127.0.0.1", "fd00::7", "node.lan", "65535", "0", "99999",
+                           "3xQvK9TJm2Wn8pLr5sAaB", "%eth0", " ", "\x00", "é"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES, max_size=8).map("".join) | st.text(max_size=300))
+def test_check_endpoint_refuses_with_a_protocol_error_or_returns_something_dialable(text):
+    from layerchain.wire.tcp import parse_tcp_endpoint
+
+    try:
+        assert check_endpoint(text) == text
+    except ProtocolError:
+        return
+    scheme = text.split("://", 1)[0]
+    if scheme in ("tls", "tcp"):
+        host, port = parse_tcp_endpoint(text, scheme)  # the transports read it back
+        assert 1 <= port <= 65535 and host not in ("0.0.0.0", "::")
+    else:
+        assert scheme in ("mem", "relay")
