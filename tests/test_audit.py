@@ -247,3 +247,26 @@ def test_a_long_generation_stays_within_the_nodes_credit(tiny_model, reference, 
     paid = {p.address: p.amount for p in result.payments}
     for node in nodes:  # everyone is paid everything, the last window included
         assert ledger.balance(node.wallet) == paid.get(node.wallet, 0)
+
+
+def test_a_stream_closed_early_reports_the_tokens_it_showed(tiny_model, reference, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            for i in range(2):
+                await swarm.add_node(0, 2, tmp_path / f"a{i}")
+                await swarm.add_node(2, 4, tmp_path / f"b{i}")
+            gen = swarm.client(audit_rate=1.0).generate_stream(PROMPT, PARAMS)
+            shown = []
+            async for event in gen:
+                shown.append(event.token_id)
+                if len(shown) == 3:
+                    break
+            await gen.aclose()
+            return shown, gen.result
+        finally:
+            await swarm.close()
+
+    shown, result = run(main())
+    assert result.finish_reason == "cancelled"
+    assert list(result.token_ids) == shown == list(reference(tiny_model, PROMPT, PARAMS).token_ids[:3])
