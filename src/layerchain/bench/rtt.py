@@ -2,15 +2,18 @@
 
 Four emulated hosts (``bench.netlab``), each on its own subnet of one router: a client and
 three nodes serving ``0:10``, ``10:20``, ``20:30`` of the model, so every token crosses 3
-hops. The router's delay line puts the same round trip between every pair of hosts; for each
+hops. The router's delay line puts the same round trip between every pair of hosts; each
 ``rtt_ms`` the client (a process on its host, TLS to every node as by default) runs ``runs``
-greedy generations after one warm-up, and the point is their median tokens/s and time to
-first token. This is the analogue of Petals' table (3 servers: 1.71 steps/s at < 5 ms, 1.23
+greedy generations, after one warm-up, in rounds that visit every RTT once (so the drift
+of a shared machine's load hits every point alike); a point is their median tokens/s and
+time to first token. Expect ``ms_per_token`` to grow by ``hops x rtt_ms``: one round trip
+per hop per token, nothing more (TLS adds no round trip once a session is open). This is the analogue of Petals' table (3 servers: 1.71 steps/s at < 5 ms, 1.23
 at 100 ms RTT). Needs root (network namespaces), iptables and NetfilterQueue.
 
-``{"points": [{"rtt_ms", "tokens_per_s", "ttft_s", "measured_rtt_ms"}], "hops", "model",
-"max_new_tokens", "runs"}``: ``measured_rtt_ms`` is the TCP round trip client -> first
-node as measured (p50), so the delay line's accuracy shows next to each figure.
+``{"points": [{"rtt_ms", "tokens_per_s", "ttft_s", "ms_per_token", "measured_rtt_ms"}],
+"hops", "model", "max_new_tokens", "runs"}``: ``measured_rtt_ms`` is the TCP round trip
+client -> first node as measured (p50), so the delay line's accuracy shows next to each
+figure.
 """
 
 from __future__ import annotations
@@ -89,27 +92,32 @@ def run_rtt_bench(
         say(f"3 nodes serve {', '.join(spans)} on {', '.join(NODE_HOSTS)}; logs in {workdir}")
         client = RemoteClient(lab, CLIENT_HOST, peers)
         try:
-            for rtt in rtts_ms:
+            measured: dict[float, float] = {}
+            for rtt in rtts_ms:  # the delay line's accuracy, next to each figure
                 lab.set_delay("r", rtt)
-                measured = tcp_rtt_ms(lab, CLIENT_HOST, NODE_HOSTS[0], samples=20)["p50"]
-                results = []
-                for i in range(runs + 1):  # the first one warms the route up
+                measured[rtt] = tcp_rtt_ms(lab, CLIENT_HOST, NODE_HOSTS[0], samples=20)["p50"]
+            client.generate(PROMPT, max_new_tokens, model=model)  # warm-up: route, sessions
+            results: dict[float, list[dict[str, object]]] = {rtt: [] for rtt in rtts_ms}
+            for round_ in range(runs):  # interleaved: a shared machine's drift hits all alike
+                for rtt in rtts_ms:
+                    lab.set_delay("r", rtt)
                     result = client.generate(PROMPT, max_new_tokens, model=model)
                     if result["event"] != "result":
                         raise LabError(f"generation at {rtt:g} ms failed: {result}")
-                    if i:
-                        results.append(result)
-                point: dict[str, object] = {
+                    results[rtt].append(result)
+                    say(f"round {round_ + 1}/{runs}, rtt {rtt:g} ms: "
+                        f"{float(result['tokens_per_s']):.2f} tokens/s")  # type: ignore[arg-type]
+            for rtt in rtts_ms:
+                tps = statistics.median(float(r["tokens_per_s"])  # type: ignore[arg-type]
+                                        for r in results[rtt])
+                points.append({
                     "rtt_ms": rtt,
-                    "tokens_per_s": round(statistics.median(
-                        float(r["tokens_per_s"]) for r in results), 3),  # type: ignore[arg-type]
+                    "tokens_per_s": round(tps, 3),
                     "ttft_s": round(statistics.median(
-                        float(r["ttft_s"]) for r in results), 3),  # type: ignore[arg-type]
-                    "measured_rtt_ms": round(measured, 2),
-                }
-                points.append(point)
-                say(f"rtt {rtt:g} ms (measured {measured:.2f}): "
-                    f"{point['tokens_per_s']} tokens/s, ttft {point['ttft_s']} s")
+                        float(r["ttft_s"]) for r in results[rtt]), 3),  # type: ignore[arg-type]
+                    "ms_per_token": round(1000.0 / tps, 1) if tps > 0 else None,
+                    "measured_rtt_ms": round(measured[rtt], 2),
+                })
         finally:
             client.close()
     return {"points": points, "hops": len(NODE_HOSTS), "model": spec.name,
