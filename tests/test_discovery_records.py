@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import socket
 import stat
 
 import msgpack
@@ -224,6 +226,10 @@ def test_non_canonical_encoding_is_rejected():
         {"endpoints": ["tcp://0.0.0.0:4001"]},  # a listener's wildcard: nobody can dial it
         {"endpoints": ["tls://[::]:4001"]},
         {"endpoints": ["tls://[0:0::0]:4001"]},
+        {"endpoints": ["tcp://0:4001"]},  # what the resolver reads as 0.0.0.0
+        {"endpoints": ["tls://127.1:4001"]},  # ... as 127.0.0.1
+        {"endpoints": ["tls://0x7f.1:4001"]},
+        {"endpoints": ["tls://2130706433:4001"]},
         {"endpoints": ["relay://10.0.0.1:4001/not-a-peer-id!"]},
         {"endpoints": ["relay://10.0.0.1:4001"]},  # whom to reach through it?
         {"endpoints": [f"tls://10.0.0.{i}:4001" for i in range(5)]},  # more than 4
@@ -332,6 +338,15 @@ def test_check_endpoint_refuses_with_a_protocol_error_or_returns_something_diala
     scheme = text.split("://", 1)[0]
     if scheme in ("tls", "tcp"):
         host, port = parse_tcp_endpoint(text, scheme)  # the transports read it back
-        assert 1 <= port <= 65535 and host not in ("0.0.0.0", "::")
+        assert 1 <= port <= 65535
+        if ":" in host:
+            assert not ipaddress.ip_address(host).is_unspecified
+        else:
+            try:
+                packed = socket.inet_aton(host)  # how the resolver reads a numeric host
+            except OSError:
+                packed = None  # a DNS name
+            if packed is not None:  # it dials exactly the address written, not the wildcard
+                assert socket.inet_ntoa(packed) == host != "0.0.0.0"
     else:
         assert scheme in ("mem", "relay")

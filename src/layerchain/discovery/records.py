@@ -65,6 +65,7 @@ _HOST_PORT = r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})"
 _NET_ENDPOINT = re.compile(rf"(tls|tcp)://{_HOST_PORT}")
 _RELAY_ENDPOINT = re.compile(rf"relay://{_HOST_PORT}/([1-9A-HJ-NP-Za-km-z]{{16,24}})")
 _MEM_ENDPOINT = re.compile(r"mem://[A-Za-z0-9._-]+")
+_NUMERIC_LABEL = re.compile(r"[0-9]*|0[xX][0-9A-Fa-f]*")  # what inet_aton reads as a number
 
 
 @dataclass(frozen=True)
@@ -219,9 +220,10 @@ def check_endpoint(endpoint: str) -> str:
     """Pure: ``endpoint`` if a client could dial it, else ProtocolError saying why.
 
     Accepted: ``tls://HOST:PORT``, ``tcp://HOST:PORT``, ``relay://HOST:PORT/PEER_ID`` (a
-    base58 peer id) and ``mem://NAME``; HOST a DNS name, an IPv4 address or ``[IPv6]``,
-    never the unspecified address (``0.0.0.0``, ``[::]``: a listener's wildcard, which
-    no other machine can dial); PORT in 1..65535; at most ``MAX_ENDPOINT_CHARS`` chars.
+    base58 peer id) and ``mem://NAME``; HOST a DNS name, an IPv4 address in dotted-quad
+    form or ``[IPv6]``, never the unspecified address (``0.0.0.0``, ``[::]``: a listener's
+    wildcard, which no other machine can dial; nor its legacy spellings such as ``0``,
+    which resolvers accept); PORT in 1..65535; at most ``MAX_ENDPOINT_CHARS`` chars.
     """
     if not isinstance(endpoint, str) or len(endpoint) > MAX_ENDPOINT_CHARS:
         raise ProtocolError(
@@ -242,7 +244,13 @@ def check_endpoint(endpoint: str) -> str:
                             "is outside 1..65535")
     try:
         unspecified = ipaddress.ip_address(host.strip("[]")).is_unspecified
-    except ValueError:  # a DNS name
+    except ValueError:  # a DNS name, unless its last label is a number: no top-level
+        # domain is, but the resolver reads "0", "127.1" or "0x7f.1" as IPv4 addresses
+        if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+            raise ProtocolError(
+                f"malformed peer record: {host[:64]!r} in {endpoint[:64]!r} is neither a "
+                "DNS name nor an IP address in standard form"
+            ) from None
         unspecified = False
     if unspecified:
         raise ProtocolError(
