@@ -86,7 +86,8 @@ def test_announce_host_overrides_everything():
     assert announce_hosts("0.0.0.0", HOST, announce_host="[2001:db8::4]") == ("2001:db8::4",)
 
 
-@pytest.mark.parametrize("bad", ["0.0.0.0", "::", "not a host", "x" * 300, "a/b", "[::1"])
+@pytest.mark.parametrize("bad", ["0.0.0.0", "::", "not a host", "x" * 300, "a/b", "[::1", "0",
+                                 "127.1", "fe80::1%eth0", "[[::1]]"])
 def test_an_announce_host_nobody_can_dial_is_refused(bad):
     with pytest.raises(ConfigError, match="announce_host"):
         announce_hosts("0.0.0.0", HOST, announce_host=bad)

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 import psutil
 
-from layerchain.errors import ConfigError
+from layerchain.discovery.records import check_endpoint
+from layerchain.errors import ConfigError, ProtocolError
 
 MAX_ANNOUNCED = 4  # addresses announced at most (records.MAX_ENDPOINTS endpoints per record)
 WILDCARDS = frozenset({"0.0.0.0", "::", "[::]"})  # listen on every interface
 _ENDPOINT = re.compile(r"(?P<scheme>[a-z]+)://(?P<host>\[[^\]]*\]|[^:/\[\]]+):(?P<port>[0-9]+)")
-_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -79,17 +79,22 @@ def _dialable(address: str, ipv6: bool) -> bool:
 
 
 def check_announce_host(host: str) -> str:
-    """``host`` if it can go into an endpoint (an IP literal or a DNS name, not the
-    wildcard), else ConfigError. "" (no override) passes."""
-    if host == "" or (_ip(host) is not None and not is_wildcard(host)):
+    """``host`` if it can go into an endpoint of a record (``records.check_endpoint``: a
+    DNS name or an IP address in standard form, not the wildcard; IPv6 with or without
+    brackets), else ConfigError. "" (no override) passes."""
+    if host == "":
         return host
     if is_wildcard(host):
         raise ConfigError(f"announce_host {host!r} is the wildcard, which no peer can dial",
                           hint="give the address other machines reach this node at")
-    if not _HOST_NAME.fullmatch(host):
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        check_endpoint(join_endpoint("tcp", bare, 1))
+    except ProtocolError:
         raise ConfigError(
-            f"announce_host {host[:64]!r} is neither an IP address nor a DNS name"
-        )
+            f"announce_host {host[:64]!r} is neither a DNS name nor an IP address in "
+            "standard form"
+        ) from None
     return host
 
 
