@@ -238,6 +238,24 @@ def test_relay_caps_pairs_and_registrations():
     run(main())
 
 
+def test_a_peer_serves_no_more_relayed_connections_than_its_cap():
+    async def main():
+        relay = await started(RelayConfig(dial_timeout_s=0.5))
+        peer = Identity.generate()
+        registration = RelayRegistration(address(relay, peer), peer, echo_socket,
+                                         max_connections=1)
+        await registration.start()
+        held = await relay_dial(address(relay, peer))
+        assert await exchange(held, b"one") == b"one"
+        with pytest.raises(PeerUnreachable, match="did not dial back"):
+            await relay_dial(address(relay, peer))  # the peer ignores the relay's ask
+        held.close()
+        await registration.close()
+        await relay.close()
+
+    run(main())
+
+
 def test_relay_caps_bandwidth_per_pair():
     async def main():
         relay = await started(RelayConfig(max_mbps=4.0))  # 500 kB/s, a 125 kB burst

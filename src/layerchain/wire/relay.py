@@ -597,7 +597,8 @@ class RelayRegistration:
     relay announces, opens a data connection and serves it with ``serve``."""
 
     def __init__(self, address: RelayAddress, identity: Identity, serve: ServeOver,
-                 *, keepalive_s: float = 15.0, timeout_s: float = 5.0) -> None:
+                 *, keepalive_s: float = 15.0, timeout_s: float = 5.0,
+                 max_connections: int = DEFAULT_LIMITS.max_connections) -> None:
         if address.peer_id != identity.peer_id:
             raise ConfigError(f"relay endpoint {address} names another peer than this node "
                               f"({identity.peer_id})")
@@ -608,6 +609,9 @@ class RelayRegistration:
         self._serve = serve
         self._keepalive_s = keepalive_s  # ping the relay when the control is this quiet
         self._timeout_s = timeout_s  # connect and handshake timeout, seconds
+        # relayed connections served at once: a relay asking for more is not obeyed (the
+        # node's own listener caps its direct connections the same way)
+        self._max_connections = max_connections
         self._runner: asyncio.Task[None] | None = None
         self._control: TcpConnection | None = None  # the live control connection
         self._tasks: set[asyncio.Task[None]] = set()
@@ -681,6 +685,10 @@ class RelayRegistration:
                 continue
             pings = 0
             if isinstance(msg, m.RelayDial):
+                if len(self._tasks) >= self._max_connections:
+                    log.warning("relay %s asks for more than %d connections: refused",
+                                self.address.relay, self._max_connections)
+                    continue
                 self._spawn(self._data(msg.token))
 
     async def _data(self, token: bytes) -> None:
@@ -781,7 +789,8 @@ class RelayTransport:
                 sock.close()
 
         registration = RelayRegistration(
-            parse_relay_endpoint(endpoint), identity, serve, timeout_s=self.connect_timeout_s
+            parse_relay_endpoint(endpoint), identity, serve, timeout_s=self.connect_timeout_s,
+            max_connections=limits.max_connections,
         )
         await registration.start()
         return registration
