@@ -215,24 +215,33 @@ def test_a_registration_is_refused_for_an_endpoint_naming_another_peer():
 
 def test_relay_caps_pairs_and_registrations():
     async def main():
-        relay = await started(RelayConfig(max_pairs=1, max_registrations=1))
+        relay = await started(RelayConfig(max_pairs=1, max_registrations=1, dial_timeout_s=1.0))
         first, second = Identity.generate(), Identity.generate()
         registration = RelayRegistration(address(relay, first), first, echo_socket)
         await registration.start()
         with pytest.raises(PeerBusy, match="registrations, its cap"):
             await RelayRegistration(address(relay, second), second, echo_socket).start()
-        held = await relay_dial(address(relay, first))
+        idle = await relay_dial(address(relay, first))
+        assert await exchange(idle, b"x") == b"x"
+        await asyncio.sleep(0.05)
+        newcomer = await relay_dial(address(relay, first))  # the idle pair gives way
+        assert await exchange(newcomer, b"y") == b"y"
+        assert relay.evicted == 1
+        loop = asyncio.get_running_loop()
+        assert await asyncio.wait_for(loop.sock_recv(idle, 10), 5) == b""  # closed
+        idle.close()
+        newcomer.close()
+        await registration.close()
+        # a slot held by a client still waiting for its peer cannot be taken
+        deaf = RelayRegistration(address(relay, first), first, echo_socket, max_connections=0)
+        await deaf.start()
+        waiting = asyncio.create_task(relay_dial(address(relay, first)))
+        await asyncio.sleep(0.2)
         with pytest.raises(PeerBusy, match="forwards 1 connections, its cap"):
             await relay_dial(address(relay, first))
-        held.close()  # the pair ends: its slot is free again
-        for _ in range(100):
-            if relay.pairs == 0:
-                break
-            await asyncio.sleep(0.01)
-        again = await relay_dial(address(relay, first))
-        assert await exchange(again, b"x") == b"x"
-        again.close()
-        await registration.close()
+        with pytest.raises(PeerUnreachable, match="did not dial back"):
+            await waiting
+        await deaf.close()
         await relay.close()
 
     run(main())

@@ -27,7 +27,8 @@ Handshake frames are read with exact-length ``sock_recv`` calls, so no byte afte
 handshake frame is ever buffered by us: the socket is handed to TLS clean.
 
 Caps of a relay (``RelayConfig``): spliced pairs at once (``max_pairs``, counting clients
-waiting for their peer's data connection), bytes per second in each direction of a pair
+waiting for their peer's data connection; at the cap the least recently active spliced
+pair gives way to a newcomer, as a node's listener does), bytes per second in each direction of a pair
 (``max_mbps``, a token bucket), registered peers (``max_registrations``), sockets still in
 their handshake (``max_pending``, each with ``handshake_timeout_s``). Registering a peer id
 needs its private key; a new proven registration of the same id replaces the old one.
@@ -282,6 +283,7 @@ class _Pipe(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.other: _Pipe | None = None
         self.bytes = 0  # bytes read on this side (forwarded to the other)
+        self.active_at = asyncio.get_running_loop().time()  # loop time of its last bytes
         self._bucket = bucket
         self._done = done
         self._throttled = False  # the bucket is in debt
@@ -302,6 +304,7 @@ class _Pipe(asyncio.BufferedProtocol):
             return
         other.transport.write(bytes(self._buffer[:nbytes]))  # (the buffer is reused)
         self.bytes += nbytes
+        self.active_at = self._loop.time()
         wait = self._bucket.take(nbytes, self._loop.time())
         if wait > 0.0:
             self._throttled = True
@@ -343,9 +346,14 @@ class _Pipe(asyncio.BufferedProtocol):
             self._done.set_result(None)
 
 
-async def splice(a: socket.socket, b: socket.socket, config: RelayConfig) -> tuple[int, int]:
+_Pair = tuple[_Pipe, _Pipe]
+
+
+async def splice(a: socket.socket, b: socket.socket, config: RelayConfig,
+                 live: set[_Pair] | None = None) -> tuple[int, int]:
     """Forward bytes both ways between two connected sockets until either side ends;
-    (bytes a -> b, bytes b -> a). Each direction is capped at ``config.max_mbps``."""
+    (bytes a -> b, bytes b -> a). Each direction is capped at ``config.max_mbps``. The
+    pair is in ``live`` while it runs (the relay evicts from there)."""
     loop = asyncio.get_running_loop()
     done_a: asyncio.Future[None] = loop.create_future()
     done_b: asyncio.Future[None] = loop.create_future()
@@ -364,9 +372,14 @@ async def splice(a: socket.socket, b: socket.socket, config: RelayConfig) -> tup
         raise
     pa._update()
     pb._update()
+    pair = (pa, pb)
+    if live is not None:
+        live.add(pair)
     try:
         await asyncio.gather(done_a, done_b)
     finally:  # cancelled (the relay closes): drop both at once
+        if live is not None:
+            live.discard(pair)
         for pipe in (pa, pb):
             if pipe.transport is not None and not pipe.transport.is_closing():
                 pipe.transport.abort()
@@ -393,6 +406,8 @@ class RelayService:
         self.pairs = 0  # spliced or waiting pairs now
         self.refused = 0  # sockets refused at a cap or for a bad handshake
         self.spliced = 0  # pairs spliced so far
+        self.evicted = 0  # spliced pairs closed to admit a new client at the cap
+        self._live: set[_Pair] = set()  # spliced pairs now
         self._waiting: dict[bytes, tuple[str, asyncio.Future[socket.socket]]] = {}
         self._pending = 0
         self._server: socket.socket | None = None
@@ -542,7 +557,7 @@ class RelayService:
             if reg is None:
                 raise PeerUnreachable(f"peer {msg.peer_id[:40]!r} is not registered here")
             if self.pairs >= self.config.max_pairs:
-                raise PeerBusy(f"this relay forwards {self.pairs} connections, its cap")
+                self._evict_quietest(msg.rid)
         except LayerchainError as error:
             self.refused += 1
             with contextlib.suppress(LayerchainError):
@@ -571,10 +586,25 @@ class RelayService:
                 peer_sock.close()
                 return
             self.spliced += 1
-            await splice(sock, peer_sock, self.config)
+            await splice(sock, peer_sock, self.config, self._live)
         finally:
             self._waiting.pop(token, None)
             self.pairs -= 1
+
+    def _evict_quietest(self, rid: int) -> None:
+        """At the cap, the spliced pair whose last byte is oldest gives way to a newcomer,
+        as the node's own listener does (idle pipes cannot lock honest clients out);
+        PeerBusy if every slot is a client still waiting for its peer."""
+        victim = min(self._live, key=lambda p: max(p[0].active_at, p[1].active_at),
+                     default=None)
+        if victim is None:
+            raise PeerBusy(f"this relay forwards {self.pairs} connections, its cap")
+        self.evicted += 1
+        self._live.discard(victim)
+        log.info("relay at its cap of %d pairs: closing the quietest", self.config.max_pairs)
+        for pipe in victim:
+            if pipe.transport is not None:
+                pipe.transport.abort()
 
     async def _accept(self, sock: socket.socket, msg: m.RelayAccept) -> bool:
         """A peer's data connection for a waiting client: hand it over to the splice."""
