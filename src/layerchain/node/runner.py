@@ -183,7 +183,8 @@ async def settle_reachability(
     starts its relay service. Not (``private``, or nobody dialled back): it registers with
     ``--relay-via`` or a peer offering to relay, so its relay:// endpoint is announced
     first, and its DHT becomes a client (recreated, when the check found it private).
-    Returns the discovery to use from now on. ConfigError if private with no relay."""
+    Returns the discovery to use from now on. Private with no relay: ConfigError when
+    forced, else a warning and direct service (the helpers may have been wrong)."""
     rng = random.Random()
     public = config.reachability == "public"
     records = []  # the swarm's records, read only when needed (a find costs 0.2-0.6 s)
@@ -207,6 +208,10 @@ async def settle_reachability(
     if config.relay:
         log.warning("not relaying: this node is not reachable (--relay needs a reachable node)")
     relay = config.relay_via or await find_relay(node.transport, pick_relays(records, node.peer_id, rng))
+    if not relay and config.reachability == "auto":  # maybe the helpers erred: serve directly
+        log.warning("no peer could dial this node and no relay was found: serving directly; "
+                    "start a reachable node with --relay for nodes behind NAT")
+        return discovery
     if not relay:
         raise ConfigError(
             "this node cannot be reached by other peers, and no relay was found",
