@@ -207,7 +207,8 @@ class Auditor:
                 try:
                     await session.open()
                 except LayerchainError as error:  # NoRoute: no one else serves these blocks
-                    self._trust(hs, f"no peer can audit it ({error})")
+                    # a swarm without spares: usual, not alarming (info, not a warning)
+                    self._trust(hs, f"no peer can audit it ({error})", logging.INFO)
                     return
                 shadow = self._shadows[id(hs)] = _Shadow(session)
             first = shadow.fed
@@ -242,9 +243,9 @@ class Auditor:
             except NoRoute:
                 self._trust(hs, f"its audit failed and no other peer serves it ({error})")
 
-    def _trust(self, hs: HopSession, why: str) -> None:
-        log.warning("hop %d:%d on peer %s is not audited: %s", hs.hop.start, hs.hop.end,
-                    hs.hop.peer_id, why)
+    def _trust(self, hs: HopSession, why: str, level: int = logging.WARNING) -> None:
+        log.log(level, "hop %d:%d on peer %s is not audited: %s", hs.hop.start, hs.hop.end,
+                hs.hop.peer_id, why)
         self.session.trust(hs)
 
     def _drop_shadow(self, hs: HopSession) -> None:
