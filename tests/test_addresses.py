@@ -18,7 +18,7 @@ from layerchain.discovery.addresses import (
     unreachable_from_peers,
 )
 from layerchain.discovery.identity import Identity
-from layerchain.discovery.records import PeerRecord, check_endpoint
+from layerchain.discovery.records import MAX_ENDPOINTS, PeerRecord, check_endpoint
 from layerchain.errors import ConfigError
 from layerchain.types import Span
 
@@ -52,13 +52,13 @@ def test_the_listeners_family_only_as_asyncio_and_libp2p_bind_the_ipv6_wildcard_
     assert announce_hosts("::", HOST, route_sources=["10.20.0.7"]) == ("fd00::7",)  # no fe80
     many = [InterfaceAddress("eth0", f"fd00::{i}") for i in range(1, 7)]
     assert announce_hosts("::", many, route_sources=["fd00::5"]) == (
-        "fd00::5", "fd00::1", "fd00::2", "fd00::3")
+        "fd00::5", "fd00::1", "fd00::2")
     assert announce_hosts("::", HOST[:2]) == ("::1",)
 
 
-def test_at_most_four_addresses_are_announced():
+def test_at_most_three_addresses_are_announced_leaving_room_for_a_relay():
     many = [InterfaceAddress(f"eth{i}", f"10.0.{i}.1") for i in range(9)]
-    assert len(announce_hosts("0.0.0.0", many)) == MAX_ANNOUNCED
+    assert len(announce_hosts("0.0.0.0", many)) == MAX_ANNOUNCED == MAX_ENDPOINTS - 1
 
 
 def test_a_route_source_that_is_not_an_interface_of_this_host_is_ignored():

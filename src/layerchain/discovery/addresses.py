@@ -18,10 +18,10 @@ Loopback addresses are announced only when nothing else is left, which happens o
 machine with no network (or a node listening on loopback: a single-host swarm). The port
 is the listener's unless ``--announce-port`` overrides it.
 
-``announce_hosts``, ``announced_endpoints`` and ``announce_multiaddrs`` are pure (unit-tested
-with literal interface lists); ``interface_addresses``, ``route_source`` and
-``peer_hosts`` read the machine and the multiaddrs, nothing else. Only IP literals are
-handled; a DNS name in ``--announce-host`` is passed through as given.
+``announce_hosts``, ``announced_endpoints``, ``announce_multiaddrs``, ``peer_hosts`` and
+``unreachable_from_peers`` are pure (unit-tested with literal interface lists);
+``interface_addresses`` and ``route_source`` read the machine, nothing else. A DNS name in
+``--announce-host`` is passed through as given.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 
 import psutil
 
-from layerchain.discovery.records import check_endpoint
+from layerchain.discovery.records import MAX_ENDPOINTS, check_endpoint
 from layerchain.errors import ConfigError, ProtocolError
 
-MAX_ANNOUNCED = 4  # addresses announced at most (records.MAX_ENDPOINTS endpoints per record)
-WILDCARDS = frozenset({"0.0.0.0", "::", "[::]"})  # listen on every interface
+MAX_ANNOUNCED = MAX_ENDPOINTS - 1  # direct addresses announced at most: a record holds
+# MAX_ENDPOINTS endpoints, and one stays free for a relay:// endpoint
 _ENDPOINT = re.compile(r"(?P<scheme>[a-z]+)://(?P<host>\[[^\]]*\]|[^:/\[\]]+):(?P<port>[0-9]+)")
 
 
