@@ -82,6 +82,11 @@ def test_modes_are_checked_and_the_flag_says_it_is_for_testing():
     start = typer.main.get_command(app).commands["node"].commands["start"]  # type: ignore[attr-defined]
     (flag,) = [p for p in start.params if p.name == "misbehave"]
     assert flag.opts == ["--misbehave"] and "For testing defences only" in flag.help
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["node", "start", "--blocks", "0:2", "--new-swarm",
+                                      "--misbehave", "lie"])  # reaches NodeConfig's check
+    assert result.exit_code == 1 and "misbehave mode 'lie' is unknown" in result.output
 
 
 @pytest.mark.parametrize("mode", [*MODES, ""])
