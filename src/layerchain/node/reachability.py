@@ -35,7 +35,8 @@ from layerchain.wire.transport import Transport
 log = logging.getLogger(__name__)
 
 MAX_HELPERS = 3  # peers asked to dial back
-DIAL_BACK_TIMEOUT_S = 5.0  # for one dial-back: connect, probe, answer
+DIAL_BACK_TIMEOUT_S = 3.0  # for one dial-back: connect, probe, answer (the asker waits
+# twice this for its helper: a stuck helper delays a node's start by 6 s at most)
 MAX_DIAL_BACKS = 4  # dial-backs a helper runs at once for others (more: busy)
 _DIRECT = ("tls://", "tcp://", "mem://")  # endpoints a dial-back may target
 
