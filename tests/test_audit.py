@@ -270,3 +270,23 @@ def test_a_stream_closed_early_reports_the_tokens_it_showed(tiny_model, referenc
     shown, result = run(main())
     assert result.finish_reason == "cancelled"
     assert list(result.token_ids) == shown == list(reference(tiny_model, PROMPT, PARAMS).token_ids[:3])
+
+
+def test_audits_are_paid_within_max_cost(tiny_model, reference, tmp_path):
+    max_cost = 400  # credits: the prompt and its audits fit, the whole answer does not
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            for i in range(2):
+                await swarm.add_node(0, 2, tmp_path / f"a{i}", price_per_block=PRICE)
+                await swarm.add_node(2, 4, tmp_path / f"b{i}", price_per_block=PRICE)
+            return await swarm.client(audit_rate=1.0, max_cost=max_cost).generate(PROMPT, PARAMS)
+        finally:
+            await swarm.close()
+
+    result = run(main())
+    assert result.finish_reason == "max_cost"
+    assert 0 < result.cost <= max_cost
+    assert len(result.payments) == 4  # the route's two hops and their two auditors
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids[: len(result.token_ids)]

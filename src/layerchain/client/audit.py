@@ -190,6 +190,7 @@ class Auditor:
         return InferenceSession(
             s.peers, s.max_length, step_tokens=s.step_tokens, funding=s.funding,
             limits=s.limits, blocks=(hs.hop.start, hs.hop.end), exclude=frozenset(exclude),
+            budget=s,  # audits are paid within the generation's max_cost
         )
 
     async def _replay(self, session: InferenceSession, inputs: list[torch.Tensor]) -> torch.Tensor:

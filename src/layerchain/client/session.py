@@ -135,6 +135,7 @@ class InferenceSession:
         blocks: tuple[int, int | None] = (0, None),
         exclude: frozenset[str] = frozenset(),
         pay_when_verified: bool = False,
+        budget: InferenceSession | None = None,
     ) -> None:
         self.peers = peers
         self.config = peers.config
@@ -152,6 +153,9 @@ class InferenceSession:
         self.exclude = exclude  # peers never planned into this session (audited ones)
         self.pay_when_verified = pay_when_verified  # audited hops are paid once cleared
         self.committed = 0  # credits paid or owed for work asked, disputed work included
+        # the session whose max_cost (and committed credits) this one shares: an audit's
+        # work counts against the generation it audits
+        self.budget = budget or self
         self.retired: list[HopSession] = []  # hops replaced by failover, with their history
         self._opened: dict[str, HopSession] = {}  # wallet -> a hop opened on it (to settle)
         self._closing: set[asyncio.Task[None]] = set()  # failed hops closed in the background
@@ -372,13 +376,14 @@ class InferenceSession:
         paid): paying it in advance, or on a lagging hop what audits cleared and what the
         node's credit requires (``cleared``: this amount needs no audit, a reservation fee).
         CostLimitExceeded, before paying, when it would take the cost past ``max_cost``."""
-        if self.max_cost is not None and self.committed + amount > self.max_cost:
+        budget = self.budget
+        if budget.max_cost is not None and budget.committed + amount > budget.max_cost:
             raise CostLimitExceeded(
-                f"the next step costs {amount} credits and {self.committed} are spent: more "
-                f"than max_cost {self.max_cost}",
+                f"the next step costs {amount} credits and {budget.committed} are spent: "
+                f"more than max_cost {budget.max_cost}",
                 hint="raise --max-cost (max_cost=) or lower max_new_tokens",
             )
-        self.committed += amount
+        budget.committed += amount
         if self.funding is None or (amount == 0 and not self._lagging(hs)):
             return b""
         if hs.verifier.price_per_block == 0:
@@ -420,7 +425,7 @@ class InferenceSession:
         amount = sum(self.step_amount(hs, i) for i in range(max(step, hs.cleared), len(hs.inputs)))
         hs.cleared = len(hs.inputs)  # settled: nothing more of it is cleared
         hs.disputed = True
-        self.committed -= amount
+        self.budget.committed -= amount
         if self.funding is not None and self.pay_when_verified and amount:
             self.funding.dispute(hs.record.wallet, amount)
         return amount
@@ -447,7 +452,8 @@ class InferenceSession:
             self.payments[peer_id] = p if mine is None else replace(
                 mine, tokens=mine.tokens + p.tokens, amount=mine.amount + p.amount
             )
-        self.committed += other.committed
+        if other.budget is not self:  # a budget of its own: its credits join this one's
+            self.committed += other.committed
         other.payments = {}
         other.committed = 0
 
