@@ -29,6 +29,7 @@ from layerchain.node.reachability import (
     pick_helpers,
     pick_relays,
     relayed_endpoints,
+    same_host_only,
 )
 from layerchain.wire import messages as m
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits
@@ -538,6 +539,9 @@ def test_pure_rules_pick_helpers_relays_and_what_a_private_node_announces(record
     ours = f"relay://10.0.0.1:9/{me.peer_id}"
     direct = ("tls://192.168.1.7:1", "tls://10.8.0.2:1", "tls://172.17.0.1:1", "tls://[fd00::1]:1")
     assert relayed_endpoints(ours, direct) == (ours, *direct[:3])  # relayed first, 4 at most
+    assert same_host_only(("tls://127.0.0.1:5", "mem://x"), "127.0.0.1")  # a local swarm
+    assert not same_host_only(("tls://127.0.0.2:5",), "127.0.0.1")  # announced elsewhere
+    assert not same_host_only(("tls://192.168.1.7:5",), "192.168.1.7")
     assert parse_relay_via("relay.example:7000") == "relay.example:7000"
     with pytest.raises(ConfigError, match="HOST:PORT"):
         parse_relay_via("relay.example")
@@ -658,6 +662,57 @@ def test_a_hop_through_a_tampering_relay_fails_over_with_identical_output(
     first, second = run(main(), timeout=120)
     expected = reference(tiny_model, prompt, params).token_ids
     assert first.token_ids == expected and second.token_ids == expected
+
+
+def test_a_node_that_had_nobody_to_ask_finds_out_later_and_moves_behind_a_relay(
+    tiny_model, tmp_path
+):
+    """Nodes starting together find nobody to ask: the one nobody can dial (it announces
+    127.0.0.2, where it does not listen) asks again once a peer appears, finds it is
+    private, registers with that peer's relay and announces its relay:// endpoint."""
+    from layerchain.discovery import MemoryDHT, MemoryDiscovery
+    from layerchain.model import load_span, resolve_model
+    from layerchain.node import Node, NodeConfig
+    from layerchain.node.runner import recheck_reachability
+
+    spec = resolve_model(tiny_model)
+    hub = MemoryDHT()
+
+    def node(name: str, *hosts: str) -> Node:
+        identity = Identity.generate()
+        return Node(
+            NodeConfig(model=tiny_model, start=0, end=2, data_dir=tmp_path / name),
+            spec=spec, span=load_span(spec, 0, 2), transport=Dialer(identity),
+            listen_at="tls://127.0.0.1:0", discovery=MemoryDiscovery(hub, identity),
+            identity=identity, announce_hosts=hosts,
+        )
+
+    async def main():
+        behind = node("behind-nat", "127.0.0.2")
+        await behind.listen()
+        await behind.announce()
+        assert behind.record().endpoints[0].startswith("tls://127.0.0.2:")
+        recheck = asyncio.create_task(recheck_reachability(
+            behind, behind.config, behind.discovery, first_wait_s=0.1, max_wait_s=0.5))
+        relay = node("relay")
+        await relay.listen()
+        relay.relay_service = await started()
+        await relay.announce()
+        try:
+            await asyncio.wait_for(recheck, 15)
+            endpoints = behind.record().endpoints
+            assert endpoints[0] == (f"relay://127.0.0.1:{relay.relay_service.port}/"
+                                    f"{behind.peer_id}"), endpoints
+            assert endpoints[1].startswith("tls://127.0.0.2:")
+            rpc = RpcClient(await Dialer().connect(endpoints[0], peer_id=behind.peer_id))
+            info = await rpc.call(m.Info(0), timeout=5)
+            assert isinstance(info, m.InfoReply) and info.peer_id == behind.peer_id
+            await rpc.close()
+        finally:
+            await behind.stop(drain_s=0)
+            await relay.stop(drain_s=0)
+
+    run(main(), timeout=60)
 
 
 # ---------------------------------------------------------------------------- real processes

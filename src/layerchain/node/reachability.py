@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import secrets
@@ -113,6 +114,23 @@ def relayed_endpoints(relay_endpoint: str, direct: Sequence[str]) -> tuple[str, 
     """What a private node announces: its relayed endpoint first, then its direct ones
     (a LAN peer may reach those), at most ``MAX_ENDPOINTS``."""
     return (relay_endpoint, *(e for e in direct if e != relay_endpoint))[:MAX_ENDPOINTS]
+
+
+def same_host_only(endpoints: Sequence[str], listen_host: str) -> bool:
+    """True if every endpoint is in-memory or the loopback address the node listens on:
+    only this machine dials them and NAT does not come into it (a one-machine swarm has
+    nothing to check). Another announced address, loopback or not, is checked."""
+    for endpoint in endpoints:
+        if endpoint.startswith("mem://"):
+            continue
+        scheme = endpoint.split("://", 1)[0]
+        try:
+            host, _ = parse_tcp_endpoint(endpoint, scheme)
+            if host != listen_host or not ipaddress.ip_address(host).is_loopback:
+                return False
+        except (ConfigError, ValueError):  # a DNS name or a relay: another machine's
+            return False
+    return True
 
 
 def parse_relay_via(value: str) -> str:

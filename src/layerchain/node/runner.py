@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from layerchain.discovery import HivemindDiscovery, Identity
+from layerchain.discovery import Discovery, HivemindDiscovery, Identity, PeerRecord
 from layerchain.discovery.addresses import local_announce_hosts, unreachable_from_peers
 from layerchain.ledger import open_ledger
 from layerchain.market import Wallet
@@ -38,16 +38,20 @@ from layerchain.node.reachability import (
     find_relay,
     pick_helpers,
     pick_relays,
+    same_host_only,
 )
 from layerchain.node.server import Node, measure_ms_per_block
 from layerchain.types import Span
-from layerchain.errors import ConfigError
+from layerchain.errors import ConfigError, LayerchainError
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits, largest_step_frame
 from layerchain.wire.relay import RelayConfig, RelayService
 from layerchain.wire.tcp import format_tcp_endpoint, parse_tcp_endpoint
 from layerchain.wire.transport import Dialer
 
 log = logging.getLogger(__name__)
+
+SETTLE_WAIT_S = 20.0  # a node whose reachability is not settled at start (nobody to ask
+# yet) keeps asking this long before it says it serves (node.json); then in the background
 
 
 def wire_limits(config: NodeConfig, hidden_size: int) -> Limits:
@@ -144,31 +148,45 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    rechecker: asyncio.Task[None] | None = None
     try:
         await node.listen()
-        discovery = await settle_reachability(node, config, discovery)
+        discovery, settled = await settle_reachability(node, config, discovery)
         await node.announce()
+        if not settled:  # nodes starting together: wait a little for peers to ask
+            rechecker = loop.create_task(
+                recheck_reachability(node, config, discovery, first_wait_s=1.0))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(rechecker), SETTLE_WAIT_S)
         addresses = discovery.visible_addresses or discovery.initial_peers
-        ready = {
-            "pid": os.getpid(),
-            "peer_id": node.peer_id,
-            "start": node.span.start,
-            "end": node.span.end,
-            "endpoint": node.endpoints[0],
-            "endpoints": list(node.endpoints),
-            "dht_addresses": addresses,
-            "relay": relay_address(node),  # HOST:PORT of its relay service, "" if none
-            "relayed": node.relay_listener is not None,  # serves through a relay (private)
-            "ms_per_block": node.ms_per_block,
-            "wallet": node.wallet,
-        }
-        tmp = config.data_dir / "node.json.tmp"
-        tmp.write_text(json.dumps(ready))
-        tmp.replace(config.data_dir / "node.json")
+
+        def write_ready(_: object = None) -> None:
+            ready = {
+                "pid": os.getpid(),
+                "peer_id": node.peer_id,
+                "start": node.span.start,
+                "end": node.span.end,
+                "endpoint": node.endpoints[0],
+                "endpoints": list(node.endpoints),
+                "dht_addresses": addresses,
+                "relay": relay_address(node),  # HOST:PORT of its relay service, "" if none
+                "relayed": node.relay_listener is not None,  # serves through a relay (private)
+                "ms_per_block": node.ms_per_block,
+                "wallet": node.wallet,
+            }
+            tmp = config.data_dir / "node.json.tmp"
+            tmp.write_text(json.dumps(ready))
+            tmp.replace(config.data_dir / "node.json")
+
+        write_ready()
+        if rechecker is not None and not rechecker.done():  # settled later: say so
+            rechecker.add_done_callback(write_ready)
         if on_ready is not None:
             on_ready(node, addresses)
         await stop.wait()
     finally:
+        if rechecker is not None:
+            rechecker.cancel()
         await node.stop(drain_s=config.drain_s)
         await discovery.close()
         (config.data_dir / "node.json").unlink(missing_ok=True)
@@ -176,27 +194,32 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
 
 async def settle_reachability(
     node: Node, config: NodeConfig, discovery: HivemindDiscovery
-) -> HivemindDiscovery:
+) -> tuple[HivemindDiscovery, bool]:
     """Between ``node.listen()`` and ``node.announce()``: can peers dial this node?
 
     Reachable (``--reachability public``, or a peer dialled back): with ``--relay`` it
     starts its relay service. Not (``private``, or nobody dialled back): it registers with
     ``--relay-via`` or a peer offering to relay, so its relay:// endpoint is announced
     first, and its DHT becomes a client (recreated, when the check found it private).
-    Returns the discovery to use from now on. Private with no relay: ConfigError when
-    forced, else a warning and direct service (the helpers may have been wrong)."""
+    Returns the discovery to use from now on, and whether the answer is settled: an auto
+    check with nobody to ask, or private with no relay yet, is not (the node serves
+    directly meanwhile; ``recheck_reachability`` asks again). ConfigError when private is
+    forced and no relay is found."""
     rng = random.Random()
     public = config.reachability == "public"
+    if config.reachability == "auto" and same_host_only(node.endpoints, config.host):
+        public = True  # a one-machine swarm: nothing to check
     records = []  # the swarm's records, read only when needed (a find costs 0.2-0.6 s)
-    if config.reachability == "auto" or not (public or config.relay_via):
+    if (config.reachability == "auto" and not public) or not (public or config.relay_via):
         records = await discovery.find(node.spec.model_id, node.spec.num_blocks)
-    if config.reachability == "auto":
+    settled = True
+    if config.reachability == "auto" and not public:
         helpers = pick_helpers(records, node.peer_id, rng)
         reach = await check_reachability(
             node.transport, node.endpoints[0], node.peer_id, helpers, node.probes
         )
         log.info("reachability: %s (%s)", "public" if reach.public else "private", reach.why)
-        public = reach.public
+        public, settled = reach.public, bool(helpers) or config.relay
     if public:
         if config.relay:
             service = RelayService(RelayConfig(max_pairs=config.relay_max_connections,
@@ -204,22 +227,19 @@ async def settle_reachability(
             await service.start(config.host, config.relay_port)
             node.relay_service = service
             log.info("relaying for peers behind NAT at %s", relay_address(node))
-        return discovery
+        return discovery, settled
     if config.relay:
         log.warning("not relaying: this node is not reachable (--relay needs a reachable node)")
-    relay = config.relay_via or await find_relay(node.transport, pick_relays(records, node.peer_id, rng))
-    if not relay and config.reachability == "auto":  # maybe the helpers erred: serve directly
-        log.warning("no peer could dial this node and no relay was found: serving directly; "
-                    "start a reachable node with --relay for nodes behind NAT")
-        return discovery
-    if not relay:
-        raise ConfigError(
-            "this node cannot be reached by other peers, and no relay was found",
-            hint="start a reachable node with --relay, then pass --relay-via HOST:PORT (or "
-                 "--reachability public if peers can reach this node)",
-        )
-    await node.serve_via(relay)
-    log.info("serving through relay %s at %s", relay, node.endpoints[0])
+    if not await _serve_via_relay(node, config, records, rng):
+        if config.reachability == "private":
+            raise ConfigError(
+                "this node cannot be reached by other peers, and no relay was found",
+                hint="start a reachable node with --relay, then pass --relay-via HOST:PORT "
+                     "(or --reachability public if peers can reach this node)",
+            )
+        log.warning("no peer could dial this node and no relay was found yet: serving "
+                    "directly meanwhile (a reachable node started with --relay helps)")
+        return discovery, False
     if config.reachability == "auto":  # it joined as a DHT server: rejoin as a client
         await discovery.close()
         discovery = await HivemindDiscovery.create(
@@ -230,7 +250,51 @@ async def settle_reachability(
             client_mode=True,
         )
         node.discovery = discovery
-    return discovery
+    return discovery, True
+
+
+async def _serve_via_relay(node: Node, config: NodeConfig, records: list[PeerRecord],
+                           rng: random.Random) -> bool:
+    """Register with ``--relay-via`` or a relay among ``records``; False if none answers."""
+    relay = config.relay_via or await find_relay(
+        node.transport, pick_relays(records, node.peer_id, rng))
+    if not relay:
+        return False
+    await node.serve_via(relay)
+    log.info("serving through relay %s at %s", relay, node.endpoints[0])
+    return True
+
+
+async def recheck_reachability(node: Node, config: NodeConfig, discovery: Discovery,
+                               first_wait_s: float = 2.0, max_wait_s: float = 60.0) -> None:
+    """For an auto node whose answer was not settled at start (nodes starting together
+    find nobody to ask): ask again, waiting ``first_wait_s`` doubling up to ``max_wait_s``
+    between tries, until it is found reachable or serves through a relay; then its records
+    are announced again at once. (Its DHT stays a server: a late finding does not restart
+    it.)"""
+    rng = random.Random()
+    wait = first_wait_s
+    while True:
+        await asyncio.sleep(wait)
+        wait = min(max_wait_s, 2 * wait)
+        try:
+            records = await discovery.find(node.spec.model_id, node.spec.num_blocks)
+            helpers = pick_helpers(records, node.peer_id, rng)
+            if not helpers:
+                continue
+            reach = await check_reachability(
+                node.transport, node.endpoints[0], node.peer_id, helpers, node.probes
+            )
+            log.info("reachability, checked again: %s (%s)",
+                     "public" if reach.public else "private", reach.why)
+            if reach.public:
+                return
+            if await _serve_via_relay(node, config, records, rng):
+                if node.announcer is not None:
+                    await node.announcer.announce_now()
+                return
+        except LayerchainError as error:
+            log.info("reachability check failed, will retry: %s", error)
 
 
 def relay_address(node: Node) -> str:
