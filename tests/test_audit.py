@@ -290,3 +290,28 @@ def test_audits_are_paid_within_max_cost(tiny_model, reference, tmp_path):
     assert 0 < result.cost <= max_cost
     assert len(result.payments) == 4  # the route's two hops and their two auditors
     assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids[: len(result.token_ids)]
+
+
+def test_a_cheater_never_audits_itself_under_another_peer_id(tiny_model, reference, tmp_path):
+    from layerchain.market import Wallet
+
+    wallet = Wallet.generate()  # two nodes, one owner, the same cheaper weights
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            cheater = await swarm.add_node(0, 2, tmp_path / "c1", misbehave="model", wallet=wallet)
+            twin = await swarm.add_node(0, 2, tmp_path / "c2", misbehave="model", wallet=wallet,
+                                        emulate_latency_ms=2)  # the first choice to audit
+            await swarm.add_node(2, 4, tmp_path / "b")
+            for i in range(2):
+                await swarm.add_node(0, 2, tmp_path / f"h{i}", emulate_latency_ms=10)
+            client = swarm.client(audit_rate=0.25)
+            return await client.generate(PROMPT, PARAMS), client, cheater, twin
+        finally:
+            await swarm.close()
+
+    result, client, cheater, twin = run(main())
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
+    assert [d.peer_id for d in result.disputes] == [cheater.peer_id]
+    assert {cheater.peer_id, twin.peer_id} <= client.peers.banned()  # banned by wallet

@@ -186,7 +186,12 @@ class Auditor:
     # ---------------------------------------------------------------- one audit
 
     def _new_session(self, hs: HopSession, exclude: set[str]) -> InferenceSession:
+        """A session over ``hs``'s blocks on peers other than ``exclude`` and any peer paid
+        to the same wallet as one of them (a node never audits itself under another id)."""
         s = self.session
+        records = s.peers.records
+        wallets = {records[p].wallet.lower() for p in exclude if p in records and records[p].wallet}
+        exclude = exclude | {p for p, r in records.items() if r.wallet.lower() in wallets}
         return InferenceSession(
             s.peers, s.max_length, step_tokens=s.step_tokens, funding=s.funding,
             limits=s.limits, blocks=(hs.hop.start, hs.hop.end), exclude=frozenset(exclude),
