@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from layerchain.errors import (
     ChannelError,
     ConfigError,
@@ -74,6 +76,7 @@ from layerchain.market import (
     step_amount,
 )
 from layerchain.market.credit import credit_amount
+from layerchain.market.commitment import commit
 from layerchain.market.vouchers import decode_voucher
 from layerchain.types import Span
 
@@ -207,8 +210,12 @@ class NodePayments:
         self._owed[channel_id] = owed
         payment.channel_id = channel_id
 
-    def receipt(self, payment: SessionPayment, step: int, tokens: int, x: Any, out: Any) -> bytes:
-        return payment.signer.sign_step(step, tokens, x, out)
+    def receipt(
+        self, payment: SessionPayment, step: int, tokens: int, x: torch.Tensor, out: torch.Tensor
+    ) -> bytes:
+        """The signed receipt of ``step``: ``x`` [1, T, H] as received, ``out`` exactly as
+        returned (after any dtype cast), its commitment (``market.commitment``) signed in."""
+        return payment.signer.sign_step(step, tokens, x, out, commit(out))
 
     # ---------------------------------------------------------------- redemption
 
