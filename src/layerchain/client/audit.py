@@ -15,12 +15,15 @@ A mismatch (``commitment_distance`` above ``AUDIT_TOLERANCE``) goes to a **refer
 third peer (neither the accused nor the auditor) recomputes steps ``0..k``. Whoever it
 disagrees with lied and is banned (by peer id and wallet, for ``ban_max_s``: a proven
 liar). With no referee, or one agreeing with neither, both are banned as for a failure
-and the hop is rolled back all the same, without evidence. When the accused lied: its steps from ``k`` on are never paid (``dispute``), an
+and the hop is rolled back all the same, without evidence. No peer paid to the wallet of
+the accused (or, for a referee, of an auditor) takes part: a node never checks itself.
+
+When the accused lied: its steps from ``k`` on are never paid (``dispute``); an
 ``Evidence`` (``ledger.evidence``) is signed by the client's wallet and, with a ledger,
-checked with the model here and submitted when it convicts (the accused's stake is
-slashed; evidence that would not convict is never sent, which would cost the bond), and the
-``Dispute`` asks the decode loop to roll back to the last verified point
-(``settled_position``) and resume on honest peers.
+checked with the model here and submitted only when it convicts (the accused's stake is
+slashed; a refused accusation would cost the client its bond); and the ``Dispute`` asks
+the decode loop to roll back to the last verified point (``settled_position``) and resume
+on honest peers.
 
 A hop no other peer can audit is **trusted** (logged, paid in advance): audits need
 spares. What a stream consumer sees: with audits on, a token is yielded only once every
@@ -109,7 +112,7 @@ class Auditor:
         self._shadows: dict[int, _Shadow] = {}  # id(hop session) -> its audit session
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._failures: dict[int, int] = {}  # id(hop session) -> audits of it that failed
-        self._slashing: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # shadows closing, slashing
 
     # ---------------------------------------------------------------- positions
 
@@ -142,7 +145,8 @@ class Auditor:
             return
         current = {id(hs) for hs in self.session.hops}
         for hs in self._tracked():
-            if hs.trusted or hs.verified >= len(hs.inputs) or id(hs) in self._tasks:
+            running = self._tasks.get(id(hs))
+            if hs.trusted or hs.verified >= len(hs.inputs) or (running and not running.done()):
                 continue
             if (
                 id(hs) not in current
@@ -174,11 +178,15 @@ class Auditor:
 
     def _start(self, hs: HopSession) -> asyncio.Task[None]:
         task = self._tasks.get(id(hs))
-        if task is None:
+        if task is None or task.done():  # done: its callback may not have run yet
             task = asyncio.get_running_loop().create_task(self._audit(hs, len(hs.inputs)))
             self._tasks[id(hs)] = task
-            task.add_done_callback(lambda _: self._tasks.pop(id(hs), None))
+            task.add_done_callback(lambda t: self._forget(id(hs), t))
         return task
+
+    def _forget(self, key: int, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
 
     async def _await(self, hs: HopSession) -> None:
         await asyncio.shield(self._start(hs))
@@ -213,8 +221,9 @@ class Auditor:
                 try:
                     await session.open()
                 except LayerchainError as error:  # NoRoute: no one else serves these blocks
-                    # a swarm without spares: usual, not alarming (info, not a warning)
-                    self._trust(hs, f"no peer can audit it ({error})", logging.INFO)
+                    # a swarm without spares is usual, not alarming: info, not a warning
+                    level = logging.INFO if isinstance(error, NoRoute) else logging.WARNING
+                    self._trust(hs, f"no peer can audit it ({error})", level)
                     return
                 shadow = self._shadows[id(hs)] = _Shadow(session)
             first = shadow.fed
@@ -259,8 +268,8 @@ class Auditor:
         if shadow is not None:
             self.session.absorb(shadow.session)
             task = asyncio.get_running_loop().create_task(shadow.session.close())
-            self._slashing.add(task)
-            task.add_done_callback(self._slashing.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # ---------------------------------------------------------------- a mismatch
 
@@ -337,8 +346,8 @@ class Auditor:
 
     def _slash_later(self, index: int) -> None:
         task = asyncio.get_running_loop().create_task(self._slash(index))
-        self._slashing.add(task)
-        task.add_done_callback(self._slashing.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _slash(self, index: int) -> None:
         """Check the evidence with the model (blocks of the hop, loaded here) and record the
@@ -404,6 +413,6 @@ class Auditor:
             shadow = self._shadows.pop(key)
             self.session.absorb(shadow.session)
             await shadow.session.close()
-        if self._slashing:
-            await asyncio.gather(*self._slashing, return_exceptions=True)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
