@@ -315,3 +315,27 @@ def test_a_cheater_never_audits_itself_under_another_peer_id(tiny_model, referen
     assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
     assert [d.peer_id for d in result.disputes] == [cheater.peer_id]
     assert {cheater.peer_id, twin.peer_id} <= client.peers.banned()  # banned by wallet
+
+
+def test_a_priced_node_serves_one_credit_window_unpaid_and_not_a_token_more(ledger, tmp_path):
+    from layerchain.errors import InsufficientFunds
+    from layerchain.market import ChannelPayer, Wallet, reservation_amount
+    from layerchain.market.credit import CREDIT_TOKENS, credit_amount
+    from layerchain.node.payments import NodePayments
+
+    price, blocks = 2, 3
+    node = NodePayments(Wallet.generate(), model_id="m", price_per_block=price, ledger=ledger,
+                        data_dir=tmp_path / "node", blocks=blocks, redeem_interval_s=30)
+    assert node.credit == credit_amount(blocks, price) == CREDIT_TOKENS * blocks * price
+    wallet = Wallet.generate()
+    ledger.deposit(wallet, 1_000_000)
+    payer = ChannelPayer(wallet, ledger, deposit=100_000)
+    address = node.wallet.address
+    fee = reservation_amount(512, blocks, price)
+    payment = node.open("s", 0, blocks, max_length=512, voucher=payer.voucher_for(address, fee))
+    for _ in range(CREDIT_TOKENS):  # each step's voucher pays nothing more: on credit
+        node.charge(payment, payer.voucher_for(address, 0), 1)
+    with pytest.raises(InsufficientFunds, match="not served further"):
+        node.charge(payment, payer.voucher_for(address, 0), 1)
+    # paying what was verified (here: all of it) opens the window again
+    node.charge(payment, payer.voucher_for(address, step_amount(CREDIT_TOKENS + 1, blocks, price)), 1)
