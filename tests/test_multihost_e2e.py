@@ -166,15 +166,19 @@ def test_a_man_in_the_middle_without_the_nodes_key_is_detected_and_routed_around
     client = RemoteClient(net.lab, "farc", net.peers, {"step_timeout_s": 5.0})
     try:
         result = _ok(client.generate(PROMPT, TOKENS, ban=net.on_subnet("far")))
+        # with the spare left out too, nothing honest serves 0:15 for this client: an error,
+        # never an answer through the man in the middle
+        alone = client.generate(PROMPT, TOKENS, ban=[*net.on_subnet("far"), spare.peer_id])
     finally:
         client.close()
+    assert alone["event"] == "error" and alone["type"] == "NoRoute", alone
     assert result["token_ids"] == expected
     assert victim.peer_id not in result["route"] and spare.peer_id in result["route"]
     detected = [w for w in result["warnings"] if victim.peer_id in w]
     assert detected, result["warnings"]
     log = (net.lab.workdir / "mitm-r.log").read_text()
     assert "intercepted a connection" in log  # the attacker was on the path
-    print(f"detected: {detected[0]}")
+    print(f"detected: {detected[0]}; with no other peer: {alone['message']}")
 
 
 def test_kill_9_a_node_on_another_host_mid_generation_gives_identical_output(net, reference):
