@@ -362,6 +362,7 @@ async def splice(a: socket.socket, b: socket.socket, config: RelayConfig,
     try:
         await loop.connect_accepted_socket(lambda: pa, a)
     except BaseException:
+        a.close()
         b.close()
         raise
     try:
@@ -505,7 +506,7 @@ class RelayService:
         except LayerchainError as error:
             self.refused += 1
             log.info("relay refused a connection: %s", error)
-            rid = getattr(error, "rid", 0)
+            rid = error.rid if isinstance(error, ProtocolError) else 0
             with contextlib.suppress(LayerchainError):
                 await send_frame(sock, m.ErrorReply.from_error(rid, error))
         finally:
