@@ -790,3 +790,21 @@ def test_nodes_behind_nat_serve_through_a_relay_in_a_real_swarm(tmp_path, refere
             if proc.poll() is None:
                 stop(proc)
         swarm_down(tmp_path, quiet=True)
+
+
+def test_node_settings_for_nat_are_checked_with_one_line_each():
+    from layerchain.node import NodeConfig
+
+    assert NodeConfig().reachability == "auto" and not NodeConfig().relay
+    NodeConfig(reachability="private", relay_via="203.0.113.5:40123")
+    NodeConfig(relay=True, relay_port=40123, relay_max_connections=8, relay_max_mbps=12.5)
+    for bad, why in (
+        (dict(reachability="sometimes"), "reachability must be one of auto, public, private"),
+        (dict(relay_via="203.0.113.5"), "relay_via must be HOST:PORT"),
+        (dict(relay=True, reachability="private"), "relay needs a reachable node"),
+        (dict(relay_max_connections=0), "relay_max_connections must be a positive integer"),
+        (dict(relay_max_mbps=0.0), "relay_max_mbps must be positive"),
+        (dict(relay_port=70000), "relay_port must be in 0..65535"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            NodeConfig(**bad)
