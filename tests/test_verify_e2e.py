@@ -1,4 +1,5 @@
-"""End to end on real node processes: a node started with ``--misbehave noise`` among
+"""End to end on real node processes: a node started with ``--misbehave model`` (its
+weights re-quantised: outputs of the right size, only an audit can tell) among
 honest spares, all priced, on one SQLite ledger, the cheater staked. A client auditing
 (``audit_rate``) over TLS catches it, a referee confirms, the cheater is banned, its stake
 slashed with evidence a third party can check, it is paid only its reservation fee and the
@@ -47,7 +48,7 @@ def test_a_cheating_process_is_caught_slashed_and_unpaid_over_the_network(tmp_pa
     slow = ["--emulate-latency-ms", "20"]  # routes prefer the cheater
     # an auditor and a referee for the cheater's blocks; 15:30 has no spare (not audited)
     spans = [Span(0, 15), Span(15, 30), Span(0, 15), Span(0, 15)]
-    node_args = [[*priced, "--misbehave", "noise", "--stake", str(STAKE)], priced,
+    node_args = [[*priced, "--misbehave", "model", "--stake", str(STAKE)], priced,
                  [*priced, *slow], [*priced, *slow]]
     local = swarm_up(tmp_path, spans, node_args=node_args)
     try:
