@@ -24,6 +24,7 @@ from layerchain.errors import (
     ProtocolError,
 )
 from layerchain.node.reachability import (
+    DialBackService,
     check_reachability,
     parse_relay_via,
     pick_helpers,
@@ -808,3 +809,21 @@ def test_node_settings_for_nat_are_checked_with_one_line_each():
     ):
         with pytest.raises(ConfigError, match=why):
             NodeConfig(**bad)
+
+
+def test_a_node_dials_back_only_the_address_the_request_came_from():
+    async def main():
+        service = DialBackService(Dialer())
+        peer = Identity.generate().peer_id
+        t0 = time.perf_counter()
+        for observed in ("tls://127.0.0.1:40000", "tls://[::ffff:127.0.0.1]:40000"):
+            reply = await service.dial_back(m.DialBack(7, "tls://10.1.2.3:22", peer, 5),
+                                            observed=observed)
+            assert reply.rid == 7 and "only to the address" in reply.error, reply
+        assert time.perf_counter() - t0 < 1.0  # refused without dialling anything
+        # the asker's own host is dialled (nothing listens on port 9 here: refused)
+        reply = await service.dial_back(m.DialBack(8, "tls://127.0.0.1:9", peer, 5),
+                                        observed="tls://[::ffff:127.0.0.1]:40000")
+        assert reply.error and "only to the address" not in reply.error, reply
+
+    run(main())

@@ -133,6 +133,19 @@ def same_host_only(endpoints: Sequence[str], listen_host: str) -> bool:
     return True
 
 
+def _host_of(endpoint: str) -> str:
+    """The IP of a tcp:// or tls:// endpoint, normalised; "" for anything else."""
+    scheme = endpoint.split("://", 1)[0]
+    if scheme not in ("tcp", "tls"):
+        return ""
+    try:
+        ip = ipaddress.ip_address(parse_tcp_endpoint(endpoint, scheme)[0])
+    except (ConfigError, ValueError):
+        return ""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped or ip)  # (a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d)
+
+
 def parse_relay_via(value: str) -> str:
     """``HOST:PORT`` of a relay service, checked (ConfigError saying how to write it)."""
     try:
@@ -210,12 +223,19 @@ class DialBackService:
         self._timeout_s = timeout_s
         self._running = 0
 
-    async def dial_back(self, msg: m.DialBack) -> m.DialBackResult:
+    async def dial_back(self, msg: m.DialBack, observed: str = "") -> m.DialBackResult:
         """Dial ``msg.endpoint`` as ``msg.peer_id`` and send the probe; the result says
-        why it failed ("" if the probe was answered). Busy beyond ``MAX_DIAL_BACKS``: a
-        node is nobody's free port scanner, and a relay:// target proves nothing."""
+        why it failed ("" if the probe was answered). A node is nobody's free port
+        scanner: with ``observed`` (the asker's address as this node sees it, tcp:// or
+        tls://) it dials only that host, as libp2p's AutoNAT does (an asker behind NAT is
+        then told no, which is the right answer); busy beyond ``MAX_DIAL_BACKS``; a
+        relay:// target proves nothing."""
         if not msg.endpoint.startswith(_DIRECT):
             raise LimitExceeded("a dial-back goes to a direct endpoint (tls://, tcp://)")
+        seen, target = _host_of(observed), _host_of(msg.endpoint)
+        if seen and target != seen:
+            return m.DialBackResult(msg.rid, f"dial-backs go only to the address the request "
+                                             f"came from ({seen}), not {target or msg.endpoint}")
         if self._running >= MAX_DIAL_BACKS:
             raise PeerBusy(f"{self._running} dial-backs running, try another peer")
         self._running += 1

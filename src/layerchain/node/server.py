@@ -265,6 +265,8 @@ class Node:
         owner = next(self._connections)  # what this connection's sessions reserve is bounded
 
         async def handle(msg: m.Message) -> m.Message | None:
+            if isinstance(msg, m.DialBack):  # only to where the request came from
+                return await self.dial_backs.dial_back(msg, observed=conn.peer)
             return await self.handle(msg, owner)
 
         try:
