@@ -72,7 +72,6 @@ from layerchain.ledger.signatures import (
     keccak256,
     recover_address_bytes,
 )
-from layerchain.types import Span
 from layerchain.market.receipts import (
     ZERO_HASH,
     SignedReceipt,
@@ -81,6 +80,7 @@ from layerchain.market.receipts import (
     tokens_of,
     verify_receipt,
 )
+from layerchain.types import Span
 
 if TYPE_CHECKING:
     from layerchain.model.span import SpanModel
