@@ -109,9 +109,10 @@ class Auditor:
         self.disputes: list[Dispute] = []
         self.audited_steps = 0  # hop steps compared with a recomputation
         self.floor = 0  # token positions below it are settled (a rollback's verified prefix)
-        self._shadows: dict[int, _Shadow] = {}  # id(hop session) -> its audit session
-        self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._failures: dict[int, int] = {}  # id(hop session) -> audits of it that failed
+        self._shadows: dict[str, _Shadow] = {}  # hop session id -> its audit session
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._failures: dict[str, int] = {}  # hop session id -> audits of it that failed
+        self._sums: dict[str, list[int]] = {}  # hop session id -> tokens in its first i steps
         self._background: set[asyncio.Task[None]] = set()  # shadows closing, slashing
 
     # ---------------------------------------------------------------- positions
@@ -119,10 +120,13 @@ class Auditor:
     def _tracked(self) -> list[HopSession]:
         return [*self.session.retired, *self.session.hops]
 
-    @staticmethod
-    def _position(hs: HopSession, steps: int) -> int:
-        """Tokens in ``hs``'s first ``steps`` steps."""
-        return sum(int(x.shape[1]) for x in hs.inputs[:steps])
+    def _position(self, hs: HopSession, steps: int) -> int:
+        """Tokens in ``hs``'s first ``steps`` steps (prefix sums kept as steps are added:
+        this runs for every hop after every step, so it must not walk the history)."""
+        sums = self._sums.setdefault(hs.session_id, [0])
+        for x in hs.inputs[len(sums) - 1 :]:
+            sums.append(sums[-1] + int(x.shape[1]))
+        return sums[steps]
 
     def settled_position(self) -> int:
         """Token positions every hop's output is verified for (or settled by a rollback)."""
@@ -134,7 +138,7 @@ class Auditor:
         return max(self.floor, position)
 
     def _unverified_tokens(self, hs: HopSession) -> int:
-        return sum(int(x.shape[1]) for x in hs.inputs[hs.verified :])
+        return self._position(hs, len(hs.inputs)) - self._position(hs, hs.verified)
 
     # ---------------------------------------------------------------- scheduling
 
@@ -143,13 +147,13 @@ class Auditor:
         tokens, or replaced by failover, at once)."""
         if self.dispute is not None:
             return
-        current = {id(hs) for hs in self.session.hops}
+        current = {hs.session_id for hs in self.session.hops}
         for hs in self._tracked():
-            running = self._tasks.get(id(hs))
+            running = self._tasks.get(hs.session_id)
             if hs.trusted or hs.verified >= len(hs.inputs) or (running and not running.done()):
                 continue
             if (
-                id(hs) not in current
+                hs.session_id not in current
                 or self._unverified_tokens(hs) >= SCHEDULE_TOKENS
                 or self.rng.random() < self.rate
             ):
@@ -177,14 +181,14 @@ class Auditor:
         return False
 
     def _start(self, hs: HopSession) -> asyncio.Task[None]:
-        task = self._tasks.get(id(hs))
+        task = self._tasks.get(hs.session_id)
         if task is None or task.done():  # done: its callback may not have run yet
             task = asyncio.get_running_loop().create_task(self._audit(hs, len(hs.inputs)))
-            self._tasks[id(hs)] = task
-            task.add_done_callback(lambda t: self._forget(id(hs), t))
+            self._tasks[hs.session_id] = task
+            task.add_done_callback(lambda t: self._forget(hs.session_id, t))
         return task
 
-    def _forget(self, key: int, task: asyncio.Task[None]) -> None:
+    def _forget(self, key: str, task: asyncio.Task[None]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
 
@@ -215,7 +219,7 @@ class Auditor:
     async def _audit(self, hs: HopSession, target: int) -> None:
         """Compare steps ``hs.verified .. target-1`` with a recomputation on another peer."""
         try:
-            shadow = self._shadows.get(id(hs))
+            shadow = self._shadows.get(hs.session_id)
             if shadow is None:
                 session = self._new_session(hs, {hs.hop.peer_id})
                 try:
@@ -225,7 +229,7 @@ class Auditor:
                     level = logging.INFO if isinstance(error, NoRoute) else logging.WARNING
                     self._trust(hs, f"no peer can audit it ({error})", level)
                     return
-                shadow = self._shadows[id(hs)] = _Shadow(session)
+                shadow = self._shadows[hs.session_id] = _Shadow(session)
             first = shadow.fed
             if first >= target:
                 return
@@ -249,7 +253,7 @@ class Auditor:
         except LayerchainError as error:  # the audit itself failed (its peers, max_cost)
             log.warning("audit of peer %s failed: %s", hs.hop.peer_id, error)
             self._drop_shadow(hs)
-            failures = self._failures[id(hs)] = self._failures.get(id(hs), 0) + 1
+            failures = self._failures[hs.session_id] = self._failures.get(hs.session_id, 0) + 1
             if isinstance(error, CostLimitExceeded) or failures >= MAX_AUDIT_FAILURES:
                 self._trust(hs, f"its audits failed {failures} time(s), last: {error}")
                 return
@@ -264,7 +268,7 @@ class Auditor:
         self.session.trust(hs)
 
     def _drop_shadow(self, hs: HopSession) -> None:
-        shadow = self._shadows.pop(id(hs), None)
+        shadow = self._shadows.pop(hs.session_id, None)
         if shadow is not None:
             self.session.absorb(shadow.session)
             task = asyncio.get_running_loop().create_task(shadow.session.close())
@@ -394,6 +398,7 @@ class Auditor:
         self._tasks.clear()
         for hs in old:
             self._drop_shadow(hs)
+            self._sums.pop(hs.session_id, None)
             if hs.disputed:  # the steps it ran after the lie was found
                 self.session.dispute(hs, len(hs.inputs))
             self.session.clear(hs, len(hs.inputs))
