@@ -57,7 +57,9 @@ _TINY = 1e-30  # denominators: two zero values are equal, not 0/0
 # the committed values, at most 2^-11 = 4.9e-4); bf16 on the wire 0 when the auditor casts
 # to bf16 as the node did, else <= 4.0e-3 (one bf16 ulp: at most 2^-7 = 7.8e-3). 0.02 is 2.5x
 # the bf16 bound and 40x fp32's; every cheating mode of node.misbehave sits above it on
-# (nearly) every step (its nearest: 0.039 for a 4-bit re-quantised model, 0.12 stale).
+# (nearly) every step: nearest steps 0.028 (a 4-bit re-quantised model), 0.07 (noise of
+# the token's RMS), 0.12 (stale), 0.27 (every other block skipped), 1.0 (zeros). Below it:
+# noise under ~0.1x RMS, weights x (1 + 1e-3 noise), an 8-bit re-quantisation.
 AUDIT_TOLERANCE = 0.02
 
 _RECORD = np.dtype([("index", "<u2", (TOP_K,)), ("value", "<f2", (TOP_K,))])
