@@ -339,3 +339,27 @@ def test_a_priced_node_serves_one_credit_window_unpaid_and_not_a_token_more(ledg
         node.charge(payment, payer.voucher_for(address, 0), 1)
     # paying what was verified (here: all of it) opens the window again
     node.charge(payment, payer.voucher_for(address, step_amount(CREDIT_TOKENS + 1, blocks, price)), 1)
+
+
+def test_a_cheater_on_the_last_hop_is_rolled_back_from_the_middle(tiny_model, reference, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            await swarm.add_node(0, 2, tmp_path / "a")
+            # stale: honest at its first step (the prompt), replays old outputs after it
+            cheater = await swarm.add_node(2, 4, tmp_path / "cheater", misbehave="stale")
+            for i in range(2):
+                await swarm.add_node(0, 2, tmp_path / f"a{i}", emulate_latency_ms=5)
+                await swarm.add_node(2, 4, tmp_path / f"b{i}", emulate_latency_ms=5)
+            gen = swarm.client(audit_rate=0.25).generate_stream(PROMPT, PARAMS)
+            shown = [event.token_id async for event in gen]
+            return shown, gen.result, cheater
+        finally:
+            await swarm.close()
+
+    shown, result, cheater = run(main())
+    expected = reference(tiny_model, PROMPT, PARAMS).token_ids
+    assert tuple(shown) == result.token_ids == expected
+    (dispute,) = result.disputes
+    assert dispute.peer_id == cheater.peer_id and (dispute.start, dispute.end) == (2, 4)
+    assert dispute.step >= 1 and dispute.position >= result.prompt_tokens  # past the prompt
