@@ -152,8 +152,10 @@ def churn(tmp_path_factory):
     )
     try:
         # refresh_s: 10 min, so only a gap in the usable peers makes a failover re-read.
+        # audit_rate 0: tokens shown as computed (not once verified), so what the test does
+        # at token k happens between steps
         with Swarm(local.initial_peers, step_timeout_s=5.0, ban_base_s=60.0,
-                   refresh_s=600.0) as client:
+                   refresh_s=600.0, audit_rate=0.0) as client:
             yield local, client
     finally:
         swarm_down(state, quiet=True)

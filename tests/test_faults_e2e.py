@@ -66,7 +66,10 @@ def test_a_hop_stopped_for_30_s_is_routed_around_and_serves_again_and_a_killed_n
     try:
         # Bans long enough that no generation tries the stopped node before the test lifts
         # its ban itself; the step timeout is what detects the hang.
-        with Swarm(local.initial_peers, step_timeout_s=STEP_TIMEOUT_S, ban_base_s=120.0) as client:
+        # audit_rate 0: tokens shown as computed (not once verified), so the SIGSTOP at
+        # token 3 lands between steps
+        with Swarm(local.initial_peers, step_timeout_s=STEP_TIMEOUT_S, ban_base_s=120.0,
+                   audit_rate=0.0) as client:
             peers = client.core.peers
 
             # 1. SIGSTOP the first hop of the route at token 3: it hangs, no reset, no reply.

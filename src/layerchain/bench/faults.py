@@ -53,7 +53,10 @@ def run_faults_bench(
         local = swarm_up(state, span_list, model=model)
         pid_of = {n["peer_id"]: (i, n["pid"]) for i, n in enumerate(local.nodes)}
         restarting: list[tuple] = []
-        with Swarm(local.initial_peers, model=model, step_timeout_s=5.0, ban_base_s=5.0) as client:
+        # audit_rate 0: an auditing client shows a token once verified, steps after computing
+        # it; this one shows each as computed, so a kill at token k lands between steps
+        with Swarm(local.initial_peers, model=model, step_timeout_s=5.0, ban_base_s=5.0,
+                   audit_rate=0.0) as client:
             for run in range(runs):
                 for proc, data_dir, i in restarting:  # killed nodes of earlier runs rejoin
                     info = wait_ready(proc, data_dir, state / f"node-{i}.log", 120)
