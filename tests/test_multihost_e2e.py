@@ -46,8 +46,10 @@ ROUTER_RTT_MS = 20.0  # between the LAN and the far subnet, all along
 NODES = (  # (model key, host, blocks, extra args); a node is named "{model}-{host}"
     ("smollm2", "lan1", "0:15", ()), ("smollm2", "lan2", "15:30", ()),
     ("smollm2", "lan3", "0:15", ()), ("smollm2", "far1", "0:30", ()),
-    # far1 relays for peers behind NAT; home1 finds out it is one (no peer can dial it back)
-    ("tiny", "far1", "0:2", ("--relay",)), ("tiny", "home1", "2:4", ()),
+    # far1 relays for peers behind NAT (its operator knows it is reachable); home1 finds out
+    # it is behind one (no peer can dial it back), so it starts once the relay serves
+    ("tiny", "far1", "0:2", ("--relay", "--reachability", "public")),
+    ("tiny", "home1", "2:4", ()),
     ("near", "lan2", "0:4", ()), ("near", "far2", "0:4", ()),
 )
 
@@ -68,6 +70,12 @@ class Net:
     def by_peer(self, peer_id: str) -> LabNode:
         return next(n for n in self.nodes.values() if n.peer_id == peer_id)
 
+    def join_addresses(self, name: str) -> list[str]:
+        """What node ``name`` printed for others to join with (``join with: --initial-peers``)."""
+        log = (self.lab.workdir / f"{name}.log").read_text(errors="replace")
+        return [line.split("--initial-peers", 1)[1].strip()
+                for line in log.splitlines() if line.startswith("join with: --initial-peers")]
+
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory, tiny_model_dir):
@@ -81,12 +89,16 @@ def net(tmp_path_factory, tiny_model_dir):
         lab.set_delay("r", ROUTER_RTT_MS, between=("lan", "far"))
         peers = start_bootstrap(lab, "lan1")
         assert all("/ip4/10.199." in p for p in peers), peers  # dialable from other hosts
-        started = {f"{model}-{host}": (host, *start_node(lab, host, f"{model}-{host}", blocks,
-                                                         peers, model=models[model],
-                                                         extra_args=extra))
-                   for model, host, blocks, extra in NODES}
-        nodes = {name: wait_node(lab, host, name, proc, data_dir)
-                 for name, (host, proc, data_dir) in started.items()}
+        def start(model: str, host: str, blocks: str, extra: tuple[str, ...]) -> tuple:
+            name = f"{model}-{host}"
+            return name, (host, *start_node(lab, host, name, blocks, peers,
+                                            model=models[model], extra_args=extra))
+
+        started = dict(start(*n) for n in NODES if n[1] != "home1")
+        nodes = {"tiny-far1": wait_node(lab, "far1", "tiny-far1", *started.pop("tiny-far1")[1:])}
+        started.update(start(*n) for n in NODES if n[1] == "home1")
+        nodes.update((name, wait_node(lab, host, name, proc, data_dir))
+                     for name, (host, proc, data_dir) in started.items())
         for host in ("lanc", "farc"):
             clients[host] = RemoteClient(lab, host, peers, {"step_timeout_s": 5.0})
         yield Net(lab, peers, nodes, clients, models)
@@ -110,6 +122,8 @@ def test_nodes_on_four_hosts_form_one_swarm_and_a_client_on_another_host_matches
         endpoints = [str(e) for e in node.info["endpoints"]]
         assert endpoints[0].startswith(f"tls://{net.lab.hosts[node.host].address}:"), endpoints
         assert not any("127.0.0.1" in e or "0.0.0.0" in e for e in endpoints), endpoints
+        dht = [str(a) for a in node.info["dht_addresses"]]
+        assert dht and all(a.startswith("/ip4/10.199.") for a in dht), dht
     expected = reference("smollm2", PROMPT, SamplingParams(max_new_tokens=TOKENS)).token_ids
     result = _ok(net.clients["lanc"].generate(PROMPT, TOKENS))
     assert result["token_ids"] == list(expected)
@@ -162,8 +176,11 @@ def test_a_man_in_the_middle_without_the_nodes_key_is_detected_and_routed_around
     victim, spare = net.nodes["smollm2-lan1"], net.nodes["smollm2-lan3"]
     intercept(net.lab, "r", victim, port=7443)
     # a new client, so that every connection it opens meets the man in the middle; it must
-    # cross the router: the nodes of its own subnet are left out
-    client = RemoteClient(net.lab, "farc", net.peers, {"step_timeout_s": 5.0})
+    # cross the router: the nodes of its own subnet are left out. It joins through what a
+    # LAN node printed ("join with: --initial-peers ..."), not through the bootstrap.
+    joins = net.join_addresses("smollm2-lan2")
+    assert joins and all(a.startswith(f"/ip4/{net.lab.hosts['lan2'].address}/") for a in joins)
+    client = RemoteClient(net.lab, "farc", joins, {"step_timeout_s": 5.0})
     try:
         result = _ok(client.generate(PROMPT, TOKENS, ban=net.on_subnet("far")))
         # with the spare left out too, nothing honest serves 0:15 for this client: an error,
