@@ -716,6 +716,61 @@ def test_a_node_that_had_nobody_to_ask_finds_out_later_and_moves_behind_a_relay(
     run(main(), timeout=60)
 
 
+def test_a_relayed_node_moves_to_another_relay_when_its_own_is_gone(tiny_model, tmp_path):
+    from layerchain.discovery import MemoryDHT, MemoryDiscovery
+    from layerchain.model import load_span, resolve_model
+    from layerchain.node import Node, NodeConfig
+    from layerchain.node.runner import keep_relayed
+
+    spec = resolve_model(tiny_model)
+    hub = MemoryDHT()
+
+    def node(name: str) -> Node:
+        identity = Identity.generate()
+        return Node(
+            NodeConfig(model=tiny_model, start=0, end=2, data_dir=tmp_path / name),
+            spec=spec, span=load_span(spec, 0, 2), transport=Dialer(identity),
+            listen_at="tls://127.0.0.1:0", discovery=MemoryDiscovery(hub, identity),
+            identity=identity,
+        )
+
+    async def relay_node(name: str) -> Node:
+        served = node(name)
+        await served.listen()
+        served.relay_service = await started()
+        await served.announce()
+        return served
+
+    async def main():
+        first = await relay_node("first")
+        behind = node("behind")
+        await behind.listen()
+        await behind.serve_via(first.relay_service.address)
+        await behind.announce()
+        second = await relay_node("second")
+        keeper = asyncio.create_task(keep_relayed(behind, behind.config, behind.discovery,
+                                                  check_s=0.1, lost_s=0.3))
+        try:
+            await first.stop(drain_s=0)  # the first relay goes, its record withdrawn
+            for _ in range(150):
+                await asyncio.sleep(0.1)
+                if behind.record().endpoints[0].startswith(
+                        f"relay://127.0.0.1:{second.relay_service.port}/"):
+                    break
+            else:
+                raise AssertionError(f"still at {behind.record().endpoints}")
+            rpc = RpcClient(await Dialer().connect(behind.record().endpoints[0],
+                                                   peer_id=behind.peer_id))
+            assert isinstance(await rpc.call(m.Info(0), timeout=5), m.InfoReply)
+            await rpc.close()
+        finally:
+            keeper.cancel()
+            await behind.stop(drain_s=0)
+            await second.stop(drain_s=0)
+
+    run(main(), timeout=60)
+
+
 # ---------------------------------------------------------------------------- real processes
 
 

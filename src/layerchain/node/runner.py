@@ -44,7 +44,7 @@ from layerchain.node.server import Node, measure_ms_per_block
 from layerchain.types import Span
 from layerchain.errors import ConfigError, LayerchainError
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits, largest_step_frame
-from layerchain.wire.relay import RelayConfig, RelayService
+from layerchain.wire.relay import RelayConfig, RelayRegistration, RelayService
 from layerchain.wire.tcp import format_tcp_endpoint, parse_tcp_endpoint
 from layerchain.wire.transport import Dialer
 
@@ -149,6 +149,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     rechecker: asyncio.Task[None] | None = None
+    keeper: asyncio.Task[None] | None = None
     try:
         await node.listen()
         discovery, settled = await settle_reachability(node, config, discovery)
@@ -181,12 +182,15 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
         write_ready()
         if rechecker is not None and not rechecker.done():  # settled later: say so
             rechecker.add_done_callback(write_ready)
+        if not config.relay_via:  # a relay picked from the records may go: find another
+            keeper = loop.create_task(keep_relayed(node, config, discovery))
         if on_ready is not None:
             on_ready(node, addresses)
         await stop.wait()
     finally:
-        if rechecker is not None:
-            rechecker.cancel()
+        for task in (rechecker, keeper):
+            if task is not None:
+                task.cancel()
         await node.stop(drain_s=config.drain_s)
         await discovery.close()
         (config.data_dir / "node.json").unlink(missing_ok=True)
@@ -295,6 +299,40 @@ async def recheck_reachability(node: Node, config: NodeConfig, discovery: Discov
                 return
         except LayerchainError as error:
             log.info("reachability check failed, will retry: %s", error)
+
+
+async def keep_relayed(node: Node, config: NodeConfig, discovery: Discovery,
+                       check_s: float = 15.0, lost_s: float = 60.0) -> None:
+    """A node serving through a relay picked from the records moves to another relay when
+    its own has been unreachable for ``lost_s`` seconds (its registration keeps retrying
+    meanwhile), and announces the new endpoint at once. With ``--relay-via`` it stays."""
+    rng = random.Random()
+    loop = asyncio.get_running_loop()
+    lost_since: float | None = None
+    while True:
+        await asyncio.sleep(check_s)
+        listener = node.relay_listener
+        if not isinstance(listener, RelayRegistration) or listener.registered.is_set():
+            lost_since = None
+            continue
+        now = loop.time()
+        lost_since = lost_since if lost_since is not None else now
+        if now - lost_since < lost_s:
+            continue
+        try:
+            records = await discovery.find(node.spec.model_id, node.spec.num_blocks)
+            relay = await find_relay(node.transport, pick_relays(records, node.peer_id, rng))
+            if not relay or relay == listener.address.relay:
+                continue  # nothing else to go to: keep retrying the old one
+            await node.serve_via(relay)  # (raises before replacing the old one)
+            await listener.close()
+            log.warning("relay %s lost for %.0f s: serving through %s", listener.address.relay,
+                        now - lost_since, relay)
+            lost_since = None
+            if node.announcer is not None:
+                await node.announcer.announce_now()
+        except LayerchainError as error:
+            log.info("looking for another relay failed, will retry: %s", error)
 
 
 def relay_address(node: Node) -> str:
