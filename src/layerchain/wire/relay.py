@@ -28,13 +28,17 @@ handshake frame is ever buffered by us: the socket is handed to TLS clean.
 
 Caps of a relay (``RelayConfig``): spliced pairs at once (``max_pairs``, counting clients
 waiting for their peer's data connection; at the cap the least recently active spliced
-pair gives way to a newcomer, as a node's listener does), bytes per second in each direction of a pair
-(``max_mbps``, a token bucket), registered peers (``max_registrations``), sockets still in
-their handshake (``max_pending``, each with ``handshake_timeout_s``). Registering a peer id
-needs its private key; a new proven registration of the same id replaces the old one.
+pair gives way to a newcomer, as a node's listener does), bytes per second in each
+direction of a pair (``max_mbps``, a token bucket), registered peers
+(``max_registrations``), sockets still in their handshake (``max_pending``, each with
+``handshake_timeout_s``). Registering a peer id needs its private key; a new proven
+registration of the same id replaces the old one. A served peer opens at most
+``max_connections`` data connections at once, whatever its relay asks.
 
 The relay learns who talks to whom and how much; it learns nothing of what (see README,
-"Behind NAT"). Extra latency: one more leg (client -> relay -> peer) and a copy per chunk.
+"Behind NAT"). Extra latency: one more leg (client -> relay -> peer) and a copy per 64 KiB
+chunk; on loopback a decode step's round trip (1 x 576 floats) took 35-47 us more through
+the relay than direct TLS (p50 180 vs 145 us), a 128-token step 0.45-0.77 ms more.
 """
 
 from __future__ import annotations
