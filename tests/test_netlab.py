@@ -92,7 +92,7 @@ def test_bench_rtt_adds_one_round_trip_per_hop_per_token(tmp_path, tiny_model_di
 
     result = run_rtt_bench([0.0, 20.0], model=str(tiny_model_dir("llama", tokenizer=True)),
                            max_new_tokens=8, runs=2)
-    assert result["hops"] == 3 and result["runs"] == 2
+    assert result["hops"] == 3 and result["runs"] == 2 and result["transport"] == "tls"
     points = result["points"]
     assert [p["rtt_ms"] for p in points] == [0.0, 20.0]
     assert set(points[0]) == {"rtt_ms", "tokens_per_s", "ttft_s", "ms_per_token",

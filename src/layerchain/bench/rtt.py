@@ -11,7 +11,7 @@ per hop per token, nothing more (TLS adds no round trip once a session is open).
 at 100 ms RTT). Needs root (network namespaces), iptables and NetfilterQueue.
 
 ``{"points": [{"rtt_ms", "tokens_per_s", "ttft_s", "ms_per_token", "measured_rtt_ms"}],
-"hops", "model", "max_new_tokens", "runs"}``: ``measured_rtt_ms`` is the TCP round trip
+"hops", "transport" ("tls": what the nodes announce), "model", "max_new_tokens", "runs"}``: ``measured_rtt_ms`` is the TCP round trip
 client -> first node as measured (p50), so the delay line's accuracy shows next to each
 figure.
 """
@@ -87,8 +87,9 @@ def run_rtt_bench(
         started = [(host, *start_node(lab, host, f"node-{host}", span, peers, model=model,
                                       threads=threads))
                    for host, span in zip(NODE_HOSTS, spans)]
-        for host, proc, data_dir in started:
-            wait_node(lab, host, f"node-{host}", proc, data_dir)
+        nodes = [wait_node(lab, host, f"node-{host}", proc, data_dir)
+                 for host, proc, data_dir in started]
+        transports = {str(n.info["endpoint"]).split("://", 1)[0] for n in nodes}
         say(f"3 nodes serve {', '.join(spans)} on {', '.join(NODE_HOSTS)}; logs in {workdir}")
         client = RemoteClient(lab, CLIENT_HOST, peers)
         try:
@@ -120,5 +121,6 @@ def run_rtt_bench(
                 })
         finally:
             client.close()
-    return {"points": points, "hops": len(NODE_HOSTS), "model": spec.name,
+    return {"points": points, "hops": len(NODE_HOSTS), "transport": ",".join(sorted(transports)),
+            "model": spec.name,
             "max_new_tokens": max_new_tokens, "runs": runs}
