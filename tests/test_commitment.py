@@ -277,14 +277,17 @@ def _with_rms(rms: float, tokens: int = 3) -> torch.Tensor:
 
 def test_check_output_refuses_collapsed_and_out_of_range_norms():
     sent = _with_rms(10.0)
-    check_output("p", sent, _with_rms(12.0), model_id=SMOLLM2_ID, end=30)
+    check_output("p", sent, _with_rms(12.0), model_id=SMOLLM2_ID, end=30, input_trusted=True)
     with pytest.raises(InvalidOutput, match="collapsed"):
-        check_output("p", sent, torch.zeros_like(sent))  # any model: zeros are never honest
+        check_output("p", sent, torch.zeros_like(sent))  # any model, any input: never honest
     low, high = KNOWN_NORMS[SMOLLM2_ID][30]
     for rms in (low / NORM_MARGIN / 2, high * NORM_MARGIN * 2):
         with pytest.raises(InvalidOutput, match="outside this model's"):
-            check_output("p", sent, _with_rms(rms), model_id=SMOLLM2_ID, end=30)
-    check_output("p", sent, _with_rms(high * NORM_MARGIN * 2), model_id="another model", end=30)
+            check_output("p", sent, _with_rms(rms), model_id=SMOLLM2_ID, end=30, input_trusted=True)
+        # the input came from another peer (maybe a cheater): the range blames nobody
+        check_output("p", sent, _with_rms(rms), model_id=SMOLLM2_ID, end=30)
+    check_output("p", sent, _with_rms(high * NORM_MARGIN * 2), model_id="another model", end=30,
+                 input_trusted=True)
     assert len(KNOWN_NORMS[SMOLLM2_ID]) == 31 and MIN_RMS_RATIO < 0.27  # SmolLM2's lowest ratio
 
 
@@ -307,8 +310,31 @@ def test_norm_ranges_of_the_default_model(smollm2_spec, smollm2_tokenizer):
             sent = head.embed(ids)
             for start, end in ((0, 7), (7, 19), (19, 30)):
                 out = span.forward(sent, span.new_cache(start, end))
-                check_output("p", sent, out, model_id=SMOLLM2_ID, end=end)
+                check_output("p", sent, out, model_id=SMOLLM2_ID, end=end, input_trusted=True)
                 sent = out
         embeddings = head.embed(sequences[0])
         with pytest.raises(InvalidOutput, match="outside this model's"):
-            check_output("p", embeddings, embeddings.clone(), model_id=SMOLLM2_ID, end=7)
+            check_output("p", embeddings, embeddings.clone(), model_id=SMOLLM2_ID, end=7,
+                         input_trusted=True)
+
+
+@pytest.mark.slow
+def test_an_honest_hop_after_a_cheater_is_not_blamed_by_the_norm_ranges(smollm2_spec, smollm2_tokenizer):
+    """A noise cheater on blocks 0:15 returns hidden states within range; the honest hop on
+    15:30 fed them leaves the range itself (its sink position passes 1.18e3). The range
+    check only judges a hop whose input the client computed, so the honest hop passes (an
+    audit catches the cheater); judged as before, it would have been banned."""
+    from layerchain.model import encode_prompt
+    from layerchain.node.misbehave import add_noise
+
+    span, head = load_span(smollm2_spec, 0, 30), load_head(smollm2_spec)
+    ids = torch.tensor([encode_prompt(smollm2_tokenizer, "What is the capital of France?")])
+    with torch.inference_mode():
+        embeddings = head.embed(ids)
+        honest = span.forward(embeddings, span.new_cache(0, 15))
+        cheat = add_noise(honest, torch.Generator().manual_seed(0))
+        check_output("p", embeddings, cheat, model_id=SMOLLM2_ID, end=15, input_trusted=True)
+        downstream = span.forward(cheat, span.new_cache(15, 30))
+    check_output("p", cheat, downstream, model_id=SMOLLM2_ID, end=30)
+    with pytest.raises(InvalidOutput, match="outside this model's"):
+        check_output("p", cheat, downstream, model_id=SMOLLM2_ID, end=30, input_trusted=True)

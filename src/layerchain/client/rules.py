@@ -156,13 +156,18 @@ KNOWN_NORMS: dict[str, tuple[tuple[float, float], ...]] = {
 
 def check_output(
     peer_id: str, sent: torch.Tensor, received: torch.Tensor, *, model_id: str = "",
-    end: int | None = None,
+    end: int | None = None, input_trusted: bool = False,
 ) -> None:
     """InvalidOutput unless ``received`` has the shape and dtype of ``sent``, only finite
     values, and per token an RMS of at least ``MIN_RMS_RATIO`` times that of ``sent``; when
-    ``model_id`` is in ``KNOWN_NORMS`` and ``end`` (the hop's last block + 1) is given, also
-    within that boundary's measured range (``NORM_MARGIN`` each way). Runs once per hop per
-    step: keep it cheap (two reductions over [B, T, H])."""
+    ``input_trusted`` (``sent`` is the client's own: the embeddings, or its private blocks'
+    output), ``model_id`` is in ``KNOWN_NORMS`` and ``end`` (the hop's last block + 1) is
+    given, also within that boundary's measured range (``NORM_MARGIN`` each way).
+
+    Only then: an honest hop fed a cheater's output may leave the range itself, so the range
+    says who is wrong only for a hop whose input the client computed (a cheater upstream
+    would otherwise get the honest hop after it banned). The collapse test holds for any
+    input. Runs once per hop per step: keep it cheap (two reductions over [B, T, H])."""
     if received.shape != sent.shape or received.dtype != sent.dtype:
         raise InvalidOutput(
             f"peer {peer_id} returned {list(received.shape)} {received.dtype}, "
@@ -178,7 +183,7 @@ def check_output(
             f"{MIN_RMS_RATIO:.3g} times its input's)"
         )
     bounds = KNOWN_NORMS.get(model_id, ())
-    if end is not None and 0 <= end < len(bounds) and norms.numel():
+    if input_trusted and end is not None and 0 <= end < len(bounds) and norms.numel():
         low, high = bounds[end][0] / NORM_MARGIN, bounds[end][1] * NORM_MARGIN
         smallest, largest = (float(v) / received.shape[-1] ** 0.5 for v in torch.aminmax(norms))
         if smallest < low or largest > high:
