@@ -363,3 +363,14 @@ def test_a_cheater_on_the_last_hop_is_rolled_back_from_the_middle(tiny_model, re
     (dispute,) = result.disputes
     assert dispute.peer_id == cheater.peer_id and (dispute.start, dispute.end) == (2, 4)
     assert dispute.step >= 1 and dispute.position >= result.prompt_tokens  # past the prompt
+
+
+def test_which_decode_steps_a_settled_position_covers():
+    from layerchain.client.swarm import verified_steps
+
+    prompt = 10  # step 0 covers positions 0..9, step j >= 1 position 9 + j
+    assert verified_steps(0, prompt, 5) == 0
+    assert verified_steps(9, prompt, 5) == 0  # the prompt is not all verified yet
+    assert verified_steps(10, prompt, 5) == 1
+    assert verified_steps(12, prompt, 5) == 3
+    assert verified_steps(100, prompt, 5) == 5  # never more than were run
