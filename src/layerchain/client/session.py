@@ -345,7 +345,8 @@ class InferenceSession:
                 raise InvalidOutput(f"peer {peer_id} answered a Step with {type(reply).__name__}")
             out = reply.hidden
             check_output(peer_id, hidden, out, model_id=self.peers.model_id, end=hs.hop.end,
-                         input_trusted=hs is self.hops[0])  # the first hop's input is ours
+                         # the first routed block's input is ours (also in a replay)
+                         input_trusted=hs.hop.start == self.hops[0].hop.start)
             if not reply.receipt:
                 raise InvalidReceipt(f"peer {peer_id} sent no receipt for step {hs.verifier.next_step}")
             receipt = hs.verifier.check(reply.receipt, hidden, out, tokens)  # advances next_step
