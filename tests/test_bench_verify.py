@@ -27,8 +27,9 @@ def test_bench_verify_quick(tiny_model_dir):
     assert [m["mode"] for m in report["modes"]] == list(MODES)
     for m in report["modes"]:
         assert set(m) >= {"mode", "runs", "detected", "tokens_to_detect_p50"}
-        assert m["detected"] == m["runs"] == 2, m
+        assert m["detected"] == m["runs"] == 2 and m["false_alarms"] == m["failed"] == 0, m
         assert m["tokens_to_detect_p50"] <= (64 if m["mode"] == "sometimes" else 16), m
     assert report["honest_audited_steps"] >= 200 and report["false_positives"] == 0
+    assert report["honest_failed_generations"] == 0
     assert report["commitment_bytes_per_token"] <= 16
     assert report["overhead_ratio"] > 0

@@ -25,7 +25,9 @@ threads (1: on a loaded 2-core machine two threads run several times slower).
   count.
 * **Honest runs**: ``HONEST_HOPS`` hops, two honest nodes each, two generations at a time
   (concurrent sessions), torch's thread count switched between 1 and 2 while they run,
-  until ``honest_steps`` hop steps were audited; every dispute is a false positive. The same swarm, one generation at a time, alternately with audits at
+  until ``honest_steps`` hop steps were audited; every accusation of a node (``_alarm``)
+  is a false positive. Accusations of the honest nodes of the cheating runs are counted
+  too (``false_alarms`` per mode); a run or generation that fails is counted, not fatal. The same swarm, one generation at a time, alternately with audits at
   ``audit_rate`` and without, gives ``overhead_ratio`` = tokens/s with / without.
 
 On one machine every audit's recomputation competes with the generation for the same
@@ -49,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from layerchain.errors import LayerchainError
 from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.types import even_spans
 
@@ -73,6 +76,9 @@ class ModeResult:
     detected: int  # runs with a dispute naming the cheater
     tokens_to_detect_p50: float | None  # median over detected runs; None if none was
     tokens_to_detect_max: int | None
+    false_alarms: int  # accusations of honest nodes during these runs
+    failed: int  # runs that ended in an error (the error of the first is ``first_error``)
+    first_error: str = ""
 
 
 def _alarm(record: logging.LogRecord) -> str | None:
@@ -98,23 +104,25 @@ def _alarm(record: logging.LogRecord) -> str | None:
 
 class _Watch(logging.Handler):
     """Collects the client's accusations (``_alarm``) while installed: ``caught_at`` gets,
-    for each accusation of ``peer_id`` (None: of anyone), the tokens the watched ``node``'s
-    sessions hold at that moment (the node's own count of what it computed; 0 if none)."""
+    for each accusation of ``peer_id``, the tokens the watched ``node``'s sessions hold at
+    that moment (the node's own count of what it computed; 0 without a node);
+    ``others`` counts the accusations of any other peer (with ``peer_id`` None: all)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.peer_id: str | None = None
         self.node: object | None = None
         self.caught_at: list[int] = []
+        self.others = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         accused = _alarm(record)
-        if accused is None or (self.peer_id is not None and accused != self.peer_id):
+        if accused is None:
             return
-        if self.node is None:
-            self.caught_at.append(0)
+        if accused != self.peer_id:
+            self.others += 1
             return
-        sessions = self.node.sessions._sessions.values()  # type: ignore[attr-defined]
+        sessions = self.node.sessions._sessions.values() if self.node else ()  # type: ignore[attr-defined]
         self.caught_at.append(max((s.tokens for s in sessions), default=0))
 
 
@@ -210,7 +218,7 @@ async def _cheat_runs(
         for _ in range(2):
             await swarm.add(0, half, price=2)
             await swarm.add(half, swarm.spec.num_blocks, price=2)
-        detected, latencies = 0, []
+        detected, failed, first_error, latencies = 0, 0, "", []
         with _watching() as watch:
             watch.node, watch.peer_id = cheater, cheater.identity.peer_id  # type: ignore[attr-defined]
             for run in range(runs):
@@ -223,6 +231,9 @@ async def _cheat_runs(
                         if watch.caught_at:
                             break
                     await stream.aclose()
+                except LayerchainError as error:  # counted; the next run goes on
+                    failed += 1
+                    first_error = first_error or str(error)
                 finally:
                     await _close_client(client)
                 if watch.caught_at:
@@ -233,6 +244,7 @@ async def _cheat_runs(
             mode, runs, detected,
             statistics.median(latencies) if latencies else None,
             max(latencies) if latencies else None,
+            watch.others, failed, first_error,
         )
     finally:
         await swarm.close()
@@ -262,9 +274,10 @@ async def _thread_flipper(period_s: float = 0.1) -> AsyncIterator[None]:
 
 async def _audited_generations(
     swarm: _Swarm, honest_steps: int, max_new_tokens: int, audit_rate: float
-) -> int:
-    """Generations two at a time until ``honest_steps`` hop steps were audited; that count."""
-    audited = run = 0
+) -> tuple[int, int]:
+    """Generations two at a time until ``honest_steps`` hop steps were audited:
+    ``(audited steps, failed generations)``."""
+    audited = run = failed = 0
     while audited < honest_steps:
         clients = [swarm.client(audit_rate) for _ in range(2)]
         try:
@@ -272,20 +285,29 @@ async def _audited_generations(
                 c.generate(PROMPTS[(run + i) % len(PROMPTS)],  # type: ignore[attr-defined]
                            _params(run + i, max_new_tokens))
                 for i, c in enumerate(clients)
-            ))
+            ), return_exceptions=True)
         finally:
             for c in clients:
                 await _close_client(c)
         run += 2
-        audited += sum(r.audited_steps for r in results)
-    return audited
+        for r in results:
+            if isinstance(r, LayerchainError):
+                failed += 1
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                audited += r.audited_steps
+        if failed > max(4, run // 4):
+            raise LayerchainError(f"{failed} of {run} honest generations failed")
+    return audited, failed
 
 
 async def _honest_runs(
     model: str, honest_steps: int, max_new_tokens: int, audit_rate: float,
     overhead_runs: int, tmp: Path,
-) -> tuple[int, int, float, float, float]:
-    """(audited steps, false positives, overhead ratio, tokens/s with, tokens/s without)."""
+) -> tuple[int, int, int, float, float, float]:
+    """(audited steps, false positives, failed generations, overhead ratio, tokens/s with,
+    tokens/s without)."""
     swarm = _Swarm(model, tmp)
     try:
         for _ in range(2):
@@ -293,8 +315,9 @@ async def _honest_runs(
                 await swarm.add(span.start, span.end)
         with _watching() as alarms:
             async with _thread_flipper():
-                audited = await _audited_generations(swarm, honest_steps, max_new_tokens, audit_rate)
-        false_positives = len(alarms.caught_at)
+                audited, failed = await _audited_generations(
+                    swarm, honest_steps, max_new_tokens, audit_rate)
+        false_positives = alarms.others
         timed = {True: [0, 0.0], False: [0, 0.0]}  # audits on? -> [tokens, seconds]
         for i in range(2 * overhead_runs):
             audits = i % 2 == 0
@@ -308,7 +331,8 @@ async def _honest_runs(
                 await _close_client(client)
         with_tps = timed[True][0] / max(timed[True][1], 1e-9)
         without_tps = timed[False][0] / max(timed[False][1], 1e-9)
-        return audited, false_positives, with_tps / max(without_tps, 1e-9), with_tps, without_tps
+        ratio = with_tps / max(without_tps, 1e-9)
+        return audited, false_positives, failed, ratio, with_tps, without_tps
     finally:
         await swarm.close()
 
@@ -349,22 +373,26 @@ def run_verify_bench(
                 rate, Path(tmp) / mode,
             )))
             say(f"{results[-1]} after {time.perf_counter() - t0:.0f} s")
-        audited, false_positives, ratio, with_tps, without_tps = asyncio.run(
+        audited, false_positives, failed, ratio, with_tps, without_tps = asyncio.run(
             _honest_runs(model, honest_steps, max_new_tokens, rate, overhead_runs,
                          Path(tmp) / "honest")
         )
-        say(f"honest: {audited} audited steps, {false_positives} false positives, overhead "
+        say(f"honest: {audited} audited steps, {false_positives} false positives, {failed} "
+            f"failed generations, overhead "
             f"{ratio:.3f} after {time.perf_counter() - t0:.0f} s")
     return {
         "audit_rate": rate,
         "modes": [
             {"mode": r.mode, "runs": r.runs, "detected": r.detected,
              "tokens_to_detect_p50": r.tokens_to_detect_p50,
-             "tokens_to_detect_max": r.tokens_to_detect_max}
+             "tokens_to_detect_max": r.tokens_to_detect_max, "false_alarms": r.false_alarms,
+             "failed": r.failed, **({"first_error": r.first_error} if r.first_error else {})}
             for r in results
         ],
         "honest_audited_steps": audited,
         "false_positives": false_positives,
+        "honest_failed_generations": failed,
+        "false_alarms_in_cheat_runs": sum(r.false_alarms for r in results),
         "commitment_bytes_per_token": COMMITMENT_BYTES_PER_TOKEN,
         "overhead_ratio": round(ratio, 3),
         "tokens_per_s_with_audits": round(with_tps, 2),
