@@ -345,8 +345,9 @@ class InferenceSession:
                 raise InvalidOutput(f"peer {peer_id} answered a Step with {type(reply).__name__}")
             out = reply.hidden
             check_output(peer_id, hidden, out, model_id=self.peers.model_id, end=hs.hop.end,
-                         # the first routed block's input is ours (also in a replay)
-                         input_trusted=hs.hop.start == self.hops[0].hop.start)
+                         # the first routed block's input is ours (also in a replay);
+                         # an audit's session of a later hop replays another peer's output
+                         input_trusted=hs.hop.start == self.budget.blocks[0])
             if not reply.receipt:
                 raise InvalidReceipt(f"peer {peer_id} sent no receipt for step {hs.verifier.next_step}")
             receipt = hs.verifier.check(reply.receipt, hidden, out, tokens)  # advances next_step
