@@ -79,6 +79,7 @@ class ModeResult:
     false_alarms: int  # accusations of honest nodes during these runs
     failed: int  # runs that ended in an error (the error of the first is ``first_error``)
     first_error: str = ""
+    false_alarm_examples: tuple[str, ...] = ()
 
 
 def _alarm(record: logging.LogRecord) -> str | None:
@@ -114,6 +115,7 @@ class _Watch(logging.Handler):
         self.node: object | None = None
         self.caught_at: list[int] = []
         self.others = 0
+        self.examples: list[str] = []  # the first few accusations of other peers, as logged
 
     def emit(self, record: logging.LogRecord) -> None:
         accused = _alarm(record)
@@ -121,6 +123,8 @@ class _Watch(logging.Handler):
             return
         if accused != self.peer_id:
             self.others += 1
+            if len(self.examples) < 3:
+                self.examples.append(record.getMessage())
             return
         sessions = self.node.sessions._sessions.values() if self.node else ()  # type: ignore[attr-defined]
         self.caught_at.append(max((s.tokens for s in sessions), default=0))
@@ -244,7 +248,7 @@ async def _cheat_runs(
             mode, runs, detected,
             statistics.median(latencies) if latencies else None,
             max(latencies) if latencies else None,
-            watch.others, failed, first_error,
+            watch.others, failed, first_error, tuple(watch.examples),
         )
     finally:
         await swarm.close()
@@ -386,7 +390,9 @@ def run_verify_bench(
             {"mode": r.mode, "runs": r.runs, "detected": r.detected,
              "tokens_to_detect_p50": r.tokens_to_detect_p50,
              "tokens_to_detect_max": r.tokens_to_detect_max, "false_alarms": r.false_alarms,
-             "failed": r.failed, **({"first_error": r.first_error} if r.first_error else {})}
+             "failed": r.failed, **({"first_error": r.first_error} if r.first_error else {}),
+             **({"false_alarm_examples": list(r.false_alarm_examples)}
+                if r.false_alarm_examples else {})}
             for r in results
         ],
         "honest_audited_steps": audited,
