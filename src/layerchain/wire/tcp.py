@@ -472,14 +472,19 @@ class TcpTransport:
     async def listen(
         self, endpoint: str, handler: Callable[[TcpConnection], Awaitable[None]]
     ) -> TcpListener:
-        host, port = parse_tcp_endpoint(endpoint)
-        listener = TcpListener(self.limits, handler)
-        loop = asyncio.get_running_loop()
-        try:
-            server = await loop.create_server(listener._make_connection, host, port)
-        except OSError as error:
-            raise ConfigError(f"cannot listen on {endpoint}: {error}") from error
-        listener._server = server
-        bound = server.sockets[0].getsockname()
-        listener.endpoint = format_tcp_endpoint(bound[0], bound[1], listener.scheme)
-        return listener
+        return await start_listener(endpoint, TcpListener(self.limits, handler))
+
+
+async def start_listener(endpoint: str, listener: TcpListener) -> TcpListener:
+    """Bind ``listener`` to ``endpoint`` (``SCHEME://HOST:PORT`` of its scheme; port 0: a
+    free one) and set its ``endpoint`` to the bound address; ConfigError if it can't."""
+    host, port = parse_tcp_endpoint(endpoint, listener.scheme)
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(listener._make_connection, host, port)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {endpoint}: {error}") from error
+    listener._server = server
+    bound = server.sockets[0].getsockname()
+    listener.endpoint = format_tcp_endpoint(bound[0], bound[1], listener.scheme)
+    return listener

@@ -44,7 +44,12 @@ from cryptography.x509.oid import NameOID
 from layerchain.discovery.identity import Identity, peer_id_from_public_key
 from layerchain.errors import ConfigError, PeerAuthFailed, PeerUnreachable
 from layerchain.wire.codec import DEFAULT_LIMITS, Limits
-from layerchain.wire.tcp import TcpConnection, TcpListener, format_tcp_endpoint, parse_tcp_endpoint
+from layerchain.wire.tcp import (
+    TcpConnection,
+    TcpListener,
+    parse_tcp_endpoint,
+    start_listener,
+)
 
 SCHEME = "tls"
 _CERT_DAYS = 3650  # validity of the self-signed certificate; nobody checks dates (no CA)
@@ -198,21 +203,12 @@ class TlsTransport:
         """Accept TLS connections on ``tls://HOST:PORT`` (port 0: a free one)."""
         if self.identity is None:
             raise ConfigError(f"cannot listen on {endpoint}: TLS needs the node's identity key")
-        host, port = parse_tcp_endpoint(endpoint, SCHEME)
         if self._server_context is None:
             self._server_context = server_context(self.identity)
         # TLS starts after the accept (TcpListener): a socket in its handshake already holds
         # one of max_connections, so handshakes cannot pile up beyond the cap
         listener = TcpListener(self.limits, handler, scheme=SCHEME, tls=self._server_context)
-        loop = asyncio.get_running_loop()
-        try:
-            server = await loop.create_server(listener._make_connection, host, port)
-        except OSError as error:
-            raise ConfigError(f"cannot listen on {endpoint}: {error}") from error
-        listener._server = server
-        bound = server.sockets[0].getsockname()
-        listener.endpoint = format_tcp_endpoint(bound[0], bound[1], SCHEME)
-        return listener
+        return await start_listener(endpoint, listener)
 
 
 # ------------------------------------------------------------------ over a connected socket
