@@ -101,13 +101,14 @@ def funded(tmp_path):
     with open_ledger(path, LedgerConfig(dispute_window_s=0)) as ledger:
         ledger.deposit(payer, 5000)
         cid = ledger.open_channel(payer, payee.address, 1000)
-    return path, payer, payee, cid
+        domain = ledger.domain_separator
+    return path, payer, payee, cid, domain
 
 
 @pytest.mark.slow
 def test_eight_processes_redeeming_the_same_voucher_credit_once(tmp_path, funded):
-    path, payer, payee, cid = funded
-    voucher = sign_voucher(payer, Voucher(cid, 1, 700))
+    path, payer, payee, cid, domain = funded
+    voucher = sign_voucher(payer, Voucher(cid, 1, 700), domain)
     outputs = _race(tmp_path, path, [[voucher]] * 8)
     credits = sorted(line["credited"] for lines in outputs for line in lines)
     assert credits == [0] * 7 + [700]
@@ -120,10 +121,10 @@ def test_eight_processes_redeeming_the_same_voucher_credit_once(tmp_path, funded
 
 @pytest.mark.slow
 def test_racing_vouchers_never_credit_above_the_deposit(tmp_path, funded):
-    path, payer, payee, cid = funded
+    path, payer, payee, cid, domain = funded
     # nonces 1..30 up to 900 credits, plus forged ones above the 1000 deposit
-    valid = [sign_voucher(payer, Voucher(cid, n, 30 * n)) for n in range(1, 31)]
-    over = [sign_voucher(payer, Voucher(cid, 100 + n, 1000 + n)) for n in range(1, 4)]
+    valid = [sign_voucher(payer, Voucher(cid, n, 30 * n), domain) for n in range(1, 31)]
+    over = [sign_voucher(payer, Voucher(cid, 100 + n, 1000 + n), domain) for n in range(1, 4)]
     rng = random.Random(7)
     lists = [rng.sample(valid + over, len(valid + over)) for _ in range(8)]
     outputs = _race(tmp_path, path, lists)
@@ -140,11 +141,11 @@ def test_racing_vouchers_never_credit_above_the_deposit(tmp_path, funded):
 
 @pytest.mark.slow
 def test_kill_9_mid_redemption_loses_no_acknowledged_redemption(tmp_path, funded):
-    path, payer, payee, cid = funded
+    path, payer, payee, cid, domain = funded
     count = 1000  # cumulative nonce * 1 credit: never above the 1000 deposit
     vfile = tmp_path / "vouchers.bin"
     vfile.write_bytes(msgpack.packb(
-        [sign_voucher(payer, Voucher(cid, n, n)) for n in range(1, count + 1)]
+        [sign_voucher(payer, Voucher(cid, n, n), domain) for n in range(1, count + 1)]
     ))
     rng = random.Random(1)
     acked: dict[int, int] = {}  # nonce -> credited, as printed by a writer before it died
@@ -182,7 +183,7 @@ def test_kill_9_mid_redemption_loses_no_acknowledged_redemption(tmp_path, funded
                 }
                 for nonce, credited in acked.items():
                     if credited:
-                        voucher = sign_voucher(payer, Voucher(cid, nonce, nonce)).hex()
+                        voucher = sign_voucher(payer, Voucher(cid, nonce, nonce), domain).hex()
                         assert voucher in redeemed_vouchers, f"redemption {nonce} lost"
             assert ledger.balance(payee.address) == channel.redeemed
         if channel.nonce == count:

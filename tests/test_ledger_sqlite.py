@@ -140,21 +140,21 @@ def test_channel_redeem_is_idempotent_and_bounded_by_the_deposit(ledger, alice, 
         ledger.open_channel(alice, alice.address, 10)
     cid = ledger.open_channel(alice, bob.address, 600)
     assert ledger.balance(alice.address) == 400
-    v1 = sign_voucher(alice, Voucher(cid, 1, 100))
-    v2 = sign_voucher(alice, Voucher(cid, 2, 250))
+    v1 = sign_voucher(alice, Voucher(cid, 1, 100), ledger.domain_separator)
+    v2 = sign_voucher(alice, Voucher(cid, 2, 250), ledger.domain_separator)
     assert ledger.redeem(v2) == 250
     assert ledger.redeem(v2) == 0  # double redemption
     assert ledger.redeem(v1) == 0  # an older voucher
-    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 2, 400))) == 0  # nonce reuse
-    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 3, 250))) == 0  # nothing new
+    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 2, 400), ledger.domain_separator)) == 0  # nonce reuse
+    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 3, 250), ledger.domain_separator)) == 0  # nothing new
     with pytest.raises(InvalidVoucher, match="exceeds the channel deposit"):
-        ledger.redeem(sign_voucher(alice, Voucher(cid, 4, 601)))
+        ledger.redeem(sign_voucher(alice, Voucher(cid, 4, 601), ledger.domain_separator))
     with pytest.raises(InvalidVoucher, match="not signed by its payer"):
-        ledger.redeem(sign_voucher(bob, Voucher(cid, 4, 500)))
+        ledger.redeem(sign_voucher(bob, Voucher(cid, 4, 500), ledger.domain_separator))
     with pytest.raises(ChannelError, match="unknown channel"):
-        ledger.redeem(sign_voucher(alice, Voucher("0x" + "00" * 32, 1, 1)))
+        ledger.redeem(sign_voucher(alice, Voucher("0x" + "00" * 32, 1, 1), ledger.domain_separator))
     assert ledger.top_up(alice, cid, 100) == 700
-    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 9, 700))) == 450
+    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 9, 700), ledger.domain_separator)) == 450
     channel = ledger.channel(cid)
     assert (channel.redeemed, channel.nonce, channel.state) == (700, 9, "open")
     assert ledger.balance(bob.address) == 700 and ledger.balance(alice.address) == 300
@@ -165,7 +165,7 @@ def test_channel_redeem_is_idempotent_and_bounded_by_the_deposit(ledger, alice, 
 def test_close_refunds_the_unspent_deposit_after_the_dispute_window(ledger, clock, alice, bob):
     ledger.deposit(alice, 500)
     cid = ledger.open_channel(alice, bob.address, 500)
-    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 120))) == 120
+    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 120), ledger.domain_separator)) == 120
     assert ledger.close_channel(alice, cid) == 0
     assert ledger.channel(cid).state == "closing"
     with pytest.raises(ChannelError, match="is closing"):
@@ -174,14 +174,14 @@ def test_close_refunds_the_unspent_deposit_after_the_dispute_window(ledger, cloc
     with pytest.raises(ChannelError, match="dispute window for another 50 s"):
         ledger.close_channel(alice, cid)
     # the payee may still redeem a later voucher during the window
-    late = sign_voucher(alice, Voucher(cid, 2, 200))
+    late = sign_voucher(alice, Voucher(cid, 2, 200), ledger.domain_separator)
     assert ledger.redeem(late) == 80
     clock.now += 50
     assert ledger.close_channel(alice, cid) == 300
     assert ledger.balance(alice.address) == 300 and ledger.balance(bob.address) == 200
     assert ledger.redeem(late) == 0  # a stale voucher still credits nothing
     with pytest.raises(ChannelError, match="closed"):
-        ledger.redeem(sign_voucher(alice, Voucher(cid, 3, 300)))
+        ledger.redeem(sign_voucher(alice, Voucher(cid, 3, 300), ledger.domain_separator))
     with pytest.raises(ChannelError):
         ledger.close_channel(alice, cid)
     assert ledger.verify().ok
@@ -236,7 +236,7 @@ def test_uptime_rewards_are_earned_not_claimed(ledger, clock, alice, bob):
         ledger.claim_reward(bob)  # a day of "uptime" nobody attests: nothing
     ledger.deposit(alice, 1000)
     cid = ledger.open_channel(alice, bob.address, 1000)
-    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 7))) == 7
+    assert ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 7), ledger.domain_separator)) == 7
     clock.now += 3600
     assert ledger.claim_reward(bob) == 7  # bounded by the work clients paid for
     with pytest.raises(LedgerError, match="no client has paid"):
@@ -247,7 +247,7 @@ def test_uptime_rewards_are_earned_not_claimed(ledger, clock, alice, bob):
     ledger.register_node(bob, 0, 10)  # honest: 10 blocks
     start = ledger.node(bob.address).rewarded_until
     clock.now += 7200
-    ledger.redeem(sign_voucher(alice, Voucher(cid, 2, 907)))  # 900 credits of work
+    ledger.redeem(sign_voucher(alice, Voucher(cid, 2, 907), ledger.domain_separator))  # 900 credits of work
     clock.now += 999  # the node went quiet: time after the last payment does not count
     # 3 credits per block-hour x 10 blocks x 2 hours (registration to the last payment)
     assert ledger.claim_reward(bob) == 60
@@ -299,10 +299,15 @@ def _busy_ledger(path, alice, bob):
     with open_ledger(path, LedgerConfig(dispute_window_s=0)) as ledger:
         ledger.deposit(alice, 1000)
         cid = ledger.open_channel(alice, bob.address, 400)
-        ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 150)))
+        ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 150), ledger.domain_separator))
         ledger.withdraw(alice, 100)
         assert ledger.verify().ok
     return cid
+
+
+def _domain(path):
+    with open_ledger(path) as ledger:
+        return ledger.domain_separator
 
 
 def _verify(path, checkpoints=()):
@@ -362,7 +367,7 @@ def test_rehashed_forged_redemption_fails_its_signature(tmp_path, alice, bob):
     db = sqlite3.connect(path)
     row = db.execute("SELECT seq, payload FROM journal WHERE kind = 'redeem'").fetchone()
     data = json.loads(row[1])
-    data["voucher"] = sign_voucher(bob, Voucher(cid, 1, 150)).hex()  # signed by the payee
+    data["voucher"] = sign_voucher(bob, Voucher(cid, 1, 150), _domain(path)).hex()  # signed by the payee
     db.execute("UPDATE journal SET payload = ? WHERE seq = ?", (canonical_payload(data), row[0]))
     _rechain(db)
     db.commit()
@@ -370,6 +375,51 @@ def test_rehashed_forged_redemption_fails_its_signature(tmp_path, alice, bob):
     problems = _verify(path).problems
     assert any("journal entry 4 (redeem)" in p and "not signed by its payer" in p
                for p in problems), problems
+
+
+def _as_written_before_eip712(path, alice, *, keep_scheme=False):
+    """Turn ``_busy_ledger``'s file into one an older layerchain wrote: genesis without the
+    voucher scheme and the redemption's voucher in wire version 1 (EIP-191, no domain)."""
+    db = sqlite3.connect(path)
+    rows = dict(db.execute("SELECT kind, payload FROM journal WHERE kind IN ('genesis', 'redeem')"))
+    genesis, redeem = json.loads(rows["genesis"]), json.loads(rows["redeem"])
+    if not keep_scheme:
+        del genesis["vouchers"]
+    fields = msgpack.unpackb(bytes.fromhex(redeem["voucher"]))
+    voucher = Voucher("0x" + fields[1].hex(), fields[2], fields[3])
+    fields[0], fields[4] = 1, alice.sign_digest(voucher.legacy_digest())
+    redeem["voucher"] = msgpack.packb(fields).hex()
+    for kind, payload in (("genesis", genesis), ("redeem", redeem)):
+        db.execute("UPDATE journal SET payload = ? WHERE kind = ?", (canonical_payload(payload), kind))
+    _rechain(db)
+    db.commit()
+    db.close()
+
+
+def test_a_ledger_written_before_eip712_vouchers_still_verifies(tmp_path, alice, bob):
+    """Existing ledger files keep working: their old redeem entries hold EIP-191 vouchers,
+    which a replay checks with the old digest; new redemptions on them are EIP-712."""
+    path = tmp_path / "old.sqlite"
+    cid = _busy_ledger(path, alice, bob)
+    _as_written_before_eip712(path, alice)
+    with open_ledger(path) as ledger:
+        assert ledger.verify().ok, ledger.verify().problems
+        old = msgpack.packb([1, bytes.fromhex(cid[2:]), 2, 200,
+                             alice.sign_digest(Voucher(cid, 2, 200).legacy_digest())])
+        with pytest.raises(InvalidVoucher, match="wire version 1"):
+            ledger.redeem(old)  # live: EIP-712 only, even on an old ledger
+        assert ledger.redeem(sign_voucher(alice, Voucher(cid, 2, 200), ledger.domain_separator)) == 50
+        assert ledger.verify().ok
+
+
+def test_an_eip191_voucher_in_a_new_ledgers_journal_is_a_problem(tmp_path, alice, bob):
+    """A ledger created with EIP-712 vouchers never took a version 1 one: a forger who
+    swaps one in (and re-chains) is caught even with the payer's genuine old signature."""
+    path = tmp_path / "new.sqlite"
+    _busy_ledger(path, alice, bob)
+    _as_written_before_eip712(path, alice, keep_scheme=True)
+    problems = _verify(path).problems
+    assert any("journal entry 4 (redeem)" in p and "wire version 1" in p for p in problems), problems
 
 
 def test_a_rewritten_and_rehashed_journal_is_caught_by_a_checkpoint(tmp_path, alice, bob):

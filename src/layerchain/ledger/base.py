@@ -26,15 +26,19 @@ Invariants every backend keeps (and ``verify`` checks):
 * every mutation is one atomic step that also appends one journal entry, and the journal
   is a hash chain from which every balance, channel and stake can be recomputed.
 
-Backends: ``layerchain.ledger.sqlite.SqliteLedger`` (one file shared by processes, or
-``":memory:"`` for tests); an EVM contract later, behind the same Protocol. This module
-knows nothing of wallets on disk, receipts or the network.
+Backends (``backend``): ``"sqlite"``, ``layerchain.ledger.sqlite.SqliteLedger`` (one file
+shared by processes, or ``":memory:"`` for tests), and ``"evm"``,
+``layerchain.ledger.evm.EvmLedger`` (the ``LayerchainLedger`` contract on an EVM chain:
+the owner signs a transaction instead of an operation, the contract's events are the
+journal, gas is what a mutation costs). Vouchers are EIP-712 under the ledger's
+``domain_separator`` on both (``records.py``), so a voucher is worth something on one
+ledger only. This module knows nothing of wallets on disk, receipts or the network.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Protocol, Sequence
 
 from layerchain.errors import LedgerError
 from layerchain.ledger.signatures import Signer
@@ -223,6 +227,11 @@ class Ledger(Protocol):
 
     config: LedgerConfig
     ledger_id: str  # "0x" + 64 hex digits, fixed at creation; operations name it
+    backend: str  # "sqlite" | "evm"
+    domain_separator: bytes  # 32 bytes: the EIP-712 domain vouchers of this ledger are signed in
+    # Gas of each transaction sent by this object, by kind ("deposit", "open_channel",
+    # "redeem", "redeem_many", "close_channel", ...), in order; always empty off-chain.
+    gas_used: dict[str, list[int]]
 
     def now(self) -> float:
         """The ledger's clock (unix seconds, never going backwards)."""
@@ -259,6 +268,12 @@ class Ledger(Protocol):
 
     def redeem(self, voucher_bytes: bytes) -> int:
         """Credit the payee ``cumulative - redeemed``; return it (0 if nothing new)."""
+
+    def redeem_many(self, vouchers: Sequence[bytes]) -> list[int]:
+        """Redeem every voucher in one atomic step (one transaction on a chain: a node
+        redeems all its channels for the gas of one); return the credits of each, in order.
+        A stale voucher credits 0; a bad one (signature, amount above the deposit, closed
+        or unknown channel) raises and nothing of the batch is applied."""
 
     def close_channel(self, payer: Signer, channel_id: str) -> int:
         """Start (OPEN) or finish (CLOSING, window over) closing; return the refund (or 0)."""

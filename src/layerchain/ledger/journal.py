@@ -11,8 +11,10 @@ kind through ``RULES``, one small function per kind.
 
 Entries (payload keys; ``ts`` is the ledger's clock, unix seconds, on every entry)::
 
-    genesis        config, ledger_id, version
-    redeem         voucher (hex wire bytes, signature re-checked), credited
+    genesis        config, ledger_id, version, vouchers ("eip712"; absent on ledgers created
+                   before EIP-712 vouchers, whose old redeem entries hold EIP-191 ones)
+    redeem         voucher (hex wire bytes, signature re-checked under the ledger's
+                   domain, ``records.ledger_domain(ledger_id)``), credited
     deposit        op (hex signed operation, signature re-checked on replay), balance
     withdraw       op, balance
     open_channel   op, channel_id
@@ -62,10 +64,11 @@ from layerchain.ledger.base import (
     NodeInfo,
 )
 from layerchain.ledger.operations import ZERO_ADDRESS, Operation, channel_id_of, verify_operation
-from layerchain.ledger.records import decode_voucher, verify_voucher
+from layerchain.ledger.records import decode_any_voucher, ledger_domain, verify_voucher
 
 GENESIS_PREV_HASH = "0" * 64
 JOURNAL_VERSION = 2  # 1: unsigned operations, caller-stamped time (no longer accepted)
+VOUCHER_SCHEME = "eip712"  # genesis "vouchers" of ledgers that only ever took EIP-712 vouchers
 
 
 def canonical_payload(payload: dict[str, Any]) -> str:
@@ -95,6 +98,7 @@ class State:
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     nonces: set[tuple[str, int]] = field(default_factory=set)
     convicted: set[str] = field(default_factory=set)  # "0x" receipt hashes that slashed a stake
+    legacy_vouchers: bool = False  # a ledger from before EIP-712 vouchers: replay accepts v1 ones
 
     def balance(self, address: str) -> int:
         return self.balances.get(address, 0)
@@ -347,9 +351,10 @@ RULES: dict[str, OperationRule] = {
 
 def _redeem(state: State, config: LedgerConfig, ts: float, payload: dict[str, Any]) -> int:
     data = bytes.fromhex(payload["voucher"])
-    voucher, _ = decode_voucher(data)
+    voucher, _, _ = decode_any_voucher(data)
     channel = state.channel(voucher.channel_id)
-    verify_voucher(data, channel)  # signature, nonce, monotone, <= deposit, not closed
+    # signature under this ledger's domain, nonce, monotone, <= deposit, not closed
+    verify_voucher(data, channel, ledger_domain(state.ledger_id), legacy=state.legacy_vouchers)
     credited = voucher.cumulative_amount - channel.redeemed
     if credited <= 0:
         raise InvalidVoucher("voucher credits nothing new")
@@ -378,6 +383,7 @@ def _genesis(state: State, payload: dict[str, Any]) -> int:
     state.config = LedgerConfig.from_dict(payload["config"])
     state.ledger_id = payload["ledger_id"]
     state.clock = float(payload["ts"])
+    state.legacy_vouchers = payload.get("vouchers") != VOUCHER_SCHEME
     return 0
 
 

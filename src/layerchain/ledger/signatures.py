@@ -1,4 +1,4 @@
-"""Ethereum-style signatures over 32-byte digests: EIP-191 ``personal_sign`` and ``ecrecover``.
+"""Ethereum-style signatures over 32-byte digests: EIP-191 ``personal_sign``, EIP-712 and ``ecrecover``.
 
 Everything layerchain signs (receipts, vouchers, liveness records) is first reduced to a
 32-byte digest ``d = keccak256(abi.encodePacked(...))`` of its canonical bytes. The signer
@@ -6,6 +6,12 @@ then signs ``keccak256("\\x19Ethereum Signed Message:\\n32" || d)`` with its sec
 which is exactly what ``eth_account``'s ``sign_message(encode_defunct(primitive=d))`` and
 Solidity's ``ECDSA.recover(MessageHashUtils.toEthSignedMessageHash(d), sig)`` do, so an
 EVM contract can check every signature this module makes.
+
+EIP-712 typed data (vouchers, verdicts) is signed raw instead: the digest is already
+``keccak256("\\x19\\x01" || domainSeparator || hashStruct(message))``, bound to one ledger by
+its domain (``eip712_domain``), and ``sign_hash`` / ``recover_hash_address`` sign and
+recover it without a prefix, as eth_account's ``unsafe_sign_hash`` and Solidity's
+``ecrecover(digest, v, r, s)`` do.
 
 Signatures are 65 bytes ``r || s || v`` with ``v`` in {27, 28} and a low ``s`` (EIP-2);
 high-``s`` signatures are rejected so a signature has exactly one valid encoding.
@@ -47,7 +53,13 @@ class Signer(Protocol):
     @property
     def address(self) -> str: ...
 
-    def sign_digest(self, digest: bytes) -> bytes: ...
+    def sign_digest(self, digest: bytes) -> bytes:
+        """EIP-191 signature over a 32-byte digest (``personal_sign``)."""
+        ...
+
+    def sign_hash(self, digest: bytes) -> bytes:
+        """Raw signature over a 32-byte hash, no prefix (an EIP-712 digest)."""
+        ...
 
 
 def keccak256(data: bytes) -> bytes:
@@ -55,7 +67,6 @@ def keccak256(data: bytes) -> bytes:
     return _keccak(data)
 
 
-@functools.lru_cache(maxsize=1024)
 @functools.lru_cache(maxsize=1024)
 def keccak256_cached(data: bytes) -> bytes:
     """keccak256 of values that recur on every step (session and model ids)."""
@@ -77,7 +88,14 @@ def _coincurve_key(private_key: bytes):  # type: ignore[no-untyped-def]
 
 def sign_digest(private_key: bytes, digest: bytes) -> bytes:
     """Sign ``digest`` (32 bytes) EIP-191 style; return 65 bytes ``r || s || v``."""
-    message_hash = personal_digest(digest)
+    return sign_hash(private_key, personal_digest(digest))
+
+
+def sign_hash(private_key: bytes, message_hash: bytes) -> bytes:
+    """Sign a 32-byte hash as is (no prefix: an EIP-712 digest); 65 bytes ``r || s || v``,
+    low ``s`` (libsecp256k1 and eth_keys both normalize it)."""
+    if len(message_hash) != 32:
+        raise BadSignature(f"a hash to sign must be 32 bytes, got {len(message_hash)}")
     if _coincurve is not None:
         raw: bytes = _coincurve_key(private_key).sign_recoverable(message_hash, hasher=None)
         return raw[:64] + bytes([raw[64] + 27])
@@ -88,10 +106,19 @@ def sign_digest(private_key: bytes, digest: bytes) -> bytes:
 
 
 def recover_address_bytes(digest: bytes, signature: bytes) -> bytes:
-    """The 20-byte address whose key made ``signature`` over ``digest``; BadSignature if none.
+    """The 20-byte address whose key made the EIP-191 ``signature`` over ``digest``;
+    BadSignature if none.
 
     The hot-path form: compare against an address parsed once with ``address_bytes``.
     """
+    return recover_hash_address_bytes(personal_digest(digest), signature)
+
+
+def recover_hash_address_bytes(message_hash: bytes, signature: bytes) -> bytes:
+    """The 20-byte address whose key made the raw ``signature`` over ``message_hash`` (no
+    prefix); BadSignature if malformed, high-``s`` or not recovering to a key."""
+    if len(message_hash) != 32:
+        raise BadSignature(f"a signed hash must be 32 bytes, got {len(message_hash)}")
     if len(signature) != SIGNATURE_LENGTH:
         raise BadSignature(f"a signature must be {SIGNATURE_LENGTH} bytes, got {len(signature)}")
     v = signature[64]
@@ -100,7 +127,6 @@ def recover_address_bytes(digest: bytes, signature: bytes) -> bytes:
     s = int.from_bytes(signature[32:64], "big")
     if s == 0 or s > _SECP256K1_N // 2:
         raise BadSignature("signature s is zero or not in the lower half of the curve order")
-    message_hash = personal_digest(digest)
     try:
         if _coincurve is not None:
             public = _coincurve.PublicKey.from_signature_and_message(
@@ -119,6 +145,48 @@ def recover_address_bytes(digest: bytes, signature: bytes) -> bytes:
 def recover_address(digest: bytes, signature: bytes) -> str:
     """The checksummed address (``0x...``) that signed ``digest``; BadSignature if none."""
     return checksum_address(recover_address_bytes(digest, signature))
+
+
+def recover_hash_address(message_hash: bytes, signature: bytes) -> str:
+    """The checksummed address whose raw signature (no prefix) is ``signature``."""
+    return checksum_address(recover_hash_address_bytes(message_hash, signature))
+
+
+# -- EIP-712 --------------------------------------------------------------------------------
+
+_DOMAIN_WITH_CONTRACT = keccak256(
+    b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+)
+_DOMAIN_WITH_SALT = keccak256(b"EIP712Domain(string name,string version,bytes32 salt)")
+EIP712_NAME, EIP712_VERSION = "layerchain", "1"
+
+
+def eip712_domain(
+    *, chain_id: int | None = None, contract: str | None = None, salt: bytes | None = None
+) -> bytes:
+    """The 32-byte domain separator of a layerchain ledger (name "layerchain", version "1").
+
+    A contract: ``EIP712Domain(string name,string version,uint256 chainId,address
+    verifyingContract)``; an off-chain ledger: ``EIP712Domain(string name,string version,
+    bytes32 salt)`` with its 32-byte id as salt. ValueError for any other combination."""
+    name, version = keccak256(EIP712_NAME.encode()), keccak256(EIP712_VERSION.encode())
+    if salt is not None and chain_id is None and contract is None:
+        if len(salt) != 32:
+            raise ValueError(f"a domain salt is 32 bytes, got {len(salt)}")
+        return keccak256(_DOMAIN_WITH_SALT + name + version + salt)
+    if salt is None and chain_id is not None and contract is not None:
+        return keccak256(
+            _DOMAIN_WITH_CONTRACT + name + version + chain_id.to_bytes(32, "big")
+            + bytes(12) + address_bytes(contract)
+        )
+    raise ValueError("an EIP-712 domain has a salt, or a chain id and a contract")
+
+
+def eip712_digest(domain: bytes, struct_hash: bytes) -> bytes:
+    """``keccak256("\\x19\\x01" || domain || struct_hash)``: what EIP-712 signs."""
+    if len(domain) != 32 or len(struct_hash) != 32:
+        raise ValueError("an EIP-712 domain separator and struct hash are 32 bytes each")
+    return keccak256(b"\x19\x01" + domain + struct_hash)
 
 
 @functools.lru_cache(maxsize=4096)  # the same few addresses recur on every step

@@ -30,7 +30,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from layerchain.errors import ChannelError, InvalidVoucher, LedgerError
 from layerchain.ledger.base import (
@@ -48,6 +48,7 @@ from layerchain.ledger.checkpoints import Checkpoint, check_checkpoints, sign_ch
 from layerchain.ledger.journal import (
     GENESIS_PREV_HASH,
     JOURNAL_VERSION,
+    VOUCHER_SCHEME,
     State,
     receipt_signer,
     apply,
@@ -65,7 +66,7 @@ from layerchain.ledger.operations import (
     sign_operation,
     verify_operation,
 )
-from layerchain.ledger.records import decode_voucher, voucher_signer
+from layerchain.ledger.records import Voucher, decode_voucher, ledger_domain, voucher_signer
 from layerchain.ledger.signatures import Signer, address_bytes, normalize_address
 
 MAX_CLOCK_SKEW_S = 60.0  # ``verify`` flags entries stamped further ahead of this machine
@@ -115,6 +116,8 @@ class SqliteLedger:
     different config raises LedgerError (the genesis entry holds the rules).
     """
 
+    backend = "sqlite"
+
     def __init__(
         self,
         path: str | Path,
@@ -146,6 +149,8 @@ class SqliteLedger:
             )
         self.config = LedgerConfig.from_dict(genesis["config"])
         self.ledger_id: str = genesis["ledger_id"]
+        self.domain_separator: bytes = ledger_domain(self.ledger_id)  # vouchers' EIP-712 domain
+        self.gas_used: dict[str, list[int]] = {}  # no gas off-chain: always empty
         if config is not None and config != self.config:
             self._db.close()
             raise LedgerError(
@@ -164,7 +169,7 @@ class SqliteLedger:
             if row is None:
                 payload = {
                     "config": config.to_dict(), "ledger_id": "0x" + secrets.token_hex(32),
-                    "ts": wall_clock(), "version": JOURNAL_VERSION,
+                    "ts": wall_clock(), "version": JOURNAL_VERSION, "vouchers": VOUCHER_SCHEME,
                 }
                 apply(State(), "genesis", payload)
                 self._append("genesis", payload)
@@ -373,23 +378,43 @@ class SqliteLedger:
         return [Channel(*row) for row in self._read(sql + " ORDER BY rowid", tuple(args))]
 
     def redeem(self, voucher_bytes: bytes) -> int:
-        voucher, signature = decode_voucher(voucher_bytes)
-        signer = voucher_signer(voucher, signature)  # outside the lock: ~80 µs of ECDSA
+        return self.redeem_many([voucher_bytes])[0]
+
+    def redeem_many(self, vouchers: Sequence[bytes]) -> list[int]:
+        """Redeem ``vouchers`` in one SQLite transaction (one journal entry per voucher that
+        credits something); a bad one raises and none of them is applied."""
+        decoded: list[tuple[Voucher, bytes, bytes]] = []
+        for data in vouchers:  # outside the lock: ~80 µs of ECDSA each
+            voucher, signature = decode_voucher(data)
+            decoded.append((voucher, voucher_signer(voucher, signature, self.domain_separator), data))
+        credited: list[int] = []
         with self._transaction() as state:
-            channel = self._load_channel(state, voucher.channel_id)
-            if signer != address_bytes(channel.payer):
-                raise InvalidVoucher(
-                    f"voucher for channel {channel.channel_id[:10]}... is not signed by its "
-                    f"payer {channel.payer}"
-                )
-            if voucher.nonce <= channel.nonce or voucher.cumulative_amount <= channel.redeemed:
-                return 0  # already redeemed (or superseded): idempotent, nothing to journal
-            if channel.state == CLOSED:
-                raise ChannelError(f"channel {channel.channel_id[:10]}... is closed")
+            for voucher, signer, data in decoded:
+                credited.append(self._redeem_one(state, voucher, signer, data))
+        return credited
+
+    def _redeem_one(self, state: State, voucher: Voucher, signer: bytes, data: bytes) -> int:
+        """One redemption inside the open transaction; rows already in ``state`` (an earlier
+        voucher of the batch) are not read again."""
+        channel = state.channels.get(voucher.channel_id) or self._load_channel(
+            state, voucher.channel_id
+        )
+        if signer != address_bytes(channel.payer):
+            raise InvalidVoucher(
+                f"voucher for channel {channel.channel_id[:10]}... is not signed by its "
+                f"payer {channel.payer} for this ledger (another signer, or another "
+                "ledger's domain)"
+            )
+        if voucher.nonce <= channel.nonce or voucher.cumulative_amount <= channel.redeemed:
+            return 0  # already redeemed (or superseded): idempotent, nothing to journal
+        if channel.state == CLOSED:
+            raise ChannelError(f"channel {channel.channel_id[:10]}... is closed")
+        if channel.payee not in state.balances:
             self._load_accounts(state, channel.payee)
+        if channel.payee not in state.nodes:
             self._load_node(state, channel.payee)
-            payload = {"channel_id": channel.channel_id, "voucher": voucher_bytes.hex()}
-            return self._apply(state, "redeem", payload)
+        payload = {"channel_id": channel.channel_id, "voucher": data.hex()}
+        return self._apply(state, "redeem", payload)
 
     def close_channel(self, payer: Signer, channel_id: str) -> int:
         return self.submit(self._sign(payer, "close_channel",

@@ -6,8 +6,11 @@ node so far, with a nonce one higher than the last. Vouchers are cumulative, so 
 only ever needs the latest; it redeems that on the ledger at session end, periodically,
 or with ``layerchain ledger redeem``.
 
+Vouchers are EIP-712 typed data under the ledger's ``domain_separator``: one signed for
+another ledger (another SQLite file, another contract or chain) is refused.
+
 The node checks each voucher before serving (``VoucherBook.accept``): signed by the
-channel's payer, nonce above the last, amount not going down nor above the deposit, and
+channel's payer for this ledger, nonce above the last, amount not going down nor above the deposit, and
 covering what the node has served (``owed_total``) less an allowed ``max_unpaid``. A
 session whose vouchers fall behind gets InsufficientFunds and is no longer served. The
 node re-reads a channel's ledger state at most ``recheck_s`` old before serving on it: once
@@ -16,7 +19,8 @@ served on it, and the node redeems within the dispute window.
 
 Storage: a node keeps the latest voucher of each channel at
 ``DATA_DIR/vouchers/<channel_id>.bin`` (the voucher's wire bytes, replaced atomically);
-``redeem_stored`` redeems them all. The voucher format and ``verify_voucher`` live in
+``redeem_stored`` redeems them all (one ``redeem_many`` batch: one transaction on a
+chain). The voucher format and ``verify_voucher`` live in
 ``layerchain.ledger.records`` (the ledger settles them) and are re-exported here.
 """
 
@@ -63,8 +67,9 @@ class ChannelPayer:
     """Client side: one channel per node, and the cumulative vouchers paying into it.
 
     With a ``ledger`` and a ``deposit``, a channel is opened on first payment to a node;
-    otherwise channels are opened with ``open`` or attached with ``attach``. State is in
-    memory: a restarted client opens new channels. With ``checkpoints``, every open and
+    otherwise channels are opened with ``open`` or attached with ``attach``. Vouchers are
+    signed under ``domain`` (default: the ledger's ``domain_separator``; without a ledger it
+    must be given). State is in memory: a restarted client opens new channels. With ``checkpoints``, every open and
     close is followed by a checkpoint of the ledger's head signed by the wallet, kept there
     (outside the ledger file: see ``layerchain.ledger.checkpoints``).
     """
@@ -76,8 +81,10 @@ class ChannelPayer:
         *,
         deposit: int = 0,
         checkpoints: CheckpointStore | None = None,
+        domain: bytes | None = None,  # 32-byte EIP-712 domain separator of the channels' ledger
     ) -> None:
         self.wallet, self.ledger, self.deposit = wallet, ledger, deposit
+        self.domain = domain if domain is not None or ledger is None else ledger.domain_separator
         self.checkpoints = checkpoints
         self._channels: dict[str, Channel] = {}  # node address (lower case) -> channel
         self._nonce: dict[str, int] = {}
@@ -144,7 +151,9 @@ class ChannelPayer:
                 hint="open a channel with a larger deposit",
             )
         nonce = self._nonce[key] + 1
-        data = sign_voucher(self.wallet, Voucher(channel.channel_id, nonce, cumulative))
+        if self.domain is None:
+            raise ChannelError("no ledger domain to sign vouchers in: pass a ledger or domain=")
+        data = sign_voucher(self.wallet, Voucher(channel.channel_id, nonce, cumulative), self.domain)
         self._nonce[key], self._cumulative[key] = nonce, cumulative
         return data
 
@@ -196,7 +205,8 @@ class VoucherStore:
 class VoucherBook:
     """Node side: the vouchers received per channel, and whether they keep up.
 
-    ``channel_lookup`` gives a channel's ledger state (``ledger.channel``); a state older than
+    ``channel_lookup`` gives a channel's ledger state (``ledger.channel``) and ``domain`` the
+    ledger's EIP-712 domain separator (``ledger.domain_separator``); a state older than
     ``recheck_s`` is looked up again before a voucher on it is accepted, and a channel its
     payer asked to close is refused (ChannelError) and listed in ``closing``: the node
     should redeem it now. With a ``store``, every accepted voucher is persisted.
@@ -207,6 +217,7 @@ class VoucherBook:
         node_address: str,
         channel_lookup: Callable[[str], Channel],
         *,
+        domain: bytes,  # 32 bytes: vouchers signed for another ledger are refused
         store: VoucherStore | None = None,
         max_unpaid: int = 0,  # credits a node serves ahead of payment
         recheck_s: float = 1.0,  # seconds a channel's ledger state is trusted before re-reading
@@ -215,6 +226,7 @@ class VoucherBook:
         self.node = address_bytes(node_address)
         self.node_address = node_address
         self._lookup, self.store, self.max_unpaid = channel_lookup, store, max_unpaid
+        self.domain = domain
         self.recheck_s, self._clock = recheck_s, clock
         self._channels: dict[str, tuple[Channel, float]] = {}  # id -> (state, read at)
         self._latest: dict[str, tuple[Voucher, bytes]] = {}
@@ -265,6 +277,7 @@ class VoucherBook:
         voucher = verify_voucher(
             voucher_bytes,
             channel,
+            self.domain,
             last_nonce=last[0].nonce if last else channel.nonce,
             last_amount=last[0].cumulative_amount if last else channel.redeemed,
         )
@@ -310,20 +323,31 @@ class Redemption:
 
 
 def redeem_stored(ledger: Ledger, vouchers: list[bytes]) -> list[Redemption]:
-    """Redeem each voucher on ``ledger``; one refused voucher does not stop the others."""
-    results = []
+    """Redeem the vouchers on ``ledger`` in one ``redeem_many`` batch (one transaction on a
+    chain); if the ledger refuses the batch, each voucher alone, so one refused voucher does
+    not stop the others."""
+    results: list[Redemption | None] = []
+    readable: list[tuple[int, Voucher, bytes]] = []
     for data in vouchers:
         try:
             voucher, _ = decode_voucher(data)
         except InvalidVoucher as error:
             results.append(Redemption("?", 0, 0, 0, str(error)))
             continue
-        try:
-            credited, problem = ledger.redeem(data), None
-        except LayerchainError as error:
-            credited, problem = 0, str(error)
-        results.append(
-            Redemption(voucher.channel_id, voucher.nonce, voucher.cumulative_amount, credited,
-                       problem)
+        readable.append((len(results), voucher, data))
+        results.append(None)
+    try:
+        batch: list[int | str] = list(ledger.redeem_many([data for _, _, data in readable]))
+    except LayerchainError:
+        batch = []
+        for _, _, data in readable:
+            try:
+                batch.append(ledger.redeem(data))
+            except LayerchainError as error:
+                batch.append(str(error))
+    for (index, voucher, _), outcome in zip(readable, batch):
+        credited, problem = (outcome, None) if isinstance(outcome, int) else (0, outcome)
+        results[index] = Redemption(
+            voucher.channel_id, voucher.nonce, voucher.cumulative_amount, credited, problem
         )
-    return results
+    return [r for r in results if r is not None]

@@ -2,9 +2,12 @@
 
 Every node and every client has one. It lives at ``DATA_DIR/wallet.json`` (file mode 0600,
 directory 0700) as ``{"address": "0x...", "private_key": "0x..."}``; a key file readable
-by group or others is refused, as ssh refuses such keys. The wallet only signs 32-byte
-digests (EIP-191, see ``layerchain.ledger.signatures``); what a digest means is up to the
-record signed (receipt, voucher, liveness record). Balances live on the ledger, not here.
+by group or others is refused, as ssh refuses such keys. The wallet signs 32-byte digests
+(EIP-191 ``sign_digest``, or raw EIP-712 hashes with ``sign_hash``; see
+``layerchain.ledger.signatures``); what a digest means is up to the record signed
+(receipt, voucher, liveness record). On an EVM ledger it also signs the owner's
+transactions (``sign_transaction``), locally: the key never leaves the process. Balances
+live on the ledger, not here.
 """
 
 from __future__ import annotations
@@ -14,9 +17,14 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Mapping
 
-from layerchain.errors import ConfigError
-from layerchain.ledger.signatures import address_of, sign_digest
+from layerchain.errors import ConfigError, LedgerError
+from layerchain.ledger.signatures import address_of, sign_digest, sign_hash
+
+# An Ethereum transaction as eth-account takes it: ints (nonce, gas, value, chainId, fees),
+# hex strings (to, data) or bytes (data).
+TransactionFields = Mapping[str, int | str | bytes]
 
 WALLET_FILE = "wallet.json"
 DEFAULT_DATA_DIR = Path("~/.layerchain")
@@ -102,6 +110,22 @@ class Wallet:
     def sign_digest(self, digest: bytes) -> bytes:
         """65-byte EIP-191 signature over a 32-byte digest (what ``personal_sign`` makes)."""
         return sign_digest(self._key, digest)
+
+    def sign_hash(self, digest: bytes) -> bytes:
+        """65-byte raw signature over a 32-byte hash, no prefix (an EIP-712 digest)."""
+        return sign_hash(self._key, digest)
+
+    def sign_transaction(self, tx: TransactionFields) -> bytes:
+        """The raw signed bytes of an EVM transaction (EIP-1559 when it has fee caps, legacy
+        with ``gasPrice``), ready for ``eth_sendRawTransaction``; LedgerError if eth-account
+        refuses the fields (one line naming the problem)."""
+        from eth_account import Account
+
+        try:
+            signed = Account.sign_transaction(dict(tx), self._key)
+        except (TypeError, ValueError) as error:
+            raise LedgerError(f"cannot sign the transaction: {error}") from None
+        return bytes(signed.raw_transaction)
 
     def export_private_key(self) -> bytes:
         """The raw key, for handing to eth-account or web3; never log it."""

@@ -117,8 +117,8 @@ class NodePayments:
         self.checkpoints = (
             CheckpointStore.for_data_dir(data_dir) if data_dir is not None else None
         )
-        self.book = (
-            VoucherBook(wallet.address, ledger.channel)  # saved behind, by _save_soon
+        self.book = (  # saved behind, by _save_soon
+            VoucherBook(wallet.address, ledger.channel, domain=ledger.domain_separator)
             if ledger is not None else None
         )
         if self.required:
