@@ -78,9 +78,14 @@ def serve(
     alpha: AlphaOpt = _G.alpha,
     max_price: MaxPriceOpt = None,
     max_latency_ms: MaxLatencyOpt = None,
-    ledger: Annotated[Path | None, typer.Option(
+    ledger: Annotated[str | None, typer.Option(
         "--ledger", envvar="LAYERCHAIN_LEDGER",
-        help="Ledger file to pay priced peers on, from the wallet in --data-dir.")] = None,
+        help="Ledger to pay priced peers on, from the wallet in --data-dir: a file or "
+        "evm+http://HOST:PORT.")] = None,
+    contract: Annotated[str | None, typer.Option(
+        "--contract", envvar="LAYERCHAIN_CONTRACT",
+        help="The contract's address on an EVM --ledger (default: the one `chain up` "
+        "deployed).")] = None,
     deposit: Annotated[int | None, typer.Option(
         "--deposit", help="Credits locked per payment channel (with --ledger).")] = None,
     max_tokens: Annotated[int, typer.Option(
@@ -98,6 +103,7 @@ def serve(
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and the dashboard at /."""
     from layerchain.gateway.server import serve as serve_gateway
+    from layerchain.ledger.open import with_contract
 
     if not initial_peers:
         raise ConfigError("api serve needs --initial-peers", hint="start a swarm with `layerchain swarm up`")
@@ -107,7 +113,8 @@ def serve(
         raise ConfigError(f"--max-tokens must be >= 1, got {max_tokens}")
     config = GatewayConfig(
         initial_peers=tuple(initial_peers), model=model, host=host, port=port,
-        data_dir=data_dir, keys_path=keys, require_keys=require_keys, ledger=ledger,
+        data_dir=data_dir, keys_path=keys, require_keys=require_keys,
+        ledger=with_contract(ledger, contract) if ledger else None,
         allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
         deposit=deposit, alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
         default_max_tokens=max_tokens,

@@ -97,9 +97,16 @@ MaxLatencyOpt = Annotated[
     Optional[float], typer.Option("--max-latency-ms", help="Most a route may take per token, ms.")
 ]
 LedgerOpt = Annotated[
-    Optional[Path],
+    Optional[str],
     typer.Option("--ledger", envvar="LAYERCHAIN_LEDGER",
-                 help="Ledger file to pay priced peers on (payment channels)."),
+                 help="Ledger to pay priced peers on (payment channels): a file or "
+                 "evm+http://HOST:PORT."),
+]
+ContractOpt = Annotated[
+    Optional[str],
+    typer.Option("--contract", envvar="LAYERCHAIN_CONTRACT",
+                 help="The contract's address on an EVM --ledger (default: the one `chain up` "
+                 "deployed)."),
 ]
 DataDirOpt = Annotated[
     Path,
@@ -139,9 +146,15 @@ DEFAULT_DATA_DIR = Path("~/.layerchain")
 DEFAULT_DEPOSIT: int | None = None  # sized per request (client.funding)
 
 
-def payment_options(data_dir: Path, ledger: Optional[Path], deposit: int | None) -> dict[str, Any]:
-    """Swarm(...) keyword arguments that make the client pay (none without a ledger)."""
-    return {} if ledger is None else {"data_dir": data_dir, "ledger": ledger, "deposit": deposit}
+def payment_options(data_dir: Path, ledger: Optional[str], deposit: int | None,
+                    contract: Optional[str] = None) -> dict[str, Any]:
+    """Swarm(...) keyword arguments that make the client pay (none without a ledger); the
+    ledger spec carries ``--contract`` (``ledger.open.with_contract``)."""
+    from layerchain.ledger.open import with_contract
+
+    if ledger is None:
+        return {}
+    return {"data_dir": data_dir, "ledger": with_contract(ledger, contract), "deposit": deposit}
 
 
 def generate(
@@ -162,6 +175,7 @@ def generate(
     max_price: MaxPriceOpt = None,
     max_latency_ms: MaxLatencyOpt = None,
     ledger: LedgerOpt = None,
+    contract: ContractOpt = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     deposit: DepositOpt = DEFAULT_DEPOSIT,
     max_cost: MaxCostOpt = None,
@@ -183,7 +197,7 @@ def generate(
                         dict(alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
                              max_cost=max_cost, insecure=insecure,
                              private_blocks=private_blocks, audit_rate=audit_rate,
-                             **payment_options(data_dir, ledger, deposit)))
+                             **payment_options(data_dir, ledger, deposit, contract)))
         return
     from layerchain.model import generate_local, resolve_model
 
@@ -239,6 +253,7 @@ def chat(
     max_price: MaxPriceOpt = None,
     max_latency_ms: MaxLatencyOpt = None,
     ledger: LedgerOpt = None,
+    contract: ContractOpt = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     deposit: DepositOpt = DEFAULT_DEPOSIT,
     max_cost: MaxCostOpt = None,
@@ -258,7 +273,7 @@ def chat(
     with Swarm(initial_peers, model=model, alpha=alpha, max_price=max_price,
                max_latency_ms=max_latency_ms, max_cost=max_cost, insecure=insecure,
                private_blocks=private_blocks, audit_rate=audit_rate,
-               **payment_options(data_dir, ledger, deposit)) as swarm:
+               **payment_options(data_dir, ledger, deposit, contract)) as swarm:
         typer.echo("chat through the swarm; an empty line or Ctrl-D ends it", err=True)
         while True:
             try:

@@ -4,8 +4,18 @@
 Every command takes ``--data-dir`` (default ``~/.layerchain``, env LAYERCHAIN_DATA_DIR),
 holding ``wallet.json``, ``vouchers/`` and ``checkpoints.jsonl``, and ``--ledger``
 (default ``DATA_DIR/ledger.sqlite``, env LAYERCHAIN_LEDGER): processes share a ledger by
-pointing at the same file. Amounts are integers. ``--json`` prints one JSON document
-instead of tables.
+pointing at the same file, or at the same chain with ``evm+http://HOST:PORT`` (the
+contract from ``--contract``, env LAYERCHAIN_CONTRACT, or the deployment file ``layerchain
+chain up`` wrote; ``layerchain.ledger.open``). Amounts are integers (credits). ``--json``
+prints one JSON document instead of tables.
+
+On an EVM ledger the wallet signs transactions and pays their gas in the chain's ether:
+``wallet deposit N`` sends N x creditWei wei (1 credit = 1 gwei on ``chain up``'s chain)
+from the wallet's address into the contract, so that address needs ether first (``layerchain
+chain fund ADDRESS --state-dir DIR --ether X``); ``withdraw`` sends it back. ``ledger init``
+does not apply (the rules are fixed when ``chain up`` deploys the contract), and ``ledger
+slash`` needs the verdict signed by a referee of the deployment: this wallet if it is one,
+``--referee-key``, or the referee keys in the ``chain.json`` of a local chain.
 
 Every change is an operation signed by the wallet in ``--data-dir`` (a deposit mints test
 credits into that wallet's account); after each one the command appends a checkpoint of
@@ -39,25 +49,36 @@ DATA_DIR = typer.Option(
 )
 LEDGER = typer.Option(
     None, "--ledger", envvar="LAYERCHAIN_LEDGER",
-    help="Ledger file (default DATA_DIR/ledger.sqlite).",
+    help="Ledger: a file (default DATA_DIR/ledger.sqlite) or a chain, evm+http://HOST:PORT.",
+)
+CONTRACT = typer.Option(
+    None, "--contract", envvar="LAYERCHAIN_CONTRACT",
+    help="The contract's address on an EVM --ledger (default: the one `chain up` deployed).",
 )
 JSON = typer.Option(False, "--json", help="Print JSON instead of tables.")
 
 
-def _ledger_path(data_dir: Path, ledger: Optional[Path]) -> Path:
-    return (ledger or data_dir / "ledger.sqlite").expanduser()
+def _ledger_spec(data_dir: Path, ledger: Optional[str], contract: Optional[str] = None) -> str:
+    """The ledger spec the flags name: ``--ledger`` (``--contract`` folded in) or the
+    data directory's file."""
+    from layerchain.ledger.open import with_contract
+
+    return with_contract(ledger or str(data_dir.expanduser() / "ledger.sqlite"), contract)
 
 
-def _open(data_dir: Path, ledger: Optional[Path], *, create: bool = False, config: Any = None):
-    """Open the ledger file; LedgerError if it must exist and does not."""
+def _open(data_dir: Path, ledger: Optional[str], *, create: bool = False, config: Any = None,
+          contract: Optional[str] = None, **options: Any):
+    """Open the ledger; LedgerError if a file must exist and does not."""
     from layerchain.ledger import open_ledger
+    from layerchain.ledger.open import parse_ledger_spec
 
-    path = _ledger_path(data_dir, ledger)
-    if not create and not path.exists():
+    spec = _ledger_spec(data_dir, ledger, contract)
+    parsed = parse_ledger_spec(spec)
+    if not parsed.is_evm and not create and not Path(parsed.path).exists():
         raise LedgerError(
-            f"no ledger at {path}", hint="`layerchain wallet deposit AMOUNT` creates one"
+            f"no ledger at {parsed.path}", hint="`layerchain wallet deposit AMOUNT` creates one"
         )
-    return open_ledger(path, config)
+    return open_ledger(spec, config, **options)
 
 
 def _wallet(data_dir: Path):
@@ -104,11 +125,12 @@ def wallet_show(data_dir: Path = DATA_DIR, as_json: bool = JSON) -> None:
 
 @wallet_app.command("balance")
 def wallet_balance(
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER,
+    contract: Optional[str] = CONTRACT, as_json: bool = JSON,
 ) -> None:
     """Balance, stake and channels of this wallet on the ledger."""
     wallet = _wallet(data_dir)
-    with _open(data_dir, ledger) as book:
+    with _open(data_dir, ledger, contract=contract) as book:
         account = book.account(wallet.address)
         paying = book.channels(payer=wallet.address)
         paid = book.channels(payee=wallet.address)
@@ -136,11 +158,12 @@ def wallet_balance(
 @wallet_app.command("deposit")
 def wallet_deposit(
     amount: int = typer.Argument(..., help="Credits to add (a positive integer)."),
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON,
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER,
+    contract: Optional[str] = CONTRACT, as_json: bool = JSON,
 ) -> None:
     """Mint test credits into this wallet's ledger account (creates the ledger file if needed)."""
     wallet = _wallet(data_dir)
-    with _open(data_dir, ledger, create=True) as book:
+    with _open(data_dir, ledger, create=True, contract=contract) as book:
         balance = book.deposit(wallet, amount)
         _keep_checkpoint(book, wallet, data_dir)
     if as_json:
@@ -152,11 +175,12 @@ def wallet_deposit(
 @wallet_app.command("withdraw")
 def wallet_withdraw(
     amount: int = typer.Argument(..., help="Credits to take out (a positive integer)."),
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON,
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER,
+    contract: Optional[str] = CONTRACT, as_json: bool = JSON,
 ) -> None:
     """Take credits out of this wallet's ledger account."""
     wallet = _wallet(data_dir)
-    with _open(data_dir, ledger) as book:
+    with _open(data_dir, ledger, contract=contract) as book:
         balance = book.withdraw(wallet, amount)
         _keep_checkpoint(book, wallet, data_dir)
     if as_json:
@@ -167,7 +191,8 @@ def wallet_withdraw(
 
 @wallet_app.command("settle")
 def wallet_settle(
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER,
+    contract: Optional[str] = CONTRACT, as_json: bool = JSON,
 ) -> None:
     """Close this wallet's channels: open ones start their dispute window, closing ones
     whose window is over refund the unspent deposit."""
@@ -175,7 +200,7 @@ def wallet_settle(
 
     wallet = _wallet(data_dir)
     rows = []
-    with _open(data_dir, ledger) as book:
+    with _open(data_dir, ledger, contract=contract) as book:
         now = book.now()  # the ledger's clock decides when a window is over
         for channel in book.channels(payer=wallet.address):
             ready = channel.state == CLOSING and (channel.closes_at or 0) <= now
@@ -204,7 +229,7 @@ def wallet_settle(
 
 @ledger_app.command("init")
 def ledger_init(
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER,
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER, contract: Optional[str] = CONTRACT,
     dispute_window: float = typer.Option(3600.0, help="Seconds from a close request to refund."),
     reward_per_block_hour: int = typer.Option(0, help="Uptime reward per block-hour served."),
     min_stake: int = typer.Option(0, help="Credits a node must stake to register."),
@@ -215,8 +240,15 @@ def ledger_init(
 ) -> None:
     """Create a ledger file with these rules (they are fixed once it exists)."""
     from layerchain.ledger import LedgerConfig
+    from layerchain.ledger.open import parse_ledger_spec
 
-    path = _ledger_path(data_dir, ledger)
+    spec = parse_ledger_spec(_ledger_spec(data_dir, ledger, contract))
+    if spec.is_evm:
+        raise LedgerError(
+            "an EVM ledger's rules are fixed when its contract is deployed",
+            hint="`layerchain chain up --dispute-window ...` deploys one with these flags",
+        )
+    path = Path(spec.path)
     if path.exists():
         raise LedgerError(f"a ledger already exists at {path}")
     config = LedgerConfig(dispute_window, reward_per_block_hour, min_stake,
@@ -231,15 +263,21 @@ def ledger_init(
 
 @ledger_app.command("status")
 def ledger_status(
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER,
+    contract: Optional[str] = CONTRACT, as_json: bool = JSON,
 ) -> None:
     """Accounts, channels, rules and journal head of the ledger."""
-    with _open(data_dir, ledger) as book:
+    from layerchain.ledger.open import parse_ledger_spec
+
+    spec = _ledger_spec(data_dir, ledger, contract)
+    with _open(data_dir, ledger, contract=contract) as book:
         accounts, channels, (seq, head) = book.accounts(), book.channels(), book.head()
-        config, path = book.config, book.path
+        config, backend = book.config, book.backend
+    parsed = parse_ledger_spec(spec)
+    path = parsed.path or spec  # the file, or the chain's spec
     if as_json:
         _print_json({
-            "path": path, "config": config.to_dict(), "journal_entries": seq,
+            "path": path, "backend": backend, "config": config.to_dict(), "journal_entries": seq,
             "journal_head": head, "accounts": [asdict(a) for a in accounts],
             "channels": [asdict(c) for c in channels],
         })
@@ -283,13 +321,13 @@ def _readable(payload: str, *, brief: bool = False) -> dict[str, Any]:
 
 @ledger_app.command("journal")
 def ledger_journal(
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER,
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER, contract: Optional[str] = CONTRACT,
     last: int = typer.Option(20, help="Show the last N entries (0: all)."),
     kind: Optional[str] = typer.Option(None, help="Only entries of this kind, e.g. redeem."),
     as_json: bool = JSON,
 ) -> None:
     """The journal's entries, oldest first."""
-    with _open(data_dir, ledger) as book:
+    with _open(data_dir, ledger, contract=contract) as book:
         seq, _ = book.head()
         entries = book.journal(after=max(0, seq - last) if last > 0 and not kind else 0)
     if kind:
@@ -315,7 +353,7 @@ CHECKPOINTS = typer.Option(
 
 @ledger_app.command("verify")
 def ledger_verify(
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER,
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER, contract: Optional[str] = CONTRACT,
     checkpoints: Optional[list[Path]] = CHECKPOINTS, as_json: bool = JSON,
 ) -> None:
     """Check the ledger; exit 1 on any break.
@@ -334,7 +372,7 @@ def ledger_verify(
         if not path.expanduser().exists():
             raise LedgerError(f"no checkpoints file at {path}")
     signed = [c for path in files for c in CheckpointStore(path).load()]
-    with _open(data_dir, ledger) as book:
+    with _open(data_dir, ledger, contract=contract) as book:
         report = book.verify(signed)
     anchored = (
         f"entries 1..{report.anchored_seq} match {len(signed)} checkpoint(s) kept outside the "
@@ -368,7 +406,7 @@ def ledger_verify(
 
 @ledger_app.command("checkpoint")
 def ledger_checkpoint(
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER,
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER, contract: Optional[str] = CONTRACT,
     out: Optional[Path] = typer.Option(
         None, "--out", help="Append to this file (default DATA_DIR/checkpoints.jsonl)."),
     as_json: bool = JSON,
@@ -378,7 +416,7 @@ def ledger_checkpoint(
 
     wallet = _wallet(data_dir)
     store = CheckpointStore(out) if out else CheckpointStore.for_data_dir(data_dir)
-    with _open(data_dir, ledger) as book:
+    with _open(data_dir, ledger, contract=contract) as book:
         data = book.checkpoint(wallet)
     store.append(data)
     checkpoint = verify_checkpoint(data).checkpoint
@@ -392,7 +430,8 @@ def ledger_checkpoint(
 
 @ledger_app.command("redeem")
 def ledger_redeem(
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER,
+    contract: Optional[str] = CONTRACT, as_json: bool = JSON,
 ) -> None:
     """Redeem the node's latest vouchers, stored in DATA_DIR/vouchers/<channel_id>.bin.
 
@@ -403,7 +442,7 @@ def ledger_redeem(
 
     store = VoucherStore.for_data_dir(data_dir)
     vouchers = store.latest()
-    with _open(data_dir, ledger) as book:
+    with _open(data_dir, ledger, contract=contract) as book:
         results = redeem_stored(book, vouchers)
         if any(r.credited for r in results) and Wallet.file(data_dir).exists():
             _keep_checkpoint(book, Wallet.load(data_dir), data_dir)
@@ -429,7 +468,8 @@ def ledger_slash(
     model: Optional[str] = typer.Option(
         None, "--model", help="The model the evidence names, to recompute the disputed step "
                               "(default: the evidence's model name)."),
-    data_dir: Path = DATA_DIR, ledger: Optional[Path] = LEDGER, as_json: bool = JSON,
+    data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER,
+    contract: Optional[str] = CONTRACT, as_json: bool = JSON,
 ) -> None:
     """Accuse a node with evidence: recompute the disputed step and slash its stake.
 
@@ -452,7 +492,7 @@ def ledger_slash(
             f"{spec.model_id[:12]}", hint="pass --model with the model the node served",
         )
     span = load_span(spec, evidence.start, evidence.end)
-    with _open(data_dir, ledger) as book:
+    with _open(data_dir, ledger, contract=contract) as book:
         try:
             result = submit_evidence(book, evidence, wallet, span)
         except FalseAccusation:

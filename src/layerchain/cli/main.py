@@ -45,9 +45,9 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from layerchain.cli import api, bench, demo, generate, ledger, node, route, shard, swarm
+    from layerchain.cli import api, bench, chain, demo, generate, ledger, node, route, shard, swarm
 
-    for module in (generate, demo, shard, node, swarm, route, bench, ledger, api):
+    for module in (generate, demo, shard, node, swarm, route, bench, ledger, chain, api):
         module.register(app)
 
 

@@ -93,9 +93,19 @@ def start(
         _D.drain_s, help="On SIGTERM, let open sessions finish for up to this many seconds."
     ),
     price: int = typer.Option(_D.price_per_block, help="Price per block per token, ledger units."),
-    ledger: Optional[Path] = typer.Option(
+    ledger: Optional[str] = typer.Option(
         None, "--ledger", envvar="LAYERCHAIN_LEDGER",
-        help="Ledger file to be paid on: with a --price, steps must carry vouchers.",
+        help="Ledger to be paid on, a file or evm+http://HOST:PORT: with a --price, steps "
+             "must carry vouchers.",
+    ),
+    contract: Optional[str] = typer.Option(
+        None, "--contract", envvar="LAYERCHAIN_CONTRACT",
+        help="The contract's address on an EVM --ledger (default: the one `chain up` deployed).",
+    ),
+    payout: str = typer.Option(
+        _D.payout, metavar="ADDRESS",
+        help="EVM ledger only: pay this node's redeemed credits and rewards to ADDRESS "
+             "(the owner's wallet) instead of the node's own.",
     ),
     stake: int = typer.Option(
         _D.stake, help="Credits to stake on the ledger for uptime rewards (0 = none)."
@@ -112,6 +122,8 @@ def start(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
 ) -> None:
     """Load a span of blocks, join the DHT and serve inference sessions until Ctrl-C."""
+    from layerchain.ledger.open import with_contract
+
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     span = Span.parse(blocks)
@@ -128,7 +140,7 @@ def start(
         max_connections=max_connections,
         read_timeout_s=read_timeout, drain_s=drain, record_ttl_s=record_ttl,
         refresh_s=announce_every, price_per_block=price,
-        ledger=str(ledger) if ledger else "", stake=stake,
+        ledger=with_contract(ledger, contract) if ledger else "", payout=payout, stake=stake,
         emulate_latency_ms=emulate_latency_ms, threads=threads, misbehave=misbehave,
     )
 

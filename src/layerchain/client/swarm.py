@@ -21,7 +21,8 @@ cache the peers announce (``RequestTooLarge``), and its prompt's cost against ``
 (``CostLimitExceeded``); a generation whose next step would pay past ``max_cost`` ends with
 finish_reason "max_cost".
 
-Payments: with ``ledger=`` (a ledger file) the client pays priced peers through payment
+Payments: with ``ledger=`` (a ledger spec: a file or ``evm+http://HOST:PORT``,
+``layerchain.ledger.open``) the client pays priced peers through payment
 channels from the wallet in ``data_dir`` (``Funding`` over a ``ChannelPayer``: a channel
 per node, sized to the requests it pays for, or holding ``deposit`` credits if given);
 ``close()`` waits briefly for the nodes to redeem what they were paid, then asks the ledger
@@ -471,7 +472,7 @@ def open_payer(data_dir: str | Path | None, ledger: str | Path, deposit: int | N
 
     home = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
     wallet = Wallet.load_or_create(home)
-    return ChannelPayer(wallet, open_ledger(Path(ledger).expanduser()), deposit=deposit or 0,
+    return ChannelPayer(wallet, open_ledger(ledger), deposit=deposit or 0,
                         checkpoints=CheckpointStore.for_data_dir(home))
 
 

@@ -26,7 +26,8 @@ class GatewayConfig:
     allowed_origins: tuple[str, ...] = ()  # web origins (scheme://host[:port]) whose pages may
     # call the API from a browser, besides the gateway's own dashboard
     max_body_bytes: int = 1 << 20  # a request body larger than this gets 413, bytes
-    ledger: Path | None = None  # ledger file to pay priced peers on; None = do not pay
+    ledger: str | Path | None = None  # ledger spec (a file or evm+http://HOST:PORT,
+    # layerchain.ledger.open) to pay priced peers on; None = do not pay
     deposit: int | None = None  # credits locked per payment channel; None = client default
     alpha: float = 0.0  # default route cost weight (0 fastest, 1 cheapest); per request: alpha
     max_price: float | None = None  # default most a route may cost per token, credits

@@ -1,4 +1,6 @@
-"""Ledgers: where credits live. ``open_ledger(path)`` gives the embedded SQLite ledger.
+"""Ledgers: where credits live. ``open_ledger(spec)`` opens the one a ``--ledger`` spec names:
+a file is the embedded SQLite ledger, ``evm+http://HOST:PORT`` the contract on a chain
+(``open.py``).
 
 See ``base.py`` for the seam and its invariants, ``journal.py`` for the rules,
 ``operations.py`` for the signed operations that change accounts, ``records.py`` for the
@@ -18,7 +20,8 @@ from layerchain.ledger.base import (
 from layerchain.ledger.checkpoints import Checkpoint, CheckpointStore, sign_checkpoint, verify_checkpoint
 from layerchain.ledger.operations import Operation, new_operation, sign_operation, verify_operation
 from layerchain.ledger.records import Voucher, sign_voucher
-from layerchain.ledger.sqlite import SqliteLedger, open_ledger
+from layerchain.ledger.open import open_ledger
+from layerchain.ledger.sqlite import SqliteLedger
 
 __all__ = [
     "MAX_AMOUNT",

@@ -52,7 +52,10 @@ class NodeConfig:
     # reply the client does not read for this long, closes its connection
     drain_s: float = 5.0  # on SIGTERM, open sessions may finish for up to this many seconds
     price_per_block: int = 0  # ledger units per block per token processed
-    ledger: str = ""  # ledger file; with one and a price, steps must be paid by voucher
+    ledger: str = ""  # ledger spec (a file or evm+http://HOST:PORT[?contract=0x...],
+    # layerchain.ledger.open); with one and a price, steps must be paid by voucher
+    payout: str = ""  # EVM ledger only: address credited with this node's redeemed vouchers
+    # and uptime rewards (the owner's wallet; set on the contract once at start); "": itself
     redeem_interval_s: float = 30.0  # redeem vouchers and claim uptime this often, seconds
     stake: int = 0  # credits staked on the ledger for uptime rewards (0: none)
     emulate_latency_ms: float = 0.0  # testing aid: delay every reply by this many ms
@@ -114,6 +117,7 @@ class NodeConfig:
                or _HOST_PORT.fullmatch(self.relay_via) is not None, "must be HOST:PORT")
         _check("relay", self.relay, not (self.relay and self.reachability == "private"),
                "needs a reachable node, not --reachability private")
+        _check_ledger(self.ledger, self.payout)
 
     @property
     def session_tokens(self) -> int:
@@ -125,6 +129,24 @@ class NodeConfig:
         """Cache tokens one connection's sessions may reserve (``max_connection_tokens``
         resolved; never below what one session may)."""
         return self.max_connection_tokens or max(self.max_cache_tokens // 2, self.session_tokens)
+
+
+def _check_ledger(ledger: str, payout: str) -> None:
+    """A ledger spec that parses, and a payout only with an EVM ledger (ConfigError)."""
+    from layerchain.errors import LedgerError
+    from layerchain.ledger.open import parse_ledger_spec
+
+    try:
+        spec = parse_ledger_spec(ledger) if ledger else None
+    except LedgerError as error:
+        raise ConfigError(f"node setting ledger: {error}") from None
+    if not payout:
+        return
+    _check("payout", payout, re.fullmatch(r"0x[0-9a-fA-F]{40}", payout) is not None,
+           "must be an address (0x followed by 40 hex digits)")
+    _check("payout", payout, spec is not None and spec.is_evm,
+           "only applies on an EVM ledger (--ledger evm+http://...): on a ledger file the "
+           "node's own wallet is paid")
 
 
 def _check(name: str, value: object, ok: bool, rule: str) -> None:

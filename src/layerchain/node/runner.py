@@ -80,7 +80,7 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(config.data_dir)
     wallet = Wallet.load_or_create(config.data_dir)
-    ledger = open_ledger(Path(config.ledger).expanduser()) if config.ledger else None
+    ledger = open_ledger(config.ledger) if config.ledger else None
     # On the loop thread, as every later step (see layerchain.node.server on libgomp's
     # teams), and one node of this machine at a time: nodes started together share the
     # cores, and a speed measured while the others load would be several times too slow
