@@ -1,18 +1,24 @@
 """``Discovery`` on hivemind's Kademlia DHT (the P2P engine behind Petals).
 
-``hivemind.DHT`` runs a ``DHTNode`` in a forked child process, which itself runs the libp2p
-daemon ``p2pd``. We talk to it only through ``run_coroutine(..., return_future=True)``
-wrapped with ``asyncio.wrap_future``, so the caller's event loop never blocks; the
-coroutines below run *inside* the child and return plain picklable data.
+The DHT runs inside the caller's process: a hivemind ``DHTNode`` on an event loop of its
+own, in a daemon thread (``_DHTThread``), which runs the libp2p daemon ``p2pd`` as its one
+child process. We talk to it only through ``run_coroutine_threadsafe`` wrapped with
+``asyncio.wrap_future``, so the caller's event loop never blocks on the DHT, and a node's
+compute on its loop thread (a prefill can take seconds) never delays the DHT's answers to
+other peers. The coroutines below run on the DHT thread.
+
+Why not ``hivemind.DHT`` (a forked child process, as before 2026-12-02): that child is a
+second Python holding the whole torch stack (hivemind imports torch), 241 MiB PSS beside a
+10-block node, and its ``MPFuture`` shares a tensor in ``file_system`` mode, which starts a
+``torch_shm_manager`` (63 MiB) although nothing is shared. In-process, a node is its own
+process plus p2pd (docs/BENCHMARKS.md "Node memory"). p2pd exits by itself within about
+2 s when its owner dies without ``close()`` (SIGKILL): its control connection closes.
 
 Key layout, tombstones and verification are ``discovery.base``'s, enforced inside the DHT
 by ``validator.PeerRecordValidator``; this module only moves bytes. Each ``announce`` /
 ``withdraw`` is one batched ``store_many`` over all blocks of the span, and each ``find``
 one batched ``get_many`` over all ``L`` block keys (one traversal with all keys as parallel
 queries), asked for the *latest* value so the sub-keyed dictionaries of all replicas merge.
-
-The DHT process watches its parent and exits (stopping p2pd) within ``orphan_check_s`` if
-the parent dies without ``close()``, e.g. on SIGKILL.
 
 Across hosts: a DHT listening on the wildcard (``0.0.0.0``/``::``) tells its peers (libp2p
 identify) only the addresses they can dial (``announce_maddrs``, from
@@ -22,26 +28,28 @@ address would dial itself. A node that cannot accept connections (behind NAT) ru
 ``client_mode``: it asks and stores through others but is no DHT server, so nobody keeps
 it in a routing table only to time out on it; it offers no address to join through.
 
-Measured on loopback (2-core VM shared with other work, 1 bootstrap + 4 DHTs): start
-0.5-1.7 s (p2pd + join; 4 in parallel 1.1-4.8 s), announce 3 x 10 blocks 0.3-0.9 s, find
-over 30 blocks 0.15-0.6 s, withdraw 10 blocks 0.25-0.5 s, close ~0.2 s each.
+Measured on loopback (2-core VM shared with other work, 1 bootstrap + 4 DHTs, with the
+forked child): start 0.5-1.7 s (p2pd + join; 4 in parallel 1.1-4.8 s), announce 3 x 10
+blocks 0.3-0.9 s, find over 30 blocks 0.15-0.6 s, withdraw 10 blocks 0.25-0.5 s, close
+~0.2 s each. In-process, a start is p2pd's start and the join: ~0.4 s on an idle machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
-import os
-import signal
 import socket
+import threading
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
-import hivemind
+from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
@@ -77,15 +85,18 @@ class DHTConfig:
     client_mode: bool = False  # True: make requests but accept none (behind NAT)
     start_timeout_s: float = 30.0  # give up starting p2pd and joining after this many seconds
     request_timeout_s: float = 20.0  # give up one announce/withdraw/find after this many seconds
-    orphan_check_s: float = 1.0  # the DHT process exits this soon after its parent dies
+    orphan_check_s: float = 1.0  # unused since the DHT runs in-process (kept: a public field)
 
 
-# ---- coroutines run inside the DHT child process (module level, so they pickle) ----
+T = TypeVar("T")
+
+
+# ---- coroutines run on the DHT thread: (owner, node, **kwargs) -> plain data ----
 
 
 async def _store_many(
-    _dht: hivemind.DHT,
-    node: Any,
+    _owner: object,
+    node: DHTNode,
     keys: list[str],
     blobs: list[bytes],
     expirations: list[float],
@@ -95,7 +106,7 @@ async def _store_many(
     return [bool(ok.get((key, sub_key))) for key in keys]
 
 
-async def _get_many(_dht: hivemind.DHT, node: Any, keys: list[str]) -> dict[str, Any]:
+async def _get_many(_owner: object, node: DHTNode, keys: list[str]) -> dict[str, Any]:
     """``{key: {sub_key: (value, expiration)}}``, or ``{key: raw value}`` for a non-dictionary."""
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
     out: dict[str, Any] = {}
@@ -109,32 +120,71 @@ async def _get_many(_dht: hivemind.DHT, node: Any, keys: list[str]) -> dict[str,
     return out
 
 
-async def _visible_maddrs(_dht: hivemind.DHT, node: Any) -> list[str]:
+async def _visible_maddrs(_owner: object, node: DHTNode) -> list[str]:
     return [str(m) for m in await node.get_visible_maddrs()]
 
 
-async def _setup_child(dht: hivemind.DHT, node: Any, period_s: float) -> None:
-    """Make the DHT process stoppable: by SIGTERM, and by its parent dying without close()."""
-    # A fork inherits the parent's Python signal handlers; if the parent's event loop had
-    # taken SIGTERM (add_signal_handler), the child would silently ignore it.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # Keep a reference: the event loop holds tasks only weakly.
-    dht._layerchain_watchdog = asyncio.create_task(
-        _exit_when_orphaned(node, dht._parent_pid, period_s)
-    )
-
-
-async def _exit_when_orphaned(node: Any, parent_pid: int, period_s: float) -> None:
-    while node.is_alive:
-        await asyncio.sleep(period_s)
-        if os.getppid() != parent_pid:  # re-parented: our owner was killed (e.g. SIGKILL)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(node.shutdown(), timeout=5)
-            os._exit(0)
-
-
-async def _routing_table_size(_dht: hivemind.DHT, node: Any) -> int:
+async def _routing_table_size(_owner: object, node: DHTNode) -> int:
     return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+class _OwningLoop(asyncio.SelectorEventLoop):
+    """An event loop that keeps the transports of the processes started on it (p2pd), so
+    that stopping it closes them: hivemind drops a p2pd that failed to start (port taken,
+    no peer answered) without closing its transport (a ResourceWarning, an unreaped child)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processes: list[asyncio.SubprocessTransport] = []
+
+    async def subprocess_exec(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await super().subprocess_exec(*args, **kwargs)
+        self.processes.append(transport)
+        return transport, protocol
+
+
+class _DHTThread:
+    """An event loop of its own in a daemon thread, where a ``DHTNode`` lives.
+
+    ``submit`` runs a coroutine there; ``stop`` (blocking) cancels what is left, closes the
+    processes started there (killing one still running), closes the loop and joins the
+    thread. The thread never runs torch ops, so it does not disturb a node's compute
+    (layerchain.node.server on libgomp's thread teams)."""
+
+    EXIT_WAIT_S = 2.0  # at stop, how long to wait for a killed process to be reaped
+
+    def __init__(self) -> None:
+        self.loop = _OwningLoop()
+        self._thread = threading.Thread(target=self._run, name="layerchain-dht", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            for process in loop.processes:
+                process.close()  # kills it if it still runs
+            deadline = time.monotonic() + self.EXIT_WAIT_S
+            while (any(p.get_returncode() is None for p in loop.processes)
+                   and time.monotonic() < deadline):
+                loop.run_until_complete(asyncio.sleep(0.02))  # lets the exit be reaped
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop already closed
+                self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout_s)
 
 
 # ---- the Discovery implementation ----
@@ -181,17 +231,20 @@ def _announce_maddrs(host: str, port: int, peers: Sequence[str], announce_host: 
 
 
 class HivemindDiscovery:
-    """``Discovery`` over a ``hivemind.DHT``. Make it with ``await HivemindDiscovery.create(...)``."""
+    """``Discovery`` over a hivemind ``DHTNode`` running in this process (see the module
+    docstring). Make it with ``await HivemindDiscovery.create(...)``."""
 
     def __init__(
         self,
-        dht: hivemind.DHT,
+        dht: _DHTThread,
+        node: DHTNode,
         identity: Identity,
         initial_peers: tuple[str, ...],
         visible_addresses: tuple[str, ...],
         config: DHTConfig,
     ) -> None:
-        self._dht: hivemind.DHT | None = dht
+        self._thread: _DHTThread | None = dht
+        self._node = node
         self.identity = identity
         self.config = config
         self.stats = DiscoveryStats()
@@ -235,49 +288,43 @@ class HivemindDiscovery:
         _listen_maddr(host, port)  # range check before anything starts
         announce, port = await asyncio.to_thread(_announce_maddrs, host, port, peers,
                                                  announce_host)
-        dht = hivemind.DHT(
-            initial_peers=list(peers) or None,
-            start=False,
-            host_maddrs=[_listen_maddr(host, port)],
-            announce_maddrs=None if client_mode else announce,
-            num_workers=config.num_workers,
-            num_replicas=config.num_replicas,
-            wait_timeout=config.wait_timeout_s,
-            client_mode=client_mode,
-            record_validators=[PeerRecordValidator()],
-            # Join failures are detected below, so that the DHT process (and its p2pd) is
-            # always up when we raise and can be shut down cleanly.
-            ensure_bootstrap_success=False,
-        )
-        with warnings.catch_warnings():
-            # The forked process inherits these filters: hivemind's own deprecations inside it
-            # must not become errors when the parent runs with -W error.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            dht.start()  # forks the DHT process; returns at once
+        thread = _DHTThread()
+        with _quiet_hivemind():
+            starting = thread.submit(DHTNode.create(
+                initial_peers=list(peers) or None,
+                host_maddrs=[_listen_maddr(host, port)],
+                announce_maddrs=None if client_mode else announce,
+                num_workers=config.num_workers,
+                num_replicas=config.num_replicas,
+                wait_timeout=config.wait_timeout_s,
+                client_mode=client_mode,
+                record_validator=CompositeValidator([PeerRecordValidator()]),
+                # Join failures are detected below, so that the DHT node (and its p2pd) is
+                # always up when we raise and can be shut down cleanly.
+                ensure_bootstrap_success=False,
+            ))
+            try:
+                node = await asyncio.wait_for(asyncio.wrap_future(starting),
+                                              config.start_timeout_s)
+            except BaseException as error:
+                starting.cancel()
+                await asyncio.to_thread(thread.stop)
+                if isinstance(error, asyncio.TimeoutError):
+                    raise PeerTimeout(
+                        f"the DHT did not start within {config.start_timeout_s} s") from None
+                if isinstance(error, P2PDaemonError):  # p2pd itself refused to start
+                    if peers and "bootstrap" in str(error):
+                        raise _none_answered(peers) from None
+                    raise ConfigError(f"cannot start the DHT on {host}:{port}: {error}") from None
+                raise
+        discovery = cls(thread, node, identity or Identity.generate(), peers, (), config)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(dht._ready), config.start_timeout_s)
-            discovery = cls(dht, identity or Identity.generate(), peers, (), config)
-            await discovery._call(_setup_child, period_s=config.orphan_check_s)
             if peers and await discovery._call(_routing_table_size) == 0:
-                raise PeerUnreachable(
-                    f"could not join the swarm: none of {len(peers)} initial peers answered",
-                    hint="check that the addresses are current and the peers are running",
-                )
+                raise _none_answered(peers)
             if not client_mode:  # a client-mode DHT takes no requests: nobody joins through it
                 discovery._visible_addresses = tuple(await discovery._call(_visible_maddrs))
-        except asyncio.TimeoutError:
-            await asyncio.to_thread(_shutdown, dht)
-            raise PeerTimeout(f"the DHT did not start within {config.start_timeout_s} s") from None
-        except P2PDaemonError as e:  # p2pd itself refused to start
-            await asyncio.to_thread(_shutdown, dht)
-            if peers and "bootstrap" in str(e):
-                raise PeerUnreachable(
-                    f"could not join the swarm: none of {len(peers)} initial peers answered",
-                    hint="check that the addresses are current and the peers are running",
-                ) from None
-            raise ConfigError(f"cannot start the DHT on {host}:{port}: {e}") from None
         except BaseException:
-            await asyncio.to_thread(_shutdown, dht)
+            await discovery.close()
             raise
         return discovery
 
@@ -289,12 +336,14 @@ class HivemindDiscovery:
     def visible_addresses(self) -> tuple[str, ...]:
         return self._visible_addresses
 
-    async def _call(self, coro: Any, **kwargs: Any) -> Any:
-        if self._dht is None:
+    async def _call(self, coro: Callable[..., Awaitable[T]], **kwargs: Any) -> T:
+        """``await coro(self, node, **kwargs)`` on the DHT thread; PeerTimeout after
+        ``config.request_timeout_s``."""
+        if self._thread is None:
             raise PeerUnreachable("discovery is closed")
-        future = self._dht.run_coroutine(partial(coro, **kwargs), return_future=True)
-        # Shielded: if we stop waiting (timeout, cancellation), the request still finishes in
-        # the DHT process instead of failing there on a cancelled future.
+        future = self._thread.submit(coro(self, self._node, **kwargs))
+        # Shielded: if we stop waiting (timeout, cancellation), the request still finishes on
+        # the DHT thread instead of being cancelled halfway through a store.
         waiter = asyncio.shield(asyncio.wrap_future(future))
         try:
             return await asyncio.wait_for(waiter, self.config.request_timeout_s)
@@ -355,10 +404,10 @@ class HivemindDiscovery:
         return select_records(entries, model_id, num_blocks, get_dht_time(), self.stats)
 
     async def close(self) -> None:
-        """Shut the DHT process and its p2pd down (waits up to a few seconds). Idempotent."""
-        dht, self._dht = self._dht, None
-        if dht is not None:
-            await asyncio.to_thread(_shutdown, dht)
+        """Shut the DHT node and its p2pd down (waits up to a few seconds). Idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(_shutdown, thread, self._node)
 
     async def __aenter__(self) -> HivemindDiscovery:
         return self
@@ -367,10 +416,35 @@ class HivemindDiscovery:
         await self.close()
 
 
-def _shutdown(dht: hivemind.DHT) -> None:
-    """Blocking: stop the DHT process, killing it if it does not stop on its own."""
-    with contextlib.suppress(Exception):
-        dht.shutdown()  # asks the process to stop p2pd and exit; joins, then terminates
-    if dht.is_alive():
-        dht.kill()
-    dht.join(5)
+@contextlib.contextmanager
+def _quiet_hivemind() -> Iterator[None]:
+    """Ignore hivemind's own DeprecationWarnings (P2P.create calls the deprecated
+    ``importlib.resources.path``) while the DHT thread starts, also when this process runs
+    with ``-W error`` (pytest's ``filterwarnings = error``): filters are process-wide, and
+    the thread warns while the caller waits in this block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"hivemind(\.|$)")
+        yield
+
+
+def _none_answered(peers: Sequence[str]) -> PeerUnreachable:
+    return PeerUnreachable(
+        f"could not join the swarm: none of {len(peers)} initial peers answered",
+        hint="check that the addresses are current and the peers are running",
+    )
+
+
+async def _stop_node(node: DHTNode, timeout_s: float) -> None:
+    """Shut ``node`` down; if that hangs, terminate its p2pd anyway (hivemind's own way)."""
+    try:
+        await asyncio.wait_for(node.shutdown(), timeout_s)
+    except Exception as error:
+        logger.debug("DHT shutdown failed (%s): terminating p2pd", error)
+        node.p2p._terminate()
+
+
+def _shutdown(thread: _DHTThread, node: DHTNode, timeout_s: float = 5.0) -> None:
+    """Blocking: stop the DHT node (and p2pd), then its thread."""
+    with contextlib.suppress(Exception):  # the loop may already be gone
+        thread.submit(_stop_node(node, timeout_s)).result(timeout_s + 1)
+    thread.stop()
