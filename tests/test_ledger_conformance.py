@@ -1,0 +1,307 @@
+"""One set of scenarios, two backends: the SQLite ledger and the contract on an in-process EVM.
+
+Every scenario runs against ``sqlite`` (a file, its clock moved by the test) and ``evm``
+(``LayerchainLedger`` deployed by ``EvmLedger.deploy`` on eth-tester + py-evm, its clock
+moved by eth-tester's time travel), with the same calls and the same expected balances,
+refusals and error types, and ends with ``verify()`` ok. What differs by nature (where
+credits come from, reward pools, gas) is set up by the fixture, not asserted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+
+import layerchain.ledger.sqlite as sqlite_backend
+from layerchain.errors import ChannelError, InsufficientFunds, InvalidVoucher, LedgerError
+from layerchain.ledger import Ledger, LedgerConfig, Voucher, open_ledger, sign_voucher
+from layerchain.ledger.base import CLOSED, CLOSING, OPEN, EvidenceVerdict
+from layerchain.ledger.records import ledger_domain
+from layerchain.market.receipts import ZERO_HASH, Receipt, receipt_hash, sign_receipt
+from layerchain.market.wallet import Wallet
+
+CONFIG = LedgerConfig(
+    dispute_window_s=100,
+    reward_per_block_hour=3600 * 1000,  # so large that the reward is what clients paid
+    min_stake=50,
+    accuser_bond=100,
+    slash_bps=10_000,
+    slash_reward_bps=5_000,
+)
+# eth-tester's funded dev keys, used as the wallets of both backends
+KEYS = [bytes(31) + bytes([n]) for n in range(1, 8)]
+
+
+@dataclass
+class Harness:
+    """A ledger and what differs between backends: its clock and the reward pool."""
+
+    ledger: Ledger
+    advance: Callable[[float], None]  # move the ledger's clock forward (seconds)
+    wallets: list[Wallet]  # [referee, alice, bob, carol, node, dave, erin]
+
+    @property
+    def domain(self) -> bytes:
+        return self.ledger.domain_separator
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _sqlite(tmp_path, monkeypatch) -> Harness:
+    clock = Clock()
+    monkeypatch.setattr(sqlite_backend, "wall_clock", clock)
+    ledger = open_ledger(tmp_path / "ledger.sqlite", CONFIG)
+
+    def advance(seconds: float) -> None:
+        clock.now += seconds
+
+    return Harness(ledger, advance, [Wallet(k) for k in KEYS])
+
+
+def _evm() -> Harness:
+    from eth_tester import EthereumTester, PyEVMBackend
+    from web3 import EthereumTesterProvider, Web3
+
+    from layerchain.ledger.evm import EvmLedger
+
+    tester = EthereumTester(PyEVMBackend())
+    w3 = Web3(EthereumTesterProvider(tester))
+    wallets = [Wallet(k) for k in KEYS]
+    referee = wallets[0]
+    contract = EvmLedger.deploy(w3, KEYS[0], CONFIG, unstake_delay_s=3600,
+                                referees=[referee.address], quorum=1)
+    ledger = EvmLedger.from_web3(w3, contract, sender=wallets[-1], referees=[referee])
+    ledger.fund_rewards(referee, 1_000_000)  # the contract pays rewards from a funded pool
+
+    def advance(seconds: float) -> None:
+        tester.time_travel(int(w3.eth.get_block("latest")["timestamp"] + seconds))
+
+    return Harness(ledger, advance, wallets)
+
+
+@pytest.fixture(params=["sqlite", "evm"])
+def h(request, tmp_path, monkeypatch):
+    harness = _sqlite(tmp_path, monkeypatch) if request.param == "sqlite" else _evm()
+    yield harness
+    harness.ledger.close()
+
+
+def _ok(h: Harness) -> None:
+    report = h.ledger.verify()
+    assert report.ok, report.problems
+
+
+def test_backend_names_and_domain(h):
+    assert h.ledger.backend in ("sqlite", "evm")
+    assert len(h.domain) == 32
+    if h.ledger.backend == "sqlite":
+        assert h.domain == ledger_domain(h.ledger.ledger_id) and h.ledger.gas_used == {}
+
+
+def test_deposit_withdraw_and_insufficient_funds(h):
+    _, alice, bob, *_ = h.wallets
+    assert h.ledger.deposit(alice, 1000) == 1000
+    assert h.ledger.deposit(alice, 500) == 1500
+    assert h.ledger.withdraw(alice, 400) == 1100
+    with pytest.raises(InsufficientFunds):
+        h.ledger.withdraw(alice, 1101)
+    with pytest.raises(InsufficientFunds):
+        h.ledger.withdraw(bob, 1)
+    with pytest.raises(LedgerError):
+        h.ledger.deposit(alice, 0)
+    assert h.ledger.balance(alice.address) == 1100 and h.ledger.balance(bob.address) == 0
+    assert h.ledger.account(alice.address).balance == 1100
+    assert [a.address for a in h.ledger.accounts()] == [alice.address]
+    _ok(h)
+
+
+def test_channel_open_top_up_redeem_stale_and_replayed(h):
+    _, alice, bob, *_ = h.wallets
+    h.ledger.deposit(alice, 1000)
+    cid = h.ledger.open_channel(alice, bob.address, 400)
+    assert h.ledger.balance(alice.address) == 600
+    with pytest.raises(InsufficientFunds):
+        h.ledger.open_channel(alice, bob.address, 601)
+    with pytest.raises(ChannelError):
+        h.ledger.open_channel(alice, alice.address, 10)
+    assert h.ledger.top_up(alice, cid, 100) == 500
+    v1 = sign_voucher(alice, Voucher(cid, 1, 100), h.domain)
+    v2 = sign_voucher(alice, Voucher(cid, 2, 250), h.domain)
+    assert h.ledger.redeem(v1) == 100
+    assert h.ledger.redeem(v2) == 150
+    assert h.ledger.redeem(v2) == 0  # replayed
+    assert h.ledger.redeem(v1) == 0  # older
+    assert h.ledger.redeem(sign_voucher(alice, Voucher(cid, 2, 400), h.domain)) == 0  # nonce reuse
+    assert h.ledger.redeem(sign_voucher(alice, Voucher(cid, 3, 250), h.domain)) == 0  # nothing new
+    with pytest.raises(InvalidVoucher):  # above the deposit
+        h.ledger.redeem(sign_voucher(alice, Voucher(cid, 4, 501), h.domain))
+    channel = h.ledger.channel(cid)
+    assert (channel.deposit, channel.redeemed, channel.nonce, channel.state) == (500, 250, 2, OPEN)
+    assert h.ledger.balance(bob.address) == 250
+    assert [c.channel_id for c in h.ledger.channels(payer=alice.address)] == [cid]
+    assert [c.channel_id for c in h.ledger.channels(payee=bob.address)] == [cid]
+    assert h.ledger.channels(payer=bob.address) == []
+    with pytest.raises(ChannelError):
+        h.ledger.channel("0x" + "00" * 32)
+    _ok(h)
+
+
+def test_wrong_signer_and_another_ledgers_voucher_are_refused(h):
+    _, alice, bob, carol, *_ = h.wallets
+    h.ledger.deposit(alice, 1000)
+    cid = h.ledger.open_channel(alice, bob.address, 400)
+    with pytest.raises(InvalidVoucher, match="not signed by"):
+        h.ledger.redeem(sign_voucher(carol, Voucher(cid, 1, 10), h.domain))
+    with pytest.raises(InvalidVoucher, match="another ledger's domain"):  # same payer, other ledger
+        h.ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 10), ledger_domain("0x" + "ee" * 32)))
+    with pytest.raises(ChannelError):
+        h.ledger.close_channel(bob, cid)  # only the payer closes
+    assert h.ledger.channel(cid).redeemed == 0 and h.ledger.balance(bob.address) == 0
+    _ok(h)
+
+
+def test_redeem_many_is_one_step(h):
+    _, alice, bob, carol, *_ = h.wallets
+    h.ledger.deposit(alice, 1000)
+    to_bob = h.ledger.open_channel(alice, bob.address, 300)
+    to_carol = h.ledger.open_channel(alice, carol.address, 300)
+    first = [sign_voucher(alice, Voucher(to_bob, 1, 50), h.domain),
+             sign_voucher(alice, Voucher(to_carol, 1, 70), h.domain),
+             sign_voucher(alice, Voucher(to_bob, 2, 80), h.domain),  # same channel, later
+             sign_voucher(alice, Voucher(to_bob, 1, 50), h.domain)]  # stale within the batch
+    assert h.ledger.redeem_many(first) == [50, 70, 30, 0]
+    assert h.ledger.redeem_many(first) == [0, 0, 0, 0]
+    assert h.ledger.redeem_many([]) == []
+    bad = [sign_voucher(alice, Voucher(to_carol, 2, 100), h.domain),
+           sign_voucher(carol, Voucher(to_bob, 3, 90), h.domain)]  # not the payer's
+    with pytest.raises(InvalidVoucher):
+        h.ledger.redeem_many(bad)
+    assert h.ledger.channel(to_carol).redeemed == 70  # nothing of the refused batch landed
+    assert (h.ledger.balance(bob.address), h.ledger.balance(carol.address)) == (80, 70)
+    _ok(h)
+
+
+def test_close_waits_for_the_dispute_window(h):
+    _, alice, bob, *_ = h.wallets
+    h.ledger.deposit(alice, 1000)
+    cid = h.ledger.open_channel(alice, bob.address, 400)
+    h.ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 100), h.domain))
+    assert h.ledger.close_channel(alice, cid) == 0  # the window starts
+    channel = h.ledger.channel(cid)
+    assert channel.state == CLOSING and channel.closes_at is not None
+    with pytest.raises(ChannelError):
+        h.ledger.close_channel(alice, cid)  # still in the window
+    with pytest.raises(ChannelError):
+        h.ledger.top_up(alice, cid, 10)
+    assert h.ledger.redeem(sign_voucher(alice, Voucher(cid, 2, 150), h.domain)) == 50  # in the window
+    h.advance(CONFIG.dispute_window_s + 1)
+    assert h.ledger.close_channel(alice, cid) == 250
+    closed = h.ledger.channel(cid)
+    assert (closed.state, closed.refunded, closed.redeemed) == (CLOSED, 250, 150)
+    assert h.ledger.balance(alice.address) == 600 + 250
+    with pytest.raises(ChannelError):
+        h.ledger.redeem(sign_voucher(alice, Voucher(cid, 3, 200), h.domain))
+    with pytest.raises(ChannelError):
+        h.ledger.close_channel(alice, cid)
+    _ok(h)
+
+
+def test_register_and_earn_an_uptime_reward(h):
+    _, alice, _, _, node, *_ = h.wallets
+    h.ledger.deposit(node, 100)
+    with pytest.raises(LedgerError):
+        h.ledger.register_node(node, 0, 4)  # a first registration stakes
+    with pytest.raises(LedgerError):
+        h.ledger.register_node(node, 49, 4)  # under min_stake
+    with pytest.raises(LedgerError):
+        h.ledger.node(node.address)
+    info = h.ledger.register_node(node, 60, 4)
+    assert (info.stake, info.blocks, h.ledger.balance(node.address)) == (60, 4, 40)
+    assert h.ledger.account(node.address).staked == 60
+    with pytest.raises(LedgerError):
+        h.ledger.claim_reward(node)  # no client paid it yet
+    h.ledger.deposit(alice, 1000)
+    cid = h.ledger.open_channel(alice, node.address, 500)
+    h.advance(10)
+    assert h.ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 90), h.domain)) == 90
+    assert h.ledger.node(node.address).earned == 90
+    assert h.ledger.claim_reward(node) == 90  # bounded by what clients paid
+    after = h.ledger.node(node.address)
+    assert (after.earned, after.rewards, h.ledger.balance(node.address)) == (0, 90, 40 + 90 + 90)
+    with pytest.raises(LedgerError):
+        h.ledger.claim_reward(node)
+    assert h.ledger.register_node(node, 10, 4).stake == 70
+    _ok(h)
+
+
+def _receipt(node: Wallet, step: int = 0) -> bytes:
+    receipt = Receipt(
+        session_id="s-1", step=step, model_id="tiny", start=0, end=4, tokens=1,
+        input_sha256=b"\x01" * 32, output_sha256=b"\x02" * 32, price_per_block=1, amount=4,
+        prev_hash=ZERO_HASH, node_address=node.address, fingerprint=b"\x03" * 16,
+    )
+    return sign_receipt(node, receipt).to_bytes()
+
+
+def _verdict(accuser: Wallet, node: Wallet, *, guilty: bool, step: int = 0) -> EvidenceVerdict:
+    receipt = _receipt(node, step)
+    return EvidenceVerdict(
+        evidence_hash="0x" + receipt_hash_of(receipt).hex(), accuser=accuser.address,
+        accused=node.address, step=step, guilty=guilty, distance=1.0 if guilty else 0.0,
+        tolerance=0.1, reason="test verdict", receipt=receipt,
+    )
+
+
+def receipt_hash_of(wire: bytes) -> bytes:
+    from layerchain.market.receipts import SignedReceipt
+
+    return receipt_hash(SignedReceipt.from_bytes(wire).receipt)
+
+
+def test_slash_guilty_once_and_not_guilty_costs_the_bond(h):
+    _, alice, bob, _, node, *_ = h.wallets
+    h.ledger.deposit(node, 200)
+    h.ledger.register_node(node, 200, 4)
+    h.ledger.deposit(alice, 150)
+    with pytest.raises(InsufficientFunds):  # bob holds no bond
+        h.ledger.slash(bob, _verdict(bob, node, guilty=True))
+    acquitted = h.ledger.slash(alice, _verdict(alice, node, guilty=False, step=1))
+    assert (acquitted.guilty, acquitted.bond, acquitted.slashed) == (False, 100, 0)
+    assert (h.ledger.balance(alice.address), h.ledger.balance(node.address)) == (50, 100)
+    h.ledger.deposit(alice, 100)
+    verdict = _verdict(alice, node, guilty=True)
+    result = h.ledger.slash(alice, verdict)
+    assert (result.guilty, result.slashed, result.reward, result.burned) == (True, 200, 100, 100)
+    assert result.accused == node.address and result.seq == h.ledger.head()[0]
+    assert h.ledger.node(node.address).stake == 0
+    assert h.ledger.balance(alice.address) == 150 + 100
+    with pytest.raises(LedgerError):  # a receipt convicts once
+        h.ledger.slash(alice, verdict)
+    _ok(h)
+
+
+def test_journal_is_a_hash_chain_anchored_by_checkpoints(h):
+    from layerchain.ledger.journal import entry_hash
+
+    referee, alice, bob, *_ = h.wallets
+    h.ledger.deposit(alice, 100)
+    checkpoint = h.ledger.checkpoint(alice)
+    h.ledger.open_channel(alice, bob.address, 50)
+    entries = h.ledger.journal()
+    assert entries[0].kind == "genesis" and [e.seq for e in entries] == list(range(1, len(entries) + 1))
+    for before, entry in zip(entries, entries[1:]):
+        assert entry.prev_hash == before.hash
+        assert entry_hash(entry.prev_hash, entry.seq, entry.kind, entry.payload) == entry.hash
+    assert h.ledger.head() == (entries[-1].seq, entries[-1].hash)
+    assert h.ledger.journal(after=1, limit=1) == entries[1:2]
+    report = h.ledger.verify([checkpoint])
+    assert report.ok and report.anchored_seq == len(entries) - 1
+    assert report.anchor_signers == (alice.address,)
