@@ -7,7 +7,14 @@ import random
 import pytest
 
 from layerchain.errors import ConfigError, NoRoute
-from layerchain.routing import RoutePeer, check_route, pareto_front, plan_route, plan_span
+from layerchain.routing import (
+    RouteLimits,
+    RoutePeer,
+    check_route,
+    pareto_front,
+    plan_route,
+    plan_span,
+)
 from layerchain.types import Hop
 
 TOL = 1e-9
@@ -121,10 +128,12 @@ def test_plan_route_matches_brute_force(mode):
         feasible = [(s, r) for s, r in scored if meets(s[0], s[1], max_price, max_lat)]
         if not feasible:
             with pytest.raises(NoRoute):
-                plan_route(peers, blocks, alpha, max_price, max_lat, mode=mode, peer_rtts=peer_rtts)
+                plan_route(peers, blocks, RouteLimits(alpha, max_price, max_lat), mode=mode,
+                           peer_rtts=peer_rtts)
             checked["noroute"] += 1
             continue
-        plan = plan_route(peers, blocks, alpha, max_price, max_lat, mode=mode, peer_rtts=peer_rtts)
+        plan = plan_route(peers, blocks, RouteLimits(alpha, max_price, max_lat), mode=mode,
+                           peer_rtts=peer_rtts)
         check_route(plan.hops, {p.id: p for p in peers}, 0, blocks)
         lat, price, cost = score(plan.hops, peers, alpha, mode, peer_rtts)
         terms = (plan.latency_ms, plan.price, plan.cost)
@@ -154,7 +163,8 @@ def test_pareto_front_matches_brute_force(mode):
         max_price, max_lat = random_limits(rng, routes, peers)
         points = [score(r, peers, 0.0, mode, peer_rtts)[:2] for r in routes]
         expected = frontier([pt for pt in points if meets(*pt, max_price, max_lat)])
-        front = pareto_front(peers, blocks, max_price, max_lat, mode=mode, peer_rtts=peer_rtts)
+        front = pareto_front(peers, blocks, RouteLimits(0.0, max_price, max_lat), mode=mode,
+                             peer_rtts=peer_rtts)
         got = [x for f in front for x in (f.latency_ms, f.price)]
         assert got == pytest.approx([x for pt in expected for x in pt], abs=TOL)
         for plan in front:
@@ -174,9 +184,9 @@ def test_plan_span_with_exclusions_matches_brute_force():
         routes = all_routes(peers, start, end, exclude)
         if not routes:
             with pytest.raises(NoRoute):
-                plan_span(peers, blocks, start, end, alpha, exclude=exclude)
+                plan_span(peers, blocks, start, end, RouteLimits(alpha), exclude=exclude)
             continue
-        plan = plan_span(peers, blocks, start, end, alpha, exclude=exclude)
+        plan = plan_span(peers, blocks, start, end, RouteLimits(alpha), exclude=exclude)
         check_route(plan.hops, {p.id: p for p in peers}, start, end)
         assert not set(plan.peer_ids) & set(exclude)
         assert plan.cost == pytest.approx(min(score(r, peers, alpha)[2] for r in routes), abs=TOL)
@@ -198,10 +208,10 @@ def test_alpha_moves_along_the_frontier():
         RoutePeer("fast", 0, 4, 1.0, 5.0, 1.0),  # latency 5, price 20
         RoutePeer("cheap", 0, 4, 10.0, 0.5, 20.0),  # latency 60, price 2
     ]
-    assert plan_route(peers, 4, alpha=0.0).peer_ids == ("fast",)
-    assert plan_route(peers, 4, alpha=1.0).peer_ids == ("cheap",)
+    assert plan_route(peers, 4, RouteLimits(alpha=0.0)).peer_ids == ("fast",)
+    assert plan_route(peers, 4, RouteLimits(alpha=1.0)).peer_ids == ("cheap",)
     # within 10 credits the fastest mix is one block on "fast", three on "cheap"
-    limited = plan_route(peers, 4, alpha=0.0, max_price=10)
+    limited = plan_route(peers, 4, RouteLimits(alpha=0.0, max_price=10))
     assert limited.hops == (Hop("fast", 0, 1), Hop("cheap", 1, 4))
     assert (limited.latency_ms, limited.price) == (52.0, 6.5)
     front = [(f.latency_ms, f.price) for f in pareto_front(peers, 4)]
@@ -226,21 +236,21 @@ def test_uncovered_blocks_are_named():
 def test_price_limit_too_low_names_the_cheapest():
     peers = [RoutePeer("a", 0, 10, 3.0, 1.4, 5.0), RoutePeer("b", 0, 10, 1.0, 2.0, 1.0)]
     with pytest.raises(NoRoute) as info:
-        plan_route(peers, 10, max_price=10)
+        plan_route(peers, 10, RouteLimits(max_price=10))
     assert str(info.value) == "no route within max_price 10: the cheapest costs 14 (latency 35 ms)"
 
 
 def test_latency_limit_too_low_names_the_fastest():
     peers = [RoutePeer("a", 0, 10, 3.0, 1.4, 5.0), RoutePeer("b", 0, 10, 1.0, 2.0, 1.0)]
     with pytest.raises(NoRoute) as info:
-        plan_route(peers, 10, max_latency_ms=8)
+        plan_route(peers, 10, RouteLimits(max_latency_ms=8))
     assert str(info.value) == "no route within max_latency_ms 8: the fastest takes 11 ms (price 20)"
 
 
 def test_limits_met_one_at_a_time_but_not_together():
     peers = [RoutePeer("a", 0, 10, 3.0, 1.4, 5.0), RoutePeer("b", 0, 10, 1.0, 2.0, 1.0)]
     with pytest.raises(NoRoute) as info:
-        plan_route(peers, 10, max_price=15, max_latency_ms=20)
+        plan_route(peers, 10, RouteLimits(max_price=15, max_latency_ms=20))
     message = str(info.value)
     assert "max_price 15 and max_latency_ms 20" in message
     # mixes: a on 2 blocks + b on 8 (latency 20, price 18.8); b on 1 + a on 9 (34 ms, 15)
@@ -250,7 +260,11 @@ def test_limits_met_one_at_a_time_but_not_together():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda p: plan_route(p, 10, alpha=1.5),
+        lambda p: plan_route(p, 10, RouteLimits(alpha=1.5)),
+        lambda p: plan_route(p, 10, 0.5),  # a bare alpha, not a RouteLimits
+        lambda p: plan_route(p, 10, RouteLimits(max_price=-1)),
+        lambda p: plan_route(p, 10, RouteLimits(max_latency_ms=float("nan"))),
+        lambda p: plan_route(p, 10, RouteLimits(alpha=True)),
         lambda p: plan_route(p, 0),
         lambda p: plan_route(p, 5),  # peer a serves 0:10
         lambda p: plan_route(p + p, 10),
@@ -301,10 +315,10 @@ def test_extreme_but_allowed_costs_plan_a_valid_route():
     peers = [RoutePeer("slow", 0, blocks, MAX_MS_PER_BLOCK, MAX_PRICE_PER_BLOCK, MAX_RTT_MS),
              RoutePeer("a", 0, 120, 1.0, 1.0, 1.0), RoutePeer("b", 100, blocks, 1.0, 1.0, 1.0)]
     for alpha in (0.0, 0.5, 1.0):
-        plan = plan_route(peers, blocks, alpha)
+        plan = plan_route(peers, blocks, RouteLimits(alpha))
         check_route(plan.hops, {p.id: p for p in peers}, 0, blocks)
         assert "slow" not in plan.peer_ids
-    only = plan_route(peers[:1], blocks, 0.5)
+    only = plan_route(peers[:1], blocks, RouteLimits(0.5))
     assert only.hops == (Hop("slow", 0, blocks),)
     assert only.latency_ms == MAX_RTT_MS + blocks * MAX_MS_PER_BLOCK
 

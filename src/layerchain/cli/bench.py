@@ -49,12 +49,14 @@ def bench_routing(
     peers: int = typer.Option(10_000, help="Peers in each random swarm."),
     blocks: int = typer.Option(80, help="Blocks of the model."),
     trials: int = typer.Option(20, help="Random swarms to plan over."),
+    seed: int = typer.Option(0, help="Seed of the first random swarm."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Time route planning over random swarms: plan_ms_p50 / plan_ms_p99."""
-    from layerchain.bench.routing import run_routing_bench
+    """Time route planning over random swarms in every case (alpha 0, 0.5, 1; binding
+    price, latency, both): plan_ms_p50 / plan_ms_p99 each, in "cases"."""
+    from layerchain.bench.routing import run_routing_cases
 
-    result = run_routing_bench(peers=peers, blocks=blocks, trials=trials)
+    result = run_routing_cases(peers=peers, blocks=blocks, trials=trials, seed=seed)
     _print(result, as_json)
 
 

@@ -24,6 +24,7 @@ from rich.text import Text
 from layerchain.errors import ConfigError, NoRoute, RoutingError
 from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.routing import (
+    RouteLimits,
     RoutePeer,
     RoutePlan,
     Snapshot,
@@ -138,13 +139,14 @@ def route(
         peers, num_blocks = asyncio.run(_live_peers(list(initial_peers), model, insecure))
     else:
         raise ConfigError("give --snapshot FILE or --initial-peers ADDR")
+    limits = RouteLimits(alpha, max_price, max_latency_ms)  # ConfigError: one line
     try:
-        plan = plan_route(peers, num_blocks, alpha, max_price, max_latency_ms)
+        plan = plan_route(peers, num_blocks, limits)
     except NoRoute as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     try:
-        front = pareto_front(peers, num_blocks, max_price, max_latency_ms, alpha=alpha)
+        front = pareto_front(peers, num_blocks, limits)
     except RoutingError as error:  # too large a swarm to enumerate: the plan still stands
         typer.echo(f"warning: no Pareto frontier: {error}", err=True)
         front = []

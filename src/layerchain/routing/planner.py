@@ -4,8 +4,8 @@ Pure functions, no I/O: the client's background tasks feed them a snapshot of pe
 (``RoutePeer``) and get back a ``RoutePlan``. See ``layerchain.routing.route`` for what a
 route is and how latency, price and cost are counted.
 
-* ``plan_route``: the minimum-cost route for the client's ``alpha``, optionally within
-  ``max_price`` and ``max_latency_ms``. Client mode without binding limits takes the fast
+* ``plan_route``: the minimum-cost route within one ``RouteLimits`` (the client's
+  ``alpha``, optionally ``max_price`` and ``max_latency_ms``). Client mode without binding limits takes the fast
   path: the relaxed DP of ``relaxed`` (O(blocks * peers), numpy); when its route uses no
   peer twice and meets the limits, it is optimal. Otherwise the exact search of ``search``
   decides: A* on the relaxed bound with the repaired relaxed route as incumbent (a peer
@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from layerchain.errors import ConfigError, InvalidPlan, NoRoute, RoutingError
+from layerchain.routing.limits import RouteLimits
 from layerchain.routing.relaxed import PeerArrays, relaxed_cost_to_go, relaxed_forward
 from layerchain.routing.route import (
     EPS,
@@ -52,25 +53,27 @@ from layerchain.types import Hop
 
 PeerRtts = Mapping[tuple[str, str], float]
 
+#: Most relaxed DPs spent raising the Lagrangian dual along one multiplier (``dual``).
+DUAL_STEPS = 6
+
 
 def plan_route(
     peers: Sequence[RoutePeer],
     num_blocks: int,
-    alpha: float = 0.0,
-    max_price: float | None = None,
-    max_latency_ms: float | None = None,
+    limits: RouteLimits | None = None,
     *,
     exclude: Iterable[str] = (),
     mode: str = "client",
     peer_rtts: PeerRtts | None = None,
 ) -> RoutePlan:
-    """The minimum-cost route over blocks ``[0, num_blocks)`` meeting the limits.
+    """The minimum-cost route over blocks ``[0, num_blocks)`` meeting ``limits``
+    (default ``RouteLimits()``: the fastest, no caps).
 
-    ``alpha`` in [0, 1] weighs price against latency (0: fastest, 1: cheapest).
+    ``limits.alpha`` in [0, 1] weighs price against latency (0: fastest, 1: cheapest).
     ``mode="push"`` scores latency with peer-to-peer RTTs from ``peer_rtts``
     (``{(peer_a, peer_b): rtt_ms}``). Raises NoRoute when blocks are uncovered or no route
     meets the limits."""
-    return plan_span(peers, num_blocks, 0, num_blocks, alpha, max_price, max_latency_ms,
+    return plan_span(peers, num_blocks, 0, num_blocks, limits,
                      exclude=exclude, mode=mode, peer_rtts=peer_rtts)
 
 
@@ -79,9 +82,7 @@ def plan_span(
     num_blocks: int,
     start: int,
     end: int,
-    alpha: float = 0.0,
-    max_price: float | None = None,
-    max_latency_ms: float | None = None,
+    limits: RouteLimits | None = None,
     *,
     exclude: Iterable[str] = (),
     mode: str = "client",
@@ -89,17 +90,16 @@ def plan_span(
 ) -> RoutePlan:
     """``plan_route`` over blocks ``[start, end)`` only; hops use the parts of peers' spans
     inside it. The limits apply to the returned sub-route alone."""
-    planner = _Planner(peers, num_blocks, start, end, alpha, exclude, mode, peer_rtts)
-    return planner.checked(planner.best(max_price, max_latency_ms))
+    limits = _limits(limits)
+    planner = _Planner(peers, num_blocks, start, end, limits.alpha, exclude, mode, peer_rtts)
+    return planner.checked(planner.best(limits.max_price, limits.max_latency_ms))
 
 
 def pareto_front(
     peers: Sequence[RoutePeer],
     num_blocks: int,
-    max_price: float | None = None,
-    max_latency_ms: float | None = None,
+    limits: RouteLimits | None = None,
     *,
-    alpha: float = 0.0,
     start: int = 0,
     end: int | None = None,
     exclude: Iterable[str] = (),
@@ -107,14 +107,25 @@ def pareto_front(
     peer_rtts: PeerRtts | None = None,
 ) -> list[RoutePlan]:
     """Every non-dominated (latency, price) route meeting the limits, sorted by latency
-    (so by decreasing price). ``alpha`` only fills each plan's ``cost``. One route per
-    distinct (latency, price) point. Raises NoRoute when blocks are uncovered; returns
+    (so by decreasing price). ``limits.alpha`` only fills each plan's ``cost``. One route
+    per distinct (latency, price) point. Raises NoRoute when blocks are uncovered; returns
     ``[]`` when no route meets the limits."""
+    limits = _limits(limits)
     end = num_blocks if end is None else end
-    planner = _Planner(peers, num_blocks, start, end, alpha, exclude, mode, peer_rtts)
-    spec = planner.spec("pareto", max_price, max_latency_ms)
+    planner = _Planner(peers, num_blocks, start, end, limits.alpha, exclude, mode, peer_rtts)
+    spec = planner.spec("pareto", limits.max_price, limits.max_latency_ms)
     return [planner.checked(planner.plan(label.hops()))
             for label in search(planner.arr, spec, planner.bounds())]
+
+
+def _limits(limits: RouteLimits | None) -> RouteLimits:
+    """``limits``, or the default; ConfigError for anything else (e.g. a bare alpha)."""
+    if limits is None:
+        return RouteLimits()
+    if not isinstance(limits, RouteLimits):
+        raise ConfigError(f"limits must be a RouteLimits, not {limits!r}",
+                          hint="pass RouteLimits(alpha=..., max_price=..., max_latency_ms=...)")
+    return limits
 
 
 def _fmt(value: float) -> str:
@@ -144,16 +155,19 @@ class _Planner:
             raise ConfigError(f"alpha must be in [0, 1], not {alpha!r}")
         if mode not in MODES:
             raise ConfigError(f"unknown latency mode {mode!r}: use one of {', '.join(MODES)}")
-        by_id: dict[str, RoutePeer] = {}
-        for peer in peers:
-            if peer.id in by_id:
-                raise ConfigError(f"peer {peer.id} appears twice in the snapshot")
-            if peer.end > num_blocks:
-                raise ConfigError(
-                    f"peer {peer.id} serves blocks {peer.start}:{peer.end} "
-                    f"but the model has {num_blocks}"
-                )
-            by_id[peer.id] = peer
+        by_id = {peer.id: peer for peer in peers}
+        if len(by_id) != len(peers):
+            seen: set[str] = set()
+            for peer in peers:
+                if peer.id in seen:
+                    raise ConfigError(f"peer {peer.id} appears twice in the snapshot")
+                seen.add(peer.id)
+        if peers and max(p.end for p in peers) > num_blocks:
+            peer = next(p for p in peers if p.end > num_blocks)
+            raise ConfigError(
+                f"peer {peer.id} serves blocks {peer.start}:{peer.end} "
+                f"but the model has {num_blocks}"
+            )
         self.by_id, self.alpha, self.mode = by_id, float(alpha), mode
         self.peer_rtts = dict(peer_rtts or {})
         for pair, rtt in self.peer_rtts.items():
@@ -162,6 +176,8 @@ class _Planner:
                 raise ConfigError(f"peer_rtts {pair} is {rtt!r}: it must be in [0, {MAX_RTT_MS:g}]")
         self.excluded = sorted(set(exclude) & set(by_id))
         self.arr = PeerArrays.build(list(peers), start, end, self.excluded)
+        # relaxed DPs run over the undominated peers only: same optima, far fewer peers
+        self.core = self.arr.subset(self.arr.undominated())
         gaps = self.arr.uncovered()
         if gaps:
             names = ", ".join(f"{a}:{b}" if b - a > 1 else f"{a}" for a, b in gaps)
@@ -183,9 +199,12 @@ class _Planner:
             raise InvalidPlan(f"planner bug: the route uses excluded peer {min(excluded)}")
         return plan
 
-    def plan(self, rows_hops: list[tuple[int, int, int]], alpha: float | None = None) -> RoutePlan:
-        """A RoutePlan from hops ``(row, a, b)`` in shifted coordinates."""
-        off, peers = self.arr.offset, self.arr.peers
+    def plan(self, rows_hops: list[tuple[int, int, int]], alpha: float | None = None,
+             arr: PeerArrays | None = None) -> RoutePlan:
+        """A RoutePlan from hops ``(row, a, b)`` in shifted coordinates, rows of ``arr``
+        (default: all peers; ``self.core`` for routes of the relaxed DPs)."""
+        arr = self.arr if arr is None else arr
+        off, peers = arr.offset, arr.peers
         hops = [Hop(peers[r].id, a + off, b + off) for r, a, b in rows_hops]
         merged: list[Hop] = []  # adjacent hops on one peer are one hop (never costlier)
         for hop in hops:
@@ -207,7 +226,7 @@ class _Planner:
         alpha = self.alpha if alpha is None else alpha
         lat_w = 1 - alpha if lat_weight is None else lat_weight
         price_w = alpha if price_weight is None else price_weight
-        arr = self.arr
+        arr = self.core  # the same cost-to-go as over every peer (PeerArrays.undominated)
         fixed = arr.rtt if self.mode == "client" else np.zeros_like(arr.rtt)
         zero = np.zeros_like(arr.rtt)
         if ("cost", lat_w, price_w) not in self._bounds:
@@ -240,7 +259,7 @@ class _Planner:
         else ``(None, valid)`` with a valid route made from it (an upper bound)."""
         if self.mode != "client":
             return None, None
-        arr = self.arr
+        arr = self.core
         if alpha == 0.0:  # secondary cost (tie-breaker): price when alpha = 0, else latency
             second_fixed, second_w = np.zeros_like(arr.rtt), arr.pr
         else:
@@ -249,8 +268,8 @@ class _Planner:
                                  second_fixed, second_w)
         hops = result.hops()
         if len({row for row, _, _ in hops}) == len(hops):
-            return self.plan(hops, alpha), None
-        return None, self.plan(_repair(hops), alpha)
+            return self.plan(hops, alpha, arr), None
+        return None, self.plan(_repair(hops), alpha, arr)
 
     def optimum(self, alpha: float, max_price: float | None = None,
                 max_latency_ms: float | None = None) -> RoutePlan | None:
@@ -288,53 +307,80 @@ class _Planner:
 
         The dual function ``g(lat_mult, price_mult)`` = relaxed min of ``cost + lat_mult *
         (latency - max_latency_ms) + price_mult * (price - max_price)`` is a lower bound of
-        the constrained optimum and concave; it is raised by bisection on each multiplier
-        in turn, the sign of the limit's overrun at the relaxed minimiser being its slope.
-        Each evaluation is one relaxed DP; its route, repaired, may meet the limits."""
-        arr = self.arr
+        the constrained optimum for *any* multipliers >= 0 (weak duality), concave and
+        piecewise linear: each relaxed route is a line in each multiplier, of slope its
+        overrun of that limit. It is raised one multiplier at a time by cutting planes:
+        from a bracket ``[low, high]`` (slopes > 0 and <= 0) the next trial is where the two
+        routes' lines cross; when ``g`` there is on both lines, that is the maximum along
+        this multiplier. Piecewise linear: a few relaxed DPs (``DUAL_STEPS`` at most per
+        multiplier), where bisection took ~20. The multipliers only steer the search; its
+        result is exact whatever they are. Each DP's route, repaired, may meet the limits."""
+        arr = self.core
         incumbent = None
         if valid is not None and _meets(valid, max_price, max_latency_ms):
             incumbent = valid
+        limits = (max_latency_ms or 0.0, max_price or 0.0)
         best = (-np.inf, 0.0, 0.0)  # (g, lat_mult, price_mult)
 
-        def evaluate(lat_mult: float, price_mult: float) -> tuple[float, float]:
+        def evaluate(mults: list[float]) -> tuple[float, tuple[float, float]]:
+            """``g`` at ``mults`` and the relaxed minimiser's overruns (latency, price)."""
             nonlocal incumbent, best
-            lat_w, price_w = 1 - alpha + lat_mult, alpha + price_mult
+            lat_w, price_w = 1 - alpha + mults[0], alpha + mults[1]
             result = relaxed_forward(arr, lat_w * arr.rtt, price_w * arr.pr + lat_w * arr.ms)
             hops = result.hops()
-            relaxed = self.plan(hops, alpha)
-            g = (float(result.best[-1]) - lat_mult * (max_latency_ms or 0.0)
-                 - price_mult * (max_price or 0.0))
+            relaxed = self.plan(hops, alpha, arr)
+            g = float(result.best[-1]) - mults[0] * limits[0] - mults[1] * limits[1]
             if g > best[0]:
-                best = (g, lat_mult, price_mult)
-            repaired = self.plan(_repair(hops), alpha)
+                best = (g, mults[0], mults[1])
+            repaired = self.plan(_repair(hops), alpha, arr)
             if _meets(repaired, max_price, max_latency_ms) and (
                     incumbent is None or repaired.cost < incumbent.cost):
                 incumbent = repaired
-            return relaxed.latency_ms - (max_latency_ms or 0.0), relaxed.price - (max_price or 0.0)
+            return g, (relaxed.latency_ms - limits[0], relaxed.price - limits[1])
 
         mults = [0.0, 0.0]  # [lat_mult, price_mult]
-        over = evaluate(0.0, 0.0)
+        g, over = evaluate(mults)
         coords = [i for i, limit in enumerate((max_latency_ms, max_price)) if limit is not None]
-        for _ in range(2 if len(coords) == 2 else 1):
-            for i in coords:
-                def slope(value: float) -> float:
+        for i in coords:
+            if over[i] <= 0 and mults[i] == 0.0:
+                continue  # this limit does not bind at the current multipliers
+            # lines g_j(m) = c + m * slope through each evaluated point, along coordinate i
+            low = (mults[i], g, over[i])  # (multiplier, g, slope)
+            if low[2] <= 0:  # the maximum lies below: bracket from 0
+                trial = list(mults)
+                trial[i] = 0.0
+                g0, over0 = evaluate(trial)
+                low, high = (0.0, g0, over0[i]), low
+            else:
+                high = low
+                value = max(1.0, 2 * mults[i])
+                while high[2] > 0 and value < 1e9:
                     trial = list(mults)
                     trial[i] = value
-                    return evaluate(*trial)[i]
-                if over[i] <= 0 and mults[i] == 0.0:
-                    continue  # this limit does not bind at the current multipliers
-                low, high = 0.0, max(1.0, 2 * mults[i])
-                while slope(high) > 0 and high < 1e9:
-                    low, high = high, high * 8
-                for _ in range(8):
-                    mid = (low + high) / 2
-                    if slope(mid) > 0:
-                        low = mid
-                    else:
-                        high = mid
-                mults = [best[1], best[2]]
-                over = evaluate(*mults)
+                    gv, overv = evaluate(trial)
+                    low, high = (high if high[2] > 0 else low), (value, gv, overv[i])
+                    value *= 8
+            for _ in range(DUAL_STEPS):
+                if low[2] <= 0 or high[2] > 0 or low[2] == high[2]:
+                    break
+                # where low's line meets high's line
+                c_low, c_high = low[1] - low[0] * low[2], high[1] - high[0] * high[2]
+                m = (c_high - c_low) / (low[2] - high[2])
+                if not low[0] < m < high[0]:
+                    break
+                trial = list(mults)
+                trial[i] = m
+                gm, overm = evaluate(trial)
+                if gm >= c_low + m * low[2] - EPS * (1 + abs(gm)):
+                    break  # on both lines: the top of the piecewise linear g
+                if overm[i] > 0:
+                    low = (m, gm, overm[i])
+                else:
+                    high = (m, gm, overm[i])
+            mults = [best[1], best[2]]
+            g, over = best[0], over  # the next coordinate starts from the best point
+            if len(coords) == 2 and i == coords[0]:
+                g, over = evaluate(mults)
         lat_mult, price_mult = best[1], best[2]
         for factor in (1.0, 2.0, 8.0, 64.0):  # no incumbent yet: exact valid optima, pushed
             if incumbent is not None:  # ever harder towards the limits, until one meets them
