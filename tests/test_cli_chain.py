@@ -7,6 +7,8 @@ its own; each takes a few seconds (anvil starts in ~1-3 s, deploying ~1 s).
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,115 @@ def test_chain_commands_on_a_dir_without_a_chain_say_so(tmp_path):
     assert "no chain in" in out
     out = _run("chain", "fund", "bob", "--state-dir", tmp_path, "--ether", "1", code=1).output
     assert "is not an address" in out
+
+
+# -- a real local chain (anvil) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """One local chain for the module's CLI-on-EVM tests (60 s dispute window); its
+    deployment file lands in a private LAYERCHAIN_HOME."""
+    from layerchain.ledger import LedgerConfig
+    from layerchain.ledger.chain import LocalChain
+
+    saved = os.environ.get("LAYERCHAIN_HOME")
+    os.environ["LAYERCHAIN_HOME"] = str(tmp_path_factory.mktemp("lc-home"))
+    try:
+        with LocalChain.start(tmp_path_factory.mktemp("chain"),
+                              config=LedgerConfig(dispute_window_s=60)) as running:
+            yield running
+    finally:
+        if saved is None:
+            os.environ.pop("LAYERCHAIN_HOME", None)
+        else:
+            os.environ["LAYERCHAIN_HOME"] = saved
+
+
+def _json(*args: object, code: int = 0):
+    return json.loads(_run(*args, "--json", code=code).stdout)
+
+
+def test_chain_up_status_down_through_the_cli(home, tmp_path):
+    from layerchain.local.launcher import LocalProcess
+
+    state = tmp_path / "chain"
+    up = _json("chain", "up", "--state-dir", state, "--accounts", "3", "--dispute-window", "90")
+    assert set(up) >= {"rpc_url", "contract", "chain_id", "accounts", "referees", "credit_wei",
+                       "pid", "ledger"}
+    assert len(up["accounts"]) == 3 and up["referees"] == [up["accounts"][0]["address"]]
+    assert up["credit_wei"] == 10**9 and up["ledger"].startswith("evm+http://127.0.0.1:")
+    status_file = (state / "chain.json").read_text()
+    assert json.loads(status_file)["contract"] == up["contract"]
+    deployment = read_deployment(up["rpc_url"])
+    assert deployment is not None and deployment.contract == up["contract"]
+    try:
+        out = _run("chain", "up", "--state-dir", state, code=1).output
+        assert "already runs" in out and "chain down" in out
+        status = _json("chain", "status", "--state-dir", state)
+        assert status["running"] and "private_key" not in json.dumps(status)
+        # the deployment file lets a bare endpoint find the contract: the rules are the flags'
+        with open_ledger(f"evm+{up['rpc_url']}") as book:
+            assert book.backend == "evm" and book.config.dispute_window_s == 90
+    finally:
+        down = _json("chain", "down", "--state-dir", state)
+    assert down["stopped"]
+    assert not LocalProcess(up["pid"], json.loads(status_file)["started"]).is_ours()
+    assert not (state / "chain.json").exists()
+    assert read_deployment(up["rpc_url"]) is None
+
+
+def test_wallet_commands_move_test_ether_on_a_chain(chain, tmp_path):
+    client = tmp_path / "client"
+    address = _json("wallet", "create", "--data-dir", client)["address"]
+    spec = f"evm+{chain.info.rpc_url}"  # the contract from the deployment file
+    out = _run("wallet", "deposit", "5000", "--data-dir", client, "--ledger", spec, code=1).output
+    assert "holds 0 wei" in out and "chain fund" in out
+    funded = _json("chain", "fund", address, "--state-dir", chain.state_dir, "--ether", "0.01")
+    assert funded["balance_wei"] == 10**16
+    assert _json("wallet", "deposit", "5000", "--data-dir", client, "--ledger", spec)["balance"] == 5000
+    # the credits are ether in the contract: 5000 gwei left the wallet, and some gas
+    spent = 10**16 - chain.ether_balance(address)
+    assert 5000 * 10**9 < spent < 5000 * 10**9 + 10**15
+    assert _json("wallet", "withdraw", "1200", "--data-dir", client, "--ledger", spec)["balance"] == 3800
+    balance = _json("wallet", "balance", "--data-dir", client, "--ledger", spec)
+    assert (balance["balance"], balance["locked_in_channels"]) == (3800, 0)
+    out = _run("ledger", "init", "--ledger", spec, code=1).output
+    assert "fixed when its contract is deployed" in out
+    out = _run("wallet", "balance", "--data-dir", client, "--ledger", spec,
+               "--contract", "0x" + "00" * 19 + "01", code=1).output
+    assert "contradicts" not in out and "no contract at" in out
+
+
+def test_a_node_redeems_a_clients_vouchers_on_the_chain_in_one_batch(chain, tmp_path):
+    from layerchain.market.vouchers import ChannelPayer, VoucherStore
+    from layerchain.market.wallet import Wallet
+
+    client, node = Wallet.create(tmp_path / "client"), Wallet.create(tmp_path / "node")
+    for wallet in (client, node):
+        chain.fund(wallet.address, 10**16)
+    with open_ledger(chain.ledger_spec) as book:
+        book.deposit(client, 3000)
+        payer = ChannelPayer(client, book)
+        first = payer.open(node.address, 1000).channel_id
+        payer.open(node.address, 1000)  # a second channel to the same node replaces the first
+        store = VoucherStore.for_data_dir(tmp_path / "node")
+        store.save(payer.voucher_for(node.address, 300))
+        store.save(payer.voucher_for(node.address, 200))  # cumulative: 500
+        before = book.balance(node.address)
+    spec = chain.ledger_spec
+    redeemed = _json("ledger", "redeem", "--data-dir", tmp_path / "node", "--ledger", spec)
+    assert redeemed["credited"] == 500
+    again = _json("ledger", "redeem", "--data-dir", tmp_path / "node", "--ledger", spec)
+    assert again["credited"] == 0  # a replayed voucher credits nothing
+    with open_ledger(spec) as book:
+        assert book.balance(node.address) == before + 500
+        assert book.channel(first).redeemed == 0
+    # the client asks to close: its channels enter the dispute window, and verify replays
+    # the contract's events into the same balances
+    settled = _json("wallet", "settle", "--data-dir", tmp_path / "client", "--ledger", spec)
+    assert {c["state"] for c in settled["channels"]} == {"closing"}
+    verify = _json("ledger", "verify", "--data-dir", tmp_path / "client", "--ledger", spec)
+    assert verify["ok"], verify["problems"]
+    status = _json("ledger", "status", "--ledger", spec)
+    assert status["backend"] == "evm" and len(status["channels"]) >= 2

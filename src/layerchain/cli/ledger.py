@@ -35,7 +35,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from layerchain.errors import LedgerError
+from layerchain.errors import LayerchainError, LedgerError
 
 wallet_app = typer.Typer(help="Your wallet: a secp256k1 key and its credits.", no_args_is_help=True)
 ledger_app = typer.Typer(
@@ -442,10 +442,12 @@ def ledger_redeem(
 
     store = VoucherStore.for_data_dir(data_dir)
     vouchers = store.latest()
-    with _open(data_dir, ledger, contract=contract) as book:
+    wallet = Wallet.load(data_dir) if Wallet.file(data_dir).exists() else None
+    # on a chain the wallet sends the one redeemMany transaction and pays its gas
+    with _open(data_dir, ledger, contract=contract, sender=wallet) as book:
         results = redeem_stored(book, vouchers)
-        if any(r.credited for r in results) and Wallet.file(data_dir).exists():
-            _keep_checkpoint(book, Wallet.load(data_dir), data_dir)
+        if any(r.credited for r in results) and wallet is not None:
+            _keep_checkpoint(book, wallet, data_dir)
     total = sum(r.credited for r in results)
     if as_json:
         _print_json({"credited": total, "vouchers": [asdict(r) for r in results]})
@@ -468,6 +470,11 @@ def ledger_slash(
     model: Optional[str] = typer.Option(
         None, "--model", help="The model the evidence names, to recompute the disputed step "
                               "(default: the evidence's model name)."),
+    referee_key: Optional[list[str]] = typer.Option(
+        None, "--referee-key", envvar="LAYERCHAIN_REFEREE_KEY",
+        help="EVM ledger: the private key (hex) of a referee of the deployment, to sign the "
+             "verdict (repeatable). Default: the referee keys in a local chain's chain.json, "
+             "else this wallet."),
     data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER,
     contract: Optional[str] = CONTRACT, as_json: bool = JSON,
 ) -> None:
@@ -478,9 +485,16 @@ def ledger_slash(
     commitment is beyond the tolerance the node's stake is slashed (part to this wallet,
     the rest burned; a receipt convicts once). If not, the accusation is refused, the
     bond goes to the accused, and the command exits 1.
+
+    On an EVM ledger the contract cannot run the model: it takes the verdict signed by its
+    referees (the deployment's verifiers, ``chain up``: dev account 0). This command
+    recomputes the step here and has the verdict signed by ``--referee-key``, or the
+    referees' keys in the chain.json of the local chain the deployment file names, or
+    this wallet when it is a referee itself; a verdict without them is refused.
     """
     from layerchain.errors import FalseAccusation
     from layerchain.ledger.evidence import Evidence, submit_evidence
+    from layerchain.ledger.open import parse_ledger_spec
     from layerchain.model import load_span, resolve_model
 
     evidence = Evidence.from_file(evidence_file.expanduser())
@@ -492,7 +506,11 @@ def ledger_slash(
             f"{spec.model_id[:12]}", hint="pass --model with the model the node served",
         )
     span = load_span(spec, evidence.start, evidence.end)
-    with _open(data_dir, ledger, contract=contract) as book:
+    book_spec = _ledger_spec(data_dir, ledger, contract)
+    options: dict[str, Any] = {}
+    if parse_ledger_spec(book_spec).is_evm:  # the contract takes its referees' verdict
+        options["referees"] = _referee_signers(book_spec, wallet, referee_key or [])
+    with _open(data_dir, ledger, contract=contract, **options) as book:
         try:
             result = submit_evidence(book, evidence, wallet, span)
         except FalseAccusation:
@@ -506,6 +524,35 @@ def ledger_slash(
             f"{result.accused} convicted (journal entry {result.seq}): stake slashed by "
             f"{result.slashed}, {result.reward} to {result.accuser}, {result.burned} burned"
         )
+
+
+def _referee_signers(spec: str, wallet: Any, keys: list[str]) -> list[Any]:
+    """Who signs an EVM slash's verdict: ``--referee-key`` wallets, else the referees of
+    the local chain the endpoint's deployment file names (their keys in its chain.json),
+    else this wallet (the contract refuses it unless it is a referee)."""
+    from layerchain.ledger.chain import LocalChain
+    from layerchain.ledger.open import parse_ledger_spec, read_deployment
+    from layerchain.market.wallet import Wallet
+
+    signers = []
+    for key in keys:
+        try:
+            signers.append(Wallet(bytes.fromhex(key.removeprefix("0x"))))
+        except ValueError:
+            raise LedgerError("--referee-key takes a private key: 64 hex digits") from None
+    if signers:
+        return signers
+    deployment = read_deployment(parse_ledger_spec(spec).rpc_url)
+    if deployment is not None and deployment.state_dir:
+        try:
+            chain = LocalChain.load(deployment.state_dir)
+        except LayerchainError:
+            chain = None
+        if chain is not None and chain.info.contract == deployment.contract:
+            referees = {r.lower() for r in chain.info.referees}
+            signers = [chain.signer(i) for i, a in enumerate(chain.info.accounts)
+                       if a.address.lower() in referees]
+    return signers or [wallet]
 
 
 def register(app: typer.Typer) -> None:

@@ -472,7 +472,8 @@ def open_payer(data_dir: str | Path | None, ledger: str | Path, deposit: int | N
 
     home = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
     wallet = Wallet.load_or_create(home)
-    return ChannelPayer(wallet, open_ledger(ledger), deposit=deposit or 0,
+    # the wallet also pays the gas of the client's own redemptions (the final window's)
+    return ChannelPayer(wallet, open_ledger(ledger, sender=wallet), deposit=deposit or 0,
                         checkpoints=CheckpointStore.for_data_dir(home))
 
 

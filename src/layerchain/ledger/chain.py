@@ -62,6 +62,9 @@ REWARD_POOL = 10**9  # credits (1 ether) put into the uptime-reward pool at star
 START_TIMEOUT_S = 30.0  # anvil listening and answering, seconds
 RPC_TIMEOUT_S = 30.0  # one JSON-RPC request, seconds
 WEI_PER_ETHER = 10**18
+# anvil processes this process started, by pid: a chain outlives the `chain up` call that
+# started it on purpose, and a Popen dropped while its process runs is a ResourceWarning
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,20 @@ class DevAccount:
 
     address: str  # checksummed
     private_key: str  # "0x" + 64 hex digits
+
+
+@dataclass(frozen=True)
+class GasReport:
+    """What the contract's transactions cost (``LocalChain.gas_report``)."""
+
+    gas: dict[str, tuple[int, ...]]  # contract function name -> gasUsed of each transaction
+    redeemed_channels: int  # Redeemed events that credited something (one per channel paid)
+
+    def count(self, *names: str) -> int:
+        return sum(len(self.gas.get(n, ())) for n in names)
+
+    def total(self, *names: str) -> int:
+        return sum(sum(self.gas.get(n, ())) for n in names)
 
 
 @dataclass(frozen=True)
@@ -126,14 +143,8 @@ class ChainInfo:
 
 def find_anvil() -> Path:
     """The anvil binary (``contract.find_tool``): LedgerError naming `make install` if absent."""
-    try:
-        from layerchain.ledger.contract import find_tool
-    except ImportError:  # until contract.py lands: the same lookup, for anvil only
-        for base in (os.environ.get("LAYERCHAIN_NODE_MODULES"),
-                     *(str(p / "node_modules") for p in Path(__file__).resolve().parents)):
-            if base and (Path(base) / ".bin" / "anvil").exists():
-                return Path(base) / ".bin" / "anvil"
-        raise LedgerError("anvil not found", hint="`make install` installs it") from None
+    from layerchain.ledger.contract import find_tool
+
     return find_tool("anvil")
 
 
@@ -183,11 +194,13 @@ class LocalChain:
         reward_pool: int = REWARD_POOL,
         unstake_delay_s: int = 3600,
         timeout_s: float = START_TIMEOUT_S,
+        deployment_file: bool = True,
     ) -> LocalChain:
         """Start anvil on ``127.0.0.1:port`` (0: a free port), deploy the contract with
         ``config``'s rules, fund the reward pool with ``reward_pool`` credits, write
-        chain.json and the deployment file. ConfigError if a chain already runs there;
-        LedgerError if anvil is missing or does not come up within ``timeout_s``."""
+        chain.json and (``deployment_file``) the endpoint's deployment file. ConfigError if
+        a chain already runs there; LedgerError if anvil is missing or does not come up
+        within ``timeout_s``."""
         state = Path(state_dir).expanduser()
         if not 0 <= port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {port}")
@@ -224,12 +237,14 @@ class LocalChain:
         except BaseException:
             _stop_process(process)
             raise
+        _CHILDREN[process.pid] = process
         chain = cls(state, info, process)
         tmp = chain_file(state).with_suffix(".tmp")
         tmp.write_text(json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o600)  # holds (test) keys
         tmp.replace(chain_file(state))
-        write_deployment(replace(info.deployment, state_dir=str(state)))
+        if deployment_file:
+            write_deployment(replace(info.deployment, state_dir=str(state)))
         return chain
 
     @classmethod
@@ -265,9 +280,11 @@ class LocalChain:
         False when the process was already gone (or its pid is another program's now)."""
         from layerchain.local.launcher import LocalProcess, stop_pids
 
-        if self._process is not None:
-            stopped = self._process.poll() is None
-            _stop_process(self._process)
+        process = self._process or _CHILDREN.get(self.info.pid)
+        if process is not None:
+            stopped = process.poll() is None
+            _stop_process(process)
+            _CHILDREN.pop(process.pid, None)
             self._process = None
         else:
             stopped = not stop_pids([LocalProcess(self.info.pid, self.info.started)], grace_s=5.0)
@@ -322,6 +339,37 @@ class LocalChain:
         w3 = _web3(self.info.rpc_url)
         return int(w3.eth.get_balance(w3.to_checksum_address(address)))
 
+    def gas_report(self, from_block: int = 0) -> GasReport:
+        """Gas of every transaction sent to the contract from block ``from_block`` on, by
+        the function it called, whoever sent it (nodes, clients: other processes)."""
+        from web3 import Web3
+
+        from layerchain.ledger.contract import load_artifact
+
+        w3 = _web3(self.info.rpc_url)
+        contract = w3.eth.contract(address=Web3.to_checksum_address(self.info.contract),
+                                   abi=load_artifact()["abi"])
+        names = {bytes(Web3.keccak(text=_signature(f)))[:4]: f["name"]
+                 for f in load_artifact()["abi"] if f["type"] == "function"}
+        gas: dict[str, list[int]] = {}
+        redeemed = 0
+        for number in range(from_block, int(w3.eth.block_number) + 1):
+            for tx in w3.eth.get_block(number, full_transactions=True)["transactions"]:
+                if (tx["to"] or "").lower() != self.info.contract.lower():
+                    continue
+                receipt = w3.eth.get_transaction_receipt(tx["hash"])
+                if receipt["status"] != 1:
+                    continue
+                name = names.get(bytes(tx["input"])[:4], "unknown")
+                gas.setdefault(name, []).append(int(receipt["gasUsed"]))
+                if name in ("redeem", "redeemMany"):
+                    events = contract.events.Redeemed().process_receipt(receipt)
+                    redeemed += sum(1 for e in events if e["args"]["credited"] > 0)
+        return GasReport({k: tuple(v) for k, v in gas.items()}, redeemed)
+
+    def block_number(self) -> int:
+        return int(_web3(self.info.rpc_url).eth.block_number)
+
     def advance(self, seconds: int) -> None:
         """Move the chain's clock ``seconds`` forward and mine a block (tests: dispute windows)."""
         w3 = _web3(self.info.rpc_url)
@@ -336,6 +384,17 @@ def _web3(rpc_url: str) -> Any:
     from web3 import Web3
 
     return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": RPC_TIMEOUT_S}))
+
+
+def _signature(abi_function: dict[str, Any]) -> str:
+    """``name(type,...)`` of an ABI function entry, tuples expanded (its selector's text)."""
+    def kind(param: dict[str, Any]) -> str:
+        if param["type"].startswith("tuple"):
+            inner = ",".join(kind(c) for c in param["components"])
+            return f"({inner}){param['type'][len('tuple'):]}"
+        return str(param["type"])
+
+    return f"{abi_function['name']}({','.join(kind(p) for p in abi_function['inputs'])})"
 
 
 def _wait_listening(process: subprocess.Popen[bytes], state: Path, timeout_s: float) -> int:

@@ -27,11 +27,14 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from layerchain.errors import LedgerError
 from layerchain.ledger.base import Ledger, LedgerConfig
+
+if TYPE_CHECKING:
+    from layerchain.ledger.evm import TransactionSigner
 
 SQLITE, EVM = "sqlite", "evm"  # LedgerSpec.backend (and Ledger.backend)
 EVM_PREFIX = "evm+"  # evm+http://... / evm+https://...
@@ -202,11 +205,14 @@ def resolve_contract(spec: LedgerSpec, contract: str | None = None) -> str:
 
 def open_ledger(
     spec: str | Path, config: LedgerConfig | None = None, *, contract: str | None = None,
-    **options: Any,
+    sender: TransactionSigner | None = None, **options: Any,
 ) -> Ledger:
     """Open the ledger ``spec`` names (module docstring). SQLite: the file is created with
-    ``config`` if it does not exist; ``options`` go to ``SqliteLedger``. EVM: ``options`` go
-    to ``EvmLedger.connect`` (e.g. ``timeout_s``)."""
+    ``config`` if it does not exist; ``options`` go to ``SqliteLedger``. EVM: ``sender``
+    (a wallet that signs transactions) pays the gas of the redemptions this process sends
+    (anyone may submit a voucher: whoever does pays); ``options`` go to
+    ``EvmLedger.connect`` (``timeout_s``, ``referees``). SQLite has no gas: ``sender`` is
+    ignored there."""
     parsed = parse_ledger_spec(spec)
     if not parsed.is_evm:
         if contract:
@@ -222,5 +228,5 @@ def open_ledger(
     address = resolve_contract(parsed, contract)
     from layerchain.ledger.evm import EvmLedger
 
-    ledger: Ledger = EvmLedger.connect(parsed.rpc_url, address, **options)
+    ledger: Ledger = EvmLedger.connect(parsed.rpc_url, address, sender=sender, **options)
     return ledger

@@ -40,6 +40,17 @@ previous run left) and at stop, in a worker thread: the SQLite write never block
 event loop. After a round that changed the ledger, the node appends a
 checkpoint of the journal head, signed with its wallet, to ``DATA_DIR/checkpoints.jsonl``.
 
+Gas (an EVM ledger): every redemption is one ``redeem_many`` transaction for all channels
+that owe something (a voucher already redeemed, by the client's final flush for one, is
+left out: it would credit 0 and still cost gas). The rounds at session end and every
+``redeem_interval_s`` run only when ``worth_redeeming``: the credits waiting are worth at
+least ``REDEEM_GAS_MULTIPLE`` times the transaction's gas (``redemption_gas`` x the chain's
+gas price, in credits); below that the vouchers wait (safe: they are cumulative, and a
+client cannot take the deposit back before a close request is seen). A close request and
+the node's stop always redeem, and every periodic round re-reads its channels' states, so
+a channel closed between sessions is redeemed within the dispute window whatever it holds.
+On SQLite a redemption is free and every round redeems, as before.
+
 Uptime: a node started with a ``stake`` registers on the ledger (staking that much of its
 balance, and the number of blocks it serves) and claims its reward every redemption
 round; the ledger alone decides the amount from what it saw (``journal._claim_reward``).
@@ -83,6 +94,22 @@ from layerchain.types import Span
 log = logging.getLogger(__name__)
 
 SAVE_DELAY_S = 0.2  # accepted vouchers reach the disk within this long (one batch per delay)
+# Gas (EVM ledgers): a round of redemption runs once the credits it collects are worth this
+# many times what its transaction costs; the transaction's gas is estimated as a base plus
+# a share per voucher (measured on anvil with the committed contract: docs/BENCHMARKS.md).
+REDEEM_GAS_MULTIPLE = 3
+REDEEM_GAS_BASE = 30_000  # gas of a redeemMany transaction before its vouchers
+REDEEM_GAS_PER_VOUCHER = 45_000  # gas each voucher adds (signature check, two stores, event)
+
+
+def redemption_gas(vouchers: int) -> int:
+    """Estimated gas of one ``redeem_many`` transaction carrying ``vouchers`` vouchers."""
+    return REDEEM_GAS_BASE + REDEEM_GAS_PER_VOUCHER * vouchers if vouchers > 0 else 0
+
+
+def worth_redeeming(due: int, cost: int, multiple: int = REDEEM_GAS_MULTIPLE) -> bool:
+    """Whether collecting ``due`` credits is worth a transaction costing ``cost`` credits."""
+    return due > 0 and due >= multiple * cost
 
 
 @dataclass
@@ -286,13 +313,28 @@ class NodePayments:
         finally:
             self._rechecking.discard(channel_id)
 
-    async def redeem(self) -> int:
-        """Redeem the latest vouchers on the ledger; credits gained (0 without a ledger)."""
+    async def redeem(self, *, force: bool = True) -> int:
+        """Redeem the latest vouchers on the ledger; credits gained (0 without a ledger).
+
+        On an EVM ledger only the vouchers still owed anything are sent, and without
+        ``force`` only when that is ``worth_redeeming`` (or a channel is closing)."""
         if self.book is None or self.ledger is None:
             return 0
         await self._flush()  # on disk first: a refused or failed redemption is retried later
         async with self._redeem_lock:
             vouchers = self.book.latest()
+            if vouchers and self.ledger.backend == "evm":
+                try:
+                    vouchers, due, closing = await asyncio.to_thread(self._owed_vouchers, vouchers)
+                    if vouchers and not (force or closing):
+                        cost = await asyncio.to_thread(self._redeem_cost, len(vouchers))
+                        if not worth_redeeming(due, cost):
+                            log.info("%d credits owed on %d channel(s) wait: a redemption "
+                                     "costs ~%d", due, len(vouchers), cost)
+                            return 0
+                except LayerchainError as error:
+                    log.warning("could not read the channels to redeem: %s", error)
+                    return 0
             if not vouchers:
                 return 0
             try:
@@ -310,6 +352,32 @@ class NodePayments:
             log.info("redeemed %d credits from %d channel(s)", credited, len(results))
             await self._checkpoint()
         return credited
+
+    def _owed_vouchers(self, vouchers: list[bytes]) -> tuple[list[bytes], int, bool]:
+        """The vouchers paying more than their channel's ``redeemed`` (each channel's state
+        read now, and kept in the book), the credits they add up to, and whether one of
+        those channels is closing. Blocking: run in a worker thread."""
+        assert self.book is not None and self.ledger is not None
+        owed, due, closing = [], 0, False
+        for data in vouchers:
+            voucher = decode_voucher(data)[0]
+            channel = self.book.update(self.ledger.channel(voucher.channel_id))
+            if voucher.cumulative_amount > channel.redeemed:
+                owed.append(data)
+                due += voucher.cumulative_amount - channel.redeemed
+                closing = closing or channel.state != OPEN
+        return owed, due, closing
+
+    def _redeem_cost(self, vouchers: int) -> int:
+        """Credits of gas one transaction redeeming ``vouchers`` vouchers costs now (0 on a
+        ledger without gas). Blocking: run in a worker thread."""
+        from layerchain.ledger.evm import EvmLedger
+
+        ledger = self.ledger
+        if not isinstance(ledger, EvmLedger):
+            return 0
+        wei = redemption_gas(vouchers) * int(ledger.w3.eth.gas_price)  # gas x wei per gas
+        return -(-wei // int(ledger.credit_wei))  # credits, rounded up
 
     async def _checkpoint(self) -> None:
         """Keep a signed copy of the ledger's head outside the ledger file."""
@@ -366,7 +434,9 @@ class NodePayments:
         return credited
 
     async def redeem_every(self, interval_s: float) -> None:
+        """Every ``interval_s``: redeem what is worth its gas (every channel's state re-read:
+        a closing one is always redeemed), claim the uptime reward."""
         while True:
             await asyncio.sleep(interval_s)
-            await self.redeem()
+            await self.redeem(force=False)
             await self.claim_uptime()

@@ -29,7 +29,7 @@ import torch
 
 from layerchain.discovery import Discovery, HivemindDiscovery, Identity, PeerRecord
 from layerchain.discovery.addresses import local_announce_hosts, unreachable_from_peers
-from layerchain.ledger import open_ledger
+from layerchain.ledger import Ledger, open_ledger
 from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
 from layerchain.node.config import NodeConfig
@@ -80,7 +80,10 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(config.data_dir)
     wallet = Wallet.load_or_create(config.data_dir)
-    ledger = open_ledger(config.ledger) if config.ledger else None
+    # the node's wallet pays the gas of its redemptions on an EVM ledger
+    ledger = open_ledger(config.ledger, sender=wallet) if config.ledger else None
+    if ledger is not None and config.payout:
+        await asyncio.to_thread(set_payout, ledger, wallet, config.payout)
     # On the loop thread, as every later step (see layerchain.node.server on libgomp's
     # teams), and one node of this machine at a time: nodes started together share the
     # cores, and a speed measured while the others load would be several times too slow
@@ -120,6 +123,18 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         announce_hosts=announce_hosts,
     )
     return node, discovery
+
+
+def set_payout(ledger: Ledger, wallet: Wallet, payout: str) -> None:
+    """Have the contract pay this node's redeemed credits and rewards to ``payout`` (one
+    transaction, skipped when it already does); ConfigError on a ledger without payouts."""
+    from layerchain.ledger.evm import EvmLedger
+
+    if not isinstance(ledger, EvmLedger):
+        raise ConfigError("--payout only applies on an EVM ledger (--ledger evm+http://...)")
+    if ledger.payout(wallet.address).lower() != payout.lower():
+        ledger.set_payout(wallet, payout)
+    log.info("credits of %s are paid to %s", wallet.address, payout)
 
 
 @contextlib.contextmanager

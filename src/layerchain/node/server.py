@@ -288,8 +288,8 @@ class Node:
             return self._open(msg, owner)
         if isinstance(msg, m.CloseSession):
             self.sessions.close(msg.session_id, owner)
-            if self.payments.book is not None:
-                self._spawn(self.payments.redeem())
+            if self.payments.book is not None:  # when worth it (gas on a chain)
+                self._spawn(self.payments.redeem(force=False))
             return m.SessionClosed(rid=msg.rid, session_id=msg.session_id)
         if isinstance(msg, m.Ping):
             return m.Pong(rid=msg.rid, nonce=msg.nonce)
