@@ -97,22 +97,21 @@ def _sources() -> dict[str, str]:
     return {path.name: path.read_text() for path in sorted(directory.glob("*.sol"))}
 
 
-def compile_contract() -> dict[str, Any]:
-    """Compile ``contracts/*.sol`` with npm solc; return the artifact (see the module doc).
+def solc(request: dict[str, Any]) -> dict[str, Any]:
+    """Run ``solcjs --standard-json`` on ``request``; return its output (contracts by file).
 
     LedgerError if solcjs is missing (``make install``), is not ``SOLC_VERSION``, or the
-    sources do not compile (the compiler's first error message)."""
+    sources do not compile (the compiler's first error)."""
     solcjs = find_tool("solcjs")
-    sources = _sources()
-    request = {
-        "language": "Solidity",
-        "sources": {name: {"content": text} for name, text in sources.items()},
-        "settings": SETTINGS,
-    }
     try:
         version = subprocess.run(
             [str(solcjs), "--version"], capture_output=True, text=True, timeout=60, check=True
         ).stdout.strip()
+        if not version.startswith(SOLC_VERSION + "+"):
+            raise LedgerError(
+                f"solcjs is {version}, the artifact is built with {SOLC_VERSION}",
+                hint="run `make install` (package-lock.json pins the compiler)",
+            )
         done = subprocess.run(
             [str(solcjs), "--standard-json"],
             input=json.dumps(request),
@@ -123,28 +122,46 @@ def compile_contract() -> dict[str, Any]:
         )
     except (OSError, subprocess.SubprocessError) as error:
         raise LedgerError(f"solcjs failed to run: {error}", hint="run `make install`") from None
-    if not version.startswith(SOLC_VERSION + "+"):
-        raise LedgerError(
-            f"solcjs is {version}, the artifact is built with {SOLC_VERSION}",
-            hint="run `make install` (package-lock.json pins the compiler)",
-        )
-    output = json.loads(done.stdout[done.stdout.index("{"):])  # solcjs may print a banner first
+    try:  # solcjs may print a banner before the JSON
+        output: dict[str, Any] = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        raise LedgerError(f"solcjs printed no JSON: {done.stdout[:200]!r}") from None
     errors = [e for e in output.get("errors", []) if e.get("severity") == "error"]
     if errors:
-        first = errors[0].get("formattedMessage") or errors[0].get("message", "?")
+        first = str(errors[0].get("formattedMessage") or errors[0].get("message", "?"))
         raise LedgerError(f"the contract does not compile: {first.strip().splitlines()[0]}")
+    return output
+
+
+def compile_contract() -> dict[str, Any]:
+    """Compile ``contracts/*.sol`` with npm solc; return the artifact (see the module doc).
+
+    LedgerError as ``solc`` raises it, or when run outside a checkout."""
+    sources = _sources()
+    output = solc(
+        {
+            "language": "Solidity",
+            "sources": {name: {"content": text} for name, text in sources.items()},
+            "settings": SETTINGS,
+        }
+    )
     compiled = output["contracts"][f"{CONTRACT_NAME}.sol"][CONTRACT_NAME]
     return {
         "contract": CONTRACT_NAME,
         "solc": SOLC_VERSION,
         "settings": SETTINGS,
-        "source_sha256": {
-            name: hashlib.sha256(text.encode()).hexdigest() for name, text in sources.items()
-        },
+        "source_sha256": source_hashes(sources),
         "abi": compiled["abi"],
         "bytecode": "0x" + compiled["evm"]["bytecode"]["object"],
         "deployed_bytecode": "0x" + compiled["evm"]["deployedBytecode"]["object"],
     }
+
+
+def source_hashes(sources: dict[str, str] | None = None) -> dict[str, str]:
+    """``{file name: sha256 hex}`` of the contract sources (``contracts/*.sol`` by default):
+    what the artifact records, so a stale artifact shows without a compiler."""
+    sources = _sources() if sources is None else sources
+    return {name: hashlib.sha256(text.encode()).hexdigest() for name, text in sources.items()}
 
 
 def artifact_text(artifact: dict[str, Any]) -> str:
