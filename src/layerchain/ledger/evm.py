@@ -8,14 +8,15 @@ artifact loaded by ``ledger/contract.py``):
   ``now()`` is the latest block's timestamp (the contract's clock);
 * a mutation is a transaction from the owner's address, built here, signed locally with the
   owner's key (``Wallet.sign_transaction``: the key never leaves the process) and sent raw.
-  Nonces: ``max(pending count, last nonce used here + 1)`` taken under a per-address lock
-  held until the chain accepted the transaction, so threads of one process never reuse
-  one. Each transaction is simulated first (``eth_estimateGas``); a revert becomes the
+  Nonces: the pending transaction count, read under a per-address lock held until the
+  chain accepted the transaction, so threads of one process never reuse one (another
+  process racing on the same address is retried). Each transaction is simulated first (``eth_estimateGas``); a revert becomes the
   typed error of ``REVERTS`` with one line, before any gas is spent. ``gas_used`` tallies
   each mined transaction's gas by kind;
 * ``redeem`` and ``redeem_many`` take no owner (a voucher pays its payee whoever submits
   it): they are sent by ``sender`` (``EvmLedger(..., sender=wallet)`` or ``set_sender``),
-  a node's own wallet;
+  a node's own wallet. A voucher the channel view shows as already redeemed credits 0
+  without a transaction (the contract would credit 0 too, for gas);
 * ``submit`` (an off-chain signed ``Operation``) is refused: on a chain the owner signs a
   transaction instead;
 * ``slash`` needs verdicts signed by the deployment's referees (EIP-712 ``Verdict``): with
@@ -65,7 +66,7 @@ from layerchain.ledger.base import (
 )
 from layerchain.ledger.checkpoints import Checkpoint, check_checkpoints, sign_checkpoint
 from layerchain.ledger.journal import GENESIS_PREV_HASH, canonical_payload, entry_hash
-from layerchain.ledger.records import decode_voucher
+from layerchain.ledger.records import Voucher, decode_voucher
 from layerchain.ledger.signatures import (
     Signer,
     address_bytes,
@@ -80,6 +81,7 @@ CREDIT_WEI = 10**9  # wei per credit of a `chain up` deployment: one credit = on
 UNSTAKE_DELAY_S = 7 * 24 * 3600  # default seconds between requestUnstake and completeUnstake
 TIMEOUT_S = 30.0  # seconds to wait for an RPC answer or a transaction to be mined
 PRIORITY_FEE_WEI = 10**9  # tip per gas (EIP-1559); max fee = 2 x base fee + tip
+NONCE_RETRIES = 3  # sends of one transaction when another process took its nonce
 GAS_MARGIN = 1.25  # gas limit = estimate x margin (an estimate can fall short by a few %)
 STATES = {1: OPEN, 2: CLOSING, 3: CLOSED}  # the contract's channel states (0: none)
 ZERO_ADDRESS = "0x" + "00" * 20
@@ -393,8 +395,7 @@ class EvmLedger:
         artifact = load_artifact()
         self._abi: list[dict[str, Any]] = artifact["abi"]
         self._errors = _selectors(self._abi)
-        self._lock = threading.RLock()  # guards _next_nonce and the block-time cache
-        self._next_nonce: dict[str, int] = {}
+        self._lock = threading.RLock()  # guards the block-time cache and gas_used
         self._block_times: dict[int, int] = {}
         self.gas_used: dict[str, list[int]] = {}
         try:
@@ -491,7 +492,7 @@ class EvmLedger:
             if raw is not None:
                 raise revert_error(raw, errors, what="deployment", who=deployer.address) from None
             raise LedgerError(f"cannot deploy the ledger contract: {error}") from None
-        receipt = _send(w3, deployer, params, gas, int(w3.eth.chain_id), TIMEOUT_S, {})
+        receipt = _send(w3, deployer, params, gas, int(w3.eth.chain_id), TIMEOUT_S)
         if receipt["status"] != 1 or not receipt["contractAddress"]:
             raise LedgerError("the ledger contract's deployment reverted")
         return str(receipt["contractAddress"])
@@ -609,8 +610,7 @@ class EvmLedger:
             gas = int(self.w3.eth.estimate_gas(params))
         except Exception as error:  # noqa: BLE001 - every failure becomes one typed line
             raise self._refusal(error, params, what, signer.address) from None
-        receipt = _send(self.w3, signer, params, gas, self.chain_id, self.timeout_s,
-                        self._next_nonce, lock=self._lock)
+        receipt = _send(self.w3, signer, params, gas, self.chain_id, self.timeout_s)
         if receipt["status"] != 1:
             raise LedgerError(f"{what} reverted when mined (tx {receipt['transactionHash'].hex()})")
         with self._lock:
@@ -678,35 +678,44 @@ class EvmLedger:
         return int(self._view("channel", bytes.fromhex(cid[2:]), block=receipt["blockNumber"])[2])
 
     def redeem(self, voucher_bytes: bytes) -> int:
-        voucher, signature = decode_voucher(voucher_bytes)
-        call = self.contract.functions.redeem(
-            bytes.fromhex(voucher.channel_id[2:]), voucher.nonce, voucher.cumulative_amount,
-            signature,
-        )
-        what = f"redeeming a voucher on channel {voucher.channel_id[:10]}..."
-        try:
-            receipt = self._transact(self.sender, "redeem", call, what=what)
-        except InvalidVoucher as error:
-            raise _other_domain(error) from None
-        return sum(int(e["credited"]) for e in self._events_of(receipt, "Redeemed"))
+        """Redeem one voucher (``redeem``); a stale one credits 0 without a transaction."""
+        return self._redeem([decode_voucher(voucher_bytes)], "redeem")[0]
 
     def redeem_many(self, vouchers: Sequence[bytes]) -> list[int]:
         """All ``vouchers`` in one ``redeemMany`` transaction; credits per voucher, in order
-        (matched to the ``Redeemed`` events by channel and nonce)."""
-        decoded = [decode_voucher(data) for data in vouchers]
-        if not decoded:
-            return []
-        batch = [(bytes.fromhex(v.channel_id[2:]), v.nonce, v.cumulative_amount, sig)
-                 for v, sig in decoded]
-        call = self.contract.functions.redeemMany(batch)
+        (matched to the ``Redeemed`` events by channel and nonce). Stale vouchers are left
+        out (they credit 0: no gas spent on them); none left, no transaction."""
+        return self._redeem([decode_voucher(data) for data in vouchers], "redeem_many")
+
+    def _redeem(self, decoded: list[tuple[Voucher, bytes]], kind: str) -> list[int]:
+        fresh = [(v, sig) for v, sig in decoded if not self._stale(v)]
+        if not fresh:
+            return [0] * len(decoded)
+        if kind == "redeem":
+            (v, sig), = fresh
+            call = self.contract.functions.redeem(
+                bytes.fromhex(v.channel_id[2:]), v.nonce, v.cumulative_amount, sig
+            )
+            what = f"redeeming a voucher on channel {v.channel_id[:10]}..."
+        else:
+            call = self.contract.functions.redeemMany(
+                [(bytes.fromhex(v.channel_id[2:]), v.nonce, v.cumulative_amount, sig)
+                 for v, sig in fresh]
+            )
+            what = f"redeeming {len(fresh)} voucher(s)"
         try:
-            receipt = self._transact(self.sender, "redeem_many", call,
-                                     what=f"redeeming {len(batch)} voucher(s)")
+            receipt = self._transact(self.sender, kind, call, what=what)
         except InvalidVoucher as error:
             raise _other_domain(error) from None
         credited = {("0x" + bytes(e["id"]).hex(), int(e["nonce"])): int(e["credited"])
                     for e in self._events_of(receipt, "Redeemed")}
         return [credited.pop((v.channel_id, v.nonce), 0) for v, _ in decoded]
+
+    def _stale(self, voucher: Voucher) -> bool:
+        """Whether the channel already redeemed this voucher's nonce or amount (the contract
+        would credit 0); an unknown channel is left to the contract to refuse."""
+        row = self._view("channel", bytes.fromhex(voucher.channel_id[2:]))
+        return row[5] != 0 and (voucher.nonce <= row[4] or voucher.cumulative_amount <= row[3])
 
     def close_channel(self, payer: Signer, channel_id: str) -> int:
         cid = _channel_id(channel_id)
@@ -972,30 +981,30 @@ def _send(
     gas: int,
     chain_id: int,
     timeout_s: float,
-    next_nonce: dict[str, int],
-    *,
-    lock: Any = None,
 ) -> Mapping[str, Any]:
     """Sign ``params`` with a nonce of ``signer``'s and send it raw; wait for the receipt.
 
-    The nonce is ``max(pending count, last used here + 1)``, taken under the address's
-    process-wide lock, held until the node accepted the transaction."""
+    The nonce is the address's pending transaction count, read under the address's
+    process-wide lock held until the node accepted the transaction (threads never share a
+    nonce); another process sending from the same address at once makes the node refuse
+    the nonce, and it is read again (``NONCE_RETRIES`` times)."""
     address = signer.address
+    tx_hash = None
     try:
-        with _nonce_lock(chain_id, address):
-            base_fee = int(w3.eth.get_block("latest").get("baseFeePerGas") or 0)
-            nonce = max(int(w3.eth.get_transaction_count(address, "pending")),
-                        next_nonce.get(address, 0))
-            tx = {**params, "nonce": nonce, "gas": int(gas * GAS_MARGIN) + 10_000,
-                  "chainId": chain_id, "maxFeePerGas": 2 * base_fee + PRIORITY_FEE_WEI,
-                  "maxPriorityFeePerGas": PRIORITY_FEE_WEI}
-            tx.pop("from", None)
-            tx_hash = w3.eth.send_raw_transaction(signer.sign_transaction(tx))
-            if lock is not None:
-                with lock:
-                    next_nonce[address] = nonce + 1
-            else:
-                next_nonce[address] = nonce + 1
+        for attempt in range(NONCE_RETRIES):
+            with _nonce_lock(chain_id, address):
+                base_fee = int(w3.eth.get_block("latest").get("baseFeePerGas") or 0)
+                nonce = int(w3.eth.get_transaction_count(address, "pending"))
+                tx = {**params, "nonce": nonce, "gas": int(gas * GAS_MARGIN) + 10_000,
+                      "chainId": chain_id, "maxFeePerGas": 2 * base_fee + PRIORITY_FEE_WEI,
+                      "maxPriorityFeePerGas": PRIORITY_FEE_WEI}
+                tx.pop("from", None)
+                try:
+                    tx_hash = w3.eth.send_raw_transaction(signer.sign_transaction(tx))
+                    break
+                except Exception as error:  # noqa: BLE001 - another process took the nonce
+                    if "nonce" not in str(error).lower() or attempt == NONCE_RETRIES - 1:
+                        raise
         receipt: Mapping[str, Any] = w3.eth.wait_for_transaction_receipt(
             tx_hash, timeout=timeout_s, poll_latency=0.05
         )
