@@ -715,7 +715,7 @@ class EvmLedger:
         """Whether the channel already redeemed this voucher's nonce or amount (the contract
         would credit 0); an unknown channel is left to the contract to refuse."""
         row = self._view("channel", bytes.fromhex(voucher.channel_id[2:]))
-        return row[5] != 0 and (voucher.nonce <= row[4] or voucher.cumulative_amount <= row[3])
+        return bool(row[5] != 0 and (voucher.nonce <= row[4] or voucher.cumulative_amount <= row[3]))
 
     def close_channel(self, payer: Signer, channel_id: str) -> int:
         cid = _channel_id(channel_id)
