@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from memswarm import MemorySwarm
 
-from layerchain.client import ClientConfig, RouteLimits
+from layerchain.client import ClientConfig
 from layerchain.client.rules import Verdict, judge, split_steps, step_timeout_s, step_tokens
 from layerchain.errors import (
     ChannelError,
@@ -329,7 +329,7 @@ def test_max_cost_stops_a_generation_before_it_pays_more(tiny_model, ledger, tmp
             params = SamplingParams(max_new_tokens=16)
             full = await client.generate(PROMPT, params)
             cap = full.cost - 5 * 4  # five tokens short (4 blocks x 1 credit a token)
-            capped = await client.generate(PROMPT, params, limits=RouteLimits(max_cost=cap))
+            capped = await client.generate(PROMPT, params, max_cost=cap)
             await client.close()
             return full, capped, cap
         finally:

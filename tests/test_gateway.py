@@ -30,6 +30,7 @@ from layerchain.gateway import KeyStore
 from layerchain.gateway.app import STATIC_DIR
 from layerchain.gateway.schema import api_error_for, key_error, parse_request
 from layerchain.model import load_tokenizer, resolve_model
+from layerchain.routing import RouteLimits
 
 PROMPT = "What is the capital of France?"
 
@@ -62,7 +63,11 @@ def test_chat_request_fields_and_defaults():
     assert text.prompt == "Once upon" and text.raw and text.params.max_new_tokens == 4
     assert text.params.temperature == 1.0  # OpenAI's default when absent
     assert parse({"prompt": "x"}, "text").params.max_new_tokens == 16  # the gateway's default
-    assert parse({"prompt": "x"}, "text").limits.alpha is None  # = the gateway's default
+    assert parse({"prompt": "x"}, "text").limits == RouteLimits()  # the gateway's defaults
+    defaults = RouteLimits(alpha=0.25, max_price=9.0)
+    own = parse_request({"prompt": "x", "max_price": 2}, "text", default_max_tokens=16,
+                        max_tokens_limit=64, limits=defaults)
+    assert own.limits == RouteLimits(alpha=0.25, max_price=2.0)  # field by field
 
 
 @pytest.mark.parametrize("body, param", [
@@ -394,7 +399,7 @@ def test_request_errors_and_per_request_limits(tiny_model, tmp_path):
     assert r["path"].status_code == 404 and "error" in r["path"].json()
     assert r["alpha"].status_code == 200 and r["alpha2"].status_code == 200
     assert r["latency"].status_code == 503 and r["latency"].json()["error"]["code"] == "no_route"
-    assert (config.alpha, config.max_latency_ms) == (0.0, None)  # the limits were per request
+    assert config.limits == RouteLimits()  # the limits were per request
     health = r["health"].json()
     assert (health["status"], health["nodes"], health["covered"]) == ("ok", 2, True)
 

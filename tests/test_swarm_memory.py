@@ -158,7 +158,7 @@ def test_routing_limits_per_generation(tiny_model, reference, tmp_path):
     assert {h.peer_id for h in fast.route} == dear == {h.peer_id for h in again.route}
     assert {h.peer_id for h in thrifty.route} == cheap
     assert fast.token_ids == thrifty.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
-    assert config.max_price is None
+    assert config.limits.max_price is None
 
 
 def test_a_step_is_answered_in_the_dtype_it_was_sent_in(tiny_model, tmp_path):

@@ -177,15 +177,15 @@ class _Swarm:
         return node
 
     def client(self, audit_rate: float) -> object:
-        from layerchain.client import AsyncSwarm, ClientConfig
+        from layerchain.client import AsyncSwarm, ClientConfig, RouteLimits
         from layerchain.discovery import MemoryDiscovery
         from layerchain.wire import MemoryTransport
 
         return AsyncSwarm(
             spec=self.spec, head=self.head, tokenizer=self.tokenizer,
             discovery=MemoryDiscovery(self.dht), transport=MemoryTransport(self.wire),
-            config=ClientConfig(discovery_wait_s=5.0, alpha=1.0, audit_rate=audit_rate,
-                                max_price_multiple=None),
+            config=ClientConfig(discovery_wait_s=5.0, limits=RouteLimits(alpha=1.0),
+                                audit_rate=audit_rate, max_price_multiple=None),
         )
 
     async def close(self) -> None:

@@ -31,6 +31,7 @@ from layerchain.cli.generate import (
 )
 from layerchain.errors import ConfigError
 from layerchain.gateway.config import DEFAULT_DATA_DIR, KEYS_FILE, GatewayConfig
+from layerchain.routing import RouteLimits
 
 api_app = typer.Typer(help="The OpenAI-compatible gateway and its dashboard.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of the gateway: who may call it, with what balance.",
@@ -75,7 +76,7 @@ def serve(
     allowed_origin: Annotated[list[str] | None, typer.Option(
         "--allowed-origin", help="A web origin (scheme://host[:port]) whose pages may call the "
         "API from a browser, besides the gateway's own dashboard (repeatable).")] = None,
-    alpha: AlphaOpt = _G.alpha,
+    alpha: AlphaOpt = _G.limits.alpha,
     max_price: MaxPriceOpt = None,
     max_latency_ms: MaxLatencyOpt = None,
     ledger: Annotated[str | None, typer.Option(
@@ -116,7 +117,7 @@ def serve(
         data_dir=data_dir, keys_path=keys, require_keys=require_keys,
         ledger=with_contract(ledger, contract) if ledger else None,
         allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
-        deposit=deposit, alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
+        deposit=deposit, limits=RouteLimits(alpha, max_price, max_latency_ms),
         default_max_tokens=max_tokens,
         client_options={"insecure": insecure, "private_blocks": private_blocks,
                         "audit_rate": audit_rate},

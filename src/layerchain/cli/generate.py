@@ -19,6 +19,7 @@ import typer
 from layerchain.errors import ConfigError
 from layerchain.model.sampling import SamplingParams
 from layerchain.model.spec import DEFAULT_MODEL
+from layerchain.routing import RouteLimits
 
 _D = SamplingParams  # the defaults live on the dataclass
 
@@ -194,7 +195,7 @@ def generate(
                 hint="or pass --local to run the model in this process",
             )
         _generate_swarm(prompt, model, params, raw, json_out, initial_peers,
-                        dict(alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms,
+                        dict(limits=RouteLimits(alpha, max_price, max_latency_ms),
                              max_cost=max_cost, insecure=insecure,
                              private_blocks=private_blocks, audit_rate=audit_rate,
                              **payment_options(data_dir, ledger, deposit, contract)))
@@ -270,8 +271,8 @@ def chat(
         max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, None
     )
     messages: list[dict[str, str]] = []
-    with Swarm(initial_peers, model=model, alpha=alpha, max_price=max_price,
-               max_latency_ms=max_latency_ms, max_cost=max_cost, insecure=insecure,
+    with Swarm(initial_peers, model=model, limits=RouteLimits(alpha, max_price, max_latency_ms),
+               max_cost=max_cost, insecure=insecure,
                private_blocks=private_blocks, audit_rate=audit_rate,
                **payment_options(data_dir, ledger, deposit, contract)) as swarm:
         typer.echo("chat through the swarm; an empty line or Ctrl-D ends it", err=True)

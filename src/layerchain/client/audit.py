@@ -206,7 +206,8 @@ class Auditor:
         exclude = exclude | {p for p, r in records.items() if r.wallet.lower() in wallets}
         return InferenceSession(
             s.peers, s.max_length, step_tokens=s.step_tokens, funding=s.funding,
-            limits=s.limits, blocks=(hs.hop.start, hs.hop.end), exclude=frozenset(exclude),
+            limits=s.limits, max_cost=s.max_cost, blocks=(hs.hop.start, hs.hop.end),
+            exclude=frozenset(exclude),
             budget=s,  # audits are paid within the generation's max_cost
         )
 

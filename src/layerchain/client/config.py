@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from layerchain.errors import ConfigError
+from layerchain.routing import RouteLimits  # the routing limits' one home; re-exported here
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    alpha: float = 0.0  # route cost weight: 0 = fastest, 1 = cheapest (paper eq. 1)
-    max_price: float | None = None  # most a route may cost per token, ledger units
-    max_latency_ms: float | None = None  # most a route may take per token, ms
+    limits: RouteLimits = RouteLimits()  # default routing limits: alpha (0 fastest .. 1
+    # cheapest), max_price (credits per token), max_latency_ms (ms per token); a generation
+    # may pass its own
     max_cost: int | None = None  # most one generation may pay in all, credits (None: no cap);
     # a generation stops (finish_reason "max_cost") before a step that would pay more
     step_timeout_s: float = 10.0  # a hop may take this long for a one-token step, seconds
@@ -58,24 +59,4 @@ class ClientConfig:
             )
 
 
-@dataclass(frozen=True)
-class RouteLimits:
-    """One generation's limits; a None field keeps the client's ``ClientConfig`` value.
-    Peers, RTTs and bans stay shared between generations with different limits."""
-
-    alpha: float | None = None  # route cost weight, 0 fastest .. 1 cheapest
-    max_price: float | None = None  # credits per token
-    max_latency_ms: float | None = None  # ms per token
-    max_cost: int | None = None  # credits for the whole generation
-
-    def resolve(self, config: ClientConfig) -> tuple[float, float | None, float | None]:
-        """(alpha, max_price, max_latency_ms) with the client's values filled in."""
-        return (
-            config.alpha if self.alpha is None else self.alpha,
-            config.max_price if self.max_price is None else self.max_price,
-            config.max_latency_ms if self.max_latency_ms is None else self.max_latency_ms,
-        )
-
-    def cost_cap(self, config: ClientConfig) -> int | None:
-        """The most this generation may pay, credits (None: no cap)."""
-        return config.max_cost if self.max_cost is None else self.max_cost
+__all__ = ["ClientConfig", "RouteLimits"]

@@ -47,7 +47,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from layerchain.client.config import ClientConfig, RouteLimits
 from layerchain.discovery import Discovery, PeerRecord, check_fresh
@@ -572,18 +572,18 @@ class PeerView:
         exclude: AbstractSet[str] = frozenset(),
         limits: RouteLimits | None = None,
     ) -> RoutePlan:
-        """The best route over blocks ``[start, end)`` within ``limits`` (by default, and
-        for each field left None, the client's). With no max_price anywhere, the route may
-        cost at most ``max_price_multiple`` times the swarm's median price per block."""
-        alpha, max_price, max_latency_ms = (limits or RouteLimits()).resolve(self.config)
+        """The best route over blocks ``[start, end)`` within ``limits`` (None: the
+        client's). With no max_price, the route may cost at most ``max_price_multiple``
+        times the swarm's median price per block."""
+        limits = self.config.limits if limits is None else limits
         end = self.num_blocks if end is None else end
         multiple = self.config.max_price_multiple
-        default_cap = max_price is None and multiple is not None
-        if max_price is None and multiple is not None:
-            max_price = default_max_price(self.block_prices(), start, end, multiple)
+        default_cap = limits.max_price is None and multiple is not None
+        if limits.max_price is None and multiple is not None:
+            limits = replace(limits, max_price=default_max_price(self.block_prices(), start,
+                                                                 end, multiple))
         try:
-            return plan_span(self.snapshot(exclude), self.num_blocks, start, end,
-                             alpha=alpha, max_price=max_price, max_latency_ms=max_latency_ms)
+            return plan_span(self.snapshot(exclude), self.num_blocks, start, end, limits)
         except NoRoute as error:
             if default_cap and "max_price" in error.message:
                 raise NoRoute(

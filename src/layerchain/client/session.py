@@ -132,6 +132,7 @@ class InferenceSession:
         step_tokens: int = m.MAX_STEP_TOKENS,
         funding: Funding | None = None,
         limits: RouteLimits | None = None,
+        max_cost: int | None = None,
         blocks: tuple[int, int | None] = (0, None),
         exclude: frozenset[str] = frozenset(),
         pay_when_verified: bool = False,
@@ -139,8 +140,9 @@ class InferenceSession:
     ) -> None:
         self.peers = peers
         self.config = peers.config
-        self.limits = limits or RouteLimits()  # this session's limits (None fields: the client's)
-        self.max_cost = self.limits.cost_cap(self.config)
+        # this session's routing limits and cost cap, credits (None: the client's)
+        self.limits = self.config.limits if limits is None else limits
+        self.max_cost = self.config.max_cost if max_cost is None else max_cost
         self.funding = funding
         self.max_length = max_length  # tokens each hop's cache must hold: prompt + new tokens
         self.step_tokens = step_tokens  # most tokens sent in one Step

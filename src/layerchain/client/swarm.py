@@ -120,10 +120,10 @@ class Generation:
     ``CostLimitExceeded`` ...) are raised from there. Closing it closes the hop sessions."""
 
     def __init__(self, swarm: AsyncSwarm, prompt: Prompt, params: SamplingParams, raw: bool,
-                 limits: RouteLimits | None) -> None:
+                 limits: RouteLimits | None, max_cost: int | None = None) -> None:
         self._result: GenerationResult | None = None
         self._session: InferenceSession | None = None
-        self._events = swarm._generate(self, prompt, params, raw, limits)
+        self._events = swarm._generate(self, prompt, params, raw, limits, max_cost)
 
     def __aiter__(self) -> Generation:
         return self
@@ -204,12 +204,14 @@ class AsyncSwarm:
         data_dir: str | Path | None = None,
         ledger: str | Path | None = None,
         deposit: int | None = None,
-        **limits: Any,
+        **options: Any,
     ) -> AsyncSwarm:
         """Join the swarm through ``initial_peers`` (DHT multiaddrs) and load the head;
         with ``ledger``, pay priced peers from the wallet in ``data_dir``, through channels
-        holding ``deposit`` credits each (None: sized to each request)."""
-        config = replace(config or ClientConfig(), **limits)
+        holding ``deposit`` credits each (None: sized to each request). ``**options`` are
+        ``ClientConfig`` fields; ``alpha``, ``max_price`` and ``max_latency_ms`` given
+        loose go into its ``limits``."""
+        config = client_config(config or ClientConfig(), options)
         payer = open_payer(data_dir, ledger, deposit) if ledger is not None else None
         spec = await asyncio.to_thread(resolve_model, model)
         check_private_blocks(spec, config.private_blocks)  # before a DHT is started
@@ -248,10 +250,12 @@ class AsyncSwarm:
         *,
         raw: bool = False,
         limits: RouteLimits | None = None,
+        max_cost: int | None = None,
     ) -> Generation:
         """A generation to iterate (``async for``) and then read (``.result``).
-        ``limits`` override the client's routing and cost limits for this generation only."""
-        return Generation(self, prompt, params or SamplingParams(), raw, limits)
+        ``limits`` (routing) and ``max_cost`` (credits in all) replace the client's for
+        this generation only; None keeps the client's."""
+        return Generation(self, prompt, params or SamplingParams(), raw, limits, max_cost)
 
     async def generate(
         self,
@@ -260,16 +264,17 @@ class AsyncSwarm:
         *,
         raw: bool = False,
         limits: RouteLimits | None = None,
+        max_cost: int | None = None,
     ) -> GenerationResult:
         """Generate to the end; the result."""
-        gen = self.generate_stream(prompt, params, raw=raw, limits=limits)
+        gen = self.generate_stream(prompt, params, raw=raw, limits=limits, max_cost=max_cost)
         async for _ in gen:
             pass
         return gen.result
 
     async def _generate(
         self, gen: Generation, prompt: Prompt, params: SamplingParams, raw: bool,
-        limits: RouteLimits | None,
+        limits: RouteLimits | None, max_cost: int | None = None,
     ) -> AsyncGenerator[TokenEvent, None]:
         """The decode loop behind ``gen``; sets ``gen._result`` however it ends (a generation
         that ended early, with finish_reason "cancelled", still says what it cost)."""
@@ -283,7 +288,7 @@ class AsyncSwarm:
         audit_rate = self.config.audit_rate
         session = gen._session = InferenceSession(
             self.peers, max_length, step_tokens=self.step_tokens, funding=self.funding,
-            limits=limits, pay_when_verified=audit_rate > 0,
+            limits=limits, max_cost=max_cost, pay_when_verified=audit_rate > 0,
             blocks=(self.config.private_blocks, None),
         )
         private = self.private.new_cache(max_length=max_length) if self.private else None
@@ -397,15 +402,14 @@ class AsyncSwarm:
         configured one, else ``max_price_multiple`` x the median price per block). Reads
         what the client holds; ``refresh()`` re-reads the records first if wanted."""
         peers, c = self.peers, self.config
-        max_price = c.max_price  # credits per token
-        if max_price is None and c.max_price_multiple is not None and peers.records:
-            max_price = default_max_price(peers.block_prices(), c.private_blocks,
-                                          self.spec.num_blocks, c.max_price_multiple)
+        limits = c.limits
+        if limits.max_price is None and c.max_price_multiple is not None and peers.records:
+            limits = replace(limits, max_price=default_max_price(  # credits per token
+                peers.block_prices(), c.private_blocks, self.spec.num_blocks,
+                c.max_price_multiple))
         return swarm_state(
             self.spec.model_id, self.spec.num_blocks, peers.records.values(), peers.rtt_ms,
-            peers.banned(),
-            RouteLimits(alpha=c.alpha, max_price=max_price, max_latency_ms=c.max_latency_ms),
-            c.private_blocks,
+            peers.banned(), limits, c.private_blocks,
         )
 
     async def refresh(self) -> None:
@@ -426,6 +430,22 @@ class AsyncSwarm:
     @torch.inference_mode()
     def _accept(decoder: Decoder, hidden: torch.Tensor) -> str:
         return decoder.accept(hidden)
+
+
+#: ``RouteLimits`` fields a caller may still pass loose (``Swarm(alpha=1)``).
+LOOSE_LIMITS = ("alpha", "max_price", "max_latency_ms")
+
+
+def client_config(base: ClientConfig, options: dict[str, Any]) -> ClientConfig:
+    """``base`` with ``options`` (ClientConfig fields) replaced; loose ``alpha``,
+    ``max_price`` and ``max_latency_ms`` replace those of its ``limits`` (ConfigError,
+    one line, for a bad value)."""
+    options = dict(options)
+    loose = {name: options.pop(name) for name in LOOSE_LIMITS if name in options}
+    config = replace(base, **options)
+    if loose:
+        config = replace(config, limits=replace(config.limits, **loose))
+    return config
 
 
 def check_private_blocks(spec: Any, blocks: int) -> None:
@@ -500,8 +520,10 @@ class Swarm:
         *,
         raw: bool = False,
         limits: RouteLimits | None = None,
+        max_cost: int | None = None,
     ) -> GenerationResult:
-        return self._run(self._core.generate(prompt, params, raw=raw, limits=limits))
+        return self._run(self._core.generate(prompt, params, raw=raw, limits=limits,
+                                             max_cost=max_cost))
 
     def stream(
         self,
@@ -510,9 +532,11 @@ class Swarm:
         *,
         raw: bool = False,
         limits: RouteLimits | None = None,
+        max_cost: int | None = None,
     ) -> SyncGeneration:
         """A generation to iterate (``for event in gen``) and then read (``gen.result``)."""
-        return SyncGeneration(self, self._core.generate_stream(prompt, params, raw=raw, limits=limits))
+        return SyncGeneration(self, self._core.generate_stream(
+            prompt, params, raw=raw, limits=limits, max_cost=max_cost))
 
     def close(self) -> None:
         try:

@@ -34,7 +34,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from layerchain.client import AsyncSwarm, TokenEvent
-from layerchain.client.config import RouteLimits
 from layerchain.client.swarm import Generation
 from layerchain.errors import (
     ConfigError,
@@ -209,9 +207,9 @@ class Gateway:
         with self._tokenizer_lock:  # a tokenizer is not safe to use from two threads at once
             return len(encode_prompt(self.tokenizer, prompt, raw=raw))
 
-    async def reserve(self, key: ApiKey, req: GenerationRequest, prompt_tokens: int) -> tuple[Hold, RouteLimits]:
-        """Hold the most the request can cost on ``key`` (402 when it cannot), and the
-        request's limits with that as its ``max_cost``."""
+    async def reserve(self, key: ApiKey, req: GenerationRequest, prompt_tokens: int) -> tuple[Hold, int]:
+        """Hold the most the request can cost on ``key`` (402 when it cannot); that amount
+        (credits) is the request's ``max_cost``."""
         state = self.swarm.state()
         if not state.usable:
             await self.refresh()
@@ -226,7 +224,7 @@ class Gateway:
             raise key_error(error) from None
         except LayerchainError as error:
             raise store_unavailable(error) from None
-        return hold, replace(req.limits, max_cost=amount)
+        return hold, amount
 
     # ---------------------------------------------------------------- generation
 
@@ -235,17 +233,17 @@ class Gateway:
         body = schema.parse_body(await read_body(request, self.config.max_body_bytes))
         req = schema.parse_request(
             body, kind, default_max_tokens=self.config.default_max_tokens,
-            max_tokens_limit=self.config.max_tokens_limit,
+            max_tokens_limit=self.config.max_tokens_limit, limits=self.swarm.config.limits,
         )
         model = self.check_model(req.model)
         prompt_tokens = await self.prompt_tokens(req)
-        hold, limits = (None, req.limits) if key is None else await self.reserve(key, req, prompt_tokens)
+        hold, max_cost = (None, None) if key is None else await self.reserve(key, req, prompt_tokens)
         record = self.requests.start(RequestRecord(
             id=schema.new_id(kind), kind=kind, stream=req.stream, created=time.time(),
             user=req.user, key_id=key.key_id if key else None,
             limits={k: v for k, v in vars(req.limits).items() if v is not None},
         ))
-        run = Run(self, req, limits, hold, record)
+        run = Run(self, req, max_cost, hold, record)
         try:
             first = await run.open()
         except BaseException as failure:
@@ -366,9 +364,10 @@ class ClosingStreamingResponse(StreamingResponse):
 class Run:
     """One request's generation through the swarm, with its clean-up and its accounting."""
 
-    def __init__(self, gateway: Gateway, req: GenerationRequest, limits: RouteLimits,
+    def __init__(self, gateway: Gateway, req: GenerationRequest, max_cost: int | None,
                  hold: Hold | None, record: RequestRecord) -> None:
-        self.gateway, self.req, self.limits, self.hold, self.record = gateway, req, limits, hold, record
+        self.gateway, self.req, self.hold, self.record = gateway, req, hold, record
+        self.max_cost = max_cost  # credits held on the caller's key (None: no key, no cap)
         self._gen: Generation | None = None
         self._closed = False
 
@@ -376,7 +375,8 @@ class Run:
         """Start the generation and wait for its first token (errors show up here, before
         any byte of the response is sent, so they get their proper status)."""
         self._gen = self.gateway.swarm.generate_stream(
-            _prompt_of(self.req), self.req.params, raw=self.req.raw, limits=self.limits,
+            _prompt_of(self.req), self.req.params, raw=self.req.raw, limits=self.req.limits,
+            max_cost=self.max_cost,
         )
         try:
             return await self._gen.__anext__()

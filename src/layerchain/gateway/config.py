@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerchain.model.spec import DEFAULT_MODEL
+from layerchain.routing import RouteLimits
 
 DEFAULT_DATA_DIR = Path("~/.layerchain")  # the gateway's keys file lives here by default
 KEYS_FILE = "gateway-keys.sqlite"  # name of the API-key store inside the data dir
@@ -29,9 +30,9 @@ class GatewayConfig:
     ledger: str | Path | None = None  # ledger spec (a file or evm+http://HOST:PORT,
     # layerchain.ledger.open) to pay priced peers on; None = do not pay
     deposit: int | None = None  # credits locked per payment channel; None = client default
-    alpha: float = 0.0  # default route cost weight (0 fastest, 1 cheapest); per request: alpha
-    max_price: float | None = None  # default most a route may cost per token, credits
-    max_latency_ms: float | None = None  # default most a route may take per token, ms
+    limits: RouteLimits = RouteLimits()  # default routing limits (alpha 0 fastest .. 1
+    # cheapest, max_price credits per token, max_latency_ms per token); a request's own
+    # alpha, max_price, max_latency_ms replace them field by field
     default_max_tokens: int = 256  # tokens generated when a request gives no max_tokens
     max_tokens_limit: int = 4096  # a request asking for more tokens gets 400
     recent_requests: int = 50  # requests the dashboard shows (kept in memory only)

@@ -34,10 +34,9 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from layerchain.client.config import RouteLimits
 from layerchain.errors import (
     ConfigError,
     InsufficientFunds,
@@ -52,6 +51,7 @@ from layerchain.errors import (
     UserError,
 )
 from layerchain.model.sampling import SamplingParams
+from layerchain.routing import RouteLimits
 from layerchain.types import Hop
 
 Message = dict[str, str]
@@ -80,7 +80,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with usage only
     user: str | None
-    limits: RouteLimits
+    limits: RouteLimits  # the gateway's defaults with the request's own fields
 
     @property
     def raw(self) -> bool:
@@ -195,9 +195,12 @@ def _name(data: dict, name: str) -> str | None:
 
 
 def parse_request(
-    data: dict[str, Any], kind: str, *, default_max_tokens: int, max_tokens_limit: int
+    data: dict[str, Any], kind: str, *, default_max_tokens: int, max_tokens_limit: int,
+    limits: RouteLimits = RouteLimits(),
 ) -> GenerationRequest:
-    """Check a request body (already a dict) of ``kind`` "chat" or "text"."""
+    """Check a request body (already a dict) of ``kind`` "chat" or "text". ``limits`` are
+    the gateway's defaults; the request's ``alpha``, ``max_price`` and ``max_latency_ms``
+    replace them field by field."""
     model = _name(data, "model")
     prompt: str | tuple[Message, ...] = _messages(data) if kind == "chat" else _prompt(data)
     n = _number(data, "n", 1, 1, integer=True)
@@ -227,11 +230,10 @@ def parse_request(
         seed=secrets.randbelow(2**31) if seed is None else int(seed),
         stop=_stop(data),
     )
-    limits = RouteLimits(
-        alpha=_number(data, "alpha", 0, 1),
-        max_price=_number(data, "max_price", 0),
-        max_latency_ms=_number(data, "max_latency_ms", 0, low_open=True),
-    )
+    given = {"alpha": _number(data, "alpha", 0, 1),
+             "max_price": _number(data, "max_price", 0),
+             "max_latency_ms": _number(data, "max_latency_ms", 0, low_open=True)}
+    limits = replace(limits, **{k: float(v) for k, v in given.items() if v is not None})
     return GenerationRequest(
         kind=kind, model=model, prompt=prompt, params=params, stream=bool(stream),
         include_usage=bool(options.get("include_usage")), user=user, limits=limits,

@@ -66,8 +66,7 @@ async def serve(
     sock = bind(config.host, config.port)
     try:
         swarm = await AsyncSwarm.create(
-            config.initial_peers, model=config.model, alpha=config.alpha,
-            max_price=config.max_price, max_latency_ms=config.max_latency_ms,
+            config.initial_peers, model=config.model, limits=config.limits,
             **config.client_options, **payment_options(config),
         )
     except BaseException:
