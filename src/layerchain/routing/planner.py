@@ -187,6 +187,7 @@ class _Planner:
             note = f" ({k} excluded peer{'s' if k > 1 else ''} not counted)" if k else ""
             raise NoRoute(f"{word} {names} {verb} no peer{note}")
         self._bounds: dict[object, np.ndarray] = {}  # cached cost-to-go arrays
+        self.cost_from: dict[float, np.ndarray] = {}  # alpha -> [n+1] relaxed cost-to-come
 
     # --- building blocks -------------------------------------------------------------
 
@@ -256,7 +257,9 @@ class _Planner:
 
     def fast(self, alpha: float) -> tuple[RoutePlan | None, RoutePlan | None]:
         """Client mode: ``(optimum, None)`` when the relaxed optimum uses no peer twice;
-        else ``(None, valid)`` with a valid route made from it (an upper bound)."""
+        else ``(None, valid)`` with a valid route made from it (an upper bound). The
+        forward DP's table is kept (``self.cost_from[alpha]``): a lower bound of the cost
+        of any partial route to each boundary, which lets the search skip hops early."""
         if self.mode != "client":
             return None, None
         arr = self.core
@@ -266,6 +269,7 @@ class _Planner:
             second_fixed, second_w = arr.rtt, arr.ms
         result = relaxed_forward(arr, (1 - alpha) * arr.rtt, alpha * arr.pr + (1 - alpha) * arr.ms,
                                  second_fixed, second_w)
+        self.cost_from[alpha] = result.best
         hops = result.hops()
         if len({row for row, _, _ in hops}) == len(hops):
             return self.plan(hops, alpha, arr), None
@@ -280,7 +284,8 @@ class _Planner:
         spec = self.spec("scalar", max_price, max_latency_ms, alpha)
         if max_price is None and max_latency_ms is None and valid is not None:
             spec = replace(spec, upper_bound=valid.cost)
-            found = search(self.arr, spec, self.bounds(alpha, cost_only=True))
+            bounds = replace(self.bounds(alpha, cost_only=True), cost_from=self.cost_from[alpha])
+            found = search(self.arr, spec, bounds)
         elif self.mode == "client":
             lat_mult, price_mult, incumbent = self.dual(alpha, max_price, max_latency_ms, valid)
             spec = replace(spec, lat_mult=lat_mult, price_mult=price_mult,

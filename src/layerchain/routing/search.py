@@ -53,6 +53,11 @@ class Bounds:
     latency: np.ndarray
     price: np.ndarray
     cost: np.ndarray
+    # optional [n+1] lower bound of the priority cost of any partial route from boundary 0
+    # to each boundary (the relaxed forward DP): with a finite ``upper_bound``, a hop from
+    # ``b`` whose ``cost_from[b] + cost_h`` passes it can never be taken, so ``_Fan``
+    # leaves it out before materialising it (scalar, non-Lagrangian searches only)
+    cost_from: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -159,8 +164,16 @@ class _Fan:
     __slots__ = ("rows", "ends", "lat", "price", "lat_h", "price_h", "cost_h")
 
     def __init__(self, arr: PeerArrays, bounds: Bounds, b: int, push: bool,
-                 lat_w: float, price_w: float) -> None:
+                 lat_w: float, price_w: float, ceiling: float = np.inf,
+                 cost_to_go_min: np.ndarray | None = None) -> None:
         rows = arr.active[b]
+        floor = np.inf if bounds.cost_from is None else float(bounds.cost_from[b])
+        if floor < np.inf and ceiling < np.inf and cost_to_go_min is not None:
+            # a peer whose one-block hop plus the least cost-to-go past b already passes
+            # the ceiling has no hop from b worth keeping (every cost term is >= 0)
+            first = (price_w * arr.pr[rows] + lat_w * arr.ms[rows]
+                     + (0.0 if push else lat_w) * arr.rtt[rows])
+            rows = rows[floor + first + cost_to_go_min[b + 1] <= ceiling]
         span = arr.e[rows] - b  # hops from b can end anywhere in (b, e_p]
         rows = np.repeat(rows, span)
         blocks = np.arange(len(rows)) - np.repeat(np.cumsum(span) - span, span) + 1
@@ -171,10 +184,15 @@ class _Fan:
         else:
             lat += arr.rtt[rows]
         price = blocks * arr.pr[rows]
+        cost_h = price_w * price + lat_w * lat + bounds.cost[ends]
+        if floor < np.inf and ceiling < np.inf:
+            keep = floor + cost_h <= ceiling
+            rows, ends, lat, price, cost_h = (rows[keep], ends[keep], lat[keep], price[keep],
+                                              cost_h[keep])
         self.rows, self.ends, self.lat, self.price = rows, ends, lat, price
         self.lat_h = lat + bounds.latency[ends]
         self.price_h = price + bounds.price[ends]
-        self.cost_h = price_w * price + lat_w * lat + bounds.cost[ends]
+        self.cost_h = cost_h
 
 
 class _Search:
@@ -197,6 +215,7 @@ class _Search:
         self.heap: list[tuple[Any, ...]] = []  # (*priority, tick, _Cursor)
         self.tick = itertools.count()
         self.fans: dict[int, _Fan] = {}  # per boundary, built on first use
+        self.cost_to_go_min: np.ndarray | None = None  # [n+1] suffix minimum of bounds.cost
         self.seen: dict[tuple[int, int], list[tuple[float, float, frozenset[int]]]] = {}
         self.overrides: dict[int, np.ndarray] = {}  # push: row -> [P] one-way ms or nan
         self.used_mask = np.zeros(len(arr.peers), dtype=bool)  # scratch for expand()
@@ -272,8 +291,13 @@ class _Search:
     def fan(self, b: int) -> _Fan:
         fan = self.fans.get(b)
         if fan is None:
+            prune = (self.bounds.cost_from is not None and not self.lagrangian
+                     and not self.pareto)  # then the ceiling never moves: a fan may use it
+            if prune and self.cost_to_go_min is None:
+                self.cost_to_go_min = np.minimum.accumulate(self.bounds.cost[::-1])[::-1]
             fan = self.fans[b] = _Fan(self.arr, self.bounds, b, self.push, self.lat_w,
-                                      self.price_w)
+                                      self.price_w, self.ceiling if prune else np.inf,
+                                      self.cost_to_go_min)
         return fan
 
     def one_way_from(self, last: int, rows: np.ndarray) -> np.ndarray:
