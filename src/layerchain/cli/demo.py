@@ -36,6 +36,7 @@ err_console = Console(stderr=True)
 LEDGERS = ("sqlite", "evm")  # --ledger
 DISPUTE_WINDOW_S = 120  # outlasts the nodes' redemption interval (30 s)
 GAS_ETHER = 10**18  # wei of test ether each wallet gets for gas on --ledger evm
+STOP_GRACE_S = 30.0  # seconds a stopping node may take to drain and redeem (a transaction)
 
 
 def route_text(route: tuple) -> Text:
@@ -214,7 +215,11 @@ def demo(
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
                 sys.stdout.write("\n")
-        res = stream.result  # the client is closed: nodes redeemed, channels settled
+        res = stream.result  # the client is closed: its channels are closing
+        # A node redeems on a chain only when that is worth the gas (node.payments), and
+        # always when it stops: the earnings are read once the nodes have stopped.
+        swarm_down(state, quiet=True, grace_s=STOP_GRACE_S)
+        say("swarm stopped")
         payments = payments_json(node_rows, res, ledger, wallet.address, credits)
         gas = (settlement_gas(chain.gas_report(first_block),
                               max((n["tokens"] for n in payments["nodes"]), default=0))
@@ -243,10 +248,10 @@ def demo(
                     f"redeemed, {gas['close']} per close request; {gas['per_1k_tokens']} "
                     "settlement transactions per 1,000 tokens[/dim]")
     finally:
-        swarm_down(state, quiet=True)
+        if swarm_down(state, quiet=True, grace_s=STOP_GRACE_S):
+            say("swarm stopped")
         if ledger is not None:
             ledger.close()
-        say("swarm stopped")
         if chain is not None:
             chain.stop()
             say("chain stopped")
