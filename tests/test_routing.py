@@ -358,3 +358,62 @@ def test_median_block_prices_and_the_default_cap():
     for bad in (0.5, float("inf"), float("nan"), "4"):
         with pytest.raises(ConfigError, match="max_price_multiple"):
             default_max_price(prices, 0, 4, bad)
+
+
+# --- planning stays fast: the shortcuts change no answer (issue 16.5) ----------------
+
+
+def test_undominated_drops_only_peers_with_a_kept_dominator():
+    import numpy as np
+
+    from layerchain.bench.routing import random_swarm
+    from layerchain.routing.relaxed import PeerArrays, relaxed_forward
+
+    peers = random_swarm(400, 24, seed=1)
+    peers += [RoutePeer("twin-" + p.id, p.start, p.end, p.ms_per_block, p.price_per_block,
+                        p.rtt_ms) for p in peers[:20]]  # exact ties: one of each pair stays
+    arr = PeerArrays.build(peers, 0, 24)
+    kept = arr.undominated()
+    assert 0 < len(kept) < len(peers) // 2
+    kept_set = set(kept.tolist())
+    for i in set(range(len(peers))) - kept_set:
+        dominators = [j for j in kept_set if arr.s[j] <= arr.s[i] and arr.e[j] >= arr.e[i]
+                      and arr.rtt[j] <= arr.rtt[i] and arr.ms[j] <= arr.ms[i]
+                      and arr.pr[j] <= arr.pr[i]]
+        assert dominators, f"peer {peers[i].id} was dropped with no kept dominator"
+    core = arr.subset(kept)
+    rng = random.Random(2)
+    for _ in range(10):  # any weighting: the same relaxed optimum at every boundary
+        lat_w, price_w = rng.random(), rng.random()
+        full = relaxed_forward(arr, lat_w * arr.rtt, price_w * arr.pr + lat_w * arr.ms).best
+        pruned = relaxed_forward(core, lat_w * core.rtt, price_w * core.pr + lat_w * core.ms).best
+        assert np.allclose(full, pruned, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["none", "price", "latency", "both"])
+def test_shortcuts_plan_what_the_plain_exact_search_plans(kind, monkeypatch):
+    """Pruned peers, the lean DP, cutting-plane multipliers and fan pruning are exact:
+    over mid-sized swarms (too large for brute force) they find routes of the same cost,
+    latency and price as the planner with every shortcut turned off."""
+    import numpy as np
+
+    from layerchain.bench.routing import _limits_for, random_swarm
+    from layerchain.routing import relaxed, search
+
+    cases = []
+    for seed in range(6):
+        swarm = random_swarm(250, 16, seed=100 + seed)
+        for alpha in (0.0, 0.5, 1.0):
+            limits = RouteLimits(alpha, *_limits_for(swarm, 16, alpha, kind))
+            cases.append((swarm, limits, plan_route(swarm, 16, limits)))
+    plain_fan = search._Fan.__init__
+
+    def unpruned_fan(self, arr, bounds, b, push, lat_w, price_w, ceiling=np.inf, least=None):
+        plain_fan(self, arr, bounds, b, push, lat_w, price_w)
+
+    monkeypatch.setattr(relaxed.PeerArrays, "undominated", lambda self: np.arange(len(self.peers)))
+    monkeypatch.setattr(search._Fan, "__init__", unpruned_fan)
+    for swarm, limits, plan in cases:
+        plain = plan_route(swarm, 16, limits)
+        assert (plan.cost, plan.latency_ms, plan.price) == pytest.approx(
+            (plain.cost, plain.latency_ms, plain.price), rel=1e-9, abs=1e-9)
