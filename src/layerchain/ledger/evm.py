@@ -23,13 +23,11 @@ artifact loaded by ``ledger/contract.py``):
   ``referees=[Signer, ...]`` the ledger signs them itself (a referee's own deployment),
   otherwise ``slash_with_verdicts`` takes signatures the referees made (``sign_verdict``).
 
-Journal: the contract's events, oldest first, are the journal: entry 1 is a genesis entry
-(chain id, contract, config), then one entry per event, ``kind`` its name in snake case and
-``payload`` canonical JSON of ``{"args", "block", "log", "tx"}``, hash-chained with
-``journal.entry_hash`` so that checkpoints (``checkpoints.py``) anchor it as they anchor a
-SQLite journal. ``verify`` replays the events into balances, channels, stakes and the
-reward pool (``replay_events``, pure) and compares them with the views: a mismatch, a
-negative balance or an event out of order is a problem string.
+Journal: the contract's events, oldest first, hash-chained like a SQLite journal
+(``evm_events.py``, pure). ``verify`` replays them into balances, channels, stakes and the
+reward pool and compares the result with the views at the same block: a mismatch, a
+negative balance or an event the rules do not allow is a problem string; checkpoints
+anchor the events as they anchor a SQLite journal.
 
 Units: amounts are credits; one credit is ``credit_wei`` wei (the contract's ``creditWei``;
 ``chain up`` deploys with 10**9: one credit = one gwei). Times are unix seconds of blocks.
@@ -40,7 +38,6 @@ from __future__ import annotations
 import ast
 import re
 import threading
-from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from layerchain.errors import (
@@ -65,7 +62,7 @@ from layerchain.ledger.base import (
     VerifyReport,
 )
 from layerchain.ledger.checkpoints import Checkpoint, check_checkpoints, sign_checkpoint
-from layerchain.ledger.journal import GENESIS_PREV_HASH, canonical_payload, entry_hash
+from layerchain.ledger.evm_events import Event, journal_entries, replay_events
 from layerchain.ledger.records import Voucher, decode_voucher
 from layerchain.ledger.signatures import (
     Signer,
@@ -84,7 +81,6 @@ PRIORITY_FEE_WEI = 10**9  # tip per gas (EIP-1559); max fee = 2 x base fee + tip
 NONCE_RETRIES = 3  # sends of one transaction when another process took its nonce
 GAS_MARGIN = 1.25  # gas limit = estimate x margin (an estimate can fall short by a few %)
 STATES = {1: OPEN, 2: CLOSING, 3: CLOSED}  # the contract's channel states (0: none)
-ZERO_ADDRESS = "0x" + "00" * 20
 VERDICT_TYPEHASH = keccak256(
     b"Verdict(bytes32 evidenceHash,address accuser,address accused,bytes32 receiptHash,bool guilty)"
 )
@@ -110,176 +106,6 @@ class TransactionSigner(Signer, Protocol):
     """A signer that also signs EVM transactions (a ``Wallet``)."""
 
     def sign_transaction(self, tx: Mapping[str, int | str | bytes]) -> bytes: ...
-
-
-# -- the journal of events (pure) -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Event:
-    """One decoded contract event, where it happened and when (block timestamp, seconds)."""
-
-    name: str  # the Solidity event name, e.g. "Redeemed"
-    args: Mapping[str, int | str | bool]  # ints, checksummed addresses, "0x" hex for bytes32
-    block: int
-    log_index: int
-    tx: str  # "0x" transaction hash
-    timestamp: int
-
-    @property
-    def kind(self) -> str:
-        """The journal kind: the event name in snake case ("ChannelOpened" -> "channel_opened")."""
-        return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
-
-    def payload(self) -> str:
-        return canonical_payload(
-            {"args": dict(self.args), "block": self.block, "log": self.log_index, "tx": self.tx,
-             "ts": self.timestamp}
-        )
-
-
-def journal_entries(genesis: Mapping[str, Any], events: Sequence[Event]) -> list[JournalEntry]:
-    """Genesis then one entry per event, hash-chained as ``journal.entry_hash`` chains a
-    SQLite journal. Pure."""
-    entries, prev = [], GENESIS_PREV_HASH
-    for seq, (kind, payload) in enumerate(
-        [("genesis", canonical_payload(dict(genesis)))] + [(e.kind, e.payload()) for e in events],
-        start=1,
-    ):
-        digest = entry_hash(prev, seq, kind, payload)
-        entries.append(JournalEntry(seq, kind, payload, prev, digest))
-        prev = digest
-    return entries
-
-
-@dataclass
-class ReplayState:
-    """What the events say: balances, channels, nodes (with what is unstaking and the payout
-    address), the reward pool and the convicted receipts."""
-
-    balances: dict[str, int] = field(default_factory=dict)
-    channels: dict[str, Channel] = field(default_factory=dict)
-    nodes: dict[str, NodeInfo] = field(default_factory=dict)
-    unstaking: dict[str, int] = field(default_factory=dict)
-    payouts: dict[str, str] = field(default_factory=dict)
-    pool: int = 0
-    convicted: set[str] = field(default_factory=set)
-    problems: list[str] = field(default_factory=list)
-
-    def credit(self, address: str, amount: int) -> None:
-        self.balances[address] = self.balances.get(address, 0) + amount
-
-    def debit(self, address: str, amount: int, where: str) -> None:
-        have = self.balances.get(address, 0)
-        if have < amount:
-            self.problems.append(f"{where}: {address} spends {amount} credits holding {have}")
-        self.balances[address] = have - amount
-
-
-def replay_events(events: Iterable[Event], config: LedgerConfig) -> ReplayState:
-    """Rebuild balances, channels, stakes and the pool from the contract's events, with the
-    contract's rules (``LayerchainLedger.sol``). Pure; problems name the event."""
-    s = ReplayState()
-    for n, e in enumerate(events, start=2):
-        where, a = f"journal entry {n} ({e.kind})", e.args
-        try:
-            _replay_one(s, e, a, where, config)
-        except (KeyError, TypeError, ValueError) as error:
-            s.problems.append(f"{where}: cannot be replayed ({error.__class__.__name__}: {error})")
-    return s
-
-
-def _replay_one(
-    s: ReplayState, e: Event, a: Mapping[str, Any], where: str, config: LedgerConfig
-) -> None:
-    name = e.name
-    if name == "Deposited":
-        s.credit(a["account"], a["credits"])
-    elif name == "Withdrawn":
-        s.debit(a["account"], a["credits"], where)
-    elif name == "RewardsFunded":
-        s.pool += a["credits"]
-    elif name == "ChannelOpened":
-        s.debit(a["payer"], a["deposit"], where)
-        s.channels[a["id"]] = Channel(a["id"], a["payer"], a["payee"], a["deposit"])
-    elif name == "ToppedUp":
-        c = s.channels[a["id"]]
-        s.debit(c.payer, a["amount"], where)
-        s.channels[c.channel_id] = replace(c, deposit=c.deposit + a["amount"])
-    elif name == "Redeemed":
-        c = s.channels[a["id"]]
-        if a["credited"] != a["cumulativeAmount"] - c.redeemed or a["cumulativeAmount"] > c.deposit:
-            s.problems.append(f"{where}: credits {a['credited']} on a channel that had redeemed "
-                              f"{c.redeemed} of {c.deposit}")
-        s.channels[c.channel_id] = replace(c, redeemed=a["cumulativeAmount"], nonce=a["nonce"])
-        node = s.nodes.get(c.payee)
-        if node is not None:
-            s.nodes[c.payee] = replace(node, served_at=float(e.timestamp),
-                                       earned=min(2**64 - 1, node.earned + a["credited"]))
-        s.credit(s.payouts.get(c.payee, c.payee), a["credited"])
-    elif name == "CloseRequested":
-        c = s.channels[a["id"]]
-        s.channels[c.channel_id] = replace(c, state=CLOSING, closes_at=float(a["closesAt"]))
-    elif name == "ChannelClosed":
-        c = s.channels[a["id"]]
-        if a["refund"] != c.unspent:
-            s.problems.append(f"{where}: refunds {a['refund']}, the channel had {c.unspent} unspent")
-        closes_at = c.closes_at if c.closes_at is not None else float(e.timestamp)
-        s.channels[c.channel_id] = replace(c, state=CLOSED, refunded=a["refund"], closes_at=closes_at)
-        s.credit(c.payer, a["refund"])
-    elif name == "NodeRegistered":
-        node_address, ts = a["node"], float(e.timestamp)
-        old = s.nodes.get(node_address)
-        added = a["stake"] - (old.stake if old else 0)
-        if added < 0:
-            s.problems.append(f"{where}: the stake goes down to {a['stake']}")
-        s.debit(node_address, max(0, added), where)
-        if old is None:
-            s.nodes[node_address] = NodeInfo(node_address, a["stake"], a["blocks"], ts, ts)
-        elif a["blocks"] == old.blocks:
-            s.nodes[node_address] = replace(old, stake=a["stake"])
-        else:
-            s.nodes[node_address] = replace(old, stake=a["stake"], blocks=a["blocks"],
-                                            rewarded_until=ts, earned=0)
-    elif name == "UnstakeRequested":
-        node = s.nodes[a["node"]]
-        s.nodes[node.address] = replace(node, stake=node.stake - a["amount"])
-        s.unstaking[node.address] = s.unstaking.get(node.address, 0) + a["amount"]
-    elif name == "Unstaked":
-        s.unstaking[a["node"]] = 0
-        s.credit(a["node"], a["amount"])
-    elif name == "PayoutSet":
-        s.payouts[a["node"]] = a["node"] if a["payout"] == ZERO_ADDRESS else a["payout"]
-    elif name == "RewardPaid":
-        node = s.nodes[a["node"]]
-        if a["amount"] > s.pool:
-            s.problems.append(f"{where}: pays {a['amount']} from a pool of {s.pool}")
-        s.pool -= a["amount"]
-        s.nodes[node.address] = replace(node, rewarded_until=node.rewarded_until + a["period"],
-                                        earned=0, rewards=node.rewards + a["amount"])
-        s.credit(s.payouts.get(node.address, node.address), a["amount"])
-    elif name == "Slashed":
-        accuser, accused = a["accuser"], a["accused"]
-        if not a["guilty"]:
-            s.debit(accuser, a["bond"], where)
-            s.credit(accused, a["bond"])
-            return
-        if a["receiptHash"] in s.convicted:
-            s.problems.append(f"{where}: receipt {a['receiptHash'][:10]}... convicts a second time")
-        s.convicted.add(a["receiptHash"])
-        node = s.nodes[accused]
-        unstaking = s.unstaking.get(accused, 0)
-        from_stake = node.stake * config.slash_bps // 10_000
-        from_unstaking = unstaking * config.slash_bps // 10_000
-        reward = (from_stake + from_unstaking) * config.slash_reward_bps // 10_000
-        if (a["slashed"], a["reward"]) != (from_stake + from_unstaking, reward):
-            s.problems.append(f"{where}: slashes {a['slashed']} (reward {a['reward']}), the rules "
-                              f"give {from_stake + from_unstaking} ({reward})")
-        s.nodes[accused] = replace(node, stake=node.stake - from_stake)
-        s.unstaking[accused] = unstaking - from_unstaking
-        s.credit(accuser, a["reward"])
-    else:
-        s.problems.append(f"{where}: unknown event {name}")
 
 
 # -- revert data -> typed errors (pure) -------------------------------------------------------
@@ -650,13 +476,14 @@ class EvmLedger:
                 f"{owner.address} holds {have} wei, depositing {amount} credits needs {wei} wei "
                 "plus gas", hint="fund the account (`layerchain chain fund`)",
             )
-        receipt = self._transact(owner, "deposit", self.contract.functions.deposit(), value=wei)
+        receipt = self._transact(owner, "deposit", self.contract.functions.deposit(), value=wei,
+                                 what="depositing")
         return int(self._view("balanceOf", owner.address, block=receipt["blockNumber"]))
 
     def withdraw(self, owner: Signer, amount: int) -> int:
         """Take ``amount`` credits out as ether (``amount x credit_wei`` wei to the owner)."""
         call = self.contract.functions.withdraw(_credits(amount, "amount"))
-        receipt = self._transact(owner, "withdraw", call)
+        receipt = self._transact(owner, "withdraw", call, what="withdrawing")
         return int(self._view("balanceOf", owner.address, block=receipt["blockNumber"]))
 
     def fund_rewards(self, signer: Signer, credits: int) -> int:
