@@ -91,3 +91,27 @@ def test_checksum_address_matches_eip55():
     for i in range(50):
         raw = keccak256(bytes([i]))[:20]
         assert checksum_address(raw) == to_checksum_address(raw)
+
+
+def test_raw_hash_signatures_and_transactions_are_ethereum_compatible():
+    """``sign_hash`` signs an EIP-712 digest as is (no EIP-191 prefix), low-s, as
+    eth-account's ``unsafe_sign_hash`` and Solidity's ``ecrecover`` see it; a transaction
+    signed by the wallet recovers to its address."""
+    from layerchain.errors import LedgerError
+    from layerchain.ledger.signatures import recover_hash_address
+
+    wallet = Wallet.generate()
+    digest = keccak256(b"an EIP-712 digest")
+    signature = wallet.sign_hash(digest)
+    assert signature == bytes(Account.unsafe_sign_hash(digest, wallet.export_private_key()).signature)
+    assert recover_hash_address(digest, signature) == wallet.address
+    assert recover_address(digest, signature) != wallet.address  # not an EIP-191 signature
+    assert int.from_bytes(signature[32:64], "big") <= 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
+    with pytest.raises(BadSignature):
+        recover_hash_address(digest[:31], signature)
+    tx = {"to": "0x" + "11" * 20, "value": 5, "gas": 21_000, "nonce": 0, "chainId": 1,
+          "maxFeePerGas": 2 * 10**9, "maxPriorityFeePerGas": 10**9}
+    raw = wallet.sign_transaction(tx)
+    assert Account.recover_transaction(raw) == wallet.address
+    with pytest.raises(LedgerError, match="cannot sign the transaction"):
+        wallet.sign_transaction({**tx, "value": -1})

@@ -246,13 +246,16 @@ class Ledger(Protocol):
         """Every address the ledger has seen, sorted by address."""
 
     def submit(self, operation: bytes) -> int:
-        """Apply one signed operation; return its result (balance, refund, reward...)."""
+        """Apply one signed operation; return its result (balance, refund, reward...).
+        LedgerError on a chain, where the owner signs a transaction instead."""
 
     def deposit(self, owner: Signer, amount: int) -> int:
-        """Mint ``amount`` test credits into the owner's account; return the new balance."""
+        """Add ``amount`` credits to the owner's account (SQLite: minted test credits; EVM:
+        ``amount x creditWei`` wei of the owner's ether); return the new balance."""
 
     def withdraw(self, owner: Signer, amount: int) -> int:
-        """Take ``amount`` credits out of the owner's account; return the new balance."""
+        """Take ``amount`` credits out of the owner's account (EVM: as ether to the owner);
+        return the new balance."""
 
     def open_channel(self, payer: Signer, payee: str, deposit: int) -> str:
         """Move ``deposit`` from the payer's balance into a new channel; return its id."""
@@ -292,7 +295,9 @@ class Ledger(Protocol):
         """Record ``verdict`` under the accuser's signed ``slash`` operation: guilty takes
         the accused's stake (a receipt convicts once), not guilty pays the accuser's bond to
         the accused. InsufficientFunds if the accuser holds less than the bond. Callers get
-        the verdict from ``check_evidence``; ``evidence.submit_evidence`` does both."""
+        the verdict from ``check_evidence``; ``evidence.submit_evidence`` does both. On a
+        chain the verdict must also carry the deployment's referees' signatures (the
+        contract cannot run the model): LedgerError when the ledger holds no referee key."""
 
     def journal(self, *, after: int = 0, limit: int | None = None) -> list[JournalEntry]:
         """Journal entries with ``seq > after``, oldest first."""

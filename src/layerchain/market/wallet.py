@@ -123,7 +123,7 @@ class Wallet:
 
         try:
             signed = Account.sign_transaction(dict(tx), self._key)
-        except (TypeError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - eth-account and rlp raise many types
             raise LedgerError(f"cannot sign the transaction: {error}") from None
         return bytes(signed.raw_transaction)
 
