@@ -189,6 +189,26 @@ def test_redeem_many_is_one_step(h):
     _ok(h)
 
 
+def test_a_node_redeems_its_stored_vouchers_in_one_batch(h):
+    """``redeem_stored`` (what a node runs): one ``redeem_many``; a refused voucher makes it
+    fall back to one by one, so the others are still credited and the refusal is named."""
+    from layerchain.market.vouchers import redeem_stored
+
+    _, alice, bob, carol, *_ = h.wallets
+    h.ledger.deposit(alice, 1000)
+    h.ledger.deposit(carol, 1000)
+    good = h.ledger.open_channel(alice, bob.address, 300)
+    other = h.ledger.open_channel(carol, bob.address, 300)
+    stored = [sign_voucher(alice, Voucher(good, 1, 120), h.domain),
+              sign_voucher(alice, Voucher(other, 1, 50), h.domain)]  # not carol's signature
+    results = redeem_stored(h.ledger, stored)
+    assert [(r.credited, r.error is None) for r in results] == [(120, True), (0, False)]
+    assert "not signed by" in (results[1].error or "")
+    assert [r.credited for r in redeem_stored(h.ledger, stored[:1])] == [0]
+    assert h.ledger.balance(bob.address) == 120
+    _ok(h)
+
+
 def test_close_waits_for_the_dispute_window(h):
     _, alice, bob, *_ = h.wallets
     h.ledger.deposit(alice, 1000)
