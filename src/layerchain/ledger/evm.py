@@ -221,8 +221,14 @@ class EvmLedger:
         artifact = load_artifact()
         self._abi: list[dict[str, Any]] = artifact["abi"]
         self._errors = _selectors(self._abi)
-        self._lock = threading.RLock()  # guards the block-time cache and gas_used
-        self._block_times: dict[int, int] = {}
+        self._lock = threading.RLock()  # guards the event and block-time caches, gas_used
+        self._block_times: dict[int, int] = {}  # block number -> timestamp
+        self._cache: list[Event] = []  # events of blocks 0.._scanned[0], oldest first
+        self._scanned: tuple[int, bytes] | None = None  # (last block read, its hash)
+        self._event_names = {  # topic 0 -> event name
+            keccak256(f"{e['name']}({','.join(i['type'] for i in e['inputs'])})".encode()): e["name"]
+            for e in self._abi if e.get("type") == "event"
+        }
         self.gas_used: dict[str, list[int]] = {}
         try:
             self.chain_id = int(w3.eth.chain_id)
@@ -630,30 +636,43 @@ class EvmLedger:
                 "contract": self.address, "credit_wei": int(self.credit_wei),
                 "ledger_id": self.ledger_id, "unstake_delay_s": int(self.unstake_delay_s)}
 
-    def _events(self, *, to_block: int | str = "latest") -> list[Event]:
-        """Every event of the contract, oldest first, decoded, with block timestamps."""
-        by_topic = {}
-        for item in self._abi:
-            if item.get("type") == "event":
-                types = ",".join(i["type"] for i in item["inputs"])
-                by_topic[keccak256(f"{item['name']}({types})".encode())] = item["name"]
-        try:
-            logs = self.w3.eth.get_logs(
-                {"address": self.address, "fromBlock": 0, "toBlock": to_block}
-            )
-        except Exception as error:  # noqa: BLE001
-            raise LedgerError(f"cannot read the ledger contract's logs: {error}") from None
-        events = []
-        for log in logs:
-            name = by_topic.get(bytes(log["topics"][0]))
-            if name is None:
-                continue
-            decoded = getattr(self.contract.events, name)().process_log(log)
-            args = {k: _hex(v) for k, v in decoded["args"].items()}
-            events.append(Event(name, args, int(log["blockNumber"]), int(log["logIndex"]),
-                                "0x" + bytes(log["transactionHash"]).hex(),
-                                self._block_time(int(log["blockNumber"]))))
-        return events
+    def _events(self, *, to_block: int | None = None) -> list[Event]:
+        """Every event of the contract up to ``to_block`` (default: the latest block), oldest
+        first, decoded, with block timestamps. Read incrementally: the events of blocks
+        already read are kept as long as the last block read keeps its hash (a reorg or a
+        rewound chain is read again from block 0)."""
+        with self._lock:
+            try:
+                latest = int(self.w3.eth.block_number)
+                if self._scanned is not None:
+                    number, known = self._scanned
+                    if number > latest or self._block_hash(number) != known:
+                        self._scanned, self._cache, self._block_times = None, [], {}
+                start = 0 if self._scanned is None else self._scanned[0] + 1
+                if start <= latest:
+                    logs = self.w3.eth.get_logs(
+                        {"address": self.address, "fromBlock": start, "toBlock": latest}
+                    )
+                    self._cache.extend(self._decode(log) for log in logs
+                                       if bytes(log["topics"][0]) in self._event_names)
+                    self._scanned = (latest, self._block_hash(latest))
+            except LayerchainError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any transport failure is one line
+                raise LedgerError(f"cannot read the ledger contract's logs: {error}") from None
+            end = latest if to_block is None else min(to_block, latest)
+            return [e for e in self._cache if e.block <= end]
+
+    def _decode(self, log: Mapping[str, Any]) -> Event:
+        name = self._event_names[bytes(log["topics"][0])]
+        decoded = getattr(self.contract.events, name)().process_log(log)
+        return Event(name, {k: _hex(v) for k, v in decoded["args"].items()},
+                     int(log["blockNumber"]), int(log["logIndex"]),
+                     "0x" + bytes(log["transactionHash"]).hex(),
+                     self._block_time(int(log["blockNumber"])))
+
+    def _block_hash(self, number: int) -> bytes:
+        return bytes(self.w3.eth.get_block(number)["hash"])
 
     def _block_time(self, number: int) -> int:
         with self._lock:
