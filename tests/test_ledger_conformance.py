@@ -9,7 +9,7 @@ credits come from, reward pools, gas) is set up by the fixture, not asserted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import pytest
@@ -305,6 +305,8 @@ def test_slash_guilty_once_and_not_guilty_costs_the_bond(h):
     assert h.ledger.balance(alice.address) == 150 + 100
     with pytest.raises(LedgerError):  # a receipt convicts once
         h.ledger.slash(alice, verdict)
+    with pytest.raises(LedgerError, match="receipt is"):  # pinned on someone else
+        h.ledger.slash(alice, replace(_verdict(alice, node, guilty=True, step=2), accused=bob.address))
     _ok(h)
 
 

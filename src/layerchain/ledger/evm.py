@@ -772,6 +772,9 @@ def _receipt_parts(verdict: EvidenceVerdict) -> tuple[bytes, bytes]:
         signed = SignedReceipt.from_bytes(verdict.receipt)
     except InvalidReceipt as error:
         raise LedgerError(f"the verdict's receipt is not a signed receipt ({error})") from None
+    node = signed.receipt.node_address
+    if verdict.accused and address_bytes(verdict.accused) != address_bytes(node):
+        raise LedgerError(f"the verdict accuses {verdict.accused}, the receipt is {node}'s")
     return signed.receipt.canonical_bytes(), signed.signature
 
 
