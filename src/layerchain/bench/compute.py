@@ -1,0 +1,260 @@
+"""Benchmark: the whole model decoding in one process, per weight form, against llama.cpp.
+
+``layerchain bench compute --json`` prints ``{"rows": [...], "ratio_vs_llamacpp", ...}``: one
+row per (runtime, dtype, threads) with the decode time per token, the rate and the bytes of
+weights held (span + head), and ``ratio_vs_llamacpp`` = the best layerchain ms/token over
+llama.cpp's at the same thread count (the issue's target: <= 1.5). llama.cpp runs through
+``llama-cpp-python`` (the optional ``bench`` extra) on the same GGUF file, the same prompt
+tokens and the same threads; without it the row is left out, ``ratio_vs_llamacpp`` is null
+and ``note`` says how to install it.
+
+Decode time: greedy, a fixed prompt, ``tokens`` steps after the prefill, each step the whole
+of what a client and its nodes do for one token in one process (embed, every block, final
+norm + LM head, argmax); the best of ``repeats`` runs, since the machine is shared.
+
+Agreement (``agreement_with_fp32``): on each of ``PROMPTS``, fp32 decodes ``AGREEMENT_TOKENS``
+greedy tokens; each form then reads the prompt plus that continuation in one pass and scores
+the fraction of positions where its own greedy choice is fp32's token (teacher-forced: one early
+difference does not count every later token as a miss). ``quant.AGREEMENT_FLOOR`` and
+``quant.AUTO_DTYPE`` were set from these figures (docs/BENCHMARKS.md "Compact weights").
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from layerchain.model.spec import DEFAULT_MODEL, ModelSpec
+
+PROMPTS = (  # the fixed prompt set of the agreement figure (chat template applied)
+    "What is the capital of France?",
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a rainbow forms, in two sentences.",
+    "List three uses of a paperclip.",
+    "Translate 'good morning, my friend' into Spanish.",
+    "What is 17 times 23? Show your steps.",
+    "Write a haiku about autumn leaves.",
+    "Give me a recipe for a simple tomato soup.",
+)
+AGREEMENT_TOKENS = 32  # greedy tokens per prompt in the agreement figure
+TIMING_PROMPT = PROMPTS[1]
+LAYERCHAIN_DTYPES = (
+    "fp32",
+    "bf16",
+    "int8",
+    "int4",
+)  # forms timed by default (fp16: no fast CPU path)
+INSTALL_NOTE = (
+    "llama.cpp row omitted: llama-cpp-python is not installed; install it with "
+    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install -e '.[bench]' (builds llama.cpp, minutes)"
+)
+
+
+@dataclass(frozen=True)
+class ComputeRow:
+    """One runtime at one weight form and thread count."""
+
+    runtime: str  # "layerchain" | "llama.cpp"
+    dtype: str  # layerchain: quant.DTYPES; llama.cpp: the GGUF file's type, e.g. "Q4_1"
+    threads: int
+    ms_per_token: float  # best of the runs, decode steps only
+    weights_mb: float  # bytes of weights held / 1e6 (llama.cpp: the file's tensor bytes)
+    agreement: float | None  # agreement_with_fp32 (None: not measured)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 / self.ms_per_token if self.ms_per_token > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "dtype": self.dtype,
+            "threads": self.threads,
+            "ms_per_token": round(self.ms_per_token, 3),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "weights_mb": round(self.weights_mb, 1),
+            "agreement": None if self.agreement is None else round(self.agreement, 4),
+        }
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (compact forms keep weights in buffers)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def prompt_ids(spec: ModelSpec, prompt: str) -> list[int]:
+    from layerchain.model.tokenizer import encode_prompt, load_tokenizer
+
+    return list(encode_prompt(load_tokenizer(spec), prompt))
+
+
+def greedy_continuation(model: Any, ids: Sequence[int], tokens: int) -> list[int]:
+    """``tokens`` greedy ids after ``ids`` (EOS not special), with ``model.span`` and ``.head``."""
+    span, head = model.span, model.head
+    cache = span.new_cache(max_length=len(ids) + tokens)
+    out: list[int] = []
+    with torch.inference_mode():
+        x = head.embed(torch.tensor([list(ids)]))
+        for _ in range(tokens):
+            token = int(head.logits(span(x, cache)[:, -1:])[0, -1].argmax())
+            out.append(token)
+            x = head.embed(torch.tensor([[token]]))
+    return out
+
+
+def teacher_forced_agreement(model: Any, ids: Sequence[int], reference: Sequence[int]) -> float:
+    """Fraction of ``reference`` (a greedy continuation of ``ids``) that ``model`` picks
+    greedily at each position, reading ``ids + reference[:-1]`` in one pass."""
+    seq = [*ids, *reference[:-1]]
+    with torch.inference_mode():
+        hidden = model.span(model.head.embed(torch.tensor([seq])), model.span.new_cache())
+        picks = model.head.logits(hidden[:, len(ids) - 1 :])[0].argmax(dim=-1)  # [len(ref)]
+    return float((picks == torch.tensor(list(reference))).float().mean())
+
+
+def agreement_with_fp32(
+    spec: ModelSpec,
+    dtypes: Sequence[str],
+    tokens: int = AGREEMENT_TOKENS,
+    prompts: Sequence[str] = PROMPTS,
+) -> dict[str, float]:
+    """dtype -> fraction of fp32's greedy tokens it reproduces over ``prompts``."""
+    from layerchain.model.generate import LocalModel
+
+    reference_model = LocalModel(spec)
+    encoded = [prompt_ids(spec, p) for p in prompts]
+    references = [greedy_continuation(reference_model, ids, tokens) for ids in encoded]
+    del reference_model
+    result = {}
+    for dtype in dtypes:
+        model = LocalModel(spec, dtype=dtype)
+        scores = [
+            teacher_forced_agreement(model, i, r) for i, r in zip(encoded, references, strict=True)
+        ]
+        result[dtype] = sum(scores) / len(scores)
+    return result
+
+
+def layerchain_ms_per_token(model: Any, ids: Sequence[int], tokens: int, repeats: int) -> float:
+    """Best-of-``repeats`` decode ms/token of ``tokens`` greedy steps after the prefill."""
+    span, head = model.span, model.head
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            cache = span.new_cache(max_length=len(ids) + tokens + 1)
+            token = int(
+                head.logits(span(head.embed(torch.tensor([list(ids)])), cache)[:, -1:])[
+                    0, -1
+                ].argmax()
+            )
+            started = time.perf_counter()
+            for _ in range(tokens):
+                hidden = span(head.embed(torch.tensor([[token]])), cache)
+                token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
+            best = min(best, (time.perf_counter() - started) * 1000 / tokens)
+    return best
+
+
+def llamacpp_row(
+    spec: ModelSpec, ids: Sequence[int], tokens: int, threads: int, repeats: int
+) -> ComputeRow | None:
+    """llama.cpp on ``spec``'s GGUF file, the same prompt ids and greedy steps; None when
+    llama-cpp-python is not installed (or the model is not a GGUF file)."""
+    try:  # the optional bench extra (no type information)
+        llama_cpp: Any = importlib.import_module("llama_cpp")
+    except ImportError:
+        return None
+    if spec.kind != "gguf":
+        return None
+    import numpy as np
+
+    llm = llama_cpp.Llama(
+        model_path=str(spec.path),
+        n_ctx=len(ids) + tokens + 8,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    best = float("inf")
+    for _ in range(repeats):
+        llm.reset()
+        llm.eval(list(ids))
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        started = time.perf_counter()
+        for _ in range(tokens):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        best = min(best, (time.perf_counter() - started) * 1000 / tokens)
+    from gguf import GGMLQuantizationType
+
+    from layerchain.model.gguf_file import GGUFFile
+
+    tensors = GGUFFile(spec.path).tensors
+    weights = sum(t.nbytes for t in tensors)
+    kinds = {
+        GGMLQuantizationType(t.ggml_type).name
+        for t in tensors
+        if t.name.startswith("blk.") and len(t.shape) == 2
+    }
+    llm.close()
+    return ComputeRow(
+        "llama.cpp", "/".join(sorted(kinds)) or "gguf", threads, best, weights / 1e6, None
+    )
+
+
+def bench_compute(
+    model: str = DEFAULT_MODEL,
+    dtypes: Sequence[str] = LAYERCHAIN_DTYPES,
+    threads: Sequence[int] = (1,),
+    tokens: int = 32,
+    repeats: int = 3,
+    agreement: bool = True,
+) -> dict[str, Any]:
+    """The ``bench compute`` report (see the module docstring)."""
+    from layerchain.model.generate import LocalModel
+    from layerchain.model.quant import check_dtype, resolve_dtype
+    from layerchain.model.resolve import resolve_model
+
+    spec = resolve_model(model)
+    forms = [resolve_dtype(check_dtype(d), "cpu") for d in dtypes]
+    ids = prompt_ids(spec, TIMING_PROMPT)
+    agreed = agreement_with_fp32(spec, forms) if agreement else {}
+    rows: list[ComputeRow] = []
+    previous_threads = torch.get_num_threads()
+    try:
+        for count in threads:
+            torch.set_num_threads(count)
+            for form in forms:
+                local = LocalModel(spec, dtype=form)
+                weights = module_bytes(local.span) + module_bytes(local.head)
+                ms = layerchain_ms_per_token(local, ids, tokens, repeats)
+                rows.append(
+                    ComputeRow("layerchain", form, count, ms, weights / 1e6, agreed.get(form))
+                )
+                del local
+            reference = llamacpp_row(spec, ids, tokens, count, repeats)
+            if reference is not None:
+                rows.append(reference)
+    finally:
+        torch.set_num_threads(previous_threads)
+    ratios: dict[str, float] = {}  # threads -> best layerchain ms / llama.cpp ms
+    for count in threads:
+        ours = [r.ms_per_token for r in rows if r.runtime == "layerchain" and r.threads == count]
+        theirs = [r.ms_per_token for r in rows if r.runtime == "llama.cpp" and r.threads == count]
+        if ours and theirs:
+            ratios[str(count)] = round(min(ours) / theirs[0], 3)
+    has_llamacpp = any(r.runtime == "llama.cpp" for r in rows)
+    return {
+        "model": spec.name,
+        "tokens": tokens,
+        "prompts": len(PROMPTS) if agreement else 0,
+        "rows": [r.to_json() for r in rows],
+        "ratio_vs_llamacpp": ratios.get(str(threads[0])),  # at the first thread count
+        "ratio_vs_llamacpp_by_threads": ratios,
+        "note": None if has_llamacpp else INSTALL_NOTE,
+    }

@@ -1,0 +1,273 @@
+"""Compact weights: a built span or head rewritten to hold its matrices in bf16, fp16, int8 or int4.
+
+``quantize_module(module, dtype)`` is a transform applied to a built model (STYLE rule 6): it
+swaps every ``nn.Linear`` inside ``module`` for a weight-only linear that holds only the
+compact weights (the float32 matrix is dropped, so memory falls with it) and computes through
+PyTorch's own CPU kernels. Norms, rotary tables and the KV cache stay float32, and every
+linear takes and returns the caller's dtype (float32 on CPU): activations cross the wire as
+they always have, and ``SpanModel`` does not know the weights changed.
+
+Forms (``DTYPES``; "fp32" is the exactness reference and the default everywhere):
+
+* ``int8``: symmetric per-output-channel int8 codes ``[N, K]`` and scales ``[N]``;
+  ``aten._weight_int8pack_mm``. 1 byte/weight.
+* ``int4``: asymmetric groupwise codes, ``INT4_GROUP`` = 32 weights along K per (scale, zero)
+  pair, packed by ``aten._convert_weight_to_int4pack_for_cpu``; ``aten._weight_int4pack_mm_for_cpu``.
+  0.5 byte/weight + 4 bytes per group. The group is GGUF Q4_1's block (32 weights, a scale and
+  a minimum), so a Q4_1 file's blocks requantize to their own codes: int4 adds only the bf16
+  rounding of the scales and of the activations.
+* ``bf16``/``fp16``: the matrices cast; 2 bytes/weight.
+
+Both integer kernels are fast only for bf16 activations on CPU (measured 2026-12-02, one
+thread, docs/BENCHMARKS.md "Compact weights": float32 inputs take a scalar path 10x slower), so
+a compact linear casts its input to bf16 for the matmul and its output back. Off CPU, int8
+dequantizes its matrix per call (compact memory, not the fastest) and int4 is refused.
+
+``resolve_dtype("auto", device)`` picks the fastest form whose greedy agreement with fp32 on
+the default model stayed at or above ``AGREEMENT_FLOOR`` (``layerchain bench compute``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerchain.errors import ConfigError
+from layerchain.model.device import resolve_device
+
+DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int4")  # --dtype choices
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INT4_GROUP = 32  # weights along K sharing one (scale, zero): GGUF Q4_1's block size
+AGREEMENT_FLOOR = 0.9  # fraction of fp32's greedy tokens a form must reproduce to be "auto"
+# "auto" per device type, fastest first among those above the floor (BENCHMARKS "Compact weights")
+AUTO_DTYPE = {"cpu": "int4", "cuda": "bf16", "mps": "fp16"}
+_KERNEL_DTYPE = torch.bfloat16  # activations inside the integer kernels (their fast path)
+
+
+def check_dtype(name: str) -> str:
+    """``name`` if it is one of ``DTYPES``, else ConfigError listing them."""
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}")
+    return name
+
+
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> str:
+    """The concrete form (never "auto") to hold weights in on ``device`` (a ``torch.device``
+    or a ``model.device`` name, "auto" included).
+
+    "auto" maps through ``AUTO_DTYPE`` by device type; an explicit int4 off CPU is a
+    ConfigError (its packed layout and kernel are CPU ones).
+    """
+    kind = (resolve_device(device) if isinstance(device, str) else device).type
+    if check_dtype(name) == "auto":
+        return AUTO_DTYPE.get(kind, "fp32")
+    if name == "int4" and kind != "cpu":
+        raise ConfigError("--dtype int4 runs on CPU only", hint=f"use int8 or bf16 on {kind}")
+    return name
+
+
+class CastLinear(nn.Module):
+    """A linear with its weight ``[N, K]`` (and bias) held in bf16 or fp16; input/output dtype kept."""
+
+    weight: torch.Tensor  # [N, K] bf16 | fp16
+    bias: torch.Tensor | None  # [N]
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # the same tensor when it is already in ``dtype`` (a tied head shares its rows' table)
+        self.register_buffer(
+            "weight", weight if weight.dtype == dtype else weight.detach().to(dtype)
+        )
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> CastLinear:
+        return cls(linear.weight, linear.bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear: codes ``[N, K]`` int8, per-output-channel scales ``[N]``."""
+
+    codes: torch.Tensor  # [N, K] int8
+    scales: torch.Tensor  # [N] float32, applied after the kernel (bf16 would bias channels)
+    ones: torch.Tensor  # [N] bf16 ones: the kernel's own scale argument
+    bias: torch.Tensor | None  # [N] float32
+
+    def __init__(
+        self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales.float())
+        self.register_buffer("ones", torch.ones(codes.shape[0], dtype=_KERNEL_DTYPE))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        codes, scales = int8_codes(linear.weight.detach())
+        return cls(codes, scales, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)  # [M, K]
+        if flat.device.type == "cpu":
+            dots = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.ones)  # [M, N]
+        else:  # no fused kernel assumed: codes cast per call, memory stays compact
+            dots = F.linear(flat, self.codes.to(_KERNEL_DTYPE))
+        out = dots.float() * self.scales  # [M, N] float32
+        return _finish(out, x, self.bias, self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 linear, groups of ``INT4_GROUP`` along K, CPU packed layout.
+
+    ``packed`` is ``[N, K/2]`` uint8; ``scales_zeros`` ``[K/group, N, 2]`` bf16 with
+    w = (code - 8) * scale + zero, codes 0..15 (the layout ``_weight_int4pack_mm_for_cpu`` reads).
+    """
+
+    packed: torch.Tensor  # [N, K/2] uint8
+    scales_zeros: torch.Tensor  # [K/group, N, 2] bf16
+    bias: torch.Tensor | None  # [N] float32
+
+    def __init__(
+        self, codes: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [N, K/2] uint8
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros.to(_KERNEL_DTYPE))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+        codes, scales_zeros = int4_codes(linear.weight.detach().float(), INT4_GROUP)
+        return cls(codes, scales_zeros, linear.bias)
+
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        """The packing needs N % 16 == 0 and K % (group) == 0; other layers take int8."""
+        return linear.out_features % 16 == 0 and linear.in_features % INT4_GROUP == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)  # [M, K]
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed, INT4_GROUP, self.scales_zeros
+        )  # [M, N]
+        return _finish(out, x, self.bias, self.out_features)
+
+
+def int8_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (codes [N, K] int8 in -127..127, scales [N] float32), w ~= code * scale."""
+    weight = weight.float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [N]
+    codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes.contiguous(), scales
+
+
+def int4_codes(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float32 -> (codes [N, K] int32 in 0..15, scales_zeros [K/group, N, 2]).
+
+    Per group: scale = (max - min) / 15, code = round((w - min) / scale), and zero = min + 8 *
+    scale, so that (code - 8) * scale + zero = min + code * scale (GGUF Q4_1's d * q + m).
+    """
+    n, k = weight.shape
+    groups = weight.reshape(n, k // group, group)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, K/group]
+    scales = ((high - low) / 15).clamp(min=1e-12)
+    codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15)
+    zeros = low + 8 * scales
+    scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+    return codes.to(torch.int32).reshape(n, k), scales_zeros
+
+
+def _finish(
+    out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, features: int
+) -> torch.Tensor:
+    """Kernel output [M, N] -> x's dtype and leading shape [..., N], plus the bias."""
+    result = out.to(x.dtype).reshape(*x.shape[:-1], features)
+    return result if bias is None else result + bias.to(x.dtype)
+
+
+def compact_linear(linear: nn.Linear, dtype: str) -> nn.Module:
+    """The weight-only replacement of ``linear`` in the concrete form ``dtype``."""
+    if dtype in ("bf16", "fp16"):
+        return CastLinear.from_linear(linear, FLOAT_DTYPES[dtype])
+    if dtype == "int4" and Int4Linear.fits(linear):
+        return Int4Linear.from_linear(linear)
+    if dtype in ("int4", "int8"):
+        return Int8Linear.from_linear(linear)
+    raise ConfigError(f"no compact linear for dtype {dtype!r}")
+
+
+def quantize_module(module: nn.Module, dtype: str) -> nn.Module:
+    """Swap every ``nn.Linear`` in ``module`` for its ``dtype`` form, in place; return it.
+
+    ``dtype`` is concrete ("auto" must be resolved first: ConfigError). "fp32" changes nothing.
+    Each float32 matrix is released as its replacement is built (if nothing else holds it).
+    """
+    if check_dtype(dtype) == "auto":
+        raise ConfigError("resolve --dtype auto with resolve_dtype(name, device) first")
+    if dtype == "fp32":
+        return module
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, compact_linear(child, dtype))
+    return module
+
+
+class Int8Rows(nn.Module):
+    """An embedding table as int8 codes ``[V, H]`` + per-row scales ``[V]``: ids -> float32 rows."""
+
+    codes: torch.Tensor  # [V, H] int8
+    scales: torch.Tensor  # [V] float32
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)  # [V, H] int8
+        self.register_buffer("scales", scales.float())  # [V] float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> [B, T, H] float32."""
+        return F.embedding(ids, self.codes).float() * F.embedding(ids, self.scales[:, None])
+
+
+class CastRows(nn.Module):
+    """An embedding table held in bf16/fp16: ids -> float32 rows."""
+
+    table: torch.Tensor  # [V, H] bf16 | fp16
+
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("table", table.detach().to(dtype))  # [V, H]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.table).float()
+
+
+def compact_head_tables(
+    embed: torch.Tensor, lm_head: torch.Tensor, dtype: str
+) -> tuple[nn.Module, nn.Module]:
+    """(rows, projection) modules for a head's embedding ``[V, H]`` and LM head ``[V, H]``.
+
+    ``rows``: ids [B, T] -> [B, T, H] float32; ``projection``: [.., H] -> [.., V] logits.
+    int4 heads use int8 (the table doubles as embedding rows, which the packed int4 layout
+    cannot hand out; GGUF files keep this tensor in Q8_0 for the same reason). When tied
+    (``lm_head is embed``) the codes are shared by both modules.
+    """
+    if dtype in ("bf16", "fp16"):
+        torch_dtype = FLOAT_DTYPES[dtype]
+        cast_rows = CastRows(embed, torch_dtype)
+        table = cast_rows.table if lm_head is embed else lm_head
+        return cast_rows, CastLinear(table, None, torch_dtype)
+    codes, scales = int8_codes(embed)
+    rows = Int8Rows(codes, scales)
+    if lm_head is not embed:
+        codes, scales = int8_codes(lm_head)
+    return rows, Int8Linear(codes, scales, None)
