@@ -256,3 +256,55 @@ def test_a_node_redeems_a_clients_vouchers_on_the_chain_in_one_batch(chain, tmp_
     assert verify["ok"], verify["problems"]
     status = _json("ledger", "status", "--ledger", spec)
     assert status["backend"] == "evm" and len(status["channels"]) >= 2
+
+
+def test_worth_redeeming_weighs_credits_against_gas():
+    from layerchain.node.payments import REDEEM_GAS_MULTIPLE, redemption_gas, worth_redeeming
+
+    assert redemption_gas(0) == 0 and redemption_gas(2) > redemption_gas(1) > 0
+    assert worth_redeeming(REDEEM_GAS_MULTIPLE * 100, 100)
+    assert not worth_redeeming(REDEEM_GAS_MULTIPLE * 100 - 1, 100)
+    assert worth_redeeming(1, 0) and not worth_redeeming(0, 0)  # free (SQLite): anything
+
+
+def test_a_node_redeems_on_a_chain_when_worth_the_gas_or_on_a_close_request(chain, tmp_path):
+    """Below the threshold the vouchers wait (no transaction); above it, or once the payer
+    asks to close, one redeemMany; a voucher already redeemed is never sent again."""
+    import asyncio
+
+    from layerchain.market.vouchers import ChannelPayer
+    from layerchain.market.wallet import Wallet
+    from layerchain.node.payments import NodePayments
+
+    client, node = Wallet.generate(), Wallet.generate()
+    for wallet in (client, node):
+        chain.fund(wallet.address, 10**17)
+    payee_book = open_ledger(chain.ledger_spec, sender=node)
+    payer_book = open_ledger(chain.ledger_spec)
+    payer_book.deposit(client, 1_000_000)
+    payer = ChannelPayer(client, payer_book)
+    channel = payer.open(node.address, 600_000)
+    payments = NodePayments(node, model_id="m", price_per_block=1, ledger=payee_book,
+                            data_dir=tmp_path / "node", blocks=10, redeem_interval_s=30)
+    assert payments.book is not None
+    sent = payee_book.gas_used.setdefault("redeem_many", [])
+
+    async def rounds() -> list[int]:
+        got = []
+        payments.book.accept(payer.voucher_for(node.address, 1_000), 0)
+        got.append(await payments.redeem(force=False))  # 1,000 credits < 3 x ~84,000 gas
+        got.append(len(sent))
+        payments.book.accept(payer.voucher_for(node.address, 400_000), 0)
+        got.append(await payments.redeem(force=False))  # 401,000: worth it
+        got.append(await payments.redeem())  # nothing owed: not even a forced round sends
+        got.append(len(sent))
+        payments.book.accept(payer.voucher_for(node.address, 10), 0)
+        payer_book.close_channel(client, channel.channel_id)  # a close request
+        got.append(await payments.redeem(force=False))
+        return got
+
+    assert asyncio.run(rounds()) == [0, 0, 401_000, 0, 1, 10]
+    assert payee_book.balance(node.address) == 401_010
+    assert payee_book.channel(channel.channel_id).redeemed == 401_010
+    payee_book.close()
+    payer_book.close()
