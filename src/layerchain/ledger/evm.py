@@ -10,9 +10,9 @@ artifact loaded by ``ledger/contract.py``):
   owner's key (``Wallet.sign_transaction``: the key never leaves the process) and sent raw.
   Nonces: the pending transaction count, read under a per-address lock held until the
   chain accepted the transaction, so threads of one process never reuse one (another
-  process racing on the same address is retried). Each transaction is simulated first (``eth_estimateGas``); a revert becomes the
-  typed error of ``REVERTS`` with one line, before any gas is spent. ``gas_used`` tallies
-  each mined transaction's gas by kind;
+  process racing on the same address is retried). Each transaction is simulated first
+  (``eth_estimateGas``): a revert becomes the typed error of ``REVERTS`` with one line,
+  before any gas is spent. ``gas_used`` tallies each mined transaction's gas by kind;
 * ``redeem`` and ``redeem_many`` take no owner (a voucher pays its payee whoever submits
   it): they are sent by ``sender`` (``EvmLedger(..., sender=wallet)`` or ``set_sender``),
   a node's own wallet. A voucher the channel view shows as already redeemed credits 0
