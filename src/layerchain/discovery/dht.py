@@ -48,8 +48,10 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import layerchain.discovery._hivemind  # noqa: F401 - first: hivemind's own __init__ stays lazy
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
+from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
@@ -125,6 +127,18 @@ async def _visible_maddrs(_owner: object, node: DHTNode) -> list[str]:
 
 
 async def _routing_table_size(_owner: object, node: DHTNode) -> int:
+    return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+async def _join_again(_owner: object, node: DHTNode, peers: list[str]) -> int:
+    """Ping ``peers`` again (each ping: one RPC of ``wait_timeout``), then look up our own
+    neighbours as a join does; the routing table's size after. For a join whose first pings
+    all timed out: on a loaded machine the first dial (p2pd's handshake) can take longer
+    than an RPC's timeout, the second reuses the connection."""
+    ids = {PeerID.from_base58(Multiaddr(a)["p2p"]) for a in peers}
+    await asyncio.gather(*(node.protocol.call_ping(peer) for peer in ids))
+    if node.protocol.routing_table.uid_to_peer_id:
+        await node.find_nearest_nodes([node.node_id])
     return len(node.protocol.routing_table.uid_to_peer_id)
 
 
@@ -319,7 +333,8 @@ class HivemindDiscovery:
                 raise
         discovery = cls(thread, node, identity or Identity.generate(), peers, (), config)
         try:
-            if peers and await discovery._call(_routing_table_size) == 0:
+            if (peers and await discovery._call(_routing_table_size) == 0
+                    and await discovery._call(_join_again, peers=list(peers)) == 0):
                 raise _none_answered(peers)
             if not client_mode:  # a client-mode DHT takes no requests: nobody joins through it
                 discovery._visible_addresses = tuple(await discovery._call(_visible_maddrs))

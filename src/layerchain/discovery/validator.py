@@ -23,6 +23,7 @@ stores regular values and bytes sub-keys): run those on a DHT of their own.
 
 from __future__ import annotations
 
+import layerchain.discovery._hivemind  # noqa: F401 - first: hivemind's own __init__ stays lazy
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
