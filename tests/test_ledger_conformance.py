@@ -17,10 +17,10 @@ import pytest
 import layerchain.ledger.sqlite as sqlite_backend
 from layerchain.errors import ChannelError, InsufficientFunds, InvalidVoucher, LedgerError
 from layerchain.ledger import Ledger, LedgerConfig, Voucher, open_ledger, sign_voucher
-from layerchain.ledger.base import CLOSED, CLOSING, OPEN, EvidenceVerdict
+from layerchain.ledger.base import CLOSED, CLOSING, OPEN
 from layerchain.ledger.records import ledger_domain
-from layerchain.market.receipts import ZERO_HASH, Receipt, receipt_hash, sign_receipt
 from layerchain.market.wallet import Wallet
+from ledgers import KEYS, verdict_on
 
 CONFIG = LedgerConfig(
     dispute_window_s=100,
@@ -30,8 +30,6 @@ CONFIG = LedgerConfig(
     slash_bps=10_000,
     slash_reward_bps=5_000,
 )
-# eth-tester's funded dev keys, used as the wallets of both backends
-KEYS = [bytes(31) + bytes([n]) for n in range(1, 8)]
 
 
 @dataclass
@@ -262,42 +260,18 @@ def test_register_and_earn_an_uptime_reward(h):
     _ok(h)
 
 
-def _receipt(node: Wallet, step: int = 0) -> bytes:
-    receipt = Receipt(
-        session_id="s-1", step=step, model_id="tiny", start=0, end=4, tokens=1,
-        input_sha256=b"\x01" * 32, output_sha256=b"\x02" * 32, price_per_block=1, amount=4,
-        prev_hash=ZERO_HASH, node_address=node.address, fingerprint=b"\x03" * 16,
-    )
-    return sign_receipt(node, receipt).to_bytes()
-
-
-def _verdict(accuser: Wallet, node: Wallet, *, guilty: bool, step: int = 0) -> EvidenceVerdict:
-    receipt = _receipt(node, step)
-    return EvidenceVerdict(
-        evidence_hash="0x" + receipt_hash_of(receipt).hex(), accuser=accuser.address,
-        accused=node.address, step=step, guilty=guilty, distance=1.0 if guilty else 0.0,
-        tolerance=0.1, reason="test verdict", receipt=receipt,
-    )
-
-
-def receipt_hash_of(wire: bytes) -> bytes:
-    from layerchain.market.receipts import SignedReceipt
-
-    return receipt_hash(SignedReceipt.from_bytes(wire).receipt)
-
-
 def test_slash_guilty_once_and_not_guilty_costs_the_bond(h):
     _, alice, bob, _, node, *_ = h.wallets
     h.ledger.deposit(node, 200)
     h.ledger.register_node(node, 200, 4)
     h.ledger.deposit(alice, 150)
     with pytest.raises(InsufficientFunds):  # bob holds no bond
-        h.ledger.slash(bob, _verdict(bob, node, guilty=True))
-    acquitted = h.ledger.slash(alice, _verdict(alice, node, guilty=False, step=1))
+        h.ledger.slash(bob, verdict_on(bob, node, guilty=True))
+    acquitted = h.ledger.slash(alice, verdict_on(alice, node, guilty=False, step=1))
     assert (acquitted.guilty, acquitted.bond, acquitted.slashed) == (False, 100, 0)
     assert (h.ledger.balance(alice.address), h.ledger.balance(node.address)) == (50, 100)
     h.ledger.deposit(alice, 100)
-    verdict = _verdict(alice, node, guilty=True)
+    verdict = verdict_on(alice, node, guilty=True)
     result = h.ledger.slash(alice, verdict)
     assert (result.guilty, result.slashed, result.reward, result.burned) == (True, 200, 100, 100)
     assert result.accused == node.address and result.seq == h.ledger.head()[0]
@@ -306,7 +280,7 @@ def test_slash_guilty_once_and_not_guilty_costs_the_bond(h):
     with pytest.raises(LedgerError):  # a receipt convicts once
         h.ledger.slash(alice, verdict)
     with pytest.raises(LedgerError, match="receipt is"):  # pinned on someone else
-        h.ledger.slash(alice, replace(_verdict(alice, node, guilty=True, step=2), accused=bob.address))
+        h.ledger.slash(alice, replace(verdict_on(alice, node, guilty=True, step=2), accused=bob.address))
     _ok(h)
 
 

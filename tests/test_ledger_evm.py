@@ -23,7 +23,7 @@ from layerchain.ledger.evm import (
 )
 from layerchain.ledger.signatures import eip712_domain, keccak256
 from layerchain.market.wallet import Wallet
-from test_ledger_conformance import KEYS, _verdict
+from ledgers import KEYS, verdict_on
 
 CONFIG = LedgerConfig(dispute_window_s=100, min_stake=10, accuser_bond=100)
 
@@ -170,7 +170,7 @@ def test_forged_verdicts_revert_and_referees_sign_elsewhere(chain):
     ledger.deposit(node, 100)
     ledger.register_node(node, 100, 2)
     ledger.deposit(alice, 300)
-    verdict = _verdict(alice, node, guilty=True)
+    verdict = verdict_on(alice, node, guilty=True)
     with pytest.raises(LedgerError, match="referee signature"):
         ledger.slash(alice, verdict)
     impostor = Wallet.generate()
@@ -212,7 +212,7 @@ def test_unstaking_waits_and_stays_slashable_payout_takes_the_earnings(chain):
     assert ledger.unstaking(node.address) == (40, unstake_at) and ledger.node(node.address).stake == 60
     with pytest.raises(LedgerError, match="not over"):
         ledger.complete_unstake(node)
-    result = ledger.slash(alice, _verdict(alice, node, guilty=True))
+    result = ledger.slash(alice, verdict_on(alice, node, guilty=True))
     assert result.slashed == 100  # the stake and what is unstaking
     chain.advance(3601)
     with pytest.raises(LedgerError, match="nothing is unstaking"):
