@@ -212,6 +212,25 @@ class Deployed:
         )
         return dict(zip(names, self.fn.node(address).call()))
 
+    def assert_backed(self) -> None:
+        """The contract holds exactly ``creditWei`` wei for every credit it owes (balances,
+        unspent channel deposits, stakes, what is unstaking, the reward pool) or burned."""
+        events = self.contract.events
+        channel_ids, burned = set(), 0
+        for receipt in self.receipts[1:]:
+            for log in events.ChannelOpened().process_receipt(receipt, errors=DISCARD):
+                channel_ids.add(bytes(log["args"]["id"]))
+            for log in events.Slashed().process_receipt(receipt, errors=DISCARD):
+                burned += log["args"]["burned"]
+        owed = int(self.fn.rewardPool().call())
+        for wallet in self.evm.wallets:
+            node = self.node(wallet)
+            owed += self.balance(wallet) + node["stake"] + node["unstaking"]
+        for channel_id in channel_ids:
+            channel = self.channel(channel_id)
+            owed += channel["deposit"] - channel["redeemed"] - channel["refunded"]
+        assert self.evm.w3.eth.get_balance(self.address) == (owed + burned) * self.rules.credit_wei
+
     def redeem(self, payer: Wallet, channel_id: bytes, nonce: int, amount: int, submitter: Wallet) -> int:
         sig = self.voucher(payer, channel_id, nonce, amount)
         return int(self.send(self.fn.redeem(channel_id, nonce, amount, sig), submitter))
@@ -333,6 +352,7 @@ def test_deposit_and_withdraw_move_ether_at_the_credit_rate(chain: Deployed, evm
     assert chain.reverts(chain.fn.withdraw(3_002), client, "InsufficientFunds") == (3_001, 3_002)
     chain.reverts(chain.fn.withdraw(0), client, "BadAmount")
     assert chain.reverts(chain.fn.withdraw(1), people["stranger"], "InsufficientFunds") == (0, 1)
+    chain.assert_backed()
 
 
 # --------------------------------------------------------------------------- channels
@@ -384,6 +404,7 @@ def test_open_top_up_and_redeem(chain: Deployed, evm: Evm, people: dict[str, Wal
     unknown = b"\x01" * 32
     sig = chain.voucher(client, unknown, 1, 1)
     chain.reverts(chain.fn.redeem(unknown, 1, 1, sig), node, "ChannelState")
+    chain.assert_backed()
 
 
 def test_forged_foreign_and_malleable_vouchers_revert(chain: Deployed, evm: Evm, people: dict[str, Wallet]) -> None:
@@ -446,6 +467,7 @@ def test_redeem_many_settles_a_nodes_channels_in_one_transaction(chain: Deployed
         chain.reverts(chain.fn.redeemMany([voucher(0, 3, 60), bad]), node, error)
     assert chain.balance(node) == 165 and chain.channel(channels[0])["redeemed"] == 45
     assert chain.send(chain.fn.redeemMany([]), node) == 0
+    chain.assert_backed()
 
 
 def test_close_waits_out_the_dispute_window(chain: Deployed, evm: Evm, people: dict[str, Wallet]) -> None:
@@ -476,6 +498,7 @@ def test_close_waits_out_the_dispute_window(chain: Deployed, evm: Evm, people: d
     assert "closed" in chain.reverts(chain.fn.redeem(channel_id, 3, 400, later), node, "ChannelState")[0]
     chain.reverts(chain.fn.closeChannel(channel_id), client, "ChannelState")
     assert chain.balance(client) + chain.balance(node) == 1_000  # credits conserved
+    chain.assert_backed()
 
 
 def test_zero_dispute_window_closes_at_once(evm: Evm, people: dict[str, Wallet]) -> None:
@@ -520,6 +543,7 @@ def test_register_and_unstake_after_the_delay(chain: Deployed, evm: Evm, people:
     evm.travel(120)
     assert chain.send(chain.fn.completeUnstake(), node) == 400
     assert chain.balance(node) == 900 and chain.node(node)["unstaking"] == 0
+    chain.assert_backed()
 
 
 def test_rewards_are_bounded_by_attested_uptime_and_paid_from_the_pool(chain: Deployed, evm: Evm, people: dict[str, Wallet]) -> None:
@@ -563,6 +587,7 @@ def test_rewards_are_bounded_by_attested_uptime_and_paid_from_the_pool(chain: De
     assert chain.send(chain.fn.claimReward(), node) == capped
     assert chain.node(node)["rewarded_until"] == last + rules.max_reward_period_s
     chain.reverts(chain.fn.claimReward(), people["stranger"], "NotRegistered")
+    chain.assert_backed()
 
 
 def test_payout_address_receives_redemptions_and_rewards(chain: Deployed, evm: Evm, people: dict[str, Wallet]) -> None:
@@ -584,6 +609,7 @@ def test_payout_address_receives_redemptions_and_rewards(chain: Deployed, evm: E
     assert chain.node(node)["payout"] == "0x" + "00" * 20
     chain.redeem(client, channel_id, 2, 600, submitter=node)
     assert chain.balance(node) == 100
+    chain.assert_backed()
 
 
 # ---------------------------------------------------------------------------- slashing
@@ -615,6 +641,7 @@ def test_guilty_verdict_slashes_the_stake_once(chain: Deployed, evm: Evm, people
     args = chain.reverts(chain.fn.slash(receipt, receipt_sig, keccak256(b"other"), True, again), accuser, "BadEvidence")
     assert "already convicted" in args[0]
     assert chain.node(node)["stake"] == 500
+    chain.assert_backed()
 
 
 def test_stake_being_unstaked_is_still_slashable(chain: Deployed, evm: Evm, people: dict[str, Wallet]) -> None:
@@ -627,6 +654,7 @@ def test_stake_being_unstaked_is_still_slashable(chain: Deployed, evm: Evm, peop
     assert chain.send(chain.fn.slash(receipt, receipt_sig, evidence, True, sigs), accuser) == 500
     evm.travel(chain.rules.unstake_delay_s + 1)
     assert chain.send(chain.fn.completeUnstake(), node) == 500
+    chain.assert_backed()
 
 
 def test_forged_accusations_revert(evm: Evm, people: dict[str, Wallet]) -> None:
@@ -682,6 +710,7 @@ def test_forged_accusations_revert(evm: Evm, people: dict[str, Wallet]) -> None:
     assert chain.node(node)["stake"] == 1_000 and chain.balance(accuser) == chain.rules.accuser_bond
     # the real verdict of two referees (any two) goes through
     assert chain.send(chain.fn.slash(receipt, receipt_sig, evidence, True, sigs(referees[1:])), accuser) == 500
+    chain.assert_backed()
 
 
 def test_not_guilty_pays_the_bond_to_the_accused(chain: Deployed, evm: Evm, people: dict[str, Wallet]) -> None:
@@ -696,6 +725,7 @@ def test_not_guilty_pays_the_bond_to_the_accused(chain: Deployed, evm: Evm, peop
     assert chain.node(node)["stake"] == 1_000 and not chain.fn.convicted(keccak256(receipt)).call()
     # the accuser no longer holds a bond: it cannot accuse again
     chain.reverts(chain.fn.slash(receipt, receipt_sig, evidence, False, sigs), accuser, "InsufficientFunds")
+    chain.assert_backed()
 
 
 def test_balances_rebuild_from_events(chain: Deployed, evm: Evm, people: dict[str, Wallet]) -> None:
