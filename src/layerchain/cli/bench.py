@@ -4,7 +4,9 @@
 `layerchain bench routing` times the route planner over random swarms;
 `layerchain bench faults` kills hops mid-generation; `layerchain bench gateway` compares a
 direct client with the HTTP gateway; `layerchain bench hostile` runs the attacks of issue 12; `layerchain bench verify` runs
-audits against cheating nodes (issue 14).
+audits against cheating nodes (issue 14); `layerchain bench compute` times the whole model per
+weight form (--dtype) against llama.cpp; `layerchain bench step` shows where a decode step's
+time goes through a span (matmuls, attention, dispatch; the plain and the lean path).
 """
 
 from __future__ import annotations
@@ -166,6 +168,91 @@ def bench_wire(
     if mode not in ("rpc", "raw") or not 1 <= tokens <= 512 or iterations < 1:
         raise ConfigError("bench wire needs --mode rpc|raw, --tokens 1..512, --iterations >= 1")
     _print(side_by_side(iterations=iterations, tokens=tokens, mode=mode), as_json)
+
+
+@bench_app.command("memory")
+def bench_memory(
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
+    blocks: str = typer.Option("3,10", help="Comma-separated block counts, one node each."),
+    dtypes: str = typer.Option("fp32", help="Comma-separated dtypes (int8 ... once nodes take --dtype)."),
+    threads: int = typer.Option(0, help="Torch threads of each node (0 = torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """PSS of a real node's processes serving N blocks, minus its weights (issue 21): rows
+    [{blocks, dtype, pss_mb_total, pss_mb_by_process, weights_mb, overhead_mb}]."""
+    from layerchain.bench.memory import run_memory_bench
+    from layerchain.errors import ConfigError
+
+    try:
+        counts = tuple(int(b) for b in blocks.split(",") if b.strip())
+    except ValueError:
+        counts = ()
+    names = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    if not counts or min(counts) < 1 or not names:
+        raise ConfigError("bench memory needs --blocks N[,N...] (each >= 1) and --dtypes NAME[,NAME...]")
+    _print(run_memory_bench(model=model, blocks=counts, dtypes=names, threads=threads or None),
+           as_json)
+
+
+@bench_app.command("compute")
+def bench_compute(
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
+    dtypes: str = typer.Option(
+        "fp32,bf16,int8,int4", help="Comma-separated weight forms to time (model.quant.DTYPES)."
+    ),
+    threads: str = typer.Option("1", help="Comma-separated torch/llama.cpp thread counts, e.g. 1,2."),
+    tokens: int = typer.Option(32, help="Decode steps timed per run."),
+    repeats: int = typer.Option(3, help="Runs per row; the best is kept (a shared machine)."),
+    agreement: bool = typer.Option(
+        True, "--agreement/--no-agreement", help="Also score each form's greedy agreement with fp32."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The whole model decoding in one process per weight form, and llama.cpp on the same
+    GGUF when llama-cpp-python is installed: rows [{runtime, dtype, ms_per_token,
+    tokens_per_s, weights_mb, ...}], ratio_vs_llamacpp (best ours / llama.cpp)."""
+    from layerchain.bench.compute import bench_compute as run
+    from layerchain.errors import ConfigError
+
+    try:
+        counts = tuple(int(t) for t in threads.split(",") if t.strip())
+    except ValueError:
+        counts = ()
+    names = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    if not counts or min(counts) < 1 or not names or tokens < 1 or repeats < 1:
+        raise ConfigError(
+            "bench compute needs --threads N[,N...] (each >= 1), --dtypes NAME[,NAME...], "
+            "--tokens >= 1 and --repeats >= 1"
+        )
+    _print(run(model=model, dtypes=names, threads=counts, tokens=tokens, repeats=repeats,
+               agreement=agreement), as_json)
+
+
+@bench_app.command("step")
+def bench_step(
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
+    blocks: int = typer.Option(10, help="Blocks in the span (from block 0)."),
+    context: int = typer.Option(128, help="Tokens already in the KV cache at each step."),
+    steps: int = typer.Option(20, help="Steps per round and path."),
+    rounds: int = typer.Option(10, help="Rounds, alternating the plain and the lean path."),
+    threads: int = typer.Option(1, help="Torch threads (0 = torch's default)."),
+    device: str = typer.Option("cpu", help="cpu, cuda (cuda:N), mps or auto."),
+    compile: bool = typer.Option(
+        False, "--compile", help="Also time torch.compile of each block's MLP and norms "
+        "(minutes of compilation on a small CPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Where a one-token decode step through a span goes: ms_per_step_p50, before_ms /
+    after_ms (the layers' own forward vs the lean decode path, side by side), matmul_share,
+    node_extras_ms (commitment, receipt, codec), and compile figures with --compile."""
+    from layerchain.bench.step import run_step_bench
+    from layerchain.errors import ConfigError
+
+    if blocks < 1 or context < 1 or steps < 1 or rounds < 1 or threads < 0:
+        raise ConfigError("bench step needs --blocks, --context, --steps, --rounds >= 1 and "
+                          "--threads >= 0")
+    _print(run_step_bench(model, blocks=blocks, context=context, steps=steps, rounds=rounds,
+                          threads=threads, device=device, compile=compile), as_json)
 
 
 def register(app: typer.Typer) -> None:
