@@ -1,12 +1,19 @@
 """A span of decoder blocks ``[start, end)`` and its per-session KV cache.
 
-``load_span(spec, start, end)`` builds transformers' own decoder-layer classes for the model's
-family (each with its true global ``layer_idx``), on the meta device, then fills them with the
-span's tensors only, as float32. Memory for weights is thus proportional to the span's share of
-the blocks. ``SpanModel.forward(hidden, cache)`` runs the blocks on hidden states
+``load_span(spec, start, end, device=...)`` builds transformers' own decoder-layer classes for
+the model's family (each with its true global ``layer_idx``), on the meta device, then fills
+them with the span's tensors only, as float32, one block at a time moved to ``device`` (CPU by
+default; ``model.device``). Memory for weights is thus proportional to the span's share of the
+blocks. ``SpanModel.forward(hidden, cache)`` runs the blocks on hidden states
 ``[batch, tokens, hidden]`` at positions ``cache.length + arange(tokens)``, appending the new
 keys and values to ``cache``. A chain of spans computes exactly what the whole model computes in
 one process, because it runs the same layers with the same masks and positions.
+
+Placement: the span's weights, rotary tables and every KV cache it makes live on
+``span.device``; ``forward`` takes hidden states from anywhere (the wire delivers them in CPU
+memory, in the sender's dtype) and moves them with one copy to the span's device and compute
+dtype (``span.compute_dtype``); its output stays there (the caller moves it once, e.g. to the
+wire). Every tensor a step creates (positions, masks, cache storage) is made on that device.
 
 The causal mask is built explicitly whenever it is not trivial (several tokens, or a sliding
 window shorter than the context), so a step of T > 1 tokens on a cache that already holds tokens
@@ -18,14 +25,18 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from layerchain.errors import ModelFileError, SpanError
+from layerchain.model.device import resolve_device
 from layerchain.model.families import sliding_window_of
+from layerchain.model.quant import quantize_module
 from layerchain.model.spec import ModelSpec
 from layerchain.types import Span
 
@@ -104,7 +115,8 @@ class KVCache:
 
 
 class SpanModel(nn.Module):
-    """Decoder blocks ``[start, end)`` of one model, float32, eval mode, no gradients."""
+    """Decoder blocks ``[start, end)`` of one model, eval mode, no gradients, on one device
+    (``device``), computing in one dtype (``compute_dtype``: float32 unless cast to half)."""
 
     def __init__(
         self,
@@ -125,6 +137,31 @@ class SpanModel(nn.Module):
         # is deprecated with a FutureWarning); older releases know only ``past_key_values``
         accepted = inspect.signature(spec.family_info.decoder_layer.forward).parameters
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self._placement = _placement_of(self)  # (device, compute dtype), kept by ``_apply``
+        self.rotary_emb.to(self._placement[0])  # with the blocks, whoever built them
+        # one-token steps needing no mask (every decode step within the window) run the
+        # blocks through ``LeanDecode``: the same modules and functions in the same order,
+        # without the decoder layer's own dispatch; False: always the layers' own forward
+        self._lean = LeanDecode.for_layers(spec, layers)
+        self.fast_decode = self._lean is not None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights, the rotary tables and the KV caches live, and steps compute."""
+        return self._placement[0]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype hidden states are computed in (that of the blocks' norms: float32 for
+        float32 or weight-only quantized spans, bfloat16/float16 for a cast span)."""
+        return self._placement[1]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SpanModel:
+        """``nn.Module._apply`` (behind ``.to``, ``.cuda``, ``.half``), then re-read the
+        placement, so ``device``/``compute_dtype`` never go stale."""
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self._placement = _placement_of(self)
+        return self
 
     @property
     def span(self) -> Span:
@@ -150,7 +187,9 @@ class SpanModel(nn.Module):
         return start, end
 
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of weights held: parameters and buffers (compact forms keep theirs in buffers)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(
         self,
@@ -159,7 +198,9 @@ class SpanModel(nn.Module):
         start: int | None = None,
         end: int | None = None,
     ) -> torch.Tensor:
-        """hidden [B, T, H] float32 -> [B, T, H] through blocks ``[start, end)``.
+        """hidden [B, T, H] -> [B, T, H] through blocks ``[start, end)``; the input may be on
+        any device in any float dtype (moved with one copy, ``to_span``), the output is on
+        ``device`` in ``compute_dtype``.
 
         With a cache: runs the cache's blocks (``start``/``end``, if given, must agree) under
         ``torch.inference_mode`` at positions ``cache.length + arange(T)``, appending T tokens.
@@ -171,6 +212,7 @@ class SpanModel(nn.Module):
                 f"hidden states must be [batch, tokens, {self.config.hidden_size}], "
                 f"got {list(hidden.shape)}"
             )
+        hidden = self.to_span(hidden)
         if cache is None:
             return self._run(hidden, None, 0, *self._sub_range(start, end))
         if (start is not None and start != cache.start) or (end is not None and end != cache.end):
@@ -196,27 +238,53 @@ class SpanModel(nn.Module):
             )
         self._sub_range(cache.start, cache.end)
         past = cache.length
+        hidden = self.to_span(hidden)
+        rotary = None  # the step's positions and cos/sin, computed once for all its blocks
         for block in range(cache.start, cache.end):
             with torch.inference_mode():
-                hidden = self._run(hidden, cache, past, block, block + 1)
+                if rotary is None:
+                    rotary = self._positions(hidden, past)
+                hidden = self._run(hidden, cache, past, block, block + 1, rotary)
             if block + 1 == cache.end:
                 cache.length = past + hidden.shape[1]
             yield hidden
 
+    def to_span(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` on this span's device in its compute dtype: itself when it already is,
+        else one copy (a wire tensor in CPU memory to a GPU, a float16 input to float32)."""
+        device, dtype = self._placement
+        if hidden.device == device and hidden.dtype == dtype:
+            return hidden
+        return hidden.to(device=device, dtype=dtype)
+
+    def _positions(self, hidden: torch.Tensor, past: int) -> Rotary:
+        """Position ids [1, T] of a step's tokens and their rotary (cos, sin), each
+        [1, T, rot_dim], on ``hidden``'s device: the same for every block of the step."""
+        tokens = hidden.shape[1]
+        position_ids = torch.arange(past, past + tokens, device=hidden.device).unsqueeze(0)
+        return position_ids, self.rotary_emb(hidden, position_ids)
+
     def _run(
-        self, hidden: torch.Tensor, cache: KVCache | None, past: int, start: int, end: int
+        self,
+        hidden: torch.Tensor,
+        cache: KVCache | None,
+        past: int,
+        start: int,
+        end: int,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
         tokens = hidden.shape[1]
-        position_ids = torch.arange(past, past + tokens, device=hidden.device).unsqueeze(
-            0
-        )  # [1, T]
-        cos_sin = self.rotary_emb(hidden, position_ids)  # ([1, T, rot_dim], [1, T, rot_dim])
+        position_ids, cos_sin = self._positions(hidden, past) if rotary is None else rotary
         masks: dict[int | None, torch.Tensor | None] = {}
         lo, hi = start - self.start, end - self.start
         cache_kwargs = {self._cache_arg: cache, "use_cache": cache is not None}
+        lean = self._lean if self.fast_decode and tokens == 1 and cache is not None else None
         for layer, window in zip(self.layers[lo:hi], self.windows[lo:hi], strict=True):
             if window not in masks:
                 masks[window] = causal_mask(past, tokens, window, hidden.device)
+            if lean is not None and cache is not None and masks[window] is None:
+                hidden = lean(layer, hidden, cos_sin, cache)
+                continue
             out = layer(
                 hidden,
                 attention_mask=masks[window],
@@ -226,6 +294,75 @@ class SpanModel(nn.Module):
             )
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+
+Rotary = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # position ids, (cos, sin)
+
+LEAN_FAMILIES = ("llama", "mistral", "qwen2")  # blocks shaped as transformers' LlamaDecoderLayer
+
+
+@dataclass(frozen=True)
+class LeanDecode:
+    """One-token decode steps without a mask through llama-shaped blocks, op for op what
+    the block's own ``forward`` computes (the same modules, transformers' own rotary and SDPA
+    functions, in the same order, so the outputs are bit-identical; tests/test_span_overheads
+    checks every such family), minus the per-layer dispatch around them: the decoder layer's
+    and attention's ``__call__`` and keyword-deprecation wrappers, the attention-interface
+    lookup, the keyword dictionaries. About a tenth of a 10-block SmolLM2 decode step on CPU
+    (docs/BENCHMARKS.md, "Per-step overheads")."""
+
+    rotate: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # the family's apply_rotary_pos_emb
+    attend: Callable[..., tuple[torch.Tensor, Any]]  # transformers' sdpa_attention_forward
+
+    @classmethod
+    def for_layers(cls, spec: ModelSpec, layers: list[nn.Module]) -> LeanDecode | None:
+        """The lean path for ``layers`` of ``spec``'s family, or None when they are not all
+        the family's own blocks (a cheat's stand-ins) or the family is not llama-shaped."""
+        family = spec.family_info
+        if family.name not in LEAN_FAMILIES or not layers:
+            return None
+        if not all(type(layer) is family.decoder_layer for layer in layers):
+            return None
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        module = sys.modules[family.decoder_layer.__module__]
+        return cls(module.apply_rotary_pos_emb, ALL_ATTENTION_FUNCTIONS["sdpa"])
+
+    def __call__(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """``layer(hidden, attention_mask=None, position_embeddings=cos_sin, cache=cache)``
+        for hidden [B, 1, H]."""
+        block: Any = layer  # a llama-shaped decoder layer (``for_layers`` checked its class)
+        attn = block.self_attn
+        residual = hidden
+        x = block.input_layernorm(hidden)
+        shape = (*x.shape[:-1], -1, attn.head_dim)  # [B, T, heads, D]
+        query = attn.q_proj(x).view(shape).transpose(1, 2)  # [B, heads, T, D]
+        key = attn.k_proj(x).view(shape).transpose(1, 2)  # [B, kv_heads, T, D]
+        value = attn.v_proj(x).view(shape).transpose(1, 2)
+        query, key = self.rotate(query, key, *cos_sin)
+        key, value = cache.update(key, value, attn.layer_idx)
+        out, _ = self.attend(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
+        hidden = residual + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+        residual = hidden
+        out = block.mlp(block.post_attention_layernorm(hidden))
+        return residual + out  # type: ignore[no-any-return]
+
+
+def _placement_of(span: SpanModel) -> tuple[torch.device, torch.dtype]:
+    """(device, compute dtype) of a span: those of its first RMS norm's weight (never
+    quantized, always in the dtype activations run in), else of its first floating tensor."""
+    norm = span.spec.family_info.rms_norm
+    tensors: list[torch.Tensor] = [
+        next(m.parameters()) for m in span.layers.modules() if isinstance(m, norm)
+    ]
+    tensors += [t for t in (*span.parameters(), *span.buffers()) if t.is_floating_point()]
+    return (tensors[0].device, tensors[0].dtype) if tensors else (torch.device("cpu"), torch.float32)
 
 
 def causal_mask(
@@ -254,13 +391,29 @@ def span_config(spec: ModelSpec) -> PretrainedConfig:
     return config
 
 
-def load_span(spec: ModelSpec, start: int, end: int) -> SpanModel:
+def load_span(
+    spec: ModelSpec,
+    start: int,
+    end: int,
+    *,
+    dtype: str = "fp32",
+    device: str | torch.device = "cpu",
+) -> SpanModel:
     """Blocks ``[start, end)`` of ``spec`` with only their own tensors loaded (float32, eval).
 
+    ``dtype`` (concrete, see ``quant.resolve_dtype``) other than fp32 rewrites each block's
+    linears in that compact form as it loads (``quant.quantize_module``), so at most one
+    block's float32 matrices are held at a time.
+
+    ``device`` (a ``model.device`` name or a ``torch.device``): each block is read into CPU
+    memory and moved there before the next is read, so the CPU holds one block's tensors at
+    most.
+
     Raises SpanError for an empty or out-of-range span, ModelFileError for missing or
-    unreadable tensors.
+    unreadable tensors, ConfigError for a device this machine does not have.
     """
     Span(start, end).check_within(spec.num_blocks)
+    place = resolve_device(device) if isinstance(device, str) else device
     config = span_config(spec)
     layer_cls = spec.family_info.decoder_layer
     layers = []
@@ -276,7 +429,7 @@ def load_span(spec: ModelSpec, start: int, end: int) -> SpanModel:
                 f"block {index} of {spec.name} does not fit its config: "
                 f"{str(error).splitlines()[0]}"
             ) from None
-        layers.append(layer)
+        layers.append(quantize_module(layer, dtype).to(place))
     span = SpanModel(spec, start, end, layers, config)
     span.eval().requires_grad_(False)
-    return span
+    return span.to(place)  # the rotary tables; the blocks are there already
