@@ -63,7 +63,7 @@ from layerchain.ledger.base import (
 )
 from layerchain.ledger.checkpoints import Checkpoint, check_checkpoints, sign_checkpoint
 from layerchain.ledger.evm_events import Event, journal_entries, replay_events
-from layerchain.ledger.records import Voucher, decode_voucher
+from layerchain.ledger.records import Voucher, decode_voucher, voucher_signer
 from layerchain.ledger.signatures import (
     Signer,
     address_bytes,
@@ -521,7 +521,7 @@ class EvmLedger:
         return self._redeem([decode_voucher(data) for data in vouchers], "redeem_many")
 
     def _redeem(self, decoded: list[tuple[Voucher, bytes]], kind: str) -> list[int]:
-        fresh = [(v, sig) for v, sig in decoded if not self._stale(v)]
+        fresh = [(v, sig) for v, sig in decoded if not self._stale(v, sig)]
         if not fresh:
             return [0] * len(decoded)
         if kind == "redeem":
@@ -544,11 +544,22 @@ class EvmLedger:
                     for e in self._events_of(receipt, "Redeemed")}
         return [credited.pop((v.channel_id, v.nonce), 0) for v, _ in decoded]
 
-    def _stale(self, voucher: Voucher) -> bool:
+    def _stale(self, voucher: Voucher, signature: bytes) -> bool:
         """Whether the channel already redeemed this voucher's nonce or amount (the contract
-        would credit 0); an unknown channel is left to the contract to refuse."""
-        row = self._view("channel", bytes.fromhex(voucher.channel_id[2:]))
-        return bool(row[5] != 0 and (voucher.nonce <= row[4] or voucher.cumulative_amount <= row[3]))
+        would credit 0: no transaction is worth sending). InvalidVoucher first if it is not
+        the payer's signature under this ledger's domain, as the SQLite ledger checks it
+        (the contract skips a stale voucher unchecked). An unknown channel is left to the
+        contract to refuse."""
+        payer, _, _, redeemed, nonce, state, _, _ = self._view(
+            "channel", bytes.fromhex(voucher.channel_id[2:])
+        )
+        if state == 0:
+            return False
+        if voucher_signer(voucher, signature, self.domain_separator) != address_bytes(payer):
+            raise _other_domain(InvalidVoucher(
+                f"voucher refused: not signed by the channel's payer {payer}"
+            ))
+        return bool(voucher.nonce <= nonce or voucher.cumulative_amount <= redeemed)
 
     def close_channel(self, payer: Signer, channel_id: str) -> int:
         cid = _channel_id(channel_id)
