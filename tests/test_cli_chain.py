@@ -256,6 +256,8 @@ def test_a_node_redeems_a_clients_vouchers_on_the_chain_in_one_batch(chain, tmp_
     assert verify["ok"], verify["problems"]
     status = _json("ledger", "status", "--ledger", spec)
     assert status["backend"] == "evm" and len(status["channels"]) >= 2
+    journal = _json("ledger", "journal", "--ledger", spec, "--last", "0")
+    assert journal[-1]["seq"] == status["journal_entries"] == len(journal)
 
 
 def test_worth_redeeming_weighs_credits_against_gas():
