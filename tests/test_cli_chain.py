@@ -310,3 +310,19 @@ def test_a_node_redeems_on_a_chain_when_worth_the_gas_or_on_a_close_request(chai
     assert payee_book.channel(channel.channel_id).redeemed == 401_010
     payee_book.close()
     payer_book.close()
+
+
+def test_demo_gas_figures_from_a_gas_report():
+    from layerchain.cli.demo import settlement_gas
+    from layerchain.ledger.chain import GasReport
+
+    report = GasReport({"openChannel": (80_000, 90_000), "redeemMany": (100_000,),
+                        "redeem": (50_000,), "closeChannel": (29_000, 29_000),
+                        "deposit": (45_000,)}, redeemed_channels=3)
+    gas = settlement_gas(report, tokens=44)
+    assert (gas["open"], gas["redeem"], gas["close"]) == (85_000, 50_000, 29_000)
+    # 2 opens + 2 redemptions + 2 closes (not the deposit) over 44 tokens
+    assert gas["per_1k_tokens"] == round(6_000 / 44, 3)
+    assert gas["transactions"]["deposit"] == 1
+    assert settlement_gas(GasReport({}, 0), tokens=0) == {
+        "open": 0, "redeem": 0, "close": 0, "per_1k_tokens": 0.0, "transactions": {}}

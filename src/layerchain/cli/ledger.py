@@ -161,7 +161,8 @@ def wallet_deposit(
     data_dir: Path = DATA_DIR, ledger: Optional[str] = LEDGER,
     contract: Optional[str] = CONTRACT, as_json: bool = JSON,
 ) -> None:
-    """Mint test credits into this wallet's ledger account (creates the ledger file if needed)."""
+    """Mint test credits into this wallet's ledger account (creates the ledger file if needed);
+    on an EVM ledger, send AMOUNT x creditWei of the wallet's ether into the contract."""
     wallet = _wallet(data_dir)
     with _open(data_dir, ledger, create=True, contract=contract) as book:
         balance = book.deposit(wallet, amount)
