@@ -49,7 +49,7 @@ def score(route, peers, alpha, mode="client", peer_rtts=None):
     for i, hop in enumerate(route):
         p = by_id[hop.peer_id]
         n = hop.end - hop.start
-        lat += n * p.ms_per_block
+        lat += n * p.ms_per_block + p.queue_ms
         price += n * p.price_per_block
         if mode == "client":
             lat += p.rtt_ms
@@ -83,14 +83,15 @@ def frontier(points):
 
 
 def random_swarm(rng, covered=True):
-    """2-6 peers over 3-8 blocks; values are multiples of 0.5 so sums are exact."""
+    """2-6 peers over 3-8 blocks; values are multiples of 0.5 so sums are exact; some
+    peers are busy (a queueing delay per hop)."""
     blocks = rng.randint(3, 8)
     peers = []
     for i in range(rng.randint(2, 6)):
         s = rng.randrange(blocks)
         e = rng.randint(s + 1, blocks)
         peers.append(RoutePeer(f"p{i}", s, e, rng.randint(0, 8) / 2, rng.randint(0, 8) / 2,
-                               rng.randint(0, 10) / 2))
+                               rng.randint(0, 10) / 2, rng.choice([0.0, 0.0, 0.5, 3.0])))
     if covered and rng.random() < 0.8:  # a long peer so most swarms have a route
         peers.append(RoutePeer("long", 0, blocks, rng.randint(0, 12) / 2, rng.randint(0, 8) / 2,
                                rng.randint(0, 10) / 2))

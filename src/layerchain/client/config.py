@@ -36,6 +36,9 @@ class ClientConfig:
     # of a peer instead of the ms_per_block it announces
     speed_memory_s: float = 600.0  # a peer's measured speed is forgotten after this long
     # without a new step (its claim counts again: a slow spell is not a life sentence)
+    route_jitter: float = 0.05  # each peer's latency terms are scaled by this client's own
+    # fixed factor in [1, 1 + route_jitter), so clients spread over near-equal peers
+    # (routing.load); 0: plan on the numbers as they are
     max_price_multiple: float | None = 4.0  # with no max_price, a route may cost at most
     # this many times the swarm's median price per block (None: no default cap)
     max_peers: int = 2048  # peer records kept at most; past it, known peers stay first
@@ -52,6 +55,8 @@ class ClientConfig:
     # tokens (client/audit.py). With audits, tokens are shown once verified.
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.route_jitter <= 1.0:  # NaN fails too
+            raise ConfigError(f"route_jitter must be in [0, 1], got {self.route_jitter!r}")
         if not 0.0 <= self.audit_rate <= 1.0:  # NaN fails too
             raise ConfigError(
                 f"audit_rate must be a fraction between 0 and 1, got {self.audit_rate!r}",

@@ -32,6 +32,11 @@ Nothing a peer says is taken on its word:
   time (``preferred_order``), so a reconnection does not wait on a dead one again.
 * Spending: with no ``max_price``, a route may cost at most ``max_price_multiple`` times
   the swarm's median price per block (``routing.default_max_price``).
+* Load (``routing.load``): a peer's announced load (steps in flight x step time) plus this
+  client's own sessions open on it become its ``queue_ms``, and its latency terms are
+  scaled by this client's fixed jitter factor (``route_jitter``), so concurrent
+  generations and concurrent clients spread over equivalent peers. Busy is avoided, not
+  banned.
 
 Churn: records are re-read when older than ``refresh_s``, and at once whenever the usable
 peers leave a block uncovered, so a node that joined since the last read is found by the
@@ -43,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import time
 from collections import OrderedDict
@@ -69,6 +75,7 @@ from layerchain.routing import (
     median_block_prices,
     plan_span,
 )
+from layerchain.routing.load import expected_queue_ms, jitter_factor
 from layerchain.routing.route import MAX_MS_PER_BLOCK, MAX_RTT_MS
 from layerchain.wire import messages as m
 from layerchain.wire.rpc import RpcClient
@@ -272,6 +279,8 @@ class PeerView:
         self._closing: set[asyncio.Task[None]] = set()
         self._prices: tuple[dict[str, PeerRecord], tuple[float, ...]] | None = None
         self._random = random.Random()
+        self._sessions: dict[str, set[str]] = {}  # peer id -> this client's open session ids
+        self._jitter_seed = os.urandom(16)  # this client's own jitter (routing.load)
         self._refreshed_at = 0.0
         self._lock = asyncio.Lock()
 
@@ -539,23 +548,53 @@ class PeerView:
         """Peer ids no plan may use now: banned or avoided."""
         return self.banned() | self.avoided()
 
+    # ---------------------------------------------------------------- load
+
+    def session_opened(self, peer_id: str, session_id: str) -> None:
+        """This client opened ``session_id`` on ``peer_id`` (it counts in the peer's load)."""
+        self._sessions.setdefault(peer_id, set()).add(session_id)
+
+    def session_closed(self, peer_id: str, session_id: str) -> None:
+        """``session_id`` on ``peer_id`` is closed or abandoned (idempotent)."""
+        open_ = self._sessions.get(peer_id)
+        if open_ is not None:
+            open_.discard(session_id)
+            if not open_:
+                del self._sessions[peer_id]
+
+    def own_sessions(self, peer_id: str) -> int:
+        """Sessions this client has open on ``peer_id`` now."""
+        return len(self._sessions.get(peer_id, ()))
+
     def snapshot(self, exclude: AbstractSet[str] = frozenset()) -> list[RoutePeer]:
-        """Route-planner inputs for every usable peer, with measured speeds where known."""
+        """Route-planner inputs for every usable peer: measured speeds where known, the
+        expected queueing from its load and this client's sessions on it, and every
+        latency term scaled by this client's jitter factor for it (``routing.load``)."""
         skip = self.unavailable() | set(exclude)
         now = time.monotonic()
-        return [
-            RoutePeer(
+        spread = self.config.route_jitter
+        peers = []
+        for r in self.records.values():
+            if r.peer_id in skip:
+                continue
+            ms = routing_ms_per_block(r.ms_per_block, self._speed.get(r.peer_id), now,
+                                      self.config)
+            load = r.load
+            step_ms = load.step_ms if load is not None and load.step_ms > 0 else (
+                (r.end - r.start) * ms)  # not measured yet: the span at its speed
+            queue = expected_queue_ms(load.queued_steps if load is not None else 0.0,
+                                      step_ms, self.own_sessions(r.peer_id))
+            factor = jitter_factor(self._jitter_seed, r.peer_id, spread)
+            peers.append(RoutePeer(
                 id=r.peer_id,
                 start=r.start,
                 end=r.end,
-                ms_per_block=routing_ms_per_block(r.ms_per_block, self._speed.get(r.peer_id),
-                                                  now, self.config),
+                ms_per_block=min(ms * factor, MAX_MS_PER_BLOCK),
                 price_per_block=float(r.price_per_block),
-                rtt_ms=min(self.rtt_ms.get(r.peer_id, UNKNOWN_RTT_MS), MAX_RTT_MS),
-            )
-            for r in self.records.values()
-            if r.peer_id not in skip
-        ]
+                rtt_ms=min(self.rtt_ms.get(r.peer_id, UNKNOWN_RTT_MS) * factor, MAX_RTT_MS),
+                queue_ms=min(queue * factor, MAX_RTT_MS),
+            ))
+        return peers
 
     def block_prices(self) -> tuple[float, ...]:
         """``[num_blocks]`` median price per block over the current records (cached)."""

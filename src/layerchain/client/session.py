@@ -233,8 +233,18 @@ class InferenceSession:
         return opened
 
     async def _open_hop(self, hop: Hop) -> HopSession:
-        record = self.peers.records[hop.peer_id]
+        """Open a session on ``hop``; it counts in the peer's load (``PeerView``) from the
+        moment it is planned, so generations planning meanwhile already see it."""
         session_id = uuid.uuid4().hex
+        self.peers.session_opened(hop.peer_id, session_id)
+        try:
+            return await self._open_session(hop, session_id)
+        except BaseException:
+            self.peers.session_closed(hop.peer_id, session_id)
+            raise
+
+    async def _open_session(self, hop: Hop, session_id: str) -> HopSession:
+        record = self.peers.records[hop.peer_id]
         verifier = ReceiptVerifier(
             record.wallet, session_id, self.peers.model_id, hop.span, record.price_per_block
         )
@@ -272,6 +282,7 @@ class InferenceSession:
 
     async def _close_hop(self, hs: HopSession) -> None:
         self._release(hs)
+        self.peers.session_closed(hs.hop.peer_id, hs.session_id)
         try:
             rpc = await self.peers.client(hs.hop.peer_id)
             await rpc.call(m.CloseSession(rid=0, session_id=hs.session_id), timeout=1.0)

@@ -25,6 +25,12 @@ Format 2 (``RECORD_FORMAT``) replaced format 1's single ``endpoint`` string by t
 ``endpoints`` list and added ``relay``; a format-1 blob is refused as an unknown format
 (nodes re-announce every few seconds, so a mixed swarm heals as it upgrades).
 
+``load`` (issue 16.2) is optional within format 2: a record without it encodes exactly
+as before (the key is left out), so records of older nodes still verify; a record with it
+carries ``[sessions, queued_steps, step_ms]`` (``PeerLoad``, each bounded). Clients plan
+with it (``routing.load``); it is a claim like ``ms_per_block``, and a node that hides its
+load only attracts the queueing it then makes its clients wait out.
+
 Every failure is a ``ProtocolError`` with a one-line reason. This module knows nothing of
 DHTs; which key a record is stored under is ``discovery.base``'s business.
 """
@@ -68,6 +74,47 @@ _MEM_ENDPOINT = re.compile(r"mem://[A-Za-z0-9._-]+")
 _NUMERIC_LABEL = re.compile(r"[0-9]*|0[xX][0-9A-Fa-f]*")  # what inet_aton reads as a number
 
 
+MAX_LOAD_SESSIONS = 1 << 20  # open sessions a load may announce
+MAX_QUEUED_STEPS = 1 << 16  # mean steps in flight a load may announce
+
+
+@dataclass(frozen=True)
+class PeerLoad:
+    """What a node is doing now (issue 16.2), announced in its record.
+
+    ``queued_steps`` is the time-averaged number of steps in flight on the node (waiting
+    or computing) over its last few seconds, so ``queued_steps * step_ms`` estimates how
+    long a new step waits before it computes (``routing.load.expected_queue_ms``)."""
+
+    sessions: int  # inference sessions open now
+    queued_steps: float  # mean steps in flight (queued or computing), recent seconds
+    step_ms: float  # recent mean wall time of a one-token step over the whole span, ms;
+    # 0.0: none measured yet
+
+    def __post_init__(self) -> None:
+        if type(self.sessions) is not int or not 0 <= self.sessions <= MAX_LOAD_SESSIONS:
+            raise ProtocolError(
+                f"malformed peer record: load sessions must be an int in 0..{MAX_LOAD_SESSIONS}")
+        object.__setattr__(self, "queued_steps", _finite(self.queued_steps, "load queued_steps"))
+        object.__setattr__(self, "step_ms", _finite(self.step_ms, "load step_ms"))
+        if self.queued_steps > MAX_QUEUED_STEPS:
+            raise ProtocolError(
+                f"malformed peer record: load queued_steps above {MAX_QUEUED_STEPS}")
+        if self.step_ms > MAX_MS_PER_BLOCK * MAX_BLOCKS:
+            raise ProtocolError("malformed peer record: load step_ms above any span's")
+
+    def encoded(self) -> list[int | float]:
+        return [self.sessions, self.queued_steps, self.step_ms]
+
+    @classmethod
+    def decode(cls, value: Any) -> PeerLoad:
+        """A PeerLoad from its encoded ``[sessions, queued_steps, step_ms]``."""
+        if not isinstance(value, (list, tuple)) or len(value) != 3:
+            raise ProtocolError(
+                "malformed peer record: load must be [sessions, queued_steps, step_ms]")
+        return cls(*value)
+
+
 @dataclass(frozen=True)
 class PeerRecord:
     """One peer's announcement: it serves blocks ``[start, end)`` of ``model_id`` at ``endpoints``.
@@ -92,6 +139,7 @@ class PeerRecord:
     version: str  # layerchain software/protocol version of the announcing node
     expires_at: float  # absolute unix time (seconds) after which the record is void
     relay: bool = False  # this node relays connections to peers that cannot accept any
+    load: PeerLoad | None = None  # the node's load now (None: not announced; older nodes)
 
     def __post_init__(self) -> None:
         # Coerce numbers so that equal records have equal canonical bytes.
@@ -101,6 +149,8 @@ class PeerRecord:
         object.__setattr__(self, "endpoints", _endpoints(self.endpoints))
         if type(self.relay) is not bool:
             raise ProtocolError("malformed peer record: relay must be true or false")
+        if self.load is not None and not isinstance(self.load, PeerLoad):
+            raise ProtocolError("malformed peer record: load must be a PeerLoad")
         for name, limit in _MAX_STR.items():
             value = getattr(self, name)
             if not isinstance(value, str) or len(value) > limit:
@@ -142,6 +192,7 @@ class PeerRecord:
         version: str = __version__,
         expires_at: float = 0.0,  # the Announcer stamps now + ttl_s
         relay: bool = False,
+        load: PeerLoad | None = None,
     ) -> PeerRecord:
         """A record of ``identity`` (peer id and public key filled in from it), reachable
         at ``endpoints`` (best first) or at the one ``endpoint``: give one of the two."""
@@ -162,6 +213,7 @@ class PeerRecord:
             version=version,
             expires_at=expires_at,
             relay=relay,
+            load=load,
         )
 
     @property
@@ -192,7 +244,7 @@ def check_limits(record: PeerRecord) -> None:
             raise ProtocolError(f"malformed peer record: {name} must be printable ASCII")
     if not record.endpoints:  # a tombstone: it announces nothing
         if (record.ms_per_block, record.price_per_block, record.free_cache_tokens) != (0, 0, 0) \
-                or record.wallet or record.rtts or record.relay:
+                or record.wallet or record.rtts or record.relay or record.load is not None:
             raise ProtocolError("malformed peer record: a tombstone must carry no values")
         return
     for endpoint in record.endpoints:
@@ -301,6 +353,10 @@ def _rtts(value: Any) -> tuple[tuple[str, float], ...]:
 
 def _encode_fields(values: dict[str, Any]) -> bytes:
     body = {"format": RECORD_FORMAT, **values}
+    if body.get("load") is None:  # optional: left out, so older records' bytes are unchanged
+        body.pop("load", None)
+    else:
+        body["load"] = body["load"].encoded()
     body["rtts"] = [list(pair) for pair in body.get("rtts", ())]
     if "endpoints" in body:
         body["endpoints"] = list(body["endpoints"])
@@ -318,6 +374,7 @@ def sign_record(identity: Identity, record: PeerRecord) -> bytes:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(PeerRecord))
+_OPTIONAL_FIELDS = frozenset({"load"})  # may be absent from a blob (records of older nodes)
 
 
 def open_record(blob: bytes) -> PeerRecord:
@@ -339,8 +396,10 @@ def open_record(blob: bytes) -> PeerRecord:
     if not isinstance(body, dict) or body.get("format") != RECORD_FORMAT:
         raise ProtocolError("malformed peer record: unknown format")
     values = {k: v for k, v in body.items() if k != "format"}
-    if set(values) != _FIELD_NAMES:
+    if not _FIELD_NAMES - _OPTIONAL_FIELDS <= set(values) <= _FIELD_NAMES:
         raise ProtocolError("malformed peer record: wrong set of fields")
+    if values.get("load") is not None:  # an explicit nil is not canonical: refused below
+        values["load"] = PeerLoad.decode(values["load"])
     public_key = values["public_key"]
     if not isinstance(public_key, bytes) or not verify(public_key, signature, payload):
         raise ProtocolError("peer record has a bad signature")

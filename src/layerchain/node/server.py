@@ -37,6 +37,7 @@ from layerchain.discovery.records import MAX_MS_PER_BLOCK, MIN_MS_PER_BLOCK
 from layerchain.errors import LimitExceeded, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
 from layerchain.node.config import NodeConfig
+from layerchain.node.load import Announced, LoadMeter, worth_announcing
 from layerchain.node.misbehave import Misbehavior, cheating_span
 from layerchain.node.payments import NodePayments
 from layerchain.node.reachability import DialBackProbes, DialBackService, relayed_endpoints
@@ -124,6 +125,10 @@ class Node:
             first_step_timeout_s=config.first_step_timeout_s,
         )
         self.ms_per_block = ms_per_block
+        # steps in flight and recent step time, announced in the record (issue 16.2)
+        self.load = LoadMeter(span.end - span.start, time.monotonic())
+        self._load_announced: Announced | None = None  # the load last put in a record
+        self._announcing = False  # a load-triggered announcement is under way
         self.listener: Listener | None = None
         self.announcer: Announcer | None = None
         self.draining = False
@@ -202,6 +207,9 @@ class Node:
 
     def record(self) -> PeerRecord:
         """The record announced for this node now."""
+        now = time.monotonic()
+        load = self.load.load(now, len(self.sessions))
+        self._load_announced = Announced(load, now)
         return PeerRecord(
             peer_id=self.identity.peer_id,
             public_key=self.identity.public_key,
@@ -218,7 +226,29 @@ class Node:
             version=__version__,
             expires_at=0.0,
             relay=self.relay_service is not None,
+            load=load,
         )
+
+    def _announce_load(self) -> None:
+        """Re-announce now if the load moved enough since the last record (rate-limited,
+        ``node.load.worth_announcing``), so clients planning a moment later see it."""
+        if self.announcer is None or self._announcing or self.draining:
+            return
+        now = time.monotonic()
+        if not worth_announcing(self._load_announced, self.load.load(now, len(self.sessions)),
+                                now):
+            return
+        self._announcing = True
+
+        async def announce(announcer: Announcer) -> None:
+            try:
+                await announcer.announce_now()
+            except Exception as error:  # the periodic refresh tries again
+                log.info("announcing the load failed: %s", error)
+            finally:
+                self._announcing = False
+
+        self._spawn(announce(self.announcer))
 
     async def stop(self, drain_s: float = 5.0) -> None:
         """Withdraw from the DHT, let sessions finish for up to ``drain_s``, then close."""
@@ -283,9 +313,16 @@ class Node:
         """Answer one request of connection ``owner``; raise a LayerchainError for an error
         reply."""
         if isinstance(msg, m.Step):
-            return await self._step(msg, owner)
+            self.load.begin(time.monotonic())
+            try:
+                return await self._step(msg, owner)
+            finally:
+                self.load.end(time.monotonic())
+                self._announce_load()
         if isinstance(msg, m.OpenSession):
-            return self._open(msg, owner)
+            opened = self._open(msg, owner)
+            self._announce_load()
+            return opened
         if isinstance(msg, m.CloseSession):
             self.sessions.close(msg.session_id, owner)
             if self.payments.book is not None:  # when worth it (gas on a chain)
@@ -380,6 +417,7 @@ class Node:
                 if tokens == 1:  # a decode step: keep the fastest cost seen, as at start
                     per_block = 1000.0 * (time.perf_counter() - t0) / blocks
                     self.ms_per_block = min(self.ms_per_block, per_block)
+                    self.load.sample(per_block)
             else:
                 out = await self._forward_in_slices(x, session)
             if out.dtype != hidden.dtype:  # answer in the dtype the client sent (fp16, bf16)

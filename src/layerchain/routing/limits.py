@@ -49,9 +49,9 @@ class RouteLimits:
                 f"max_price must be a finite number of credits per token >= 0, not "
                 f"{self.max_price!r}")
         if self.max_latency_ms is not None and not (
-                _number(self.max_latency_ms) and self.max_latency_ms > 0):
+                _number(self.max_latency_ms) and self.max_latency_ms >= 0):
             raise ConfigError(
-                f"max_latency_ms must be a finite number of ms > 0, not {self.max_latency_ms!r}")
+                f"max_latency_ms must be a finite number of ms >= 0, not {self.max_latency_ms!r}")
 
 
 def _number(value: object) -> bool:

@@ -228,7 +228,7 @@ class _Planner:
         lat_w = 1 - alpha if lat_weight is None else lat_weight
         price_w = alpha if price_weight is None else price_weight
         arr = self.core  # the same cost-to-go as over every peer (PeerArrays.undominated)
-        fixed = arr.rtt if self.mode == "client" else np.zeros_like(arr.rtt)
+        fixed = arr.fixed_ms(push=self.mode == "push")
         zero = np.zeros_like(arr.rtt)
         if ("cost", lat_w, price_w) not in self._bounds:
             self._bounds[("cost", lat_w, price_w)] = relaxed_cost_to_go(
@@ -266,8 +266,9 @@ class _Planner:
         if alpha == 0.0:  # secondary cost (tie-breaker): price when alpha = 0, else latency
             second_fixed, second_w = np.zeros_like(arr.rtt), arr.pr
         else:
-            second_fixed, second_w = arr.rtt, arr.ms
-        result = relaxed_forward(arr, (1 - alpha) * arr.rtt, alpha * arr.pr + (1 - alpha) * arr.ms,
+            second_fixed, second_w = arr.fixed_ms(push=False), arr.ms
+        result = relaxed_forward(arr, (1 - alpha) * arr.fixed_ms(push=False),
+                                 alpha * arr.pr + (1 - alpha) * arr.ms,
                                  second_fixed, second_w)
         self.cost_from[alpha] = result.best
         hops = result.hops()
@@ -331,7 +332,8 @@ class _Planner:
             """``g`` at ``mults`` and the relaxed minimiser's overruns (latency, price)."""
             nonlocal incumbent, best
             lat_w, price_w = 1 - alpha + mults[0], alpha + mults[1]
-            result = relaxed_forward(arr, lat_w * arr.rtt, price_w * arr.pr + lat_w * arr.ms)
+            result = relaxed_forward(arr, lat_w * arr.fixed_ms(push=False),
+                                     price_w * arr.pr + lat_w * arr.ms)
             hops = result.hops()
             relaxed = self.plan(hops, alpha, arr)
             g = float(result.best[-1]) - mults[0] * limits[0] - mults[1] * limits[1]

@@ -42,6 +42,7 @@ class PeerArrays:
     s: np.ndarray  # [P] int64, clipped and shifted span starts
     e: np.ndarray  # [P] int64, clipped and shifted span ends
     rtt: np.ndarray  # [P] float64, ms
+    wait: np.ndarray  # [P] float64, expected queueing per hop, ms (RoutePeer.queue_ms)
     ms: np.ndarray  # [P] float64, ms per block
     pr: np.ndarray  # [P] float64, credits per block
     active: tuple[np.ndarray, ...]  # [n] peer rows i with s_i <= b < e_i, for each boundary b
@@ -55,7 +56,8 @@ class PeerArrays:
         count = len(peers)
         # one numpy column per field ([P] float64: planning 10,000 peers starts here)
         cols = [np.fromiter(map(attrgetter(name), peers), np.float64, count=count)
-                for name in ("start", "end", "rtt_ms", "ms_per_block", "price_per_block")]
+                for name in ("start", "end", "rtt_ms", "ms_per_block", "price_per_block",
+                             "queue_ms")]
         usable = (cols[0] < end) & (cols[1] > start)
         if banned:
             usable &= np.fromiter((p.id not in banned for p in peers), bool, count=count)
@@ -65,20 +67,27 @@ class PeerArrays:
         s = np.maximum(cols[0][rows].astype(np.int64), start) - start
         e = np.minimum(cols[1][rows].astype(np.int64), end) - start
         return cls(peers=kept, n=n, offset=start, s=s, e=e, rtt=cols[2][rows],
-                   ms=cols[3][rows], pr=cols[4][rows], active=_active(s, e, n))
+                   wait=cols[5][rows], ms=cols[3][rows], pr=cols[4][rows],
+                   active=_active(s, e, n))
+
+    def fixed_ms(self, push: bool) -> np.ndarray:
+        """``[P]`` latency every hop on a peer costs whatever its length, ms: queueing, and
+        in client mode the round trip (push mode adds its transfers per pair of hops)."""
+        return self.wait if push else self.rtt + self.wait
 
     def subset(self, rows: np.ndarray) -> PeerArrays:
         """The same range over the peers of ``rows`` only (row ``i`` of the result is
         ``rows[i]`` here)."""
         s, e = self.s[rows], self.e[rows]
         return PeerArrays(peers=tuple(self.peers[int(i)] for i in rows), n=self.n,
-                          offset=self.offset, s=s, e=e, rtt=self.rtt[rows], ms=self.ms[rows],
+                          offset=self.offset, s=s, e=e, rtt=self.rtt[rows],
+                          wait=self.wait[rows], ms=self.ms[rows],
                           pr=self.pr[rows], active=_active(s, e, self.n))
 
     def undominated(self) -> np.ndarray:
         """Rows of the peers no other peer *dominates* (sorted): a dominator's clipped span
-        contains the peer's, and its rtt, ms per block and price per block are each no
-        higher. A dominated peer's every hop has a hop on its dominator over the same
+        contains the peer's, and its rtt, queueing, ms per block and price per block are
+        each no higher. A dominated peer's every hop has a hop on its dominator over the same
         blocks no worse in latency and price, so relaxed routes (a peer may appear twice)
         over the undominated peers reach exactly the relaxed optima of all peers, for every
         weighting of latency and price (see ``relaxed_forward``).
@@ -92,8 +101,9 @@ class PeerArrays:
         count = len(self.peers)
         if count < 64:
             return np.arange(count)
-        scale = [max(float(np.median(v)), 1e-9) for v in (self.rtt, self.ms, self.pr)]
-        r, m, p = self.rtt / scale[0], self.ms / scale[1], self.pr / scale[2]
+        fixed = self.rtt + self.wait
+        scale = [max(float(np.median(v)), 1e-9) for v in (fixed, self.ms, self.pr)]
+        r, m, p = fixed / scale[0], self.ms / scale[1], self.pr / scale[2]
         dropped = np.zeros(count, dtype=bool)
         width = self.n + 1
         cell = self.s * width + self.e
@@ -110,6 +120,7 @@ class PeerArrays:
             best = grid2[self.s, self.e]
             champion = order[np.minimum(best, count - 1)]
             dropped |= ((best < rank) & (self.rtt[champion] <= self.rtt)
+                        & (self.wait[champion] <= self.wait)
                         & (self.ms[champion] <= self.ms) & (self.pr[champion] <= self.pr))
         return np.flatnonzero(~dropped)
 
@@ -243,6 +254,7 @@ def relaxed_cost_to_go(arr: PeerArrays, fixed: np.ndarray, w: np.ndarray) -> np.
         s=n - arr.e,
         e=n - arr.s,
         rtt=arr.rtt,
+        wait=arr.wait,
         ms=arr.ms,
         pr=arr.pr,
         active=tuple(arr.active[n - 1 - b] for b in range(n)),

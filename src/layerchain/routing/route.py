@@ -9,15 +9,18 @@ sub-range of it), no peer twice. Its cost follows paper §3.2, eq. 1::
 Two latency models, both in milliseconds per token step:
 
 * ``client`` (client-driven, the default): the client sends hidden states to each hop and
-  gets them back, so every hop costs one round trip plus its compute::
+  gets them back, so every hop costs one round trip, its queueing and its compute::
 
-      latency = sum over hops of  rtt_ms(peer) + (end - start) * ms_per_block(peer)
+      latency = sum over hops of  rtt_ms(peer) + queue_ms(peer) + (end - start) * ms_per_block(peer)
+
+  ``queue_ms`` is how long a step is expected to wait behind other steps at the peer
+  (``routing.load``: 0 for an idle peer); a busy peer costs more, it is never left out.
 
 * ``push``: the client sends to the first hop, each hop forwards straight to the next,
   the last returns to the client (N+1 one-way transfers instead of 2N). A one-way transfer
   is half a round trip::
 
-      latency = rtt(first)/2 + sum rtt(hop_i, hop_i+1)/2 + rtt(last)/2 + compute
+      latency = rtt(first)/2 + sum rtt(hop_i, hop_i+1)/2 + rtt(last)/2 + queueing + compute
 
   ``rtt(a, b)`` comes from the ``peer_rtts`` mapping (``{(a, b): ms}``, symmetric: either
   key order is read). A missing pair is estimated as a relay through the client,
@@ -56,7 +59,7 @@ MAX_PRICE_PER_BLOCK = 1e12
 MAX_RTT_MS = 1e6
 MAX_BLOCKS = 100_000
 _CAPS = {"ms_per_block": MAX_MS_PER_BLOCK, "price_per_block": MAX_PRICE_PER_BLOCK,
-         "rtt_ms": MAX_RTT_MS}
+         "rtt_ms": MAX_RTT_MS, "queue_ms": MAX_RTT_MS}
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class RoutePeer:
     ms_per_block: float  # compute time per block per token step, ms (measured by the node)
     price_per_block: float  # credits per block per token (announced by the node)
     rtt_ms: float  # round trip between the client and this peer, ms (measured by the client)
+    queue_ms: float = 0.0  # expected wait of a step behind the peer's other work, ms
+    # (routing.load.expected_queue_ms; 0: idle or unknown)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -127,7 +132,7 @@ def route_terms(
         peer = peers[hop.peer_id]
         blocks = hop.end - hop.start
         price += blocks * peer.price_per_block
-        latency += blocks * peer.ms_per_block
+        latency += blocks * peer.ms_per_block + peer.queue_ms
         if mode == "client":
             latency += peer.rtt_ms
         elif i == 0:

@@ -172,17 +172,15 @@ class _Fan:
             # a peer whose one-block hop plus the least cost-to-go past b already passes
             # the ceiling has no hop from b worth keeping (every cost term is >= 0)
             first = (price_w * arr.pr[rows] + lat_w * arr.ms[rows]
-                     + (0.0 if push else lat_w) * arr.rtt[rows])
+                     + lat_w * arr.fixed_ms(push)[rows])
             rows = rows[floor + first + cost_to_go_min[b + 1] <= ceiling]
         span = arr.e[rows] - b  # hops from b can end anywhere in (b, e_p]
         rows = np.repeat(rows, span)
         blocks = np.arange(len(rows)) - np.repeat(np.cumsum(span) - span, span) + 1
         ends = b + blocks
-        lat = blocks * arr.ms[rows]
+        lat = blocks * arr.ms[rows] + arr.fixed_ms(push)[rows]
         if push:  # the transfer into the hop depends on the previous peer: added later
             lat += np.where(ends == arr.n, arr.rtt[rows] / 2, 0.0)
-        else:
-            lat += arr.rtt[rows]
         price = blocks * arr.pr[rows]
         cost_h = price_w * price + lat_w * lat + bounds.cost[ends]
         if floor < np.inf and ceiling < np.inf:
