@@ -161,3 +161,19 @@ def test_bench_step_reports_both_paths_side_by_side(tiny_model_dir):
     assert result["aten_calls_per_block"] > 10
     assert set(result["node_extras_ms"]) == {"commit", "receipt", "codec"}
     assert result["compile"] is None
+
+
+def test_a_lean_path_that_drifts_from_the_layers_is_not_used(tiny_model_dir):
+    """A transformers release whose blocks compute something the lean path does not mirror
+    (here: a stand-in off by one ulp) fails the span's check at load: plain path only."""
+    spec = resolve_model(tiny_model_dir("llama"))
+    real = LeanDecode.__call__
+
+    def drifting(self, *args):
+        out = real(self, *args)
+        return torch.nextafter(out, torch.full_like(out, float("inf")))
+
+    with mock.patch.object(LeanDecode, "__call__", drifting):
+        span = load_span(spec, 0, spec.num_blocks)
+    assert span._lean is None and not span.fast_decode
+    assert load_span(spec, 0, spec.num_blocks).fast_decode  # the real one passes the check

@@ -142,8 +142,36 @@ class SpanModel(nn.Module):
         # one-token steps needing no mask (every decode step within the window) run the
         # blocks through ``LeanDecode``: the same modules and functions in the same order,
         # without the decoder layer's own dispatch; False: always the layers' own forward
-        self._lean = LeanDecode.for_layers(spec, layers)
+        lean = LeanDecode.for_layers(spec, layers)
+        self._lean = lean if lean is not None and self._agrees(lean) else None
         self.fast_decode = self._lean is not None
+
+    def _agrees(self, lean: LeanDecode) -> bool:
+        """Whether ``lean`` gives the first block's own bits for two one-token steps on a
+        random input (the second reading the first's keys): a transformers release whose
+        layers do more than ``LeanDecode`` mirrors fails this, and the span keeps the plain
+        path. Costs two tokens through one block, once per span."""
+        layer, index = self.layers[0], self.start
+        device, dtype = self._placement
+        g = torch.Generator().manual_seed(0)
+        xs = torch.randn(2, 1, 1, self.config.hidden_size, generator=g).to(device, dtype)
+        outs: dict[bool, torch.Tensor] = {}
+        with torch.inference_mode():
+            for fast in (False, True):
+                cache = KVCache(index, index + 1, max_length=2)
+                for position, x in enumerate(xs):
+                    ids = torch.full((1, 1), position, dtype=torch.long, device=device)
+                    cos_sin = self.rotary_emb(x, ids)
+                    if fast:
+                        out = lean(layer, x, cos_sin, cache)
+                    else:
+                        kwargs = {self._cache_arg: cache, "use_cache": True}
+                        got = layer(x, attention_mask=None, position_ids=ids,
+                                    position_embeddings=cos_sin, **kwargs)
+                        out = got[0] if isinstance(got, tuple) else got
+                    cache.length += 1
+                outs[fast] = out
+        return bool(torch.equal(outs[False], outs[True]))
 
     @property
     def device(self) -> torch.device:
@@ -340,7 +368,7 @@ class LeanDecode:
         block: Any = layer  # a llama-shaped decoder layer (``for_layers`` checked its class)
         attn = block.self_attn
         residual = hidden
-        x = block.input_layernorm(hidden)
+        x = _rms_norm(block.input_layernorm, hidden)
         shape = (*x.shape[:-1], -1, attn.head_dim)  # [B, T, heads, D]
         query = attn.q_proj(x).view(shape).transpose(1, 2)  # [B, heads, T, D]
         key = attn.k_proj(x).view(shape).transpose(1, 2)  # [B, kv_heads, T, D]
@@ -350,8 +378,17 @@ class LeanDecode:
         out, _ = self.attend(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
         hidden = residual + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
         residual = hidden
-        out = block.mlp(block.post_attention_layernorm(hidden))
+        out = block.mlp(_rms_norm(block.post_attention_layernorm, hidden))
         return residual + out  # type: ignore[no-any-return]
+
+
+def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """``norm(hidden)`` for the llama-shaped families' RMSNorm: for a float32 input, its ops
+    without the two casts that are then no-ops and without the module call."""
+    if hidden.dtype != torch.float32:
+        return norm(hidden)  # type: ignore[no-any-return]
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return norm.weight * (hidden * torch.rsqrt(variance + norm.variance_epsilon))  # type: ignore[no-any-return]
 
 
 def _placement_of(span: SpanModel) -> tuple[torch.device, torch.dtype]:
