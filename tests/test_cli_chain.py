@@ -326,3 +326,14 @@ def test_demo_gas_figures_from_a_gas_report():
     assert gas["transactions"]["deposit"] == 1
     assert settlement_gas(GasReport({}, 0), tokens=0) == {
         "open": 0, "redeem": 0, "close": 0, "per_1k_tokens": 0.0, "transactions": {}}
+
+
+def test_generate_and_node_carry_contract_in_the_ledger_spec():
+    from layerchain.cli.generate import payment_options
+
+    options = payment_options(Path("/d"), "evm+http://h:1", None, CONTRACT)
+    assert options["ledger"] == f"evm+http://h:1?contract={CONTRACT}"
+    assert payment_options(Path("/d"), None, None, CONTRACT) == {}
+    out = _run("node", "start", "--blocks", "0:10", "--new-swarm", "--ledger",
+               "/tmp/x.sqlite", "--payout", CONTRACT, code=1).output
+    assert "only applies on an EVM ledger" in out
