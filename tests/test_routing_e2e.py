@@ -74,3 +74,85 @@ def test_lan_route_is_faster_and_max_price_steers_to_the_far_pair(lan_far):
                     "--max-price", "10")
     assert too_cheap.returncode != 0
     assert "max_price" in too_cheap.stderr and len(too_cheap.stderr.strip().splitlines()) == 1
+
+
+# --- load-aware routing over real node processes (issue 16.2) -------------------------
+
+
+SPREAD_CLIENTS = 6
+SPREAD_STAGGER_S = 1.5  # between client starts: a node announces a moved load within ~1 s
+SPREAD_TOKENS = 24
+
+
+@pytest.mark.timeout(180)
+def test_six_clients_spread_over_two_equivalent_peers(tmp_path):
+    """Two nodes serve the whole model; six clients (each its own view of the swarm and
+    its own jitter, no audits) start one after another. Each node's load (steps in flight
+    x step time) reaches its record within a second or so, so later clients route around
+    the busier node: both nodes serve sessions, read from their announced loads. The
+    aggregate throughput is printed, not asserted (a timing on a shared machine)."""
+    import asyncio
+    import time
+
+    from layerchain.client import AsyncSwarm, ClientConfig
+    from layerchain.discovery import HivemindDiscovery
+    from layerchain.model import SamplingParams, load_head, load_tokenizer, resolve_model
+    from layerchain.model.spec import DEFAULT_MODEL
+    from layerchain.wire import Dialer
+
+    began = time.monotonic()
+    swarm = swarm_up(tmp_path / "twins", [Span(0, 30), Span(0, 30)], threads=1)
+    up_s = time.monotonic() - began
+    twins = [n["peer_id"] for n in swarm.nodes]
+
+    async def main():
+        spec = resolve_model(DEFAULT_MODEL)
+        head, tokenizer = load_head(spec), load_tokenizer(spec)
+        discovery = await HivemindDiscovery.create(initial_peers=swarm.initial_peers,
+                                                   client_mode=True)
+        most = {peer: 0 for peer in twins}  # most sessions each node announced
+        done = asyncio.Event()
+
+        async def watch():
+            while not done.is_set():
+                for r in await discovery.find(spec.model_id, spec.num_blocks):
+                    if r.peer_id in most and r.load is not None:
+                        most[r.peer_id] = max(most[r.peer_id], r.load.sessions)
+                await asyncio.sleep(0.3)
+
+        clients = [AsyncSwarm(spec=spec, head=head, tokenizer=tokenizer, discovery=discovery,
+                              transport=Dialer(), config=ClientConfig(audit_rate=0.0))
+                   for _ in range(SPREAD_CLIENTS)]
+
+        async def one(i, client):
+            await asyncio.sleep(i * SPREAD_STAGGER_S)
+            return await client.generate(PROMPT, SamplingParams(max_new_tokens=SPREAD_TOKENS))
+
+        watcher = asyncio.create_task(watch())
+        t0 = time.monotonic()
+        try:
+            results = await asyncio.gather(*(one(i, c) for i, c in enumerate(clients)))
+            wall = time.monotonic() - t0
+            await asyncio.sleep(1.5)  # the last announcements
+        finally:
+            done.set()
+            await watcher
+            for client in clients:
+                await client.peers.close()
+            await discovery.close()
+        return results, wall, most
+
+    try:
+        results, wall, most = asyncio.run(main())
+    finally:
+        swarm_down(tmp_path / "twins", quiet=True)
+    routes = [r.route[0].peer_id for r in results]
+    tokens = sum(len(r.token_ids) for r in results)
+    print(f"\nswarm up {up_s:.1f} s; {SPREAD_CLIENTS} clients, {tokens} tokens in {wall:.1f} s: "
+          f"{tokens / wall:.1f} tokens/s in all; per node: "
+          f"{ {p[:8]: routes.count(p) for p in twins} } generations, most sessions "
+          f"announced { {p[:8]: n for p, n in most.items()} }")
+    assert all(len(r.route) == 1 for r in results)  # one node serves the whole model
+    assert len({r.token_ids for r in results}) == 1  # greedy: the same answer everywhere
+    assert all(n >= 1 for n in most.values()), most  # both nodes announced sessions
+    assert set(routes) == set(twins), routes
