@@ -38,7 +38,12 @@ import numpy as np
 
 from layerchain.errors import ConfigError, InvalidPlan, NoRoute, RoutingError
 from layerchain.routing.limits import RouteLimits
-from layerchain.routing.relaxed import PeerArrays, relaxed_cost_to_go, relaxed_forward
+from layerchain.routing.relaxed import (
+    PeerArrays,
+    RelaxedResult,
+    relaxed_cost_to_go,
+    relaxed_forward,
+)
 from layerchain.routing.route import (
     EPS,
     MAX_RTT_MS,
@@ -188,6 +193,7 @@ class _Planner:
             raise NoRoute(f"{word} {names} {verb} no peer{note}")
         self._bounds: dict[object, np.ndarray] = {}  # cached cost-to-go arrays
         self.cost_from: dict[float, np.ndarray] = {}  # alpha -> [n+1] relaxed cost-to-come
+        self.relaxed: dict[float, RelaxedResult] = {}  # alpha -> fast()'s relaxed DP
 
     # --- building blocks -------------------------------------------------------------
 
@@ -271,6 +277,7 @@ class _Planner:
                                  alpha * arr.pr + (1 - alpha) * arr.ms,
                                  second_fixed, second_w)
         self.cost_from[alpha] = result.best
+        self.relaxed[alpha] = result
         hops = result.hops()
         if len({row for row, _, _ in hops}) == len(hops):
             return self.plan(hops, alpha, arr), None
@@ -291,11 +298,10 @@ class _Planner:
             lat_mult, price_mult, incumbent = self.dual(alpha, max_price, max_latency_ms, valid)
             spec = replace(spec, lat_mult=lat_mult, price_mult=price_mult,
                            upper_bound=np.inf if incumbent is None else incumbent.cost)
-            limits = self.bounds(alpha)
-            weighted = self.bounds(alpha, lat_weight=1 - alpha + lat_mult,
-                                   price_weight=alpha + price_mult, cost_only=True)
+            bounds = self.bounds(alpha, lat_weight=1 - alpha + lat_mult,
+                                 price_weight=alpha + price_mult)
             try:
-                found = search(self.arr, spec, replace(limits, cost=weighted.cost))
+                found = search(self.arr, spec, bounds)
             except RoutingError:
                 if incumbent is None:
                     raise
@@ -332,8 +338,10 @@ class _Planner:
             """``g`` at ``mults`` and the relaxed minimiser's overruns (latency, price)."""
             nonlocal incumbent, best
             lat_w, price_w = 1 - alpha + mults[0], alpha + mults[1]
-            result = relaxed_forward(arr, lat_w * arr.fixed_ms(push=False),
-                                     price_w * arr.pr + lat_w * arr.ms)
+            result = self.relaxed.get(alpha) if mults == [0.0, 0.0] else None
+            if result is None:  # (at no multiplier: fast()'s DP, same weights)
+                result = relaxed_forward(arr, lat_w * arr.fixed_ms(push=False),
+                                         price_w * arr.pr + lat_w * arr.ms)
             hops = result.hops()
             relaxed = self.plan(hops, alpha, arr)
             g = float(result.best[-1]) - mults[0] * limits[0] - mults[1] * limits[1]
