@@ -88,3 +88,19 @@ def test_bench_routing_cli():
                                       "--trials", "2", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["peers"] == 100
+
+
+def test_a_snapshot_may_say_how_busy_a_peer_is(tmp_path):
+    busy = {"num_blocks": 30, "peers": [
+        {"id": "busy", "start": 0, "end": 30, "ms_per_block": 0.5, "price_per_block": 1.0,
+         "rtt_ms": 1.0, "queue_ms": 40.0},
+        {"id": "idle", "start": 0, "end": 30, "ms_per_block": 1.0, "price_per_block": 1.0,
+         "rtt_ms": 1.0}]}
+    result = invoke(tmp_path, "--json", snapshot=busy)
+    assert result.exit_code == 0, result.output
+    assert [hop["peer"] for hop in json.loads(result.stdout)["route"]] == ["idle"]
+    table = invoke(tmp_path, "--explain", snapshot={**busy, "peers": busy["peers"][:1]})
+    assert table.exit_code == 0 and "queue ms" in table.stdout and "40.00" in table.stdout
+    bad = {**busy, "peers": [dict(busy["peers"][0], queue_ms=-1.0)]}
+    result = invoke(tmp_path, snapshot=bad)
+    assert result.exit_code == 1 and "queue_ms" in result.stderr

@@ -51,22 +51,23 @@ def render_plan(
     peers: Sequence[RoutePeer],
     console: Console | None = None,
 ) -> None:
-    """Print the chain (per hop: peer, blocks, RTT + compute = latency, price) and the
+    """Print the chain (per hop: peer, blocks, RTT + queue + compute = latency, price) and the
     Pareto frontier as rich tables. Latency terms are client mode's."""
     console = console or Console()
     by_id = {p.id: p for p in peers}
     hops = Table(title="route", title_justify="left")
-    for name in ("peer", "blocks", "rtt ms", "compute ms", "latency ms", "price"):
+    for name in ("peer", "blocks", "rtt ms", "queue ms", "compute ms", "latency ms", "price"):
         hops.add_column(name, justify="left" if name in ("peer", "blocks") else "right")
     for hop in plan.hops:
         peer = by_id[hop.peer_id]
         blocks = hop.end - hop.start
         compute = blocks * peer.ms_per_block
         hops.add_row(Text(hop.peer_id), f"{hop.start}:{hop.end}", f"{peer.rtt_ms:.2f}",  # no markup
-                     f"{compute:.2f}", f"{peer.rtt_ms + compute:.2f}",
+                     f"{peer.queue_ms:.2f}", f"{compute:.2f}",
+                     f"{peer.rtt_ms + peer.queue_ms + compute:.2f}",
                      f"{blocks * peer.price_per_block:.4g}")
     hops.add_section()
-    hops.add_row("total", f"{len(plan.hops)} hops", "", "", f"{plan.latency_ms:.2f}",
+    hops.add_row("total", f"{len(plan.hops)} hops", "", "", "", f"{plan.latency_ms:.2f}",
                  f"{plan.price:.4g}")
     console.print(hops)
     console.print(f"cost {plan.cost:.4g} (alpha-weighted price and latency)")

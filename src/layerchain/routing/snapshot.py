@@ -4,7 +4,8 @@ Format (JSON object)::
 
     {"num_blocks": 30,
      "peers": [{"id": "a", "start": 0, "end": 10, "ms_per_block": 0.5,
-                "price_per_block": 1.0, "rtt_ms": 2.0}, ...],
+                "price_per_block": 1.0, "rtt_ms": 2.0,
+                "queue_ms": 0.0}, ...],                                     # queue_ms optional
      "peer_rtts": [{"a": "a", "b": "c", "rtt_ms": 1.5}, ...]}     # optional, push mode
 
 Parsing is pure (the caller reads the file); anything malformed raises one ConfigError line.
@@ -69,6 +70,7 @@ def parse_snapshot(data: Any) -> Snapshot:
             ms_per_block=_number(item["ms_per_block"], f"peers[{i}].ms_per_block"),
             price_per_block=_number(item["price_per_block"], f"peers[{i}].price_per_block"),
             rtt_ms=_number(item["rtt_ms"], f"peers[{i}].rtt_ms"),
+            queue_ms=_number(item.get("queue_ms", 0.0), f"peers[{i}].queue_ms"),
         ))
     peer_rtts: dict[tuple[str, str], float] = {}
     raw = data.get("peer_rtts", [])
