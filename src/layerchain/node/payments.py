@@ -377,7 +377,7 @@ class NodePayments:
         ledger = self.ledger
         if not isinstance(ledger, EvmLedger):
             return 0
-        wei = redemption_gas(vouchers) * int(ledger.w3.eth.gas_price)  # gas x wei per gas
+        wei = redemption_gas(vouchers) * ledger.gas_price()  # gas x wei per gas
         return -(-wei // int(ledger.credit_wei))  # credits, rounded up
 
     async def _checkpoint(self) -> None:
