@@ -7,7 +7,9 @@ pragma solidity ^0.8.28;
 /// Amounts are credits; one credit is `creditWei` wei (fixed at deployment). Clients deposit
 /// ether, open one channel per node and sign cumulative EIP-712 vouchers off chain; a node
 /// redeems all its channels' latest vouchers in one transaction (redeemMany). Nodes stake,
-/// are rewarded from a funded pool for uptime the chain saw paid by clients, and lose their
+/// are rewarded from a funded pool for uptime the chain saw paid by clients (bounded by
+/// facts paying oneself cannot fake: at most maxBlocks blocks, and a yearly yield of
+/// stakeYieldBps on the stake a slash can take), and lose their
 /// stake when referees (the deployment's verifiers, who re-run ledger/evidence.check_evidence
 /// off chain) sign a guilty verdict on a receipt the node signed.
 /// @dev Storage is packed so that a redemption writes one channel slot and one node slot:
@@ -21,6 +23,7 @@ contract LayerchainLedger {
     uint8 internal constant CLOSED = 3;
 
     uint256 internal constant BPS = 10_000;
+    uint256 internal constant YEAR_S = 365 days; // the year stake yields are quoted over
     uint256 internal constant RECEIPT_LENGTH = 284; // market/receipts.py canonical bytes
     uint256 internal constant RECEIPT_NODE_OFFSET = 232; // `address node` at [232, 252)
     // secp256k1 order / 2: a signature with a larger s is the malleable twin of a valid one
@@ -117,6 +120,8 @@ contract LayerchainLedger {
     uint256 internal immutable REWARD_PER_BLOCK_HOUR;
     uint256 internal immutable MIN_STAKE;
     uint64 internal immutable MAX_REWARD_PERIOD_S;
+    uint32 internal immutable MAX_BLOCKS;
+    uint16 internal immutable STAKE_YIELD_BPS;
     uint256 internal immutable ACCUSER_BOND;
     uint16 internal immutable SLASH_BPS;
     uint16 internal immutable SLASH_REWARD_BPS;
@@ -148,6 +153,8 @@ contract LayerchainLedger {
         uint256 rewardPerBlockHour,
         uint256 minStake,
         uint64 maxRewardPeriodS,
+        uint32 maxBlocks,
+        uint16 stakeYieldBps,
         uint256 accuserBond,
         uint16 slashBps,
         uint16 slashRewardBps,
@@ -156,7 +163,10 @@ contract LayerchainLedger {
         uint8 refereeQuorum
     ) {
         if (creditWei == 0) revert BadConfig("creditWei must be positive");
-        if (slashBps > BPS || slashRewardBps > BPS) revert BadConfig("basis points above 10000");
+        if (slashBps > BPS || slashRewardBps > BPS || stakeYieldBps > BPS) {
+            revert BadConfig("basis points above 10000");
+        }
+        if (maxBlocks == 0) revert BadConfig("maxBlocks must be positive");
         if (refereeQuorum == 0 || refereeQuorum > refereeList.length) {
             revert BadConfig("refereeQuorum must be in [1, number of referees]");
         }
@@ -169,6 +179,8 @@ contract LayerchainLedger {
         REWARD_PER_BLOCK_HOUR = rewardPerBlockHour;
         MIN_STAKE = minStake;
         MAX_REWARD_PERIOD_S = maxRewardPeriodS;
+        MAX_BLOCKS = maxBlocks;
+        STAKE_YIELD_BPS = stakeYieldBps;
         ACCUSER_BOND = accuserBond;
         SLASH_BPS = slashBps;
         SLASH_REWARD_BPS = slashRewardBps;
@@ -194,6 +206,8 @@ contract LayerchainLedger {
             uint256 rewardPerBlockHour,
             uint256 minStake,
             uint64 maxRewardPeriodS,
+            uint32 maxBlocks,
+            uint16 stakeYieldBps,
             uint256 accuserBond,
             uint16 slashBps,
             uint16 slashRewardBps,
@@ -206,6 +220,8 @@ contract LayerchainLedger {
         rewardPerBlockHour = REWARD_PER_BLOCK_HOUR;
         minStake = MIN_STAKE;
         maxRewardPeriodS = MAX_REWARD_PERIOD_S;
+        maxBlocks = MAX_BLOCKS;
+        stakeYieldBps = STAKE_YIELD_BPS;
         accuserBond = ACCUSER_BOND;
         slashBps = SLASH_BPS;
         slashRewardBps = SLASH_REWARD_BPS;
@@ -391,13 +407,14 @@ contract LayerchainLedger {
 
     // ========================================================================= nodes
 
-    /// Stake `stake` more credits and serve `blocks` blocks (stake may be 0 once
-    /// registered, to change the blocks; changing them forfeits the unrewarded period).
+    /// Stake `stake` more credits and serve `blocks` blocks, at most maxBlocks (stake may be
+    /// 0 once registered, to change the blocks; changing them forfeits the unrewarded period).
     function registerNode(uint256 stake, uint32 blocks) external returns (uint256 totalStake) {
         NodeRecord storage n = nodes[msg.sender];
         bool known = n.registeredAt != 0;
         if (stake == 0 && !known) revert NodeState("a node registers with a positive stake");
         if (blocks == 0) revert NodeState("a node registers the blocks it serves (at least 1)");
+        if (blocks > MAX_BLOCKS) revert NodeState("more blocks than the deployment's maxBlocks");
         totalStake = uint256(n.stake) + stake;
         if (totalStake > type(uint128).max) revert BadAmount("stake would exceed 2^128-1 credits");
         if (totalStake < MIN_STAKE) revert NodeState("the stake is under the deployment's minStake");
@@ -455,8 +472,11 @@ contract LayerchainLedger {
 
     /// Uptime reward, as journal._claim_reward: from the last reward to the last time a
     /// client's voucher paid the node (at most maxRewardPeriodS),
-    /// min(rewardPerBlockHour x blocks x seconds / 3600, credits redeemed in that time);
-    /// paid from the reward pool to the node's payout.
+    /// min(rewardPerBlockHour x blocks x seconds / 3600, credits redeemed in that time,
+    ///     stake x stakeYieldBps / 10000 x seconds / 365 days);
+    /// paid from the reward pool to the node's payout. `earned` alone bounds nothing (a
+    /// node's own sock puppet can pay it for free); the stake yield does: whoever pays
+    /// itself extracts at most the deployment's yield on capital a slash can take.
     function claimReward() external returns (uint256 amount) {
         NodeRecord storage n = nodes[msg.sender];
         if (n.registeredAt == 0 || n.stake == 0) revert NotRegistered();
@@ -468,7 +488,10 @@ contract LayerchainLedger {
         }
         uint64 period = end - from;
         uint256 byTime = REWARD_PER_BLOCK_HOUR * n.blocks * period / 3600;
+        // stake < 2^128, bps < 2^16, period < 2^64: the product fits in 256 bits
+        uint256 byStake = uint256(n.stake) * STAKE_YIELD_BPS * period / (BPS * YEAR_S);
         amount = byTime < n.earned ? byTime : n.earned;
+        if (byStake < amount) amount = byStake;
         if (amount == 0) revert RewardNotDue("the period rounds to 0 credits so far");
         if (pool < amount) revert RewardPoolEmpty(pool, amount);
         pool -= amount;

@@ -61,6 +61,8 @@ class Rules:
     reward_per_block_hour: int = 60  # credits per block per hour of attested uptime
     min_stake: int = 100
     max_reward_period_s: int = 24 * HOUR
+    max_blocks: int = 1024
+    stake_yield_bps: int = 10_000  # 100 % a year: binds only where a test means it to
     accuser_bond: int = 1000
     slash_bps: int = 5_000
     slash_reward_bps: int = 4_000
@@ -70,8 +72,8 @@ class Rules:
     def args(self, referees: list[str]) -> tuple[Any, ...]:
         return (
             self.credit_wei, self.dispute_window_s, self.reward_per_block_hour, self.min_stake,
-            self.max_reward_period_s, self.accuser_bond, self.slash_bps, self.slash_reward_bps,
-            self.unstake_delay_s, referees, self.quorum,
+            self.max_reward_period_s, self.max_blocks, self.stake_yield_bps, self.accuser_bond,
+            self.slash_bps, self.slash_reward_bps, self.unstake_delay_s, referees, self.quorum,
         )
 
 
@@ -315,8 +317,8 @@ def test_domain_and_config_are_the_deployments(chain: Deployed, evm: Evm) -> Non
     rules = chain.rules
     assert chain.fn.config().call() == [
         rules.credit_wei, rules.dispute_window_s, rules.reward_per_block_hour, rules.min_stake,
-        rules.max_reward_period_s, rules.accuser_bond, rules.slash_bps, rules.slash_reward_bps,
-        rules.unstake_delay_s, rules.quorum,
+        rules.max_reward_period_s, rules.max_blocks, rules.stake_yield_bps, rules.accuser_bond,
+        rules.slash_bps, rules.slash_reward_bps, rules.unstake_delay_s, rules.quorum,
     ]
     assert chain.fn.isReferee(evm.wallets[0].address).call()
     assert not chain.fn.isReferee(evm.wallets[1].address).call()
@@ -327,7 +329,9 @@ def test_domain_and_config_are_the_deployments(chain: Deployed, evm: Evm) -> Non
 def test_constructor_refuses_a_quorum_no_referee_set_can_reach(evm: Evm) -> None:
     artifact = load_artifact()
     factory = evm.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
-    for rules, referees in ((Rules(quorum=2), [evm.wallets[0].address]), (Rules(quorum=0), [])):
+    referee = [evm.wallets[0].address]
+    for rules, referees in ((Rules(quorum=2), referee), (Rules(quorum=0), []),
+                            (Rules(max_blocks=0), referee), (Rules(stake_yield_bps=10_001), referee)):
         with pytest.raises(TransactionFailed):
             factory.constructor(*rules.args(referees)).transact({"from": evm.wallets[0].address})
 
@@ -549,8 +553,9 @@ def test_register_and_unstake_after_the_delay(chain: Deployed, evm: Evm, people:
 def test_rewards_are_bounded_by_attested_uptime_and_paid_from_the_pool(chain: Deployed, evm: Evm, people: dict[str, Wallet]) -> None:
     rules, client, node = chain.rules, people["client"], people["node"]
     chain.deposit(client, 100_000)
-    chain.deposit(node, 1_000)
-    chain.send(chain.fn.registerNode(100, 4), node)
+    chain.deposit(node, 10_000_000)
+    # 10^7 staked at 100 % a year: 27,397 credits a day, above every bound tested here
+    chain.send(chain.fn.registerNode(10_000_000, 4), node)
     registered = chain.now()
     channel_id = chain.open(client, node, 50_000)
 
@@ -593,8 +598,8 @@ def test_rewards_are_bounded_by_attested_uptime_and_paid_from_the_pool(chain: De
 def test_payout_address_receives_redemptions_and_rewards(chain: Deployed, evm: Evm, people: dict[str, Wallet]) -> None:
     client, node, owner = people["client"], people["node"], people["owner"]
     chain.deposit(client, 10_000)
-    chain.deposit(node, 100)
-    chain.send(chain.fn.registerNode(100, 2), node)
+    chain.deposit(node, 1_000_000)
+    chain.send(chain.fn.registerNode(1_000_000, 2), node)  # its yield: 114 credits an hour
     chain.send(chain.fn.fundRewards(), client, value=1_000 * CREDIT_WEI)
     chain.send(chain.fn.setPayout(owner.address), node)
     assert chain.node(node)["payout"] == owner.address
@@ -609,6 +614,39 @@ def test_payout_address_receives_redemptions_and_rewards(chain: Deployed, evm: E
     assert chain.node(node)["payout"] == "0x" + "00" * 20
     chain.redeem(client, channel_id, 2, 600, submitter=node)
     assert chain.balance(node) == 100
+    chain.assert_backed()
+
+
+def test_self_dealing_cannot_drain_the_reward_pool(evm: Evm, people: dict[str, Wallet]) -> None:
+    """E1's attack: a node registers 2^32-1 blocks, its owner's sock puppet pays it 500,000
+    credits (free: they come back to the same owner) and the node claims. The old rule,
+    min(rate x blocks x hours, earned), paid the whole 500,000 out of the pool. Now the
+    blocks are refused above maxBlocks, and the claim pays at most the stake's yield."""
+    rules = Rules(reward_per_block_hour=60, stake_yield_bps=1_000)  # 10 % a year
+    chain = deploy(evm, rules)
+    node, puppet = people["node"], people["owner"]
+    chain.send(chain.fn.fundRewards(), people["client"], value=1_000_000 * CREDIT_WEI)
+    stake = 1_000_000
+    chain.deposit(node, stake)
+    for blocks in (2**32 - 1, rules.max_blocks + 1):
+        reason = chain.reverts(chain.fn.registerNode(stake, blocks), node, "NodeState")[0]
+        assert "maxBlocks" in reason
+    chain.send(chain.fn.registerNode(stake, rules.max_blocks), node)
+    chain.deposit(puppet, 500_000)
+    channel_id = chain.open(puppet, node, 500_000)
+    evm.travel(HOUR)
+    chain.redeem(puppet, channel_id, 1, 500_000, submitter=node)
+    info = chain.node(node)
+    period = info["served_at"] - info["rewarded_until"]
+    old_rule = min(rules.reward_per_block_hour * rules.max_blocks * period // HOUR, info["earned"])
+    yield_cap = stake * rules.stake_yield_bps * period // (10_000 * 365 * 24 * HOUR)
+    assert chain.send(chain.fn.claimReward(), node) == yield_cap
+    assert 0 < yield_cap < old_rule // 1_000  # 11 credits, where the old rule paid 61,440
+    assert chain.fn.rewardPool().call() == 1_000_000 - yield_cap
+    # the owner (node + puppet) is up by the stake's yield and nothing else
+    assert chain.balance(node) + chain.balance(puppet) == 500_000 + yield_cap
+    # a second claim needs new payments
+    chain.reverts(chain.fn.claimReward(), node, "RewardNotDue")
     chain.assert_backed()
 
 
@@ -790,8 +828,8 @@ def measure_gas(evm: Evm) -> dict[str, int]:
     gas["deposit"] = chain.gas()
     for payer in payers[1:]:
         chain.deposit(payer, 100_000)
-    chain.deposit(node, 10_000)
-    chain.send(chain.fn.registerNode(1_000, 8), node)
+    chain.deposit(node, 10**9 + 10_000)  # a balance left: redemptions add to a non-zero slot
+    chain.send(chain.fn.registerNode(10**9, 8), node)  # its yield: 31 credits a second
     gas["register_node"] = chain.gas()
     channels = []
     for i in range(1 + 1 + 4 + 16):

@@ -118,7 +118,7 @@ def test_withdraw_cannot_be_reentered_and_a_refused_transfer_reverts() -> None:
     credit_wei = 10**9
     ledger = deploy(
         ledger_artifact["abi"], ledger_artifact["bytecode"],
-        credit_wei, 3600, 0, 0, 86400, 1000, 10_000, 5_000, 600, [sender], 1,
+        credit_wei, 3600, 0, 0, 86400, 1024, 1_000, 1000, 10_000, 5_000, 600, [sender], 1,
     )
     reenter = deploy(attackers["Reenter"]["abi"], "0x" + attackers["Reenter"]["evm"]["bytecode"]["object"], ledger.address)
     tx = reenter.functions.attack(5).transact({"from": sender, "value": 10 * credit_wei})

@@ -17,7 +17,7 @@ import pytest
 import layerchain.ledger.sqlite as sqlite_backend
 from layerchain.errors import ChannelError, InsufficientFunds, InvalidVoucher, LedgerError
 from layerchain.ledger import Ledger, LedgerConfig, Voucher, open_ledger, sign_voucher
-from layerchain.ledger.base import CLOSED, CLOSING, OPEN
+from layerchain.ledger.base import CLOSED, CLOSING, OPEN, YEAR_S
 from layerchain.ledger.records import ledger_domain
 from layerchain.market.wallet import Wallet
 from ledgers import KEYS, verdict_on
@@ -26,6 +26,8 @@ CONFIG = LedgerConfig(
     dispute_window_s=100,
     reward_per_block_hour=3600 * 1000,  # so large that the reward is what clients paid
     min_stake=50,
+    max_blocks=64,
+    stake_yield_bps=1_000,  # 10 % of the stake a year
     accuser_bond=100,
     slash_bps=10_000,
     slash_reward_bps=5_000,
@@ -235,29 +237,60 @@ def test_close_waits_for_the_dispute_window(h):
 
 def test_register_and_earn_an_uptime_reward(h):
     _, alice, _, _, node, *_ = h.wallets
-    h.ledger.deposit(node, 100)
+    h.ledger.deposit(node, 500_000)
     with pytest.raises(LedgerError):
         h.ledger.register_node(node, 0, 4)  # a first registration stakes
     with pytest.raises(LedgerError):
         h.ledger.register_node(node, 49, 4)  # under min_stake
     with pytest.raises(LedgerError):
         h.ledger.node(node.address)
-    info = h.ledger.register_node(node, 60, 4)
-    assert (info.stake, info.blocks, h.ledger.balance(node.address)) == (60, 4, 40)
-    assert h.ledger.account(node.address).staked == 60
+    # 400,000 staked at 10 % a year: 109 credits a day, above what the client pays here
+    info = h.ledger.register_node(node, 400_000, 4)
+    assert (info.stake, info.blocks, h.ledger.balance(node.address)) == (400_000, 4, 100_000)
+    assert h.ledger.account(node.address).staked == 400_000
     with pytest.raises(LedgerError):
         h.ledger.claim_reward(node)  # no client paid it yet
     h.ledger.deposit(alice, 1000)
     cid = h.ledger.open_channel(alice, node.address, 500)
-    h.advance(10)
+    h.advance(CONFIG.max_reward_period_s)
     assert h.ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 90), h.domain)) == 90
     assert h.ledger.node(node.address).earned == 90
     assert h.ledger.claim_reward(node) == 90  # bounded by what clients paid
     after = h.ledger.node(node.address)
-    assert (after.earned, after.rewards, h.ledger.balance(node.address)) == (0, 90, 40 + 90 + 90)
+    assert (after.earned, after.rewards, h.ledger.balance(node.address)) == (0, 90, 100_000 + 90 + 90)
     with pytest.raises(LedgerError):
         h.ledger.claim_reward(node)
-    assert h.ledger.register_node(node, 10, 4).stake == 70
+    assert h.ledger.register_node(node, 10, 4).stake == 400_010
+    _ok(h)
+
+
+def test_self_dealing_cannot_drain_the_rewards(h):
+    """E1's attack: a node registers 2^32-1 blocks, its owner's sock puppet pays it 500,000
+    credits (free: they come back to the same owner), the node claims. The old rule,
+    min(rate x blocks x hours, earned), paid all 500,000 (out of the contract's pool). Now
+    blocks above ``max_blocks`` are refused and a claim pays at most the stake's yield."""
+    _, _, _, _, node, puppet, _ = h.wallets
+    stake = 1_000_000
+    h.ledger.deposit(node, stake)
+    for blocks in (2**32 - 1, CONFIG.max_blocks + 1):
+        with pytest.raises(LedgerError, match="max_?[bB]locks"):
+            h.ledger.register_node(node, stake, blocks)
+    h.ledger.register_node(node, stake, CONFIG.max_blocks)
+    h.ledger.deposit(puppet, 500_000)
+    cid = h.ledger.open_channel(puppet, node.address, 500_000)
+    h.advance(3600)
+    assert h.ledger.redeem(sign_voucher(puppet, Voucher(cid, 1, 500_000), h.domain)) == 500_000
+    info = h.ledger.node(node.address)
+    seconds = int(info.served_at - info.rewarded_until)
+    old_rule = min(CONFIG.reward_per_block_hour * CONFIG.max_blocks * seconds // 3600, info.earned)
+    assert old_rule == 500_000
+    assert CONFIG.stake_yield_bps is not None
+    cap = stake * CONFIG.stake_yield_bps * seconds // (10_000 * YEAR_S)
+    assert h.ledger.claim_reward(node) == cap  # 11 credits: a 10 % yearly yield for an hour
+    assert 0 < cap < 20
+    # the owner (node and puppet) is up by the stake's yield and nothing else
+    assert h.ledger.balance(node.address) + h.ledger.balance(puppet.address) == 500_000 + cap
+    assert h.ledger.node(node.address).rewards == cap
     _ok(h)
 
 

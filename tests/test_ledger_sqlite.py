@@ -20,6 +20,7 @@ from layerchain.ledger import (
     sign_operation,
     sign_voucher,
 )
+from layerchain.ledger.base import MAX_BLOCKS
 from layerchain.ledger.journal import RULES, canonical_payload, entry_hash, replay
 from layerchain.ledger.operations import KINDS
 from layerchain.market.wallet import Wallet
@@ -54,7 +55,10 @@ def clock(monkeypatch) -> Clock:
 
 @pytest.fixture
 def ledger(tmp_path, clock):
-    config = LedgerConfig(dispute_window_s=100, reward_per_block_hour=3, min_stake=50)
+    # no stake-yield cap here: the rules of time and paid work alone (the cap, on both
+    # backends: test_ledger_conformance.py::test_self_dealing_cannot_drain_the_rewards)
+    config = LedgerConfig(dispute_window_s=100, reward_per_block_hour=3, min_stake=50,
+                          stake_yield_bps=None)
     book = open_ledger(tmp_path / "ledger.sqlite", config)
     yield book
     book.close()
@@ -224,13 +228,16 @@ def test_zero_window_closes_at_once(tmp_path, alice, bob):
 
 def test_uptime_rewards_are_earned_not_claimed(ledger, clock, alice, bob):
     """The attack of issue 12 item 11: one credit staked, 2^32-1 blocks, a day back-dated.
-    The ledger pays only for time it saw pass since registration, up to the last time a
-    client's voucher paid the node, and never more than those vouchers paid."""
+    Blocks above max_blocks are refused; the ledger pays only for time it saw pass since
+    registration, up to the last time a client's voucher paid the node, and never more
+    than those vouchers paid."""
     ledger.deposit(bob, 100)
     with pytest.raises(LedgerError, match="at least 50"):
         ledger.register_node(bob, 10, 30)
-    node = ledger.register_node(bob, 60, 2**32 - 1)
-    assert (node.stake, node.blocks, node.registered_at) == (60, 2**32 - 1, clock.now)
+    with pytest.raises(LedgerError, match="at most 1024 blocks"):
+        ledger.register_node(bob, 60, 2**32 - 1)
+    node = ledger.register_node(bob, 60, 1024)
+    assert (node.stake, node.blocks, node.registered_at) == (60, 1024, clock.now)
     clock.now += 24 * 3600
     with pytest.raises(LedgerError, match="no client has paid"):
         ledger.claim_reward(bob)  # a day of "uptime" nobody attests: nothing
@@ -525,6 +532,40 @@ def test_a_forged_slash_entry_fails_its_receipts_signature(tmp_path, alice, bob)
     db.commit()
     db.close()
     assert any("(slash)" in p and "receipt is" in p for p in _verify(path).problems)
+
+
+def test_a_ledger_created_before_the_reward_bounds_replays_its_claims(tmp_path, clock, alice, bob):
+    """A genesis without ``max_blocks`` and ``stake_yield_bps`` gets no bounds (MAX_BLOCKS, no
+    yield cap), so a registration of 2^32-1 blocks and the claim it was paid replay as recorded."""
+    path = tmp_path / "old.sqlite"
+    legacy = LedgerConfig(dispute_window_s=0, reward_per_block_hour=3600, max_blocks=MAX_BLOCKS,
+                          stake_yield_bps=None)
+    with open_ledger(path, legacy) as ledger:
+        ledger.deposit(bob, 10)
+        ledger.register_node(bob, 1, 2**32 - 1)
+        ledger.deposit(alice, 500)
+        cid = ledger.open_channel(alice, bob.address, 500)
+        clock.now += 60
+        ledger.redeem(sign_voucher(alice, Voucher(cid, 1, 500), ledger.domain_separator))
+        assert ledger.claim_reward(bob) == 500  # the old rule: min(rate x blocks x hours, earned)
+    db = sqlite3.connect(path)
+    genesis = json.loads(db.execute("SELECT payload FROM journal WHERE seq = 1").fetchone()[0])
+    del genesis["config"]["max_blocks"], genesis["config"]["stake_yield_bps"]  # as written then
+    db.execute("UPDATE journal SET payload = ? WHERE seq = 1", (canonical_payload(genesis),))
+    _rechain(db)
+    db.commit()
+    db.close()
+    with open_ledger(path) as ledger:
+        assert ledger.config == legacy
+        report = ledger.verify()
+        assert report.ok, report.problems
+    assert LedgerConfig().max_blocks == 1024 and LedgerConfig().stake_yield_bps == 1_000
+    with pytest.raises(LedgerError, match="max_blocks"):
+        LedgerConfig(max_blocks=0)
+    with pytest.raises(LedgerError, match="max_blocks"):
+        LedgerConfig(max_blocks=2**32)
+    with pytest.raises(LedgerError, match="stake_yield_bps"):
+        LedgerConfig(stake_yield_bps=10_001)
 
 
 def test_slashing_config_defaults_for_older_genesis_and_is_checked():

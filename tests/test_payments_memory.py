@@ -172,7 +172,10 @@ def test_a_staked_node_is_rewarded_for_attested_uptime_only(tiny_model, tmp_path
     client's vouchers are redeemed, its reward is bounded by them and by ledger time."""
     ledger = open_ledger(
         tmp_path / "rewards.sqlite",
-        LedgerConfig(dispute_window_s=60, reward_per_block_hour=3600 * 100, min_stake=10),
+        # no stake-yield cap: 10 credits staked would earn 0 in a second (the cap's own test:
+        # test_ledger_conformance.py::test_self_dealing_cannot_drain_the_rewards)
+        LedgerConfig(dispute_window_s=60, reward_per_block_hour=3600 * 100, min_stake=10,
+                     stake_yield_bps=None),
     )
     wallet = Wallet.generate()
     ledger.deposit(wallet, 50)

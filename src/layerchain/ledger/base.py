@@ -44,6 +44,8 @@ from layerchain.errors import LedgerError
 from layerchain.ledger.signatures import Signer
 
 MAX_AMOUNT = 2**63 - 1  # SQLite INTEGER and msgpack int64: the largest amount anywhere
+MAX_BLOCKS = 2**32 - 1  # the most blocks an operation (uint32) or the contract can name
+YEAR_S = 365 * 24 * 3600  # seconds of the year a stake yield is quoted over
 
 # Channel states: open -> closing (dispute window running) -> closed (deposit settled).
 OPEN, CLOSING, CLOSED = "open", "closing", "closed"
@@ -64,14 +66,26 @@ class LedgerConfig:
     accuser_bond: int = 1000  # credits
     slash_bps: int = 10_000  # basis points of the stake taken (10_000: all of it)
     slash_reward_bps: int = 5_000  # basis points of the slashed credits paid to the accuser
+    # Uptime rewards are bounded by what paying oneself cannot fake (``journal._claim_reward``):
+    # a registration names at most ``max_blocks`` blocks, and a claim pays at most
+    # ``stake_yield_bps`` / 10_000 of the node's stake per year (YEAR_S) of the period, the
+    # yield on capital a slash can take. None: no yield cap, only for ledgers created before
+    # it (their genesis has no such key) or whose creator trusts every node; a contract
+    # always has one.
+    max_blocks: int = 1024  # blocks one node may register
+    stake_yield_bps: int | None = 1_000  # basis points of the stake per year (1_000: 10 %)
 
     def __post_init__(self) -> None:
         if type(self.accuser_bond) is not int or not 0 <= self.accuser_bond <= MAX_AMOUNT:
             raise LedgerError(f"accuser_bond must be an integer in [0, 2^63), got {self.accuser_bond!r}")
-        for name in ("slash_bps", "slash_reward_bps"):
+        for name in ("slash_bps", "slash_reward_bps", "stake_yield_bps"):
             value = getattr(self, name)
+            if name == "stake_yield_bps" and value is None:
+                continue
             if type(value) is not int or not 0 <= value <= 10_000:
                 raise LedgerError(f"{name} must be an integer in [0, 10000], got {value!r}")
+        if type(self.max_blocks) is not int or not 0 < self.max_blocks <= MAX_BLOCKS:
+            raise LedgerError(f"max_blocks must be an integer in [1, 2^32), got {self.max_blocks!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,14 +96,18 @@ class LedgerConfig:
             "accuser_bond": self.accuser_bond,
             "slash_bps": self.slash_bps,
             "slash_reward_bps": self.slash_reward_bps,
+            "max_blocks": self.max_blocks,
+            "stake_yield_bps": self.stake_yield_bps,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LedgerConfig:
         """The config a genesis entry holds; slashing fields default for ledgers created
         before slashing existed (they had no slash entries, so the defaults change nothing
-        that happened)."""
+        that happened). Ledgers created before the reward bounds get none (``MAX_BLOCKS``,
+        no yield cap): their registrations and claims replay as they were recorded."""
         defaults = cls()
+        stake_yield_bps = data.get("stake_yield_bps")
         return cls(
             dispute_window_s=float(data["dispute_window_s"]),
             reward_per_block_hour=int(data["reward_per_block_hour"]),
@@ -98,6 +116,8 @@ class LedgerConfig:
             accuser_bond=int(data.get("accuser_bond", defaults.accuser_bond)),
             slash_bps=int(data.get("slash_bps", defaults.slash_bps)),
             slash_reward_bps=int(data.get("slash_reward_bps", defaults.slash_reward_bps)),
+            max_blocks=int(data.get("max_blocks", MAX_BLOCKS)),
+            stake_yield_bps=None if stake_yield_bps is None else int(stake_yield_bps),
         )
 
 
@@ -134,7 +154,8 @@ class NodeInfo:
     """A registered node, and what the ledger itself saw of its work (ledger-clock seconds).
 
     The reward for ``[rewarded_until, served_at)`` is bounded by the blocks registered,
-    that period's length and ``earned``: nothing here comes from the node's own word."""
+    that period's length, ``earned`` and the yield of ``stake`` over it: nothing here comes
+    from the node's own word, and only the stake is what paying oneself cannot fake."""
 
     address: str
     stake: int

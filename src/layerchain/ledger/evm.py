@@ -247,12 +247,13 @@ class EvmLedger:
                 f"the contract at {self.address} is not a layerchain ledger (its EIP-712 domain differs)"
             )
         self.ledger_id = "0x" + self.domain_separator.hex()  # one per chain and contract
-        (self.credit_wei, window, rate, min_stake, max_period, bond, slash_bps, reward_bps,
-         self.unstake_delay_s, self.referee_quorum) = self._view("config")
+        (self.credit_wei, window, rate, min_stake, max_period, max_blocks, yield_bps, bond,
+         slash_bps, reward_bps, self.unstake_delay_s, self.referee_quorum) = self._view("config")
         self.config = LedgerConfig(
             dispute_window_s=float(window), reward_per_block_hour=int(rate),
             min_stake=int(min_stake), max_reward_period_s=int(max_period),
             accuser_bond=int(bond), slash_bps=int(slash_bps), slash_reward_bps=int(reward_bps),
+            max_blocks=int(max_blocks), stake_yield_bps=int(yield_bps),
         )
 
     # -- construction ---------------------------------------------------------------------
@@ -300,9 +301,17 @@ class EvmLedger:
     ) -> str:
         """Deploy the artifact with ``config`` from ``deployer_key``'s account; return the
         contract's checksummed address. ``referees`` (addresses) sign slashing verdicts,
-        ``quorum`` of them per verdict; without referees the deployer is the one referee."""
+        ``quorum`` of them per verdict; without referees the deployer is the one referee.
+        A contract always caps rewards by the stake yield: LedgerError if
+        ``config.stake_yield_bps`` is None."""
         from layerchain.ledger.contract import load_artifact
         from layerchain.market.wallet import Wallet
+
+        if config.stake_yield_bps is None:
+            raise LedgerError(
+                "a ledger contract caps uptime rewards by the stake yield: "
+                "config.stake_yield_bps must be set (0 to 10000 basis points a year)"
+            )
 
         _serialize_tester(w3)
         deployer = Wallet(deployer_key)
@@ -311,8 +320,9 @@ class EvmLedger:
         factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
         constructor = factory.constructor(
             credit_wei, int(config.dispute_window_s), config.reward_per_block_hour,
-            config.min_stake, config.max_reward_period_s, config.accuser_bond,
-            config.slash_bps, config.slash_reward_bps, unstake_delay_s, referee_list, quorum,
+            config.min_stake, config.max_reward_period_s, config.max_blocks,
+            config.stake_yield_bps, config.accuser_bond, config.slash_bps,
+            config.slash_reward_bps, unstake_delay_s, referee_list, quorum,
         )
         data = constructor.data_in_transaction
         params = {"from": deployer.address, "data": data, "value": 0}

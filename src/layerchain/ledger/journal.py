@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Any, Callable, Iterable
 
 from layerchain.errors import (
@@ -57,6 +58,7 @@ from layerchain.ledger.base import (
     CLOSING,
     MAX_AMOUNT,
     OPEN,
+    YEAR_S,
     AccountInfo,
     Channel,
     JournalEntry,
@@ -234,6 +236,11 @@ def _register_node(state: State, config: LedgerConfig, op: Operation, ts: float,
         raise LedgerError("a node registers with a positive stake")
     if op.blocks <= 0:
         raise LedgerError("a node registers the blocks it serves (at least 1)")
+    if op.blocks > config.max_blocks:
+        raise LedgerError(
+            f"a node registers at most {config.max_blocks} blocks (the ledger's max_blocks), "
+            f"not {op.blocks}"
+        )
     stake = (old.stake if old else 0) + op.amount
     if stake < config.min_stake:
         raise LedgerError(f"a node must stake at least {config.min_stake} credits")
@@ -251,10 +258,22 @@ def _register_node(state: State, config: LedgerConfig, op: Operation, ts: float,
     return stake
 
 
+def stake_yield_cap(config: LedgerConfig, stake: int, seconds: float) -> int | None:
+    """The most a reward for ``seconds`` may pay a node staking ``stake`` credits:
+    ``stake x stake_yield_bps / 10_000 x seconds / YEAR_S``, floored, in exact arithmetic
+    (as the contract computes it in uint256); None when the ledger has no yield cap. Pure."""
+    if config.stake_yield_bps is None:
+        return None
+    return int(stake * config.stake_yield_bps * Fraction(seconds) // (10_000 * YEAR_S))
+
+
 def _claim_reward(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
-    """reward = min(rate x blocks x hours, earned): hours from the last reward (or the
-    registration) to the last time a client's voucher paid the node, on the ledger's clock,
-    at most ``max_reward_period_s``; ``earned`` is what those vouchers paid in that time."""
+    """reward = min(rate x blocks x hours, earned, stake yield): hours from the last reward
+    (or the registration) to the last time a client's voucher paid the node, on the ledger's
+    clock, at most ``max_reward_period_s``; ``earned`` is what those vouchers paid in that
+    time. ``earned`` alone bounds nothing (a node's sock puppet pays it for free: the
+    credits come back to the same owner); the stake yield (``stake_yield_cap``) does: paying
+    oneself extracts at most the ledger's yield on capital a slash can take."""
     node = state.nodes.get(op.actor)
     if node is None or node.stake <= 0:
         raise LedgerError(f"{op.actor} is not a registered node with a stake")
@@ -266,9 +285,13 @@ def _claim_reward(state: State, config: LedgerConfig, op: Operation, ts: float, 
         )
     seconds = end - node.rewarded_until
     by_time = int(config.reward_per_block_hour * node.blocks * seconds // 3600)
-    amount = min(by_time, node.earned)
+    by_stake = stake_yield_cap(config, node.stake, seconds)
+    amount = min(by_time, node.earned, MAX_AMOUNT if by_stake is None else by_stake)
     if amount <= 0:  # the period keeps growing until it is worth a credit
-        raise LedgerError(f"no reward due yet: {seconds:.0f} s x {node.blocks} blocks rounds to 0")
+        raise LedgerError(
+            f"no reward due yet: {seconds:.0f} s x {node.blocks} blocks on a stake of "
+            f"{node.stake} rounds to 0"
+        )
     _record(payload, "amount", amount)
     _record(payload, "period", seconds)
     _credit(state, op.actor, amount)
