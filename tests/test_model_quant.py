@@ -180,3 +180,48 @@ def test_int8_and_int4_agree_with_fp32_greedy_tokens(smollm2_spec):
     agreed = agreement_with_fp32(smollm2_spec, ["int8", "int4"], tokens=16, prompts=PROMPTS[:4])
     assert agreed["int8"] >= AGREEMENT_FLOOR
     assert agreed["int4"] >= AGREEMENT_FLOOR
+
+
+def test_bench_compute_reports_rows_and_says_how_to_get_llamacpp(tiny_model_dir, monkeypatch):
+    import importlib
+    import json
+
+    from typer.testing import CliRunner
+
+    from layerchain.bench import compute
+    from layerchain.cli.main import app
+
+    real_import = importlib.import_module
+
+    def no_llamacpp(name: str, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(compute.importlib, "import_module", no_llamacpp)
+    model = str(tiny_model_dir("llama", tokenizer=True))
+    result = CliRunner().invoke(app, ["bench", "compute", "--model", model, "--dtypes",
+                                      "fp32,int8", "--tokens", "2", "--repeats", "1",
+                                      "--no-agreement", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [(r["runtime"], r["dtype"]) for r in report["rows"]] == [
+        ("layerchain", "fp32"), ("layerchain", "int8")
+    ]
+    for row in report["rows"]:
+        assert row["ms_per_token"] > 0 and row["tokens_per_s"] > 0 and row["weights_mb"] > 0
+        assert row["agreement"] is None  # --no-agreement
+    assert report["rows"][1]["weights_mb"] < report["rows"][0]["weights_mb"] / 2
+    assert report["ratio_vs_llamacpp"] is None and "pip install" in report["note"]
+    bad = CliRunner().invoke(app, ["bench", "compute", "--threads", "0"])
+    assert bad.exit_code == 1 and "--threads" in bad.output
+
+
+def test_agreement_scores_fp32_against_itself_as_one(tiny_model_dir):
+    from layerchain.bench.compute import PROMPTS, agreement_with_fp32
+    from layerchain.model import resolve_model
+
+    spec = resolve_model(str(tiny_model_dir("llama", tokenizer=True)))
+    agreed = agreement_with_fp32(spec, ["fp32", "int4"], tokens=6, prompts=PROMPTS[:2])
+    assert agreed["fp32"] == 1.0  # teacher forcing reads fp32's own greedy tokens back
+    assert 0.0 <= agreed["int4"] <= 1.0
