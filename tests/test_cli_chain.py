@@ -258,6 +258,10 @@ def test_a_node_redeems_a_clients_vouchers_on_the_chain_in_one_batch(chain, tmp_
     assert status["backend"] == "evm" and len(status["channels"]) >= 2
     journal = _json("ledger", "journal", "--ledger", spec, "--last", "0")
     assert journal[-1]["seq"] == status["journal_entries"] == len(journal)
+    kept = _json("ledger", "checkpoint", "--data-dir", tmp_path / "node", "--ledger", spec)
+    assert kept["seq"] == len(journal)
+    verify = _json("ledger", "verify", "--data-dir", tmp_path / "node", "--ledger", spec)
+    assert verify["ok"] and verify["anchored_seq"] == len(journal)
 
 
 def test_worth_redeeming_weighs_credits_against_gas():
