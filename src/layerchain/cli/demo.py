@@ -144,6 +144,10 @@ def demo(
     device: str = typer.Option(
         "cpu", help="Where the nodes and the client's head compute: cpu, cuda (cuda:N), mps, "
         "or auto (cuda if present, else mps, else cpu)."),
+    dtype: str = typer.Option(
+        "fp32", metavar="auto|fp32|bf16|fp16|int8|int4",
+        help="Form the nodes' and the head's weights are held in: fp32 (the exact "
+        "reference), bf16, fp16, int8, int4, or auto (the fastest that keeps greedy agreement)."),
 ) -> None:
     """Start a local swarm, generate through it with a live view of the route, stop it."""
     from layerchain.client import Swarm
@@ -154,12 +158,14 @@ def demo(
     from layerchain.market import Wallet
     from layerchain.model import SamplingParams, resolve_model
     from layerchain.model.device import resolve_device
+    from layerchain.model.quant import resolve_dtype
     from layerchain.routing import RouteLimits
 
     if ledger_kind not in LEDGERS:
         raise ConfigError(f"--ledger must be one of {', '.join(LEDGERS)}, got {ledger_kind!r}")
     spec = resolve_model(model)
     resolve_device(device)  # an absent GPU fails here, before any process starts
+    resolve_dtype(dtype, device)  # so does an unknown dtype (or int4 off CPU)
     span_list = parse_spans(spans, nodes, spec.num_blocks)
     state = state_dir or Path(tempfile.mkdtemp(prefix="layerchain-demo-"))
 
@@ -194,12 +200,12 @@ def demo(
         say(f"starting {len(span_list)} nodes: {', '.join(map(str, span_list))}")
         node_args = [["--price", str(p), "--ledger", ledger_spec] for p in price_list]
         local = swarm_up(state, span_list, model=model, node_args=node_args, on_progress=say,
-                         device=device)
+                         device=device, dtype=dtype)
         node_rows = [{**n, "price": p} for n, p in zip(local.nodes, price_list)]
         params = SamplingParams(max_new_tokens=max_new_tokens)
         with Swarm(local.initial_peers, model=model,
                    limits=RouteLimits(alpha, max_price, max_latency_ms), data_dir=state / "client",
-                   ledger=ledger_spec, device=device) as client:
+                   ledger=ledger_spec, device=device, dtype=dtype) as client:
             stream = client.stream(prompt, params, raw=raw)
             if as_json:
                 for _ in stream:

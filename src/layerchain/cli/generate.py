@@ -31,6 +31,23 @@ ModelOpt = Annotated[
     ),
 ]
 LocalOpt = Annotated[bool, typer.Option("--local", help="Run the whole model in this process.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where the model computes here: cpu, cuda (cuda:N), mps, or auto (cuda if "
+        "present, else mps, else cpu). Nodes: the span; a client: its head (--local: all).",
+    ),
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype", metavar="auto|fp32|bf16|fp16|int8|int4",
+        help="Form this process's weights are held in: fp32 (the exact reference), bf16, "
+        "fp16, int8, int4, or auto (the fastest that keeps greedy agreement). A client: its "
+        "head (and private blocks); --local: the whole model.",
+    ),
+]
 MaxNewTokensOpt = Annotated[
     int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")
 ]
@@ -183,6 +200,8 @@ def generate(
     insecure: InsecureOpt = False,
     private_blocks: PrivateBlocksOpt = 0,
     audit_rate: AuditRateOpt = DEFAULT_AUDIT_RATE,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
 ) -> None:
     """Generate text for a prompt through a swarm (or, with --local, in this process)."""
     params = sampling_params_from_options(
@@ -198,13 +217,16 @@ def generate(
                         dict(limits=RouteLimits(alpha, max_price, max_latency_ms),
                              max_cost=max_cost, insecure=insecure,
                              private_blocks=private_blocks, audit_rate=audit_rate,
+                             device=device, dtype=dtype,
                              **payment_options(data_dir, ledger, deposit, contract)))
         return
     from layerchain.model import generate_local, resolve_model
+    from layerchain.model.quant import resolve_dtype
 
     spec = resolve_model(model)
     result = generate_local(
-        spec, prompt, params, raw=raw, on_text=None if json_out else stream_to_stdout
+        spec, prompt, params, raw=raw, on_text=None if json_out else stream_to_stdout,
+        device=device, dtype=resolve_dtype(dtype, device),
     )
     if json_out:
         print_result_json(result)

@@ -114,6 +114,16 @@ def start(
         _D.emulate_latency_ms, help="Testing aid: delay every reply by this many ms."
     ),
     threads: int = typer.Option(_D.threads, help="Torch threads (0 = torch's default)."),
+    device: str = typer.Option(
+        _D.device, help="Where the span and its KV caches compute: cpu, cuda (cuda:N), mps, "
+        "or auto (cuda if present, else mps, else cpu).",
+    ),
+    dtype: str = typer.Option(
+        _D.dtype, metavar="auto|fp32|bf16|fp16|int8|int4",
+        help="Form the span's weights are held and computed in: fp32 (exact reference), "
+        "bf16, fp16, int8, int4 (weight-only, ~4x/~6x less memory), or auto (the fastest "
+        "that keeps greedy agreement, int4 on CPU).",
+    ),
     misbehave: str = typer.Option(
         _D.misbehave, metavar="MODE",
         help="For testing defences only: cheat on purpose, MODE one of noise, zero, skip, "
@@ -142,6 +152,7 @@ def start(
         refresh_s=announce_every, price_per_block=price,
         ledger=with_contract(ledger, contract) if ledger else "", payout=payout, stake=stake,
         emulate_latency_ms=emulate_latency_ms, threads=threads, misbehave=misbehave,
+        device=device, dtype=dtype,
     )
 
     from layerchain.node.runner import relay_address, run_node  # after the checks: they fail fast

@@ -50,12 +50,24 @@ def up(
     insecure: bool = typer.Option(
         False, "--insecure", help="Nodes serve plaintext tcp:// instead of TLS (clients then "
         "need --insecure too)."),
+    device: str = typer.Option(
+        "cpu", help="Where the nodes compute: cpu, cuda (cuda:N), mps, or auto (cuda if "
+        "present, else mps, else cpu)."),
+    dtype: str = typer.Option(
+        "fp32", metavar="auto|fp32|bf16|fp16|int8|int4",
+        help="Form the nodes' weights are held in: fp32 (the exact reference), bf16, fp16, "
+        "int8, int4, or auto (the fastest that keeps greedy agreement)."),
 ) -> None:
     """Start a DHT bootstrap and the nodes in the background; write STATE_DIR/swarm.json."""
     from layerchain.local import swarm_up
+    from layerchain.model.device import resolve_device
+    from layerchain.model.quant import resolve_dtype
 
+    resolve_device(device)  # an absent GPU fails here, before any process starts
+    resolve_dtype(dtype, device)  # so does an unknown dtype (or int4 off CPU)
     span_list = parse_spans(spans, nodes, _num_blocks(model))
-    swarm = swarm_up(state_dir, span_list, model=model, insecure=insecure,
+    swarm = swarm_up(state_dir, span_list, model=model, insecure=insecure, device=device,
+                     dtype=dtype,
                      on_progress=lambda s: err_console.print(plain(s)))
     console.print(plain(f"swarm up: {len(swarm.nodes)} nodes; state in {state_dir / 'swarm.json'}"))
     for peer in swarm.initial_peers:  # on one line, however narrow the terminal: it is copied

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from layerchain.errors import ConfigError
+from layerchain.model.device import check_device_name
+from layerchain.model.quant import check_dtype
 from layerchain.routing import RouteLimits  # the routing limits' one home; re-exported here
 
 
@@ -46,6 +48,10 @@ class ClientConfig:
     max_pings: int = 64  # new peers pinged per refresh at most (the rest on later refreshes)
     deposit_margin: float = 2.0  # a channel opened for a request holds this many times the
     # most that request can pay the peer (price x blocks x (prompt + max_new_tokens))
+    device: str = "cpu"  # where the head (and any private blocks) compute: cpu, cuda[:N],
+    # mps or auto (model.device); hidden states still cross the wire from CPU memory
+    dtype: str = "fp32"  # form the head's tables (and private blocks) are held in
+    # (model.quant.DTYPES); fp32 is the exactness reference
     private_blocks: int = 0  # the client runs blocks [0, private_blocks) itself and routes
     # only the rest, so no peer sees the embedding rows (which name the token ids); 0: none
     audit_rate: float = 1 / 16  # chance a hop is audited after a decode step, 0..1 (0: no
@@ -57,6 +63,8 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.route_jitter <= 1.0:  # NaN fails too
             raise ConfigError(f"route_jitter must be in [0, 1], got {self.route_jitter!r}")
+        check_device_name(self.device)
+        check_dtype(self.dtype)
         if not 0.0 <= self.audit_rate <= 1.0:  # NaN fails too
             raise ConfigError(
                 f"audit_rate must be a fraction between 0 and 1, got {self.audit_rate!r}",

@@ -191,9 +191,12 @@ def start_node(
     extra_args: Sequence[str] = (),
     threads: int | None = None,
     insecure: bool = False,
+    device: str = "cpu",
+    dtype: str = "fp32",
 ) -> tuple[subprocess.Popen, Path]:
     """Start one node process; return it and its data dir (where node.json will appear).
-    It serves TLS (tls://), or plaintext tcp:// with ``insecure``."""
+    It serves TLS (tls://), or plaintext tcp:// with ``insecure``; it computes on ``device``
+    (``node start --device``) with weights in ``dtype`` (``--dtype``)."""
     data_dir = state_dir / name
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "node.json").unlink(missing_ok=True)
@@ -201,6 +204,8 @@ def start_node(
         "node", "start", "--model", model, "--blocks", str(span), "--data-dir", str(data_dir),
         *[arg for peer in initial_peers for arg in ("--initial-peers", peer)],
         *(["--insecure"] if insecure else []),
+        *(["--device", device] if device != "cpu" else []),
+        *(["--dtype", dtype] if dtype != "fp32" else []),
         *extra_args,
     )
     return _spawn(cmd, state_dir / f"{name}.log", node_env(threads)), data_dir
@@ -231,9 +236,12 @@ def swarm_up(
     timeout_s: float = 180.0,
     on_progress: Callable[[str], None] | None = None,
     insecure: bool = False,
+    device: str = "cpu",
+    dtype: str = "fp32",
 ) -> LocalSwarm:
     """Start a bootstrap and one node per span; return when all serve (or stop them all).
-    Nodes serve TLS; plaintext tcp:// with ``insecure`` (clients then need it too)."""
+    Nodes serve TLS; plaintext tcp:// with ``insecure`` (clients then need it too); they
+    compute on ``device`` with weights in ``dtype``."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     if (state_dir / SWARM_FILE).exists():
@@ -248,7 +256,8 @@ def swarm_up(
         for i, span in enumerate(spans):
             args = node_args[i] if node_args else ()
             procs.append(start_node(state_dir, f"node-{i}", span, peers, model=model,
-                                    extra_args=args, threads=threads, insecure=insecure))
+                                    extra_args=args, threads=threads, insecure=insecure,
+                                    device=device, dtype=dtype))
             pid = procs[-1][0].pid
             swarm.nodes.append({"pid": pid, "started": process_start(pid), "peer_id": "",
                                 "start": span.start, "end": span.end, "endpoint": ""})

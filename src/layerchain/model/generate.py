@@ -122,10 +122,11 @@ class Decoder:
 class LocalModel:
     """A whole model in this process: one span over all blocks, the head and the tokenizer."""
 
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-        self.span: SpanModel = load_span(spec, 0, spec.num_blocks)
-        self.head: Head = load_head(spec)
+    def __init__(self, spec: ModelSpec, *, dtype: str = "fp32", device: str = "cpu") -> None:
+        self.spec = spec  # dtype: the weights' form (concrete, ``quant.resolve_dtype``)
+        # device: where span, cache and head compute (``model.device``); CPU is the reference
+        self.span: SpanModel = load_span(spec, 0, spec.num_blocks, dtype=dtype, device=device)
+        self.head: Head = load_head(spec, dtype=dtype, device=device)
         self.tokenizer = load_tokenizer(spec)
 
     def generate(
@@ -154,12 +155,17 @@ def generate_local(
     params: SamplingParams,
     raw: bool = False,
     on_text: Callable[[str], None] | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "fp32",
 ) -> DecodeResult:
-    """Generate with the whole model in this process; ``on_text`` receives streamed text.
+    """Generate with the whole model in this process (on ``device``, ``model.device``);
+    ``on_text`` receives streamed text.
 
     Loads the model each call; keep a ``LocalModel`` to generate several times.
     """
-    return LocalModel(spec).generate(prompt, params, raw=raw, on_text=on_text)
+    model = LocalModel(spec, dtype=dtype, device=device)  # dtype concrete: quant.resolve_dtype
+    return model.generate(prompt, params, raw=raw, on_text=on_text)
 
 
 def eos_token_ids(config: Any) -> list[int]:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerchain.errors import ModelFileError
+from layerchain.model.device import resolve_device
+from layerchain.model.quant import compact_head_tables
 from layerchain.model.spec import ModelSpec
 
 
@@ -39,25 +41,59 @@ class Head(nn.Module):
         )  # [V, H]
         # gemma scales embeddings by sqrt(H), computed in float32 as GemmaTextScaledWordEmbedding
         self.embed_scale = torch.tensor(config.hidden_size**0.5) if family.embed_scale else None
+        # compact forms (``compact``): ids -> rows and hidden -> logits modules; None: fp32
+        self.rows: nn.Module | None = None
+        self.projection: nn.Module | None = None
         self.eval().requires_grad_(False)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the head's tables live (``load_head(..., device=)``)."""
+        return next(self.norm.parameters()).device
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids LongTensor [B, T] -> hidden states [B, T, H] float32."""
+        """ids LongTensor [B, T] (any device) -> hidden states [B, T, H] float32 on
+        ``device``."""
+        ids = ids.to(self.device)  # no copy on the CPU
         with torch.inference_mode():
-            hidden = F.embedding(ids, self.embed_tokens)
+            if self.rows is not None:
+                hidden: torch.Tensor = self.rows(ids)
+            else:
+                hidden = F.embedding(ids, self.embed_tokens)
             if self.embed_scale is not None:
                 hidden = hidden * self.embed_scale.to(hidden.dtype)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, H] -> logits [B, T, V] float32 (slice to the last token first if
-        only that one is needed: the LM head is the biggest matmul of a small model)."""
+        """hidden [B, T, H] (any device) -> logits [B, T, V] float32 in CPU memory, where
+        the sampler draws (slice to the last token first if only that one is needed: the LM
+        head is the biggest matmul of a small model)."""
         with torch.inference_mode():
-            return F.linear(self.norm(hidden), self.lm_head)
+            normed = self.norm(hidden.to(self.device))
+            if self.projection is not None:
+                logits: torch.Tensor = self.projection(normed)
+            else:
+                logits = F.linear(normed, self.lm_head)
+            return logits.to(device="cpu", dtype=torch.float32)  # no copy on the CPU
+
+    def compact(self, dtype: str) -> Head:
+        """Hold the embeddings and LM head in ``dtype`` (concrete; fp32: unchanged), dropping
+        the float32 tables (``quant.compact_head_tables``: int4 keeps this table in int8)."""
+        if dtype != "fp32":
+            self.rows, self.projection = compact_head_tables(
+                self.embed_tokens, self.lm_head, dtype
+            )
+            self.embed_tokens = self.lm_head = nn.Parameter(torch.empty(0), requires_grad=False)
+        return self
 
 
-def load_head(spec: ModelSpec) -> Head:
-    """The head of ``spec``, reading only the embedding, final-norm and LM-head tensors."""
+def load_head(
+    spec: ModelSpec, *, dtype: str = "fp32", device: str | torch.device = "cpu"
+) -> Head:
+    """The head of ``spec``, reading only the embedding, final-norm and LM-head tensors,
+    held in ``dtype`` (concrete, see ``quant.resolve_dtype``; ``Head.compact``) on ``device``
+    (a ``model.device`` name or a ``torch.device``; ConfigError if this machine has none)."""
+    place = resolve_device(device) if isinstance(device, str) else device
     state = spec.source.head_state()
     embed = state.get("embed_tokens.weight")
     if embed is None or embed.shape != (spec.vocab_size, spec.hidden_size):
@@ -66,4 +102,4 @@ def load_head(spec: ModelSpec) -> Head:
             f"{spec.name}: embeddings of shape {shape}, expected "
             f"[{spec.vocab_size}, {spec.hidden_size}]"
         )
-    return Head(spec, state)
+    return Head(spec, state).compact(dtype).to(place)

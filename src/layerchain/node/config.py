@@ -12,6 +12,8 @@ from pathlib import Path
 
 from layerchain.discovery.addresses import check_announce_host
 from layerchain.errors import ConfigError
+from layerchain.model.device import check_device_name
+from layerchain.model.quant import DTYPES
 from layerchain.node.misbehave import check_mode
 from layerchain.model.spec import DEFAULT_MODEL
 
@@ -62,6 +64,10 @@ class NodeConfig:
     record_ttl_s: float = 60.0  # DHT records expire after this many seconds
     refresh_s: float = 15.0  # re-announce the DHT records this often, seconds
     threads: int = 0  # torch threads; 0 keeps torch's default
+    dtype: str = "fp32"  # form the span's weights are held and computed in (model.quant.DTYPES):
+    # fp32 (the exactness reference), bf16, fp16, int8, int4, or auto (fastest that agrees)
+    device: str = "cpu"  # where the span and its KV caches compute: cpu, cuda[:N], mps or
+    # auto (model.device); checked against the machine when the span loads
     misbehave: str = ""  # testing defences only: cheat in this mode (node.misbehave.MODES);
     # "": honest
     reachability: str = "auto"  # "auto": ask up to 3 peers to dial back, serve through a relay
@@ -104,6 +110,8 @@ class NodeConfig:
             raise ConfigError("host must not be empty")
         check_announce_host(self.announce_host)
         check_mode(self.misbehave)
+        check_device_name(self.device)
+        _check("dtype", self.dtype, self.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")
         _check("reachability", self.reachability, self.reachability in REACHABILITY_MODES,
                f"must be one of {', '.join(REACHABILITY_MODES)}")
         _check("relay_port", self.relay_port, type(self.relay_port) is int

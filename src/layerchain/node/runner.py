@@ -32,6 +32,7 @@ from layerchain.discovery.addresses import local_announce_hosts, unreachable_fro
 from layerchain.ledger import Ledger, open_ledger
 from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
+from layerchain.model.quant import resolve_dtype
 from layerchain.node.config import NodeConfig
 from layerchain.node.reachability import (
     check_reachability,
@@ -89,7 +90,8 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     # cores, and a speed measured while the others load would be several times too slow
     # (the routes would avoid this node until its steps taught it better).
     with machine_lock("compute-start"):
-        span = load_span(spec, span_range.start, span_range.end)
+        span = load_span(spec, span_range.start, span_range.end, device=config.device,
+                         dtype=resolve_dtype(config.dtype, config.device))
         ms_per_block = measure_ms_per_block(span, spec.hidden_size)
     discovery = await HivemindDiscovery.create(
         initial_peers=list(config.initial_peers),

@@ -36,6 +36,7 @@ from layerchain.discovery.addresses import announced_endpoints
 from layerchain.discovery.records import MAX_MS_PER_BLOCK, MIN_MS_PER_BLOCK
 from layerchain.errors import LimitExceeded, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
+from layerchain.model.device import reply_dtype
 from layerchain.node.config import NodeConfig
 from layerchain.node.load import Announced, LoadMeter, worth_announcing
 from layerchain.node.misbehave import Misbehavior, cheating_span
@@ -72,7 +73,7 @@ def measure_ms_per_block(span: Any, hidden_size: int, steps: int = 24) -> float:
     with torch.inference_mode():
         for _ in range(steps + 2):
             t0 = time.perf_counter()
-            span.forward(x, cache)
+            span.forward(x, cache).to("cpu")  # a GPU's step ends when its output is back
             times.append(time.perf_counter() - t0)
     return 1000.0 * min(times[2:]) / max(1, span.end - span.start)
 
@@ -408,20 +409,24 @@ class Node:
                     f"session {msg.session_id} would hold {session.tokens + tokens} tokens, "
                     f"more than its max_length {session.max_length}"
                 )
-            x = hidden if hidden.dtype == torch.float32 else hidden.float()
+            x = hidden  # the span moves it to its device and compute dtype (one copy)
+            # the output goes back to CPU memory for the wire, in the dtype the client sent
+            # (fp16, bf16) from a float32 span, else in the span's (model.device.reply_dtype);
+            # no copy on a CPU. On a GPU that copy waits for the step: it is timed with it
+            wire = reply_dtype(hidden.dtype, self.span.compute_dtype)
             blocks = session.end - session.start
             if tokens * blocks * self.ms_per_block < 1000.0 * COMPUTE_SLICE_S:
                 t0 = time.perf_counter()
                 with torch.inference_mode():  # on this thread: see the note at the top
                     out = self.span.forward(x, session.cache, start=session.start, end=session.end)
+                    out = out.to(device="cpu", dtype=wire)
                 if tokens == 1:  # a decode step: keep the fastest cost seen, as at start
                     per_block = 1000.0 * (time.perf_counter() - t0) / blocks
                     self.ms_per_block = min(self.ms_per_block, per_block)
                     self.load.sample(per_block)
             else:
                 out = await self._forward_in_slices(x, session)
-            if out.dtype != hidden.dtype:  # answer in the dtype the client sent (fp16, bf16)
-                out = out.to(hidden.dtype)
+                out = out.to(device="cpu", dtype=wire)
             if self.misbehavior is not None:
                 out = self.misbehavior.output(msg.session_id, out)
             session.stepped(tokens)
