@@ -1,8 +1,9 @@
 """`layerchain chain up|down|fund|status`, the `--ledger` spec and the CLI on an EVM ledger.
 
-The spec tests are pure. The chain tests start a real anvil (npm's, `make install`) in
-process through the CLI: one module-scoped chain for the CLI-on-EVM flow, plus up/down of
-its own; each takes a few seconds (anvil starts in ~1-3 s, deploying ~1 s).
+The spec tests are pure. The chain tests (marked slow: they start a real anvil process,
+npm's, from `make install`) run the CLI in process: one module-scoped chain for the
+CLI-on-EVM flow, plus an up/down of its own; ~20 s for the module (anvil starts in ~1-3 s,
+deploying takes ~1 s).
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ def _json(*args: object, code: int = 0):
     return json.loads(_run(*args, "--json", code=code).stdout)
 
 
+@pytest.mark.slow  # a real anvil process
 def test_chain_up_status_down_through_the_cli(home, tmp_path):
     from layerchain.local.launcher import LocalProcess
 
@@ -202,6 +204,7 @@ def test_chain_up_status_down_through_the_cli(home, tmp_path):
     assert read_deployment(up["rpc_url"]) is None
 
 
+@pytest.mark.slow  # a real anvil process
 def test_wallet_commands_move_test_ether_on_a_chain(chain, tmp_path):
     client = tmp_path / "client"
     address = _json("wallet", "create", "--data-dir", client)["address"]
@@ -224,6 +227,7 @@ def test_wallet_commands_move_test_ether_on_a_chain(chain, tmp_path):
     assert "contradicts" not in out and "no contract at" in out
 
 
+@pytest.mark.slow  # a real anvil process
 def test_a_node_redeems_a_clients_vouchers_on_the_chain_in_one_batch(chain, tmp_path):
     from layerchain.market.vouchers import ChannelPayer, VoucherStore
     from layerchain.market.wallet import Wallet
@@ -273,6 +277,7 @@ def test_worth_redeeming_weighs_credits_against_gas():
     assert worth_redeeming(1, 0) and not worth_redeeming(0, 0)  # free (SQLite): anything
 
 
+@pytest.mark.slow  # a real anvil process
 def test_a_node_redeems_on_a_chain_when_worth_the_gas_or_on_a_close_request(chain, tmp_path):
     """Below the threshold the vouchers wait (no transaction); above it, or once the payer
     asks to close, one redeemMany; a voucher already redeemed is never sent again."""
