@@ -408,7 +408,8 @@ contract LayerchainLedger {
     // ========================================================================= nodes
 
     /// Stake `stake` more credits and serve `blocks` blocks, at most maxBlocks (stake may be
-    /// 0 once registered, to change the blocks; changing them forfeits the unrewarded period).
+    /// 0 once registered, to change the blocks). New blocks or more stake count from now:
+    /// the unrewarded period is forfeited (a period's yield is on stake held all of it).
     function registerNode(uint256 stake, uint32 blocks) external returns (uint256 totalStake) {
         NodeRecord storage n = nodes[msg.sender];
         bool known = n.registeredAt != 0;
@@ -425,7 +426,7 @@ contract LayerchainLedger {
             n.registeredAt = now64;
             n.rewardedUntil = now64;
             n.blocks = blocks;
-        } else if (blocks != n.blocks) {
+        } else if (blocks != n.blocks || stake > 0) {
             n.blocks = blocks;
             n.rewardedUntil = now64;
             n.earned = 0;

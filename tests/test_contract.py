@@ -532,7 +532,9 @@ def test_register_and_unstake_after_the_delay(chain: Deployed, evm: Evm, people:
     assert (info["stake"], info["blocks"], info["registered_at"], info["rewarded_until"]) == (200, 4, registered, registered)
     assert chain.send(chain.fn.registerNode(0, 8), node) == 200  # change the blocks only
     assert chain.node(node)["blocks"] == 8 and chain.node(node)["rewarded_until"] == chain.now()
+    evm.travel(60)
     assert chain.send(chain.fn.registerNode(300, 8), node) == 500
+    assert chain.node(node)["rewarded_until"] == chain.now()  # more stake counts from now
 
     chain.reverts(chain.fn.requestUnstake(501), node, "InsufficientFunds")
     chain.reverts(chain.fn.requestUnstake(450), node, "NodeState")  # 50 left: under minStake

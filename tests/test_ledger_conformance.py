@@ -294,6 +294,33 @@ def test_self_dealing_cannot_drain_the_rewards(h):
     _ok(h)
 
 
+def test_stake_added_before_a_claim_earns_from_then_on(h):
+    """The sequel: stake 1,000 for a day of self-paid uptime, add 10^7 borrowed credits just
+    before claiming, claim a day's yield on 10^7, unstake. Added stake restarts the period
+    (as new blocks do), so the borrowed credits earn only for the time they are staked."""
+    _, _, _, _, node, puppet, _ = h.wallets
+    h.ledger.deposit(node, 10_000_000)
+    h.ledger.register_node(node, 1_000, CONFIG.max_blocks)
+    h.ledger.deposit(puppet, 1_000)
+    cid = h.ledger.open_channel(puppet, node.address, 1_000)
+    h.advance(CONFIG.max_reward_period_s)
+    h.ledger.redeem(sign_voucher(puppet, Voucher(cid, 1, 500), h.domain))
+    assert h.ledger.node(node.address).earned == 500
+    restarted = h.ledger.register_node(node, 9_999_000, CONFIG.max_blocks)
+    assert (restarted.stake, restarted.earned) == (10_000_000, 0)
+    assert restarted.rewarded_until >= restarted.served_at  # the day is forfeited
+    with pytest.raises(LedgerError, match="no reward due"):
+        h.ledger.claim_reward(node)
+    h.advance(60)
+    h.ledger.redeem(sign_voucher(puppet, Voucher(cid, 2, 1_000), h.domain))
+    info = h.ledger.node(node.address)
+    seconds = int(info.served_at - info.rewarded_until)
+    assert CONFIG.stake_yield_bps is not None and seconds < 120
+    cap = 10_000_000 * CONFIG.stake_yield_bps * seconds // (10_000 * YEAR_S)
+    assert h.ledger.claim_reward(node) == cap  # 1 credit; without the restart: 1,000
+    _ok(h)
+
+
 def test_slash_guilty_once_and_not_guilty_costs_the_bond(h):
     _, alice, bob, _, node, *_ = h.wallets
     h.ledger.deposit(node, 200)

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from layerchain.ledger.base import CLOSED, CLOSING, Channel, JournalEntry, LedgerConfig, NodeInfo
-from layerchain.ledger.journal import GENESIS_PREV_HASH, canonical_payload, entry_hash
+from layerchain.ledger.journal import (
+    GENESIS_PREV_HASH,
+    canonical_payload,
+    entry_hash,
+    restarts_reward_period,
+)
 
 ZERO_ADDRESS = "0x" + "00" * 20
 MAX_EARNED = 2**64 - 1  # the contract's node.earned saturates at uint64
@@ -150,7 +155,7 @@ def _replay_one(
         s.debit(node_address, max(0, added), where)
         if old is None:
             s.nodes[node_address] = NodeInfo(node_address, a["stake"], a["blocks"], ts, ts)
-        elif a["blocks"] == old.blocks:
+        elif a["blocks"] == old.blocks and not restarts_reward_period(config, added):
             s.nodes[node_address] = replace(old, stake=a["stake"])
         else:
             s.nodes[node_address] = replace(old, stake=a["stake"], blocks=a["blocks"],

@@ -249,13 +249,23 @@ def _register_node(state: State, config: LedgerConfig, op: Operation, ts: float,
     _record(payload, "stake", stake)
     if old is None:
         state.nodes[op.actor] = NodeInfo(op.actor, stake, op.blocks, ts, ts)
-    elif op.blocks == old.blocks:
+    elif op.blocks == old.blocks and not restarts_reward_period(config, op.amount):
         state.nodes[op.actor] = replace(old, stake=stake)
-    else:  # new blocks count from now: the unclaimed period so far is forfeited
+    else:  # new blocks or stake count from now: the unclaimed period so far is forfeited
         state.nodes[op.actor] = replace(
             old, stake=stake, blocks=op.blocks, rewarded_until=ts, earned=0
         )
     return stake
+
+
+def restarts_reward_period(config: LedgerConfig, added_stake: int) -> bool:
+    """Whether adding ``added_stake`` to a registered node restarts its reward period.
+
+    Under a stake-yield cap, yes for any stake added: the period's yield is then on stake
+    held the whole period (capital staked just before a claim and unstaked after it would
+    earn a whole period's yield for a moment's lock-up otherwise). Without the cap (ledgers
+    created before it) stake never did. Pure; the contract has the same rule."""
+    return added_stake > 0 and config.stake_yield_bps is not None
 
 
 def stake_yield_cap(config: LedgerConfig, stake: int, seconds: float) -> int | None:
