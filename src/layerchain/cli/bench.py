@@ -170,6 +170,25 @@ def bench_wire(
     _print(side_by_side(iterations=iterations, tokens=tokens, mode=mode), as_json)
 
 
+@bench_app.command("startup")
+def bench_startup(
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
+    nodes: int = typer.Option(3, help="Nodes in the local swarm."),
+    runs: int = typer.Option(3, help="Timed one-shot generates (after one warm-up)."),
+    threads: int = typer.Option(0, help="Torch threads of each node (0 = torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """A fresh `layerchain generate --max-new-tokens 1` against a local swarm, phase by
+    phase (medians): import_s, dht_join_s, head_load_s, first_token_s, total_s."""
+    from layerchain.bench.startup import run_startup_bench
+    from layerchain.errors import ConfigError
+
+    if nodes < 1 or runs < 1:
+        raise ConfigError("bench startup needs --nodes >= 1 and --runs >= 1")
+    _print(run_startup_bench(model=model, nodes=nodes, runs=runs, threads=threads or None),
+           as_json)
+
+
 @bench_app.command("memory")
 def bench_memory(
     model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),

@@ -16,8 +16,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from layerchain import timings
 from layerchain.errors import ConfigError
-from layerchain.model.sampling import SamplingParams
+from layerchain.model.params import SamplingParams
 from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.routing import RouteLimits
 
@@ -235,12 +236,17 @@ def generate(
 
 
 def _generate_swarm(prompt, model, params, raw, json_out, initial_peers, limits) -> None:
+    timings.mark("command")  # the CLI's imports are done (LAYERCHAIN_TIMINGS=1)
     from layerchain.cli.demo import route_json
     from layerchain.client import Swarm
 
+    timings.mark("client_import")
     with Swarm(initial_peers, model=model, **limits) as swarm:
+        timings.mark("ready")
         gen = swarm.stream(prompt, params, raw=raw)
         for event in gen:
+            if event.index == 0:
+                timings.mark("first_token")
             if not json_out:
                 stream_to_stdout(event.text)
     res = gen.result

@@ -42,6 +42,7 @@ shown, not the unverified ones computed after them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -77,6 +78,7 @@ from layerchain.model.span import KVCache, SpanModel
 from layerchain.model.generate import eos_token_ids
 from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.routing import default_max_price
+from layerchain import timings
 from layerchain.types import Hop
 from layerchain.wire.transport import Dialer, Transport
 
@@ -213,19 +215,24 @@ class AsyncSwarm:
         loose go into its ``limits``."""
         config = client_config(config or ClientConfig(), options)
         payer = open_payer(data_dir, ledger, deposit) if ledger is not None else None
-        spec = await asyncio.to_thread(resolve_model, model)
-        check_private_blocks(spec, config.private_blocks)  # before a DHT is started
-        # on the loop thread, where the decode loop runs the head: a second live thread that
-        # ran torch ops would slow every step (see layerchain.node.server on libgomp's teams)
-        head = load_head(spec)
-        tokenizer = await asyncio.to_thread(load_tokenizer, spec)
-        if discovery is None:
-            from layerchain.discovery import HivemindDiscovery
-
-            # a DHT client: it reads records and serves no DHT requests, so peers on other
-            # hosts never keep (and time out dialling) its loopback or NATed address
-            discovery = await HivemindDiscovery.create(initial_peers=list(initial_peers),
-                                                       client_mode=True)
+        # The DHT joins (on its own thread, with p2pd) while the head loads: a one-shot
+        # generate waits for the longer of the two, not their sum (issue 21 item 5).
+        joining = asyncio.ensure_future(join_as_client(initial_peers)) if discovery is None else None
+        try:
+            with timings.timed("head_load"):
+                spec = await asyncio.to_thread(resolve_model, model)
+                check_private_blocks(spec, config.private_blocks)
+                # on the loop thread, where the decode loop runs the head: a second live thread
+                # that ran torch ops would slow every step (layerchain.node.server on libgomp)
+                head = load_head(spec)
+                tokenizer = await asyncio.to_thread(load_tokenizer, spec)
+            if joining is not None:
+                discovery = await joining
+        except BaseException:
+            if joining is not None:
+                await abandon_join(joining)
+            raise
+        assert discovery is not None
         if transport is None:  # TLS, checking each peer's id; plaintext only if insecure
             transport = Dialer(
                 insecure=config.insecure, connect_timeout_s=config.connect_timeout_s
@@ -446,6 +453,24 @@ def client_config(base: ClientConfig, options: dict[str, Any]) -> ClientConfig:
     if loose:
         config = replace(config, limits=replace(config.limits, **loose))
     return config
+
+
+async def join_as_client(initial_peers: Sequence[str]) -> Discovery:
+    """A DHT client on ``initial_peers``: it reads records and serves no DHT requests, so
+    peers on other hosts never keep (and time out dialling) its loopback or NATed address."""
+    from layerchain.discovery import HivemindDiscovery  # hivemind: only a client that joins
+
+    with timings.timed("dht_join"):
+        return await HivemindDiscovery.create(initial_peers=list(initial_peers),
+                                              client_mode=True)
+
+
+async def abandon_join(joining: asyncio.Future[Discovery]) -> None:
+    """Stop a join started by ``create`` that failed elsewhere: close the DHT if it got up."""
+    if not joining.done():
+        joining.cancel()
+    with contextlib.suppress(BaseException):
+        await (await joining).close()
 
 
 def check_private_blocks(spec: Any, blocks: int) -> None:

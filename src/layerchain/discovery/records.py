@@ -44,7 +44,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import msgpack
-from eth_utils import is_checksum_address
 
 from layerchain import __version__
 from layerchain.discovery.identity import Identity, peer_id_from_public_key, verify
@@ -262,7 +261,7 @@ def check_limits(record: PeerRecord) -> None:
         )
     if any(ms > MAX_RTT_MS for _, ms in record.rtts):
         raise ProtocolError(f"malformed peer record: an rtt above {MAX_RTT_MS:g} ms")
-    if record.wallet and not is_checksum_address(record.wallet):
+    if record.wallet and not _is_checksum_address(record.wallet):
         raise ProtocolError(
             "malformed peer record: wallet must be a checksummed 0x address of 20 bytes"
         )
@@ -432,3 +431,11 @@ def check_expiry(expires_at: float, now: float) -> None:
 def verify_record(blob: bytes, now: float) -> PeerRecord:
     """The record in ``blob`` if it is well-formed, correctly signed and unexpired at ``now``."""
     return check_fresh(open_record(blob), now)
+
+
+def _is_checksum_address(text: str) -> bool:
+    """eth_utils' EIP-55 check, imported on first use: importing eth_utils (pydantic with
+    it) at the top cost every CLI command ~0.2-0.6 s of start-up (tests/test_startup.py)."""
+    from eth_utils import is_checksum_address
+
+    return bool(is_checksum_address(text))

@@ -30,6 +30,7 @@ Modules, each importing only those above it (no cycle)::
 
     families  digest  gguf_file        the family registry, content ids, the GGUF reader
     spec                               the ModelSpec record and the WeightSource protocol
+    params                             SamplingParams, a plain record
     tokenizer  span  head  sampling    what runs: built from a spec
     weights  shards                    weight sources: GGUF, HF directory, shard directory
     resolve                            a model reference -> ModelSpec (knows every source)
@@ -37,17 +38,50 @@ Modules, each importing only those above it (no cycle)::
 
 Model ids, file formats and the exactness contract are described in ``digest``, ``shards``
 and ``span``. transformers (about 1 s to import) loads when a model is first resolved, not
-when this package is imported.
+when this package is imported; nor does torch: the names below load their module on first
+use (PEP 562), so ``layerchain.model.spec`` or ``.params`` is cheap to import (the CLI's
+start-up, ``tests/test_startup.py``).
 """
 
-from layerchain.model.generate import DecodeResult, Decoder, LocalModel, generate_local
-from layerchain.model.head import Head, load_head
-from layerchain.model.sampling import Sampler, SamplingParams, StopChecker
-from layerchain.model.resolve import resolve_model
-from layerchain.model.shards import convert_to_shards, read_manifest, verify_file
-from layerchain.model.span import KVCache, SpanModel, causal_mask, load_span
-from layerchain.model.spec import DEFAULT_MODEL, ModelSpec
-from layerchain.model.tokenizer import encode_prompt, load_tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from layerchain.model.generate import DecodeResult, Decoder, LocalModel, generate_local
+    from layerchain.model.head import Head, load_head
+    from layerchain.model.params import SamplingParams
+    from layerchain.model.sampling import Sampler, StopChecker
+    from layerchain.model.resolve import resolve_model
+    from layerchain.model.shards import convert_to_shards, read_manifest, verify_file
+    from layerchain.model.span import KVCache, SpanModel, causal_mask, load_span
+    from layerchain.model.spec import DEFAULT_MODEL, ModelSpec
+    from layerchain.model.tokenizer import encode_prompt, load_tokenizer
+
+_LAZY = {  # name -> the module defining it
+    "DecodeResult": "layerchain.model.generate",
+    "Decoder": "layerchain.model.generate",
+    "LocalModel": "layerchain.model.generate",
+    "generate_local": "layerchain.model.generate",
+    "Head": "layerchain.model.head",
+    "load_head": "layerchain.model.head",
+    "Sampler": "layerchain.model.sampling",
+    "SamplingParams": "layerchain.model.params",
+    "StopChecker": "layerchain.model.sampling",
+    "resolve_model": "layerchain.model.resolve",
+    "convert_to_shards": "layerchain.model.shards",
+    "read_manifest": "layerchain.model.shards",
+    "verify_file": "layerchain.model.shards",
+    "KVCache": "layerchain.model.span",
+    "SpanModel": "layerchain.model.span",
+    "causal_mask": "layerchain.model.span",
+    "load_span": "layerchain.model.span",
+    "DEFAULT_MODEL": "layerchain.model.spec",
+    "ModelSpec": "layerchain.model.spec",
+    "encode_prompt": "layerchain.model.tokenizer",
+    "load_tokenizer": "layerchain.model.tokenizer",
+}
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -72,3 +106,12 @@ __all__ = [
     "resolve_model",
     "verify_file",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value

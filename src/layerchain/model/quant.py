@@ -35,21 +35,15 @@ from torch import nn
 
 from layerchain.errors import ConfigError
 from layerchain.model.device import resolve_device
+from layerchain.model.dtypes import DTYPES as DTYPES  # --dtype choices (torch-free home)
+from layerchain.model.dtypes import check_dtype as check_dtype
 
-DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int4")  # --dtype choices
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INT4_GROUP = 32  # weights along K sharing one (scale, zero): GGUF Q4_1's block size
 AGREEMENT_FLOOR = 0.9  # fraction of fp32's greedy tokens a form must reproduce to be "auto"
 # "auto" per device type, fastest first among those above the floor (BENCHMARKS "Compact weights")
 AUTO_DTYPE = {"cpu": "int4", "cuda": "bf16", "mps": "fp16"}
 _KERNEL_DTYPE = torch.bfloat16  # activations inside the integer kernels (their fast path)
-
-
-def check_dtype(name: str) -> str:
-    """``name`` if it is one of ``DTYPES``, else ConfigError listing them."""
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}")
-    return name
 
 
 def resolve_dtype(name: str, device: str | torch.device = "cpu") -> str:
