@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from layerchain.errors import ConfigError
 from layerchain.model.device import check_device_name
-from layerchain.model.quant import check_dtype
+from layerchain.model.dtypes import check_dtype
 from layerchain.routing import RouteLimits  # the routing limits' one home; re-exported here
 
 
