@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from operator import attrgetter
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -167,7 +168,7 @@ class _Planner:
                 if peer.id in seen:
                     raise ConfigError(f"peer {peer.id} appears twice in the snapshot")
                 seen.add(peer.id)
-        if peers and max(p.end for p in peers) > num_blocks:
+        if peers and max(map(attrgetter("end"), peers)) > num_blocks:
             peer = next(p for p in peers if p.end > num_blocks)
             raise ConfigError(
                 f"peer {peer.id} serves blocks {peer.start}:{peer.end} "

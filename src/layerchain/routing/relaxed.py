@@ -111,9 +111,8 @@ class PeerArrays:
             order = np.argsort(key, kind="stable")  # a dominator sorts first (ties: by row)
             rank = np.empty(count, dtype=np.int64)
             rank[order] = np.arange(count)
-            cells, first = np.unique(cell[order], return_index=True)
             grid = np.full(width * width, count, dtype=np.int64)
-            grid[cells] = first  # lowest rank per span
+            np.minimum.at(grid, cell, rank)  # lowest rank per span
             grid2 = grid.reshape(width, width)  # [s, e]
             grid2 = np.minimum.accumulate(grid2[:, ::-1], axis=1)[:, ::-1]  # spans ending later
             grid2 = np.minimum.accumulate(grid2, axis=0)  # and starting earlier
