@@ -74,6 +74,7 @@ from layerchain.model import (
     load_tokenizer,
     resolve_model,
 )
+from layerchain.model.quant import resolve_dtype
 from layerchain.model.span import KVCache, SpanModel
 from layerchain.model.generate import eos_token_ids
 from layerchain.model.spec import DEFAULT_MODEL
@@ -185,7 +186,9 @@ class AsyncSwarm:
         self.peers = PeerView(discovery, transport, spec.model_id, spec.num_blocks, config)
         # blocks [0, private_blocks) run here: the first hop sees their output, not the
         # embedding rows (which map back to token ids exactly); None: no private blocks
-        self.private: SpanModel | None = private_span(spec, config.private_blocks)
+        self.private: SpanModel | None = private_span(
+            spec, config.private_blocks, config.device, resolve_dtype(config.dtype, config.device)
+        )
         self.eos_token_ids = eos_token_ids(spec.config)
         self.context_length: int | None = getattr(spec.config, "max_position_embeddings", None)
         # hidden states travel in float32 (4 bytes a value): at most this many tokens a Step
@@ -224,7 +227,8 @@ class AsyncSwarm:
                 check_private_blocks(spec, config.private_blocks)
                 # on the loop thread, where the decode loop runs the head: a second live thread
                 # that ran torch ops would slow every step (layerchain.node.server on libgomp)
-                head = load_head(spec)
+                dtype = resolve_dtype(config.dtype, config.device)
+                head = load_head(spec, device=config.device, dtype=dtype)
                 tokenizer = await asyncio.to_thread(load_tokenizer, spec)
             if joining is not None:
                 discovery = await joining
@@ -430,8 +434,8 @@ class AsyncSwarm:
         None when the decoder is done."""
         x = decoder.next_input()
         if x is None or private is None or self.private is None:
-            return x
-        return self.private(x, private)
+            return None if x is None else x.cpu()  # the wire's side (no copy on a CPU)
+        return self.private(x, private).cpu()
 
     @staticmethod
     @torch.inference_mode()
@@ -484,11 +488,13 @@ def check_private_blocks(spec: Any, blocks: int) -> None:
         )
 
 
-def private_span(spec: Any, blocks: int) -> SpanModel | None:
+def private_span(
+    spec: Any, blocks: int, device: str = "cpu", dtype: str = "fp32"
+) -> SpanModel | None:
     """Blocks ``[0, blocks)`` of ``spec``'s model, loaded for a client that runs them itself
     (None for 0); ConfigError as ``check_private_blocks``."""
     check_private_blocks(spec, blocks)
-    return load_span(spec, 0, blocks) if blocks else None
+    return load_span(spec, 0, blocks, device=device, dtype=dtype) if blocks else None
 
 
 def verified_steps(settled: int, prompt_tokens: int, steps: int) -> int:
