@@ -4,6 +4,8 @@ journal that catches a rewritten chain. In-process chain: eth-tester + py-evm.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -237,3 +239,17 @@ def test_verify_catches_a_rewritten_chain_and_bad_events(chain):
     events = [Event("Deposited", {"account": a, "credits": 5}, 1, 0, "0x", 1),
               Event("Withdrawn", {"account": a, "credits": 9}, 2, 0, "0x", 2)]
     assert any("spends 9 credits holding 5" in p for p in replay_events(events, CONFIG).problems)
+
+
+def test_the_ledger_package_exports_evmledger_without_importing_the_evm_side():
+    """``from layerchain.ledger import EvmLedger`` works; ``import layerchain.ledger`` alone
+    (every SQLite user, the CLI) loads neither evm.py nor web3."""
+    probe = ("import sys\nimport layerchain.ledger as ledger\n"
+             "assert 'layerchain.ledger.evm' not in sys.modules and 'web3' not in sys.modules\n"
+             "from layerchain.ledger.evm import EvmLedger\n"
+             "assert ledger.EvmLedger is EvmLedger\n")
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=120)
+    import layerchain.ledger as package
+
+    with pytest.raises(AttributeError, match="NoSuchLedger"):
+        getattr(package, "NoSuchLedger")

@@ -57,8 +57,8 @@ PUBLIC_API: dict[str, list[str]] = {
         "verify_voucher",
     ],
     "layerchain.ledger": [
-        "AccountInfo", "Channel", "Checkpoint", "CheckpointStore", "JournalEntry",
-        "Ledger", "LedgerConfig", "MAX_AMOUNT", "NodeInfo", "Operation", "SqliteLedger",
+        "AccountInfo", "Channel", "Checkpoint", "CheckpointStore", "EvmLedger",
+        "JournalEntry", "Ledger", "LedgerConfig", "MAX_AMOUNT", "NodeInfo", "Operation", "SqliteLedger",
         "VerifyReport", "Voucher", "new_operation", "open_ledger", "sign_checkpoint",
         "sign_operation", "sign_voucher", "verify_checkpoint", "verify_operation",
     ],

@@ -1,11 +1,14 @@
 """Ledgers: where credits live. ``open_ledger(spec)`` opens the one a ``--ledger`` spec names:
 a file is the embedded SQLite ledger, ``evm+http://HOST:PORT`` the contract on a chain
-(``open.py``).
+(``open.py``, ``EvmLedger``: imported when first asked for, so that importing this package
+does not load the EVM side).
 
 See ``base.py`` for the seam and its invariants, ``journal.py`` for the rules,
 ``operations.py`` for the signed operations that change accounts, ``records.py`` for the
 vouchers it settles and ``checkpoints.py`` for the signed heads that anchor its journal.
 """
+
+from typing import Any
 
 from layerchain.ledger.base import (
     MAX_AMOUNT,
@@ -29,6 +32,7 @@ __all__ = [
     "Channel",
     "Checkpoint",
     "CheckpointStore",
+    "EvmLedger",
     "JournalEntry",
     "Ledger",
     "LedgerConfig",
@@ -45,3 +49,11 @@ __all__ = [
     "verify_checkpoint",
     "verify_operation",
 ]
+
+
+def __getattr__(name: str) -> Any:  # the EVM ledger: only when it is asked for
+    if name == "EvmLedger":
+        from layerchain.ledger.evm import EvmLedger
+
+        return EvmLedger
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
