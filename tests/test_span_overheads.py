@@ -158,7 +158,9 @@ def test_bench_step_reports_both_paths_side_by_side(tiny_model_dir):
         assert result[key] > 0, key
     shares = (result["matmul_share"], result["attention_share"], result["other_share"])
     assert all(0.0 <= s <= 1.0 for s in shares) and abs(sum(shares) - 1.0) < 0.01
-    assert result["aten_calls_per_block"] > 10
+    # the lean path makes fewer calls (counts, unlike times, are the same on a busy machine)
+    assert 10 < result["aten_calls_per_block"] <= result["aten_calls_per_block_before"]
+    assert result["python_calls_per_block"] < result["python_calls_per_block_before"]
     assert set(result["node_extras_ms"]) == {"commit", "receipt", "codec"}
     assert result["compile"] is None
 

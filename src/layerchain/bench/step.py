@@ -14,14 +14,15 @@ same work). The run measures, side by side in one process and interleaved round 
 * ``matmul_share`` / ``attention_share``: the matrix products' and SDPA's own time
   (torch.profiler's self time of those ops) over the profiled steps' wall time (both clocks
   stretch alike on a busy machine); the rest (``other_share``) is the elementwise ops, the
-  per-op dispatch (``aten_calls_per_block``, nested calls included) and the Python between
-  them;
+  per-op dispatch and the Python between them. ``aten_calls_per_block`` (nested calls
+  included) and ``python_calls_per_block`` count that dispatch, after and ``*_before``: counts
+  do not depend on the machine's load, unlike times;
 * ``node_extras_ms``: what a node adds around the span each step: the output's commitment,
   the signed receipt (two sha256 and an ECDSA signature) and the wire codec (encode + decode
   of the StepResult);
 * ``compile`` (``compile=True`` only): ``torch.compile`` of each block's MLP and norms (the
-  parts without KV-cache state), its compile time, step time and whether the outputs stay
-  bit-identical.
+  parts without KV-cache state) on the plain path (the lean one inlines the norms), its
+  compile time, step time and whether the outputs stay bit-identical.
 
 Measurements only: nothing here is asserted in a timed test.
 """
@@ -29,6 +30,7 @@ Measurements only: nothing here is asserted in a timed test.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -94,6 +96,11 @@ def run_step_bench(
                     samples[lean].append((time.perf_counter() - w0, time.thread_time() - c0))
                 span.fast_decode = has_lean
         identical = bool(torch.equal(outputs[False], outputs[True]))
+        calls = {}  # deterministic, unlike times: Python and aten calls per block and step
+        for lean in (False, True):
+            span.fast_decode = lean and has_lean
+            calls[lean] = (_python_calls(step) / blocks, _profile(step, 1, blocks)[3])
+        span.fast_decode = has_lean
         profile = _profile(step, steps, blocks) if place.type == "cpu" else None
         compiled = _compiled(span, step, steps, outputs[True], sync) if compile else None
 
@@ -116,17 +123,19 @@ def run_step_bench(
         "matmul_share": None,
         "attention_share": None,
         "other_share": None,
-        "aten_calls_per_block": None,
+        "aten_calls_per_block": calls[True][1],
+        "aten_calls_per_block_before": calls[False][1],
+        "python_calls_per_block": round(calls[True][0]),
+        "python_calls_per_block_before": round(calls[False][0]),
         "node_extras_ms": _node_extras(spec.hidden_size),
         "compile": compiled,
     }
     if profile is not None:
-        matmul_ms, attention_ms, wall_ms, calls = profile
+        matmul_ms, attention_ms, wall_ms, _ = profile
         result.update(
             matmul_share=round(matmul_ms / wall_ms, 3),
             attention_share=round(attention_ms / wall_ms, 3),
             other_share=round(1.0 - (matmul_ms + attention_ms) / wall_ms, 3),
-            aten_calls_per_block=calls,
         )
     return result
 
@@ -173,6 +182,23 @@ def _profile(
     return matmul_ms, attention_ms, max(wall_ms, matmul_ms + attention_ms), round(calls / steps / blocks)
 
 
+def _python_calls(step: Callable[[], torch.Tensor]) -> int:
+    """Python and builtin function calls one step makes (sys.setprofile's call events)."""
+    count = 0
+
+    def tally(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(tally)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
 def _node_extras(hidden_size: int, samples: int = 200) -> dict[str, float]:
     """p50 ms of what a node does around the span per one-token step (see the module)."""
     from layerchain.market import Wallet
@@ -214,6 +240,7 @@ def _compiled(
     per step, and how far the output moves from the eager one. Restores the eager modules."""
     names = ("mlp", "input_layernorm", "post_attention_layernorm")
     eager = [{name: getattr(layer, name) for name in names} for layer in span.layers]
+    lean, span.fast_decode = span.fast_decode, False  # the path that calls these modules
     try:
         for layer in span.layers:
             for name in names:
@@ -222,19 +249,22 @@ def _compiled(
         out = step()
         sync()
         compile_s = time.perf_counter() - t0
-        times = []
+        times, cpu_times = [], []
         for _ in range(steps):
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             out = step()
             sync()
             times.append(time.perf_counter() - t1)
+            cpu_times.append(time.thread_time() - c1)
     finally:
+        span.fast_decode = lean
         for layer, modules in zip(span.layers, eager, strict=True):
             for name, module in modules.items():
                 setattr(layer, name, module)
     return {
         "compile_s": round(compile_s, 1),
         "ms_per_step_p50": round(1000.0 * statistics.median(times), 3),
+        "cpu_ms_per_step_p50": round(1000.0 * statistics.median(cpu_times), 3),
         "identical": bool(torch.equal(out, reference)),
         "max_abs_diff": float((out.float() - reference.float()).abs().max()),
     }
