@@ -29,6 +29,7 @@ What a client needs (the decode loop; ``generate.Decoder`` implements it without
 Modules, each importing only those above it (no cycle)::
 
     families  digest  gguf_file        the family registry, content ids, the GGUF reader
+    device                             --device names -> torch devices, the reply dtype rule
     spec                               the ModelSpec record and the WeightSource protocol
     params                             SamplingParams, a plain record
     tokenizer  span  head  sampling    what runs: built from a spec
