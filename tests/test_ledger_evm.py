@@ -241,6 +241,29 @@ def test_verify_catches_a_rewritten_chain_and_bad_events(chain):
     assert any("spends 9 credits holding 5" in p for p in replay_events(events, CONFIG).problems)
 
 
+def test_the_replay_checks_each_reward_against_the_rules():
+    """A ``RewardPaid`` the rules do not give (the sock-puppet drain: a whole self-payment
+    paid back on a small stake) is a problem of ``verify``; the one they give is not."""
+    config = LedgerConfig(reward_per_block_hour=1_000, stake_yield_bps=1_000)
+    node, payer, cid = "0x" + "aa" * 20, "0x" + "bb" * 20, "0x" + "cc" * 32
+
+    def events(stake: int, amount: int) -> list[Event]:
+        return [Event("RewardsFunded", {"credits": 10_000}, 1, 0, "0x", 100),
+                Event("Deposited", {"account": node, "credits": stake}, 1, 1, "0x", 100),
+                Event("NodeRegistered", {"node": node, "stake": stake, "blocks": 4}, 1, 2, "0x", 100),
+                Event("Deposited", {"account": payer, "credits": 500}, 1, 3, "0x", 100),
+                Event("ChannelOpened", {"id": cid, "payer": payer, "payee": node, "deposit": 500},
+                      1, 4, "0x", 100),
+                Event("Redeemed", {"id": cid, "payee": node, "nonce": 1, "cumulativeAmount": 500,
+                                   "credited": 500}, 2, 0, "0x", 3_700),
+                Event("RewardPaid", {"node": node, "amount": amount, "period": 3_600}, 3, 0, "0x", 3_800)]
+
+    # 10^9 staked for an hour at 10 % a year: 11,415 credits, above the 500 paid: 500 is due
+    assert replay_events(events(10**9, 500), config).problems == []
+    drained = replay_events(events(1_000, 500), config).problems  # 1,000 staked: 0 is due
+    assert any("pays 500 for 3600 s, the rules give 0" in p for p in drained), drained
+
+
 def test_the_ledger_package_exports_evmledger_without_importing_the_evm_side():
     """``from layerchain.ledger import EvmLedger`` works; ``import layerchain.ledger`` alone
     (every SQLite user, the CLI) loads neither evm.py nor web3."""

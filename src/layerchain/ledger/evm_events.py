@@ -28,6 +28,7 @@ from layerchain.ledger.journal import (
     canonical_payload,
     entry_hash,
     restarts_reward_period,
+    reward_due,
 )
 
 ZERO_ADDRESS = "0x" + "00" * 20
@@ -173,6 +174,11 @@ def _replay_one(
         node = s.nodes[a["node"]]
         if a["amount"] > s.pool:
             s.problems.append(f"{where}: pays {a['amount']} from a pool of {s.pool}")
+        period = min(node.served_at, node.rewarded_until + config.max_reward_period_s) - node.rewarded_until
+        due = reward_due(config, node, a["period"])
+        if (a["period"], a["amount"]) != (int(period), due):
+            s.problems.append(f"{where}: pays {a['amount']} for {a['period']} s, the rules give "
+                              f"{due} for {int(period)} s")
         s.pool -= a["amount"]
         s.nodes[node.address] = replace(node, rewarded_until=node.rewarded_until + a["period"],
                                         earned=0, rewards=node.rewards + a["amount"])

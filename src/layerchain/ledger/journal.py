@@ -277,6 +277,15 @@ def stake_yield_cap(config: LedgerConfig, stake: int, seconds: float) -> int | N
     return int(stake * config.stake_yield_bps * Fraction(seconds) // (10_000 * YEAR_S))
 
 
+def reward_due(config: LedgerConfig, node: NodeInfo, seconds: float) -> int:
+    """``min(rate x blocks x hours, earned, stake yield)`` for a period of ``seconds``
+    (integer seconds on a chain: exact; the ledger clock's float seconds on SQLite, as
+    recorded). Pure: ``_claim_reward`` pays it, the EVM event replay checks the contract did."""
+    by_time = int(config.reward_per_block_hour * node.blocks * seconds // 3600)
+    by_stake = stake_yield_cap(config, node.stake, seconds)
+    return min(by_time, node.earned, MAX_AMOUNT if by_stake is None else by_stake)
+
+
 def _claim_reward(state: State, config: LedgerConfig, op: Operation, ts: float, payload: dict[str, Any]) -> int:
     """reward = min(rate x blocks x hours, earned, stake yield): hours from the last reward
     (or the registration) to the last time a client's voucher paid the node, on the ledger's
@@ -294,9 +303,7 @@ def _claim_reward(state: State, config: LedgerConfig, op: Operation, ts: float, 
             "(uptime counts only as far as clients' vouchers attest it)"
         )
     seconds = end - node.rewarded_until
-    by_time = int(config.reward_per_block_hour * node.blocks * seconds // 3600)
-    by_stake = stake_yield_cap(config, node.stake, seconds)
-    amount = min(by_time, node.earned, MAX_AMOUNT if by_stake is None else by_stake)
+    amount = reward_due(config, node, seconds)
     if amount <= 0:  # the period keeps growing until it is worth a credit
         raise LedgerError(
             f"no reward due yet: {seconds:.0f} s x {node.blocks} blocks on a stake of "
