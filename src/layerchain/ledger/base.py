@@ -303,14 +303,17 @@ class Ledger(Protocol):
         """Start (OPEN) or finish (CLOSING, window over) closing; return the refund (or 0)."""
 
     def register_node(self, node: Signer, stake: int, blocks: int) -> NodeInfo:
-        """Stake ``stake`` more credits and register ``blocks`` served (stake may be 0 once
-        registered, to change the blocks)."""
+        """Stake ``stake`` more credits and register ``blocks`` served, at most
+        ``config.max_blocks`` (stake may be 0 once registered, to change the blocks). New
+        blocks, or stake added under a yield cap, restart the reward period."""
 
     def node(self, address: str) -> NodeInfo:
         """A registered node; LedgerError if not registered."""
 
     def claim_reward(self, node: Signer) -> int:
-        """Pay the node's uptime reward since its last one, as far as the ledger saw it work."""
+        """Pay the node's uptime reward since its last one, as far as the ledger saw it work:
+        ``journal.reward_due``, at most the stake's yield (``config.stake_yield_bps``) for
+        the period. LedgerError when none is due (no client paid it since, or it rounds to 0)."""
 
     def slash(self, accuser: Signer, verdict: EvidenceVerdict) -> SlashResult:
         """Record ``verdict`` under the accuser's signed ``slash`` operation: guilty takes
