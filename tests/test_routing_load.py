@@ -235,3 +235,32 @@ def test_concurrent_generations_spread_and_nodes_announce_their_load(tiny_model,
     for load in loads:
         assert load is not None and load.sessions == 0 and load.step_ms > 0
     assert all(found[n.peer_id] is not None for n in twins)  # announced in the DHT
+
+
+def test_announcements_made_at_once_still_expire_one_after_another():
+    """A node re-announces its load besides the periodic refresh: two announcements at
+    the same moment must not carry the same expiry (a store keeps the one expiring last,
+    so the newer load could be dropped)."""
+    import asyncio
+
+    from layerchain.discovery import Announcer
+
+    class SlowStore:
+        def __init__(self):
+            self.announced = []
+
+        async def announce(self, record):
+            await asyncio.sleep(0)  # a real DHT store yields on the way
+            self.announced.append(record)
+
+    me = Identity.generate()
+    store = SlowStore()
+    announcer = Announcer(store, lambda: record(me, "a"), clock=lambda: 1000.0)
+
+    async def main():
+        return await asyncio.gather(*(announcer.announce_now() for _ in range(3)))
+
+    stamped = asyncio.run(main())
+    expiries = [r.expires_at for r in store.announced]
+    assert len(set(expiries)) == 3 and expiries == sorted(expiries)
+    assert sorted(r.expires_at for r in stamped) == expiries

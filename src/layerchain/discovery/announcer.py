@@ -8,6 +8,10 @@ crashed node vanishes within ``ttl_s`` without anyone withdrawing it.
 
 When the built record's span shrinks or moves, the blocks it no longer covers are withdrawn
 right after the new record is announced (the new one first, so no block is ever empty).
+
+``announce_now`` may be called at any time besides the refresh (a node announces a freed
+cache or a moved load at once); calls run one at a time, so each announcement is built
+after the previous one was stamped and expires strictly later.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class Announcer:
         self.last: PeerRecord | None = None  # the record most recently announced
         self.failures = 0  # refreshes that raised
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one announcement at a time (module docstring)
 
     async def start(self) -> PeerRecord:
         """Announce once (errors propagate), then keep refreshing in the background."""
@@ -85,6 +90,10 @@ class Announcer:
 
     async def announce_now(self) -> PeerRecord:
         """Build, stamp and announce the current record; withdraw blocks it dropped."""
+        async with self._lock:
+            return await self._announce()
+
+    async def _announce(self) -> PeerRecord:
         expires_at = self.clock() + self.config.ttl_s
         if self.last is not None:
             # Stores keep the entry expiring last: each announcement must expire strictly

@@ -38,7 +38,7 @@ from layerchain.errors import LimitExceeded, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
 from layerchain.model.device import reply_dtype
 from layerchain.node.config import NodeConfig
-from layerchain.node.load import Announced, LoadMeter, worth_announcing
+from layerchain.node.load import LOAD_ANNOUNCE_S, Announced, LoadMeter, worth_announcing
 from layerchain.node.misbehave import Misbehavior, cheating_span
 from layerchain.node.payments import NodePayments
 from layerchain.node.reachability import DialBackProbes, DialBackService, relayed_endpoints
@@ -236,6 +236,9 @@ class Node:
         if self.announcer is None or self._announcing or self.draining:
             return
         now = time.monotonic()
+        last = self._load_announced
+        if last is not None and now - last.at < LOAD_ANNOUNCE_S:
+            return  # the common case on the step path: nothing built, nothing compared
         if not worth_announcing(self._load_announced, self.load.load(now, len(self.sessions)),
                                 now):
             return
@@ -283,6 +286,7 @@ class Node:
             expired = self.sessions.expire_idle()
             for sid in expired:
                 log.info("closed idle session %s", sid)
+            self._announce_load()  # a node going idle shows it before the next refresh
             if expired and self.announcer is not None:  # announce the freed room now, not
                 with contextlib.suppress(Exception):   # at the next refresh: clients skip a
                     await self.announcer.announce_now()  # peer whose record says it is full
@@ -326,6 +330,7 @@ class Node:
             return opened
         if isinstance(msg, m.CloseSession):
             self.sessions.close(msg.session_id, owner)
+            self._announce_load()
             if self.payments.book is not None:  # when worth it (gas on a chain)
                 self._spawn(self.payments.redeem(force=False))
             return m.SessionClosed(rid=msg.rid, session_id=msg.session_id)
