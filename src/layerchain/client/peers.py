@@ -281,6 +281,7 @@ class PeerView:
         self._random = random.Random()
         self._sessions: dict[str, set[str]] = {}  # peer id -> this client's open session ids
         self._jitter_seed = os.urandom(16)  # this client's own jitter (routing.load)
+        self._jitter: dict[str, float] = {}  # peer id -> its factor (a hash: kept)
         self._refreshed_at = 0.0
         self._lock = asyncio.Lock()
 
@@ -332,6 +333,8 @@ class PeerView:
             del self._speed[peer_id]
         for peer_id in [p for p in self._reached if p not in self.records]:
             del self._reached[peer_id]
+        for peer_id in [p for p in self._jitter if p not in self.records]:
+            del self._jitter[peer_id]
         now = time.monotonic()
         forgiven = now - self.config.ban_max_s
         cap = 4 * self.config.max_peers  # ban entries kept at most, per kind
@@ -584,7 +587,10 @@ class PeerView:
                 (r.end - r.start) * ms)  # not measured yet: the span at its speed
             queue = expected_queue_ms(load.queued_steps if load is not None else 0.0,
                                       step_ms, self.own_sessions(r.peer_id))
-            factor = jitter_factor(self._jitter_seed, r.peer_id, spread)
+            factor = self._jitter.get(r.peer_id)
+            if factor is None:
+                factor = self._jitter[r.peer_id] = jitter_factor(self._jitter_seed, r.peer_id,
+                                                                 spread)
             peers.append(RoutePeer(
                 id=r.peer_id,
                 start=r.start,
