@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from layerchain.errors import ModelFileError, SpanError
@@ -332,12 +333,13 @@ LEAN_FAMILIES = ("llama", "mistral", "qwen2")  # blocks shaped as transformers' 
 @dataclass(frozen=True)
 class LeanDecode:
     """One-token decode steps without a mask through llama-shaped blocks, op for op what
-    the block's own ``forward`` computes (the same modules, transformers' own rotary and SDPA
-    functions, in the same order, so the outputs are bit-identical; tests/test_span_overheads
-    checks every such family), minus the per-layer dispatch around them: the decoder layer's
-    and attention's ``__call__`` and keyword-deprecation wrappers, the attention-interface
-    lookup, the keyword dictionaries. About a tenth of a 10-block SmolLM2 decode step on CPU
-    (docs/BENCHMARKS.md, "Per-step overheads")."""
+    the block's own ``forward`` computes (the same torch ops and transformers' own rotary and
+    SDPA functions, in the same order, so the outputs are bit-identical; checked for the first
+    block when a span is built, and by tests/test_span_overheads for every such family), minus
+    the Python around them: the decoder layer's, attention's, norms', MLP's and plain
+    linears' module calls, two keyword-deprecation wrappers, the attention-interface lookup,
+    the keyword dictionaries, the norms' no-op casts. A quarter fewer Python calls per block,
+    4-7% of a SmolLM2 decode step's CPU time (docs/BENCHMARKS.md, "Per-step overheads")."""
 
     rotate: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # the family's apply_rotary_pos_emb
     attend: Callable[..., tuple[torch.Tensor, Any]]  # transformers' sdpa_attention_forward
@@ -370,16 +372,25 @@ class LeanDecode:
         residual = hidden
         x = _rms_norm(block.input_layernorm, hidden)
         shape = (*x.shape[:-1], -1, attn.head_dim)  # [B, T, heads, D]
-        query = attn.q_proj(x).view(shape).transpose(1, 2)  # [B, heads, T, D]
-        key = attn.k_proj(x).view(shape).transpose(1, 2)  # [B, kv_heads, T, D]
-        value = attn.v_proj(x).view(shape).transpose(1, 2)
+        query = _linear(attn.q_proj, x).view(shape).transpose(1, 2)  # [B, heads, T, D]
+        key = _linear(attn.k_proj, x).view(shape).transpose(1, 2)  # [B, kv_heads, T, D]
+        value = _linear(attn.v_proj, x).view(shape).transpose(1, 2)
         query, key = self.rotate(query, key, *cos_sin)
         key, value = cache.update(key, value, attn.layer_idx)
         out, _ = self.attend(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
-        hidden = residual + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+        hidden = residual + _linear(attn.o_proj, out.reshape(*x.shape[:-1], -1).contiguous())
         residual = hidden
-        out = block.mlp(_rms_norm(block.post_attention_layernorm, hidden))
-        return residual + out  # type: ignore[no-any-return]
+        x, mlp = _rms_norm(block.post_attention_layernorm, hidden), block.mlp
+        out = _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+        return residual + out
+
+
+def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; for a plain ``nn.Linear`` its one op without the module call (a
+    compact form's module, ``model.quant``, is called as it is)."""
+    if type(module) is nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)  # type: ignore[no-any-return]
 
 
 def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
