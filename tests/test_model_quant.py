@@ -174,7 +174,7 @@ def test_compact_head_embeds_and_projects_close_to_fp32(smollm2_spec, dtype):
 @pytest.mark.slow
 def test_int8_and_int4_agree_with_fp32_greedy_tokens(smollm2_spec):
     """Teacher-forced greedy agreement on the bench's prompts (measured 2026-12-02 over all 8
-    prompts x 32 tokens: int8 0.973, int4 0.988, bf16 0.996); the floor is 0.9."""
+    prompts x 32 tokens: int8 0.95-0.97, int4 0.984-0.988, bf16 0.996); the floor is 0.9."""
     from layerchain.bench.compute import PROMPTS, agreement_with_fp32
 
     agreed = agreement_with_fp32(smollm2_spec, ["int8", "int4"], tokens=16, prompts=PROMPTS[:4])
