@@ -225,3 +225,27 @@ def test_agreement_scores_fp32_against_itself_as_one(tiny_model_dir):
     agreed = agreement_with_fp32(spec, ["fp32", "int4"], tokens=6, prompts=PROMPTS[:2])
     assert agreed["fp32"] == 1.0  # teacher forcing reads fp32's own greedy tokens back
     assert 0.0 <= agreed["int4"] <= 1.0
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_an_audit_in_the_nodes_own_form_agrees(smollm2_spec, smollm2_tokenizer, dtype):
+    """What auditing compact nodes needs (BENCHMARKS "Compact weights"): recomputed in the same
+    form, with other threads and as decode steps after a prefill instead of one prefill, a
+    hop's commitment stays within AUDIT_TOLERANCE (an fp32 recomputation does not, measured)."""
+    from layerchain.market.commitment import commit, commitment_agrees
+    from layerchain.model import encode_prompt, load_head, load_span
+
+    span = load_span(smollm2_spec, 20, 23, dtype=dtype)
+    ids = encode_prompt(smollm2_tokenizer, "Name three rivers in Europe.")
+    hidden = load_head(smollm2_spec).embed(torch.tensor([ids]))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        node_out = span(hidden, span.new_cache())  # [1, T, H]
+        torch.set_num_threads(2)
+        cache = span.new_cache()
+        replayed = torch.cat([span(hidden[:, :-2], cache), span(hidden[:, -2:-1], cache),
+                              span(hidden[:, -1:], cache)], dim=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert commitment_agrees(commit(node_out), replayed)
