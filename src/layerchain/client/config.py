@@ -38,9 +38,9 @@ class ClientConfig:
     # of a peer instead of the ms_per_block it announces
     speed_memory_s: float = 600.0  # a peer's measured speed is forgotten after this long
     # without a new step (its claim counts again: a slow spell is not a life sentence)
-    route_jitter: float = 0.05  # each peer's latency terms are scaled by this client's own
-    # fixed factor in [1, 1 + route_jitter), so clients spread over near-equal peers
-    # (routing.load); 0: plan on the numbers as they are
+    route_jitter: float = 0.02  # each peer's latency terms are scaled by this client's own
+    # fixed factor in [1, 1 + route_jitter), so clients starting together spread over
+    # peers within 2% of each other (routing.load); 0: plan on the numbers as they are
     max_price_multiple: float | None = 4.0  # with no max_price, a route may cost at most
     # this many times the swarm's median price per block (None: no default cap)
     max_peers: int = 2048  # peer records kept at most; past it, known peers stay first

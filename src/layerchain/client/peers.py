@@ -664,7 +664,9 @@ async def live_snapshot(
     """The live swarm as planner input: records read through ``discovery`` (checked as a
     client checks them), RTTs measured by pings over ``transport``; connections closed
     before it returns. What ``layerchain route --initial-peers`` plans over."""
-    view = PeerView(discovery, transport, model_id, num_blocks, config or ClientConfig())
+    # a tool's view (``route``, ``swarm status``): the numbers as they are, no client jitter
+    view = PeerView(discovery, transport, model_id, num_blocks,
+                    config or ClientConfig(route_jitter=0.0))
     try:
         await view.refresh(force=True)
         return Snapshot(num_blocks, tuple(view.snapshot()), {})
