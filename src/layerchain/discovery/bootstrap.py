@@ -7,7 +7,7 @@ Run it as a process::
 
 It prints its multiaddrs (one per line) to stdout, writes them atomically to FILE (so a
 parent can poll for the file), and serves until SIGTERM or SIGINT, then shuts its DHT
-process and p2pd down and exits 0. Exit status 1 with one line on stderr if it cannot start.
+(and p2pd) down and exits 0. Exit status 1 with one line on stderr if it cannot start.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ async def serve_bootstrap(
     """Serve a bootstrap node until ``stop`` is set (or SIGTERM/SIGINT); return its addresses."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    node = await start_bootstrap(host, port, initial_peers)  # forks: before taking signals
+    node = await start_bootstrap(host, port, initial_peers)
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -13,9 +13,10 @@
 with the pid it names the process, since a pid alone may be reused after the node exits.
 
 ``swarm_down`` stops them: SIGTERM to each node's own process, so that it withdraws its DHT
-records through its DHT child and drains its sessions, then SIGKILL to each process group
-(the DHT child, p2pd) after a grace period. A SIGTERM to the whole group would kill the
-DHT child first: the node could not withdraw, and its records would linger for their TTL.
+records (its DHT runs in the node's process, over its p2pd child) and drains its sessions,
+then SIGKILL to each process group (the node, p2pd) after a grace period. A SIGTERM to the
+whole group would stop p2pd first: the node could not withdraw, and its records would
+linger for their TTL.
 A pid whose process is no longer the one recorded (it exited and the pid went to another
 program) is left alone; so is one recorded without a start time (an older swarm.json) whose
 command line is not layerchain's.
@@ -287,7 +288,7 @@ def _alive(pid: int) -> bool:
 
 
 def _kill_group(pid: int, sig: int) -> None:
-    """Signal the process group ``pid`` leads (the node, its DHT child, p2pd).
+    """Signal the process group ``pid`` leads (the node and its p2pd).
 
     No fallback to the bare pid: once the group is gone the pid may be another program's.
     """
