@@ -202,14 +202,20 @@ def llamacpp_row(
         verbose=False,
     )
 
+    vocab = llm.n_vocab()
+
+    def last_argmax() -> int:  # the last evaluated token's logits (not kept in llm.scores)
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(vocab,))))
+
     def prefill() -> int:
         llm.reset()
         llm.eval(list(ids))
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return last_argmax()
 
     def step(token: int) -> int:
         llm.eval([token])
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return last_argmax()
 
     wall, cpu = time_decode(prefill, step, tokens, repeats)
     from gguf import GGMLQuantizationType
