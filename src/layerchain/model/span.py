@@ -51,7 +51,8 @@ class KVCache:
     """Keys and values of one session for the layers ``[start, end)`` of one span.
 
     ``length`` counts the tokens processed so far. Storage per layer is
-    ``[batch, kv_heads, capacity, head_dim]`` float32, grown by doubling (or preallocated to
+    ``[batch, kv_heads, capacity, head_dim]``, in the keys' dtype on the keys' device (the
+    span's: the cache is allocated by the first step), grown by doubling (or preallocated to
     ``max_length``); ``update`` is the method transformers' attention modules call.
     A forward that fails midway leaves ``length`` unchanged, so the cache stays consistent:
     entries past ``length`` are never read and are overwritten by the next step.
