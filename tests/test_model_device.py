@@ -199,3 +199,17 @@ def test_span_cache_and_head_on_cuda(tiny_model_dir):
 @needs_mps
 def test_span_cache_and_head_on_mps(tiny_model_dir):
     _gpu_checks("mps", tiny_model_dir)
+
+
+@without_cuda
+def test_swarm_up_and_demo_refuse_an_absent_gpu_before_starting_anything(tmp_path):
+    from layerchain.cli.main import app
+
+    runner = CliRunner()
+    for args in (["swarm", "up", "--state-dir", str(tmp_path / "swarm"), "--device", "cuda"],
+                 ["demo", "--state-dir", str(tmp_path / "demo"), "--device", "cuda:0"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no CUDA GPU" in lines[0], result.stderr
+    assert not (tmp_path / "swarm").exists() and not (tmp_path / "demo").exists()
