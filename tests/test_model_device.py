@@ -213,3 +213,29 @@ def test_swarm_up_and_demo_refuse_an_absent_gpu_before_starting_anything(tmp_pat
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "no CUDA GPU" in lines[0], result.stderr
     assert not (tmp_path / "swarm").exists() and not (tmp_path / "demo").exists()
+
+
+def test_the_device_flag_reaches_the_node_config_and_the_launched_nodes(tmp_path, monkeypatch):
+    """``node start --device`` builds NodeConfig(device=...); the local launcher passes
+    ``--device`` to each node it starts (and nothing for the cpu default: old command lines)."""
+    from layerchain.cli.main import app
+    from layerchain.local import launcher
+    from layerchain.node import runner
+    from layerchain.types import Span
+
+    seen = []
+
+    async def fake_run_node(config, on_ready=None):
+        seen.append(config)
+
+    monkeypatch.setattr(runner, "run_node", fake_run_node)
+    result = CliRunner().invoke(app, ["node", "start", "--new-swarm", "--blocks", "0:2", "--device", "auto",
+                                      "--data-dir", str(tmp_path / "node")])
+    assert result.exit_code == 0, result.output
+    assert [c.device for c in seen] == ["auto"]
+
+    commands = []
+    monkeypatch.setattr(launcher, "_spawn", lambda cmd, log, env: commands.append(cmd))
+    for device in ("cuda:1", "cpu"):
+        launcher.start_node(tmp_path, "n", Span(0, 2), ["/ip4/127.0.0.1/tcp/1"], device=device)
+    assert commands[0][-2:] == ["--device", "cuda:1"] and "--device" not in commands[1]
