@@ -3,7 +3,8 @@
 Pure functions over a snapshot of peers; no I/O, no torch. See ``planner`` for the
 algorithms, ``search`` for its exact search, ``route`` for the records, the latency
 models and the bounds every cost stays within, ``limits`` for the
-``RouteLimits`` record and the default price cap.
+``RouteLimits`` record and the default price cap, ``load`` for what a busy peer costs and
+how clients spread.
 """
 
 from layerchain.routing.limits import RouteLimits, default_max_price, median_block_prices
