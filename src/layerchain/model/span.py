@@ -339,7 +339,7 @@ class LeanDecode:
     block when a span is built, and by tests/test_span_overheads for every such family), minus
     the Python around them: the decoder layer's, attention's, norms', MLP's and plain
     linears' module calls, two keyword-deprecation wrappers, the attention-interface lookup,
-    the keyword dictionaries, the norms' no-op casts. A quarter fewer Python calls per block,
+    the keyword dictionaries, the norms' no-op casts. A third fewer Python calls per block,
     4-7% of a SmolLM2 decode step's CPU time (docs/BENCHMARKS.md, "Per-step overheads")."""
 
     rotate: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # the family's apply_rotary_pos_emb
