@@ -209,7 +209,7 @@ def test_concurrent_generations_spread_and_nodes_announce_their_load(tiny_model,
 
     from layerchain.model import SamplingParams
 
-    params = SamplingParams(max_new_tokens=12)
+    params = SamplingParams(max_new_tokens=6)
     prompt = "What is the capital of France?"
 
     async def main():
