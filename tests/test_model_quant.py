@@ -3,6 +3,8 @@ holds only compact tensors, loads and runs a span, and agrees with fp32 above th
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -249,3 +251,32 @@ def test_an_audit_in_the_nodes_own_form_agrees(smollm2_spec, smollm2_tokenizer, 
     finally:
         torch.set_num_threads(threads)
     assert commitment_agrees(commit(node_out), replayed)
+
+
+_ANON_GROWTH = """
+import gc, sys
+from layerchain.model import load_span, resolve_model
+def anon_mb():  # anonymous resident memory: heap, not the GGUF file's mapped pages
+    return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) / 1024
+spec = resolve_model("smollm2")
+load_span(spec, 0, 1, dtype=sys.argv[1]); gc.collect()  # imports and first-use caches first
+before = anon_mb()
+span = load_span(spec, 1, 11, dtype=sys.argv[1]); gc.collect()
+print(anon_mb() - before, span.parameter_bytes() / 2**20)
+"""
+
+
+@pytest.mark.slow  # a fresh process per dtype (~6 s each)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_a_compact_load_returns_the_dropped_float32_memory(dtype):
+    """10 blocks in a fresh process: resident heap grows by the compact weights plus a little,
+    not by the float32 matrices the load dropped (glibc keeps them without a trim: measured
+    on 30 blocks, int4 283 MB resident for 63 MB of weights; 119 MB with it)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _ANON_GROWTH, dtype], capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    grown, weights = float(out[0]), float(out[1])
+    fp32_weights = {"int8": 3.96, "int4": 6.39}[dtype] * weights  # measured ratios
+    assert grown <= weights + 0.25 * fp32_weights, (grown, weights)

@@ -16,7 +16,7 @@ from torch import nn
 
 from layerchain.errors import ModelFileError
 from layerchain.model.device import resolve_device
-from layerchain.model.quant import compact_head_tables
+from layerchain.model.quant import compact_head_tables, release_freed_memory
 from layerchain.model.spec import ModelSpec
 
 
@@ -102,4 +102,9 @@ def load_head(
             f"{spec.name}: embeddings of shape {shape}, expected "
             f"[{spec.vocab_size}, {spec.hidden_size}]"
         )
-    return Head(spec, state).compact(dtype).to(place)
+    head = Head(spec, state)
+    del state, embed  # the float32 tables live in the head alone: compact can free them
+    if dtype != "fp32":
+        head.compact(dtype)
+        release_freed_memory()  # back to the OS (see quant)
+    return head.to(place)

@@ -29,6 +29,10 @@ the default model stayed at or above ``AGREEMENT_FLOOR`` (``layerchain bench com
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -265,3 +269,24 @@ def compact_head_tables(
     if lm_head is not embed:
         codes, scales = int8_codes(lm_head)
     return rows, Int8Linear(codes, scales, None)
+
+
+def release_freed_memory() -> None:
+    """Hand the free pages of the C heap back to the OS (glibc's ``malloc_trim``; elsewhere a
+    no-op). Call after a compact load: glibc raises its mmap threshold as large chunks are
+    freed, so the float32 matrices a load drops end up in the heap and stay resident (measured,
+    30 blocks in int4: 283 MB of anonymous memory for 63 MB of weights, 119 MB after a trim)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another libc: nothing to trim this way
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None

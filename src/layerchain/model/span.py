@@ -37,7 +37,7 @@ from torch import nn
 from layerchain.errors import ModelFileError, SpanError
 from layerchain.model.device import resolve_device
 from layerchain.model.families import sliding_window_of
-from layerchain.model.quant import quantize_module
+from layerchain.model.quant import quantize_module, release_freed_memory
 from layerchain.model.spec import ModelSpec
 from layerchain.types import Span
 
@@ -479,6 +479,8 @@ def load_span(
                 f"{str(error).splitlines()[0]}"
             ) from None
         layers.append(quantize_module(layer, dtype).to(place))
+    if dtype != "fp32":
+        release_freed_memory()  # the dropped float32 matrices, back to the OS (see quant)
     span = SpanModel(spec, start, end, layers, config)
     span.eval().requires_grad_(False)
     return span.to(place)  # the rotary tables; the blocks are there already
