@@ -107,12 +107,16 @@ def test_the_client_joins_the_dht_while_its_head_loads(monkeypatch):
         events.append("joined")
         return FakeDiscovery()
 
+    class FakeSpec:  # what the client reads of a spec before its head loads
+        def in_form(self, dtype):
+            return self
+
     def fake_resolve(model):
         events.append("resolve")
         if model == "broken":  # fails after the join is up
             assert joined.wait(5)
             raise ConfigError("no such model")
-        return object()
+        return FakeSpec()
 
     def fake_head(spec, **_):
         events.append(f"head (joined: {joined.is_set()})")

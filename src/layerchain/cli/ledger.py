@@ -497,14 +497,20 @@ def ledger_slash(
     from layerchain.ledger.evidence import Evidence, submit_evidence
     from layerchain.ledger.open import parse_ledger_spec
     from layerchain.model import load_span, resolve_model
+    from layerchain.model.dtypes import DTYPES
 
     evidence = Evidence.from_file(evidence_file.expanduser())
     wallet = _wallet(data_dir)
     spec = resolve_model(model or evidence.model_name or None)
+    # the receipts' model id names the form the node computed in (ModelSpec.in_form): the
+    # recomputation runs in that form, which the accuser cannot choose
+    forms = [spec.in_form(name) for name in DTYPES if name != "auto"]
+    spec = next((form for form in forms if form.model_id == evidence.model_id), spec)
     if spec.model_id != evidence.model_id:
         raise LedgerError(
             f"the evidence is for model {evidence.model_id[:12]}, {spec.name} is "
-            f"{spec.model_id[:12]}", hint="pass --model with the model the node served",
+            f"{spec.weights_id[:12]} in no form (fp32, bf16, fp16, int8, int4)",
+            hint="pass --model with the model the node served",
         )
     span = load_span(spec, evidence.start, evidence.end)
     book_spec = _ledger_spec(data_dir, ledger, contract)

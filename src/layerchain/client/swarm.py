@@ -227,8 +227,10 @@ class AsyncSwarm:
                 check_private_blocks(spec, config.private_blocks)
                 # on the loop thread, where the decode loop runs the head: a second live thread
                 # that ran torch ops would slow every step (layerchain.node.server on libgomp)
-                dtype = resolve_dtype(config.dtype, config.device)
-                head = load_head(spec, device=config.device, dtype=dtype)
+                # the form is part of the model's id (ModelSpec.in_form): a client in int8
+                # routes through int8 nodes, and audits them in int8
+                spec = spec.in_form(resolve_dtype(config.dtype, config.device))
+                head = load_head(spec, device=config.device)
                 tokenizer = await asyncio.to_thread(load_tokenizer, spec)
             if joining is not None:
                 discovery = await joining

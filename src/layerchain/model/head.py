@@ -20,19 +20,44 @@ from layerchain.model.quant import compact_head_tables, release_freed_memory
 from layerchain.model.spec import ModelSpec
 
 
+class HeadNorm(nn.Module):
+    """The final RMS norm, without transformers' modeling module (whose import pulls in
+    ``torch._dynamo``: most of a client's start-up). It runs exactly the ops of the family's
+    own class (``LlamaRMSNorm`` and its copies; ``GemmaRMSNorm`` when ``offset``), so its
+    output is bit-identical (tests/test_startup.py compares them on every registered family)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [H]
+        self.eps, self.offset = eps, offset
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> normed [..., H] in hidden's dtype."""
+        if self.offset:  # GemmaRMSNorm: (x * w) in float32, then cast
+            x = hidden.float()
+            normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (normed * (1.0 + self.weight.float())).type_as(hidden)
+        x = hidden.to(torch.float32)  # LlamaRMSNorm: cast, then x * w
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        return self.weight * x.to(hidden.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}"
+
+
 class Head(nn.Module):
     """Embeddings, final norm and LM head of one model (float32, eval, no gradients)."""
 
     def __init__(self, spec: ModelSpec, state: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        config = spec.config
+        shape = spec.shape  # not spec.config: building that imports transformers
         family = spec.family_info
         self.hidden_size, self.vocab_size = spec.hidden_size, spec.vocab_size
         self.embed_tokens = nn.Parameter(
             state["embed_tokens.weight"], requires_grad=False
         )  # [V, H]
-        self.norm = family.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
-        self.norm.load_state_dict({"weight": state["norm.weight"]})
+        self.norm = HeadNorm(state["norm.weight"], shape.rms_norm_eps, family.norm_offset)
         tied = "lm_head.weight" not in state
         self.lm_head = (
             self.embed_tokens
@@ -40,7 +65,7 @@ class Head(nn.Module):
             else nn.Parameter(state["lm_head.weight"], requires_grad=False)
         )  # [V, H]
         # gemma scales embeddings by sqrt(H), computed in float32 as GemmaTextScaledWordEmbedding
-        self.embed_scale = torch.tensor(config.hidden_size**0.5) if family.embed_scale else None
+        self.embed_scale = torch.tensor(shape.hidden_size**0.5) if family.embed_scale else None
         # compact forms (``compact``): ids -> rows and hidden -> logits modules; None: fp32
         self.rows: nn.Module | None = None
         self.projection: nn.Module | None = None
@@ -88,11 +113,13 @@ class Head(nn.Module):
 
 
 def load_head(
-    spec: ModelSpec, *, dtype: str = "fp32", device: str | torch.device = "cpu"
+    spec: ModelSpec, *, dtype: str | None = None, device: str | torch.device = "cpu"
 ) -> Head:
     """The head of ``spec``, reading only the embedding, final-norm and LM-head tensors,
-    held in ``dtype`` (concrete, see ``quant.resolve_dtype``; ``Head.compact``) on ``device``
+    held in ``dtype`` (concrete, see ``quant.resolve_dtype``; ``Head.compact``; None: the
+    spec's own form, ``spec.dtype``) on ``device``
     (a ``model.device`` name or a ``torch.device``; ConfigError if this machine has none)."""
+    dtype = spec.dtype if dtype is None else dtype
     place = resolve_device(device) if isinstance(device, str) else device
     state = spec.source.head_state()
     embed = state.get("embed_tokens.weight")

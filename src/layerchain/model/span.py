@@ -445,12 +445,13 @@ def load_span(
     start: int,
     end: int,
     *,
-    dtype: str = "fp32",
+    dtype: str | None = None,
     device: str | torch.device = "cpu",
 ) -> SpanModel:
     """Blocks ``[start, end)`` of ``spec`` with only their own tensors loaded (float32, eval).
 
-    ``dtype`` (concrete, see ``quant.resolve_dtype``) other than fp32 rewrites each block's
+    ``dtype`` (concrete, see ``quant.resolve_dtype``; None: the spec's own form, ``spec.dtype``,
+    fp32 unless ``spec.in_form`` chose another) other than fp32 rewrites each block's
     linears in that compact form as it loads (``quant.quantize_module``), so at most one
     block's float32 matrices are held at a time.
 
@@ -462,6 +463,7 @@ def load_span(
     unreadable tensors, ConfigError for a device this machine does not have.
     """
     Span(start, end).check_within(spec.num_blocks)
+    dtype = spec.dtype if dtype is None else dtype
     place = resolve_device(device) if isinstance(device, str) else device
     config = span_config(spec)
     layer_cls = spec.family_info.decoder_layer

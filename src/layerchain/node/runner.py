@@ -89,9 +89,11 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     # teams), and one node of this machine at a time: nodes started together share the
     # cores, and a speed measured while the others load would be several times too slow
     # (the routes would avoid this node until its steps taught it better).
+    # the form is part of the model's id (ModelSpec.in_form): an int8 node announces, signs
+    # receipts and is audited as the int8 model, never against an fp32 recomputation
+    spec = spec.in_form(resolve_dtype(config.dtype, config.device))
     with machine_lock("compute-start"):
-        span = load_span(spec, span_range.start, span_range.end, device=config.device,
-                         dtype=resolve_dtype(config.dtype, config.device))
+        span = load_span(spec, span_range.start, span_range.end, device=config.device)
         ms_per_block = measure_ms_per_block(span, spec.hidden_size)
     discovery = await HivemindDiscovery.create(
         initial_peers=list(config.initial_peers),
