@@ -17,6 +17,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 from layerchain import timings
 from layerchain.bench.startup import PHASES, phases_of
@@ -143,3 +144,131 @@ def test_the_client_joins_the_dht_while_its_head_loads(monkeypatch):
         asyncio.run(client_swarm.AsyncSwarm.create(["/ip4/127.0.0.1/tcp/1/p2p/x"],
                                                    model="broken"))
     assert events[-2:] == ["joined", "closed"]  # the DHT that got up is not left running
+
+
+# ------------------------------------------------- the client's head without transformers
+
+
+def test_the_client_head_loads_without_transformers():
+    """Resolving the default model and loading its head (what ``AsyncSwarm.create`` does before
+    the tokenizer) imports no transformers at all, so neither its modeling modules
+    (``torch._dynamo``) nor its config classes (``torch.distributed.tensor``): most of what a
+    one-shot generate spent before (docs/BENCHMARKS.md "Start-up")."""
+    code = ("import sys\nfrom layerchain.model import resolve_model, load_head\n"
+            "head = load_head(resolve_model('smollm2'))\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'\n"
+            "               or m.startswith(('torch._dynamo', 'torch.distributed.tensor')))\n"
+            "assert not heavy, heavy[:5]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_whole_client_start_imports_no_modeling_module():
+    """The client's start (client package, model, head, tokenizer, prompt): the tokenizer may
+    bring transformers' tokenizer classes, but no modeling module nor torch's compiler stack."""
+    code = ("import sys\nimport layerchain.client.swarm\n"
+            "from layerchain.model import resolve_model, load_head, load_tokenizer, encode_prompt\n"
+            "spec = resolve_model('smollm2')\nhead = load_head(spec)\n"
+            "encode_prompt(load_tokenizer(spec), 'Hi')\n"
+            "bad = sorted(m for m in sys.modules if '.modeling_' in m or m.endswith('modeling_utils')\n"
+            "             or m.startswith(('torch._dynamo', 'torch.distributed.tensor')))\n"
+            "assert not bad, bad[:5]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "gemma"])
+def test_head_norm_is_bit_identical_to_the_familys_own_class(family, dtype):
+    from layerchain.model.families import FAMILIES
+    from layerchain.model.head import HeadNorm
+
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "phi3", "gemma"}  # a new one: add it
+    info = FAMILIES[family]
+    gen = torch.Generator().manual_seed(7)
+    hidden_size, eps = 96, 1e-5
+    weight = torch.randn(hidden_size, generator=gen)
+    theirs = info.rms_norm(hidden_size, eps=eps)
+    theirs.load_state_dict({"weight": weight})
+    ours = HeadNorm(weight.clone(), eps, info.norm_offset)
+    cast = getattr(torch, dtype)
+    theirs.to(cast)
+    ours.to(cast)
+    for shape in [(1, 1, hidden_size), (2, 7, hidden_size)]:
+        hidden = (torch.randn(*shape, generator=gen) * 3).to(cast)
+        with torch.inference_mode():
+            a, b = theirs(hidden), ours(hidden)
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_head_logits_are_bit_identical_to_transformers_norm_and_lm_head(smollm2_spec):
+    """The head (HeadNorm) vs the same tables run through transformers' LlamaRMSNorm, on
+    SmolLM2's real weights: the same logits bit for bit."""
+    import torch.nn.functional as F
+
+    from layerchain.model import load_head
+
+    head = load_head(smollm2_spec)
+    state = smollm2_spec.source.head_state()
+    norm = smollm2_spec.family_info.rms_norm(smollm2_spec.hidden_size,
+                                             eps=smollm2_spec.config.rms_norm_eps)
+    norm.load_state_dict({"weight": state["norm.weight"]})
+    hidden = torch.randn(1, 5, smollm2_spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = F.linear(norm(hidden), state["embed_tokens.weight"])
+    assert torch.equal(head.logits(hidden), expected)
+    assert smollm2_spec.shape.rms_norm_eps == smollm2_spec.config.rms_norm_eps
+
+
+_KEYS = ("block_count", "embedding_length", "context_length", "attention.layer_norm_rms_epsilon",
+         "eos")
+
+
+def _metadata_gguf(path, arch: str, name: str, tied: bool, drop: str | None = None) -> None:
+    """A small GGUF file: the metadata a config is read from, embeddings (and an LM head)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    adders = {"block_count": lambda: writer.add_block_count(3),
+              "embedding_length": lambda: writer.add_embedding_length(8),
+              "context_length": lambda: writer.add_context_length(96),
+              "attention.layer_norm_rms_epsilon": lambda: writer.add_layer_norm_rms_eps(1e-5),
+              "eos": lambda: writer.add_eos_token_id(4)}
+    for key, add in adders.items():
+        if key != drop:
+            add()
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_feed_forward_length(16)
+    writer.add_token_list([f"t{i}" for i in range(10)])  # vocab_size: the tokens' count
+    writer.add_tensor("token_embd.weight", np.zeros((10, 8), np.float32))
+    if not tied:
+        writer.add_tensor("output.weight", np.ones((10, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("drop", [None, *_KEYS])
+@pytest.mark.parametrize(("arch", "name"), [("llama", "tiny llama"), ("llama", "Tiny Mistral"),
+                                            ("qwen2", "tiny qwen2"), ("phi3", "tiny phi3")])
+def test_gguf_shape_is_what_transformers_config_says(arch, name, drop, tmp_path):
+    """The shape read from the metadata alone equals the one of transformers' config of the
+    file, per architecture, tied or not, and with any one key missing (then the config's
+    default applies: the light read falls back to it)."""
+    from layerchain.model.gguf_file import GGUFFile, gguf_config, gguf_shape
+    from layerchain.model.shape import shape_of
+
+    for tied in (True, False):
+        path = tmp_path / f"{arch}-{tied}.gguf"
+        _metadata_gguf(path, arch, name, tied, drop)
+        file = GGUFFile(path)
+        assert gguf_shape(file) == shape_of(gguf_config(file))
+
+
+def test_the_default_models_shape_and_config_agree(smollm2_spec):
+    from layerchain.model.shape import shape_of
+
+    assert smollm2_spec.shape == shape_of(smollm2_spec.config)
+    assert smollm2_spec.shape.model_type == "llama" and smollm2_spec.shape.eos_token_id == (2,)

@@ -30,6 +30,7 @@ Modules, each importing only those above it (no cycle)::
 
     families  digest  gguf_file        the family registry, content ids, the GGUF reader
     device                             --device names -> torch devices, the reply dtype rule
+    shape                              ModelShape: what the head needs of a config
     spec                               the ModelSpec record and the WeightSource protocol
     params                             SamplingParams, a plain record
     tokenizer  span  head  sampling    what runs: built from a spec

@@ -33,6 +33,7 @@ class Family:
     module: str  # e.g. "transformers.models.llama.modeling_llama"
     prefix: str  # e.g. "Llama"
     embed_scale: bool = False  # gemma multiplies embeddings by sqrt(hidden_size)
+    norm_offset: bool = False  # gemma's RMSNorm scales by (1 + weight), in float32 (head.HeadNorm)
 
     @cached_property
     def _mod(self) -> ModuleType:
@@ -80,7 +81,13 @@ register_family(Family("mistral", "transformers.models.mistral.modeling_mistral"
 register_family(Family("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2"))
 register_family(Family("phi3", "transformers.models.phi3.modeling_phi3", "Phi3"))
 register_family(
-    Family("gemma", "transformers.models.gemma.modeling_gemma", "Gemma", embed_scale=True)
+    Family(
+        "gemma",
+        "transformers.models.gemma.modeling_gemma",
+        "Gemma",
+        embed_scale=True,
+        norm_offset=True,
+    )
 )
 
 

@@ -1,4 +1,4 @@
-"""Reading a GGUF file: its metadata, a transformers config, and single tensors on demand.
+"""Reading a GGUF file: its metadata, a model's shape and transformers config, single tensors.
 
 The file is memory-mapped; opening it parses only the header (metadata and tensor table).
 Tensor data is touched only when a tensor is asked for, and then only that tensor's bytes are
@@ -32,6 +32,7 @@ from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizatio
 from gguf.quants import _type_traits, dequantize
 
 from layerchain.errors import ModelFileError, UnsupportedArchitecture
+from layerchain.model.shape import ModelShape, shape_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -252,6 +253,41 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
     if model_type not in CONFIG_MAPPING:
         raise UnsupportedArchitecture(f"unknown model type {model_type!r} in {gguf.path}")
     return CONFIG_MAPPING[model_type].from_dict(config)
+
+
+# GGUF architectures whose shape is read from the metadata without transformers: each maps
+# the keys below as transformers' GGUF_CONFIG_MAPPING does (tests/test_startup.py checks it);
+# any other architecture, or a file lacking a key, goes through ``gguf_config``
+_LIGHT_ARCHS = ("llama", "qwen2", "phi3")
+
+
+def gguf_shape(gguf: GGUFFile) -> ModelShape:
+    """The ``ModelShape`` of the file from its metadata alone (no transformers import): equal
+    to ``shape_of(gguf_config(gguf))``, which it falls back to when a field is missing."""
+    meta, arch = gguf.metadata, gguf.architecture
+    name = str(meta.get("general.name", ""))
+    model_type = "mistral" if arch == "llama" and "mistral" in name.lower() else arch
+    tokens = meta.get("tokenizer.ggml.tokens")  # lazily parsed: the count
+    found: dict[str, Any] = {
+        "blocks": meta.get(f"{arch}.block_count"),
+        "hidden": meta.get(f"{arch}.embedding_length"),
+        "vocab": meta.get(f"{arch}.vocab_size", tokens if isinstance(tokens, int) else None),
+        "eps": meta.get(f"{arch}.attention.layer_norm_rms_epsilon"),
+        "eos": meta.get("tokenizer.ggml.eos_token_id"),
+        "context": meta.get(f"{arch}.context_length"),
+    }
+    if arch not in _LIGHT_ARCHS or any(value is None for value in found.values()):
+        return shape_of(gguf_config(gguf))
+    return ModelShape(
+        model_type=model_type,
+        num_hidden_layers=int(found["blocks"]),
+        hidden_size=int(found["hidden"]),
+        vocab_size=int(found["vocab"]),
+        rms_norm_eps=float(found["eps"]),
+        tie_word_embeddings="output.weight" not in gguf.by_name,
+        eos_token_id=(int(found["eos"]),),
+        max_position_embeddings=int(found["context"]),
+    )
 
 
 def gguf_arch(gguf: GGUFFile) -> MODEL_ARCH:

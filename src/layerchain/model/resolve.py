@@ -46,9 +46,9 @@ def resolve_model(ref: str | os.PathLike[str] | None = None) -> ModelSpec:
         name = path.name
     kind, path = _kind_of(path, text)
     source = open_source(kind, path)
-    config = source.config()
-    family_for(config.model_type)  # UnsupportedArchitecture early, with the list of families
-    return ModelSpec(name, kind, path, source.model_id(), config, source)
+    shape = source.shape()
+    family_for(shape.model_type)  # UnsupportedArchitecture early, with the list of families
+    return ModelSpec(name, kind, path, source.model_id(), shape, source)
 
 
 def open_source(kind: ModelKind, path: Path) -> WeightSource:

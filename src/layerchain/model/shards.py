@@ -34,6 +34,7 @@ from safetensors.torch import load, save
 
 from layerchain.errors import ModelFileError, ShardHashMismatch
 from layerchain.model.digest import digest_of
+from layerchain.model.shape import ModelShape, shape_of
 from layerchain.model.span import span_config
 from layerchain.model.spec import ModelSpec
 from layerchain.model.tokenizer import tokenizer_from_dir
@@ -174,6 +175,9 @@ class ShardSource:
         if model_type not in CONFIG_MAPPING:
             raise ModelFileError(f"{self.path / MANIFEST}: unknown model type {model_type!r}")
         return CONFIG_MAPPING[model_type].from_dict(config)
+
+    def shape(self) -> ModelShape:
+        return shape_of(self.config())
 
     def model_id(self) -> str:
         return str(self.manifest["model_id"])

@@ -25,7 +25,14 @@ from safetensors import safe_open
 
 from layerchain.errors import ModelFileError
 from layerchain.model.digest import digest_of, file_digest
-from layerchain.model.gguf_file import GGUFFile, gguf_arch, gguf_config, reverse_permute_qk
+from layerchain.model.gguf_file import (
+    GGUFFile,
+    gguf_arch,
+    gguf_config,
+    gguf_shape,
+    reverse_permute_qk,
+)
+from layerchain.model.shape import ModelShape, shape_of
 from layerchain.model.tokenizer import tokenizer_from_dir, tokenizer_from_gguf
 
 if TYPE_CHECKING:
@@ -40,11 +47,17 @@ class GGUFSource:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.file = GGUFFile(path)
-        self._config = gguf_config(self.file)
-        self._names = get_tensor_name_map(gguf_arch(self.file), self._config.num_hidden_layers)
+        self._shape = gguf_shape(self.file)  # no transformers: the client's head needs no more
+        self._config: PretrainedConfig | None = None  # built when a span needs it
+        self._names = get_tensor_name_map(gguf_arch(self.file), self._shape.num_hidden_layers)
 
     def config(self) -> PretrainedConfig:
+        if self._config is None:
+            self._config = gguf_config(self.file)
         return self._config
+
+    def shape(self) -> ModelShape:
+        return self._shape
 
     def model_id(self) -> str:
         return digest_of({"format": "gguf", "file": file_digest(self.path)})
@@ -62,11 +75,10 @@ class GGUFSource:
         name = self._gguf_name(hf_name)
         tensor = self.file.tensor(name)
         if self.file.architecture == "llama":  # llama.cpp permutes q/k rows for its rope layout
-            cfg = self._config
-            if ".attn_q." in name:
-                tensor = reverse_permute_qk(tensor, cfg.num_attention_heads)
+            if ".attn_q." in name:  # block tensors only: a span builds the config anyway
+                tensor = reverse_permute_qk(tensor, self.config().num_attention_heads)
             elif ".attn_k." in name:
-                tensor = reverse_permute_qk(tensor, cfg.num_key_value_heads)
+                tensor = reverse_permute_qk(tensor, self.config().num_key_value_heads)
         return tensor
 
     def block_state(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -77,7 +89,7 @@ class GGUFSource:
             "embed_tokens.weight": self._tensor("model.embed_tokens.weight"),
             "norm.weight": self._tensor("model.norm.weight"),
         }
-        if not self._config.tie_word_embeddings:
+        if not self._shape.tie_word_embeddings:
             state["lm_head.weight"] = self._tensor("lm_head.weight")
         return state
 
@@ -103,6 +115,9 @@ class HFDirSource:
 
     def config(self) -> PretrainedConfig:
         return self._config
+
+    def shape(self) -> ModelShape:
+        return shape_of(self._config)
 
     def model_id(self) -> str:
         files = {p.name: file_digest(p) for p in [self.path / "config.json", *self._files]}
