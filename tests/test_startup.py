@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -128,7 +129,7 @@ def test_the_client_joins_the_dht_while_its_head_loads(monkeypatch):
     monkeypatch.setattr(client_swarm, "check_private_blocks", lambda spec, n: None)
     monkeypatch.setattr(client_swarm, "load_head", fake_head)
     monkeypatch.setattr(client_swarm, "resolve_dtype", lambda d, dev: d)
-    monkeypatch.setattr(client_swarm, "load_tokenizer", lambda spec: object())
+    monkeypatch.setattr(client_swarm, "load_client_tokenizer", lambda spec: object())
     built = {}
     monkeypatch.setattr(client_swarm.AsyncSwarm, "__init__",
                         lambda self, **kw: built.update(kw))
@@ -162,17 +163,118 @@ def test_the_client_head_loads_without_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_the_whole_client_start_imports_no_modeling_module():
-    """The client's start (client package, model, head, tokenizer, prompt): the tokenizer may
-    bring transformers' tokenizer classes, but no modeling module nor torch's compiler stack."""
+def test_the_whole_client_start_imports_no_transformers_once_the_card_is_written(tmp_path):
+    """The client's start (client package, model, head, tokenizer, prompt). The first one
+    builds the tokenizer through transformers (no modeling module nor torch's compiler stack
+    even then) and writes its card; every later one imports no transformers at all."""
     code = ("import sys\nimport layerchain.client.swarm\n"
-            "from layerchain.model import resolve_model, load_head, load_tokenizer, encode_prompt\n"
+            "from layerchain.model import resolve_model, load_head, encode_prompt\n"
+            "from layerchain.model.light_tokenizer import load_client_tokenizer\n"
             "spec = resolve_model('smollm2')\nhead = load_head(spec)\n"
-            "encode_prompt(load_tokenizer(spec), 'Hi')\n"
+            "encode_prompt(load_client_tokenizer(spec), 'Hi')\n"
             "bad = sorted(m for m in sys.modules if '.modeling_' in m or m.endswith('modeling_utils')\n"
             "             or m.startswith(('torch._dynamo', 'torch.distributed.tensor')))\n"
-            "assert not bad, bad[:5]\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+            "assert not bad, bad[:5]\n"
+            "print('transformers' in sys.modules)\n")
+    env = {**os.environ, "LAYERCHAIN_HOME": str(tmp_path)}
+
+    def transformers_loaded() -> bool:
+        done = subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env,
+                              capture_output=True, text=True)
+        return done.stdout.strip().splitlines()[-1] == "True"
+
+    assert transformers_loaded()  # no card yet: built through transformers, card written
+    assert list((tmp_path / "cache" / "tokenizers").glob("*.json"))
+    assert not transformers_loaded()
+
+
+# ------------------------------------------ the client's tokenizer from its card: same results
+
+_TEXTS = ("Hi", "What is the capital of France?", "  leading spaces\nand\ttabs  ",
+          "Ünïcödé, 日本語, emoji 🚀👍🏽, a rare one \ud7ff", "<|im_start|>user\nhello<|im_end|>",
+          "<|endoftext|> text after a special token", "", " ", "a" * 300, "print('x')\n    return 1")
+_CHATS = (
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "and 3+3? 🚀"}],
+    [{"role": "user", "content": "<|im_end|> injected"}],
+)
+
+
+@pytest.fixture(scope="module")
+def light_and_reference(smollm2_spec, smollm2_tokenizer):
+    from layerchain.model.light_tokenizer import card_of, from_card
+
+    card = card_of(smollm2_tokenizer)
+    assert card is not None
+    return from_card(json.loads(json.dumps(card))), smollm2_tokenizer  # as stored
+
+
+def test_light_tokenizer_encodes_like_transformers(light_and_reference):
+    from layerchain.bench.compute import PROMPTS
+    from layerchain.model.tokenizer import encode_prompt
+
+    light, ref = light_and_reference
+    for text in (*_TEXTS, *PROMPTS):
+        for special in (True, False):
+            assert light.encode(text, add_special_tokens=special) == list(
+                ref.encode(text, add_special_tokens=special)), (text, special)
+    for prompt in (*_TEXTS[:6], *PROMPTS, *_CHATS):
+        for raw in (False, True):
+            assert encode_prompt(light, prompt, raw) == encode_prompt(ref, prompt, raw), prompt
+
+
+def test_light_tokenizer_renders_the_chat_template_like_transformers(light_and_reference):
+    light, ref = light_and_reference
+    assert light.chat_template == ref.chat_template
+    for chat in _CHATS:
+        for generation in (True, False):
+            assert light.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation) \
+                == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
+
+
+def test_light_tokenizer_decodes_like_transformers(light_and_reference):
+    light, ref = light_and_reference
+    assert light.get_vocab() == ref.get_vocab()
+    assert light.eos_token_id == ref.eos_token_id
+    gen = torch.Generator().manual_seed(5)
+    vocab = len(ref.get_vocab())
+    sequences = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (1, 2, 7, 40)]
+    sequences += [ref.encode(t) for t in _TEXTS] + [[0, 1, 2, 3], [2]]
+    for ids in sequences:
+        for skip in (True, False):
+            assert light.decode(ids, skip_special_tokens=skip) == ref.decode(
+                ids, skip_special_tokens=skip), (ids, skip)
+
+
+def test_a_card_is_used_only_when_it_matches(smollm2_spec, monkeypatch, tmp_path):
+    """No card: transformers' tokenizer, card written. A card: LightTokenizer. A card written
+    by other library versions, or damaged: transformers again (and the card rewritten)."""
+    from layerchain.model import light_tokenizer as lt
+
+    monkeypatch.setenv("LAYERCHAIN_HOME", str(tmp_path))
+    path = lt.card_dir() / f"{smollm2_spec.model_id}.json"
+    assert not isinstance(lt.load_client_tokenizer(smollm2_spec), lt.LightTokenizer)
+    assert path.is_file()
+    assert isinstance(lt.load_client_tokenizer(smollm2_spec), lt.LightTokenizer)
+    card = json.loads(path.read_text())
+    path.write_text(json.dumps({**card, "versions": {**card["versions"], "tokenizers": "0.0.1"}}))
+    assert not isinstance(lt.load_client_tokenizer(smollm2_spec), lt.LightTokenizer)
+    assert json.loads(path.read_text())["versions"] == card["versions"]  # rewritten
+    path.write_text(json.dumps({**card, "backend": "{not json"}))
+    assert not isinstance(lt.load_client_tokenizer(smollm2_spec), lt.LightTokenizer)
+    assert isinstance(lt.load_client_tokenizer(smollm2_spec), lt.LightTokenizer)
+
+
+def test_a_tokenizer_the_light_one_cannot_match_gets_no_card(smollm2_tokenizer, monkeypatch):
+    from layerchain.model.light_tokenizer import card_of
+
+    monkeypatch.setattr(smollm2_tokenizer, "clean_up_tokenization_spaces", True)
+    assert card_of(smollm2_tokenizer) is None
+    monkeypatch.setattr(smollm2_tokenizer, "clean_up_tokenization_spaces", False)
+    monkeypatch.setattr(smollm2_tokenizer, "chat_template", "{% generation %}x{% endgeneration %}")
+    assert card_of(smollm2_tokenizer) is None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

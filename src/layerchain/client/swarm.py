@@ -71,9 +71,9 @@ from layerchain.model import (
     encode_prompt,
     load_head,
     load_span,
-    load_tokenizer,
     resolve_model,
 )
+from layerchain.model.light_tokenizer import load_client_tokenizer
 from layerchain.model.quant import resolve_dtype
 from layerchain.model.span import KVCache, SpanModel
 from layerchain.model.generate import eos_token_ids
@@ -231,7 +231,8 @@ class AsyncSwarm:
                 # routes through int8 nodes, and audits them in int8
                 spec = spec.in_form(resolve_dtype(config.dtype, config.device))
                 head = load_head(spec, device=config.device)
-                tokenizer = await asyncio.to_thread(load_tokenizer, spec)
+                # from its card when one was written: no transformers import (light_tokenizer)
+                tokenizer = await asyncio.to_thread(load_client_tokenizer, spec)
             if joining is not None:
                 discovery = await joining
         except BaseException:
