@@ -164,14 +164,16 @@ def test_the_client_head_loads_without_transformers():
 
 
 def test_the_whole_client_start_imports_no_transformers_once_the_card_is_written(tmp_path):
-    """The client's start (client package, model, head, tokenizer, prompt). The first one
+    """The client's start (``AsyncSwarm.create``: model, head, tokenizer; a prompt). The first one
     builds the tokenizer through transformers (no modeling module nor torch's compiler stack
     even then) and writes its card; every later one imports no transformers at all."""
-    code = ("import sys\nimport layerchain.client.swarm\n"
-            "from layerchain.model import resolve_model, load_head, encode_prompt\n"
-            "from layerchain.model.light_tokenizer import load_client_tokenizer\n"
-            "spec = resolve_model('smollm2')\nhead = load_head(spec)\n"
-            "encode_prompt(load_client_tokenizer(spec), 'Hi')\n"
+    code = ("import asyncio, sys\nfrom layerchain.client.swarm import AsyncSwarm\n"
+            "from layerchain.model import encode_prompt\n"
+            "class Discovery:  # given: no DHT join (read nothing at create)\n"
+            "    async def close(self): pass\n"
+            "swarm = asyncio.run(AsyncSwarm.create(discovery=Discovery(), transport=object()))\n"
+            "assert swarm.eos_token_ids == [2] and swarm.context_length == 8192\n"
+            "encode_prompt(swarm.tokenizer, 'Hi')\n"
             "bad = sorted(m for m in sys.modules if '.modeling_' in m or m.endswith('modeling_utils')\n"
             "             or m.startswith(('torch._dynamo', 'torch.distributed.tensor')))\n"
             "assert not bad, bad[:5]\n"

@@ -76,7 +76,6 @@ from layerchain.model import (
 from layerchain.model.light_tokenizer import load_client_tokenizer
 from layerchain.model.quant import resolve_dtype
 from layerchain.model.span import KVCache, SpanModel
-from layerchain.model.generate import eos_token_ids
 from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.routing import default_max_price
 from layerchain import timings
@@ -189,8 +188,9 @@ class AsyncSwarm:
         self.private: SpanModel | None = private_span(
             spec, config.private_blocks, config.device, resolve_dtype(config.dtype, config.device)
         )
-        self.eos_token_ids = eos_token_ids(spec.config)
-        self.context_length: int | None = getattr(spec.config, "max_position_embeddings", None)
+        # from the shape, not spec.config: building that imports transformers (~1-2 s)
+        self.eos_token_ids = list(spec.shape.eos_token_id)
+        self.context_length: int | None = spec.shape.max_position_embeddings
         # hidden states travel in float32 (4 bytes a value): at most this many tokens a Step
         self.step_tokens = step_tokens(spec.hidden_size, 4)
         self.last_route: tuple[Hop, ...] = ()
