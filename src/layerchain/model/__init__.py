@@ -34,6 +34,7 @@ Modules, each importing only those above it (no cycle)::
     spec                               the ModelSpec record and the WeightSource protocol
     params                             SamplingParams, a plain record
     tokenizer  span  head  sampling    what runs: built from a spec
+    light_tokenizer                    the client's tokenizer from its card (no transformers)
     weights  shards                    weight sources: GGUF, HF directory, shard directory
     resolve                            a model reference -> ModelSpec (knows every source)
     generate                           the decode loop and the single-process reference
