@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -183,7 +184,7 @@ def write_card(spec: ModelSpec, card: Mapping[str, Any]) -> None:
     """Store a card (atomically: a concurrent reader sees the old file or the new one);
     a cache that cannot be written is skipped (the next load builds the tokenizer again)."""
     path = card_dir() / f"{spec.model_id}.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(card))
