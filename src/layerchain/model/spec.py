@@ -3,8 +3,8 @@
 A spec says what a model *is* (name, format, path, content id, shape, family; the full
 transformers config on first use) and where its tensors come from (a ``WeightSource``). Turning what a user types into a spec
 is ``resolve.resolve_model``; how the id is computed is ``digest``. This module imports
-nothing else of ``layerchain.model`` but the family registry and ``shape``, so every other
-module of the package may import it.
+nothing else of ``layerchain.model`` but the family registry, ``shape`` and ``dtypes``, so
+every other module of the package may import it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from layerchain.errors import ConfigError
+from layerchain.model.dtypes import check_dtype  # torch-free
 from layerchain.model.families import Family, family_for
 from layerchain.model.shape import ModelShape
 
@@ -123,11 +125,7 @@ def form_model_id(weights_id: str, dtype: str) -> str:
     in fp32 (the reference form, unchanged from before forms existed), else
     ``sha256(weights_id + "/" + dtype)`` in hex. ConfigError for a name that is not a concrete
     form (``auto`` must be resolved first)."""
-    from layerchain.model.dtypes import check_dtype  # torch-free
-
     if check_dtype(dtype) == "auto":
-        from layerchain.errors import ConfigError
-
         raise ConfigError("a model's form is a concrete dtype", hint="resolve 'auto' first (quant.resolve_dtype)")
     if dtype == "fp32":
         return weights_id
