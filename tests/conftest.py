@@ -17,8 +17,11 @@ from layerchain.openmp import tune_openmp
 
 tune_openmp()  # as the `layerchain` command does, before torch loads: in-process swarms share cores
 
+import atexit  # noqa: E402
 import dataclasses  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
@@ -31,6 +34,13 @@ if TYPE_CHECKING:
     from layerchain.model import DecodeResult, SamplingParams
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma")
+
+# What layerchain keeps under its home (tokenizer cards, chain deployment files) goes to a
+# fresh directory per test session, inherited by every process a test starts: tests never
+# read or write the user's ~/.layerchain, and each session starts without cached cards.
+_HOME = tempfile.mkdtemp(prefix="layerchain-home-")
+os.environ["LAYERCHAIN_HOME"] = _HOME
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 
 
 def tiny_config(family: str, vocab_size: int = 256):

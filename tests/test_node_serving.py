@@ -94,7 +94,8 @@ def test_a_long_prefill_leaves_the_node_answering_pings_and_other_sessions(
     assert torch.equal(result.hidden, expected)
     print(f"prefill of {MAX_STEP_TOKENS} tokens on 15 blocks: {took:.2f} s; {len(pongs)} pings, "
           f"slowest {max(pongs) * 1000:.0f} ms; {len(decodes)} decode steps of another session")
-    assert took > 0.5, "too fast to show anything"
+    # a quiet machine prefills 512 tokens of 15 blocks in ~0.45 s: still many pings long
+    assert took > 0.2, "too fast to show anything"
     assert len(pongs) >= 5 and max(pongs) < max(0.35, took / 4), (took, pongs)
     assert len(decodes) >= 1
 
