@@ -193,7 +193,7 @@ def bench_startup(
 def bench_memory(
     model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
     blocks: str = typer.Option("3,10", help="Comma-separated block counts, one node each."),
-    dtypes: str = typer.Option("fp32", help="Comma-separated dtypes (int8 ... once nodes take --dtype)."),
+    dtypes: str = typer.Option("fp32", help="Comma-separated weight forms, one node each (model.dtypes: fp32, int8, ...)."),
     threads: int = typer.Option(0, help="Torch threads of each node (0 = torch's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
