@@ -47,9 +47,21 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from layerchain.cli import api, bench, chain, demo, generate, ledger, node, route, shard, swarm
+    from layerchain.cli import (
+        api,
+        bench,
+        chain,
+        demo,
+        generate,
+        ledger,
+        node,
+        route,
+        shard,
+        swarm,
+        train,
+    )
 
-    for module in (generate, demo, shard, node, swarm, route, bench, ledger, chain, api):
+    for module in (generate, demo, shard, node, swarm, route, bench, ledger, chain, api, train):
         module.register(app)
 
 
