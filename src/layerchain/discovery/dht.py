@@ -351,6 +351,11 @@ class HivemindDiscovery:
     def visible_addresses(self) -> tuple[str, ...]:
         return self._visible_addresses
 
+    async def call(self, coro: Callable[..., Awaitable[T]], **kwargs: Any) -> T:
+        """``await coro(self, node, **kwargs)`` on the DHT thread, for a hivemind application
+        sharing this DHT node (``train.dp_dht``); PeerTimeout as ``_call``."""
+        return await self._call(coro, **kwargs)
+
     async def _call(self, coro: Callable[..., Awaitable[T]], **kwargs: Any) -> T:
         """``await coro(self, node, **kwargs)`` on the DHT thread; PeerTimeout after
         ``config.request_timeout_s``."""
@@ -417,6 +422,15 @@ class HivemindDiscovery:
                 continue
             entries.extend((block, sub_key, blob, exp) for sub_key, (blob, exp) in value.items())
         return select_records(entries, model_id, num_blocks, get_dht_time(), self.stats)
+
+    async def put_entry(self, key: str, blob: bytes, expires_at: float) -> bool:
+        """Store ``blob`` under ``key``, sub-keyed by this peer (the catalog's seam)."""
+        return any(await self._store([key], blob, [expires_at]))
+
+    async def get_entries(self, key: str) -> dict[str, tuple[bytes, float]]:
+        """``{sub_key: (blob, expiration)}`` under ``key``; {} if none or not a dictionary."""
+        value = (await self._call(_get_many, keys=[key])).get(key)
+        return dict(value) if isinstance(value, dict) else {}
 
     async def close(self) -> None:
         """Shut the DHT node and its p2pd down (waits up to a few seconds). Idempotent."""

@@ -17,12 +17,12 @@ from layerchain.discovery.base import (
     TOMBSTONE_MARGIN_S,
     DiscoveryStats,
     block_key,
-    check_entry,
     check_num_blocks,
     check_own,
     select_records,
     tombstone,
 )
+from layerchain.discovery.catalog import check_stored_entry
 from layerchain.discovery.identity import Identity
 from layerchain.discovery.records import PeerRecord, sign_record
 from layerchain.errors import ProtocolError
@@ -33,7 +33,8 @@ class MemoryDHT:
     """The shared store: ``entries[key][sub_key] = (blob, expiration)``."""
 
     clock: Callable[[], float] = time.time  # unix seconds
-    validate: bool = True  # enforce base.check_entry on store, as layerchain DHT nodes do
+    validate: bool = True  # enforce catalog.check_stored_entry on store, as layerchain DHT
+    # nodes do (a peer record, base.check_entry, or a catalog entry)
     entries: dict[str, dict[str, tuple[bytes, float]]] = field(default_factory=dict)
 
     def store(self, key: str, sub_key: str, blob: bytes, expiration: float) -> bool:
@@ -42,7 +43,7 @@ class MemoryDHT:
             return False
         if self.validate:
             try:
-                check_entry(sub_key, blob, expiration, self.clock())
+                check_stored_entry(sub_key, blob, expiration, self.clock())
             except ProtocolError:
                 return False
         held = self.entries.setdefault(key, {}).get(sub_key)
@@ -107,6 +108,13 @@ class MemoryDiscovery:
             for sub_key, (blob, expiration) in self.hub.get(block_key(model_id, b)).items()
         ]
         return select_records(entries, model_id, num_blocks, self.hub.clock(), self.stats)
+
+    async def put_entry(self, key: str, blob: bytes, expires_at: float) -> bool:
+        """Store ``blob`` under ``key``, sub-keyed by this peer (the catalog's seam)."""
+        return self.hub.store(key, self.identity.peer_id, blob, expires_at)
+
+    async def get_entries(self, key: str) -> dict[str, tuple[bytes, float]]:
+        return self.hub.get(key)
 
     async def close(self) -> None:
         self._closed = True

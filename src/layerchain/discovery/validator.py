@@ -7,14 +7,17 @@ whole answer). The effect: nobody can overwrite another peer's entry, replay its
 record with a longer life, or park junk on an honest node; and a malicious replica's
 answers are ignored by readers.
 
-A layerchain DHT holds layerchain peer records and nothing else (``validate``):
+A layerchain DHT holds layerchain peer records and catalog entries (``catalog.py``) and
+nothing else (``validate``):
 
 * a *regular* value (no sub-key) is refused. Hivemind hashes keys before validators see
   them, so the validator cannot tell a block key from another; refusing every regular
   value is what keeps one from replacing a block key's dictionary of records;
 * a sub-key must be a layerchain peer id (``base.looks_like_peer_id``) and its value a
-  signed record of that peer within the record caps, expiring when the entry does and at
-  most ``records.MAX_RECORD_TTL_S`` from now (on this node's clock);
+  signed record (or catalog entry) of that peer within its caps, expiring when the entry
+  does and at most ``records.MAX_RECORD_TTL_S`` from now (on this node's clock);
+  ``catalog.check_stored_entry``: a catalog entry whose model id is not its manifest's
+  hash is refused here already;
 * a value larger than ``MAX_ENTRY_BYTES`` is refused before it is decoded.
 
 So the DHT cannot be shared with other hivemind applications (``hivemind.Optimizer``
@@ -29,11 +32,11 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
-from layerchain.discovery.base import check_entry
+from layerchain.discovery.catalog import MAX_CATALOG_BYTES, check_stored_entry
 from layerchain.discovery.records import MAX_RECORD_BYTES
 
 #: A stored value is msgpack of the record blob: the blob plus a few bytes of header.
-MAX_ENTRY_BYTES = MAX_RECORD_BYTES + 16
+MAX_ENTRY_BYTES = max(MAX_RECORD_BYTES, MAX_CATALOG_BYTES) + 16
 
 
 def entry_is_valid(record: DHTRecord, now: float) -> bool:
@@ -44,7 +47,8 @@ def entry_is_valid(record: DHTRecord, now: float) -> bool:
         return False
     try:
         sub_key = MSGPackSerializer.loads(record.subkey)
-        check_entry(sub_key, MSGPackSerializer.loads(record.value), record.expiration_time, now)
+        check_stored_entry(sub_key, MSGPackSerializer.loads(record.value),
+                           record.expiration_time, now)
     except Exception:  # ProtocolError, or bytes msgpack cannot even decode
         return False
     return True
