@@ -280,12 +280,14 @@ def test_a_tokenizer_the_light_one_cannot_match_gets_no_card(smollm2_tokenizer, 
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma",
+                                    "gemma3_text", "qwen3_moe", "mixtral", "olmoe"])
 def test_head_norm_is_bit_identical_to_the_familys_own_class(family, dtype):
     from layerchain.model.families import FAMILIES
     from layerchain.model.head import HeadNorm
 
-    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "phi3", "gemma"}  # a new one: add it
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text",
+                             "qwen3_moe", "mixtral", "olmoe"}  # a new one: add it
     info = FAMILIES[family]
     gen = torch.Generator().manual_seed(7)
     hidden_size, eps = 96, 1e-5

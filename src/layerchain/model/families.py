@@ -4,6 +4,15 @@ A family names transformers' own decoder-layer, rotary-embedding and RMS-norm cl
 span computes exactly what ``AutoModelForCausalLM`` computes. Adding a family is one
 ``register_family`` call (STYLE rule 12); nothing else in ``layerchain.model`` names a family.
 Classes are imported lazily: importing ``layerchain.model`` does not import every architecture.
+
+What a family may need besides its classes is a field of ``Family``: gemma's scaled embeddings
+and ``(1 + w)`` norms, gemma 3's rotary table per layer type (local and global layers rotate
+with different bases), and a mixture-of-experts family's checkpoint layout
+(``family_experts.ExpertLayout``: checkpoints keep one matrix per expert, transformers fuses
+them). Registered: llama (and Llama 3.x rope scaling, read from the config by
+``LlamaRotaryEmbedding``), mistral, qwen2, qwen3, phi3, gemma, gemma3_text, and the
+mixture-of-experts families qwen3_moe, mixtral and olmoe (tests/test_families.py checks each
+against ``AutoModelForCausalLM``).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from layerchain.errors import UnsupportedArchitecture
+from layerchain.model.family_experts import MIXTRAL_EXPERTS, QWEN_EXPERTS, ExpertLayout
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,7 +43,13 @@ class Family:
     module: str  # e.g. "transformers.models.llama.modeling_llama"
     prefix: str  # e.g. "Llama"
     embed_scale: bool = False  # gemma multiplies embeddings by sqrt(hidden_size)
-    norm_offset: bool = False  # gemma's RMSNorm scales by (1 + weight), in float32 (head.HeadNorm)
+    # gemma's RMSNorm scales by (1 + weight), in float32 (head.HeadNorm); GGUF files store
+    # these norms' weights as (1 + weight) (llama.cpp's convert_hf_to_gguf), read back minus 1
+    norm_offset: bool = False
+    # the rotary embedding takes the layer type (gemma3: "sliding_attention" layers rotate with
+    # rope_local_base_freq, "full_attention" ones with rope_theta): one (cos, sin) per type
+    rope_per_layer_type: bool = False
+    experts: ExpertLayout | None = None  # mixture of experts: how checkpoints store them
 
     @cached_property
     def _mod(self) -> ModuleType:
@@ -79,6 +95,7 @@ def family_for(model_type: str) -> Family:
 register_family(Family("llama", "transformers.models.llama.modeling_llama", "Llama"))
 register_family(Family("mistral", "transformers.models.mistral.modeling_mistral", "Mistral"))
 register_family(Family("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2"))
+register_family(Family("qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3"))
 register_family(Family("phi3", "transformers.models.phi3.modeling_phi3", "Phi3"))
 register_family(
     Family(
@@ -88,6 +105,30 @@ register_family(
         embed_scale=True,
         norm_offset=True,
     )
+)
+register_family(
+    Family(
+        "gemma3_text",
+        "transformers.models.gemma3.modeling_gemma3",
+        "Gemma3",
+        embed_scale=True,
+        norm_offset=True,
+        rope_per_layer_type=True,
+    )
+)
+register_family(
+    Family(
+        "qwen3_moe",
+        "transformers.models.qwen3_moe.modeling_qwen3_moe",
+        "Qwen3Moe",
+        experts=QWEN_EXPERTS,
+    )
+)
+register_family(
+    Family("mixtral", "transformers.models.mixtral.modeling_mixtral", "Mixtral", experts=MIXTRAL_EXPERTS)
+)
+register_family(
+    Family("olmoe", "transformers.models.olmoe.modeling_olmoe", "Olmoe", experts=QWEN_EXPERTS)
 )
 
 
@@ -103,3 +144,12 @@ def sliding_window_of(config: PretrainedConfig, layer_idx: int) -> int | None:
     if layer_types is not None:
         return window if layer_types[layer_idx] == "sliding_attention" else None
     return window
+
+
+def rope_key_of(family: Family, config: PretrainedConfig, layer_idx: int) -> str | None:
+    """Which rotary table global layer ``layer_idx`` uses: its layer type for a family with
+    one table per type (gemma3: local and global layers rotate with different bases), else
+    None (one table for every layer)."""
+    if not family.rope_per_layer_type:
+        return None
+    return str(config.layer_types[layer_idx])

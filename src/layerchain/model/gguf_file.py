@@ -226,6 +226,7 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
     arch = gguf.architecture
     name = str(gguf.metadata.get("general.name", ""))
     updated = "mistral" if arch == "llama" and "mistral" in name.lower() else arch
+    updated = _ARCH_RENAMES.get(updated, updated)
     if updated not in GGUF_CONFIG_MAPPING:
         raise UnsupportedArchitecture(
             f"GGUF architecture {arch!r} in {gguf.path} is not supported",
@@ -240,6 +241,8 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
             continue
         prefix, _, rest = key.replace(arch, updated).partition(".")
         target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if target is None and prefix == updated:
+            target = _EXTRA_KEYS.get(rest)
         if target is None or target == -1:
             continue
         if isinstance(value, str) and arch in value:
@@ -250,9 +253,18 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
         if isinstance(tokens, int):
             config["vocab_size"] = tokens
     model_type = config.get("model_type")
+    if model_type == "gemma3":  # a GGUF gemma3 holds the text model only, as transformers reads it
+        model_type = config["model_type"] = "gemma3_text"
     if model_type not in CONFIG_MAPPING:
         raise UnsupportedArchitecture(f"unknown model type {model_type!r} in {gguf.path}")
     return CONFIG_MAPPING[model_type].from_dict(config)
+
+
+# llama.cpp's architecture names that differ from transformers' (as its GGUF loader renames them)
+_ARCH_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# metadata keys transformers' GGUF mapping lacks, per ``{arch}.`` key: a Qwen3-MoE file's expert
+# width (transformers would keep its config default, right only for Qwen3-30B-A3B)
+_EXTRA_KEYS = {"expert_feed_forward_length": "moe_intermediate_size"}
 
 
 # GGUF architectures whose shape is read from the metadata without transformers: each maps

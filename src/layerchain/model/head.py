@@ -66,6 +66,7 @@ class Head(nn.Module):
         )  # [V, H]
         # gemma scales embeddings by sqrt(H), computed in float32 as GemmaTextScaledWordEmbedding
         self.embed_scale = torch.tensor(shape.hidden_size**0.5) if family.embed_scale else None
+        self.softcap = shape.final_logit_softcapping  # gemma 3: cap * tanh(logits / cap)
         # compact forms (``compact``): ids -> rows and hidden -> logits modules; None: fp32
         self.rows: nn.Module | None = None
         self.projection: nn.Module | None = None
@@ -99,6 +100,8 @@ class Head(nn.Module):
                 logits: torch.Tensor = self.projection(normed)
             else:
                 logits = F.linear(normed, self.lm_head)
+            if self.softcap is not None:  # as Gemma3ForCausalLM: divide, tanh, multiply
+                logits = torch.tanh(logits / self.softcap) * self.softcap
             return logits.to(device="cpu", dtype=torch.float32)  # no copy on the CPU
 
     def compact(self, dtype: str) -> Head:

@@ -34,6 +34,8 @@ class ModelShape:
     tie_word_embeddings: bool  # the LM head is the embedding table
     eos_token_id: tuple[int, ...]  # ids that end a generation (may be empty)
     max_position_embeddings: int | None  # the context length, if the config states one
+    # gemma 2/3: logits = cap * tanh(logits / cap) after the LM head (None: none)
+    final_logit_softcapping: float | None = None
 
 
 def shape_of(config: PretrainedConfig) -> ModelShape:
@@ -43,6 +45,7 @@ def shape_of(config: PretrainedConfig) -> ModelShape:
     eos = getattr(config, "eos_token_id", None)
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
     context = getattr(config, "max_position_embeddings", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
     return ModelShape(
         model_type=str(config.model_type),
         num_hidden_layers=int(config.num_hidden_layers),
@@ -52,4 +55,5 @@ def shape_of(config: PretrainedConfig) -> ModelShape:
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         eos_token_id=eos_ids,
         max_position_embeddings=None if context is None else int(context),
+        final_logit_softcapping=None if softcap is None else float(softcap),
     )

@@ -36,7 +36,7 @@ from torch import nn
 
 from layerchain.errors import ModelFileError, SpanError
 from layerchain.model.device import resolve_device
-from layerchain.model.families import sliding_window_of
+from layerchain.model.families import rope_key_of, sliding_window_of
 from layerchain.model.quant import quantize_module, release_freed_memory
 from layerchain.model.spec import ModelSpec
 from layerchain.types import Span
@@ -135,6 +135,8 @@ class SpanModel(nn.Module):
         self.rotary_emb = spec.family_info.rotary_embedding(config=config)
         # one window per layer (None = full attention); masks are built once per distinct window
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
+        # one rotary table key per layer (None: the one table; gemma3: the layer's type)
+        self.rope_keys = [rope_key_of(spec.family_info, config, i) for i in range(start, end)]
         # transformers 5.x names the layer's KV-cache argument ``cache`` (``past_key_values``
         # is deprecated with a FutureWarning); older releases know only ``past_key_values``
         accepted = inspect.signature(spec.family_info.decoder_layer.forward).parameters
@@ -289,10 +291,17 @@ class SpanModel(nn.Module):
 
     def _positions(self, hidden: torch.Tensor, past: int) -> Rotary:
         """Position ids [1, T] of a step's tokens and their rotary (cos, sin), each
-        [1, T, rot_dim], on ``hidden``'s device: the same for every block of the step."""
+        [1, T, rot_dim], on ``hidden``'s device, per rotary table key (``rope_keys``): the
+        same for every block of the step that uses that table."""
         tokens = hidden.shape[1]
         position_ids = torch.arange(past, past + tokens, device=hidden.device).unsqueeze(0)
-        return position_ids, self.rotary_emb(hidden, position_ids)
+        tables = {
+            key: self.rotary_emb(hidden, position_ids)
+            if key is None
+            else self.rotary_emb(hidden, position_ids, key)
+            for key in dict.fromkeys(self.rope_keys)
+        }
+        return position_ids, tables
 
     def _run(
         self,
@@ -304,12 +313,15 @@ class SpanModel(nn.Module):
         rotary: Rotary | None = None,
     ) -> torch.Tensor:
         tokens = hidden.shape[1]
-        position_ids, cos_sin = self._positions(hidden, past) if rotary is None else rotary
+        position_ids, tables = self._positions(hidden, past) if rotary is None else rotary
         masks: dict[int | None, torch.Tensor | None] = {}
         lo, hi = start - self.start, end - self.start
         cache_kwargs = {self._cache_arg: cache, "use_cache": cache is not None}
         lean = self._lean if self.fast_decode and tokens == 1 and cache is not None else None
-        for layer, window in zip(self.layers[lo:hi], self.windows[lo:hi], strict=True):
+        for layer, window, rope_key in zip(
+            self.layers[lo:hi], self.windows[lo:hi], self.rope_keys[lo:hi], strict=True
+        ):
+            cos_sin = tables[rope_key]
             if window not in masks:
                 masks[window] = causal_mask(past, tokens, window, hidden.device)
             if lean is not None and cache is not None and masks[window] is None:
@@ -326,7 +338,8 @@ class SpanModel(nn.Module):
         return hidden
 
 
-Rotary = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # position ids, (cos, sin)
+# position ids [1, T], {rotary table key: (cos, sin)} (see ``SpanModel.rope_keys``)
+Rotary = tuple[torch.Tensor, dict[str | None, tuple[torch.Tensor, torch.Tensor]]]
 
 LEAN_FAMILIES = ("llama", "mistral", "qwen2")  # blocks shaped as transformers' LlamaDecoderLayer
 

@@ -24,6 +24,8 @@ from gguf import get_tensor_name_map
 from safetensors import safe_open
 
 from layerchain.errors import ModelFileError
+from layerchain.model.families import family_for
+from layerchain.model.family_experts import fuse_stacked, gguf_expert_parts, hf_block_state
 from layerchain.model.gguf_file import (
     GGUFFile,
     gguf_arch,
@@ -49,6 +51,7 @@ class GGUFSource:
         self._shape = gguf_shape(self.file)  # no transformers: the client's head needs no more
         self._config: PretrainedConfig | None = None  # built when a span needs it
         self._names = get_tensor_name_map(gguf_arch(self.file), self._shape.num_hidden_layers)
+        self._family = family_for(self._shape.model_type)
 
     def config(self) -> PretrainedConfig:
         if self._config is None:
@@ -75,10 +78,18 @@ class GGUFSource:
                 tensor = reverse_permute_qk(tensor, self.config().num_attention_heads)
             elif ".attn_k." in name:
                 tensor = reverse_permute_qk(tensor, self.config().num_key_value_heads)
+        elif self._family.norm_offset and name.endswith("norm.weight"):
+            tensor = tensor - 1  # llama.cpp stores gemma's (1 + w) norm weights as 1 + w
         return tensor
 
+    def _block_tensor(self, index: int, name: str) -> torch.Tensor:
+        parts = gguf_expert_parts(name, index) if self._family.experts is not None else ()
+        if parts:  # fused experts, from the file's stacked tensors (family_experts)
+            return fuse_stacked(name, [self.file.tensor(part) for part in parts])
+        return self._tensor(f"model.layers.{index}.{name}")
+
     def block_state(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        return {n: self._tensor(f"model.layers.{index}.{n}") for n in names}
+        return {n: self._block_tensor(index, n) for n in names}
 
     def head_state(self) -> dict[str, torch.Tensor]:
         state = {
@@ -150,7 +161,12 @@ class HFDirSource:
         return out
 
     def block_state(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        return self._read({n: f"model.layers.{index}.{n}" for n in names})
+        experts = family_for(str(self._config.model_type)).experts
+        if experts is None:
+            return self._read({n: f"model.layers.{index}.{n}" for n in names})
+        count = int(getattr(self._config, experts.count))  # E: one matrix per expert on disk
+        prefix = f"model.layers.{index}."
+        return hf_block_state(experts, count, names, prefix, self._index(), self._read)
 
     def head_state(self) -> dict[str, torch.Tensor]:
         names = {
