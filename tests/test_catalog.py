@@ -87,6 +87,26 @@ def test_an_entry_round_trips_and_summarizes_its_manifest():
     assert int8.model_id != entry.model_id and int8.summary == summary
 
 
+def test_a_version_2_name_is_a_label_the_listing_takes_from_most_peers(record_for):
+    """Version 2 manifests leave ``name`` out of the id: the same weights under two names are
+    one model, listed once, under the name most of its peers announce."""
+    v2 = manifest("tiny", version=2)
+    v2["model_id"] = digest_of({k: v for k, v in v2.items() if k not in ("model_id", "name")})
+    hub = MemoryDHT()
+
+    async def run() -> list:
+        for name in ("tiny", "tiny", "gpt-9000"):
+            me = Identity.generate()
+            entry = entry_of(me, {**v2, "name": name})
+            assert entry.model_id == v2["model_id"]
+            await MemoryDiscovery(hub, me).put_entry(CATALOG_KEY, sign_entry(me, entry),
+                                                     entry.expires_at)
+        return await list_models(MemoryDiscovery(hub))
+
+    (listed,) = asyncio.run(run())
+    assert (listed.name, listed.announced_by) == ("tiny", 3)
+
+
 def test_another_models_id_with_other_hashes_is_refused_everywhere():
     """The attack: announce an honest model's id with a manifest of other blocks."""
     honest, attacker, now = Identity.generate(), Identity.generate(), time.time()

@@ -54,6 +54,7 @@ def _register_all() -> None:
         demo,
         generate,
         ledger,
+        models,
         node,
         route,
         shard,
@@ -61,7 +62,8 @@ def _register_all() -> None:
         train,
     )
 
-    for module in (generate, demo, shard, node, swarm, route, bench, ledger, chain, api, train):
+    for module in (generate, demo, shard, node, swarm, route, bench, ledger, chain, api, train,
+                   models):
         module.register(app)
 
 

@@ -12,12 +12,13 @@ no model) when the node stops.
 Why the whole manifest: an entry is checked against its own id, by every DHT node on store
 and by every reader (``open_entry``): ``model_id == form_model_id(manifest_id(manifest),
 dtype)``, where ``manifest_id`` is the sha256 of the manifest's canonical JSON without its
-``model_id`` (``model.shards.manifest_id``). So nobody can announce another model's id with
-other block hashes, another name or another block count: such an entry is refused, and
-entries that share an id share every byte of their manifest. Readers group by id, never by
-name (two models called "smollm2" are two rows). The cost: a read returns every serving
-peer's manifest (a few KiB each: ~6 KiB for 30 blocks), fine for a listing command; a
-swarm of thousands would move manifests to per-model keys.
+``model_id`` and (version 2) ``name`` (``model.shards.manifest_id``). So nobody can announce
+another model's id with other block hashes, config or block count: such an entry is refused,
+and entries that share an id share every byte of their manifest but the name, a label (the
+listing shows the name most of its peers announce). Readers group by id, never by name (two
+models called "smollm2" are two rows). The cost: a read returns every serving peer's manifest
+(a few KiB each: ~6 KiB for 30 blocks), fine for a listing command; a swarm of thousands
+would move manifests to per-model keys.
 
 What a listing shows (``list_models``, ``model_entries``): the verified catalog joined with
 the peer records of each model (``Discovery.find``): ``servers`` (peers with a live
@@ -47,6 +48,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
@@ -66,7 +68,6 @@ from layerchain.discovery.identity import Identity, peer_id_from_public_key, ver
 from layerchain.discovery.records import MAX_BLOCKS, PeerRecord, check_expiry
 from layerchain.errors import ConfigError, ProtocolError
 from layerchain.model.digest import digest_of
-from layerchain.model.spec import form_model_id
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,10 @@ def summarize(manifest: Mapping[str, Any]) -> ModelSummary:
 
     Reads ``name``, ``family``, ``num_blocks``, ``config.hidden_size`` (or the text config's),
     ``blocks`` (a ``{"0": {"sha256": ...}, ...}`` map or a list, one per block) and
-    ``files``; ``weights_id`` is the manifest's hash without ``model_id``."""
+    ``files``; ``weights_id`` is the manifest's id (``model.shards.manifest_id``)."""
+    # model.shards imports torch: loaded on the first check, not with the discovery package
+    # (whoever checks entries runs a DHT node, which loads hivemind and torch anyway)
+    from layerchain.model.shards import manifest_id
     name, family = manifest.get("name"), manifest.get("family")
     for label, value in (("name", name), ("family", family)):
         if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS \
@@ -130,7 +134,7 @@ def summarize(manifest: Mapping[str, Any]) -> ModelSummary:
     if not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes):
         raise ProtocolError("malformed catalog entry: every block needs a hex sha256")
     return ModelSummary(
-        weights_id=digest_of({k: v for k, v in manifest.items() if k != "model_id"}),
+        weights_id=manifest_id(dict(manifest)),
         name=name, family=family, num_blocks=num_blocks,  # type: ignore[arg-type]
         hidden_size=_hidden_size(manifest.get("config")),
         block_sha256=hashes,  # type: ignore[arg-type]
@@ -218,6 +222,8 @@ def _check_manifest(payload: bytes, model_id: str, dtype: str) -> ModelSummary:
     if not isinstance(manifest, dict):
         raise ProtocolError("malformed catalog entry: the manifest is not a JSON object")
     summary = summarize(manifest)
+    from layerchain.model.spec import form_model_id  # with summarize's import (torch)
+
     try:
         expected = form_model_id(summary.weights_id, dtype)
     except ConfigError:
@@ -390,13 +396,21 @@ class ModelEntry:
 
 def catalog_models(entries: Sequence[CatalogEntry], limit: int = MAX_LISTED_MODELS
                    ) -> list[CatalogEntry]:
-    """Pure: one entry per model id (they agree on every byte of the manifest), for the
-    ``limit`` models announced by the most peers (ties by id)."""
+    """Pure: one entry per model id (they agree on every byte of the manifest but the
+    name), for the ``limit`` models announced by the most peers (ties by id); of each, an
+    entry with the name most of its peers announce (ties: the first in sort order)."""
     by_id: dict[str, list[CatalogEntry]] = {}
     for entry in entries:
         by_id.setdefault(entry.model_id, []).append(entry)
     ranked = sorted(by_id.values(), key=lambda group: (-len(group), group[0].model_id))
-    return [group[0] for group in ranked[:limit]]
+    return [_most_named(group) for group in ranked[:limit]]
+
+
+def _most_named(group: list[CatalogEntry]) -> CatalogEntry:
+    names = Counter(e.summary.name if e.summary else "" for e in group)
+    top = max(names.values())
+    name = min(n for n, count in names.items() if count == top)
+    return next(e for e in group if e.summary and e.summary.name == name)
 
 
 def model_entries(entries: Sequence[CatalogEntry],
