@@ -239,3 +239,109 @@ def test_every_registered_family_builds_its_classes():
         assert family.decoder_layer.__name__.endswith("DecoderLayer")
         assert family.rms_norm.__name__.endswith("RMSNorm")
         assert family.rotary_embedding.__name__.endswith("RotaryEmbedding")
+
+
+# ---------------------------------------------------------------------------- GGUF
+# tiny configs as llama.cpp's GGUF files can state them: gemma3's pattern is llama.cpp's fixed 6
+# (S S S S S F) and its attention scale 1/sqrt(head_dim); qwen3's head_dim differs from
+# hidden / heads (as in Qwen3-0.6B), which a loader must read from attention.key_length
+GGUF_VARIANTS = {
+    "gemma3_text": dict(sliding_window_pattern=6, final_logit_softcapping=None),
+    "qwen3": dict(head_dim=32),
+    "qwen3_moe": dict(),
+}
+GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
+
+
+def write_llama_cpp_gguf(spec, path) -> None:
+    """Write ``spec``'s float32 weights and config as llama.cpp's ``convert_hf_to_gguf`` does:
+    its tensor names, gemma norms stored as (1 + w), experts stacked per kind ([E, I, H])."""
+    import gguf
+    import numpy as np
+
+    from layerchain.model.family_experts import FUSED_DOWN, FUSED_GATE_UP
+    from layerchain.model.shards import block_tensor_names
+
+    arch, cfg = GGUF_ARCH[spec.family], spec.config
+    names = gguf.get_tensor_name_map(
+        next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), spec.num_blocks
+    )
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny {arch}")
+    writer.add_block_count(spec.num_blocks)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    if arch == "gemma3":
+        writer.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope_parameters["full_attention"]["factor"])
+    else:
+        writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if arch == "qwen3moe":
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+
+    def add(name, tensor):
+        data = tensor.numpy().astype(np.float32)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            data = data + 1  # llama.cpp runs gemma norms as x * w
+        writer.add_tensor(name, data)
+
+    def add_hf(hf_name, tensor):
+        base, _, suffix = hf_name.rpartition(".")
+        add(names.get_name(base) + "." + suffix, tensor)
+
+    for i in range(spec.num_blocks):
+        for name, tensor in spec.source.block_state(i, block_tensor_names(spec, i)).items():
+            if name == FUSED_GATE_UP:  # [E, 2I, H] -> gate, up [E, I, H]
+                gate, up = tensor.chunk(2, dim=1)
+                add(f"blk.{i}.ffn_gate_exps.weight", gate)
+                add(f"blk.{i}.ffn_up_exps.weight", up)
+            elif name == FUSED_DOWN:
+                add(f"blk.{i}.ffn_down_exps.weight", tensor)
+            else:
+                add_hf(f"model.layers.{i}.{name}", tensor)
+    head = spec.source.head_state()
+    add_hf("model.embed_tokens.weight", head["embed_tokens.weight"])
+    add_hf("model.norm.weight", head["norm.weight"])
+    if "lm_head.weight" in head:
+        add_hf("lm_head.weight", head["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("name", list(GGUF_VARIANTS))
+def test_a_gguf_file_of_the_family_runs_like_transformers(name, tmp_path):
+    """A GGUF file written from a tiny model's weights, llama.cpp-style, resolves to the same
+    config fields and tensors, and its spans decode exactly what transformers' model of the
+    Hugging Face directory decodes."""
+    hf_dir = save_random_model(family_config(name, **GGUF_VARIANTS[name]), tmp_path / "hf")
+    hf = resolve_model(hf_dir)
+    path = tmp_path / f"tiny-{name}.gguf"
+    write_llama_cpp_gguf(hf, path)
+    spec = resolve_model(path)
+    assert (spec.kind, spec.family, spec.num_blocks) == ("gguf", hf.family, hf.num_blocks)
+    keys = ["hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads", "vocab_size"]
+    keys += {
+        "gemma3_text": ["sliding_window", "layer_types", "query_pre_attn_scalar", "rope_parameters"],
+        "qwen3": ["rope_parameters"],
+        "qwen3_moe": ["num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"],
+    }[name]
+    for key in keys:
+        assert getattr(spec.config, key) == getattr(hf.config, key), key
+    reference = reference_model(hf_dir)
+    prompt = random_prompt(spec.vocab_size)
+    spans = [load_span(spec, a, b) for a, b in ((0, 1), (1, 3), (3, spec.num_blocks))]
+    ours = decode(chain_step(spans, load_head(spec)), prompt, steps=4)
+    assert_same(ours, decode(reference_step(reference), prompt, steps=4))

@@ -242,7 +242,7 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
         prefix, _, rest = key.replace(arch, updated).partition(".")
         target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
         if target is None and prefix == updated:
-            target = _EXTRA_KEYS.get(rest)
+            target = _EXTRA_KEYS.get(updated, {}).get(rest)
         if target is None or target == -1:
             continue
         if isinstance(value, str) and arch in value:
@@ -252,6 +252,7 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
         tokens = gguf.metadata.get("tokenizer.ggml.tokens")
         if isinstance(tokens, int):
             config["vocab_size"] = tokens
+    _as_llama_cpp_runs_it(gguf.metadata, arch, updated, config)
     model_type = config.get("model_type")
     if model_type == "gemma3":  # a GGUF gemma3 holds the text model only, as transformers reads it
         model_type = config["model_type"] = "gemma3_text"
@@ -262,9 +263,42 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
 
 # llama.cpp's architecture names that differ from transformers' (as its GGUF loader renames them)
 _ARCH_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
-# metadata keys transformers' GGUF mapping lacks, per ``{arch}.`` key: a Qwen3-MoE file's expert
-# width (transformers would keep its config default, right only for Qwen3-30B-A3B)
-_EXTRA_KEYS = {"expert_feed_forward_length": "moe_intermediate_size"}
+# ``{arch}.`` metadata keys transformers' GGUF mapping lacks, where its config default would be
+# wrong: Qwen3's head_dim (128 while hidden / heads is 64 in Qwen3-0.6B), Qwen3-MoE's expert width
+_EXTRA_KEYS = {
+    "qwen3": {"attention.key_length": "head_dim"},
+    "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+}
+
+
+def _as_llama_cpp_runs_it(
+    meta: dict[str, Any], arch: str, updated: str, config: dict[str, Any]
+) -> None:
+    """Config fields llama.cpp derives rather than reads, set as it runs the file (where
+    transformers' loader keeps defaults): linear rope scaling (``rope.scaling.type``/
+    ``factor``; gemma3 applies it to its global layers), and gemma3's attention scale, which
+    is 1/sqrt(head_dim) but 1/sqrt(hidden / heads) for the 62-block 27B
+    (llama.cpp ``llama-model.cpp``, ``LLM_ARCH_GEMMA3``), and its sliding-window pattern;
+    Qwen3-MoE's renormalized top-k routing weights (``norm_topk_prob``, transformers' default
+    False)."""
+    scaling, factor = meta.get(f"{arch}.rope.scaling.type"), meta.get(f"{arch}.rope.scaling.factor")
+    if scaling == "linear" and factor is not None:
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    if updated == "qwen3_moe":  # llama.cpp's qwen3moe graph renormalizes the top-k weights
+        config["norm_topk_prob"] = True
+    if updated != "gemma3":
+        return
+    blocks, hidden, heads = (config.get(k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads"))
+    head_dim = config.get("head_dim")
+    if blocks == 62 and hidden and heads:
+        config["query_pre_attn_scalar"] = hidden // heads
+    elif head_dim:
+        config["query_pre_attn_scalar"] = head_dim
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, int):
+        config["sliding_window_pattern"] = pattern
+    elif isinstance(pattern, list) and blocks and len(pattern) == blocks:  # per layer: True = SWA
+        config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
 
 
 # GGUF architectures whose shape is read from the metadata without transformers: each maps
