@@ -47,6 +47,7 @@ from starlette.types import Receive, Scope, Send
 
 from layerchain.client import AsyncSwarm, TokenEvent
 from layerchain.client.swarm import Generation
+from layerchain.discovery.catalog import CatalogDiscovery, ModelEntry, list_models
 from layerchain.errors import (
     ConfigError,
     InsufficientFunds,
@@ -68,6 +69,7 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 REFRESH_TIMEOUT_S = 5.0  # a dashboard poll waits this long for the DHT, then shows what it has
+CATALOG_TTL_S = 10.0  # /v1/models re-reads the swarm's catalog at most this often (seconds)
 MAX_CHARS_PER_TOKEN = 8  # a prompt longer than this many characters per token of context is
 # refused untokenized (English runs ~4 characters a token)
 
@@ -145,6 +147,8 @@ class Gateway:
         # the gateway's own copy, used in worker threads (the client's runs on the loop)
         self.tokenizer = load_tokenizer(self.spec)
         self._tokenizer_lock = threading.Lock()
+        self.catalog: list[ModelEntry] = []  # the swarm's models (discovery.catalog), last read
+        self._catalog_read_at = float("-inf")  # time.monotonic() of that read
 
     # ---------------------------------------------------------------- checks
 
@@ -335,13 +339,41 @@ class Gateway:
             "uptime_s": round(time.time() - self.started, 1),
         }
 
+    async def refresh_catalog(self) -> None:
+        """Re-read the swarm's catalog when older than ``CATALOG_TTL_S``; a slow or failing
+        DHT keeps the last listing (a discovery without a catalog lists nothing)."""
+        discovery = self.swarm.discovery
+        if time.monotonic() - self._catalog_read_at < CATALOG_TTL_S \
+                or not isinstance(discovery, CatalogDiscovery):
+            return
+        self._catalog_read_at = time.monotonic()
+        try:
+            self.catalog = await asyncio.wait_for(list_models(discovery), REFRESH_TIMEOUT_S)
+        except (LayerchainError, OSError, asyncio.TimeoutError) as error:
+            log.warning("could not read the swarm's catalog: %s", error)
+
     def models_json(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self.model_json()]}
+        """OpenAI's model list: this gateway's model first (``available``: it serves it),
+        then every other model the swarm's catalog lists, ``available: false`` (served by
+        the swarm, not through this gateway), ``id`` its name unless another row has it
+        (then its model id); ``layerchain`` holds the catalog's row (``models --json``)."""
+        own = self.model_json()
+        rows, taken = [own], {own["id"].lower()}
+        for entry in self.catalog:
+            if entry.model_id == self.spec.model_id:
+                own["layerchain"].update(entry.to_json())
+                continue
+            name = entry.name if entry.name.lower() not in taken else entry.model_id
+            taken.add(name.lower())
+            rows.append({"id": name, "object": "model", "created": int(self.started),
+                         "owned_by": "layerchain", "available": False,
+                         "layerchain": entry.to_json()})
+        return {"object": "list", "data": rows}
 
     def model_json(self) -> dict[str, Any]:
         return {
             "id": self.spec.name, "object": "model", "created": int(self.started),
-            "owned_by": "layerchain",
+            "owned_by": "layerchain", "available": True,
             "layerchain": {"model_id": self.spec.model_id, "num_blocks": self.spec.num_blocks,
                            "family": self.spec.family},
         }
@@ -472,6 +504,7 @@ def create_app(config: GatewayConfig, swarm: AsyncSwarm) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         await gateway.authenticate(request)
+        await gateway.refresh_catalog()
         return gateway.models_json()
 
     @app.get("/v1/models/{model:path}")

@@ -29,6 +29,8 @@ import torch
 
 from layerchain.discovery import Discovery, HivemindDiscovery, Identity, PeerRecord
 from layerchain.discovery.addresses import local_announce_hosts, unreachable_from_peers
+from layerchain.discovery.announcer import AnnounceConfig
+from layerchain.discovery.catalog import CatalogAnnouncer
 from layerchain.ledger import Ledger, open_ledger
 from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
@@ -169,10 +171,12 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
         loop.add_signal_handler(sig, stop.set)
     rechecker: asyncio.Task[None] | None = None
     keeper: asyncio.Task[None] | None = None
+    catalog: CatalogAnnouncer | None = None
     try:
         await node.listen()
         discovery, settled = await settle_reachability(node, config, discovery)
         await node.announce()
+        catalog = announce_catalog(node, discovery)
         if not settled:  # nodes starting together: wait a little for peers to ask
             rechecker = loop.create_task(
                 recheck_reachability(node, config, discovery, first_wait_s=1.0))
@@ -210,9 +214,24 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
         for task in (rechecker, keeper):
             if task is not None:
                 task.cancel()
+        if catalog is not None:
+            await catalog.stop()
         await node.stop(drain_s=config.drain_s)
         await discovery.close()
         (config.data_dir / "node.json").unlink(missing_ok=True)
+
+
+def announce_catalog(node: Node, discovery: HivemindDiscovery) -> CatalogAnnouncer:
+    """List the node's model in the swarm's catalog (``discovery.catalog``: its manifest,
+    built in the background on first use, refreshed and withdrawn with its records)."""
+    from layerchain.model.manifest import manifest_of
+
+    catalog = CatalogAnnouncer(
+        discovery, node.identity, node.spec.model_id, node.spec.dtype,
+        lambda: manifest_of(node.spec),
+        AnnounceConfig(refresh_s=node.config.refresh_s, ttl_s=node.config.record_ttl_s))
+    catalog.start()
+    return catalog
 
 
 async def settle_reachability(
