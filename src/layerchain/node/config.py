@@ -77,6 +77,11 @@ class NodeConfig:
     relay_port: int = 0  # TCP port of the relay service; 0 picks a free one
     relay_max_connections: int = 64  # relayed client<->peer pairs at once
     relay_max_mbps: float = 100.0  # megabits per second in each direction of one relayed pair
+    seed: bool = True  # serve the files of this node's span (and the head and tokenizer, when
+    # it has them) to peers fetching the model (node.seeding); False: --no-seed
+    seed_max_mbps: float = 800.0  # megabits per second sent to all fetchers together
+    seed_connection_mbps: float = 400.0  # megabits per second one fetching connection gets
+    seed_misbehave: str = ""  # testing defences only: "corrupt" flips a byte of every piece
 
     def __post_init__(self) -> None:
         positive = ("max_cache_tokens", "max_sessions", "max_connections", "read_timeout_s",
@@ -127,6 +132,11 @@ class NodeConfig:
                or _HOST_PORT.fullmatch(self.relay_via) is not None, "must be HOST:PORT")
         _check("relay", self.relay, not (self.relay and self.reachability == "private"),
                "needs a reachable node, not --reachability private")
+        for name in ("seed_max_mbps", "seed_connection_mbps"):
+            value = getattr(self, name)
+            _check(name, value, type(value) in (int, float) and value > 0, "must be positive")
+        _check("seed_misbehave", self.seed_misbehave, self.seed_misbehave in ("", "corrupt"),
+               "must be '' or 'corrupt' (testing only)")
         _check_ledger(self.ledger, self.payout)
 
     @property

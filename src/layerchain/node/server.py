@@ -42,7 +42,9 @@ from layerchain.node.load import LOAD_ANNOUNCE_S, Announced, LoadMeter, worth_an
 from layerchain.node.misbehave import Misbehavior, cheating_span
 from layerchain.node.payments import NodePayments
 from layerchain.node.reachability import DialBackProbes, DialBackService, relayed_endpoints
+from layerchain.node.seeding import seeder_for
 from layerchain.node.sessions import Session, SessionTable
+from layerchain.types import Span
 from layerchain.wire import messages as m
 from layerchain.wire.relay import RelayService
 from layerchain.wire.rpc import serve_connection
@@ -143,6 +145,8 @@ class Node:
         self.relay_service: RelayService | None = None  # relaying for others (--relay)
         self.relay_listener: Listener | None = None  # registered with a relay (behind NAT):
         # its relay:// endpoint is announced first
+        # the model's files, for peers fetching them (node.seeding); None: --no-seed
+        self.seeder = seeder_for(config, spec, Span(span.start, span.end))
 
     @property
     def peer_id(self) -> str:
@@ -311,6 +315,8 @@ class Node:
             for session_id in stats.open_sessions:  # the client is gone: free its caches
                 self.sessions.close(session_id, owner)
         finally:
+            if self.seeder is not None:
+                self.seeder.forget(owner)
             if task is not None:
                 self._tasks.discard(task)
 
@@ -345,6 +351,8 @@ class Node:
             return await self.dial_backs.dial_back(msg)
         if isinstance(msg, m.RelayQuery):
             return m.RelayOffer(msg.rid, self.relay_service.port if self.relay_service else 0)
+        if isinstance(msg, (m.ManifestQuery, m.PieceQuery)) and self.seeder is not None:
+            return await self.seeder.answer(msg, owner, time.monotonic())  # node.seeding
         raise LimitExceeded(f"a node does not accept {type(msg).__name__} requests")
 
     def _info(self, rid: int) -> m.InfoReply:

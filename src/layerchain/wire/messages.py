@@ -11,6 +11,8 @@ Requests and their replies::
     Ping         -> Pong              liveness and round-trip time
     DialBack     -> DialBackResult    dial me back (reachability; the dial is a DialBackProbe)
     RelayQuery   -> RelayOffer        do you relay, on which port (``wire.relay``)
+    ManifestQuery -> ManifestReply    a model's manifest, and which of its files the peer seeds
+    PieceQuery   -> PieceReply        bytes [offset, offset + length) of one file of a model
     (any)        -> ErrorReply        ``code`` is one of ``ERROR_CODES``
 
 This module knows nothing of bytes: ``codec`` turns these records into frames. The field
@@ -312,6 +314,65 @@ class RelayOk:
     rid: int
 
 
+# ---- files of models, fetched from peers (``node.seeding`` serves them, ``fetch`` fetches
+# them); type ids 50-59. A model's files are those its manifest lists (``model.manifest``):
+# the fetcher checks the manifest against the model id and each file against its sha256, so
+# nothing here is trusted; these messages only move bytes.
+
+MAX_PIECE_BYTES = 512 * 1024  # bytes one PieceQuery may ask for: a piece travels in the frame
+# header (bytes fields are msgpack), which a node bounds at ``Limits.max_header_bytes`` (1 MiB)
+MAX_MANIFEST_BYTES = 768 * 1024  # bytes of a manifest's JSON a ManifestReply may carry
+
+
+@dataclass(frozen=True)
+class ManifestQuery:
+    """Ask a peer for the manifest of ``model_id`` (a manifest hash: the fp32 form's id)."""
+
+    TYPE_ID: ClassVar[int] = 50
+    rid: int
+    model_id: str
+
+
+@dataclass(frozen=True)
+class ManifestReply:
+    """The manifest's JSON, and which files the peer seeds: the block files of ``[start,
+    end)`` (``start == end``: none), and the head and tokenizer files if ``client_files``."""
+
+    TYPE_ID: ClassVar[int] = 51
+    rid: int
+    model_id: str
+    manifest: bytes  # UTF-8 JSON; its hash must be model_id (``shards.manifest_id``)
+    start: int
+    end: int
+    client_files: int  # 1: the head and the tokenizer files are seeded too; 0: not
+
+
+@dataclass(frozen=True)
+class PieceQuery:
+    """Ask for bytes ``[offset, offset + length)`` of the file ``file`` of ``model_id``;
+    ``length`` <= ``MAX_PIECE_BYTES``."""
+
+    TYPE_ID: ClassVar[int] = 52
+    rid: int
+    model_id: str
+    file: str  # a file name the manifest lists: "block_007.safetensors", "head.safetensors"
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class PieceReply:
+    """The bytes asked for (fewer only at the file's end); ``size`` is the whole file's."""
+
+    TYPE_ID: ClassVar[int] = 53
+    rid: int
+    model_id: str
+    file: str
+    offset: int
+    size: int  # bytes of the whole file
+    data: bytes
+
+
 Message = Union[
     OpenSession,
     SessionOpened,
@@ -335,6 +396,10 @@ Message = Union[
     RelayAccept,
     RelayDial,
     RelayOk,
+    ManifestQuery,
+    ManifestReply,
+    PieceQuery,
+    PieceReply,
 ]
 
 MESSAGE_TYPES: dict[int, type] = {
@@ -362,6 +427,10 @@ MESSAGE_TYPES: dict[int, type] = {
         RelayAccept,
         RelayDial,
         RelayOk,
+        ManifestQuery,
+        ManifestReply,
+        PieceQuery,
+        PieceReply,
     )
 }
 
@@ -375,4 +444,6 @@ REPLY_TYPES: dict[type, type] = {
     DialBack: DialBackResult,
     DialBackProbe: Pong,
     RelayQuery: RelayOffer,
+    ManifestQuery: ManifestReply,
+    PieceQuery: PieceReply,
 }
