@@ -19,7 +19,39 @@ _D = NodeConfig()
 @node_app.command("start")
 def start(
     model: str = typer.Option(_D.model, help="Model: smollm2, a .gguf path, a HF dir or a shard dir."),
-    blocks: str = typer.Option(..., help="Blocks to serve, START:END (end exclusive)."),
+    blocks: Optional[str] = typer.Option(
+        None, help="Blocks to serve, START:END (end exclusive); default: the node picks where "
+                   "the swarm needs it most (--max-blocks / --memory-gb).",
+    ),
+    max_blocks: int = typer.Option(
+        _D.max_blocks, help="Without --blocks (or when moving): serve at most this many blocks "
+                            "(0 = as many as fit --memory-gb).",
+    ),
+    memory_gb: float = typer.Option(
+        _D.memory_gb, help="Without --blocks: GiB of weights the span may hold (0 = half the "
+                           "memory available).",
+    ),
+    pricing: str = typer.Option(
+        _D.pricing, metavar="fixed|adaptive",
+        help="fixed: always --price; adaptive: start at --price and re-price by gradient "
+             "ascent on expected revenue against the peers on the same blocks.",
+    ),
+    min_price: int = typer.Option(_D.min_price, help="Adaptive pricing's lowest price."),
+    max_price: int = typer.Option(_D.max_price, help="Adaptive pricing's highest price."),
+    reprice_every: float = typer.Option(
+        _D.reprice_every_s, help="Adaptive pricing re-prices every this many seconds."
+    ),
+    rebalance_every: float = typer.Option(
+        _D.rebalance_every_s,
+        help="Check every this many seconds whether moving to other blocks pays, and move "
+             "(0 = never).",
+    ),
+    rebalance_threshold: float = typer.Option(
+        _D.rebalance_threshold, help="Move only for a share of compute this much larger (0.2 = 20%)."
+    ),
+    emulate_ms_per_block: float = typer.Option(
+        _D.emulate_ms_per_block, help="Testing aid: announce at least this compute cost, ms per block."
+    ),
     host: str = typer.Option(
         _D.host, help="Address to listen on (0.0.0.0: every interface, for other machines)."
     ),
@@ -136,9 +168,13 @@ def start(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    span = Span.parse(blocks)
+    span = Span.parse(blocks) if blocks is not None else None
     config = NodeConfig(  # checks every setting: ConfigError
-        model=model, start=span.start, end=span.end, host=host, port=port, dht_port=dht_port,
+        model=model, start=span.start if span else 0, end=span.end if span else 0,
+        auto_span=span is None, max_blocks=max_blocks, memory_gb=memory_gb, pricing=pricing,
+        min_price=min_price, max_price=max_price, reprice_every_s=reprice_every,
+        rebalance_every_s=rebalance_every, rebalance_threshold=rebalance_threshold,
+        emulate_ms_per_block=emulate_ms_per_block, host=host, port=port, dht_port=dht_port,
         insecure=insecure,
         announce_host=announce_host, announce_port=announce_port,
         reachability=reachability, relay_via=relay_via, relay=relay, relay_port=relay_port,
@@ -158,6 +194,8 @@ def start(
     from layerchain.node.runner import relay_address, run_node  # after the checks: they fail fast
 
     def ready(node, addresses):  # noqa: ANN001
+        if node.placement:
+            typer.echo(node.placement)
         typer.echo(f"node {node.peer_id} serves blocks {node.span.start}:{node.span.end} "
                    f"at {', '.join(node.endpoints)} ({node.ms_per_block:.2f} ms/block)")
         for address in addresses:

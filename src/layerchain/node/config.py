@@ -18,6 +18,8 @@ from layerchain.model.spec import DEFAULT_MODEL
 
 MAX_PORT = 65535
 REACHABILITY_MODES = ("auto", "public", "private")  # NodeConfig.reachability
+PRICING = ("fixed", "adaptive")  # NodeConfig.pricing: market.pricing.POLICIES (not imported:
+# market's package imports the wallet's eth libraries, which the CLI's start-up must not)
 _HOST_PORT = re.compile(r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([1-9][0-9]{0,4})")
 
 
@@ -82,6 +84,23 @@ class NodeConfig:
     seed_max_mbps: float = 800.0  # megabits per second sent to all fetchers together
     seed_connection_mbps: float = 400.0  # megabits per second one fetching connection gets
     seed_misbehave: str = ""  # testing defences only: "corrupt" flips a byte of every piece
+    # the market (node.rebalance; seed 002 §3.3-3.4)
+    pricing: str = "fixed"  # "fixed": price_per_block always; "adaptive": start there and
+    # re-price every reprice_every_s by gradient ascent on expected revenue (market.pricing)
+    min_price: int = 1  # adaptive pricing's lowest price, credits per block per token (>= 1)
+    max_price: int = 1_000_000  # adaptive pricing's highest price, credits per block per token
+    reprice_every_s: float = 30.0  # adaptive pricing re-prices this often, seconds
+    auto_span: bool = False  # pick the span (market.placement.choose_span over the DHT's
+    # records) instead of serving start:end (which must then be 0:0)
+    max_blocks: int = 0  # blocks an automatic or moving span holds at most; 0: as many as fit
+    # memory_gb (automatic), or the span's length (--blocks given)
+    memory_gb: float = 0.0  # GiB of weights an automatic span may hold; 0: half the memory
+    # available at start
+    rebalance_every_s: float = 0.0  # check this often whether moving pays (plan_move) and
+    # move (hot-swap, draining the old span's sessions for drain_s); 0: never
+    rebalance_threshold: float = 0.2  # move only for a share of compute this much larger
+    emulate_ms_per_block: float = 0.0  # testing aid: announce at least this compute cost, ms
+    # per block per token, as a slower machine would (pricing and placement read it)
 
     def __post_init__(self) -> None:
         positive = ("max_cache_tokens", "max_sessions", "max_connections", "read_timeout_s",
@@ -138,6 +157,27 @@ class NodeConfig:
         _check("seed_misbehave", self.seed_misbehave, self.seed_misbehave in ("", "corrupt"),
                "must be '' or 'corrupt' (testing only)")
         _check_ledger(self.ledger, self.payout)
+        self._check_market()
+
+    def _check_market(self) -> None:
+        _check("pricing", self.pricing, self.pricing in PRICING,
+               f"must be one of {', '.join(PRICING)}")
+        for name in ("min_price", "max_price", "max_blocks"):
+            value = getattr(self, name)
+            _check(name, value, type(value) is int and value >= 0, "must be an integer >= 0")
+        for name in ("reprice_every_s", "memory_gb", "rebalance_every_s", "rebalance_threshold",
+                     "emulate_ms_per_block"):
+            value = getattr(self, name)
+            _check(name, value, type(value) in (int, float) and value >= 0,
+                   "must be a number >= 0")
+        _check("reprice_every_s", self.reprice_every_s, self.reprice_every_s > 0, "must be positive")
+        if self.pricing == "adaptive":
+            _check("min_price", self.min_price, self.min_price >= 1,
+                   "must be at least 1 with adaptive pricing")
+            _check("max_price", self.max_price, self.min_price <= self.max_price <= 10**9,
+                   f"must be in min_price ({self.min_price})..1000000000")
+        _check("auto_span", self.auto_span, not (self.auto_span and (self.start or self.end)),
+               "picks the span itself: give blocks (start, end) or auto_span, not both")
 
     @property
     def session_tokens(self) -> int:

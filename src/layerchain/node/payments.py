@@ -168,6 +168,12 @@ class NodePayments:
         self._write_lock = threading.Lock()  # one thread writes voucher files at a time
         self.redeemed = 0  # credits this node redeemed since it started
 
+    def retune(self, *, price: int, blocks: int) -> None:
+        """Charge ``price`` per block per token on ``blocks`` blocks for sessions opened from
+        now on (adaptive pricing, a moved span); open sessions keep their price."""
+        self.price, self.blocks = price, blocks
+        self.credit = credit_amount(blocks, price)
+
     @property
     def required(self) -> bool:
         """Whether sessions and steps must carry vouchers."""
@@ -189,10 +195,11 @@ class NodePayments:
 
     def charge(self, payment: SessionPayment, voucher: bytes, tokens: int) -> None:
         """Check that ``voucher`` pays for this step; raise before any work if not."""
-        if self.required:
-            amount = step_amount(tokens, payment.signer.span.length, self.price)
+        if self.required:  # at the price the session opened at (its receipts carry it)
+            price = payment.signer.price_per_block
+            amount = step_amount(tokens, payment.signer.span.length, price)
             self._pay(payment, voucher, amount,
-                      what=f"this node charges {self.price} per block per token")
+                      what=f"this node charges {price} per block per token")
 
     def _pay(
         self, payment: SessionPayment, voucher: bytes, amount: int, *, what: str, reserve: int = 0

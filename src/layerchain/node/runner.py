@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,7 @@ from layerchain.node.reachability import (
     pick_relays,
     same_host_only,
 )
+from layerchain.node.rebalance import MarketTask, place_node
 from layerchain.node.server import Node, measure_ms_per_block
 from layerchain.types import Span
 from layerchain.errors import ConfigError, LayerchainError
@@ -79,7 +81,8 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     spec = await asyncio.to_thread(resolve_model, config.model)
     end = config.end or spec.num_blocks
     span_range = Span(config.start, end).check_within(spec.num_blocks)
-    config = replace(config, end=end)
+    if not config.auto_span:  # (an automatic span is filled in once it is picked)
+        config = replace(config, end=end)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(config.data_dir)
     wallet = Wallet.load_or_create(config.data_dir)
@@ -94,9 +97,6 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     # the form is part of the model's id (ModelSpec.in_form): an int8 node announces, signs
     # receipts and is audited as the int8 model, never against an fp32 recomputation
     spec = spec.in_form(resolve_dtype(config.dtype, config.device))
-    with machine_lock("compute-start"):
-        span = load_span(spec, span_range.start, span_range.end, device=config.device)
-        ms_per_block = measure_ms_per_block(span, spec.hidden_size)
     discovery = await HivemindDiscovery.create(
         initial_peers=list(config.initial_peers),
         host=config.host,
@@ -106,6 +106,15 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         client_mode=config.reachability == "private",  # nobody can dial it: a DHT client
         announce_host=config.announce_host,
     )
+    placement = ""
+    if config.auto_span:  # no --blocks: where the swarm needs it (node.rebalance)
+        span_range, limit, placement = await place_node(
+            discovery, spec, config, lambda: probe_block(spec, config.device))
+        config = replace(config, start=span_range.start, end=span_range.end, auto_span=False,
+                         max_blocks=limit.blocks)
+    with machine_lock("compute-start"):
+        span = load_span(spec, span_range.start, span_range.end, device=config.device)
+        ms_per_block = measure_ms_per_block(span, spec.hidden_size)
     announce_hosts = await asyncio.to_thread(
         local_announce_hosts, config.host, config.initial_peers, config.announce_host
     )
@@ -128,7 +137,23 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         ms_per_block=ms_per_block,
         announce_hosts=announce_hosts,
     )
+    node.placement = placement
     return node, discovery
+
+
+def probe_block(spec: Any, device: str) -> tuple[int, float]:
+    """Load block 0 alone: (its weight bytes in the spec's form, ms per block per token)."""
+    with machine_lock("compute-start"):
+        block = load_span(spec, 0, 1, device=device)
+        return block.parameter_bytes(), measure_ms_per_block(block, spec.hidden_size)
+
+
+def load_measured(spec: Any, device: str, span: Span) -> tuple[Any, float]:
+    """A span loaded and measured (ms per block per token), one node of the machine at a time
+    (``machine_lock``): what a moving node swaps in (node.rebalance)."""
+    with machine_lock("compute-start"):
+        model = load_span(spec, span.start, span.end, device=device)
+        return model, measure_ms_per_block(model, spec.hidden_size)
 
 
 def set_payout(ledger: Ledger, wallet: Wallet, payout: str) -> None:
@@ -171,6 +196,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
         loop.add_signal_handler(sig, stop.set)
     rechecker: asyncio.Task[None] | None = None
     keeper: asyncio.Task[None] | None = None
+    market: asyncio.Task[None] | None = None
     catalog: CatalogAnnouncer | None = None
     try:
         await node.listen()
@@ -207,11 +233,15 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
             rechecker.add_done_callback(write_ready)
         if not config.relay_via:  # a relay picked from the records may go: find another
             keeper = loop.create_task(keep_relayed(node, config, discovery))
+        if config.pricing == "adaptive" or config.rebalance_every_s:  # node.rebalance
+            market = loop.create_task(MarketTask(
+                node, node.config, node.config.max_blocks or node.span.end - node.span.start,
+                lambda target: load_measured(node.spec, config.device, target)).run())
         if on_ready is not None:
             on_ready(node, addresses)
         await stop.wait()
     finally:
-        for task in (rechecker, keeper):
+        for task in (rechecker, keeper, market):
             if task is not None:
                 task.cancel()
         if catalog is not None:

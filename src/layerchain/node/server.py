@@ -145,6 +145,7 @@ class Node:
         self.relay_service: RelayService | None = None  # relaying for others (--relay)
         self.relay_listener: Listener | None = None  # registered with a relay (behind NAT):
         # its relay:// endpoint is announced first
+        self.placement = ""  # why it serves this span, when it picked it (node.rebalance)
         # the model's files, for peers fetching them (node.seeding); None: --no-seed
         self.seeder = seeder_for(config, spec, Span(span.start, span.end))
 
@@ -223,8 +224,8 @@ class Node:
             start=self.span.start,
             end=self.span.end,
             # within what DHT nodes accept, or the record would be refused and the node vanish
-            ms_per_block=min(max(self.ms_per_block, MIN_MS_PER_BLOCK), MAX_MS_PER_BLOCK),
-            price_per_block=self.config.price_per_block,
+            ms_per_block=min(max(self.announced_ms_per_block, MIN_MS_PER_BLOCK), MAX_MS_PER_BLOCK),
+            price_per_block=self.payments.price,  # adaptive pricing moves it (set_price)
             free_cache_tokens=0 if self.draining else self.sessions.admissible_tokens,
             wallet=self.wallet,
             rtts=tuple(sorted(self.rtts.items())),
@@ -233,6 +234,28 @@ class Node:
             relay=self.relay_service is not None,
             load=load,
         )
+
+    @property
+    def announced_ms_per_block(self) -> float:
+        """The compute cost announced, ms per block per token: the measured one, or the
+        ``emulate_ms_per_block`` testing aid's if slower."""
+        return max(self.ms_per_block, self.config.emulate_ms_per_block)
+
+    def set_price(self, price: int) -> None:
+        """Charge ``price`` credits per block per token for sessions opened from now on (open
+        ones keep the price their receipts started with); announced at the next record."""
+        self.payments.retune(price=price, blocks=self.span.end - self.span.start)
+
+    def swap_span(self, span: Any, ms_per_block: float) -> Any:
+        """Serve ``span`` (a loaded SpanModel) from now on: new sessions open on it, sessions
+        already open keep computing on theirs (``Session.span``) until they close. Returns
+        the span served before; the caller announces, drains and frees it (node.rebalance)."""
+        old = self.span
+        self.span = cheating_span(self.config.misbehave, span) if self.config.misbehave else span
+        self.ms_per_block = ms_per_block
+        self.load = LoadMeter(span.end - span.start, time.monotonic())
+        self.payments.retune(price=self.payments.price, blocks=span.end - span.start)
+        return old
 
     def _announce_load(self) -> None:
         """Re-announce now if the load moved enough since the last record (rate-limited,
@@ -363,7 +386,7 @@ class Node:
             start=self.span.start,
             end=self.span.end,
             ms_per_block=self.ms_per_block,
-            price_per_block=self.config.price_per_block,
+            price_per_block=self.payments.price,
             free_cache_tokens=self.sessions.admissible_tokens,
             wallet=self.wallet,
             version=__version__,
@@ -386,6 +409,7 @@ class Node:
         session = self.sessions.open(
             msg.session_id, msg.max_length, cache, msg.start, msg.end, owner
         )
+        session.span = self.span  # its cache's span, even after the node moves (swap_span)
         try:  # admitted first, so a busy node takes no reservation fee
             session.payment = self.payments.open(
                 msg.session_id, msg.start, msg.end, max_length=msg.max_length, voucher=msg.voucher
@@ -426,12 +450,13 @@ class Node:
             # the output goes back to CPU memory for the wire, in the dtype the client sent
             # (fp16, bf16) from a float32 span, else in the span's (model.device.reply_dtype);
             # no copy on a CPU. On a GPU that copy waits for the step: it is timed with it
-            wire = reply_dtype(hidden.dtype, self.span.compute_dtype)
+            span = session.span  # the node's span, or the one it moved from (swap_span)
+            wire = reply_dtype(hidden.dtype, span.compute_dtype)
             blocks = session.end - session.start
             if tokens * blocks * self.ms_per_block < 1000.0 * COMPUTE_SLICE_S:
                 t0 = time.perf_counter()
                 with torch.inference_mode():  # on this thread: see the note at the top
-                    out = self.span.forward(x, session.cache, start=session.start, end=session.end)
+                    out = span.forward(x, session.cache, start=session.start, end=session.end)
                     out = out.to(device="cpu", dtype=wire)
                 if tokens == 1:  # a decode step: keep the fastest cost seen, as at start
                     per_block = 1000.0 * (time.perf_counter() - t0) / blocks
@@ -457,7 +482,7 @@ class Node:
         meanwhile (its client is gone: the rest of the work would be wasted)."""
         out = x
         slice_start = time.perf_counter()
-        for out in self.span.forward_stepwise(x, session.cache):
+        for out in session.span.forward_stepwise(x, session.cache):
             if time.perf_counter() - slice_start >= COMPUTE_SLICE_S:
                 await asyncio.sleep(YIELD_S)
                 if session.cache is None:

@@ -76,6 +76,8 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)  # opened, or its last step ran
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     payment: Any = None  # the node's receipt chain and channel for this session
+    span: Any = None  # the SpanModel its cache belongs to (a node that moved keeps serving
+    # its open sessions on the span they opened on; node.server.Node.swap_span)
 
     def stepped(self, tokens: int) -> None:
         """Record a step that ran: ``tokens`` more in the cache, the next step expected."""
@@ -197,6 +199,10 @@ class SessionTable:
         for sid in idle:
             self.close(sid)
         return idle
+
+    def open_sessions(self) -> list[Session]:
+        """The sessions open now (a snapshot)."""
+        return list(self._sessions.values())
 
     def close_all(self) -> None:
         for sid in list(self._sessions):

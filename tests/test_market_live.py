@@ -1,0 +1,248 @@
+"""The market on running nodes (issue 17 items 1-3 and 5): adaptive prices, automatic
+placement and hot-swapping spans.
+
+In-process (fast): nodes of a tiny model over the memory transport and memory DHT, driven by
+``node.rebalance``'s own rounds. Real processes (slow, one module-scoped swarm): three nodes
+of different speeds with ``--pricing adaptive`` over the same blocks, and a node started
+without ``--blocks`` in a swarm missing blocks 20:30.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import subprocess
+import sys
+import time
+import weakref
+
+import pytest
+from memswarm import MemorySwarm
+
+from layerchain.discovery import Identity, MemoryDiscovery
+from layerchain.errors import ConfigError, LimitExceeded
+from layerchain.market.pricing import DEFAULT_DEMAND, Offer, expected_revenue
+from layerchain.model import SamplingParams, load_span
+from layerchain.node import Node, NodeConfig
+from layerchain.node.rebalance import MarketTask, budget, place_node
+from layerchain.types import Span
+from layerchain.wire import messages as m
+
+PROMPT = "What is the capital of France?"
+PARAMS = SamplingParams(max_new_tokens=8)
+SPEEDS = (5.0, 10.0, 20.0)  # ms per block per token announced by the three priced nodes
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama", tokenizer=True))
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def _task(swarm: MemorySwarm, node: Node, max_blocks: int = 4) -> MarketTask:
+    def load(span: Span):
+        return load_span(swarm.spec, span.start, span.end), 1.0
+
+    return MarketTask(node, node.config, max_blocks, load)
+
+
+def test_adaptive_nodes_end_with_the_faster_at_the_higher_price(tiny_model, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            nodes = [await swarm.add_node(0, 1, tmp_path / f"n{i}", pricing="adaptive",
+                                          price_per_block=20, emulate_ms_per_block=ms)
+                     for i, ms in enumerate(SPEEDS)]
+            tasks = [_task(swarm, node) for node in nodes]
+            history = []
+            for _ in range(15):  # rounds, each node re-pricing from the DHT's records
+                history.append([await t.reprice() for t in tasks])
+            records = await MemoryDiscovery(swarm.hub).find(swarm.spec.model_id, 4)
+            return history, {r.peer_id: r.price_per_block for r in records}, nodes
+        finally:
+            await swarm.close()
+
+    history, announced, nodes = run(main())
+    final = history[-1]
+    assert history[-3:] == [final] * 3  # converged: no whole-credit change in the last rounds
+    assert final[0] > final[1] > final[2] > 20  # faster, dearer; all above the start price
+    assert [announced[n.peer_id] for n in nodes] == final  # what the DHT carries
+    offers = [Offer(float(p), ms) for p, ms in zip(final, SPEEDS)]
+    revenue = [expected_revenue(i, offers, DEFAULT_DEMAND) for i in range(3)]
+    assert revenue[0] > revenue[1] > revenue[2]  # the modelled R (eq. 2) at the announced prices
+
+
+def test_a_node_without_blocks_takes_the_missing_ones(tiny_model, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            await swarm.add_node(0, 2, tmp_path / "a")
+            await swarm.add_node(0, 1, tmp_path / "b")
+            discovery = MemoryDiscovery(swarm.hub, Identity.generate())
+            config = NodeConfig(model=tiny_model, auto_span=True, max_blocks=2)
+            return await place_node(discovery, swarm.spec, config, lambda: (4096, 1.0))
+        finally:
+            await swarm.close()
+
+    span, limit, line = run(main())
+    assert span == Span(2, 4)
+    assert limit.blocks == 2 and "--max-blocks 2" in limit.why
+    assert line.startswith("picked blocks 2:4 of 4: 2 of its blocks had no server")
+
+
+def test_the_block_budget():
+    config = NodeConfig(auto_span=True, memory_gb=1.0)
+    assert budget(config, 30, 100 << 20, 0).blocks == 10  # 1 GiB of 100 MiB blocks
+    assert budget(NodeConfig(auto_span=True, memory_gb=1.0, max_blocks=4), 30, 100 << 20,
+                  0).blocks == 4
+    assert budget(NodeConfig(auto_span=True), 30, 100 << 20, 4 << 30).blocks == 20  # half of 4 GiB
+    assert budget(NodeConfig(auto_span=True), 8, 1, 4 << 30).blocks == 8  # the whole model
+    with pytest.raises(ConfigError, match="no block of this model fits"):
+        budget(NodeConfig(auto_span=True, memory_gb=0.05), 30, 100 << 20, 0)
+    for bad in ({"pricing": "auction"}, {"pricing": "adaptive", "min_price": 0},
+                {"auto_span": True, "start": 2, "end": 4}, {"rebalance_every_s": -1.0},
+                {"pricing": "adaptive", "min_price": 5, "max_price": 2}):
+        with pytest.raises(ConfigError):
+            NodeConfig(**bad)
+
+
+class MovesAtStep(Node):
+    """Moves to ``self.target`` right after answering step ``MOVE_AT`` of a session."""
+
+    MOVE_AT = 3
+
+    async def handle(self, msg, owner=0):  # noqa: ANN001, ANN201
+        reply = await super().handle(msg, owner)
+        if isinstance(msg, m.Step) and msg.step == self.MOVE_AT and self.target is not None:
+            target, self.target = self.target, None
+            move = self.market.move(target)
+            if self.market.config.drain_s == 0:
+                await move  # closes the session before this reply: the next step fails over
+            else:
+                self.moving = asyncio.create_task(move)
+        return reply
+
+
+@pytest.mark.parametrize("drain_s", [30.0, 0.0])
+def test_a_node_moving_mid_generation_never_changes_the_output(tiny_model, reference, tmp_path,
+                                                                drain_s):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            mover = await swarm.add_node(0, 4, tmp_path / "mover", node_class=MovesAtStep,
+                                         drain_s=drain_s)
+            # a slower spare serving everything: the route takes the mover first
+            await swarm.add_node(0, 4, tmp_path / "spare", emulate_latency_ms=20)
+            mover.market, mover.target = _task(swarm, mover), Span(2, 4)
+            old = weakref.ref(mover.span)
+            result = await swarm.client().generate(PROMPT, PARAMS)
+            if drain_s:
+                await mover.moving  # the client closed its session: the drain ends
+            records = await MemoryDiscovery(swarm.hub).find(swarm.spec.model_id, 4)
+            with pytest.raises(LimitExceeded, match="serves blocks 2:4"):  # no new session on 0:2
+                mover._open(m.OpenSession(1, "late", swarm.spec.model_id, 0, 2, 8), owner=1)
+            gc.collect()
+            return result, records, mover, old
+        finally:
+            await swarm.close()
+
+    result, records, mover, old = run(main())
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
+    if drain_s:  # the open session finished on the old span
+        assert result.recoveries == () and result.route[0].peer_id == mover.peer_id
+    else:  # closed at once: the client failed over and replayed
+        assert [r.peer_id for r in result.recoveries] == [mover.peer_id]
+    assert (mover.span.start, mover.span.end) == (2, 4) and mover.market.moves == 1
+    assert {(r.start, r.end) for r in records if r.peer_id == mover.peer_id} == {(2, 4)}
+    assert old() is None  # the old span's weights are gone
+
+
+def test_rebalance_moves_a_node_to_a_lost_block_and_stays_after(tiny_model, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            a = await swarm.add_node(0, 2, tmp_path / "a")
+            b = await swarm.add_node(0, 2, tmp_path / "b")
+            task = _task(swarm, b, max_blocks=2)
+            first = await task.rebalance()  # nobody serves 2:4: b covers it
+            second = await task.rebalance()  # balanced now: it stays
+            other = await _task(swarm, a, max_blocks=2).rebalance()
+            return first, second, other, (b.span.start, b.span.end)
+        finally:
+            await swarm.close()
+
+    first, second, other, span = run(main())
+    assert first == Span(2, 4) and span == (2, 4)
+    assert second is None and other is None
+
+
+# ---------------------------------------------------------------- real processes
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "layerchain", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def priced_swarm(tmp_path_factory):
+    """Three adaptive nodes on blocks 0:20 of SmolLM2 (30 blocks), 5/10/20 ms per block,
+    starting at 20 credits, re-pricing every 0.5 s; nobody serves 20:30."""
+    from layerchain.local import swarm_down, swarm_up
+
+    state = tmp_path_factory.mktemp("market")
+    args = [("--pricing", "adaptive", "--price", "20", "--reprice-every", "0.5",
+             "--emulate-ms-per-block", str(ms)) for ms in SPEEDS]
+    swarm = swarm_up(state, [Span(0, 20)] * 3, node_args=args)
+    yield swarm, state
+    swarm_down(state, quiet=True)
+
+
+def _prices(swarm) -> dict[str, int]:
+    done = cli("swarm", "status", "--initial-peers", swarm.initial_peers[0], "--json")
+    assert done.returncode == 0, done.stderr
+    return {row["peer_id"]: row["price_per_block"] for row in json.loads(done.stdout)["nodes"]
+            if "peer_id" in row}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_live_adaptive_prices_and_automatic_placement(priced_swarm):
+    from layerchain.local.launcher import LocalProcess, process_start, stop_pids, wait_ready
+
+    swarm, state = priced_swarm
+    ids = [n["peer_id"] for n in swarm.nodes]
+    # a fourth node, no --blocks: it must pick the blocks nobody serves
+    data_dir = state / "auto"
+    log = state / "auto.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "layerchain", "node", "start", "--max-blocks", "10",
+             "--data-dir", str(data_dir), "--initial-peers", swarm.initial_peers[0]],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        info = wait_ready(proc, data_dir, log, timeout_s=120)
+        assert (info["start"], info["end"]) == (20, 30)
+        assert "picked blocks 20:30 of 30: 10 of its blocks had no server" in log.read_text()
+        deadline, seen = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            prices = _prices(swarm)
+            seen.append([prices.get(i) for i in ids])
+            if len(seen) >= 2 and seen[-1] == seen[-2] and None not in seen[-1] \
+                    and seen[-1][0] > seen[-1][1] > seen[-1][2]:
+                break
+            time.sleep(1.0)
+        final = seen[-1]
+        print("announced prices, fastest first, per status read:", seen)
+        assert final[0] > final[1] > final[2], seen  # the faster node at the higher price
+        assert final[2] > 20  # all climbed from the start price
+        offers = [Offer(float(p), ms) for p, ms in zip(final, SPEEDS)]
+        revenue = [expected_revenue(i, offers, DEFAULT_DEMAND) for i in range(3)]
+        assert revenue[0] > revenue[1] > revenue[2]  # modelled R at the announced prices
+    finally:
+        stop_pids([LocalProcess(proc.pid, process_start(proc.pid))])
+        proc.wait(timeout=30)
