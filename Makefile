@@ -39,9 +39,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile package.json package-lock.json
 demo: $(STAMP)
 	$(BIN)/layerchain demo
 
-# Everything, real processes included (what CI runs, after `make lint`).
+# Everything, real processes included (what CI runs, after `make lint`); the 30 slowest tests
+# are listed at the end, so a CI log shows where the time goes.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # While iterating: no real processes, no end-to-end runs (tests marked `slow` are left out).
 test-fast: $(STAMP)
