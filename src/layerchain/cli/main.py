@@ -54,6 +54,7 @@ def _register_all() -> None:
         demo,
         generate,
         ledger,
+        mcp,
         models,
         node,
         route,
@@ -63,7 +64,7 @@ def _register_all() -> None:
     )
 
     for module in (generate, demo, shard, node, swarm, route, bench, ledger, chain, api, train,
-                   models):
+                   models, mcp):
         module.register(app)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from layerchain.client.config import RouteLimits
 from layerchain.discovery import PeerRecord
+from layerchain.discovery.records import PeerLoad
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class NodeState:
     version: str  # announced software version
     rtt_ms: float | None  # the client's smoothed round-trip measurement, ms; None: not yet
     banned: bool  # the client currently leaves it out of routes
+    load: PeerLoad | None = None  # announced load (sessions, queued steps, step ms); None:
+    # not announced
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def swarm_state(
             peer_id=r.peer_id, start=r.start, end=r.end, endpoint=r.endpoint,
             ms_per_block=r.ms_per_block, price_per_block=r.price_per_block,
             free_cache_tokens=r.free_cache_tokens, wallet=r.wallet, version=r.version,
-            rtt_ms=rtt_ms.get(r.peer_id), banned=r.peer_id in banned,
+            rtt_ms=rtt_ms.get(r.peer_id), banned=r.peer_id in banned, load=r.load,
         )
         for r in sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
     )

@@ -46,7 +46,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence, Set
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -122,10 +122,11 @@ class Generation:
     ``CostLimitExceeded`` ...) are raised from there. Closing it closes the hop sessions."""
 
     def __init__(self, swarm: AsyncSwarm, prompt: Prompt, params: SamplingParams, raw: bool,
-                 limits: RouteLimits | None, max_cost: int | None = None) -> None:
+                 limits: RouteLimits | None, max_cost: int | None = None,
+                 exclude: Set[str] = frozenset()) -> None:
         self._result: GenerationResult | None = None
         self._session: InferenceSession | None = None
-        self._events = swarm._generate(self, prompt, params, raw, limits, max_cost)
+        self._events = swarm._generate(self, prompt, params, raw, limits, max_cost, exclude)
 
     def __aiter__(self) -> Generation:
         return self
@@ -265,11 +266,14 @@ class AsyncSwarm:
         raw: bool = False,
         limits: RouteLimits | None = None,
         max_cost: int | None = None,
+        exclude: Set[str] = frozenset(),
     ) -> Generation:
         """A generation to iterate (``async for``) and then read (``.result``).
         ``limits`` (routing) and ``max_cost`` (credits in all) replace the client's for
-        this generation only; None keeps the client's."""
-        return Generation(self, prompt, params or SamplingParams(), raw, limits, max_cost)
+        this generation only; None keeps the client's. ``exclude``: peer ids its route
+        (and any failover) never uses (audits may still re-run a hop elsewhere)."""
+        return Generation(self, prompt, params or SamplingParams(), raw, limits, max_cost,
+                          exclude)
 
     async def generate(
         self,
@@ -279,9 +283,11 @@ class AsyncSwarm:
         raw: bool = False,
         limits: RouteLimits | None = None,
         max_cost: int | None = None,
+        exclude: Set[str] = frozenset(),
     ) -> GenerationResult:
         """Generate to the end; the result."""
-        gen = self.generate_stream(prompt, params, raw=raw, limits=limits, max_cost=max_cost)
+        gen = self.generate_stream(prompt, params, raw=raw, limits=limits, max_cost=max_cost,
+                                   exclude=exclude)
         async for _ in gen:
             pass
         return gen.result
@@ -289,6 +295,7 @@ class AsyncSwarm:
     async def _generate(
         self, gen: Generation, prompt: Prompt, params: SamplingParams, raw: bool,
         limits: RouteLimits | None, max_cost: int | None = None,
+        exclude: Set[str] = frozenset(),
     ) -> AsyncGenerator[TokenEvent, None]:
         """The decode loop behind ``gen``; sets ``gen._result`` however it ends (a generation
         that ended early, with finish_reason "cancelled", still says what it cost)."""
@@ -303,7 +310,7 @@ class AsyncSwarm:
         session = gen._session = InferenceSession(
             self.peers, max_length, step_tokens=self.step_tokens, funding=self.funding,
             limits=limits, max_cost=max_cost, pay_when_verified=audit_rate > 0,
-            blocks=(self.config.private_blocks, None),
+            blocks=(self.config.private_blocks, None), exclude=frozenset(exclude),
         )
         private = self.private.new_cache(max_length=max_length) if self.private else None
         auditor = None

@@ -28,6 +28,8 @@ KINDS = ("finetune", "dp", "federated")
 STATUSES = ("running", "done", "failed")
 MAX_LOSSES = 1000  # most recent loss values a record keeps
 MAX_CHECKPOINTS = 100  # most recent checkpoint paths a record keeps
+JOB_ID_ENV = "LAYERCHAIN_JOB_ID"  # a job id chosen by the process that started this one (the
+# MCP server's llm_train_distributed): the first ``create`` without a job_id takes it
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,12 @@ class JobStore:
         extra: dict[str, Any] | None = None,
         job_id: str | None = None,
     ) -> JobRecord:
-        """A new running job's record, written; ``job_id`` defaults to a random 12-hex id."""
+        """A new running job's record, written; ``job_id`` defaults to ``$LAYERCHAIN_JOB_ID``
+        (taken out of the environment by the first create, so a later job of this process or a
+        child it starts gets its own id), else a random 12-hex id."""
         now = time.time()
         record = JobRecord(
-            job_id=job_id or secrets.token_hex(6),
+            job_id=job_id or os.environ.pop(JOB_ID_ENV, "") or secrets.token_hex(6),
             kind=kind,
             started=now,
             updated=now,
