@@ -7,6 +7,7 @@
 * ``memory``    - ``MemoryDiscovery`` over a shared ``MemoryDHT`` (tests)
 * ``dht``       - ``HivemindDiscovery`` over hivemind's Kademlia DHT
 * ``announcer`` - ``Announcer``: refresh every ``refresh_s``, withdraw on stop
+* ``catalog``   - the model catalog: signed entries bound to their manifest, ``list_models``
 * ``bootstrap`` - a record-less entry node (``python -m layerchain.discovery.bootstrap``)
 
 ``dht`` and ``bootstrap`` import hivemind (and so torch); they load only when used.
