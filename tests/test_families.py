@@ -82,8 +82,9 @@ def family_config(name: str, **overrides: object):
     return CONFIG_MAPPING[MODEL_TYPE.get(name, name)](**{**COMMON, **EXTRA[name], **overrides})
 
 
-def save_random_model(config, path, seed: int = 0):
-    """Save a random-weight model of ``config`` into ``path`` (norms moved off their init)."""
+def save_random_model(config, path, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Save a random-weight model of ``config`` into ``path`` (norms moved off their init),
+    its tensors in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -92,7 +93,7 @@ def save_random_model(config, path, seed: int = 0):
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(str(path))
+    model.to(dtype).save_pretrained(str(path))
     return path
 
 
@@ -345,3 +346,114 @@ def test_a_gguf_file_of_the_family_runs_like_transformers(name, tmp_path):
     spans = [load_span(spec, a, b) for a, b in ((0, 1), (1, 3), (3, spec.num_blocks))]
     ours = decode(chain_step(spans, load_head(spec)), prompt, steps=4)
     assert_same(ours, decode(reference_step(reference), prompt, steps=4))
+
+
+# ---------------------------------------------------------------------------- Phi-3 real shape
+# microsoft/Phi-3-mini-4k-instruct's config.json (the seeds' reference model)
+PHI3_MINI = dict(
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32064,
+    max_position_embeddings=4096,
+    original_max_position_embeddings=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    sliding_window=2047,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=32000,
+    pad_token_id=32000,
+)
+
+
+def test_phi3_mini_has_32_blocks_of_fused_qkv_and_gate_up():
+    """The real config: 32 blocks (what a spec of it reports), each a fused qkv_proj
+    [3 * 3072, 3072] and gate_up_proj [2 * 8192, 3072], as a span builds them (on meta: the
+    whole model on meta takes transformers over 10 s to build here)."""
+    from transformers import Phi3Config
+
+    from layerchain.model.families import family_for
+    from layerchain.model.shape import shape_of
+
+    config = Phi3Config(**PHI3_MINI)
+    assert shape_of(config).num_hidden_layers == 32
+    with torch.device("meta"):
+        last = family_for("phi3").decoder_layer(config, 31)
+    shapes = {n: tuple(t.shape) for n, t in last.state_dict().items()}
+    assert shapes == {
+        "self_attn.qkv_proj.weight": (3 * 3072, 3072),  # q, k, v of 32 heads of 96
+        "self_attn.o_proj.weight": (3072, 3072),
+        "mlp.gate_up_proj.weight": (2 * 8192, 3072),
+        "mlp.down_proj.weight": (3072, 8192),
+        "input_layernorm.weight": (3072,),
+        "post_attention_layernorm.weight": (3072,),
+    }
+    assert last.self_attn.layer_idx == 31
+
+
+class MemorySource:
+    """A weight source over tensors in memory (``spec.WeightSource``): a real-size model
+    without writing, hashing and re-reading gigabytes in a test."""
+
+    def __init__(self, config, state: dict[str, torch.Tensor]) -> None:
+        from pathlib import Path
+
+        from layerchain.model.shape import shape_of
+
+        self.path, self._config, self._state = Path("memory"), config, state
+        self._shape = shape_of(config)
+
+    def config(self):
+        return self._config
+
+    def shape(self):
+        return self._shape
+
+    def model_id(self) -> str:
+        return "0" * 64
+
+    def block_state(self, index, names):
+        return {n: self._state[f"model.layers.{index}.{n}"] for n in names}
+
+    def head_state(self):
+        names = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                 "lm_head.weight": "lm_head.weight"}
+        return {ours: self._state[theirs] for ours, theirs in names.items()}
+
+    def tokenizer(self):
+        raise NotImplementedError
+
+
+@pytest.mark.slow
+def test_phi3_real_size_blocks_match_transformers():
+    """Three blocks at Phi-3-mini's real width (weights rounded to bf16, as it ships; a small
+    vocabulary keeps the head cheap), chained over two split points: transformers' logits."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    from layerchain.model.spec import ModelSpec
+
+    small_vocab = dict(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = Phi3Config(**{**PHI3_MINI, "num_hidden_layers": 3, **small_vocab})
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for name, meta in reference.state_dict().items():
+        scale = 0.2 if meta.dim() == 1 else 0.02
+        offset = 1.0 if meta.dim() == 1 else 0.0  # norms about 1
+        state[name] = (torch.randn(meta.shape, generator=gen) * scale + offset).bfloat16().float()
+    reference.load_state_dict(state, assign=True)
+    reference.model.rotary_emb = type(reference.model.rotary_emb)(config=config)  # off meta
+    reference.eval()
+    source = MemorySource(config, state)
+    spec = ModelSpec("phi3-mini-width", "hf", source.path, source.model_id(), source.shape(), source)
+    assert (spec.family, spec.num_blocks, spec.hidden_size) == ("phi3", 3, 3072)
+    prompt = random_prompt(spec.vocab_size)[:8]
+    spans = [load_span(spec, a, b) for a, b in ((0, 1), (1, 2), (2, 3))]
+    assert spans[1].layers[0].mlp.gate_up_proj.weight.shape == (2 * 8192, 3072)
+    ours = decode(chain_step(spans, load_head(spec)), prompt, steps=2)
+    assert_same(ours, decode(reference_step(reference), prompt, steps=2))
