@@ -59,12 +59,13 @@ def _register_all() -> None:
         node,
         route,
         shard,
+        sim,
         swarm,
         train,
     )
 
     for module in (generate, demo, shard, node, swarm, route, bench, ledger, chain, api, train,
-                   models, mcp):
+                   models, mcp, sim):
         module.register(app)
 
 
