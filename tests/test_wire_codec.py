@@ -38,6 +38,10 @@ from layerchain.wire.messages import (
     SessionOpened,
     Step,
     StepResult,
+    TrainBackward,
+    TrainBackwardResult,
+    TrainForward,
+    TrainForwardResult,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -69,6 +73,10 @@ def sample_messages(dtype: torch.dtype = torch.float32) -> list:
         RelayAccept(28, b"\x03" * 16),
         RelayDial(29, b"\x04" * 16),
         RelayOk(30),
+        TrainForward(40, "s-1", 8, hidden, b"v"),
+        TrainForwardResult(41, "s-1", 8, hidden * 2, b"r"),
+        TrainBackward(42, "s-1", 9, hidden, hidden * 3, b"v"),
+        TrainBackwardResult(43, "s-1", 9, hidden * 4, b"r"),
     ]
 
 

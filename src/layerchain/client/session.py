@@ -171,6 +171,12 @@ class InferenceSession:
         """Credits paid (with funding) or owed (without), all peers, replays included."""
         return sum(p.amount for p in self.payments.values())
 
+    @property
+    def work_tokens(self) -> int:
+        """Tokens of work (billed) one hop's session may ask at most: every cache token
+        once (a training session, ``train.remote``, asks more of the same cache budget)."""
+        return self.max_length
+
     def price_per_token(self) -> int:
         """Credits one token costs on the current route."""
         return sum(hs.blocks * hs.verifier.price_per_block for hs in self.hops)
@@ -255,7 +261,7 @@ class InferenceSession:
             # the most this session can pay the peer: the reservation fee a priced node
             # charges to open it, then every cache token through its blocks
             fee = reservation_amount(self.max_length, hs.blocks, record.price_per_block)
-            hs.reserved = fee + step_amount(self.max_length, hs.blocks, record.price_per_block)
+            hs.reserved = fee + step_amount(self.work_tokens, hs.blocks, record.price_per_block)
             self.funding.reserve(record.wallet, hs.reserved)  # InsufficientFunds: the wallet's
             try:
                 voucher = self._pay(hs, fee, cleared=True)  # CostLimitExceeded: the request's

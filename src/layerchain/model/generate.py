@@ -69,10 +69,13 @@ class Decoder:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         eos_token_ids: Sequence[int] | None = None,
+        prefix: torch.Tensor | None = None,  # [N, H] embeddings put before the prompt's
+        # (a prompt-tuning adapter, ``model.adapter``); they take positions 0..N-1
     ) -> None:
         if not prompt_ids:
             raise ConfigError("the prompt has no tokens")
         self.head, self.params = head, params
+        self.prefix = prefix
         self.prompt_ids = tuple(int(i) for i in prompt_ids)
         self.sampler = Sampler(params)
         self.stop = StopChecker(tokenizer, params, eos_token_ids)
@@ -90,8 +93,13 @@ class Decoder:
         if self.done or self._pending is None:
             return None
         ids = torch.tensor([self._pending], dtype=torch.long)
+        first = len(self._history) == len(self.prompt_ids)  # the prompt: no token yet
         self._pending = None
-        return self.head.embed(ids)
+        hidden = self.head.embed(ids)
+        if first and self.prefix is not None:
+            prefix = self.prefix.to(device=hidden.device, dtype=hidden.dtype)
+            hidden = torch.cat([prefix.unsqueeze(0), hidden], dim=1)  # [1, N + T, H]
+        return hidden
 
     def accept(self, hidden: torch.Tensor) -> str:
         """Take the blocks' output [1, T, H] for the last input; return the new text."""

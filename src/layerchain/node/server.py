@@ -42,6 +42,7 @@ from layerchain.node.load import LOAD_ANNOUNCE_S, Announced, LoadMeter, worth_an
 from layerchain.node.misbehave import Misbehavior, cheating_span
 from layerchain.node.payments import NodePayments
 from layerchain.node.reachability import DialBackProbes, DialBackService, relayed_endpoints
+from layerchain.node import training
 from layerchain.node.seeding import seeder_for
 from layerchain.node.sessions import Session, SessionTable
 from layerchain.types import Span
@@ -374,6 +375,8 @@ class Node:
             return await self.dial_backs.dial_back(msg)
         if isinstance(msg, m.RelayQuery):
             return m.RelayOffer(msg.rid, self.relay_service.port if self.relay_service else 0)
+        if isinstance(msg, (m.TrainForward, m.TrainBackward)):  # fine-tuning through the swarm
+            return await training.handle(self, msg, owner)
         if isinstance(msg, (m.ManifestQuery, m.PieceQuery)) and self.seeder is not None:
             return await self.seeder.answer(msg, owner, time.monotonic())  # node.seeding
         raise LimitExceeded(f"a node does not accept {type(msg).__name__} requests")

@@ -13,6 +13,8 @@ Requests and their replies::
     RelayQuery   -> RelayOffer        do you relay, on which port (``wire.relay``)
     ManifestQuery -> ManifestReply    a model's manifest, and which of its files the peer seeds
     PieceQuery   -> PieceReply        bytes [offset, offset + length) of one file of a model
+    TrainForward -> TrainForwardResult    a hop's forward over whole sequences (training)
+    TrainBackward -> TrainBackwardResult  its inputs' gradient, given its outputs'
     (any)        -> ErrorReply        ``code`` is one of ``ERROR_CODES``
 
 This module knows nothing of bytes: ``codec`` turns these records into frames. The field
@@ -314,6 +316,80 @@ class RelayOk:
     rid: int
 
 
+# ---- training (``node.training``, ``train.remote``); type ids 40-49. A hop's forward and
+# backward over whole sequences, without a KV cache: the node recomputes what the backward
+# needs from the inputs the request carries (stateless, so a failed hop is simply redone on
+# another peer). Both run in an inference session opened with OpenSession (its max_length
+# bounds the tokens of one request), share its step numbers and its receipt chain, and are
+# paid by the same vouchers: a forward as its tokens, a backward as ``BACKWARD_TOKEN_FACTOR``
+# times its tokens (recomputing the forward, then the backward through it). Receipts name
+# the tensors as [1, B x T, H] (reshaped), the shape of a step's.
+
+MAX_TRAIN_TOKENS = MAX_STEP_TOKENS // 2  # B x T of one training request: a Backward carries
+# two such tensors, so its frame fits in the one a node sizes for a Step
+BACKWARD_TOKEN_FACTOR = 2  # a Backward is billed, and receipted, as this many tokens a position
+
+
+@dataclass(frozen=True, eq=False)
+class TrainForward:
+    """Run the session's blocks over ``hidden`` [B, T, H] at positions 0..T-1 (no cache);
+    the receipt's input is ``hidden``."""
+
+    TYPE_ID: ClassVar[int] = 40
+    rid: int
+    session_id: str
+    step: int
+    hidden: torch.Tensor  # [B, T, H] float32 | float16 | bfloat16, B x T <= MAX_TRAIN_TOKENS
+    voucher: bytes = b""
+
+    __repr__ = _short_repr
+
+
+@dataclass(frozen=True, eq=False)
+class TrainForwardResult:
+    """The blocks' output [B, T, H] for ``step`` and its signed receipt."""
+
+    TYPE_ID: ClassVar[int] = 41
+    rid: int
+    session_id: str
+    step: int
+    hidden: torch.Tensor  # [B, T, H], the request's shape and dtype
+    receipt: bytes = b""
+
+    __repr__ = _short_repr
+
+
+@dataclass(frozen=True, eq=False)
+class TrainBackward:
+    """The gradient of the loss with respect to ``hidden`` (the hop's inputs), given
+    ``grad`` (its outputs' gradient, same shape); the receipt's input is
+    ``torch.cat([hidden, grad])`` [2B, T, H], its tokens ``BACKWARD_TOKEN_FACTOR`` x B x T."""
+
+    TYPE_ID: ClassVar[int] = 42
+    rid: int
+    session_id: str
+    step: int
+    hidden: torch.Tensor  # [B, T, H], the inputs of the forward being differentiated
+    grad: torch.Tensor  # [B, T, H], d loss / d output
+    voucher: bytes = b""
+
+    __repr__ = _short_repr
+
+
+@dataclass(frozen=True, eq=False)
+class TrainBackwardResult:
+    """d loss / d ``hidden`` [B, T, H] for ``step`` and its signed receipt."""
+
+    TYPE_ID: ClassVar[int] = 43
+    rid: int
+    session_id: str
+    step: int
+    grad: torch.Tensor  # [B, T, H], the request's shape and dtype
+    receipt: bytes = b""
+
+    __repr__ = _short_repr
+
+
 # ---- files of models, fetched from peers (``node.seeding`` serves them, ``fetch`` fetches
 # them); type ids 50-59. A model's files are those its manifest lists (``model.manifest``):
 # the fetcher checks the manifest against the model id and each file against its sha256, so
@@ -400,6 +476,10 @@ Message = Union[
     ManifestReply,
     PieceQuery,
     PieceReply,
+    TrainForward,
+    TrainForwardResult,
+    TrainBackward,
+    TrainBackwardResult,
 ]
 
 MESSAGE_TYPES: dict[int, type] = {
@@ -431,6 +511,10 @@ MESSAGE_TYPES: dict[int, type] = {
         ManifestReply,
         PieceQuery,
         PieceReply,
+        TrainForward,
+        TrainForwardResult,
+        TrainBackward,
+        TrainBackwardResult,
     )
 }
 
@@ -446,4 +530,6 @@ REPLY_TYPES: dict[type, type] = {
     RelayQuery: RelayOffer,
     ManifestQuery: ManifestReply,
     PieceQuery: PieceReply,
+    TrainForward: TrainForwardResult,
+    TrainBackward: TrainBackwardResult,
 }
