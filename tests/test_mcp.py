@@ -174,7 +174,7 @@ def test_inference_is_the_swarms_greedy_answer_and_resources_show_it(tiny_model,
     assert "text" not in perf["requests"][-1]  # no prompt nor answer is kept
 
 
-def test_bad_calls_are_one_line_tool_errors(tiny_model, tmp_path, data_file):
+def test_bad_calls_are_one_line_tool_errors(home, tmp_path, data_file):
     calls = [
         ("llm_inference_distributed", {"prompt": PROMPT, "parallelism": "tensor"},
          "parallelism 'tensor' is not supported"),
@@ -200,6 +200,8 @@ def test_bad_calls_are_one_line_tool_errors(tiny_model, tmp_path, data_file):
                                    "model_config": {"layers": 3}}, "unknown keys ['layers']"),
         ("llm_train_distributed", {"training_data": str(tmp_path / "none.jsonl")},
          "no data file at"),
+        ("llm_train_distributed", {"training_data": str(data_file), "steps": 1},
+         "cannot start the training command /nonexistent/layerchain"),
         ("no_such_tool", {}, "Unknown tool"),
     ]
 
@@ -207,14 +209,16 @@ def test_bad_calls_are_one_line_tool_errors(tiny_model, tmp_path, data_file):
         async def no_swarm(model: str):
             raise ConfigError(f"cannot open {model}: there is no such model here")
 
-        server = McpServer(McpConfig(), factory=no_swarm)
+        server = McpServer(McpConfig(train_program=("/nonexistent/layerchain",)),
+                           factory=no_swarm)
         async with create_connected_server_and_client_session(server.mcp) as session:
             return [await session.call_tool(name, args) for name, args, _ in calls]
 
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "typo"}\n')
     results = run(main())
     for (name, args, expected), result in zip(calls, results):
         assert expected in _one_line_error(result), (name, args, result.content[0].text)
+    (job,) = JobStore().list()  # the one that could not start says why
+    assert job.status == "failed" and "cannot start" in job.error
 
 
 def test_data_shard_returns_the_sharding_modules_assignment(data_file, tmp_path):

@@ -20,6 +20,7 @@ mcp_app = typer.Typer(help="The MCP server: inference and training tools for MCP
                       no_args_is_help=True)
 
 _M = McpConfig  # the defaults live on the dataclass
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # hosts only this machine reaches
 
 
 @mcp_app.command("serve")
@@ -52,6 +53,9 @@ def serve(
     def ready(where: str) -> None:
         what = "on stdio" if where == "stdio" else f"at {where} (streamable HTTP)"
         typer.echo(f"layerchain MCP server {what} for {model}", err=True)
+        if where != "stdio" and host not in LOOPBACK:
+            typer.echo(f"warning: the MCP server has no authentication: whoever reaches "
+                       f"{host}:{port} can run inference and start training jobs here", err=True)
 
     asyncio.run(serve_mcp(config, on_ready=ready))
 

@@ -91,11 +91,16 @@ class TrainingJobs:
         self.store.create(kind, out=out, job_id=job_id,
                           extra={"command": list(command), "log": str(log_path),
                                  "started_by": "mcp"})
-        with open(log_path, "wb") as out_file:
-            proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=out_file, stderr=subprocess.STDOUT,
-                env={**os.environ, JOB_ID_ENV: job_id}, start_new_session=True,
-            )
+        try:
+            with open(log_path, "wb") as out_file:
+                proc = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=out_file, stderr=subprocess.STDOUT,
+                    env={**os.environ, JOB_ID_ENV: job_id}, start_new_session=True,
+                )
+        except OSError as error:  # no such program, not executable
+            message = f"cannot start the training command {command[0]}: {error.strerror or error}"
+            self.store.update(job_id, status="failed", error=message)
+            raise ConfigError(message) from None
         job = StartedJob(job_id, kind, proc.pid, command, str(log_path))
         self._procs[job_id] = (job, proc)
         deadline = time.monotonic() + self.start_wait_s
