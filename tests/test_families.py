@@ -457,3 +457,35 @@ def test_phi3_real_size_blocks_match_transformers():
     assert spans[1].layers[0].mlp.gate_up_proj.weight.shape == (2 * 8192, 3072)
     ours = decode(chain_step(spans, load_head(spec)), prompt, steps=2)
     assert_same(ours, decode(reference_step(reference), prompt, steps=2))
+
+
+# ---------------------------------------------------------------------------- nodes
+def test_nodes_of_gemma3_serve_what_the_local_model_generates(smollm2_tokenizer, reference, tmp_path):
+    """Three in-process nodes over mem:// serve spans of gemma 3 (split inside its sliding
+    runs, the prompt longer than the window); a client's greedy generation is the one of the
+    model in one process (``LocalModel``), token for token."""
+    import asyncio
+
+    from memswarm import MemorySwarm
+
+    from layerchain.model import SamplingParams
+
+    config = family_config("gemma3_text", vocab_size=len(smollm2_tokenizer))
+    path = save_random_model(config, tmp_path / "gemma3")
+    smollm2_tokenizer.save_pretrained(str(path))
+    spans = ((0, 1), (1, 4), (4, 6))  # layers S | S F S | S F
+    prompt, params = "What is the capital of France?", SamplingParams(max_new_tokens=8)
+
+    async def main():
+        swarm = MemorySwarm(str(path))
+        try:
+            for start, end in spans:
+                await swarm.add_node(start, end, tmp_path)
+            return await swarm.client().generate(prompt, params)
+        finally:
+            await swarm.close()
+
+    result = asyncio.run(asyncio.wait_for(main(), 120))
+    expected = reference(str(path), prompt, params)
+    assert result.token_ids == expected.token_ids and len(set(result.token_ids)) > 1
+    assert [(h.start, h.end) for h in result.route] == list(spans)
