@@ -118,7 +118,10 @@ def test_another_models_id_with_other_hashes_is_refused_everywhere():
                        manifest=canonical_manifest(fake), expires_at=now + 60)
     with pytest.raises(ProtocolError, match="manifest's hash"):
         open_entry(blob)
-    # a DHT node refuses to store it; a lying form is refused the same way
+    # a DHT node stores the honest entry and refuses the forged one; a lying form likewise
+    good = entry_of(honest, real, expires_at=now + 60)
+    assert entry_is_valid(DHTRecord(b"k" * 20, S.dumps(honest.peer_id),
+                                    S.dumps(sign_entry(honest, good)), now + 60), now)
     assert not entry_is_valid(DHTRecord(b"k" * 20, S.dumps(attacker.peer_id), S.dumps(blob),
                                         now + 60), now)
     wrong_form = forged_blob(attacker, model_id=real["model_id"], dtype="int8",
