@@ -246,3 +246,17 @@ def test_seeding_settings_are_checked():
     with pytest.raises(ConfigError):
         SeedConfig(misbehave="noise")
     assert FetchConfig().pipeline >= 1
+
+
+def test_shard_fetch_and_node_start_name_what_is_wrong_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from layerchain.cli.main import app
+    from layerchain.node.runner import fetch_span
+
+    result = CliRunner().invoke(app, ["shard", "fetch", "not-an-id", "--out", str(tmp_path),
+                                      "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1 and "not a model id" in lines[0]
+    with pytest.raises(ConfigError, match="initial-peers"):  # nothing here, nowhere to ask
+        run(fetch_span(NodeConfig(model="e" * 64, start=0, end=2, new_swarm=True)))

@@ -6,7 +6,8 @@
 direct client with the HTTP gateway; `layerchain bench hostile` runs the attacks of issue 12; `layerchain bench verify` runs
 audits against cheating nodes (issue 14); `layerchain bench compute` times the whole model per
 weight form (--dtype) against llama.cpp; `layerchain bench step` shows where a decode step's
-time goes through a span (matmuls, attention, dispatch; the plain and the lean path).
+time goes through a span (matmuls, attention, dispatch; the plain and the lean path);
+`layerchain bench fetch` fetches a span's files from 1 and from 3 seeding peers.
 """
 
 from __future__ import annotations
@@ -272,6 +273,25 @@ def bench_step(
                           "--threads >= 0")
     _print(run_step_bench(model, blocks=blocks, context=context, steps=steps, rounds=rounds,
                           threads=threads, device=device, compile=compile), as_json)
+
+
+@bench_app.command("fetch")
+def bench_fetch(
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference (the seeders serve it)."),
+    blocks: str = typer.Option("10:20", help="Blocks whose files are fetched, START:END."),
+    seeders: int = typer.Option(3, help="Seeding nodes in the local swarm (each: every block)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """A span's files fetched from 1 and from all seeders over loopback (issue 20.3):
+    bytes, seconds, mb_per_s, peers (of the run from the most peers) and every run."""
+    from layerchain.bench.fetch import run_fetch_bench
+    from layerchain.errors import ConfigError
+    from layerchain.types import Span
+
+    if seeders < 1:
+        raise ConfigError("bench fetch needs --seeders >= 1")
+    counts = (1, seeders) if seeders > 1 else (1,)
+    _print(run_fetch_bench(model, Span.parse(blocks), seeders, counts), as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -18,7 +18,10 @@ _D = NodeConfig()
 
 @node_app.command("start")
 def start(
-    model: str = typer.Option(_D.model, help="Model: smollm2, a .gguf path, a HF dir or a shard dir."),
+    model: str = typer.Option(
+        _D.model, help="Model: smollm2, a .gguf path, a HF dir, a shard dir, or a model id "
+                       "(64 hex digits: its span's files are fetched from peers if missing).",
+    ),
     blocks: Optional[str] = typer.Option(
         None, help="Blocks to serve, START:END (end exclusive); default: the node picks where "
                    "the swarm needs it most (--max-blocks / --memory-gb).",
@@ -161,6 +164,18 @@ def start(
         help="For testing defences only: cheat on purpose, MODE one of noise, zero, skip, "
              "stale, sometimes, model (wrong outputs with honest-looking receipts).",
     ),
+    seed: bool = typer.Option(
+        _D.seed, "--seed/--no-seed",
+        help="Serve the files of this node's span (and the head and tokenizer, if here) to "
+             "peers fetching the model.",
+    ),
+    seed_max_mbps: float = typer.Option(
+        _D.seed_max_mbps, help="Megabits per second sent to all fetching peers together."
+    ),
+    seed_misbehave: str = typer.Option(
+        _D.seed_misbehave, metavar="corrupt", hidden=True,
+        help="For testing defences only: corrupt every piece of a file served.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
 ) -> None:
     """Load a span of blocks, join the DHT and serve inference sessions until Ctrl-C."""
@@ -189,6 +204,7 @@ def start(
         ledger=with_contract(ledger, contract) if ledger else "", payout=payout, stake=stake,
         emulate_latency_ms=emulate_latency_ms, threads=threads, misbehave=misbehave,
         device=device, dtype=dtype,
+        seed=seed, seed_max_mbps=seed_max_mbps, seed_misbehave=seed_misbehave,
     )
 
     from layerchain.node.runner import relay_address, run_node  # after the checks: they fail fast

@@ -62,6 +62,7 @@ from layerchain.client.session import HopPayment, InferenceSession, Recovery
 from layerchain.client.state import SwarmState, swarm_state
 from layerchain.discovery import Discovery
 from layerchain.errors import ConfigError, CostLimitExceeded
+from layerchain.fetch import client_copy, is_model_id
 from layerchain.ledger.signatures import Signer
 from layerchain.market import ChannelPayer, Wallet
 from layerchain.model import (
@@ -224,6 +225,12 @@ class AsyncSwarm:
         joining = asyncio.ensure_future(join_as_client(initial_peers)) if discovery is None else None
         try:
             with timings.timed("head_load"):
+                if is_model_id(model):  # named by id: head and tokenizer from the peers seeding
+                    dht = await joining if joining is not None else discovery  # them, unless here
+                    assert dht is not None  # (given, or joining)
+                    model = str(await client_copy(dht, transport or Dialer(
+                        insecure=config.insecure, connect_timeout_s=config.connect_timeout_s),
+                        model))
                 spec = await asyncio.to_thread(resolve_model, model)
                 check_private_blocks(spec, config.private_blocks)
                 # on the loop thread, where the decode loop runs the head: a second live thread

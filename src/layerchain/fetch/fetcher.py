@@ -70,7 +70,7 @@ from layerchain.wire.messages import (
     PieceReply,
 )
 from layerchain.wire.rpc import RpcClient
-from layerchain.wire.transport import Transport
+from layerchain.wire.transport import Dialer, Transport
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class FetchConfig:
     timeout_s: float = 30.0  # seconds a piece or a manifest may take (rate-limited seeders)
     pipeline: int = 4  # pieces of one file in flight from one peer
     workers_per_peer: int = 2  # files fetched from one peer at once
+    max_peers: int = 0  # fetch from at most this many of the peers found (0: all of them)
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,8 @@ async def fetch_model(
         names = _wanted(manifest, blocks, client)
         out.mkdir(parents=True, exist_ok=True)
         _write_manifest(out, manifest)
+        if config.max_peers:
+            seeds = seeds[: config.max_peers]
         run = _Run(fetcher, model_id, out, manifest_files(manifest), seeds)
         await run.fetch(names)
     finally:
@@ -184,6 +187,39 @@ async def fetch_model(
     return FetchReport(model_id, tuple(run.fetched), tuple(run.present), run.received,
                        time.monotonic() - started, tuple(sorted(run.delivered)),
                        tuple(run.refused))
+
+
+async def client_copy(discovery: Discovery, transport: Transport, model_id: str) -> Path:
+    """The shard directory with what a client needs of a model it names by id (manifest,
+    head, tokenizer): ``model_dir(model_id)``, fetched from the peers seeding it if missing."""
+    local = local_copy(model_id, None, client=True)
+    if local is not None:
+        return local
+    await fetch_model(discovery, transport, model_id, model_dir(model_id), client=True)
+    return model_dir(model_id)
+
+
+async def fetch_from_swarm(
+    initial_peers: Sequence[str],
+    model_id: str,
+    out: Path,
+    *,
+    blocks: Span | None = None,
+    client: bool = False,
+    insecure: bool = False,
+    config: FetchConfig = FetchConfig(),
+) -> FetchReport:
+    """``fetch_model`` through a DHT client joined at ``initial_peers`` (closed after), over
+    TLS links checking each peer's id (plaintext tcp:// only with ``insecure``)."""
+    from layerchain.discovery import HivemindDiscovery  # hivemind: only when fetching
+
+    discovery = await HivemindDiscovery.create(initial_peers=list(initial_peers),
+                                               client_mode=True)
+    try:
+        return await fetch_model(discovery, Dialer(insecure=insecure), model_id, out,
+                                 blocks=blocks, client=client, config=config)
+    finally:
+        await discovery.close()
 
 
 def _wanted(manifest: dict[str, Any], blocks: Span | None, client: bool) -> list[str]:

@@ -36,11 +36,12 @@ Modules, each importing only those above it (no cycle)::
     tokenizer  span  head  sampling    what runs: built from a spec
     light_tokenizer                    the client's tokenizer from its card (no transformers)
     weights  shards                    weight sources: GGUF, HF directory, shard directory
+    manifest                           a model's shard manifest from any source; the id is its hash
     resolve                            a model reference -> ModelSpec (knows every source)
     generate                           the decode loop and the single-process reference
 
-Model ids, file formats and the exactness contract are described in ``digest``, ``shards``
-and ``span``. transformers (about 1 s to import) loads when a model is first resolved, not
+Model ids, file formats and the exactness contract are described in ``manifest``,
+``shards`` and ``span``. transformers (about 1 s to import) loads when a model is first resolved, not
 when this package is imported; nor does torch: the names below load their module on first
 use (PEP 562), so ``layerchain.model.spec`` or ``.params`` is cheap to import (the CLI's
 start-up, ``tests/test_startup.py``).

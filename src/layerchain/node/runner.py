@@ -36,6 +36,7 @@ from layerchain.ledger import Ledger, open_ledger
 from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
 from layerchain.model.quant import resolve_dtype
+from layerchain.fetch import fetch_from_swarm, is_model_id, local_copy, model_dir
 from layerchain.node.config import NodeConfig
 from layerchain.node.reachability import (
     check_reachability,
@@ -78,7 +79,10 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
                           "or new_swarm (--new-swarm)")
     if config.threads:
         torch.set_num_threads(config.threads)
-    spec = await asyncio.to_thread(resolve_model, config.model)
+    model = config.model
+    if is_model_id(model):  # a model named by id: its span's files from the peers seeding them
+        model = str(await fetch_span(config))
+    spec = await asyncio.to_thread(resolve_model, model)
     end = config.end or spec.num_blocks
     span_range = Span(config.start, end).check_within(spec.num_blocks)
     if not config.auto_span:  # (an automatic span is filled in once it is picked)
@@ -411,3 +415,25 @@ def relay_address(node: Node) -> str:
     endpoint = node.endpoints[0]
     host, _ = parse_tcp_endpoint(endpoint, endpoint.split("://", 1)[0])
     return format_tcp_endpoint(host, node.relay_service.port).removeprefix("tcp://")
+
+
+async def fetch_span(config: NodeConfig) -> Path:
+    """The shard directory with the files of the span a node serves of a model it names by
+    id (``--model MODEL_ID``): ``$LAYERCHAIN_HOME/models/MODEL_ID``, its missing files
+    fetched from the peers seeding them (``layerchain.fetch``: verified, resumable)."""
+    if not config.end:
+        raise ConfigError("a node serving a model by id needs its span's end",
+                          hint="give --blocks START:END")
+    span = Span(config.start, config.end)
+    local = local_copy(config.model, span, client=False)
+    if local is not None:
+        return local
+    if not config.initial_peers:
+        raise ConfigError(f"model {config.model[:12]} is not on this machine and no peer was "
+                          "given to fetch it from", hint="pass --initial-peers ADDR")
+    report = await fetch_from_swarm(config.initial_peers, config.model, model_dir(config.model),
+                                    blocks=span, insecure=config.insecure)
+    log.warning("fetched blocks %s of model %s: %.1f MB in %.1f s from %d peers (%d files "
+                "refused)", span, config.model[:12], report.bytes / 1e6, report.seconds,
+                len(report.peers), len(report.refused))
+    return model_dir(config.model)
