@@ -30,7 +30,9 @@ async def join_dht(initial_peers: list[str]) -> CatalogDiscovery:
     """A DHT client joined through ``initial_peers`` (hivemind loads here, not at import)."""
     from layerchain.discovery import HivemindDiscovery
 
-    return await HivemindDiscovery.create(initial_peers=initial_peers, client_mode=True)
+    discovery: CatalogDiscovery = await HivemindDiscovery.create(
+        initial_peers=initial_peers, client_mode=True)
+    return discovery
 
 
 async def read_models(initial_peers: list[str]) -> list[ModelEntry]:

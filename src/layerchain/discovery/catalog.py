@@ -77,7 +77,7 @@ MAX_CATALOG_BYTES = 64 * 1024  # a blob larger than this is refused before decod
 MAX_MANIFEST_BYTES = 60 * 1024  # canonical JSON of a manifest: ~110 B per block, so
 # about 500 blocks with a large config; no model we know has more than 200
 MAX_NAME_CHARS = 128  # a model's name or family
-MAX_HIDDEN_SIZE = 1 << 20
+MAX_HIDDEN_SIZE = 1 << 20  # features per token: far above any model's (a sanity bound)
 MAX_LISTED_MODELS = 64  # a listing reads the records of at most this many models (those
 # announced by the most peers): fake models announced by many identities cost a reader
 # one DHT read each, so their number is capped
@@ -114,32 +114,43 @@ def summarize(manifest: Mapping[str, Any]) -> ModelSummary:
     # model.shards imports torch: loaded on the first check, not with the discovery package
     # (whoever checks entries runs a DHT node, which loads hivemind and torch anyway)
     from layerchain.model.shards import manifest_id
-    name, family = manifest.get("name"), manifest.get("family")
-    for label, value in (("name", name), ("family", family)):
-        if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS \
-                or not _PRINTABLE.fullmatch(value):
-            raise ProtocolError(f"malformed catalog entry: manifest {label} must be printable "
-                                f"ASCII of 1..{MAX_NAME_CHARS} characters")
+
     num_blocks = manifest.get("num_blocks")
     if type(num_blocks) is not int or not 0 < num_blocks <= MAX_BLOCKS:
         raise ProtocolError(f"malformed catalog entry: num_blocks must be an int in 1..{MAX_BLOCKS}")
-    blocks = manifest.get("blocks")
-    if isinstance(blocks, Mapping):
-        listed = [blocks.get(str(i)) for i in range(num_blocks)] if len(blocks) == num_blocks else []
-    else:
-        listed = list(blocks) if isinstance(blocks, list) and len(blocks) == num_blocks else []
-    if not listed and num_blocks:
-        raise ProtocolError(f"malformed catalog entry: the manifest must list {num_blocks} blocks")
-    hashes = tuple(b.get("sha256") if isinstance(b, Mapping) else None for b in listed)
-    if not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes):
-        raise ProtocolError("malformed catalog entry: every block needs a hex sha256")
     return ModelSummary(
         weights_id=manifest_id(dict(manifest)),
-        name=name, family=family, num_blocks=num_blocks,  # type: ignore[arg-type]
+        name=_label(manifest, "name"), family=_label(manifest, "family"), num_blocks=num_blocks,
         hidden_size=_hidden_size(manifest.get("config")),
-        block_sha256=hashes,  # type: ignore[arg-type]
+        block_sha256=_block_hashes(manifest.get("blocks"), num_blocks),
         tokenizer_sha256=digest_of({"files": manifest.get("files", {})}),
     )
+
+
+def _label(manifest: Mapping[str, Any], key: str) -> str:
+    value = manifest.get(key)
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS \
+            or not _PRINTABLE.fullmatch(value):
+        raise ProtocolError(f"malformed catalog entry: manifest {key} must be printable "
+                            f"ASCII of 1..{MAX_NAME_CHARS} characters")
+    return value
+
+
+def _block_hashes(blocks: object, num_blocks: int) -> tuple[str, ...]:
+    """The sha256 of each block file of a manifest's ``blocks`` (a map "0".."L-1" or a list)."""
+    if isinstance(blocks, Mapping) and len(blocks) == num_blocks:
+        listed = [blocks.get(str(i)) for i in range(num_blocks)]
+    elif isinstance(blocks, list) and len(blocks) == num_blocks:
+        listed = blocks
+    else:
+        raise ProtocolError(f"malformed catalog entry: the manifest must list {num_blocks} blocks")
+    hashes = []
+    for block in listed:
+        sha = block.get("sha256") if isinstance(block, Mapping) else None
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise ProtocolError("malformed catalog entry: every block needs a hex sha256")
+        hashes.append(sha)
+    return tuple(hashes)
 
 
 def _hidden_size(config: object) -> int:
