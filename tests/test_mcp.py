@@ -28,6 +28,7 @@ from layerchain.train.sharding import STRATEGIES, assign
 
 PROMPT = "What is the capital of France?"
 TOKENS = 6
+SPANS = ((0, 2), (2, 4), (0, 4))
 RESOURCES = {"llm://models", "llm://nodes", "llm://performance", "training://jobs",
              "training://data_shards", "training://checkpoints", "training://metrics"}
 
@@ -83,12 +84,13 @@ def _one_line_error(result) -> str:
 
 
 async def _with_swarm(model: str, tmp_path: Path, body):
-    """Run ``body(session, server, client)`` against a 2-node in-process swarm, ``client``
-    being the swarm client the server runs inference with."""
+    """Run ``body(session, server, client)`` against an in-process swarm of nodes serving
+    blocks 0:2, 2:4 and 0:4, ``client`` being the swarm client the server runs inference
+    with."""
     swarm = MemorySwarm(model)
     try:
-        await swarm.add_node(0, 2, tmp_path)
-        await swarm.add_node(2, 4, tmp_path)
+        for start, end in SPANS:
+            await swarm.add_node(start, end, tmp_path)
 
         client = swarm.client(audit_rate=0)  # one head load: the server's and the reference's
 
@@ -141,35 +143,42 @@ def test_inference_is_the_swarms_greedy_answer_and_resources_show_it(tiny_model,
         result = await session.call_tool("llm_inference_distributed", {
             "prompt": PROMPT, "parallelism": "pipeline", "max_tokens": TOKENS})
         await client.refresh()
-        peers = [n.peer_id for n in client.state().nodes]
-        # only the second node's span: no route covers block 0..2 then
-        restricted = await session.call_tool("llm_inference_distributed", {
-            "prompt": PROMPT, "nodes": [peers[1]], "max_tokens": TOKENS})
+        peers = {(n.start, n.end): n.peer_id for n in client.state().nodes}
+        routed = {}  # the nodes a call allows -> its answer
+        for allowed in (((0, 2), (2, 4)), ((0, 4),), ((2, 4),)):
+            routed[allowed] = await session.call_tool("llm_inference_distributed", {
+                "prompt": PROMPT, "nodes": [peers[span] for span in allowed],
+                "max_tokens": TOKENS})
         unknown = await session.call_tool("llm_inference_distributed", {
             "prompt": PROMPT, "nodes": ["12D3KooWnotapeer"], "max_tokens": TOKENS})
         read = {}
         for uri in ("llm://models", "llm://nodes", "llm://performance"):
             read[uri] = json.loads((await session.read_resource(uri)).contents[0].text)
-        return expected, result, restricted, unknown, read, peers
+        return expected, result, routed, unknown, read, peers
 
-    expected, result, restricted, unknown, read, peers = run(_with_swarm(tiny_model, tmp_path, body))
+    expected, result, routed, unknown, read, peers = run(_with_swarm(tiny_model, tmp_path, body))
     assert not result.isError, result.content[0].text
     answer = result.structuredContent
     assert answer["text"] == expected.text and answer["completion_tokens"] == len(expected.token_ids)
-    assert [(h["start"], h["end"]) for h in answer["route"]] == [(0, 2), (2, 4)]
+    assert answer["route"][0]["start"] == 0 and answer["route"][-1]["end"] == 4
     assert answer["tokens_per_s"] > 0 and json.loads(result.content[0].text) == answer
-    assert "blocks" in _one_line_error(restricted)  # no route covers them with one node
+    for allowed in (((0, 2), (2, 4)), ((0, 4),)):  # the route is planned among those nodes
+        hops = routed[allowed].structuredContent["route"]
+        assert [(h["peer_id"], h["start"], h["end"]) for h in hops] == \
+            [(peers[span], *span) for span in allowed]
+        assert routed[allowed].structuredContent["text"] == expected.text
+    assert "blocks 0:2" in _one_line_error(routed[((2, 4),)])  # no node of 0:2 allowed
     assert "does not serve" in _one_line_error(unknown)
 
     (model,) = read["llm://models"]["models"]
-    assert model["num_blocks"] == 4 and model["servers"] == 2 and model["replicas"] == [1, 1, 1, 1]
+    assert model["num_blocks"] == 4 and model["servers"] == 3 and model["replicas"] == [2, 2, 2, 2]
     assert model["blocks_served"] == 4 and model["open"] and model["throughput_tokens_per_s"] > 0
     nodes = read["llm://nodes"]["nodes"]
-    assert sorted(n["peer_id"] for n in nodes) == sorted(peers)
-    assert sorted(tuple(n["span"]) for n in nodes) == [(0, 2), (2, 4)]
+    assert sorted(n["peer_id"] for n in nodes) == sorted(peers.values())
+    assert sorted(tuple(n["span"]) for n in nodes) == sorted(SPANS)
     assert all({"price_per_block", "ms_per_block", "load"} <= set(n) for n in nodes)
     perf = read["llm://performance"]
-    assert perf["summary"]["requests"] == 3 and perf["summary"]["errors"] == 2
+    assert perf["summary"]["requests"] == 5 and perf["summary"]["errors"] == 2
     assert perf["requests"][-1]["completion_tokens"] == len(expected.token_ids)
     assert "text" not in perf["requests"][-1]  # no prompt nor answer is kept
 
@@ -312,6 +321,10 @@ def test_train_commands_use_issue_18s_flags(tmp_path):
     assert dp[dp.index("--steps") + 1] == "2"  # ceil(10 records / 8 per step)
     federated = command("federated")
     assert federated[federated.index("--parallelism") + 1] == "federated"
+    with pytest.raises(ConfigError, match="lora_rank is for fine-tuning only"):
+        train_request(training_data="d", parallelism="data", model_config={"lora_rank": 2},
+                      nodes=(), epochs=None, batch_size=None, steps=None, shard_strategy="hash",
+                      out=None, num_records=1)
     with pytest.raises(ConfigError, match="nodes of a training job"):
         train_request(training_data="d", parallelism="data", model_config=None, nodes=["x"],
                       epochs=None, batch_size=None, steps=None, shard_strategy="hash",
@@ -331,8 +344,11 @@ def test_train_commands_parse_with_the_real_cli(parallelism, tmp_path):
 
     from layerchain.cli.main import app
 
+    settings = {"model": "smollm2", "method": "lora", "lr": 0.01}
+    if parallelism == "model":
+        settings |= {"lora_rank": 4, "virtual_tokens": 8}
     request = train_request(training_data=str(tmp_path / "d.jsonl"), parallelism=parallelism,
-                            model_config={"model": "smollm2", "method": "lora"}, nodes=(),
+                            model_config=settings, nodes=(),
                             epochs=2, batch_size=4, steps=None, shard_strategy="random",
                             out=tmp_path / "out", num_records=10)
     args = train_command(request, ["/ip4/1.2.3.4/tcp/5/p2p/QmA"], insecure=True)
@@ -343,6 +359,12 @@ def test_train_commands_parse_with_the_real_cli(parallelism, tmp_path):
     if command is None:  # FINETUNE's command lands in the same round as this server
         pytest.skip(f"`layerchain train {args[1]}` is not registered yet")
     with command.make_context(args[1], args[2:], parent=ctx) as parsed:
-        assert parsed.params["data"] == tmp_path / "d.jsonl"
+        assert parsed.params["data"] == tmp_path / "d.jsonl" and parsed.params["lr"] == 0.01
+        assert parsed.params["steps"] == 5  # ceil(2 epochs x 10 records / 4)
+        if parallelism == "model":
+            assert (parsed.params["lora_rank"], parsed.params["virtual_tokens"]) == (4, 8)
+            assert parsed.params["batch_size"] == 4 and parsed.params["insecure"] is True
+        else:
+            assert parsed.params["target_batch_size"] == 4
         (json_flag,) = [p.name for p in command.params if "--json" in getattr(p, "opts", ())]
         assert parsed.params[json_flag] is True

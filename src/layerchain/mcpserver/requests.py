@@ -35,7 +35,10 @@ INFERENCE_PARALLELISMS = ("model", "tensor", "pipeline", "hybrid")  # seed 003's
 ROUTED_PARALLELISMS = ("model", "pipeline")  # what layerchain runs: spans of blocks in a route
 TRAIN_PARALLELISMS = ("data", "model", "federated", "hybrid")  # seed 003's enum
 TRAIN_METHODS = ("prompt", "lora")  # fine-tuning: trainable prefix embeddings or LoRA
-MODEL_CONFIG_KEYS = ("model", "method")  # what llm_train_distributed's model_config may hold
+# what llm_train_distributed's model_config may hold -> the flag it becomes; the last three
+# only for fine-tuning (parallelism "model")
+MODEL_CONFIG_KEYS = ("model", "method", "lr", "lora_rank", "virtual_tokens")
+FINETUNE_ONLY = {"lora_rank": "--lora-rank", "virtual_tokens": "--virtual-tokens"}
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,8 @@ class TrainRequest:
     steps: int  # optimizer steps of the run
     batch_size: int | None  # samples per step: dp's target batch size
     shard_strategy: str  # data-parallel: how samples are dealt to peers
+    lr: float | None = None  # learning rate (None: the command's)
+    options: tuple[tuple[str, int], ...] = ()  # fine-tuning's (flag, value) of FINETUNE_ONLY
 
 
 def train_request(
@@ -226,6 +231,20 @@ def train_request(
     if method not in TRAIN_METHODS:
         raise ConfigError(f"unknown fine-tuning method {method!r}",
                           hint=f"use one of {', '.join(TRAIN_METHODS)}")
+    lr = config.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                           or not 0 < lr < math.inf):
+        raise ConfigError(f"model_config.lr must be a learning rate > 0, got {lr!r}")
+    options = []
+    for key, flag in FINETUNE_ONLY.items():
+        if key in config:
+            value = config[key]
+            if parallelism != "model":
+                raise ConfigError(f"model_config.{key} is for fine-tuning only",
+                                  hint="use it with parallelism 'model'")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model_config.{key} must be a positive integer, got {value!r}")
+            options.append((flag, value))
     if shard_strategy not in STRATEGIES:
         raise ConfigError(f"unknown shard strategy {shard_strategy!r}",
                           hint=f"use one of {', '.join(STRATEGIES)}")
@@ -238,7 +257,8 @@ def train_request(
     kind = {"model": "finetune", "data": "dp", "federated": "federated"}[parallelism]
     return TrainRequest(kind=kind, data=Path(training_data), out=out, model=model,
                         method=method, steps=steps, batch_size=batch_size,
-                        shard_strategy=shard_strategy)
+                        shard_strategy=shard_strategy,
+                        lr=None if lr is None else float(lr), options=tuple(options))
 
 
 def train_command(request: TrainRequest, initial_peers: Sequence[str],
@@ -253,6 +273,10 @@ def train_command(request: TrainRequest, initial_peers: Sequence[str],
         args = ["train", "finetune", *peers, "--data", str(request.data),
                 "--method", request.method, "--steps", str(request.steps),
                 "--out", str(request.out), *model]
+        if request.batch_size is not None:
+            args += ["--batch-size", str(request.batch_size)]
+        for flag, value in request.options:
+            args += [flag, str(value)]
         if insecure:  # its links to the peers; dp only uses the DHT
             args.append("--insecure")
     else:
@@ -265,4 +289,6 @@ def train_command(request: TrainRequest, initial_peers: Sequence[str],
             args += ["--checkpoint-dir", str(request.out)]
         if request.kind == "federated":
             args += ["--parallelism", "federated"]
+    if request.lr is not None:
+        args += ["--lr", repr(request.lr)]
     return [*args, "--json"]

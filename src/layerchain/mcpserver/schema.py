@@ -52,7 +52,8 @@ class TrainArguments(ArgModelBase):
     settings: dict[str, Any] = Field(
         default_factory=dict, alias="model_config",
         description="{\"model\": a model name (default: the swarm's), \"method\": \"prompt\" "
-        "(prompt tuning, default) or \"lora\"}.")
+        "(prompt tuning, default) or \"lora\", \"lr\": learning rate; fine-tuning only: "
+        "\"lora_rank\", \"virtual_tokens\"}.")
     parallelism: Literal["data", "model", "federated", "hybrid"] = Field(
         "model", description="'model': fine-tune through the swarm's spans (train finetune); "
         "'data': data-parallel over the DHT (train dp); 'federated': federated averaging "
