@@ -246,17 +246,50 @@ def test_every_registered_family_builds_its_classes():
 # tiny configs as llama.cpp's GGUF files can state them: gemma3's pattern is llama.cpp's fixed 6
 # (S S S S S F) and its attention scale 1/sqrt(head_dim); qwen3's head_dim differs from
 # hidden / heads (as in Qwen3-0.6B), which a loader must read from attention.key_length
+# (a Llama 3.1 file holds its rope scaling only as the rope_freqs tensor)
+LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
 GGUF_VARIANTS = {
     "gemma3_text": dict(sliding_window_pattern=6, final_logit_softcapping=None),
     "qwen3": dict(head_dim=32),
     "qwen3_moe": dict(),
+    "llama3": dict(rope_scaling=LLAMA31_ROPE, head_dim=16),
 }
-GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
+GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "llama": "llama"}
+
+
+def llama_cpp_permute(weights: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order for the llama architecture (convert_hf_to_gguf ``permute``)."""
+    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def llama_cpp_rope_freqs(config) -> torch.Tensor:
+    """The ``rope_freqs`` tensor convert_hf_to_gguf writes for a "llama3" rope, as it does."""
+    import math
+
+    rope = config.rope_parameters
+    dim = config.head_dim
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    context, low, high = (rope["original_max_position_embeddings"], rope["low_freq_factor"],
+                          rope["high_freq_factor"])
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            out.append(1.0)
+        elif wavelen > context / low:
+            out.append(rope["factor"])
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def write_llama_cpp_gguf(spec, path) -> None:
     """Write ``spec``'s float32 weights and config as llama.cpp's ``convert_hf_to_gguf`` does:
-    its tensor names, gemma norms stored as (1 + w), experts stacked per kind ([E, I, H])."""
+    its tensor names, gemma norms stored as (1 + w), experts stacked per kind ([E, I, H]),
+    llama's q/k rows permuted and its llama3 rope as ``rope_freqs``."""
     import gguf
     import numpy as np
 
@@ -286,6 +319,9 @@ def write_llama_cpp_gguf(spec, path) -> None:
         writer.add_rope_scaling_factor(cfg.rope_parameters["full_attention"]["factor"])
     else:
         writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if arch == "llama":
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(cfg).numpy())
     if arch == "qwen3moe":
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
@@ -309,6 +345,9 @@ def write_llama_cpp_gguf(spec, path) -> None:
                 add(f"blk.{i}.ffn_up_exps.weight", up)
             elif name == FUSED_DOWN:
                 add(f"blk.{i}.ffn_down_exps.weight", tensor)
+            elif arch == "llama" and name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+                heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+                add_hf(f"model.layers.{i}.{name}", llama_cpp_permute(tensor, heads))
             else:
                 add_hf(f"model.layers.{i}.{name}", tensor)
     head = spec.source.head_state()
@@ -338,6 +377,7 @@ def test_a_gguf_file_of_the_family_runs_like_transformers(name, tmp_path):
         "gemma3_text": ["sliding_window", "layer_types", "query_pre_attn_scalar", "rope_parameters"],
         "qwen3": ["rope_parameters"],
         "qwen3_moe": ["num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"],
+        "llama3": ["rope_parameters"],
     }[name]
     for key in keys:
         assert getattr(spec.config, key) == getattr(hf.config, key), key
@@ -489,3 +529,23 @@ def test_nodes_of_gemma3_serve_what_the_local_model_generates(smollm2_tokenizer,
     expected = reference(str(path), prompt, params)
     assert result.token_ids == expected.token_ids and len(set(result.token_ids)) > 1
     assert [(h.start, h.end) for h in result.route] == list(spans)
+
+
+def test_llama3_rope_is_read_from_rope_freqs_and_an_unknown_one_refused():
+    """Llama 3.2's rope_freqs (factor 32) give its rope_scaling; a tensor no released Llama 3
+    rope makes is refused by name, not run unscaled (transformers' GGUF loader ignores it)."""
+    from pathlib import Path
+
+    from transformers import LlamaConfig
+
+    from layerchain.errors import UnsupportedArchitecture
+    from layerchain.model.gguf_file import llama3_rope_of
+
+    rope = {**LLAMA31_ROPE, "factor": 32.0}
+    real = dict(hidden_size=2048, num_attention_heads=32, head_dim=64, rope_theta=500000.0)
+    factors = llama_cpp_rope_freqs(LlamaConfig(**real, rope_scaling=dict(rope)))
+    assert llama3_rope_of(factors, real, Path("x.gguf")) == rope
+    bent = factors.clone()
+    bent[len(bent) // 2] *= 1.01
+    with pytest.raises(UnsupportedArchitecture, match="rope_freqs"):
+        llama3_rope_of(bent, real, Path("x.gguf"))

@@ -253,6 +253,8 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
         if isinstance(tokens, int):
             config["vocab_size"] = tokens
     _as_llama_cpp_runs_it(gguf.metadata, arch, updated, config)
+    if "rope_freqs.weight" in gguf.by_name:
+        config["rope_scaling"] = llama3_rope_of(gguf.tensor("rope_freqs.weight"), config, gguf.path)
     model_type = config.get("model_type")
     if model_type == "gemma3":  # a GGUF gemma3 holds the text model only, as transformers reads it
         model_type = config["model_type"] = "gemma3_text"
@@ -299,6 +301,42 @@ def _as_llama_cpp_runs_it(
         config["sliding_window_pattern"] = pattern
     elif isinstance(pattern, list) and blocks and len(pattern) == blocks:  # per layer: True = SWA
         config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+
+
+# the llama3 rope parameters Meta has released (Llama 3.1, 3.2, 3.3), besides the factor
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_rope_of(factors: torch.Tensor, config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``rope_scaling`` of a Llama 3.x GGUF file, from its ``rope_freqs`` tensor.
+
+    llama.cpp's ``convert_hf_to_gguf`` writes no rope-scaling metadata for the "llama3" rope
+    type, only ``rope_freqs`` [head_dim / 2]: the factor each rotary frequency is divided by,
+    computed from (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
+    transformers' GGUF loader ignores the tensor and runs the model unscaled. The factor is its
+    largest entry; the others are the released values, checked by recomputing every entry as
+    the converter does. UnsupportedArchitecture if they do not reproduce the tensor.
+    """
+    # numpy, not torch: a config may be built under ``torch.device("meta")`` (shards)
+    stored = factors.numpy().astype(np.float64)
+    base = float(config.get("rope_theta", 10000.0))
+    dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    factor = float(stored.max())
+    low, high = _LLAMA3_ROPE["low_freq_factor"], _LLAMA3_ROPE["high_freq_factor"]
+    context = _LLAMA3_ROPE["original_max_position_embeddings"]
+    wavelen = 2 * np.pi * base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)  # 2 pi / freq
+    smooth = (context / wavelen - low) / (high - low)
+    expected = np.where(
+        wavelen < context / high,
+        1.0,
+        np.where(wavelen > context / low, factor, 1 / ((1 - smooth) / factor + smooth)),
+    )
+    if stored.shape != expected.shape or not np.allclose(stored, expected, rtol=1e-5, atol=0):
+        raise UnsupportedArchitecture(
+            f"{path}: rope_freqs is not a Llama 3 rope scaling this loader knows",
+            hint="use the Hugging Face directory (config.json) of this model",
+        )
+    return {"rope_type": "llama3", "factor": factor, **_LLAMA3_ROPE}
 
 
 # GGUF architectures whose shape is read from the metadata without transformers: each maps
