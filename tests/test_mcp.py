@@ -368,3 +368,21 @@ def test_train_commands_parse_with_the_real_cli(parallelism, tmp_path):
             assert parsed.params["target_batch_size"] == 4
         (json_flag,) = [p.name for p in command.params if "--json" in getattr(p, "opts", ())]
         assert parsed.params[json_flag] is True
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], "mcp serve needs --initial-peers"),
+    (["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmA", "--transport", "sse"],
+     "unknown transport 'sse'"),
+    (["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmA", "--max-tokens", "0"],
+     "the default max_tokens must be in 1.."),
+])
+def test_serve_command_refuses_bad_flags_in_one_line(args, expected):
+    from typer.testing import CliRunner
+
+    from layerchain.cli.main import app
+
+    result = CliRunner().invoke(app, ["mcp", "serve", *args])
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and expected in line, result.stderr

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from layerchain.cli.generate import InitialPeersOpt, ModelOpt
+from layerchain.cli.generate import DEFAULT_AUDIT_RATE, AuditRateOpt, InitialPeersOpt, ModelOpt
 from layerchain.errors import ConfigError
 from layerchain.mcpserver.config import TRANSPORTS, McpConfig
 
@@ -39,6 +39,7 @@ def serve(
         "default only TLS peers proving their peer id are used.")] = False,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", help="Tokens generated when a call gives no max_tokens.")] = _M.default_max_tokens,
+    audit_rate: AuditRateOpt = DEFAULT_AUDIT_RATE,
 ) -> None:
     """Serve the MCP tools llm_inference_distributed, llm_train_distributed and
     llm_data_shard, and the llm:// and training:// resources."""
@@ -48,7 +49,8 @@ def serve(
         raise ConfigError("mcp serve needs --initial-peers",
                           hint="start a swarm with `layerchain swarm up`")
     config = McpConfig(initial_peers=tuple(initial_peers), model=model, transport=transport,
-                       host=host, port=port, insecure=insecure, default_max_tokens=max_tokens)
+                       host=host, port=port, insecure=insecure, default_max_tokens=max_tokens,
+                       audit_rate=audit_rate)
 
     def ready(where: str) -> None:
         what = "on stdio" if where == "stdio" else f"at {where} (streamable HTTP)"
