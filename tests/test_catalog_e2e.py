@@ -18,7 +18,13 @@ from typer.testing import CliRunner
 from layerchain.cli.main import app
 from layerchain.cli.models import read_models
 from layerchain.local import LocalSwarm, swarm_down
-from layerchain.local.launcher import process_start, start_bootstrap, start_node, wait_ready
+from layerchain.local.launcher import (
+    process_start,
+    start_bootstrap,
+    start_node,
+    stop_pids,
+    wait_ready,
+)
 from layerchain.model import DEFAULT_MODEL, resolve_model
 from layerchain.types import Span
 
@@ -76,3 +82,14 @@ def test_models_json_lists_both_models_with_their_coverage(two_models):
     assert (row["num_blocks"], row["hidden_size"], row["servers"], row["blocks_served"]) == \
         (4, 64, 2, 4)
     assert row["replicas"] == [1, 2, 1, 1] and row["throughput_tokens_per_s"] > 0
+
+
+def test_a_stopped_node_leaves_the_catalog_and_the_coverage(two_models):
+    """SIGTERM: the node withdraws its catalog entry and its records before it exits."""
+    swarm, tiny = two_models
+    small = resolve_model(tiny)
+    stop_pids([swarm.processes()[2]])  # the tiny model's node over 1:4
+    listed = {m.model_id: m for m in asyncio.run(read_models(swarm.initial_peers))}
+    left = listed[small.model_id]
+    assert left.announced_by == 1 and left.coverage.servers == 1
+    assert left.coverage.replicas == (1, 1, 0, 0) and left.coverage.throughput_tokens_per_s == 0
