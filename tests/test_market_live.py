@@ -55,11 +55,11 @@ def test_adaptive_nodes_end_with_the_faster_at_the_higher_price(tiny_model, tmp_
         swarm = MemorySwarm(tiny_model)
         try:
             nodes = [await swarm.add_node(0, 1, tmp_path / f"n{i}", pricing="adaptive",
-                                          price_per_block=20, emulate_ms_per_block=ms)
+                                          price_per_block=24, emulate_ms_per_block=ms)
                      for i, ms in enumerate(SPEEDS)]
             tasks = [_task(swarm, node) for node in nodes]
             history = []
-            for _ in range(15):  # rounds, each node re-pricing from the DHT's records
+            for _ in range(12):  # rounds, each node re-pricing from the DHT's records
                 history.append([await t.reprice() for t in tasks])
             records = await MemoryDiscovery(swarm.hub).find(swarm.spec.model_id, 4)
             return history, {r.peer_id: r.price_per_block for r in records}, nodes
@@ -69,7 +69,7 @@ def test_adaptive_nodes_end_with_the_faster_at_the_higher_price(tiny_model, tmp_
     history, announced, nodes = run(main())
     final = history[-1]
     assert history[-3:] == [final] * 3  # converged: no whole-credit change in the last rounds
-    assert final[0] > final[1] > final[2] > 20  # faster, dearer; all above the start price
+    assert final[0] > final[1] > final[2] > 24  # faster, dearer; all above the start price
     assert [announced[n.peer_id] for n in nodes] == final  # what the DHT carries
     offers = [Offer(float(p), ms) for p, ms in zip(final, SPEEDS)]
     revenue = [expected_revenue(i, offers, DEFAULT_DEMAND) for i in range(3)]
@@ -108,6 +108,17 @@ def test_the_block_budget():
                 {"pricing": "adaptive", "min_price": 5, "max_price": 2}):
         with pytest.raises(ConfigError):
             NodeConfig(**bad)
+
+
+def test_the_cli_checks_the_market_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from layerchain.cli.main import app
+
+    result = CliRunner().invoke(app, ["node", "start", "--new-swarm", "--data-dir", str(tmp_path),
+                                      "--pricing", "adaptive", "--min-price", "0"])
+    assert result.exit_code == 1
+    assert "min_price must be at least 1 with adaptive pricing" in result.output
 
 
 class MovesAtStep(Node):
@@ -166,18 +177,27 @@ def test_rebalance_moves_a_node_to_a_lost_block_and_stays_after(tiny_model, tmp_
         swarm = MemorySwarm(tiny_model)
         try:
             a = await swarm.add_node(0, 2, tmp_path / "a")
-            b = await swarm.add_node(0, 2, tmp_path / "b")
+            b = await swarm.add_node(0, 2, tmp_path / "b", rebalance_every_s=0.05)
             task = _task(swarm, b, max_blocks=2)
-            first = await task.rebalance()  # nobody serves 2:4: b covers it
-            second = await task.rebalance()  # balanced now: it stays
+            running = asyncio.create_task(task.run())  # its periodic check
+            try:
+                for _ in range(200):  # nobody serves 2:4: b covers it
+                    if task.moves:
+                        break
+                    await asyncio.sleep(0.05)
+                moved_to = (b.span.start, b.span.end)
+                await asyncio.sleep(0.3)  # several more checks: balanced now, it stays
+            finally:
+                running.cancel()
+            again = await task.rebalance()
             other = await _task(swarm, a, max_blocks=2).rebalance()
-            return first, second, other, (b.span.start, b.span.end)
+            return task.moves, moved_to, again, other
         finally:
             await swarm.close()
 
-    first, second, other, span = run(main())
-    assert first == Span(2, 4) and span == (2, 4)
-    assert second is None and other is None
+    moves, moved_to, again, other = run(main())
+    assert moves == 1 and moved_to == (2, 4)
+    assert again is None and other is None
 
 
 # ---------------------------------------------------------------- real processes

@@ -208,7 +208,8 @@ class MarketTask:
 
     async def run(self) -> None:
         """Re-price and rebalance on their periods until cancelled; a failing round (a DHT
-        hiccup, a load error) is logged and tried again next period."""
+        hiccup, a span that would not load) is logged and tried again next period: the node
+        keeps serving what it serves."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         next_price = now + self.config.reprice_every_s if self.config.pricing == "adaptive" \
@@ -226,6 +227,9 @@ class MarketTask:
                     next_move = loop.time() + self._rebalance_period()
             except LayerchainError as error:
                 log.info("market round failed, will retry: %s", error)
+                next_move = max(next_move, loop.time() + self._rebalance_period())
+            except Exception as error:  # e.g. out of memory loading a new span
+                log.warning("market round failed, will retry: %r", error)
                 next_move = max(next_move, loop.time() + self._rebalance_period())
 
     def _rebalance_period(self) -> float:
