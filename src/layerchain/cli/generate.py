@@ -160,6 +160,12 @@ AuditRateOpt = Annotated[
                  "A mismatch bans the liar, rolls back and resumes on honest peers; tokens "
                  "are shown once verified, and audited steps are paid once verified."),
 ]
+AdapterOpt = Annotated[
+    Optional[Path],
+    typer.Option("--adapter", metavar="DIR",
+                 help="A fine-tuned adapter (`train finetune --out DIR`): its prompt prefix "
+                 "and LoRA head apply to the generation."),
+]
 DEFAULT_AUDIT_RATE = 1 / 16  # ClientConfig.audit_rate (not imported: it loads torch)
 DEFAULT_DATA_DIR = Path("~/.layerchain")
 DEFAULT_DEPOSIT: int | None = None  # sized per request (client.funding)
@@ -203,6 +209,7 @@ def generate(
     audit_rate: AuditRateOpt = DEFAULT_AUDIT_RATE,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
+    adapter: AdapterOpt = None,
 ) -> None:
     """Generate text for a prompt through a swarm (or, with --local, in this process)."""
     params = sampling_params_from_options(
@@ -219,15 +226,19 @@ def generate(
                              max_cost=max_cost, insecure=insecure,
                              private_blocks=private_blocks, audit_rate=audit_rate,
                              device=device, dtype=dtype,
+                             **({"adapter": adapter} if adapter is not None else {}),
                              **payment_options(data_dir, ledger, deposit, contract)))
         return
     from layerchain.model import generate_local, resolve_model
     from layerchain.model.quant import resolve_dtype
 
+    from layerchain.model.adapter import load_adapter
+
     spec = resolve_model(model)
     result = generate_local(
         spec, prompt, params, raw=raw, on_text=None if json_out else stream_to_stdout,
         device=device, dtype=resolve_dtype(dtype, device),
+        adapter=None if adapter is None else load_adapter(adapter),
     )
     if json_out:
         print_result_json(result)

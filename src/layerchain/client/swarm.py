@@ -65,6 +65,7 @@ from layerchain.errors import ConfigError, CostLimitExceeded
 from layerchain.fetch import client_copy, is_model_id
 from layerchain.ledger.signatures import Signer
 from layerchain.market import ChannelPayer, Wallet
+from layerchain.model.adapter import Adapter, load_adapter
 from layerchain.model import (
     DecodeResult,
     Decoder,
@@ -175,11 +176,17 @@ class AsyncSwarm:
         transport: Transport,
         config: ClientConfig,
         payer: ChannelPayer | None = None,
+        adapter: Adapter | None = None,
     ) -> None:
         self.spec = spec
         self.payer = payer
         self.funding = Funding(payer, config.deposit_margin) if payer is not None else None
-        self.head = head
+        if adapter is not None:  # fine-tuned (``train finetune``): a prefix, a LoRA head
+            adapter.check(spec)
+        self.adapter = adapter
+        self.head = head if adapter is None else adapter.apply(head)
+        self.prefix = None if adapter is None else adapter.prefix  # [N, H] before prompts
+        self.virtual_tokens = 0 if adapter is None else adapter.virtual_tokens  # N positions
         self.tokenizer = tokenizer
         self.discovery = discovery
         self.transport = transport
@@ -211,14 +218,18 @@ class AsyncSwarm:
         data_dir: str | Path | None = None,
         ledger: str | Path | None = None,
         deposit: int | None = None,
+        adapter: str | Path | Adapter | None = None,
         **options: Any,
     ) -> AsyncSwarm:
         """Join the swarm through ``initial_peers`` (DHT multiaddrs) and load the head;
         with ``ledger``, pay priced peers from the wallet in ``data_dir``, through channels
         holding ``deposit`` credits each (None: sized to each request). ``**options`` are
         ``ClientConfig`` fields; ``alpha``, ``max_price`` and ``max_latency_ms`` given
-        loose go into its ``limits``."""
+        loose go into its ``limits``. ``adapter``: a fine-tuned adapter (or its directory,
+        ``model.adapter``) applied to every generation."""
         config = client_config(config or ClientConfig(), options)
+        if adapter is not None and not isinstance(adapter, Adapter):
+            adapter = load_adapter(adapter)  # ConfigError before joining anything
         payer = open_payer(data_dir, ledger, deposit) if ledger is not None else None
         # The DHT joins (on its own thread, with p2pd) while the head loads: a one-shot
         # generate waits for the longer of the two, not their sum (issue 21 item 5).
@@ -254,7 +265,7 @@ class AsyncSwarm:
             )
         return cls(
             spec=spec, head=head, tokenizer=tokenizer, discovery=discovery,
-            transport=transport, config=config, payer=payer,
+            transport=transport, config=config, payer=payer, adapter=adapter,
         )
 
     async def close(self, settle_s: float = 10.0) -> None:
@@ -308,9 +319,10 @@ class AsyncSwarm:
         that ended early, with finish_reason "cancelled", still says what it cost)."""
         prompt_ids = encode_prompt(self.tokenizer, prompt, raw=raw)
         t0 = time.perf_counter()
-        check_context(len(prompt_ids), params.max_new_tokens, self.context_length)
+        virtual = self.virtual_tokens  # the adapter's prefix positions, before the prompt
+        check_context(len(prompt_ids) + virtual, params.max_new_tokens, self.context_length)
         await self.peers.wait_for_coverage()
-        max_length = len(prompt_ids) + params.max_new_tokens
+        max_length = len(prompt_ids) + virtual + params.max_new_tokens
         check_room(self.peers.records.values(), max_length, self.spec.num_blocks,
                    self.config.private_blocks)
         audit_rate = self.config.audit_rate
@@ -324,7 +336,8 @@ class AsyncSwarm:
         if audit_rate > 0:
             auditor = Auditor(session, audit_rate, accuser=self.accuser,
                               submit=self.funding is not None, spec=self.spec)
-        decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
+        decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids,
+                          prefix=self.prefix)
         # per decode step: its input [1, T, H], the last position of its output [1, 1, H]
         # (to rebuild the decoder on a rollback) and its token, yielded once verified
         inputs: list[torch.Tensor] = []
@@ -364,7 +377,8 @@ class AsyncSwarm:
                 ready = len(events)
                 if auditor is not None:
                     auditor.after_step()
-                    ready = verified_steps(auditor.settled_position(), len(prompt_ids), ready)
+                    ready = verified_steps(auditor.settled_position(),
+                                           len(prompt_ids) + self.virtual_tokens, ready)
                 while shown < ready:
                     if shown == 0:
                         ttft = time.perf_counter() - t0
@@ -409,7 +423,8 @@ class AsyncSwarm:
         lists are cut to the verified steps in place; returns the rebuilt decoder."""
         dispute = auditor.dispute
         assert dispute is not None
-        keep = verified_steps(auditor.settled_position(), len(prompt_ids), len(events))
+        keep = verified_steps(auditor.settled_position(), len(prompt_ids) + self.virtual_tokens,
+                              len(events))
         log.warning("rolling back to decode step %d after peer %s lied at position %d",
                     keep, dispute.peer_id, dispute.position)
         prefix = torch.cat(inputs[:keep], dim=1) if keep else None
@@ -418,7 +433,8 @@ class AsyncSwarm:
         old = await session.restart(prefix)
         auditor.restart(old, int(prefix.shape[1]) if prefix is not None else 0)
         del inputs[keep:], finals[keep:], events[keep:]
-        decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids)
+        decoder = Decoder(self.head, self.tokenizer, prompt_ids, params, self.eos_token_ids,
+                          prefix=self.prefix)
         for out in finals:
             self._accept(decoder, out)
         return decoder
@@ -556,6 +572,11 @@ class Swarm:
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def run(self, coro: Any) -> Any:
+        """Run ``coro`` on the swarm's event loop and return its result (for tools built on
+        ``core``, such as training through the swarm, ``train.remote``)."""
+        return self._run(coro)
 
     @property
     def core(self) -> AsyncSwarm:

@@ -13,13 +13,14 @@ On disk an adapter is a directory: ``adapter.json`` (``FORMAT``, method, the mod
 name, hidden and vocabulary sizes, the tensors' shapes, LoRA's scale) and
 ``adapter.safetensors`` (the tensors). It lives here, in the model layer, because the client
 (``Swarm(..., adapter=DIR)``) applies it and must not import the trainer;
-``layerchain.train.adapter`` writes it. ``AdaptedHead`` is a head with the LoRA update
-applied, offering ``embed`` and ``logits`` as ``Head`` does; the prefix goes to the
-``Decoder`` (``prefix=``), which puts it before the prompt.
+``layerchain.train.adapter`` writes it. ``Adapter.apply`` gives a head with the LoRA update
+merged into its LM head; the prefix goes to the ``Decoder`` (``prefix=``), which puts it
+before the prompt.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,34 +93,21 @@ class Adapter:
                 hint="generate with the model (and --dtype) the adapter was trained with",
             )
 
-    def apply(self, head: Head) -> Head | AdaptedHead:
-        """``head`` with the LoRA update (itself when there is none)."""
-        return head if self.lora_a is None else AdaptedHead(head, self)
-
-
-class AdaptedHead:
-    """A ``Head`` whose logits carry an adapter's LoRA update; ``embed`` and the rest are
-    the head's own."""
-
-    def __init__(self, head: Head, adapter: Adapter) -> None:
-        assert adapter.lora_a is not None and adapter.lora_b is not None
-        self.base, self.adapter = head, adapter
-        self.lora_a = adapter.lora_a.to(head.device)
-        self.lora_b = adapter.lora_b.to(head.device)
-
-    def __getattr__(self, name: str) -> Any:  # device, hidden_size, embed_tokens, ...
-        return getattr(self.base, name)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.base.embed(ids)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """As ``Head.logits``, plus ``lora_delta`` of the normed hidden states."""
-        with torch.inference_mode():
-            hidden = hidden.to(self.base.device)
-            normed = self.base.norm(hidden)
-            delta = lora_delta(normed, self.lora_a, self.lora_b, self.adapter.lora_scale)
-            return self.base.logits(hidden) + delta.to(device="cpu", dtype=torch.float32)
+    def apply(self, head: Head) -> Head:
+        """``head`` with the LoRA update merged into a copy of its LM head
+        (``W + scale * B A``, [V, H]: the same logits as ``lora_delta`` added, up to float
+        rounding); ``head`` itself when there is none. The embeddings stay the head's own,
+        tied or not. A compact head (int8/int4 tables) takes no LoRA: ConfigError."""
+        if self.lora_a is None or self.lora_b is None:
+            return head
+        if head.projection is not None:
+            raise ConfigError("a LoRA adapter needs the float32 head", hint="use --dtype fp32")
+        adapted = copy.copy(head)  # a shallow copy: same modules and tables...
+        adapted._parameters = dict(head._parameters)  # ...but its own parameter slots
+        a, b = self.lora_a.to(head.device), self.lora_b.to(head.device)
+        merged = head.lm_head.detach() + self.lora_scale * (b @ a)  # [V, H]
+        adapted.lm_head = torch.nn.Parameter(merged, requires_grad=False)
+        return adapted
 
 
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:

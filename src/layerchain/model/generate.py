@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from layerchain.errors import ConfigError
+from layerchain.model.adapter import Adapter
 from layerchain.model.head import Head, load_head
 from layerchain.model.sampling import Sampler, SamplingParams, StopChecker
 from layerchain.model.span import SpanModel, load_span
@@ -143,12 +144,18 @@ class LocalModel:
         params: SamplingParams,
         raw: bool = False,
         on_text: Callable[[str], None] | None = None,
+        adapter: Adapter | None = None,  # fine-tuned (``model.adapter``): prefix, LoRA head
     ) -> DecodeResult:
         prompt_ids = encode_prompt(self.tokenizer, prompt, raw=raw)
+        if adapter is not None:
+            adapter.check(self.spec)
         decoder = Decoder(
-            self.head, self.tokenizer, prompt_ids, params, eos_token_ids(self.spec.config)
+            self.head if adapter is None else adapter.apply(self.head), self.tokenizer,
+            prompt_ids, params, eos_token_ids(self.spec.config),
+            prefix=None if adapter is None else adapter.prefix,
         )
-        cache = self.span.new_cache(max_length=len(prompt_ids) + params.max_new_tokens)
+        virtual = 0 if adapter is None else adapter.virtual_tokens
+        cache = self.span.new_cache(max_length=len(prompt_ids) + virtual + params.max_new_tokens)
         with torch.inference_mode():
             while (hidden := decoder.next_input()) is not None:
                 text = decoder.accept(self.span(hidden, cache))
@@ -166,6 +173,7 @@ def generate_local(
     *,
     device: str = "cpu",
     dtype: str = "fp32",
+    adapter: Adapter | None = None,
 ) -> DecodeResult:
     """Generate with the whole model in this process (on ``device``, ``model.device``);
     ``on_text`` receives streamed text.
@@ -173,7 +181,7 @@ def generate_local(
     Loads the model each call; keep a ``LocalModel`` to generate several times.
     """
     model = LocalModel(spec, dtype=dtype, device=device)  # dtype concrete: quant.resolve_dtype
-    return model.generate(prompt, params, raw=raw, on_text=on_text)
+    return model.generate(prompt, params, raw=raw, on_text=on_text, adapter=adapter)
 
 
 def eos_token_ids(config: Any) -> list[int]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -210,6 +210,7 @@ class RemoteBlocks:
     sessions: int = 0  # sessions opened so far
     recoveries: int = 0  # failovers in them
     cost: int = 0  # credits paid (or owed) in them
+    peers: set[str] = field(default_factory=set)  # peer ids whose hops computed for them
 
     @contextlib.contextmanager
     def open(self, max_tokens: int, requests: int) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
@@ -227,6 +228,8 @@ class RemoteBlocks:
         finally:
             self.current = None
             self.run(session.settle())
+            hops = (*session.hops, *session.retired)  # close() forgets the hops
             self.run(session.close())
             self.recoveries += len(session.recoveries)
+            self.peers.update(hs.hop.peer_id for hs in hops)
             self.cost += session.cost
