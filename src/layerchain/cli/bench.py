@@ -7,7 +7,8 @@ direct client with the HTTP gateway; `layerchain bench hostile` runs the attacks
 audits against cheating nodes (issue 14); `layerchain bench compute` times the whole model per
 weight form (--dtype) against llama.cpp; `layerchain bench step` shows where a decode step's
 time goes through a span (matmuls, attention, dispatch; the plain and the lean path);
-`layerchain bench fetch` fetches a span's files from 1 and from 3 seeding peers.
+`layerchain bench fetch` fetches a span's files from 1 and from 3 seeding peers;
+`layerchain bench train` fine-tunes through a local swarm and in one process.
 """
 
 from __future__ import annotations
@@ -292,6 +293,27 @@ def bench_fetch(
         raise ConfigError("bench fetch needs --seeders >= 1")
     counts = (1, seeders) if seeders > 1 else (1,)
     _print(run_fetch_bench(model, Span.parse(blocks), seeders, counts), as_json)
+
+
+@bench_app.command("train")
+def bench_train(
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
+    nodes: int = typer.Option(3, help="Node processes splitting the blocks evenly."),
+    steps: int = typer.Option(3, help="Timed optimizer steps (after one warm-up step)."),
+    method: str = typer.Option("prompt", help="prompt (backward through every hop) or lora."),
+    batch_size: int = typer.Option(2, help="Examples per step."),
+    dp: bool = typer.Option(True, "--dp/--no-dp", help="Also measure dp_speedup_2_peers."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Fine-tuning through a local swarm vs one process (issue 18): finetune_tokens_per_s,
+    finetune_local_tokens_per_s, ratio, dp_speedup_2_peers, and where the time goes."""
+    from layerchain.bench.train import run_train_bench
+    from layerchain.errors import ConfigError
+
+    if nodes < 1 or steps < 1 or batch_size < 1:
+        raise ConfigError("bench train needs --nodes, --steps and --batch-size >= 1")
+    _print(run_train_bench(model, nodes=nodes, steps=steps, method=method,
+                           batch_size=batch_size, dp=dp), as_json)
 
 
 def register(app: typer.Typer) -> None:

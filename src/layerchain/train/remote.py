@@ -211,6 +211,7 @@ class RemoteBlocks:
     recoveries: int = 0  # failovers in them
     cost: int = 0  # credits paid (or owed) in them
     peers: set[str] = field(default_factory=set)  # peer ids whose hops computed for them
+    hop_seconds: float = 0.0  # waiting on hops (the wire and the peers' compute), all sessions
 
     @contextlib.contextmanager
     def open(self, max_tokens: int, requests: int) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
@@ -233,3 +234,4 @@ class RemoteBlocks:
             self.recoveries += len(session.recoveries)
             self.peers.update(hs.hop.peer_id for hs in hops)
             self.cost += session.cost
+            self.hop_seconds += session.hop_seconds
