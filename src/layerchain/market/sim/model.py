@@ -49,7 +49,13 @@ import simpy
 
 from layerchain.errors import ConfigError, NoRoute, RoutingError
 from layerchain.market.placement import block_capacity, plan_move, server_throughput
-from layerchain.market.pricing import Demand, Offer, PricingPolicy, pricing_policy
+from layerchain.market.pricing import (
+    Demand,
+    Offer,
+    PricingPolicy,
+    expected_revenue,
+    pricing_policy,
+)
 from layerchain.routing import RouteLimits, RoutePeer, default_max_price, plan_route
 from layerchain.types import Span
 
@@ -247,6 +253,12 @@ class Market:
             self.offers[i] = Offer(price, self.ms[i])
             self.peers[i] = None
 
+    def expected_revenue(self, i: int) -> float:
+        """The pricing model's ``R`` of node ``i`` against its competitors (eq. 2)."""
+        rivals = self._refresh_competitors(i)
+        return expected_revenue(0, [self.offers[i], *(self.offers[j] for j in rivals)],
+                                self.demand)
+
     # -- clients ---------------------------------------------------------------------------
 
     def candidates(self, rng: random.Random) -> list[RoutePeer]:
@@ -324,6 +336,8 @@ class Trace:
     price: FloatArray  # [nodes] final price
     settled_price: FloatArray  # [nodes] price at the end of the revenue window
     settled_span: IntArray  # [nodes] blocks served at the end of the revenue window
+    expected_revenue: FloatArray  # [nodes] the pricing model's R (eq. 2) then, per block per
+    # client token, against the node's competitors (what adaptive pricing maximises)
     revenue: FloatArray  # [nodes] credits earned in the revenue window (every node: the
     # window ends before the churn)
     alive: npt.NDArray[np.bool_]  # [nodes] still in the swarm at the end
@@ -358,6 +372,7 @@ def simulate(config: SimConfig, progress: Progress | None = None) -> Trace:
     survived = [1.0]
     settled_price = np.zeros(config.nodes)  # [nodes] prices at the end of the window
     settled_span = np.ones(config.nodes, dtype=np.int64)  # [nodes] span lengths then
+    modelled = np.zeros(config.nodes)  # [nodes] the pricing model's R then
     hit = np.zeros(num_blocks)  # [blocks] tokens/s right after the churn, before any move
 
     def node(i: int) -> Generator[simpy.Event, object, None]:
@@ -403,6 +418,7 @@ def simulate(config: SimConfig, progress: Progress | None = None) -> Trace:
                 market.revenue_open = False
                 settled_price[:] = market.price
                 settled_span[:] = np.array(market.end) - np.array(market.start)
+                modelled[:] = [market.expected_revenue(i) for i in range(config.nodes)]
             alive = np.array(market.alive)
             price = np.array(market.price)
             starts, ends = np.array(market.start), np.array(market.end)
@@ -433,6 +449,7 @@ def simulate(config: SimConfig, progress: Progress | None = None) -> Trace:
         capacity=capacity, coverage=coverage, moves=moves, failed=failed, requests=requests,
         ms=np.array(market.ms), max_blocks=np.array(market.max_blocks, dtype=np.int64),
         price=np.array(market.price), settled_price=settled_price, settled_span=settled_span,
+        expected_revenue=modelled,
         revenue=np.array(market.revenue),
         alive=np.array(market.alive), survived_compute=survived[0], capacity_hit=hit,
         revenue_from=revenue_from,

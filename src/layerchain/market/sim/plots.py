@@ -4,8 +4,9 @@
 
 * ``price_per_layer.png``   (a) mean price of a few blocks' servers per round, and the
                             per-round price change (log scale) against the tolerance;
-* ``revenue_vs_cost.png``   (b, paper Fig. 3) final price and window revenue against compute
-                            cost, one dot per surviving node, binned medians on top;
+* ``revenue_vs_cost.png``   (b, paper Fig. 3) against compute cost, one dot per node, binned
+                            medians on top: the price before the churn, the pricing model's
+                            expected revenue R, and the revenue clients' routes paid;
 * ``capacity.png``          (c) tokens/s per block: random start spans, after placement,
                             right after the churn, at the end;
 * ``pareto.png``            (d, paper Fig. 2) the alpha sweep's routes (price vs latency)
@@ -27,6 +28,7 @@ matplotlib.use("Agg")  # before pyplot: files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 from layerchain.market.sim.model import Trace  # noqa: E402
 from layerchain.market.sim.summary import Frontier  # noqa: E402
@@ -85,38 +87,44 @@ def _sample(n: int, seed: int) -> npt.NDArray[np.int64]:
 
 
 def _binned(ax: plt.Axes, x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> None:
-    """Medians of y over 12 quantile bins of x, drawn as a line."""
+    """Means of y over 12 quantile bins of x, drawn as a line (means, not medians: most
+    nodes earn nothing in a window, the mean is what a node of that cost expects)."""
     if x.size < 12:
         return
     edges = np.quantile(x, np.linspace(0, 1, 13))
-    centers, medians = [], []
+    centers, means = [], []
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (x >= lo) & (x <= hi)
         if inside.any():
             centers.append(float(np.median(x[inside])))
-            medians.append(float(np.median(y[inside])))
-    ax.plot(centers, medians, color="tab:red", linewidth=2, label="median per cost bin")
+            means.append(float(np.mean(y[inside])))
+    ax.plot(centers, means, color="tab:red", linewidth=2, label="mean per cost bin")
     ax.legend(fontsize=8)
 
 
 def _revenue(trace: Trace, front: Frontier) -> plt.Figure:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.12, wspace=0.25)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4.5))
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.9, bottom=0.12, wspace=0.3)
     ms, price, revenue = trace.ms, trace.settled_price, trace.revenue  # before the churn
     settled = trace.config.churn_at or trace.config.rounds
     dots = _sample(ms.size, trace.config.seed)
-    left.scatter(ms[dots], price[dots], s=4, alpha=0.4)
-    _binned(left, ms, price)
-    left.set_xscale("log")
-    left.set_xlabel("compute cost (ms / block / token)")
-    left.set_ylabel(f"price at round {settled} (credits / block / token)")
-    left.set_title("equilibrium price vs compute cost")
-    right.scatter(ms[dots], revenue[dots], s=4, alpha=0.4, color="tab:green")
-    _binned(right, ms, revenue)
-    right.set_xscale("log")
-    right.set_xlabel("compute cost (ms / block / token)")
-    right.set_ylabel(f"revenue, rounds {trace.revenue_from + 1}-{settled} (credits)")
-    right.set_title("(b) revenue vs compute cost (paper Fig. 3)")
+    panels = (
+        (left, price, f"price at round {settled} (credits / block / token)",
+         "equilibrium price vs compute cost", "tab:blue"),
+        (middle, trace.expected_revenue, "modelled R = p P(w) (credits / block / token)",
+         "(b) the pricing model's revenue (Fig. 3)", "tab:purple"),
+        (right, revenue, f"revenue paid by routes, rounds {trace.revenue_from + 1}-{settled}",
+         "(b) revenue clients' routes paid", "tab:green"),
+    )
+    for ax, values, ylabel, title, color in panels:
+        ax.scatter(ms[dots], values[dots], s=4, alpha=0.4, color=color)
+        _binned(ax, ms, values)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("compute cost (ms / block / token)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
     return fig
 
 
@@ -150,8 +158,11 @@ def _pareto(trace: Trace, front: Frontier) -> plt.Figure:
     lat = [p.latency_ms for p in front.sweep]
     price = [p.price for p in front.sweep]
     ax.plot(lat, price, marker="o", color="tab:blue", label="planner's route for alpha")
+    labels: dict[tuple[float, float], list[str]] = {}  # alphas that got the same route
     for point in front.sweep:
-        ax.annotate(f"{point.alpha:g}", (point.latency_ms, point.price), fontsize=7,
+        labels.setdefault((point.latency_ms, point.price), []).append(f"{point.alpha:g}")
+    for (latency, cost), alphas in labels.items():
+        ax.annotate(", ".join(alphas), (latency, cost), fontsize=7,
                     textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("route latency (ms / token)")
     ax.set_ylabel("route price (credits / token)")

@@ -220,6 +220,7 @@ def details(trace: Trace, front: Frontier) -> dict[str, Any]:
         "price_vs_cost_spearman": spearman(trace.ms, trace.settled_price),
         "revenue_per_block_vs_cost_spearman": spearman(trace.ms,
                                                        trace.revenue / trace.settled_span),
+        "expected_revenue_vs_cost_spearman": spearman(trace.ms, trace.expected_revenue),
         "nodes_without_revenue": float(np.mean(trace.revenue == 0)),
         "revenue_window": [trace.revenue_from, settled],
         "bottleneck_before": float(np.min(trace.capacity_before)),
