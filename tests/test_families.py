@@ -10,6 +10,8 @@ caches past the sliding window; every step's logits are within 1e-4 of
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -79,7 +81,8 @@ NEW_FAMILIES = tuple(EXTRA)
 def family_config(name: str, **overrides: object):
     from transformers import CONFIG_MAPPING
 
-    return CONFIG_MAPPING[MODEL_TYPE.get(name, name)](**{**COMMON, **EXTRA[name], **overrides})
+    fields = copy.deepcopy({**COMMON, **EXTRA[name], **overrides})  # configs edit rope dicts
+    return CONFIG_MAPPING[MODEL_TYPE.get(name, name)](**fields)
 
 
 def save_random_model(config, path, seed: int = 0, dtype: torch.dtype = torch.float32):
