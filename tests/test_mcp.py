@@ -386,3 +386,41 @@ def test_serve_command_refuses_bad_flags_in_one_line(args, expected):
     assert result.exit_code == 1, result.output
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and expected in line, result.stderr
+
+
+def test_a_bug_is_one_line_for_the_client_and_a_traceback_in_the_log(caplog):
+    async def broken(model: str):
+        raise RuntimeError("boom\nsecond line")
+
+    async def main():
+        server = McpServer(McpConfig(), factory=broken)
+        async with create_connected_server_and_client_session(server.mcp) as session:
+            return await session.call_tool("llm_inference_distributed", {"prompt": PROMPT})
+
+    result = run(main())
+    assert _one_line_error(result) == "internal error: RuntimeError: boom second line"
+    assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_models_lists_the_catalog_and_open_models_it_lacks():
+    from types import SimpleNamespace
+
+    from layerchain.client.state import swarm_state
+    from layerchain.discovery.catalog import Coverage, ModelEntry
+    from layerchain.mcpserver.resources import models_json
+    from layerchain.routing import RouteLimits
+
+    listed = ModelEntry(model_id="aa", name="listed", family="llama", num_blocks=2,
+                        hidden_size=8, dtype="fp32", weights_id="aa", tokenizer_sha256="t",
+                        announced_by=1, coverage=Coverage(1, (1, 1), 50.0))
+    spec = SimpleNamespace(model_id="bb", name="unlisted", family="qwen2", num_blocks=2,
+                           hidden_size=16, dtype="int8")
+    state = swarm_state("bb", 2, [], {}, set(), RouteLimits())
+    rows = models_json([listed], [(spec, state)])["models"]
+    assert [(r["model_id"], r["open"]) for r in rows] == [("aa", False), ("bb", True)]
+    assert rows[1] == {"model_id": "bb", "name": "unlisted", "family": "qwen2", "num_blocks": 2,
+                       "hidden_size": 16, "dtype": "int8", "servers": 0, "blocks_served": 0,
+                       "replicas": [0, 0], "throughput_tokens_per_s": 0.0, "open": True}
+    opened = models_json([listed], [(SimpleNamespace(**{**vars(spec), "model_id": "aa"}),
+                                     state)])["models"]
+    assert [(r["model_id"], r["open"], r["servers"]) for r in opened] == [("aa", True, 1)]
