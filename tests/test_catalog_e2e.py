@@ -1,7 +1,7 @@
 """End to end (issue 20.2): a swarm of node processes serving two models lists both, with
 their coverage, in ``layerchain models --json`` (the real command, joined to the real DHT).
 
-The models: SmolLM2 (the GGUF file; one node over blocks 0:10 of 30, so its listing shows a
+The models: SmolLM2 (the GGUF file; one node over blocks 0:4 of 30, so its listing shows a
 partial coverage) and a tiny random llama (a Hugging Face directory, 4 blocks; two nodes over
 0:2 and 1:4, so block 1 has two replicas). One swarm, started once, three nodes at once.
 """
@@ -44,7 +44,7 @@ def two_models(tmp_path_factory, tiny_model_dir, smollm2_spec):
     swarm.save()
     try:
         procs = [start_node(state, f"node-{i}", span, peers, model=model)
-                 for i, (model, span) in enumerate([(DEFAULT_MODEL, Span(0, 10)),
+                 for i, (model, span) in enumerate([(DEFAULT_MODEL, Span(0, 4)),
                                                     (tiny, Span(0, 2)), (tiny, Span(1, 4))])]
         for proc, _ in procs:
             swarm.nodes.append({"pid": proc.pid, "started": process_start(proc.pid)})
@@ -76,8 +76,8 @@ def test_models_json_lists_both_models_with_their_coverage(two_models):
     assert set(rows) == {smol.model_id, small.model_id}, rows
     assert rows[smol.model_id] == {
         "model_id": smol.model_id, "name": smol.name, "family": "llama", "num_blocks": 30,
-        "hidden_size": 576, "dtype": "fp32", "servers": 1, "blocks_served": 10,
-        "replicas": [1] * 10 + [0] * 20, "throughput_tokens_per_s": 0.0}
+        "hidden_size": 576, "dtype": "fp32", "servers": 1, "blocks_served": 4,
+        "replicas": [1] * 4 + [0] * 26, "throughput_tokens_per_s": 0.0}
     row = rows[small.model_id]
     assert (row["num_blocks"], row["hidden_size"], row["servers"], row["blocks_served"]) == \
         (4, 64, 2, 4)
