@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ import torch
 from layerchain import timings
 from layerchain.bench.startup import PHASES, phases_of
 from layerchain.errors import ConfigError
+from layerchain.model.manifest import cache_dir as manifest_cache_dir
 
 HEAVY = ("torch", "transformers", "hivemind", "scipy", "eth_utils")
 
@@ -150,11 +152,13 @@ def test_the_client_joins_the_dht_while_its_head_loads(monkeypatch):
 # ------------------------------------------------- the client's head without transformers
 
 
-def test_the_client_head_loads_without_transformers():
+def test_the_client_head_loads_without_transformers(smollm2_spec):
     """Resolving the default model and loading its head (what ``AsyncSwarm.create`` does before
     the tokenizer) imports no transformers at all, so neither its modeling modules
     (``torch._dynamo``) nor its config classes (``torch.distributed.tensor``): most of what a
-    one-shot generate spent before (docs/BENCHMARKS.md "Start-up")."""
+    one-shot generate spent before (docs/BENCHMARKS.md "Start-up"). (Its manifest is cached,
+    as after this machine's first start: ``model.manifest`` builds it once, through
+    transformers' layer classes, since the model id is its hash.)"""
     code = ("import sys\nfrom layerchain.model import resolve_model, load_head\n"
             "head = load_head(resolve_model('smollm2'))\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'\n"
@@ -163,7 +167,8 @@ def test_the_client_head_loads_without_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_the_whole_client_start_imports_no_transformers_once_the_card_is_written(tmp_path):
+def test_the_whole_client_start_imports_no_transformers_once_the_card_is_written(tmp_path,
+                                                                                 smollm2_spec):
     """The client's start (``AsyncSwarm.create``: model, head, tokenizer; a prompt). The first one
     builds the tokenizer through transformers (no modeling module nor torch's compiler stack
     even then) and writes its card; every later one imports no transformers at all."""
@@ -179,6 +184,9 @@ def test_the_whole_client_start_imports_no_transformers_once_the_card_is_written
             "assert not bad, bad[:5]\n"
             "print('transformers' in sys.modules)\n")
     env = {**os.environ, "LAYERCHAIN_HOME": str(tmp_path)}
+    # the model's manifest as this machine's first start cached it (``model.manifest``: built
+    # once, through transformers' layer classes); what is measured here is the card
+    shutil.copytree(manifest_cache_dir(), tmp_path / "cache" / "manifests")
 
     def transformers_loaded() -> bool:
         done = subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env,
