@@ -140,8 +140,14 @@ def test_tools_and_resources_keep_seed_003_names_and_schemas():
 def test_inference_is_the_swarms_greedy_answer_and_resources_show_it(tiny_model, tmp_path):
     async def body(session, server, client):
         expected = await client.generate(PROMPT, SamplingParams(max_new_tokens=TOKENS))
+        progress = []  # (tokens so far, max_tokens, the token's text) per notification
+
+        async def on_progress(done, total, message):
+            progress.append((done, total, message))
+
         result = await session.call_tool("llm_inference_distributed", {
-            "prompt": PROMPT, "parallelism": "pipeline", "max_tokens": TOKENS})
+            "prompt": PROMPT, "parallelism": "pipeline", "max_tokens": TOKENS},
+            progress_callback=on_progress)
         await client.refresh()
         peers = {(n.start, n.end): n.peer_id for n in client.state().nodes}
         routed = {}  # the nodes a call allows -> its answer
@@ -154,14 +160,18 @@ def test_inference_is_the_swarms_greedy_answer_and_resources_show_it(tiny_model,
         read = {}
         for uri in ("llm://models", "llm://nodes", "llm://performance"):
             read[uri] = json.loads((await session.read_resource(uri)).contents[0].text)
-        return expected, result, routed, unknown, read, peers
+        return expected, result, routed, unknown, read, peers, progress
 
-    expected, result, routed, unknown, read, peers = run(_with_swarm(tiny_model, tmp_path, body))
+    expected, result, routed, unknown, read, peers, progress = run(
+        _with_swarm(tiny_model, tmp_path, body))
     assert not result.isError, result.content[0].text
     answer = result.structuredContent
     assert answer["text"] == expected.text and answer["completion_tokens"] == len(expected.token_ids)
     assert answer["route"][0]["start"] == 0 and answer["route"][-1]["end"] == 4
     assert answer["tokens_per_s"] > 0 and json.loads(result.content[0].text) == answer
+    assert [(done, total) for done, total, _ in progress] == \
+        [(i + 1, TOKENS) for i in range(len(expected.token_ids))]
+    assert "".join(text for _, _, text in progress) == expected.text
     for allowed in (((0, 2), (2, 4)), ((0, 4),)):  # the route is planned among those nodes
         hops = routed[allowed].structuredContent["route"]
         assert [(h["peer_id"], h["start"], h["end"]) for h in hops] == \

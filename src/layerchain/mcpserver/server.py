@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mcp.server.fastmcp import FastMCP
+from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.fastmcp.exceptions import ToolError
 from mcp.server.fastmcp.tools import Tool
 from mcp.server.fastmcp.utilities.func_metadata import ArgModelBase, FuncMetadata
@@ -116,13 +116,14 @@ class _FastMCP(FastMCP[Any]):
 
 
 def _tool(fn: Callable[..., Awaitable[CallToolResult]], name: str, description: str,
-          arguments: type[ArgModelBase]) -> Tool:
+          arguments: type[ArgModelBase], context_kwarg: str | None = None) -> Tool:
     """A tool whose input schema is ``arguments`` (``schema.py``) and that calls ``fn`` with
-    the validated arguments (by their names, aliases included)."""
+    the validated arguments (by their names, aliases included), and the request's
+    ``Context`` as ``context_kwarg`` if given."""
     return Tool(fn=fn, name=name, title=None, description=description,
                 parameters=arguments.model_json_schema(by_alias=True),
                 fn_metadata=FuncMetadata(arg_model=arguments), is_async=True,
-                context_kwarg=None, annotations=None)
+                context_kwarg=context_kwarg, annotations=None)
 
 
 def _json_result(data: dict[str, Any]) -> CallToolResult:
@@ -164,7 +165,9 @@ class McpServer:
                 _tool(self.infer, "llm_inference_distributed",
                       "Run LLM inference across network nodes: the prompt goes through a "
                       "route of peers serving spans of the model's blocks; returns the text, "
-                      "the route and tokens/s.", InferenceArguments),
+                      "the route and tokens/s. With a progress token, each token is a "
+                      "progress notification (progress: tokens so far, total: max_tokens, "
+                      "message: its text).", InferenceArguments, context_kwarg="ctx"),
                 _tool(self.train, "llm_train_distributed",
                       "Train LLM across network nodes: starts a training job (fine-tuning "
                       "through the swarm, data-parallel or federated) and returns its job id; "
@@ -200,14 +203,19 @@ class McpServer:
 
     async def infer(self, *, prompt: str, model_name: str, parallelism: str, nodes: list[str],
                     max_tokens: int | None, temperature: float, top_p: float, seed: int,
-                    stop: list[str], raw: bool) -> CallToolResult:
+                    stop: list[str], raw: bool, ctx: Context[Any, Any, Any]) -> CallToolResult:
         request = inference_request(
             prompt, model_name=model_name, parallelism=parallelism, nodes=nodes,
             max_tokens=self.config.default_max_tokens if max_tokens is None else max_tokens,
             max_tokens_limit=self.config.max_tokens_limit, temperature=temperature,
             top_p=top_p, seed=seed, stop=stop, raw=raw,
         )
-        return _json_result(await generate(self.pool, request, self.performance))
+        total = request.params.max_new_tokens
+
+        async def progress(tokens: int, text: str) -> None:  # sent only if the caller asked
+            await ctx.report_progress(tokens, total, message=text)
+
+        return _json_result(await generate(self.pool, request, self.performance, progress))
 
     async def train(self, *, training_data: str, model_config: dict[str, Any], parallelism: str,
                     nodes: list[str], epochs: int | None, batch_size: int | None,

@@ -195,9 +195,14 @@ def result_json(result: GenerationResult, model: str, elapsed_s: float) -> dict[
     }
 
 
-async def generate(pool: SwarmPool, request: InferenceRequest,
-                   performance: PerformanceLog) -> dict[str, Any]:
-    """Run ``request`` through its model's client; its figures go to ``performance``."""
+TokenCallback = Callable[[int, str], Awaitable[None]]  # (tokens so far, the new token's text)
+
+
+async def generate(pool: SwarmPool, request: InferenceRequest, performance: PerformanceLog,
+                   on_token: TokenCallback | None = None) -> dict[str, Any]:
+    """Run ``request`` through its model's client (``generate_stream``: the decode loop of
+    ``Swarm.generate``), calling ``on_token`` as each token comes; its figures go to
+    ``performance``."""
     t0 = time.perf_counter()
     model = request.model or pool.default_model
     try:
@@ -207,8 +212,13 @@ async def generate(pool: SwarmPool, request: InferenceRequest,
         if request.nodes:
             await refresh(swarm)
             exclude = excluded_peers(swarm, request.nodes)
-        result = await swarm.generate(request.prompt, request.params, raw=request.raw,
-                                      exclude=exclude)
+        gen = swarm.generate_stream(request.prompt, request.params, raw=request.raw,
+                                    exclude=exclude)
+        async with gen:
+            async for event in gen:
+                if on_token is not None:
+                    await on_token(event.index + 1, event.text)
+        result = gen.result
     except LayerchainError as error:
         performance.add(RequestStats(at=time.time(), model=model, ok=False, error=str(error),
                                      duration_s=round(time.perf_counter() - t0, 3)))
