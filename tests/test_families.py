@@ -257,8 +257,10 @@ GGUF_VARIANTS = {
     "qwen3": dict(head_dim=32),
     "qwen3_moe": dict(),
     "llama3": dict(rope_scaling=LLAMA31_ROPE, head_dim=16),
+    "mixtral": dict(rope_theta=1e6),  # llama.cpp writes it as "llama" with experts
 }
-GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "llama": "llama"}
+GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "llama": "llama",
+             "mixtral": "llama"}
 
 
 def llama_cpp_permute(weights: torch.Tensor, heads: int) -> torch.Tensor:
@@ -300,6 +302,7 @@ def write_llama_cpp_gguf(spec, path) -> None:
     from layerchain.model.shards import block_tensor_names
 
     arch, cfg = GGUF_ARCH[spec.family], spec.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     names = gguf.get_tensor_name_map(
         next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), spec.num_blocks
     )
@@ -311,8 +314,8 @@ def write_llama_cpp_gguf(spec, path) -> None:
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     if arch == "gemma3":
@@ -323,8 +326,12 @@ def write_llama_cpp_gguf(spec, path) -> None:
     else:
         writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     if arch == "llama":
-        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_dimension_count(head_dim)
+    if cfg.rope_parameters.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(cfg).numpy())
+    if spec.family == "mixtral":
+        writer.add_expert_count(cfg.num_local_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
     if arch == "qwen3moe":
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
@@ -375,12 +382,14 @@ def test_a_gguf_file_of_the_family_runs_like_transformers(name, tmp_path):
     write_llama_cpp_gguf(hf, path)
     spec = resolve_model(path)
     assert (spec.kind, spec.family, spec.num_blocks) == ("gguf", hf.family, hf.num_blocks)
-    keys = ["hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads", "vocab_size"]
+    keys = ["hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"]
+    keys += [] if name == "mixtral" else ["head_dim"]  # mixtral's is None: hidden / heads
     keys += {
         "gemma3_text": ["sliding_window", "layer_types", "query_pre_attn_scalar", "rope_parameters"],
         "qwen3": ["rope_parameters"],
         "qwen3_moe": ["num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"],
         "llama3": ["rope_parameters"],
+        "mixtral": ["num_local_experts", "num_experts_per_tok", "rope_parameters"],
     }[name]
     for key in keys:
         assert getattr(spec.config, key) == getattr(hf.config, key), key

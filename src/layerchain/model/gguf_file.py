@@ -224,10 +224,8 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
     from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
     arch = gguf.architecture
-    name = str(gguf.metadata.get("general.name", ""))
-    updated = "mistral" if arch == "llama" and "mistral" in name.lower() else arch
-    updated = _ARCH_RENAMES.get(updated, updated)
-    if updated not in GGUF_CONFIG_MAPPING:
+    updated = gguf_model_type(gguf.metadata, arch)
+    if _KEYS_AS.get(updated, updated) not in GGUF_CONFIG_MAPPING:
         raise UnsupportedArchitecture(
             f"GGUF architecture {arch!r} in {gguf.path} is not supported",
             hint="use a Hugging Face directory (config.json + safetensors) for this model",
@@ -240,7 +238,7 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
         if key.endswith("@offset"):
             continue
         prefix, _, rest = key.replace(arch, updated).partition(".")
-        target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        target = GGUF_CONFIG_MAPPING.get(_KEYS_AS.get(prefix, prefix), {}).get(rest)
         if target is None and prefix == updated:
             target = _EXTRA_KEYS.get(updated, {}).get(rest)
         if target is None or target == -1:
@@ -265,9 +263,23 @@ def gguf_config(gguf: GGUFFile) -> PretrainedConfig:
 
 # llama.cpp's architecture names that differ from transformers' (as its GGUF loader renames them)
 _ARCH_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_KEYS_AS = {"mixtral": "llama"}  # model types whose metadata keys map as another's
+
+
+def gguf_model_type(meta: dict[str, Any], arch: str) -> str:
+    """transformers' ``model_type`` of a GGUF file of architecture ``arch``: llama.cpp writes
+    Mistral and Mixtral as "llama" (Mixtral: with experts, ``llama.expert_count``), Qwen MoE
+    without the underscore, gemma3 for the text model (transformers' ``gemma3_text``, set
+    after the config keys are read)."""
+    if arch == "llama" and meta.get("llama.expert_count"):
+        return "mixtral"
+    if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
+        return "mistral"
+    return _ARCH_RENAMES.get(arch, arch)
 # ``{arch}.`` metadata keys transformers' GGUF mapping lacks, where its config default would be
 # wrong: Qwen3's head_dim (128 while hidden / heads is 64 in Qwen3-0.6B), Qwen3-MoE's expert width
 _EXTRA_KEYS = {
+    "mixtral": {"expert_count": "num_local_experts", "expert_used_count": "num_experts_per_tok"},
     "qwen3": {"attention.key_length": "head_dim"},
     "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
 }
@@ -349,8 +361,7 @@ def gguf_shape(gguf: GGUFFile) -> ModelShape:
     """The ``ModelShape`` of the file from its metadata alone (no transformers import): equal
     to ``shape_of(gguf_config(gguf))``, which it falls back to when a field is missing."""
     meta, arch = gguf.metadata, gguf.architecture
-    name = str(meta.get("general.name", ""))
-    model_type = "mistral" if arch == "llama" and "mistral" in name.lower() else arch
+    model_type = gguf_model_type(meta, arch)
     tokens = meta.get("tokenizer.ggml.tokens")  # lazily parsed: the count
     found: dict[str, Any] = {
         "blocks": meta.get(f"{arch}.block_count"),
@@ -360,7 +371,8 @@ def gguf_shape(gguf: GGUFFile) -> ModelShape:
         "eos": meta.get("tokenizer.ggml.eos_token_id"),
         "context": meta.get(f"{arch}.context_length"),
     }
-    if arch not in _LIGHT_ARCHS or any(value is None for value in found.values()):
+    light = arch in _LIGHT_ARCHS and model_type in (arch, "mistral")
+    if not light or any(value is None for value in found.values()):
         return shape_of(gguf_config(gguf))
     return ModelShape(
         model_type=model_type,
