@@ -36,6 +36,10 @@ def test_v1_models_lists_the_swarms_catalog(tiny_model_dir, tmp_path, record_for
                     await discovery.announce(record_for(me, *span, model_id=entry.model_id))
             reply = await client.get("/v1/models")
             assert reply.status_code == 200, reply.text
+            one = (await client.get("/v1/models/beta")).json()  # a catalog row, by name
+            assert (one["id"], one["available"]) == ("beta", False)
+            assert (await client.get(f"/v1/models/{gateway.spec.name}")).json()["available"]
+            assert (await client.get("/v1/models/nowhere")).status_code == 404
             return {"data": reply.json()["data"], "own": own, "other": other, "clash": clash}
 
     got = asyncio.run(asyncio.wait_for(main(), 120))

@@ -370,6 +370,19 @@ class Gateway:
                          "layerchain": entry.to_json()})
         return {"object": "list", "data": rows}
 
+    def find_model_json(self, name: str) -> dict[str, Any]:
+        """The ``/v1/models`` row of ``name``: this gateway's model (any of its names), else a
+        catalog row by its id or model id; UnknownModel (404) if none."""
+        own, *others = self.models_json()["data"]
+        try:
+            self.check_model(name)
+        except UnknownModel:
+            for row in others:
+                if name.lower() in (row["id"].lower(), row["layerchain"]["model_id"]):
+                    return dict(row)
+            raise
+        return dict(own)
+
     def model_json(self) -> dict[str, Any]:
         return {
             "id": self.spec.name, "object": "model", "created": int(self.started),
@@ -510,8 +523,8 @@ def create_app(config: GatewayConfig, swarm: AsyncSwarm) -> FastAPI:
     @app.get("/v1/models/{model:path}")
     async def model(model: str, request: Request) -> dict:
         await gateway.authenticate(request)
-        gateway.check_model(model)
-        return gateway.model_json()
+        await gateway.refresh_catalog()
+        return gateway.find_model_json(model)
 
     @app.get("/health")
     async def health() -> dict:
