@@ -561,3 +561,18 @@ def test_llama3_rope_is_read_from_rope_freqs_and_an_unknown_one_refused():
     bent[len(bent) // 2] *= 1.01
     with pytest.raises(UnsupportedArchitecture, match="rope_freqs"):
         llama3_rope_of(bent, real, Path("x.gguf"))
+
+
+def test_moe_spans_run_the_experts_as_transformers_does(family_dir):
+    """Not the per-expert loop a standalone experts module falls back to (with a warning),
+    but the grouped matmul ``AutoModelForCausalLM`` runs: the same bits, not merely close."""
+    path = family_dir("qwen3_moe")
+    spec, reference = resolve_model(path), reference_model(path)
+    span = load_span(spec, 0, 1)
+    assert span.config._experts_implementation == reference.config._experts_implementation
+    x = torch.randn(1, 6, spec.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ours = span.forward(x)
+        theirs = reference.model.layers[0].mlp(reference.model.layers[0].post_attention_layernorm(x))
+        mine = span.layers[0].mlp(span.layers[0].post_attention_layernorm(x))
+    assert torch.equal(mine, theirs) and ours.shape == x.shape

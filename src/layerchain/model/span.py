@@ -447,9 +447,13 @@ def causal_mask(
 
 
 def span_config(spec: ModelSpec) -> PretrainedConfig:
-    """A private copy of the spec's config, set to run transformers' SDPA attention."""
+    """A private copy of the spec's config, set to run transformers' SDPA attention (and,
+    for a mixture of experts, the experts' implementation ``AutoModelForCausalLM`` picks by
+    default: "grouped_mm"; the per-expert loop differs in the last bits)."""
     config = copy.deepcopy(spec.config)
     config._attn_implementation = "sdpa"
+    if spec.family_info.experts is not None:
+        config._experts_implementation = "grouped_mm"
     return config
 
 
