@@ -175,16 +175,21 @@ def _churn(trace: Trace, front: Frontier) -> plt.Figure:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     fig.subplots_adjust(left=0.12, right=0.88, top=0.94, bottom=0.09, hspace=0.08)
     rounds = np.arange(1, trace.config.rounds + 1)
-    top.plot(rounds, np.min(trace.capacity, axis=1), color="black", label="bottleneck tokens/s")
+    x = rounds.astype(np.float64)
+    bottleneck = np.min(trace.capacity, axis=1)
+    coverage = 100 * trace.coverage
+    at = trace.config.churn_at
+    if at is not None:  # the state the churn left, before any node moved, between rounds
+        x = np.insert(x, at, at + 0.5)
+        bottleneck = np.insert(bottleneck, at, np.min(trace.capacity_hit))
+        coverage = np.insert(coverage, at, 100 * np.mean(trace.capacity_hit > 0))
+    top.plot(x, bottleneck, color="black", marker=".", label="bottleneck tokens/s")
     top.set_ylabel("weakest block (tokens/s)")
+    top.set_ylim(bottom=0)
     cover = top.twinx()
-    cover.plot(rounds, 100 * trace.coverage, color="tab:orange", label="coverage %")
+    cover.plot(x, coverage, color="tab:orange", label="coverage %")
     cover.set_ylabel("blocks served (%)")
     cover.set_ylim(0, 105)
-    at = trace.config.churn_at
-    if at is not None:  # the state the churn left, before any node moved
-        top.plot([at + 0.5], [np.min(trace.capacity_hit)], "kv", label="right after the churn")
-        cover.plot([at + 0.5], [100 * np.mean(trace.capacity_hit > 0)], "v", color="tab:orange")
     _churn_line(top, trace)
     top.set_title("(e) coverage and throughput through churn")
     top.legend(loc="lower left", fontsize=8)
@@ -194,6 +199,7 @@ def _churn(trace: Trace, front: Frontier) -> plt.Figure:
     failed = bottom.twinx()
     failed.plot(rounds, trace.failed, color="tab:red", label="requests without a route")
     failed.set_ylabel("requests without a route")
+    failed.set_ylim(bottom=0, top=max(1, int(np.max(trace.failed)) + 1))
     _churn_line(bottom, trace)
     bottom.set_xlabel("round")
     bottom.legend(loc="upper left", fontsize=8)
