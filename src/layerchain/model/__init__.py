@@ -28,6 +28,7 @@ What a client needs (the decode loop; ``generate.Decoder`` implements it without
 
 Modules, each importing only those above it (no cycle)::
 
+    family_experts                     MoE checkpoints' per-expert matrices -> fused experts
     families  digest  gguf_file        the family registry, content ids, the GGUF reader
     device                             --device names -> torch devices, the reply dtype rule
     shape                              ModelShape: what the head needs of a config

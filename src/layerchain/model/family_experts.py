@@ -16,15 +16,18 @@ The functions here name the checkpoint tensors a fused parameter is made of and 
 weight source hands out module-named tensors (``spec.WeightSource``) whatever the file, and a
 shard directory stores the fused form. A span of a mixture-of-experts model thus holds all the
 experts of its own blocks and nothing of the others'. No I/O here (the caller passes ``read``),
-no transformers.
+no transformers, and torch only when a function runs: the family registry imports this module,
+and ``layerchain.model.spec`` must stay cheap to import (tests/test_model_imports.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FUSED_GATE_UP = "mlp.experts.gate_up_proj"  # [E, 2I, H]
 FUSED_DOWN = "mlp.experts.down_proj"  # [E, H, I]
@@ -69,6 +72,8 @@ def expert_parts(layout: ExpertLayout, name: str, num_experts: int) -> tuple[str
 def fuse_experts(name: str, parts: Sequence[torch.Tensor], num_experts: int) -> torch.Tensor:
     """The fused tensor ``name`` from its per-expert matrices (``expert_parts`` order):
     gate_up [E, 2I, H] = cat(stack(gates), stack(ups), dim=1); down [E, H, I] = stack(downs)."""
+    import torch
+
     if name == FUSED_GATE_UP:
         gates, ups = torch.stack(list(parts[:num_experts])), torch.stack(list(parts[num_experts:]))
         return torch.cat((gates, ups), dim=1)
@@ -120,4 +125,6 @@ def gguf_expert_parts(name: str, index: int) -> tuple[str, ...]:
 def fuse_stacked(name: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Fused ``name`` from a GGUF file's stacked tensors: gate_up [E, 2I, H] =
     cat(gate [E, I, H], up [E, I, H], dim=1); down [E, H, I] as stored."""
+    import torch
+
     return torch.cat(list(parts), dim=1) if name == FUSED_GATE_UP else parts[0]
