@@ -434,3 +434,23 @@ def test_models_lists_the_catalog_and_open_models_it_lacks():
     opened = models_json([listed], [(SimpleNamespace(**{**vars(spec), "model_id": "aa"}),
                                      state)])["models"]
     assert [(r["model_id"], r["open"], r["servers"]) for r in opened] == [("aa", True, 1)]
+
+
+def test_http_app_refuses_other_hosts_and_origins():
+    """DNS rebinding: a web page whose name resolves to 127.0.0.1 must not reach the tools
+    of a server on loopback (the SDK's guard, on for loopback hosts)."""
+    from starlette.testclient import TestClient
+
+    app = McpServer(McpConfig(transport="http", port=0)).mcp.streamable_http_app()
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"}}}
+    headers = {"Accept": "application/json, text/event-stream",
+               "Content-Type": "application/json"}
+    with TestClient(app, base_url="http://127.0.0.1:8765") as http:
+        assert http.post("/mcp", json=init, headers=headers).status_code == 200
+        evil_host = http.post("/mcp", json=init, headers={**headers, "Host": "evil.example"})
+        assert evil_host.status_code == 421
+        evil_page = http.post("/mcp", json=init,
+                              headers={**headers, "Origin": "http://evil.example"})
+        assert evil_page.status_code == 403
