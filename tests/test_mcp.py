@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -454,3 +455,35 @@ def test_http_app_refuses_other_hosts_and_origins():
         evil_page = http.post("/mcp", json=init,
                               headers={**headers, "Origin": "http://evil.example"})
         assert evil_page.status_code == 403
+
+
+def test_jobs_still_running_are_stopped_when_the_server_closes(home, data_file, tmp_path):
+    (tmp_path / "long_job.py").write_text(textwrap.dedent("""
+        import time
+        from layerchain.train.jobs import JobStore
+        job = JobStore().create("dp")
+        print("training", job.job_id, flush=True)
+        time.sleep(120)
+    """))
+
+    async def main():
+        server = McpServer(McpConfig(train_program=(sys.executable, str(tmp_path / "long_job.py")),
+                                     start_wait_s=0.2))
+        try:
+            async with create_connected_server_and_client_session(server.mcp) as session:
+                started = await session.call_tool("llm_train_distributed", {
+                    "training_data": str(data_file), "parallelism": "data"})
+            for _ in range(100):  # until the process has written its own record
+                if JobStore().get(started.structuredContent["job_id"]).extra.get("log") is None:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await server.close()
+        return started
+
+    started = run(main())
+    job = started.structuredContent
+    record = JobStore().get(job["job_id"])
+    assert record.status == "failed" and "exited with code -15: training" in record.error
+    with pytest.raises(ProcessLookupError):
+        os.kill(job["pid"], 0)
