@@ -222,6 +222,7 @@ def details(trace: Trace, front: Frontier) -> dict[str, Any]:
                                                        trace.revenue / trace.settled_span),
         "expected_revenue_vs_cost_spearman": spearman(trace.ms, trace.expected_revenue),
         "nodes_without_revenue": float(np.mean(trace.revenue == 0)),
+        "by_cost_decile": _deciles(trace),
         "revenue_window": [trace.revenue_from, settled],
         "bottleneck_before": float(np.min(trace.capacity_before)),
         "bottleneck_after_placement": float(np.min(trace.capacity[settled - 1])),
@@ -233,6 +234,9 @@ def details(trace: Trace, front: Frontier) -> dict[str, Any]:
         "coverage_after_churn": (float(np.mean(trace.capacity_hit > 0))
                                  if at is not None else None),
         "bottleneck_after_churn": float(np.min(trace.capacity_hit)) if at is not None else None,
+        "blocks_below_half_after_churn": (
+            np.flatnonzero(trace.capacity_hit < 0.5 * trace.capacity[at - 1]).tolist()
+            if at is not None else None),
         "moves": int(np.sum(trace.moves)),
         "moves_per_round": trace.moves.tolist(),
         "requests": int(np.sum(trace.requests)),
@@ -243,3 +247,14 @@ def details(trace: Trace, front: Frontier) -> dict[str, Any]:
         "pareto_dominated_points": front.dominated_sweep_points,
         "mean_final_price": float(np.mean(trace.price[alive])),
     }
+
+
+def _deciles(trace: Trace) -> dict[str, list[float]]:
+    """Means per decile of compute cost (fastest first): cost, price before the churn, the
+    model's expected revenue, the revenue routes paid."""
+    order = np.argsort(trace.ms, kind="stable")
+    parts = np.array_split(order, 10)
+    columns = {"ms_per_block": trace.ms, "price": trace.settled_price,
+               "expected_revenue": trace.expected_revenue, "revenue": trace.revenue}
+    return {name: [float(np.mean(values[part])) for part in parts if part.size]
+            for name, values in columns.items()}
