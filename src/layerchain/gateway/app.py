@@ -5,7 +5,7 @@ serves every request, each generation opens its own sessions. Running it is ``se
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as server-sent
 events, or whole), ``GET /v1/models``, ``GET /health``, ``GET /api/swarm`` (the dashboard's
-JSON), ``GET /docs`` and ``/openapi.json``, and the dashboard itself at ``/`` (static files,
+JSON), ``GET /api/train/jobs`` (this machine's training job records), ``GET /docs`` and ``/openapi.json``, and the dashboard itself at ``/`` (static files,
 no CDN). The shapes are ``schema.py``'s; keys and balances ``keys.py``'s; what a request may
 cost ``billing.py``'s; what the dashboard sees ``activity.py``'s; the browser checks
 (Host, Origin, Content-Type) ``guard.py``'s, in front of everything.
@@ -536,6 +536,15 @@ def create_app(config: GatewayConfig, swarm: AsyncSwarm) -> FastAPI:
         viewer = await gateway.authenticate(request)
         await gateway.refresh()
         return gateway.swarm_json(viewer)
+
+    @app.get("/api/train/jobs")
+    async def train_jobs(request: Request) -> dict:
+        """This machine's training job records (``layerchain train status --json``)."""
+        from layerchain.train.jobs import JobStore
+
+        await gateway.authenticate(request)
+        records = await asyncio.to_thread(JobStore().list)
+        return {"jobs": [record.to_json() for record in records]}
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:

@@ -326,7 +326,7 @@ def _train(config: DPConfig, spec: ModelSpec, model: torch.nn.Module, tokenizer:
         averaging_timeout=config.averaging_timeout_s, average_state_every=1,
         load_state_timeout=max(30.0, config.averaging_timeout_s), verbose=False,
         # a matchmaking request must time out well within the matchmaking window
-        averager_opts={"request_timeout": min(3.0, config.matchmaking_time_s / 2)},
+        averager_opts={"request_timeout": min(3.0, config.matchmaking_time_s * 0.75)},
     )
     try:
         if saved is not None:
@@ -368,14 +368,17 @@ def _train(config: DPConfig, spec: ModelSpec, model: torch.nn.Module, tokenizer:
                 epoch_losses = []
                 peers.update(dict.fromkeys(_join_roster(dht, config.run_id, me, joined)))
                 saving = (optimizer.local_epoch % config.checkpoint_every == 0
-                          or optimizer.local_epoch >= last_epoch)
+                          and optimizer.local_epoch < last_epoch)  # the last one: below
                 if saving:
                     checkpoint = _save(directory, model, optimizer, spec, me, local_steps)
                 store.update(job_id, loss=last_mean, step=optimizer.local_epoch,
                              checkpoint=checkpoint if saving else None, peers=tuple(peers))
         elapsed = time.perf_counter() - started
-        if not checkpoint:
-            checkpoint = _save(directory, model, optimizer, spec, me, local_steps)
+        # the last round's state averaging runs in the background (hivemind's
+        # delay_state_averaging): apply it before the final checkpoint
+        optimizer.state_averager.step(wait_for_delayed_updates=True)
+        checkpoint = _save(directory, model, optimizer, spec, me, local_steps)
+        store.update(job_id, checkpoint=checkpoint)
         if math.isnan(last_mean) and epoch_losses:
             last_mean = sum(epoch_losses) / len(epoch_losses)
         return DPResult(
@@ -515,7 +518,7 @@ def measure_dp_speedup(peers: int = 2, steps: int = 4, model: str = DEFAULT_MODE
         boot = subprocess.Popen(
             [sys.executable, "-m", "layerchain.discovery.bootstrap", "--host", "127.0.0.1",
              "--port", "0", "--print-addresses-to", str(addresses)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             address = wait_for_file(addresses, 60.0, boot).splitlines()[0]
             rates = []

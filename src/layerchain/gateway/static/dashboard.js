@@ -239,4 +239,34 @@ const savedKey = window.localStorage.getItem("layerchain-key");
 if (savedKey) $("#chat-key").value = savedKey;
 $("#chat-key").addEventListener("change", (e) => window.localStorage.setItem("layerchain-key", e.target.value));
 
+// ------------------------------------------------------------------ training jobs
+
+const TRAIN_POLL_MS = 5000;
+
+async function pollTraining() {
+  try {
+    const res = await fetch("/api/train/jobs", { cache: "no-store", headers: authHeaders() });
+    if (res.ok) renderTraining((await res.json()).jobs);
+  } catch (err) {
+    // the swarm poll reports an unreachable gateway
+  } finally {
+    setTimeout(pollTraining, TRAIN_POLL_MS);
+  }
+}
+
+function renderTraining(jobs) {
+  const rows = jobs.map((job) => {
+    const checkpoint = job.checkpoints.length ? job.checkpoints[job.checkpoints.length - 1] : "–";
+    return el("tr", {},
+      el("td", { class: "mono", text: job.job_id }), el("td", { text: job.kind }),
+      el("td", { text: job.error ? `${job.status}: ${job.error}` : job.status }),
+      el("td", { text: String(job.step) }), el("td", { text: fmt(job.loss, 4) }),
+      el("td", { text: String(job.peers.length), title: job.peers.join("\n") }),
+      el("td", { class: "mono", text: checkpoint.split("/").pop(), title: checkpoint }));
+  });
+  $("#train-jobs tbody").replaceChildren(...rows);
+  $("#training-section").style.display = jobs.length ? "" : "none";
+}
+
 poll();
+pollTraining();
