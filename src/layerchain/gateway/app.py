@@ -5,10 +5,11 @@ serves every request, each generation opens its own sessions. Running it is ``se
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as server-sent
 events, or whole), ``GET /v1/models``, ``GET /health``, ``GET /api/swarm`` (the dashboard's
-JSON), ``GET /api/train/jobs`` (this machine's training job records), ``GET /docs`` and ``/openapi.json``, and the dashboard itself at ``/`` (static files,
-no CDN). The shapes are ``schema.py``'s; keys and balances ``keys.py``'s; what a request may
-cost ``billing.py``'s; what the dashboard sees ``activity.py``'s; the browser checks
-(Host, Origin, Content-Type) ``guard.py``'s, in front of everything.
+JSON), ``GET /api/train/jobs`` (this machine's training job records), ``GET /docs`` and
+``/openapi.json``, and the dashboard itself at ``/`` (static files, no CDN). The shapes are
+``schema.py``'s; keys and balances ``keys.py``'s; what a request may cost ``billing.py``'s;
+what the dashboard sees ``activity.py``'s; the browser checks (Host, Origin, Content-Type)
+``guard.py``'s, in front of everything.
 
 Keys fail closed: whether keys are on is decided at start (``keys_on_at_start``: a store
 that was named but is missing, or exists but cannot be read, is a start-up error), and once
