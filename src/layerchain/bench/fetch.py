@@ -1,7 +1,7 @@
 """``layerchain bench fetch``: how fast a span's files come from peers (issue 20.3).
 
-A local swarm of ``seeders`` nodes, each serving (and seeding) the whole model, is started
-(``layerchain.local``); then this process fetches the block files of ``blocks`` (10 blocks of
+A local swarm of ``seeders`` nodes, each serving (and so seeding) the blocks ``blocks``, is
+started (``layerchain.local``); then this process fetches the block files of ``blocks`` (10 blocks of
 SmolLM2 by default: about 142 MB of float32 safetensors) into a fresh directory with
 ``layerchain.fetch`` over the nodes' TLS links, once from one peer and once from all of
 them (``FetchConfig.max_peers``). Every file is verified against the manifest, as always.
@@ -36,7 +36,7 @@ def run_fetch_bench(model: str = DEFAULT_MODEL, blocks: Span = DEFAULT_BLOCKS,
     blocks.check_within(spec.num_blocks)
     with tempfile.TemporaryDirectory(prefix="layerchain-bench-fetch-") as tmp:
         state = Path(tmp) / "swarm"
-        swarm = swarm_up(state, [Span(0, spec.num_blocks)] * seeders, model=model)
+        swarm = swarm_up(state, [blocks] * seeders, model=model, timeout_s=600.0)
         try:
             runs = []
             for count in peer_counts:
