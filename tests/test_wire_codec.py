@@ -51,7 +51,7 @@ def sample_messages(dtype: torch.dtype = torch.float32) -> list:
     """One instance of every message type, with non-default values everywhere."""
     hidden = torch.randn(2, 3, 8).to(dtype)
     return [
-        OpenSession(1, "s-1", "model-abc", 3, 9, 512, b"\x01voucher"),
+        OpenSession(1, "s-1", "model-abc", 3, 9, 512, b"\x01voucher", 7),
         SessionOpened(2, "s-1", 4096),
         Step(3, "s-1", 7, hidden, b"v"),
         StepResult(4, "s-1", 7, hidden * 2, b"\x00receipt\xff"),

@@ -6,6 +6,10 @@ routed around, whatever the code (``insufficient_funds``, ``invalid_api_key``, `
 from a peer are not the client's verdict). A few codes are accepted with their meaning:
 
 * ``busy``: no room now; the peer is avoided for a while, not banned (``Verdict.AVOID``);
+* ``offer_changed`` (to an OpenSession): the peer no longer charges the price of the record
+  the client planned with (adaptive pricing, a record older than the peer's grace); the
+  client re-reads the records and plans again within its limits (``Verdict.STALE``). A
+  receipt at another price than the one agreed at open stays a ban;
 * ``unknown_session``: it lost the session (it restarted); a hop failure like any other;
 * ``limit_exceeded``: "not this request" only when the client's own check agrees that it
   exceeds what that peer announced (``Verdict.REQUEST``: the peer is avoided, not banned);
@@ -29,7 +33,14 @@ import torch
 
 from layerchain.client.config import ClientConfig
 from layerchain.discovery import PeerRecord
-from layerchain.errors import InvalidOutput, LayerchainError, LimitExceeded, PeerBusy, RequestTooLarge
+from layerchain.errors import (
+    InvalidOutput,
+    LayerchainError,
+    LimitExceeded,
+    OfferChanged,
+    PeerBusy,
+    RequestTooLarge,
+)
 from layerchain.wire.codec import DEFAULT_LIMITS
 from layerchain.wire.messages import MAX_STEP_TOKENS
 
@@ -43,6 +54,7 @@ class Verdict(enum.Enum):
     BAN = "ban"  # the peer failed us: banned (growing), routed around
     AVOID = "avoid"  # the peer is busy: left out of routes for a while, no ban
     REQUEST = "request"  # the request is too large for this peer: avoided, no ban
+    STALE = "stale"  # our record of the peer's price is out of date: re-read it, no ban
 
 
 def judge(error: LayerchainError, request_exceeds: bool) -> Verdict:
@@ -51,6 +63,8 @@ def judge(error: LayerchainError, request_exceeds: bool) -> Verdict:
     says the request exceeds what this peer announced."""
     if isinstance(error, PeerBusy):
         return Verdict.AVOID
+    if isinstance(error, OfferChanged):
+        return Verdict.STALE
     if type(error) is LimitExceeded and request_exceeds:
         return Verdict.REQUEST
     return Verdict.BAN

@@ -9,6 +9,12 @@ and carries on with the step that failed. Greedy output is therefore identical t
 undisturbed run. Each recovery is recorded as a ``Recovery``. A failure caused by the
 request (a peer too small for it, checked against what the peer announced) bans nobody.
 
+Prices: a hop opens at the price of the record it was planned with (``OpenSession
+.price_per_block``) and checks every receipt against it. A peer that re-priced since (an
+adaptive node) still charges it within its record TTL, else answers ``offer_changed``: the
+session re-reads the records and plans again (the new price within ``limits``, or another
+peer), banning nobody (``_reread_offer``). A receipt at any other price is a ban.
+
 A step of more than ``step_tokens`` tokens (a long prompt) is sent as several consecutive
 steps; each step's deadline scales with the work it asks (``rules.step_timeout_s``).
 
@@ -201,6 +207,8 @@ class InferenceSession:
                 last = failure
                 if attempt == attempts:
                     raise failure.error from None
+                if failure.verdict is Verdict.STALE:
+                    await self._reread_offer(failure)
 
     def _check_prompt_cost(self, hops: tuple[Hop, ...], prompt_tokens: int) -> None:
         if self.max_cost is None:
@@ -273,7 +281,7 @@ class InferenceSession:
             await rpc.call(
                 m.OpenSession(rid=0, session_id=session_id, model_id=self.peers.model_id,
                               start=hop.start, end=hop.end, max_length=self.max_length,
-                              voucher=voucher),
+                              voucher=voucher, price_per_block=record.price_per_block),
                 timeout=self.config.step_timeout_s,
             )
         except LayerchainError as error:
@@ -322,8 +330,23 @@ class InferenceSession:
         request is too large for."""
         if failure.verdict is Verdict.BAN:
             self.peers.ban(failure.peer_id, str(failure.error))
+        elif failure.verdict is Verdict.STALE:  # our record is old: ``_reread_offer``
+            log.info("peer %s re-priced: %s", failure.peer_id, failure.error)
         else:
             self.peers.avoid(failure.peer_id, self.config.busy_avoid_s, str(failure.error))
+
+    async def _reread_offer(self, failure: HopFailed) -> None:
+        """The peer no longer charges the price we planned with (``Verdict.STALE``): re-read
+        the records, so the next plan sees its new price (within ``limits``, or routed
+        elsewhere). If its record still shows the refused price (the DHT has not seen its
+        re-announcement yet), it is avoided for ``busy_avoid_s``: not banned."""
+        planned = self.peers.records.get(failure.peer_id)
+        await self.peers.refresh(force=True)
+        now = self.peers.records.get(failure.peer_id)
+        if planned is not None and now is not None \
+                and now.price_per_block == planned.price_per_block:
+            self.peers.avoid(failure.peer_id, self.config.busy_avoid_s,
+                             f"its record still says {planned.price_per_block}: {failure.error}")
 
     # ---------------------------------------------------------------- steps
 
@@ -534,6 +557,8 @@ class InferenceSession:
                     self._close_later(hs)
                 if attempt == 4:
                     raise again.error from None
+                if again.verdict is Verdict.STALE:
+                    await self._reread_offer(again)
         self._close_later(failed)
         self.retired.append(failed)  # its steps still count: audits check them too
         self.hops[index : index + 1] = replacement

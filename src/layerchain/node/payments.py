@@ -23,6 +23,15 @@ redeem a voucher; the payee is credited), the node's own redemption then finds i
 
 Without a ledger a priced node still signs what it is owed but serves on trust.
 
+Price changes (adaptive pricing): a client opens a session at the price in the record it
+planned with (``OpenSession.price_per_block``); clients re-read records every few seconds,
+so theirs may be up to one record TTL old. The node charges that price when it is its
+current one or one it charged within the last ``price_grace_s`` (twice its record TTL: a
+record of the old price may be read until a TTL after the change, then planned with for the
+client's refresh period), else refuses with ``OfferChanged`` (the client re-reads its record:
+no ban). The session's receipts, fee and credit all use the agreed price; a client saves at
+most the price's drift over the grace, which the pricing policy bounds per round.
+
 Several sessions of one client share its channel, so the amount owed is kept per channel.
 Vouchers are checked in the order frames arrive (before the step waits for its session's
 lock), which is the order the client signed them in over its one connection.
@@ -61,6 +70,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +85,7 @@ from layerchain.errors import (
     InvalidVoucher,
     LayerchainError,
     LedgerError,
+    OfferChanged,
 )
 from layerchain.ledger import CheckpointStore, Ledger
 from layerchain.ledger.base import OPEN
@@ -113,12 +125,30 @@ def worth_redeeming(due: int, cost: int, multiple: int = REDEEM_GAS_MULTIPLE) ->
     return due > 0 and due >= multiple * cost
 
 
+def agreed_price(asked: int, current: int, retired: dict[int, float], now: float,
+                 grace_s: float) -> int:
+    """The price per block per token a session opened asking ``asked`` pays: ``current`` when
+    it asks -1 (not said) or ``current``; ``asked`` when the node charged it until less than
+    ``grace_s`` before ``now`` (``retired``: price -> when it stopped being current, both
+    monotonic seconds); else OfferChanged."""
+    if asked == -1 or asked == current:
+        return current
+    until = retired.get(asked)
+    if asked >= 0 and until is not None and now - until <= grace_s:
+        return asked
+    raise OfferChanged(
+        f"this node charges {current} credits per block per token, not {asked}",
+        hint="re-read its record and plan again",
+    )
+
+
 @dataclass
 class SessionPayment:
     """One session's receipt chain and, once it pays, its channel."""
 
     signer: ReceiptSigner
     channel_id: str = ""
+    credit: int = 0  # credits its channel may owe this node (at the session's price)
 
 
 class NodePayments:
@@ -135,8 +165,13 @@ class NodePayments:
         stake: int = 0,  # credits to stake for uptime rewards (0: not registered)
         blocks: int = 0,  # blocks served, registered with the stake
         redeem_interval_s: float = 30.0,  # seconds between redemption rounds
+        price_grace_s: float = 120.0,  # a price changed from is still charged this long (s):
+        # how stale a client's record of the node may be (the node: twice its record TTL)
+        clock: Callable[[], float] = time.monotonic,  # seconds, for the grace; tests replace it
     ) -> None:
         self.wallet, self.model_id, self.price = wallet, model_id, price_per_block
+        self.price_grace_s, self.clock = price_grace_s, clock
+        self.retired: dict[int, float] = {}  # price -> monotonic s it stopped being current
         self.credit = credit_amount(blocks, price_per_block)  # credits a channel may owe at most
         self.ledger = ledger
         self.stake, self.blocks = stake, blocks
@@ -170,7 +205,13 @@ class NodePayments:
 
     def retune(self, *, price: int, blocks: int) -> None:
         """Charge ``price`` per block per token on ``blocks`` blocks for sessions opened from
-        now on (adaptive pricing, a moved span); open sessions keep their price."""
+        now on (adaptive pricing, a moved span); open sessions keep their price. The price
+        left is still charged for ``price_grace_s`` to sessions asking for it (``open``)."""
+        now = self.clock()
+        if price != self.price:
+            self.retired[self.price] = now
+            self.retired.pop(price, None)
+        self.retired = {p: t for p, t in self.retired.items() if now - t <= self.price_grace_s}
         self.price, self.blocks = price, blocks
         self.credit = credit_amount(blocks, price)
 
@@ -180,23 +221,29 @@ class NodePayments:
         return self.book is not None and self.price > 0
 
     def open(
-        self, session_id: str, start: int, end: int, *, max_length: int = 0, voucher: bytes = b""
+        self, session_id: str, start: int, end: int, *, max_length: int = 0, voucher: bytes = b"",
+        price: int = -1,
     ) -> SessionPayment:
-        """A session's payment state; on a priced node, first check ``voucher`` pays the
-        reservation fee on a channel able to pay for the whole reservation (raise if not)."""
+        """A session's payment state at the price it asked (``agreed_price``: OfferChanged if
+        the node no longer charges it; -1: the current one); on a priced node, first check
+        ``voucher`` pays the reservation fee on a channel able to pay for the whole
+        reservation (raise if not)."""
+        price = agreed_price(price, self.price, self.retired, self.clock(), self.price_grace_s)
         payment = SessionPayment(
-            ReceiptSigner(self.wallet, session_id, self.model_id, Span(start, end), self.price)
+            ReceiptSigner(self.wallet, session_id, self.model_id, Span(start, end), price),
+            # the client lags by the credit of the record it opened with: at this price
+            credit=max(self.credit, credit_amount(self.blocks, price)),
         )
-        if self.required:
-            fee = reservation_amount(max_length, end - start, self.price)
-            self._pay(payment, voucher, fee, reserve=step_amount(max_length, end - start, self.price),
+        if self.book is not None and price > 0:
+            fee = reservation_amount(max_length, end - start, price)
+            self._pay(payment, voucher, fee, reserve=step_amount(max_length, end - start, price),
                       what=f"opening a session of {max_length} tokens costs {fee} credits")
         return payment
 
     def charge(self, payment: SessionPayment, voucher: bytes, tokens: int) -> None:
         """Check that ``voucher`` pays for this step; raise before any work if not."""
-        if self.required:  # at the price the session opened at (its receipts carry it)
-            price = payment.signer.price_per_block
+        price = payment.signer.price_per_block  # the session's (its receipts carry it)
+        if self.book is not None and price > 0:
             amount = step_amount(tokens, payment.signer.span.length, price)
             self._pay(payment, voucher, amount,
                       what=f"this node charges {price} per block per token")
@@ -237,7 +284,7 @@ class NodePayments:
             )
         try:
             # on credit (market.credit): vouchers may lag the work by ``credit`` credits
-            self.book.accept(voucher, owed - self.credit, reread=False)  # InvalidVoucher, InsufficientFunds
+            self.book.accept(voucher, owed - payment.credit, reread=False)  # InvalidVoucher, InsufficientFunds
         finally:
             if self.store is not None and self.book.latest_for(channel_id) == voucher:
                 self._unsaved[channel_id] = voucher  # accepted, even when behind

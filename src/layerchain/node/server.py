@@ -119,6 +119,9 @@ class Node:
             stake=config.stake,
             blocks=span.end - span.start,
             redeem_interval_s=config.redeem_interval_s,
+            # a record of a price left may be read until one TTL after the change, and a
+            # client plans with what it read for its own refresh period (10 s) or a failover
+            price_grace_s=2 * config.record_ttl_s,
         )
         self.sessions = SessionTable(
             config.max_cache_tokens,
@@ -244,7 +247,8 @@ class Node:
 
     def set_price(self, price: int) -> None:
         """Charge ``price`` credits per block per token for sessions opened from now on (open
-        ones keep the price their receipts started with); announced at the next record."""
+        ones keep the price their receipts started with; clients still planning with the old
+        one get it for two record TTLs: ``NodePayments.open``); announced at the next record."""
         self.payments.retune(price=price, blocks=self.span.end - self.span.start)
 
     def swap_span(self, span: Any, ms_per_block: float) -> Any:
@@ -415,7 +419,8 @@ class Node:
         session.span = self.span  # its cache's span, even after the node moves (swap_span)
         try:  # admitted first, so a busy node takes no reservation fee
             session.payment = self.payments.open(
-                msg.session_id, msg.start, msg.end, max_length=msg.max_length, voucher=msg.voucher
+                msg.session_id, msg.start, msg.end, max_length=msg.max_length, voucher=msg.voucher,
+                price=msg.price_per_block,  # OfferChanged if no longer charged
             )
         except BaseException:
             self.sessions.close(msg.session_id)

@@ -19,7 +19,10 @@ Requests and their replies::
 
 This module knows nothing of bytes: ``codec`` turns these records into frames. The field
 order of each class *is* its wire layout (positional), and ``TYPE_ID`` its tag on the wire:
-changing either, or adding a field, means bumping ``PROTOCOL_VERSION``.
+changing either, or adding a field, means bumping ``PROTOCOL_VERSION``. One exception, kept
+in version 1: ``OpenSession.price_per_block`` was appended as a trailing field (issue 17);
+the codec checks every message's exact arity, so an older peer's OpenSession is refused as
+a ``frame_error``: clients and nodes upgrade together.
 
 ``hidden`` tensors are ``[B, T, H]`` (batch, new tokens, hidden size) in float32, float16
 or bfloat16. ``voucher`` and ``receipt`` are opaque bytes here; ``market`` defines them.
@@ -49,6 +52,7 @@ MAX_STEP_TOKENS = 512
 ERROR_CODES: dict[str, str] = {
     "busy": "no room now (sessions, cache, shutting down): try another peer or later",
     "unknown_session": "the peer holds no such session (it restarted or expired it)",
+    "offer_changed": "the peer no longer charges the price planned with: re-read its record",
     "limit_exceeded": "the request breaks a limit of the protocol or of this peer",
     "invalid_voucher": "the voucher is missing, malformed or does not pay for the work",
     "channel_error": "the voucher's payment channel is unknown, closed or disputed",
@@ -73,7 +77,12 @@ def _short_repr(msg: object) -> str:
 
 @dataclass(frozen=True)
 class OpenSession:
-    """Ask a peer to hold a KV cache for blocks ``[start, end)`` of ``model_id``."""
+    """Ask a peer to hold a KV cache for blocks ``[start, end)`` of ``model_id``, paying
+    ``price_per_block``: the price in the peer's record the client planned with (-1: not
+    said, the peer's current price). A peer charges it if it is its current price or one it
+    left less than two record TTLs ago (an adaptive node re-prices; clients' records lag),
+    else answers ``offer_changed``; its receipts then carry that price for the session.
+    (A trailing field appended in protocol 1: client and node upgrade together.)"""
 
     TYPE_ID: ClassVar[int] = 1
     rid: int
@@ -83,6 +92,7 @@ class OpenSession:
     end: int
     max_length: int  # tokens the session may reach (prompt + generated)
     voucher: bytes = b""
+    price_per_block: int = -1  # credits per block per token agreed; -1: the peer's current
 
 
 @dataclass(frozen=True)
