@@ -13,8 +13,10 @@ the swarm's own DHT (``train.dp_dht.SharedDHT`` over a ``HivemindDiscovery`` joi
 * ``federated``: each peer applies its own optimizer step after every local batch and the
   peers average parameters (and optimizer statistics) every ``average_every`` local steps:
   hivemind's ``use_local_updates`` with an epoch of ``average_every x batch_size x N``
-  samples, N the planned number of shards (exactly K local steps per round while peers run
-  at the same speed; hivemind counts the samples of the run). ``steps`` counts local steps.
+  samples, N the planned number of shards. hivemind counts the run's samples from progress
+  reports refreshed every 0.2-0.5 s, so a round is K local steps per peer only while steps
+  are slower than that and peers run at one speed; fast steps overshoot (measured with a
+  tiny model: K=2 became 4). ``steps`` counts this peer's local steps.
 
 Which shard a peer trains on: ``shard=(I, N)`` (``--shard I/N``) for a planned run; without
 it, from the run's roster on the DHT: each peer stores its join time under the run's roster
@@ -132,7 +134,7 @@ class DPConfig:
 class DPResult:
     """What one peer's run did (``to_json`` is ``train dp --json``'s output)."""
 
-    steps: int  # global steps (epochs) the run reached
+    steps: int  # data: global steps (epochs) the run reached; federated: local steps
     local_steps: int  # forward/backward passes this peer made
     loss_first: float  # this peer's first batch loss
     loss_last: float  # mean loss of this peer's batches in the run's last global step
@@ -327,6 +329,9 @@ def _train(config: DPConfig, spec: ModelSpec, model: torch.nn.Module, tokenizer:
         load_state_timeout=max(30.0, config.averaging_timeout_s), verbose=False,
         # a matchmaking request must time out well within the matchmaking window
         averager_opts={"request_timeout": min(3.0, config.matchmaking_time_s * 0.75)},
+        # peers learn the run's sample count from progress reports: refresh them often, so
+        # fast local steps overshoot an epoch (federated: K steps) by less
+        tracker_opts={"min_refresh_period": 0.2, "default_refresh_period": 0.5},
     )
     try:
         if saved is not None:
@@ -342,8 +347,11 @@ def _train(config: DPConfig, spec: ModelSpec, model: torch.nn.Module, tokenizer:
                               hint="use fewer shards or more data")
         examples = [encode(records[i], tokenizer, config.max_tokens) for i in indices]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        last_epoch = (config.steps if not federated
-                      else start_epoch + math.ceil(config.steps / config.average_every))
+        local_steps = 0
+
+        def finished() -> bool:  # data: the run's global step; federated: our local steps
+            return (local_steps >= config.steps if federated
+                    else optimizer.local_epoch >= config.steps)
         peers: dict[str, None] = dict.fromkeys([me, *sorted(roster, key=roster.__getitem__)])
         losses: list[float] = []
         epoch_losses: list[float] = []
@@ -351,8 +359,7 @@ def _train(config: DPConfig, spec: ModelSpec, model: torch.nn.Module, tokenizer:
         checkpoint = ""
         order = batches(len(examples), config.batch_size, config.seed + shard[0])
         started = time.perf_counter()
-        local_steps = 0
-        while optimizer.local_epoch < last_epoch:
+        while not finished():
             epoch = optimizer.local_epoch
             batch = collate([examples[i] for i in next(order)], pad_id)
             loss = model(**batch).loss
@@ -368,7 +375,7 @@ def _train(config: DPConfig, spec: ModelSpec, model: torch.nn.Module, tokenizer:
                 epoch_losses = []
                 peers.update(dict.fromkeys(_join_roster(dht, config.run_id, me, joined)))
                 saving = (optimizer.local_epoch % config.checkpoint_every == 0
-                          and optimizer.local_epoch < last_epoch)  # the last one: below
+                          and not finished())  # the last one: below
                 if saving:
                     checkpoint = _save(directory, model, optimizer, spec, me, local_steps)
                 store.update(job_id, loss=last_mean, step=optimizer.local_epoch,
@@ -382,7 +389,7 @@ def _train(config: DPConfig, spec: ModelSpec, model: torch.nn.Module, tokenizer:
         if math.isnan(last_mean) and epoch_losses:
             last_mean = sum(epoch_losses) / len(epoch_losses)
         return DPResult(
-            steps=optimizer.local_epoch, local_steps=local_steps,
+            steps=local_steps if federated else optimizer.local_epoch, local_steps=local_steps,
             loss_first=losses[0] if losses else float("nan"), loss_last=last_mean,
             samples_per_s=local_steps * config.batch_size / elapsed if elapsed > 0 else 0.0,
             peers=tuple(peers), checkpoint=checkpoint, job_id=job_id, start_epoch=start_epoch,
