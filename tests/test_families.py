@@ -18,7 +18,7 @@ import torch
 from layerchain.model import load_head, load_span, resolve_model
 from layerchain.model.families import FAMILIES
 
-PROMPT_TOKENS, DECODE_STEPS, TOLERANCE = 12, 10, 1e-4
+PROMPT_TOKENS, DECODE_STEPS, TOLERANCE = 12, 6, 1e-4
 SPLITS = {  # 3 split points each: spans chained in this order
     "gemma3_text": ((0, 1), (1, 3), (3, 4), (4, 6)),  # 1, 4: inside sliding runs (S S F S S F)
 }
