@@ -20,9 +20,10 @@ routed by the REAL planner (``layerchain.routing.plan_route``) over the candidat
 lookup would give it: ``candidates_per_block`` random servers of every block, not all
 10,000 nodes. Each hop of the route is paid ``blocks * price * tokens_per_request``.
 
-Churn: at ``churn_round`` a fraction ``churn`` of the nodes leaves, *correlated*: the nodes
-whose spans sit nearest one random block (a region or a hoster going down), which leaves
-blocks with no server at all; a random 20% would only scale every block down evenly. The
+Churn: at ``churn_round`` (default 2/3 of the run) a fraction ``churn`` of the nodes leaves,
+*correlated*: the nodes whose spans sit nearest one random block (a region or a hoster going
+down), which leaves blocks with few or no servers; a random 20% would only thin every block
+evenly. The
 survivors recover coverage through the same ``plan_move`` (an empty block is the largest
 share a node can get).
 
@@ -31,9 +32,13 @@ clients away from the fastest peers), state changes are seen by everyone at once
 delay), a move takes no time (no weight download, no draining), nodes never fail
 mid-route, and the seed fixes everything (same seed, same numbers).
 
+Measures: a monitor process records, at the end of every round, each block's mean price and
+capacity, the price change, coverage, moves and requests without a route; revenue is counted
+over the second half of the rounds before the churn (prices settled, the swarm whole).
+
 The world is plain mutable state behind ``Market``; ``simulate`` runs the processes and
-returns a frozen ``Trace`` of numbers per round; ``layerchain.market.sim.run`` turns it
-into the summary and plots.
+returns a frozen ``Trace`` of numbers per round; ``layerchain.market.sim.summary`` turns it
+into the summary, ``plots`` into the figures.
 """
 
 from __future__ import annotations
@@ -56,7 +61,13 @@ from layerchain.market.pricing import (
     expected_revenue,
     pricing_policy,
 )
-from layerchain.routing import RouteLimits, RoutePeer, default_max_price, plan_route
+from layerchain.routing import (
+    RouteLimits,
+    RoutePeer,
+    default_max_price,
+    median_block_prices,
+    plan_route,
+)
 from layerchain.types import Span
 
 FloatArray = npt.NDArray[np.float64]
@@ -290,7 +301,7 @@ class Market:
         peers = self.candidates(rng)
         max_price = None
         if rng.random() < config.price_capped_share:
-            medians = _median_block_prices(peers, config.blocks)
+            medians = median_block_prices(peers, config.blocks)
             max_price = default_max_price(medians, 0, config.blocks, 1.0)
         self.requests += 1
         try:
@@ -303,18 +314,6 @@ class Market:
                 j = int(hop.peer_id[1:])
                 self.revenue[j] += (hop.end - hop.start) * self.price[j] * config.tokens_per_request
         return alpha, plan.price, plan.latency_ms
-
-
-def _median_block_prices(peers: list[RoutePeer], num_blocks: int) -> list[float]:
-    """Median price per block over ``peers`` (as ``routing.median_block_prices``, numpy)."""
-    starts = np.array([p.start for p in peers])
-    ends = np.array([p.end for p in peers])
-    prices = np.array([p.price_per_block for p in peers])
-    out = []
-    for b in range(num_blocks):
-        here = prices[(starts <= b) & (b < ends)]
-        out.append(float(np.median(here)) if here.size else 0.0)
-    return out
 
 
 @dataclass(frozen=True)
