@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from layerchain.model.spec import DEFAULT_MODEL
@@ -36,7 +37,10 @@ def even_spans(num_blocks: int, nodes: int) -> list[Span]:
 
 def run_train_bench(model: str = DEFAULT_MODEL, nodes: int = 3, steps: int = 3,
                     method: str = "prompt", batch_size: int = 2, data: Path | None = None,
-                    dp: bool = True) -> dict[str, Any]:
+                    dp: bool = True, on_progress: Callable[[str], None] | None = None
+                    ) -> dict[str, Any]:
+    """The figures (module docstring); ``on_progress`` gets a line per phase (the
+    fine-tuning figures before the data-parallel measurement, which takes minutes)."""
     from layerchain.client import Swarm
     from layerchain.local import swarm_down, swarm_up
     from layerchain.model import load_head, load_span, resolve_model
@@ -85,6 +89,8 @@ def run_train_bench(model: str = DEFAULT_MODEL, nodes: int = 3, steps: int = 3,
         "max_loss_difference": round(max(abs(a.loss - b.loss)
                                          for a, b in zip(local_stats, swarm_stats, strict=True)), 6),
     }
+    if on_progress is not None:
+        on_progress(f"fine-tuning: {result}")
     if dp:
         try:
             from layerchain.train.dp import measure_dp_speedup

@@ -313,7 +313,8 @@ def bench_train(
     if nodes < 1 or steps < 1 or batch_size < 1:
         raise ConfigError("bench train needs --nodes, --steps and --batch-size >= 1")
     _print(run_train_bench(model, nodes=nodes, steps=steps, method=method,
-                           batch_size=batch_size, dp=dp), as_json)
+                           batch_size=batch_size, dp=dp,
+                           on_progress=lambda line: typer.echo(line, err=True)), as_json)
 
 
 def register(app: typer.Typer) -> None:
