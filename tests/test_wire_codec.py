@@ -23,7 +23,11 @@ from layerchain.wire.messages import (
     ErrorReply,
     Info,
     InfoReply,
+    ManifestQuery,
+    ManifestReply,
     OpenSession,
+    PieceQuery,
+    PieceReply,
     Ping,
     Pong,
     RelayAccept,
@@ -77,6 +81,10 @@ def sample_messages(dtype: torch.dtype = torch.float32) -> list:
         TrainForwardResult(41, "s-1", 8, hidden * 2, b"r"),
         TrainBackward(42, "s-1", 9, hidden, hidden * 3, b"v"),
         TrainBackwardResult(43, "s-1", 9, hidden * 4, b"r"),
+        ManifestQuery(50, "a" * 64),
+        ManifestReply(51, "a" * 64, b'{"num_blocks": 30}', 10, 20, 1),
+        PieceQuery(52, "a" * 64, "block_012.safetensors", 1 << 20, 512 * 1024),
+        PieceReply(53, "a" * 64, "block_012.safetensors", 1 << 20, 14_000_000, b"\x00\xff" * 1000),
     ]
 
 

@@ -17,8 +17,9 @@ What it serves, and nothing else (``limit_exceeded`` otherwise):
 Bounds: a request asks for at most ``MAX_PIECE_BYTES``; bytes sent are metered by two token
 buckets (``TokenBucket``: bytes per second, per connection and for the whole node), a reply
 waiting its turn for at most ``MAX_WAIT_S`` (else ``busy``); files are built (a GGUF block is
-dequantized and serialized, about 0.1 s) or read and verified against the manifest once, in a
-worker thread, and kept in a small LRU (``FileCache``), so a piece costs a slice of bytes.
+dequantized and serialized: about 0.1 s for SmolLM2's, on the node's event loop like all its
+torch work) or read and verified against the manifest once, and kept in a small LRU
+(``FileCache``), so a piece costs a slice of bytes.
 
 Testing defences only: ``SeedConfig.misbehave == "corrupt"`` flips one byte of every piece
 it sends (what a lying seeder does); fetchers refuse the file by name and fetch it elsewhere.
@@ -29,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from layerchain.errors import ConfigError, LimitExceeded, ModelFileError, PeerBusy
+from layerchain.errors import ConfigError, LimitExceeded, PeerBusy
 from layerchain.model.manifest import client_files, file_bytes, manifest_files, manifest_of
 from layerchain.model.shards import block_file
 from layerchain.model.spec import ModelSpec
@@ -86,33 +88,20 @@ class TokenBucket:
 
 
 class FileCache:
-    """The bytes of recently built files, up to ``max_bytes`` (the newest always kept);
-    concurrent requests for one file build it once."""
+    """The bytes of recently built files, up to ``max_bytes`` (the newest always kept)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.files: OrderedDict[str, bytes] = OrderedDict()
-        self.building: dict[str, asyncio.Future[bytes]] = {}
 
-    async def get(self, name: str, build: Any) -> bytes:
-        """The bytes of ``name``, from the cache or ``await asyncio.to_thread(build)``."""
+    def get(self, name: str, build: Callable[[], bytes]) -> bytes:
+        """The bytes of ``name``, from the cache or ``build()``. On the caller's thread: a
+        node builds on its event loop, where all its torch work runs (``node.server``: a
+        second thread running torch ops would slow every step on a small CPU)."""
         if name in self.files:
             self.files.move_to_end(name)
             return self.files[name]
-        pending = self.building.get(name)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.building[name] = future
-        try:
-            data: bytes = await asyncio.to_thread(build)
-        except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # retrieved: waiters re-raise it
-            raise
-        finally:
-            del self.building[name]
-        future.set_result(data)
+        data = build()
         self.files[name] = data
         while len(self.files) > 1 and sum(map(len, self.files.values())) > self.max_bytes:
             self.files.popitem(last=False)
@@ -163,6 +152,14 @@ class Seeder:
             self._plan = seed_plan(self.spec, self.span)
         return self._plan
 
+    def follow(self, span: Span) -> None:
+        """Seed ``span`` from now on (the node moved, ``Node.swap_span``): the files of the
+        blocks left are no longer offered, nor kept built."""
+        self.span, self._plan = span, None
+        kept = {block_file(i) for i in range(span.start, span.end)}
+        for name in [n for n in self.cache.files if n.startswith("block_") and n not in kept]:
+            del self.cache.files[name]
+
     def forget(self, owner: int) -> None:
         """The connection ``owner`` is gone: drop its bucket."""
         self.connections.pop(owner, None)
@@ -192,7 +189,7 @@ class Seeder:
         if msg.offset < 0 or (size is not None and msg.offset >= size):
             raise LimitExceeded(f"offset {msg.offset} is outside {msg.file} ({size} bytes)")
         name = msg.file
-        data = await self.cache.get(name, lambda: file_bytes(self.spec, name))
+        data = self.cache.get(name, lambda: file_bytes(self.spec, name))
         if msg.offset >= len(data):
             raise LimitExceeded(f"offset {msg.offset} is outside {name} ({len(data)} bytes)")
         piece = data[msg.offset: msg.offset + msg.length]
@@ -231,7 +228,4 @@ def _holds_client_files(spec: ModelSpec, manifest: dict[str, Any]) -> bool:
     hold only its span's blocks)."""
     if spec.kind != "shards":
         return True
-    try:
-        return all((spec.path / name).is_file() for name in client_files(manifest))
-    except (OSError, ModelFileError):
-        return False
+    return all((spec.path / name).is_file() for name in client_files(manifest))
