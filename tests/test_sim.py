@@ -10,6 +10,7 @@ per hop the route choice is about hops, not compute: docs/MARKET.md reads that c
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -45,6 +46,17 @@ def test_prices_converge_per_layer(small):
     assert summary.price_convergence_round <= SMALL.churn_at
     # they moved first: the start prices are not the equilibrium
     assert trace.price_change[0] > 10 * summary.final_price_change
+
+
+def test_settled_prices_are_best_responses(small):
+    """Paper eq. 6: at the end no node gains expected revenue by moving its price 5% either
+    way against its competitors as they stand; prices that merely stopped do not pass."""
+    trace, _, _ = small
+    assert trace.best_response_share == 1.0
+    alive = trace.alive
+    assert np.min(trace.price[alive]) > 2 * 0.01  # none stuck at the policy's floor
+    fixed = simulate(replace(SMALL, pricing="fixed", rounds=4, churn=0.0))  # start prices
+    assert fixed.best_response_share < 0.5
 
 
 def test_cheaper_compute_earns_more(small):

@@ -264,6 +264,16 @@ class Market:
             self.offers[i] = Offer(price, self.ms[i])
             self.peers[i] = None
 
+    def best_response(self, i: int, step: float = 0.05) -> bool:
+        """Paper eq. 6 for node ``i``: no price ``step`` (a fraction) higher or lower earns
+        it more expected revenue against its competitors as they stand."""
+        rivals = [self.offers[j] for j in self._refresh_competitors(i)]
+        price, ms = self.price[i], self.ms[i]
+        here, lower, higher = (
+            expected_revenue(0, [Offer(price * f, ms), *rivals], self.demand)
+            for f in (1.0, 1.0 - step, 1.0 + step))
+        return here >= max(lower, higher)
+
     def expected_revenue(self, i: int) -> float:
         """The pricing model's ``R`` of node ``i`` against its competitors (eq. 2)."""
         rivals = self._refresh_competitors(i)
@@ -340,6 +350,8 @@ class Trace:
     revenue: FloatArray  # [nodes] credits earned in the revenue window (every node: the
     # window ends before the churn)
     alive: npt.NDArray[np.bool_]  # [nodes] still in the swarm at the end
+    best_response_share: float  # of the nodes alive at the end, those whose price is a best
+    # response (no 5% move earns more R: ``Market.best_response``)
     survived_compute: float  # share of the start's total tokens/s the churn left
     capacity_hit: FloatArray  # [blocks] tokens/s right after the churn (zeros: no churn)
     revenue_from: int  # revenue window: rounds [revenue_from, churn_at or rounds)
@@ -443,6 +455,8 @@ def simulate(config: SimConfig, progress: Progress | None = None) -> Trace:
         env.process(churn(churn_at))
     done = env.process(monitor())
     env.run(until=done)
+    best_responses = sum(market.best_response(i) for i in range(config.nodes)
+                         if market.alive[i])
     return Trace(
         config=config, capacity_before=before, block_price=block_price, price_change=change,
         capacity=capacity, coverage=coverage, moves=moves, failed=failed, requests=requests,
@@ -450,7 +464,9 @@ def simulate(config: SimConfig, progress: Progress | None = None) -> Trace:
         price=np.array(market.price), settled_price=settled_price, settled_span=settled_span,
         expected_revenue=modelled,
         revenue=np.array(market.revenue),
-        alive=np.array(market.alive), survived_compute=survived[0], capacity_hit=hit,
+        alive=np.array(market.alive),
+        best_response_share=best_responses / max(1, sum(market.alive)),
+        survived_compute=survived[0], capacity_hit=hit,
         revenue_from=revenue_from,
         routes=tuple(routes), market=market,
     )

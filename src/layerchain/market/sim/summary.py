@@ -217,6 +217,7 @@ def details(trace: Trace, front: Frontier) -> dict[str, Any]:
     settled = at if at is not None else config.rounds
     return {
         "config": {name: getattr(config, name) for name in config.__dataclass_fields__},
+        "best_response_share": trace.best_response_share,
         "price_vs_cost_spearman": spearman(trace.ms, trace.settled_price),
         "revenue_per_block_vs_cost_spearman": spearman(trace.ms,
                                                        trace.revenue / trace.settled_span),
