@@ -14,6 +14,7 @@ import gc
 import json
 import subprocess
 import sys
+import threading
 import time
 import weakref
 
@@ -22,6 +23,8 @@ from memswarm import MemorySwarm
 
 from layerchain.discovery import Identity, MemoryDiscovery
 from layerchain.errors import ConfigError, LimitExceeded
+from layerchain.ledger import LedgerConfig, open_ledger
+from layerchain.market import Wallet
 from layerchain.market.pricing import DEFAULT_DEMAND, Offer, expected_revenue
 from layerchain.model import SamplingParams, load_span
 from layerchain.node import Node, NodeConfig
@@ -45,7 +48,7 @@ def run(coro):
 
 def _task(swarm: MemorySwarm, node: Node, max_blocks: int = 4) -> MarketTask:
     def load(span: Span):
-        return load_span(swarm.spec, span.start, span.end), 1.0
+        return load_span(swarm.spec, span.start, span.end)
 
     return MarketTask(node, node.config, max_blocks, load)
 
@@ -198,6 +201,70 @@ def test_rebalance_moves_a_node_to_a_lost_block_and_stays_after(tiny_model, tmp_
     moves, moved_to, again, other = run(main())
     assert moves == 1 and moved_to == (2, 4)
     assert again is None and other is None
+
+
+def test_a_move_loads_in_a_thread_of_its_own_while_the_node_keeps_answering(tiny_model,
+                                                                            tmp_path):
+    loaded_on: list[threading.Thread] = []
+
+    def slow_load(span: Span):  # reading weights from a slow disk
+        loaded_on.append(threading.current_thread())
+        time.sleep(0.4)
+        return load_span(MemorySwarm(tiny_model).spec, span.start, span.end)
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            node = await swarm.add_node(0, 2, tmp_path / "n")
+            move = asyncio.create_task(MarketTask(node, node.config, 2, slow_load)
+                                       .move(Span(2, 4)))
+            gaps, last = [], time.perf_counter()
+            while not move.done():  # the loop turns, and the node answers, during the move
+                pong = await node.handle(m.Ping(1, 7))
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+            await move
+            return gaps, pong, (node.span.start, node.span.end)
+        finally:
+            await swarm.close()
+
+    gaps, pong, span = run(main())
+    assert span == (2, 4) and pong.nonce == 7
+    assert max(gaps) < 0.3  # the 0.4 s load never held the loop (each gap: one decode step)
+    assert loaded_on[0] is not threading.main_thread() and not loaded_on[0].is_alive()
+
+
+def test_a_moved_node_seeds_its_new_span_and_stakes_its_blocks(tiny_model, tmp_path):
+    ledger = open_ledger(tmp_path / "stake.sqlite",
+                         LedgerConfig(dispute_window_s=60, min_stake=10))
+    wallet = Wallet.generate()
+    ledger.deposit(wallet, 50)
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            node = await swarm.add_node(0, 2, tmp_path / "n", wallet=wallet, ledger=ledger,
+                                        stake=10)
+            staked = ledger.node(wallet.address).blocks
+            await _task(swarm, node, max_blocks=3).move(Span(1, 4))
+            seeder = node.seeder
+            assert seeder is not None
+            manifest = await node.handle(m.ManifestQuery(1, seeder.model_id))
+            with pytest.raises(LimitExceeded, match="does not seed 'block_000"):
+                await node.handle(m.PieceQuery(2, seeder.model_id, "block_000.safetensors", 0,
+                                               16))
+            piece = await node.handle(m.PieceQuery(3, seeder.model_id, "block_003.safetensors",
+                                                   0, 16))
+            return staked, manifest, piece
+        finally:
+            await swarm.close()
+
+    staked, manifest, piece = run(main())
+    assert staked == 2 and ledger.node(wallet.address).blocks == 3
+    assert (manifest.start, manifest.end) == (1, 4) and len(piece.data) == 16
+    ledger.close()
 
 
 # ---------------------------------------------------------------- real processes

@@ -12,11 +12,16 @@ swarm's records, calls them, and acts:
   re-announces when its whole-credit price changes; every ``rebalance_every_s`` (with jitter,
   so nodes seeing the same hole do not all move at once) it asks ``plan_move`` and, if told,
   moves: loads the new span, swaps it in (new sessions open there, the old span refuses
-  them), announces it (the announcer withdraws the blocks left), lets the old span's open
-  sessions finish for ``drain_s`` (then closes them: their clients fail over and replay, the
-  output unchanged), and frees the old weights.
+  them; the seeder offers its files), announces it (the announcer withdraws the blocks
+  left), registers the new block count with its stake, lets the old span's open sessions
+  finish for ``drain_s`` (then closes them: their clients fail over and replay, the output
+  unchanged), and frees the old weights.
 
-Nothing here runs on a step's path: the task wakes every few seconds at most.
+Nothing here runs on a step's path: the task wakes every few seconds at most. A move's load
+(reading and converting weights: seconds) runs in a thread of its own that ends with it, so
+the node keeps answering meanwhile and no OpenMP team outlives it (``node.server``'s note);
+its speed is then measured on the loop thread, as at start, one step at a time
+(``measure_between_steps``).
 """
 
 from __future__ import annotations
@@ -26,19 +31,22 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from layerchain.discovery import Discovery, PeerRecord
 from layerchain.errors import ConfigError, LayerchainError
 from layerchain.market.placement import block_capacity, choose_span, plan_move, score_span
 from layerchain.market.pricing import DEFAULT_DEMAND, Offer, pricing_policy
 from layerchain.node.config import NodeConfig
+from layerchain.node.server import measure_between_steps
 from layerchain.types import Span
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GIB = 1 << 30
 DRAIN_POLL_S = 0.1  # how often a move checks whether the old span's sessions are done
@@ -130,12 +138,42 @@ async def place_node(discovery: Discovery, spec: Any, config: NodeConfig,
 # ---------------------------------------------------------------- the running node's task
 
 
+async def in_own_thread(fn: Callable[[], T], name: str = "layerchain-load") -> T:
+    """``fn()`` run in a new thread that ends when it returns, awaited without blocking the
+    event loop. Not ``asyncio.to_thread``: its pool's threads live on, and a thread that ran
+    torch's parallel ops keeps an OpenMP team while it lives (``node.server``). If the
+    awaiting task is cancelled, ``fn`` still runs to its end; its result is dropped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as error:  # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, error)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return await done
+
+
 class MarketTask:
     """Re-pricing and rebalancing of one running node (module docstring). ``load(span)``
-    loads and measures a span: (SpanModel, ms per block), under the runner's machine lock."""
+    loads a span (a SpanModel; blocking: the runner's holds its machine lock); a move runs it
+    in a thread of its own."""
 
     def __init__(self, node: Any, config: NodeConfig, max_blocks: int,
-                 load: Callable[[Span], tuple[Any, float]],
+                 load: Callable[[Span], Any],
                  rng: random.Random | None = None) -> None:
         self.node = node
         self.config = config
@@ -189,15 +227,22 @@ class MarketTask:
         return target
 
     async def move(self, target: Span) -> None:
-        """Hot-swap to ``target``: load, swap, announce, drain the old span, free it."""
+        """Hot-swap to ``target``: load (in a thread of its own) and measure, swap, announce,
+        register the stake's blocks, drain the old span, free it."""
         node = self.node
         self.moving = True
         try:
-            span, ms_per_block = self.load(target)
+            span = await in_own_thread(lambda: self.load(target))
+            ms_per_block = await measure_between_steps(span, node.spec.hidden_size)
             old = node.swap_span(span, ms_per_block)
             if node.announcer is not None:
                 await node.announcer.announce_now()
             self.moves += 1
+            try:  # the uptime reward is per block served: the ledger learns the new count
+                await node.payments.register()
+            except LayerchainError as error:  # the next move or restart tries again
+                log.warning("could not register %s blocks with the stake: %s", target.length,
+                            error)
             await drain(node, old, self.config.drain_s)
             del old  # the last reference: its weights go
             from layerchain.model.quant import release_freed_memory

@@ -152,12 +152,11 @@ def probe_block(spec: Any, device: str) -> tuple[int, float]:
         return block.parameter_bytes(), measure_ms_per_block(block, spec.hidden_size)
 
 
-def load_measured(spec: Any, device: str, span: Span) -> tuple[Any, float]:
-    """A span loaded and measured (ms per block per token), one node of the machine at a time
-    (``machine_lock``): what a moving node swaps in (node.rebalance)."""
+def load_locked(spec: Any, device: str, span: Span) -> Any:
+    """A span loaded, one node of the machine at a time (``machine_lock``): what a moving
+    node swaps in (node.rebalance runs it in a thread of its own, then measures it)."""
     with machine_lock("compute-start"):
-        model = load_span(spec, span.start, span.end, device=device)
-        return model, measure_ms_per_block(model, spec.hidden_size)
+        return load_span(spec, span.start, span.end, device=device)
 
 
 def set_payout(ledger: Ledger, wallet: Wallet, payout: str) -> None:
@@ -240,7 +239,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
         if config.pricing == "adaptive" or config.rebalance_every_s:  # node.rebalance
             market = loop.create_task(MarketTask(
                 node, node.config, node.config.max_blocks or node.span.end - node.span.start,
-                lambda target: load_measured(node.spec, config.device, target)).run())
+                lambda target: load_locked(node.spec, config.device, target)).run())
         if on_ready is not None:
             on_ready(node, addresses)
         await stop.wait()

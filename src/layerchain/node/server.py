@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -70,14 +71,32 @@ def measure_ms_per_block(span: Any, hidden_size: int, steps: int = 24) -> float:
 
     The minimum, not the median: nodes often start side by side on shared cores, and the
     least disturbed sample is the best estimate of the cost once they take turns."""
+    return _per_block(span, list(_timed_steps(span, hidden_size, steps)))
+
+
+async def measure_between_steps(span: Any, hidden_size: int, steps: int = 24) -> float:
+    """``measure_ms_per_block`` on a serving node's event loop: handed over between steps,
+    so pings and sessions wait at most one decode step through ``span``."""
+    times = []
+    for seconds in _timed_steps(span, hidden_size, steps):
+        times.append(seconds)
+        await asyncio.sleep(YIELD_S)
+    return _per_block(span, times)
+
+
+def _timed_steps(span: Any, hidden_size: int, steps: int) -> Iterator[float]:
+    """Seconds of each of ``steps + 2`` single-token decode steps (the first two warm up)."""
     cache = span.new_cache()
     x = torch.zeros(1, 1, hidden_size)
-    times = []
-    with torch.inference_mode():
-        for _ in range(steps + 2):
+    for _ in range(steps + 2):
+        with torch.inference_mode():  # entered per step: never held across a yield
             t0 = time.perf_counter()
             span.forward(x, cache).to("cpu")  # a GPU's step ends when its output is back
-            times.append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+        yield seconds
+
+
+def _per_block(span: Any, times: list[float]) -> float:
     return 1000.0 * min(times[2:]) / max(1, span.end - span.start)
 
 
@@ -254,12 +273,16 @@ class Node:
     def swap_span(self, span: Any, ms_per_block: float) -> Any:
         """Serve ``span`` (a loaded SpanModel) from now on: new sessions open on it, sessions
         already open keep computing on theirs (``Session.span``) until they close. Returns
-        the span served before; the caller announces, drains and frees it (node.rebalance)."""
+        the span served before; the caller announces, drains and frees it (node.rebalance).
+        The seeder offers the new span's files from now on (a fetch of the old one's goes
+        to other seeders)."""
         old = self.span
         self.span = cheating_span(self.config.misbehave, span) if self.config.misbehave else span
         self.ms_per_block = ms_per_block
         self.load = LoadMeter(span.end - span.start, time.monotonic())
         self.payments.retune(price=self.payments.price, blocks=span.end - span.start)
+        if self.seeder is not None:
+            self.seeder.follow(Span(span.start, span.end))
         return old
 
     def _announce_load(self) -> None:
