@@ -29,12 +29,12 @@ def sim(
     seed: int = typer.Option(0, "--seed", help="Random seed: same seed, same numbers."),
     churn: Optional[float] = typer.Option(
         None, "--churn", min=0.0, max=0.95,
-        help="Fraction of nodes leaving at once halfway through; 0: no churn [default: 0.2]."),
+        help="Fraction of nodes leaving at once, 2/3 into the run (default 0.2; 0: none)."),
     rtt_ms: Optional[float] = typer.Option(
-        None, "--rtt-ms", min=0.01, help="Median client-node round trip, ms [default: 30]."),
+        None, "--rtt-ms", min=0.01, help="Median client-node round trip, ms (default 30)."),
     requests: Optional[int] = typer.Option(
         None, "--requests", min=0,
-        help="Client requests routed by the planner per round [default: 40]."),
+        help="Client requests routed by the planner per round (default 40)."),
 ) -> None:
     """Simulate thousands of nodes pricing, placing and churning; plot and measure the market."""
     from layerchain.market.sim import SimConfig, run_sim
