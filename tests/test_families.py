@@ -576,3 +576,33 @@ def test_moe_spans_run_the_experts_as_transformers_does(family_dir):
         theirs = reference.model.layers[0].mlp(reference.model.layers[0].post_attention_layernorm(x))
         mine = span.layers[0].mlp(span.layers[0].post_attention_layernorm(x))
     assert torch.equal(mine, theirs) and ours.shape == x.shape
+
+
+def test_an_image_text_gemma3_checkpoint_serves_its_text_model(tmp_path):
+    """Gemma 3 4B-27B ship as image-text checkpoints (model_type gemma3, the text model under
+    ``language_model.``): the spec is their gemma3_text model, and its spans decode what
+    transformers' image-text model decodes from text alone."""
+    from transformers import AutoModelForImageTextToText, Gemma3Config, SiglipVisionConfig
+
+    # no final soft-capping (Gemma 3 has none; the image-text class would not apply it)
+    text = family_config("gemma3_text", vocab_size=300, final_logit_softcapping=None)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
+                          eoi_token_index=298)
+    path = tmp_path / "gemma3-it"
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(str(path))
+    spec = resolve_model(path)
+    assert (spec.family, spec.num_blocks, spec.hidden_size) == ("gemma3_text", 6, 64)
+    reference = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+    prompt = random_prompt(296)
+    spans = [load_span(spec, a, b) for a, b in SPLITS["gemma3_text"]]
+    ours = decode(chain_step(spans, load_head(spec)), prompt, steps=3)
+    assert_same(ours, decode(reference_step(reference), prompt, steps=3))

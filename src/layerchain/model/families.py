@@ -146,6 +146,29 @@ def sliding_window_of(config: PretrainedConfig, layer_idx: int) -> int | None:
     return window
 
 
+@dataclass(frozen=True)
+class TextOf:
+    """A multimodal checkpoint whose text model is a registered family: a node serves (and a
+    client's head embeds) only its text model's blocks, read under ``prefix``."""
+
+    config_attr: str  # the text model's config inside the checkpoint's ("text_config")
+    prefix: str  # what precedes the text model's "model.layers.N..." / "lm_head" tensor names
+
+
+# gemma3 (Gemma 3 4B/12B/27B, image-text): the gemma3_text model under "language_model."
+MULTIMODAL: dict[str, TextOf] = {"gemma3": TextOf("text_config", "language_model.")}
+
+
+def text_model_of(config: PretrainedConfig) -> tuple[PretrainedConfig, str]:
+    """(the config spans run, the checkpoint prefix of its tensors): a multimodal config's
+    text model (``MULTIMODAL``), else the config itself with no prefix."""
+    text = MULTIMODAL.get(str(config.model_type))
+    if text is None:
+        return config, ""
+    inner: PretrainedConfig = getattr(config, text.config_attr)
+    return inner, text.prefix
+
+
 def rope_key_of(family: Family, config: PretrainedConfig, layer_idx: int) -> str | None:
     """Which rotary table global layer ``layer_idx`` uses: its layer type for a family with
     one table per type (gemma3: local and global layers rotate with different bases), else

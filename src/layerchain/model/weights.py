@@ -24,7 +24,7 @@ from gguf import get_tensor_name_map
 from safetensors import safe_open
 
 from layerchain.errors import ModelFileError
-from layerchain.model.families import family_for
+from layerchain.model.families import family_for, text_model_of
 from layerchain.model.family_experts import fuse_stacked, gguf_expert_parts, hf_block_state
 from layerchain.model.gguf_file import (
     GGUFFile,
@@ -112,9 +112,11 @@ class HFDirSource:
 
         self.path = path
         try:
-            self._config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError) as error:
             raise ModelFileError(f"cannot read {path / 'config.json'}: {error}") from None
+        # an image-text checkpoint (gemma3): its text model's config and tensor-name prefix
+        self._config, self._prefix = text_model_of(config)
         self._files = sorted(path.glob("*.safetensors"))
         if not self._files:
             raise ModelFileError(f"{path} has config.json but no *.safetensors weights")
@@ -162,19 +164,19 @@ class HFDirSource:
 
     def block_state(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
         experts = family_for(str(self._config.model_type)).experts
+        prefix = f"{self._prefix}model.layers.{index}."
         if experts is None:
-            return self._read({n: f"model.layers.{index}.{n}" for n in names})
+            return self._read({n: prefix + n for n in names})
         count = int(getattr(self._config, experts.count))  # E: one matrix per expert on disk
-        prefix = f"model.layers.{index}."
         return hf_block_state(experts, count, names, prefix, self._index(), self._read)
 
     def head_state(self) -> dict[str, torch.Tensor]:
         names = {
-            "embed_tokens.weight": "model.embed_tokens.weight",
-            "norm.weight": "model.norm.weight",
+            "embed_tokens.weight": f"{self._prefix}model.embed_tokens.weight",
+            "norm.weight": f"{self._prefix}model.norm.weight",
         }
         if not self._config.tie_word_embeddings:
-            names["lm_head.weight"] = "lm_head.weight"
+            names["lm_head.weight"] = f"{self._prefix}lm_head.weight"
         return self._read(names)
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
