@@ -12,7 +12,8 @@ with different bases), and a mixture-of-experts family's checkpoint layout
 them). Registered: llama (and Llama 3.x rope scaling, read from the config by
 ``LlamaRotaryEmbedding``), mistral, qwen2, qwen3, phi3, gemma, gemma3_text, and the
 mixture-of-experts families qwen3_moe, mixtral and olmoe (tests/test_families.py checks each
-against ``AutoModelForCausalLM``).
+against ``AutoModelForCausalLM``). An image-text checkpoint whose text model is one of them
+(gemma3: Gemma 3 4B-27B) is served as that text model (``MULTIMODAL``, ``text_model_of``).
 """
 
 from __future__ import annotations
