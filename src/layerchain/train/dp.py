@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     import torch
 
     from layerchain.model.spec import ModelSpec
+    from layerchain.train.dp_dht import SharedDHT
 
 PARALLELISMS = ("data", "federated")
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})-([A-Za-z0-9]+)\.pt$")
@@ -301,7 +302,7 @@ def run_peer(config: DPConfig, jobs: JobStore | None = None) -> DPResult:
 
 
 def _train(config: DPConfig, spec: ModelSpec, model: torch.nn.Module, tokenizer: Any,
-           records: list[dict[str, Any]], dht: Any, store: JobStore, job_id: str, me: str
+           records: list[dict[str, Any]], dht: SharedDHT, store: JobStore, job_id: str, me: str
            ) -> DPResult:
     import hivemind
     import torch
@@ -382,8 +383,11 @@ def _train(config: DPConfig, spec: ModelSpec, model: torch.nn.Module, tokenizer:
                              checkpoint=checkpoint if saving else None, peers=tuple(peers))
         elapsed = time.perf_counter() - started
         # the last round's state averaging runs in the background (hivemind's
-        # delay_state_averaging): apply it before the final checkpoint
+        # delay_state_averaging): apply it; then one last round with every peer still in
+        # the run, so that they end with the same parameters
         optimizer.state_averager.step(wait_for_delayed_updates=True)
+        if not federated:
+            _final_average(optimizer, dht, config, me, joined)
         checkpoint = _save(directory, model, optimizer, spec, me, local_steps)
         store.update(job_id, checkpoint=checkpoint)
         if math.isnan(last_mean) and epoch_losses:
@@ -406,7 +410,7 @@ def _roster_key(run_id: str) -> str:
     return f"{run_id}_layerchain_roster"
 
 
-def _join_roster(dht: Any, run_id: str, me: str, joined: float) -> dict[str, float]:
+def _join_roster(dht: SharedDHT, run_id: str, me: str, joined: float) -> dict[str, float]:
     """Store (or refresh) this peer's roster entry; the run's roster, peer id -> join time.
 
     Sub-keyed by the libp2p peer id's bytes (a training entry to ``dp_dht``'s validator)."""
@@ -425,7 +429,33 @@ def _join_roster(dht: Any, run_id: str, me: str, joined: float) -> dict[str, flo
     return roster
 
 
-def _wait_for_peers(dht: Any, config: DPConfig, me: str) -> dict[str, float]:
+def _final_average(optimizer: Any, dht: SharedDHT, config: DPConfig, me: str, joined: float
+                   ) -> None:
+    """A barrier, then one blocking state-averaging round: report this peer done, wait (at
+    most ``averaging_timeout_s``) until every peer of the roster did, then average parameters
+    and optimizer state with them. An averaging round that failed during the run (a late
+    partner, a loaded machine) otherwise leaves peers a step or two apart at the end."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils import get_dht_time
+
+    key = f"{config.run_id}_layerchain_done"
+    subkey = PeerID.from_base58(me).to_bytes()
+    dht.store(key, optimizer.local_epoch, get_dht_time() + ROSTER_TTL_S, subkey=subkey)
+    deadline = time.monotonic() + config.averaging_timeout_s
+    while time.monotonic() < deadline:
+        roster = _join_roster(dht, config.run_id, me, joined)
+        found = dht.get(key, latest=True)
+        done = set(found.value) if found is not None and isinstance(found.value, dict) else set()
+        if {PeerID.from_base58(peer).to_bytes() for peer in roster} <= done:
+            break
+        time.sleep(0.3)
+    optimizer.state_averager.step(
+        averaging_round=True, delay_averaging=False,
+        averaging_opts={"timeout": config.averaging_timeout_s})
+    optimizer.state_averager.step(wait_for_delayed_updates=True)  # applies the result
+
+
+def _wait_for_peers(dht: SharedDHT, config: DPConfig, me: str) -> dict[str, float]:
     """Join the run's roster and wait until it holds ``config.min_peers`` peers; the roster.
     PeerTimeout if they do not come within ``config.wait_peers_s``."""
     joined = time.time()
