@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerchain.train.dp import CHECKPOINT_RE, wait_for_file
+from layerchain.train.dp import CHECKPOINT_RE
+from layerchain.train.dp_bench import wait_for_file
 from layerchain.train.jobs import JobStore
 
 pytestmark = pytest.mark.slow
