@@ -28,7 +28,7 @@ from layerchain.market import Wallet
 from layerchain.market.pricing import DEFAULT_DEMAND, Offer, expected_revenue
 from layerchain.model import SamplingParams, load_span
 from layerchain.node import Node, NodeConfig
-from layerchain.node.rebalance import MarketTask, budget, place_node
+from layerchain.node.rebalance import MarketTask, budget, fetchable_span, place_node
 from layerchain.types import Span
 from layerchain.wire import messages as m
 
@@ -265,6 +265,42 @@ def test_a_moved_node_seeds_its_new_span_and_stakes_its_blocks(tiny_model, tmp_p
     assert staked == 2 and ledger.node(wallet.address).blocks == 3
     assert (manifest.start, manifest.end) == (1, 4) and len(piece.data) == 16
     ledger.close()
+
+
+def test_a_node_fetching_by_id_picks_only_blocks_it_can_fetch():
+    assert fetchable_span((0.0, 0.0, 7.0, 0.0), 1.0, 2) == Span(2, 3)
+    for capacity in [(5.0, 0.0, 20.0, 10.0), (3.0, 3.0, 0.0, 1.0, 9.0)]:
+        span = fetchable_span(capacity, 1.0, 2)
+        assert all(capacity[b] > 0 for b in range(span.start, span.end))
+    with pytest.raises(ConfigError, match="no peer serves"):
+        fetchable_span((0.0, 0.0), 1.0, 2)
+
+
+def test_a_node_named_by_model_id_places_itself_from_the_manifest(tiny_model, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("LAYERCHAIN_HOME", str(tmp_path / "home"))
+    from layerchain.fetch import model_dir
+    from layerchain.node.runner import place_by_id
+    from layerchain.wire import MemoryTransport
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:  # block 0 has one server, 1:3 two, 3 none (nobody seeds it: not fetchable)
+            await swarm.add_node(0, 3, tmp_path / "a")
+            await swarm.add_node(1, 3, tmp_path / "b")
+            model_id = swarm.spec.weights_id
+            config = NodeConfig(model=model_id, auto_span=True, max_blocks=1,
+                                data_dir=tmp_path / "c")
+            return model_id, await place_by_id(config, MemoryDiscovery(swarm.hub),
+                                               MemoryTransport(swarm.wire))
+        finally:
+            await swarm.close()
+
+    model_id, (placed, line) = run(main())
+    assert (placed.start, placed.end, placed.auto_span, placed.max_blocks) == (0, 1, False, 1)
+    assert line.startswith("picked blocks 0:1 of 4")
+    fetched = sorted(p.name for p in model_dir(model_id).iterdir())
+    assert fetched == ["manifest.json"]  # the shape first; fetch_span fetches block 0 next
 
 
 # ---------------------------------------------------------------- real processes

@@ -14,13 +14,16 @@ import time
 import pytest
 from memswarm import MemorySwarm
 
-from layerchain.client import RouteLimits
+from layerchain.client import ClientConfig, RouteLimits
+from layerchain.client.peers import PeerView
 from layerchain.client.session import InferenceSession
+from layerchain.discovery import MemoryDiscovery
 from layerchain.errors import OfferChanged
 from layerchain.market import ReceiptSigner
 from layerchain.model import SamplingParams
 from layerchain.node import Node
 from layerchain.node.payments import agreed_price
+from layerchain.wire import MemoryTransport
 from layerchain.wire import messages as m
 
 PROMPT = "What is the capital of France?"
@@ -70,14 +73,15 @@ def test_a_client_with_the_old_price_is_served_at_it_within_the_grace(tiny_model
 async def _stale_view(swarm: MemorySwarm, node: Node, price: int, **config) -> InferenceSession:
     """A client's session holding ``node``'s record from before it moved to ``price``, once
     the node's grace for the old price is over."""
-    client = swarm.client(audit_rate=0)
-    await client.peers.refresh(force=True)  # its view: the old price, kept for refresh_s
+    peers = PeerView(MemoryDiscovery(swarm.hub), MemoryTransport(swarm.wire),
+                     swarm.spec.model_id, swarm.spec.num_blocks, ClientConfig(audit_rate=0))
+    await peers.refresh(force=True)  # its view: the old price, kept for refresh_s
     node.set_price(price)  # what MarketTask.reprice does
     assert node.announcer is not None
     await node.announcer.announce_now()
     later = 2 * node.config.record_ttl_s + 1.0  # the node's grace for the old price is over
     node.payments.clock = lambda: time.monotonic() + later
-    return InferenceSession(client.peers, max_length=16, **config)
+    return InferenceSession(peers, max_length=16, **config)
 
 
 def test_a_client_with_a_lapsed_price_replans_without_a_ban(tiny_model, tmp_path):
@@ -108,9 +112,9 @@ def test_a_price_rise_past_max_price_routes_elsewhere(tiny_model, tmp_path):
             riser = await swarm.add_node(0, 4, tmp_path / "r", price_per_block=10)
             other = await swarm.add_node(0, 4, tmp_path / "o", price_per_block=20,
                                          emulate_latency_ms=20)
-            # 4 blocks: the riser costs 40 a token, the other 80, both within 100; then the
-            # riser 120 a token: above the client's max_price
-            session = await _stale_view(swarm, riser, 30, limits=RouteLimits(max_price=100))
+            # 4 blocks: the riser costs 40 a token, the other 80, both within 100; then any
+            # route using the riser's blocks (50 each) costs 110 or more: above max_price
+            session = await _stale_view(swarm, riser, 50, limits=RouteLimits(max_price=100))
             await session.open()
             hops = [(hs.hop.peer_id, hs.verifier.price_per_block) for hs in session.hops]
             await session.close()

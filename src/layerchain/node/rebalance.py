@@ -6,7 +6,11 @@ swarm's records, calls them, and acts:
 * ``place_node`` (start, no ``--blocks``): a probe block gives this node's bytes and ms per
   block; its budget is ``--max-blocks`` or what fits ``--memory-gb`` (weights only; default
   half the memory available); ``choose_span`` over the capacity the records announce picks
-  the span, and one line says why.
+  the span, and one line says why. ``place_by_manifest``: the same for a node with nothing
+  local (``--model MODEL_ID``), before it fetches its span: the shape from the manifest (a
+  block's bytes: its fp32 file's, an upper bound), its speed assumed the swarm's median
+  until it measures itself, and only blocks some peer serves (``fetchable_span``): nodes
+  seed only their span's files, so a block nobody serves cannot be fetched.
 * ``MarketTask`` (running node): every ``reprice_every_s`` an adaptive node re-prices from the
   offers of the peers overlapping its span (``DEFAULT_DEMAND``: module ``market.pricing``) and
   re-announces when its whole-credit price changes; every ``rebalance_every_s`` (with jitter,
@@ -31,6 +35,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +46,8 @@ from layerchain.discovery import Discovery, PeerRecord
 from layerchain.errors import ConfigError, LayerchainError
 from layerchain.market.placement import block_capacity, choose_span, plan_move, score_span
 from layerchain.market.pricing import DEFAULT_DEMAND, Offer, pricing_policy
+from layerchain.model.manifest import manifest_files
+from layerchain.model.shards import block_file
 from layerchain.node.config import NodeConfig
 from layerchain.node.server import measure_between_steps
 from layerchain.types import Span
@@ -127,11 +134,55 @@ async def place_node(discovery: Discovery, spec: Any, config: NodeConfig,
     """The span a node without ``--blocks`` serves, its budget, and the line saying why.
     ``probe()`` loads one block and returns (its weight bytes, ms per block per token)."""
     block_bytes, ms_per_block = probe()
-    ms_per_block = max(ms_per_block, config.emulate_ms_per_block)
-    limit = budget(config, spec.num_blocks, block_bytes, available_memory_bytes())
     records = await discovery.find(spec.model_id, spec.num_blocks)
-    capacity = capacity_of(records, spec.num_blocks, leave_out=discovery.identity.peer_id)
-    span = choose_span(capacity, ms_per_block, limit.blocks)
+    return _place(records, spec.num_blocks, block_bytes, ms_per_block, config,
+                  discovery.identity.peer_id)
+
+
+async def place_by_manifest(discovery: Discovery, model_id: str, manifest: dict[str, Any],
+                            config: NodeConfig) -> tuple[Span, Budget, str]:
+    """``place_node`` for a node that has only ``manifest`` (checked; ``model.manifest``) of
+    the model whose records are announced as ``model_id`` (its form's id): a block's bytes
+    are block 0's file's, its ms per block the median the records announce (1.0 if none)."""
+    num_blocks = int(manifest["num_blocks"])
+    block_bytes = manifest_files(manifest)[block_file(0)].size or 0
+    records = await discovery.find(model_id, num_blocks)
+    others = [r.ms_per_block for r in records if r.peer_id != discovery.identity.peer_id]
+    ms_per_block = statistics.median(others) if others else 1.0
+    return _place(records, num_blocks, block_bytes, ms_per_block, config,
+                  discovery.identity.peer_id, choose=fetchable_span)
+
+
+def fetchable_span(capacity: Sequence[float], ms_per_block: float, max_blocks: int) -> Span:
+    """``choose_span`` among the blocks some peer serves (capacity > 0): the best span
+    (``score_span``; the first on a tie) of those ``choose_span`` picks within each run of
+    served blocks. ConfigError if no block is served."""
+    runs, start = [], None
+    for b, c in enumerate([*capacity, 0.0]):
+        if c > 0 and start is None:
+            start = b
+        elif c <= 0 and start is not None:
+            runs.append(Span(start, b))
+            start = None
+    if not runs:
+        raise ConfigError("no peer serves a block of this model: nothing to fetch",
+                          hint="start a node with the model's files first")
+    picks = []
+    for run in runs:
+        best = choose_span(capacity[run.start:run.end], ms_per_block,
+                           min(max_blocks, run.length))
+        picks.append(Span(run.start + best.start, run.start + best.end))
+    return max(picks, key=lambda span: score_span(capacity, span, ms_per_block))
+
+
+def _place(records: Sequence[PeerRecord], num_blocks: int, block_bytes: int,
+           ms_per_block: float, config: NodeConfig, peer_id: str,
+           choose: Callable[[Sequence[float], float, int], Span] = choose_span
+           ) -> tuple[Span, Budget, str]:
+    ms_per_block = max(ms_per_block, config.emulate_ms_per_block)
+    limit = budget(config, num_blocks, block_bytes, available_memory_bytes())
+    capacity = capacity_of(records, num_blocks, leave_out=peer_id)
+    span = choose(capacity, ms_per_block, limit.blocks)
     return span, limit, placement_line(capacity, span, ms_per_block, limit.why)
 
 

@@ -36,7 +36,7 @@ from layerchain.ledger import Ledger, open_ledger
 from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
 from layerchain.model.quant import resolve_dtype
-from layerchain.fetch import fetch_from_swarm, is_model_id, local_copy, model_dir
+from layerchain.fetch import fetch_from_swarm, fetch_model, is_model_id, local_copy, model_dir
 from layerchain.node.config import NodeConfig
 from layerchain.node.reachability import (
     check_reachability,
@@ -45,7 +45,9 @@ from layerchain.node.reachability import (
     pick_relays,
     same_host_only,
 )
-from layerchain.node.rebalance import MarketTask, place_node
+from layerchain.model.shards import read_manifest
+from layerchain.model.spec import form_model_id
+from layerchain.node.rebalance import MarketTask, place_by_manifest, place_node
 from layerchain.node.server import Node, measure_ms_per_block
 from layerchain.types import Span
 from layerchain.errors import ConfigError, LayerchainError
@@ -80,7 +82,10 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     if config.threads:
         torch.set_num_threads(config.threads)
     model = config.model
+    placement = ""
     if is_model_id(model):  # a model named by id: its span's files from the peers seeding them
+        if config.auto_span:  # no --blocks: its span picked from the manifest and the records
+            config, placement = await place_from_swarm(config)
         model = str(await fetch_span(config))
     spec = await asyncio.to_thread(resolve_model, model)
     end = config.end or spec.num_blocks
@@ -110,7 +115,6 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         client_mode=config.reachability == "private",  # nobody can dial it: a DHT client
         announce_host=config.announce_host,
     )
-    placement = ""
     if config.auto_span:  # no --blocks: where the swarm needs it (node.rebalance)
         span_range, limit, placement = await place_node(
             discovery, spec, config, lambda: probe_block(spec, config.device))
@@ -414,6 +418,37 @@ def relay_address(node: Node) -> str:
     endpoint = node.endpoints[0]
     host, _ = parse_tcp_endpoint(endpoint, endpoint.split("://", 1)[0])
     return format_tcp_endpoint(host, node.relay_service.port).removeprefix("tcp://")
+
+
+async def place_from_swarm(config: NodeConfig) -> tuple[NodeConfig, str]:
+    """``place_by_id`` through a DHT client joined at ``config.initial_peers`` (closed after),
+    over TLS links checking each peer's id (plaintext tcp:// only with ``--insecure``)."""
+    if not config.initial_peers:
+        raise ConfigError(f"model {config.model[:12]} is named by id and no peer was given to "
+                          "fetch it from", hint="pass --initial-peers ADDR")
+    discovery = await HivemindDiscovery.create(initial_peers=list(config.initial_peers),
+                                               client_mode=True)
+    try:
+        return await place_by_id(config, discovery, Dialer(insecure=config.insecure))
+    finally:
+        await discovery.close()
+
+
+async def place_by_id(config: NodeConfig, discovery: Discovery, transport: Any
+                      ) -> tuple[NodeConfig, str]:
+    """The span of a node serving a model by id without ``--blocks`` (``--model MODEL_ID``,
+    nothing local): the model's manifest fetched first (into ``model_dir``: the shape), then
+    ``node.rebalance.place_by_manifest`` over the records of the form it will compute in.
+    Returns ``config`` with that span (its budget as ``max_blocks``: what a move may take)
+    and the line saying why; ``fetch_span`` then fetches the span's files."""
+    out = model_dir(config.model)
+    if local_copy(config.model, None, client=False) is None:  # no manifest here yet
+        await fetch_model(discovery, transport, config.model, out)  # the manifest only
+    manifest = await asyncio.to_thread(read_manifest, out)
+    form = form_model_id(config.model, resolve_dtype(config.dtype, config.device))
+    span, limit, line = await place_by_manifest(discovery, form, manifest, config)
+    return replace(config, start=span.start, end=span.end, auto_span=False,
+                   max_blocks=limit.blocks), line
 
 
 async def fetch_span(config: NodeConfig) -> Path:
