@@ -467,7 +467,7 @@ async def fetch_span(config: NodeConfig) -> Path:
                           "given to fetch it from", hint="pass --initial-peers ADDR")
     report = await fetch_from_swarm(config.initial_peers, config.model, model_dir(config.model),
                                     blocks=span, insecure=config.insecure)
-    log.warning("fetched blocks %s of model %s: %.1f MB in %.1f s from %d peers (%d files "
-                "refused)", span, config.model[:12], report.bytes / 1e6, report.seconds,
-                len(report.peers), len(report.refused))
+    log.info("fetched blocks %s of model %s: %.1f MB in %.1f s from %d peers (%d files refused)",
+             span, config.model[:12], report.bytes / 1e6, report.seconds, len(report.peers),
+             len(report.refused))
     return model_dir(config.model)
