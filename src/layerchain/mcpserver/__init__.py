@@ -8,7 +8,21 @@ clients and inference, ``training.py`` the training processes, ``resources.py`` 
 resources show. Above the client and ``train`` in the layers; nothing below imports it.
 """
 
+import importlib
+
 from layerchain.mcpserver.config import McpConfig
-from layerchain.mcpserver.server import McpServer, serve
 
 __all__ = ["McpConfig", "McpServer", "serve"]
+
+# The server pulls in the client (torch): loaded on first use, so ``layerchain --help`` and
+# ``cli.mcp``'s import stay light (tests/test_startup.py).
+_LAZY = {"McpServer": "layerchain.mcpserver.server", "serve": "layerchain.mcpserver.server"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
