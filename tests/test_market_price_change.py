@@ -20,9 +20,11 @@ from layerchain.client.session import InferenceSession
 from layerchain.discovery import MemoryDiscovery
 from layerchain.errors import OfferChanged
 from layerchain.market import ReceiptSigner
-from layerchain.model import SamplingParams
+from layerchain.model import SamplingParams, load_span
 from layerchain.node import Node
+from layerchain.node.rebalance import MarketTask
 from layerchain.node.payments import agreed_price
+from layerchain.types import Span
 from layerchain.wire import MemoryTransport
 from layerchain.wire import messages as m
 
@@ -125,6 +127,32 @@ def test_a_price_rise_past_max_price_routes_elsewhere(tiny_model, tmp_path):
     hops, banned, other = run(main())
     assert hops == [(other, 20)]
     assert not banned
+
+
+def test_a_client_planning_on_the_span_a_node_left_replans_without_a_ban(tiny_model,
+                                                                         tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            mover = await swarm.add_node(0, 4, tmp_path / "m")
+            spare = await swarm.add_node(0, 2, tmp_path / "s", emulate_latency_ms=20)
+            peers = PeerView(MemoryDiscovery(swarm.hub), MemoryTransport(swarm.wire),
+                             swarm.spec.model_id, swarm.spec.num_blocks, ClientConfig())
+            await peers.refresh(force=True)  # its view: the mover on 0:4
+            await MarketTask(mover, mover.config, 2,
+                             lambda span: load_span(swarm.spec, span.start, span.end)
+                             ).move(Span(2, 4))
+            session = InferenceSession(peers, max_length=16)
+            await session.open()  # planned on the mover's 0:4: told it moved, re-read
+            hops = [(hs.hop.peer_id, hs.hop.start, hs.hop.end) for hs in session.hops]
+            await session.close()
+            return hops, peers.unavailable(), mover.peer_id, spare.peer_id
+        finally:
+            await swarm.close()
+
+    hops, left_out, mover, spare = run(main())
+    assert hops == [(spare, 0, 2), (mover, 2, 4)]
+    assert not left_out
 
 
 class Overcharges(Node):

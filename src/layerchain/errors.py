@@ -45,8 +45,8 @@ else escaping is a bug.
         └── RemoteError                  the peer answered with an error reply
             ├── PeerBusy                 the peer has no cache room for the session
             ├── UnknownSession           the peer does not know the session (it restarted)
-            └── OfferChanged             the peer's price moved since the record the client
-                                         planned with (re-read it and plan again; no ban)
+            └── OfferChanged             the peer's price or span moved since the record the
+                                         client planned with (re-read it, plan again; no ban)
 
 ``error_from_code(code, message)`` turns an error reply from the wire back into the class,
 so a client sees ``PeerBusy`` for a node's "busy" answer.
@@ -301,10 +301,10 @@ class UnknownSession(RemoteError):
 
 
 class OfferChanged(RemoteError):
-    """A peer that no longer charges the price the client planned with: its price moved
-    (adaptive pricing) longer ago than the grace it gives clients' records, so the client's
-    record is stale. The client re-reads the records and plans again within its limits;
-    nobody is banned."""
+    """A peer that no longer offers what the client planned with: its price moved (adaptive
+    pricing) longer ago than the grace it gives clients' records, or it moved from the span
+    asked (rebalancing), so the client's record is stale. The client re-reads the records
+    and plans again within its limits; nobody is banned."""
 
     code = "offer_changed"
 

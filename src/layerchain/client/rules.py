@@ -6,10 +6,10 @@ routed around, whatever the code (``insufficient_funds``, ``invalid_api_key``, `
 from a peer are not the client's verdict). A few codes are accepted with their meaning:
 
 * ``busy``: no room now; the peer is avoided for a while, not banned (``Verdict.AVOID``);
-* ``offer_changed`` (to an OpenSession): the peer no longer charges the price of the record
-  the client planned with (adaptive pricing, a record older than the peer's grace); the
-  client re-reads the records and plans again within its limits (``Verdict.STALE``). A
-  receipt at another price than the one agreed at open stays a ban;
+* ``offer_changed`` (to an OpenSession): the peer no longer offers the price or the span of
+  the record the client planned with (adaptive pricing or a move, a record older than the
+  peer's grace); the client re-reads the records and plans again within its limits
+  (``Verdict.STALE``). A receipt at another price than the one agreed at open stays a ban;
 * ``unknown_session``: it lost the session (it restarted); a hop failure like any other;
 * ``limit_exceeded``: "not this request" only when the client's own check agrees that it
   exceeds what that peer announced (``Verdict.REQUEST``: the peer is avoided, not banned);

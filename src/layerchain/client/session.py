@@ -13,7 +13,8 @@ Prices: a hop opens at the price of the record it was planned with (``OpenSessio
 .price_per_block``) and checks every receipt against it. A peer that re-priced since (an
 adaptive node) still charges it within its record TTL, else answers ``offer_changed``: the
 session re-reads the records and plans again (the new price within ``limits``, or another
-peer), banning nobody (``_reread_offer``). A receipt at any other price is a ban.
+peer), banning nobody (``_reread_offer``); so does a peer asked for the span it left by a
+move less than that grace ago. A receipt at any other price is a ban.
 
 A step of more than ``step_tokens`` tokens (a long prompt) is sent as several consecutive
 steps; each step's deadline scales with the work it asks (``rules.step_timeout_s``).
@@ -336,17 +337,17 @@ class InferenceSession:
             self.peers.avoid(failure.peer_id, self.config.busy_avoid_s, str(failure.error))
 
     async def _reread_offer(self, failure: HopFailed) -> None:
-        """The peer no longer charges the price we planned with (``Verdict.STALE``): re-read
-        the records, so the next plan sees its new price (within ``limits``, or routed
-        elsewhere). If its record still shows the refused price (the DHT has not seen its
-        re-announcement yet), it is avoided for ``busy_avoid_s``: not banned."""
+        """The peer's offer changed since the record we planned with (``Verdict.STALE``: its
+        price, or its span after a move): re-read the records, so the next plan sees the new
+        offer (within ``limits``, or routed elsewhere). If its record still shows the old
+        one (the DHT has not seen its re-announcement yet), it is avoided for
+        ``busy_avoid_s``: not banned."""
         planned = self.peers.records.get(failure.peer_id)
         await self.peers.refresh(force=True)
         now = self.peers.records.get(failure.peer_id)
-        if planned is not None and now is not None \
-                and now.price_per_block == planned.price_per_block:
+        if planned is not None and now is not None and _offer(now) == _offer(planned):
             self.peers.avoid(failure.peer_id, self.config.busy_avoid_s,
-                             f"its record still says {planned.price_per_block}: {failure.error}")
+                             f"its record still says {_offer(planned)}: {failure.error}")
 
     # ---------------------------------------------------------------- steps
 
@@ -577,6 +578,11 @@ class InferenceSession:
             rec.peer_id, rec.step, rec.seconds, rec.start, rec.end,
             ", ".join(h.peer_id for h in rec.replacement),
         )
+
+
+def _offer(record: PeerRecord) -> tuple[int, int, int]:
+    """What a peer offers: (price per block, start, end)."""
+    return record.price_per_block, record.start, record.end
 
 
 def regroup(inputs: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:

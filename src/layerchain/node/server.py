@@ -35,7 +35,7 @@ from layerchain import __version__
 from layerchain.discovery import AnnounceConfig, Announcer, Discovery, PeerRecord
 from layerchain.discovery.addresses import announced_endpoints
 from layerchain.discovery.records import MAX_MS_PER_BLOCK, MIN_MS_PER_BLOCK
-from layerchain.errors import LimitExceeded, PeerBusy, UnknownSession
+from layerchain.errors import LimitExceeded, OfferChanged, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
 from layerchain.model.device import reply_dtype
 from layerchain.node.config import NodeConfig
@@ -169,6 +169,9 @@ class Node:
         self.relay_listener: Listener | None = None  # registered with a relay (behind NAT):
         # its relay:// endpoint is announced first
         self.placement = ""  # why it serves this span, when it picked it (node.rebalance)
+        self.moved_from: tuple[Span, float] | None = None  # the span left by the last move,
+        # and when (monotonic s): a session asked there within the price grace (clients'
+        # records lag) is told the offer changed, not that it broke a limit (no ban)
         # the model's files, for peers fetching them (node.seeding); None: --no-seed
         self.seeder = seeder_for(config, spec, Span(span.start, span.end))
 
@@ -277,6 +280,7 @@ class Node:
         The seeder offers the new span's files from now on (a fetch of the old one's goes
         to other seeders)."""
         old = self.span
+        self.moved_from = (Span(old.start, old.end), time.monotonic())
         self.span = cheating_span(self.config.misbehave, span) if self.config.misbehave else span
         self.ms_per_block = ms_per_block
         self.load = LoadMeter(span.end - span.start, time.monotonic())
@@ -431,6 +435,12 @@ class Node:
                 f"node serves model {self.spec.model_id[:12]}, not {msg.model_id[:12]}"
             )
         if not self.span.start <= msg.start < msg.end <= self.span.end:
+            left = self.moved_from
+            if left is not None and left[0].start <= msg.start < msg.end <= left[0].end \
+                    and time.monotonic() - left[1] <= self.payments.price_grace_s:
+                raise OfferChanged(
+                    f"node moved to blocks {self.span.start}:{self.span.end}, from "
+                    f"{left[0]}", hint="re-read its record and plan again")
             raise LimitExceeded(
                 f"node serves blocks {self.span.start}:{self.span.end}, "
                 f"not {msg.start}:{msg.end}"

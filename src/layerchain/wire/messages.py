@@ -52,7 +52,7 @@ MAX_STEP_TOKENS = 512
 ERROR_CODES: dict[str, str] = {
     "busy": "no room now (sessions, cache, shutting down): try another peer or later",
     "unknown_session": "the peer holds no such session (it restarted or expired it)",
-    "offer_changed": "the peer no longer charges the price planned with: re-read its record",
+    "offer_changed": "the peer's price or span moved since the record planned with: re-read it",
     "limit_exceeded": "the request breaks a limit of the protocol or of this peer",
     "invalid_voucher": "the voucher is missing, malformed or does not pay for the work",
     "channel_error": "the voucher's payment channel is unknown, closed or disputed",
