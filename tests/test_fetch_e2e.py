@@ -28,11 +28,12 @@ FETCHED = Span(10, 13)  # the fetching node's span: free, so a price-only route 
 
 @pytest.fixture(scope="module")
 def fetched(tmp_path_factory):
-    """Two priced seeders of the whole model (the second corrupts what it seeds), and a free
-    node started with ``--model MODEL_ID`` and an empty LAYERCHAIN_HOME."""
+    """Two priced seeders, 0:13 and 10:30 (the second corrupts what it seeds), and a free
+    node started with ``--model MODEL_ID --blocks 10:13`` and an empty LAYERCHAIN_HOME."""
     state = tmp_path_factory.mktemp("fetch-swarm")
     model_id = resolve_model(DEFAULT_MODEL).model_id  # the GGUF's id: its manifest's hash
-    swarm = swarm_up(state, [Span(0, 30), Span(0, 30)],
+    # both hold the fetched span 10:13; together they cover the model without the fetcher
+    swarm = swarm_up(state, [Span(0, 13), Span(10, 30)],
                      node_args=[("--price", "1"), ("--price", "1", "--seed-misbehave", "corrupt")])
     home = tmp_path_factory.mktemp("fetcher-home")
     proc = None
