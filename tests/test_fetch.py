@@ -229,7 +229,8 @@ def test_pieces_and_manifests_are_checked_before_use():
     assert check_manifest(manifest["model_id"], data)["num_blocks"] == 1
     for model_id, blob in ((hashlib.sha256(b"other").hexdigest(), data), (manifest["model_id"],
                            data.replace(b'"num_blocks": 1', b'"num_blocks": 2')),
-                           (manifest["model_id"], b"not json")):
+                           (manifest["model_id"], b"not json"),
+                           (manifest["model_id"], b" " * (m.MAX_MANIFEST_BYTES + 1))):
         with pytest.raises(ShardHashMismatch):
             check_manifest(model_id, blob)
     for name in ("../x", ".hidden", "a/b", ""):

@@ -21,7 +21,7 @@ from typing import Any
 
 from layerchain.errors import InvalidOutput, ShardHashMismatch
 from layerchain.model.shards import manifest_id
-from layerchain.wire.messages import MAX_PIECE_BYTES, PieceQuery, PieceReply
+from layerchain.wire.messages import MAX_MANIFEST_BYTES, MAX_PIECE_BYTES, PieceQuery, PieceReply
 
 MAX_UNSIZED_FILE_BYTES = 64 << 20  # a tokenizer file (whose size the manifest does not list)
 PART_SUFFIX = ".part"  # a file being fetched: NAME.part, renamed to NAME once verified
@@ -58,6 +58,9 @@ class FetchReport:
 def check_manifest(model_id: str, data: bytes) -> dict[str, Any]:
     """The manifest in ``data`` if it is the one ``model_id`` names (its hash), else
     ShardHashMismatch: a peer cannot make a fetcher use another model's files."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ShardHashMismatch(f"the manifest sent for model {model_id[:12]} is over "
+                                f"{MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(data)
     except ValueError:
