@@ -153,7 +153,8 @@ def test_a_node_moving_mid_generation_never_changes_the_output(tiny_model, refer
             await swarm.add_node(0, 4, tmp_path / "spare", emulate_latency_ms=20)
             mover.market, mover.target = _task(swarm, mover), Span(2, 4)
             old = weakref.ref(mover.span)
-            result = await swarm.client().generate(PROMPT, PARAMS)
+            client = swarm.client()
+            result = await client.generate(PROMPT, PARAMS)
             if drain_s:
                 await mover.moving  # the client closed its session: the drain ends
             records = await MemoryDiscovery(swarm.hub).find(swarm.spec.model_id, 4)
@@ -161,16 +162,18 @@ def test_a_node_moving_mid_generation_never_changes_the_output(tiny_model, refer
                 mover._open(m.OpenSession(1, "late", swarm.spec.model_id, 0, 2, 8), owner=1)
                 # stale record: the client re-reads it, no ban)
             gc.collect()
-            return result, records, mover, old
+            return result, records, mover, old, client.peers.banned()
         finally:
             await swarm.close()
 
-    result, records, mover, old = run(main())
+    result, records, mover, old, banned = run(main())
     assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
     if drain_s:  # the open session finished on the old span
         assert result.recoveries == () and result.route[0].peer_id == mover.peer_id
     else:  # closed at once: the client failed over and replayed
         assert [r.peer_id for r in result.recoveries] == [mover.peer_id]
+        assert "node moved to blocks 2:4" in result.recoveries[0].reason
+    assert mover.peer_id not in banned  # moving is no failure
     assert (mover.span.start, mover.span.end) == (2, 4) and mover.market.moves == 1
     assert {(r.start, r.end) for r in records if r.peer_id == mover.peer_id} == {(2, 4)}
     assert old() is None  # the old span's weights are gone

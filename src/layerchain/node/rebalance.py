@@ -334,15 +334,20 @@ class MarketTask:
 
 async def drain(node: Any, old: Any, drain_s: float) -> int:
     """Wait up to ``drain_s`` for the sessions computing on ``old`` (a span the node moved
-    from) to close, then close the rest (their clients fail over); how many were closed."""
+    from) to close, then close the rest (their clients fail over: their next step is told
+    ``offer_changed``, so nobody bans the node for it); how many were closed."""
     deadline = time.monotonic() + drain_s
     while time.monotonic() < deadline:
         if not any(s.span is old for s in node.sessions.open_sessions()):
             return 0
         await asyncio.sleep(DRAIN_POLL_S)
     left = [s.session_id for s in node.sessions.open_sessions() if s.span is old]
+    now = time.monotonic()  # their clients are told the node moved (no ban), for a while
+    node.drained = {sid: t for sid, t in node.drained.items()
+                    if now - t <= node.payments.price_grace_s}
     for session_id in left:
         node.sessions.close(session_id)
+        node.drained[session_id] = now
     if left:
         log.info("closed %d sessions still open on the span moved from", len(left))
     return len(left)

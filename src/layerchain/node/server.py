@@ -172,6 +172,8 @@ class Node:
         self.moved_from: tuple[Span, float] | None = None  # the span left by the last move,
         # and when (monotonic s): a session asked there within the price grace (clients'
         # records lag) is told the offer changed, not that it broke a limit (no ban)
+        self.drained: dict[str, float] = {}  # session id -> when a move closed it (monotonic
+        # s; node.rebalance.drain): its next step is told so, not "unknown session" (no ban)
         # the model's files, for peers fetching them (node.seeding); None: --no-seed
         self.seeder = seeder_for(config, spec, Span(span.start, span.end))
 
@@ -474,7 +476,15 @@ class Node:
                 f"a step carries at most {m.MAX_STEP_TOKENS} tokens, this one {tokens}",
                 hint="split it into several steps",
             )
-        session = self.sessions.get(msg.session_id, owner)
+        try:
+            session = self.sessions.get(msg.session_id, owner)
+        except UnknownSession:
+            if msg.session_id in self.drained:
+                raise OfferChanged(
+                    f"node moved to blocks {self.span.start}:{self.span.end} and closed "
+                    f"session {msg.session_id}", hint="re-read its record and plan again"
+                ) from None
+            raise
         # Before the first await: vouchers are checked in the order they arrived.
         self.payments.charge(session.payment, msg.voucher, tokens)
         async with session.lock:
