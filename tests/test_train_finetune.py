@@ -59,6 +59,14 @@ def loop():
         return asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, 60), loop).result()
 
     yield run
+
+    async def drain():  # what nodes left running (voucher saves), before the loop stops
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(drain(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
     loop.close()

@@ -51,7 +51,7 @@ def test_lora_through_three_nodes_learns_the_style_and_survives_a_kill(swarm, tm
         before = client.generate(HELD_OUT, GREEDY).text
         examples = [encode(r, core.tokenizer) for r in read_records(TASK)]
         trainer = Trainer(core.spec, core.head, FinetuneConfig(method="lora", steps=6,
-                                                               batch_size=2))
+                                                               batch_size=2, lr=0.03))
         blocks = RemoteBlocks(core, client.run)
 
         class KillOnThirdStep:

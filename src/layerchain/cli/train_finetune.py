@@ -49,7 +49,7 @@ def finetune(
                                            '"loss_first", "loss_last", "tokens_per_s", '
                                            '"out"}.')] = False,
     lr: Annotated[Optional[float], typer.Option(
-        "--lr", help="Adam's learning rate (default: 0.03 for both methods).")] = None,
+        "--lr", help="Adam's learning rate (default: 0.03 for prompt, 0.01 for lora).")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Examples per optimizer step.")] = DEFAULT_BATCH,

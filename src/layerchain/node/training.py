@@ -16,8 +16,9 @@ its tokens, a backward as ``BACKWARD_TOKEN_FACTOR`` times its tokens.
 
 The blocks' weights stay frozen (``load_span`` sets ``requires_grad_(False)``): only the
 inputs' gradient is computed. Like a step, the work runs on the node's event loop thread
-(see ``node.server`` on libgomp); a request holds the loop for its whole compute (a
-backward of 256 tokens through 10 blocks of the default model: ~0.1-0.3 s on a CPU).
+(see ``node.server`` on libgomp); unlike a long step, a request holds the loop for its
+whole compute (not sliced: autograd runs the blocks as one graph), bounded by
+``MAX_TRAIN_TOKENS`` (timings: docs/BENCHMARKS.md, "Fine-tuning through the swarm").
 """
 
 from __future__ import annotations

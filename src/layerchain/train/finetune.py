@@ -38,7 +38,7 @@ from layerchain.train.prompt import DEFAULT_VIRTUAL_TOKENS, PromptPrefix
 from layerchain.wire.messages import MAX_TRAIN_TOKENS
 
 METHODS = ("prompt", "lora")
-DEFAULT_LR = {"prompt": 0.03, "lora": 0.03}  # Adam, per method (measured on the shipped task)
+DEFAULT_LR = {"prompt": 0.03, "lora": 0.01}  # Adam, per method (measured on the shipped task)
 BlocksFn = Callable[[torch.Tensor], torch.Tensor]  # [B, T, H] -> [B, T, H], differentiable
 
 
