@@ -451,6 +451,9 @@ def _final_average(optimizer: Any, dht: SharedDHT, config: DPConfig, me: str, jo
     subkey = PeerID.from_base58(me).to_bytes()
     dht.store(key, optimizer.local_epoch, get_dht_time() + ROSTER_TTL_S, subkey=subkey)
     deadline = time.monotonic() + config.averaging_timeout_s
+    roster = _join_roster(dht, config.run_id, me, joined)
+    if set(roster) == {me}:
+        return  # alone: nobody to average with
     while time.monotonic() < deadline:
         roster = _join_roster(dht, config.run_id, me, joined)
         found = dht.get(key, latest=True)
