@@ -185,3 +185,28 @@ def test_a_node_signing_another_price_than_agreed_is_banned(tiny_model, referenc
     assert liar in banned
     assert [r.peer_id for r in result.recoveries] == [liar]
     assert "price" in result.recoveries[0].reason
+
+
+class ClaimsToHaveMoved(Node):
+    """Fails every step saying it moved (offer_changed), while its record stays the same."""
+
+    async def _step(self, msg: m.Step, owner: int = 0) -> m.StepResult:
+        raise OfferChanged(f"node moved and closed session {msg.session_id}")
+
+
+def test_a_node_failing_steps_with_a_move_it_never_made_is_banned(tiny_model, reference,
+                                                                  tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            liar = await swarm.add_node(0, 4, tmp_path / "l", node_class=ClaimsToHaveMoved)
+            await swarm.add_node(0, 4, tmp_path / "h", emulate_latency_ms=20)
+            client = swarm.client(audit_rate=0)
+            result = await client.generate(PROMPT, PARAMS)
+            return result, client.peers.banned(), liar.peer_id
+        finally:
+            await swarm.close()
+
+    result, banned, liar = run(main())
+    assert result.token_ids == reference(tiny_model, PROMPT, PARAMS).token_ids
+    assert liar in banned and [r.peer_id for r in result.recoveries] == [liar]

@@ -336,18 +336,22 @@ class InferenceSession:
         else:
             self.peers.avoid(failure.peer_id, self.config.busy_avoid_s, str(failure.error))
 
-    async def _reread_offer(self, failure: HopFailed) -> None:
+    async def _reread_offer(self, failure: HopFailed, *, step: bool = False) -> None:
         """The peer's offer changed since the record we planned with (``Verdict.STALE``: its
         price, or its span after a move): re-read the records, so the next plan sees the new
         offer (within ``limits``, or routed elsewhere). If its record still shows the old
-        one (the DHT has not seen its re-announcement yet), it is avoided for
-        ``busy_avoid_s``: not banned."""
+        one, it is avoided for ``busy_avoid_s`` (at open: the DHT may not have its
+        re-announcement yet), or banned when it said so of a ``step`` (a node announces its
+        move before it closes the sessions it drains: a peer failing steps so is lying)."""
         planned = self.peers.records.get(failure.peer_id)
         await self.peers.refresh(force=True)
         now = self.peers.records.get(failure.peer_id)
         if planned is not None and now is not None and _offer(now) == _offer(planned):
-            self.peers.avoid(failure.peer_id, self.config.busy_avoid_s,
-                             f"its record still says {_offer(planned)}: {failure.error}")
+            reason = f"its record still says {_offer(planned)}: {failure.error}"
+            if step:
+                self.peers.ban(failure.peer_id, reason)
+            else:
+                self.peers.avoid(failure.peer_id, self.config.busy_avoid_s, reason)
 
     # ---------------------------------------------------------------- steps
 
@@ -533,6 +537,8 @@ class InferenceSession:
         t0 = time.perf_counter()
         failed = self.hops[index]
         self._blame(failure)
+        if failure.verdict is Verdict.STALE:  # a node that moved closed our session
+            await self._reread_offer(failure, step=True)
         if len(self.recoveries) >= self.config.max_recoveries:
             raise NoRoute(
                 f"gave up after {len(self.recoveries)} failovers; last: {failure}"
