@@ -279,3 +279,43 @@ def test_config_errors_are_one_line():
         FinetuneConfig(method="full")
     with pytest.raises(ConfigError, match="--max-tokens"):
         FinetuneConfig(max_tokens=m.MAX_TRAIN_TOKENS)
+
+
+def test_generation_with_an_adapter_through_the_swarm_equals_local(parts, tiny_model, tmp_path):
+    """A prefix and a LoRA head through audited hops: the tokens ``generate_local`` gives
+    with the same adapter (the prefix's positions counted in the cache and the audits)."""
+    from layerchain.client import AsyncSwarm, ClientConfig
+    from layerchain.discovery import MemoryDiscovery
+    from layerchain.model import LocalModel
+    from layerchain.wire import MemoryTransport
+
+    spec, tokenizer, _ = parts
+    head = load_head(spec)
+    torch.manual_seed(3)
+    h, v = spec.hidden_size, spec.vocab_size
+    rows = head.embed(torch.tensor([[7, 8, 9]]))[0].clone()
+    adapter = Adapter("lora", spec.model_id, spec.name, h, v, prefix=rows,
+                      lora_a=torch.randn(2, h) * 0.1, lora_b=torch.randn(v, 2) * 0.1,
+                      lora_scale=2.0)
+    params = SamplingParams(max_new_tokens=8)
+    local = LocalModel(spec)
+    expected = local.generate("Hi there", params, adapter=adapter)
+    plain = local.generate("Hi there", params)
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            for i, (start, end) in enumerate([(0, 2), (2, 4), (0, 2), (2, 4)]):
+                await swarm.add_node(start, end, tmp_path / f"n{i}")
+            client = AsyncSwarm(
+                spec=swarm.spec, head=load_head(swarm.spec), tokenizer=tokenizer,
+                discovery=MemoryDiscovery(swarm.hub), transport=MemoryTransport(swarm.wire),
+                config=ClientConfig(discovery_wait_s=1.0, audit_rate=0.5), adapter=adapter)
+            return await client.generate("Hi there", params)
+        finally:
+            await swarm.close()
+
+    result = asyncio.run(asyncio.wait_for(main(), 60))
+    assert result.token_ids == expected.token_ids
+    assert expected.token_ids != plain.token_ids  # the adapter changes the answer
+    assert result.audited_steps > 0 and result.disputes == ()
