@@ -105,7 +105,9 @@ def cheating_span(mode: str, span: SpanModel) -> SpanModel:
         ]
         return SpanModel(span.spec, span.start, span.end, layers, span.config)
     if mode == "model":
-        other = copy.deepcopy(span)
+        # the spec is immutable and shared (its weight source holds modules, which cannot be
+        # copied): only the span's own tensors are duplicated
+        other = copy.deepcopy(span, memo={id(span.spec): span.spec})
         with torch.no_grad():
             for parameter in other.parameters():
                 if parameter.dim() >= 2:  # matrices; norms and biases stay
