@@ -385,18 +385,32 @@ class LeanDecode:
         attn = block.self_attn
         residual = hidden
         x = _rms_norm(block.input_layernorm, hidden)
-        shape = (*x.shape[:-1], -1, attn.head_dim)  # [B, T, heads, D]
-        query = _linear(attn.q_proj, x).view(shape).transpose(1, 2)  # [B, heads, T, D]
-        key = _linear(attn.k_proj, x).view(shape).transpose(1, 2)  # [B, kv_heads, T, D]
-        value = _linear(attn.v_proj, x).view(shape).transpose(1, 2)
+        query, key, value = project_qkv(attn, x)  # [B, heads | kv_heads, T, D]
         query, key = self.rotate(query, key, *cos_sin)
         key, value = cache.update(key, value, attn.layer_idx)
         out, _ = self.attend(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
         hidden = residual + _linear(attn.o_proj, out.reshape(*x.shape[:-1], -1).contiguous())
         residual = hidden
-        x, mlp = _rms_norm(block.post_attention_layernorm, hidden), block.mlp
-        out = _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
-        return residual + out
+        return residual + mlp_out(block.mlp, _rms_norm(block.post_attention_layernorm, hidden))
+
+
+def project_qkv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value of a llama-shaped attention module for the normed hidden states
+    x [B, T, H]: [B, heads, T, D], [B, kv_heads, T, D], [B, kv_heads, T, D] (views, before
+    rotary). The one place the q/k/v projections run on the lean and batched decode paths
+    (``LeanDecode``, ``model.batched``), so another kernel for them is swapped in here."""
+    shape = (*x.shape[:-1], -1, attn.head_dim)  # [B, T, heads, D]
+    query = _linear(attn.q_proj, x).view(shape).transpose(1, 2)
+    key = _linear(attn.k_proj, x).view(shape).transpose(1, 2)
+    value = _linear(attn.v_proj, x).view(shape).transpose(1, 2)
+    return query, key, value
+
+
+def mlp_out(mlp: Any, x: torch.Tensor) -> torch.Tensor:
+    """A llama-shaped MLP's output [B, T, H] for the normed hidden states x [B, T, H]:
+    ``down(act(gate(x)) * up(x))``; the one place it runs on the lean and batched decode
+    paths (see ``project_qkv``)."""
+    return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
 
 
 def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
