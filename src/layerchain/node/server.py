@@ -34,7 +34,7 @@ import torch
 from layerchain import __version__
 from layerchain.discovery import AnnounceConfig, Announcer, Discovery, PeerRecord
 from layerchain.discovery.addresses import announced_endpoints
-from layerchain.discovery.records import MAX_MS_PER_BLOCK, MIN_MS_PER_BLOCK
+from layerchain.discovery.records import MAX_MS_PER_BLOCK, MAX_RTT_MS, MAX_RTTS, MIN_MS_PER_BLOCK
 from layerchain.errors import LimitExceeded, OfferChanged, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
 from layerchain.model.device import reply_dtype
@@ -42,6 +42,7 @@ from layerchain.node.config import NodeConfig
 from layerchain.node.load import LOAD_ANNOUNCE_S, Announced, LoadMeter, worth_announcing
 from layerchain.node.misbehave import Misbehavior, cheating_span
 from layerchain.node.payments import NodePayments
+from layerchain.node.push import PushService
 from layerchain.node.reachability import DialBackProbes, DialBackService, relayed_endpoints
 from layerchain.node import training
 from layerchain.node.seeding import seeder_for
@@ -158,7 +159,9 @@ class Node:
         self.listener: Listener | None = None
         self.announcer: Announcer | None = None
         self.draining = False
-        self.rtts: dict[str, float] = {}  # peer id -> ms, from peers that pinged us
+        self.rtts: dict[str, float] = {}  # peer id -> round trip, ms, to the next hops it
+        # forwarded to in push mode (``observe_rtt``), announced in the record
+        self.push = PushService(self)  # push mode: forwarded inputs, links to next hops
         self._tasks: set[asyncio.Task] = set()
         self._connections = itertools.count(1)  # owner ids of served connections
         self._sweeper: asyncio.Task | None = None
@@ -333,6 +336,7 @@ class Node:
                 await other.close()
         for task in list(self._tasks):
             task.cancel()
+        await self.push.close()
         self.sessions.close_all()
         if self._redeemer is not None:
             self._redeemer.cancel()
@@ -381,12 +385,10 @@ class Node:
         """Answer one request of connection ``owner``; raise a LayerchainError for an error
         reply."""
         if isinstance(msg, m.Step):
-            self.load.begin(time.monotonic())
-            try:
-                return await self._step(msg, owner)
-            finally:
-                self.load.end(time.monotonic())
-                self._announce_load()
+            self.push.supersede(msg.session_id, msg.step)  # the client fell back to pull
+            return await self.run_step(msg, owner)
+        if isinstance(msg, (m.PushStep, m.Forward)):  # push mode (node.push)
+            return await self.push.handle(msg, owner)
         if isinstance(msg, m.OpenSession):
             opened = self._open(msg, owner)
             self._announce_load()
@@ -413,6 +415,24 @@ class Node:
         if isinstance(msg, (m.ManifestQuery, m.PieceQuery)) and self.seeder is not None:
             return await self.seeder.answer(msg, owner, time.monotonic())  # node.seeding
         raise LimitExceeded(f"a node does not accept {type(msg).__name__} requests")
+
+    async def run_step(self, msg: m.Step, owner: int = 0) -> m.StepResult:
+        """``_step``, counted in the node's load (a Step, or a PushStep's input arrived)."""
+        self.load.begin(time.monotonic())
+        try:
+            return await self._step(msg, owner)
+        finally:
+            self.load.end(time.monotonic())
+            self._announce_load()
+
+    def observe_rtt(self, peer_id: str, ms: float) -> None:
+        """A round trip to ``peer_id`` measured (ms), smoothed; announced in the record
+        (at most ``MAX_RTTS`` peers: the oldest entry leaves first)."""
+        old = self.rtts.pop(peer_id, None)
+        ms = min(ms, MAX_RTT_MS)
+        self.rtts[peer_id] = round(ms if old is None else 0.7 * old + 0.3 * ms, 3)
+        while len(self.rtts) > MAX_RTTS:
+            del self.rtts[next(iter(self.rtts))]
 
     def _info(self, rid: int) -> m.InfoReply:
         return m.InfoReply(
@@ -501,6 +521,7 @@ class Node:
             # the output goes back to CPU memory for the wire, in the dtype the client sent
             # (fp16, bf16) from a float32 span, else in the span's (model.device.reply_dtype);
             # no copy on a CPU. On a GPU that copy waits for the step: it is timed with it
+            computing = time.perf_counter()  # reported in the result (compute_ms)
             span = session.span  # the node's span, or the one it moved from (swap_span)
             wire = reply_dtype(hidden.dtype, span.compute_dtype)
             blocks = session.end - session.start
@@ -521,8 +542,10 @@ class Node:
             session.stepped(tokens)
             # the receipt commits to ``out`` as returned (market.commitment), cheat or not
             receipt = self.payments.receipt(session.payment, msg.step, tokens, hidden, out)
+            compute_ms = 1000.0 * (time.perf_counter() - computing)
         return m.StepResult(
-            rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out, receipt=receipt
+            rid=msg.rid, session_id=msg.session_id, step=msg.step, hidden=out, receipt=receipt,
+            compute_ms=round(compute_ms, 3),
         )
 
     async def _forward_in_slices(self, x: torch.Tensor, session: Session) -> torch.Tensor:

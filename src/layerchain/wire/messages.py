@@ -15,6 +15,8 @@ Requests and their replies::
     PieceQuery   -> PieceReply        bytes [offset, offset + length) of one file of a model
     TrainForward -> TrainForwardResult    a hop's forward over whole sequences (training)
     TrainBackward -> TrainBackwardResult  its inputs' gradient, given its outputs'
+    PushStep     -> StepResult        a step whose input a Forward brings (push mode)
+    Forward      -> Forwarded         a hop's output, sent on to the next hop (push mode)
     (any)        -> ErrorReply        ``code`` is one of ``ERROR_CODES``
 
 This module knows nothing of bytes: ``codec`` turns these records into frames. The field
@@ -121,7 +123,8 @@ class Step:
 
 @dataclass(frozen=True, eq=False)
 class StepResult:
-    """The blocks' output [B, T, H] for ``step``, with the peer's signed receipt."""
+    """The blocks' output [B, T, H] for ``step``, with the peer's signed receipt. (The
+    trailing ``compute_ms`` was appended in protocol 1: client and node upgrade together.)"""
 
     TYPE_ID: ClassVar[int] = 4
     rid: int
@@ -129,6 +132,9 @@ class StepResult:
     step: int
     hidden: torch.Tensor  # [B, T, H], same shape and dtype as the Step's input
     receipt: bytes = b""
+    compute_ms: float = 0.0  # the peer's own time on this step (waiting for the span, the
+    # blocks, the reply's cast), ms: a client tells protocol cost from compute with it
+    # (``bench --json``); informative only, never trusted for routing or payment
 
     __repr__ = _short_repr
 
@@ -459,6 +465,58 @@ class PieceReply:
     data: bytes
 
 
+# ---- push mode (``node.push``, ``client.push``); type ids 60-69. Each hop forwards its
+# output straight to the next hop of the route; the client asks every hop for its result.
+
+
+@dataclass(frozen=True)
+class PushStep:
+    """Run step ``step`` of session ``session_id`` on the input a ``Forward`` brings, one
+    whose ``secret`` hashes (sha256) to ``expect``; then forward the output to
+    ``next_endpoint`` (a node proving ``next_peer_id``) as ``Forward(next_session_id,
+    step + k, out, next_secret)`` ("": the last hop, nothing forwarded). Answered with the
+    step's ``StepResult`` (output and receipt, as a Step). Sent by the session's client on
+    its own connection; ``voucher`` pays for the step as a Step's does. ``next_step`` is the
+    step number of the next hop's session (hops' sessions count their steps apart)."""
+
+    TYPE_ID: ClassVar[int] = 60
+    rid: int
+    session_id: str
+    step: int
+    voucher: bytes
+    expect: bytes  # sha256 of the secret the forwarded input must carry (32 bytes)
+    next_endpoint: str  # where to forward the output; "": nowhere (the last hop)
+    next_peer_id: str  # the peer id the next hop must prove
+    next_session_id: str
+    next_step: int
+    next_secret: bytes  # the next hop's secret for this step (<= 64 bytes)
+
+
+@dataclass(frozen=True, eq=False)
+class Forward:
+    """The input [1, T, H] of step ``step`` of session ``session_id``, brought by the
+    previous hop (or the client, to the first hop) with the secret its client gave it."""
+
+    TYPE_ID: ClassVar[int] = 61
+    rid: int
+    session_id: str
+    step: int
+    hidden: torch.Tensor  # [1, T, H]
+    secret: bytes
+
+    __repr__ = _short_repr
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """The forwarded input was taken (held for its ``PushStep``; not computed yet)."""
+
+    TYPE_ID: ClassVar[int] = 62
+    rid: int
+    session_id: str
+    step: int
+
+
 Message = Union[
     OpenSession,
     SessionOpened,
@@ -490,6 +548,9 @@ Message = Union[
     TrainForwardResult,
     TrainBackward,
     TrainBackwardResult,
+    PushStep,
+    Forward,
+    Forwarded,
 ]
 
 MESSAGE_TYPES: dict[int, type] = {
@@ -525,6 +586,9 @@ MESSAGE_TYPES: dict[int, type] = {
         TrainForwardResult,
         TrainBackward,
         TrainBackwardResult,
+        PushStep,
+        Forward,
+        Forwarded,
     )
 }
 
@@ -542,4 +606,6 @@ REPLY_TYPES: dict[type, type] = {
     PieceQuery: PieceReply,
     TrainForward: TrainForwardResult,
     TrainBackward: TrainBackwardResult,
+    PushStep: StepResult,
+    Forward: Forwarded,
 }
