@@ -21,6 +21,8 @@ from layerchain.wire.messages import (
     DialBackProbe,
     DialBackResult,
     ErrorReply,
+    Forward,
+    Forwarded,
     Info,
     InfoReply,
     ManifestQuery,
@@ -30,6 +32,7 @@ from layerchain.wire.messages import (
     PieceReply,
     Ping,
     Pong,
+    PushStep,
     RelayAccept,
     RelayChallenge,
     RelayConnect,
@@ -85,6 +88,9 @@ def sample_messages(dtype: torch.dtype = torch.float32) -> list:
         ManifestReply(51, "a" * 64, b'{"num_blocks": 30}', 10, 20, 1),
         PieceQuery(52, "a" * 64, "block_012.safetensors", 1 << 20, 512 * 1024),
         PieceReply(53, "a" * 64, "block_012.safetensors", 1 << 20, 14_000_000, b"\x00\xff" * 1000),
+        PushStep(60, "s-1", 7, b"v", b"\x05" * 32, "tls://10.0.0.8:1", "peer", "s-2", 3, b"\x06" * 16),
+        Forward(61, "s-2", 3, hidden, b"\x06" * 16),
+        Forwarded(62, "s-2", 3),
     ]
 
 

@@ -52,6 +52,9 @@ class ClientConfig:
     # mps or auto (model.device); hidden states still cross the wire from CPU memory
     dtype: str = "fp32"  # form the head's tables (and private blocks) are held in
     # (model.quant.DTYPES); fp32 is the exactness reference
+    push: bool | None = None  # push mode (client.push): each hop forwards its output to the
+    # next, N+1 transfers per token instead of 2N; None: when the planner's push latency
+    # (with the RTTs peers announce) beats pull's; True/False: always/never
     private_blocks: int = 0  # the client runs blocks [0, private_blocks) itself and routes
     # only the rest, so no peer sees the embedding rows (which name the token ids); 0: none
     audit_rate: float = 1 / 16  # chance a hop is audited after a decode step, 0..1 (0: no

@@ -387,6 +387,10 @@ class PeerView:
 
     # ---------------------------------------------------------------- connections
 
+    def endpoint(self, peer_id: str) -> str:
+        """The endpoint of a known peer that answered last, else its record's best."""
+        return preferred_order(self.records[peer_id].endpoints, self._reached.get(peer_id))[0]
+
     async def client(self, peer_id: str) -> RpcClient:
         """The connection to a known peer (KeyError if unknown), opened if needed."""
         return (await self._connection(peer_id, probe=False)).rpc

@@ -47,6 +47,7 @@ import torch
 from layerchain.client.config import RouteLimits
 from layerchain.client.funding import Funding
 from layerchain.client.peers import PeerView
+from layerchain.client.push import PushMode, push_through
 from layerchain.client.rules import (
     Verdict,
     check_output,
@@ -157,6 +158,8 @@ class InferenceSession:
         self.recoveries: list[Recovery] = []
         self.steps = 0
         self.hop_seconds = 0.0  # wall time spent waiting on hops, all steps
+        self.step_seconds = 0.0  # wall time of the last step through the route, s
+        self.node_ms: list[float] = []  # the last step's compute_ms of each hop call (client.timing)
         self.payments: dict[str, HopPayment] = {}  # peer id -> what it computed and was paid
         self.blocks = blocks  # (start, end) the route covers; end None: the last block
         self.exclude = exclude  # peers never planned into this session (audited ones)
@@ -168,6 +171,7 @@ class InferenceSession:
         self.retired: list[HopSession] = []  # hops replaced by failover, with their history
         self._opened: dict[str, HopSession] = {}  # wallet -> a hop opened on it (to settle)
         self._closing: set[asyncio.Task[None]] = set()  # failed hops closed in the background
+        self.push = PushMode(self.config.push)  # hops forward to each other (client.push)
 
     @property
     def route(self) -> list[Hop]:
@@ -359,9 +363,13 @@ class InferenceSession:
         """Run ``hidden`` [1, T, H] through every hop (in Steps of at most ``step_tokens``
         tokens); return the last hop's output [1, T, H]."""
         t0 = time.perf_counter()
-        outputs = [await self._through_hops(part) for part in split_steps(hidden, self.step_tokens)]
+        self.node_ms = []
+        outputs = [await (push_through(self, part) if self.push.use(self) else
+                          self._through_hops(part))
+                   for part in split_steps(hidden, self.step_tokens)]
         self.steps += 1
-        self.hop_seconds += time.perf_counter() - t0
+        self.step_seconds = time.perf_counter() - t0
+        self.hop_seconds += self.step_seconds
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def _through_hops(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -374,11 +382,14 @@ class InferenceSession:
                 await self._recover(i, failure)
         return hidden
 
-    async def _call(self, hs: HopSession, hidden: torch.Tensor) -> torch.Tensor:
-        """One Step on one hop: pay, call, check what came back, count it."""
+    async def _call(
+        self, hs: HopSession, hidden: torch.Tensor, voucher: bytes | None = None
+    ) -> torch.Tensor:
+        """One Step on one hop: pay (unless given the ``voucher`` paid for this step already
+        and never spent: push mode's fallback), call, check what came back, count it."""
         peer_id, tokens = hs.hop.peer_id, tokens_of(hidden)
-        amount = step_amount(tokens, hs.blocks, hs.verifier.price_per_block)
-        voucher = self._pay(hs, amount)  # before any await: vouchers go out in order
+        if voucher is None:  # before any await: vouchers go out in order
+            voucher = self._pay(hs, step_amount(tokens, hs.blocks, hs.verifier.price_per_block))
         timeout = self._step_timeout(hs, tokens)
         t0 = time.perf_counter()
         try:
@@ -388,6 +399,20 @@ class InferenceSession:
                        hidden=hidden, voucher=voucher),
                 timeout=timeout,
             )
+        except LayerchainError as error:
+            raise self._failure(hs.record, error, tokens) from error
+        return self._accept(hs, hidden, reply, voucher, time.perf_counter() - t0)
+
+    def _accept(
+        self, hs: HopSession, hidden: torch.Tensor, reply: m.Message, voucher: bytes,
+        seconds: float | None,
+    ) -> torch.Tensor:
+        """Check ``hs``'s answer to a step over ``hidden`` (its output and receipt), count
+        it, keep the input; HopFailed if it is wrong. ``seconds``: the call's wall time, a
+        sample of the peer's speed (None: not one, a push step waits on other hops)."""
+        peer_id, tokens = hs.hop.peer_id, tokens_of(hidden)
+        amount = step_amount(tokens, hs.blocks, hs.verifier.price_per_block)
+        try:
             if not isinstance(reply, m.StepResult):  # rpc checks it; this tells the type checker
                 raise InvalidOutput(f"peer {peer_id} answered a Step with {type(reply).__name__}")
             out = reply.hidden
@@ -400,7 +425,9 @@ class InferenceSession:
             receipt = hs.verifier.check(reply.receipt, hidden, out, tokens)  # advances next_step
         except LayerchainError as error:
             raise self._failure(hs.record, error, tokens) from error
-        self.peers.observe_step(peer_id, hs.blocks, tokens, time.perf_counter() - t0)
+        if seconds is not None:
+            self.peers.observe_step(peer_id, hs.blocks, tokens, seconds)
+        self.node_ms.append(reply.compute_ms)
         self._count(hs, tokens, 0 if voucher or self._lagging(hs) else amount)
         hs.inputs.append(hidden)
         hs.receipts.append(reply.receipt)

@@ -37,7 +37,9 @@ from layerchain.discovery.addresses import announced_endpoints
 from layerchain.discovery.records import MAX_MS_PER_BLOCK, MAX_RTT_MS, MAX_RTTS, MIN_MS_PER_BLOCK
 from layerchain.errors import LimitExceeded, OfferChanged, PeerBusy, UnknownSession
 from layerchain.market import Wallet, tokens_of
+from layerchain.model.batched import batchable
 from layerchain.model.device import reply_dtype
+from layerchain.node.batching import DecodeBatcher
 from layerchain.node.config import NodeConfig
 from layerchain.node.load import LOAD_ANNOUNCE_S, Announced, LoadMeter, worth_announcing
 from layerchain.node.misbehave import Misbehavior, cheating_span
@@ -154,6 +156,7 @@ class Node:
         self.ms_per_block = ms_per_block
         # steps in flight and recent step time, announced in the record (issue 16.2)
         self.load = LoadMeter(span.end - span.start, time.monotonic())
+        self.batcher = DecodeBatcher()  # concurrent sessions' decode steps, one forward
         self._load_announced: Announced | None = None  # the load last put in a record
         self._announcing = False  # a load-triggered announcement is under way
         self.listener: Listener | None = None
@@ -525,7 +528,18 @@ class Node:
             span = session.span  # the node's span, or the one it moved from (swap_span)
             wire = reply_dtype(hidden.dtype, span.compute_dtype)
             blocks = session.end - session.start
-            if tokens * blocks * self.ms_per_block < 1000.0 * COMPUTE_SLICE_S:
+            short = tokens * blocks * self.ms_per_block < 1000.0 * COMPUTE_SLICE_S
+            if short and tokens == 1 and session.cache is not None \
+                    and batchable(span, session.cache):
+                # a decode step: batched with other sessions' (node.batching; alone, it
+                # runs span.forward as below, at once when no other session is expected)
+                decoded = await self.batcher.step(session, x)
+                out = decoded.hidden.to(dtype=wire)
+                per_block = 1000.0 * decoded.seconds / blocks
+                if decoded.batch == 1:  # the fastest cost seen alone, as at start
+                    self.ms_per_block = min(self.ms_per_block, per_block)
+                self.load.sample(per_block / decoded.batch)  # a batch's steps share its time
+            elif short:
                 t0 = time.perf_counter()
                 with torch.inference_mode():  # on this thread: see the note at the top
                     out = span.forward(x, session.cache, start=session.start, end=session.end)

@@ -1,0 +1,263 @@
+"""Push mode (issue 16, item 3): each hop forwards its output straight to the next hop.
+
+Fast tests run real nodes in one event loop over the memory transport (tests/memswarm.py):
+the protocol's rules (a forward needs the step's secret, the step the session expects, one
+at a time; a Step supersedes a waiting PushStep), generations identical to the local model
+in push mode, a hop that does not forward or fails (the client falls back to pull for that
+token, failover as in pull mode), the RTTs nodes announce and the auto choice (a pure
+function over literals). The slow end-to-end test (real node processes, TLS, kill -9 of a
+hop mid-generation) is at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from memswarm import MemorySwarm
+
+from layerchain.client.push import announced_rtts, push_is_faster
+from layerchain.errors import LimitExceeded, RemoteError, UnknownSession
+from layerchain.model import LocalModel, SamplingParams, resolve_model
+from layerchain.node import Node
+from layerchain.node.push import new_secret, secret_digest
+from layerchain.routing.route import RoutePeer
+from layerchain.types import Hop
+from layerchain.wire import messages as m
+
+PROMPT = "What is the capital of France?"
+PARAMS = SamplingParams(max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama", tokenizer=True))  # 4 blocks, context 256 tokens
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return LocalModel(resolve_model(tiny_model)).generate(PROMPT, PARAMS)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def chain(swarm: MemorySwarm, tmp_path, spans=((0, 2), (2, 3), (3, 4))) -> list[Node]:
+    return [await swarm.add_node(a, b, tmp_path / f"n{a}") for a, b in spans]
+
+
+# ------------------------------------------------------------------ generations
+
+
+def test_push_mode_gives_the_local_models_tokens_and_nodes_announce_rtts(
+    tiny_model, reference, tmp_path
+):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            nodes = await chain(swarm, tmp_path)
+            client = swarm.client(push=True)
+            result = await client.generate(PROMPT, PARAMS)
+            records = {n.peer_id: n.record() for n in nodes}
+            return result, nodes, records
+        finally:
+            await swarm.close()
+
+    result, nodes, records = run(main())
+    assert result.token_ids == reference.token_ids
+    assert not result.recoveries
+    steps = 1 + PARAMS.max_new_tokens - 1  # the prompt, then one step per new token but the last
+    assert [n.push.forwarded for n in nodes] == [steps, steps, 0]  # the last hop returns
+    assert [n.push.forward_failures for n in nodes] == [0, 0, 0]
+    # each hop measured its round trip to the hop it forwards to, and announces it (ms)
+    assert [p for p, _ in records[nodes[0].peer_id].rtts] == [nodes[1].peer_id]
+    assert [p for p, _ in records[nodes[1].peer_id].rtts] == [nodes[2].peer_id]
+    assert records[nodes[2].peer_id].rtts == ()
+    assert set(announced_rtts(records.values())) == {
+        (nodes[0].peer_id, nodes[1].peer_id), (nodes[1].peer_id, nodes[2].peer_id)}
+
+
+def test_pull_mode_forwards_nothing(tiny_model, reference, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            nodes = await chain(swarm, tmp_path)
+            result = await swarm.client(push=False).generate(PROMPT, PARAMS)
+            return result, nodes
+        finally:
+            await swarm.close()
+
+    result, nodes = run(main())
+    assert result.token_ids == reference.token_ids
+    assert [n.push.forwarded for n in nodes] == [0, 0, 0]
+
+
+def test_a_hop_that_does_not_forward_costs_one_fallback_then_the_session_pulls(
+    tiny_model, reference, tmp_path
+):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            nodes = await chain(swarm, tmp_path)
+
+            async def swallow(msg, out):  # computes, answers the client, forwards nothing
+                return None
+
+            nodes[1].push._forward = swallow  # type: ignore[method-assign]
+            client = swarm.client(push=True, step_timeout_s=0.5)
+            result = await client.generate(PROMPT, PARAMS)
+            return result, nodes, client.peers.banned()
+        finally:
+            await swarm.close()
+
+    result, nodes, banned = run(main())
+    assert result.token_ids == reference.token_ids  # the last hop pulled, same answer
+    assert not result.recoveries  # nobody failed over: the last hop's cache was intact
+    assert not banned
+    assert [n.push.forwarded for n in nodes] == [1, 0, 0]  # the prompt step only, then pull
+
+
+def test_a_hop_failing_its_push_step_is_failed_over_with_the_same_answer(
+    tiny_model, reference, tmp_path
+):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            nodes = await chain(swarm, tmp_path)
+            spare = await swarm.add_node(2, 3, tmp_path / "spare", emulate_latency_ms=30)
+            bad, original, calls = nodes[1], nodes[1].handle, [0]
+
+            async def handle(msg, *args):
+                if isinstance(msg, (m.PushStep, m.Step)):
+                    calls[0] += 1
+                    if calls[0] > 3:  # dies after 3 steps (a crash: every request fails)
+                        raise RemoteError("crashed")
+                return await original(msg, *args)
+
+            bad.handle = handle  # type: ignore[method-assign]
+            client = swarm.client(push=True)
+            result = await client.generate(PROMPT, PARAMS)
+            return result, bad, spare, client.peers.banned()
+        finally:
+            await swarm.close()
+
+    result, bad, spare, banned = run(main())
+    assert result.token_ids == reference.token_ids
+    assert [r.peer_id for r in result.recoveries] == [bad.peer_id]
+    assert [h.peer_id for h in result.recoveries[0].replacement] == [spare.peer_id]
+    assert bad.peer_id in banned
+    assert spare.push.forwarded > 0  # the session kept pushing on the new route
+
+
+# ------------------------------------------------------------------ the node's rules
+
+
+def _push(session_id: str, step: int, expect: bytes, **next_hop) -> m.PushStep:
+    fields = dict(next_endpoint="", next_peer_id="", next_session_id="", next_step=0,
+                  next_secret=b"")
+    fields.update(next_hop)
+    return m.PushStep(1, session_id, step, b"", expect, **fields)
+
+
+def test_a_node_takes_a_forward_only_with_the_secret_at_the_expected_step(tiny_model, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            node = await swarm.add_node(0, 4, tmp_path / "n")
+            size = node.spec.hidden_size
+            x = torch.randn(1, 2, size)
+            await node.handle(m.OpenSession(1, "s", node.spec.model_id, 0, 4, 64), 7)
+            secret = new_secret()
+            errors = {}
+            with pytest.raises(UnknownSession):
+                await node.handle(m.Forward(1, "nope", 0, x, secret), 8)
+            waiting = asyncio.create_task(node.handle(_push("s", 0, secret_digest(secret)), 7))
+            await asyncio.sleep(0)
+            for name, msg, owner in [
+                ("wrong secret", m.Forward(1, "s", 0, x, new_secret()), 8),
+                ("wrong step", m.Forward(1, "s", 1, x, secret), 8),
+                ("bad shape", m.Forward(1, "s", 0, torch.randn(1, 2, size + 1), secret), 8),
+                ("huge secret", m.Forward(1, "s", 0, x, b"x" * 65), 8),
+                ("second push step", _push("s", 0, secret_digest(secret)), 7),
+            ]:
+                with pytest.raises(LimitExceeded) as caught:
+                    await node.handle(msg, owner)
+                errors[name] = str(caught.value)
+            with pytest.raises(UnknownSession):  # a PushStep is the session owner's only
+                await node.handle(_push("s", 0, secret_digest(secret)), 8)
+            assert not waiting.done()
+            # the right secret from any connection (the previous hop's) runs the step
+            assert isinstance(await node.handle(m.Forward(1, "s", 0, x, secret), 8), m.Forwarded)
+            result = await waiting
+            # the same output a Step gives, receipt and all
+            await node.handle(m.OpenSession(1, "t", node.spec.model_id, 0, 4, 64), 7)
+            pulled = await node.handle(m.Step(1, "t", 0, x), 7)
+            return result, pulled, errors
+        finally:
+            await swarm.close()
+
+    result, pulled, errors = run(main())
+    assert isinstance(result, m.StepResult) and result.step == 0 and result.receipt
+    assert torch.equal(result.hidden, pulled.hidden)
+    assert "not the input its push step waits for" in errors["wrong secret"]
+    assert "expects step 0" in errors["wrong step"]
+    assert "in flight already" in errors["second push step"]
+
+
+def test_a_forward_ahead_of_its_push_step_is_held_and_a_step_supersedes(tiny_model, tmp_path):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            node = await swarm.add_node(0, 4, tmp_path / "n")
+            x = torch.randn(1, 1, node.spec.hidden_size)
+            await node.handle(m.OpenSession(1, "s", node.spec.model_id, 0, 4, 64), 7)
+            secret = new_secret()
+            await node.handle(m.Forward(1, "s", 0, x, secret), 8)  # before its PushStep
+            with pytest.raises(LimitExceeded, match="holds a forward already"):
+                await node.handle(m.Forward(1, "s", 0, x, new_secret()), 8)
+            first = await node.handle(_push("s", 0, secret_digest(secret)), 7)
+            # step 1: a PushStep waits; the client falls back to pull with a Step
+            waiting = asyncio.create_task(node.handle(_push("s", 1, secret_digest(secret)), 7))
+            await asyncio.sleep(0)
+            pulled = await node.handle(m.Step(1, "s", 1, x), 7)
+            with pytest.raises(LimitExceeded, match="superseded"):
+                await waiting
+            late = node.handle(m.Forward(1, "s", 1, x, secret), 8)  # the old forward: too late
+            with pytest.raises(LimitExceeded, match="expects step 2"):
+                await late
+            return first, pulled, node
+        finally:
+            await swarm.close()
+
+    first, pulled, node = run(main())
+    assert first.step == 0 and pulled.step == 1
+    assert node.push.waiting == {} and node.push.held == {}
+
+
+# ------------------------------------------------------------------ the auto choice
+
+
+def _peer(pid: str, start: int, end: int, rtt_ms: float) -> RoutePeer:
+    return RoutePeer(pid, start, end, ms_per_block=1.0, price_per_block=0.0, rtt_ms=rtt_ms)
+
+
+def test_auto_pushes_only_when_the_announced_peer_rtts_make_push_faster():
+    peers = {p.id: p for p in (_peer("a", 0, 2, 50.0), _peer("b", 2, 4, 50.0),
+                               _peer("c", 4, 6, 50.0))}
+    route = [Hop("a", 0, 2), Hop("b", 2, 4), Hop("c", 4, 6)]
+    # pull: 3 round trips of 50 ms; push: 25 + (ab)/2 + (bc)/2 + 25
+    assert not push_is_faster(route, peers, {})  # nothing announced: the same cost: pull
+    assert push_is_faster(route, peers, {("a", "b"): 1.0, ("c", "b"): 1.0})  # either order
+    assert not push_is_faster(route, peers, {("a", "b"): 200.0, ("b", "c"): 200.0})
+    assert not push_is_faster(route[:1], peers, {})  # one hop: nothing to gain
+    assert not push_is_faster([Hop("x", 0, 6)], peers, {})  # unknown peer
+
+
+def test_announced_rtts_reads_every_records_pairs(record_for):
+    from layerchain.discovery import Identity
+
+    a, b = Identity.generate(), Identity.generate()
+    records = [record_for(a, 0, 2, rtts=((b.peer_id, 12.5),)), record_for(b, 2, 4)]
+    assert announced_rtts(records) == {(a.peer_id, b.peer_id): 12.5}
