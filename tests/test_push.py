@@ -261,3 +261,50 @@ def test_announced_rtts_reads_every_records_pairs(record_for):
     a, b = Identity.generate(), Identity.generate()
     records = [record_for(a, 0, 2, rtts=((b.peer_id, 12.5),)), record_for(b, 2, 4)]
     assert announced_rtts(records) == {(a.peer_id, b.peer_id): 12.5}
+
+
+# ------------------------------------------------------------------ real node processes
+
+
+@pytest.fixture(scope="module")
+def process_swarm(tmp_path_factory):
+    """Two hops of the default model and a spare for the first, as real processes on
+    loopback (TLS links, hivemind DHT)."""
+    from layerchain.local import swarm_down, swarm_up
+    from layerchain.types import Span
+
+    state = tmp_path_factory.mktemp("push-swarm")
+    local = swarm_up(state, [Span(0, 15), Span(0, 15), Span(15, 30)])
+    try:
+        yield local
+    finally:
+        swarm_down(state, quiet=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_push_over_real_nodes_equals_pull_and_survives_a_kill_9_of_a_hop(process_swarm):
+    import os
+    import signal
+
+    from layerchain.client import Swarm
+
+    params = SamplingParams(max_new_tokens=8)
+    prompt = "Name three rivers in Europe."
+    pid_of = {n["peer_id"]: n["pid"] for n in process_swarm.nodes}
+    # audit_rate 0: each token is shown as computed, so the kill lands between steps
+    config = dict(step_timeout_s=5.0, ban_base_s=60.0, audit_rate=0.0)
+    with Swarm(process_swarm.initial_peers, push=False, **config) as client:
+        pulled = client.generate(prompt, params)
+    with Swarm(process_swarm.initial_peers, push=True, **config) as client:
+        pushed = client.generate(prompt, params)
+        assert list(pushed.token_ids) == list(pulled.token_ids)
+        gen = client.stream(prompt, params)
+        killed = None
+        for event in gen:
+            if event.index == 3:  # the first hop: the last one waits for its forward
+                killed = gen.route[0].peer_id
+                os.kill(pid_of[killed], signal.SIGKILL)
+        result = gen.result
+    assert list(result.token_ids) == list(pulled.token_ids)
+    assert [r.peer_id for r in result.recoveries] == [killed]
