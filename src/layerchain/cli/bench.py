@@ -33,9 +33,25 @@ def bench_swarm(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     insecure: bool = typer.Option(
         False, "--insecure", help="Plaintext tcp:// links instead of TLS (to compare)."),
+    concurrency: str = typer.Option(
+        "", help="Concurrent streams to measure, e.g. 1,2,4,8 (one swarm for all points)."),
 ) -> None:
-    """Single process vs a local swarm: single_process_tps, swarm_tps, ratio, hop overhead."""
+    """Single process vs a local swarm: single_process_tps, swarm_tps, ratio, hop overhead,
+    and each decode token split into node compute, client compute and wire per hop. With
+    --concurrency N,M,..: N concurrent greedy streams per point on one swarm, points
+    [{concurrency, aggregate_tokens_per_s, ttft_s_p50/p99, itl_ms_p50/p99}]."""
     if ctx.invoked_subcommand is not None:
+        return
+    if concurrency:
+        from layerchain.bench.concurrency import parse_levels, run_concurrency_bench
+
+        try:
+            levels = parse_levels(concurrency)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--concurrency") from None
+        _print(run_concurrency_bench(levels, model=model, nodes=nodes,
+                                     max_new_tokens=max_new_tokens, threads=threads or None,
+                                     insecure=insecure), as_json)
         return
     from layerchain.bench.swarm import run_swarm_bench
 

@@ -60,6 +60,7 @@ from layerchain.client.peers import PeerView
 from layerchain.client.rules import check_context, check_room, step_tokens
 from layerchain.client.session import HopPayment, InferenceSession, Recovery
 from layerchain.client.state import SwarmState, swarm_state
+from layerchain.client.timing import StepStamp, TokenTiming, token_timings
 from layerchain.discovery import Discovery
 from layerchain.errors import ConfigError, CostLimitExceeded
 from layerchain.fetch import client_copy, is_model_id
@@ -114,6 +115,9 @@ class GenerationResult(DecodeResult):
     payments: tuple[HopPayment, ...] = ()  # per peer: tokens computed and credits
     disputes: tuple[Dispute, ...] = ()  # hops audits caught lying (banned, unpaid, evidence)
     audited_steps: int = 0  # hop steps compared with a recomputation on another peer
+    # per decode step (the first is the prompt's): the client's compute, the route's, the
+    # nodes' (client.timing)
+    timings: tuple[TokenTiming, ...] = ()
 
 
 class Generation:
@@ -343,6 +347,7 @@ class AsyncSwarm:
         inputs: list[torch.Tensor] = []
         finals: list[torch.Tensor] = []
         events: list[TokenEvent] = []
+        stamps: list[StepStamp] = []  # per decode step, where its time went (client.timing)
         shown = 0  # events yielded
         ttft = 0.0
         finish: str | None = "cancelled"  # None: the decoder's own reason
@@ -350,7 +355,9 @@ class AsyncSwarm:
             await session.open(prompt_tokens=len(prompt_ids))  # CostLimitExceeded: the prompt
             self.last_route = tuple(session.route)
             while True:
+                began = time.perf_counter()
                 x = self._route_input(decoder, private)
+                embedded = time.perf_counter()
                 if auditor is not None and auditor.dispute is None and x is not None:
                     await auditor.make_room(int(x.shape[1]))
                 if auditor is not None and x is None:
@@ -369,7 +376,11 @@ class AsyncSwarm:
                         raise
                     finish = "max_cost"
                     break
+                routed = time.perf_counter()
                 text = self._accept(decoder, hidden)  # one more token in decoder.stop.token_ids
+                ended = time.perf_counter()
+                stamps.append(StepStamp(began, ended, embedded - began + ended - routed,
+                                        session.step_seconds, tuple(session.node_ms)))
                 token_ids = decoder.stop.token_ids
                 inputs.append(x)
                 finals.append(hidden[:, -1:])
@@ -408,6 +419,7 @@ class AsyncSwarm:
                 payments=tuple(session.payments.values()),
                 disputes=tuple(auditor.disputes) if auditor is not None else (),
                 audited_steps=auditor.audited_steps if auditor is not None else 0,
+                timings=token_timings(stamps),
             )
             if finish is not None:
                 gen._result = replace(gen._result, finish_reason=finish)
