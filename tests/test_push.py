@@ -151,6 +151,31 @@ def test_a_hop_failing_its_push_step_is_failed_over_with_the_same_answer(
     assert spare.push.forwarded > 0  # the session kept pushing on the new route
 
 
+def test_auto_mode_pushes_once_nodes_announce_rtts_to_their_next_hops(
+    tiny_model, reference, tmp_path
+):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            nodes = [await swarm.add_node(a, b, tmp_path / f"n{a}", emulate_latency_ms=20)
+                     for a, b in ((0, 2), (2, 4))]  # every round trip (pings too): ~20 ms
+            for node in nodes:  # what their periodic round does (``measure_every``)
+                await node.push.measure_successors()
+                await node.announcer.announce_now()
+            client = swarm.client()  # push=None: auto
+            result = await client.generate(PROMPT, PARAMS)
+            return result, nodes
+        finally:
+            await swarm.close()
+
+    result, nodes = run(main())
+    assert result.token_ids == reference.token_ids
+    assert nodes[0].rtts[nodes[1].peer_id] >= 20.0  # measured, announced, ms
+    assert nodes[1].rtts == {}  # the last block's node has no next hop
+    # pull: 2 round trips a token; push: 3 one-way transfers: auto chose push
+    assert nodes[0].push.forwarded == PARAMS.max_new_tokens
+
+
 # ------------------------------------------------------------------ the node's rules
 
 

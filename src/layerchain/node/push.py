@@ -26,9 +26,11 @@ A forward goes out over a link this node dials to ``next_endpoint`` proving
 receiver cannot know who dialled it: the secret is what it checks). A Step (pull mode) for
 the step a PushStep waits on supersedes it: the client fell back to pull for that token.
 
-RTTs: a new link is pinged, and again every ``RTT_REFRESH_S`` while forwards use it; the
-node announces those round trips (ms) in its record's ``rtts`` (the planner's push model
-reads them). Knows nothing of the client.
+RTTs: the node pings the peers that could be its next hop (those serving the block after
+its span: ``measure_successors``, every record refresh) and the hops it forwards to, each at
+most every ``RTT_REFRESH_S``; it announces those round trips (ms) in its record's ``rtts``,
+which the client's push latency model reads (so a client can choose push mode before anyone
+pushed). Knows nothing of the client.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -61,6 +64,7 @@ FORWARD_TIMEOUT_S = 10.0  # the next hop must acknowledge a Forward within this,
 RTT_REFRESH_S = 30.0  # a link in use is pinged again after this many seconds
 MAX_SECRET_BYTES = 64  # a push secret's size at most
 MAX_LINKS = 64  # links to next hops kept open at most (least recently used closed first)
+MAX_PROBED = 8  # possible next hops pinged per round at most
 
 
 def secret_digest(secret: bytes) -> bytes:
@@ -198,7 +202,7 @@ class PushService:
                                      hidden=out, secret=msg.next_secret),
                            timeout=FORWARD_TIMEOUT_S)
             self.forwarded += 1
-            if time.monotonic() - self.pinged.get(msg.next_peer_id, 0.0) > RTT_REFRESH_S:
+            if time.monotonic() - self.pinged.get(msg.next_peer_id, -math.inf) > RTT_REFRESH_S:
                 await self._ping(rpc, msg.next_peer_id)
         except LayerchainError as error:
             self.forward_failures += 1
@@ -221,6 +225,42 @@ class PushService:
                 _, old = self.links.popitem(last=False)
                 self.node._spawn(old.close())
         return rpc
+
+    async def measure_successors(self) -> int:
+        """Ping the peers that could be this node's next hop (their span holds block
+        ``end``) whose round trip is older than ``RTT_REFRESH_S``, at most ``MAX_PROBED``;
+        returns how many answered (their RTTs go in the record)."""
+        node = self.node
+        end = node.span.end
+        if end >= node.spec.num_blocks:
+            return 0
+        records = await node.discovery.find(node.spec.model_id, node.spec.num_blocks)
+        now = time.monotonic()
+        due = sorted((r for r in records if r.start <= end < r.end and r.endpoints
+                      and r.peer_id != node.peer_id
+                      and now - self.pinged.get(r.peer_id, -math.inf) > RTT_REFRESH_S),
+                     key=lambda r: self.pinged.get(r.peer_id, -math.inf))
+        answered = 0
+        for record in due[:MAX_PROBED]:
+            try:
+                await self._ping(await self._link(record.endpoints[0], record.peer_id),
+                                 record.peer_id)
+                answered += 1
+            except LayerchainError as error:
+                self.pinged[record.peer_id] = now  # not again before RTT_REFRESH_S
+                log.debug("pinging %s failed: %s", record.peer_id, error)
+        for peer_id in [p for p, at in self.pinged.items() if now - at > 10 * RTT_REFRESH_S]:
+            del self.pinged[peer_id]
+        return answered
+
+    async def measure_every(self, period_s: float) -> None:
+        """``measure_successors`` every ``period_s`` seconds, for the node's life."""
+        while True:
+            try:
+                await self.measure_successors()
+            except Exception as error:  # a DHT hiccup: the next round tries again
+                log.info("measuring RTTs to next hops failed: %s", error)
+            await asyncio.sleep(period_s)
 
     async def _ping(self, rpc: RpcClient, peer_id: str) -> None:
         """Measure the round trip to ``peer_id`` and keep it for the record (ms)."""

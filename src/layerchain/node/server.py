@@ -51,6 +51,7 @@ from layerchain.node.seeding import seeder_for
 from layerchain.node.sessions import Session, SessionTable
 from layerchain.types import Span
 from layerchain.wire import messages as m
+from layerchain.wire.compress import check_form, to_wire
 from layerchain.wire.relay import RelayService
 from layerchain.wire.rpc import serve_connection
 from layerchain.wire.transport import Connection, Listener, Transport
@@ -238,6 +239,7 @@ class Node:
         )
         await self.announcer.start()
         self._sweeper = asyncio.create_task(self._sweep_idle())
+        self._spawn(self.push.measure_every(self.config.refresh_s))  # RTTs to next hops
         if self.payments.book is not None:
             self._redeemer = asyncio.create_task(
                 self.payments.redeem_every(self.config.redeem_interval_s)
@@ -470,11 +472,13 @@ class Node:
                 f"node serves blocks {self.span.start}:{self.span.end}, "
                 f"not {msg.start}:{msg.end}"
             )
+        check_form(msg.wire)  # an unknown wire form: limit_exceeded, before any cache
         cache = self.span.new_cache(msg.start, msg.end, max_length=msg.max_length)
         session = self.sessions.open(
             msg.session_id, msg.max_length, cache, msg.start, msg.end, owner
         )
         session.span = self.span  # its cache's span, even after the node moves (swap_span)
+        session.wire = msg.wire  # its steps' replies travel in that form (wire.compress)
         try:  # admitted first, so a busy node takes no reservation fee
             session.payment = self.payments.open(
                 msg.session_id, msg.start, msg.end, max_length=msg.max_length, voucher=msg.voucher,
@@ -553,6 +557,7 @@ class Node:
                 out = out.to(device="cpu", dtype=wire)
             if self.misbehavior is not None:
                 out = self.misbehavior.output(msg.session_id, out)
+            out = to_wire(out, session.wire)  # as the client decodes it: what is committed
             session.stepped(tokens)
             # the receipt commits to ``out`` as returned (market.commitment), cheat or not
             receipt = self.payments.receipt(session.payment, msg.step, tokens, hidden, out)
