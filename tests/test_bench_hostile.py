@@ -5,8 +5,14 @@ The tools must really attack: a forged blob is signed and carries the forged val
 the validator can refuse it), a fake peer speaks the wire protocol, the relay delays step
 results and nothing else. The reduced bench (``--quick``) must report the issue's JSON
 shape, show that every attack reached its target (the forged control record was read back
-by the client, the slow sockets connected, the liars were asked for sessions ...), and
-show blocked the attacks whose defences have landed (all of them, by now).
+by the client, the liars were asked for sessions ...), and show blocked the attacks whose
+defences have landed (all of them, by now).
+
+The reduced bench runs ``IN_TEST``, a subset of the attacks (one shared swarm, ~15 s of
+honest load per attack): every attack left out has its own focused test that attacks the
+same defence (``FOCUSED_TESTS``), the node-level ones and the long prompt on real node
+processes, so the bench run here proves the bench's contract and the attacks through the
+DHT and fake peers end to end without attacking each defence a second time.
 """
 
 from __future__ import annotations
@@ -145,10 +151,37 @@ def test_unknown_attacks_are_a_config_error_before_anything_starts():
 # ------------------------------------------------------------------------------ the bench
 
 
+# The attacks the reduced bench runs here (in ATTACKS order): those through the DHT and
+# fake peers, whose judge is the honest client. Each other attack's defence is attacked by
+# its own test (FOCUSED_TESTS), so it is not attacked twice in `make test`.
+IN_TEST = ("forged_records", "slow_liar", "error_code_liars", "ban_poisoning")
+FOCUSED_TESTS = {  # attack: (test file, test function)
+    "ban_evasion": ("test_peers_trust.py",
+                    "test_a_ban_follows_the_wallet_to_a_new_peer_id_and_endpoint"),
+    "rotating_endpoints": ("test_peers_trust.py",
+                           "test_many_identities_do_not_grow_connections_pings_or_records_past_the_caps"),
+    "slowloris": ("test_hostile_e2e.py",
+                  "test_slowloris_by_declared_length_cannot_lock_new_connections_out"),
+    "session_squatting": ("test_hostile_e2e.py",
+                          "test_squatters_reserve_at_most_their_share_and_unstepped_sessions_expire"),
+    "long_prompt": ("test_swarm_e2e.py",
+                    "test_an_honest_prompt_near_the_context_length_succeeds_and_nodes_keep_answering_pings"),
+}
+
 # Every attack's defence has landed on main (issue 12): each must be blocked. An attack
 # added before its defence goes out of this set until the defence lands; it must still be
 # observed (test_every_attack_reached_its_target).
-BLOCKED_BY_NOW = frozenset(ATTACKS)
+BLOCKED_BY_NOW = frozenset(IN_TEST)
+
+
+def test_every_attack_runs_here_or_has_a_focused_test_that_exists():
+    """A new attack runs in the reduced bench unless a named test attacks its defence."""
+    from pathlib import Path
+
+    assert set(IN_TEST) | set(FOCUSED_TESTS) == set(ATTACKS)
+    assert not set(IN_TEST) & set(FOCUSED_TESTS)
+    for file, name in FOCUSED_TESTS.values():
+        assert f"def {name}(" in (Path(__file__).parent / file).read_text(), (file, name)
 
 
 @pytest.fixture(scope="module")
@@ -156,17 +189,18 @@ def report():
     from layerchain.bench.hostile import run_hostile_bench
 
     t0 = time.monotonic()
-    out = run_hostile_bench(quick=True)
+    out = run_hostile_bench(quick=True, attacks=IN_TEST)
     print(f"bench hostile --quick took {time.monotonic() - t0:.0f} s")
     for row in out["attacks"]:
-        print(row["name"], row["blocked"], row["honest_tokens_per_s_ratio"], row["details"])
+        print(row["name"], row["blocked"], row["honest_tokens_per_s_ratio"], f"{row['seconds']} s",
+              row["details"])
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_report_has_the_issues_json_shape(report):
-    assert [row["name"] for row in report["attacks"]] == list(ATTACKS)
+    assert [row["name"] for row in report["attacks"]] == [a for a in ATTACKS if a in IN_TEST]
     for row in report["attacks"]:
         assert isinstance(row["blocked"], bool), row
         assert isinstance(row["honest_tokens_per_s_ratio"], float), row
@@ -184,12 +218,7 @@ def test_every_attack_reached_its_target(report):
     assert rows["forged_records"]["details"]["control_read_by_client"]
     assert rows["slow_liar"]["details"]["steps_relayed"] > 0
     assert any(rows["error_code_liars"]["details"]["requests_per_code"].values())
-    assert rows["ban_evasion"]["details"]["sessions_and_steps_per_incarnation"]["first"] > 0
-    assert rows["rotating_endpoints"]["details"]["connections_accepted"] > 0
-    assert rows["slowloris"]["details"]["held_by_node_at_2s"] >= 128  # half the default cap
-    assert sum(rows["session_squatting"]["details"]["squatter_sessions"].values()) > 0
     assert len(rows["ban_poisoning"]["details"]["outcomes"]) == 2
-    assert rows["long_prompt"]["details"]["prompt_tokens"] > 512  # more than one step
 
 
 @pytest.mark.slow
