@@ -1,7 +1,8 @@
 """A span of decoder blocks ``[start, end)`` and its per-session KV cache.
 
 ``load_span(spec, start, end, device=...)`` builds transformers' own decoder-layer classes for
-the model's family (each with its true global ``layer_idx``), on the meta device, then fills
+the model's family (for llama, ``model.llama_block``'s, the same bits without importing
+transformers; ``block_config``), each with its true global ``layer_idx``, on the meta device, then fills
 them with the span's tensors only, as float32, one block at a time moved to ``device`` (CPU by
 default; ``model.device``). Memory for weights is thus proportional to the span's share of the
 blocks. ``SpanModel.forward(hidden, cache)`` runs the blocks on hidden states
@@ -37,7 +38,9 @@ from torch import nn
 from layerchain.errors import ModelFileError, SpanError
 from layerchain.model.device import resolve_device
 from layerchain.model.families import rope_key_of, sliding_window_of
-from layerchain.model.quant import quantize_module, release_freed_memory
+from layerchain.model import llama_block
+from layerchain.model.llama_block import OWN, BlockClasses, LlamaBlockConfig
+from layerchain.model.quant import fused, quantize_module, release_freed_memory
 from layerchain.model.spec import ModelSpec
 from layerchain.types import Span
 
@@ -126,20 +129,21 @@ class SpanModel(nn.Module):
         start: int,
         end: int,
         layers: list[nn.Module],
-        config: PretrainedConfig,
+        config: PretrainedConfig | LlamaBlockConfig,
     ) -> None:
         super().__init__()
         self.spec, self.start, self.end = spec, start, end
         self.config = config
+        self.classes = block_classes(spec, config)  # our own llama blocks', or transformers'
         self.layers = nn.ModuleList(layers)
-        self.rotary_emb = spec.family_info.rotary_embedding(config=config)
+        self.rotary_emb = self.classes.rotary_embedding(config=config)
         # one window per layer (None = full attention); masks are built once per distinct window
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
         # one rotary table key per layer (None: the one table; gemma3: the layer's type)
         self.rope_keys = [rope_key_of(spec.family_info, config, i) for i in range(start, end)]
         # transformers 5.x names the layer's KV-cache argument ``cache`` (``past_key_values``
         # is deprecated with a FutureWarning); older releases know only ``past_key_values``
-        accepted = inspect.signature(spec.family_info.decoder_layer.forward).parameters
+        accepted = inspect.signature(self.classes.decoder_layer.forward).parameters
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         self._placement = _placement_of(self)  # (device, compute dtype), kept by ``_apply``
         self.rotary_emb.to(self._placement[0])  # with the blocks, whoever built them
@@ -362,6 +366,8 @@ class LeanDecode:
     def for_layers(cls, spec: ModelSpec, layers: list[nn.Module]) -> LeanDecode | None:
         """The lean path for ``layers`` of ``spec``'s family, or None when they are not all
         the family's own blocks (a cheat's stand-ins) or the family is not llama-shaped."""
+        if layers and all(type(layer) is OWN.decoder_layer for layer in layers):
+            return cls(llama_block.apply_rotary_pos_emb, llama_block.sdpa_attention)
         family = spec.family_info
         if family.name not in LEAN_FAMILIES or not layers:
             return None
@@ -400,16 +406,26 @@ def project_qkv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     rotary). The one place the q/k/v projections run on the lean and batched decode paths
     (``LeanDecode``, ``model.batched``), so another kernel for them is swapped in here."""
     shape = (*x.shape[:-1], -1, attn.head_dim)  # [B, T, heads, D]
-    query = _linear(attn.q_proj, x).view(shape).transpose(1, 2)
-    key = _linear(attn.k_proj, x).view(shape).transpose(1, 2)
-    value = _linear(attn.v_proj, x).view(shape).transpose(1, 2)
-    return query, key, value
+    parts = fused(attn, "fused_qkv", attn.q_proj, attn.k_proj, attn.v_proj)  # int4: one call
+    if parts is not None:
+        query, key, value = parts(x)
+    else:
+        query, key, value = (_linear(m, x) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    return (
+        query.view(shape).transpose(1, 2),
+        key.view(shape).transpose(1, 2),
+        value.view(shape).transpose(1, 2),
+    )
 
 
 def mlp_out(mlp: Any, x: torch.Tensor) -> torch.Tensor:
     """A llama-shaped MLP's output [B, T, H] for the normed hidden states x [B, T, H]:
     ``down(act(gate(x)) * up(x))``; the one place it runs on the lean and batched decode
     paths (see ``project_qkv``)."""
+    parts = fused(mlp, "fused_gate_up", mlp.gate_proj, mlp.up_proj)  # int4: one call
+    if parts is not None:
+        gate, up = parts(x)
+        return _linear(mlp.down_proj, mlp.act_fn(gate) * up)
     return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
 
 
@@ -433,7 +449,7 @@ def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
 def _placement_of(span: SpanModel) -> tuple[torch.device, torch.dtype]:
     """(device, compute dtype) of a span: those of its first RMS norm's weight (never
     quantized, always in the dtype activations run in), else of its first floating tensor."""
-    norm = span.spec.family_info.rms_norm
+    norm = span.classes.rms_norm
     tensors: list[torch.Tensor] = [
         next(m.parameters()) for m in span.layers.modules() if isinstance(m, norm)
     ]
@@ -471,6 +487,32 @@ def span_config(spec: ModelSpec) -> PretrainedConfig:
     return config
 
 
+def block_config(spec: ModelSpec) -> PretrainedConfig | LlamaBlockConfig:
+    """The config a span of ``spec`` is built from: for a llama model whose blocks
+    ``model.llama_block`` mirrors, its own small record (from a GGUF file's metadata: no
+    transformers import, about 120 MiB less for a node; docs/BENCHMARKS.md "Node memory"),
+    else transformers' (``span_config``)."""
+    own: LlamaBlockConfig | None = None
+    if spec.family == "llama":
+        from layerchain.model.gguf_file import GGUFFile
+
+        file = getattr(spec.source, "file", None)  # a GGUF source's: read without transformers
+        if isinstance(file, GGUFFile):
+            own = llama_block.gguf_block_config(file)
+        else:
+            own = llama_block.block_config_of(spec.config)
+    return span_config(spec) if own is None else own
+
+
+def block_classes(spec: ModelSpec, config: PretrainedConfig | LlamaBlockConfig) -> BlockClasses:
+    """The classes of ``spec``'s blocks for ``config`` (``block_config``): ours for our own
+    record, else the family's transformers classes."""
+    if isinstance(config, LlamaBlockConfig):
+        return OWN
+    family = spec.family_info
+    return BlockClasses(family.decoder_layer, family.rotary_embedding, family.rms_norm)
+
+
 def load_span(
     spec: ModelSpec,
     start: int,
@@ -496,8 +538,8 @@ def load_span(
     Span(start, end).check_within(spec.num_blocks)
     dtype = spec.dtype if dtype is None else dtype
     place = resolve_device(device) if isinstance(device, str) else device
-    config = span_config(spec)
-    layer_cls = spec.family_info.decoder_layer
+    config = block_config(spec)
+    layer_cls = block_classes(spec, config).decoder_layer
     layers = []
     for index in range(start, end):
         with torch.device("meta"):

@@ -74,10 +74,13 @@ class GGUFSource:
         name = self._gguf_name(hf_name)
         tensor = self.file.tensor(name)
         if self.file.architecture == "llama":  # llama.cpp permutes q/k rows for its rope layout
-            if ".attn_q." in name:  # block tensors only: a span builds the config anyway
-                tensor = reverse_permute_qk(tensor, self.config().num_attention_heads)
+            # the head counts as transformers' config reads them, without building it
+            heads = int(self.file.metadata["llama.attention.head_count"])
+            if ".attn_q." in name:
+                tensor = reverse_permute_qk(tensor, heads)
             elif ".attn_k." in name:
-                tensor = reverse_permute_qk(tensor, self.config().num_key_value_heads)
+                kv_heads = self.file.metadata.get("llama.attention.head_count_kv", heads)
+                tensor = reverse_permute_qk(tensor, int(kv_heads))
         elif self._family.norm_offset and name.endswith("norm.weight"):
             tensor = tensor - 1  # llama.cpp stores gemma's (1 + w) norm weights as 1 + w
         return tensor
