@@ -108,6 +108,7 @@ async def push_through(session: InferenceSession, hidden: torch.Tensor) -> torch
     session.push.pushed += 1
     try:
         rpcs = [await session.peers.client(hs.hop.peer_id) for hs in hops]
+        endpoints = [session.peers.endpoint(hs.hop.peer_id) for hs in hops]
     except (LayerchainError, KeyError) as error:  # pull mode fails the hop properly
         log.info("push step: a hop is unreachable (%s): pulling", error)
         return await _pull_from(session, 0, hidden, unspent)
@@ -121,7 +122,7 @@ async def push_through(session: InferenceSession, hidden: torch.Tensor) -> torch
         calls.append(loop.create_task(rpcs[k].call(m.PushStep(
             rid=0, session_id=hs.session_id, step=hs.verifier.next_step, voucher=vouchers[k],
             expect=secret_digest(secrets[k]),
-            next_endpoint=session.peers.endpoint(nxt.hop.peer_id) if nxt else "",
+            next_endpoint=endpoints[k + 1] if nxt else "",
             next_peer_id=nxt.hop.peer_id if nxt else "",
             next_session_id=nxt.session_id if nxt else "",
             next_step=nxt.verifier.next_step if nxt else 0,

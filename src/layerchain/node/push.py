@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from layerchain.errors import LayerchainError, LimitExceeded, PeerTimeout
+from layerchain.errors import LayerchainError, LimitExceeded
 from layerchain.wire import messages as m
 from layerchain.wire.rpc import RpcClient
 
@@ -140,7 +140,7 @@ class PushService:
         try:
             hidden = await asyncio.wait_for(asyncio.shield(waiting.arrived), FORWARD_WAIT_S)
         except TimeoutError:
-            raise PeerTimeout(f"no input was forwarded for step {msg.step} of session "
+            raise LimitExceeded(f"no input was forwarded for step {msg.step} of session "
                               f"{msg.session_id} within {FORWARD_WAIT_S:g} s") from None
         finally:
             if self.waiting.get(msg.session_id) is waiting:
@@ -175,6 +175,8 @@ class PushService:
             waiting.arrived.set_result(hidden)
         else:
             now = time.monotonic()
+            for sid in [sid for sid, h in self.held.items() if now - h.at >= FORWARD_WAIT_S]:
+                del self.held[sid]  # never claimed (its PushStep gone, its session closed)
             held = self.held.get(msg.session_id)
             if held is not None and now - held.at < FORWARD_WAIT_S and \
                     held.step >= session.next_step:
