@@ -8,7 +8,8 @@ audits against cheating nodes (issue 14); `layerchain bench compute` times the w
 weight form (--dtype) against llama.cpp; `layerchain bench step` shows where a decode step's
 time goes through a span (matmuls, attention, dispatch; the plain and the lean path);
 `layerchain bench fetch` fetches a span's files from 1 and from 3 seeding peers;
-`layerchain bench train` fine-tunes through a local swarm and in one process.
+`layerchain bench train` fine-tunes through a local swarm and in one process;
+`layerchain bench compression` weighs the wire forms of hidden states (bytes, greedy agreement).
 """
 
 from __future__ import annotations
@@ -331,6 +332,28 @@ def bench_train(
     _print(run_train_bench(model, nodes=nodes, steps=steps, method=method,
                            batch_size=batch_size, dp=dp,
                            on_progress=lambda line: typer.echo(line, err=True)), as_json)
+
+
+@bench_app.command("compression")
+def bench_compression(
+    model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
+    wires: str = typer.Option("fp32,fp16,bf16,int8", help="Comma-separated wire forms."),
+    hops: int = typer.Option(3, help="Hops the model's blocks are split into."),
+    tokens: int = typer.Option(32, help="Greedy fp32 tokens scored per prompt."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Activation compression on the wire (--wire): rows [{wire, bytes_per_token (a decode
+    step's Step + StepResult frames on one hop), ratio_vs_fp32, agreement (teacher-forced
+    greedy tokens vs fp32, hops chained in one process through the wire transform),
+    max_commitment_distance}]."""
+    from layerchain.bench.compression import WIRES, run_compression_bench
+    from layerchain.errors import ConfigError
+
+    names = tuple(w.strip() for w in wires.split(",") if w.strip())
+    if not names or set(names) - set(WIRES) or hops < 1 or tokens < 1:
+        raise ConfigError(f"bench compression needs --wires among {','.join(WIRES)}, "
+                          "--hops >= 1 and --tokens >= 1")
+    _print(run_compression_bench(model, names, hops=hops, tokens=tokens), as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -49,6 +49,24 @@ DtypeOpt = Annotated[
         "head (and private blocks); --local: the whole model.",
     ),
 ]
+WireOpt = Annotated[
+    str,
+    typer.Option(
+        "--wire", metavar="fp32|fp16|bf16|int8",
+        help="Form hidden states cross the network in, both ways: fp32 (exact), fp16 or bf16 "
+        "(half the bytes), int8 (8-bit blockwise, ~0.28x the bytes). Nodes compute in their "
+        "own dtype; greedy agreement with fp32 is in docs/BENCHMARKS.md. Swarm only.",
+    ),
+]
+PushOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--push/--no-push",
+        help="Push mode: each hop forwards its output straight to the next hop, the last "
+        "returns it (N+1 transfers per token instead of 2N). Default: push when the route's "
+        "push latency, with the round trips peers announce, beats pull's. Swarm only.",
+    ),
+]
 MaxNewTokensOpt = Annotated[
     int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")
 ]
@@ -210,6 +228,8 @@ def generate(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
     adapter: AdapterOpt = None,
+    wire: WireOpt = "fp32",  # ClientConfig.wire (not imported: it loads torch)
+    push: PushOpt = None,  # ClientConfig.push: None is auto
 ) -> None:
     """Generate text for a prompt through a swarm (or, with --local, in this process)."""
     params = sampling_params_from_options(
@@ -225,7 +245,7 @@ def generate(
                         dict(limits=RouteLimits(alpha, max_price, max_latency_ms),
                              max_cost=max_cost, insecure=insecure,
                              private_blocks=private_blocks, audit_rate=audit_rate,
-                             device=device, dtype=dtype,
+                             device=device, dtype=dtype, wire=wire, push=push,
                              **({"adapter": adapter} if adapter is not None else {}),
                              **payment_options(data_dir, ledger, deposit, contract)))
         return

@@ -10,6 +10,11 @@ from layerchain.model.dtypes import check_dtype
 from layerchain.routing import RouteLimits  # the routing limits' one home; re-exported here
 
 
+# what --wire and ClientConfig.wire accept: wire.compress.WIRE_FORMS, fp32 named (it is ""
+# on the wire); kept here, without torch, so the CLI checks it before loading anything
+WIRE_NAMES = ("fp32", "fp16", "bf16", "int8")
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     limits: RouteLimits = RouteLimits()  # default routing limits: alpha (0 fastest .. 1
@@ -63,11 +68,24 @@ class ClientConfig:
     # checks every step since the last, and one also starts once a hop holds 32 unverified
     # tokens (client/audit.py). With audits, tokens are shown once verified.
 
+    wire: str = "fp32"  # form hidden states cross the wire in, both ways (wire.compress):
+    # fp32 (exact, 4 bytes a value), fp16 / bf16 (2), int8 (8-bit blockwise, ~1.1; greedy
+    # agreement with fp32 in docs/BENCHMARKS.md "Activation compression")
+
+    @property
+    def wire_form(self) -> str:
+        """``wire`` as ``OpenSession.wire`` names it ("fp32" is "")."""
+        return "" if self.wire == "fp32" else self.wire
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.route_jitter <= 1.0:  # NaN fails too
             raise ConfigError(f"route_jitter must be in [0, 1], got {self.route_jitter!r}")
         check_device_name(self.device)
         check_dtype(self.dtype)
+        if self.wire not in WIRE_NAMES:
+            raise ConfigError(
+                f"unknown wire form {self.wire!r}", hint=f"use one of {', '.join(WIRE_NAMES)}"
+            )
         if not 0.0 <= self.audit_rate <= 1.0:  # NaN fails too
             raise ConfigError(
                 f"audit_rate must be a fraction between 0 and 1, got {self.audit_rate!r}",
@@ -75,4 +93,4 @@ class ClientConfig:
             )
 
 
-__all__ = ["ClientConfig", "RouteLimits"]
+__all__ = ["WIRE_NAMES", "ClientConfig", "RouteLimits"]

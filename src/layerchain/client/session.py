@@ -70,6 +70,7 @@ from layerchain.market.credit import credit_amount
 from layerchain.routing import RoutePlan
 from layerchain.types import Hop
 from layerchain.wire import messages as m
+from layerchain.wire.compress import to_wire
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ class InferenceSession:
         self._opened: dict[str, HopSession] = {}  # wallet -> a hop opened on it (to settle)
         self._closing: set[asyncio.Task[None]] = set()  # failed hops closed in the background
         self.push = PushMode(self.config.push)  # hops forward to each other (client.push)
+        self.wire = self.config.wire_form  # the form hidden states travel in, both ways
 
     @property
     def route(self) -> list[Hop]:
@@ -286,7 +288,8 @@ class InferenceSession:
             await rpc.call(
                 m.OpenSession(rid=0, session_id=session_id, model_id=self.peers.model_id,
                               start=hop.start, end=hop.end, max_length=self.max_length,
-                              voucher=voucher, price_per_block=record.price_per_block),
+                              voucher=voucher, price_per_block=record.price_per_block,
+                              wire=self.wire),
                 timeout=self.config.step_timeout_s,
             )
         except LayerchainError as error:
@@ -366,11 +369,13 @@ class InferenceSession:
         self.node_ms = []
         outputs = [await (push_through(self, part) if self.push.use(self) else
                           self._through_hops(part))
-                   for part in split_steps(hidden, self.step_tokens)]
+                   for part in (to_wire(x, self.wire)  # what the first hop decodes
+                                for x in split_steps(hidden, self.step_tokens))]
         self.steps += 1
         self.step_seconds = time.perf_counter() - t0
         self.hop_seconds += self.step_seconds
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return out.to(hidden.dtype)  # the caller's dtype, whatever the wire's (no copy if same)
 
     async def _through_hops(self, hidden: torch.Tensor) -> torch.Tensor:
         i = 0
@@ -388,6 +393,7 @@ class InferenceSession:
         """One Step on one hop: pay (unless given the ``voucher`` paid for this step already
         and never spent: push mode's fallback), call, check what came back, count it."""
         peer_id, tokens = hs.hop.peer_id, tokens_of(hidden)
+        hidden = to_wire(hidden, self.wire)  # kept, hashed and sent as the node decodes it
         if voucher is None:  # before any await: vouchers go out in order
             voucher = self._pay(hs, step_amount(tokens, hs.blocks, hs.verifier.price_per_block))
         timeout = self._step_timeout(hs, tokens)

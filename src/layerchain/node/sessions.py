@@ -78,6 +78,7 @@ class Session:
     payment: Any = None  # the node's receipt chain and channel for this session
     span: Any = None  # the SpanModel its cache belongs to (a node that moved keeps serving
     # its open sessions on the span they opened on; node.server.Node.swap_span)
+    wire: str = ""  # the form its hidden states travel in (OpenSession.wire, wire.compress)
 
     def stepped(self, tokens: int) -> None:
         """Record a step that ran: ``tokens`` more in the cache, the next step expected."""

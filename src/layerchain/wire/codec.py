@@ -10,7 +10,9 @@ Frame layout (all integers big-endian)::
                                  [dtype name, [B, T, H], nbytes]
     then       zero padding      up to a multiple of 8 from the frame start (tensors only)
     then       tensor bytes      raw, C order, native little-endian; one block per tensor field,
-                                 each starting 8-aligned
+                                 each starting 8-aligned; an int8 tensor (``wire.compress``) is
+                                 ["int8b64", [B, T, H], nbytes]: its scales, outliers,
+                                 positions and codes back to back in one block
 
 ``decode`` raises only ``ProtocolError`` subclasses, whatever the input:
 ``FrameError`` (malformed, truncated, inconsistent), ``VersionMismatch`` (another protocol
@@ -22,6 +24,10 @@ Tensors are decoded zero-copy (a numpy view over a writable frame buffer, then
 ``torch.from_numpy``; a read-only frame is copied once). Encoding never copies a tensor:
 it returns ``[head, payload view]`` for ``writelines``-style output; the tensor must not
 change until the buffers are written (TcpConnection joins them at once, so callers may).
+The int8 form is the exception both ways: a ``compress.Blockwise8`` tensor is sent as the
+parts it holds (views too), and decoding one builds a new float32 tensor from them (its
+outlier positions checked: FrameError outside 0..H-1), never larger than ``max_frame_bytes``
+(``LimitExceeded`` from the header otherwise, as for a float32 tensor that would not fit).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 
 from layerchain.errors import FrameError, LimitExceeded, ProtocolError, VersionMismatch
+from layerchain.wire import compress
 from layerchain.wire.messages import MAX_STEP_TOKENS, MESSAGE_TYPES, PROTOCOL_VERSION, Message
 
 MiB = 1 << 20
@@ -56,7 +63,9 @@ class Limits:
 
     max_frame_bytes: int = 64 * MiB  # bytes of one frame after its 4-byte length prefix
     max_header_bytes: int = 1 * MiB  # bytes of one frame's msgpack header
-    allowed_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")  # tensor dtypes
+    allowed_dtypes: tuple[str, ...] = (  # tensor dtypes (int8b64: compress.INT8_NAME)
+        "float32", "float16", "bfloat16", compress.INT8_NAME
+    )
     max_dim_size: int = 1 << 20  # elements along any one axis of a tensor (B, T or H)
     max_tensor_tokens: int = MAX_STEP_TOKENS  # B x T of one [B, T, H] tensor: a step's tokens
     max_sessions_per_connection: int = 64  # sessions one connection may hold open at once
@@ -110,10 +119,13 @@ _HEAD = struct.Struct(">II")  # body_len, header_len
 _PADS = [b"\0" * n for n in range(8)]
 
 
-def _payload(value: Any, name: str, limits: Limits) -> tuple[list[Any], memoryview]:
-    """(descriptor, raw bytes view) of a tensor field, without copying a CPU contiguous tensor."""
+def _payload(value: Any, name: str, limits: Limits) -> tuple[list[Any], list[memoryview]]:
+    """(descriptor, raw bytes views) of a tensor field, without copying a CPU contiguous
+    tensor (an int8 one: its parts)."""
     if not isinstance(value, torch.Tensor):
         raise FrameError(f"field {name} must be a tensor, got {type(value).__name__}")
+    if type(value) is compress.Blockwise8:
+        return _int8_payload(value, name, limits)
     dtype_name = _DTYPE_NAMES.get(value.dtype)
     if dtype_name is None or dtype_name not in limits.allowed_dtypes:
         raise LimitExceeded(
@@ -126,7 +138,34 @@ def _payload(value: Any, name: str, limits: Limits) -> tuple[list[Any], memoryvi
     if value.dtype is torch.bfloat16:  # numpy has no bfloat16: same bits as int16
         value = value.view(torch.int16)
     payload = memoryview(value.numpy()).cast("B")
-    return [dtype_name, shape, payload.nbytes], payload
+    return [dtype_name, shape, payload.nbytes], [payload]
+
+
+def _int8_payload(
+    value: compress.Blockwise8, name: str, limits: Limits
+) -> tuple[list[Any], list[memoryview]]:
+    """(descriptor, [scales, outliers, positions, codes] views) of an int8 tensor field."""
+    if compress.INT8_NAME not in limits.allowed_dtypes:
+        raise LimitExceeded(
+            f"tensor {name} is {compress.INT8_NAME}; allowed: {limits.allowed_dtypes}"
+        )
+    shape = list(value.shape)
+    _check_decoded_size(_check_shape(shape, name, limits), name, limits)
+    parts = value.parts
+    lead = shape[:2]
+    expected = (
+        (parts.scales, torch.float32, compress.blocks_of(shape[2])),
+        (parts.outliers, torch.float32, compress.outliers_of(shape[2])),
+        (parts.positions, torch.int32, compress.outliers_of(shape[2])),
+        (parts.codes, torch.int8, shape[2]),
+    )
+    views = []
+    for part, dtype, last in expected:
+        if part.dtype != dtype or list(part.shape) != [*lead, last] or not part.is_contiguous():
+            raise FrameError(f"tensor {name}: its int8 parts do not fit {shape}")
+        array: Any = part.numpy()  # (numpy's stubs do not say it is a buffer)
+        views.append(memoryview(array).cast("B"))
+    return [compress.INT8_NAME, shape, sum(v.nbytes for v in views)], views
 
 
 def _check_scalar(kind: int, value: Any, name: str) -> Any:
@@ -162,13 +201,13 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memory
     if spec is None:
         raise FrameError(f"{type(msg).__name__} is not a wire message")
     header: list[Any] = [PROTOCOL_VERSION, msg.TYPE_ID]
-    payloads: list[memoryview] = []
+    payloads: list[list[memoryview]] = []
     for name, kind in spec:
         value = getattr(msg, name)
         if kind == _TENSOR:
-            descriptor, payload = _payload(value, name, limits)
+            descriptor, views = _payload(value, name, limits)
             header.append(descriptor)
-            payloads.append(payload)
+            payloads.append(views)
         else:
             header.append(_check_scalar(kind, value, name))
     try:
@@ -181,14 +220,14 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memory
     end = _FIXED_BYTES + header_len
     head_pad = b""
     out: list[bytes | memoryview] = [b""]
-    for i, payload in enumerate(payloads):
+    for i, views in enumerate(payloads):
         pad = -end & 7  # each tensor starts 8-aligned from the frame start
         if i == 0:
             head_pad = _PADS[pad]  # the first pad rides in the head buffer
         else:
             out.append(_PADS[pad])
-        out.append(payload)
-        end += pad + payload.nbytes
+        out.extend(views)
+        end += pad + sum(view.nbytes for view in views)
     body_len = end - PREFIX_BYTES
     if body_len > limits.max_frame_bytes:
         raise LimitExceeded(f"frame of {body_len} bytes exceeds {limits.max_frame_bytes}")
@@ -247,6 +286,8 @@ def _decode_tensor(
         raise FrameError(f"tensor descriptor of {name} must be [dtype, shape, nbytes]")
     dtype_name, shape, nbytes = descriptor
     allowed = limits.allowed_dtypes
+    if dtype_name == compress.INT8_NAME and dtype_name in allowed:
+        return _decode_int8(shape, nbytes, name, frame, size, offset, limits)
     if type(dtype_name) is not str or dtype_name not in DTYPES or dtype_name not in allowed:
         raise LimitExceeded(f"tensor {name} has dtype {_brief(dtype_name)}; allowed: {allowed}")
     if type(shape) is not list:
@@ -271,6 +312,54 @@ def _decode_tensor(
     if dtype is torch.bfloat16:
         tensor = tensor.view(torch.bfloat16)
     return tensor, start + nbytes
+
+
+def _check_decoded_size(numel: int, name: str, limits: Limits) -> None:
+    """LimitExceeded unless an int8 tensor of ``numel`` values decodes (float32) to no more
+    bytes than a frame may hold: decoding never allocates more than a float32 frame would."""
+    if 4 * numel > limits.max_frame_bytes:
+        raise LimitExceeded(
+            f"tensor {name} decodes to {4 * numel} bytes, more than a frame's"
+            f" {limits.max_frame_bytes}"
+        )
+
+
+def _decode_int8(
+    shape: Any, nbytes: Any, name: str, frame: Any, size: int, offset: int, limits: Limits
+) -> tuple[torch.Tensor, int]:
+    """(float32 tensor, offset after it) of an int8 tensor (``wire.compress``)."""
+    if type(shape) is not list:
+        raise FrameError(f"tensor {name} shape must be a list")
+    _check_decoded_size(_check_shape(shape, name, limits), name, limits)
+    need = compress.int8_nbytes(shape)
+    if type(nbytes) is not int or nbytes != need:
+        raise FrameError(
+            f"tensor {name} {shape} {compress.INT8_NAME} needs {need} bytes, frame says"
+            f" {_brief(nbytes)}"
+        )
+    start = offset + (-offset & 7)
+    if start + nbytes > size:
+        raise FrameError(f"truncated frame: tensor {name} needs {nbytes} bytes past offset {start}")
+    lead, hidden = shape[:2], shape[2]
+    arrays = []
+    at = start
+    for dtype, last in (
+        (np.float32, compress.blocks_of(hidden)),
+        (np.float32, compress.outliers_of(hidden)),
+        (np.int32, compress.outliers_of(hidden)),
+        (np.int8, hidden),
+    ):
+        array = np.ndarray([*lead, last], dtype, frame, at)
+        at += array.nbytes
+        # writable and aligned for torch (a read-only frame: copy these, as for floats)
+        if not array.flags.writeable or not array.flags.aligned:
+            array = array.copy()
+        arrays.append(torch.from_numpy(array))
+    scales, outliers, positions, codes = arrays
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= hidden):
+        raise FrameError(f"tensor {name}: an outlier position is outside 0..{hidden - 1}")
+    parts = compress.Int8Parts(scales, outliers, positions, codes)
+    return compress.dequantize(parts), start + nbytes
 
 
 def _decode(frame: Any, limits: Limits, found: list[int]) -> Message:

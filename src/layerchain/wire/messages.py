@@ -84,7 +84,9 @@ class OpenSession:
     said, the peer's current price). A peer charges it if it is its current price or one it
     left less than two record TTLs ago (an adaptive node re-prices; clients' records lag),
     else answers ``offer_changed``; its receipts then carry that price for the session.
-    (A trailing field appended in protocol 1: client and node upgrade together.)"""
+    ``wire`` names the form the session's hidden states travel in, both ways
+    (``wire.compress.WIRE_FORMS``; another is ``limit_exceeded``).
+    (Trailing fields appended in protocol 1: client and node upgrade together.)"""
 
     TYPE_ID: ClassVar[int] = 1
     rid: int
@@ -95,6 +97,7 @@ class OpenSession:
     max_length: int  # tokens the session may reach (prompt + generated)
     voucher: bytes = b""
     price_per_block: int = -1  # credits per block per token agreed; -1: the peer's current
+    wire: str = ""  # "" (float32 as sent, the exactness reference) | "fp16" | "bf16" | "int8"
 
 
 @dataclass(frozen=True)
