@@ -1,0 +1,174 @@
+"""Batched decode on a node: one-token steps of concurrent sessions run as one forward.
+
+A node's step handler hands each one-token step that ``model.batched.batchable`` admits to
+its ``DecodeBatcher`` (``step``) and awaits the output row. The batcher collects such steps
+and runs them as one ``decode_batch`` over the span (weights read once for all of them;
+each session's own cache and positions), in the spirit of Petals' step pooling and
+transformers' continuous batching. The window adapts, so one session pays nothing:
+
+* a step runs at once when no other session is expected: none ran a decode step in the
+  last ``recent_s`` (or all that did are already waiting with it);
+* else it waits for the sessions expected, at most ``window_ms``, then the batch runs with
+  whoever came. Steps arriving while a batch computes join the next one (all torch work is
+  on the event loop thread, node.server's OpenMP note: a batch computes between two turns
+  of the loop, as a prefill's slices do, so decode batches interleave with a prefill's
+  slices and a long prompt does not stall other sessions).
+
+A batch of one runs ``span.forward`` itself: a session alone gets today's bits exactly. A
+bigger one groups steps by span and block range (a node that moved serves old sessions on
+their old span); if its forward fails, its steps run one by one, so an error stays with the
+session that caused it. A session closed while its step waited gets ``UnknownSession``;
+one whose waiter was cancelled is left out (or, if already computed, its cache is rolled
+back), so its cache never runs ahead of its step count. Everything per session (order,
+checks, payments, receipts) stays in the step handler; the batcher only computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from layerchain.errors import UnknownSession
+from layerchain.model.batched import decode_batch
+from layerchain.node.sessions import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How long decode steps wait for each other."""
+
+    window_ms: float = 3.0  # longest a step waits for the other sessions expected, ms;
+    # 0: every step runs alone as it arrives (no batching)
+    recent_s: float = 1.0  # a session whose last decode step is this recent is expected
+    max_batch: int = 32  # steps in one forward at most (more: several forwards)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A session's output row and the batch it was computed in."""
+
+    hidden: torch.Tensor  # [1, 1, H] in CPU memory, in the span's compute dtype
+    batch: int  # sessions in the forward that computed it (1: ``span.forward`` alone)
+    seconds: float  # that forward's time (with the copy of its output to CPU memory)
+
+
+@dataclass
+class _Pending:
+    session: Session
+    x: torch.Tensor  # [1, 1, H] as received
+    future: asyncio.Future[Decoded] = field(repr=False)
+
+
+class DecodeBatcher:
+    """Collects one node's one-token decode steps and runs them in batches (see module)."""
+
+    def __init__(
+        self, config: BatchConfig = BatchConfig(), clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self._pending: list[_Pending] = []
+        self._recent: dict[str, tuple[Session, float]] = {}  # session id -> its last decode
+        self._timer: asyncio.TimerHandle | None = None
+        self.batches = 0  # forwards run (statistics)
+        self.batched_steps = 0  # steps computed in a forward of more than one
+        self.largest_batch = 0  # the most steps one forward computed
+
+    async def step(self, session: Session, x: torch.Tensor) -> Decoded:
+        """``session``'s one-token step over ``x`` [1, 1, H] through its blocks, appending to
+        its cache, batched with other sessions' steps. Raises UnknownSession if the session
+        closes meanwhile, and what its own forward raises."""
+        loop = asyncio.get_running_loop()
+        now = self.clock()
+        self._recent[session.session_id] = (session, now)
+        entry = _Pending(session, x, loop.create_future())
+        self._pending.append(entry)
+        if self.config.window_ms <= 0 or not self._expected(now):
+            self.flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.config.window_ms / 1000.0, self.flush)
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            done = entry.future.done() and not entry.future.cancelled()
+            cache = session.cache
+            if done and entry.future.exception() is None and cache is not None:
+                cache.truncate(cache.length - 1)  # computed, but its step will not count
+            raise
+
+    def _expected(self, now: float) -> set[str]:
+        """Ids of sessions that stepped recently and are not waiting yet (forgetting those
+        neither recent nor open)."""
+        waiting = {p.session.session_id for p in self._pending}
+        horizon = now - self.config.recent_s
+        for sid, (session, at) in list(self._recent.items()):
+            if at < horizon or session.cache is None:
+                del self._recent[sid]
+        return {sid for sid in self._recent if sid not in waiting}
+
+    def flush(self) -> None:
+        """Run every waiting step now (in batches where they can share a forward)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        groups: dict[tuple[int, int, int], list[_Pending]] = {}
+        for entry in pending:
+            if entry.future.done():  # its waiter was cancelled: not computed
+                continue
+            session = entry.session
+            if session.cache is None:
+                entry.future.set_exception(
+                    UnknownSession(f"session {session.session_id} closed during its step")
+                )
+                continue
+            key = (id(session.span), session.start, session.end)
+            groups.setdefault(key, []).append(entry)
+        size = max(1, self.config.max_batch)
+        for group in groups.values():
+            for i in range(0, len(group), size):
+                self._run(group[i : i + size])
+
+    def _run(self, group: list[_Pending]) -> None:
+        if len(group) == 1:
+            self._alone(group[0])
+            return
+        span = group[0].session.span
+        t0 = time.perf_counter()
+        try:
+            rows = torch.cat([e.x for e in group])  # [B, 1, H] (the span casts it, once)
+            with torch.inference_mode():
+                out = decode_batch(span, rows, [e.session.cache for e in group]).to("cpu")
+        except Exception as error:  # each alone: the error stays with its session
+            log.info("a batch of %d decode steps failed (%s): one by one", len(group), error)
+            for entry in group:
+                self._alone(entry)
+            return
+        seconds = time.perf_counter() - t0
+        self.batches += 1
+        self.batched_steps += len(group)
+        self.largest_batch = max(self.largest_batch, len(group))
+        for i, entry in enumerate(group):  # a copy: a row does not hold the whole batch
+            entry.future.set_result(Decoded(out[i : i + 1].clone(), len(group), seconds))
+
+    def _alone(self, entry: _Pending) -> None:
+        session = entry.session
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = session.span.forward(
+                    entry.x, session.cache, start=session.start, end=session.end
+                ).to("cpu")
+        except Exception as error:
+            entry.future.set_exception(error)
+            return
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, 1)
+        entry.future.set_result(Decoded(out, 1, time.perf_counter() - t0))
