@@ -32,6 +32,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -129,17 +131,28 @@ class Int4Linear(nn.Module):
     """
 
     packed: torch.Tensor  # [N, K/2] uint8
-    scales_zeros: torch.Tensor  # [K/group, N, 2] bf16
+    scales_zeros: torch.Tensor | None  # [K/group, N, 2] bf16; None: its rows of ``shared``'s
     bias: torch.Tensor | None  # [N] float32
 
     def __init__(
-        self, codes: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None
+        self,
+        codes: torch.Tensor | None,
+        scales_zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        packed: torch.Tensor | None = None,
     ) -> None:
+        """From ``codes`` [N, K] int32 0..15, or (``codes`` None) from an already ``packed``
+        [N, K/2] uint8 (rows of a ``FusedLinears``' packing: the same bytes)."""
         super().__init__()
-        self.out_features, self.in_features = codes.shape
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [N, K/2] uint8
+        if packed is None:
+            assert codes is not None
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [N, K/2]
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros.to(_KERNEL_DTYPE))
+        # a fused part's scales live in its ``FusedLinears`` (one copy): (fusion, first row)
+        self.shared: tuple[FusedLinears, int] | None = None
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     @classmethod
@@ -154,10 +167,117 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)  # [M, K]
+        scales = self.scales_zeros
+        if scales is None:  # a fused part (the prefill path): its rows, contiguous
+            assert self.shared is not None
+            fusion, start = self.shared
+            scales = fusion.scales_zeros[:, start : start + self.out_features].contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.packed, INT4_GROUP, self.scales_zeros
+            flat, self.packed, INT4_GROUP, scales
         )  # [M, N]
         return _finish(out, x, self.bias, self.out_features)
+
+
+class FusedLinears(nn.Module):
+    """Several int4 linears that read the same input (a block's q/k/v, its gate/up), as one
+    kernel call over their rows stacked along N: each output row keeps its own codes, scale
+    and zero, so each part's output is bit-identical to its own linear's
+    (tests/test_quant_fused.py), with one cast of the input, one kernel call and one cast back
+    instead of one each per part (docs/BENCHMARKS.md "Compact weights").
+
+    The parts keep working on their own (the prefill path calls them), holding nothing twice:
+    each part's ``packed`` becomes a view of its rows of the stacked packing, and its (scale,
+    zero) pairs move here (the kernel reads only contiguous scales, so a part called on its
+    own copies its columns, [K/group, N, 2], per call: small beside a prefill's product).
+    ``serves(*parts)`` says whether the parts are still the ones fused (a caller swapping a
+    linear gets the separate path).
+    """
+
+    scales_zeros: torch.Tensor  # [K/group, sum N, 2] bf16
+    bias: torch.Tensor | None  # [sum N] float32
+
+    def __init__(self, parts: list[Int4Linear]) -> None:
+        super().__init__()
+        self.in_features = parts[0].in_features
+        self.sizes = [part.out_features for part in parts]
+        self.out_features = sum(self.sizes)
+        # plain attributes: not this module's children or buffers (the parts hold and count
+        # them); a tuple, so nn.Module does not register the parts a second time
+        self.parts: tuple[Int4Linear, ...] = tuple(parts)
+        self.packed = torch.cat([part.packed for part in parts])  # [sum N, K/2] uint8
+        row_bytes = self.packed.shape[1] * self.packed.element_size()
+        starts = [sum(self.sizes[:i]) for i in range(len(parts))]
+        self.offsets = tuple(start * row_bytes for start in starts)  # each part's first byte
+        self.register_buffer(
+            "scales_zeros", torch.cat([_scales_of(part) for part in parts], dim=1),
+            persistent=False,
+        )
+        biases = [part.bias for part in parts]
+        self.register_buffer(
+            "bias",
+            None if biases[0] is None else torch.cat([b for b in biases if b is not None]),
+            persistent=False,
+        )
+        start = 0
+        for part, size in zip(parts, self.sizes, strict=True):
+            part.packed = self.packed[start : start + size]  # a view: the codes held once
+            part.scales_zeros = None  # its columns of this module's (held once)
+            part.shared = (self, start)
+            start += size
+
+    @staticmethod
+    def fusable(parts: list[Any]) -> bool:
+        """int4 CPU linears with one input size, all with or all without a bias."""
+        return (
+            len(parts) > 1
+            and all(type(part) is Int4Linear and part.shared is None for part in parts)
+            and len({part.in_features for part in parts}) == 1
+            and len({part.bias is None for part in parts}) == 1
+            and all(part.packed.device.type == "cpu" for part in parts)
+        )
+
+    def serves(self, *parts: Any) -> bool:
+        """Whether ``parts`` are the linears fused here, in order, with their packing."""
+        base = self.packed.data_ptr()
+        return len(parts) == len(self.parts) and all(
+            a is b and a.packed.data_ptr() == base + offset
+            for a, b, offset in zip(parts, self.parts, self.offsets, strict=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., K] -> each part's output [..., N_i] (views of one [..., sum N] tensor)."""
+        flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)  # [M, K]
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed, INT4_GROUP, self.scales_zeros
+        )  # [M, sum N]
+        result = _finish(out, x, self.bias, self.out_features)
+        return tuple(torch.split(result, self.sizes, dim=-1))
+
+
+def _scales_of(part: Int4Linear) -> torch.Tensor:
+    assert part.scales_zeros is not None  # an unfused part (``FusedLinears.fusable``)
+    return part.scales_zeros
+
+
+FUSED = {"fused_qkv": ("q_proj", "k_proj", "v_proj"), "fused_gate_up": ("gate_proj", "up_proj")}
+
+
+def fuse_projections(module: nn.Module) -> nn.Module:
+    """Give each submodule of ``module`` holding int4 q/k/v (or gate/up) linears a
+    ``FusedLinears`` of them (child ``fused_qkv`` / ``fused_gate_up``); in place, returned.
+    ``model.span.project_qkv`` and ``mlp_out`` use them when ``serves`` says they still apply."""
+    for owner in list(module.modules()):
+        for name, part_names in FUSED.items():
+            parts = [getattr(owner, p, None) for p in part_names]
+            if not isinstance(owner, FusedLinears) and FusedLinears.fusable(parts):
+                owner.add_module(name, FusedLinears([p for p in parts if p is not None]))
+    return module
+
+
+def fused(owner: Any, name: str, *parts: Any) -> FusedLinears | None:
+    """``owner``'s ``FusedLinears`` called ``name`` if it still serves ``parts``, else None."""
+    found = owner._modules.get(name)
+    return found if found is not None and found.serves(*parts) else None
 
 
 def int8_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +337,76 @@ def quantize_module(module: nn.Module, dtype: str) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, compact_linear(child, dtype))
-    return module
+    return fuse_projections(module) if dtype == "int4" else module
+
+
+RESCORE_TOP = 64  # logits per row the fast head recomputes exactly (``RescoredInt8Linear``)
+
+
+class RescoredInt8Linear(Int8Linear):
+    """The LM head's int8 linear, fast on x86 CPUs: FBGEMM's int8 x int8 kernel scores
+    every row (``quantized::linear_dynamic``: the activations quantized to 7 bits per call,
+    2.4 vs 6.2 ms for SmolLM2's 49,152 x 576 head, one thread), then the ``RESCORE_TOP``
+    best of each row are recomputed with ``Int8Linear``'s own kernel, whose bits they take.
+    So the logits that win greedy steps and carry a sampler's mass are ``Int8Linear``'s
+    (over the bench's 574 positions the exact argmax was always within the approximate top 8,
+    docs/BENCHMARKS.md "Compact weights"); the others are within the 7-bit activations'
+    rounding (mean 0.2, max 2.5 on SmolLM2's logits). Should an unrescored logit come out
+    above every rescored one, the row's result is the exact kernel's over all rows.
+
+    FBGEMM keeps its own packed copy of the codes (``packed_bytes``: V x (K + 12) bytes);
+    the codes themselves stay for the rows the rescoring and the embedding read. Built only
+    where the op exists (``build``: None elsewhere, and callers keep ``Int8Linear``); off CPU
+    it is ``Int8Linear``.
+    """
+
+    def __init__(
+        self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+        packed: Any,
+    ) -> None:
+        super().__init__(codes, scales, bias)
+        self.packed = packed  # FBGEMM's LinearPackedParams (an opaque script object)
+        rows, width = codes.shape
+        self.packed_bytes = rows * (width + 12)  # codes + column offsets, scales, zero points
+
+    @classmethod
+    def build(
+        cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> RescoredInt8Linear | None:
+        """From per-channel int8 ``codes`` [N, K] and ``scales`` [N]; None where this torch
+        has no FBGEMM (or x86) quantized linear, or for a head too small to rescore."""
+        if codes.shape[0] <= RESCORE_TOP or codes.device.type != "cpu":
+            return None
+        try:
+            with warnings.catch_warnings():  # quantized tensors warn they are deprecated
+                warnings.simplefilter("ignore")
+                weight = torch._make_per_channel_quantized_tensor(
+                    codes, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0
+                )
+                packed = torch.ops.quantized.linear_prepack(weight, None)
+                probe = torch.ops.quantized.linear_dynamic(
+                    torch.zeros(1, codes.shape[1]), packed, True
+                )
+        except (RuntimeError, AttributeError, NotImplementedError):
+            return None
+        return cls(codes, scales, bias, packed) if probe.shape == (1, codes.shape[0]) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        flat = x.reshape(-1, self.in_features).float()  # [M, K]
+        approx = torch.ops.quantized.linear_dynamic(flat, self.packed, True)  # [M, N]
+        top = approx.topk(RESCORE_TOP, dim=-1).indices  # [M, k]
+        rows, where = torch.unique(top, return_inverse=True)  # [U], [M, k]
+        dots = torch.ops.aten._weight_int8pack_mm(
+            flat.to(_KERNEL_DTYPE), self.codes[rows], self.ones[rows]
+        )  # [M, U]
+        exact = dots.float() * self.scales[rows]  # Int8Linear's values for these rows
+        approx.scatter_(1, top, exact.gather(1, where))
+        winners = approx.argmax(dim=-1, keepdim=True)  # [M, 1]
+        if not bool((top == winners).any(dim=-1).all()):  # an unrescored row scored above
+            return super().forward(x)  # every exact one: the exact kernel (not seen on SmolLM2)
+        return _finish(approx, x, self.bias, self.out_features)
 
 
 class Int8Rows(nn.Module):
@@ -250,14 +439,16 @@ class CastRows(nn.Module):
 
 
 def compact_head_tables(
-    embed: torch.Tensor, lm_head: torch.Tensor, dtype: str
+    embed: torch.Tensor, lm_head: torch.Tensor, dtype: str, *, rescore: bool = True
 ) -> tuple[nn.Module, nn.Module]:
     """(rows, projection) modules for a head's embedding ``[V, H]`` and LM head ``[V, H]``.
 
     ``rows``: ids [B, T] -> [B, T, H] float32; ``projection``: [.., H] -> [.., V] logits.
     int4 heads use int8 (the table doubles as embedding rows, which the packed int4 layout
     cannot hand out; GGUF files keep this tensor in Q8_0 for the same reason). When tied
-    (``lm_head is embed``) the codes are shared by both modules.
+    (``lm_head is embed``) the codes are shared by both modules. ``rescore``: the projection
+    is a ``RescoredInt8Linear`` where FBGEMM is there (faster, an extra packed copy), else
+    (or False) an ``Int8Linear``.
     """
     if dtype in ("bf16", "fp16"):
         torch_dtype = FLOAT_DTYPES[dtype]
@@ -268,7 +459,8 @@ def compact_head_tables(
     rows = Int8Rows(codes, scales)
     if lm_head is not embed:
         codes, scales = int8_codes(lm_head)
-    return rows, Int8Linear(codes, scales, None)
+    fast = RescoredInt8Linear.build(codes, scales) if rescore else None
+    return rows, fast if fast is not None else Int8Linear(codes, scales, None)
 
 
 def release_freed_memory() -> None:

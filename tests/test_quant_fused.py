@@ -1,0 +1,121 @@
+"""Fused int4 projections (model.quant.FusedLinears, issue 21 item 4): a block's q/k/v and
+gate/up as one kernel call give each projection's own bits, the lean decode path using them
+stays bit-identical to the blocks' own forward, and the codes are held once."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from layerchain.model.quant import (
+    FusedLinears,
+    Int4Linear,
+    Int8Linear,
+    fuse_projections,
+    fused,
+    quantize_module,
+)
+
+
+class _Attention(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(64, 64, bias=bias)
+        self.k_proj = nn.Linear(64, 32, bias=bias)
+        self.v_proj = nn.Linear(64, 32, bias=bias)
+
+
+def _attention(bias: bool = False, seed: int = 0) -> _Attention:
+    torch.manual_seed(seed)
+    return _Attention(bias).requires_grad_(False)
+
+
+@pytest.mark.parametrize("bias", [False, True])  # qwen2's q/k/v carry biases
+def test_fused_projections_give_each_linears_own_bits(bias):
+    attn = quantize_module(_attention(bias), "int4")
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    fusion = fused(attn, "fused_qkv", *parts)
+    assert isinstance(fusion, FusedLinears)
+    for shape in [(1, 1, 64), (2, 5, 64)]:  # a decode step, a batch of prefills
+        x = torch.randn(*shape)
+        outs = fusion(x)
+        assert [o.shape[-1] for o in outs] == [64, 32, 32]
+        for out, part in zip(outs, parts, strict=True):
+            assert torch.equal(out, part(x))
+
+
+def test_fusion_holds_nothing_twice():
+    plain = _attention()  # the same linears, unfused
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(plain, name, Int4Linear.from_linear(getattr(plain, name)))
+    attn = quantize_module(_attention(), "int4")
+    fusion = attn.fused_qkv
+    base = fusion.packed.untyped_storage().data_ptr()
+    assert all(p.packed.untyped_storage().data_ptr() == base for p in fusion.parts)
+    assert all(p.scales_zeros is None for p in fusion.parts)  # the fusion holds them
+    buffers = dict(attn.named_buffers())
+    assert "fused_qkv.scales_zeros" in buffers and "fused_qkv.packed" not in buffers
+    assert not any("fused" in name for name in attn.state_dict())  # nothing new to load
+
+    def held(module: nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in module.buffers())
+
+    assert held(attn) == held(plain)
+
+
+def test_a_swapped_or_moved_part_is_no_longer_served():
+    attn = quantize_module(_attention(), "int4")
+    assert fused(attn, "fused_qkv", attn.q_proj, attn.k_proj, attn.v_proj) is not None
+    assert fused(attn, "fused_qkv", attn.q_proj, attn.v_proj, attn.k_proj) is None  # order
+    copied = copy.deepcopy(attn)  # a cheater's copy keeps the sharing
+    assert fused(copied, "fused_qkv", copied.q_proj, copied.k_proj, copied.v_proj) is not None
+    attn.k_proj.packed = attn.k_proj.packed.clone()  # as ``.to`` another device would
+    assert fused(attn, "fused_qkv", attn.q_proj, attn.k_proj, attn.v_proj) is None
+    attn = quantize_module(_attention(seed=1), "int4")
+    attn.v_proj = Int4Linear.from_linear(nn.Linear(64, 32, bias=False))
+    assert fused(attn, "fused_qkv", attn.q_proj, attn.k_proj, attn.v_proj) is None
+
+
+def test_only_int4_linears_of_one_input_size_fuse():
+    attn = quantize_module(_attention(), "int8")
+    assert isinstance(attn.q_proj, Int8Linear) and "fused_qkv" not in attn._modules
+    mixed = _attention()
+    mixed.k_proj = nn.Linear(32, 32, bias=False)  # another input size
+    quantize_module(mixed, "int4")
+    assert "fused_qkv" not in mixed._modules
+    assert fuse_projections(nn.Linear(4, 4)) is not None  # nothing to fuse: unchanged
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_int4_lean_decode_with_fused_projections_is_bit_identical(
+    tiny_model_dir, family, monkeypatch
+):
+    """The span's own check (``_agrees``) passes with the fused kernels, and 12 decode steps
+    through the lean path equal the blocks' own forward bit for bit."""
+    from layerchain.model import load_span, resolve_model
+
+    spec = resolve_model(str(tiny_model_dir(family)))
+    span = load_span(spec, 0, 4, dtype="int4")
+    layer = span.layers[0]
+    assert isinstance(layer.self_attn.fused_qkv, FusedLinears)
+    assert isinstance(layer.mlp.fused_gate_up, FusedLinears)
+    assert span.fast_decode  # the lean path agreed with the blocks' forward at load
+    torch.manual_seed(0)
+    prompt = torch.randn(1, 5, spec.hidden_size)
+    steps = torch.randn(12, 1, 1, spec.hidden_size)
+    calls = []
+    forward = FusedLinears.forward
+    monkeypatch.setattr(FusedLinears, "forward", lambda m, x: calls.append(1) or forward(m, x))
+    outs = {}
+    for lean in (True, False):
+        span.fast_decode = lean
+        cache = span.new_cache()
+        span(prompt, cache)
+        outs[lean] = torch.cat([span(step, cache) for step in steps], dim=1)
+    span.fast_decode = True
+    # q/k/v and gate/up of 4 blocks, lean steps only (qwen2's windowed blocks: a mask, plain)
+    assert len(calls) == 2 * 4 * 12 if family == "llama" else len(calls) >= 2 * 12
+    assert torch.equal(outs[True], outs[False])
