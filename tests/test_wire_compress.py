@@ -145,6 +145,19 @@ def test_wire_forms_and_names_agree_and_unknown_ones_are_refused():
         ClientConfig(wire="int4")
 
 
+def test_cli_flags_refuse_unknown_wire_forms_in_one_line():
+    from typer.testing import CliRunner
+
+    from layerchain.cli.main import app
+
+    peer = "/ip4/127.0.0.1/tcp/9/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    result = CliRunner().invoke(app, ["generate", "--initial-peers", peer, "--prompt", "hi",
+                                      "--wire", "int4"])
+    assert result.exit_code == 1 and "unknown wire form 'int4'" in result.output
+    result = CliRunner().invoke(app, ["bench", "compression", "--wires", "fp32,int4"])
+    assert result.exit_code == 1 and "--wires among fp32,fp16,bf16,int8" in result.output
+
+
 # ---------------------------------------------------------------------------- frames
 
 
@@ -264,7 +277,7 @@ def test_fuzz_mutated_int8_frames_only_protocol_errors(frame, edits, cut):
     assert type(msg) in m.MESSAGE_TYPES.values()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     st.lists(st.one_of(st.integers(-5, 1 << 21), st.text(max_size=3), st.none()), max_size=4),
     st.one_of(st.integers(-10, 1 << 40), st.none(), st.text(max_size=3)),
