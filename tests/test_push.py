@@ -261,6 +261,32 @@ def test_a_forward_ahead_of_its_push_step_is_held_and_a_step_supersedes(tiny_mod
     assert node.push.waiting == {} and node.push.held == {}
 
 
+def test_a_push_step_whose_input_never_comes_gives_up_and_the_session_steps_on(
+    tiny_model, tmp_path, monkeypatch
+):
+    from layerchain.node import push as node_push
+
+    monkeypatch.setattr(node_push, "FORWARD_WAIT_S", 0.05)
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            node = await swarm.add_node(0, 4, tmp_path / "n")
+            x = torch.randn(1, 1, node.spec.hidden_size)
+            await node.handle(m.OpenSession(1, "s", node.spec.model_id, 0, 4, 64), 7)
+            await node.handle(m.Forward(1, "s", 0, x, new_secret()), 8)  # a stranger's guess
+            with pytest.raises(LimitExceeded, match="no input was forwarded"):
+                await node.handle(_push("s", 0, secret_digest(new_secret())), 7)
+            await asyncio.sleep(0.06)  # a held forward nobody claimed expires
+            await node.handle(m.Forward(1, "s", 0, x, new_secret()), 8)
+            return await node.handle(m.Step(1, "s", 0, x), 7), node
+        finally:
+            await swarm.close()
+
+    result, node = run(main())
+    assert result.step == 0 and node.push.waiting == {} and node.push.held == {}
+
+
 # ------------------------------------------------------------------ the auto choice
 
 
@@ -333,3 +359,21 @@ def test_push_over_real_nodes_equals_pull_and_survives_a_kill_9_of_a_hop(process
         result = gen.result
     assert list(result.token_ids) == list(pulled.token_ids)
     assert [r.peer_id for r in result.recoveries] == [killed]
+
+
+@pytest.mark.parametrize("flag, push", [([], None), (["--push"], True), (["--no-push"], False)])
+def test_generate_push_flags_set_the_client_config(monkeypatch, flag, push):
+    from typer.testing import CliRunner
+
+    from layerchain.cli import generate as cli_generate
+    from layerchain.cli.main import app
+    from layerchain.client import ClientConfig
+
+    seen = {}
+    monkeypatch.setattr(cli_generate, "_generate_swarm",
+                        lambda *args: seen.update(args[-1]))
+    out = CliRunner().invoke(app, ["generate", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x",
+                                   "--prompt", "hi", *flag])
+    assert out.exit_code == 0, out.output
+    assert seen["push"] is push
+    assert ClientConfig(push=push).push is push
