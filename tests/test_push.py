@@ -377,3 +377,21 @@ def test_generate_push_flags_set_the_client_config(monkeypatch, flag, push):
     assert out.exit_code == 0, out.output
     assert seen["push"] is push
     assert ClientConfig(push=push).push is push
+
+
+@pytest.mark.parametrize("wire", ["bf16", "int8"])
+def test_push_mode_with_a_compressed_wire_gives_pull_modes_tokens(tiny_model, tmp_path, wire):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            nodes = await chain(swarm, tmp_path)
+            pulled = await swarm.client(push=False, wire=wire).generate(PROMPT, PARAMS)
+            pushed = await swarm.client(push=True, wire=wire).generate(PROMPT, PARAMS)
+            return pulled, pushed, nodes
+        finally:
+            await swarm.close()
+
+    pulled, pushed, nodes = run(main())
+    assert pushed.token_ids == pulled.token_ids
+    assert not pushed.recoveries
+    assert nodes[0].push.forwarded == PARAMS.max_new_tokens  # the receipts matched: no fallback
