@@ -149,3 +149,33 @@ def test_sliding_window_families_batch_within_their_window(tiny_model_dir):
             for i in range(2):
                 torch.testing.assert_close(out[i : i + 1], span.forward(x[i : i + 1], solo[i]),
                                            atol=ATOL, rtol=0)
+
+
+def test_bench_step_times_each_batch_size(tiny_model_dir):
+    from layerchain.bench.step import run_step_bench
+
+    path = tiny_model_dir("llama")
+    result = run_step_bench(str(path), blocks=4, context=8, steps=2, rounds=1, threads=0,
+                            batch=(1, 2, 4))
+    rows = result["batch"]
+    assert [r["batch"] for r in rows] == [1, 2, 4] and rows[0]["speedup"] == 1.0
+    for row in rows:
+        assert row["ms_per_step"] > 0 and row["ms_per_token"] * row["batch"] == pytest.approx(
+            row["ms_per_step"], abs=0.01)
+    assert run_step_bench(str(path), blocks=2, context=4, steps=1, rounds=1)["batch"] is None
+
+
+def test_the_cli_passes_batch_sizes_and_refuses_bad_ones(monkeypatch):
+    from typer.testing import CliRunner
+
+    from layerchain.bench import step
+    from layerchain.cli.main import app
+
+    calls = []
+    monkeypatch.setattr(step, "run_step_bench", lambda model, **kw: calls.append(kw) or {})
+    out = CliRunner().invoke(app, ["bench", "step", "--batch", "1,2,8", "--json"])
+    assert out.exit_code == 0, out.output
+    assert calls[0]["batch"] == (1, 2, 8)
+    for bad in ("1,x", "0,2"):
+        out = CliRunner().invoke(app, ["bench", "step", "--batch", bad])
+        assert out.exit_code != 0 and "--batch" in out.output

@@ -20,6 +20,11 @@ same work). The run measures, side by side in one process and interleaved round 
 * ``node_extras_ms``: what a node adds around the span each step: the output's commitment,
   the signed receipt (two sha256 and an ECDSA signature) and the wire codec (encode + decode
   of the StepResult);
+* ``batch`` (``batch=(1, 2, 4, ...)`` only): per batch size B, the decode step of B
+  sessions at once (``model.batched.decode_batch``, each session its own cache of ``context``
+  tokens; B = 1 is ``span.forward``, as a node runs a session alone): ``ms_per_step``,
+  ``ms_per_token`` (= / B), their CPU times, and ``speedup`` (B = 1's ms per token over B's),
+  sizes interleaved round by round;
 * ``compile`` (``compile=True`` only): ``torch.compile`` of each block's MLP and norms (the
   parts without KV-cache state) on the plain path (the lean one inlines the norms), its
   compile time, step time and whether the outputs stay bit-identical.
@@ -57,6 +62,7 @@ def run_step_bench(
     threads: int = 1,
     device: str = "cpu",
     compile: bool = False,
+    batch: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Measure a decode step through ``blocks`` blocks of ``model`` (see the module);
     ``rounds`` rounds of ``steps`` steps per path. ``threads`` torch threads (0: torch's
@@ -103,6 +109,7 @@ def run_step_bench(
         span.fast_decode = has_lean
         profile = _profile(step, steps, blocks) if place.type == "cpu" else None
         compiled = _compiled(span, step, steps, outputs[True], sync) if compile else None
+        batched = _batched(span, batch, context, steps, rounds, sync) if batch else None
 
     before, after = _p50s(samples[False]), _p50s(samples[True])
     result: dict[str, Any] = {
@@ -129,6 +136,7 @@ def run_step_bench(
         "python_calls_per_block_before": round(calls[False][0]),
         "node_extras_ms": _node_extras(spec.hidden_size),
         "compile": compiled,
+        "batch": batched,
     }
     if profile is not None:
         matmul_ms, attention_ms, wall_ms, _ = profile
@@ -138,6 +146,57 @@ def run_step_bench(
             other_share=round(1.0 - (matmul_ms + attention_ms) / wall_ms, 3),
         )
     return result
+
+
+def _batched(
+    span: Any,
+    sizes: tuple[int, ...],
+    context: int,
+    steps: int,
+    rounds: int,
+    sync: Callable[[], None],
+) -> list[dict[str, Any]]:
+    """Per batch size B (see the module): p50 wall and CPU ms of one decode step of B
+    sessions, each with ``context`` tokens cached (truncated back after each step)."""
+    from layerchain.model.batched import decode_batch
+
+    generator = torch.Generator().manual_seed(1)
+    hidden = span.config.hidden_size
+    caches = {}
+    for size in sizes:  # B sessions of the same context, each its own cache
+        caches[size] = [span.new_cache(max_length=context + 1) for _ in range(size)]
+        for cache in caches[size]:
+            span.forward(torch.randn(1, context, hidden, generator=generator), cache)
+    tokens = {size: torch.randn(size, 1, hidden, generator=generator) for size in sizes}
+
+    def step(size: int) -> None:
+        if size == 1:
+            span.forward(tokens[size], caches[size][0])
+        else:
+            decode_batch(span, tokens[size], caches[size])
+        sync()
+        for cache in caches[size]:
+            cache.truncate(context)
+
+    samples: dict[int, list[tuple[float, float]]] = {size: [] for size in sizes}
+    for size in sizes:
+        step(size)  # warm-up
+    for _ in range(rounds):
+        for size in sizes:
+            for _ in range(steps):
+                w0, c0 = time.perf_counter(), time.thread_time()
+                step(size)
+                samples[size].append((time.perf_counter() - w0, time.thread_time() - c0))
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        wall, cpu = _p50s(samples[size])
+        rows.append({"batch": size, "ms_per_step": wall, "ms_per_token": round(wall / size, 3),
+                     "cpu_ms_per_step": cpu, "cpu_ms_per_token": round(cpu / size, 3)})
+    alone = next((r for r in rows if r["batch"] == 1), None)
+    for row in rows:
+        row["speedup"] = (round(alone["ms_per_token"] / row["ms_per_token"], 2)
+                          if alone is not None and row["ms_per_token"] else None)
+    return rows
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:

@@ -278,19 +278,29 @@ def bench_step(
     compile: bool = typer.Option(
         False, "--compile", help="Also time torch.compile of each block's MLP and norms "
         "(minutes of compilation on a small CPU)."),
+    batch: str = typer.Option("", help="Also time decode steps of B sessions as one forward, "
+                              "for each B of a comma-separated list (e.g. 1,2,4,8)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Where a one-token decode step through a span goes: ms_per_step_p50, before_ms /
     after_ms (the layers' own forward vs the lean decode path, side by side), matmul_share,
-    node_extras_ms (commitment, receipt, codec), and compile figures with --compile."""
+    node_extras_ms (commitment, receipt, codec), compile figures with --compile, and with
+    --batch ms per step and per token of B sessions batched (node.batching)."""
     from layerchain.bench.step import run_step_bench
     from layerchain.errors import ConfigError
 
     if blocks < 1 or context < 1 or steps < 1 or rounds < 1 or threads < 0:
         raise ConfigError("bench step needs --blocks, --context, --steps, --rounds >= 1 and "
                           "--threads >= 0")
+    try:
+        sizes = tuple(int(b) for b in batch.split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"--batch takes batch sizes like 1,2,4,8, not {batch!r}") from None
+    if any(b < 1 or b > 256 for b in sizes):
+        raise ConfigError("--batch sizes must be in 1..256")
     _print(run_step_bench(model, blocks=blocks, context=context, steps=steps, rounds=rounds,
-                          threads=threads, device=device, compile=compile), as_json)
+                          threads=threads, device=device, compile=compile, batch=sizes),
+           as_json)
 
 
 @bench_app.command("fetch")
