@@ -98,6 +98,19 @@ def test_four_concurrent_clients(swarm3, reference):
     assert "Paris" in results[3].text
 
 
+def test_int8_wire_gives_the_fp32_answer(swarm3, reference):
+    """Activation compression (``Swarm(wire="int8")``, ``generate --wire int8``): hidden
+    states cross every hop both ways as 8-bit blockwise with exact outliers (0.30x fp32's
+    frame bytes); on this prompt the greedy tokens are fp32's (the prompt set's
+    teacher-forced agreement: docs/BENCHMARKS.md "Activation compression")."""
+    from layerchain.client import Swarm
+
+    with Swarm(swarm3.initial_peers, wire="int8") as client:
+        result = client.generate(PROMPTS[3], PARAMS)
+    assert result.token_ids == reference(DEFAULT_MODEL, PROMPTS[3], PARAMS).token_ids
+    assert result.recoveries == () and result.disputes == ()
+
+
 def test_hostile_frames_get_typed_errors_and_the_node_keeps_serving(swarm3):
     from layerchain.wire import Dialer, Info, InfoReply, RpcClient, Step
     from layerchain.wire.tcp import parse_tcp_endpoint
