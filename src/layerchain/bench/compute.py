@@ -85,8 +85,10 @@ class ComputeRow:
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (compact forms keep weights in buffers)."""
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    """Bytes of a module's parameters and buffers (compact forms keep weights in buffers),
+    plus the kernels' own packed copies (``packed_bytes``: the FBGEMM head's)."""
+    tensors = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return tensors + sum(int(getattr(m, "packed_bytes", 0)) for m in module.modules())
 
 
 def prompt_ids(spec: ModelSpec, prompts: Sequence[str]) -> list[list[int]]:
