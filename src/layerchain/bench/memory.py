@@ -8,10 +8,16 @@ nodes). ``weights_mb`` is what its span's tensors hold (parameters and buffers, 
 the same way), ``overhead_mb`` the rest: the interpreter, torch, hivemind, sockets, p2pd.
 The node is idle when measured (it served no session: a node of a few blocks alone cannot).
 
+An unpacked p2pd's code is file pages (``discovery.p2pd_unpack``), split between every p2pd
+of the machine: the bootstrap's, other nodes'. So its PSS depends on how many ran then
+(``p2pds_on_machine``, counted at each measurement; ~55 MiB alone, ~43 beside the
+bootstrap's); a UPX-packed p2pd (``p2pd_packed``) holds ~63 MiB whatever runs beside it.
+
 Result::
 
-    {"model": str, "rows": [{"blocks", "dtype", "pss_mb_total", "pss_mb_by_process":
-     {"node": MiB, "p2pd": MiB, ...}, "weights_mb", "overhead_mb", "processes"}]}
+    {"model": str, "p2pd_packed": bool, "rows": [{"blocks", "dtype", "pss_mb_total",
+     "pss_mb_by_process": {"node": MiB, "p2pd": MiB, ...}, "weights_mb", "overhead_mb",
+     "processes", "p2pds_on_machine", "uss_mb_by_process": {...}}]}
 
 MiB throughout (2**20 bytes).
 """
@@ -54,25 +60,54 @@ class MemoryRow:
     weights_mb: float
     overhead_mb: float
     processes: int
+    p2pds_on_machine: int  # p2pd processes running on the machine then (sharing its pages)
+    uss_mb_by_process: dict[str, float]  # private pages only: what sharing cannot lower
 
 
 def tree_pss_mb(pid: int, root_name: str = "node") -> dict[str, float]:
     """PSS in MiB of process ``pid`` (as ``root_name``) and each of its descendants (by
     name). Processes that exit while being read are left out. Raises psutil.NoSuchProcess
     if ``pid`` itself is gone."""
+    return {name: pss for name, (pss, _uss) in tree_memory_mb(pid, root_name).items()}
+
+
+def tree_memory_mb(pid: int, root_name: str = "node") -> dict[str, tuple[float, float]]:
+    """(PSS, USS) in MiB of process ``pid`` (as ``root_name``) and each of its descendants,
+    named as ``tree_pss_mb`` names them. USS counts only the pages no other process maps:
+    unlike PSS, it does not fall as other processes share the libraries' pages."""
     root = psutil.Process(pid)
-    out = {root_name: root.memory_full_info().pss / MIB}
+    info = root.memory_full_info()
+    out = {root_name: (info.pss / MIB, info.uss / MIB)}
     for child in root.children(recursive=True):
         try:
-            name, pss = child.name(), child.memory_full_info().pss / MIB
+            name, info = child.name(), child.memory_full_info()
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
         key, n = name, 1
         while key in out:
             n += 1
             key = f"{name}#{n}"
-        out[key] = pss
+        out[key] = (info.pss / MIB, info.uss / MIB)
     return out
+
+
+def count_processes(name: str) -> int:
+    """How many processes named ``name`` run on the machine now."""
+    count = 0
+    for process in psutil.process_iter(["name"]):
+        count += process.info["name"] == name
+    return count
+
+
+def p2pd_packed() -> bool:
+    """Whether hivemind's p2pd is still UPX-packed (``make install`` unpacks it)."""
+    from layerchain.discovery.p2pd_unpack import hivemind_p2pd, is_packed
+
+    path = hivemind_p2pd()
+    if path is None or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return is_packed(f.read(512))
 
 
 def span_weights_mb(model: str, blocks: int, dtype: str = "fp32") -> float:
@@ -98,16 +133,19 @@ def measure_node(state_dir: Path, peers: Sequence[str], model: str, blocks: int,
     try:
         wait_ready(proc, data_dir, state_dir / f"{name}.log", timeout_s)
         time.sleep(SETTLE_S)
-        by_process = tree_pss_mb(proc.pid)
+        memory = tree_memory_mb(proc.pid)
+        p2pds = count_processes("p2pd")
     finally:
         stop_pids([LocalProcess(proc.pid, process_start(proc.pid))])
     weights = span_weights_mb(model, blocks, dtype)
+    by_process = {name: pss for name, (pss, _uss) in memory.items()}
     total = sum(by_process.values())
     return MemoryRow(
         blocks=blocks, dtype=dtype, pss_mb_total=round(total, 1),
         pss_mb_by_process={k: round(v, 1) for k, v in by_process.items()},
         weights_mb=round(weights, 1), overhead_mb=round(total - weights, 1),
-        processes=len(by_process),
+        processes=len(by_process), p2pds_on_machine=p2pds,
+        uss_mb_by_process={k: round(uss, 1) for k, (_pss, uss) in memory.items()},
     )
 
 
@@ -124,4 +162,4 @@ def run_memory_bench(model: str = DEFAULT_MODEL, blocks: Sequence[int] = (3, 10)
         finally:
             stop_pids([boot], grace_s=3.0)
     return {"model": model, "target_overhead_mb": TARGET_OVERHEAD_MB,
-            "rows": [asdict(row) for row in rows]}
+            "p2pd_packed": p2pd_packed(), "rows": [asdict(row) for row in rows]}
