@@ -119,6 +119,65 @@ def test_a_hop_that_does_not_forward_costs_one_fallback_then_the_session_pulls(
     assert [n.push.forwarded for n in nodes] == [1, 0, 0]  # the prompt step only, then pull
 
 
+def test_a_hop_forwarding_another_tensor_than_it_returns_changes_nothing_and_bans_nobody(
+    tiny_model, reference, tmp_path
+):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            nodes = await chain(swarm, tmp_path)
+            liar, forward = nodes[1], nodes[1].push._forward
+
+            async def garbage(msg, out):  # returns its honest output, forwards noise
+                return await forward(msg, out + torch.randn_like(out))
+
+            liar.push._forward = garbage  # type: ignore[method-assign]
+            client = swarm.client(push=True)
+            result = await client.generate(PROMPT, PARAMS)
+            return result, nodes, client.peers.banned()
+        finally:
+            await swarm.close()
+
+    result, nodes, banned = run(main())
+    assert result.token_ids == reference.token_ids
+    # the last hop's receipt names an input the liar never returned: the client cannot
+    # tell which of the two lied, bans neither, rebuilds the last hop and pulls from then on
+    assert not banned and not result.recoveries
+    assert [n.push.forwarded for n in nodes] == [1, 1, 0]
+
+
+def test_a_hop_answering_garbage_in_push_mode_is_banned_and_its_successors_rebuilt(
+    tiny_model, reference, tmp_path
+):
+    import dataclasses
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            nodes = await chain(swarm, tmp_path)
+            spare = await swarm.add_node(2, 3, tmp_path / "spare", emulate_latency_ms=30)
+            liar, original = nodes[1], nodes[1].handle
+
+            async def handle(msg, *args):
+                reply = await original(msg, *args)
+                if isinstance(msg, m.PushStep) and msg.step == 3:  # forwards the truth,
+                    return dataclasses.replace(reply, hidden=reply.hidden * float("nan"))
+                return reply
+
+            liar.handle = handle  # type: ignore[method-assign]
+            client = swarm.client(push=True)
+            result = await client.generate(PROMPT, PARAMS)
+            return result, liar, spare, client.peers.banned()
+        finally:
+            await swarm.close()
+
+    result, liar, spare, banned = run(main())
+    assert result.token_ids == reference.token_ids
+    assert [r.peer_id for r in result.recoveries] == [liar.peer_id]
+    assert [h.peer_id for h in result.recoveries[0].replacement] == [spare.peer_id]
+    assert set(banned) == {liar.peer_id}  # the last hop, rebuilt, is not blamed
+
+
 def test_a_hop_failing_its_push_step_is_failed_over_with_the_same_answer(
     tiny_model, reference, tmp_path
 ):

@@ -38,13 +38,14 @@ import torch
 from layerchain.discovery import PeerRecord
 from layerchain.errors import LayerchainError
 from layerchain.market import step_amount, tokens_of
+from layerchain.market.receipts import SignedReceipt, tensor_sha256, verify_receipt
 from layerchain.node.push import new_secret, secret_digest
 from layerchain.routing.route import RoutePeer, route_terms
 from layerchain.types import Hop
 from layerchain.wire import messages as m
 
 if TYPE_CHECKING:
-    from layerchain.client.session import HopSession, InferenceSession
+    from layerchain.client.session import HopFailed, HopSession, InferenceSession
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,11 @@ async def push_through(session: InferenceSession, hidden: torch.Tensor) -> torch
                          hs.hop.peer_id, error)
                 return await _pull_from(session, k, x, unspent)
             try:
-                x = session._accept(hs, x, reply, vouchers[k], None)
-            except HopFailed as failure:  # a wrong answer: failover as in pull mode; the
-                session.push.off = True  # hops after it ran on its output: pull from now on
-                del unspent[id(hs)]
-                await session._recover(k, failure)
-                return await _pull_from(session, k, x, unspent, missing=False)
+                x_next = session._accept(hs, x, reply, vouchers[k], None)
+            except HopFailed as failure:  # a wrong answer: see _redo
+                await _redo(session, k, failure, k > 0 and ran_on_another_input(hs, reply, x))
+                return await _pull_from(session, k, x, {}, missing=False)
+            x = x_next
             del unspent[id(hs)]
         return x
     finally:
@@ -158,6 +158,69 @@ async def push_through(session: InferenceSession, hidden: torch.Tensor) -> torch
                 call.cancel()
             elif not call.cancelled():
                 call.exception()  # retrieved: a failure past the fallback point is moot
+
+
+def ran_on_another_input(hs: HopSession, reply: m.Message, x: torch.Tensor) -> bool:
+    """Whether ``reply`` is right in every respect but its input: a receipt the hop's peer
+    signed for this step, over another input than ``x`` (what the hop before returned).
+    Then the hop before forwarded another tensor than it returned, or this one lies about
+    its input: the client cannot tell which."""
+    if not isinstance(reply, m.StepResult) or not reply.receipt:
+        return False
+    v = hs.verifier
+    try:
+        claimed = SignedReceipt.from_bytes(reply.receipt).receipt.input_sha256
+        if claimed == tensor_sha256(x):
+            return False
+        verify_receipt(reply.receipt, expected_node_address=v.node_address,
+                       session_id=v.session_id, expected_step=v.next_step,
+                       input_sha256=claimed, output_sha256=tensor_sha256(reply.hidden),
+                       prev_hash=v.last_hash, price_per_block=v.price_per_block,
+                       model_id=v.model_id, span=v.span, tokens=tokens_of(x))
+    except (LayerchainError, ValueError):
+        return False
+    return True
+
+
+async def _redo(session: InferenceSession, index: int, failure: HopFailed,
+                ambiguous: bool) -> None:
+    """Hop ``index`` answered this step wrongly; it forwarded its output on, so the hops
+    after it may have run on it: each gets a new session on the same peer, rebuilt from
+    the inputs the client holds (nobody blamed: they did their part). The hop itself is
+    failed over as in pull mode (banned), unless ``ambiguous`` (``ran_on_another_input``:
+    it or the hop before lied): then it is reopened too, blaming nobody. The session
+    stops pushing."""
+    log.warning("push step: hop %d (%s) answered wrongly (%s)%s: rebuilding hops %d.. and "
+                "pulling from now on", index, failure.peer_id, failure.error,
+                " on an input its predecessor never returned" if ambiguous else "", index)
+    session.push.off = True
+    for j in range(len(session.hops) - 1, index, -1):  # indices stay valid from the end
+        await _reopen(session, j)
+    if ambiguous:
+        await _reopen(session, index)
+    else:
+        await session._recover(index, failure)
+
+
+async def _reopen(session: InferenceSession, index: int) -> None:
+    """Hop ``index`` on a new session on the same peer, replaying the inputs held (its
+    old one may hold a step the client cannot vouch for); a failure: failover."""
+    from layerchain.client.session import HopFailed, regroup  # imports this module
+
+    old = session.hops[index]
+    new: list[HopSession] = []
+    try:
+        new = await session._open_hops([old.hop])
+        for x in regroup(old.inputs, session.step_tokens):
+            await session._call(new[0], x)
+    except HopFailed as failure:
+        for hs in new:
+            session._close_later(hs)
+        await session._recover(index, failure)
+        return
+    session._close_later(old)
+    session.retired.append(old)  # its steps still count: audits check them too
+    session.hops[index] = new[0]
 
 
 async def _pull_from(
