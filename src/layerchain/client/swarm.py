@@ -56,6 +56,7 @@ import torch
 from layerchain.client.audit import Auditor, Dispute
 from layerchain.client.config import ClientConfig, RouteLimits
 from layerchain.client.funding import Funding
+from layerchain.client.heads import HeadBatcher
 from layerchain.client.peers import PeerView
 from layerchain.client.rules import check_context, check_room, step_tokens
 from layerchain.client.session import HopPayment, InferenceSession, Recovery
@@ -189,6 +190,7 @@ class AsyncSwarm:
             adapter.check(spec)
         self.adapter = adapter
         self.head = head if adapter is None else adapter.apply(head)
+        self.heads = HeadBatcher(self.head)  # concurrent generations' LM heads, at once
         self.prefix = None if adapter is None else adapter.prefix  # [N, H] before prompts
         self.virtual_tokens = 0 if adapter is None else adapter.virtual_tokens  # N positions
         self.tokenizer = tokenizer
@@ -351,6 +353,7 @@ class AsyncSwarm:
         shown = 0  # events yielded
         ttft = 0.0
         finish: str | None = "cancelled"  # None: the decoder's own reason
+        self.heads.active += 1
         try:
             await session.open(prompt_tokens=len(prompt_ids))  # CostLimitExceeded: the prompt
             self.last_route = tuple(session.route)
@@ -377,7 +380,8 @@ class AsyncSwarm:
                     finish = "max_cost"
                     break
                 routed = time.perf_counter()
-                text = self._accept(decoder, hidden)  # one more token in decoder.stop.token_ids
+                logits = await self.heads.logits(hidden[:, -1:])  # with other streams' rows
+                text = self._accept_logits(decoder, logits)  # one more token in .stop.token_ids
                 ended = time.perf_counter()
                 stamps.append(StepStamp(began, ended, embedded - began + ended - routed,
                                         session.step_seconds, tuple(session.node_ms)))
@@ -401,6 +405,7 @@ class AsyncSwarm:
                 shown += 1
                 yield events[shown - 1]
         finally:
+            self.heads.active -= 1
             self.last_route = route = tuple(session.route)
             if auditor is not None:
                 await auditor.close()
@@ -486,6 +491,11 @@ class AsyncSwarm:
     @torch.inference_mode()
     def _accept(decoder: Decoder, hidden: torch.Tensor) -> str:
         return decoder.accept(hidden)
+
+    @staticmethod
+    @torch.inference_mode()
+    def _accept_logits(decoder: Decoder, logits: torch.Tensor) -> str:
+        return decoder.accept_logits(logits)
 
 
 #: ``RouteLimits`` fields a caller may still pass loose (``Swarm(alpha=1)``).

@@ -104,7 +104,11 @@ class Decoder:
 
     def accept(self, hidden: torch.Tensor) -> str:
         """Take the blocks' output [1, T, H] for the last input; return the new text."""
-        logits = self.head.logits(hidden[:, -1:])[0, -1]  # [V]
+        return self.accept_logits(self.head.logits(hidden[:, -1:])[0, -1])
+
+    def accept_logits(self, logits: torch.Tensor) -> str:
+        """``accept`` from the head's logits [V] of the output's last position, computed by
+        the caller (``client.heads`` batches the heads of concurrent generations)."""
         token = self.sampler.next_token(logits, self._history)
         self._times.append(time.perf_counter())
         self._history.append(token)
