@@ -119,3 +119,27 @@ def test_int4_lean_decode_with_fused_projections_is_bit_identical(
     # q/k/v and gate/up of 4 blocks, lean steps only (qwen2's windowed blocks: a mask, plain)
     assert len(calls) == 2 * 4 * 12 if family == "llama" else len(calls) >= 2 * 12
     assert torch.equal(outs[True], outs[False])
+
+
+def test_unfused_sets_the_fused_kernels_aside_and_back(tiny_model_dir):
+    """``bench compute --baseline`` times int4 as before the fused kernels on the same
+    model: ``unfused`` takes the fusions out of the span (the same bits) and restores them."""
+    from layerchain.bench.compute import bench_compute, unfused
+    from layerchain.model.generate import LocalModel
+    from layerchain.model.resolve import resolve_model
+
+    model = str(tiny_model_dir("llama", tokenizer=True))
+    local = LocalModel(resolve_model(model), dtype="int4")
+    attn = local.span.layers[0].self_attn
+    x = torch.randn(1, 1, local.spec.hidden_size)
+    fused_out = local.span(x, local.span.new_cache())
+    with unfused(local):
+        assert "fused_qkv" not in attn._modules
+        plain_out = local.span(x, local.span.new_cache())
+    assert "fused_qkv" in attn._modules
+    assert torch.equal(fused_out, plain_out)
+    report = bench_compute(model, dtypes=["int4"], tokens=2, repeats=1, agreement=False,
+                           baseline=True)
+    assert [(r["runtime"], r["dtype"]) for r in report["rows"]][:2] == [
+        ("layerchain", "int4"), ("layerchain-unfused", "int4")
+    ]

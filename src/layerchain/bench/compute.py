@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,6 +184,31 @@ def layerchain_timing(
         return time_decode(prefill, step, tokens, repeats)
 
 
+@contextmanager
+def unfused(model: Any) -> Iterator[None]:
+    """``model`` (``.span``, ``.head``) as it computed before the fused kernels, for the
+    ``--baseline`` rows: each q/k/v and gate/up linear called on its own (the span's
+    ``FusedLinears`` set aside) and the LM head's exact int8 kernel over every row (a
+    ``RescoredInt8Linear``'s ``Int8Linear`` forward). Restored on exit."""
+    from layerchain.model.quant import FUSED, Int8Linear, RescoredInt8Linear
+
+    set_aside = []
+    for owner in model.span.modules():
+        for name in FUSED:
+            if name in owner._modules:
+                set_aside.append((owner, name, owner._modules.pop(name)))
+    head = model.head
+    projection = head.projection
+    if isinstance(projection, RescoredInt8Linear):
+        head.projection = Int8Linear(projection.codes, projection.scales, projection.bias)
+    try:
+        yield
+    finally:
+        for owner, name, module in set_aside:
+            owner._modules[name] = module
+        head.projection = projection
+
+
 def llamacpp_row(
     spec: ModelSpec, ids: Sequence[int], tokens: int, threads: int, repeats: int
 ) -> ComputeRow | None:
@@ -243,8 +269,11 @@ def bench_compute(
     tokens: int = 32,
     repeats: int = 3,
     agreement: bool = True,
+    baseline: bool = False,
 ) -> dict[str, Any]:
-    """The ``bench compute`` report (see the module docstring)."""
+    """The ``bench compute`` report (see the module docstring). ``baseline``: each int4/int8
+    form is also timed ``unfused`` (runtime "layerchain-unfused", not in the ratios), its runs
+    alternating with the form's own on the same loaded model, so load drifts hit both."""
     from layerchain.model.generate import LocalModel
     from layerchain.model.quant import check_dtype, resolve_dtype
     from layerchain.model.resolve import resolve_model
@@ -261,11 +290,21 @@ def bench_compute(
             for form in forms:
                 local = LocalModel(spec, dtype=form)
                 weights = module_bytes(local.span) + module_bytes(local.head)
-                wall, cpu = layerchain_timing(local, ids, tokens, repeats)
-                row = ComputeRow(
-                    "layerchain", form, count, wall, cpu, weights / 1e6, agreed.get(form)
-                )
-                rows.append(row)
+                variants = [False, True] if baseline and form in ("int4", "int8") else [False]
+                fastest = {v: (float("inf"), float("inf")) for v in variants}
+                for _ in range(repeats):  # alternating, so both see the same machine
+                    for plain in variants:
+                        with unfused(local) if plain else nullcontext():
+                            timed = layerchain_timing(local, ids, tokens, 1)
+                        wall, cpu = fastest[plain]
+                        fastest[plain] = (min(wall, timed[0]), min(cpu, timed[1]))
+                for plain, (wall, cpu) in fastest.items():
+                    runtime = "layerchain-unfused" if plain else "layerchain"
+                    packed = sum(int(getattr(m, "packed_bytes", 0)) for m in local.head.modules())
+                    held = weights - packed if plain else weights  # unfused: no FBGEMM copy
+                    rows.append(ComputeRow(
+                        runtime, form, count, wall, cpu, held / 1e6, agreed.get(form)
+                    ))
                 del local
             reference = llamacpp_row(spec, ids, tokens, count, repeats)
             if reference is not None:

@@ -244,6 +244,9 @@ def bench_compute(
     agreement: bool = typer.Option(
         True, "--agreement/--no-agreement", help="Also score each form's greedy agreement with fp32."
     ),
+    baseline: bool = typer.Option(
+        False, "--baseline", help="Also time int4/int8 without the fused kernels and the "
+        "rescored head (rows 'layerchain-unfused', alternating with the form's own runs)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """The whole model decoding in one process per weight form, and llama.cpp on the same
@@ -263,7 +266,7 @@ def bench_compute(
             "--tokens >= 1 and --repeats >= 1"
         )
     _print(run(model=model, dtypes=names, threads=counts, tokens=tokens, repeats=repeats,
-               agreement=agreement), as_json)
+               agreement=agreement, baseline=baseline), as_json)
 
 
 @bench_app.command("step")
