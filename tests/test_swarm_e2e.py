@@ -17,7 +17,7 @@ import pytest
 
 from layerchain.errors import FrameError, LimitExceeded, UnknownSession, VersionMismatch
 from layerchain.local import LocalSwarm, swarm_down
-from layerchain.model import DEFAULT_MODEL, LocalModel, SamplingParams
+from layerchain.model import DEFAULT_MODEL, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +204,7 @@ def long_prompt(tokenizer, tokens: int) -> str:
 
 @pytest.mark.timeout(900)
 def test_an_honest_prompt_near_the_context_length_succeeds_and_nodes_keep_answering_pings(
-    swarm3, smollm2_spec, smollm2_tokenizer
+    swarm3, smollm2_tokenizer, reference
 ):
     """7,600 of SmolLM2's 8,192 positions: the client sends the prompt in steps of at most
     MAX_STEP_TOKENS with deadlines scaled to the work, each node computes a step block by
@@ -216,7 +216,7 @@ def test_an_honest_prompt_near_the_context_length_succeeds_and_nodes_keep_answer
 
     prompt = long_prompt(smollm2_tokenizer, 7_600)
     params = SamplingParams(max_new_tokens=6)
-    expected = LocalModel(smollm2_spec).generate(prompt, params)
+    expected = reference(DEFAULT_MODEL, prompt, params)  # the module's model, loaded once
     first = swarm3.nodes[0]["endpoint"]
     pongs: list[float] = []
 
