@@ -190,7 +190,11 @@ def test_nodes_on_every_interface_announce_dialable_addresses_and_private_blocks
 ):
     """Two node processes listening on 0.0.0.0 (the second joins through the address the
     first prints), serving blocks 10:30; ``generate --private-blocks 10`` through them is
-    ``generate --local`` token for token."""
+    ``generate --local`` token for token.
+
+    The first says ``--reachability public``, which it would conclude anyway (no peer to
+    ask yet), so it does not wait SETTLE_WAIT_S (20 s) for a peer to ask before it serves;
+    the second checks its reachability as any node does (``auto``: it asks the first)."""
     from layerchain.discovery.addresses import interface_addresses, is_loopback
 
     dialable = [a.address for a in interface_addresses()
@@ -215,7 +219,7 @@ def test_nodes_on_every_interface_announce_dialable_addresses_and_private_blocks
         raise AssertionError((tmp_path / f"{name}.log").read_text()[-2000:])
 
     try:
-        first = start("a", "10:20", "--new-swarm")
+        first = start("a", "10:20", "--new-swarm", "--reachability", "public")
         for endpoint in first["endpoints"]:
             assert "0.0.0.0" not in endpoint and "127.0.0.1" not in endpoint
         assert first["endpoint"] == first["endpoints"][0]
