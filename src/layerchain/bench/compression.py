@@ -1,8 +1,8 @@
 """Benchmark: activation compression on the wire, its bytes and its effect on greedy tokens.
 
 ``layerchain bench compression --json`` prints ``{"rows": [{"wire", "bytes_per_token",
-"ratio_vs_fp32", "agreement", "max_commitment_distance"}], ...}``, one row per wire form
-(``wire.compress``):
+"ratio_vs_fp32", "agreement", "encode_us", "decode_us", "max_commitment_distance"}], ...}``,
+one row per wire form (``wire.compress``), on one torch thread:
 
 * ``bytes_per_token``: the frames of one decode step on one hop, both ways: a one-token
   ``Step`` and its ``StepResult``, encoded by the codec as a session in that form sends
@@ -16,6 +16,8 @@
   choice is fp32's token. One early difference does not count every later token as a miss;
   the real swarm path is the same transform (tests/test_swarm_e2e.py runs ``generate
   --wire int8`` through three node processes against the fp32 answer);
+* ``encode_us`` / ``decode_us``: the CPU one transfer of a token costs the sender (the
+  form's transform and the frame) and the receiver (``codec_us``), best of 300, one thread;
 * ``max_commitment_distance``: the largest ``commitment_distance`` between a hop's output
   as its receipt commits to it (in the form) and as the hop computed it in float32 from the
   same input: what an audit, a referee or slashing evidence recomputes. Honest runs must
@@ -51,6 +53,29 @@ def step_frame_bytes(hidden_size: int, wire: str) -> int:
     step = m.Step(rid=1, session_id="0" * 32, step=1, hidden=x)
     result = m.StepResult(rid=1, session_id="0" * 32, step=1, hidden=x)
     return len(codec.encode_bytes(step)) + len(codec.encode_bytes(result))
+
+
+def codec_us(hidden_size: int, wire: str, repeats: int = 300) -> tuple[float, float]:
+    """(encode, decode) microseconds of a one-token Step in ``wire``, best of ``repeats``:
+    encode = ``to_wire`` (the quantization, for int8) + the codec's frame; decode = the
+    codec's (the dequantization, for int8). The CPU a transfer costs, on each side."""
+    import time
+
+    from layerchain.wire import codec
+    from layerchain.wire import messages as m
+    from layerchain.wire.compress import to_wire
+
+    form = "" if wire == "fp32" else wire
+    x = torch.randn(1, 1, hidden_size)
+    encode = decode = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        frame = bytearray(codec.encode_bytes(m.Step(1, "0" * 32, 1, to_wire(x, form))))
+        t1 = time.perf_counter()
+        codec.decode(frame)
+        t2 = time.perf_counter()
+        encode, decode = min(encode, t1 - t0), min(decode, t2 - t1)
+    return 1e6 * encode, 1e6 * decode
 
 
 def hop_bounds(blocks: int, hops: int) -> list[tuple[int, int]]:
@@ -89,6 +114,7 @@ def run_compression_bench(
     """The rows of the module docstring, and how they were measured."""
     from layerchain.model import LocalModel, resolve_model
 
+    torch.set_num_threads(1)  # one thread per process (docs/BENCHMARKS.md, the OpenMP fix)
     spec = resolve_model(model)
     reference_model = LocalModel(spec)
     span, head = reference_model.span, reference_model.head
@@ -107,12 +133,15 @@ def run_compression_bench(
                 agreed += float((picks == torch.tensor(ref)).float().mean())
                 distance = max(distance, far)
             frame_bytes = step_frame_bytes(spec.hidden_size, wire)
+            encode_us, decode_us = codec_us(spec.hidden_size, wire)
             rows.append({
                 "wire": wire,
                 "bytes_per_token": frame_bytes,
                 "ratio_vs_fp32": round(frame_bytes / fp32_bytes, 4),
                 "agreement": round(agreed / len(encoded), 4),
                 "max_commitment_distance": round(distance, 6),
+                "encode_us": round(encode_us, 1),
+                "decode_us": round(decode_us, 1),
             })
     return {
         "model": spec.name,

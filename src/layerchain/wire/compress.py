@@ -25,7 +25,7 @@ as bitsandbytes and hivemind's ``compression`` do it; our own torch code), per t
 * the rest (outliers counted as 0) is cut along H into blocks of ``BLOCK`` = 64 values (the
   last one shorter when 64 does not divide H); each block gets::
 
-    scale  s = absmax / 127      float32, its significand cut (floor) to 16 bits
+    scale  s = absmax / 127      float32, its significand cut (floored) to 16 bits
     codes  c = round(x / s)      int8 in -127..127 (absmax-symmetric; -128 unused)
     decoded  x' = c * s          float32
 
@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from layerchain.errors import LimitExceeded
@@ -66,7 +67,10 @@ BLOCK = 64  # values per int8 block, along the hidden axis
 OUTLIERS = 4  # largest-magnitude values per token sent exactly (= market.commitment.TOP_K)
 INT8_NAME = "int8b64"  # the int8 form's dtype name in a tensor descriptor (wire.codec)
 _QMAX = 127  # codes are in -127..127
-_SIGNIFICAND = float(1 << 16)  # a scale keeps 16 significant bits: 127 * s is exact
+_CUT_MASK = ~0xFF  # a scale keeps 16 significant bits (1 + 15 stored): 127 * s is exact;
+# clearing the 8 low stored bits is a floor for a positive scale (inf stays, NaN stays NaN
+# or turns inf: non-finite either way)
+_SMALLEST = 1.4e-45  # float32's smallest subnormal: a 0 scale (an all-zero block) divides by it
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -117,49 +121,46 @@ def int8_nbytes(shape: list[int] | tuple[int, ...] | torch.Size) -> int:
     return tokens * (4 * blocks_of(size) + 8 * outliers_of(size) + size)
 
 
-def _floor_significand(scales: torch.Tensor) -> torch.Tensor:
-    """``scales`` with their significands cut to 16 bits (non-finite ones unchanged)."""
-    mantissa, exponent = torch.frexp(scales)  # mantissa in [0.5, 1)
-    cut = torch.ldexp(torch.floor(mantissa * _SIGNIFICAND) / _SIGNIFICAND, exponent)
-    return torch.where(torch.isfinite(scales), cut, scales)
-
-
 def quantize(hidden: torch.Tensor) -> Int8Parts:
     """The int8 parts of ``hidden`` [B, T, H] (any float dtype and device; computed in
-    float32 on the CPU). A NaN or infinity is an outlier (kept as it is) or, past the 4th of
+    float32 on the CPU, with numpy). A NaN or infinity is an outlier (kept as it is) or, past the 4th of
     a token, makes its block's scale non-finite: non-finite values decode non-finite."""
-    x = hidden.detach().to(device="cpu", dtype=torch.float32)
+    x = hidden.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
     size = x.shape[-1]
     k, nb = outliers_of(size), blocks_of(size)
-    positions = torch.topk(x.abs(), k, dim=-1).indices  # [B, T, k] int64
-    outliers = torch.gather(x, -1, positions)
-    rest = x.scatter(-1, positions, 0.0)
-    if nb * BLOCK != size:  # pad the last block with zeros (they do not change its absmax)
-        rest = torch.nn.functional.pad(rest, (0, nb * BLOCK - size))
-    blocks = rest.reshape(*x.shape[:-1], nb, BLOCK)  # [B, T, nb, 64]
-    scales = _floor_significand(blocks.abs().amax(dim=-1) / _QMAX)  # [B, T, nb]
-    divisor = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
-    codes = torch.round(blocks / divisor).clamp_(-_QMAX, _QMAX)
-    codes = torch.nan_to_num_(codes, nan=0.0).to(torch.int8)  # a NaN's block: NaN scale
-    codes = codes.reshape(*x.shape[:-1], nb * BLOCK)[..., :size]
+    with np.errstate(all="ignore"):  # non-finite inputs stay non-finite, silently
+        positions = np.argpartition(np.abs(x), size - k, axis=-1)[..., size - k :]  # NaN last
+        outliers = np.take_along_axis(x, positions, -1)
+        rest = x.copy()
+        np.put_along_axis(rest, positions, np.float32(0.0), -1)
+        if nb * BLOCK != size:  # pad the last block with zeros (they leave its absmax)
+            rest = np.pad(rest, [(0, 0)] * (rest.ndim - 1) + [(0, nb * BLOCK - size)])
+        blocks = rest.reshape(*x.shape[:-1], nb, BLOCK)  # [B, T, nb, 64]
+        scales = np.abs(blocks).max(axis=-1) / np.float32(_QMAX)  # [B, T, nb]
+        scales = (scales.view(np.int32) & np.int32(_CUT_MASK)).view(np.float32)
+        divisor = np.maximum(scales, np.float32(_SMALLEST))[..., None]  # 0: an all-zero block
+        codes = np.rint(blocks / divisor)
+        np.nan_to_num(codes, copy=False, nan=0.0)  # a NaN's block: its scale is NaN
+        np.clip(codes, -_QMAX, _QMAX, out=codes)
+    codes_i8 = codes.astype(np.int8).reshape(*x.shape[:-1], nb * BLOCK)[..., :size]
     return Int8Parts(
-        scales=scales.contiguous(),
-        outliers=outliers.contiguous(),
-        positions=positions.to(torch.int32).contiguous(),
-        codes=codes.contiguous(),
+        scales=torch.from_numpy(np.ascontiguousarray(scales)),
+        outliers=torch.from_numpy(np.ascontiguousarray(outliers)),
+        positions=torch.from_numpy(positions.astype(np.int32)),
+        codes=torch.from_numpy(np.ascontiguousarray(codes_i8)),
     )
 
 
 def dequantize(parts: Int8Parts) -> torch.Tensor:
     """float32 [B, T, H]: each code times its block's scale, the outliers at their positions
     (every product exact). The positions must be in 0..H-1 (the codec checks them)."""
-    codes = parts.codes
+    codes = parts.codes.numpy()
     size = codes.shape[-1]
-    per_value = parts.scales.repeat_interleave(BLOCK, dim=-1)  # [B, T, nb * 64]
-    if per_value.shape[-1] != size:
-        per_value = per_value[..., :size]
-    values = codes.to(torch.float32) * per_value
-    return values.scatter_(-1, parts.positions.to(torch.int64), parts.outliers)
+    per_value = np.repeat(parts.scales.numpy(), BLOCK, axis=-1)[..., :size]
+    with np.errstate(all="ignore"):  # 0 x inf: a non-finite block decodes NaN
+        values = codes.astype(np.float32) * per_value
+    np.put_along_axis(values, parts.positions.numpy().astype(np.int64), parts.outliers.numpy(), -1)
+    return torch.from_numpy(values)
 
 
 def to_wire(hidden: torch.Tensor, form: str) -> torch.Tensor:
