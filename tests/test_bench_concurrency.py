@@ -203,6 +203,7 @@ def test_concurrent_streams_on_a_real_swarm_give_each_prompts_greedy_tokens(tmp_
         assert p["aggregate_tokens_per_s"] > 0 and p["itl_ms_p99"] >= p["itl_ms_p50"] > 0
         assert p["ttft_s_p99"] >= p["ttft_s_p50"] > 0
         json.dumps(p)  # plain JSON
+    assert points[0]["head_batches"] == 0  # one stream: its head alone, every token
     assert [r.prompt for r in runs[1]] == list(PROMPTS[:2])
     params = SamplingParams(max_new_tokens=tokens)
     for run in (*runs[0], *runs[1]):

@@ -152,8 +152,11 @@ def measure_concurrency(
         if warmup_tokens > 0:  # connections, sessions' first steps, the nodes' batchers
             client.run(run_streams(client.core, stream_prompts(max(levels)), warmup_tokens))
         for n in levels:
+            batches = client.core.heads.batches
             runs, wall = client.run(run_streams(client.core, stream_prompts(n), max_new_tokens))
-            points.append(measure_point(n, runs, wall))
+            # LM heads the client ran for more than one stream at once (client.heads)
+            points.append({**measure_point(n, runs, wall),
+                           "head_batches": client.core.heads.batches - batches})
             all_runs.append(runs)
     return points, all_runs
 
