@@ -18,6 +18,11 @@ Forms (``DTYPES``; "fp32" is the exactness reference and the default everywhere)
   rounding of the scales and of the activations.
 * ``bf16``/``fp16``: the matrices cast; 2 bytes/weight.
 
+Two kernels beyond one per linear (docs/BENCHMARKS.md "Compact weights", "Fused projections
+and a rescored head"): a block's int4 q/k/v and gate/up run as one call each
+(``FusedLinears``, bit-identical per part), and the int8 LM head scores every row with
+FBGEMM's int8 x int8 kernel and recomputes the best 64 exactly (``RescoredInt8Linear``).
+
 Both integer kernels are fast only for bf16 activations on CPU (measured 2026-12-02, one
 thread, docs/BENCHMARKS.md "Compact weights": float32 inputs take a scalar path 10x slower), so
 a compact linear casts its input to bf16 for the matmul and its output back. Off CPU, int8
