@@ -68,7 +68,8 @@ def token(span, seed: int) -> torch.Tensor:
 
 def test_a_session_alone_runs_at_once_with_the_solo_bits(tiny):
     _, span = tiny
-    batcher = DecodeBatcher(BatchConfig(window_ms=10_000))  # a wait would time the test out
+    # a wait would time the test out
+    batcher = DecodeBatcher(BatchConfig(window_ms=10_000, window_share=0))
     a, twin = session(span, "a", 3)
 
     async def main():
@@ -85,7 +86,7 @@ def test_sessions_expected_are_waited_for_and_computed_together(tiny):
     the batch at once (no window spent); rows agree with each session alone."""
     _, span = tiny
     clock = Clock()
-    batcher = DecodeBatcher(BatchConfig(window_ms=10_000), clock=clock)
+    batcher = DecodeBatcher(BatchConfig(window_ms=10_000, window_share=0), clock=clock)
     sessions = [session(span, f"s{i}", 2 + 3 * i, seed=i) for i in range(3)]
 
     async def main():
@@ -106,7 +107,7 @@ def test_sessions_expected_are_waited_for_and_computed_together(tiny):
 def test_a_session_expected_that_does_not_come_costs_one_window_and_then_is_forgotten(tiny):
     _, span = tiny
     clock = Clock()
-    batcher = DecodeBatcher(BatchConfig(window_ms=30, recent_s=1.0), clock=clock)
+    batcher = DecodeBatcher(BatchConfig(window_ms=30, window_share=0, recent_s=1.0), clock=clock)
     a, _ = session(span, "a", 2)
     b, _ = session(span, "b", 2, seed=1)
 
@@ -128,7 +129,7 @@ def test_a_session_expected_that_does_not_come_costs_one_window_and_then_is_forg
 
 def test_a_session_closed_while_waiting_gets_unknown_session_and_the_others_their_rows(tiny):
     _, span = tiny
-    batcher = DecodeBatcher(BatchConfig(window_ms=50))
+    batcher = DecodeBatcher(BatchConfig(window_ms=50, window_share=0))
     a, twin = session(span, "a", 2)
     b, _ = session(span, "b", 4, seed=1)
     c, _ = session(span, "c", 3, seed=2)
@@ -151,7 +152,7 @@ def test_a_step_failing_in_a_batch_fails_alone_and_the_others_run_one_by_one(tin
     """A cache that raises mid-forward fails the batch; each step then runs alone: the
     faulty session gets its error, the others their solo rows, no cache advanced twice."""
     _, span = tiny
-    batcher = DecodeBatcher(BatchConfig(window_ms=10_000))
+    batcher = DecodeBatcher(BatchConfig(window_ms=10_000, window_share=0))
     sessions = [session(span, f"s{i}", 2 + i, seed=i) for i in range(3)]
     bad = sessions[1][0]
 
@@ -175,7 +176,7 @@ def test_a_step_failing_in_a_batch_fails_alone_and_the_others_run_one_by_one(tin
 
 def test_a_cancelled_step_is_not_computed_and_sessions_on_other_blocks_run_apart(tiny):
     _, span = tiny
-    batcher = DecodeBatcher(BatchConfig(window_ms=10_000))
+    batcher = DecodeBatcher(BatchConfig(window_ms=10_000, window_share=0))
     a, _ = session(span, "a", 2)
     b, _ = session(span, "b", 3, seed=1)
     c, _ = session(span, "c", 3, start=1, end=3, seed=2)  # another block range
@@ -198,9 +199,38 @@ def test_a_cancelled_step_is_not_computed_and_sessions_on_other_blocks_run_apart
     assert (b.cache.length, c.cache.length, d.cache.length) == (5, 5, 5)
 
 
+def test_a_session_that_ran_its_prompt_is_expected_by_the_others(tiny):
+    _, span = tiny
+    batcher = DecodeBatcher(BatchConfig(window_ms=10_000, window_share=0))
+    a, _ = session(span, "a", 2)
+    b, _ = session(span, "b", 5, seed=1)
+
+    async def main():
+        batcher.expect(a)  # a's prompt ran (node.server): b's first decode step waits for a
+        tb = asyncio.create_task(batcher.step(b, token(span, 1)))
+        await asyncio.sleep(0.01)
+        assert not tb.done()
+        out_a = await asyncio.wait_for(batcher.step(a, token(span, 2)), 5)
+        return out_a, await tb
+
+    out_a, out_b = asyncio.run(main())
+    assert out_a.batch == out_b.batch == 2
+
+
+def test_the_window_follows_the_recent_forwards_time_within_its_bounds():
+    batcher = DecodeBatcher(BatchConfig(window_ms=20, window_share=0.5, min_window_ms=2))
+    assert batcher.window_s == pytest.approx(0.020)  # no forward yet: the longest
+    for forward_s, window_s in ((0.010, 0.005), (0.100, 0.020), (0.001, 0.002)):
+        batcher.forward_s = forward_s
+        assert batcher.window_s == pytest.approx(window_s)
+    batcher._ran(0.010)  # a moving average of the forwards' seconds
+    assert batcher.forward_s == pytest.approx(0.7 * 0.001 + 0.3 * 0.010)
+    assert DecodeBatcher(BatchConfig(window_ms=7, window_share=0)).window_s == pytest.approx(0.007)
+
+
 def test_the_window_zero_turns_batching_off(tiny):
     _, span = tiny
-    batcher = DecodeBatcher(BatchConfig(window_ms=0))
+    batcher = DecodeBatcher(BatchConfig(window_ms=0, window_share=0))
     a, _ = session(span, "a", 2)
     b, _ = session(span, "b", 2, seed=1)
 
@@ -249,7 +279,7 @@ async def start_node(spec, span, tmp_path, window_ms: float):
         identity=identity, ms_per_block=1.0,  # not measured: a decode step is then "short"
     )
     # every session that stepped is expected (recent_s): a test's load makes steps slow
-    node.batcher = DecodeBatcher(BatchConfig(window_ms=window_ms, recent_s=600))
+    node.batcher = DecodeBatcher(BatchConfig(window_ms=window_ms, window_share=0, recent_s=600))
     await node.start()
     return node, network
 

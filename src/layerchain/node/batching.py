@@ -6,10 +6,12 @@ and runs them as one ``decode_batch`` over the span (weights read once for all o
 each session's own cache and positions), in the spirit of Petals' step pooling and
 transformers' continuous batching. The window adapts, so one session pays nothing:
 
-* a step runs at once when no other session is expected: none ran a decode step in the
-  last ``recent_s`` (or all that did are already waiting with it);
-* else it waits for the sessions expected, at most ``window_ms``, then the batch runs with
-  whoever came. Steps arriving while a batch computes join the next one (all torch work is
+* a step runs at once when no other session is expected: none ran a decode step (or its
+  prompt, ``expect``) in the last ``recent_s``, or all that did are waiting with it;
+* else it waits for the sessions expected, at most a window (``window_share`` of the recent
+  forwards' time, within ``min_window_ms``..``window_ms``: a slow span's clients answer
+  each batch later, and a step waiting half a forward for its batch still gains), then the
+  batch runs with whoever came. Steps arriving while a batch computes join the next one (all torch work is
   on the event loop thread, node.server's OpenMP note: a batch computes between two turns
   of the loop, as a prefill's slices do, so decode batches interleave with a prefill's
   slices and a long prompt does not stall other sessions).
@@ -44,8 +46,11 @@ log = logging.getLogger(__name__)
 class BatchConfig:
     """How long decode steps wait for each other."""
 
-    window_ms: float = 3.0  # longest a step waits for the other sessions expected, ms;
+    window_ms: float = 20.0  # longest a step waits for the other sessions expected, ms;
     # 0: every step runs alone as it arrives (no batching)
+    window_share: float = 0.5  # the wait: this share of the recent forwards' time (a moving
+    # average), within min_window_ms..window_ms; 0: always window_ms
+    min_window_ms: float = 2.0  # the shortest wait for sessions expected, ms
     recent_s: float = 1.0  # a session whose last decode step is this recent is expected
     max_batch: int = 32  # steps in one forward at most (more: several forwards)
 
@@ -80,6 +85,7 @@ class DecodeBatcher:
         self.batches = 0  # forwards run (statistics)
         self.batched_steps = 0  # steps computed in a forward of more than one
         self.largest_batch = 0  # the most steps one forward computed
+        self.forward_s = 0.0  # moving average of a forward's seconds (0: none yet)
 
     async def step(self, session: Session, x: torch.Tensor) -> Decoded:
         """``session``'s one-token step over ``x`` [1, 1, H] through its blocks, appending to
@@ -93,7 +99,7 @@ class DecodeBatcher:
         if self.config.window_ms <= 0 or not self._expected(now):
             self.flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self.config.window_ms / 1000.0, self.flush)
+            self._timer = loop.call_later(self.window_s, self.flush)
         try:
             return await entry.future
         except asyncio.CancelledError:
@@ -102,6 +108,24 @@ class DecodeBatcher:
             if done and entry.future.exception() is None and cache is not None:
                 cache.truncate(cache.length - 1)  # computed, but its step will not count
             raise
+
+    def expect(self, session: Session) -> None:
+        """``session`` will send decode steps soon (it just ran its prompt): steps of others
+        wait for its first as for those of sessions that decoded recently."""
+        self._recent[session.session_id] = (session, self.clock())
+
+    @property
+    def window_s(self) -> float:
+        """How long a step waits for the sessions expected now, seconds."""
+        config = self.config
+        if config.window_share <= 0 or not self.forward_s:
+            return config.window_ms / 1000.0
+        wait = config.window_share * self.forward_s
+        return min(config.window_ms, max(config.min_window_ms, 1000.0 * wait)) / 1000.0
+
+    def _ran(self, seconds: float) -> None:
+        self.batches += 1
+        self.forward_s = seconds if not self.forward_s else 0.7 * self.forward_s + 0.3 * seconds
 
     def _expected(self, now: float) -> set[str]:
         """Ids of sessions that stepped recently and are not waiting yet (forgetting those
@@ -152,7 +176,7 @@ class DecodeBatcher:
                 self._alone(entry)
             return
         seconds = time.perf_counter() - t0
-        self.batches += 1
+        self._ran(seconds)
         self.batched_steps += len(group)
         self.largest_batch = max(self.largest_batch, len(group))
         for i, entry in enumerate(group):  # a copy: a row does not hold the whole batch
@@ -169,6 +193,7 @@ class DecodeBatcher:
         except Exception as error:
             entry.future.set_exception(error)
             return
-        self.batches += 1
+        seconds = time.perf_counter() - t0
+        self._ran(seconds)
         self.largest_batch = max(self.largest_batch, 1)
-        entry.future.set_result(Decoded(out, 1, time.perf_counter() - t0))
+        entry.future.set_result(Decoded(out, 1, seconds))

@@ -555,6 +555,8 @@ class Node:
             else:
                 out = await self._forward_in_slices(x, session)
                 out = out.to(device="cpu", dtype=wire)
+            if tokens > 1 and session.cache is not None and batchable(span, session.cache):
+                self.batcher.expect(session)  # a prompt: decode steps follow, batch them
             if self.misbehavior is not None:
                 out = self.misbehavior.output(msg.session_id, out)
             out = to_wire(out, session.wire)  # as the client decodes it: what is committed
