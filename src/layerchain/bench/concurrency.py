@@ -5,8 +5,11 @@ runs the N streams of a point as N asyncio tasks on one ``AsyncSwarm`` (the clie
 loop, through ``Swarm.run``): each task iterates its own ``Generation`` with its own prompt,
 so the N sessions are open on every hop at once and their decode steps reach the nodes
 together. The client's own compute (embedding, LM head, sampling) of all N streams runs on
-that one loop thread, one stream after another; ``client_busy`` says what share of the
-point's wall time it took.
+that one loop thread; the LM heads of rows that come back in the same loop turn run as one
+(``client.heads``). ``client_busy`` is the sum of the streams' client compute over the
+point's wall time (a batched head counts once per stream in it: an upper bound);
+``head_busy`` the share of the wall time the loop spent in head calls, counted once;
+``head_batches`` the head calls made for several streams.
 
 Per point: ``aggregate_tokens_per_s`` = tokens of all streams / wall time from the moment
 the N requests start to the end of the last; ``ttft_s`` = first token - start, per stream
@@ -94,7 +97,7 @@ def measure_point(concurrency: int, runs: Sequence[StreamRun], wall_s: float) ->
         "wall_s": round(wall_s, 3),
         "client_compute_ms_p50": round(percentile(client, 50), 2),
         "node_compute_ms_p50": round(percentile(nodes, 50), 2),
-        # share of the wall time the client's loop spent on heads (one thread for all streams)
+        # the streams' client compute over the wall time (a batched head counts per stream)
         "client_busy": round(sum(client) / 1000.0 / wall_s, 3) if wall_s > 0 else 0.0,
     }
 
@@ -151,12 +154,16 @@ def measure_concurrency(
     with Swarm(initial_peers, model=model, insecure=insecure) as client:
         if warmup_tokens > 0:  # connections, sessions' first steps, the nodes' batchers
             client.run(run_streams(client.core, stream_prompts(max(levels)), warmup_tokens))
+        heads = client.core.heads  # client.heads: the streams' LM heads
         for n in levels:
-            batches = client.core.heads.batches
+            batches, seconds = heads.batches, heads.seconds
             runs, wall = client.run(run_streams(client.core, stream_prompts(n), max_new_tokens))
-            # LM heads the client ran for more than one stream at once (client.heads)
-            points.append({**measure_point(n, runs, wall),
-                           "head_batches": client.core.heads.batches - batches})
+            points.append({
+                **measure_point(n, runs, wall),
+                # head calls for several streams at once; share of the wall in head calls
+                "head_batches": heads.batches - batches,
+                "head_busy": round((heads.seconds - seconds) / wall, 3) if wall > 0 else 0.0,
+            })
             all_runs.append(runs)
     return points, all_runs
 

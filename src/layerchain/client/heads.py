@@ -19,6 +19,7 @@ sessions or networks; all torch work stays on the loop's thread.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Protocol
 
 import torch
@@ -39,10 +40,15 @@ class HeadBatcher:
         self._rows: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]] = []
         self._flush: asyncio.Handle | None = None
         self.batches = 0  # head calls made for more than one row (statistics)
+        self.seconds = 0.0  # time spent in head calls, all generations (statistics), s
 
     def solo(self, row: torch.Tensor) -> torch.Tensor:
         """Logits [V] of ``row`` [1, 1, H] alone: ``Decoder.accept``'s own call."""
-        return self.head.logits(row)[0, -1]
+        t0 = time.perf_counter()
+        try:
+            return self.head.logits(row)[0, -1]
+        finally:
+            self.seconds += time.perf_counter() - t0
 
     async def logits(self, row: torch.Tensor) -> torch.Tensor:
         """Logits [V] of ``row`` [1, 1, H] (the last position of a step's output); with
@@ -67,7 +73,11 @@ class HeadBatcher:
                 out = [self.solo(rows[0][0])]
             else:
                 self.batches += 1
-                out = list(self.head.logits(torch.cat([row for row, _ in rows]))[:, -1])
+                t0 = time.perf_counter()
+                try:
+                    out = list(self.head.logits(torch.cat([row for row, _ in rows]))[:, -1])
+                finally:
+                    self.seconds += time.perf_counter() - t0
         except Exception as error:  # each waiter gets it: its generation fails, as it would alone
             for _, f in rows:
                 f.set_exception(error)
