@@ -143,3 +143,25 @@ def test_unfused_sets_the_fused_kernels_aside_and_back(tiny_model_dir):
     assert [(r["runtime"], r["dtype"]) for r in report["rows"]][:2] == [
         ("layerchain", "int4"), ("layerchain-unfused", "int4")
     ]
+
+
+def test_int4_decode_batches_use_the_fused_kernels_and_match_solo_steps(tiny_model_dir):
+    """``model.batched`` shares ``project_qkv``/``mlp_out``: a batch of 3 int4 sessions runs
+    the fused kernels over its stacked rows and matches each session's solo step."""
+    from layerchain.model import load_span, resolve_model
+    from layerchain.model.batched import decode_batch
+
+    spec = resolve_model(str(tiny_model_dir("llama")))
+    span = load_span(spec, 0, 4, dtype="int4")
+    torch.manual_seed(3)
+    batched, solo = [], []
+    for length in (2, 5, 3):
+        prompt = torch.randn(1, length, spec.hidden_size)
+        for caches in (batched, solo):
+            caches.append(cache := span.new_cache())
+            span(prompt, cache)
+    x = torch.randn(3, 1, spec.hidden_size)
+    out = decode_batch(span, x, batched)
+    for i in range(3):  # bf16 activations: rows of one kernel call may round differently
+        torch.testing.assert_close(out[i : i + 1], span(x[i : i + 1], solo[i]),
+                                   atol=2e-2, rtol=0)
