@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -197,6 +198,7 @@ def run_concurrency_bench(
                                            max_new_tokens=max_new_tokens, insecure=insecure)
     finally:
         swarm_down(state, quiet=True)
+        shutil.rmtree(state, ignore_errors=True)
     return {
         "points": points,
         "identical_tokens": identical_tokens(runs),
