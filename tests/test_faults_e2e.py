@@ -1,8 +1,10 @@
 """Dead and hung peers never change the answer; a stopped or restarted node serves again.
 
 Real node processes on loopback with a spare for each span:
-* kill -9 a hop of the active route at random tokens (``bench faults``, 10 runs); each
-  killed node is restarted with the same identity and rejoins for later runs;
+* kill -9 a hop of the active route at random tokens (``bench faults``, 5 runs whose draw
+  kills each hop at the first token and at the last one it can, and hop 0 mid-way; the
+  figure of record, 10 runs, is in docs/BENCHMARKS.md); each killed node is restarted with
+  the same identity and rejoins for later runs;
 * SIGSTOP a hop for 30 s: the client detects it within the step timeout and routes around
   it; while it is stopped, a node killed with -9 and restarted with the same identity must
   serve a route again; after SIGCONT (at 30 s, or once that restart is done if it took
@@ -19,7 +21,7 @@ import time
 import pytest
 
 from layerchain.local import start_node, swarm_down, swarm_up, wait_ready
-from layerchain.model import LocalModel, SamplingParams, resolve_model
+from layerchain.model import DEFAULT_MODEL, SamplingParams
 from layerchain.types import Span
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -29,15 +31,33 @@ STOP_S = 30.0  # how long the hung hop stays stopped (the issue's figure)
 STEP_TIMEOUT_S = 3.0  # the client's step timeout: a hop silent this long is failed
 
 
-def test_ten_kills_at_random_tokens_never_change_the_answer():
+# seed 86 draws (kill at token, hop index) = (1, 1), (1, 0), (17, 1), (13, 0), (17, 0):
+# each hop killed right after the prefill and at the last token the bench may pick (of 20),
+# where seed 1's ten runs (before) never killed hop 0 before token 4. Each run waits for the
+# node killed in the run before to be back, so a run costs a node start (~10 s).
+KILLS = 5
+KILL_SEED = 86
+
+
+def test_kills_at_random_tokens_never_change_the_answer():
     from layerchain.bench.faults import run_faults_bench
 
-    result = run_faults_bench(runs=10, max_new_tokens=20, seed=1)
+    result = run_faults_bench(runs=KILLS, max_new_tokens=20, seed=KILL_SEED)
     assert result["failures"] == []
-    assert result["completed"] == 10
-    assert result["identical"] == 10
-    assert result["recoveries"] >= 10  # one kill per run, each recovered
+    assert result["completed"] == KILLS
+    assert result["identical"] == KILLS
+    assert result["recoveries"] >= KILLS  # one kill per run, each recovered
     assert result["recovery_s_p50"] < 10
+
+
+def test_the_kill_draw_covers_both_hops_at_the_first_and_last_tokens():
+    """What the seed above draws, as ``run_faults_bench`` draws it (a route of 2 hops)."""
+    import random
+
+    rng = random.Random(KILL_SEED)
+    draws = [(rng.randrange(1, 20 - 2), rng.randrange(2)) for _ in range(KILLS)]
+    assert {hop for token, hop in draws if token == 1} == {0, 1}
+    assert {hop for token, hop in draws if token == 17} == {0, 1}
 
 
 def _alive(pid: int) -> bool:
@@ -53,12 +73,12 @@ def _peer_ids(route) -> list[str]:
 
 
 def test_a_hop_stopped_for_30_s_is_routed_around_and_serves_again_and_a_killed_node_rejoins(
-    tmp_path,
+    tmp_path, reference
 ):
     from layerchain.client import Swarm
 
     params = SamplingParams(max_new_tokens=12)
-    reference = LocalModel(resolve_model("smollm2")).generate(PROMPT, params).token_ids
+    expected = reference(DEFAULT_MODEL, PROMPT, params).token_ids
     spans = [Span(0, 15), Span(15, 30), Span(0, 15), Span(15, 30)]
     local = swarm_up(tmp_path, spans)
     index_of = {n["peer_id"]: i for i, n in enumerate(local.nodes)}
@@ -86,7 +106,7 @@ def test_a_hop_stopped_for_30_s_is_routed_around_and_serves_again_and_a_killed_n
             x_id = local.nodes[x]["peer_id"]
             x_spare = next(n["peer_id"] for j, n in enumerate(local.nodes)
                            if j != x and spans[j] == spans[x])
-            assert first.token_ids == reference
+            assert first.token_ids == expected
             assert [r.peer_id for r in first.recoveries] == [x_id]
             assert "no reply" in first.recoveries[0].reason
             assert _peer_ids(first.recoveries[0].replacement) == [x_spare]
@@ -109,7 +129,7 @@ def test_a_hop_stopped_for_30_s_is_routed_around_and_serves_again_and_a_killed_n
                            if j != y and spans[j] == spans[y])
             peers.ban(y_spare, "test: leave the restarted node as the only one for its span")
             rejoined = client.generate(PROMPT, params)
-            assert rejoined.token_ids == reference
+            assert rejoined.token_ids == expected
             assert old["peer_id"] in _peer_ids(rejoined.route)
             assert x_id not in _peer_ids(rejoined.route) and not rejoined.recoveries
 
@@ -122,7 +142,7 @@ def test_a_hop_stopped_for_30_s_is_routed_around_and_serves_again_and_a_killed_n
             peers.unban(x_id)
             peers.ban(x_spare, "test: leave the resumed node as the only one for its span")
             resumed = client.generate(PROMPT, params)
-            assert resumed.token_ids == reference
+            assert resumed.token_ids == expected
             assert x_id in _peer_ids(resumed.route) and not resumed.recoveries
     finally:
         if stopped_pid is not None:
