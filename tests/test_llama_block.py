@@ -201,3 +201,44 @@ def test_the_module_mirrors_transformers_sdpa_gqa_choices():
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, llama_block.repeat_kv(k, 2), llama_block.repeat_kv(v, 2), attn_mask=mask, scale=0.25)
     assert torch.equal(out, ref.transpose(1, 2))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "gemma"])
+def test_a_shard_directorys_shape_needs_no_transformers_config(family, tiny_model_dir, tmp_path):
+    """A shard directory (what a node started by model id serves) gives the shape its
+    transformers config gives, read off the manifest's config as written; for llama, our
+    blocks' config too."""
+    from layerchain.model import resolve_model
+    from layerchain.model.shape import shape_of
+    from layerchain.model.shards import convert_to_shards
+
+    convert_to_shards(resolve_model(tiny_model_dir(family)), tmp_path / "shards")
+    spec = resolve_model(tmp_path / "shards")
+    assert spec.kind == "shards" and spec.shape == shape_of(spec.source.config())
+    if family == "llama":
+        assert block_config(spec) == block_config_of(spec.config)
+        assert isinstance(block_config(spec), LlamaBlockConfig)
+
+
+def test_a_llama3_shard_directory_runs_our_blocks_without_transformers(tmp_path):
+    """llama3 rope read back from a shard directory's config as transformers reads it; in a
+    fresh interpreter its resolve, span load and step import no transformers."""
+    from test_families import family_config, save_random_model
+
+    from layerchain.model import resolve_model
+    from layerchain.model.shards import convert_to_shards
+
+    hf = resolve_model(save_random_model(family_config("llama3"), tmp_path / "hf"))
+    convert_to_shards(hf, tmp_path / "shards")
+    spec = resolve_model(tmp_path / "shards")
+    own = block_config(spec)
+    assert isinstance(own, LlamaBlockConfig) and own.rope_type == "llama3"
+    assert own == block_config_of(spec.config) == block_config_of(hf.config)
+    code = (
+        "import sys, torch\n"
+        "from layerchain.model import resolve_model, load_span\n"
+        f"span = load_span(resolve_model({str(tmp_path / 'shards')!r}), 1, 3)\n"
+        "span(torch.zeros(1, 3, span.config.hidden_size), span.new_cache())\n"
+        "assert 'transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -225,6 +225,13 @@ def verify_file(path: Path, sha256: str) -> bytes:
     return data
 
 
+class ConfigFields:
+    """A config dict's fields as attributes (what ``shape_of`` and ``llama_block`` read)."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.__dict__.update(fields)
+
+
 class ShardSource:
     """Reads a shard directory, verifying each file it reads against the manifest."""
 
@@ -242,7 +249,9 @@ class ShardSource:
         return CONFIG_MAPPING[model_type].from_dict(config)
 
     def shape(self) -> ModelShape:
-        return shape_of(self.config())
+        # read off the manifest's config as written (every field: ``config_dict``), without
+        # building transformers' config: a node started by model id resolves this directory
+        return shape_of(ConfigFields(self.manifest["config"]))
 
     def _load(self, entry: dict[str, Any], names: Iterable[str] | None) -> dict[str, torch.Tensor]:
         path = self.path / entry["file"]

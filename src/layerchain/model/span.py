@@ -497,8 +497,13 @@ def block_config(spec: ModelSpec) -> PretrainedConfig | LlamaBlockConfig:
         from layerchain.model.gguf_file import GGUFFile
 
         file = getattr(spec.source, "file", None)  # a GGUF source's: read without transformers
+        manifest = getattr(spec.source, "manifest", None)  # a shard directory's
         if isinstance(file, GGUFFile):
             own = llama_block.gguf_block_config(file)
+        elif isinstance(manifest, dict) and isinstance(manifest.get("config"), dict):
+            from layerchain.model.shards import ConfigFields  # its config as written
+
+            own = llama_block.block_config_of(ConfigFields(manifest["config"]))
         else:
             own = llama_block.block_config_of(spec.config)
     return span_config(spec) if own is None else own
