@@ -322,14 +322,14 @@ def run(coro):
 
 @pytest.fixture
 def sent_forms(monkeypatch):
-    """The form of every Step / StepResult tensor sent over the memory transport."""
+    """The form of every Step / StepResult / Forward tensor sent over the memory transport."""
     from layerchain.wire import memory
 
     forms: list[tuple[str, str]] = []
     original = memory.encode
 
     def spy(msg, limits=codec.DEFAULT_LIMITS):
-        if isinstance(msg, (m.Step, m.StepResult)):
+        if isinstance(msg, (m.Step, m.StepResult, m.Forward)):  # Forward: push mode's hops
             h = msg.hidden
             forms.append((type(msg).__name__,
                           "int8" if type(h) is Blockwise8 else str(h.dtype).removeprefix("torch.")))
@@ -358,7 +358,7 @@ def test_an_audited_swarm_on_a_compressed_wire_raises_no_alarm(tiny_model, tmp_p
     assert result.disputes == () and result.recoveries == ()
     assert result.audited_steps >= 2 * PARAMS.max_new_tokens  # both hops, every step
     assert client.peers.banned() == set()
-    assert {kind for kind, _ in sent_forms} == {"Step", "StepResult"}
+    assert {kind for kind, _ in sent_forms} >= {"Step", "StepResult"}
     assert {f for _, f in sent_forms} == {form}  # both ways, every hop, audits included
 
 
@@ -405,3 +405,23 @@ def test_a_node_refuses_an_unknown_wire_form_with_limit_exceeded(tiny_model, tmp
             await swarm.close()
 
     run(main())
+
+
+def test_push_mode_forwards_int8_and_answers_as_pull_does(tiny_model, tmp_path, sent_forms):
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            for start, end in ((0, 1), (1, 3), (3, 4)):
+                await swarm.add_node(start, end, tmp_path / f"n{start}")
+            results = []
+            for push in (False, True):
+                client = swarm.client(audit_rate=0.0, wire="int8", push=push)
+                results.append(await client.generate(PROMPT, PARAMS))
+            return results
+        finally:
+            await swarm.close()
+
+    pulled, pushed = run(main())
+    assert pushed.token_ids == pulled.token_ids and not pushed.recoveries
+    assert "Forward" in {kind for kind, _ in sent_forms}  # hops forwarded to each other
+    assert {f for _, f in sent_forms} == {"int8"}
