@@ -27,14 +27,13 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from layerchain.model.gguf_file import GGUFFile
+from layerchain.model.gguf_file import GGUFFile, gguf_model_type, llama3_rope_of
 
 ROPE_TYPES = ("default", "linear", "llama3")  # rotary variants mirrored here
 # LlamaConfig's defaults where a GGUF file states nothing (transformers' GGUF loader keeps them)
@@ -111,8 +110,6 @@ def gguf_block_config(gguf: GGUFFile) -> LlamaBlockConfig | None:
     llama model, from its metadata (and its ``rope_freqs`` tensor, if any: the llama3 rope
     scaling), as ``gguf_file.gguf_config`` would build it, without transformers; None for
     anything else (mistral, mixtral, a rope scaling not mirrored, a missing key)."""
-    from layerchain.model.gguf_file import gguf_model_type, llama3_rope_of
-
     meta = gguf.metadata
     if gguf.architecture != "llama" or gguf_model_type(meta, "llama") != "llama":
         return None
@@ -137,7 +134,7 @@ def gguf_block_config(gguf: GGUFFile) -> LlamaBlockConfig | None:
     }
     if "rope_freqs.weight" in gguf.by_name:  # Llama 3.x
         rope = llama3_rope_of(gguf.tensor("rope_freqs.weight"), fields, gguf.path)
-    config = _Attributes(
+    config = ConfigFields(
         model_type="llama",
         intermediate_size=int(ffn),
         num_key_value_heads=None if kv_heads is None else int(kv_heads),
@@ -149,11 +146,12 @@ def gguf_block_config(gguf: GGUFFile) -> LlamaBlockConfig | None:
     return block_config_of(config)
 
 
-class _Attributes:
-    """Keyword arguments as attributes (a config record for ``block_config_of``)."""
+class ConfigFields:
+    """A config's fields as attributes (what ``block_config_of`` and ``shape.shape_of`` read):
+    a config dict as written (a shard manifest's), or keyword arguments."""
 
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
+    def __init__(self, fields: dict[str, Any] | None = None, **more: Any) -> None:
+        self.__dict__.update(fields or {}, **more)
 
 
 # ---------------------------------------------------------------------------- modules

@@ -45,6 +45,7 @@ from safetensors.torch import load, save
 from layerchain.errors import ModelFileError, ShardHashMismatch
 from layerchain.model.digest import digest_of
 from layerchain.model.gguf_file import GGUFFile
+from layerchain.model.llama_block import ConfigFields
 from layerchain.model.shape import ModelShape, shape_of
 from layerchain.model.span import span_config
 from layerchain.model.spec import ModelSpec
@@ -223,13 +224,6 @@ def verify_file(path: Path, sha256: str) -> bytes:
             hint="delete it and convert or fetch it again",
         )
     return data
-
-
-class ConfigFields:
-    """A config dict's fields as attributes (what ``shape_of`` and ``llama_block`` read)."""
-
-    def __init__(self, fields: dict[str, Any]) -> None:
-        self.__dict__.update(fields)
 
 
 class ShardSource:

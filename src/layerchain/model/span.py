@@ -38,6 +38,7 @@ from torch import nn
 from layerchain.errors import ModelFileError, SpanError
 from layerchain.model.device import resolve_device
 from layerchain.model.families import rope_key_of, sliding_window_of
+from layerchain.model.gguf_file import GGUFFile
 from layerchain.model import llama_block
 from layerchain.model.llama_block import OWN, BlockClasses, LlamaBlockConfig
 from layerchain.model.quant import fused, quantize_module, release_freed_memory
@@ -494,16 +495,12 @@ def block_config(spec: ModelSpec) -> PretrainedConfig | LlamaBlockConfig:
     else transformers' (``span_config``)."""
     own: LlamaBlockConfig | None = None
     if spec.family == "llama":
-        from layerchain.model.gguf_file import GGUFFile
-
         file = getattr(spec.source, "file", None)  # a GGUF source's: read without transformers
         manifest = getattr(spec.source, "manifest", None)  # a shard directory's
         if isinstance(file, GGUFFile):
             own = llama_block.gguf_block_config(file)
         elif isinstance(manifest, dict) and isinstance(manifest.get("config"), dict):
-            from layerchain.model.shards import ConfigFields  # its config as written
-
-            own = llama_block.block_config_of(ConfigFields(manifest["config"]))
+            own = llama_block.block_config_of(llama_block.ConfigFields(manifest["config"]))
         else:
             own = llama_block.block_config_of(spec.config)
     return span_config(spec) if own is None else own
