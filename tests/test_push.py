@@ -216,8 +216,8 @@ def test_auto_mode_pushes_once_nodes_announce_rtts_to_their_next_hops(
     async def main():
         swarm = MemorySwarm(tiny_model)
         try:
-            nodes = [await swarm.add_node(a, b, tmp_path / f"n{a}", emulate_latency_ms=20)
-                     for a, b in ((0, 2), (2, 4))]  # every round trip (pings too): ~20 ms
+            nodes = [await swarm.add_node(a, b, tmp_path / f"n{a}", emulate_latency_ms=30)
+                     for a, b in ((0, 2), (2, 3), (3, 4))]  # every round trip (pings): ~30 ms
             for node in nodes:  # what their periodic round does (``measure_every``)
                 await node.push.measure_successors()
                 await node.announcer.announce_now()
@@ -229,9 +229,10 @@ def test_auto_mode_pushes_once_nodes_announce_rtts_to_their_next_hops(
 
     result, nodes = run(main())
     assert result.token_ids == reference.token_ids
-    assert nodes[0].rtts[nodes[1].peer_id] >= 20.0  # measured, announced, ms
-    assert nodes[1].rtts == {}  # the last block's node has no next hop
-    # pull: 2 round trips a token; push: 3 one-way transfers: auto chose push
+    assert nodes[0].rtts[nodes[1].peer_id] >= 30.0  # measured, announced, ms
+    assert nodes[2].rtts == {}  # the last block's node has no next hop
+    # pull: 3 round trips a token (~90 ms); push: 4 one-way transfers (~60 ms): 30 ms saved,
+    # past push_min_gain_ms (10): auto chose push
     assert nodes[0].push.forwarded == PARAMS.max_new_tokens
 
 
@@ -361,6 +362,9 @@ def test_auto_pushes_only_when_the_announced_peer_rtts_make_push_faster():
     assert not push_is_faster(route, peers, {})  # nothing announced: the same cost: pull
     assert push_is_faster(route, peers, {("a", "b"): 1.0, ("c", "b"): 1.0})  # either order
     assert not push_is_faster(route, peers, {("a", "b"): 200.0, ("b", "c"): 200.0})
+    # 150 - (25 + 0.5 + 0.5 + 25) = 99 ms saved: past a 10 ms minimum, not past 100
+    assert push_is_faster(route, peers, {("a", "b"): 1.0, ("b", "c"): 1.0}, min_gain_ms=10.0)
+    assert not push_is_faster(route, peers, {("a", "b"): 1.0, ("b", "c"): 1.0}, 100.0)
     assert not push_is_faster(route[:1], peers, {})  # one hop: nothing to gain
     assert not push_is_faster([Hop("x", 0, 6)], peers, {})  # unknown peer
 

@@ -60,6 +60,8 @@ class ClientConfig:
     push: bool | None = None  # push mode (client.push): each hop forwards its output to the
     # next, N+1 transfers per token instead of 2N; None: when the planner's push latency
     # (with the RTTs peers announce) beats pull's; True/False: always/never
+    push_min_gain_ms: float = 10.0  # auto pushes only when that saves at least this many ms
+    # per token: below it, a LAN's measuring noise would decide, not the network
     private_blocks: int = 0  # the client runs blocks [0, private_blocks) itself and routes
     # only the rest, so no peer sees the embedding rows (which name the token ids); 0: none
     audit_rate: float = 1 / 16  # chance a hop is audited after a decode step, 0..1 (0: no

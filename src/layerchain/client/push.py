@@ -23,7 +23,8 @@ pushing (``PushMode.off``). One-hop routes never push (2 transfers either way).
 The choice (``PushMode.use``): ``ClientConfig.push`` True or False forces it; None (auto)
 pushes when the planner's push latency model (``routing.route.route_terms``, with the
 peer-to-peer round trips nodes announce in their records) is lower than pull's for the
-route; without announced RTTs both models cost the same and the client pulls.
+route by at least ``ClientConfig.push_min_gain_ms`` per token (on a LAN the gain is noise);
+without announced RTTs both models cost the same and the client pulls.
 """
 
 from __future__ import annotations
@@ -57,23 +58,25 @@ def announced_rtts(records: Iterable[PeerRecord]) -> dict[tuple[str, str], float
 
 def push_is_faster(
     route: Sequence[Hop], peers: Mapping[str, RoutePeer],
-    peer_rtts: Mapping[tuple[str, str], float],
+    peer_rtts: Mapping[tuple[str, str], float], min_gain_ms: float = 0.0,
 ) -> bool:
     """Pure: whether the planner's push latency of ``route`` beats its pull (client)
-    latency, with ``peers`` as the planner sees them and the announced ``peer_rtts``."""
+    latency, by at least ``min_gain_ms`` per token (and by something), with ``peers`` as
+    the planner sees them and the announced ``peer_rtts``."""
     if len(route) < 2 or any(h.peer_id not in peers for h in route):
         return False
     pull_ms, _ = route_terms(route, peers, mode="client")
     push_ms, _ = route_terms(route, peers, mode="push", peer_rtts=peer_rtts)
-    return push_ms < pull_ms
+    return pull_ms - push_ms > 0 and pull_ms - push_ms >= min_gain_ms
 
 
 class PushMode:
     """One session's push choice: forced (``forced`` True/False) or auto (None), cached per
     route and records; ``off`` once a hop did not forward (see the module)."""
 
-    def __init__(self, forced: bool | None) -> None:
+    def __init__(self, forced: bool | None, min_gain_ms: float = 0.0) -> None:
         self.forced = forced
+        self.min_gain_ms = min_gain_ms  # auto: push only if it saves this much per token
         self.off = False  # a forward went missing: pull for the rest of the session
         self.pushed = 0  # steps sent in push mode
         self.fallbacks = 0  # push steps finished in pull mode
@@ -91,7 +94,8 @@ class PushMode:
         if self._choice is None or self._choice[0] != tuple(route) \
                 or self._choice[1] is not records:
             snapshot = {p.id: p for p in session.peers.snapshot()}
-            faster = push_is_faster(route, snapshot, announced_rtts(records.values()))
+            faster = push_is_faster(route, snapshot, announced_rtts(records.values()),
+                                    self.min_gain_ms)
             self._choice = (tuple(route), records, faster)
         return self._choice[2]
 

@@ -172,7 +172,8 @@ class InferenceSession:
         self.retired: list[HopSession] = []  # hops replaced by failover, with their history
         self._opened: dict[str, HopSession] = {}  # wallet -> a hop opened on it (to settle)
         self._closing: set[asyncio.Task[None]] = set()  # failed hops closed in the background
-        self.push = PushMode(self.config.push)  # hops forward to each other (client.push)
+        # hops forward to each other (client.push): forced, or auto past a minimum gain
+        self.push = PushMode(self.config.push, self.config.push_min_gain_ms)
         self.wire = self.config.wire_form  # the form hidden states travel in, both ways
 
     @property

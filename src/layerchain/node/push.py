@@ -256,13 +256,14 @@ class PushService:
         return answered
 
     async def measure_every(self, period_s: float) -> None:
-        """``measure_successors`` every ``period_s`` seconds, for the node's life."""
+        """``measure_successors`` every ``period_s`` seconds, for the node's life (the first
+        after one period: the swarm's records have arrived by then)."""
         while True:
+            await asyncio.sleep(period_s)
             try:
                 await self.measure_successors()
             except Exception as error:  # a DHT hiccup: the next round tries again
                 log.info("measuring RTTs to next hops failed: %s", error)
-            await asyncio.sleep(period_s)
 
     async def _ping(self, rpc: RpcClient, peer_id: str) -> None:
         """Measure the round trip to ``peer_id`` and keep it for the record (ms)."""
