@@ -437,3 +437,24 @@ def test_a_session_closing_or_failing_mid_batch_leaves_the_others_answers_alone(
     assert "cache lost" in str(errors["cache"]) and "signer lost" in str(errors["receipt"])
     assert got[3] == solo_greedy(span, head, prompts[3], new)
     assert got[4] == solo_greedy(span, head, prompts[4], new)
+
+
+def test_the_batcher_does_not_keep_a_closed_session_or_its_span_alive(tiny):
+    """A node that moved frees the span it left once its sessions close (node.rebalance):
+    the batcher remembers recent sessions only weakly."""
+    import gc
+    import weakref
+
+    _, span = tiny
+    batcher = DecodeBatcher(BatchConfig(window_ms=0))
+    a, _ = session(span, "a", 2)
+
+    async def main(s):
+        await batcher.step(s, token(span, 0))
+        batcher.expect(s)
+
+    asyncio.run(main(a))
+    gone = weakref.ref(a)
+    del a
+    gc.collect()
+    assert gone() is None

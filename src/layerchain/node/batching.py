@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -80,7 +81,9 @@ class DecodeBatcher:
         self.config = config
         self.clock = clock
         self._pending: list[_Pending] = []
-        self._recent: dict[str, tuple[Session, float]] = {}  # session id -> its last decode
+        # session id -> (the session, weakly: a closed one and its span are freed, e.g.
+        # the span a node moved from; when it last decoded or ran its prompt)
+        self._recent: dict[str, tuple[weakref.ref[Session], float]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.batches = 0  # forwards run (statistics)
         self.batched_steps = 0  # steps computed in a forward of more than one
@@ -93,7 +96,7 @@ class DecodeBatcher:
         closes meanwhile, and what its own forward raises."""
         loop = asyncio.get_running_loop()
         now = self.clock()
-        self._recent[session.session_id] = (session, now)
+        self._recent[session.session_id] = (weakref.ref(session), now)
         entry = _Pending(session, x, loop.create_future())
         self._pending.append(entry)
         if self.config.window_ms <= 0 or not self._expected(now):
@@ -112,7 +115,7 @@ class DecodeBatcher:
     def expect(self, session: Session) -> None:
         """``session`` will send decode steps soon (it just ran its prompt): steps of others
         wait for its first as for those of sessions that decoded recently."""
-        self._recent[session.session_id] = (session, self.clock())
+        self._recent[session.session_id] = (weakref.ref(session), self.clock())
 
     @property
     def window_s(self) -> float:
@@ -132,8 +135,9 @@ class DecodeBatcher:
         neither recent nor open)."""
         waiting = {p.session.session_id for p in self._pending}
         horizon = now - self.config.recent_s
-        for sid, (session, at) in list(self._recent.items()):
-            if at < horizon or session.cache is None:
+        for sid, (ref, at) in list(self._recent.items()):
+            session = ref()
+            if at < horizon or session is None or session.cache is None:
                 del self._recent[sid]
         return {sid for sid in self._recent if sid not in waiting}
 
