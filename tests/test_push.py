@@ -119,6 +119,39 @@ def test_a_hop_that_does_not_forward_costs_one_fallback_then_the_session_pulls(
     assert [n.push.forwarded for n in nodes] == [1, 0, 0]  # the prompt step only, then pull
 
 
+def test_a_hop_holding_its_answers_in_push_mode_is_measured_slow(tiny_model, reference, tmp_path):
+    """A hop that forwards at once but holds its answer to the client (a slow liar: its
+    record says fast) slows every token as much in push mode as in pull, so the client must
+    learn its speed from push steps too: the gap after the answer of the hop before it."""
+    delay_s = 0.2
+
+    async def main():
+        swarm = MemorySwarm(tiny_model)
+        try:
+            nodes = await chain(swarm, tmp_path)
+            slow, handle = nodes[1], nodes[1].handle
+
+            async def hold(msg, owner=0):
+                reply = await handle(msg, owner)
+                if isinstance(msg, m.PushStep):
+                    await asyncio.sleep(delay_s)
+                return reply
+
+            slow.handle = hold  # type: ignore[method-assign]
+            client = swarm.client(push=True)
+            result = await client.generate(PROMPT, PARAMS)
+            return result, nodes, {n.peer_id: client.peers.speed(n.peer_id) for n in nodes}
+        finally:
+            await swarm.close()
+
+    result, nodes, speed = run(main())
+    assert result.token_ids == reference.token_ids
+    assert nodes[0].push.forwarded > 1  # it stayed in push mode
+    slow_ms = speed[nodes[1].peer_id]  # ms per block: its one block, held 200 ms a step
+    assert slow_ms > 0.5 * 1000 * delay_s
+    assert slow_ms > 10 * max(speed[nodes[0].peer_id], speed[nodes[2].peer_id])
+
+
 def test_a_hop_forwarding_another_tensor_than_it_returns_changes_nothing_and_bans_nobody(
     tiny_model, reference, tmp_path
 ):

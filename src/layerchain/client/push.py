@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -133,6 +134,17 @@ async def push_through(session: InferenceSession, hidden: torch.Tensor) -> torch
             next_step=nxt.verifier.next_step if nxt else 0,
             next_secret=secrets[k + 1] if nxt else b"",
         ), timeout=waited)))
+    # when each hop's answer came back: hop k's speed sample is the time after hop k-1's
+    # (the first's: after the input went out), so a hop that holds its answers is caught
+    # as slow in push mode as in pull (a negative gap, behind a late predecessor: no sample)
+    answered = [0.0] * len(hops)
+
+    def stamp(k: int) -> Callable[[asyncio.Task[m.Message]], None]:
+        return lambda _: answered.__setitem__(k, time.perf_counter())
+
+    for k, call in enumerate(calls):
+        call.add_done_callback(stamp(k))
+    sent = time.perf_counter()
     first = hops[0]
     calls.append(loop.create_task(rpcs[0].call(m.Forward(
         rid=0, session_id=first.session_id, step=first.verifier.next_step, hidden=hidden,
@@ -149,7 +161,8 @@ async def push_through(session: InferenceSession, hidden: torch.Tensor) -> torch
                          hs.hop.peer_id, error)
                 return await _pull_from(session, k, x, unspent)
             try:
-                x_next = session._accept(hs, x, reply, vouchers[k], None)
+                gap = answered[k] - (answered[k - 1] if k else sent)
+                x_next = session._accept(hs, x, reply, vouchers[k], gap if gap > 0 else None)
             except HopFailed as failure:  # a wrong answer: see _redo
                 await _redo(session, k, failure, k > 0 and ran_on_another_input(hs, reply, x))
                 return await _pull_from(session, k, x, {}, missing=False)

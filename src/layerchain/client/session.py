@@ -416,7 +416,8 @@ class InferenceSession:
     ) -> torch.Tensor:
         """Check ``hs``'s answer to a step over ``hidden`` (its output and receipt), count
         it, keep the input; HopFailed if it is wrong. ``seconds``: the call's wall time, a
-        sample of the peer's speed (None: not one, a push step waits on other hops)."""
+        sample of the peer's speed (None: not one; push mode passes the time after the answer
+        of the hop before, ``client.push``)."""
         peer_id, tokens = hs.hop.peer_id, tokens_of(hidden)
         amount = step_amount(tokens, hs.blocks, hs.verifier.price_per_block)
         try:

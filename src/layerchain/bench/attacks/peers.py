@@ -64,15 +64,16 @@ async def slow_liar(stage: Stage) -> Outcome:
             await asyncio.sleep(0.25)
         routes = stage.honest.routes_since(first)
         through = [identity.peer_id in r for r in routes]
+        # a step reaches a hop as a Step (pull mode) or a PushStep (push mode, client.push)
+        steps_relayed = sum(relay.seen.requests.get(kind, 0) for kind in ("Step", "PushStep"))
         details: dict[str, object] = {
             "claimed_ms_per_block": claim,
-            "steps_relayed": relay.seen.requests.get("Step", 0),
+            "steps_relayed": steps_relayed,
             "generations": len(routes),
             "through_liar": through,
             "read_by_client": identity.peer_id in known_peers(stage.client),
         }
-        observed = relay.seen.requests.get("Step", 0) > 0
-        return Outcome(observed=observed, held=not any(through[-2:]), details=details)
+        return Outcome(observed=steps_relayed > 0, held=not any(through[-2:]), details=details)
     finally:
         await dht.withdraw_all()
         await dht.close()
