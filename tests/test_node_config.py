@@ -33,6 +33,7 @@ from layerchain.node import NodeConfig
         ({"announce_host": "two words"}, "announce_host"),
         ({"announce_port": 70_000}, "announce_port"),
         ({"announce_port": -1}, "announce_port"),
+        ({"batch_window_ms": -1.0}, "batch_window_ms"),
     ],
 )
 def test_bad_settings_are_a_config_error_naming_the_field(settings, field):

@@ -180,9 +180,11 @@ def parse_levels(text: str) -> list[int]:
 def run_concurrency_bench(
     levels: Sequence[int] = (1, 2, 4, 8), *, model: str = DEFAULT_MODEL, nodes: int = 3,
     max_new_tokens: int = 32, threads: int | None = None, insecure: bool = False,
+    batch_window_ms: float | None = None,
 ) -> dict:
     """All points on one fresh local swarm of ``nodes`` processes (TLS; plaintext with
-    ``insecure``), every process with ``threads`` torch threads (None: torch's default)."""
+    ``insecure``), every process with ``threads`` torch threads (None: torch's default),
+    the nodes batching decode steps with ``batch_window_ms`` (None: their default; 0: off)."""
     import torch
 
     from layerchain.local import swarm_down, swarm_up
@@ -193,7 +195,10 @@ def run_concurrency_bench(
     spans = even_spans(resolve_model(model).num_blocks, nodes)
     state = Path(tempfile.mkdtemp(prefix="layerchain-bench-conc-"))
     try:
-        local = swarm_up(state, spans, model=model, threads=threads, insecure=insecure)
+        node_args = None if batch_window_ms is None else \
+            [["--batch-window-ms", str(batch_window_ms)]] * len(spans)
+        local = swarm_up(state, spans, model=model, threads=threads, insecure=insecure,
+                         node_args=node_args)
         points, runs = measure_concurrency(local.initial_peers, levels, model=model,
                                            max_new_tokens=max_new_tokens, insecure=insecure)
     finally:
@@ -208,6 +213,7 @@ def run_concurrency_bench(
         "max_new_tokens": max_new_tokens,
         "transport": "tcp" if insecure else "tls",
         "client": "one process, N asyncio tasks on one AsyncSwarm",
+        "batch_window_ms": batch_window_ms,
         "load_avg_1m": round(_load(), 2),
     }
 

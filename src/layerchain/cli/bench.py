@@ -36,6 +36,9 @@ def bench_swarm(
         False, "--insecure", help="Plaintext tcp:// links instead of TLS (to compare)."),
     concurrency: str = typer.Option(
         "", help="Concurrent streams to measure, e.g. 1,2,4,8 (one swarm for all points)."),
+    batch_window_ms: float = typer.Option(
+        -1.0, help="With --concurrency: the nodes' --batch-window-ms (0 = no batching, to "
+        "compare; -1 = the node's default)."),
 ) -> None:
     """Single process vs a local swarm: single_process_tps, swarm_tps, ratio, hop overhead,
     and each decode token split into node compute, client compute and wire per hop. With
@@ -52,7 +55,9 @@ def bench_swarm(
             raise typer.BadParameter(str(error), param_hint="--concurrency") from None
         _print(run_concurrency_bench(levels, model=model, nodes=nodes,
                                      max_new_tokens=max_new_tokens, threads=threads or None,
-                                     insecure=insecure), as_json)
+                                     insecure=insecure,
+                                     batch_window_ms=None if batch_window_ms < 0 else batch_window_ms),
+               as_json)
         return
     from layerchain.bench.swarm import run_swarm_bench
 

@@ -148,6 +148,10 @@ def start(
     emulate_latency_ms: float = typer.Option(
         _D.emulate_latency_ms, help="Testing aid: delay every reply by this many ms."
     ),
+    batch_window_ms: float = typer.Option(
+        _D.batch_window_ms, help="Longest a decode step waits for other sessions' steps to "
+        "run with them as one forward, ms (adaptive below it; 0 = never batch)."
+    ),
     threads: int = typer.Option(_D.threads, help="Torch threads (0 = torch's default)."),
     device: str = typer.Option(
         _D.device, help="Where the span and its KV caches compute: cpu, cuda (cuda:N), mps, "
@@ -202,7 +206,7 @@ def start(
         read_timeout_s=read_timeout, drain_s=drain, record_ttl_s=record_ttl,
         refresh_s=announce_every, price_per_block=price,
         ledger=with_contract(ledger, contract) if ledger else "", payout=payout, stake=stake,
-        emulate_latency_ms=emulate_latency_ms, threads=threads, misbehave=misbehave,
+        emulate_latency_ms=emulate_latency_ms, batch_window_ms=batch_window_ms, threads=threads, misbehave=misbehave,
         device=device, dtype=dtype,
         seed=seed, seed_max_mbps=seed_max_mbps, seed_misbehave=seed_misbehave,
     )

@@ -99,6 +99,8 @@ class NodeConfig:
     rebalance_every_s: float = 0.0  # check this often whether moving pays (plan_move) and
     # move (hot-swap, draining the old span's sessions for drain_s); 0: never
     rebalance_threshold: float = 0.2  # move only for a share of compute this much larger
+    batch_window_ms: float = 20.0  # longest a decode step waits for other sessions' steps
+    # to run with them as one forward (node.batching); 0: every step runs alone
     emulate_ms_per_block: float = 0.0  # testing aid: announce at least this compute cost, ms
     # per block per token, as a slower machine would (pricing and placement read it)
 
@@ -107,7 +109,8 @@ class NodeConfig:
                     "session_idle_timeout_s", "first_step_timeout_s", "redeem_interval_s",
                     "record_ttl_s", "refresh_s")
         not_negative = ("start", "end", "port", "dht_port", "announce_port", "max_session_tokens", "max_connection_tokens",
-                        "drain_s", "price_per_block", "stake", "emulate_latency_ms", "threads")
+                        "drain_s", "price_per_block", "stake", "emulate_latency_ms", "threads",
+                        "batch_window_ms")
         for name in (*positive, *not_negative):
             value = getattr(self, name)
             _check(name, value, type(value) in (int, float), "must be a number")

@@ -39,7 +39,7 @@ from layerchain.errors import LimitExceeded, OfferChanged, PeerBusy, UnknownSess
 from layerchain.market import Wallet, tokens_of
 from layerchain.model.batched import batchable
 from layerchain.model.device import reply_dtype
-from layerchain.node.batching import DecodeBatcher
+from layerchain.node.batching import BatchConfig, DecodeBatcher
 from layerchain.node.config import NodeConfig
 from layerchain.node.load import LOAD_ANNOUNCE_S, Announced, LoadMeter, worth_announcing
 from layerchain.node.misbehave import Misbehavior, cheating_span
@@ -157,7 +157,8 @@ class Node:
         self.ms_per_block = ms_per_block
         # steps in flight and recent step time, announced in the record (issue 16.2)
         self.load = LoadMeter(span.end - span.start, time.monotonic())
-        self.batcher = DecodeBatcher()  # concurrent sessions' decode steps, one forward
+        # concurrent sessions' decode steps, one forward
+        self.batcher = DecodeBatcher(BatchConfig(window_ms=config.batch_window_ms))
         self._load_announced: Announced | None = None  # the load last put in a record
         self._announcing = False  # a load-triggered announcement is under way
         self.listener: Listener | None = None
