@@ -169,7 +169,11 @@ def test_the_cli_runs_the_levels_given_and_prints_the_points(monkeypatch):
     assert out.exit_code == 0, out.output
     assert [p["concurrency"] for p in json.loads(out.output)["points"]] == [1, 2]
     assert calls == [([1, 2], {"model": "smollm2", "nodes": 2, "max_new_tokens": 5,
-                               "threads": None, "insecure": False})]
+                               "threads": None, "insecure": False, "batch_window_ms": None})]
+    out = CliRunner().invoke(app, ["bench", "--concurrency", "8", "--batch-window-ms", "0",
+                                   "--json"])
+    assert out.exit_code == 0, out.output
+    assert calls[-1][1]["batch_window_ms"] == 0.0  # the nodes' --batch-window-ms: no batching
 
 
 def test_the_cli_refuses_bad_levels_in_one_line():
