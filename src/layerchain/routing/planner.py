@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from operator import attrgetter
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -50,6 +49,7 @@ from layerchain.routing.limits import RouteLimits
 from layerchain.routing.relaxed import (
     PeerArrays,
     RelaxedResult,
+    peer_table,
     relaxed_cost_to_go,
     relaxed_forward,
 )
@@ -169,14 +169,16 @@ class _Planner:
             raise ConfigError(f"alpha must be in [0, 1], not {alpha!r}")
         if mode not in MODES:
             raise ConfigError(f"unknown latency mode {mode!r}: use one of {', '.join(MODES)}")
-        by_id = {peer.id: peer for peer in peers}
+        peers = tuple(peers)
+        table = peer_table(peers)  # (ids, [P, 6] numbers): the one pass over the peers
+        by_id = dict(zip(table[0], peers))
         if len(by_id) != len(peers):
             seen: set[str] = set()
             for peer in peers:
                 if peer.id in seen:
                     raise ConfigError(f"peer {peer.id} appears twice in the snapshot")
                 seen.add(peer.id)
-        if peers and max(map(attrgetter("end"), peers)) > num_blocks:
+        if peers and table[1][:, 1].max() > num_blocks:
             peer = next(p for p in peers if p.end > num_blocks)
             raise ConfigError(
                 f"peer {peer.id} serves blocks {peer.start}:{peer.end} "
@@ -188,8 +190,8 @@ class _Planner:
             if (isinstance(rtt, bool) or not isinstance(rtt, (int, float))
                     or not 0 <= rtt <= MAX_RTT_MS):
                 raise ConfigError(f"peer_rtts {pair} is {rtt!r}: it must be in [0, {MAX_RTT_MS:g}]")
-        self.excluded = sorted(set(exclude) & set(by_id))
-        self.arr = PeerArrays.build(list(peers), start, end, self.excluded)
+        self.excluded = sorted({peer_id for peer_id in exclude if peer_id in by_id})
+        self.arr = PeerArrays.build(peers, start, end, self.excluded, table=table)
         # relaxed DPs run over the undominated peers only: same optima, far fewer peers
         self.core = self.arr.subset(self.arr.undominated())
         gaps = self.arr.uncovered()

@@ -13,6 +13,15 @@ inner minimum is restructured as a running minimum per peer,
 ``best[b] = min_p (fixed_p + b * w_p + M_p(b))``: O(n * peers) work, vectorised over the
 peers active at each boundary.
 
+Speed: the DP is a Python loop over boundaries with a few numpy calls each over the peers
+active there (~100-200 undominated peers for 10,000 random ones), so call overhead, not
+arithmetic, sets its time. Hence: every per-pair term is gathered once per DP into the
+flat ``Layout`` (one slice per boundary instead of fancy indexing); a secondary cost (the
+tie-breaker) rides along as the imaginary part of complex numbers, which numpy orders
+lexicographically (real part first), so ties cost no extra calls; and
+``relaxed_forward_many`` / ``relaxed_cost_to_go_many`` run K weightings in one loop
+(``[pairs, K]`` arrays) for about the price of two.
+
 The relaxed optimum is a lower bound of the true one. When its route uses no peer twice it
 *is* the answer (the planner's fast path); otherwise its cost-to-go serves as the
 admissible heuristic of the exact search (``layerchain.routing.search``). A peer used twice
@@ -24,11 +33,45 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
+from functools import cached_property
+from itertools import chain
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
 from layerchain.routing.route import RoutePeer
+
+#: The numeric fields of a RoutePeer the planner reads, in ``peer_table``'s column order.
+COLUMNS = ("start", "end", "rtt_ms", "ms_per_block", "price_per_block", "queue_ms")
+
+
+def peer_table(peers: Sequence[RoutePeer]) -> tuple[list[str], np.ndarray]:
+    """``(ids, [P, 6] float64 columns of COLUMNS)``: one pass over the peers.
+
+    A RoutePeer is a plain dataclass: reading each one's ``__dict__`` once with one
+    ``itemgetter`` takes about half the time of one ``attrgetter`` pass per field
+    (10,000 peers are read on every plan)."""
+    count = len(peers)
+    try:
+        records = list(map(vars, peers))
+        ids = list(map(itemgetter("id"), records))
+        flat = np.fromiter(chain.from_iterable(map(itemgetter(*COLUMNS), records)),
+                           np.float64, count=len(COLUMNS) * count)
+    except (TypeError, KeyError):  # objects without an instance dict: field by field
+        ids = list(map(attrgetter("id"), peers))
+        flat = np.stack([np.fromiter(map(attrgetter(name), peers), np.float64, count=count)
+                         for name in COLUMNS], axis=1)
+    return ids, flat.reshape(count, len(COLUMNS))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The (block, peer) pairs of a PeerArrays, flattened: the rows active at block ``b``
+    are ``rows[ptr[b]:ptr[b + 1]]`` (ascending), ``block[k]`` the block of pair ``k``."""
+
+    rows: np.ndarray  # [T] int64, T = sum of the clipped span lengths
+    ptr: list[int]  # [n + 1] offsets (Python ints: slicing with them is cheapest)
+    block: np.ndarray  # [T] float64
 
 
 @dataclass(frozen=True)
@@ -45,30 +88,53 @@ class PeerArrays:
     wait: np.ndarray  # [P] float64, expected queueing per hop, ms (RoutePeer.queue_ms)
     ms: np.ndarray  # [P] float64, ms per block
     pr: np.ndarray  # [P] float64, credits per block
-    active: tuple[np.ndarray, ...]  # [n] peer rows i with s_i <= b < e_i, for each boundary b
 
     @classmethod
     def build(
-        cls, peers: Sequence[RoutePeer], start: int, end: int, exclude: Iterable[str] = ()
+        cls, peers: Sequence[RoutePeer], start: int, end: int, exclude: Iterable[str] = (),
+        *, table: tuple[list[str], np.ndarray] | None = None,
     ) -> PeerArrays:
+        """The arrays of ``peers`` over ``[start, end)`` without the ids of ``exclude``.
+        ``table``: ``peer_table(peers)`` if the caller has it already."""
         banned = set(exclude)
-        peers = list(peers)
+        peers = tuple(peers)
         count = len(peers)
-        # one numpy column per field ([P] float64: planning 10,000 peers starts here)
-        cols = [np.fromiter(map(attrgetter(name), peers), np.float64, count=count)
-                for name in ("start", "end", "rtt_ms", "ms_per_block", "price_per_block",
-                             "queue_ms")]
-        usable = (cols[0] < end) & (cols[1] > start)
+        ids, cols = peer_table(peers) if table is None else table
+        usable = (cols[:, 0] < end) & (cols[:, 1] > start)
         if banned:
-            usable &= np.fromiter((p.id not in banned for p in peers), bool, count=count)
+            usable &= np.fromiter((i not in banned for i in ids), bool, count=count)
         rows = np.flatnonzero(usable)
-        kept = tuple(peers) if len(rows) == count else tuple(peers[i] for i in rows)
+        kept = peers if len(rows) == count else tuple(peers[i] for i in rows.tolist())
         n = end - start
-        s = np.maximum(cols[0][rows].astype(np.int64), start) - start
-        e = np.minimum(cols[1][rows].astype(np.int64), end) - start
-        return cls(peers=kept, n=n, offset=start, s=s, e=e, rtt=cols[2][rows],
-                   wait=cols[5][rows], ms=cols[3][rows], pr=cols[4][rows],
-                   active=_active(s, e, n))
+        s = np.maximum(cols[rows, 0].astype(np.int64), start) - start
+        e = np.minimum(cols[rows, 1].astype(np.int64), end) - start
+        return cls(peers=kept, n=n, offset=start, s=s, e=e, rtt=cols[rows, 2],
+                   wait=cols[rows, 5], ms=cols[rows, 3], pr=cols[rows, 4])
+
+    @cached_property
+    def active(self) -> tuple[np.ndarray, ...]:
+        """``[n]`` arrays of the rows ``i`` with ``s_i <= b < e_i``, for each block ``b``
+        (computed on first use: the exact search reads it, the relaxed DPs the layout)."""
+        s, e = self.s, self.e
+        return tuple(np.flatnonzero((s <= b) & (e > b)) for b in range(self.n))
+
+    @cached_property
+    def layout(self) -> Layout:
+        active = self.active
+        ptr = [0]
+        for rows in active:
+            ptr.append(ptr[-1] + len(rows))
+        flat = np.concatenate(active) if active else np.zeros(0, np.int64)
+        block = np.repeat(np.arange(self.n, dtype=np.float64), [len(r) for r in active])
+        return Layout(flat, ptr, block)
+
+    @cached_property
+    def mirrored(self) -> PeerArrays:
+        """The same peers over the mirrored range (block ``b`` reads ``n - 1 - b``): the
+        cost-to-go is the forward DP run on it."""
+        return PeerArrays(peers=self.peers, n=self.n, offset=0, s=self.n - self.e,
+                          e=self.n - self.s, rtt=self.rtt, wait=self.wait, ms=self.ms,
+                          pr=self.pr)
 
     def fixed_ms(self, push: bool) -> np.ndarray:
         """``[P]`` latency every hop on a peer costs whatever its length, ms: queueing, and
@@ -78,11 +144,11 @@ class PeerArrays:
     def subset(self, rows: np.ndarray) -> PeerArrays:
         """The same range over the peers of ``rows`` only (row ``i`` of the result is
         ``rows[i]`` here)."""
-        s, e = self.s[rows], self.e[rows]
-        return PeerArrays(peers=tuple(self.peers[int(i)] for i in rows), n=self.n,
-                          offset=self.offset, s=s, e=e, rtt=self.rtt[rows],
-                          wait=self.wait[rows], ms=self.ms[rows],
-                          pr=self.pr[rows], active=_active(s, e, self.n))
+        peers = self.peers
+        return PeerArrays(peers=tuple([peers[i] for i in rows.tolist()]), n=self.n,
+                          offset=self.offset, s=self.s[rows], e=self.e[rows],
+                          rtt=self.rtt[rows], wait=self.wait[rows], ms=self.ms[rows],
+                          pr=self.pr[rows])
 
     def undominated(self) -> np.ndarray:
         """Rows of the peers no other peer *dominates* (sorted): a dominator's clipped span
@@ -92,72 +158,117 @@ class PeerArrays:
         over the undominated peers reach exactly the relaxed optima of all peers, for every
         weighting of latency and price (see ``relaxed_forward``).
 
-        A sound subset of the dominated peers is found in O(P log P + n^2) per key: for
-        each of a few monotone keys (a dominator's key is never higher), the lowest-key
+        A sound subset of the dominated peers is found in O(P log P + n^2): with a key
+        monotone in the four costs (a dominator's key is never higher), the lowest-key
         peer whose span contains each span ``[s, e)`` (a prefix minimum over the grid of
         spans) is tested against every peer of that span. Not every dominated peer is
-        found (that takes O(P^2)); each one dropped has a kept dominator (ties: the lower
-        row is kept), which is all exactness needs. Random 10,000-peer swarms keep ~15%."""
+        found (that takes O(P^2)); each one dropped has a dominator with a lower key, or
+        the same key and a lower row, so following dominators ends at a kept one, which
+        is all exactness needs. Random 10,000-peer swarms keep ~20-25% (more keys keep
+        fewer but cost more than the smaller core saves)."""
         count = len(self.peers)
         if count < 64:
             return np.arange(count)
         fixed = self.rtt + self.wait
-        scale = [max(float(np.median(v)), 1e-9) for v in (fixed, self.ms, self.pr)]
-        r, m, p = fixed / scale[0], self.ms / scale[1], self.pr / scale[2]
-        dropped = np.zeros(count, dtype=bool)
+        half = count // 2
+        key = np.zeros(count)
+        for values in (fixed, self.ms, self.pr):  # each cost over its median: one scale
+            key += values / max(float(np.partition(values, half)[half]), 1e-9)
+        order = np.argsort(key)  # equal keys in any order: ties are broken by row below
+        rank = np.empty(count, dtype=np.int64)
+        rank[order] = np.arange(count)
         width = self.n + 1
-        cell = self.s * width + self.e
-        for key in (r + m + p, m + p, r + m):
-            order = np.argsort(key, kind="stable")  # a dominator sorts first (ties: by row)
-            rank = np.empty(count, dtype=np.int64)
-            rank[order] = np.arange(count)
-            grid = np.full(width * width, count, dtype=np.int64)
-            np.minimum.at(grid, cell, rank)  # lowest rank per span
-            grid2 = grid.reshape(width, width)  # [s, e]
-            grid2 = np.minimum.accumulate(grid2[:, ::-1], axis=1)[:, ::-1]  # spans ending later
-            grid2 = np.minimum.accumulate(grid2, axis=0)  # and starting earlier
-            best = grid2[self.s, self.e]
-            champion = order[np.minimum(best, count - 1)]
-            dropped |= ((best < rank) & (self.rtt[champion] <= self.rtt)
-                        & (self.wait[champion] <= self.wait)
-                        & (self.ms[champion] <= self.ms) & (self.pr[champion] <= self.pr))
+        grid = np.full(width * width, count, dtype=np.int64)
+        np.minimum.at(grid, self.s * width + self.e, rank)  # lowest rank per span
+        grid2 = grid.reshape(width, width)  # [s, e]
+        grid2 = np.minimum.accumulate(grid2[:, ::-1], axis=1)[:, ::-1]  # spans ending later
+        grid2 = np.minimum.accumulate(grid2, axis=0)  # and starting earlier
+        best = grid2[self.s, self.e]
+        champion = order[np.minimum(best, count - 1)]
+        dropped = ((best < rank) & ((key[champion] < key) | (champion < np.arange(count)))
+                   & (self.rtt[champion] <= self.rtt) & (self.wait[champion] <= self.wait)
+                   & (self.ms[champion] <= self.ms) & (self.pr[champion] <= self.pr))
         return np.flatnonzero(~dropped)
 
     def uncovered(self) -> list[tuple[int, int]]:
         """Block ranges ``[a, b)`` (absolute block numbers) that no usable peer serves."""
+        n = self.n
+        cover = np.cumsum(np.bincount(self.s, minlength=n + 1)
+                          - np.bincount(self.e, minlength=n + 1))[:n]
         gaps: list[tuple[int, int]] = []
-        for b in range(self.n):
-            if len(self.active[b]) == 0:
-                if gaps and gaps[-1][1] == b + self.offset:
-                    gaps[-1] = (gaps[-1][0], b + self.offset + 1)
-                else:
-                    gaps.append((b + self.offset, b + self.offset + 1))
+        for b in np.flatnonzero(cover == 0).tolist():
+            if gaps and gaps[-1][1] == b + self.offset:
+                gaps[-1] = (gaps[-1][0], b + self.offset + 1)
+            else:
+                gaps.append((b + self.offset, b + self.offset + 1))
         return gaps
-
-
-def _active(s: np.ndarray, e: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
-    """``[n]`` arrays of the rows ``i`` with ``s_i <= b < e_i``, for each block ``b``."""
-    return tuple(np.flatnonzero((s <= b) & (e > b)) for b in range(n))
 
 
 @dataclass(frozen=True)
 class RelaxedResult:
-    """Forward DP tables over boundaries ``0..n``."""
+    """Forward DP tables over boundaries ``0..n``, and what recovers the route's hops."""
 
     best: np.ndarray  # [n+1] min primary cost of covering [0, b); inf when impossible
-    second: np.ndarray  # [n+1] secondary cost of that route (the tie-breaker)
+    second: np.ndarray  # [n+1] secondary cost of that route (the tie-breaker), else zeros
     back_peer: np.ndarray  # [n+1] row of the last hop's peer, -1 at 0 or when impossible
-    back_start: np.ndarray  # [n+1] first block of that last hop
+    s: np.ndarray  # [P] span starts of the rows
+    w: np.ndarray  # [P] primary cost per block of the rows
+    second_w: np.ndarray | None  # [P] secondary cost per block, when ties were broken by it
 
     def hops(self) -> list[tuple[int, int, int]]:
-        """The optimal relaxed route to boundary n as ``(row, a, b)``, in order."""
+        """The optimal relaxed route to boundary n as ``(row, a, b)``, in order.
+
+        The DP keeps only each boundary's last peer; where its hop starts is found again
+        here: the earliest ``a`` minimising ``best[a] - a * w_p`` (the DP's running
+        minimum, same arithmetic, same ties), for the route's few hops only."""
         out, b = [], len(self.best) - 1
+        back_peer = self.back_peer.tolist()
         while b > 0:
-            p, a = int(self.back_peer[b]), int(self.back_start[b])
+            p = back_peer[b]
+            a0 = int(self.s[p])
+            steps = np.arange(a0, b, dtype=np.float64)
+            cand = self.best[a0:b] - steps * self.w[p]
+            if self.second_w is not None:
+                both = np.empty(len(cand), np.complex128)
+                both.real, both.imag = cand, self.second[a0:b] - steps * self.second_w[p]
+                a = a0 + int(both.argmin())
+            else:
+                a = a0 + int(cand.argmin())
             out.append((p, a, b))
             b = a
         out.reverse()
         return out
+
+
+def _sweep(lay: Layout, num: int, aw: np.ndarray, base: np.ndarray, track: bool
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The DP loop. ``aw`` and ``base`` are ``[T]`` per pair (``a * w_p`` and ``fixed_p +
+    b * w_p`` for the pair's ``a = b - 1``), real or complex (secondary cost as the
+    imaginary part). Returns ``best`` ``[n+1]`` and, when ``track``, ``back_peer``
+    ``[n+1]`` (else an empty array). Several weightings run one after another: a loop
+    over ``[pairs, K]`` arrays was slower than K loops (numpy's 2-D gathers)."""
+    n = len(lay.ptr) - 1
+    unset = complex(np.inf, np.inf) if aw.dtype.kind == "c" else np.inf
+    best = np.full(n + 1, unset, aw.dtype)
+    best[0] = 0.0
+    back_peer = np.full(n + 1 if track else 0, -1, dtype=np.int64)
+    run = np.full(num, unset, aw.dtype)  # M_p: min over a so far of best[a] - a * w_p
+    rows, ptr = lay.rows, lay.ptr
+    for b in range(1, n + 1):
+        lo, hi = ptr[b - 1], ptr[b]
+        if lo == hi:
+            continue
+        idx = rows[lo:hi]  # peers that can start a hop at b - 1 are those ending one at b
+        cur = np.minimum(run[idx], best[b - 1] - aw[lo:hi])  # inf if b - 1 is unreachable
+        run[idx] = cur
+        val = base[lo:hi] + cur
+        j = int(val.argmin())
+        value = val[j]
+        if value.real < np.inf:
+            best[b] = value
+            if track:
+                back_peer[b] = idx[j]
+    return best, back_peer
 
 
 def relaxed_forward(
@@ -170,74 +281,23 @@ def relaxed_forward(
     """Min over relaxed routes of sum(fixed_p + blocks * w_p), ties broken by the secondary
     cost sum(second_fixed_p + blocks * second_w_p) when given (else by the lowest row).
     All inputs are ``[P]`` float64, >= 0."""
+    lay = arr.layout
+    rows, block = lay.rows, lay.block
+    wf = w[rows]
+    n = arr.n
     if second_fixed is None or second_w is None:
-        return _forward_lean(arr, fixed, w)
-    n, num = arr.n, len(arr.peers)
-    best = np.full(n + 1, np.inf)
-    second = np.full(n + 1, np.inf)
-    best[0] = second[0] = 0.0
-    back_peer = np.full(n + 1, -1, dtype=np.int64)
-    back_start = np.full(n + 1, -1, dtype=np.int64)
-    run = np.full(num, np.inf)  # M_p: min over a seen so far of best[a] - a * w_p
-    run2 = np.full(num, np.inf)  # the secondary cost of the same a
-    run_a = np.full(num, -1, dtype=np.int64)  # that a
-    for b in range(1, n + 1):
-        a = b - 1
-        idx = arr.active[a]  # peers that can start a hop at a are those that can end one at b
-        if len(idx) == 0:
-            continue
-        if best[a] < np.inf:
-            cand = best[a] - a * w[idx]
-            cand2 = second[a] - a * second_w[idx]
-            cur, cur2 = run[idx], run2[idx]
-            better = (cand < cur) | ((cand == cur) & (cand2 < cur2))
-            run[idx] = np.where(better, cand, cur)
-            run2[idx] = np.where(better, cand2, cur2)
-            run_a[idx] = np.where(better, a, run_a[idx])
-        val = fixed[idx] + b * w[idx] + run[idx]
-        j = int(np.argmin(val))
-        if not val[j] < np.inf:
-            continue
-        val2 = second_fixed[idx] + b * second_w[idx] + run2[idx]
-        ties = np.flatnonzero(val == val[j])
-        if len(ties) > 1:
-            j = int(ties[np.argmin(val2[ties])])
-        best[b], second[b] = val[j], val2[j]
-        back_peer[b], back_start[b] = idx[j], run_a[idx[j]]
-    return RelaxedResult(best, second, back_peer, back_start)
-
-
-def _forward_lean(arr: PeerArrays, fixed: np.ndarray, w: np.ndarray) -> RelaxedResult:
-    """``relaxed_forward`` without a secondary cost (``second`` is all zeros): the same
-    recurrence in fewer numpy calls per boundary, since the Lagrangian dual and the
-    cost-to-go bounds run it many times per plan."""
-    n, num = arr.n, len(arr.peers)
-    best = np.full(n + 1, np.inf)
-    best[0] = 0.0
-    back_peer = np.full(n + 1, -1, dtype=np.int64)
-    back_start = np.full(n + 1, -1, dtype=np.int64)
-    run = np.full(num, np.inf)
-    run_a = np.full(num, -1, dtype=np.int64)
-    for b in range(1, n + 1):
-        a = b - 1
-        idx = arr.active[a]
-        if len(idx) == 0:
-            continue
-        w_idx = w[idx]
-        cur = run[idx]
-        if best[a] < np.inf:
-            cand = best[a] - a * w_idx
-            better = cand < cur
-            cur = np.where(better, cand, cur)
-            run[idx] = cur
-            run_a[idx[better]] = a
-        val = fixed[idx] + b * w_idx + cur
-        j = int(np.argmin(val))
-        if not val[j] < np.inf:
-            continue
-        best[b] = val[j]
-        back_peer[b], back_start[b] = idx[j], run_a[idx[j]]
-    return RelaxedResult(best, np.zeros(n + 1), back_peer, back_start)
+        best, back_peer = _sweep(lay, len(arr.peers), block * wf,
+                                 fixed[rows] + (block + 1) * wf, True)
+        return RelaxedResult(best, np.zeros(n + 1), back_peer, arr.s, w, None)
+    # (primary, secondary) as complex numbers: numpy orders them lexicographically
+    wf2 = second_w[rows]
+    aw = np.empty(len(rows), np.complex128)
+    base = np.empty(len(rows), np.complex128)
+    aw.real, aw.imag = block * wf, block * wf2
+    base.real = fixed[rows] + (block + 1) * wf
+    base.imag = second_fixed[rows] + (block + 1) * wf2
+    both, back_peer = _sweep(lay, len(arr.peers), aw, base, True)
+    return RelaxedResult(both.real.copy(), both.imag.copy(), back_peer, arr.s, w, second_w)
 
 
 def relaxed_cost_to_go(arr: PeerArrays, fixed: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -245,18 +305,10 @@ def relaxed_cost_to_go(arr: PeerArrays, fixed: np.ndarray, w: np.ndarray) -> np.
 
     The same DP run on the mirrored range; it is a consistent lower bound of the true
     cost-to-go for every edge whose cost is at least ``fixed_p + blocks * w_p``."""
-    n = arr.n
-    mirrored = PeerArrays(
-        peers=arr.peers,
-        n=n,
-        offset=0,
-        s=n - arr.e,
-        e=n - arr.s,
-        rtt=arr.rtt,
-        wait=arr.wait,
-        ms=arr.ms,
-        pr=arr.pr,
-        active=tuple(arr.active[n - 1 - b] for b in range(n)),
-    )
-    cost_to_go: np.ndarray = relaxed_forward(mirrored, fixed, w).best[::-1].copy()
+    mirror = arr.mirrored
+    lay = mirror.layout
+    rows, block = lay.rows, lay.block
+    wf = w[rows]
+    best, _ = _sweep(lay, len(mirror.peers), block * wf, fixed[rows] + (block + 1) * wf, False)
+    cost_to_go: np.ndarray = best[::-1].copy()
     return cost_to_go
