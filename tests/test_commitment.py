@@ -7,8 +7,10 @@ The distance tables in the report come from ``test_honest_distances_on_smollm2``
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +72,50 @@ def test_commitment_is_deterministic_across_layouts_dtypes_and_ties():
     tied[0, 0, [500, 7, 300, 42, 9]] = 3.0
     assert decode(commit(tied), 1)[0].tolist() == [[7, 9, 42, 300]]
     assert commit(torch.zeros(1, 0, H)) == b""
+
+
+def _general_commit(hidden: torch.Tensor) -> bytes:
+    """``commit`` without its one-token fast path: the torch ops that define the bytes."""
+    return commit(torch.cat([hidden, hidden], dim=1))[:COMMITMENT_BYTES_PER_TOKEN]
+
+
+def test_one_token_fast_path_gives_the_general_paths_bytes():
+    # a decode step's commitment takes numpy's path (commitment._commit_token): the same
+    # bytes as the torch ops of any other shape, over scales from fp16 subnormals to past
+    # fp16's range, ties, zeros, infinities, NaN, every dtype and a strided layout
+    gen = torch.Generator().manual_seed(7)
+    cases = [torch.randn(1, 1, H, generator=gen) * 10.0 ** (i % 13 - 8) for i in range(400)]
+    tied = torch.randn(1, 1, H, generator=gen)
+    tied[0, 0, [3, 200, 9]] = 50.0  # a three-way tie at the top
+    edge = torch.randn(1, 1, H, generator=gen)
+    edge[0, 0, [5, 6, 7, 8, 9]] = torch.tensor([9.0, 8.0, 7.0, 6.0, 6.0])  # tie at K, K+1
+    special = torch.randn(1, 1, H, generator=gen)
+    special[0, 0, [1, 2]] = torch.tensor([float("inf"), float("-inf")])
+    nan = torch.randn(1, 1, H, generator=gen)
+    nan[0, 0, 17] = float("nan")
+    one_inf = torch.randn(1, 1, H, generator=gen)
+    one_inf[0, 0, 40] = float("-inf")
+    cases += [tied, edge, special, nan, one_inf, torch.zeros(1, 1, H), -torch.zeros(1, 1, H),
+              torch.randn(1, 1, 5, generator=gen), torch.randn(1, 1, 3, generator=gen)]
+    cases += [c.to(dtype) for c in cases[:20] for dtype in (torch.float16, torch.bfloat16)]
+    wide = torch.randn(1, 1, 2 * H, generator=gen)
+    cases.append(wide[:, :, ::2])  # not contiguous
+    for case in cases:
+        assert commit(case) == _general_commit(case)
+    assert decode(commit(tied), 1)[0].tolist()[0][:3] == [3, 9, 200]  # lower index first
+    assert decode(commit(edge), 1)[0].tolist()[0] == [5, 6, 7, 8]
+
+
+def test_struct_rounds_to_float16_as_numpy_does():
+    # the fast path packs values with struct's "e": every finite float16, every midpoint
+    # between two of them and the float32 values either side of it round as numpy's cast
+    exact = np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    mid = ((exact[:-1] + exact[1:]) / 2).astype(np.float32)
+    values = np.concatenate([exact.astype(np.float32), mid, np.nextafter(mid, np.float32(0)),
+                             np.nextafter(mid, np.float32(np.inf))])
+    values = np.concatenate([values, -values]).clip(-65504.0, 65504.0)
+    packed = b"".join(struct.pack("<e", v) for v in values.tolist())
+    assert packed == values.astype("<f2").tobytes()
 
 
 def test_check_commitment_refuses_a_commitment_of_another_tensor():

@@ -40,6 +40,8 @@ of networks, receipts or who computed what.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import torch
 
@@ -64,6 +66,9 @@ AUDIT_TOLERANCE = 0.02
 
 _RECORD = np.dtype([("index", "<u2", (TOP_K,)), ("value", "<f2", (TOP_K,))])
 assert _RECORD.itemsize == COMMITMENT_BYTES_PER_TOKEN
+# one token's record (struct's "e" rounds a float to float16 as numpy's cast does: to
+# nearest, ties to even; tests/test_commitment.py checks it over every float16 midpoint)
+_TOKEN = struct.Struct(f"<{TOP_K}H{TOP_K}e")
 
 
 def _rows(hidden: torch.Tensor) -> torch.Tensor:
@@ -94,11 +99,39 @@ def _top_positions(rows: torch.Tensor) -> torch.Tensor:
     return top
 
 
+def _commit_token(hidden: torch.Tensor) -> bytes | None:
+    """``commit`` of one token [1, 1, H] (a decode step, on both sides of every hop) in a
+    handful of numpy calls instead of a dozen torch ops (18 against 74 us); None when it
+    cannot decide alone (the top values tie or are NaN, H <= TOP_K): ``commit``'s general
+    path does. Same bytes: the K largest |value| of the K + 1 that ``argpartition`` finds,
+    strictly decreasing (no tie), are the top-K in any order rule."""
+    row = hidden.detach()
+    if row.dtype is not torch.float32 or row.device.type != "cpu":
+        row = row.to(device="cpu", dtype=torch.float32)
+    values = row.reshape(-1).numpy()
+    size = values.shape[0]
+    if not TOP_K < size <= MAX_HIDDEN_SIZE:
+        return None
+    magnitude = np.abs(values)
+    found = np.argpartition(magnitude, size - TOP_K - 1)[size - TOP_K - 1 :].tolist()
+    ranked = sorted(zip(magnitude.take(found).tolist(), found), key=lambda p: (-p[0], p[1]))
+    for (larger, _), (smaller, _) in zip(ranked, ranked[1:]):
+        if not larger > smaller:  # a tie, or NaN
+            return None
+    positions = [p for _, p in ranked[:TOP_K]]
+    committed = [min(max(v, -_FP16_MAX), _FP16_MAX) for v in values.take(positions).tolist()]
+    return _TOKEN.pack(*positions, *committed)
+
+
 def commit(hidden: torch.Tensor) -> bytes:
     """The commitment of ``hidden`` [1, T, H]: ``T * COMMITMENT_BYTES_PER_TOKEN`` bytes.
 
     Deterministic: equal values give equal bytes, whatever the tensor's dtype, layout or
     device and the thread count. Raises InvalidOutput for a tensor that is not [1, T, H] with H <= 65536."""
+    if hidden.dim() == 3 and hidden.shape[0] == 1 and hidden.shape[1] == 1:
+        token = _commit_token(hidden)
+        if token is not None:
+            return token
     rows = _rows(hidden)
     positions = _top_positions(rows)
     values = rows.gather(1, positions).clamp_(-_FP16_MAX, _FP16_MAX)
