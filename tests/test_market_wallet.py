@@ -115,3 +115,13 @@ def test_raw_hash_signatures_and_transactions_are_ethereum_compatible():
     assert Account.recover_transaction(raw) == wallet.address
     with pytest.raises(LedgerError, match="cannot sign the transaction"):
         wallet.sign_transaction({**tx, "value": -1})
+
+
+def test_keccak256_is_ethereums_whatever_the_backend():
+    # the fast backend (safe-pysha3, when installed) against eth-hash's, and a known value
+    from eth_hash.auto import keccak
+
+    for size in (0, 1, 31, 32, 33, 135, 136, 137, 284, 1000):
+        data = os.urandom(size)
+        assert keccak256(data) == keccak(data)
+    assert keccak256(b"").hex() == "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"

@@ -26,7 +26,19 @@ from __future__ import annotations
 import functools
 from typing import Protocol
 
-from eth_hash.auto import keccak as _keccak
+from eth_hash.auto import keccak as _eth_keccak
+
+try:  # safe-pysha3 (an eth-hash backend): C, ~3 us a call against eth-hash's ~9 us
+    from sha3 import keccak_256 as _keccak_256  # type: ignore[import-untyped, import-not-found, unused-ignore]
+except ImportError:  # pragma: no cover - eth-hash's own choice of backend
+    _keccak_256 = None
+
+
+def _keccak(data: bytes) -> bytes:
+    if _keccak_256 is None:  # pragma: no cover
+        return _eth_keccak(data)
+    return _keccak_256(data).digest()  # type: ignore[no-any-return]
+
 
 try:  # libsecp256k1: the fast path
     import coincurve as _coincurve
