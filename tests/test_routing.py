@@ -407,13 +407,8 @@ def test_shortcuts_plan_what_the_plain_exact_search_plans(kind, monkeypatch):
         for alpha in (0.0, 0.5, 1.0):
             limits = RouteLimits(alpha, *_limits_for(swarm, 16, alpha, kind))
             cases.append((swarm, limits, plan_route(swarm, 16, limits)))
-    plain_fan = search._Fan.__init__
-
-    def unpruned_fan(self, arr, bounds, b, push, lat_w, price_w, ceiling=np.inf, least=None):
-        plain_fan(self, arr, bounds, b, push, lat_w, price_w)
-
     monkeypatch.setattr(relaxed.PeerArrays, "undominated", lambda self: np.arange(len(self.peers)))
-    monkeypatch.setattr(search._Fan, "__init__", unpruned_fan)
+    monkeypatch.setattr(search._Search, "prunes", lambda self: False)
     for swarm, limits, plan in cases:
         plain = plan_route(swarm, 16, limits)
         assert (plan.cost, plan.latency_ms, plan.price) == pytest.approx(

@@ -139,7 +139,13 @@ class PeerArrays:
     def fixed_ms(self, push: bool) -> np.ndarray:
         """``[P]`` latency every hop on a peer costs whatever its length, ms: queueing, and
         in client mode the round trip (push mode adds its transfers per pair of hops)."""
-        return self.wait if push else self.rtt + self.wait
+        return self.wait if push else self.round_trip_and_wait
+
+    @cached_property
+    def round_trip_and_wait(self) -> np.ndarray:
+        """``[P]`` rtt + queueing, ms (``fixed_ms`` in client mode; read per search fan)."""
+        total: np.ndarray = self.rtt + self.wait
+        return total
 
     def subset(self, rows: np.ndarray) -> PeerArrays:
         """The same range over the peers of ``rows`` only (row ``i`` of the result is

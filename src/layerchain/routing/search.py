@@ -157,40 +157,81 @@ def search(arr: PeerArrays, spec: SearchSpec, bounds: Bounds) -> list[_Label]:
 
 
 class _Fan:
-    """Every hop from one boundary ``b``, as ``[H]`` arrays: the peer row, the end boundary,
-    the latency and price the hop adds, and those plus the bounds from its end (lower
-    bounds of the whole route's latency, price and priority cost through it)."""
+    """Every hop from one boundary ``b`` worth trying, as ``[H]`` arrays: the peer row, the
+    end boundary, the latency and price the hop adds, and those plus the bounds from its
+    end (lower bounds of the whole route's latency, price and priority cost through it).
+    Hops are in order of row, then end (ties in priority keep that order)."""
 
     __slots__ = ("rows", "ends", "lat", "price", "lat_h", "price_h", "cost_h")
 
-    def __init__(self, arr: PeerArrays, bounds: Bounds, b: int, push: bool,
-                 lat_w: float, price_w: float, ceiling: float = np.inf,
-                 cost_to_go_min: np.ndarray | None = None) -> None:
-        rows = arr.active[b]
-        floor = np.inf if bounds.cost_from is None else float(bounds.cost_from[b])
-        if floor < np.inf and ceiling < np.inf and cost_to_go_min is not None:
-            # a peer whose one-block hop plus the least cost-to-go past b already passes
-            # the ceiling has no hop from b worth keeping (every cost term is >= 0)
-            first = (price_w * arr.pr[rows] + lat_w * arr.ms[rows]
-                     + lat_w * arr.fixed_ms(push)[rows])
-            rows = rows[floor + first + cost_to_go_min[b + 1] <= ceiling]
-        span = arr.e[rows] - b  # hops from b can end anywhere in (b, e_p]
+    def __init__(self, rows: np.ndarray, ends: np.ndarray, lat: np.ndarray,
+                 price: np.ndarray, lat_h: np.ndarray, price_h: np.ndarray,
+                 cost_h: np.ndarray) -> None:
+        self.rows, self.ends, self.lat, self.price = rows, ends, lat, price
+        self.lat_h, self.price_h, self.cost_h = lat_h, price_h, cost_h
+
+
+class _Hops:
+    """Every hop ``(b, row, end)`` of the pairs ``(starts[k], rows[k])``, ``end`` in
+    ``(b, e_row]``, in pair order then end ascending, with what ``_Fan`` holds (``[H]``
+    arrays; ``starts`` is each hop's ``b``)."""
+
+    def __init__(self, arr: PeerArrays, bounds: Bounds, push: bool, lat_w: float,
+                 price_w: float, starts: np.ndarray, rows: np.ndarray) -> None:
+        span = arr.e[rows] - starts
         rows = np.repeat(rows, span)
+        starts = np.repeat(starts, span)
         blocks = np.arange(len(rows)) - np.repeat(np.cumsum(span) - span, span) + 1
-        ends = b + blocks
+        ends = starts + blocks
         lat = blocks * arr.ms[rows] + arr.fixed_ms(push)[rows]
         if push:  # the transfer into the hop depends on the previous peer: added later
             lat += np.where(ends == arr.n, arr.rtt[rows] / 2, 0.0)
         price = blocks * arr.pr[rows]
-        cost_h = price_w * price + lat_w * lat + bounds.cost[ends]
-        if floor < np.inf and ceiling < np.inf:
-            keep = floor + cost_h <= ceiling
-            rows, ends, lat, price, cost_h = (rows[keep], ends[keep], lat[keep], price[keep],
-                                              cost_h[keep])
-        self.rows, self.ends, self.lat, self.price = rows, ends, lat, price
-        self.lat_h = lat + bounds.latency[ends]
-        self.price_h = price + bounds.price[ends]
-        self.cost_h = cost_h
+        self.starts, self.rows, self.ends, self.lat, self.price = starts, rows, ends, lat, price
+        self.cost_h = price_w * price + lat_w * lat + bounds.cost[ends]
+
+    def keep(self, mask: np.ndarray) -> None:
+        self.starts, self.rows, self.ends = self.starts[mask], self.rows[mask], self.ends[mask]
+        self.lat, self.price, self.cost_h = self.lat[mask], self.price[mask], self.cost_h[mask]
+
+    def fan(self, bounds: Bounds, lo: int = 0, hi: int | None = None) -> _Fan:
+        """The hops ``[lo:hi]`` as a fan (all of them by default)."""
+        cut = slice(lo, hi)
+        ends, lat, price = self.ends[cut], self.lat[cut], self.price[cut]
+        return _Fan(self.rows[cut], ends, lat, price, lat + bounds.latency[ends],
+                    price + bounds.price[ends], self.cost_h[cut])
+
+
+def _pruned_hops(arr: PeerArrays, bounds: Bounds, push: bool, lat_w: float, price_w: float,
+                 ceiling: float) -> tuple[_Hops, list[int]]:
+    """The hops from every boundary that may be on a route beating ``ceiling``, grouped
+    by boundary (``ptr``: boundary ``b``'s are ``[ptr[b]:ptr[b + 1]]``), all built at once.
+
+    A hop from ``b`` is left out when ``bounds.cost_from[b]`` + its cost + the bound from
+    its end passes the ceiling; a peer is left out at ``b`` before its hops are built when
+    its one-block hop plus the least cost-to-go past ``b`` already does (every cost term
+    is >= 0, so no longer hop does better), and everywhere when it does so at the best
+    boundary of all (a coarse filter with a margin; the exact test follows it)."""
+    assert bounds.cost_from is not None
+    n = arr.n
+    least = np.minimum.accumulate(bounds.cost[::-1])[::-1]  # [n+1] least cost-to-go from b on
+    floor = bounds.cost_from
+    first = price_w * arr.pr + lat_w * arr.ms + lat_w * arr.fixed_ms(push)  # [P]
+    slack = floor[:n] + least[1:]  # [n]
+    finite = slack[np.isfinite(slack)]
+    low = float(finite.min()) if len(finite) else np.inf
+    rows = np.flatnonzero(first + low <= ceiling + 1e-6 * (1.0 + abs(ceiling)))
+    span = arr.e[rows] - arr.s[rows]
+    pair_rows = np.repeat(rows, span)  # every (b, row) of those spans
+    pair_b = np.repeat(arr.s[rows], span) + (
+        np.arange(len(pair_rows)) - np.repeat(np.cumsum(span) - span, span))
+    keep = floor[pair_b] + first[pair_rows] + least[pair_b + 1] <= ceiling
+    pair_rows, pair_b = pair_rows[keep], pair_b[keep]
+    order = np.argsort(pair_b, kind="stable")  # by boundary, rows still ascending
+    hops = _Hops(arr, bounds, push, lat_w, price_w, pair_b[order], pair_rows[order])
+    hops.keep(floor[hops.starts] + hops.cost_h <= ceiling)
+    ptr: list[int] = np.searchsorted(hops.starts, np.arange(n + 1)).tolist()
+    return hops, ptr
 
 
 class _Search:
@@ -213,7 +254,7 @@ class _Search:
         self.heap: list[tuple[Any, ...]] = []  # (*priority, tick, _Cursor)
         self.tick = itertools.count()
         self.fans: dict[int, _Fan] = {}  # per boundary, built on first use
-        self.cost_to_go_min: np.ndarray | None = None  # [n+1] suffix minimum of bounds.cost
+        self.pruned: tuple[_Hops, list[int]] | None = None  # _pruned_hops, when it applies
         self.seen: dict[tuple[int, int], list[tuple[float, float, frozenset[int]]]] = {}
         self.overrides: dict[int, np.ndarray] = {}  # push: row -> [P] one-way ms or nan
         self.used_mask = np.zeros(len(arr.peers), dtype=bool)  # scratch for expand()
@@ -286,16 +327,28 @@ class _Search:
             hint="loosen the limits or exclude some peers",
         )
 
+    def prunes(self) -> bool:
+        """Whether hops that cannot beat the incumbent are left out before they are built
+        (``_pruned_hops``): with a cost-to-come bound and a finite ceiling. The ceiling
+        only falls (a lagrangian search lowers it as it completes routes): hops kept under
+        a higher one are more than needed, never too few."""
+        return (self.bounds.cost_from is not None and not self.pareto
+                and self.ceiling < np.inf)
+
     def fan(self, b: int) -> _Fan:
         fan = self.fans.get(b)
         if fan is None:
-            prune = (self.bounds.cost_from is not None and not self.lagrangian
-                     and not self.pareto)  # then the ceiling never moves: a fan may use it
-            if prune and self.cost_to_go_min is None:
-                self.cost_to_go_min = np.minimum.accumulate(self.bounds.cost[::-1])[::-1]
-            fan = self.fans[b] = _Fan(self.arr, self.bounds, b, self.push, self.lat_w,
-                                      self.price_w, self.ceiling if prune else np.inf,
-                                      self.cost_to_go_min)
+            if self.prunes():
+                if self.pruned is None:
+                    self.pruned = _pruned_hops(self.arr, self.bounds, self.push, self.lat_w,
+                                               self.price_w, self.ceiling)
+                hops, ptr = self.pruned
+                fan = hops.fan(self.bounds, ptr[b], ptr[b + 1])
+            else:
+                rows = self.arr.active[b]
+                fan = _Hops(self.arr, self.bounds, self.push, self.lat_w, self.price_w,
+                            np.full(len(rows), b), rows).fan(self.bounds)
+            self.fans[b] = fan
         return fan
 
     def one_way_from(self, last: int, rows: np.ndarray) -> np.ndarray:
