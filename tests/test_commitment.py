@@ -216,12 +216,13 @@ def _distances(
 
 
 def _cheat_distances(
-    span: SpanModel, hops: list[tuple[int, int]], inputs, honest: list[list[torch.Tensor]], mode: str
+    cheat_span: SpanModel, hops: list[tuple[int, int]], inputs, honest: list[list[torch.Tensor]],
+    mode: str,
 ) -> list[float]:
     """Distances between a cheater's commitments (hop by hop, on the honest inputs) and the
-    honest outputs: what an audit of each of its steps would see."""
+    honest outputs: what an audit of each of its steps would see. ``cheat_span``: the span
+    the cheater computes with (``cheating_span(mode, span)``)."""
     found = []
-    cheat_span = cheating_span(mode, span)
     for h, (a, b) in enumerate(hops):
         cheat = Misbehavior(mode, seed=h)
         cache = cheat_span.new_cache(a, b)
@@ -254,6 +255,7 @@ def _honest_and_cheating(
     at (threads, wire dtype, prefill chunk) of each case; the audit replays it at the other
     thread count, in one prefill or in chunks of 3; cheats run at 1 thread, whole prefills."""
     honest, cheating = {}, {}
+    cheat_spans: dict[str, SpanModel] = {}
     torch_threads = torch.get_num_threads()
     try:
         for threads, dtype, chunk in cases:
@@ -268,7 +270,10 @@ def _honest_and_cheating(
             if threads == 1 and chunk == MAX_STEP_TOKENS:
                 replayed = [_replay(span, hop, inputs[h], MAX_STEP_TOKENS) for h, hop in enumerate(hops)]
                 for mode in MODES:
-                    cheating[f"{mode} {str(dtype)[6:]}"] = _cheat_distances(span, hops, inputs, replayed, mode)
+                    if mode not in cheat_spans:  # built once per model (``model``: a copy)
+                        cheat_spans[mode] = cheating_span(mode, span)
+                    cheating[f"{mode} {str(dtype)[6:]}"] = _cheat_distances(
+                        cheat_spans[mode], hops, inputs, replayed, mode)
     finally:
         torch.set_num_threads(torch_threads)
     return honest, cheating
@@ -335,6 +340,36 @@ def test_check_output_refuses_collapsed_and_out_of_range_norms():
     check_output("p", sent, _with_rms(high * NORM_MARGIN * 2), model_id="another model", end=30,
                  input_trusted=True)
     assert len(KNOWN_NORMS[SMOLLM2_ID]) == 31 and MIN_RMS_RATIO < 0.27  # SmolLM2's lowest ratio
+
+
+def _verdict(sent: torch.Tensor, received: torch.Tensor, **options) -> str:
+    try:
+        check_output("p", sent, received, **options)
+    except InvalidOutput as error:
+        return str(error).split(" returned ")[1].split(" ")[0]  # "non-finite", "hidden", ...
+    return "ok"
+
+
+def test_check_output_of_one_token_decides_as_the_general_path():
+    # a decode step's token [1, 1, H] float32 takes two dot products (rules._token_norms);
+    # the same token twice ([1, 2, H]) takes the torch path: the same verdicts
+    low, high = KNOWN_NORMS[SMOLLM2_ID][30]
+    sent = _with_rms(10.0, tokens=1)
+    cases = [_with_rms(rms, tokens=1) for rms in (0.0, 1.0, 2.6, 3.0, 12.0, low / NORM_MARGIN / 2,
+                                                  high * NORM_MARGIN * 2)]
+    for value in (float("nan"), float("inf"), float("-inf"), 3e38):
+        bad = _with_rms(12.0, tokens=1)
+        bad[0, 0, 100] = value
+        cases.append(bad)
+    cases.append(torch.full((1, 1, H), 1e20))  # squares past float32: still finite values
+    for inputs in (sent, torch.full((1, 1, H), 1e20), sent * float("inf")):
+        for received in cases:
+            for options in ({}, {"model_id": SMOLLM2_ID, "end": 30, "input_trusted": True}):
+                one = _verdict(inputs, received, **options)
+                assert one == _verdict(torch.cat([inputs] * 2, 1), torch.cat([received] * 2, 1),
+                                       **options)
+    assert [_verdict(sent, c) for c in cases[-5:]] == ["non-finite"] * 3 + ["ok"] * 2
+    assert _verdict(sent, cases[0]) == "hidden"  # collapsed
 
 
 @pytest.mark.slow
