@@ -7,6 +7,8 @@ split between the processes sharing them, so the figures add up across processes
 nodes). ``weights_mb`` is what its span's tensors hold (parameters and buffers, loaded here
 the same way), ``overhead_mb`` the rest: the interpreter, torch, hivemind, sockets, p2pd.
 The node is idle when measured (it served no session: a node of a few blocks alone cannot).
+A node drops the file pages only its start touched once it serves (``node.memory``): the
+~20 MiB of library code a step runs fault back in when it serves, not counted here.
 
 An unpacked p2pd's code is file pages (``discovery.p2pd_unpack``), split between every p2pd
 of the machine: the bootstrap's, other nodes'. So its PSS depends on how many ran then
@@ -17,7 +19,8 @@ Result::
 
     {"model": str, "p2pd_packed": bool, "rows": [{"blocks", "dtype", "pss_mb_total",
      "pss_mb_by_process": {"node": MiB, "p2pd": MiB, ...}, "weights_mb", "overhead_mb",
-     "processes", "p2pds_on_machine", "uss_mb_by_process": {...}}]}
+     "processes", "p2pds_on_machine", "uss_mb_by_process": {...},
+     "rss_mb_by_process": {...}}]}
 
 MiB throughout (2**20 bytes).
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -62,22 +65,26 @@ class MemoryRow:
     processes: int
     p2pds_on_machine: int  # p2pd processes running on the machine then (sharing its pages)
     uss_mb_by_process: dict[str, float]  # private pages only: what sharing cannot lower
+    # every resident page in full, shared ones too: what PSS reads where no other process
+    # maps the same files (the node alone on its machine), the bound sharing cannot raise
+    rss_mb_by_process: dict[str, float] = field(default_factory=dict)
 
 
 def tree_pss_mb(pid: int, root_name: str = "node") -> dict[str, float]:
     """PSS in MiB of process ``pid`` (as ``root_name``) and each of its descendants (by
     name). Processes that exit while being read are left out. Raises psutil.NoSuchProcess
     if ``pid`` itself is gone."""
-    return {name: pss for name, (pss, _uss) in tree_memory_mb(pid, root_name).items()}
+    return {name: mb[0] for name, mb in tree_memory_mb(pid, root_name).items()}
 
 
-def tree_memory_mb(pid: int, root_name: str = "node") -> dict[str, tuple[float, float]]:
-    """(PSS, USS) in MiB of process ``pid`` (as ``root_name``) and each of its descendants,
-    named as ``tree_pss_mb`` names them. USS counts only the pages no other process maps:
-    unlike PSS, it does not fall as other processes share the libraries' pages."""
+def tree_memory_mb(pid: int, root_name: str = "node") -> dict[str, tuple[float, float, float]]:
+    """(PSS, USS, RSS) in MiB of process ``pid`` (as ``root_name``) and each of its
+    descendants, named as ``tree_pss_mb`` names them. USS counts only the pages no other
+    process maps: unlike PSS, it does not fall as other processes share the libraries'
+    pages; RSS counts shared pages in full: it does not rise as they exit."""
     root = psutil.Process(pid)
     info = root.memory_full_info()
-    out = {root_name: (info.pss / MIB, info.uss / MIB)}
+    out = {root_name: (info.pss / MIB, info.uss / MIB, info.rss / MIB)}
     for child in root.children(recursive=True):
         try:
             name, info = child.name(), child.memory_full_info()
@@ -87,7 +94,7 @@ def tree_memory_mb(pid: int, root_name: str = "node") -> dict[str, tuple[float, 
         while key in out:
             n += 1
             key = f"{name}#{n}"
-        out[key] = (info.pss / MIB, info.uss / MIB)
+        out[key] = (info.pss / MIB, info.uss / MIB, info.rss / MIB)
     return out
 
 
@@ -138,14 +145,15 @@ def measure_node(state_dir: Path, peers: Sequence[str], model: str, blocks: int,
     finally:
         stop_pids([LocalProcess(proc.pid, process_start(proc.pid))])
     weights = span_weights_mb(model, blocks, dtype)
-    by_process = {name: pss for name, (pss, _uss) in memory.items()}
+    by_process = {name: mb[0] for name, mb in memory.items()}
     total = sum(by_process.values())
     return MemoryRow(
         blocks=blocks, dtype=dtype, pss_mb_total=round(total, 1),
         pss_mb_by_process={k: round(v, 1) for k, v in by_process.items()},
         weights_mb=round(weights, 1), overhead_mb=round(total - weights, 1),
         processes=len(by_process), p2pds_on_machine=p2pds,
-        uss_mb_by_process={k: round(uss, 1) for k, (_pss, uss) in memory.items()},
+        uss_mb_by_process={k: round(mb[1], 1) for k, mb in memory.items()},
+        rss_mb_by_process={k: round(mb[2], 1) for k, mb in memory.items()},
     )
 
 

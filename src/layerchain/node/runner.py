@@ -38,6 +38,7 @@ from layerchain.model import load_span, resolve_model
 from layerchain.model.quant import resolve_dtype
 from layerchain.fetch import fetch_from_swarm, fetch_model, is_model_id, local_copy, model_dir
 from layerchain.node.config import NodeConfig
+from layerchain.node.memory import shed_startup_memory
 from layerchain.node.reachability import (
     check_reachability,
     find_relay,
@@ -236,6 +237,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
             tmp.replace(config.data_dir / "node.json")
 
         write_ready()
+        await asyncio.to_thread(shed_startup_memory)  # serving: drop what only the start used
         if rechecker is not None and not rechecker.done():  # settled later: say so
             rechecker.add_done_callback(write_ready)
         if not config.relay_via:  # a relay picked from the records may go: find another
