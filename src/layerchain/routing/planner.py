@@ -306,11 +306,12 @@ class _Planner:
             bounds = replace(self.bounds(alpha, cost_only=True), cost_from=self.cost_from[alpha])
             found = search(self.arr, spec, bounds)
         elif self.mode == "client":
-            lat_mult, price_mult, incumbent = self.dual(alpha, max_price, max_latency_ms, valid)
+            lat_mult, price_mult, incumbent, cost_from = self.dual(alpha, max_price,
+                                                                   max_latency_ms, valid)
             spec = replace(spec, lat_mult=lat_mult, price_mult=price_mult,
                            upper_bound=np.inf if incumbent is None else incumbent.cost)
-            bounds = self.bounds(alpha, lat_weight=1 - alpha + lat_mult,
-                                 price_weight=alpha + price_mult)
+            bounds = replace(self.bounds(alpha, lat_weight=1 - alpha + lat_mult,
+                                         price_weight=alpha + price_mult), cost_from=cost_from)
             try:
                 found = search(self.arr, spec, bounds)
             except RoutingError:
@@ -324,9 +325,11 @@ class _Planner:
         return self.plan(found[0].hops(), alpha) if found else None
 
     def dual(self, alpha: float, max_price: float | None, max_latency_ms: float | None,
-             valid: RoutePlan | None) -> tuple[float, float, RoutePlan | None]:
-        """Lagrangian multipliers for the limits, and the best valid route meeting them
-        met on the way (an incumbent for branch and bound).
+             valid: RoutePlan | None
+             ) -> tuple[float, float, RoutePlan | None, np.ndarray | None]:
+        """Lagrangian multipliers for the limits, the best valid route meeting them met on
+        the way (an incumbent for branch and bound), and the relaxed cost-to-come at those
+        multipliers less the limits' term (``Bounds.cost_from`` of the search).
 
         The dual function ``g(lat_mult, price_mult)`` = relaxed min of ``cost + lat_mult *
         (latency - max_latency_ms) + price_mult * (price - max_price)`` is a lower bound of
@@ -337,17 +340,26 @@ class _Planner:
         routes' lines cross; when ``g`` there is on both lines, that is the maximum along
         this multiplier. Piecewise linear: a few relaxed DPs (``DUAL_STEPS`` at most per
         multiplier), where bisection took ~20. The multipliers only steer the search; its
-        result is exact whatever they are. Each DP's route, repaired, may meet the limits."""
+        result is exact whatever they are. Each DP's route, repaired, may meet the limits;
+        once ``g`` reaches the best such route's cost (weak duality: it cannot pass it),
+        the dual stops: that route's cost is the optimum, and the search only has to
+        confirm it (ties)."""
         arr = self.core
         incumbent = None
         if valid is not None and _meets(valid, max_price, max_latency_ms):
             incumbent = valid
         limits = (max_latency_ms or 0.0, max_price or 0.0)
         best = (-np.inf, 0.0, 0.0)  # (g, lat_mult, price_mult)
+        best_from: np.ndarray | None = None  # the forward DP's table at the best point
+
+        def closed() -> bool:
+            """Whether the best ``g`` has reached the incumbent's cost."""
+            return incumbent is not None and best[0] >= incumbent.cost - EPS * (
+                1 + abs(incumbent.cost))
 
         def evaluate(mults: list[float]) -> tuple[float, tuple[float, float]]:
             """``g`` at ``mults`` and the relaxed minimiser's overruns (latency, price)."""
-            nonlocal incumbent, best
+            nonlocal incumbent, best, best_from
             lat_w, price_w = 1 - alpha + mults[0], alpha + mults[1]
             result = self.relaxed.get(alpha) if mults == [0.0, 0.0] else None
             if result is None:  # (at no multiplier: fast()'s DP, same weights)
@@ -358,6 +370,7 @@ class _Planner:
             g = float(result.best[-1]) - mults[0] * limits[0] - mults[1] * limits[1]
             if g > best[0]:
                 best = (g, mults[0], mults[1])
+                best_from = result.best - (float(result.best[-1]) - g)  # less the limits' term
             repaired = self.plan(_repair(hops), alpha, arr)
             if _meets(repaired, max_price, max_latency_ms) and (
                     incumbent is None or repaired.cost < incumbent.cost):
@@ -368,8 +381,8 @@ class _Planner:
         g, over = evaluate(mults)
         coords = [i for i, limit in enumerate((max_latency_ms, max_price)) if limit is not None]
         for i in coords:
-            if over[i] <= 0 and mults[i] == 0.0:
-                continue  # this limit does not bind at the current multipliers
+            if closed() or (over[i] <= 0 and mults[i] == 0.0):
+                continue  # optimal already, or this limit does not bind here
             # lines g_j(m) = c + m * slope through each evaluated point, along coordinate i
             low = (mults[i], g, over[i])  # (multiplier, g, slope)
             if low[2] <= 0:  # the maximum lies below: bracket from 0
@@ -380,14 +393,14 @@ class _Planner:
             else:
                 high = low
                 value = max(1.0, 2 * mults[i])
-                while high[2] > 0 and value < 1e9:
+                while high[2] > 0 and value < 1e9 and not closed():
                     trial = list(mults)
                     trial[i] = value
                     gv, overv = evaluate(trial)
                     low, high = (high if high[2] > 0 else low), (value, gv, overv[i])
                     value *= 8
             for _ in range(DUAL_STEPS):
-                if low[2] <= 0 or high[2] > 0 or low[2] == high[2]:
+                if low[2] <= 0 or high[2] > 0 or low[2] == high[2] or closed():
                     break
                 # where low's line meets high's line
                 c_low, c_high = low[1] - low[0] * low[2], high[1] - high[0] * high[2]
@@ -405,7 +418,7 @@ class _Planner:
                     high = (m, gm, overm[i])
             mults = [best[1], best[2]]
             g, over = best[0], over  # the next coordinate starts from the best point
-            if len(coords) == 2 and i == coords[0]:
+            if len(coords) == 2 and i == coords[0] and not closed():
                 g, over = evaluate(mults)
         lat_mult, price_mult = best[1], best[2]
         for factor in (1.0, 2.0, 8.0, 64.0):  # no incumbent yet: exact valid optima, pushed
@@ -415,7 +428,7 @@ class _Planner:
             plan = self.optimum(price_w / (lat_w + price_w))
             if plan is not None and _meets(plan, max_price, max_latency_ms):
                 incumbent = self.plan(list(self.rows(plan)), alpha)
-        return lat_mult, price_mult, incumbent
+        return lat_mult, price_mult, incumbent, best_from
 
     def rows(self, plan: RoutePlan) -> Iterable[tuple[int, int, int]]:
         """A plan's hops back as ``(row, a, b)`` in shifted coordinates."""

@@ -208,28 +208,31 @@ def _pruned_hops(arr: PeerArrays, bounds: Bounds, push: bool, lat_w: float, pric
     by boundary (``ptr``: boundary ``b``'s are ``[ptr[b]:ptr[b + 1]]``), all built at once.
 
     A hop from ``b`` is left out when ``bounds.cost_from[b]`` + its cost + the bound from
-    its end passes the ceiling; a peer is left out at ``b`` before its hops are built when
-    its one-block hop plus the least cost-to-go past ``b`` already does (every cost term
-    is >= 0, so no longer hop does better), and everywhere when it does so at the best
-    boundary of all (a coarse filter with a margin; the exact test follows it)."""
+    its end passes the ceiling. Before any hop is built, lower bounds of that sum leave
+    out peers, then (peer, boundary) pairs: a hop on ``p`` from ``b`` costs at least its
+    one-block hop (every cost term is >= 0) and ends at most at ``e_p``, where the bound
+    from its end is at least the least bound up to ``e_p``; it starts where the
+    cost-to-come is at least its least from ``s_p`` on."""
     assert bounds.cost_from is not None
     n = arr.n
-    least = np.minimum.accumulate(bounds.cost[::-1])[::-1]  # [n+1] least cost-to-go from b on
-    floor = bounds.cost_from
+    floor = bounds.cost_from  # [n+1]
+    to_go = np.minimum.accumulate(bounds.cost)  # [n+1] least bound from any end up to e
+    come = np.minimum.accumulate(floor[::-1])[::-1]  # [n+1] least cost-to-come from b on
     first = price_w * arr.pr + lat_w * arr.ms + lat_w * arr.fixed_ms(push)  # [P]
-    slack = floor[:n] + least[1:]  # [n]
-    finite = slack[np.isfinite(slack)]
-    low = float(finite.min()) if len(finite) else np.inf
-    rows = np.flatnonzero(first + low <= ceiling + 1e-6 * (1.0 + abs(ceiling)))
+    finite = np.abs(floor[np.isfinite(floor)])
+    # the filters add up the same terms in another order: a margin far above rounding
+    cap = ceiling + 1e-9 * (1.0 + abs(ceiling) + (float(finite.max()) if len(finite) else 0.0))
+    end_bound = first + to_go[arr.e]  # [P]
+    rows = np.flatnonzero(come[arr.s] + end_bound <= cap)
     span = arr.e[rows] - arr.s[rows]
     pair_rows = np.repeat(rows, span)  # every (b, row) of those spans
     pair_b = np.repeat(arr.s[rows], span) + (
         np.arange(len(pair_rows)) - np.repeat(np.cumsum(span) - span, span))
-    keep = floor[pair_b] + first[pair_rows] + least[pair_b + 1] <= ceiling
+    keep = floor[pair_b] + end_bound[pair_rows] <= cap
     pair_rows, pair_b = pair_rows[keep], pair_b[keep]
     order = np.argsort(pair_b, kind="stable")  # by boundary, rows still ascending
     hops = _Hops(arr, bounds, push, lat_w, price_w, pair_b[order], pair_rows[order])
-    hops.keep(floor[hops.starts] + hops.cost_h <= ceiling)
+    hops.keep(floor[hops.starts] + hops.cost_h <= ceiling)  # the test fans always made
     ptr: list[int] = np.searchsorted(hops.starts, np.arange(n + 1)).tolist()
     return hops, ptr
 
