@@ -413,3 +413,107 @@ def test_shortcuts_plan_what_the_plain_exact_search_plans(kind, monkeypatch):
         plain = plan_route(swarm, 16, limits)
         assert (plan.cost, plan.latency_ms, plan.price) == pytest.approx(
             (plain.cost, plain.latency_ms, plain.price), rel=1e-9, abs=1e-9)
+
+
+# --- the relaxed DP and the fast search against plain references (issue 16.5) --------
+
+
+def _float_swarm(rng, peers=6, blocks=6):
+    """Random float costs (no accidental ties), some duplicated exactly (real ties)."""
+    out = []
+    for i in range(rng.randint(2, peers)):
+        s = rng.randrange(blocks)
+        e = rng.randint(s + 1, blocks)
+        out.append(RoutePeer(f"f{i}", s, e, rng.uniform(0, 5), rng.uniform(0, 3),
+                             rng.uniform(0, 6), rng.choice([0.0, 0.0, rng.uniform(0, 2)])))
+    if rng.random() < 0.3:
+        twin = rng.choice(out)
+        out.append(RoutePeer("twin", twin.start, twin.end, twin.ms_per_block,
+                             twin.price_per_block, twin.rtt_ms, twin.queue_ms))
+    out.append(RoutePeer("long", 0, blocks, rng.uniform(0, 6), rng.uniform(0, 3),
+                         rng.uniform(0, 6)))
+    return out, blocks
+
+
+def test_relaxed_dp_matches_a_plain_dp_over_every_hop():
+    """The flat-layout DP (complex tie-breaker, hop starts found again afterwards) gives
+    the minimum of a plain DP over every hop (a, b, p), and a route of exactly that cost."""
+    import numpy as np
+
+    from layerchain.routing.relaxed import PeerArrays, relaxed_cost_to_go, relaxed_forward
+
+    rng = random.Random(21)
+    for _ in range(150):
+        peers, blocks = _float_swarm(rng, peers=9, blocks=8)
+        if rng.random() < 0.5:  # half-integer costs: many exact ties
+            peers = [RoutePeer(p.id, p.start, p.end, round(p.ms_per_block * 2) / 2,
+                               round(p.price_per_block * 2) / 2, round(p.rtt_ms * 2) / 2)
+                     for p in peers]
+        arr = PeerArrays.build(peers, 0, blocks)
+        fixed, w = rng.random() * arr.rtt, rng.random() * arr.pr + rng.random() * arr.ms
+        second = (arr.rtt, arr.ms) if rng.random() < 0.5 else (np.zeros_like(arr.rtt), arr.pr)
+        plain = [0.0] + [np.inf] * blocks  # min over hops, lexicographic with the second cost
+        plain2 = [0.0] + [np.inf] * blocks
+        for b in range(1, blocks + 1):
+            for p in range(len(peers)):
+                for a in range(int(arr.s[p]), min(b, int(arr.e[p]))):
+                    if b > arr.e[p]:
+                        continue
+                    cand = (plain[a] + fixed[p] + (b - a) * w[p],
+                            plain2[a] + second[0][p] + (b - a) * second[1][p])
+                    if cand < (plain[b], plain2[b]):
+                        plain[b], plain2[b] = cand
+        for tie_break in (False, True):
+            result = (relaxed_forward(arr, fixed, w, *second) if tie_break
+                      else relaxed_forward(arr, fixed, w))
+            assert result.best == pytest.approx(plain, rel=1e-12, abs=1e-9)
+            hops = result.hops()
+            at = 0
+            cost = cost2 = 0.0
+            for p, a, b in hops:  # contiguous, inside spans, summing to the DP's values
+                assert a == at and arr.s[p] <= a < b <= arr.e[p]
+                cost += fixed[p] + (b - a) * w[p]
+                cost2 += second[0][p] + (b - a) * second[1][p]
+                at = b
+            assert at == blocks and cost == pytest.approx(plain[-1], rel=1e-12, abs=1e-9)
+            if tie_break:  # among routes of the least cost, the least secondary cost
+                assert cost2 == pytest.approx(plain2[-1], rel=1e-12, abs=1e-9)
+        back = [np.inf] * blocks + [0.0]  # the cost-to-go, by a plain backward DP
+        for a in range(blocks - 1, -1, -1):
+            for p in range(len(peers)):
+                if arr.s[p] <= a < arr.e[p]:
+                    for b in range(a + 1, int(arr.e[p]) + 1):
+                        back[a] = min(back[a], back[b] + fixed[p] + (b - a) * w[p])
+        assert relaxed_cost_to_go(arr, fixed, w) == pytest.approx(back, rel=1e-12, abs=1e-9)
+
+
+@pytest.mark.parametrize("where", ["random", "reference"])
+def test_plan_route_matches_brute_force_on_float_costs(where):
+    """Limits from a random route, or (as ``bench routing`` takes them) from the route
+    planned at another alpha, where the dual's bound meets its incumbent and stops early:
+    the planner's cost is brute force's, and no feasible route dominates its plan."""
+    rng = random.Random(31 if where == "random" else 32)
+    planned = 0
+    for _ in range(120):
+        peers, blocks = _float_swarm(rng)
+        routes = all_routes(peers, 0, blocks)
+        alpha = rng.choice([0.0, 1.0, 0.5, rng.random()])
+        if where == "random":
+            pick = score(rng.choice(routes), peers, 0.0)
+            max_price = pick[1] if rng.random() < 0.7 else None
+            max_lat = pick[0] if max_price is None or rng.random() < 0.4 else None
+        else:
+            ref = plan_route(peers, blocks, RouteLimits(rng.choice([0.25, 0.5, 0.75])))
+            max_price, max_lat = rng.choice([(ref.price, None), (None, ref.latency_ms),
+                                             (ref.price, ref.latency_ms * 1.1)])
+        feasible = [s for s in (score(r, peers, alpha) for r in routes)
+                    if meets(s[0], s[1], max_price, max_lat)]
+        plan = plan_route(peers, blocks, RouteLimits(alpha, max_price, max_lat))
+        lat, price, cost = score(plan.hops, peers, alpha)
+        assert meets(lat, price, max_price, max_lat)
+        assert cost == pytest.approx(min(s[2] for s in feasible), rel=1e-9, abs=1e-9)
+        for l2, p2, _ in feasible:
+            assert not (l2 <= lat - 1e-9 and p2 <= price + 1e-9
+                        or l2 <= lat + 1e-9 and p2 <= price - 1e-9)
+        planned += 1
+    assert planned == 120
