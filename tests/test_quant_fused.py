@@ -107,8 +107,8 @@ def test_int4_lean_decode_with_fused_projections_is_bit_identical(
     prompt = torch.randn(1, 5, spec.hidden_size)
     steps = torch.randn(12, 1, 1, spec.hidden_size)
     calls = []
-    forward = FusedLinears.forward
-    monkeypatch.setattr(FusedLinears, "forward", lambda m, x: calls.append(1) or forward(m, x))
+    joint = FusedLinears.joint  # what each fused call runs (forward and span.rotated_qkv)
+    monkeypatch.setattr(FusedLinears, "joint", lambda m, x: calls.append(1) or joint(m, x))
     outs = {}
     for lean in (True, False):
         span.fast_decode = lean

@@ -234,6 +234,16 @@ def apply_rotary_pos_emb(
     return q_embed, k_embed
 
 
+def rotate_heads(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> torch.Tensor:
+    """``apply_rotary_pos_emb``'s ops on one tensor of heads x [B, heads, T, D] (query and key
+    heads side by side: each element gets the same ops as there, so the same bits)."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, kv_heads, S, D] -> [B, kv_heads * n_rep, S, D], each head repeated in place."""
     batch, num_key_value_heads, slen, head_dim = hidden_states.shape

@@ -251,12 +251,16 @@ class FusedLinears(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., K] -> each part's output [..., N_i] (views of one [..., sum N] tensor)."""
+        return tuple(torch.split(self.joint(x), self.sizes, dim=-1))
+
+    def joint(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> the parts' outputs side by side, [..., sum N] (in ``parts`` order),
+        for a caller that slices them itself (``span.rotated_qkv``)."""
         flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)  # [M, K]
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat, self.packed, INT4_GROUP, self.scales_zeros
         )  # [M, sum N]
-        result = _finish(out, x, self.bias, self.out_features)
-        return tuple(torch.split(result, self.sizes, dim=-1))
+        return _finish(out, x, self.bias, self.out_features)
 
 
 def _scales_of(part: Int4Linear) -> torch.Tensor:

@@ -392,8 +392,7 @@ class LeanDecode:
         attn = block.self_attn
         residual = hidden
         x = _rms_norm(block.input_layernorm, hidden)
-        query, key, value = project_qkv(attn, x)  # [B, heads | kv_heads, T, D]
-        query, key = self.rotate(query, key, *cos_sin)
+        query, key, value = rotated_qkv(attn, x, self.rotate, cos_sin)  # [B, heads | kv, T, D]
         key, value = cache.update(key, value, attn.layer_idx)
         out, _ = self.attend(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
         hidden = residual + _linear(attn.o_proj, out.reshape(*x.shape[:-1], -1).contiguous())
@@ -419,6 +418,33 @@ def project_qkv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     )
 
 
+def rotated_qkv(
+    attn: Any,
+    x: torch.Tensor,
+    rotate: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``project_qkv`` then ``rotate(query, key, *cos_sin)``: query and key rotated, value as
+    is. For our own llama blocks (``rotate`` is ``llama_block.apply_rotary_pos_emb``) with
+    fused int4 q/k/v, query and key are rotated as one tensor of heads (their columns sit
+    side by side in the fused output): the same elementwise ops on the same values, so the
+    same bits, with half the rotary ops (docs/BENCHMARKS.md "Per-step overheads")."""
+    parts = fused(attn, "fused_qkv", attn.q_proj, attn.k_proj, attn.v_proj)
+    if parts is None or rotate is not llama_block.apply_rotary_pos_emb:
+        query, key, value = project_qkv(attn, x)
+        query, key = rotate(query, key, *cos_sin)
+        return query, key, value
+    q_size, k_size, _ = parts.sizes
+    out = parts.joint(x)  # [B, T, q + k + v]
+    shape = (*x.shape[:-1], -1, attn.head_dim)  # [B, T, heads, D]
+    both = llama_block.rotate_heads(
+        out[..., : q_size + k_size].view(shape).transpose(1, 2), *cos_sin
+    )  # [B, heads + kv_heads, T, D]
+    heads = q_size // attn.head_dim
+    value = out[..., q_size + k_size :].view(shape).transpose(1, 2)
+    return both[:, :heads], both[:, heads:], value
+
+
 def mlp_out(mlp: Any, x: torch.Tensor) -> torch.Tensor:
     """A llama-shaped MLP's output [B, T, H] for the normed hidden states x [B, T, H]:
     ``down(act(gate(x)) * up(x))``; the one place it runs on the lean and batched decode
@@ -426,8 +452,11 @@ def mlp_out(mlp: Any, x: torch.Tensor) -> torch.Tensor:
     parts = fused(mlp, "fused_gate_up", mlp.gate_proj, mlp.up_proj)  # int4: one call
     if parts is not None:
         gate, up = parts(x)
-        return _linear(mlp.down_proj, mlp.act_fn(gate) * up)
-    return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+    else:
+        gate, up = _linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)
+    if type(mlp.act_fn) is nn.SiLU:  # its op, and the product into its fresh output: same bits
+        return _linear(mlp.down_proj, F.silu(gate).mul_(up))
+    return _linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
 
 def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
@@ -443,8 +472,9 @@ def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
     without the two casts that are then no-ops and without the module call."""
     if hidden.dtype != torch.float32:
         return norm(hidden)  # type: ignore[no-any-return]
-    variance = hidden.pow(2).mean(-1, keepdim=True)
-    return norm.weight * (hidden * torch.rsqrt(variance + norm.variance_epsilon))  # type: ignore[no-any-return]
+    variance = hidden.pow(2).mean(-1, keepdim=True)  # fresh: the next two ops run in place
+    scaled = hidden * variance.add_(norm.variance_epsilon).rsqrt_()
+    return scaled.mul_(norm.weight)  # = weight * scaled, bit for bit (one allocation less)
 
 
 def _placement_of(span: SpanModel) -> tuple[torch.device, torch.dtype]:
