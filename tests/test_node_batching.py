@@ -217,6 +217,44 @@ def test_a_session_that_ran_its_prompt_is_expected_by_the_others(tiny):
     assert out_a.batch == out_b.batch == 2
 
 
+def test_a_session_stepping_slowly_stays_expected_for_twice_its_interval(tiny):
+    """On a loaded machine a stream steps seconds apart (more than recent_s): it is still
+    expected for gap_factor x its last interval, then forgotten."""
+    _, span = tiny
+    clock = Clock()
+    batcher = DecodeBatcher(BatchConfig(window_ms=30, window_share=0, recent_s=1.0,
+                                        gap_factor=2.0), clock=clock)
+    a, _ = session(span, "a", 2)
+    b, _ = session(span, "b", 2, seed=1)
+
+    async def main():
+        await batcher.step(b, token(span, 0))
+        clock.now += 3.0  # b's next step, 3 s later: its interval
+        await batcher.step(b, token(span, 1))
+        clock.now += 5.0  # within 2 x 3 s: still expected
+        assert batcher.batching(a) and batcher._expected(clock.now) == {"b"}
+        clock.now += 1.5  # 6.5 s since b's last step: forgotten
+        assert not batcher.batching(a) and batcher._expected(clock.now) == set()
+
+    asyncio.run(main())
+
+
+def test_batching_says_whether_another_session_is_expected(tiny):
+    """What node.server asks before running a slow span's decode step in slices alone."""
+    _, span = tiny
+    clock = Clock()
+    batcher = DecodeBatcher(BatchConfig(window_ms=30, window_share=0), clock=clock)
+    a, _ = session(span, "a", 2)
+    b, _ = session(span, "b", 2, seed=1)
+    assert not batcher.batching(a)  # nobody stepped
+    batcher.expect(a)  # a stepped alone (its prompt, or a step outside the batcher)
+    assert not batcher.batching(a) and batcher.batching(b)
+    b.cache = None  # closed: not expected by anyone
+    batcher.expect(b)
+    assert not batcher.batching(a)
+    assert not DecodeBatcher(BatchConfig(window_ms=0)).batching(a)  # batching off
+
+
 def test_the_window_follows_the_recent_forwards_time_within_its_bounds():
     batcher = DecodeBatcher(BatchConfig(window_ms=20, window_share=0.5, min_window_ms=2))
     assert batcher.window_s == pytest.approx(0.020)  # no forward yet: the longest

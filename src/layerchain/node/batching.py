@@ -7,7 +7,8 @@ each session's own cache and positions), in the spirit of Petals' step pooling a
 transformers' continuous batching. The window adapts, so one session pays nothing:
 
 * a step runs at once when no other session is expected: none ran a decode step (or its
-  prompt, ``expect``) in the last ``recent_s``, or all that did are waiting with it;
+  prompt, ``expect``) in the last ``recent_s`` (or, for a session that stepped before, in
+  ``gap_factor`` times its last interval between steps), or all that did are waiting with it;
 * else it waits for the sessions expected, at most a window (``window_share`` of the recent
   forwards' time, within ``min_window_ms``..``window_ms``: a slow span's clients answer
   each batch later, and a step waiting half a forward for its batch still gains), then the
@@ -52,7 +53,10 @@ class BatchConfig:
     window_share: float = 0.5  # the wait: this share of the recent forwards' time (a moving
     # average), within min_window_ms..window_ms; 0: always window_ms
     min_window_ms: float = 2.0  # the shortest wait for sessions expected, ms
-    recent_s: float = 1.0  # a session whose last decode step is this recent is expected
+    recent_s: float = 1.0  # a session whose last decode step is this recent is expected,
+    # or more recent than gap_factor x the time between its last two steps (a loaded
+    # machine's streams step seconds apart: they are still expected)
+    gap_factor: float = 2.0
     max_batch: int = 32  # steps in one forward at most (more: several forwards)
 
 
@@ -82,8 +86,9 @@ class DecodeBatcher:
         self.clock = clock
         self._pending: list[_Pending] = []
         # session id -> (the session, weakly: a closed one and its span are freed, e.g.
-        # the span a node moved from; when it last decoded or ran its prompt)
-        self._recent: dict[str, tuple[weakref.ref[Session], float]] = {}
+        # the span a node moved from; when it last decoded or ran its prompt; until when it
+        # is expected)
+        self._recent: dict[str, tuple[weakref.ref[Session], float, float]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.batches = 0  # forwards run (statistics)
         self.batched_steps = 0  # steps computed in a forward of more than one
@@ -96,7 +101,7 @@ class DecodeBatcher:
         closes meanwhile, and what its own forward raises."""
         loop = asyncio.get_running_loop()
         now = self.clock()
-        self._recent[session.session_id] = (weakref.ref(session), now)
+        self._stepped(session, now)
         entry = _Pending(session, x, loop.create_future())
         self._pending.append(entry)
         if self.config.window_ms <= 0 or not self._expected(now):
@@ -113,9 +118,25 @@ class DecodeBatcher:
             raise
 
     def expect(self, session: Session) -> None:
-        """``session`` will send decode steps soon (it just ran its prompt): steps of others
-        wait for its first as for those of sessions that decoded recently."""
-        self._recent[session.session_id] = (weakref.ref(session), self.clock())
+        """``session`` will send decode steps soon (it just ran its prompt, or a step alone
+        outside the batcher): steps of others wait for its next as for those of sessions
+        that decoded recently."""
+        self._stepped(session, self.clock())
+
+    def _stepped(self, session: Session, now: float) -> None:
+        last = self._recent.get(session.session_id)
+        gap = now - last[1] if last is not None else 0.0
+        until = now + max(self.config.recent_s, self.config.gap_factor * gap)
+        self._recent[session.session_id] = (weakref.ref(session), now, until)
+
+    def batching(self, session: Session) -> bool:
+        """Whether a decode step of ``session`` now could share a forward: batching is on and
+        another session stepped recently or waits (the node runs a slow span's step alone in
+        slices otherwise, node.server)."""
+        if self.config.window_ms <= 0:
+            return False
+        self._expected(self.clock())  # forgets sessions neither recent nor open
+        return any(sid != session.session_id for sid in self._recent)
 
     @property
     def window_s(self) -> float:
@@ -134,10 +155,9 @@ class DecodeBatcher:
         """Ids of sessions that stepped recently and are not waiting yet (forgetting those
         neither recent nor open)."""
         waiting = {p.session.session_id for p in self._pending}
-        horizon = now - self.config.recent_s
-        for sid, (ref, at) in list(self._recent.items()):
+        for sid, (ref, _, until) in list(self._recent.items()):
             session = ref()
-            if at < horizon or session is None or session.cache is None:
+            if until < now or session is None or session.cache is None:
                 del self._recent[sid]
         return {sid for sid in self._recent if sid not in waiting}
 

@@ -534,11 +534,15 @@ class Node:
             wire = reply_dtype(hidden.dtype, span.compute_dtype)
             blocks = session.end - session.start
             short = tokens * blocks * self.ms_per_block < 1000.0 * COMPUTE_SLICE_S
-            if short and tokens == 1 and session.cache is not None \
-                    and batchable(span, session.cache):
+            batched = False
+            if tokens == 1 and session.cache is not None and batchable(span, session.cache) \
+                    and (short or self.batcher.batching(session)):
                 # a decode step: batched with other sessions' (node.batching; alone, it
-                # runs span.forward as below, at once when no other session is expected)
+                # runs span.forward as below, at once when no other session is expected).
+                # A slow span's step (a loaded machine: its fastest step measured long)
+                # still batches when others are expected: else it runs in slices alone
                 decoded = await self.batcher.step(session, x)
+                batched = True
                 out = decoded.hidden.to(dtype=wire)
                 per_block = 1000.0 * decoded.seconds / blocks
                 if decoded.batch == 1:  # the fastest cost seen alone, as at start
@@ -556,8 +560,8 @@ class Node:
             else:
                 out = await self._forward_in_slices(x, session)
                 out = out.to(device="cpu", dtype=wire)
-            if tokens > 1 and session.cache is not None and batchable(span, session.cache):
-                self.batcher.expect(session)  # a prompt: decode steps follow, batch them
+            if not batched and session.cache is not None and batchable(span, session.cache):
+                self.batcher.expect(session)  # a prompt (or a step alone): decode steps follow
             if self.misbehavior is not None:
                 out = self.misbehavior.output(msg.session_id, out)
             out = to_wire(out, session.wire)  # as the client decodes it: what is committed
