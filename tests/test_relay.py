@@ -786,8 +786,10 @@ def test_nodes_behind_nat_serve_through_a_relay_in_a_real_swarm(tmp_path, refere
     import os
     import signal
     import subprocess
-    import sys
 
+    from typer.testing import CliRunner
+
+    from layerchain.cli.main import app
     from layerchain.local import swarm_down, swarm_up
     from layerchain.local.launcher import start_node, wait_ready
     from layerchain.model import DEFAULT_MODEL, SamplingParams
@@ -806,12 +808,11 @@ def test_nodes_behind_nat_serve_through_a_relay_in_a_real_swarm(tmp_path, refere
         wait_ready(proc, data_dir, tmp_path / f"{name}.log", 240)
         return json.loads((data_dir / "node.json").read_text())
 
-    def generate() -> dict:
-        done = subprocess.run(
-            [sys.executable, "-m", "layerchain", "generate", "--initial-peers",
-             swarm.initial_peers[0], "--prompt", prompt, "--max-new-tokens", str(tokens),
-             "--json"], capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stderr
+    def generate() -> dict:  # `layerchain generate`, in this process: no interpreter start
+        done = CliRunner().invoke(app, ["generate", "--initial-peers", swarm.initial_peers[0],
+                                        "--prompt", prompt, "--max-new-tokens", str(tokens),
+                                        "--json"])
+        assert done.exit_code == 0, done.output
         return json.loads(done.stdout)
 
     def stop(proc: subprocess.Popen) -> None:
