@@ -165,6 +165,17 @@ def test_bench_step_reports_both_paths_side_by_side(tiny_model_dir):
     assert result["compile"] is None
 
 
+def test_bench_step_times_a_compact_span_and_counts_its_kernels(tiny_model_dir):
+    """``bench step --dtype int4``: the span holds int4 weights, both paths still give the
+    same bits, and the int4 kernel's time counts among the matrix products."""
+    from layerchain.bench.step import run_step_bench
+
+    path = tiny_model_dir("llama")
+    result = run_step_bench(str(path), blocks=2, context=8, steps=2, rounds=1, dtype="int4")
+    assert result["dtype"] == "int4" and result["identical"] is True
+    assert 0.0 < result["matmul_share"] <= 1.0
+
+
 def test_a_lean_path_that_drifts_from_the_layers_is_not_used(tiny_model_dir):
     """A transformers release whose blocks compute something the lean path does not mirror
     (here: a stand-in off by one ulp) fails the span's check at load: plain path only."""

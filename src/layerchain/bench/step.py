@@ -29,6 +29,10 @@ same work). The run measures, side by side in one process and interleaved round 
   parts without KV-cache state) on the plain path (the lean one inlines the norms), its
   compile time, step time and whether the outputs stay bit-identical.
 
+``dtype`` (``bench step --dtype int4``): the span's weights in a compact form
+(``model.quant``); its kernels (``_weight_int4pack_mm_for_cpu``, ...) count as matrix
+products.
+
 Measurements only: nothing here is asserted in a timed test.
 """
 
@@ -63,10 +67,12 @@ def run_step_bench(
     device: str = "cpu",
     compile: bool = False,
     batch: tuple[int, ...] = (),
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Measure a decode step through ``blocks`` blocks of ``model`` (see the module);
     ``rounds`` rounds of ``steps`` steps per path. ``threads`` torch threads (0: torch's
-    default). Returns the JSON object of ``bench step``."""
+    default); ``dtype`` the form the span's weights are held in (``model.quant``: e.g. int4,
+    whose kernel counts among the matrix products). Returns the JSON object of ``bench step``."""
     from layerchain.model import load_span, resolve_model
     from layerchain.model.device import resolve_device
 
@@ -75,7 +81,10 @@ def run_step_bench(
     place = resolve_device(device)
     spec = resolve_model(model)
     blocks = min(blocks, spec.num_blocks)
-    span = load_span(spec, 0, blocks, device=place)
+    from layerchain.model.quant import check_dtype, resolve_dtype
+
+    form = resolve_dtype(check_dtype(dtype), place)
+    span = load_span(spec, 0, blocks, dtype=form, device=place)
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randn(1, context, spec.hidden_size, generator=generator)
     token = torch.randn(1, 1, spec.hidden_size, generator=generator)
@@ -115,6 +124,7 @@ def run_step_bench(
     result: dict[str, Any] = {
         "model": spec.name,
         "device": str(place),
+        "dtype": form,
         "threads": torch.get_num_threads(),
         "blocks": blocks,
         "context": context,

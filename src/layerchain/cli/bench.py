@@ -288,6 +288,8 @@ def bench_step(
         "(minutes of compilation on a small CPU)."),
     batch: str = typer.Option("", help="Also time decode steps of B sessions as one forward, "
                               "for each B of a comma-separated list (e.g. 1,2,4,8)."),
+    dtype: str = typer.Option("fp32", help="Form of the span's weights (fp32, bf16, fp16, "
+                              "int8, int4, auto)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Where a one-token decode step through a span goes: ms_per_step_p50, before_ms /
@@ -307,7 +309,8 @@ def bench_step(
     if any(b < 1 or b > 256 for b in sizes):
         raise ConfigError("--batch sizes must be in 1..256")
     _print(run_step_bench(model, blocks=blocks, context=context, steps=steps, rounds=rounds,
-                          threads=threads, device=device, compile=compile, batch=sizes),
+                          threads=threads, device=device, compile=compile, batch=sizes,
+                          dtype=dtype),
            as_json)
 
 
