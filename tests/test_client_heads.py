@@ -82,6 +82,53 @@ def test_rows_of_different_turns_are_separate_calls_and_a_lone_row_runs_solo():
     assert torch.equal(first, head.logits(a)[0, -1])
 
 
+def test_rows_of_nearby_turns_share_a_call_within_the_window():
+    """The replies of a node's batch reach the client one after another: a row waits up to
+    ``window_s`` for the other active generations' rows."""
+    head = FakeHead()
+    batcher = HeadBatcher(head, window_share=0.5, max_window_s=5.0)
+    batcher.solo_s = 2.0  # a one-row head call's time: the window is 1 s
+    batcher.active = 3
+    xs = rows(3)
+
+    async def late(x, turns):
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return await batcher.logits(x)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        outs = await asyncio.wait_for(asyncio.gather(*(late(x, 3 * i) for i, x in enumerate(xs))), 5)
+        return outs, loop.time() - t0
+
+    outs, took = asyncio.run(main())
+    assert head.calls == [(3, 1, H)] and batcher.batches == 1
+    assert took < 0.5  # the third row completed the set: no window spent
+    for x, out in zip(xs, outs):
+        assert torch.allclose(out, (x @ head.weight.T)[0, -1], atol=1e-5)
+
+
+def test_a_row_waits_at_most_the_window_then_runs_alone():
+    head = FakeHead()
+    batcher = HeadBatcher(head, window_share=0.5, max_window_s=0.02)
+    batcher.solo_s = 1.0  # half of it is 0.5 s, but max_window_s caps the wait
+    assert batcher.window_s == pytest.approx(0.02)
+    batcher.active = 2
+    row = rows(1)[0]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        out = await asyncio.wait_for(batcher.logits(row), 5)
+        return out, loop.time() - t0
+
+    out, took = asyncio.run(main())
+    assert 0.015 <= took < 1.0 and head.calls == [(1, 1, H)]
+    assert torch.equal(out, head.logits(row)[0, -1])
+    assert batcher.solo_s < 1.0  # the moving average took this call's time
+
+
 def test_a_failing_head_fails_every_waiting_generation():
     batcher = HeadBatcher(FakeHead(fail=True))
     batcher.active = 2

@@ -4,9 +4,10 @@ A client decoding N streams at once (N tasks on one ``AsyncSwarm``) runs N LM he
 round of tokens on its one event-loop thread. The head is the biggest matmul of a small
 model (SmolLM2: 49,152 x 576, 113 MB in fp32) and memory bound, so one ``[N, 1, H]`` head
 costs little more than one ``[1, 1, H]``. ``HeadBatcher.logits`` collects the rows of the
-generations whose hidden states came back in the same turn of the event loop (a node that
-batches decode steps answers them together) and runs the head once for them, at the end
-of that turn.
+generations whose hidden states came back together (a node that batches decode steps
+answers them one after another: a row waits for the others' at most half a one-row head
+call, ``window_s``, and not at all once every active generation brought its row) and runs
+the head once for them.
 
 A generation alone pays nothing: while at most one generation is ``active`` its row goes
 through the head at once, exactly as ``Decoder.accept`` would (the same call, the same
@@ -34,11 +35,16 @@ class Logits(Protocol):
 class HeadBatcher:
     """Batches the LM-head rows of one client's concurrent generations (see module)."""
 
-    def __init__(self, head: Logits) -> None:
+    def __init__(self, head: Logits, window_share: float = 0.5, max_window_s: float = 0.01) -> None:
         self.head = head
         self.active = 0  # generations decoding now (``_generate`` counts itself in and out)
         self._rows: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]] = []
         self._flush: asyncio.Handle | None = None
+        # rows wait for the other active generations' at most this share of a one-row head
+        # call's time (a moving average), at most max_window_s; 0: only their loop turn
+        self.window_share = window_share
+        self.max_window_s = max_window_s
+        self.solo_s = 0.0  # moving average of a one-row head call, s (0: none yet)
         self.batches = 0  # head calls made for more than one row (statistics)
         self.seconds = 0.0  # time spent in head calls, all generations (statistics), s
 
@@ -48,20 +54,35 @@ class HeadBatcher:
         try:
             return self.head.logits(row)[0, -1]
         finally:
-            self.seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.seconds += took
+            self.solo_s = took if not self.solo_s else 0.7 * self.solo_s + 0.3 * took
 
     async def logits(self, row: torch.Tensor) -> torch.Tensor:
         """Logits [V] of ``row`` [1, 1, H] (the last position of a step's output); with
-        other generations active, computed at the end of this loop turn with the rows the
-        others bring meanwhile."""
+        other generations active, computed with the rows the others bring meanwhile: at once
+        when every active generation brought one, else after a window (``window_s``: the
+        replies of a node's batch reach the client one after another, each checked before
+        its row comes; waiting half a head call for a row saves a whole one)."""
         if self.active <= 1:
             return self.solo(row)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[torch.Tensor] = loop.create_future()
         self._rows.append((row, future))
-        if self._flush is None:
+        if len(self._rows) >= self.active:  # everyone is here: no reason to wait
+            if self._flush is not None:
+                self._flush.cancel()
             self._flush = loop.call_soon(self._run)
+        elif self._flush is None:
+            wait = self.window_s
+            self._flush = loop.call_later(wait, self._run) if wait > 0 else \
+                loop.call_soon(self._run)
         return await future
+
+    @property
+    def window_s(self) -> float:
+        """How long a row waits for the other generations' rows, s."""
+        return min(self.max_window_s, self.window_share * self.solo_s)
 
     def _run(self) -> None:
         rows, self._rows, self._flush = self._rows, [], None
