@@ -72,8 +72,11 @@ class HostileOptions:
 
 
 def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
-                      attacks: Sequence[str] | None = None) -> dict:
-    """Run the named attacks (all by default) against a fresh local swarm; the JSON above."""
+                      attacks: Sequence[str] | None = None,
+                      options: HostileOptions | None = None) -> dict:
+    """Run the named attacks (all by default) against a fresh local swarm; the JSON above.
+    ``options`` (default ``HostileOptions.for_run(quick)``) sets the windows and lengths:
+    the test's shape check runs shorter ones than ``--quick``."""
     from layerchain.client import Swarm
     from layerchain.local import swarm_down, swarm_up
     from layerchain.model import SamplingParams, resolve_model
@@ -82,7 +85,7 @@ def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
         raise ConfigError(f"unknown attacks {unknown}", hint=f"choose from {', '.join(ATTACKS)}")
-    options = HostileOptions.for_run(quick)
+    options = options or HostileOptions.for_run(quick)
     t_start = time.monotonic()
     spec = resolve_model(model)
     params = SamplingParams(max_new_tokens=options.honest_tokens)
