@@ -284,14 +284,15 @@ def test_dashboard_in_headless_chromium(gateway, swarm, keys):
 
 @pytest.mark.timeout(300)
 def test_bench_gateway_prints_its_json():
-    """`layerchain bench gateway --json`: its own swarm and gateway process, same text both
-    ways, everything stopped afterwards."""
-    done = subprocess.run(
-        [sys.executable, "-m", "layerchain", "bench", "gateway", "--nodes", "2",
-         "--max-new-tokens", "8", "--concurrency", "2", "--json"],
-        capture_output=True, text=True, timeout=280, env=node_env(),
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    """`layerchain bench gateway --json` (in this process: no interpreter start of its own):
+    its own swarm and gateway process, same text both ways, everything stopped afterwards."""
+    from typer.testing import CliRunner
+
+    from layerchain.cli.main import app
+
+    done = CliRunner().invoke(app, ["bench", "gateway", "--nodes", "2", "--max-new-tokens", "8",
+                                    "--concurrency", "2", "--json"])
+    assert done.exit_code == 0, done.output[-2000:]
     result = json.loads(done.stdout)
     assert result["identical_text"] is True and result["nodes"] == 2
     assert result["tokens"] == 8 and result["concurrency"] == 2
