@@ -37,6 +37,7 @@ replays a prefix: the rollback of a generation to its last verified point.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -47,7 +48,7 @@ import torch
 from layerchain.client.config import RouteLimits
 from layerchain.client.funding import Funding
 from layerchain.client.peers import PeerView
-from layerchain.client.push import PushMode, push_through
+from layerchain.client.push import PushMode, _reopen, push_through
 from layerchain.client.rules import (
     Verdict,
     check_output,
@@ -379,13 +380,52 @@ class InferenceSession:
         return out.to(hidden.dtype)  # the caller's dtype, whatever the wire's (no copy if same)
 
     async def _through_hops(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Pull mode: each hop in turn gets the output of the one before. Pipelined: hop i's
+        answer goes on to hop i+1 as soon as it arrives in the right shape (``_forwardable``)
+        and is checked (``_accept``: values, receipt, commitment) while hop i+1 computes, so
+        the client's checks leave the critical path but for the last hop's. If the check
+        fails, hop i+1 ran on an output the client cannot vouch for: its call is dropped and
+        it gets a new session on the same peer rebuilt from the inputs the client holds
+        (``client.push._reopen``, blaming nobody), hop i is failed over as always, and the
+        step goes on from hop i: the same answer, the same bans as checking first."""
         i = 0
-        while i < len(self.hops):
-            try:
-                hidden = await self._call(self.hops[i], hidden)
-                i += 1
-            except HopFailed as failure:
-                await self._recover(i, failure)
+        digest: bytes | None = None  # sha256 of ``hidden`` when known (a checked receipt's)
+        ahead: _Ahead | None = None  # hop i's call, sent before hop i-1's answer was checked
+        deferred: LayerchainError | None = None  # paying hop i+1 ahead failed: raised after
+        try:  # hop i's check, where checking first would have raised it
+            while i < len(self.hops):
+                hs = self.hops[i]
+                try:
+                    if ahead is not None and ahead.hs is hs:
+                        call, ahead = ahead, None
+                        sent, voucher = call.sent, call.voucher
+                        reply, seconds = await call.task
+                    else:
+                        sent, voucher = self._prepare(hs, hidden)
+                        reply, seconds = await self._request(hs, sent, voucher)
+                    onward = _forwardable(sent, reply) if i + 1 < len(self.hops) else None
+                    if onward is not None:
+                        try:
+                            ahead = await self._send_ahead(self.hops[i + 1], onward)
+                        except LayerchainError as error:  # before anything was sent
+                            deferred = error
+                    try:
+                        hidden, digest = self._check(
+                            hs, sent, reply, voucher, seconds, digest if sent is hidden else None)
+                    except HopFailed:
+                        if ahead is not None:  # it ran on what failed: drop its step
+                            await ahead.drop()
+                            ahead = None
+                            await _reopen(self, i + 1)
+                        raise
+                    i += 1
+                except HopFailed as failure:
+                    await self._recover(i, failure)
+                if deferred is not None:
+                    raise deferred
+        finally:
+            if ahead is not None:  # cancelled, or an error raised past it
+                await ahead.drop()
         return hidden
 
     async def _call(
@@ -393,14 +433,32 @@ class InferenceSession:
     ) -> torch.Tensor:
         """One Step on one hop: pay (unless given the ``voucher`` paid for this step already
         and never spent: push mode's fallback), call, check what came back, count it."""
-        peer_id, tokens = hs.hop.peer_id, tokens_of(hidden)
+        hidden, voucher = self._prepare(hs, hidden, voucher)
+        reply, seconds = await self._request(hs, hidden, voucher)
+        return self._accept(hs, hidden, reply, voucher, seconds)
+
+    def _prepare(
+        self, hs: HopSession, hidden: torch.Tensor, voucher: bytes | None = None
+    ) -> tuple[torch.Tensor, bytes]:
+        """(``hidden`` in the wire's form, the voucher paying ``hs`` for a step over it):
+        paid here unless ``voucher`` is given. Call it right before the step is sent, with
+        no await in between: vouchers go out in order."""
+        tokens = tokens_of(hidden)
         hidden = to_wire(hidden, self.wire)  # kept, hashed and sent as the node decodes it
-        if voucher is None:  # before any await: vouchers go out in order
+        if voucher is None:
             voucher = self._pay(hs, step_amount(tokens, hs.blocks, hs.verifier.price_per_block))
+        return hidden, voucher
+
+    async def _request(
+        self, hs: HopSession, hidden: torch.Tensor, voucher: bytes
+    ) -> tuple[m.Message, float]:
+        """Send ``hs`` its next Step over ``hidden`` (as ``_prepare`` made it); its answer,
+        not checked yet, and the call's wall time (s). HopFailed if the call fails."""
+        tokens = tokens_of(hidden)
         timeout = self._step_timeout(hs, tokens)
         t0 = time.perf_counter()
         try:
-            rpc = await self.peers.client(peer_id)
+            rpc = await self.peers.client(hs.hop.peer_id)
             reply = await rpc.call(
                 m.Step(rid=0, session_id=hs.session_id, step=hs.verifier.next_step,
                        hidden=hidden, voucher=voucher),
@@ -408,7 +466,17 @@ class InferenceSession:
             )
         except LayerchainError as error:
             raise self._failure(hs.record, error, tokens) from error
-        return self._accept(hs, hidden, reply, voucher, time.perf_counter() - t0)
+        return reply, time.perf_counter() - t0
+
+    async def _send_ahead(self, hs: HopSession, hidden: torch.Tensor) -> _Ahead:
+        """Pay and send ``hs`` its Step over ``hidden`` (another hop's answer, not checked
+        yet); returns once the frame is written (the call's task ran to its first wait), so
+        the checks that follow overlap with the hop's compute. Raises what paying raises,
+        before anything is sent."""
+        sent, voucher = self._prepare(hs, hidden)
+        task = asyncio.ensure_future(self._request(hs, sent, voucher))
+        await asyncio.sleep(0)  # one loop turn: the task dials (a live link: no wait), sends
+        return _Ahead(hs, sent, voucher, task)
 
     def _accept(
         self, hs: HopSession, hidden: torch.Tensor, reply: m.Message, voucher: bytes,
@@ -418,6 +486,15 @@ class InferenceSession:
         it, keep the input; HopFailed if it is wrong. ``seconds``: the call's wall time, a
         sample of the peer's speed (None: not one; push mode passes the time after the answer
         of the hop before, ``client.push``)."""
+        return self._check(hs, hidden, reply, voucher, seconds)[0]
+
+    def _check(
+        self, hs: HopSession, hidden: torch.Tensor, reply: m.Message, voucher: bytes,
+        seconds: float | None, digest: bytes | None = None,
+    ) -> tuple[torch.Tensor, bytes]:
+        """``_accept``, also returning the sha256 of the output (``tensor_sha256``, the
+        checked receipt's): the next hop's input digest. ``digest``: that of ``hidden`` when
+        known (the hop before's output), else hashed here."""
         peer_id, tokens = hs.hop.peer_id, tokens_of(hidden)
         amount = step_amount(tokens, hs.blocks, hs.verifier.price_per_block)
         try:
@@ -430,7 +507,8 @@ class InferenceSession:
                          input_trusted=hs.hop.start == self.budget.blocks[0])
             if not reply.receipt:
                 raise InvalidReceipt(f"peer {peer_id} sent no receipt for step {hs.verifier.next_step}")
-            receipt = hs.verifier.check(reply.receipt, hidden, out, tokens)  # advances next_step
+            # advances next_step; the input's digest stands for it when known
+            receipt = hs.verifier.check(reply.receipt, digest or hidden, out, tokens)
         except LayerchainError as error:
             raise self._failure(hs.record, error, tokens) from error
         if seconds is not None:
@@ -442,7 +520,7 @@ class InferenceSession:
         hs.commitments.append(receipt.fingerprint)
         if not self._lagging(hs):  # paid (or owed) in advance: nothing left to clear
             hs.cleared = len(hs.inputs)
-        return out
+        return out, receipt.output_sha256
 
     def _step_timeout(self, hs: HopSession, tokens: int) -> float:
         """Seconds the step may take: scaled to the work at the slower of the peer's claimed
@@ -619,6 +697,32 @@ class InferenceSession:
             rec.peer_id, rec.step, rec.seconds, rec.start, rec.end,
             ", ".join(h.peer_id for h in rec.replacement),
         )
+
+
+@dataclass
+class _Ahead:
+    """A hop's call sent before the answer it carries was checked (``_through_hops``)."""
+
+    hs: HopSession
+    sent: torch.Tensor  # its input, in the wire's form
+    voucher: bytes
+    task: asyncio.Future[tuple[m.Message, float]]  # -> (answer, wall time s); HopFailed
+
+    async def drop(self) -> None:
+        """Cancel the call (its answer, or failure, no longer matters)."""
+        self.task.cancel()
+        with contextlib.suppress(BaseException):
+            await self.task
+
+
+def _forwardable(sent: torch.Tensor, reply: m.Message) -> torch.Tensor | None:
+    """The output in ``reply`` to a Step over ``sent`` if it may go on to the next hop
+    before it is checked: a StepResult with a receipt and an output of the input's shape and
+    dtype; else None (such an answer fails its check: sending it on would be wasted)."""
+    if not isinstance(reply, m.StepResult) or not reply.receipt:
+        return None
+    out = reply.hidden
+    return out if out.shape == sent.shape and out.dtype == sent.dtype else None
 
 
 def _offer(record: PeerRecord) -> tuple[int, int, int]:
