@@ -402,7 +402,7 @@ class InferenceSession:
                         reply, seconds = await call.task
                     else:
                         sent, voucher = self._prepare(hs, hidden)
-                        reply, seconds = await self._request(hs, sent, voucher)
+                        reply, seconds = await self._send_step(hs, sent, voucher)
                     onward = _forwardable(sent, reply) if i + 1 < len(self.hops) else None
                     if onward is not None:
                         try:
@@ -434,7 +434,7 @@ class InferenceSession:
         """One Step on one hop: pay (unless given the ``voucher`` paid for this step already
         and never spent: push mode's fallback), call, check what came back, count it."""
         hidden, voucher = self._prepare(hs, hidden, voucher)
-        reply, seconds = await self._request(hs, hidden, voucher)
+        reply, seconds = await self._send_step(hs, hidden, voucher)
         return self._accept(hs, hidden, reply, voucher, seconds)
 
     def _prepare(
@@ -449,7 +449,7 @@ class InferenceSession:
             voucher = self._pay(hs, step_amount(tokens, hs.blocks, hs.verifier.price_per_block))
         return hidden, voucher
 
-    async def _request(
+    async def _send_step(
         self, hs: HopSession, hidden: torch.Tensor, voucher: bytes
     ) -> tuple[m.Message, float]:
         """Send ``hs`` its next Step over ``hidden`` (as ``_prepare`` made it); its answer,
@@ -474,7 +474,7 @@ class InferenceSession:
         the checks that follow overlap with the hop's compute. Raises what paying raises,
         before anything is sent."""
         sent, voucher = self._prepare(hs, hidden)
-        task = asyncio.ensure_future(self._request(hs, sent, voucher))
+        task = asyncio.ensure_future(self._send_step(hs, sent, voucher))
         await asyncio.sleep(0)  # one loop turn: the task dials (a live link: no wait), sends
         return _Ahead(hs, sent, voucher, task)
 
