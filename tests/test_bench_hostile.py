@@ -8,8 +8,8 @@ shape, show that every attack reached its target (the forged control record was 
 by the client, the liars were asked for sessions ...), and show blocked the attacks whose
 defences have landed (all of them, by now).
 
-The reduced bench runs ``IN_TEST``, a subset of the attacks (one shared swarm, ~15 s of
-honest load per attack): every attack left out has its own focused test that attacks the
+The reduced bench runs ``IN_TEST``, a subset of the attacks (one shared swarm, a few seconds
+of honest load per attack, ``TEST_OPTIONS``): every attack left out has its own focused test that attacks the
 same defence (``FOCUSED_TESTS``), the node-level ones and the long prompt on real node
 processes, so the bench run here proves the bench's contract and the attacks through the
 DHT and fake peers end to end without attacking each defence a second time.
@@ -37,6 +37,7 @@ from layerchain.bench.attacks.forgery import (
     forge_blob,
     record_template,
 )
+from layerchain.bench.hostile import HostileOptions
 from layerchain.discovery import Identity
 from layerchain.discovery.identity import verify
 from layerchain.discovery.records import check_fresh, open_record
@@ -184,13 +185,20 @@ def test_every_attack_runs_here_or_has_a_focused_test_that_exists():
         assert f"def {name}(" in (Path(__file__).parent / file).read_text(), (file, name)
 
 
+# Shorter than ``--quick`` (8 s windows, 2 s baselines, 12 tokens): the attacks wait for the
+# honest generations they judge by (the slow liar for 4, the error-code liars for 3), not
+# for the window, and the shape needs sane values, not a steady ratio. ~40 s less.
+TEST_OPTIONS = HostileOptions(duration_s=3.0, baseline_s=0.5, baseline_runs=1, honest_tokens=6,
+                              long_prompt_tokens=1200)
+
+
 @pytest.fixture(scope="module")
 def report():
     from layerchain.bench.hostile import run_hostile_bench
 
     t0 = time.monotonic()
-    out = run_hostile_bench(quick=True, attacks=IN_TEST)
-    print(f"bench hostile --quick took {time.monotonic() - t0:.0f} s")
+    out = run_hostile_bench(quick=True, attacks=IN_TEST, options=TEST_OPTIONS)
+    print(f"bench hostile (test options) took {time.monotonic() - t0:.0f} s")
     for row in out["attacks"]:
         print(row["name"], row["blocked"], row["honest_tokens_per_s_ratio"], f"{row['seconds']} s",
               row["details"])

@@ -9,10 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from layerchain.cli.main import app
 from layerchain.local import swarm_down, swarm_up
 from layerchain.local.launcher import start_node, wait_ready
 from layerchain.model import DEFAULT_MODEL, SamplingParams, resolve_model
@@ -55,7 +56,7 @@ def fetched(tmp_path_factory):
 
 
 def test_a_node_fetches_its_span_from_peers_refusing_a_liar_then_serves_exactly(
-    fetched, reference, tmp_path
+    fetched, reference, tmp_path, monkeypatch
 ):
     swarm, node, model_id, home, state = fetched
     liar = swarm.nodes[1]["peer_id"]
@@ -66,14 +67,13 @@ def test_a_node_fetches_its_span_from_peers_refusing_a_liar_then_serves_exactly(
     assert f"from {liar}" in log and "refused block_0" in log  # the liar's files, by name
 
     client_home = tmp_path / "client-home"  # the client has nothing local either
-    done = subprocess.run(
-        [sys.executable, "-m", "layerchain", "generate", "--model", model_id, "--prompt", PROMPT,
-         "--max-new-tokens", str(PARAMS.max_new_tokens), "--alpha", "1", "--json",
-         *[arg for peer in swarm.initial_peers for arg in ("--initial-peers", peer)]],
-        capture_output=True, text=True, timeout=180,
-        env={**os.environ, "LAYERCHAIN_HOME": str(client_home)},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.setenv("LAYERCHAIN_HOME", str(client_home))
+    # `layerchain generate` in this process (CliRunner): no interpreter start of its own
+    done = CliRunner().invoke(app, [
+        "generate", "--model", model_id, "--prompt", PROMPT,
+        "--max-new-tokens", str(PARAMS.max_new_tokens), "--alpha", "1", "--json",
+        *[arg for peer in swarm.initial_peers for arg in ("--initial-peers", peer)]])
+    assert done.exit_code == 0, done.output[-2000:]
     result = json.loads(done.stdout)
     assert {"peer_id": node["peer_id"], "start": FETCHED.start, "end": FETCHED.end} in (
         result["route"])  # the cheapest route goes through the fetched span

@@ -2,7 +2,7 @@
 
 One swarm for the module: T (0:15) is the target, started with small limits (200 sessions,
 2048 cache tokens: 512 per session, 1024 per connection; 64 connections, a 2 s read
-timeout, sessions that never step closed after 20 s); S (0:15) is its spare and U (15:30)
+timeout, sessions that never step closed after 15 s); S (0:15) is its spare and U (15:30)
 serves the other blocks. During every attack a background thread generates with an honest
 client, through T or, while T refuses it, through S; every answer must be the reference.
 Each attack must end in typed error replies or closed connections, T's memory must stay
@@ -58,7 +58,9 @@ MAX_CONNECTIONS = 64
 SESSION_TOKENS = MAX_CACHE_TOKENS // 4  # the default share of one session
 CONNECTION_TOKENS = MAX_CACHE_TOKENS // 2  # and of one connection
 READ_TIMEOUT_S = 2.0
-FIRST_STEP_TIMEOUT_S = 20.0  # long enough for phase B of the sessions test on a loaded machine
+FIRST_STEP_TIMEOUT_S = 15.0  # long enough for phase B of the sessions test on a loaded machine
+# (its ~32 prefills of 64 tokens, queued at once, run in a few seconds at CI); the squatters
+# test waits this long for its reservations to expire
 TARGET_ARGS = (
     "--max-sessions", str(MAX_SESSIONS), "--max-cache-tokens", str(MAX_CACHE_TOKENS),
     "--max-connections", str(MAX_CONNECTIONS), "--read-timeout", str(READ_TIMEOUT_S),
@@ -526,7 +528,8 @@ def test_squatters_reserve_at_most_their_share_and_unstepped_sessions_expire(
 ):
     """Before: one OpenSession with max_length = the whole cache made the node answer 'busy'
     to everyone for the 5-minute idle timeout. Now a session may reserve SESSION_TOKENS, a
-    connection CONNECTION_TOKENS, and reservations that never step go after 20 s."""
+    connection CONNECTION_TOKENS, and reservations that never step go after
+    FIRST_STEP_TIMEOUT_S."""
     local, client = swarm
     model_id, endpoint = smollm2_spec.model_id, target["endpoint"]
     spare = local.nodes[1]["peer_id"]
