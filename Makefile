@@ -42,14 +42,16 @@ $(STAMP): pyproject.toml constraints.txt Makefile package.json package-lock.json
 demo: $(STAMP)
 	$(BIN)/layerchain demo
 
-# Everything, real processes included (what CI runs, after `make lint`); the 30 slowest tests
-# are listed at the end, so a CI log shows where the time goes.
+# Everything, real processes included (what CI runs, after `make lint`): the unit tests on
+# both cores (pytest-xdist), then the end-to-end tests one at a time (they time real processes
+# sharing the cores); the 30 slowest are listed at the end, so a CI log shows where the time goes.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --durations=10
+	$(BIN)/python -m pytest -q -m slow --durations=30
 
 # While iterating: no real processes, no end-to-end runs (tests marked `slow` are left out).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
