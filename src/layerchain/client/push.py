@@ -212,14 +212,14 @@ async def _redo(session: InferenceSession, index: int, failure: HopFailed,
                 " on an input its predecessor never returned" if ambiguous else "", index)
     session.push.off = True
     for j in range(len(session.hops) - 1, index, -1):  # indices stay valid from the end
-        await _reopen(session, j)
+        await reopen_hop(session, j)
     if ambiguous:
-        await _reopen(session, index)
+        await reopen_hop(session, index)
     else:
         await session._recover(index, failure)
 
 
-async def _reopen(session: InferenceSession, index: int) -> None:
+async def reopen_hop(session: InferenceSession, index: int) -> None:
     """Hop ``index`` on a new session on the same peer, replaying the inputs held (its
     old one may hold a step the client cannot vouch for); a failure: failover."""
     from layerchain.client.session import HopFailed, regroup  # imports this module

@@ -48,7 +48,7 @@ import torch
 from layerchain.client.config import RouteLimits
 from layerchain.client.funding import Funding
 from layerchain.client.peers import PeerView
-from layerchain.client.push import PushMode, _reopen, push_through
+from layerchain.client.push import PushMode, reopen_hop, push_through
 from layerchain.client.rules import (
     Verdict,
     check_output,
@@ -386,7 +386,7 @@ class InferenceSession:
         the client's checks leave the critical path but for the last hop's. If the check
         fails, hop i+1 ran on an output the client cannot vouch for: its call is dropped and
         it gets a new session on the same peer rebuilt from the inputs the client holds
-        (``client.push._reopen``, blaming nobody), hop i is failed over as always, and the
+        (``client.push.reopen_hop``, blaming nobody), hop i is failed over as always, and the
         step goes on from hop i: the same answer, the same bans as checking first."""
         i = 0
         digest: bytes | None = None  # sha256 of ``hidden`` when known (a checked receipt's)
@@ -416,7 +416,7 @@ class InferenceSession:
                         if ahead is not None:  # it ran on what failed: drop its step
                             await ahead.drop()
                             ahead = None
-                            await _reopen(self, i + 1)
+                            await reopen_hop(self, i + 1)
                         raise
                     i += 1
                 except HopFailed as failure:
