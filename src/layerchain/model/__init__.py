@@ -39,6 +39,7 @@ Modules, each importing only those above it (no cycle)::
     weights  shards                    weight sources: GGUF, HF directory, shard directory
     manifest                           a model's shard manifest from any source; the id is its hash
     resolve                            a model reference -> ModelSpec (knows every source)
+    manifest_worker                    a node's manifest built in a child process (no transformers)
     generate                           the decode loop and the single-process reference
 
 Model ids, file formats and the exactness contract are described in ``manifest``,

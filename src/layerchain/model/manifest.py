@@ -31,7 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,9 @@ from layerchain.types import Span
 
 DEFAULT_HOME = "~/.layerchain"  # LAYERCHAIN_HOME when unset (as ledger.open)
 CACHE_FORMAT = 1  # bump when what a cached manifest means changes: old entries are ignored
+# builds a source's manifest when the cache has none: ``shards.build_manifest`` in this
+# process (the default), or ``manifest_worker.build_in_child`` (a node: no transformers here)
+ManifestBuilder = Callable[[ModelSpec], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,10 @@ def cache_dir() -> Path:
     return home / "cache" / "manifests"
 
 
-def manifest_of(spec: ModelSpec) -> dict[str, Any]:
+def manifest_of(spec: ModelSpec, build: ManifestBuilder | None = None) -> dict[str, Any]:
     """The shard manifest of ``spec``'s weights (see the module docstring); its
-    ``model_id`` is the model's id in its fp32 form (``spec.weights_id``)."""
+    ``model_id`` is the model's id in its fp32 form (``spec.weights_id``). ``build`` computes
+    it when the cache has none (default: ``build_manifest`` in this process)."""
     if isinstance(spec.source, ShardSource):
         return dict(spec.source.manifest)  # checked when the source opened
     key = _cache_key(spec)
@@ -84,7 +88,7 @@ def manifest_of(spec: ModelSpec) -> dict[str, Any]:
         with _locked(directory / f"{key}.lock"):
             manifest = _read_cached(key)  # another process may have built it meanwhile
             if manifest is None:
-                manifest = build_manifest(spec)
+                manifest = (build or build_manifest)(spec)
                 tmp = directory / f"{key}.{os.getpid()}.tmp"
                 tmp.write_text(json.dumps({"cache_format": CACHE_FORMAT, "manifest": manifest}))
                 tmp.replace(directory / f"{key}.json")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from layerchain.errors import ModelFileError, UnknownModel
 from layerchain.model.families import family_for
-from layerchain.model.manifest import manifest_of
+from layerchain.model.manifest import ManifestBuilder, manifest_of
 from layerchain.model.shards import ShardSource
 from layerchain.model.spec import DEFAULT_MODEL, ModelKind, ModelSpec, WeightSource
 from layerchain.model.weights import GGUFSource, HFDirSource
@@ -34,8 +34,11 @@ _ACCEPTED = (
 )
 
 
-def resolve_model(ref: str | os.PathLike[str] | None = None) -> ModelSpec:
+def resolve_model(ref: str | os.PathLike[str] | None = None, *,
+                  build: ManifestBuilder | None = None) -> ModelSpec:
     """The spec for a model reference (``None`` means the default, ``DEFAULT_MODEL``).
+    ``build``: how its manifest is built if this machine has none cached yet
+    (``manifest.manifest_of``; a node's: ``manifest_worker.build_in_child``).
 
     Raises UnknownModel if the reference names nothing we can load, ModelFileError if the
     files are there but unreadable, UnsupportedArchitecture for a family we cannot run.
@@ -53,7 +56,7 @@ def resolve_model(ref: str | os.PathLike[str] | None = None) -> ModelSpec:
     shape = source.shape()
     family_for(shape.model_type)  # UnsupportedArchitecture early, with the list of families
     unnamed = ModelSpec(name, kind, path, "", shape, source)  # what the manifest is built from
-    return replace(unnamed, model_id=manifest_of(unnamed)["model_id"], weights_id="")
+    return replace(unnamed, model_id=manifest_of(unnamed, build)["model_id"], weights_id="")
 
 
 def open_source(kind: ModelKind, path: Path) -> WeightSource:

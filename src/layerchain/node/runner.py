@@ -35,6 +35,7 @@ from layerchain.discovery.catalog import CatalogAnnouncer
 from layerchain.ledger import Ledger, open_ledger
 from layerchain.market import Wallet
 from layerchain.model import load_span, resolve_model
+from layerchain.model.manifest_worker import build_in_child
 from layerchain.model.quant import resolve_dtype
 from layerchain.fetch import fetch_from_swarm, fetch_model, is_model_id, local_copy, model_dir
 from layerchain.node.config import NodeConfig
@@ -88,7 +89,9 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
         if config.auto_span:  # no --blocks: its span picked from the manifest and the records
             config, placement = await place_from_swarm(config)
         model = str(await fetch_span(config))
-    spec = await asyncio.to_thread(resolve_model, model)
+    # a first start on this machine builds the model's manifest in a child process: the
+    # build imports transformers, which this process would hold for good (~130 MiB)
+    spec = await asyncio.to_thread(resolve_model, model, build=build_in_child)
     end = config.end or spec.num_blocks
     span_range = Span(config.start, end).check_within(spec.num_blocks)
     if not config.auto_span:  # (an automatic span is filled in once it is picked)
