@@ -517,3 +517,31 @@ def test_plan_route_matches_brute_force_on_float_costs(where):
                         or l2 <= lat + 1e-9 and p2 <= price - 1e-9)
         planned += 1
     assert planned == 120
+
+
+def test_least_hop_of_each_pair_is_the_minimum_over_its_ends():
+    """``search._least_hops`` (a suffix minimum by doubling, for all rows at once) equals
+    the least cost over every end of each (boundary, peer) pair, within its margin."""
+    import numpy as np
+
+    from layerchain.routing.relaxed import PeerArrays
+    from layerchain.routing.search import Bounds, _least_hops
+
+    rng = random.Random(41)
+    for _ in range(40):
+        peers, blocks = _float_swarm(rng, peers=12, blocks=rng.randint(1, 19))
+        arr = PeerArrays.build(peers, 0, blocks)
+        h = np.array(sorted((rng.uniform(0, 50) for _ in range(blocks)), reverse=True) + [0.0])
+        bounds = Bounds(latency=h * 0, price=h * 0, cost=h)
+        lat_w, price_w, push = rng.random(), rng.random(), rng.random() < 0.5
+        rows = np.array(sorted(rng.sample(range(len(peers)), rng.randint(1, len(peers)))))
+        span = arr.e[rows] - arr.s[rows]
+        pair_rows = np.repeat(rows, span)
+        pair_b = np.concatenate([np.arange(arr.s[r], arr.e[r]) for r in rows])
+        least, slack = _least_hops(arr, bounds, push, lat_w, price_w, span, pair_rows, pair_b)
+        fixed = lat_w * arr.fixed_ms(push)
+        w = price_w * arr.pr + lat_w * arr.ms
+        for k, (p, b) in enumerate(zip(pair_rows.tolist(), pair_b.tolist())):
+            want = min(fixed[p] + (x - b) * w[p] + h[x] for x in range(b + 1, arr.e[p] + 1))
+            assert abs(least[k] - want) <= slack[k]
+            assert slack[k] < 1e-6
