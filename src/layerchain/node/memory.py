@@ -16,14 +16,24 @@ under memory pressure; a page used again faults back in from the page cache (a m
 no disk read while the file stays cached). Mappings that hold private pages (a library's
 relocated data, made read-only after relocation) are left alone: dropping those would
 revert them to the file's bytes. Linux only; elsewhere a no-op.
+
+Serving pages some of it back in: the kernels a step runs, the TLS, signing and hashing code
+of each step, and the kernel's fault-around maps the 64 KiB around each page touched
+(``fault_around_bytes``; ``MADV_RANDOM`` does not turn it off: measured). Measured
+2026-12-02, a 3-block node after an 8-token session: its file pages 12.7 -> 44.0 MiB, its
+overhead read RSS-bound 245.7 -> 289.5 MiB. ``shed_when_idle`` drops them again once no
+session has been open for ``IdlePolicy.quiet_s``; the next session faults back what it uses
+(minor faults from the page cache: a few ms once, docs/BENCHMARKS.md "Node memory").
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -129,3 +139,44 @@ def shed_startup_memory() -> float:
     dropped = drop_clean_file_pages()
     log.info("dropped %.1f MiB of file pages touched while starting", dropped)
     return dropped
+
+
+@dataclass(frozen=True)
+class IdlePolicy:
+    """When a node that served sheds again (``shed_when_idle``)."""
+
+    period_s: float = 2.0  # seconds between two looks at what came back
+    quiet_s: float = 4.0  # no session open for at least this long, seconds
+    regrown_mb: float = 8.0  # file pages back above what the last shed left, MiB
+
+
+def file_rss_mb() -> float:
+    """MiB of this process's resident pages of file mappings (``RssFile``); 0.0 where
+    ``/proc/self/status`` does not say."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) / _KIB
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+async def shed_when_idle(busy: Callable[[], bool], policy: IdlePolicy = IdlePolicy(),
+                         clock: Callable[[], float] = time.monotonic) -> None:
+    """Run until cancelled: each ``policy.period_s``, if ``busy()`` (a session open) has
+    been false for ``policy.quiet_s`` and the file pages came back by ``policy.regrown_mb``
+    since the last shed, shed again (``shed_startup_memory``, on a thread)."""
+    floor = file_rss_mb()
+    last_busy = clock()
+    while True:
+        await asyncio.sleep(policy.period_s)
+        now = clock()
+        if busy():
+            last_busy = now
+            continue
+        if now - last_busy < policy.quiet_s or file_rss_mb() - floor < policy.regrown_mb:
+            continue
+        await asyncio.to_thread(shed_startup_memory)
+        floor = file_rss_mb()

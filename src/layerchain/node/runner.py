@@ -39,7 +39,7 @@ from layerchain.model.manifest_worker import build_in_child
 from layerchain.model.quant import resolve_dtype
 from layerchain.fetch import fetch_from_swarm, fetch_model, is_model_id, local_copy, model_dir
 from layerchain.node.config import NodeConfig
-from layerchain.node.memory import shed_startup_memory
+from layerchain.node.memory import shed_startup_memory, shed_when_idle
 from layerchain.node.reachability import (
     check_reachability,
     find_relay,
@@ -208,6 +208,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
     rechecker: asyncio.Task[None] | None = None
     keeper: asyncio.Task[None] | None = None
     market: asyncio.Task[None] | None = None
+    shedder: asyncio.Task[None] | None = None
     catalog: CatalogAnnouncer | None = None
     try:
         await node.listen()
@@ -241,6 +242,8 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
 
         write_ready()
         await asyncio.to_thread(shed_startup_memory)  # serving: drop what only the start used
+        # and again what serving paged back in, once no session has been open for a while
+        shedder = loop.create_task(shed_when_idle(lambda: len(node.sessions) > 0))
         if rechecker is not None and not rechecker.done():  # settled later: say so
             rechecker.add_done_callback(write_ready)
         if not config.relay_via:  # a relay picked from the records may go: find another
@@ -253,7 +256,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[Node, list[str]], Non
             on_ready(node, addresses)
         await stop.wait()
     finally:
-        for task in (rechecker, keeper, market):
+        for task in (rechecker, keeper, market, shedder):
             if task is not None:
                 task.cancel()
         if catalog is not None:
