@@ -15,21 +15,46 @@ of the machine: the bootstrap's, other nodes'. So its PSS depends on how many ra
 (``p2pds_on_machine``, counted at each measurement; ~55 MiB alone, ~43 beside the
 bootstrap's); a UPX-packed p2pd (``p2pd_packed``) holds ~63 MiB whatever runs beside it.
 
+``rss_overhead_mb`` adds every resident page in full (RSS, the node's and p2pd's) and takes
+the weights away: what the overhead reads on a machine where nothing else maps the same
+files, the bound sharing cannot raise (PSS on a busy machine reads less). ``node_file_mb``:
+the node's resident pages of file mappings (library code, the GGUF), part of its RSS.
+
+**Serving** (``serving=True``, the default): after the idle reading, a second node serves
+the rest of the model (``[blocks, L)``), a client in this process generates
+``SERVING_TOKENS`` greedy tokens through the two (the node read halfway: ``in_session_*``),
+closes its session, and once the node has had no session for ``AFTER_SESSION_S`` the same
+figures are read again (``serving``): what a node that served holds between sessions. A
+session's KV cache is not overhead: a node holds it per session and is paid for it
+(reservation fees), like its weights; the few tokens' worth a short session holds is ~0.1 MiB
+anyway. What does count is whatever serving left behind: library code it paged back in,
+heap it grew, threads it started.
+
+**Cold manifest cache** (``cold_cache=True``): the measured node starts with a fresh
+``LAYERCHAIN_HOME``, as a first start on a machine does, so it builds the model's manifest
+(``model.manifest_worker``) before it serves; ``manifest_cache`` says which.
+
 Result::
 
     {"model": str, "p2pd_packed": bool, "rows": [{"blocks", "dtype", "pss_mb_total",
      "pss_mb_by_process": {"node": MiB, "p2pd": MiB, ...}, "weights_mb", "overhead_mb",
      "processes", "p2pds_on_machine", "uss_mb_by_process": {...},
-     "rss_mb_by_process": {...}}]}
+     "rss_mb_by_process": {...}, "rss_overhead_mb", "node_file_mb", "manifest_cache",
+     "serving": {"tokens", "in_session_overhead_mb", "in_session_rss_overhead_mb",
+                 "in_session_node_file_mb", "pss_mb_total", "pss_mb_by_process", "overhead_mb",
+                 "rss_overhead_mb", "uss_mb_by_process", "rss_mb_by_process",
+                 "node_file_mb", "p2pds_on_machine"} | null}]}
 
 MiB throughout (2**20 bytes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,11 +69,38 @@ from layerchain.local.launcher import (
     wait_ready,
 )
 from layerchain.model.spec import DEFAULT_MODEL
+from layerchain.node.memory import IdlePolicy, parse_smaps
 from layerchain.types import Span
 
 MIB = 2**20
 SETTLE_S = 2.0  # after the node serves, before reading: its announce and reachability done
 TARGET_OVERHEAD_MB = 250.0  # issue 21: all of a node's processes minus its weights
+SERVING_TOKENS = 8  # greedy tokens the serving reading's client generates
+SERVING_PROMPT = "What is the capital of France?"
+# after the session closed: a node sheds what serving paged back in once no session has been
+# open for IdlePolicy.quiet_s (checked every period_s); the reading waits that long
+AFTER_SESSION_S = IdlePolicy().quiet_s + 2 * IdlePolicy().period_s + SETTLE_S
+Reading = tuple[dict[str, tuple[float, float, float]], float, int]  # tree, file MiB, p2pds
+
+
+@dataclass(frozen=True)
+class ServingReading:
+    """The same node's figures after it served a session (closed and the node idle for
+    ``AFTER_SESSION_S`` when read), and halfway through it (``in_session_*``). MiB."""
+
+    tokens: int  # tokens the session generated through it
+    # halfway through the session (open, its KV cache held): the overheads then
+    in_session_overhead_mb: float
+    in_session_rss_overhead_mb: float
+    in_session_node_file_mb: float
+    pss_mb_total: float
+    pss_mb_by_process: dict[str, float]
+    overhead_mb: float  # pss_mb_total - weights
+    rss_overhead_mb: float  # RSS of its processes - weights: no sharing (see module docstring)
+    uss_mb_by_process: dict[str, float]
+    rss_mb_by_process: dict[str, float]
+    node_file_mb: float  # the node's resident pages of file mappings
+    p2pds_on_machine: int
 
 
 @dataclass(frozen=True)
@@ -68,6 +120,10 @@ class MemoryRow:
     # every resident page in full, shared ones too: what PSS reads where no other process
     # maps the same files (the node alone on its machine), the bound sharing cannot raise
     rss_mb_by_process: dict[str, float] = field(default_factory=dict)
+    rss_overhead_mb: float = 0.0  # RSS of its processes - weights (see module docstring)
+    node_file_mb: float = 0.0  # the node's resident pages of file mappings
+    manifest_cache: str = "warm"  # "cold": the node started with a fresh LAYERCHAIN_HOME
+    serving: ServingReading | None = None  # after a session (``serving=True``)
 
 
 def tree_pss_mb(pid: int, root_name: str = "node") -> dict[str, float]:
@@ -130,42 +186,137 @@ def span_weights_mb(model: str, blocks: int, dtype: str = "fp32") -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / MIB
 
 
+def file_mb(pid: int) -> float:
+    """MiB of process ``pid``'s resident pages in mappings of regular files (0.0 where
+    ``/proc/PID/smaps`` cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as f:
+            mappings = parse_smaps(f.read())
+    except OSError:
+        return 0.0
+    return sum(m.rss_kib for m in mappings if m.path.startswith("/")) / 1024
+
+
+@contextlib.contextmanager
+def _home(path: str | None) -> Iterator[None]:
+    """``LAYERCHAIN_HOME`` set to ``path`` while processes start (None: unchanged)."""
+    before = os.environ.get("LAYERCHAIN_HOME")
+    if path is not None:
+        os.environ["LAYERCHAIN_HOME"] = path
+    try:
+        yield
+    finally:
+        if path is not None:
+            if before is None:
+                os.environ.pop("LAYERCHAIN_HOME", None)
+            else:
+                os.environ["LAYERCHAIN_HOME"] = before
+
+
+def _reading(pid: int) -> Reading:
+    return tree_memory_mb(pid), file_mb(pid), count_processes("p2pd")
+
+
+def _serve_a_session(peers: Sequence[str], model: str, dtype: str, pid: int
+                     ) -> tuple[int, Reading]:
+    """Generate ``SERVING_TOKENS`` greedy tokens through the swarm, reading node ``pid``
+    halfway, its session open; return the tokens generated and that reading."""
+    from layerchain.client import Swarm
+    from layerchain.model import SamplingParams
+
+    options = {} if dtype == "fp32" else {"dtype": dtype}
+    during: Reading | None = None
+    with Swarm(list(peers), model=model, **options) as client:
+        generation = client.stream(SERVING_PROMPT,
+                                   SamplingParams(max_new_tokens=SERVING_TOKENS))
+        for event in generation:
+            if during is None and event.index + 1 >= SERVING_TOKENS // 2:
+                during = _reading(pid)
+        tokens = len(generation.result.token_ids)
+    return tokens, during if during is not None else _reading(pid)
+
+
 def measure_node(state_dir: Path, peers: Sequence[str], model: str, blocks: int, dtype: str,
-                 threads: int | None = None, timeout_s: float = 180.0) -> MemoryRow:
-    """Start a node serving ``[0, blocks)`` in ``dtype``, read its processes' PSS, stop it."""
+                 threads: int | None = None, timeout_s: float = 180.0, *,
+                 serving: bool = False, cold_cache: bool = False) -> MemoryRow:
+    """Start a node serving ``[0, blocks)`` in ``dtype``, read its processes' memory (and,
+    with ``serving``, again after a session through it), stop it."""
+    from layerchain.model import resolve_model
+
+    num_blocks = resolve_model(model).num_blocks  # (and this process's manifest cache warm)
+    if serving and blocks >= num_blocks:
+        raise ValueError(f"a serving reading needs a node of fewer than {num_blocks} blocks")
     name = f"mem-{dtype}-{blocks}"
     extra = () if dtype == "fp32" else ("--dtype", dtype)  # fp32: also before --dtype existed
-    proc, data_dir = start_node(state_dir, name, Span(0, blocks), peers, model=model,
-                                extra_args=extra, threads=threads)
+    home = str(state_dir / f"home-{name}") if cold_cache else None
+    with _home(home):
+        proc, data_dir = start_node(state_dir, name, Span(0, blocks), peers, model=model,
+                                    extra_args=extra, threads=threads)
+    started = [LocalProcess(proc.pid, process_start(proc.pid))]
+    served: tuple[int, Reading, Reading] | None = None
     try:
         wait_ready(proc, data_dir, state_dir / f"{name}.log", timeout_s)
         time.sleep(SETTLE_S)
-        memory = tree_memory_mb(proc.pid)
-        p2pds = count_processes("p2pd")
+        memory, node_file, p2pds = _reading(proc.pid)
+        if serving:
+            rest_name = f"{name}-rest"
+            rest, rest_dir = start_node(state_dir, rest_name, Span(blocks, num_blocks), peers,
+                                        model=model, extra_args=extra, threads=threads)
+            started.append(LocalProcess(rest.pid, process_start(rest.pid)))
+            wait_ready(rest, rest_dir, state_dir / f"{rest_name}.log", timeout_s)
+            tokens, during = _serve_a_session(peers, model, dtype, proc.pid)
+            time.sleep(AFTER_SESSION_S)
+            served = tokens, during, _reading(proc.pid)
     finally:
-        stop_pids([LocalProcess(proc.pid, process_start(proc.pid))])
+        stop_pids(started)
     weights = span_weights_mb(model, blocks, dtype)
-    by_process = {name: mb[0] for name, mb in memory.items()}
-    total = sum(by_process.values())
+    figures = _figures(memory, weights)
+    reading = None
+    if served is not None:
+        tokens, (in_memory, in_file, _), (served_memory, served_file, served_p2pds) = served
+        in_session = _figures(in_memory, weights)
+        reading = ServingReading(tokens=tokens,
+                                 in_session_overhead_mb=in_session["overhead_mb"],
+                                 in_session_rss_overhead_mb=in_session["rss_overhead_mb"],
+                                 in_session_node_file_mb=round(in_file, 1),
+                                 **_figures(served_memory, weights),
+                                 node_file_mb=round(served_file, 1),
+                                 p2pds_on_machine=served_p2pds)
     return MemoryRow(
-        blocks=blocks, dtype=dtype, pss_mb_total=round(total, 1),
-        pss_mb_by_process={k: round(v, 1) for k, v in by_process.items()},
-        weights_mb=round(weights, 1), overhead_mb=round(total - weights, 1),
-        processes=len(by_process), p2pds_on_machine=p2pds,
-        uss_mb_by_process={k: round(mb[1], 1) for k, mb in memory.items()},
-        rss_mb_by_process={k: round(mb[2], 1) for k, mb in memory.items()},
+        blocks=blocks, dtype=dtype, weights_mb=round(weights, 1),
+        processes=len(memory), p2pds_on_machine=p2pds, **figures,
+        node_file_mb=round(node_file, 1), manifest_cache="cold" if cold_cache else "warm",
+        serving=reading,
     )
 
 
+def _figures(memory: dict[str, tuple[float, float, float]], weights: float) -> dict:
+    """The fields a reading shares with ``ServingReading`` (PSS, USS, RSS; overheads)."""
+    pss = {name: mb[0] for name, mb in memory.items()}
+    total = sum(pss.values())
+    rss_total = sum(mb[2] for mb in memory.values())
+    return {
+        "pss_mb_total": round(total, 1),
+        "pss_mb_by_process": {k: round(v, 1) for k, v in pss.items()},
+        "overhead_mb": round(total - weights, 1),
+        "rss_overhead_mb": round(rss_total - weights, 1),
+        "uss_mb_by_process": {k: round(mb[1], 1) for k, mb in memory.items()},
+        "rss_mb_by_process": {k: round(mb[2], 1) for k, mb in memory.items()},
+    }
+
+
 def run_memory_bench(model: str = DEFAULT_MODEL, blocks: Sequence[int] = (3, 10),
-                     dtypes: Sequence[str] = ("fp32",), threads: int | None = None) -> dict:
-    """One row per (dtype, blocks), nodes measured one at a time beside one bootstrap."""
+                     dtypes: Sequence[str] = ("fp32",), threads: int | None = None, *,
+                     serving: bool = True, cold_cache: bool = False) -> dict:
+    """One row per (dtype, blocks), nodes measured one at a time beside one bootstrap;
+    ``serving``/``cold_cache``: see the module docstring."""
     with tempfile.TemporaryDirectory(prefix="layerchain-bench-memory-") as tmp:
         state_dir = Path(tmp)
         boot_pid, peers = start_bootstrap(state_dir)
         boot = LocalProcess(boot_pid, process_start(boot_pid))
         try:
-            rows = [measure_node(state_dir, peers, model, n, dtype, threads)
+            rows = [measure_node(state_dir, peers, model, n, dtype, threads,
+                                 serving=serving, cold_cache=cold_cache)
                     for dtype in dtypes for n in blocks]
         finally:
             stop_pids([boot], grace_s=3.0)

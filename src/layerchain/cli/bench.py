@@ -219,10 +219,13 @@ def bench_memory(
     blocks: str = typer.Option("3,10", help="Comma-separated block counts, one node each."),
     dtypes: str = typer.Option("fp32", help="Comma-separated weight forms, one node each (model.dtypes: fp32, int8, ...)."),
     threads: int = typer.Option(0, help="Torch threads of each node (0 = torch's default)."),
+    serving: bool = typer.Option(True, "--serving/--no-serving", help="Read each node again after a short session through it (a second node serves the other blocks)."),
+    cold_cache: bool = typer.Option(False, "--cold-cache", help="Start each node with a fresh LAYERCHAIN_HOME (a first start on a machine: it builds the manifest)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """PSS of a real node's processes serving N blocks, minus its weights (issue 21): rows
-    [{blocks, dtype, pss_mb_total, pss_mb_by_process, weights_mb, overhead_mb}]."""
+    [{blocks, dtype, pss_mb_total, pss_mb_by_process, weights_mb, overhead_mb, ...,
+    serving: {...}}]."""
     from layerchain.bench.memory import run_memory_bench
     from layerchain.errors import ConfigError
 
@@ -233,8 +236,8 @@ def bench_memory(
     names = tuple(d.strip() for d in dtypes.split(",") if d.strip())
     if not counts or min(counts) < 1 or not names:
         raise ConfigError("bench memory needs --blocks N[,N...] (each >= 1) and --dtypes NAME[,NAME...]")
-    _print(run_memory_bench(model=model, blocks=counts, dtypes=names, threads=threads or None),
-           as_json)
+    _print(run_memory_bench(model=model, blocks=counts, dtypes=names, threads=threads or None,
+                            serving=serving, cold_cache=cold_cache), as_json)
 
 
 @bench_app.command("compute")

@@ -145,8 +145,8 @@ def shed_startup_memory() -> float:
 class IdlePolicy:
     """When a node that served sheds again (``shed_when_idle``)."""
 
-    period_s: float = 2.0  # seconds between two looks at what came back
-    quiet_s: float = 4.0  # no session open for at least this long, seconds
+    period_s: float = 1.0  # seconds between two looks at what came back
+    quiet_s: float = 3.0  # no session open for at least this long, seconds
     regrown_mb: float = 8.0  # file pages back above what the last shed left, MiB
 
 
