@@ -9,6 +9,7 @@ how clients spread.
 
 from layerchain.routing.limits import RouteLimits, default_max_price, median_block_prices
 from layerchain.routing.planner import pareto_front, plan_route, plan_span
+from layerchain.routing.relaxed import RoutePeers
 from layerchain.routing.route import MODES, RoutePeer, RoutePlan, check_route, route_terms
 from layerchain.routing.snapshot import Snapshot, parse_snapshot
 
@@ -16,6 +17,7 @@ __all__ = [
     "MODES",
     "RouteLimits",
     "RoutePeer",
+    "RoutePeers",
     "RoutePlan",
     "Snapshot",
     "check_route",

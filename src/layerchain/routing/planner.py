@@ -53,6 +53,7 @@ from layerchain.routing.limits import RouteLimits
 from layerchain.routing.relaxed import (
     PeerArrays,
     RelaxedResult,
+    RoutePeers,
     peer_table,
     relaxed_cost_to_go,
     relaxed_forward,
@@ -173,9 +174,9 @@ class _Planner:
             raise ConfigError(f"alpha must be in [0, 1], not {alpha!r}")
         if mode not in MODES:
             raise ConfigError(f"unknown latency mode {mode!r}: use one of {', '.join(MODES)}")
-        peers = tuple(peers)
         table = peer_table(peers)  # (ids, [P, 6] numbers): the one pass over the peers
-        by_id = dict(zip(table[0], peers))
+        by_id = peers.by_id if isinstance(peers, RoutePeers) else dict(zip(table[0], peers))
+        peers = tuple(peers)
         if len(by_id) != len(peers):
             seen: set[str] = set()
             for peer in peers:
