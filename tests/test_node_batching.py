@@ -496,3 +496,99 @@ def test_the_batcher_does_not_keep_a_closed_session_or_its_span_alive(tiny):
     del a
     gc.collect()
     assert gone() is None
+
+
+# ---------------------------------------------------------------- phase alignment (fake clock)
+
+
+class Stub:
+    """What the batcher's bookkeeping reads of a session (no model needed)."""
+
+    def __init__(self, sid: str) -> None:
+        self.session_id = sid
+        self.cache = object()
+
+
+def stepped(batcher: DecodeBatcher, clock: Clock, sid: str, *times: float) -> Stub:
+    """A session whose steps arrived at ``times`` (the batcher's bookkeeping only)."""
+    s = Stub(sid)
+    now = clock.now
+    for t in times:
+        clock.now = t
+        batcher.expect(s)  # type: ignore[arg-type]
+    clock.now = now
+    return s
+
+
+def test_a_step_waits_for_the_sessions_due_within_the_horizon_and_a_window_for_others():
+    """Each session is due one interval after its last step; a step waits until the last
+    session due within phase_share x the forwards' time is due, plus the window; for one due
+    later (or not known, or late) only the window."""
+    clock = Clock()  # now = 100
+    batcher = DecodeBatcher(BatchConfig(window_ms=10, window_share=0, phase_share=1.5,
+                                        phase_ms=250), clock=clock)
+    batcher.forward_s = 0.100  # horizon: 150 ms
+    assert batcher.horizon_s == pytest.approx(0.150) and batcher.window_s == pytest.approx(0.010)
+    keep = [stepped(batcher, clock, "soon", 98.05, 99.05),  # due at 100.05
+            stepped(batcher, clock, "later", 98.90, 99.90)]  # due at 100.90: a round away
+    assert batcher._awaited(100.0) == {"soon": pytest.approx(100.05), "later": 100.0}
+    assert batcher.wait_s(100.0) == pytest.approx(0.05 + 0.010)  # due, plus the window
+    keep.append(stepped(batcher, clock, "late", 97.9, 98.9))  # due at 99.9: late
+    keep.append(stepped(batcher, clock, "new", 99.99))  # one step: interval unknown
+    assert batcher._awaited(100.0) == {"soon": pytest.approx(100.05), "later": 100.0,
+                                       "late": 100.0, "new": 100.0}
+    only = DecodeBatcher(batcher.config, clock=clock)
+    only.forward_s = 0.100
+    keep.append(stepped(only, clock, "far", 98.9, 99.9))  # due in 900 ms: a round away
+    assert only.wait_s(100.0) == pytest.approx(0.010)  # the window
+    keep.append(stepped(batcher, clock, "edge", 98.149, 99.149))  # due at 100.149
+    assert batcher.wait_s(100.0) == pytest.approx(0.150)  # never more than the horizon
+    assert len(keep) == 6
+
+
+def test_the_horizon_follows_the_forwards_within_its_bounds_and_phase_zero_is_the_window():
+    clock = Clock()
+    batcher = DecodeBatcher(BatchConfig(window_ms=20, window_share=0.5, min_window_ms=2,
+                                        phase_share=1.5, phase_ms=250), clock=clock)
+    for forward_s, horizon_s in ((0.0, 0.020), (0.001, 0.002), (0.040, 0.060), (1.0, 0.250)):
+        batcher.forward_s = forward_s
+        assert batcher.horizon_s == pytest.approx(horizon_s)
+    off = DecodeBatcher(BatchConfig(window_ms=10, window_share=0, phase_share=0), clock=clock)
+    off.forward_s = 0.100
+    s = stepped(off, clock, "later", 98.9, 99.9)  # due in 0.9 s: still waited for a window
+    assert off._awaited(100.0) == {"later": 100.0} and off.wait_s(100.0) == pytest.approx(0.010)
+    assert s.session_id == "later"
+    assert DecodeBatcher(clock=clock).wait_s(100.0) == 0.0  # nobody expected
+
+
+def test_a_group_one_forward_behind_joins_the_batch_and_a_session_a_round_away_does_not(tiny):
+    """Streams out of phase: a arrives, b is due 50 ms later (queued behind a forward on the
+    previous hop: more than the window), c a whole round later. a waits for b, b completes
+    the batch and it runs (a window for c, not c's round); then c alone."""
+    _, span = tiny
+    clock = Clock()
+    batcher = DecodeBatcher(BatchConfig(window_ms=10, window_share=0, phase_share=1.5,
+                                        phase_ms=10_000), clock=clock)
+    (a, _), (b, _), (c, _) = (session(span, sid, 2, seed=i) for i, sid in enumerate("abc"))
+
+    async def main():
+        for t, s in ((98.05, b), (98.5, c), (99.0, a), (99.05, b), (99.5, c)):
+            clock.now = t  # every interval 1 s: a due at 100, b at 100.05, c at 100.5
+            batcher.expect(s)
+        batcher.forward_s = 0.1  # horizon 150 ms
+        clock.now = 100.0
+        assert batcher.wait_s(100.0) == pytest.approx(0.06)  # b due in 50 ms, + window
+        ta = asyncio.create_task(batcher.step(a, token(span, 1)))
+        await asyncio.sleep(0.03)
+        assert not ta.done()  # waiting for b: longer than the window
+        clock.now = 100.05
+        out_b = await asyncio.wait_for(batcher.step(b, token(span, 2)), 5)
+        out_a = await ta
+        clock.now = 100.5
+        assert batcher.wait_s(100.5) == pytest.approx(0.010)  # a, b due a round away
+        out_c = await asyncio.wait_for(batcher.step(c, token(span, 3)), 5)
+        return out_a, out_b, out_c
+
+    out_a, out_b, out_c = asyncio.run(main())
+    assert out_a.batch == out_b.batch == 2 and out_c.batch == 1
+    assert batcher.sizes == {2: 1, 1: 1}

@@ -9,10 +9,18 @@ transformers' continuous batching. The window adapts, so one session pays nothin
 * a step runs at once when no other session is expected: none ran a decode step (or its
   prompt, ``expect``) in the last ``recent_s`` (or, for a session that stepped before, in
   ``gap_factor`` times its last interval between steps), or all that did are waiting with it;
-* else it waits for the sessions expected, at most a window (``window_share`` of the recent
+* else it waits for the sessions expected, then the batch runs with whoever came, at once
+  when all are in. How long at most (``wait_s``): a window (``window_share`` of the recent
   forwards' time, within ``min_window_ms``..``window_ms``: a slow span's clients answer
-  each batch later, and a step waiting half a forward for its batch still gains), then the
-  batch runs with whoever came. Steps arriving while a batch computes join the next one (all torch work is
+  each batch later, and a step waiting half a forward for its batch still gains); and
+  phase alignment: a session that stepped at least twice is due one interval (its last two
+  steps' distance) after its last step, and the step waits until the last session due
+  within a ``horizon_s`` (``phase_share`` of the recent forwards' time, at most
+  ``phase_ms``) is due, plus the window. Streams drift out of phase, and a group of
+  sessions one forward behind another (it queued behind that forward on the previous
+  hop) stays one forward behind on every hop, two small batches for ever, if nobody waits
+  longer than a window; waiting up to a forward for it makes one batch of the two.
+  Steps arriving while a batch computes join the next one (all torch work is
   on the event loop thread, node.server's OpenMP note: a batch computes between two turns
   of the loop, as a prefill's slices do, so decode batches interleave with a prefill's
   slices and a long prompt does not stall other sessions).
@@ -32,6 +40,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,6 +67,9 @@ class BatchConfig:
     # machine's streams step seconds apart: they are still expected)
     gap_factor: float = 2.0
     max_batch: int = 32  # steps in one forward at most (more: several forwards)
+    phase_share: float = 1.5  # wait for the sessions due within this many recent forwards'
+    # time (horizon_s), at most phase_ms; 0: only the window (sessions expected, not due)
+    phase_ms: float = 250.0
 
 
 @dataclass(frozen=True)
@@ -87,9 +99,10 @@ class DecodeBatcher:
         self._pending: list[_Pending] = []
         # session id -> (the session, weakly: a closed one and its span are freed, e.g.
         # the span a node moved from; when it last decoded or ran its prompt; until when it
-        # is expected)
-        self._recent: dict[str, tuple[weakref.ref[Session], float, float]] = {}
+        # is expected; its last interval between two steps, 0: not known yet)
+        self._recent: dict[str, tuple[weakref.ref[Session], float, float, float]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self.sizes: Counter[int] = Counter()  # forwards run by their number of steps
         self.batches = 0  # forwards run (statistics)
         self.batched_steps = 0  # steps computed in a forward of more than one
         self.largest_batch = 0  # the most steps one forward computed
@@ -104,10 +117,10 @@ class DecodeBatcher:
         self._stepped(session, now)
         entry = _Pending(session, x, loop.create_future())
         self._pending.append(entry)
-        if self.config.window_ms <= 0 or not self._expected(now):
+        if self.config.window_ms <= 0 or not self._awaited(now):
             self.flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self.window_s, self.flush)
+            self._timer = loop.call_later(self.wait_s(now), self.flush)
         try:
             return await entry.future
         except asyncio.CancelledError:
@@ -127,7 +140,7 @@ class DecodeBatcher:
         last = self._recent.get(session.session_id)
         gap = now - last[1] if last is not None else 0.0
         until = now + max(self.config.recent_s, self.config.gap_factor * gap)
-        self._recent[session.session_id] = (weakref.ref(session), now, until)
+        self._recent[session.session_id] = (weakref.ref(session), now, until, gap)
 
     def batching(self, session: Session) -> bool:
         """Whether a decode step of ``session`` now could share a forward: batching is on and
@@ -147,6 +160,37 @@ class DecodeBatcher:
         wait = config.window_share * self.forward_s
         return min(config.window_ms, max(config.min_window_ms, 1000.0 * wait)) / 1000.0
 
+    @property
+    def horizon_s(self) -> float:
+        """Sessions due within this time from now are waited for, seconds (at least the
+        window)."""
+        config = self.config
+        phase = min(config.phase_ms / 1000.0, config.phase_share * self.forward_s)
+        return max(self.window_s, phase)
+
+    def _awaited(self, now: float) -> dict[str, float]:
+        """Sessions a step arriving at ``now`` waits for (expected, not waiting yet) -> until
+        when: when it is due if that is within ``horizon_s``, else ``now`` (due time unknown,
+        late, or a round away: the window only, as jitter may bring it sooner)."""
+        expected = self._expected(now)
+        if self.config.phase_share <= 0:  # the window alone, for every session expected
+            return dict.fromkeys(expected, now)
+        horizon = now + self.horizon_s
+        awaited = {}
+        for sid in expected:
+            _, last, _, gap = self._recent[sid]
+            due = last + gap if gap > 0 else now
+            awaited[sid] = max(due, now) if due <= horizon else now
+        return awaited
+
+    def wait_s(self, now: float) -> float:
+        """How long a step arriving at ``now`` waits for the sessions it awaits, seconds: until
+        the last of them is due plus a window, within the horizon (0: none awaited)."""
+        awaited = self._awaited(now)
+        if not awaited:
+            return 0.0
+        return min(max(awaited.values()) + self.window_s - now, self.horizon_s)
+
     def _ran(self, seconds: float) -> None:
         self.batches += 1
         self.forward_s = seconds if not self.forward_s else 0.7 * self.forward_s + 0.3 * seconds
@@ -155,7 +199,7 @@ class DecodeBatcher:
         """Ids of sessions that stepped recently and are not waiting yet (forgetting those
         neither recent nor open)."""
         waiting = {p.session.session_id for p in self._pending}
-        for sid, (ref, _, until) in list(self._recent.items()):
+        for sid, (ref, _, until, _) in list(self._recent.items()):
             session = ref()
             if until < now or session is None or session.cache is None:
                 del self._recent[sid]
@@ -201,6 +245,7 @@ class DecodeBatcher:
             return
         seconds = time.perf_counter() - t0
         self._ran(seconds)
+        self.sizes[len(group)] += 1
         self.batched_steps += len(group)
         self.largest_batch = max(self.largest_batch, len(group))
         for i, entry in enumerate(group):  # a copy: a row does not hold the whole batch
@@ -219,5 +264,6 @@ class DecodeBatcher:
             return
         seconds = time.perf_counter() - t0
         self._ran(seconds)
+        self.sizes[1] += 1
         self.largest_batch = max(self.largest_batch, 1)
         entry.future.set_result(Decoded(out, 1, seconds))
