@@ -17,6 +17,8 @@ from layerchain.bench import concurrency as conc
 from layerchain.bench.concurrency import (
     PROMPTS,
     StreamRun,
+    cpu_ms_per_token,
+    cpu_seconds,
     gaps_ms,
     identical_tokens,
     measure_point,
@@ -104,6 +106,24 @@ def test_streams_take_distinct_prompts_then_wrap_around():
     assert len(set(PROMPTS)) == len(PROMPTS) == 8
     assert stream_prompts(2) == list(PROMPTS[:2])
     assert stream_prompts(9)[8] == PROMPTS[0]
+
+
+def test_cpu_per_token_is_each_processes_cpu_over_the_point_per_token():
+    assert cpu_ms_per_token([1.0, 10.0], [1.5, 12.0], 100) == [5.0, 20.0]
+    assert cpu_ms_per_token([1.0], [2.0], 0) == [0.0]  # no tokens: no rate
+    with pytest.raises(ValueError):
+        cpu_ms_per_token([1.0], [2.0, 3.0], 10)
+
+
+def test_cpu_seconds_reads_a_process_and_its_children_and_zero_for_one_gone():
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "sum(range(3_000_000))"])
+    child.wait()
+    assert cpu_seconds(os.getpid(), children=False) > 0.0
+    assert cpu_seconds(child.pid) == 0.0  # reaped: gone
 
 
 def test_parse_levels():
@@ -198,7 +218,8 @@ def test_concurrent_streams_on_a_real_swarm_give_each_prompts_greedy_tokens(tmp_
     local = swarm_up(tmp_path, even_spans(30, 2), threads=1)
     try:
         points, runs = conc.measure_concurrency(local.initial_peers, [1, 2],
-                                                max_new_tokens=tokens, warmup_tokens=0)
+                                                max_new_tokens=tokens, warmup_tokens=0,
+                                                node_pids=[n["pid"] for n in local.nodes])
     finally:
         swarm_down(tmp_path, quiet=True)
     assert [p["concurrency"] for p in points] == [1, 2]
@@ -208,6 +229,9 @@ def test_concurrent_streams_on_a_real_swarm_give_each_prompts_greedy_tokens(tmp_
         assert p["ttft_s_p99"] >= p["ttft_s_p50"] > 0
         json.dumps(p)  # plain JSON
     assert points[0]["head_batches"] == 0  # one stream: its head alone, every token
+    for p in points:  # where the cores went: every node and the client computed
+        assert len(p["nodes_cpu_ms_per_token"]) == 2 and min(p["nodes_cpu_ms_per_token"]) > 0
+        assert p["client_cpu_ms_per_token"] > 0
     assert [r.prompt for r in runs[1]] == list(PROMPTS[:2])
     params = SamplingParams(max_new_tokens=tokens)
     for run in (*runs[0], *runs[1]):

@@ -529,21 +529,23 @@ def test_a_step_waits_for_the_sessions_due_within_the_horizon_and_a_window_for_o
                                         phase_ms=250), clock=clock)
     batcher.forward_s = 0.100  # horizon: 150 ms
     assert batcher.horizon_s == pytest.approx(0.150) and batcher.window_s == pytest.approx(0.010)
-    keep = [stepped(batcher, clock, "soon", 98.05, 99.05),  # due at 100.05
-            stepped(batcher, clock, "later", 98.90, 99.90)]  # due at 100.90: a round away
+    keep = [stepped(batcher, clock, "soon", 97.05, 98.05, 99.05),  # due at 100.05
+            stepped(batcher, clock, "later", 97.90, 98.90, 99.90)]  # due at 100.90: far
     assert batcher._awaited(100.0) == {"soon": pytest.approx(100.05), "later": 100.0}
     assert batcher.wait_s(100.0) == pytest.approx(0.05 + 0.010)  # due, plus the window
-    keep.append(stepped(batcher, clock, "late", 97.9, 98.9))  # due at 99.9: late
-    keep.append(stepped(batcher, clock, "new", 99.99))  # one step: interval unknown
+    keep.append(stepped(batcher, clock, "late", 96.9, 97.9, 98.9))  # due at 99.9: late
+    keep.append(stepped(batcher, clock, "new", 99.0, 99.99))  # one interval: not known
+    keep.append(stepped(batcher, clock, "odd", 97.04, 97.05, 99.05))  # 0.01 s then 2 s
     assert batcher._awaited(100.0) == {"soon": pytest.approx(100.05), "later": 100.0,
-                                       "late": 100.0, "new": 100.0}
+                                       "late": 100.0, "new": 100.0, "odd": 100.0}
     only = DecodeBatcher(batcher.config, clock=clock)
     only.forward_s = 0.100
-    keep.append(stepped(only, clock, "far", 98.9, 99.9))  # due in 900 ms: a round away
+    keep.append(stepped(only, clock, "far", 97.9, 98.9, 99.9))  # due in 900 ms: far
+    keep.append(stepped(only, clock, "irregular", 96.0, 98.0, 99.05))  # 2 s then 1.05 s
     assert only.wait_s(100.0) == pytest.approx(0.010)  # the window
-    keep.append(stepped(batcher, clock, "edge", 98.149, 99.149))  # due at 100.149
+    keep.append(stepped(batcher, clock, "edge", 97.149, 98.149, 99.149))  # due at 100.149
     assert batcher.wait_s(100.0) == pytest.approx(0.150)  # never more than the horizon
-    assert len(keep) == 6
+    assert len(keep) == 8
 
 
 def test_the_horizon_follows_the_forwards_within_its_bounds_and_phase_zero_is_the_window():
@@ -555,7 +557,7 @@ def test_the_horizon_follows_the_forwards_within_its_bounds_and_phase_zero_is_th
         assert batcher.horizon_s == pytest.approx(horizon_s)
     off = DecodeBatcher(BatchConfig(window_ms=10, window_share=0, phase_share=0), clock=clock)
     off.forward_s = 0.100
-    s = stepped(off, clock, "later", 98.9, 99.9)  # due in 0.9 s: still waited for a window
+    s = stepped(off, clock, "later", 97.9, 98.9, 99.9)  # due in 0.9 s: waited for a window
     assert off._awaited(100.0) == {"later": 100.0} and off.wait_s(100.0) == pytest.approx(0.010)
     assert s.session_id == "later"
     assert DecodeBatcher(clock=clock).wait_s(100.0) == 0.0  # nobody expected
@@ -572,8 +574,9 @@ def test_a_group_one_forward_behind_joins_the_batch_and_a_session_a_round_away_d
     (a, _), (b, _), (c, _) = (session(span, sid, 2, seed=i) for i, sid in enumerate("abc"))
 
     async def main():
-        for t, s in ((98.05, b), (98.5, c), (99.0, a), (99.05, b), (99.5, c)):
-            clock.now = t  # every interval 1 s: a due at 100, b at 100.05, c at 100.5
+        for t, s in ((97.05, b), (97.5, c), (98.0, a), (98.05, b), (98.5, c), (99.0, a),
+                     (99.05, b), (99.5, c)):  # every interval 1 s: a due at 100, b at
+            clock.now = t  # 100.05, c at 100.5
             batcher.expect(s)
         batcher.forward_s = 0.1  # horizon 150 ms
         clock.now = 100.0
@@ -586,6 +589,7 @@ def test_a_group_one_forward_behind_joins_the_batch_and_a_session_a_round_away_d
         out_a = await ta
         clock.now = 100.5
         assert batcher.wait_s(100.5) == pytest.approx(0.010)  # a, b due a round away
+        # (a: intervals 1 s then 1 s; b: 1 s then 1 s)
         out_c = await asyncio.wait_for(batcher.step(c, token(span, 3)), 5)
         return out_a, out_b, out_c
 

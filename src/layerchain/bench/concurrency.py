@@ -9,7 +9,10 @@ that one loop thread; the LM heads of rows that come back in the same loop turn 
 (``client.heads``). ``client_busy`` is the sum of the streams' client compute over the
 point's wall time (a batched head counts once per stream in it: an upper bound);
 ``head_busy`` the share of the wall time the loop spent in head calls, counted once;
-``head_batches`` the head calls made for several streams.
+``head_batches`` the head calls made for several streams. ``nodes_cpu_ms_per_token`` (each
+node process with its children, in the order of its span) and ``client_cpu_ms_per_token``
+(this process): CPU time over the point / its tokens, where the cores went (a figure the
+wall time hides on a shared machine).
 
 Per point: ``aggregate_tokens_per_s`` = tokens of all streams / wall time from the moment
 the N requests start to the end of the last; ``ttft_s`` = first token - start, per stream
@@ -103,6 +106,32 @@ def measure_point(concurrency: int, runs: Sequence[StreamRun], wall_s: float) ->
     }
 
 
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """CPU time (user + system) of process ``pid`` (with its children, the live ones), s;
+    0.0 if it is gone."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *(proc.children(recursive=True) if children else ())]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for each in procs:
+        try:
+            times = each.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def cpu_ms_per_token(before: Sequence[float], after: Sequence[float], tokens: int) -> list[float]:
+    """Each process's CPU time between two readings (s) per token, ms."""
+    return [round(1000.0 * (b - a) / tokens, 1) if tokens else 0.0
+            for a, b in zip(before, after, strict=True)]
+
+
 def identical_tokens(points: Sequence[Sequence[StreamRun]]) -> bool:
     """Whether every stream of a prompt gave the tokens the first stream of that prompt gave
     (``points`` in order of concurrency)."""
@@ -145,10 +174,11 @@ def stream_prompts(n: int) -> list[str]:
 def measure_concurrency(
     initial_peers: Sequence[str], levels: Sequence[int], *, model: str = DEFAULT_MODEL,
     max_new_tokens: int = 32, insecure: bool = False, warmup_tokens: int = 4,
+    node_pids: Sequence[int] = (),
 ) -> tuple[list[dict], list[list[StreamRun]]]:
     """Every point of ``levels`` on the swarm at ``initial_peers``, one client for all,
     after a warm-up of max(levels) streams of ``warmup_tokens`` (0: none): the points and
-    the runs."""
+    the runs. The CPU time of ``node_pids`` (local node processes) is read around each point."""
     from layerchain.client import Swarm
 
     points, all_runs = [], []
@@ -158,12 +188,18 @@ def measure_concurrency(
         heads = client.core.heads  # client.heads: the streams' LM heads
         for n in levels:
             batches, seconds = heads.batches, heads.seconds
+            cpu0 = [cpu_seconds(os.getpid(), False), *map(cpu_seconds, node_pids)]
             runs, wall = client.run(run_streams(client.core, stream_prompts(n), max_new_tokens))
+            cpu1 = [cpu_seconds(os.getpid(), False), *map(cpu_seconds, node_pids)]
+            point = measure_point(n, runs, wall)
+            per_token = cpu_ms_per_token(cpu0, cpu1, point["tokens"])
             points.append({
-                **measure_point(n, runs, wall),
+                **point,
                 # head calls for several streams at once; share of the wall in head calls
                 "head_batches": heads.batches - batches,
                 "head_busy": round((heads.seconds - seconds) / wall, 3) if wall > 0 else 0.0,
+                "client_cpu_ms_per_token": per_token[0],
+                "nodes_cpu_ms_per_token": per_token[1:],
             })
             all_runs.append(runs)
     return points, all_runs
@@ -200,7 +236,8 @@ def run_concurrency_bench(
         local = swarm_up(state, spans, model=model, threads=threads, insecure=insecure,
                          node_args=node_args)
         points, runs = measure_concurrency(local.initial_peers, levels, model=model,
-                                           max_new_tokens=max_new_tokens, insecure=insecure)
+                                           max_new_tokens=max_new_tokens, insecure=insecure,
+                                           node_pids=[node["pid"] for node in local.nodes])
     finally:
         swarm_down(state, quiet=True)
         shutil.rmtree(state, ignore_errors=True)

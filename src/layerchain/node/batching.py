@@ -13,8 +13,9 @@ transformers' continuous batching. The window adapts, so one session pays nothin
   when all are in. How long at most (``wait_s``): a window (``window_share`` of the recent
   forwards' time, within ``min_window_ms``..``window_ms``: a slow span's clients answer
   each batch later, and a step waiting half a forward for its batch still gains); and
-  phase alignment: a session that stepped at least twice is due one interval (its last two
-  steps' distance) after its last step, and the step waits until the last session due
+  phase alignment: a session that steps regularly (its last two intervals between steps
+  differ by at most ``horizon_s``) is due one interval after its last step (on a loaded
+  machine, where intervals vary by seconds, no session is), and the step waits until the last session due
   within a ``horizon_s`` (``phase_share`` of the recent forwards' time, at most
   ``phase_ms``) is due, plus the window. Streams drift out of phase, and a group of
   sessions one forward behind another (it queued behind that forward on the previous
@@ -81,6 +82,18 @@ class Decoded:
     seconds: float  # that forward's time (with the copy of its output to CPU memory)
 
 
+@dataclass(frozen=True)
+class _Recent:
+    """A session's last steps, as the batcher saw them."""
+
+    session: weakref.ref[Session]  # weakly: a closed one and its span are freed (e.g. the
+    # span a node moved from)
+    last: float  # when it last decoded or ran its prompt
+    until: float  # until when it is expected
+    gap: float  # its last interval between two steps (0: not known yet)
+    jitter: float  # how much that interval differs from the one before (inf: not known)
+
+
 @dataclass
 class _Pending:
     session: Session
@@ -97,10 +110,7 @@ class DecodeBatcher:
         self.config = config
         self.clock = clock
         self._pending: list[_Pending] = []
-        # session id -> (the session, weakly: a closed one and its span are freed, e.g.
-        # the span a node moved from; when it last decoded or ran its prompt; until when it
-        # is expected; its last interval between two steps, 0: not known yet)
-        self._recent: dict[str, tuple[weakref.ref[Session], float, float, float]] = {}
+        self._recent: dict[str, _Recent] = {}  # session id -> its last steps
         self._timer: asyncio.TimerHandle | None = None
         self.sizes: Counter[int] = Counter()  # forwards run by their number of steps
         self.batches = 0  # forwards run (statistics)
@@ -138,9 +148,10 @@ class DecodeBatcher:
 
     def _stepped(self, session: Session, now: float) -> None:
         last = self._recent.get(session.session_id)
-        gap = now - last[1] if last is not None else 0.0
+        gap = now - last.last if last is not None else 0.0
+        jitter = abs(gap - last.gap) if last is not None and last.gap > 0 else float("inf")
         until = now + max(self.config.recent_s, self.config.gap_factor * gap)
-        self._recent[session.session_id] = (weakref.ref(session), now, until, gap)
+        self._recent[session.session_id] = _Recent(weakref.ref(session), now, until, gap, jitter)
 
     def batching(self, session: Session) -> bool:
         """Whether a decode step of ``session`` now could share a forward: batching is on and
@@ -171,16 +182,19 @@ class DecodeBatcher:
     def _awaited(self, now: float) -> dict[str, float]:
         """Sessions a step arriving at ``now`` waits for (expected, not waiting yet) -> until
         when: when it is due if that is within ``horizon_s``, else ``now`` (due time unknown,
-        late, or a round away: the window only, as jitter may bring it sooner)."""
+        its intervals irregular, late, or a round away: the window only)."""
         expected = self._expected(now)
         if self.config.phase_share <= 0:  # the window alone, for every session expected
             return dict.fromkeys(expected, now)
         horizon = now + self.horizon_s
         awaited = {}
         for sid in expected:
-            _, last, _, gap = self._recent[sid]
-            due = last + gap if gap > 0 else now
-            awaited[sid] = max(due, now) if due <= horizon else now
+            recent = self._recent[sid]
+            if recent.jitter <= self.horizon_s:  # it steps regularly: due one interval on
+                due = recent.last + recent.gap
+                awaited[sid] = max(due, now) if due <= horizon else now
+            else:
+                awaited[sid] = now
         return awaited
 
     def wait_s(self, now: float) -> float:
@@ -199,9 +213,9 @@ class DecodeBatcher:
         """Ids of sessions that stepped recently and are not waiting yet (forgetting those
         neither recent nor open)."""
         waiting = {p.session.session_id for p in self._pending}
-        for sid, (ref, _, until, _) in list(self._recent.items()):
-            session = ref()
-            if until < now or session is None or session.cache is None:
+        for sid, recent in list(self._recent.items()):
+            session = recent.session()
+            if recent.until < now or session is None or session.cache is None:
                 del self._recent[sid]
         return {sid for sid in self._recent if sid not in waiting}
 
