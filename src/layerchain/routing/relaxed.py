@@ -64,15 +64,18 @@ class RoutePeers(tuple[RoutePeer, ...]):
     (``peer_table``: ids and ``[P, 6]`` numbers) and an id -> peer map, so planning over
     it reads no peer object. A client keeps one and rebuilds only what changed between
     plans (``client.peers.PeerView.snapshot``). ``cols`` is read-only and must be the rows
-    of the peers (``RoutePeers(peers)`` computes it; a caller passing its own vouches)."""
+    of the peers, ``ids`` their ids (``RoutePeers(peers)`` computes both; a caller passing
+    its own vouches for them: tests check the client's against a fresh table)."""
 
     ids: tuple[str, ...]
     cols: np.ndarray
 
-    def __new__(cls, peers: Iterable[RoutePeer] = (), cols: np.ndarray | None = None
-                ) -> RoutePeers:
+    def __new__(cls, peers: Iterable[RoutePeer] = (), cols: np.ndarray | None = None,
+                ids: tuple[str, ...] | None = None) -> RoutePeers:
         self = super().__new__(cls, peers)
-        self.ids = tuple(map(attrgetter("id"), self))
+        self.ids = tuple(map(attrgetter("id"), self)) if ids is None else ids
+        if len(self.ids) != len(self):
+            raise ValueError(f"{len(self.ids)} ids for {len(self)} peers")
         if cols is None:
             cols = peer_table(tuple(self))[1]
         if cols.shape != (len(self), len(COLUMNS)):
