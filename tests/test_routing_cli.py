@@ -87,7 +87,12 @@ def test_bench_routing_cli():
     result = CliRunner().invoke(app, ["bench", "routing", "--peers", "100", "--blocks", "8",
                                       "--trials", "2", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["peers"] == 100
+    out = json.loads(result.stdout)
+    assert out["peers"] == 100
+    client = out["client"]  # snapshot + plan as a client pays them, after a few changes
+    assert client["plans"] == 6 and client["case"] == "client snapshot + plan"
+    for name in ("snapshot", "plan", "total", "first_snapshot", "fresh_snapshot"):
+        assert client[f"{name}_ms_p50"] > 0 and client[f"{name}_cpu_ms_p50"] >= 0
 
 
 def test_a_snapshot_may_say_how_busy_a_peer_is(tmp_path):

@@ -6,16 +6,21 @@ blocks (so a route exists) and otherwise peers with a random span of 1 to blocks
 compute of 0.2-20 ms per block (log-uniform: laptops to GPUs), RTT 0.2-150 ms
 (log-uniform: LAN to another continent) and a price of 0-2 credits per block. Only the
 planning call is timed, not building the snapshot. ``run_routing_cases`` times every
-case of ``CASES`` (alpha 0, 0.5, 1; binding price; binding latency; both).
+case of ``CASES`` (alpha 0, 0.5, 1; binding price; binding latency; both), and what a
+real client pays per plan (``run_client_bench``: its kept snapshot of the same swarm's
+records after a few changes, then the plan over it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
+from collections.abc import Callable
+from typing import Any
 
-from layerchain.routing import RouteLimits, RoutePeer, plan_route
+from layerchain.routing import RouteLimits, RoutePeer, plan_route, plan_span
 
 
 def random_swarm(num_peers: int, num_blocks: int, seed: int) -> list[RoutePeer]:
@@ -121,12 +126,85 @@ def run_routing_bench(
     }
 
 
+#: What changes between two plans of the client case (``run_client_bench``): RTTs
+#: measured, one-token steps observed, records re-announced with a new load.
+CLIENT_CHANGES = {"rtts": 20, "steps": 8, "records": 4}
+
+
+def run_client_bench(peers: int, blocks: int, trials: int, *, seed: int = 0,
+                     plans: int = 3) -> dict:
+    """Snapshot + plan as a client pays them: a ``PeerView`` holding the records of each
+    random swarm (same numbers, prices in whole credits) and an RTT for every peer plans
+    ``plans`` times at alpha 0.5 (no price cap); before each plan ``CLIENT_CHANGES``
+    happen (so the kept snapshot rebuilds those peers) and a session opens on a route
+    peer. Times (wall and CPU, ms, p50 over all plans): ``snapshot`` (``snapshot()``),
+    ``plan`` (``plan_span`` over it), ``total``; ``first_snapshot`` (a view's first,
+    nothing kept) and ``fresh_snapshot`` (``fresh_snapshot()``: 10,000 RoutePeers)."""
+    from layerchain.client import ClientConfig
+    from layerchain.client.peers import PeerView
+    from layerchain.discovery import MemoryDHT, MemoryDiscovery, PeerRecord
+    from layerchain.discovery.identity import peer_id_from_public_key
+    from layerchain.discovery.records import PeerLoad
+    from layerchain.wire import MemoryNetwork, MemoryTransport
+
+    keys = [hashlib.sha256(b"bench-%d" % i).digest() for i in range(peers)]
+    ids = [peer_id_from_public_key(key) for key in keys]
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, call: Callable[[], Any]) -> Any:
+        began, cpu = time.perf_counter(), time.process_time()
+        out = call()
+        times.setdefault(name + "_ms", []).append((time.perf_counter() - began) * 1000)
+        times.setdefault(name + "_cpu_ms", []).append((time.process_time() - cpu) * 1000)
+        return out
+
+    expires = time.time() + 3600
+    for trial in range(trials):
+        rng = random.Random(seed + trial)
+        swarm = random_swarm(peers, blocks, seed + trial)
+        view = PeerView(MemoryDiscovery(MemoryDHT()), MemoryTransport(MemoryNetwork()),
+                        "bench", blocks, ClientConfig(max_price_multiple=None))
+        view.records = {
+            ids[i]: PeerRecord(ids[i], keys[i], ("mem://bench",), "bench", p.start, p.end,
+                               p.ms_per_block, round(p.price_per_block), 0, "", (), "0",
+                               expires)
+            for i, p in enumerate(swarm)}
+        view.rtt_ms = {ids[i]: p.rtt_ms for i, p in enumerate(swarm)}
+        timed("first_snapshot", view.snapshot)
+        timed("fresh_snapshot", view.fresh_snapshot)
+        for _ in range(plans):
+            for i in rng.sample(range(peers), CLIENT_CHANGES["rtts"]):
+                view.rtt_ms[ids[i]] *= rng.uniform(0.8, 1.25)
+            for i in rng.sample(range(peers), CLIENT_CHANGES["steps"]):
+                view.observe_step(ids[i], 1, 1, rng.uniform(0.001, 0.05))
+            for i in rng.sample(range(peers), CLIENT_CHANGES["records"]):
+                old = view.records[ids[i]]
+                view.records[ids[i]] = PeerRecord(
+                    old.peer_id, old.public_key, old.endpoints, old.model_id, old.start,
+                    old.end, old.ms_per_block, old.price_per_block, 0, "", (), "0", expires,
+                    load=PeerLoad(1, rng.uniform(0, 2), rng.uniform(5, 50)))
+            began, cpu = time.perf_counter(), time.process_time()
+            snap = timed("snapshot", view.snapshot)
+            plan = timed("plan", lambda: plan_span(snap, blocks, 0, blocks, RouteLimits(0.5)))
+            times.setdefault("total_ms", []).append((time.perf_counter() - began) * 1000)
+            times.setdefault("total_cpu_ms", []).append((time.process_time() - cpu) * 1000)
+            view.session_opened(plan.peer_ids[0], f"s{trial}")
+    out: dict = {"case": "client snapshot + plan", "alpha": 0.5, "limits": "none",
+                 "plans": trials * plans, "changes_per_plan": dict(CLIENT_CHANGES)}
+    for name in ("snapshot", "plan", "total", "first_snapshot", "fresh_snapshot"):
+        out[f"{name}_ms_p50"] = round(_percentile(times[f"{name}_ms"], 0.5), 3)
+        out[f"{name}_cpu_ms_p50"] = round(_percentile(times[f"{name}_cpu_ms"], 0.5), 3)
+    out["total_ms_p99"] = round(_percentile(times["total_ms"], 0.99), 3)
+    return out
+
+
 def run_routing_cases(peers: int, blocks: int, trials: int, *, seed: int = 0) -> dict:
     """Every case of ``CASES`` over the same seeded swarms: ``{"cases": [{"case", "alpha",
     "limits", "plan_ms_p50", "plan_ms_p99", "mean_hops", "plan_cpu_ms_p50"}],
     "worst_plan_ms_p50",
-    "target_ms_p50", "met"}``, plus the alpha-0.5 case's fields at the top level (the
-    keys this command printed before it timed several cases)."""
+    "target_ms_p50", "met", "client"}``, plus the alpha-0.5 case's fields at the top level
+    (the keys this command printed before it timed several cases). ``"client"`` is
+    ``run_client_bench`` (snapshot + plan as a client pays them; not in ``met``)."""
     cases = []
     for name, alpha, limits in CASES:
         result = run_routing_bench(peers, blocks, trials, alpha=alpha, limits=limits, seed=seed)
@@ -149,4 +227,5 @@ def run_routing_cases(peers: int, blocks: int, trials: int, *, seed: int = 0) ->
         "worst_plan_ms_p50": worst,
         "target_ms_p50": TARGET_MS,
         "met": worst <= TARGET_MS,
+        "client": run_client_bench(peers, blocks, trials, seed=seed),
     }
