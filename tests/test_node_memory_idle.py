@@ -1,5 +1,5 @@
-"""``node.memory.shed_when_idle``: a node that served sheds again what serving paged back in,
-only once no session has been open for a while, and only when enough came back."""
+"""``node.memory``: a node that served sheds again what serving paged back in (``shed_when_idle``),
+only once no session has been open for a while and enough came back; its p2pd gets a lower GOGC."""
 
 from __future__ import annotations
 
@@ -92,3 +92,12 @@ def test_does_not_shed_for_little(machine):
 
 def test_file_rss_is_read_from_this_process():
     assert file_rss_mb() > 1.0  # the interpreter's own code, at least
+
+
+def test_p2pd_gets_a_lower_gogc_unless_one_is_set():
+    env: dict[str, str] = {}
+    memory.tune_p2pd_env(env)
+    assert env == {"GOGC": memory.P2PD_GOGC}
+    mine = {"GOGC": "200"}
+    memory.tune_p2pd_env(mine)
+    assert mine == {"GOGC": "200"}

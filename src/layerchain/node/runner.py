@@ -39,7 +39,7 @@ from layerchain.model.manifest_worker import build_in_child
 from layerchain.model.quant import resolve_dtype
 from layerchain.fetch import fetch_from_swarm, fetch_model, is_model_id, local_copy, model_dir
 from layerchain.node.config import NodeConfig
-from layerchain.node.memory import shed_startup_memory, shed_when_idle
+from layerchain.node.memory import shed_startup_memory, shed_when_idle, tune_p2pd_env
 from layerchain.node.reachability import (
     check_reachability,
     find_relay,
@@ -110,6 +110,7 @@ async def build_node(config: NodeConfig) -> tuple[Node, HivemindDiscovery]:
     # the form is part of the model's id (ModelSpec.in_form): an int8 node announces, signs
     # receipts and is audited as the int8 model, never against an fp32 recomputation
     spec = spec.in_form(resolve_dtype(config.dtype, config.device))
+    tune_p2pd_env(os.environ)  # the discovery's p2pd starts with this process's environment
     discovery = await HivemindDiscovery.create(
         initial_peers=list(config.initial_peers),
         host=config.host,
