@@ -141,21 +141,24 @@ class PeerArrays:
 
     @cached_property
     def active(self) -> tuple[np.ndarray, ...]:
-        """``[n]`` arrays of the rows ``i`` with ``s_i <= b < e_i``, for each block ``b``
-        (computed on first use: the exact search reads it, the relaxed DPs the layout)."""
-        s, e = self.s, self.e
-        return tuple(np.flatnonzero((s <= b) & (e > b)) for b in range(self.n))
+        """``[n]`` arrays of the rows ``i`` with ``s_i <= b < e_i`` (ascending), for each
+        block ``b`` (the layout's slices: the exact search reads it)."""
+        lay = self.layout
+        return tuple(lay.rows[lay.ptr[b]:lay.ptr[b + 1]] for b in range(self.n))
 
     @cached_property
     def layout(self) -> Layout:
-        """``active`` flattened, as the relaxed DPs read it."""
-        active = self.active
-        ptr = [0]
-        for rows in active:
-            ptr.append(ptr[-1] + len(rows))
-        flat = np.concatenate(active) if active else np.zeros(0, np.int64)
-        block = np.repeat(np.arange(self.n, dtype=np.float64), [len(r) for r in active])
-        return Layout(flat, ptr, block)
+        """Every (block, row) pair, by block then row, as the relaxed DPs read it: built
+        at once (one pass per block took ~80 x 4 numpy calls per DP range)."""
+        span = self.e - self.s
+        count = int(span.sum())
+        rows = np.repeat(np.arange(len(span)), span)
+        block = np.repeat(self.s, span) + (np.arange(count) - np.repeat(np.cumsum(span) - span,
+                                                                        span))
+        order = np.argsort(block, kind="stable")  # rows stay ascending within a block
+        rows, block = rows[order], block[order]
+        ptr: list[int] = np.searchsorted(block, np.arange(self.n + 1)).tolist()
+        return Layout(rows, ptr, block.astype(np.float64))
 
     @cached_property
     def mirrored(self) -> PeerArrays:
