@@ -21,9 +21,11 @@ relaxed DP runs over the undominated peers only (``PeerArrays.undominated``; the
 relaxed optimum for any weighting, so bounds and the fast path are unchanged), a few
 numpy calls per boundary (``relaxed``), and the exact search over all peers, so nothing
 is approximated. The dual stops as soon as its bound meets its incumbent, and the search
-builds only the hops that may beat the incumbent (``search._pruned_hops``). Where the
-time goes at that size: reading the 10,000 peers once (~7 ms on a loaded core), the
-relaxed DPs (~1 ms each), the search (~1-10 ms). ``bench routing`` times each case and
+builds only the hops that may beat the incumbent (``search._pruned_hops``, which first
+leaves out every (peer, boundary) pair whose least hop cannot). Where the time goes at
+that size: the relaxed DPs (~1-2 ms each on a loaded core), the search (~1-10 ms),
+reading the peers (one bytes join of their packed rows; none for ``RoutePeers``, what
+the client's kept snapshot gives). ``bench routing`` times each case and
 ``tests/test_routing.py`` checks the shortcuts against the plain search and brute force.
 * ``pareto_front``: every non-dominated (latency, price) route, sorted by latency.
 * ``plan_span``: the same over a block range ``[start, end)`` only, used to re-plan the
