@@ -243,9 +243,6 @@ def measure_node(state_dir: Path, peers: Sequence[str], model: str, blocks: int,
     with ``serving``, again after a session through it), stop it."""
     from layerchain.model import resolve_model
 
-    num_blocks = resolve_model(model).num_blocks  # (and this process's manifest cache warm)
-    if serving and blocks >= num_blocks:
-        raise ValueError(f"a serving reading needs a node of fewer than {num_blocks} blocks")
     name = f"mem-{dtype}-{blocks}"
     extra = () if dtype == "fp32" else ("--dtype", dtype)  # fp32: also before --dtype existed
     home = str(state_dir / f"home-{name}") if cold_cache else None
@@ -258,7 +255,10 @@ def measure_node(state_dir: Path, peers: Sequence[str], model: str, blocks: int,
         wait_ready(proc, data_dir, state_dir / f"{name}.log", timeout_s)
         time.sleep(SETTLE_S)
         memory, node_file, p2pds = _reading(proc.pid)
-        if serving:
+        if serving:  # (resolved here after the node: a cold cache is built by the node)
+            num_blocks = resolve_model(model).num_blocks
+            if blocks >= num_blocks:
+                raise ValueError(f"a serving reading needs fewer than {num_blocks} blocks")
             rest_name = f"{name}-rest"
             rest, rest_dir = start_node(state_dir, rest_name, Span(blocks, num_blocks), peers,
                                         model=model, extra_args=extra, threads=threads)
