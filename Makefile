@@ -43,11 +43,12 @@ demo: $(STAMP)
 	$(BIN)/layerchain demo
 
 # Everything, real processes included (what CI runs, after `make lint`): the unit tests on
-# both cores (pytest-xdist), then the end-to-end tests one at a time (they time real processes
-# sharing the cores); the 30 slowest are listed at the end, so a CI log shows where the time goes.
+# both cores (pytest-xdist), then the end-to-end tests on both cores too, each file whole on
+# one worker (--dist loadfile: a module's swarm starts once); the 30 slowest are listed at
+# the end, so a CI log shows where the time goes.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --durations=10
-	$(BIN)/python -m pytest -q -m slow --durations=30
+	$(BIN)/python -m pytest -q -m slow -n 2 --dist loadfile --durations=30
 
 # While iterating: no real processes, no end-to-end runs (tests marked `slow` are left out).
 test-fast: $(STAMP)
