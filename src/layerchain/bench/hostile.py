@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerchain.bench.attacks import ATTACKS, Attack
 from layerchain.bench.attacks.base import HonestLoad, NodeInfo, Outcome, Stage
@@ -44,6 +45,9 @@ from layerchain.bench.attacks.requests import PROSE, prompt_of
 from layerchain.errors import ConfigError
 from layerchain.model.spec import DEFAULT_MODEL
 from layerchain.types import Span
+
+if TYPE_CHECKING:
+    from layerchain.local import LocalSwarm
 
 PROMPT = "What is the capital of France?"
 SPANS = (Span(0, 15), Span(0, 15), Span(15, 30))  # target, spare, tail
@@ -73,10 +77,14 @@ class HostileOptions:
 
 def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
                       attacks: Sequence[str] | None = None,
-                      options: HostileOptions | None = None) -> dict:
+                      options: HostileOptions | None = None,
+                      swarm: LocalSwarm | None = None) -> dict:
     """Run the named attacks (all by default) against a fresh local swarm; the JSON above.
     ``options`` (default ``HostileOptions.for_run(quick)``) sets the windows and lengths:
-    the test's shape check runs shorter ones than ``--quick``."""
+    the test's shape check runs shorter ones than ``--quick``. ``swarm``: attack this running
+    local swarm of ``model`` instead (a test's, left running): its nodes 0, 1, 2 serve
+    ``SPANS`` over plaintext tcp://, the spare and the tail with a ``MAX_CACHE_TOKENS`` cache
+    at least (the target may have smaller limits: each attack reads what a node admits)."""
     from layerchain.client import Swarm
     from layerchain.local import swarm_down, swarm_up
     from layerchain.model import SamplingParams, resolve_model
@@ -95,13 +103,16 @@ def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
         reference, long_text, long_ids, long_reference = pool.submit(
             _references, spec, params, long_params,
             options.long_prompt_tokens if "long_prompt" in names else 0).result()
-    state = Path(tempfile.mkdtemp(prefix="layerchain-hostile-"))
+    state = None if swarm else Path(tempfile.mkdtemp(prefix="layerchain-hostile-"))
     cache_args = ("--max-cache-tokens", str(MAX_CACHE_TOKENS))
     try:
         # plaintext (insecure): the attacks write raw frames and fake peers announce tcp://;
         # the same frame and admission defences run under TLS (tests/test_wire_tls.py)
-        local = swarm_up(state, SPANS, model=model, node_args=[cache_args] * len(SPANS),
-                         insecure=True)
+        local = swarm if state is None else swarm_up(
+            state, SPANS, model=model, node_args=[cache_args] * len(SPANS), insecure=True)
+        assert local is not None
+        if [Span(n["start"], n["end"]) for n in local.nodes[:len(SPANS)]] != list(SPANS):
+            raise ConfigError(f"the hostile bench needs nodes serving {list(map(str, SPANS))}")
         nodes = [NodeInfo(f"node-{i}", n["peer_id"], n["endpoint"], n["pid"], n["start"], n["end"],
                           n.get("wallet", "")) for i, n in enumerate(local.nodes)]
 
@@ -126,7 +137,8 @@ def run_hostile_bench(model: str = DEFAULT_MODEL, quick: bool = False,
                 )
                 rows.append(_run_attack(name, ATTACKS[name], stage, alone))
     finally:
-        swarm_down(state, quiet=True)
+        if state is not None:
+            swarm_down(state, quiet=True)
     alones = [r["honest"]["alone_tokens_per_s"] for r in rows]
     return {
         "attacks": rows,
