@@ -6,9 +6,10 @@ of every process of its tree is read (psutil ``memory_full_info().pss``: shared 
 split between the processes sharing them, so the figures add up across processes and
 nodes). ``weights_mb`` is what its span's tensors hold (parameters and buffers, loaded here
 the same way), ``overhead_mb`` the rest: the interpreter, torch, hivemind, sockets, p2pd.
-The node is idle when measured (it served no session: a node of a few blocks alone cannot).
-A node drops the file pages only its start touched once it serves (``node.memory``): the
-~20 MiB of library code a step runs fault back in when it serves, not counted here.
+The first reading is of the node idle (it served no session: a node of a few blocks alone
+cannot). A node drops the file pages only its start touched once it serves (``node.memory``);
+the ~30 MiB of library code a session runs fault back in while it serves (``serving``
+below reads that) and are dropped again once it is idle (``node.memory.shed_when_idle``).
 
 An unpacked p2pd's code is file pages (``discovery.p2pd_unpack``), split between every p2pd
 of the machine: the bootstrap's, other nodes'. So its PSS depends on how many ran then
