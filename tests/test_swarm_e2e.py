@@ -267,11 +267,20 @@ def test_an_honest_prompt_near_the_context_length_succeeds_and_nodes_keep_answer
     assert result.token_ids == expected.token_ids
     hop_step = took / (3 * steps)  # seconds one hop computes one step (hops take turns): what
     # a ping could wait before, when a node held its loop for a whole step
+    slowest = sorted(pongs, reverse=True)
     print(f"{result.prompt_tokens}-token prompt in {took:.1f} s ({steps} steps per hop, "
           f"{hop_step:.2f} s each); {len(pongs)} pings of the first node, slowest "
-          f"{max(pongs) * 1000:.0f} ms, median {sorted(pongs)[len(pongs) // 2] * 1000:.0f} ms")
+          f"{[round(p * 1000) for p in slowest[:3]]} ms, median "
+          f"{slowest[len(pongs) // 2] * 1000:.0f} ms")
     assert len(pongs) >= steps
-    assert max(pongs) < max(0.5, hop_step / 2), (max(pongs), hop_step)
+    # A node holding its loop through a step would hold a ping for about that step at each
+    # of its two full (512-token) prompt steps (a ping goes every 0.1 s, so each catches
+    # one), and a full step is longer than hop_step, an average with the 256-token steps and
+    # the decode in it: the second-slowest ping would wait ~1.2 x hop_step - 0.1 s. Between
+    # slices a ping waits for one slice; under load a slice stretches: with two test workers
+    # on 2 cores the slowest pings took 0.81 s at hop_step 1.51 s (over the old bound of half
+    # a step), and at load 15 three took 0.81-0.83 s at hop_step 4.73 s. One may be slower.
+    assert slowest[1] < max(0.5, 0.75 * hop_step), (slowest[:3], hop_step)
 
     # 2. positions 0 .. 8,191 on block 0 of the first node, against the single process
     context = smollm2_spec.shape.max_position_embeddings
