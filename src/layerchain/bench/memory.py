@@ -253,7 +253,8 @@ def measure_node(state_dir: Path, peers: Sequence[str], model: str, blocks: int,
     started = [LocalProcess(proc.pid, process_start(proc.pid))]
     served: tuple[int, Reading, Reading] | None = None
     try:
-        wait_ready(proc, data_dir, state_dir / f"{name}.log", timeout_s)
+        # a cold cache: the node builds the manifest first (a child process; minutes under load)
+        wait_ready(proc, data_dir, state_dir / f"{name}.log", timeout_s * (3 if cold_cache else 1))
         time.sleep(SETTLE_S)
         memory, node_file, p2pds = _reading(proc.pid)
         if serving:  # (resolved here after the node: a cold cache is built by the node)
