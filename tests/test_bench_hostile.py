@@ -8,11 +8,13 @@ shape, show that every attack reached its target (the forged control record was 
 by the client, the liars were asked for sessions ...), and show blocked the attacks whose
 defences have landed (all of them, by now).
 
-The reduced bench runs ``IN_TEST``, a subset of the attacks (one shared swarm, a few seconds
-of honest load per attack, ``TEST_OPTIONS``): every attack left out has its own focused test that attacks the
-same defence (``FOCUSED_TESTS``), the node-level ones and the long prompt on real node
-processes, so the bench run here proves the bench's contract and the attacks through the
-DHT and fake peers end to end without attacking each defence a second time.
+The reduced bench runs ``IN_TEST``, a subset of the attacks (a few seconds of honest load per
+attack, ``TEST_OPTIONS``), in tests/test_hostile_e2e.py on that module's swarm of real node
+processes (its spans are the bench's: one swarm start for both): every attack left out has
+its own focused test that attacks the same defence (``FOCUSED_TESTS``), the node-level ones
+and the long prompt on real node processes, so the bench run proves the bench's contract and
+the attacks through the DHT and fake peers end to end without attacking each defence a
+second time.
 """
 
 from __future__ import annotations
@@ -190,48 +192,3 @@ def test_every_attack_runs_here_or_has_a_focused_test_that_exists():
 # for the window, and the shape needs sane values, not a steady ratio. ~40 s less.
 TEST_OPTIONS = HostileOptions(duration_s=3.0, baseline_s=0.5, baseline_runs=1, honest_tokens=6,
                               long_prompt_tokens=1200)
-
-
-@pytest.fixture(scope="module")
-def report():
-    from layerchain.bench.hostile import run_hostile_bench
-
-    t0 = time.monotonic()
-    out = run_hostile_bench(quick=True, attacks=IN_TEST, options=TEST_OPTIONS)
-    print(f"bench hostile (test options) took {time.monotonic() - t0:.0f} s")
-    for row in out["attacks"]:
-        print(row["name"], row["blocked"], row["honest_tokens_per_s_ratio"], f"{row['seconds']} s",
-              row["details"])
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_the_report_has_the_issues_json_shape(report):
-    assert [row["name"] for row in report["attacks"]] == [a for a in ATTACKS if a in IN_TEST]
-    for row in report["attacks"]:
-        assert isinstance(row["blocked"], bool), row
-        assert isinstance(row["honest_tokens_per_s_ratio"], float), row
-        assert row["honest"]["generations"] >= 1, row  # the honest client ran meanwhile
-    assert report["all_blocked"] == all(row["blocked"] for row in report["attacks"])
-    assert report["baseline_tokens_per_s"] > 0
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_every_attack_reached_its_target(report):
-    rows = {row["name"]: row for row in report["attacks"]}
-    for name, row in rows.items():
-        assert row["observed"], (name, row["details"])
-    assert rows["forged_records"]["details"]["control_read_by_client"]
-    assert rows["slow_liar"]["details"]["steps_relayed"] > 0
-    assert any(rows["error_code_liars"]["details"]["requests_per_code"].values())
-    assert len(rows["ban_poisoning"]["details"]["outcomes"]) == 2
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", sorted(BLOCKED_BY_NOW))
-def test_landed_defences_block_their_attack(report, name):
-    row = next(r for r in report["attacks"] if r["name"] == name)
-    assert row["blocked"], row

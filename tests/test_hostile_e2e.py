@@ -3,7 +3,8 @@
 One swarm for the module: T (0:15) is the target, started with small limits (200 sessions,
 2048 cache tokens: 512 per session, 1024 per connection; 64 connections, a 2 s read
 timeout, sessions that never step closed after 15 s); S (0:15) is its spare and U (15:30)
-serves the other blocks. During every attack a background thread generates with an honest
+serves the other blocks (each with the hostile bench's cache budget: the module's last tests
+run ``bench hostile``'s reduced attacks on this swarm, tests/test_bench_hostile.py). During every attack a background thread generates with an honest
 client, through T or, while T refuses it, through S; every answer must be the reference.
 Each attack must end in typed error replies or closed connections, T's memory must stay
 within a bound, and at the end a route through T must still give the reference answer
@@ -28,6 +29,8 @@ import msgpack
 import pytest
 import torch
 
+from layerchain.bench.attacks import ATTACKS
+from layerchain.bench.hostile import MAX_CACHE_TOKENS as BENCH_CACHE_TOKENS
 from layerchain.errors import FrameError, LimitExceeded, PeerBusy, VersionMismatch
 from layerchain.local import swarm_down, swarm_up
 from layerchain.model import DEFAULT_MODEL, SamplingParams
@@ -47,6 +50,7 @@ from layerchain.wire import (
     encode_bytes,
 )
 from layerchain.wire.tcp import parse_tcp_endpoint
+from test_bench_hostile import BLOCKED_BY_NOW, IN_TEST, TEST_OPTIONS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -67,6 +71,7 @@ TARGET_ARGS = (
     "--first-step-timeout", str(FIRST_STEP_TIMEOUT_S),
 )
 MiB = 1 << 20
+BENCH_ARGS = ("--max-cache-tokens", str(BENCH_CACHE_TOKENS))  # the spare and the tail
 
 
 # ------------------------------------------------------------------------------- fixtures
@@ -79,7 +84,7 @@ def swarm(tmp_path_factory):
 
     state = tmp_path_factory.mktemp("hostile")
     local = swarm_up(state, [Span(0, 15), Span(0, 15), Span(15, 30)],
-                     node_args=[TARGET_ARGS, (), ()], insecure=True)
+                     node_args=[TARGET_ARGS, BENCH_ARGS, BENCH_ARGS], insecure=True)
     try:
         with Swarm(local.initial_peers, step_timeout_s=10.0, ban_base_s=3.0,
                    insecure=True) as client:
@@ -598,3 +603,54 @@ def test_the_target_still_serves_a_route_through_it_and_logged_no_traceback(
     assert target["peer_id"] in [h.peer_id for h in result.route] and not result.recoveries
     log = (local.state_dir / "node-0.log").read_text(errors="replace")
     assert "Traceback" not in log, log[-3000:]
+
+
+# ------------------------------------------------------------------------------- bench hostile
+
+
+@pytest.fixture(scope="module")
+def report(swarm):
+    """``bench hostile``'s reduced run (tests/test_bench_hostile.py) on this module's swarm,
+    after the attacks above (its fresh clients see T with its small limits: each attack
+    reads what a node admits)."""
+    from layerchain.bench.hostile import run_hostile_bench
+
+    t0 = time.monotonic()
+    out = run_hostile_bench(quick=True, attacks=IN_TEST, options=TEST_OPTIONS, swarm=swarm[0])
+    print(f"bench hostile (test options) took {time.monotonic() - t0:.0f} s")
+    for row in out["attacks"]:
+        print(row["name"], row["blocked"], row["honest_tokens_per_s_ratio"], f"{row['seconds']} s",
+              row["details"])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_report_has_the_issues_json_shape(report):
+    assert [row["name"] for row in report["attacks"]] == [a for a in ATTACKS if a in IN_TEST]
+    for row in report["attacks"]:
+        assert isinstance(row["blocked"], bool), row
+        assert isinstance(row["honest_tokens_per_s_ratio"], float), row
+        assert row["honest"]["generations"] >= 1, row  # the honest client ran meanwhile
+    assert report["all_blocked"] == all(row["blocked"] for row in report["attacks"])
+    assert report["baseline_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_every_attack_reached_its_target(report):
+    rows = {row["name"]: row for row in report["attacks"]}
+    for name, row in rows.items():
+        assert row["observed"], (name, row["details"])
+    assert rows["forged_records"]["details"]["control_read_by_client"]
+    assert rows["slow_liar"]["details"]["steps_relayed"] > 0
+    assert any(rows["error_code_liars"]["details"]["requests_per_code"].values())
+    assert len(rows["ban_poisoning"]["details"]["outcomes"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", sorted(BLOCKED_BY_NOW))
+def test_landed_defences_block_their_attack(report, name):
+    row = next(r for r in report["attacks"] if r["name"] == name)
+    assert row["blocked"], row
