@@ -4,7 +4,9 @@ A local swarm with a spare for every span (by default ``0:15, 15:30`` three time
 serves ``runs`` greedy generations. In each, at a random token, one random hop of the route
 in use is killed with SIGKILL; the client must recover (ban, re-plan the missing span,
 replay the kept inputs) and finish with exactly the reference tokens. The killed node is
-restarted with the same identity right away, so it rejoins for later runs.
+restarted with the same identity right away, so it rejoins for later runs: each run waits for
+the restarts of earlier runs, or (``overlap_restarts``, the test's) only for those a span
+needs to keep a spare (two nodes serving it), so a restart overlaps the next runs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def run_faults_bench(
     spans: str = "0:15,15:30,0:15,15:30,0:15,15:30",
     max_new_tokens: int = 24,
     seed: int = 0,
+    overlap_restarts: bool = False,
 ) -> dict:
     from layerchain.client import Swarm
     from layerchain.local import start_node, swarm_down, swarm_up, wait_ready
@@ -53,15 +56,26 @@ def run_faults_bench(
         local = swarm_up(state, span_list, model=model)
         pid_of = {n["peer_id"]: (i, n["pid"]) for i, n in enumerate(local.nodes)}
         restarting: list[tuple] = []
+
+        def rejoin(pending: list[tuple], overlap: bool) -> list[tuple]:
+            """Wait for the restarts in ``pending`` (with ``overlap``, oldest first, only
+            while a span has fewer than two nodes serving); return those still pending."""
+            pending = list(pending)
+            while pending:
+                serving = [s for j, s in enumerate(span_list)
+                           if all(j != i for _, _, i in pending)]
+                if overlap and all(serving.count(s) >= 2 for s in span_list):
+                    break
+                proc, data_dir, i = pending.pop(0)
+                info = wait_ready(proc, data_dir, state / f"node-{i}.log", 120)
+                pid_of[info["peer_id"]] = (i, info["pid"])
+            return pending
         # audit_rate 0: an auditing client shows a token once verified, steps after computing
         # it; this one shows each as computed, so a kill at token k lands between steps
         with Swarm(local.initial_peers, model=model, step_timeout_s=5.0, ban_base_s=5.0,
                    audit_rate=0.0) as client:
             for run in range(runs):
-                for proc, data_dir, i in restarting:  # killed nodes of earlier runs rejoin
-                    info = wait_ready(proc, data_dir, state / f"node-{i}.log", 120)
-                    pid_of[info["peer_id"]] = (i, info["pid"])
-                restarting = []
+                restarting = rejoin(restarting, overlap_restarts)  # killed nodes of earlier runs
                 kill_at = rng.randrange(1, max_new_tokens - 2)
                 gen = client.stream(PROMPT, params)
                 try:
@@ -70,10 +84,13 @@ def run_faults_bench(
                             hop = rng.choice(gen.route)
                             i, pid = pid_of[hop.peer_id]
                             os.kill(pid, signal.SIGKILL)
+                            # (a restart not waited for, serving already, killed again)
+                            restarting = [r for r in restarting if r[2] != i]
                             proc, data_dir = start_node(
                                 state, f"node-{i}", span_list[i], local.initial_peers, model=model
                             )
                             restarting.append((proc, data_dir, i))
+                            pid_of[hop.peer_id] = (i, proc.pid)  # the node is its process
                             local.replace_node(i, proc.pid)
                 except Exception as error:  # noqa: BLE001 - a failed run is a measurement
                     failures.append(f"run {run}: {error}")
