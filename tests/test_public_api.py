@@ -45,7 +45,7 @@ PUBLIC_API: dict[str, list[str]] = {
         "verify_record",
     ],
     "layerchain.routing": [
-        "MODES", "RouteLimits", "RoutePeer", "RoutePlan", "Snapshot", "check_route",
+        "MODES", "RouteLimits", "RoutePeer", "RoutePeers", "RoutePlan", "Snapshot", "check_route",
         "default_max_price", "median_block_prices", "pareto_front", "parse_snapshot",
         "plan_route", "plan_span", "route_terms",
     ],
