@@ -318,6 +318,11 @@ def stop_pids(processes: Sequence[LocalProcess], grace_s: float = 10.0) -> list[
                 child.wait(timeout=5.0)
             except subprocess.TimeoutExpired:
                 _CHILDREN[proc.pid] = child
+    # a killed process still tears down its memory before it is gone (seconds on a loaded
+    # machine): return once the kernel has let go of it, so "down" means down
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(_alive(p.pid) for p in ours):
+        time.sleep(0.05)
     return [p for p in processes if p not in ours]
 
 
