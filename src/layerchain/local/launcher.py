@@ -298,6 +298,13 @@ def _kill_group(pid: int, sig: int) -> None:
         pass
 
 
+def _wait_gone(processes: Sequence[LocalProcess], seconds: float) -> None:
+    """Wait up to ``seconds`` until none of ``processes`` is alive."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_alive(p.pid) for p in processes):
+        time.sleep(0.05)
+
+
 def stop_pids(processes: Sequence[LocalProcess], grace_s: float = 10.0) -> list[LocalProcess]:
     """SIGTERM each process that is still ours, then SIGKILL its whole process group after
     ``grace_s``; return the ones left alone (gone, or their pid now names another process)."""
@@ -307,9 +314,7 @@ def stop_pids(processes: Sequence[LocalProcess], grace_s: float = 10.0) -> list[
             os.kill(proc.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p.pid) for p in ours):
-        time.sleep(0.05)
+    _wait_gone(ours, grace_s)
     for proc in ours:
         _kill_group(proc.pid, signal.SIGKILL)
         child = _CHILDREN.pop(proc.pid, None)
@@ -320,9 +325,7 @@ def stop_pids(processes: Sequence[LocalProcess], grace_s: float = 10.0) -> list[
                 _CHILDREN[proc.pid] = child
     # a killed process still tears down its memory before it is gone (seconds on a loaded
     # machine): return once the kernel has let go of it, so "down" means down
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and any(_alive(p.pid) for p in ours):
-        time.sleep(0.05)
+    _wait_gone(ours, 5.0)
     return [p for p in processes if p not in ours]
 
 

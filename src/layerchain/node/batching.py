@@ -127,10 +127,11 @@ class DecodeBatcher:
         self._stepped(session, now)
         entry = _Pending(session, x, loop.create_future())
         self._pending.append(entry)
-        if self.config.window_ms <= 0 or not self._awaited(now):
+        awaited = self._awaited(now) if self.config.window_ms > 0 else {}
+        if not awaited:
             self.flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self.wait_s(now), self.flush)
+            self._timer = loop.call_later(self._wait_for(awaited, now), self.flush)
         try:
             return await entry.future
         except asyncio.CancelledError:
@@ -186,11 +187,12 @@ class DecodeBatcher:
         expected = self._expected(now)
         if self.config.phase_share <= 0:  # the window alone, for every session expected
             return dict.fromkeys(expected, now)
-        horizon = now + self.horizon_s
+        horizon_s = self.horizon_s
+        horizon = now + horizon_s
         awaited = {}
         for sid in expected:
             recent = self._recent[sid]
-            if recent.jitter <= self.horizon_s:  # it steps regularly: due one interval on
+            if recent.jitter <= horizon_s:  # it steps regularly: due one interval on
                 due = recent.last + recent.gap
                 awaited[sid] = max(due, now) if due <= horizon else now
             else:
@@ -200,7 +202,10 @@ class DecodeBatcher:
     def wait_s(self, now: float) -> float:
         """How long a step arriving at ``now`` waits for the sessions it awaits, seconds: until
         the last of them is due plus a window, within the horizon (0: none awaited)."""
-        awaited = self._awaited(now)
+        return self._wait_for(self._awaited(now), now)
+
+    def _wait_for(self, awaited: dict[str, float], now: float) -> float:
+        """``wait_s`` for the sessions ``_awaited(now)`` gave."""
         if not awaited:
             return 0.0
         return min(max(awaited.values()) + self.window_s - now, self.horizon_s)
