@@ -1,7 +1,7 @@
 """``layerchain train dp`` with real processes on a real DHT (a bootstrap process): two peers
 train a tiny llama data-parallel, taking their shards from the run's roster; a third joins
 mid-run from the latest checkpoint; the two that ran the whole run hold the same parameters
-after averaging, and the joiner is near them."""
+after averaging (to one late step), and the joiner is near them."""
 
 from __future__ import annotations
 
@@ -127,7 +127,10 @@ def test_peers_average_and_a_joining_peer_starts_from_the_latest_checkpoint(
     start = {f"{k}": v for k, v in load_file(model / "model.safetensors").items()}
     moved = max(float((a[k] - start[k]).abs().max()) for k in start if k in a)
     assert moved > 1e-3
-    assert _max_diff(a, b) < 1e-5
+    # equal when they averaged every round; averaging never waits for a late peer, so on a
+    # loaded machine one of them may take its last step alone (one step apart, ~lr): apart
+    # from the first round on (no averaging), they would be about `moved` apart
+    assert _max_diff(a, b) < moved / 3
     # the joiner followed the run from its checkpoint (it may finish its last step alone
     # when the others have left: averaging never waits for a late peer)
     assert _max_diff(a, c) < moved / 2

@@ -16,6 +16,7 @@ import random
 import signal
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from layerchain.model.spec import DEFAULT_MODEL
@@ -58,18 +59,32 @@ def run_faults_bench(
         restarting: list[tuple] = []
 
         def rejoin(pending: list[tuple], overlap: bool) -> list[tuple]:
-            """Wait for the restarts in ``pending`` (with ``overlap``, oldest first, only
-            while a span has fewer than two nodes serving); return those still pending."""
+            """Wait for the restarts in ``pending``; return those still pending. With
+            ``overlap``, wait (oldest restart first, then for bans to end) only while a
+            span has fewer than two nodes the client can use: started, known at their
+            new address, and not banned by it for their kill."""
             pending = list(pending)
-            while pending:
-                serving = [s for j, s in enumerate(span_list)
-                           if all(j != i for _, _, i in pending)]
+            deadline = time.monotonic() + 300.0
+            while pending or overlap:
+                out = {i for _, _, i in pending}
+                out |= {i for p, (i, _) in pid_of.items() if p in client.run(_unavailable())}
+                serving = [s for j, s in enumerate(span_list) if j not in out]
                 if overlap and all(serving.count(s) >= 2 for s in span_list):
                     break
+                if not pending:  # every node is up; a ban of this client's has to end
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("a span kept fewer than two usable nodes for 300 s")
+                    time.sleep(0.5)
+                    continue
                 proc, data_dir, i = pending.pop(0)
                 info = wait_ready(proc, data_dir, state / f"node-{i}.log", 120)
                 pid_of[info["peer_id"]] = (i, info["pid"])
+                client.run(client.core.peers.refresh(force=True))  # its new address
             return pending
+
+        async def _unavailable() -> set[str]:  # read on the client's loop, between runs
+            return client.core.peers.unavailable()
+
         # audit_rate 0: an auditing client shows a token once verified, steps after computing
         # it; this one shows each as computed, so a kill at token k lands between steps
         with Swarm(local.initial_peers, model=model, step_timeout_s=5.0, ban_base_s=5.0,
