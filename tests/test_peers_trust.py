@@ -487,6 +487,42 @@ def test_the_first_endpoint_that_answers_is_kept_and_the_rtt_measured_on_it():
     run(main())
 
 
+class FirstReplyLate:
+    """A connection whose first reply leaves ``delay_s`` late (as when the pinging side's
+    loop was busy with another peer's handshake), later ones at once."""
+
+    def __init__(self, conn, delay_s: float) -> None:
+        self._conn, self._delay_s = conn, delay_s
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+    async def send(self, msg) -> None:
+        delay, self._delay_s = self._delay_s, 0.0
+        await asyncio.sleep(delay)
+        await self._conn.send(msg)
+
+
+def test_a_new_peers_round_trip_is_its_fastest_ping_not_a_late_first_one():
+    async def main():
+        swarm, peer = Swarm(), Identity.generate()
+
+        async def nothing(msg):
+            raise AssertionError(msg)
+
+        await MemoryTransport(swarm.wire, peer_id=peer.peer_id).listen(
+            "mem://p", lambda conn: serve_connection(FirstReplyLate(conn, 0.3), nothing))
+        record = PeerRecord.create(peer, model_id=MODEL, span=Span(0, L), ms_per_block=1.0,
+                                   endpoint="mem://p", expires_at=time.time() + 60)
+        await MemoryDiscovery(swarm.hub, peer).announce(record)
+        view = swarm.view()
+        await view.refresh(force=True)
+        assert view.rtt_ms[peer.peer_id] < 100.0  # one late reply of 300 ms is not distance
+        await view.close()
+
+    run(main())
+
+
 def test_a_hanging_endpoint_delays_the_next_by_the_stagger_not_the_connect_timeout():
     async def main():
         wire, peer = MemoryNetwork(), Identity.generate()
