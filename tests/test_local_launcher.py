@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
 import subprocess
 import time
 import warnings
@@ -106,3 +108,23 @@ def test_a_restarted_node_is_recorded_and_stopped_too(tmp_path, sleepers):
     assert LocalSwarm.load(tmp_path).nodes[0]["started"] == process_start(restarted.pid)
     assert swarm_down(tmp_path, grace_s=2.0) == 2
     assert _gone(restarted) and _gone(bootstrap)
+
+
+def test_children_killed_from_outside_are_reaped_on_replace_and_on_stop(tmp_path):
+    """A bench or test kills a node with SIGKILL itself: the launcher's Popen of it is
+    reaped when the node is replaced or the swarm stopped (else a zombie, and a 'still
+    running' ResourceWarning at exit)."""
+    spawn = [launcher._spawn(["sleep", "60"], tmp_path / f"s{i}.log", {}) for i in range(3)]
+    replaced, killed, restarted = spawn
+    node = {"pid": replaced.pid, "started": process_start(replaced.pid), "peer_id": "p",
+            "start": 0, "end": 30, "endpoint": "tcp://127.0.0.1:1"}
+    _write_swarm(tmp_path, [node], killed.pid, process_start(killed.pid))
+    local = LocalSwarm.load(tmp_path)
+    os.kill(replaced.pid, signal.SIGKILL)
+    local.replace_node(0, restarted.pid)
+    assert replaced.returncode == -signal.SIGKILL and replaced.pid not in launcher._CHILDREN
+    os.kill(killed.pid, signal.SIGKILL)
+    time.sleep(0.2)  # a zombie now: not ours any more, still a child to reap
+    assert swarm_down(tmp_path, grace_s=2.0) == 1  # only the restarted one was still ours
+    assert killed.returncode == -signal.SIGKILL and not launcher._CHILDREN.keys() & {
+        killed.pid, restarted.pid}

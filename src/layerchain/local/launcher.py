@@ -101,6 +101,7 @@ class LocalSwarm:
     def replace_node(self, index: int, pid: int) -> None:
         """Record that node ``index`` is now process ``pid`` (a restart), with its own start
         time, so that ``swarm_down`` stops it; saves ``swarm.json``."""
+        _reap(self.nodes[index]["pid"])  # the process it replaces (killed), if ours to reap
         self.nodes[index] = {**self.nodes[index], "pid": pid, "started": process_start(pid)}
         self.save()
 
@@ -298,6 +299,17 @@ def _kill_group(pid: int, sig: int) -> None:
         pass
 
 
+def _reap(pid: int, timeout_s: float = 5.0) -> None:
+    """Reap our child ``pid`` (started here and killed): wait for it up to ``timeout_s``;
+    one still running then stays registered, for ``stop_pids``."""
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        try:
+            child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _CHILDREN[pid] = child
+
+
 def _wait_gone(processes: Sequence[LocalProcess], seconds: float) -> None:
     """Wait up to ``seconds`` until none of ``processes`` is alive."""
     deadline = time.monotonic() + seconds
@@ -317,12 +329,10 @@ def stop_pids(processes: Sequence[LocalProcess], grace_s: float = 10.0) -> list[
     _wait_gone(ours, grace_s)
     for proc in ours:
         _kill_group(proc.pid, signal.SIGKILL)
-        child = _CHILDREN.pop(proc.pid, None)
-        if child is not None:  # ours from this process: reap it (poll notes one reaped above)
-            try:
-                child.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                _CHILDREN[proc.pid] = child
+        _reap(proc.pid)  # ours from this process: reap it (poll notes one reaped above)
+    for proc in processes:
+        if proc not in ours:  # exited before (killed by a test or a bench): reap its zombie
+            _reap(proc.pid, timeout_s=0.0)
     # a killed process still tears down its memory before it is gone (seconds on a loaded
     # machine): return once the kernel has let go of it, so "down" means down
     _wait_gone(ours, 5.0)
