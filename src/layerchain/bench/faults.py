@@ -66,8 +66,9 @@ def run_faults_bench(
             pending = list(pending)
             deadline = time.monotonic() + 300.0
             while pending or overlap:
+                unavailable = client.run(_unavailable())
                 out = {i for _, _, i in pending}
-                out |= {i for p, (i, _) in pid_of.items() if p in client.run(_unavailable())}
+                out |= {i for p, (i, _) in pid_of.items() if p in unavailable}
                 serving = [s for j, s in enumerate(span_list) if j not in out]
                 if overlap and all(serving.count(s) >= 2 for s in span_list):
                     break

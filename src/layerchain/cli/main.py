@@ -48,8 +48,9 @@ _app = typer.Typer(
 
 @_app.callback()
 def _root() -> None:
-    """Run large language models on a peer-to-peer network of ordinary devices."""
-    # (a callback keeps the app a group of commands when only one is registered)
+    # no docstring: --help shows the app's own help; a callback keeps the app a group of
+    # commands when only one is registered
+    pass
 
 
 # Each top-level command and the CLI module that registers it, in the order of --help.
