@@ -43,8 +43,9 @@ os.environ["LAYERCHAIN_HOME"] = _HOME
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 
 
-def tiny_config(family: str, vocab_size: int = 256):
-    """A small config of ``family``: 4 blocks, hidden 64, GQA, sliding windows where they exist."""
+def tiny_config(family: str, vocab_size: int = 256, **overrides):
+    """A small config of ``family``: 4 blocks, hidden 64, GQA, sliding windows where they exist
+    (``overrides``: other config values)."""
     from transformers import CONFIG_MAPPING
 
     common = dict(
@@ -71,16 +72,17 @@ def tiny_config(family: str, vocab_size: int = 256):
         "phi3": dict(tie_word_embeddings=False),
         "gemma": dict(head_dim=16, tie_word_embeddings=True),
     }[family]
-    return CONFIG_MAPPING[family](**common, **extra)
+    return CONFIG_MAPPING[family](**{**common, **extra, **overrides})
 
 
-def make_tiny_model(family: str, path, tokenizer=None, seed: int = 0):
-    """Save a random-weight model of ``family`` (and ``tokenizer``, if given) into ``path``."""
+def make_tiny_model(family: str, path, tokenizer=None, seed: int = 0, **overrides):
+    """Save a random-weight model of ``family`` (and ``tokenizer``, if given) into ``path``
+    (``overrides``: config values other than ``tiny_config``'s)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     vocab = 256 if tokenizer is None else len(tokenizer)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab, **overrides))
     with torch.no_grad():  # norms away from their init values, so their handling shows
         for p in model.parameters():
             if p.dim() == 1:

@@ -16,16 +16,40 @@ from layerchain.model.quant import (
     Int8Linear,
     fuse_projections,
     fused,
+    int4_block_rows,
     quantize_module,
 )
+
+from conftest import make_tiny_model
+
+# torch packs int4 rows in blocks that follow the CPU (64 with AVX-512): parts of 128 and 64
+# rows stack on block boundaries on every CPU measured, as SmolLM2's 576/192/192 and 1536 do
+Q, KV = 128, 64
+# a tiny model whose q/k/v (128/64/64) and gate/up (128) fuse on every CPU (tiny_config's
+# 64/32/32 and 96 do not where blocks are 64 rows)
+ALIGNED = dict(hidden_size=128, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def aligned_model_dir(tmp_path_factory, request):
+    made = {}
+
+    def make(family: str, tokenizer: bool = False):
+        if (family, tokenizer) not in made:
+            tok = request.getfixturevalue("smollm2_tokenizer") if tokenizer else None
+            path = tmp_path_factory.mktemp(f"aligned-{family}")
+            made[family, tokenizer] = make_tiny_model(family, path, tok, **ALIGNED)
+        return made[family, tokenizer]
+
+    return make
 
 
 class _Attention(nn.Module):
     def __init__(self, bias: bool) -> None:
         super().__init__()
-        self.q_proj = nn.Linear(64, 64, bias=bias)
-        self.k_proj = nn.Linear(64, 32, bias=bias)
-        self.v_proj = nn.Linear(64, 32, bias=bias)
+        self.q_proj = nn.Linear(64, Q, bias=bias)
+        self.k_proj = nn.Linear(64, KV, bias=bias)
+        self.v_proj = nn.Linear(64, KV, bias=bias)
 
 
 def _attention(bias: bool = False, seed: int = 0) -> _Attention:
@@ -42,7 +66,7 @@ def test_fused_projections_give_each_linears_own_bits(bias):
     for shape in [(1, 1, 64), (2, 5, 64)]:  # a decode step, a batch of prefills
         x = torch.randn(*shape)
         outs = fusion(x)
-        assert [o.shape[-1] for o in outs] == [64, 32, 32]
+        assert [o.shape[-1] for o in outs] == [Q, KV, KV]
         for out, part in zip(outs, parts, strict=True):
             assert torch.equal(out, part(x))
 
@@ -75,7 +99,7 @@ def test_a_swapped_or_moved_part_is_no_longer_served():
     attn.k_proj.packed = attn.k_proj.packed.clone()  # as ``.to`` another device would
     assert fused(attn, "fused_qkv", attn.q_proj, attn.k_proj, attn.v_proj) is None
     attn = quantize_module(_attention(seed=1), "int4")
-    attn.v_proj = Int4Linear.from_linear(nn.Linear(64, 32, bias=False))
+    attn.v_proj = Int4Linear.from_linear(nn.Linear(64, KV, bias=False))
     assert fused(attn, "fused_qkv", attn.q_proj, attn.k_proj, attn.v_proj) is None
 
 
@@ -83,21 +107,44 @@ def test_only_int4_linears_of_one_input_size_fuse():
     attn = quantize_module(_attention(), "int8")
     assert isinstance(attn.q_proj, Int8Linear) and "fused_qkv" not in attn._modules
     mixed = _attention()
-    mixed.k_proj = nn.Linear(32, 32, bias=False)  # another input size
+    mixed.k_proj = nn.Linear(32, KV, bias=False)  # another input size
     quantize_module(mixed, "int4")
     assert "fused_qkv" not in mixed._modules
     assert fuse_projections(nn.Linear(4, 4)) is not None  # nothing to fuse: unchanged
 
 
+def test_parts_that_split_a_packing_block_are_not_fused():
+    """Where the packing's row blocks are larger than 16 rows (AVX-512: 64), a part ending
+    inside a block is not fused (stacked, its rows would be misread): each linear keeps its
+    own kernel and bits. Where blocks are 16 rows, the same parts fuse and agree."""
+    torch.manual_seed(0)
+    attn = _Attention(False).requires_grad_(False)
+    attn.q_proj, attn.k_proj = nn.Linear(64, 48, bias=False), nn.Linear(64, 16, bias=False)
+    reference = {n: Int4Linear.from_linear(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")}
+    quantize_module(attn, "int4")
+    x = torch.randn(1, 1, 64)
+    fusion = attn._modules.get("fused_qkv")
+    assert (fusion is not None) == (int4_block_rows() <= 16)
+    outs = fusion(x) if fusion is not None else [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+    for out, name in zip(outs, ("q_proj", "k_proj", "v_proj"), strict=True):
+        assert torch.equal(out, reference[name](x))
+
+
+def test_the_packing_block_found_is_one_the_kernel_honours():
+    rows = int4_block_rows()
+    assert rows in (16, 32, 64, 128, 256)
+    assert Q % rows == 0 and KV % rows == 0  # the aligned sizes above fuse on this CPU
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_int4_lean_decode_with_fused_projections_is_bit_identical(
-    tiny_model_dir, family, monkeypatch
+    aligned_model_dir, family, monkeypatch
 ):
     """The span's own check (``_agrees``) passes with the fused kernels, and 12 decode steps
     through the lean path equal the blocks' own forward bit for bit."""
     from layerchain.model import load_span, resolve_model
 
-    spec = resolve_model(str(tiny_model_dir(family)))
+    spec = resolve_model(str(aligned_model_dir(family)))
     span = load_span(spec, 0, 4, dtype="int4")
     layer = span.layers[0]
     assert isinstance(layer.self_attn.fused_qkv, FusedLinears)
@@ -121,14 +168,14 @@ def test_int4_lean_decode_with_fused_projections_is_bit_identical(
     assert torch.equal(outs[True], outs[False])
 
 
-def test_unfused_sets_the_fused_kernels_aside_and_back(tiny_model_dir):
+def test_unfused_sets_the_fused_kernels_aside_and_back(aligned_model_dir):
     """``bench compute --baseline`` times int4 as before the fused kernels on the same
     model: ``unfused`` takes the fusions out of the span (the same bits) and restores them."""
     from layerchain.bench.compute import bench_compute, unfused
     from layerchain.model.generate import LocalModel
     from layerchain.model.resolve import resolve_model
 
-    model = str(tiny_model_dir("llama", tokenizer=True))
+    model = str(aligned_model_dir("llama", tokenizer=True))
     local = LocalModel(resolve_model(model), dtype="int4")
     attn = local.span.layers[0].self_attn
     x = torch.randn(1, 1, local.spec.hidden_size)
@@ -145,14 +192,15 @@ def test_unfused_sets_the_fused_kernels_aside_and_back(tiny_model_dir):
     ]
 
 
-def test_int4_decode_batches_use_the_fused_kernels_and_match_solo_steps(tiny_model_dir):
+def test_int4_decode_batches_use_the_fused_kernels_and_match_solo_steps(aligned_model_dir):
     """``model.batched`` shares ``project_qkv``/``mlp_out``: a batch of 3 int4 sessions runs
     the fused kernels over its stacked rows and matches each session's solo step."""
     from layerchain.model import load_span, resolve_model
     from layerchain.model.batched import decode_batch
 
-    spec = resolve_model(str(tiny_model_dir("llama")))
+    spec = resolve_model(str(aligned_model_dir("llama")))
     span = load_span(spec, 0, 4, dtype="int4")
+    assert isinstance(span.layers[0].self_attn.fused_qkv, FusedLinears)
     torch.manual_seed(3)
     batched, solo = [], []
     for length in (2, 5, 3):

@@ -232,13 +232,16 @@ class FusedLinears(nn.Module):
 
     @staticmethod
     def fusable(parts: list[Any]) -> bool:
-        """int4 CPU linears with one input size, all with or all without a bias."""
+        """int4 CPU linears with one input size, all with or all without a bias, each but the
+        last a whole number of the kernel's row blocks (``int4_block_rows``: the packing
+        interleaves the rows of a block, so stacked packings split inside one are misread)."""
         return (
             len(parts) > 1
             and all(type(part) is Int4Linear and part.shared is None for part in parts)
             and len({part.in_features for part in parts}) == 1
             and len({part.bias is None for part in parts}) == 1
             and all(part.packed.device.type == "cpu" for part in parts)
+            and all(part.out_features % int4_block_rows() == 0 for part in parts[:-1])
         )
 
     def serves(self, *parts: Any) -> bool:
@@ -261,6 +264,30 @@ class FusedLinears(nn.Module):
             flat, self.packed, INT4_GROUP, self.scales_zeros
         )  # [M, sum N]
         return _finish(out, x, self.bias, self.out_features)
+
+
+@functools.cache
+def int4_block_rows() -> int:
+    """Rows of one block of the CPU int4 packing on this machine: torch packs (and its kernel
+    reads) rows in blocks whose size follows the CPU (64 with AVX-512, measured 2026-12-03 on
+    an AMD EPYC with AVX-512; smaller with AVX2 only). Found by trying: the smallest size at
+    which two stacked packings give each one's own product (the fusion's condition)."""
+    gen = torch.Generator().manual_seed(0)
+    k = 2 * INT4_GROUP
+    x = torch.randn(2, k, generator=gen).to(_KERNEL_DTYPE)
+    tail = torch.randint(0, 16, (16, k), dtype=torch.int32, generator=gen)
+    tail_scales = torch.rand(k // INT4_GROUP, 16, 2, generator=gen).to(_KERNEL_DTYPE)
+    for rows in (16, 32, 64, 128, 256):
+        head = torch.randint(0, 16, (rows, k), dtype=torch.int32, generator=gen)
+        head_scales = torch.rand(k // INT4_GROUP, rows, 2, generator=gen).to(_KERNEL_DTYPE)
+        packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(c, 1) for c in (head, tail)]
+        apart = [torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, INT4_GROUP, sz)
+                 for p, sz in zip(packs, (head_scales, tail_scales), strict=True)]
+        joint = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, torch.cat(packs), INT4_GROUP, torch.cat([head_scales, tail_scales], dim=1))
+        if torch.equal(joint, torch.cat(apart, dim=1)):
+            return rows
+    return sys.maxsize  # a packing this does not know: nothing is fused
 
 
 def _scales_of(part: Int4Linear) -> torch.Tensor:
