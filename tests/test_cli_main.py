@@ -53,3 +53,34 @@ def test_a_command_imports_its_own_module_only_and_help_lists_all():
     assert "Usage: layerchain demo" in out
     out, loaded = _cli_modules_loaded("--help")
     assert "generate" in out and "bench" in out and "layerchain.cli.bench" in loaded
+
+
+def test_a_one_shot_command_ends_without_teardown_after_its_exit_handlers():
+    """skip_teardown: output still flushed (stdout is a pipe: block-buffered), exit handlers
+    still run (logging's flush among them), exit status 0; what only module teardown would
+    run (a module global's finalizer) does not."""
+    code = (
+        "import atexit, os, sys\n"
+        "import layerchain.cli.main as m\n"
+        "class Loud:\n"
+        "    def __del__(self, write=os.write):\n"
+        "        write(1, b'torn down\\n')\n"
+        "sys.modules['loud'] = type(sys)('loud')\n"  # a module global: finalized at teardown
+        "sys.modules['loud'].keep = Loud()\n"
+        "def probe(skip: bool = False):\n"
+        "    atexit.register(lambda: sys.stdout.write('handler ran\\n'))\n"
+        "    sys.stdout.write('answer\\n')\n"
+        "    if skip:\n"
+        "        m.skip_teardown()\n"
+        "m._app.command('probe')(probe)\n"
+        "m._COMMANDS['probe'] = 'layerchain.cli.main'\n"
+        "m._register = lambda modules: None\n"
+        "sys.argv = ['layerchain', 'probe', *sys.argv[1:]]\n"
+        "m.main()\n"
+    )
+    for args, lines in (([], ["answer", "handler ran", "torn down"]),
+                        (["--skip"], ["answer", "handler ran"])):
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert sorted(done.stdout.splitlines()) == sorted(lines), args

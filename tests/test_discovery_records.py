@@ -9,7 +9,7 @@ import socket
 import stat
 
 import msgpack
-from eth_utils import to_checksum_address
+from eth_utils import is_checksum_address, to_checksum_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import pytest
@@ -21,6 +21,7 @@ from layerchain.discovery.records import (
     RECORD_FORMAT,
     PeerRecord,
     _encode_fields,
+    _is_checksum_address,
     check_endpoint,
     check_fresh,
     open_record,
@@ -350,3 +351,32 @@ def test_check_endpoint_refuses_with_a_protocol_error_or_returns_something_diala
                 assert socket.inet_ntoa(packed) == host != "0.0.0.0"
     else:
         assert scheme in ("mem", "relay")
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(min_size=20, max_size=20), flip=st.integers(0, 39),
+       form=st.sampled_from(["checksummed", "lower", "upper", "flipped", "0X", "short", "long"]))
+def test_the_wallet_checksum_check_answers_as_eth_utils(raw, flip, form):
+    """The record's own EIP-55 check (no eth_utils import on a client's path) says what
+    eth_utils says, for checksummed addresses, other cases of the same digits and junk."""
+    text = to_checksum_address(raw)
+    if form == "lower":
+        text = text.lower()
+    elif form == "upper":
+        text = "0x" + text[2:].upper()
+    elif form == "flipped":  # one digit's case changed (a no-op on a digit 0-9)
+        c = text[2 + flip]
+        text = text[: 2 + flip] + (c.lower() if c.isupper() else c.upper()) + text[3 + flip:]
+    elif form == "0X":
+        text = "0X" + text[2:]
+    elif form == "short":
+        text = text[:-1]
+    elif form == "long":
+        text = text + "a"
+    assert _is_checksum_address(text) == is_checksum_address(text)
+
+
+def test_the_wallet_checksum_check_refuses_what_is_not_text():
+    assert not _is_checksum_address(None)
+    assert not _is_checksum_address(b"0x" + b"ab" * 20)
+    assert not _is_checksum_address("0x" + "g" * 40)

@@ -258,6 +258,19 @@ def test_light_tokenizer_decodes_like_transformers(light_and_reference):
                 ids, skip_special_tokens=skip), (ids, skip)
 
 
+def test_light_tokenizer_finds_the_same_stop_tokens(light_and_reference):
+    """End-of-turn ids come from one lookup per token (not a dict of the whole vocabulary,
+    ~0.1 s of a one-shot generate): the same set as transformers' vocabulary gives."""
+    from layerchain.model.sampling import _END_OF_TURN, default_eos_ids
+
+    light, ref = light_and_reference
+    vocab = ref.get_vocab()
+    assert [light.token_to_id(t) for t in _END_OF_TURN] == [vocab.get(t) for t in _END_OF_TURN]
+    assert light.token_to_id("<|no such token|>") is None
+    assert default_eos_ids(light) == default_eos_ids(ref)
+    assert len(default_eos_ids(light)) >= 2  # SmolLM2: <|endoftext|> and <|im_end|>
+
+
 def test_a_card_is_used_only_when_it_matches(smollm2_spec, monkeypatch, tmp_path):
     """No card: transformers' tokenizer, card written. A card: LightTokenizer. A card written
     by other library versions, or damaged: transformers again (and the card rewritten)."""

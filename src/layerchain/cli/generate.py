@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from layerchain import timings
+from layerchain import gcpause, timings
 from layerchain.errors import ConfigError
 from layerchain.model.params import SamplingParams
 from layerchain.model.spec import DEFAULT_MODEL
@@ -273,6 +273,7 @@ def _generate_swarm(prompt, model, params, raw, json_out, initial_peers, limits)
 
     timings.mark("client_import")
     with Swarm(initial_peers, model=model, **limits) as swarm:
+        gcpause.resume()  # loaded: what lives now (torch, the head) is never traversed again
         timings.mark("ready")
         gen = swarm.stream(prompt, params, raw=raw)
         for event in gen:
@@ -298,6 +299,9 @@ def _generate_swarm(prompt, model, params, raw, json_out, initial_peers, limits)
         stream_to_stdout("\n")
         if res.finish_reason == "max_cost":
             typer.echo(f"stopped at --max-cost: {res.cost} credits spent", err=True)
+    from layerchain.cli.main import skip_teardown
+
+    skip_teardown()  # the swarm closed and the answer printed: nothing left to tear down
 
 
 def chat(
@@ -334,6 +338,7 @@ def chat(
                max_cost=max_cost, insecure=insecure,
                private_blocks=private_blocks, audit_rate=audit_rate,
                **payment_options(data_dir, ledger, deposit, contract)) as swarm:
+        gcpause.resume()
         typer.echo("chat through the swarm; an empty line or Ctrl-D ends it", err=True)
         while True:
             try:

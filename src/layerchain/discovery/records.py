@@ -50,6 +50,8 @@ from layerchain.discovery.identity import Identity, peer_id_from_public_key, ver
 from layerchain.errors import ProtocolError, SpanError
 from layerchain.types import Span
 
+_HEX_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+
 RECORD_FORMAT = "layerchain/peer-record/2"
 MAX_RECORD_BYTES = 32 * 1024  # a blob larger than this is rejected before decoding
 MAX_RTTS = 256  # RTT entries per record
@@ -433,9 +435,13 @@ def verify_record(blob: bytes, now: float) -> PeerRecord:
     return check_fresh(open_record(blob), now)
 
 
-def _is_checksum_address(text: str) -> bool:
-    """eth_utils' EIP-55 check, imported on first use: importing eth_utils (pydantic with
-    it) at the top cost every CLI command ~0.2-0.6 s of start-up (tests/test_startup.py)."""
-    from eth_utils import is_checksum_address
+def _is_checksum_address(text: object) -> bool:
+    """EIP-55: ``0x`` and 40 hex digits whose letters' case is the checksum (eth_utils'
+    ``is_checksum_address``, the same answers: tested). Not eth_utils itself: importing it
+    (pydantic with it) on a client's first record check cost ~0.3 s of a one-shot
+    generate's start-up (docs/BENCHMARKS.md, "Start-up")."""
+    if not isinstance(text, str) or _HEX_ADDRESS.fullmatch(text) is None:
+        return False
+    from layerchain.ledger.signatures import checksum_address  # keccak: loaded on first use
 
-    return bool(is_checksum_address(text))
+    return checksum_address(bytes.fromhex(text[2:])) == text

@@ -26,8 +26,6 @@ from __future__ import annotations
 import functools
 from typing import Protocol
 
-from eth_hash.auto import keccak as _eth_keccak
-
 try:  # safe-pysha3 (an eth-hash backend): C, ~3 us a call against eth-hash's ~9 us
     from sha3 import keccak_256 as _keccak_256  # type: ignore[import-untyped, import-not-found, unused-ignore]
 except ImportError:  # pragma: no cover - eth-hash's own choice of backend
@@ -36,7 +34,9 @@ except ImportError:  # pragma: no cover - eth-hash's own choice of backend
 
 def _keccak(data: bytes) -> bytes:
     if _keccak_256 is None:  # pragma: no cover
-        return _eth_keccak(data)
+        from eth_hash.auto import keccak  # eth-hash picks a backend (~50 ms to import)
+
+        return keccak(data)
     return _keccak_256(data).digest()  # type: ignore[no-any-return]
 
 

@@ -190,8 +190,12 @@ def _end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
         return _EOT_IDS[tokenizer]
     except (KeyError, TypeError):  # TypeError: a tokenizer that cannot be weakly referenced
         pass
-    vocab = tokenizer.get_vocab()
-    found = frozenset(vocab[t] for t in _END_OF_TURN if t in vocab)
+    lookup = getattr(tokenizer, "token_to_id", None)  # LightTokenizer: one token at a time
+    if lookup is not None:
+        found = frozenset(i for i in map(lookup, _END_OF_TURN) if i is not None)
+    else:  # a transformers tokenizer: unknown tokens would map to its unk id
+        vocab = tokenizer.get_vocab()
+        found = frozenset(vocab[t] for t in _END_OF_TURN if t in vocab)
     try:
         _EOT_IDS[tokenizer] = found
     except TypeError:
