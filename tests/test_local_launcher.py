@@ -74,6 +74,34 @@ def test_swarm_down_stops_its_own_processes(tmp_path, sleepers):
     assert _gone(node_proc) and _gone(bootstrap)
 
 
+def test_swarm_down_stops_its_own_processes_after_the_wall_clock_was_stepped(tmp_path, sleepers):
+    """A VM resumed from a pause steps its wall clock: each process's epoch start time moves
+    with it (9 s seen), its start in ticks since boot does not. Recorded ticks decide, so the
+    swarm's processes are still stopped, and a reused pid (other ticks) still left alone."""
+    node_proc, bootstrap, stranger = sleepers(), sleepers(), sleepers()
+    stepped = 9.0  # the recorded epoch times no longer match: ticks must decide
+    nodes = [{"pid": p.pid, "started": process_start(p.pid) - stepped,
+              "start_ticks": launcher.process_ticks(p.pid) - ticks, "peer_id": "p",
+              "start": 0, "end": 30, "endpoint": "tcp://127.0.0.1:1"}
+             for p, ticks in ((node_proc, 0), (stranger, 1))]  # the stranger: another start
+    _write_swarm(tmp_path, nodes, bootstrap.pid, process_start(bootstrap.pid) + stepped)
+    data = json.loads((tmp_path / "swarm.json").read_text())
+    data["bootstrap_start_ticks"] = launcher.process_ticks(bootstrap.pid)
+    (tmp_path / "swarm.json").write_text(json.dumps(data))
+    said: list[str] = []
+    assert swarm_down(tmp_path, grace_s=2.0, on_progress=said.append) == 2
+    assert _gone(node_proc) and _gone(bootstrap)
+    assert stranger.poll() is None and len(said) == 1 and "left alone" in said[0]
+
+
+def test_process_ticks_read_the_kernels_start_field():
+    ticks = launcher.process_ticks(os.getpid())
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        stat = f.read()
+    assert ticks == int(stat.rsplit(")", 1)[1].split()[19]) > 0
+    assert launcher.process_ticks(2**22 + 12345) is None  # no such process
+
+
 def test_swarm_down_without_a_swarm(tmp_path):
     assert swarm_down(tmp_path, quiet=True) == 0
     with pytest.raises(ConfigError, match="swarm up"):

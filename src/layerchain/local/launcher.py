@@ -5,12 +5,16 @@
 ``STATE_DIR/swarm.json``::
 
     {"initial_peers": [multiaddr, ...],
-     "bootstrap_pid": int, "bootstrap_started": float,
-     "nodes": [{"pid": int, "started": float, "peer_id": str, "start": int, "end": int,
-                "endpoint": str, "wallet": str}, ...]}
+     "bootstrap_pid": int, "bootstrap_started": float, "bootstrap_start_ticks": int,
+     "nodes": [{"pid": int, "started": float, "start_ticks": int, "peer_id": str,
+                "start": int, "end": int, "endpoint": str, "wallet": str}, ...]}
 
-``started`` is the process's start time (seconds since the epoch, as the OS reports it):
-with the pid it names the process, since a pid alone may be reused after the node exits.
+``started`` is the process's start time (seconds since the epoch, as the OS reports it) and
+``start_ticks`` the same moment in clock ticks since boot (Linux: ``/proc/PID/stat``): with
+the pid they name the process, since a pid alone may be reused after the node exits. The
+ticks decide where recorded: the epoch reading moves when the wall clock is stepped (a VM
+resumed from a pause: measured 9 s on 2026-12-03, after which the nodes of a swarm were no
+longer recognised as its own and outlived ``swarm_down``); ``started`` decides otherwise.
 
 ``swarm_down`` stops them: SIGTERM to each node's own process, so that it withdraws its DHT
 records (its DHT runs in the node's process, over its p2pd child) and drains its sessions,
@@ -55,6 +59,7 @@ class LocalProcess:
 
     pid: int
     started: float | None  # seconds since the epoch (psutil's create_time)
+    ticks: int | None = None  # clock ticks from boot to its start (``process_ticks``)
 
     def is_ours(self) -> bool:
         """Whether the pid still names the process we started (and it has not exited)."""
@@ -62,11 +67,23 @@ class LocalProcess:
             proc = psutil.Process(self.pid)
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return False
+            if self.ticks is not None:  # immune to steps of the wall clock
+                return process_ticks(self.pid) == self.ticks
             if self.started is not None:
                 return abs(proc.create_time() - self.started) < _SAME_START_S
             return any("layerchain" in part for part in proc.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
+
+
+def process_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of
+    ``/proc/PID/stat``); None if it is gone or the system has no such file."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # fields after "(comm)"
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def process_start(pid: int) -> float | None:
@@ -84,25 +101,30 @@ class LocalSwarm:
     bootstrap_pid: int
     nodes: list[dict] = field(default_factory=list)
     bootstrap_started: float | None = None  # see LocalProcess
+    bootstrap_ticks: int | None = None
 
     def to_json(self) -> dict:
         return {
             "initial_peers": self.initial_peers,
             "bootstrap_pid": self.bootstrap_pid,
             "bootstrap_started": self.bootstrap_started,
+            "bootstrap_start_ticks": self.bootstrap_ticks,
             "nodes": self.nodes,
         }
 
     def processes(self) -> list[LocalProcess]:
         """The nodes' processes, then the bootstrap's."""
-        nodes = [LocalProcess(int(n["pid"]), n.get("started")) for n in self.nodes if n.get("pid")]
-        return [*nodes, LocalProcess(self.bootstrap_pid, self.bootstrap_started)]
+        nodes = [LocalProcess(int(n["pid"]), n.get("started"), n.get("start_ticks"))
+                 for n in self.nodes if n.get("pid")]
+        return [*nodes, LocalProcess(self.bootstrap_pid, self.bootstrap_started,
+                                     self.bootstrap_ticks)]
 
     def replace_node(self, index: int, pid: int) -> None:
         """Record that node ``index`` is now process ``pid`` (a restart), with its own start
         time, so that ``swarm_down`` stops it; saves ``swarm.json``."""
         _reap(self.nodes[index]["pid"])  # the process it replaces (killed), if ours to reap
-        self.nodes[index] = {**self.nodes[index], "pid": pid, "started": process_start(pid)}
+        self.nodes[index] = {**self.nodes[index], "pid": pid, "started": process_start(pid),
+                             "start_ticks": process_ticks(pid)}
         self.save()
 
     def save(self) -> None:
@@ -116,10 +138,11 @@ class LocalSwarm:
         path = Path(state_dir) / SWARM_FILE
         try:
             data = json.loads(path.read_text())
-            started = data.get("bootstrap_started")
+            started, ticks = data.get("bootstrap_started"), data.get("bootstrap_start_ticks")
             return cls(
                 Path(state_dir), list(data["initial_peers"]), int(data["bootstrap_pid"]),
                 list(data["nodes"]), None if started is None else float(started),
+                None if ticks is None else int(ticks),
             )
         except FileNotFoundError:
             raise ConfigError(f"no swarm in {state_dir}: {path} is missing", hint="run `layerchain swarm up` first") from None
@@ -221,7 +244,8 @@ def wait_ready(proc: subprocess.Popen, data_dir: Path, log_path: Path, timeout_s
         if ready.exists():
             info = json.loads(ready.read_text())
             node = {k: info[k] for k in ("pid", "peer_id", "start", "end", "endpoint")}
-            return {**node, "started": process_start(node["pid"]), "wallet": info.get("wallet", "")}
+            return {**node, "started": process_start(node["pid"]),
+                    "start_ticks": process_ticks(node["pid"]), "wallet": info.get("wallet", "")}
         if proc.poll() is not None:
             raise LayerchainError(f"node {data_dir.name} exited: {_tail(log_path)}")
         time.sleep(0.1)
@@ -250,7 +274,8 @@ def swarm_up(
         swarm_down(state_dir, quiet=True)
     say = on_progress or (lambda _: None)
     bootstrap_pid, peers = start_bootstrap(state_dir)
-    swarm = LocalSwarm(state_dir, peers, bootstrap_pid, bootstrap_started=process_start(bootstrap_pid))
+    swarm = LocalSwarm(state_dir, peers, bootstrap_pid, bootstrap_started=process_start(bootstrap_pid),
+                       bootstrap_ticks=process_ticks(bootstrap_pid))
     swarm.save()
     say(f"DHT bootstrap at {peers[0]}")
     try:
@@ -261,7 +286,8 @@ def swarm_up(
                                     extra_args=args, threads=threads, insecure=insecure,
                                     device=device, dtype=dtype))
             pid = procs[-1][0].pid
-            swarm.nodes.append({"pid": pid, "started": process_start(pid), "peer_id": "",
+            swarm.nodes.append({"pid": pid, "started": process_start(pid),
+                                "start_ticks": process_ticks(pid), "peer_id": "",
                                 "start": span.start, "end": span.end, "endpoint": ""})
             swarm.save()
         for i, (proc, data_dir) in enumerate(procs):
