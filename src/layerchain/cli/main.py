@@ -115,11 +115,11 @@ def _end() -> None:
 
 def main() -> None:
     atexit.register(_end)  # first, so it runs after every other exit handler
-    # Registered first, so it runs last of the exit handlers: the objects alive at exit are
-    # left to the OS instead of one last garbage collection through torch's and
-    # transformers' object graphs (2.7 -> 0.3 s of a one-shot generate's exit, measured
-    # 2026-12-02 under load; docs/BENCHMARKS.md "Start-up"). Refcounted objects (open
-    # files held by modules) are still finalized as modules are torn down.
+    # Next to last of the exit handlers: the objects alive at exit are left to the OS
+    # instead of one last garbage collection through torch's and transformers' object
+    # graphs (2.7 -> 0.3 s of a one-shot generate's exit, measured 2026-12-02 under load;
+    # docs/BENCHMARKS.md "Start-up"). Refcounted objects (open files held by modules) are
+    # still finalized as modules are torn down, unless the command skipped the teardown.
     atexit.register(gc.freeze)
     # No collections over the command's imports (torch's: ~0.2 s of a one-shot generate);
     # the command resumes them once loaded, or a timer does (layerchain.gcpause)

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -86,6 +87,11 @@ def process_ticks(pid: int) -> int | None:
         return None
 
 
+def start_fields(pid: int) -> dict[str, Any]:
+    """What names process ``pid`` in ``swarm.json``: ``started`` and ``start_ticks``."""
+    return {"started": process_start(pid), "start_ticks": process_ticks(pid)}
+
+
 def process_start(pid: int) -> float | None:
     """The start time of process ``pid`` (seconds since the epoch); None if it is gone."""
     try:
@@ -123,8 +129,7 @@ class LocalSwarm:
         """Record that node ``index`` is now process ``pid`` (a restart), with its own start
         time, so that ``swarm_down`` stops it; saves ``swarm.json``."""
         _reap(self.nodes[index]["pid"])  # the process it replaces (killed), if ours to reap
-        self.nodes[index] = {**self.nodes[index], "pid": pid, "started": process_start(pid),
-                             "start_ticks": process_ticks(pid)}
+        self.nodes[index] = {**self.nodes[index], "pid": pid, **start_fields(pid)}
         self.save()
 
     def save(self) -> None:
@@ -244,8 +249,7 @@ def wait_ready(proc: subprocess.Popen, data_dir: Path, log_path: Path, timeout_s
         if ready.exists():
             info = json.loads(ready.read_text())
             node = {k: info[k] for k in ("pid", "peer_id", "start", "end", "endpoint")}
-            return {**node, "started": process_start(node["pid"]),
-                    "start_ticks": process_ticks(node["pid"]), "wallet": info.get("wallet", "")}
+            return {**node, **start_fields(node["pid"]), "wallet": info.get("wallet", "")}
         if proc.poll() is not None:
             raise LayerchainError(f"node {data_dir.name} exited: {_tail(log_path)}")
         time.sleep(0.1)
@@ -286,8 +290,7 @@ def swarm_up(
                                     extra_args=args, threads=threads, insecure=insecure,
                                     device=device, dtype=dtype))
             pid = procs[-1][0].pid
-            swarm.nodes.append({"pid": pid, "started": process_start(pid),
-                                "start_ticks": process_ticks(pid), "peer_id": "",
+            swarm.nodes.append({"pid": pid, **start_fields(pid), "peer_id": "",
                                 "start": span.start, "end": span.end, "endpoint": ""})
             swarm.save()
         for i, (proc, data_dir) in enumerate(procs):
