@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.layerchain-installed
+# the native decode library (src/layerchain/native: C++ over torch's ATen, built with g++)
+NATIVE := $(VENV)/.layerchain-native
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 # the CPU build of torch, from local disk (pip's find-links); TORCH_WHEELS is that folder
 TORCH := torch==2.13.0
@@ -22,8 +24,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile package.json package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# emulated hosts (tests/netlab.py, `bench rtt`): iptables for NAT and the delay line's
 	# NFQUEUE; NetfilterQueue (a dev dependency, source only on PyPI) compiles with gcc
-	# against libnetfilter-queue-dev
-	dpkg -s iptables libnetfilter-queue-dev gcc >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables libnetfilter-queue-dev gcc >/dev/null)
+	# against libnetfilter-queue-dev; g++ builds the native decode library (below)
+	dpkg -s iptables libnetfilter-queue-dev gcc g++ >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables libnetfilter-queue-dev gcc g++ >/dev/null)
 	$(PIP) $(TORCH)
 	$(PIP) -e '.[dev]'
 	# hivemind's wheel ships p2pd UPX-packed (its code unpacked into private memory by every
@@ -39,22 +41,29 @@ $(STAMP): pyproject.toml constraints.txt Makefile package.json package-lock.json
 	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
 	touch $(STAMP)
 
-demo: $(STAMP)
+# one-token decode steps in C++ (same bits as the Python path, ~0.8x its time for int4;
+# docs/BENCHMARKS.md "Native decode"), rebuilt when its source or the install changes
+install: $(NATIVE)
+$(NATIVE): $(STAMP) src/layerchain/native/decode.cpp src/layerchain/native/__init__.py
+	$(BIN)/python -m layerchain.native --require
+	touch $(NATIVE)
+
+demo: $(NATIVE)
 	$(BIN)/layerchain demo
 
 # Everything, real processes included (what CI runs, after `make lint`): the unit tests on
 # both cores (pytest-xdist), then the end-to-end tests on both cores too, each file whole on
 # one worker (--dist loadfile: a module's swarm starts once); the 30 slowest are listed at
 # the end, so a CI log shows where the time goes.
-test: $(STAMP)
+test: $(NATIVE)
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --durations=10
 	$(BIN)/python -m pytest -q -m slow -n 2 --dist loadfile --durations=30
 
 # While iterating: no real processes, no end-to-end runs (tests marked `slow` are left out).
-test-fast: $(STAMP)
+test-fast: $(NATIVE)
 	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
-lint: $(STAMP)
+lint: $(NATIVE)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m mypy
 

@@ -93,6 +93,26 @@ def make_tiny_model(family: str, path, tokenizer=None, seed: int = 0, **override
     return path
 
 
+# a tiny model whose q/k/v (128/64/64) and gate/up (128) fuse as int4 on every CPU
+# (tiny_config's 64/32/32 and 96 do not where torch packs int4 rows in blocks of 64)
+ALIGNED = dict(hidden_size=128, intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def aligned_model_dir(tmp_path_factory, request):
+    """Factory: ``aligned_model_dir(family, tokenizer=False) -> Path`` (once per session)."""
+    made = {}
+
+    def make(family: str, tokenizer: bool = False):
+        if (family, tokenizer) not in made:
+            tok = request.getfixturevalue("smollm2_tokenizer") if tokenizer else None
+            path = tmp_path_factory.mktemp(f"aligned-{family}")
+            made[family, tokenizer] = make_tiny_model(family, path, tok, **ALIGNED)
+        return made[family, tokenizer]
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def smollm2_spec():
     from layerchain.model import resolve_model

@@ -148,10 +148,15 @@ def test_a_session_closed_while_waiting_gets_unknown_session_and_the_others_thei
     assert out_a.batch == 1 and torch.equal(out_a.hidden, span.forward(token(span, 1), twin))
 
 
-def test_a_step_failing_in_a_batch_fails_alone_and_the_others_run_one_by_one(tiny):
+def test_a_step_failing_in_a_batch_fails_alone_and_the_others_run_one_by_one(
+    tiny, monkeypatch
+):
     """A cache that raises mid-forward fails the batch; each step then runs alone: the
     faulty session gets its error, the others their solo rows, no cache advanced twice."""
     _, span = tiny
+    # the fault is injected into the cache's update, which only the Python path calls (a
+    # solo step would otherwise go native: tests/test_native_step.py)
+    monkeypatch.setattr(span, "native_decode", False)
     batcher = DecodeBatcher(BatchConfig(window_ms=10_000, window_share=0))
     sessions = [session(span, f"s{i}", 2 + i, seed=i) for i in range(3)]
     bad = sessions[1][0]
@@ -389,7 +394,9 @@ def test_eight_concurrent_sessions_decode_the_tokens_each_decodes_alone(smol, tm
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_a_session_closing_or_failing_mid_batch_leaves_the_others_answers_alone(smol, tmp_path):
+def test_a_session_closing_or_failing_mid_batch_leaves_the_others_answers_alone(
+    smol, tmp_path, monkeypatch
+):
     """At step 2 (their second decode step) of five sessions: one closes while its step waits in the batch (it gets
     unknown_session), one's cache fails inside the batched forward (its step fails, the
     batch reruns one by one), one's receipt fails after it (only its step fails). The other
@@ -397,6 +404,7 @@ def test_a_session_closing_or_failing_mid_batch_leaves_the_others_answers_alone(
     from layerchain.wire import CloseSession, Step
 
     spec, span, head, prompts = smol
+    monkeypatch.setattr(span, "native_decode", False)  # the cache fault is in its update
     new, k = 3, 2
 
     async def main():

@@ -20,28 +20,9 @@ from layerchain.model.quant import (
     quantize_module,
 )
 
-from conftest import make_tiny_model
-
 # torch packs int4 rows in blocks that follow the CPU (64 with AVX-512): parts of 128 and 64
 # rows stack on block boundaries on every CPU measured, as SmolLM2's 576/192/192 and 1536 do
 Q, KV = 128, 64
-# a tiny model whose q/k/v (128/64/64) and gate/up (128) fuse on every CPU (tiny_config's
-# 64/32/32 and 96 do not where blocks are 64 rows)
-ALIGNED = dict(hidden_size=128, intermediate_size=128)
-
-
-@pytest.fixture(scope="module")
-def aligned_model_dir(tmp_path_factory, request):
-    made = {}
-
-    def make(family: str, tokenizer: bool = False):
-        if (family, tokenizer) not in made:
-            tok = request.getfixturevalue("smollm2_tokenizer") if tokenizer else None
-            path = tmp_path_factory.mktemp(f"aligned-{family}")
-            made[family, tokenizer] = make_tiny_model(family, path, tok, **ALIGNED)
-        return made[family, tokenizer]
-
-    return make
 
 
 class _Attention(nn.Module):
@@ -157,15 +138,19 @@ def test_int4_lean_decode_with_fused_projections_is_bit_identical(
     joint = FusedLinears.joint  # what each fused call runs (forward and span.rotated_qkv)
     monkeypatch.setattr(FusedLinears, "joint", lambda m, x: calls.append(1) or joint(m, x))
     outs = {}
+    native, span.native_decode = span.native_decode, False  # the Python path's calls
     for lean in (True, False):
         span.fast_decode = lean
         cache = span.new_cache()
         span(prompt, cache)
         outs[lean] = torch.cat([span(step, cache) for step in steps], dim=1)
-    span.fast_decode = True
+    span.fast_decode, span.native_decode = True, native
     # q/k/v and gate/up of 4 blocks, lean steps only (qwen2's windowed blocks: a mask, plain)
     assert len(calls) == 2 * 4 * 12 if family == "llama" else len(calls) >= 2 * 12
     assert torch.equal(outs[True], outs[False])
+    cache = span.new_cache()  # the default path (native for llama where built): the same
+    span(prompt, cache)
+    assert torch.equal(torch.cat([span(step, cache) for step in steps], dim=1), outs[False])
 
 
 def test_unfused_sets_the_fused_kernels_aside_and_back(aligned_model_dir):
@@ -187,8 +172,9 @@ def test_unfused_sets_the_fused_kernels_aside_and_back(aligned_model_dir):
     assert torch.equal(fused_out, plain_out)
     report = bench_compute(model, dtypes=["int4"], tokens=2, repeats=1, agreement=False,
                            baseline=True)
-    assert [(r["runtime"], r["dtype"]) for r in report["rows"]][:2] == [
-        ("layerchain", "int4"), ("layerchain-unfused", "int4")
+    python = ["layerchain-python"] if local.span.native_decode else []  # native built
+    assert [(r["runtime"], r["dtype"]) for r in report["rows"]][: 2 + len(python)] == [
+        (runtime, "int4") for runtime in ["layerchain", *python, "layerchain-unfused"]
     ]
 
 

@@ -32,9 +32,13 @@ def inputs(hidden: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]
     ]
 
 
-def decode_run(span, prompt, tokens, *, fast: bool, max_length: int | None = None):
-    """Outputs [1, PROMPT + DECODE, H] of a prefill then one-token steps, and lean calls."""
+def decode_run(
+    span, prompt, tokens, *, fast: bool, max_length: int | None = None, native: bool = False
+):
+    """Outputs [1, PROMPT + DECODE, H] of a prefill then one-token steps, and lean calls
+    (``native``: the native path where it applies, tests/test_native_step.py; else off)."""
     span.fast_decode = fast
+    native_was, span.native_decode = span.native_decode, native and span.native_decode
     cache = span.new_cache(max_length=max_length)
     calls = []
     real = LeanDecode.__call__
@@ -48,6 +52,7 @@ def decode_run(span, prompt, tokens, *, fast: bool, max_length: int | None = Non
             outs = [span.forward(prompt, cache)] + [span.forward(t, cache) for t in tokens]
     finally:
         span.fast_decode = span._lean is not None
+        span.native_decode = native_was
     return torch.cat(outs, dim=1), len(calls)
 
 
@@ -73,6 +78,9 @@ def test_the_lean_decode_path_gives_the_plain_paths_bits(family, tiny_model_dir)
     # and a preallocated cache (no growth) gives the same bits as the growing one
     bounded, _ = decode_run(span, prompt, tokens, fast=True, max_length=PROMPT + DECODE)
     assert torch.equal(bounded, plain)
+    # and the default path (native where built and it applies) too
+    default, _ = decode_run(span, prompt, tokens, fast=True, native=True)
+    assert torch.equal(default, plain)
 
 
 def test_the_default_model_decodes_the_same_bits_either_way(smollm2_spec):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +60,7 @@ INSTALL_NOTE = (
 class ComputeRow:
     """One runtime at one weight form and thread count."""
 
-    runtime: str  # "layerchain" | "llama.cpp"
+    runtime: str  # "layerchain" | "llama.cpp" (--baseline: "layerchain-python", "-unfused")
     dtype: str  # layerchain: quant.DTYPES; llama.cpp: the GGUF file's type, e.g. "Q4_1"
     threads: int
     ms_per_token: float  # wall time per decode step, best of the runs
@@ -185,6 +185,23 @@ def layerchain_timing(
 
 
 @contextmanager
+def baseline_variant(model: Any, runtime: str) -> Iterator[None]:
+    """``model`` computing as ``runtime`` says: "layerchain" as it is, "layerchain-python"
+    with the native decode path off (the same bits from Python's torch calls),
+    "layerchain-unfused" as before the fused kernels (``unfused``). Restored on exit."""
+    if runtime == "layerchain-unfused":
+        with unfused(model):
+            yield
+        return
+    native = model.span.native_decode
+    model.span.native_decode = native and runtime == "layerchain"
+    try:
+        yield
+    finally:
+        model.span.native_decode = native
+
+
+@contextmanager
 def unfused(model: Any) -> Iterator[None]:
     """``model`` (``.span``, ``.head``) as it computed before the fused kernels, for the
     ``--baseline`` rows: each q/k/v and gate/up linear called on its own (the span's
@@ -272,8 +289,9 @@ def bench_compute(
     baseline: bool = False,
 ) -> dict[str, Any]:
     """The ``bench compute`` report (see the module docstring). ``baseline``: each int4/int8
-    form is also timed ``unfused`` (runtime "layerchain-unfused", not in the ratios), its runs
-    alternating with the form's own on the same loaded model, so load drifts hit both."""
+    form is also timed ``unfused`` (runtime "layerchain-unfused", not in the ratios), and each
+    form with a native decode path without it ("layerchain-python", not in the ratios), their
+    runs alternating with the form's own on the same loaded model, so load drifts hit all."""
     from layerchain.model.generate import LocalModel
     from layerchain.model.quant import check_dtype, resolve_dtype
     from layerchain.model.resolve import resolve_model
@@ -290,16 +308,20 @@ def bench_compute(
             for form in forms:
                 local = LocalModel(spec, dtype=form)
                 weights = module_bytes(local.span) + module_bytes(local.head)
-                variants = [False, True] if baseline and form in ("int4", "int8") else [False]
+                variants = ["layerchain"]
+                if baseline and local.span.native_decode:
+                    variants.append("layerchain-python")
+                if baseline and form in ("int4", "int8"):
+                    variants.append("layerchain-unfused")
                 fastest = {v: (float("inf"), float("inf")) for v in variants}
-                for _ in range(repeats):  # alternating, so both see the same machine
-                    for plain in variants:
-                        with unfused(local) if plain else nullcontext():
+                for _ in range(repeats):  # alternating, so all see the same machine
+                    for variant in variants:
+                        with baseline_variant(local, variant):
                             timed = layerchain_timing(local, ids, tokens, 1)
-                        wall, cpu = fastest[plain]
-                        fastest[plain] = (min(wall, timed[0]), min(cpu, timed[1]))
-                for plain, (wall, cpu) in fastest.items():
-                    runtime = "layerchain-unfused" if plain else "layerchain"
+                        wall, cpu = fastest[variant]
+                        fastest[variant] = (min(wall, timed[0]), min(cpu, timed[1]))
+                for runtime, (wall, cpu) in fastest.items():
+                    plain = runtime == "layerchain-unfused"
                     packed = sum(int(getattr(m, "packed_bytes", 0)) for m in local.head.modules())
                     held = weights - packed if plain else weights  # unfused: no FBGEMM copy
                     rows.append(ComputeRow(

@@ -10,6 +10,8 @@ same work). The run measures, side by side in one process and interleaved round 
   for llama-shaped families), p50 wall time; ``*_cpu_ms``: the same in this thread's CPU time,
   which time spent descheduled does not inflate (the figure to compare on a busy machine;
   meaningful with ``threads=1``, where all of a step's work runs on this thread);
+  ``native_path``: whether the lean path's steps run in C++ (``layerchain.native``, built
+  by ``make install``; the same ops and bits);
 * ``identical``: whether both paths gave the same bits at every step (they must);
 * ``matmul_share`` / ``attention_share``: the matrix products' and SDPA's own time
   (torch.profiler's self time of those ops) over the profiled steps' wall time (both clocks
@@ -136,6 +138,7 @@ def run_step_bench(
         "after_cpu_ms": after[1],
         "saved_share": round(1.0 - after[1] / before[1], 3) if before[1] else None,
         "lean_path": has_lean,
+        "native_path": span.native_decode,  # the lean path's steps in C++ (layerchain.native)
         "identical": identical,
         "matmul_share": None,
         "attention_share": None,

@@ -253,8 +253,9 @@ def bench_compute(
         True, "--agreement/--no-agreement", help="Also score each form's greedy agreement with fp32."
     ),
     baseline: bool = typer.Option(
-        False, "--baseline", help="Also time int4/int8 without the fused kernels and the "
-        "rescored head (rows 'layerchain-unfused', alternating with the form's own runs)."),
+        False, "--baseline", help="Also time each form without the native decode path "
+        "(rows 'layerchain-python') and int4/int8 without the fused kernels and the rescored "
+        "head (rows 'layerchain-unfused'), alternating with the form's own runs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """The whole model decoding in one process per weight form, and llama.cpp on the same

@@ -41,84 +41,14 @@ from layerchain.model.families import rope_key_of, sliding_window_of
 from layerchain.model.gguf_file import GGUFFile
 from layerchain.model import llama_block
 from layerchain.model.llama_block import OWN, BlockClasses, LlamaBlockConfig
+from layerchain.model.kv_cache import KVCache as KVCache  # its home; imported from here too
+from layerchain.model.native_step import NativeStep
 from layerchain.model.quant import fused, quantize_module, release_freed_memory
 from layerchain.model.spec import ModelSpec
 from layerchain.types import Span
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-_MIN_CAPACITY = 64  # tokens: smallest cache allocation, grown by doubling
-
-
-class KVCache:
-    """Keys and values of one session for the layers ``[start, end)`` of one span.
-
-    ``length`` counts the tokens processed so far. Storage per layer is
-    ``[batch, kv_heads, capacity, head_dim]``, in the keys' dtype on the keys' device (the
-    span's: the cache is allocated by the first step), grown by doubling (or preallocated to
-    ``max_length``); ``update`` is the method transformers' attention modules call.
-    A forward that fails midway leaves ``length`` unchanged, so the cache stays consistent:
-    entries past ``length`` are never read and are overwritten by the next step.
-    """
-
-    def __init__(self, start: int, end: int, max_length: int | None = None) -> None:
-        self.start, self.end = start, end
-        self.length = 0
-        self.max_length = max_length  # tokens; None: unbounded
-        self._keys: list[torch.Tensor | None] = [None] * (end - start)
-        self._values: list[torch.Tensor | None] = [None] * (end - start)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated for keys and values (capacity, not length)."""
-        return sum(
-            t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None
-        )
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens held (transformers' Cache API)."""
-        return self.length
-
-    def update(
-        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``key``/``value`` [B, kv_heads, T, D] of global layer ``layer_idx`` at positions
-        ``length .. length+T``; return all keys/values so far, [B, kv_heads, length+T, D]."""
-        i = layer_idx - self.start
-        new = key.shape[2]
-        need = self.length + new
-        if self.max_length is not None and need > self.max_length:
-            raise SpanError(f"session cache is full: {need} tokens > max_length {self.max_length}")
-        keys, values = self._keys[i], self._values[i]
-        if keys is None or values is None or need > keys.shape[2] or keys.shape[0] != key.shape[0]:
-            keys, values = self._grow(i, key, value, need)
-        keys[:, :, self.length : need] = key
-        values[:, :, self.length : need] = value
-        return keys[:, :, :need], values[:, :, :need]
-
-    def _grow(
-        self, i: int, key: torch.Tensor, value: torch.Tensor, need: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        old_k, old_v = self._keys[i], self._values[i]
-        capacity = self.max_length or max(
-            _MIN_CAPACITY, need, 2 * (0 if old_k is None else old_k.shape[2])
-        )
-        b, h, _, d = key.shape
-        keys = key.new_empty((b, h, capacity, d))
-        values = value.new_empty((b, h, capacity, value.shape[3]))
-        if old_k is not None and old_v is not None and self.length and old_k.shape[0] == b:
-            keys[:, :, : self.length] = old_k[:, :, : self.length]
-            values[:, :, : self.length] = old_v[:, :, : self.length]
-        self._keys[i], self._values[i] = keys, values
-        return keys, values
-
-    def truncate(self, length: int) -> None:
-        """Forget tokens past ``length`` (the kept ones stay valid)."""
-        if not 0 <= length <= self.length:
-            raise SpanError(f"cannot truncate a cache of {self.length} tokens to {length}")
-        self.length = length
-
 
 class SpanModel(nn.Module):
     """Decoder blocks ``[start, end)`` of one model, eval mode, no gradients, on one device
@@ -154,6 +84,11 @@ class SpanModel(nn.Module):
         lean = LeanDecode.for_layers(spec, layers)
         self._lean = lean if lean is not None and self._agrees(lean) else None
         self.fast_decode = self._lean is not None
+        # one-token steps through our own llama blocks in native code when it is built
+        # (``model.native_step``: the lean path's ops from C++, same bits); False: never
+        own = self._lean is not None and self._lean.rotate is llama_block.apply_rotary_pos_emb
+        self._native = NativeStep.for_span(self) if own else None
+        self.native_decode = self._native is not None
 
     def _agrees(self, lean: LeanDecode) -> bool:
         """Whether ``lean`` gives the first block's own bits for two one-token steps on a
@@ -323,6 +258,11 @@ class SpanModel(nn.Module):
         lo, hi = start - self.start, end - self.start
         cache_kwargs = {self._cache_arg: cache, "use_cache": cache is not None}
         lean = self._lean if self.fast_decode and tokens == 1 and cache is not None else None
+        if lean is not None and cache is not None and self.native_decode and self._native:
+            # a native span's blocks need no mask for one token (no sliding windows)
+            out = self._native(self.layers[lo:hi], hidden, tables[self.rope_keys[lo]], cache, lean)
+            if out is not None:
+                return out
         for layer, window, rope_key in zip(
             self.layers[lo:hi], self.windows[lo:hi], self.rope_keys[lo:hi], strict=True
         ):

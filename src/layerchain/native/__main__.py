@@ -1,0 +1,3 @@
+from layerchain.native import main
+
+main()

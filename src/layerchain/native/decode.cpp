@@ -1,0 +1,140 @@
+// One-token decode steps through llama blocks, in C++ over ATen: the ops of
+// layerchain.model.span.LeanDecode (and the int4 paths of layerchain.model.quant), in the
+// same order with the same arguments, so the outputs are the same bits; what goes away is
+// the Python around each op (argument parsing, tensor wrapping, the functions between them).
+// Registered as torch.ops.layerchain.span_decode; see layerchain/native/__init__.py.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kFloatLayout = 0;  // nn.Linear weights [N, K] float32, no bias
+constexpr int64_t kInt4Layout = 1;   // fused int4 q/k/v and gate/up, int4 o and down
+constexpr int64_t kFloatFields = 9;  // per block: norm, q, k, v, o, norm, gate, up, down
+constexpr int64_t kInt4Fields = 10;  // norm, qkv (codes, scales), o (2), norm, gate/up (2), down (2)
+
+// span._rms_norm for a float32 input
+Tensor rms_norm(const Tensor& hidden, const Tensor& weight, double eps) {
+  Tensor variance = hidden.pow(2).mean(-1, /*keepdim=*/true);
+  Tensor scaled = hidden * variance.add_(eps).rsqrt_();
+  return scaled.mul_(weight);
+}
+
+// quant.Int4Linear.forward / FusedLinears.joint without a bias: x [B, T, K] -> [B, T, N]
+Tensor int4_linear(const Tensor& x, const Tensor& packed, const Tensor& scales, int64_t group) {
+  const int64_t k = packed.size(1) * 2;
+  const int64_t n = packed.size(0);
+  Tensor flat = x.reshape({-1, k}).to(at::kBFloat16);
+  Tensor out = at::_weight_int4pack_mm_for_cpu(flat, packed, group, scales);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(n);
+  return out.to(x.scalar_type()).reshape(shape);
+}
+
+// llama_block.rotate_half
+Tensor rotate_half(const Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  Tensor x1 = x.slice(-1, 0, half);
+  Tensor x2 = x.slice(-1, half);
+  return at::cat({-x2, x1}, -1);
+}
+
+// llama_block.rotate_heads / one half of apply_rotary_pos_emb (cos, sin already unsqueezed)
+Tensor rotate(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  return (x * cos) + (rotate_half(x) * sin);
+}
+
+// span.KVCache.update for storage with room: keys/values [B, kv, capacity, D]
+std::pair<Tensor, Tensor> cache_update(const Tensor& keys, const Tensor& values,
+                                       const Tensor& key, const Tensor& value, int64_t length) {
+  const int64_t need = length + key.size(2);
+  keys.slice(2, length, need).copy_(key);
+  values.slice(2, length, need).copy_(value);
+  return {keys.slice(2, 0, need), values.slice(2, 0, need)};
+}
+
+// llama_block.sdpa_attention for one query token without a mask -> [B, 1, heads, D]
+Tensor attend(const Tensor& query, const Tensor& key, const Tensor& value, double scaling,
+              bool gqa) {
+  Tensor out = at::scaled_dot_product_attention(query, key, value, std::nullopt, 0.0,
+                                                /*is_causal=*/false, scaling, gqa);
+  out = out.reshape({out.size(0), -1, query.size(2), value.size(-1)});
+  return out.transpose(1, 2).contiguous();
+}
+
+}  // namespace
+
+// hidden [B, 1, H] float32 through the blocks whose tensors ``fields`` lists (``layout``'s
+// fields per block, in order), writing each block's key/value at ``length`` into ``keys[i]``
+// / ``values[i]`` ([B, kv_heads, capacity, D], capacity > length). cos/sin: [B, 1, D] (the
+// step's rotary table). dims: head_dim, query heads, key/value heads, int4 group.
+Tensor span_decode(Tensor hidden, Tensor cos, Tensor sin, at::TensorList fields,
+                   at::TensorList keys, at::TensorList values, int64_t length, int64_t layout,
+                   at::IntArrayRef dims, double eps, double scaling) {
+  const int64_t head_dim = dims[0], heads = dims[1], kv_heads = dims[2], group = dims[3];
+  const int64_t per = layout == kInt4Layout ? kInt4Fields : kFloatFields;
+  TORCH_CHECK(layout == kFloatLayout || layout == kInt4Layout, "unknown layout ", layout);
+  TORCH_CHECK(static_cast<int64_t>(fields.size()) == per * static_cast<int64_t>(keys.size()),
+              "fields do not match the blocks");
+  const bool gqa = heads != kv_heads;  // SDPA's enable_gqa, as transformers passes it
+  const Tensor cos1 = cos.unsqueeze(1), sin1 = sin.unsqueeze(1);  // [B, 1, 1, D]
+  const int64_t q_size = heads * head_dim, k_size = kv_heads * head_dim;
+  for (size_t block = 0; block < keys.size(); ++block) {
+    const Tensor* f = fields.data() + block * per;
+    Tensor residual = hidden;
+    Tensor x = rms_norm(hidden, f[0], eps);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);  // [B, T]
+    shape.push_back(-1);
+    shape.push_back(head_dim);  // [B, T, heads, D]
+    Tensor query, key, value, attn_out, o, mlp;
+    if (layout == kInt4Layout) {
+      Tensor out = int4_linear(x, f[1], f[2], group);  // [B, T, q + k + v]
+      Tensor both = rotate(out.slice(-1, 0, q_size + k_size).view(shape).transpose(1, 2),
+                           cos1, sin1);
+      query = both.slice(1, 0, heads);
+      key = both.slice(1, heads);
+      value = out.slice(-1, q_size + k_size).view(shape).transpose(1, 2);
+    } else {
+      query = at::linear(x, f[1]).view(shape).transpose(1, 2);
+      key = at::linear(x, f[2]).view(shape).transpose(1, 2);
+      value = at::linear(x, f[3]).view(shape).transpose(1, 2);
+      query = rotate(query, cos1, sin1);
+      key = rotate(key, cos1, sin1);
+    }
+    auto [all_keys, all_values] = cache_update(keys[block], values[block], key, value, length);
+    attn_out = attend(query, all_keys, all_values, scaling, gqa);
+    std::vector<int64_t> flat(x.sizes().begin(), x.sizes().end() - 1);
+    flat.push_back(-1);
+    attn_out = attn_out.reshape(flat).contiguous();
+    if (layout == kInt4Layout) {
+      o = int4_linear(attn_out, f[3], f[4], group);
+    } else {
+      o = at::linear(attn_out, f[4]);
+    }
+    hidden = residual + o;
+    residual = hidden;
+    x = rms_norm(hidden, f[5], eps);
+    if (layout == kInt4Layout) {
+      Tensor gate_up = int4_linear(x, f[6], f[7], group);
+      const int64_t width = gate_up.size(-1) / 2;
+      auto parts = at::split_with_sizes(gate_up, {width, gate_up.size(-1) - width}, -1);
+      mlp = int4_linear(at::silu(parts[0]).mul_(parts[1]), f[8], f[9], group);
+    } else {
+      Tensor gate = at::linear(x, f[6]);
+      Tensor up = at::linear(x, f[7]);
+      mlp = at::linear(at::silu(gate).mul_(up), f[8]);
+    }
+    hidden = residual + mlp;
+  }
+  return hidden;
+}
+
+TORCH_LIBRARY(layerchain, m) {
+  m.def("span_decode(Tensor hidden, Tensor cos, Tensor sin, Tensor[] fields, Tensor[] keys, "
+        "Tensor[] values, int length, int layout, int[] dims, float eps, float scaling) -> Tensor",
+        &span_decode);
+}
