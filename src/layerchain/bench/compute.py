@@ -184,6 +184,14 @@ def layerchain_timing(
         return time_decode(prefill, step, tokens, repeats)
 
 
+def native_applies(span: Any) -> bool:
+    """Whether ``span``'s decode steps take the native path (its blocks in a layout
+    ``decode.cpp`` computes: fp32 or fused int4; ``model.native_step``)."""
+    from layerchain.model.native_step import step_fields
+
+    return bool(span.native_decode) and step_fields(span.layers) is not None
+
+
 @contextmanager
 def baseline_variant(model: Any, runtime: str) -> Iterator[None]:
     """``model`` computing as ``runtime`` says: "layerchain" as it is, "layerchain-python"
@@ -309,7 +317,7 @@ def bench_compute(
                 local = LocalModel(spec, dtype=form)
                 weights = module_bytes(local.span) + module_bytes(local.head)
                 variants = ["layerchain"]
-                if baseline and local.span.native_decode:
+                if baseline and native_applies(local.span):
                     variants.append("layerchain-python")
                 if baseline and form in ("int4", "int8"):
                     variants.append("layerchain-unfused")
