@@ -184,3 +184,79 @@ def test_a_failed_build_is_one_error_and_keeps_the_built_library(monkeypatch):
         env={**os.environ, "CXX": "no-such-compiler-here"}, check=False,
     )  # the library is already built: its path, nothing compiled
     assert done.returncode == 0 and done.stdout.strip() == str(built)
+
+
+@pytest.fixture
+def batch_calls(monkeypatch):
+    """Rows of each native batch run (the first checks' excluded)."""
+    calls: list[int] = []
+    batch = NativeStep.batch
+
+    def counting(self, layers, rows, cos_sin, caches, reference):
+        out = batch(self, layers, rows, cos_sin, caches, reference)
+        if out is not None:
+            calls.append(rows.shape[0])
+        return out
+
+    monkeypatch.setattr(NativeStep, "batch", counting)
+    return calls
+
+
+def batched_run(span, prompts, steps: int, *, native_on: bool):
+    """Rows [B, steps, H] of ``steps`` batched decode steps of sessions whose prompts
+    (different lengths) ran alone first, each step's inputs the rows of the last."""
+    from layerchain.model.batched import decode_batch
+
+    was, span.native_decode = span.native_decode, native_on
+    try:
+        caches = [span.new_cache(max_length=40) for _ in prompts]
+        rows = torch.cat([span(p, c)[:, -1:] for p, c in zip(prompts, caches)])  # [B, 1, H]
+        outs = []
+        for _ in range(steps):
+            rows = decode_batch(span, rows, caches)
+            outs.append(rows)
+    finally:
+        span.native_decode = was
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int4"])
+def test_batched_steps_give_the_python_batchs_bits(
+    tiny_model_dir, aligned_model_dir, dtype, batch_calls
+):
+    path = tiny_model_dir("llama") if dtype == "fp32" else aligned_model_dir("llama")
+    spec = resolve_model(str(path))
+    span = load_span(spec, 0, spec.num_blocks, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(1, n, spec.hidden_size, generator=g) for n in (1, 4, 9)]
+    python = batched_run(span, prompts, 8, native_on=False)
+    assert batch_calls == []
+    ours = batched_run(span, prompts, 8, native_on=True)
+    assert torch.equal(ours, python) and batch_calls == [3] * 8
+
+
+def test_a_batch_whose_check_fails_or_lacks_room_runs_in_python(
+    tiny_model_dir, monkeypatch, batch_calls
+):
+    from layerchain.model.batched import decode_batch
+
+    spec = resolve_model(tiny_model_dir("llama"))
+    span = load_span(spec, 0, spec.num_blocks)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randn(1, n, spec.hidden_size, generator=g) for n in (2, 3)]
+    python = batched_run(span, prompts, 3, native_on=False)
+    # unbounded caches: storage of 64 tokens from the prompt, room for these steps
+    caches = [span.new_cache() for _ in prompts]
+    rows = torch.cat([span(p, c)[:, -1:] for p, c in zip(prompts, caches)])
+    caches[1]._keys[2] = caches[1]._keys[2][:, :, :3]  # no room for its next token here
+    caches[1]._values[2] = caches[1]._values[2][:, :, :3]
+    decode_batch(span, rows, caches)  # the Python path grows it
+    assert batch_calls == [] and caches[1]._keys[2].shape[2] >= 4
+    ops = torch.ops.layerchain
+    monkeypatch.setattr(torch.ops, "layerchain", type("Drift", (), {
+        "span_decode": ops.span_decode,
+        "span_decode_batch": staticmethod(lambda *a: ops.span_decode_batch(*a) * 1.0001),
+    }))
+    span._native.agreed.clear()
+    assert torch.equal(batched_run(span, prompts, 3, native_on=True), python)
+    assert batch_calls == [] and span._native.agreed[-1 - FLOAT_LAYOUT] is False

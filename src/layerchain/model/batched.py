@@ -87,9 +87,16 @@ def decode_batch(span: SpanModel, hidden: torch.Tensor, caches: Sequence[KVCache
                     span.rotary_emb(row, ids) if key is None else span.rotary_emb(row, ids, key)
                 )
             tables[key] = (torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts]))
-        for index in range(start, end):
+        native = span._native if span.native_decode else None
+        done = None if native is None else native.batch(  # in C++, when built: the same bits
+            span.layers[start - span.start : end - span.start], rows,
+            tables[span.rope_keys[start - span.start]], caches,
+            lambda layer, x, cos_sin, batch: _block(lean, layer, x, cos_sin, batch),
+        )
+        for index in range(start, end) if done is None else ():
             layer = span.layers[index - span.start]
             rows = _block(lean, layer, rows, tables[span.rope_keys[index - span.start]], caches)
+        rows = rows if done is None else done
         for cache in caches:
             cache.length += 1
     return rows

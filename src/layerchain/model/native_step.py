@@ -17,7 +17,7 @@ whose ops differ) turns that layout off for the span for good.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,29 +83,104 @@ class NativeStep:
         blocks) without advancing its length; None (nothing written) when the step is not
         one the native path takes. ``lean``: the span's ``LeanDecode`` (the first check's
         reference)."""
-        seen = _modules_of(layers)
-        if seen is None:
-            return None
-        if seen != self._seen:
-            self._seen, self._fields = seen, step_fields(layers)
-        fields = self._fields
+        fields = self._fields_of(layers)
         if fields is None or hidden.dtype != torch.float32 or hidden.shape[1] != 1:
             return None
         layout, tensors = fields
-        first = layers[0].self_attn.layer_idx - cache.start  # type: ignore[union-attr]
-        keys = cache._keys[first : first + len(layers)]
-        values = cache._values[first : first + len(layers)]
-        need, batch = cache.length + 1, hidden.shape[0]
-        if cache.max_length is not None and need > cache.max_length:
-            return None  # the lean path refuses it (SpanError)
-        for k in keys:
-            if k is None or k.shape[2] < need or k.shape[0] != batch:
-                return None  # the lean path grows the storage (or refuses a full cache)
+        room = _room(cache, layers, hidden.shape[0])
+        if room is None:
+            return None
+        keys, values = room
         if layout not in self.agreed:
             self.agreed[layout] = self._agrees(layers[0], lean)
         if not self.agreed[layout]:
             return None
         return self._run(layout, tensors, hidden, cos_sin, keys, values, cache.length)
+
+    def batch(
+        self,
+        layers: Sequence[nn.Module] | nn.ModuleList,
+        rows: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        caches: Sequence[KVCache],
+        reference: Callable[..., torch.Tensor],
+    ) -> torch.Tensor | None:
+        """``model.batched.decode_batch``'s blocks for rows [B, 1, H] (row i: ``caches[i]``'s
+        session at its length; cos/sin [B, 1, D], each row's own) in one native call,
+        writing each session's keys/values without advancing its length; None (nothing
+        written) when the native path does not take it. ``reference(layer, rows, cos_sin,
+        caches)``: the Python batch's block (the first check's reference)."""
+        fields = self._fields_of(layers)
+        if fields is None or rows.dtype != torch.float32 or rows.shape[1] != 1:
+            return None
+        layout, tensors = fields
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for cache in caches:
+            got = _room(cache, layers, 1)
+            if got is None:
+                return None
+            keys.extend(got[0])
+            values.extend(got[1])
+        key = -1 - layout  # batches are checked apart from solo steps
+        if key not in self.agreed:
+            self.agreed[key] = self._batch_agrees(layers[0], fields, reference)
+        if not self.agreed[key]:
+            return None
+        cos, sin = cos_sin
+        return torch.ops.layerchain.span_decode_batch(  # type: ignore[no-any-return]
+            rows, cos, sin, tensors, keys, values, [c.length for c in caches], layout,
+            self.dims, self.eps, self.scaling,
+        )
+
+    def _batch_agrees(
+        self,
+        layer: nn.Module,
+        fields: tuple[int, list[torch.Tensor]],
+        reference: Callable[..., torch.Tensor],
+    ) -> bool:
+        """Whether a batch of two sessions (of 1 and 2 cached tokens) through ``layer`` gives
+        ``reference``'s bits, on random inputs in scratch caches."""
+        block: Any = layer  # our own llama block (``step_fields`` said so)
+        index, hidden_size = int(block.self_attn.layer_idx), int(block.hidden_size)
+        layout, _ = fields
+        one = step_fields([layer])
+        if one is None:
+            return False
+        g = torch.Generator().manual_seed(1)
+        rows = torch.randn(2, 1, hidden_size, generator=g)
+        cos_sin = (torch.randn(2, 1, self.dims[0], generator=g),
+                   torch.randn(2, 1, self.dims[0], generator=g))
+        primed = torch.randn(3, 1, 1, hidden_size, generator=g)
+        outs = []
+        with torch.inference_mode():
+            for use_native in (False, True):
+                caches = [KVCache(index, index + 1, max_length=3) for _ in range(2)]
+                for cache, count in zip(caches, (1, 2), strict=True):  # storage and a past
+                    for x in primed[:count]:
+                        reference(layer, x, (cos_sin[0][:1], cos_sin[1][:1]), [cache])
+                        cache.length += 1
+                if use_native:
+                    keys = [k for c in caches for k in c._keys if k is not None]
+                    values = [v for c in caches for v in c._values if v is not None]
+                    outs.append(torch.ops.layerchain.span_decode_batch(
+                        rows, *cos_sin, one[1], keys, values, [c.length for c in caches],
+                        layout, self.dims, self.eps, self.scaling,
+                    ))
+                else:
+                    outs.append(reference(layer, rows, cos_sin, caches))
+        return bool(torch.equal(outs[0], outs[1]))
+
+    def _fields_of(
+        self, layers: Sequence[nn.Module] | nn.ModuleList
+    ) -> tuple[int, list[torch.Tensor]] | None:
+        """``step_fields(layers)``, read again only when a module changed."""
+        seen = _modules_of(layers)
+        if seen is None:
+            return None
+        if seen != self._seen:
+            self._seen, self._fields = seen, step_fields(layers)
+        return self._fields
 
     def _run(
         self,
@@ -214,3 +289,21 @@ def _modules_of(layers: Sequence[nn.Module] | nn.ModuleList) -> list[Any] | None
         seen.extend(children["self_attn"]._modules.values())  # type: ignore[union-attr]
         seen.extend(children["mlp"]._modules.values())  # type: ignore[union-attr]
     return seen
+
+
+def _room(
+    cache: KVCache, layers: Sequence[nn.Module] | nn.ModuleList, batch: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """``cache``'s key and value storage for ``layers`` when each has room for one more
+    token of ``batch`` rows, else None (the Python path grows it, or refuses a full cache)."""
+    block: Any = layers[0]  # our own llama block (``step_fields`` said so)
+    first = block.self_attn.layer_idx - cache.start
+    keys = cache._keys[first : first + len(layers)]
+    values = cache._values[first : first + len(layers)]
+    need = cache.length + 1
+    if cache.max_length is not None and need > cache.max_length:
+        return None
+    for k in keys:
+        if k is None or k.shape[2] < need or k.shape[0] != batch:
+            return None
+    return keys, values  # type: ignore[return-value]  # none is None (checked)

@@ -133,8 +133,85 @@ Tensor span_decode(Tensor hidden, Tensor cos, Tensor sin, at::TensorList fields,
   return hidden;
 }
 
+// model.batched.decode_batch's blocks (``_block``) over the rows of B sessions: hidden
+// [B, 1, H], row i at position lengths[i]; cos/sin [B, 1, D] (each row's own); keys/values
+// session-major (session i's block j at i * blocks + j). The products run over all rows,
+// the cache writes and attention per session (``project_qkv`` then the two rotations, as
+// the Python batch does: its bits, which may differ from a solo step's in the last place).
+Tensor span_decode_batch(Tensor hidden, Tensor cos, Tensor sin, at::TensorList fields,
+                         at::TensorList keys, at::TensorList values, at::IntArrayRef lengths,
+                         int64_t layout, at::IntArrayRef dims, double eps, double scaling) {
+  const int64_t head_dim = dims[0], heads = dims[1], kv_heads = dims[2], group = dims[3];
+  const int64_t per = layout == kInt4Layout ? kInt4Fields : kFloatFields;
+  TORCH_CHECK(layout == kFloatLayout || layout == kInt4Layout, "unknown layout ", layout);
+  const int64_t rows = hidden.size(0);
+  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == rows, "a length per row");
+  const int64_t blocks = static_cast<int64_t>(fields.size()) / per;
+  TORCH_CHECK(blocks * per == static_cast<int64_t>(fields.size()) &&
+                  static_cast<int64_t>(keys.size()) == rows * blocks &&
+                  keys.size() == values.size(),
+              "fields and caches do not match the blocks and rows");
+  const bool gqa = heads != kv_heads;
+  const Tensor cos1 = cos.unsqueeze(1), sin1 = sin.unsqueeze(1);  // [B, 1, 1, D]
+  const int64_t q_size = heads * head_dim, k_size = kv_heads * head_dim;
+  for (int64_t block = 0; block < blocks; ++block) {
+    const Tensor* f = fields.data() + block * per;
+    Tensor residual = hidden;
+    Tensor x = rms_norm(hidden, f[0], eps);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(-1);
+    shape.push_back(head_dim);  // [B, T, heads, D]
+    Tensor query, key, value, o, mlp;
+    if (layout == kInt4Layout) {
+      Tensor out = int4_linear(x, f[1], f[2], group);  // FusedLinears.forward: split views
+      auto parts = at::split_with_sizes(out, {q_size, k_size, out.size(-1) - q_size - k_size}, -1);
+      query = parts[0].view(shape).transpose(1, 2);
+      key = parts[1].view(shape).transpose(1, 2);
+      value = parts[2].view(shape).transpose(1, 2);
+    } else {
+      query = at::linear(x, f[1]).view(shape).transpose(1, 2);
+      key = at::linear(x, f[2]).view(shape).transpose(1, 2);
+      value = at::linear(x, f[3]).view(shape).transpose(1, 2);
+    }
+    query = rotate(query, cos1, sin1);
+    key = rotate(key, cos1, sin1);
+    std::vector<Tensor> outs;
+    outs.reserve(rows);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t slot = i * blocks + block;
+      auto [all_keys, all_values] = cache_update(keys[slot], values[slot], key.slice(0, i, i + 1),
+                                                 value.slice(0, i, i + 1), lengths[i]);
+      outs.push_back(attend(query.slice(0, i, i + 1), all_keys, all_values, scaling, gqa));
+    }
+    std::vector<int64_t> flat(x.sizes().begin(), x.sizes().end() - 1);
+    flat.push_back(-1);
+    Tensor attn_out = at::cat(outs).reshape(flat).contiguous();  // [B, 1, heads * D]
+    if (layout == kInt4Layout) {
+      o = int4_linear(attn_out, f[3], f[4], group);
+    } else {
+      o = at::linear(attn_out, f[4]);
+    }
+    hidden = residual + o;
+    x = rms_norm(hidden, f[5], eps);
+    if (layout == kInt4Layout) {
+      Tensor gate_up = int4_linear(x, f[6], f[7], group);
+      const int64_t width = gate_up.size(-1) / 2;
+      auto parts = at::split_with_sizes(gate_up, {width, gate_up.size(-1) - width}, -1);
+      mlp = int4_linear(at::silu(parts[0]).mul_(parts[1]), f[8], f[9], group);
+    } else {
+      mlp = at::linear(at::silu(at::linear(x, f[6])).mul_(at::linear(x, f[7])), f[8]);
+    }
+    hidden = hidden + mlp;
+  }
+  return hidden;
+}
+
 TORCH_LIBRARY(layerchain, m) {
   m.def("span_decode(Tensor hidden, Tensor cos, Tensor sin, Tensor[] fields, Tensor[] keys, "
         "Tensor[] values, int length, int layout, int[] dims, float eps, float scaling) -> Tensor",
         &span_decode);
+  m.def("span_decode_batch(Tensor hidden, Tensor cos, Tensor sin, Tensor[] fields, "
+        "Tensor[] keys, Tensor[] values, int[] lengths, int layout, int[] dims, float eps, "
+        "float scaling) -> Tensor",
+        &span_decode_batch);
 }
