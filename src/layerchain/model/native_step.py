@@ -6,13 +6,14 @@ that ``decode.cpp`` mirrors (GQA through SDPA's ``enable_gqa``, as transformers 
 for a one-token step without a mask). Each step then reads the blocks' tensors afresh
 (``_block_fields``: a swapped module, a cheat's stand-in, is seen at once) in one of two
 layouts: float32 ``nn.Linear`` weights without biases, or int4 with fused q/k/v and
-gate/up (``quant.FusedLinears``) and int4 o/down projections. Anything else (int8, a bias,
-a mixed span, a cache without room for the token) returns None and the caller takes the
-Python lean path, which gives the same bits.
+gate/up (``quant.FusedLinears``) and int4 o/down projections. ``NativeStep.batch`` does
+the same for a node's batch of sessions (``model.batched.decode_batch``'s ops). Anything
+else (int8, a bias, a mixed span, a cache without room for the token) returns None and the
+caller takes the Python path, which gives the same bits.
 
-The same bits are checked, not assumed: the first step of each layout runs two tokens
-through the span's first block both ways (``_agrees``); a mismatch (a torch or compiler
-whose ops differ) turns that layout off for the span for good.
+The same bits are checked, not assumed: the first step of each layout (``_agrees``) and
+the first batch (``_batch_agrees``) run through the span's first block both ways; a
+mismatch (a torch or compiler whose ops differ) turns that path off for the span for good.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class NativeStep:
     dims: list[int]  # head_dim, query heads, key/value heads, int4 group (decode.cpp's order)
     eps: float  # the RMS norms' epsilon
     scaling: float  # attention's scale (head_dim ** -0.5, as the module holds it)
-    agreed: dict[int, bool] = field(default_factory=dict)  # layout -> checked against lean
+    # layout (solo steps) or -1 - layout (batches) -> whether it gave the Python path's bits
+    agreed: dict[int, bool] = field(default_factory=dict)
     # the last step's blocks' modules (``_modules_of``) and their fields: read again when a
     # module changed (reading the fields costs ~20 us per block; comparing ~1 us)
     _seen: list[Any] = field(default_factory=list)
