@@ -69,3 +69,12 @@ def test_tune_openmp_on_a_mapping():
     fresh: dict[str, str] = {}
     tune_openmp(fresh)
     assert fresh == {"GOMP_SPINCOUNT": str(SPIN_ROUNDS)}
+
+
+def test_a_local_swarm_shares_the_cores_among_its_processes(monkeypatch):
+    from layerchain.local import launcher
+
+    monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [launcher.shared_threads(n) for n in (1, 2, 3, 4, 9, 0)] == [8, 4, 2, 2, 1, 8]
+    monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert launcher.shared_threads(4) == 1  # 3 nodes and a client on 2 cores: one each

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,12 @@ def test_swarm_json_and_status(swarm3):
     rows = json.loads(status.stdout)["nodes"]
     assert sorted(r["peer_id"] for r in rows) == sorted(n["peer_id"] for n in swarm3.nodes)
     assert all(r["free_cache_tokens"] > 0 for r in rows)
+    # the nodes share this machine's cores with each other and a client (launcher.shared_threads)
+    from layerchain.local.launcher import shared_threads
+
+    for node in swarm3.nodes:
+        environ = Path(f"/proc/{node['pid']}/environ").read_bytes().split(b"\0")
+        assert f"OMP_NUM_THREADS={shared_threads(4)}".encode() in environ
 
 
 def test_generation_matches_single_process(swarm3, reference):

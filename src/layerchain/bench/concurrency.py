@@ -219,14 +219,16 @@ def run_concurrency_bench(
     batch_window_ms: float | None = None,
 ) -> dict:
     """All points on one fresh local swarm of ``nodes`` processes (TLS; plaintext with
-    ``insecure``), every process with ``threads`` torch threads (None: torch's default),
+    ``insecure``), every process with ``threads`` torch threads (None: the cores shared by
+    the nodes and the client, as ``swarm_up``),
     the nodes batching decode steps with ``batch_window_ms`` (None: their default; 0: off)."""
     import torch
 
     from layerchain.local import swarm_down, swarm_up
+    from layerchain.local.launcher import shared_threads
     from layerchain.model import resolve_model
 
-    threads = threads or torch.get_num_threads()
+    threads = threads or shared_threads(nodes + 1)
     torch.set_num_threads(threads)
     spans = even_spans(resolve_model(model).num_blocks, nodes)
     state = Path(tempfile.mkdtemp(prefix="layerchain-bench-conc-"))

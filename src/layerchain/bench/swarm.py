@@ -108,8 +108,11 @@ def swarm_token_times(
 def run_swarm_bench(model: str = DEFAULT_MODEL, nodes: int = 3, max_new_tokens: int = 64,
                     threads: int | None = None, insecure: bool = False) -> dict:
     """Single process vs a local swarm; the swarm's links are TLS, plaintext with
-    ``insecure`` (``transport`` in the result says which)."""
-    threads = threads or torch.get_num_threads()
+    ``insecure`` (``transport`` in the result says which). ``threads`` torch threads in
+    every process (None: the cores shared by the nodes and the client, as ``swarm_up``)."""
+    from layerchain.local.launcher import shared_threads
+
+    threads = threads or shared_threads(nodes + 1)
     # In a thread that then ends: its OpenMP team goes with it, and the swarm client's decode
     # loop (on its own thread) does not pay for a second live team (see layerchain.node.server).
     with ThreadPoolExecutor(1) as pool:

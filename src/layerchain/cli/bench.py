@@ -30,7 +30,8 @@ def bench_swarm(
     nodes: int = typer.Option(3, help="Nodes in the local swarm."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
     max_new_tokens: int = typer.Option(64, help="Tokens decoded in each run."),
-    threads: int = typer.Option(0, help="Torch threads for every process (0 = torch's default)."),
+    threads: int = typer.Option(0, help="Torch threads for every process (0 = the cores "
+                                "shared by the nodes and the client, at least 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     insecure: bool = typer.Option(
         False, "--insecure", help="Plaintext tcp:// links instead of TLS (to compare)."),

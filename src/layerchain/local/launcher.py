@@ -159,6 +159,15 @@ def _python_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "layerchain", *args]
 
 
+def shared_threads(processes: int) -> int:
+    """Torch threads for each of ``processes`` busy processes sharing this machine's cores
+    (a local swarm's nodes and its client): the cores split evenly, at least one. More
+    threads than cores make each parallel region wait for descheduled threads
+    (docs/BENCHMARKS.md, "The OpenMP fix")."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, processes))
+
+
 def node_env(threads: int | None = None) -> dict[str, str]:
     """Environment of a node (or bootstrap) process: this one's, with ``threads`` OpenMP
     threads and idle OpenMP threads tuned to spin briefly (``layerchain.openmp``), whether or
@@ -271,7 +280,9 @@ def swarm_up(
 ) -> LocalSwarm:
     """Start a bootstrap and one node per span; return when all serve (or stop them all).
     Nodes serve TLS; plaintext tcp:// with ``insecure`` (clients then need it too); they
-    compute on ``device`` with weights in ``dtype``."""
+    compute on ``device`` with weights in ``dtype``, each with ``threads`` torch threads
+    (None: this machine's cores shared by the nodes and a client, ``shared_threads``)."""
+    threads = threads or shared_threads(len(spans) + 1)
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     if (state_dir / SWARM_FILE).exists():
