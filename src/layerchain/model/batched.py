@@ -87,16 +87,19 @@ def decode_batch(span: SpanModel, hidden: torch.Tensor, caches: Sequence[KVCache
                     span.rotary_emb(row, ids) if key is None else span.rotary_emb(row, ids, key)
                 )
             tables[key] = (torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts]))
-        native = span._native if span.native_decode else None
-        done = None if native is None else native.batch(  # in C++, when built: the same bits
+        native = span.native  # C++ when built (model.native_step): the same ops and bits
+        done = None if native is None else native.batch(
             span.layers[start - span.start : end - span.start], rows,
             tables[span.rope_keys[start - span.start]], caches,
             lambda layer, x, cos_sin, batch: _block(lean, layer, x, cos_sin, batch),
         )
-        for index in range(start, end) if done is None else ():
-            layer = span.layers[index - span.start]
-            rows = _block(lean, layer, rows, tables[span.rope_keys[index - span.start]], caches)
-        rows = rows if done is None else done
+        if done is not None:
+            rows = done
+        else:
+            for index in range(start, end):
+                layer = span.layers[index - span.start]
+                rope = tables[span.rope_keys[index - span.start]]
+                rows = _block(lean, layer, rows, rope, caches)
         for cache in caches:
             cache.length += 1
     return rows

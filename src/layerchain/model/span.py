@@ -118,6 +118,12 @@ class SpanModel(nn.Module):
         return bool(torch.equal(outs[False], outs[True]))
 
     @property
+    def native(self) -> NativeStep | None:
+        """The native decode path (``model.native_step``) when built, applicable to these
+        blocks and switched on (``native_decode``), else None."""
+        return self._native if self.native_decode else None
+
+    @property
     def device(self) -> torch.device:
         """Where the weights, the rotary tables and the KV caches live, and steps compute."""
         return self._placement[0]
@@ -258,9 +264,10 @@ class SpanModel(nn.Module):
         lo, hi = start - self.start, end - self.start
         cache_kwargs = {self._cache_arg: cache, "use_cache": cache is not None}
         lean = self._lean if self.fast_decode and tokens == 1 and cache is not None else None
-        if lean is not None and cache is not None and self.native_decode and self._native:
+        native = self.native if lean is not None and cache is not None else None
+        if native is not None and cache is not None:
             # a native span's blocks need no mask for one token (no sliding windows)
-            out = self._native(self.layers[lo:hi], hidden, tables[self.rope_keys[lo]], cache, lean)
+            out = native(self.layers[lo:hi], hidden, tables[self.rope_keys[lo]], cache, lean)
             if out is not None:
                 return out
         for layer, window, rope_key in zip(
