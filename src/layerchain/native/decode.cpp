@@ -66,6 +66,40 @@ Tensor attend(const Tensor& query, const Tensor& key, const Tensor& value, doubl
   return out.transpose(1, 2).contiguous();
 }
 
+// [..., T, H] -> [..., T, -1, head_dim]: a projection's output viewed as heads
+std::vector<int64_t> heads_shape(const Tensor& x, int64_t head_dim) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(-1);
+  shape.push_back(head_dim);
+  return shape;
+}
+
+// A block after attention (the lean path's and the Python batch's, the same ops):
+// ``hidden = residual + o(attn_out)``, then ``hidden + down(silu(gate(x)) * up(x))`` with
+// x the post-attention norm of hidden. attn_out: [B, T, heads, D], contiguous.
+Tensor after_attention(const Tensor* f, int64_t layout, const Tensor& residual,
+                       const Tensor& attn_out, double eps, int64_t group) {
+  std::vector<int64_t> flat(residual.sizes().begin(), residual.sizes().end() - 1);
+  flat.push_back(-1);
+  Tensor merged = attn_out.reshape(flat).contiguous();  // [B, T, heads * D]
+  Tensor o = layout == kInt4Layout ? int4_linear(merged, f[3], f[4], group)
+                                   : at::linear(merged, f[4]);
+  Tensor hidden = residual + o;
+  Tensor x = rms_norm(hidden, f[5], eps);
+  Tensor mlp;
+  if (layout == kInt4Layout) {
+    Tensor gate_up = int4_linear(x, f[6], f[7], group);  // FusedLinears: split views
+    const int64_t width = gate_up.size(-1) / 2;
+    auto parts = at::split_with_sizes(gate_up, {width, gate_up.size(-1) - width}, -1);
+    mlp = int4_linear(at::silu(parts[0]).mul_(parts[1]), f[8], f[9], group);
+  } else {
+    Tensor gate = at::linear(x, f[6]);
+    Tensor up = at::linear(x, f[7]);
+    mlp = at::linear(at::silu(gate).mul_(up), f[8]);
+  }
+  return hidden + mlp;
+}
+
 }  // namespace
 
 // hidden [B, 1, H] float32 through the blocks whose tensors ``fields`` lists (``layout``'s
@@ -78,57 +112,33 @@ Tensor span_decode(Tensor hidden, Tensor cos, Tensor sin, at::TensorList fields,
   const int64_t head_dim = dims[0], heads = dims[1], kv_heads = dims[2], group = dims[3];
   const int64_t per = layout == kInt4Layout ? kInt4Fields : kFloatFields;
   TORCH_CHECK(layout == kFloatLayout || layout == kInt4Layout, "unknown layout ", layout);
-  TORCH_CHECK(static_cast<int64_t>(fields.size()) == per * static_cast<int64_t>(keys.size()),
-              "fields do not match the blocks");
+  TORCH_CHECK(static_cast<int64_t>(fields.size()) == per * static_cast<int64_t>(keys.size()) &&
+                  keys.size() == values.size(),
+              "fields and caches do not match the blocks");
   const bool gqa = heads != kv_heads;  // SDPA's enable_gqa, as transformers passes it
   const Tensor cos1 = cos.unsqueeze(1), sin1 = sin.unsqueeze(1);  // [B, 1, 1, D]
   const int64_t q_size = heads * head_dim, k_size = kv_heads * head_dim;
   for (size_t block = 0; block < keys.size(); ++block) {
     const Tensor* f = fields.data() + block * per;
-    Tensor residual = hidden;
     Tensor x = rms_norm(hidden, f[0], eps);
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);  // [B, T]
-    shape.push_back(-1);
-    shape.push_back(head_dim);  // [B, T, heads, D]
-    Tensor query, key, value, attn_out, o, mlp;
+    const std::vector<int64_t> shape = heads_shape(x, head_dim);  // [B, T, heads, D]
+    Tensor query, key, value;
     if (layout == kInt4Layout) {
       Tensor out = int4_linear(x, f[1], f[2], group);  // [B, T, q + k + v]
+      // span.rotated_qkv: query and key heads rotated as one tensor (the same bits)
       Tensor both = rotate(out.slice(-1, 0, q_size + k_size).view(shape).transpose(1, 2),
                            cos1, sin1);
       query = both.slice(1, 0, heads);
       key = both.slice(1, heads);
       value = out.slice(-1, q_size + k_size).view(shape).transpose(1, 2);
     } else {
-      query = at::linear(x, f[1]).view(shape).transpose(1, 2);
-      key = at::linear(x, f[2]).view(shape).transpose(1, 2);
+      query = rotate(at::linear(x, f[1]).view(shape).transpose(1, 2), cos1, sin1);
+      key = rotate(at::linear(x, f[2]).view(shape).transpose(1, 2), cos1, sin1);
       value = at::linear(x, f[3]).view(shape).transpose(1, 2);
-      query = rotate(query, cos1, sin1);
-      key = rotate(key, cos1, sin1);
     }
     auto [all_keys, all_values] = cache_update(keys[block], values[block], key, value, length);
-    attn_out = attend(query, all_keys, all_values, scaling, gqa);
-    std::vector<int64_t> flat(x.sizes().begin(), x.sizes().end() - 1);
-    flat.push_back(-1);
-    attn_out = attn_out.reshape(flat).contiguous();
-    if (layout == kInt4Layout) {
-      o = int4_linear(attn_out, f[3], f[4], group);
-    } else {
-      o = at::linear(attn_out, f[4]);
-    }
-    hidden = residual + o;
-    residual = hidden;
-    x = rms_norm(hidden, f[5], eps);
-    if (layout == kInt4Layout) {
-      Tensor gate_up = int4_linear(x, f[6], f[7], group);
-      const int64_t width = gate_up.size(-1) / 2;
-      auto parts = at::split_with_sizes(gate_up, {width, gate_up.size(-1) - width}, -1);
-      mlp = int4_linear(at::silu(parts[0]).mul_(parts[1]), f[8], f[9], group);
-    } else {
-      Tensor gate = at::linear(x, f[6]);
-      Tensor up = at::linear(x, f[7]);
-      mlp = at::linear(at::silu(gate).mul_(up), f[8]);
-    }
-    hidden = residual + mlp;
+    Tensor attn_out = attend(query, all_keys, all_values, scaling, gqa);
+    hidden = after_attention(f, layout, hidden, attn_out, eps, group);
   }
   return hidden;
 }
@@ -156,15 +166,13 @@ Tensor span_decode_batch(Tensor hidden, Tensor cos, Tensor sin, at::TensorList f
   const int64_t q_size = heads * head_dim, k_size = kv_heads * head_dim;
   for (int64_t block = 0; block < blocks; ++block) {
     const Tensor* f = fields.data() + block * per;
-    Tensor residual = hidden;
     Tensor x = rms_norm(hidden, f[0], eps);
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-    shape.push_back(-1);
-    shape.push_back(head_dim);  // [B, T, heads, D]
-    Tensor query, key, value, o, mlp;
+    const std::vector<int64_t> shape = heads_shape(x, head_dim);  // [B, T, heads, D]
+    Tensor query, key, value;
     if (layout == kInt4Layout) {
       Tensor out = int4_linear(x, f[1], f[2], group);  // FusedLinears.forward: split views
-      auto parts = at::split_with_sizes(out, {q_size, k_size, out.size(-1) - q_size - k_size}, -1);
+      auto parts =
+          at::split_with_sizes(out, {q_size, k_size, out.size(-1) - q_size - k_size}, -1);
       query = parts[0].view(shape).transpose(1, 2);
       key = parts[1].view(shape).transpose(1, 2);
       value = parts[2].view(shape).transpose(1, 2);
@@ -173,35 +181,17 @@ Tensor span_decode_batch(Tensor hidden, Tensor cos, Tensor sin, at::TensorList f
       key = at::linear(x, f[2]).view(shape).transpose(1, 2);
       value = at::linear(x, f[3]).view(shape).transpose(1, 2);
     }
-    query = rotate(query, cos1, sin1);
+    query = rotate(query, cos1, sin1);  // apply_rotary_pos_emb: query, then key
     key = rotate(key, cos1, sin1);
     std::vector<Tensor> outs;
     outs.reserve(rows);
-    for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t i = 0; i < rows; ++i) {  // each session's own cache: no padding
       const int64_t slot = i * blocks + block;
       auto [all_keys, all_values] = cache_update(keys[slot], values[slot], key.slice(0, i, i + 1),
                                                  value.slice(0, i, i + 1), lengths[i]);
       outs.push_back(attend(query.slice(0, i, i + 1), all_keys, all_values, scaling, gqa));
     }
-    std::vector<int64_t> flat(x.sizes().begin(), x.sizes().end() - 1);
-    flat.push_back(-1);
-    Tensor attn_out = at::cat(outs).reshape(flat).contiguous();  // [B, 1, heads * D]
-    if (layout == kInt4Layout) {
-      o = int4_linear(attn_out, f[3], f[4], group);
-    } else {
-      o = at::linear(attn_out, f[4]);
-    }
-    hidden = residual + o;
-    x = rms_norm(hidden, f[5], eps);
-    if (layout == kInt4Layout) {
-      Tensor gate_up = int4_linear(x, f[6], f[7], group);
-      const int64_t width = gate_up.size(-1) / 2;
-      auto parts = at::split_with_sizes(gate_up, {width, gate_up.size(-1) - width}, -1);
-      mlp = int4_linear(at::silu(parts[0]).mul_(parts[1]), f[8], f[9], group);
-    } else {
-      mlp = at::linear(at::silu(at::linear(x, f[6])).mul_(at::linear(x, f[7])), f[8]);
-    }
-    hidden = hidden + mlp;
+    hidden = after_attention(f, layout, hidden, at::cat(outs), eps, group);
   }
   return hidden;
 }
