@@ -260,3 +260,18 @@ def test_a_batch_whose_check_fails_or_lacks_room_runs_in_python(
     span._native.agreed.clear()
     assert torch.equal(batched_run(span, prompts, 3, native_on=True), python)
     assert batch_calls == [] and span._native.agreed[-1 - FLOAT_LAYOUT] is False
+
+
+def test_a_node_can_say_which_path_its_steps_take(tiny_model_dir, monkeypatch):
+    from layerchain.model.native_step import describe
+
+    spec = resolve_model(tiny_model_dir("llama"))
+    assert describe(load_span(spec, 0, 2)) == "native (C++, layerchain.native)"
+    assert "does not mirror" in describe(load_span(spec, 0, 2, dtype="int8"))
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert describe(load_span(spec, 0, 2)) == "Python (LAYERCHAIN_NATIVE=0)"
+    monkeypatch.delenv(native.ENV_SWITCH)
+    monkeypatch.setattr(native, "find_library", lambda: None)
+    off = load_span(spec, 0, 2)
+    off.native_decode = False  # as a span built where nothing was
+    assert "not built: python -m layerchain.native" in describe(off)

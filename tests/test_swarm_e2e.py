@@ -81,6 +81,13 @@ def test_swarm_json_and_status(swarm3):
     for node in swarm3.nodes:
         environ = Path(f"/proc/{node['pid']}/environ").read_bytes().split(b"\0")
         assert f"OMP_NUM_THREADS={shared_threads(4)}".encode() in environ
+    # and each says which path its decode steps take (native where make install built it)
+    from layerchain import native
+
+    path = "native (C++" if native.find_library() is not None else "Python ("
+    for i in range(3):
+        log = (swarm3.state_dir / f"node-{i}.log").read_text()
+        assert f"decode steps: {path}" in log
 
 
 def test_generation_matches_single_process(swarm3, reference):

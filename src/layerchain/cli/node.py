@@ -211,6 +211,7 @@ def start(
         seed=seed, seed_max_mbps=seed_max_mbps, seed_misbehave=seed_misbehave,
     )
 
+    from layerchain.model.native_step import describe as describe_decode
     from layerchain.node.runner import relay_address, run_node  # after the checks: they fail fast
 
     def ready(node, addresses):  # noqa: ANN001
@@ -218,6 +219,7 @@ def start(
             typer.echo(node.placement)
         typer.echo(f"node {node.peer_id} serves blocks {node.span.start}:{node.span.end} "
                    f"at {', '.join(node.endpoints)} ({node.ms_per_block:.2f} ms/block)")
+        typer.echo(f"decode steps: {describe_decode(node.span)}")
         for address in addresses:
             typer.echo(f"join with: --initial-peers {address}")
         if relay := relay_address(node):

@@ -18,6 +18,7 @@ mismatch (a torch or compiler whose ops differ) turns that path off for the span
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -309,3 +310,19 @@ def _room(
         if k is None or k.shape[2] < need or k.shape[0] != batch:
             return None
     return keys, values  # type: ignore[return-value]  # none is None (checked)
+
+
+def describe(span: Any) -> str:
+    """One line for a node's log: which path ``span``'s decode steps take, and why not the
+    native one when they do not."""
+    if not span.native_decode:
+        if os.environ.get(native.ENV_SWITCH, "1") == "0":
+            return f"Python ({native.ENV_SWITCH}=0)"
+        if native.find_library() is None:
+            return "Python (the native library is not built: python -m layerchain.native)"
+        if not native.load():
+            return "Python (the native library did not load)"
+        return "Python (these blocks are not what the native path mirrors)"
+    if step_fields(span.layers) is None:
+        return "Python (weights in a form the native path does not mirror: it runs fp32, int4)"
+    return "native (C++, layerchain.native)"
