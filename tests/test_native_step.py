@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +276,28 @@ def test_a_node_can_say_which_path_its_steps_take(tiny_model_dir, monkeypatch):
     off = load_span(spec, 0, 2)
     off.native_decode = False  # as a span built where nothing was
     assert "not built: python -m layerchain.native" in describe(off)
+
+
+def test_a_build_clears_older_builds_of_its_checkout_only(tmp_path, monkeypatch):
+    """Older libraries beside the package are this checkout's own and go; the user's cache
+    folder (used when the package folder is read-only) may serve other installs: kept."""
+    package, cache = tmp_path / "package", tmp_path / "cache"
+    monkeypatch.setattr(native, "_PACKAGE_DIR", package)
+    monkeypatch.setattr(native, "_CACHE_DIR", cache)
+
+    def compile_(command, **_):  # writes the -o file, as the compiler would
+        Path(command[command.index("-o") + 1]).write_bytes(b"library")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(native.subprocess, "run", compile_)
+    for folder in (package, cache):
+        folder.mkdir()
+        (folder / "layerchain_native-0000.so").write_bytes(b"older")
+    writable = native._writable
+    monkeypatch.setattr(native, "_writable", lambda d: d != package and writable(d))
+    built = native.build(force=True)
+    assert built.parent == cache and (cache / "layerchain_native-0000.so").exists()
+    monkeypatch.setattr(native, "_writable", writable)
+    built = native.build(force=True)
+    assert built.parent == package and not (package / "layerchain_native-0000.so").exists()
+    assert sorted(p.name for p in package.iterdir()) == [built.name]

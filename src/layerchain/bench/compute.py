@@ -184,14 +184,6 @@ def layerchain_timing(
         return time_decode(prefill, step, tokens, repeats)
 
 
-def native_applies(span: Any) -> bool:
-    """Whether ``span``'s decode steps take the native path (its blocks in a layout
-    ``decode.cpp`` computes: fp32 or fused int4; ``model.native_step``)."""
-    from layerchain.model.native_step import step_fields
-
-    return bool(span.native_decode) and step_fields(span.layers) is not None
-
-
 @contextmanager
 def baseline_variant(model: Any, runtime: str) -> Iterator[None]:
     """``model`` computing as ``runtime`` says: "layerchain" as it is, "layerchain-python"
@@ -301,6 +293,7 @@ def bench_compute(
     form with a native decode path without it ("layerchain-python", not in the ratios), their
     runs alternating with the form's own on the same loaded model, so load drifts hit all."""
     from layerchain.model.generate import LocalModel
+    from layerchain.model.native_step import applies as native_applies
     from layerchain.model.quant import check_dtype, resolve_dtype
     from layerchain.model.resolve import resolve_model
 
@@ -317,7 +310,7 @@ def bench_compute(
                 local = LocalModel(spec, dtype=form)
                 weights = module_bytes(local.span) + module_bytes(local.head)
                 variants = ["layerchain"]
-                if baseline and native_applies(local.span):
+                if baseline and native_applies(local.span):  # its steps run in C++
                     variants.append("layerchain-python")
                 if baseline and form in ("int4", "int8"):
                     variants.append("layerchain-unfused")

@@ -89,7 +89,7 @@ def decode_batch(span: SpanModel, hidden: torch.Tensor, caches: Sequence[KVCache
             tables[key] = (torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts]))
         native = span.native  # C++ when built (model.native_step): the same ops and bits
         done = None if native is None else native.batch(
-            span.layers[start - span.start : end - span.start], rows,
+            list(span.layers)[start - span.start : end - span.start], rows,
             tables[span.rope_keys[start - span.start]], caches,
             lambda layer, x, cos_sin, batch: _block(lean, layer, x, cos_sin, batch),
         )

@@ -18,7 +18,6 @@ mismatch (a torch or compiler whose ops differ) turns that path off for the span
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,7 +74,7 @@ class NativeStep:
 
     def __call__(
         self,
-        layers: Sequence[nn.Module] | nn.ModuleList,
+        layers: Sequence[nn.Module],
         hidden: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         cache: Any,
@@ -102,7 +101,7 @@ class NativeStep:
 
     def batch(
         self,
-        layers: Sequence[nn.Module] | nn.ModuleList,
+        layers: Sequence[nn.Module],
         rows: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         caches: Sequence[KVCache],
@@ -127,7 +126,7 @@ class NativeStep:
             values.extend(got[1])
         key = -1 - layout  # batches are checked apart from solo steps
         if key not in self.agreed:
-            self.agreed[key] = self._batch_agrees(layers[0], fields, reference)
+            self.agreed[key] = self._batch_agrees(layers[0], reference)
         if not self.agreed[key]:
             return None
         cos, sin = cos_sin
@@ -136,17 +135,11 @@ class NativeStep:
             self.dims, self.eps, self.scaling,
         )
 
-    def _batch_agrees(
-        self,
-        layer: nn.Module,
-        fields: tuple[int, list[torch.Tensor]],
-        reference: Callable[..., torch.Tensor],
-    ) -> bool:
+    def _batch_agrees(self, layer: nn.Module, reference: Callable[..., torch.Tensor]) -> bool:
         """Whether a batch of two sessions (of 1 and 2 cached tokens) through ``layer`` gives
         ``reference``'s bits, on random inputs in scratch caches."""
         block: Any = layer  # our own llama block (``step_fields`` said so)
         index, hidden_size = int(block.self_attn.layer_idx), int(block.hidden_size)
-        layout, _ = fields
         one = step_fields([layer])
         if one is None:
             return False
@@ -168,14 +161,14 @@ class NativeStep:
                     values = [v for c in caches for v in c._values if v is not None]
                     outs.append(torch.ops.layerchain.span_decode_batch(
                         rows, *cos_sin, one[1], keys, values, [c.length for c in caches],
-                        layout, self.dims, self.eps, self.scaling,
+                        one[0], self.dims, self.eps, self.scaling,
                     ))
                 else:
                     outs.append(reference(layer, rows, cos_sin, caches))
         return bool(torch.equal(outs[0], outs[1]))
 
     def _fields_of(
-        self, layers: Sequence[nn.Module] | nn.ModuleList
+        self, layers: Sequence[nn.Module]
     ) -> tuple[int, list[torch.Tensor]] | None:
         """``step_fields(layers)``, read again only when a module changed."""
         seen = _modules_of(layers)
@@ -228,7 +221,7 @@ class NativeStep:
         return bool(torch.equal(outs[0], outs[1]))
 
 
-def step_fields(layers: Sequence[nn.Module] | nn.ModuleList) -> tuple[int, list[torch.Tensor]] | None:
+def step_fields(layers: Sequence[nn.Module]) -> tuple[int, list[torch.Tensor]] | None:
     """(layout, every block's tensors in decode.cpp's order) when all ``layers`` share one
     layout, else None."""
     layout, tensors = None, []
@@ -276,7 +269,7 @@ def _block_fields(layer: nn.Module) -> tuple[int, list[torch.Tensor]] | None:
     return None
 
 
-def _modules_of(layers: Sequence[nn.Module] | nn.ModuleList) -> list[Any] | None:
+def _modules_of(layers: Sequence[nn.Module]) -> list[Any] | None:
     """Every module a step through ``layers`` reads (each layer, its children and theirs,
     in order), or None when a layer is not our own llama block: equal lists (by identity)
     mean ``step_fields`` would read the same tensors, as modules are swapped, not their
@@ -295,7 +288,7 @@ def _modules_of(layers: Sequence[nn.Module] | nn.ModuleList) -> list[Any] | None
 
 
 def _room(
-    cache: KVCache, layers: Sequence[nn.Module] | nn.ModuleList, batch: int
+    cache: KVCache, layers: Sequence[nn.Module], batch: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """``cache``'s key and value storage for ``layers`` when each has room for one more
     token of ``batch`` rows, else None (the Python path grows it, or refuses a full cache)."""
@@ -312,17 +305,23 @@ def _room(
     return keys, values  # type: ignore[return-value]  # none is None (checked)
 
 
+def applies(span: Any) -> bool:
+    """Whether ``span``'s one-token steps take the native path now: it is on for the span
+    and every block is in a layout ``decode.cpp`` computes (fp32 or fused int4)."""
+    return bool(span.native_decode) and step_fields(list(span.layers)) is not None
+
+
 def describe(span: Any) -> str:
     """One line for a node's log: which path ``span``'s decode steps take, and why not the
     native one when they do not."""
-    if not span.native_decode:
-        if os.environ.get(native.ENV_SWITCH, "1") == "0":
-            return f"Python ({native.ENV_SWITCH}=0)"
-        if native.find_library() is None:
-            return "Python (the native library is not built: python -m layerchain.native)"
-        if not native.load():
-            return "Python (the native library did not load)"
-        return "Python (these blocks are not what the native path mirrors)"
-    if step_fields(span.layers) is None:
+    if applies(span):
+        return "native (C++, layerchain.native)"
+    if span.native_decode:
         return "Python (weights in a form the native path does not mirror: it runs fp32, int4)"
-    return "native (C++, layerchain.native)"
+    if native.switched_off():
+        return f"Python ({native.ENV_SWITCH}=0)"
+    if native.find_library() is None:
+        return "Python (the native library is not built: python -m layerchain.native)"
+    if not native.load():
+        return "Python (the native library did not load)"
+    return "Python (these blocks are not what the native path mirrors)"

@@ -267,7 +267,9 @@ class SpanModel(nn.Module):
         native = self.native if lean is not None and cache is not None else None
         if native is not None and cache is not None:
             # a native span's blocks need no mask for one token (no sliding windows)
-            out = native(self.layers[lo:hi], hidden, tables[self.rope_keys[lo]], cache, lean)
+            # a plain list: slicing the ModuleList builds a new Module (~50 us a step)
+            layers = list(self.layers)[lo:hi]
+            out = native(layers, hidden, tables[self.rope_keys[lo]], cache, lean)
             if out is not None:
                 return out
         for layer, window, rope_key in zip(

@@ -106,9 +106,10 @@ def build(force: bool = False) -> Path:
             tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
             raise ConfigError("building layerchain's native decode failed: " + " | ".join(tail))
         os.replace(out, target)  # whole or not at all, for a concurrent loader
-    for stale in target_dir.glob("layerchain_native-*.so"):
-        if stale != target:
-            stale.unlink(missing_ok=True)
+    if target_dir == _PACKAGE_DIR:  # older builds of this checkout (the user's cache folder
+        for stale in target_dir.glob("layerchain_native-*.so"):  # may serve other installs)
+            if stale != target:
+                stale.unlink(missing_ok=True)
     return target
 
 
@@ -120,10 +121,15 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
+def switched_off() -> bool:
+    """Whether ``LAYERCHAIN_NATIVE=0`` turns the native path off."""
+    return os.environ.get(ENV_SWITCH, "1") == "0"
+
+
 def enabled() -> bool:
-    """Whether the native path may be used (``LAYERCHAIN_NATIVE`` is not "0") and its
-    library is loaded (see ``load``)."""
-    return os.environ.get(ENV_SWITCH, "1") != "0" and load()
+    """Whether the native path may be used (not ``switched_off``) and its library is
+    loaded (see ``load``)."""
+    return not switched_off() and load()
 
 
 @functools.cache
