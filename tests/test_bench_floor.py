@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from layerchain.bench.floor import HOPS, run_floor_bench
 from layerchain.cli.main import app
+from layerchain.errors import ConfigError
 
 
 def test_floor_reports_both_modes_from_real_processes():
@@ -28,5 +29,19 @@ def test_floor_refuses_a_bad_request_in_one_line():
     assert run.exit_code != 0
     assert "bench floor needs --tokens >= 3" in run.output
     assert "Traceback" not in run.output
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         run_floor_bench(tokens=6, rounds=0)
+
+
+def test_a_floor_node_gone_is_one_typed_error():
+    import socket
+
+    import torch
+
+    from layerchain.bench.floor import _decode
+    from layerchain.errors import PeerUnreachable
+
+    ours, theirs = socket.socketpair()
+    theirs.close()  # the node died
+    with ours, pytest.raises(PeerUnreachable, match="floor node"):
+        _decode(3, [(ours, ours)], torch.randn(576, 576), 576)

@@ -23,6 +23,7 @@ virtual CPU, cold caches).
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import socket
 import statistics
 import struct
@@ -30,6 +31,8 @@ import time
 from typing import Any
 
 import torch
+
+from layerchain.errors import ConfigError, PeerUnreachable
 
 HIDDEN = 576  # SmolLM2's hidden size: a decode step carries 576 float32
 _HEADER = struct.Struct("<I")  # the token's index
@@ -120,7 +123,10 @@ def _round(mode: str, tokens: int, node_mb: float, head: torch.Tensor,
                                daemon=True)
             proc.start()
             procs.append(proc)
-            port = ports.get(timeout=120)
+            try:
+                port = ports.get(timeout=120)
+            except queue.Empty:
+                raise PeerUnreachable("a floor node did not start within 120 s") from None
             order.append(port)
             if mode == "push":
                 next_port = port
@@ -158,10 +164,13 @@ def _decode(tokens: int, legs: list[tuple[socket.socket, socket.socket]], head: 
         t0 = time.perf_counter()
         frame = _HEADER.pack(i) + y + _TRAILER.pack(0.0)
         for sock, reply in legs:
-            sock.sendall(frame)
-            answer = _recv_exact(reply, size)
+            try:
+                sock.sendall(frame)
+                answer = _recv_exact(reply, size)
+            except OSError as error:
+                raise PeerUnreachable(f"a floor node's connection broke: {error}") from error
             if answer is None:
-                raise RuntimeError("a floor node closed its connection")
+                raise PeerUnreachable("a floor node closed its connection (see its error above)")
             frame = answer
         y, seconds = _apply(head, frame, hidden)  # the client's LM head
         spent = _TRAILER.unpack_from(frame, size - _TRAILER.size)[0] + seconds
@@ -175,7 +184,8 @@ def run_floor_bench(tokens: int = 64, rounds: int = 2, node_mb: float = 142.0,
     """``rounds`` rounds of pull then push, ``tokens`` tokens each (see the module
     docstring); medians over every token of a mode's rounds."""
     if tokens < 3 or rounds < 1 or node_mb <= 0 or head_mb <= 0 or hidden < 1:
-        raise ValueError("bench floor needs tokens >= 3, rounds >= 1, sizes > 0")
+        raise ConfigError("bench floor needs --tokens >= 3, --rounds >= 1, --node-mb and "
+                          "--head-mb > 0")
     torch.set_num_threads(1)
     head = _weights(head_mb, hidden)
     samples: dict[str, list[tuple[float, float]]] = {"pull": [], "push": []}

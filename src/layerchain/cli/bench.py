@@ -195,6 +195,24 @@ def bench_wire(
     _print(side_by_side(iterations=iterations, tokens=tokens, mode=mode), as_json)
 
 
+@bench_app.command("floor")
+def bench_floor(
+    tokens: int = typer.Option(64, help="Tokens per round."),
+    rounds: int = typer.Option(2, help="Rounds of pull then push."),
+    node_mb: float = typer.Option(142.0, help="MB of float32 weights each node streams per step "
+                                              "(142: SmolLM2's 10 fp32 blocks)."),
+    head_mb: float = typer.Option(113.0, help="MB the client streams per token (its LM head)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The floor of a hop on this machine: 3 node processes and a client over bare loopback
+    sockets (no asyncio, TLS, codec or signatures), pull and push: points [{mode,
+    wire_ms_per_hop_p50, ...}]."""
+    from layerchain.bench.floor import run_floor_bench
+
+    _print(run_floor_bench(tokens=tokens, rounds=rounds, node_mb=node_mb, head_mb=head_mb),
+           as_json)
+
+
 @bench_app.command("startup")
 def bench_startup(
     model: str = typer.Option(DEFAULT_MODEL, help="Model reference."),
@@ -386,24 +404,3 @@ def register(app: typer.Typer) -> None:
     """Add `bench` to the app."""
     app.add_typer(bench_app, name="bench")
 
-
-@bench_app.command("floor")
-def bench_floor(
-    tokens: int = typer.Option(64, help="Tokens per round."),
-    rounds: int = typer.Option(2, help="Rounds of pull then push."),
-    node_mb: float = typer.Option(142.0, help="MB of float32 weights each node streams per step "
-                                              "(142: SmolLM2's 10 fp32 blocks)."),
-    head_mb: float = typer.Option(113.0, help="MB the client streams per token (its LM head)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-) -> None:
-    """The floor of a hop on this machine: 3 node processes and a client over bare loopback
-    sockets (no asyncio, TLS, codec or signatures), pull and push: points [{mode,
-    wire_ms_per_hop_p50, ...}]."""
-    from layerchain.bench.floor import run_floor_bench
-    from layerchain.errors import ConfigError
-
-    if tokens < 3 or rounds < 1 or node_mb <= 0 or head_mb <= 0:
-        raise ConfigError("bench floor needs --tokens >= 3, --rounds >= 1, --node-mb and "
-                          "--head-mb > 0")
-    _print(run_floor_bench(tokens=tokens, rounds=rounds, node_mb=node_mb, head_mb=head_mb),
-           as_json)
